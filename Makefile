@@ -1,0 +1,27 @@
+# splitrelay: `make test` and `make demo` do all set-up on a fresh Debian 12 machine.
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench lab-up lab-down clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m cli.relayctl demo
+
+bench: setup
+	$(PY) -m tests.bench.bench_xdp
+
+lab-up: setup
+	$(PY) -m cli.relayctl lab up
+
+lab-down: setup
+	$(PY) -m cli.relayctl lab down
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
