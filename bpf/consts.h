@@ -1,0 +1,65 @@
+/* Constants shared by the XDP programs; sizes are overridable defaults (-D). */
+#ifndef SPLITRELAY_CONSTS_H
+#define SPLITRELAY_CONSTS_H
+
+/* Client tuple → flow (one per call leg seen on the public address). */
+#ifndef MAX_FLOWS
+#define MAX_FLOWS 1048576
+#endif
+/* (owner, flow port) → client tuple; one per flow and owner. */
+#ifndef MAX_REVERSE
+#define MAX_REVERSE 1048576
+#endif
+/* Connection id → owner transceiver. */
+#ifndef MAX_OWNERS
+#define MAX_OWNERS 262144
+#endif
+/* Public relay addresses:ports (VIPs) the program serves. */
+#ifndef MAX_VIPS
+#define MAX_VIPS 64
+#endif
+/* Where maps are pinned (bpffs); the loader passes the configured one. */
+#ifndef PIN_DIR
+#define PIN_DIR "/sys/fs/bpf/splitrelay"
+#endif
+
+#define SR_AF_INET 2
+#define SR_AF_INET6 10
+
+/* RFC 7983 first-byte classes of a UDP payload. */
+enum pkt_class {
+    CLASS_STUN = 0,  /* 0..3 */
+    CLASS_DTLS = 1,  /* 20..63 */
+    CLASS_RTP = 2,   /* 128..191 (RTP and RTCP) */
+    CLASS_OTHER = 3, /* anything else (ZRTP, TURN channels, junk) */
+    CLASS_MAX = 4,
+};
+
+/* Index of a per-CPU counter: one verdict and its reason. Names in
+ * manager/structs.py STAT_NAMES (held against this enum by a test). */
+enum stat_id {
+    STAT_PASS_NOT_RELAY = 0,      /* not UDP to a VIP or to a flow port */
+    STAT_PASS_IP_OPTIONS,         /* IPv4 with options: kernel handles it */
+    STAT_PASS_FRAGMENT,           /* IPv4 fragment */
+    STAT_PASS_IPV6_EXT,           /* IPv6 extension header */
+    STAT_PASS_TTL_EXPIRED,        /* TTL/hop limit <= 1: kernel sends ICMP */
+    STAT_PASS_NO_NEIGH,           /* fib ok but no neighbour entry yet */
+    STAT_PASS_FIB_FAIL,           /* no route / fib error */
+    STAT_PASS_STUN_UNKNOWN,       /* STUN from an unknown client tuple: slow path */
+    STAT_PASS_RETURN_UNKNOWN,     /* to a flow port with no reverse entry: slow path */
+    STAT_DROP_MALFORMED,          /* truncated, bad lengths, bad version, zero IPv6 UDP checksum */
+    STAT_DROP_UNKNOWN_NOT_STUN,   /* non-STUN from an unknown client tuple */
+    STAT_DROP_NOT_OWNER,          /* return packet from a sender that is not the owner */
+    STAT_DROP_NO_OWNER,           /* flow's connection id has no owner entry */
+    STAT_DROP_BAD_CLASS,          /* known flow, payload not STUN/DTLS/RTP */
+    STAT_DROP_NO_INTERNAL_ADDR,   /* no relay-internal address for this family */
+    STAT_FWD_IN_STUN,             /* client → owner, forwarded in XDP */
+    STAT_FWD_IN_DTLS,
+    STAT_FWD_IN_RTP,
+    STAT_FWD_OUT_STUN,            /* owner → client, forwarded in XDP */
+    STAT_FWD_OUT_DTLS,
+    STAT_FWD_OUT_RTP,
+    STAT_MAX,
+};
+
+#endif

@@ -1,0 +1,31 @@
+/* Every map of the relay program, pinned under PIN_DIR so the manager can
+ * restart, and a new program version can be attached, without losing state.
+ * bcc's BPF_TABLE_PINNED opens the pinned map when it exists, else creates
+ * and pins it. */
+#ifndef SPLITRELAY_MAPS_H
+#define SPLITRELAY_MAPS_H
+
+#include "consts.h"
+#include "structs.h"
+
+/* flows: client tuple → call and flow port; LRU so a full table never blocks
+ * new calls (an evicted flow is rebuilt from its next STUN consent check). */
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_info, flows, MAX_FLOWS, PIN_DIR "/flows");
+
+/* owners: connection id → current owner transceiver; migration = one update. */
+BPF_TABLE_PINNED("hash", __u32, struct owner_info, owners, MAX_OWNERS, PIN_DIR "/owners");
+
+/* reverse: (owner addr:port, flow port) → client tuple; forwarded only when
+ * the sender is still the owner of that connection id. */
+BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct reverse_info, reverse, MAX_REVERSE, PIN_DIR "/reverse");
+
+/* vips: public relay address:port pairs whose traffic this program handles. */
+BPF_TABLE_PINNED("hash", struct vip_key, __u32, vips, MAX_VIPS, PIN_DIR "/vips");
+
+/* relay_cfg: per-family internal address and flow-port range (0: v4, 1: v6). */
+BPF_TABLE_PINNED("array", __u32, struct relay_config, relay_cfg, 2, PIN_DIR "/relay_cfg");
+
+/* stats: per-CPU packets/bytes by verdict and reason (enum stat_id). */
+BPF_TABLE_PINNED("percpu_array", __u32, struct stat_value, stats, STAT_MAX, PIN_DIR "/stats");
+
+#endif

@@ -1,0 +1,280 @@
+/* splitrelay XDP fast path: parse → classify → look up → rewrite → forward.
+ *
+ * Client → VIP:port from a known client tuple: rewritten to
+ *   relay-internal addr:flow port → current owner of the call, redirected.
+ * Owner → relay-internal addr:flow port: forwarded back as VIP:port → client,
+ *   only when the sender is the current owner of the call.
+ * Unknown client tuple: STUN goes to the slow path (XDP_PASS), the rest is
+ * dropped. Everything else passes untouched. Every verdict is counted. */
+#include "consts.h"
+#include "structs.h"
+#include "maps.h"
+#include "parse.h"
+#include "csum.h"
+
+#define AF_INET_FIB 2
+#define AF_INET6_FIB 10
+
+static __always_inline int account(__u32 id, __u32 bytes, int verdict)
+{
+    struct stat_value *s = stats.lookup(&id);
+    if (s) {
+        s->packets += 1;  /* per-CPU slot: no atomics needed */
+        s->bytes += bytes;
+    }
+    return verdict;
+}
+
+static __always_inline int verdict_of(int stat)
+{
+    if (stat >= STAT_DROP_MALFORMED && stat < STAT_FWD_IN_STUN)
+        return XDP_DROP;
+    return XDP_PASS;
+}
+
+static __always_inline void copy_addr(__be32 *dst, const __be32 *src)
+{
+    dst[0] = src[0]; dst[1] = src[1]; dst[2] = src[2]; dst[3] = src[3];
+}
+
+static __always_inline int addr_eq(const __be32 *a, const __be32 *b)
+{
+    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* Read the packet's source and destination into 4-word form. */
+static __always_inline void pkt_addrs(struct pkt *p, __be32 *src, __be32 *dst)
+{
+    if (p->ip4) {
+        src[0] = p->ip4->saddr; src[1] = 0; src[2] = 0; src[3] = 0;
+        dst[0] = p->ip4->daddr; dst[1] = 0; dst[2] = 0; dst[3] = 0;
+    } else if (p->ip6) {
+        __builtin_memcpy(src, &p->ip6->saddr, 16);
+        __builtin_memcpy(dst, &p->ip6->daddr, 16);
+    }
+}
+
+/* TTL / hop limit about to expire: the kernel must answer with ICMP. */
+static __always_inline int ttl_expired(struct pkt *p)
+{
+    if (p->ip4)
+        return p->ip4->ttl <= 1;
+    if (p->ip6)
+        return p->ip6->hop_limit <= 1;
+    return 1;
+}
+
+/* Route the rewritten packet. Returns 0 with the egress ifindex and MACs in
+ * fib, or the stat_id to pass with. */
+static __always_inline int route(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
+                                 const __be32 *src, const __be32 *dst, __be16 sport, __be16 dport)
+{
+    __builtin_memset(fib, 0, sizeof(*fib));
+    fib->ifindex = ctx->ingress_ifindex;
+    fib->l4_protocol = IPPROTO_UDP;
+    fib->sport = sport;
+    fib->dport = dport;
+    if (p->ip4) {
+        fib->family = AF_INET_FIB;
+        fib->tos = p->ip4->tos;
+        fib->tot_len = bpf_ntohs(p->ip4->tot_len);
+        fib->ipv4_src = src[0];
+        fib->ipv4_dst = dst[0];
+    } else if (p->ip6) {
+        fib->family = AF_INET6_FIB;
+        fib->tot_len = bpf_ntohs(p->ip6->payload_len) + sizeof(struct ipv6hdr);
+        __builtin_memcpy(fib->ipv6_src, src, 16);
+        __builtin_memcpy(fib->ipv6_dst, dst, 16);
+    }
+    int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+    if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+        return 0;
+    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+        return STAT_PASS_NO_NEIGH;
+    return STAT_PASS_FIB_FAIL;
+}
+
+/* Rewrite addresses, ports, TTL, checksums and MACs in place. */
+static __always_inline void rewrite(struct pkt *p, struct bpf_fib_lookup *fib,
+                                    const __be32 *src, const __be32 *dst, __be16 sport, __be16 dport)
+{
+    struct udphdr *udp = p->udp;
+    __u64 l4 = 0; /* change to the UDP checksum (pseudo-header + ports) */
+    if (p->ip4) {
+        struct iphdr *ip = p->ip4;
+        __u64 l3 = 0;
+        l3 = csum_diff32(l3, ip->saddr, src[0]);
+        l3 = csum_diff32(l3, ip->daddr, dst[0]);
+        l4 = l3;
+        /* TTL shares a 16-bit word with the protocol number. */
+        __u16 old_word = *(__u16 *)&ip->ttl;
+        ip->ttl -= 1;
+        l3 = csum_diff16(l3, old_word, *(__u16 *)&ip->ttl);
+        ip->check = csum_apply(ip->check, l3);
+        ip->saddr = src[0];
+        ip->daddr = dst[0];
+    } else if (p->ip6) {
+        struct ipv6hdr *ip6 = p->ip6;
+        __be32 *s6 = (__be32 *)&ip6->saddr;
+        __be32 *d6 = (__be32 *)&ip6->daddr;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            l4 = csum_diff32(l4, s6[i], src[i]);
+            l4 = csum_diff32(l4, d6[i], dst[i]);
+        }
+        copy_addr(s6, src);
+        copy_addr(d6, dst);
+        ip6->hop_limit -= 1;
+    }
+    l4 = csum_diff16(l4, udp->source, sport);
+    l4 = csum_diff16(l4, udp->dest, dport);
+    udp->source = sport;
+    udp->dest = dport;
+    /* A zero IPv4 UDP checksum means "none" and stays so; a computed zero is
+     * sent as 0xffff (RFC 768). */
+    if (p->ip6 || udp->check) {
+        __u16 c = csum_apply(udp->check, l4);
+        udp->check = c ? c : 0xffff;
+    }
+    __builtin_memcpy(p->eth->h_dest, fib->dmac, ETH_ALEN);
+    __builtin_memcpy(p->eth->h_source, fib->smac, ETH_ALEN);
+}
+
+static __always_inline int emit(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
+{
+    if (fib->ifindex == ctx->ingress_ifindex)
+        return XDP_TX;
+    return bpf_redirect(fib->ifindex, 0);
+}
+
+static __always_inline int owner_endpoint(struct owner_info *o, __u8 family, __be32 *addr, __be16 *port)
+{
+    if (family == SR_AF_INET) {
+        if (!o->port4)
+            return -1;
+        addr[0] = o->addr4; addr[1] = 0; addr[2] = 0; addr[3] = 0;
+        *port = o->port4;
+    } else {
+        if (!o->port6)
+            return -1;
+        copy_addr(addr, o->addr6);
+        *port = o->port6;
+    }
+    return 0;
+}
+
+/* Client → VIP: forward to the call's owner. */
+static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
+                                       __be32 *saddr, __be32 *daddr)
+{
+    struct flow_key key = {};
+    key.family = p->family;
+    key.client_port = p->udp->source;
+    key.relay_port = p->udp->dest;
+    copy_addr(key.client_addr, saddr);
+    copy_addr(key.relay_addr, daddr);
+
+    struct flow_info *flow = flows.lookup(&key);
+    if (!flow)
+        return p->class == CLASS_STUN ? STAT_PASS_STUN_UNKNOWN : STAT_DROP_UNKNOWN_NOT_STUN;
+    if (p->class == CLASS_OTHER)
+        return STAT_DROP_BAD_CLASS;
+    __u32 conn_id = flow->conn_id;
+    struct owner_info *owner = owners.lookup(&conn_id);
+    if (!owner)
+        return STAT_DROP_NO_OWNER;
+    __be32 dst[4];
+    __be16 dport;
+    if (owner_endpoint(owner, p->family, dst, &dport) < 0)
+        return STAT_DROP_NO_OWNER;
+    __u32 idx = p->family == SR_AF_INET ? 0 : 1;
+    struct relay_config *cfg = relay_cfg.lookup(&idx);
+    if (!cfg || !cfg->enabled)
+        return STAT_DROP_NO_INTERNAL_ADDR;
+    if (ttl_expired(p))
+        return STAT_PASS_TTL_EXPIRED;
+
+    int rc = route(ctx, p, fib, cfg->internal_addr, dst, flow->flow_port, dport);
+    if (rc)
+        return rc;
+    rewrite(p, fib, cfg->internal_addr, dst, flow->flow_port, dport);
+    __sync_fetch_and_add(&flow->packets, 1);
+    __sync_fetch_and_add(&flow->bytes, p->len);
+    flow->last_seen_ns = bpf_ktime_get_ns();
+    return STAT_FWD_IN_STUN + p->class;
+}
+
+/* Owner → flow port: forward back to the client from the VIP. */
+static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
+                                      __be32 *saddr)
+{
+    struct reverse_key key = {};
+    key.family = p->family;
+    key.owner_port = p->udp->source;
+    key.flow_port = p->udp->dest;
+    copy_addr(key.owner_addr, saddr);
+
+    struct reverse_info *rev = reverse.lookup(&key);
+    if (!rev)
+        return STAT_PASS_RETURN_UNKNOWN;
+    __u32 conn_id = rev->conn_id;
+    struct owner_info *owner = owners.lookup(&conn_id);
+    if (!owner)
+        return STAT_DROP_NO_OWNER;
+    __be32 oaddr[4];
+    __be16 oport;
+    if (owner_endpoint(owner, p->family, oaddr, &oport) < 0)
+        return STAT_DROP_NOT_OWNER;
+    if (oport != key.owner_port || !addr_eq(oaddr, saddr))
+        return STAT_DROP_NOT_OWNER;
+    if (p->class == CLASS_OTHER)
+        return STAT_DROP_BAD_CLASS;
+    if (ttl_expired(p))
+        return STAT_PASS_TTL_EXPIRED;
+
+    int rc = route(ctx, p, fib, rev->client.relay_addr, rev->client.client_addr,
+                   rev->client.relay_port, rev->client.client_port);
+    if (rc)
+        return rc;
+    rewrite(p, fib, rev->client.relay_addr, rev->client.client_addr,
+            rev->client.relay_port, rev->client.client_port);
+    __sync_fetch_and_add(&rev->packets, 1);
+    __sync_fetch_and_add(&rev->bytes, p->len);
+    rev->last_seen_ns = bpf_ktime_get_ns();
+    return STAT_FWD_OUT_STUN + p->class;
+}
+
+int xdp_relay(struct xdp_md *ctx)
+{
+    struct pkt p = {};
+    int stat = parse_frame(ctx, &p);
+    if (stat != PARSE_OK)
+        return account(stat, p.len, verdict_of(stat));
+
+    /* The IPv6 UDP checksum is mandatory (RFC 8200 8.1). */
+    if (p.ip6 && !p.udp->check)
+        return account(STAT_DROP_MALFORMED, p.len, XDP_DROP);
+
+    __be32 saddr[4], daddr[4];
+    pkt_addrs(&p, saddr, daddr);
+
+    struct vip_key vk = {};
+    vk.family = p.family;
+    vk.port = p.udp->dest;
+    copy_addr(vk.addr, daddr);
+    struct bpf_fib_lookup fib;
+    if (vips.lookup(&vk)) {
+        stat = from_client(ctx, &p, &fib, saddr, daddr);
+    } else {
+        __u32 idx = p.family == SR_AF_INET ? 0 : 1;
+        struct relay_config *cfg = relay_cfg.lookup(&idx);
+        __u16 dport = bpf_ntohs(p.udp->dest);
+        if (!cfg || !cfg->enabled || !addr_eq(cfg->internal_addr, daddr) ||
+            dport < cfg->flow_port_min || dport > cfg->flow_port_max)
+            return account(STAT_PASS_NOT_RELAY, p.len, XDP_PASS);
+        stat = from_owner(ctx, &p, &fib, saddr);
+    }
+    if (stat >= STAT_FWD_IN_STUN)
+        return account(stat, p.len, emit(ctx, &fib));
+    return account(stat, p.len, verdict_of(stat));
+}

@@ -1,0 +1,86 @@
+/* Every struct that crosses the kernel/userspace boundary, with explicit
+ * padding. manager/structs.py mirrors them; tests/test_structs_layout.py holds
+ * the two against bcc's type information. Addresses and ports are in network
+ * byte order; an IPv4 address sits in addr[0], addr[1..3] zero. */
+#ifndef SPLITRELAY_STRUCTS_H
+#define SPLITRELAY_STRUCTS_H
+
+#include <linux/types.h>
+
+/* Client tuple as seen on the public side: key of the flows map. */
+struct flow_key {
+    __u8 family;          /* SR_AF_INET or SR_AF_INET6 */
+    __u8 pad0;
+    __be16 client_port;
+    __be16 relay_port;    /* the VIP port the client sends to */
+    __u16 pad1;
+    __be32 client_addr[4];
+    __be32 relay_addr[4]; /* the VIP address the client sends to */
+};
+
+/* One established flow: which call it belongs to and its counters. */
+struct flow_info {
+    __u32 conn_id;        /* connection id (owners map key) */
+    __be16 flow_port;     /* relay-internal source port towards the owner */
+    __u16 pad0;
+    __u64 packets;        /* client → owner, forwarded in XDP */
+    __u64 bytes;
+    __u64 last_seen_ns;   /* bpf_ktime_get_ns() of the last packet either way */
+    __u64 created_ns;     /* set by userspace at install */
+};
+
+/* Current owner of a connection id: the connection-id map value. Migration
+ * rewrites this one entry. A zero port means "not reachable in that family". */
+struct owner_info {
+    __be32 addr4;
+    __be16 port4;
+    __be16 port6;
+    __be32 addr6[4];
+    __u32 generation;     /* bumped on every ownership change */
+    __u32 pad0;
+};
+
+/* Return-path key: a transceiver (owner addr:port) sending to a flow port. */
+struct reverse_key {
+    __u8 family;
+    __u8 pad0;
+    __be16 owner_port;
+    __be16 flow_port;
+    __u16 pad1;
+    __be32 owner_addr[4];
+};
+
+/* Return-path value: where the packet goes and which call it belongs to. */
+struct reverse_info {
+    struct flow_key client; /* the client tuple to restore */
+    __u32 conn_id;
+    __u32 pad0;
+    __u64 packets;          /* owner → client, forwarded in XDP */
+    __u64 bytes;
+    __u64 last_seen_ns;     /* last packet from the owner */
+};
+
+/* A public relay address:port served by the fast path: key of the vips map. */
+struct vip_key {
+    __u8 family;
+    __u8 pad0;
+    __be16 port;
+    __be32 addr[4];
+};
+
+/* Per-family relay-internal addressing: value of the config map (index 0
+ * for IPv4, 1 for IPv6). Flow ports live in [flow_port_min, flow_port_max]. */
+struct relay_config {
+    __be32 internal_addr[4];
+    __u16 flow_port_min;   /* host byte order */
+    __u16 flow_port_max;   /* host byte order */
+    __u32 enabled;         /* 0: family not served */
+};
+
+/* One per-CPU counter slot (index: enum stat_id). */
+struct stat_value {
+    __u64 packets;
+    __u64 bytes;
+};
+
+#endif

@@ -1,0 +1,445 @@
+"""The XDP fast path from userspace: compile and load (bcc), attach or adopt,
+typed access to the pinned maps (libbpf), detach.
+
+State lives in bpffs under the configured pin directory:
+  <pin_dir>/{flows,owners,reverse,vips,relay_cfg,stats}   maps
+  <pin_dir>/prog                                         the attached program
+so a restarted manager adopts what is running instead of replacing it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import libbpf
+from .config import DatapathConfig
+from .structs import (AF_INET, AF_INET6, BPF_DIR, MAP_TYPES, STAT_NAMES, FlowInfo, FlowKey, OwnerInfo,
+                      RelayConfig, ReverseInfo, ReverseKey, flow_key, flow_key_tuple, htons, ntohs,
+                      pack_addr, pack_addr4, reverse_key, unpack_addr, unpack_addr4, vip_key)
+
+log = logging.getLogger(__name__)
+
+PROG_SOURCE = BPF_DIR / "relay.bpf.c"
+PROG_NAME = "xdp_relay"
+PROG_PIN = "prog"
+
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_ATTACHED_MODES = {1: "native", 2: "generic", 3: "offload"}
+
+DEFAULT_HEADERS_ROOT = "/var/lib/splitrelay/kernel-headers"
+
+
+class DatapathError(RuntimeError):
+    """A datapath operation failed for a reason the operator can act on."""
+
+
+def ensure_kernel_headers() -> str | None:
+    """Point bcc at usable kernel headers when the running kernel has none.
+
+    scripts/setup.sh merges Debian's split header packages into one tree;
+    bcc takes a single directory through BCC_KERNEL_SOURCE.
+    """
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return os.environ["BCC_KERNEL_SOURCE"]
+    release = os.uname().release
+    if os.path.exists(f"/lib/modules/{release}/build/include/linux/kconfig.h"):
+        return None
+    root = os.environ.get("SPLITRELAY_HEADERS_DIR", DEFAULT_HEADERS_ROOT)
+    merged = sorted(p for p in glob.glob(os.path.join(root, "*")) if os.path.exists(os.path.join(p, ".complete")))
+    if not merged:
+        raise DatapathError(f"no kernel headers for {release} and none prepared under {root}: run `make setup`")
+    os.environ["BCC_KERNEL_SOURCE"] = merged[-1]
+    return merged[-1]
+
+
+@dataclass(frozen=True)
+class OwnerAddr:
+    """Where a call's owner receives: IPv4 and/or IPv6 address:port."""
+
+    addr4: str | None = None
+    port4: int = 0
+    addr6: str | None = None
+    port6: int = 0
+
+    def for_family(self, family: int) -> tuple[str, int] | None:
+        if family == AF_INET:
+            return (self.addr4, self.port4) if self.addr4 and self.port4 else None
+        return (self.addr6, self.port6) if self.addr6 and self.port6 else None
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [e for e in (self.for_family(AF_INET), self.for_family(AF_INET6)) if e]
+
+
+@dataclass
+class Flow:
+    """One kernel flow as listed from the maps."""
+
+    client: tuple[str, int]
+    vip: tuple[str, int]
+    conn_id: int
+    flow_port: int
+    packets_in: int
+    bytes_in: int
+    packets_out: int = 0
+    bytes_out: int = 0
+    last_seen_ns: int = 0
+    created_ns: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "client": f"{_fmt(self.client)}", "vip": _fmt(self.vip), "conn_id": self.conn_id,
+            "flow_port": self.flow_port, "packets_in": self.packets_in, "bytes_in": self.bytes_in,
+            "packets_out": self.packets_out, "bytes_out": self.bytes_out,
+            "idle_s": round(max(0, time.monotonic_ns() - self.last_seen_ns) / 1e9, 3) if self.last_seen_ns else None,
+        }
+
+
+def _fmt(ep: tuple[str, int]) -> str:
+    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
+
+
+@dataclass
+class AttachResult:
+    interface: str
+    mode: str          # native / generic
+    adopted: bool      # the same program was already attached
+
+
+@dataclass
+class Maps:
+    """The pinned maps, opened through libbpf."""
+
+    flows: libbpf.PinnedMap
+    owners: libbpf.PinnedMap
+    reverse: libbpf.PinnedMap
+    vips: libbpf.PinnedMap
+    relay_cfg: libbpf.PinnedMap
+    stats: libbpf.PinnedMap
+
+    @classmethod
+    def open(cls, pin_dir: Path) -> "Maps":
+        opened: dict[str, libbpf.PinnedMap] = {}
+        try:
+            for name, (k, v) in MAP_TYPES.items():
+                path = pin_dir / name
+                if not path.exists():
+                    raise DatapathError(f"no pinned map at {path}: is the relay datapath loaded?")
+                opened[name] = libbpf.PinnedMap(str(path), k, v, percpu=(name == "stats"))
+        except Exception:
+            for m in opened.values():
+                m.close()
+            raise
+        return cls(**opened)
+
+    def close(self) -> None:
+        for m in (self.flows, self.owners, self.reverse, self.vips, self.relay_cfg, self.stats):
+            m.close()
+
+
+class Datapath:
+    """Owns the relay's XDP program and maps for one pin directory."""
+
+    def __init__(self, cfg: DatapathConfig):
+        self.cfg = cfg
+        self.pin_dir = Path(cfg.pin_dir)
+        self.maps: Maps | None = None
+        self.prog_fd: int = -1
+        self.attached: list[AttachResult] = []
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-I{BPF_DIR}",
+            f'-DPIN_DIR="{self.pin_dir}"',
+            f"-DMAX_FLOWS={self.cfg.max_flows}",
+            f"-DMAX_REVERSE={self.cfg.max_reverse}",
+            f"-DMAX_OWNERS={self.cfg.max_owners}",
+        ]
+
+    def compile_and_load(self) -> int:
+        """Compile the program with bcc and load it; maps are created or reused
+        from the pin directory. Returns a program fd owned by this object."""
+        ensure_kernel_headers()
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise DatapathError("bcc is not importable: install python3-bpfcc (run `make setup`)") from exc
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            bpf = BPF(src_file=str(PROG_SOURCE).encode(), cflags=self.cflags())
+            fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
+        except Exception as exc:
+            raise DatapathError(f"cannot load {PROG_SOURCE.name}: {exc}") from exc
+        # Keep our own reference; bcc's object (and its fds) can then go.
+        fd = os.dup(fn.fd)
+        bpf.cleanup()
+        return fd
+
+    def load(self, *, upgrade: bool = False) -> bool:
+        """Make the program and maps available. Adopts a pinned program unless
+        `upgrade` asks to load the current source. Returns True if adopted."""
+        pinned = self.pin_dir / PROG_PIN
+        adopted = False
+        if pinned.exists() and not upgrade:
+            self.prog_fd = libbpf.obj_get(str(pinned))
+            adopted = True
+        else:
+            new_fd = self.compile_and_load()
+            if pinned.exists():
+                old = libbpf.obj_get(str(pinned))
+                same = bytes(libbpf.prog_info(old).tag) == bytes(libbpf.prog_info(new_fd).tag)
+                if same:
+                    os.close(new_fd)
+                    new_fd, adopted = old, True
+                else:
+                    os.close(old)
+                    pinned.unlink()
+            if not adopted:
+                libbpf.obj_pin(new_fd, str(pinned))
+            self.prog_fd = new_fd
+        self.maps = Maps.open(self.pin_dir)
+        self.configure()
+        return adopted
+
+    def configure(self) -> None:
+        """Write VIPs and per-family internal addressing into the maps."""
+        assert self.maps is not None
+        wanted = {bytes(vip_key(v.as_tuple())) for v in self.cfg.vips}
+        for k in list(self.maps.vips.keys()):
+            if bytes(k) not in wanted:
+                self.maps.vips.delete(k)
+        for v in self.cfg.vips:
+            self.maps.vips.update(vip_key(v.as_tuple()), ctypes.c_uint32(1))
+        for idx, addr in ((0, self.cfg.internal_addr4), (1, self.cfg.internal_addr6)):
+            rc = RelayConfig(flow_port_min=self.cfg.flow_port_min, flow_port_max=self.cfg.flow_port_max,
+                             enabled=1 if addr else 0)
+            if addr:
+                rc.internal_addr = pack_addr(addr)
+            self.maps.relay_cfg.update(ctypes.c_uint32(idx), rc)
+
+    def attach(self, interfaces: list[str] | None = None) -> list[AttachResult]:
+        """Attach the program to each interface (native where the driver can,
+        else generic), adopting an existing attachment of the same program."""
+        if self.prog_fd < 0:
+            raise DatapathError("load() the program before attaching it")
+        prog_id = libbpf.prog_info(self.prog_fd).id
+        results = []
+        for ifname in interfaces if interfaces is not None else self.cfg.interfaces:
+            cur_id, cur_mode = xdp_attachment(ifname)
+            if cur_id == prog_id:
+                results.append(AttachResult(ifname, cur_mode or "?", True))
+                continue
+            results.append(AttachResult(ifname, self._attach_one(ifname, cur_mode), False))
+        self.attached = results
+        return results
+
+    def _attach_one(self, ifname: str, cur_mode: str | None) -> str:
+        from bcc.libbcc import lib as bcclib  # noqa: PLC0415 - bcc only where needed
+
+        modes = {"native": [XDP_FLAGS_DRV_MODE], "generic": [XDP_FLAGS_SKB_MODE],
+                 "auto": [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE]}[self.cfg.xdp_mode]
+        # Replacing an attachment must use the mode it was attached in.
+        if cur_mode == "native":
+            modes = [XDP_FLAGS_DRV_MODE]
+        elif cur_mode == "generic":
+            modes = [XDP_FLAGS_SKB_MODE]
+        last = 0
+        for flags in modes:
+            last = bcclib.bpf_attach_xdp(ifname.encode(), self.prog_fd, flags)
+            if last >= 0:
+                return "native" if flags == XDP_FLAGS_DRV_MODE else "generic"
+        raise DatapathError(f"cannot attach XDP to {ifname} (mode {self.cfg.xdp_mode}): error {last}")
+
+    def detach(self, *, purge: bool = False) -> list[str]:
+        """Remove the program from the configured interfaces; with purge, also
+        unpin the program and maps (all kernel state is gone)."""
+        from bcc.libbcc import lib as bcclib  # noqa: PLC0415
+
+        prog_id = libbpf.prog_info(self.prog_fd).id if self.prog_fd >= 0 else None
+        removed = []
+        for ifname in self.cfg.interfaces:
+            try:
+                cur_id, cur_mode = xdp_attachment(ifname)
+            except DatapathError:
+                continue
+            if cur_id is None or (prog_id is not None and cur_id != prog_id):
+                continue
+            flags = XDP_FLAGS_SKB_MODE if cur_mode == "generic" else XDP_FLAGS_DRV_MODE
+            if bcclib.bpf_attach_xdp(ifname.encode(), -1, flags) >= 0:
+                removed.append(ifname)
+        if purge:
+            for name in [PROG_PIN, *MAP_TYPES]:
+                try:
+                    (self.pin_dir / name).unlink()
+                except FileNotFoundError:
+                    pass
+            try:
+                self.pin_dir.rmdir()
+            except OSError:
+                pass
+        return removed
+
+    def open_maps(self) -> Maps:
+        """Open the pinned maps only (no compile, no attach): for inspection."""
+        if self.maps is None:
+            self.maps = Maps.open(self.pin_dir)
+        return self.maps
+
+    def close(self) -> None:
+        if self.maps:
+            self.maps.close()
+            self.maps = None
+        if self.prog_fd >= 0:
+            os.close(self.prog_fd)
+            self.prog_fd = -1
+
+    # --- flows and ownership ------------------------------------------------------------
+
+    def _m(self) -> Maps:
+        if self.maps is None:
+            raise DatapathError("datapath maps are not open")
+        return self.maps
+
+    def set_owner(self, conn_id: int, owner: OwnerAddr) -> int:
+        """Point a connection id at its owner: one map update, which both
+        directions of every flow of the call follow. Returns the generation."""
+        m = self._m()
+        cur = m.owners.lookup(ctypes.c_uint32(conn_id))
+        gen = (cur.generation + 1) if cur is not None else 1
+        info = OwnerInfo(generation=gen)
+        if owner.addr4 and owner.port4:
+            info.addr4 = pack_addr4(owner.addr4)
+            info.port4 = htons(owner.port4)
+        if owner.addr6 and owner.port6:
+            info.addr6 = pack_addr(owner.addr6)
+            info.port6 = htons(owner.port6)
+        m.owners.update(ctypes.c_uint32(conn_id), info)
+        return gen
+
+    def get_owner(self, conn_id: int) -> tuple[OwnerAddr, int] | None:
+        cur = self._m().owners.lookup(ctypes.c_uint32(conn_id))
+        if cur is None:
+            return None
+        return OwnerAddr(
+            addr4=unpack_addr4(cur.addr4) if cur.port4 else None, port4=ntohs(cur.port4),
+            addr6=unpack_addr(cur.addr6, AF_INET6) if cur.port6 else None, port6=ntohs(cur.port6),
+        ), cur.generation
+
+    def remove_owner(self, conn_id: int) -> bool:
+        return self._m().owners.delete(ctypes.c_uint32(conn_id))
+
+    def add_reverse(self, owner: tuple[str, int], flow_port: int, client: tuple[str, int],
+                    vip: tuple[str, int], conn_id: int) -> None:
+        """Let `owner` send to `client` through `flow_port` (inert until owner
+        is the current owner of conn_id)."""
+        self._m().reverse.update(reverse_key(owner, flow_port),
+                                 ReverseInfo(client=flow_key(client, vip), conn_id=conn_id))
+
+    def remove_reverse(self, owner: tuple[str, int], flow_port: int) -> bool:
+        return self._m().reverse.delete(reverse_key(owner, flow_port))
+
+    def add_flow(self, client: tuple[str, int], vip: tuple[str, int], conn_id: int, flow_port: int,
+                 owner: OwnerAddr | None = None) -> None:
+        """Install both directions of one flow. The return direction is keyed
+        by the current owner (given, or read from the owners map)."""
+        if owner is None:
+            found = self.get_owner(conn_id)
+            if found is None:
+                raise DatapathError(f"connection id {conn_id} has no owner entry")
+            owner = found[0]
+        ep = owner.for_family(flow_key(client, vip).family)
+        if ep is None:
+            raise DatapathError(f"owner of connection id {conn_id} has no address in the client's family")
+        self.add_reverse(ep, flow_port, client, vip, conn_id)
+        now = time.monotonic_ns()
+        self._m().flows.update(flow_key(client, vip), FlowInfo(conn_id=conn_id, flow_port=htons(flow_port),
+                                                               last_seen_ns=now, created_ns=now))
+
+    def remove_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> bool:
+        """Remove a flow and every reverse entry that points at it."""
+        m = self._m()
+        key = flow_key(client, vip)
+        info = m.flows.lookup(key)
+        if info is None:
+            return False
+        m.flows.delete(key)
+        raw = bytes(key)
+        for rk, rv in list(m.reverse.items()):
+            if bytes(rv.client) == raw:
+                m.reverse.delete(rk)
+        return True
+
+    def get_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> Flow | None:
+        info = self._m().flows.lookup(flow_key(client, vip))
+        if info is None:
+            return None
+        return self._flow(flow_key(client, vip), info, {})
+
+    def _flow(self, key: FlowKey, info: FlowInfo, out: dict) -> Flow:
+        client, vip = flow_key_tuple(key)
+        o = out.get(bytes(key), (0, 0, 0))
+        return Flow(client=client, vip=vip, conn_id=info.conn_id, flow_port=ntohs(info.flow_port),
+                    packets_in=info.packets, bytes_in=info.bytes, packets_out=o[0], bytes_out=o[1],
+                    last_seen_ns=max(info.last_seen_ns, o[2]), created_ns=info.created_ns)
+
+    def _reverse_by_client(self) -> dict[bytes, tuple[int, int, int]]:
+        out: dict[bytes, tuple[int, int, int]] = {}
+        for _, rv in self._m().reverse.items():
+            k = bytes(rv.client)
+            p, b, ls = out.get(k, (0, 0, 0))
+            out[k] = (p + rv.packets, b + rv.bytes, max(ls, rv.last_seen_ns))
+        return out
+
+    def flows(self) -> list[Flow]:
+        out = self._reverse_by_client()
+        return [self._flow(k, v, out) for k, v in self._m().flows.items()]
+
+    def expire_idle(self, idle_s: float, *, now_ns: int | None = None) -> list[Flow]:
+        """Remove flows with no packet either way for idle_s seconds."""
+        now = now_ns if now_ns is not None else time.monotonic_ns()
+        limit = int(idle_s * 1e9)
+        expired = [f for f in self.flows() if now - f.last_seen_ns > limit]
+        for f in expired:
+            self.remove_flow(f.client, f.vip)
+        return expired
+
+    # --- counters -----------------------------------------------------------------------
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """Per-reason (packets, bytes), summed over CPUs."""
+        return read_counters(self._m())
+
+
+def read_counters(maps: Maps) -> dict[str, tuple[int, int]]:
+    res = {}
+    for i, name in enumerate(STAT_NAMES):
+        vals = maps.stats.lookup(ctypes.c_uint32(i)) or []
+        res[name] = (sum(v.packets for v in vals), sum(v.bytes for v in vals))
+    return res
+
+
+def xdp_attachment(ifname: str) -> tuple[int | None, str | None]:
+    """(program id, mode) of the XDP program attached to ifname, in this
+    thread's network namespace."""
+    from pyroute2 import IPRoute  # noqa: PLC0415
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise DatapathError(f"no interface named {ifname}")
+        link = ipr.get_links(idx[0])[0]
+    xdp = link.get_attr("IFLA_XDP")
+    if not xdp:
+        return None, None
+    attached = xdp.get_attr("IFLA_XDP_ATTACHED")
+    if not attached:
+        return None, None
+    return xdp.get_attr("IFLA_XDP_PROG_ID"), XDP_ATTACHED_MODES.get(attached, str(attached))

@@ -1,0 +1,207 @@
+"""ctypes mirrors of bpf/structs.h, and the counter names of bpf/consts.h.
+
+tests/test_structs_layout.py holds every structure here against the type
+information bcc derives from the C header for each map, field by field.
+Addresses are 16 bytes in network order (IPv4 in the first 4); ports are
+__be16, stored here as the raw 16-bit value (socket.htons).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import re
+import socket
+from pathlib import Path
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+AF_INET = 2
+AF_INET6 = 10
+
+Addr4 = ctypes.c_uint32 * 4
+
+
+class FlowKey(ctypes.Structure):
+    """Client tuple as seen on the public side (flows map key)."""
+
+    _fields_ = [
+        ("family", ctypes.c_uint8),
+        ("pad0", ctypes.c_uint8),
+        ("client_port", ctypes.c_uint16),
+        ("relay_port", ctypes.c_uint16),
+        ("pad1", ctypes.c_uint16),
+        ("client_addr", Addr4),
+        ("relay_addr", Addr4),
+    ]
+
+
+class FlowInfo(ctypes.Structure):
+    """One established flow (flows map value)."""
+
+    _fields_ = [
+        ("conn_id", ctypes.c_uint32),
+        ("flow_port", ctypes.c_uint16),
+        ("pad0", ctypes.c_uint16),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("last_seen_ns", ctypes.c_uint64),
+        ("created_ns", ctypes.c_uint64),
+    ]
+
+
+class OwnerInfo(ctypes.Structure):
+    """Current owner of a connection id (owners map value)."""
+
+    _fields_ = [
+        ("addr4", ctypes.c_uint32),
+        ("port4", ctypes.c_uint16),
+        ("port6", ctypes.c_uint16),
+        ("addr6", Addr4),
+        ("generation", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32),
+    ]
+
+
+class ReverseKey(ctypes.Structure):
+    """(owner addr:port, flow port): reverse map key."""
+
+    _fields_ = [
+        ("family", ctypes.c_uint8),
+        ("pad0", ctypes.c_uint8),
+        ("owner_port", ctypes.c_uint16),
+        ("flow_port", ctypes.c_uint16),
+        ("pad1", ctypes.c_uint16),
+        ("owner_addr", Addr4),
+    ]
+
+
+class ReverseInfo(ctypes.Structure):
+    """Return-path value: client tuple to restore and the call."""
+
+    _fields_ = [
+        ("client", FlowKey),
+        ("conn_id", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("last_seen_ns", ctypes.c_uint64),
+    ]
+
+
+class VipKey(ctypes.Structure):
+    """A public relay address:port (vips map key)."""
+
+    _fields_ = [
+        ("family", ctypes.c_uint8),
+        ("pad0", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("addr", Addr4),
+    ]
+
+
+class RelayConfig(ctypes.Structure):
+    """Per-family internal address and flow-port range (relay_cfg value)."""
+
+    _fields_ = [
+        ("internal_addr", Addr4),
+        ("flow_port_min", ctypes.c_uint16),
+        ("flow_port_max", ctypes.c_uint16),
+        ("enabled", ctypes.c_uint32),
+    ]
+
+
+class StatValue(ctypes.Structure):
+    """One per-CPU counter slot (stats map value)."""
+
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+# Map name → (key type, value type); the layout test walks this table.
+MAP_TYPES: dict[str, tuple[type, type]] = {
+    "flows": (FlowKey, FlowInfo),
+    "owners": (ctypes.c_uint32, OwnerInfo),
+    "reverse": (ReverseKey, ReverseInfo),
+    "vips": (VipKey, ctypes.c_uint32),
+    "relay_cfg": (ctypes.c_uint32, RelayConfig),
+    "stats": (ctypes.c_uint32, StatValue),
+}
+
+
+def _read_stat_names() -> list[str]:
+    """Counter names in enum stat_id order, read from the C header itself."""
+    text = (BPF_DIR / "consts.h").read_text()
+    body = re.search(r"enum stat_id\s*\{(.*?)\};", text, re.S)
+    if body is None:
+        raise RuntimeError("bpf/consts.h has no enum stat_id")
+    names = re.findall(r"^\s*STAT_([A-Z0-9_]+)", re.sub(r"/\*.*?\*/", "", body.group(1)), re.M)
+    if names[-1] != "MAX":
+        raise RuntimeError("enum stat_id must end with STAT_MAX")
+    return [n.lower() for n in names[:-1]]
+
+
+STAT_NAMES: list[str] = _read_stat_names()
+STAT_INDEX: dict[str, int] = {n: i for i, n in enumerate(STAT_NAMES)}
+
+
+def stat_verdict(name: str) -> str:
+    """'pass', 'drop' or 'forward', from the counter's name."""
+    return {"pass": "pass", "drop": "drop", "fwd": "forward"}[name.split("_", 1)[0]]
+
+
+# --- address helpers -----------------------------------------------------------
+
+def family_of(addr: str) -> int:
+    return AF_INET6 if ipaddress.ip_address(addr).version == 6 else AF_INET
+
+
+def pack_addr(addr: str) -> Addr4:
+    """An address as the 16-byte network-order form used in every struct."""
+    packed = ipaddress.ip_address(addr).packed
+    buf = Addr4()
+    ctypes.memmove(buf, packed.ljust(16, b"\0"), 16)
+    return buf
+
+
+def unpack_addr(words: Addr4, family: int) -> str:
+    raw = bytes(words)
+    return str(ipaddress.ip_address(raw[:4] if family == AF_INET else raw))
+
+
+def pack_addr4(addr: str) -> int:
+    """An IPv4 address as the raw __be32 value."""
+    return int.from_bytes(ipaddress.IPv4Address(addr).packed, "little")
+
+
+def unpack_addr4(value: int) -> str:
+    return str(ipaddress.IPv4Address(value.to_bytes(4, "little")))
+
+
+def htons(port: int) -> int:
+    return socket.htons(port)
+
+
+ntohs = socket.ntohs
+
+
+def flow_key(client: tuple[str, int], vip: tuple[str, int]) -> FlowKey:
+    fam = family_of(client[0])
+    if family_of(vip[0]) != fam:
+        raise ValueError(f"client {client[0]} and relay address {vip[0]} are of different families")
+    return FlowKey(family=fam, client_port=htons(client[1]), relay_port=htons(vip[1]),
+                   client_addr=pack_addr(client[0]), relay_addr=pack_addr(vip[0]))
+
+
+def flow_key_tuple(key: FlowKey) -> tuple[tuple[str, int], tuple[str, int]]:
+    """(client (addr, port), vip (addr, port)) of a flows key."""
+    return ((unpack_addr(key.client_addr, key.family), ntohs(key.client_port)),
+            (unpack_addr(key.relay_addr, key.family), ntohs(key.relay_port)))
+
+
+def reverse_key(owner: tuple[str, int], flow_port: int) -> ReverseKey:
+    return ReverseKey(family=family_of(owner[0]), owner_port=htons(owner[1]), flow_port=htons(flow_port),
+                      owner_addr=pack_addr(owner[0]))
+
+
+def vip_key(vip: tuple[str, int]) -> VipKey:
+    return VipKey(family=family_of(vip[0]), port=htons(vip[1]), addr=pack_addr(vip[0]))

@@ -1,0 +1,238 @@
+"""Table-driven BPF_PROG_TEST_RUN fixtures for the relay XDP program.
+
+Each case: (description, ingress side, input frame, expected verdict,
+expected output frame or None for "unchanged", counter that must rise).
+Frames and their checksums are built by scapy, an implementation independent
+of the program's incremental checksum code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.packet import Raw
+
+from manager.datapath import OwnerAddr
+from tests import xdp_harness as hx
+from tests.xdp_harness import (CLIENT4, CLIENT6, INT4, INT6, MAC, NO_NEIGH4, TX1_4, TX1_6, TX2_4, VIP4, VIP6,
+                               VIP_PORT, XDP_DROP, XDP_PASS, XDP_REDIRECT)
+
+pytestmark = pytest.mark.netns
+
+OWNER_PORT = 5000
+STUN = bytes.fromhex("000100082112a442") + b"\x01" * 12 + b"\x80\x22\x00\x04test"
+DTLS = bytes([22, 0xFE, 0xFD]) + b"\x00" * 10 + b"\x00\x10" + b"d" * 16
+RTP = bytes([0x80, 111]) + b"\x00\x01" + b"\x00" * 8 + b"r" * 40
+JUNK = bytes([0x50]) + b"j" * 20
+
+# Flows installed before the table runs.
+C4 = (CLIENT4, 40000)          # conn 7, flow port 20001, owner tx1 (both families)
+C6 = (CLIENT6, 40000)          # conn 7, flow port 20002
+C4_MIGRATED = (CLIENT4, 40001)  # conn 8: reverse entry for tx1, owner is now tx2
+C4_ORPHAN = (CLIENT4, 40002)   # conn 9: no owner entry
+C4_NONEIGH = (CLIENT4, 40003)  # conn 10: owner has no neighbour entry
+FLOW4, FLOW6, FLOW_MIGRATED = 20001, 20002, 20003
+
+
+def eth(src: str, dst: str) -> Ether:
+    return Ether(src=MAC[src], dst=MAC[dst])
+
+
+def c2r4(payload: bytes, sport: int = 40000, **ip) -> Ether:
+    return eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, **ip) / UDP(sport=sport, dport=VIP_PORT) / Raw(payload)
+
+
+def c2r6(payload: bytes, **ip) -> Ether:
+    return eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6, **ip) / UDP(sport=40000, dport=VIP_PORT) / Raw(payload)
+
+
+def r2o4(payload: bytes, ttl: int = 63, flow_port: int = FLOW4, chksum: int | None = None) -> Ether:
+    udp = UDP(sport=flow_port, dport=OWNER_PORT) if chksum is None else UDP(sport=flow_port, dport=OWNER_PORT, chksum=chksum)
+    return eth("int", "tx1") / IP(src=INT4, dst=TX1_4, ttl=ttl) / udp / Raw(payload)
+
+
+def o2r4(payload: bytes, src: str = TX1_4, flow_port: int = FLOW4) -> Ether:
+    return eth("tx1", "int") / IP(src=src, dst=INT4) / UDP(sport=OWNER_PORT, dport=flow_port) / Raw(payload)
+
+
+def r2c4(payload: bytes) -> Ether:
+    return eth("pub", "client") / IP(src=VIP4, dst=CLIENT4, ttl=63) / UDP(sport=VIP_PORT, dport=40000) / Raw(payload)
+
+
+@dataclass
+class Case:
+    desc: str
+    ingress: str
+    frame: bytes
+    verdict: int
+    out: bytes | None
+    stat: str
+
+
+def b(pkt) -> bytes:
+    return bytes(pkt)
+
+
+def cases() -> list[Case]:
+    full4 = b(c2r4(RTP))
+    full6 = b(c2r6(RTP))
+    vlan_in = eth("client", "pub") / Dot1Q(vlan=42) / IP(src=CLIENT4, dst=VIP4) / UDP(sport=40000, dport=VIP_PORT) / Raw(RTP)
+    vlan_out = eth("int", "tx1") / Dot1Q(vlan=42) / IP(src=INT4, dst=TX1_4, ttl=63) / UDP(sport=FLOW4, dport=OWNER_PORT) / Raw(RTP)
+    zero_in = c2r4(RTP)
+    zero_in[UDP].chksum = 0
+    return [
+        # --- forwarding, both directions, both families, each class -----------------
+        Case("v4 client→owner SRTP", "pub", full4, XDP_REDIRECT, b(r2o4(RTP)), "fwd_in_rtp"),
+        Case("v4 client→owner DTLS", "pub", b(c2r4(DTLS)), XDP_REDIRECT, b(r2o4(DTLS)), "fwd_in_dtls"),
+        Case("v4 client→owner STUN (consent)", "pub", b(c2r4(STUN)), XDP_REDIRECT, b(r2o4(STUN)), "fwd_in_stun"),
+        Case("v4 owner→client SRTP", "int", b(o2r4(RTP)), XDP_REDIRECT, b(r2c4(RTP)), "fwd_out_rtp"),
+        Case("v4 owner→client STUN", "int", b(o2r4(STUN)), XDP_REDIRECT, b(r2c4(STUN)), "fwd_out_stun"),
+        Case("v4 owner→client DTLS", "int", b(o2r4(DTLS)), XDP_REDIRECT, b(r2c4(DTLS)), "fwd_out_dtls"),
+        Case("v6 client→owner SRTP", "pub", full6, XDP_REDIRECT,
+             b(eth("int", "tx1") / IPv6(src=INT6, dst=TX1_6, hlim=63) / UDP(sport=FLOW6, dport=OWNER_PORT) / Raw(RTP)),
+             "fwd_in_rtp"),
+        Case("v6 owner→client SRTP", "int",
+             b(eth("tx1", "int") / IPv6(src=TX1_6, dst=INT6) / UDP(sport=OWNER_PORT, dport=FLOW6) / Raw(RTP)),
+             XDP_REDIRECT,
+             b(eth("pub", "client") / IPv6(src=VIP6, dst=CLIENT6, hlim=63) / UDP(sport=VIP_PORT, dport=40000) / Raw(RTP)),
+             "fwd_out_rtp"),
+        Case("v4 zero UDP checksum stays zero", "pub", b(zero_in), XDP_REDIRECT, b(r2o4(RTP, chksum=0)), "fwd_in_rtp"),
+        Case("802.1Q-tagged client→owner keeps its tag", "pub", b(vlan_in), XDP_REDIRECT, b(vlan_out), "fwd_in_rtp"),
+        # --- unknown tuples ----------------------------------------------------------
+        Case("unknown client STUN → slow path", "pub", b(c2r4(STUN, sport=41000)), XDP_PASS, None, "pass_stun_unknown"),
+        Case("unknown client SRTP → drop", "pub", b(c2r4(RTP, sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
+        Case("unknown client DTLS → drop", "pub", b(c2r4(DTLS, sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
+        Case("unknown client empty UDP → drop", "pub", b(c2r4(b"", sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
+        Case("v6 unknown client STUN → slow path", "pub",
+             b(eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=41000, dport=VIP_PORT) / Raw(STUN)),
+             XDP_PASS, None, "pass_stun_unknown"),
+        Case("return to flow port with no entry → slow path", "int", b(o2r4(STUN, flow_port=20999)), XDP_PASS, None,
+             "pass_return_unknown"),
+        Case("return from a non-owner → drop", "int", b(o2r4(RTP, flow_port=FLOW_MIGRATED)), XDP_DROP, None,
+             "drop_not_owner"),
+        Case("return from an unknown sender → slow path", "int", b(o2r4(RTP, src="10.10.2.77")), XDP_PASS, None,
+             "pass_return_unknown"),
+        Case("known flow, payload not STUN/DTLS/RTP → drop", "pub", b(c2r4(JUNK)), XDP_DROP, None, "drop_bad_class"),
+        Case("known flow, call has no owner → drop", "pub", b(c2r4(RTP, sport=C4_ORPHAN[1])), XDP_DROP, None,
+             "drop_no_owner"),
+        Case("owner without neighbour entry → kernel", "pub", b(c2r4(RTP, sport=C4_NONEIGH[1])), XDP_PASS, None,
+             "pass_no_neigh"),
+        # --- things the kernel handles ---------------------------------------------------
+        Case("TTL 1 → kernel", "pub", b(c2r4(RTP, ttl=1)), XDP_PASS, None, "pass_ttl_expired"),
+        Case("hop limit 1 → kernel", "pub", b(c2r6(RTP, hlim=1)), XDP_PASS, None, "pass_ttl_expired"),
+        Case("IPv4 options → kernel", "pub",
+             b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, options=b"\x01\x01\x01\x00") / UDP(sport=40000, dport=VIP_PORT) / Raw(RTP)),
+             XDP_PASS, None, "pass_ip_options"),
+        Case("IPv4 first fragment → kernel", "pub", b(c2r4(RTP, flags="MF")), XDP_PASS, None, "pass_fragment"),
+        Case("IPv4 later fragment → kernel", "pub",
+             b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, frag=10, proto=17) / Raw(RTP)), XDP_PASS, None,
+             "pass_fragment"),
+        Case("IPv6 hop-by-hop header → kernel", "pub",
+             b(eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrHopByHop() / UDP(sport=40000, dport=VIP_PORT) / Raw(RTP)),
+             XDP_PASS, None, "pass_ipv6_ext"),
+        Case("IPv6 fragment header → kernel", "pub",
+             b(eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrFragment() / UDP(sport=40000, dport=VIP_PORT) / Raw(RTP)),
+             XDP_PASS, None, "pass_ipv6_ext"),
+        Case("TCP to the VIP → kernel", "pub", b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / TCP(sport=40000, dport=VIP_PORT)),
+             XDP_PASS, None, "pass_not_relay"),
+        Case("ICMP → kernel", "pub", b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / ICMP()), XDP_PASS, None, "pass_not_relay"),
+        Case("ARP → kernel", "pub", b(eth("client", "pub") / ARP(psrc=CLIENT4, pdst=VIP4)), XDP_PASS, None, "pass_not_relay"),
+        Case("UDP to another port of the VIP → kernel", "pub",
+             b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / UDP(sport=40000, dport=9999) / Raw(RTP)), XDP_PASS, None,
+             "pass_not_relay"),
+        Case("UDP to the internal address outside the flow range → kernel", "int",
+             b(eth("tx1", "int") / IP(src=TX1_4, dst=INT4) / UDP(sport=OWNER_PORT, dport=8080) / Raw(RTP)), XDP_PASS, None,
+             "pass_not_relay"),
+        # --- malformed ---------------------------------------------------------------------
+        Case("v6 zero UDP checksum → drop", "pub",
+             b(eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=40000, dport=VIP_PORT, chksum=0) / Raw(RTP)),
+             XDP_DROP, None, "drop_malformed"),
+        Case("UDP length beyond IP payload → drop", "pub",
+             b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / UDP(sport=40000, dport=VIP_PORT, len=200) / Raw(RTP)),
+             XDP_DROP, None, "drop_malformed"),
+        Case("IPv4 ihl < 5 → drop", "pub", b(c2r4(RTP, ihl=4)), XDP_DROP, None, "drop_malformed"),
+        # Truncated at every header boundary (and one byte into each header).
+        # BPF_PROG_TEST_RUN refuses frames under ETH_HLEN, as no driver hands
+        # XDP one, so the Ethernet header is the first boundary.
+        *[Case(f"v4 frame cut to {n} bytes → drop", "pub", full4[:n], XDP_DROP, None, "drop_malformed")
+          for n in (14, 15, 33, 34, 35, 41, 42)],
+        Case("802.1Q tag cut short → drop", "pub", b(vlan_in)[:16], XDP_DROP, None, "drop_malformed"),
+        *[Case(f"v6 frame cut to {n} bytes → drop", "pub", full6[:n], XDP_DROP, None, "drop_malformed")
+          for n in (14, 15, 53, 54, 55, 61, 62)],
+    ]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    h = hx.build()
+    try:
+        dp = h.dp
+        tx1 = OwnerAddr(addr4=TX1_4, port4=OWNER_PORT, addr6=TX1_6, port6=OWNER_PORT)
+        dp.set_owner(7, tx1)
+        dp.add_flow(C4, (VIP4, VIP_PORT), 7, FLOW4)
+        dp.add_flow(C6, (VIP6, VIP_PORT), 7, FLOW6)
+        dp.set_owner(8, tx1)
+        dp.add_flow(C4_MIGRATED, (VIP4, VIP_PORT), 8, FLOW_MIGRATED)
+        dp.set_owner(8, OwnerAddr(addr4=TX2_4, port4=OWNER_PORT))  # migrated away from tx1
+        dp.set_owner(9, tx1)
+        dp.add_flow(C4_ORPHAN, (VIP4, VIP_PORT), 9, 20004)
+        dp.remove_owner(9)
+        dp.set_owner(10, OwnerAddr(addr4=NO_NEIGH4, port4=OWNER_PORT))
+        dp.add_flow(C4_NONEIGH, (VIP4, VIP_PORT), 10, 20005)
+        yield h
+    finally:
+        hx.teardown(h)
+
+
+CASES = cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.desc for c in CASES])
+def test_fixture(harness, case: Case):
+    before = harness.dp.counters()
+    verdict, out, _ = harness.run(case.frame, case.ingress)
+    after = harness.dp.counters()
+    assert hx.VERDICTS[verdict] == hx.VERDICTS[case.verdict], case.desc
+    expected = case.frame if case.out is None else case.out
+    if out != expected:
+        # Show both frames decoded: the difference is easier to read.
+        pytest.fail(f"{case.desc}: output frame differs\n got: {Ether(out)!r}\nwant: {Ether(expected)!r}")
+    changed = {k: after[k][0] - before[k][0] for k in after if after[k] != before[k]}
+    assert changed == {case.stat: 1}, f"{case.desc}: counters changed {changed}"
+    assert after[case.stat][1] - before[case.stat][1] == len(case.frame)
+
+
+def test_flow_counters_and_last_seen(harness):
+    """A forwarded packet updates its flow's packets, bytes and last-seen."""
+    dp = harness.dp
+    before = dp.get_flow(C4, (VIP4, VIP_PORT))
+    frame = b(c2r4(RTP))
+    verdict, _, _ = harness.run(frame)
+    after = dp.get_flow(C4, (VIP4, VIP_PORT))
+    assert verdict == XDP_REDIRECT
+    assert after.packets_in == before.packets_in + 1
+    assert after.bytes_in == before.bytes_in + len(frame)
+    assert after.last_seen_ns > before.last_seen_ns
+
+
+def test_ownership_flip_is_one_update(harness):
+    """Changing the owner entry moves both directions at once."""
+    dp = harness.dp
+    tx2 = OwnerAddr(addr4=TX2_4, port4=6000)
+    dp.set_owner(11, OwnerAddr(addr4=TX1_4, port4=OWNER_PORT))
+    dp.add_flow((CLIENT4, 40011), (VIP4, VIP_PORT), 11, 20011)
+    dp.add_reverse((TX2_4, 6000), 20011, (CLIENT4, 40011), (VIP4, VIP_PORT), 11)  # staged, inert
+    from_tx2 = b(eth("tx2", "int") / IP(src=TX2_4, dst=INT4) / UDP(sport=6000, dport=20011) / Raw(RTP))
+    from_tx1 = b(eth("tx1", "int") / IP(src=TX1_4, dst=INT4) / UDP(sport=OWNER_PORT, dport=20011) / Raw(RTP))
+    assert harness.run(from_tx2, "int")[0] == XDP_DROP
+    assert harness.run(from_tx1, "int")[0] == XDP_REDIRECT
+    gen = dp.set_owner(11, tx2)
+    assert gen == 2
+    verdict, out, _ = harness.run(b(c2r4(RTP, sport=40011)))
+    assert verdict == XDP_REDIRECT and Ether(out)[IP].dst == TX2_4 and Ether(out)[UDP].dport == 6000
+    assert harness.run(from_tx2, "int")[0] == XDP_REDIRECT
+    assert harness.run(from_tx1, "int")[0] == XDP_DROP
