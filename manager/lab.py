@@ -1,0 +1,639 @@
+"""Network-namespace lab: client, relay and transceivers wired by veth pairs.
+
+Shared by `make demo`, `relayctl lab up/down` and the test suite.
+
+    client ns            relay ns                         transceiver ns (k = 1..N)
+    eth0 10.10.1.2 ─veth─ pub0 10.10.1.1 (VIP :3478)
+                          lo   10.10.0.1 (relay-internal)
+                          txk  10.10.(1+k).1 ─veth─────── eth0 10.10.(1+k).2
+
+(and the same in IPv6: fd00:10:1::/64, fd00:10::1/128, fd00:10:(1+k)::/64).
+The kernel never routes between the relay's sides: only the XDP fast path and
+the userspace slow path move packets across. Forwarding itself is on, because
+bpf_fib_lookup refuses interfaces without it; policy rules prohibit routing
+anything whose source is not a relay address (the fast path's lookups use the
+relay-internal address or the VIP as source, so they are unaffected).
+
+Links, addresses and routes go through pyroute2, sysctls through /proc/sys on
+a thread inside the namespace; only offloads use a subprocess (`ethtool -K`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from pyroute2 import IPRoute, netns
+
+T = TypeVar("T")
+
+STATE_DIR = Path("/run/splitrelay")
+NETNS_DIR = Path("/run/netns")
+MAX_PREFIX_LEN = 10
+MAX_TRANSCEIVERS = 253  # 10.10.(1+k).0/24 must stay below 10.10.255.0
+RELAY_PORT = 3478
+SIGNALING_PORT = 8080
+READY_TIMEOUT = 5.0
+
+_PREFIX_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_CLONE_NEWNET = 0x40000000
+_IFA_F_NODAD = 0x02
+_IFA_F_TENTATIVE = 0x40
+_IFA_F_DADFAILED = 0x08
+
+
+class LabError(Exception):
+    """A lab operation failed; str() is one line meant for the user."""
+
+
+@dataclass
+class Endpoint:
+    """One side of the lab outside the relay: a namespace whose `eth0` is
+    veth-paired with `relay_ifname` in the relay namespace."""
+
+    name: str  # "client", "tx1", ...
+    ns: str  # network namespace name
+    ifname: str  # interface in `ns`
+    addr4: str
+    addr6: str
+    relay_ifname: str  # peer interface in the relay ns ("pub0", "tx1", ...)
+    relay_addr4: str  # peer addresses; also this endpoint's default gateways
+    relay_addr6: str
+    prefixlen4: int = 24
+    prefixlen6: int = 64
+
+
+@dataclass
+class Lab:
+    """A running (or planned) lab topology; everything the demo and tests need."""
+
+    prefix: str
+    relay_ns: str
+    client: Endpoint
+    transceivers: list[Endpoint]
+    vip4: str = "10.10.1.1"
+    vip6: str = "fd00:10:1::1"
+    port: int = RELAY_PORT
+    internal4: str = "10.10.0.1"  # on the relay's lo: source of flow ports
+    internal6: str = "fd00:10::1"
+    public_ifname: str = "pub0"
+    signaling_url: str = f"http://10.10.1.1:{SIGNALING_PORT}"
+    created_at: float = field(default_factory=time.time)
+
+    # --- construction -----------------------------------------------------
+
+    @classmethod
+    def plan(cls, prefix: str, transceivers: int = 2) -> "Lab":
+        """The topology for `prefix` with `transceivers` transceivers (no side effects)."""
+        _check_prefix(prefix)
+        _check_count(transceivers)
+        client = Endpoint(
+            name="client", ns=f"{prefix}-client", ifname="eth0",
+            addr4="10.10.1.2", addr6="fd00:10:1::2",
+            relay_ifname="pub0", relay_addr4="10.10.1.1", relay_addr6="fd00:10:1::1",
+        )
+        txs = []
+        for k in range(1, transceivers + 1):
+            # The third IPv6 group reuses the decimal digits of the IPv4 octet
+            # so that 10.10.12.2 pairs with fd00:10:12::2 (readable, still unique).
+            net = 1 + k
+            txs.append(Endpoint(
+                name=f"tx{k}", ns=f"{prefix}-tx{k}", ifname="eth0",
+                addr4=f"10.10.{net}.2", addr6=f"fd00:10:{net}::2",
+                relay_ifname=f"tx{k}", relay_addr4=f"10.10.{net}.1",
+                relay_addr6=f"fd00:10:{net}::1",
+            ))
+        return cls(prefix=prefix, relay_ns=f"{prefix}-relay", client=client, transceivers=txs)
+
+    # --- names ------------------------------------------------------------
+
+    @property
+    def client_ns(self) -> str:
+        return self.client.ns
+
+    @property
+    def transceiver_ns(self) -> list[str]:
+        return [t.ns for t in self.transceivers]
+
+    @property
+    def internal_ifnames(self) -> list[str]:
+        """Relay-side interfaces towards the transceivers (tx1, tx2, ...)."""
+        return [t.relay_ifname for t in self.transceivers]
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.client.ns, self.relay_ns, *self.transceiver_ns]
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [self.client, *self.transceivers]
+
+    @property
+    def state_file(self) -> Path:
+        return state_file(self.prefix)
+
+    def vip(self, family: int = socket.AF_INET) -> tuple[str, int]:
+        """The relay's public address as a socket address for `family`."""
+        return (self.vip6 if family == socket.AF_INET6 else self.vip4, self.port)
+
+    def transceiver(self, k: int) -> Endpoint:
+        """Transceiver k (1-based)."""
+        if not 1 <= k <= len(self.transceivers):
+            raise LabError(f"lab {self.prefix} has no transceiver {k} (1..{len(self.transceivers)})")
+        return self.transceivers[k - 1]
+
+    def ns(self, name: str) -> str:
+        """Namespace name for a role ("client", "relay", "tx1") or a full name."""
+        if name in self.namespaces:
+            return name
+        full = f"{self.prefix}-{name}"
+        if full in self.namespaces:
+            return full
+        raise LabError(f"lab {self.prefix} has no namespace {name!r} "
+                       f"(roles: client, relay, tx1..tx{len(self.transceivers)})")
+
+    def exists(self) -> bool:
+        """True if all of the lab's namespaces are present."""
+        present = set(netns.listnetns())
+        return all(n in present for n in self.namespaces)
+
+    # --- helpers running things inside the lab -----------------------------
+
+    def popen(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+        return ns_popen(self.ns(ns), argv, **kw)
+
+    def run(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
+        return ns_run(self.ns(ns), argv, **kw)
+
+    def executor(self, ns: str) -> "NetnsExecutor":
+        return NetnsExecutor(self.ns(ns))
+
+    def socket(self, ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM,
+               proto: int = 0, bind: tuple[str, int] | None = None) -> socket.socket:
+        return ns_socket(self.ns(ns), family, type, proto, bind)
+
+    def ifindex(self, ns: str, ifname: str) -> int:
+        return ifindex(self.ns(ns), ifname)
+
+    def mac(self, ns: str, ifname: str) -> str:
+        return mac(self.ns(ns), ifname)
+
+    # --- persistence ------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Lab":
+        try:
+            d = json.loads(text)
+            d["client"] = Endpoint(**d["client"])
+            d["transceivers"] = [Endpoint(**t) for t in d["transceivers"]]
+            return cls(**d)
+        except (ValueError, KeyError, TypeError) as e:
+            raise LabError(f"malformed lab description: {e}") from None
+
+
+# --- running things in a namespace --------------------------------------------
+
+def _ns_path(ns: str) -> str:
+    return ns if "/" in ns else str(NETNS_DIR / ns)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _enter_netns(ns: str) -> None:
+    """Move the *calling thread* (only) into network namespace `ns`."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fd = os.open(_ns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+class NetnsExecutor(concurrent.futures.Executor):
+    """Runs callables on one dedicated thread that lives in network namespace `ns`.
+
+    Only that thread switches namespace (setns is per thread), so the process
+    and its other threads stay where they are. Sockets (and netlink or BPF
+    calls that resolve ifindexes) made on it belong to `ns`; sockets stay
+    there and may be used from any thread afterwards.
+
+        with NetnsExecutor("sr1234-client") as ex:
+            sock = ex.submit(socket.socket, socket.AF_INET, socket.SOCK_DGRAM).result()
+    """
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+        # One worker, never shared: every task runs on the thread that did setns.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"netns-{os.path.basename(ns)}")
+        try:
+            self._pool.submit(_enter_netns, ns).result()
+        except OSError as e:
+            self._pool.shutdown(wait=True)
+            raise LabError(f"cannot enter network namespace {ns!r}: {e.strerror}") from None
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run `fn` in the namespace and return its result (or raise its exception)."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def in_netns(ns: str) -> NetnsExecutor:
+    """`with in_netns(ns) as ex: ex.call(fn, ...)`: see NetnsExecutor."""
+    return NetnsExecutor(ns)
+
+
+def run_in_netns(ns: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """One-shot: run `fn(*args, **kwargs)` inside `ns` and return its result."""
+    with NetnsExecutor(ns) as ex:
+        return ex.call(fn, *args, **kwargs)
+
+
+def ns_socket(ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM,
+              proto: int = 0, bind: tuple[str, int] | None = None) -> socket.socket:
+    """A socket living in `ns` (optionally bound there), usable from any thread."""
+    def make() -> socket.socket:
+        s = socket.socket(family, type, proto)
+        try:
+            if bind is not None:
+                s.bind(bind)
+        except OSError:
+            s.close()
+            raise
+        return s
+    return run_in_netns(ns, make)
+
+
+def ns_popen(ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+    """subprocess.Popen of `argv` inside namespace `ns` (via `ip netns exec`)."""
+    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)
+
+
+def ns_run(ns: str, argv: Sequence[str], *, check: bool = True, capture_output: bool = True,
+           text: bool = True, timeout: float | None = 30.0, **kw: Any) -> subprocess.CompletedProcess:
+    """subprocess.run of `argv` inside `ns`; checks and captures by default."""
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], check=check,
+                          capture_output=capture_output, text=text, timeout=timeout, **kw)
+
+
+@contextlib.contextmanager
+def _ipr(ns: str) -> Iterator[IPRoute]:
+    # flags=0: never create a namespace as a side effect of a lookup.
+    if not (NETNS_DIR / ns).exists():
+        raise LabError(f"network namespace {ns!r} does not exist")
+    with IPRoute(netns=ns, flags=0) as ipr:
+        yield ipr
+
+
+def _link(ipr: IPRoute, ns: str, ifname: str) -> Any:
+    idx = ipr.link_lookup(ifname=ifname)
+    if not idx:
+        raise LabError(f"no interface {ifname!r} in namespace {ns!r}")
+    return ipr.link("get", index=idx[0])[0]
+
+
+def ifindex(ns: str, ifname: str) -> int:
+    """ifindex of `ifname` inside namespace `ns`."""
+    with _ipr(ns) as ipr:
+        return int(_link(ipr, ns, ifname)["index"])
+
+
+def mac(ns: str, ifname: str) -> str:
+    """MAC address (aa:bb:..) of `ifname` inside namespace `ns`."""
+    with _ipr(ns) as ipr:
+        return str(_link(ipr, ns, ifname).get("IFLA_ADDRESS"))
+
+
+# --- validation ---------------------------------------------------------------
+
+def _check_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or len(prefix) > MAX_PREFIX_LEN or not _PREFIX_RE.match(prefix):
+        raise LabError(f"invalid lab prefix {prefix!r}: use 1-{MAX_PREFIX_LEN} characters "
+                       "of a-z, 0-9 and '-', starting with a letter or digit")
+    return prefix
+
+
+def _check_count(transceivers: int) -> None:
+    if isinstance(transceivers, bool) or not isinstance(transceivers, int) \
+            or not 1 <= transceivers <= MAX_TRANSCEIVERS:
+        raise LabError(f"invalid number of transceivers {transceivers!r}: use 1-{MAX_TRANSCEIVERS}")
+
+
+def _check_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, veth, sysctls): run as root")
+
+
+def _check_environment() -> None:
+    _check_root()
+    for tool in ("ip", "ethtool"):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool!r} not found: install iproute2 and ethtool (make setup)")
+
+
+def random_prefix() -> str:
+    return "sr" + secrets.token_hex(3)
+
+
+def _lab_namespaces(prefix: str) -> list[str]:
+    """Existing namespaces that belong to `prefix` (exact role names only, so
+    prefix "sr" never matches another lab "sr-a")."""
+    pat = re.compile(rf"^{re.escape(prefix)}-(client|relay|tx[0-9]+)$")
+    return sorted(n for n in netns.listnetns() if pat.match(n))
+
+
+# --- persistence ---------------------------------------------------------------
+
+def state_file(prefix: str) -> Path:
+    return STATE_DIR / f"lab-{prefix}.json"
+
+
+def _save_state(lab: Lab) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    path = lab.state_file
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(lab.to_json())
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+
+
+def load_lab(prefix: str) -> Lab:
+    """The lab recorded by `lab_up(prefix)` (possibly from another process)."""
+    _check_prefix(prefix)
+    try:
+        return Lab.from_json(state_file(prefix).read_text())
+    except FileNotFoundError:
+        raise LabError(f"no lab with prefix {prefix!r} (no {state_file(prefix)})") from None
+
+
+def list_labs() -> list[Lab]:
+    """Labs recorded in STATE_DIR, oldest first (malformed files are skipped)."""
+    labs = []
+    for path in STATE_DIR.glob("lab-*.json"):
+        try:
+            labs.append(Lab.from_json(path.read_text()))
+        except (OSError, LabError):
+            continue
+    return sorted(labs, key=lambda lab: (lab.created_at, lab.prefix))
+
+
+# --- bring-up -------------------------------------------------------------------
+
+def _write_sysctls(values: dict[str, str]) -> None:
+    # Runs on a NetnsExecutor thread: /proc/sys/net resolves to the calling
+    # thread's namespace.
+    for key, value in values.items():
+        Path("/proc/sys", *key.split(".")).write_text(value)
+
+
+def _set_sysctls(lab: Lab) -> None:
+    # Before any interface exists, so new interfaces inherit conf.default.
+    common = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+              "net.ipv6.conf.default.disable_ipv6": "0"}
+    # Forwarding on: bpf_fib_lookup returns FWD_DISABLED without it. The
+    # kernel's own routing between the sides is stopped by _isolate_relay.
+    relay = {**common, "net.ipv4.ip_forward": "1",
+             "net.ipv6.conf.all.forwarding": "1", "net.ipv6.conf.default.forwarding": "1"}
+    for ns in lab.namespaces:
+        run_in_netns(ns, _write_sysctls, relay if ns == lab.relay_ns else common)
+
+
+def _add_addrs(ipr: IPRoute, index: int, addrs: Sequence[tuple[str, int]]) -> None:
+    for addr, plen in addrs:
+        flags = _IFA_F_NODAD if ":" in addr else 0  # usable at once, no DAD wait
+        ipr.addr("add", index=index, address=addr, prefixlen=plen, flags=flags)
+
+
+def _configure_links(lab: Lab) -> None:
+    with _ipr(lab.relay_ns) as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        _add_addrs(ipr, lo, [(lab.internal4, 32), (lab.internal6, 128)])
+        for ep in lab.endpoints:
+            # Create the pair in the relay ns with the peer born in its own ns:
+            # nothing ever appears in the root namespace, so no name clashes.
+            ipr.link("add", ifname=ep.relay_ifname, kind="veth",
+                     peer={"ifname": ep.ifname, "net_ns_fd": ep.ns})
+            idx = ipr.link_lookup(ifname=ep.relay_ifname)[0]
+            ipr.link("set", index=idx, state="up")
+            _add_addrs(ipr, idx, [(ep.relay_addr4, ep.prefixlen4), (ep.relay_addr6, ep.prefixlen6)])
+    for ep in lab.endpoints:
+        with _ipr(ep.ns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            idx = ipr.link_lookup(ifname=ep.ifname)[0]
+            ipr.link("set", index=idx, state="up")
+            _add_addrs(ipr, idx, [(ep.addr4, ep.prefixlen4), (ep.addr6, ep.prefixlen6)])
+            ipr.route("add", dst="0.0.0.0/0", gateway=ep.relay_addr4, oif=idx)
+            ipr.route("add", dst="::/0", gateway=ep.relay_addr6, oif=idx, family=socket.AF_INET6)
+
+
+RULE_PREF_RELAY_SOURCE = 90
+RULE_PREF_PROHIBIT = 100
+
+
+def _isolate_relay(lab: Lab) -> None:
+    """Policy rules in the relay: lookups sourced from a relay address (the
+    fast path's fib lookups, the slow path's own sends) use the main table;
+    anything else arriving on a relay interface may not be routed. Local
+    delivery is decided earlier, by the local table (pref 0)."""
+    with _ipr(lab.relay_ns) as ipr:
+        for fam, addrs, plen in ((socket.AF_INET, (lab.internal4, lab.vip4), 32),
+                                 (socket.AF_INET6, (lab.internal6, lab.vip6), 128)):
+            for addr in addrs:
+                ipr.rule("add", family=fam, priority=RULE_PREF_RELAY_SOURCE, table=254, src=addr, src_len=plen)
+            for ifname in [lab.public_ifname, *lab.internal_ifnames]:
+                ipr.rule("add", family=fam, priority=RULE_PREF_PROHIBIT, iifname=ifname, action="FR_ACT_PROHIBIT")
+
+
+def _set_offloads(lab: Lab) -> None:
+    # GRO on both ends: XDP_REDIRECT into a veth is delivered only if the peer
+    # has an XDP program or GRO on (redirects go both ways). TX checksum off:
+    # frames carry full software checksums, which XDP patches incrementally
+    # (a CHECKSUM_PARTIAL pseudo-header sum would be wrong to patch).
+    jobs = []
+    for ep in lab.endpoints:
+        for ns, dev in ((ep.ns, ep.ifname), (lab.relay_ns, ep.relay_ifname)):
+            jobs.append((ns, dev, ns_popen(ns, ["ethtool", "-K", dev, "gro", "on", "tx", "off"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                           text=True)))
+    errors = []
+    for ns, dev, proc in jobs:
+        _, err = proc.communicate(timeout=30)
+        if proc.returncode != 0:
+            errors.append(f"{ns}/{dev}: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    if errors:
+        raise LabError("ethtool -K failed: " + "; ".join(errors))
+
+
+def _not_ready(lab: Lab) -> list[str]:
+    """What is not ready yet: veth links without carrier, tentative IPv6 addresses."""
+    pending = []
+    for ns in lab.namespaces:
+        with _ipr(ns) as ipr:
+            links = ipr.link("dump")
+            names = {link["index"]: link.get("IFLA_IFNAME") for link in links}
+            for link in links:
+                if link.get("IFLA_IFNAME") != "lo" and link.get("IFLA_OPERSTATE") != "UP":
+                    pending.append(f"{ns}/{link.get('IFLA_IFNAME')} {link.get('IFLA_OPERSTATE')}")
+            for a in ipr.addr("dump", family=socket.AF_INET6):
+                flags = a.get("IFA_FLAGS") or a["flags"]
+                if flags & _IFA_F_DADFAILED:
+                    raise LabError(f"{ns}/{names.get(a['index'])}: DAD failed for {a.get('IFA_ADDRESS')}")
+                if flags & _IFA_F_TENTATIVE:
+                    pending.append(f"{ns}/{names.get(a['index'])} {a.get('IFA_ADDRESS')} tentative")
+    return pending
+
+
+def _wait_ready(lab: Lab, timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while pending := _not_ready(lab):
+        if time.monotonic() > deadline:
+            raise LabError(f"not ready after {timeout:.0f}s: {', '.join(pending[:4])}")
+        time.sleep(0.02)
+
+
+def lab_up(prefix: str | None = None, transceivers: int = 2) -> Lab:
+    """Create the lab's namespaces and links, record it in STATE_DIR, return it.
+
+    On any failure, whatever was created is removed and LabError is raised.
+    """
+    _check_environment()
+    prefix = random_prefix() if prefix is None else _check_prefix(prefix)
+    lab = Lab.plan(prefix, transceivers)
+    taken = _lab_namespaces(prefix)
+    if taken or lab.state_file.exists():
+        raise LabError(f"lab prefix {prefix!r} is already in use "
+                       f"({', '.join(taken) or lab.state_file}); run `relayctl lab down {prefix}` first")
+    created: list[str] = []
+    step = "creating namespaces"
+    try:
+        for ns in lab.namespaces:
+            netns.create(ns)
+            created.append(ns)
+        step = "setting sysctls"
+        _set_sysctls(lab)
+        step = "creating links"
+        _configure_links(lab)
+        step = "adding policy rules"
+        _isolate_relay(lab)
+        step = "setting offloads"
+        _set_offloads(lab)
+        step = "waiting for links and addresses"
+        _wait_ready(lab)
+        step = "saving state"
+        _save_state(lab)
+    except BaseException as e:  # KeyboardInterrupt too: never leave half a lab
+        _remove_namespaces(created)
+        with contextlib.suppress(OSError):
+            lab.state_file.unlink()
+        if isinstance(e, Exception):
+            raise LabError(f"lab {prefix}: {step} failed: {_one_line(e)}") from e
+        raise
+    return lab
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# --- tear-down -------------------------------------------------------------------
+
+def _kill_ns_processes(namespaces: Sequence[str], grace: float = 2.0) -> None:
+    """Stop processes still running in the lab's namespaces (e.g. a relayd the
+    demo started): they would keep the namespace, its veths and XDP alive."""
+    pids = [pid for ns, ps in netns.ns_pids().items() if ns in namespaces for pid in ps
+            if pid != os.getpid()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            if pids:
+                time.sleep(0.02)
+        if not pids:
+            return
+
+
+def _alive(pid: int) -> bool:
+    # A zombie counts as gone; reaping it is its parent's business (a Popen
+    # of the caller must still see the real exit status).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _remove_namespaces(names: Sequence[str]) -> list[str]:
+    removed = []
+    for ns in names:
+        try:
+            netns.remove(ns)
+            removed.append(ns)
+        except FileNotFoundError:
+            pass  # already gone
+    return removed
+
+
+def lab_down(lab_or_prefix: Lab | str, kill: bool = True) -> list[str]:
+    """Remove a lab's namespaces (and processes in them if `kill`) and its state
+    file. Tolerates missing pieces; touches only that prefix's namespaces.
+    Returns the namespaces removed (empty if nothing was left)."""
+    _check_root()
+    if isinstance(lab_or_prefix, Lab):
+        prefix, known = lab_or_prefix.prefix, lab_or_prefix.namespaces
+    else:
+        prefix, known = _check_prefix(lab_or_prefix), []
+    present = set(netns.listnetns())
+    names = sorted({*(n for n in known if n in present), *_lab_namespaces(prefix)})
+    if kill and names:
+        _kill_ns_processes(names)
+    removed = _remove_namespaces(names)
+    with contextlib.suppress(FileNotFoundError):
+        state_file(prefix).unlink()
+    return removed
+
+
+@contextlib.contextmanager
+def lab(prefix: str | None = None, transceivers: int = 2) -> Iterator[Lab]:
+    """`with lab() as l:` a lab that is removed on exit, whatever happens."""
+    lb = lab_up(prefix, transceivers)
+    try:
+        yield lb
+    finally:
+        lab_down(lb)
+
+
+__all__ = [
+    "Endpoint", "Lab", "LabError", "NetnsExecutor", "STATE_DIR", "ifindex", "in_netns",
+    "lab", "lab_down", "lab_up", "list_labs", "load_lab", "mac", "ns_popen", "ns_run",
+    "ns_socket", "random_prefix", "run_in_netns", "state_file",
+]

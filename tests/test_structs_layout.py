@@ -1,0 +1,74 @@
+"""Holds manager/structs.py against the C structs, as bcc sees them in the
+compiled program: for every map, key and value must agree in size and in
+every field's name, offset and size (recursively)."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from manager.config import DatapathConfig
+from manager.datapath import PROG_SOURCE, Datapath, ensure_kernel_headers
+from manager.structs import BPF_DIR, MAP_TYPES, STAT_NAMES
+
+
+def layout(t) -> list:
+    """(name, offset, size, sub-layout) for a ctypes type; scalars and arrays by size."""
+    if isinstance(t, type) and issubclass(t, ctypes.Structure):
+        return [(name, getattr(t, name).offset, getattr(t, name).size, layout(ft)) for name, ft, *_ in t._fields_]
+    if isinstance(t, type) and issubclass(t, ctypes.Array):
+        return [("[]", t._length_, ctypes.sizeof(t), layout(t._type_))]
+    return [("scalar", 0, ctypes.sizeof(t), [])]
+
+
+@pytest.fixture(scope="module")
+def bcc_tables():
+    ensure_kernel_headers()
+    from bcc import BPF
+
+    pin = Path(f"/sys/fs/bpf/srlayout-{uuid.uuid4().hex[:8]}")
+    dp = Datapath(DatapathConfig(pin_dir=pin, max_flows=64, max_reverse=64, max_owners=64))
+    pin.mkdir(parents=True)
+    bpf = BPF(src_file=str(PROG_SOURCE).encode(), cflags=dp.cflags())
+    try:
+        yield bpf
+    finally:
+        bpf.cleanup()
+        for p in pin.iterdir():
+            p.unlink()
+        pin.rmdir()
+
+
+@pytest.mark.parametrize("name", list(MAP_TYPES))
+def test_map_layout_matches_bcc(bcc_tables, name):
+    table = bcc_tables[name.encode()]
+    key_t, value_t = MAP_TYPES[name]
+    bcc_leaf = table.Leaf
+    if name == "stats":
+        # bcc types a per-CPU value as an array over CPUs of the C struct.
+        assert issubclass(bcc_leaf, ctypes.Array)
+        bcc_leaf = bcc_leaf._type_
+    assert ctypes.sizeof(table.Key) == ctypes.sizeof(key_t)
+    assert ctypes.sizeof(bcc_leaf) == ctypes.sizeof(value_t)
+    assert layout(table.Key) == layout(key_t)
+    assert layout(bcc_leaf) == layout(value_t)
+
+
+def test_stat_names_cover_the_stats_map(bcc_tables):
+    """STAT_NAMES is read from enum stat_id; the map is sized by STAT_MAX."""
+    assert bcc_tables[b"stats"].max_entries == len(STAT_NAMES)
+    assert len(set(STAT_NAMES)) == len(STAT_NAMES)
+
+
+def test_every_struct_is_padded_explicitly():
+    """No implicit holes: the sum of field sizes equals the struct size."""
+    text = (BPF_DIR / "structs.h").read_text()
+    for name in re.findall(r"^struct (\w+) \{", text, re.M):
+        for _, (k, v) in MAP_TYPES.items():
+            for t in (k, v):
+                if isinstance(t, type) and issubclass(t, ctypes.Structure):
+                    assert sum(getattr(t, f).size for f, *_ in t._fields_) == ctypes.sizeof(t), t.__name__
