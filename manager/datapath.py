@@ -31,7 +31,9 @@ PROG_PIN = "prog"
 
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_ATTACHED_MODES = {1: "native", 2: "generic", 3: "offload"}
+# IFLA_XDP_ATTACHED, as a number or as pyroute2's decoded name.
+XDP_ATTACHED_MODES = {1: "native", 2: "generic", 3: "offload", 4: "multi",
+                      "xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload", "xdpmulti": "multi"}
 
 DEFAULT_HEADERS_ROOT = "/var/lib/splitrelay/kernel-headers"
 
@@ -378,10 +380,13 @@ class Datapath:
         return True
 
     def get_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> Flow | None:
-        info = self._m().flows.lookup(flow_key(client, vip))
+        """One flow; its return-direction counters are those of the reverse
+        entries still installed (a retired owner's entry takes its own along)."""
+        key = flow_key(client, vip)
+        info = self._m().flows.lookup(key)
         if info is None:
             return None
-        return self._flow(flow_key(client, vip), info, {})
+        return self._flow(key, info, self._reverse_by_client())
 
     def _flow(self, key: FlowKey, info: FlowInfo, out: dict) -> Flow:
         client, vip = flow_key_tuple(key)
