@@ -1,0 +1,372 @@
+"""Transceivers, calls and call ownership (embedded, in-memory).
+
+The registry is the manager's view of who owns what. It is plain data plus
+rules, with no kernel access and no I/O: signaling places calls through it,
+the slow path reads owners from it and listens for ended calls to remove
+kernel entries, migration moves ownership with `set_owner`.
+
+Everything runs on one asyncio loop and no method awaits, so each method is
+atomic with respect to the others.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+CallState = Literal["placing", "active", "ended"]
+CallEndedCallback = Callable[["Call", str], None]
+
+MAX_TRANSCEIVER_ID = 0xFFFF  # the ufrag carries it as u16
+MAX_CONN_ID = 0xFFFFFFFF  # u32, 0 is reserved for "none"
+
+
+class RegistryError(Exception):
+    """Base class of registry errors."""
+
+
+class PlacementError(RegistryError):
+    """No transceiver can take a new call."""
+
+
+class UnknownTransceiverError(RegistryError, LookupError):
+    """A transceiver id that is not registered."""
+
+
+class UnknownCallError(RegistryError, LookupError):
+    """A connection id that is not a live call."""
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}")
+    return value
+
+
+@dataclass(frozen=True)
+class OwnerAddr:
+    """The transceiver's ICE socket address for one call (one or both families)."""
+
+    addr4: str | None = None
+    port4: int = 0
+    addr6: str | None = None
+    port6: int = 0
+
+    def __post_init__(self) -> None:
+        if self.addr4 is None and self.addr6 is None:
+            raise ValueError("owner needs an IPv4 or an IPv6 address")
+        for family, addr, port in ((4, self.addr4, self.port4), (6, self.addr6, self.port6)):
+            if addr is None:
+                if port != 0:
+                    raise ValueError(f"owner port{family} is set without addr{family}")
+                continue
+            try:
+                ip = ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(f"owner addr{family} {addr!r} is not an IP address") from None
+            if ip.version != family:
+                raise ValueError(f"owner addr{family} {addr!r} is not an IPv{family} address")
+            if ip.is_unspecified or ip.is_multicast:
+                # The relay forwards to this exact address: it must be one host.
+                raise ValueError(f"owner addr{family} {addr!r} is not a unicast address")
+            _check_int(f"owner port{family}", port, 1, 0xFFFF)
+
+    def to_dict(self) -> dict[str, str | int | None]:
+        return asdict(self)
+
+
+@dataclass
+class Transceiver:
+    id: int
+    control_url: str
+    capacity: int
+    calls: int = 0  # live calls (placing or active) owned by it
+    healthy: bool = True  # effective health, refreshed by the registry on every read
+    reported_healthy: bool = True  # what its last heartbeat said
+    last_heartbeat: float = 0.0  # monotonic
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "control_url": self.control_url,
+            "capacity": self.capacity,
+            "calls": self.calls,
+            "healthy": self.healthy,
+        }
+
+
+@dataclass
+class Call:
+    call_id: str  # opaque, for URLs: not guessable from the connection id
+    conn_id: int
+    transceiver_id: int
+    client_ufrag: str
+    server_ufrag: str
+    owner: OwnerAddr | None = None  # None until the transceiver has answered
+    state: CallState = "placing"
+    created: float = field(default_factory=time.time)  # wall clock, for humans
+    ended_reason: str | None = None
+    # monotonic time the current owner took the call: heartbeats are only
+    # trusted about it once they can have been composed after that moment.
+    owned_since: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "call_id": self.call_id,
+            "conn_id": self.conn_id,
+            "transceiver_id": self.transceiver_id,
+            "owner": self.owner.to_dict() if self.owner else None,
+            "client_ufrag": self.client_ufrag,
+            "server_ufrag": self.server_ufrag,
+            "state": self.state,
+            "created": self.created,
+            "ended_reason": self.ended_reason,
+        }
+
+
+class Registry:
+    def __init__(
+        self,
+        *,
+        heartbeat_timeout: float = 3.0,
+        report_grace: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """
+        heartbeat_timeout: silence after which a transceiver is unhealthy.
+        report_grace: a heartbeat that omits a call owned for less than this
+            may have been composed before the transceiver took the call, so it
+            does not end that call.
+        """
+        if heartbeat_timeout <= 0:
+            raise ValueError("heartbeat_timeout must be positive")
+        if report_grace < 0:
+            raise ValueError("report_grace must not be negative")
+        self.heartbeat_timeout = heartbeat_timeout
+        self.report_grace = report_grace
+        self._clock = clock
+        self._transceivers: dict[int, Transceiver] = {}
+        self._calls: dict[int, Call] = {}  # conn_id -> live call
+        self._by_call_id: dict[str, int] = {}
+        self._reserved: set[int] = set()  # allocated conn ids not yet added
+        self._listeners: list[CallEndedCallback] = []
+
+    # -- transceivers -------------------------------------------------------
+
+    def register_transceiver(self, id: int, control_url: str, capacity: int) -> Transceiver:
+        """Add a transceiver, or update one that registers again (e.g. restarted)."""
+        _check_int("transceiver id", id, 1, MAX_TRANSCEIVER_ID)
+        _check_int("capacity", capacity, 0, 1_000_000)
+        url = urlsplit(control_url) if isinstance(control_url, str) else None
+        if url is None or url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"control_url {control_url!r} is not an http(s) URL")
+        now = self._clock()
+        t = self._transceivers.get(id)
+        if t is None:
+            t = Transceiver(id=id, control_url=control_url.rstrip("/"), capacity=capacity)
+            self._transceivers[id] = t
+        else:
+            t.control_url = control_url.rstrip("/")
+            t.capacity = capacity
+        t.reported_healthy = True
+        t.last_heartbeat = now
+        self._refresh(t, now)
+        return t
+
+    def heartbeat(
+        self, id: int, calls: Iterable[int] | None = None, healthy: bool = True
+    ) -> list[int]:
+        """Record a heartbeat; reconcile the calls it reports.
+
+        `calls` is the full list of connection ids the transceiver holds (None:
+        not reported). Active calls it owns but no longer lists end with reason
+        "transceiver-closed". Returns the ids it reported that the registry
+        does not know as its calls (orphans the caller may want closed).
+        """
+        t = self.get_transceiver(id)
+        now = self._clock()
+        t.reported_healthy = bool(healthy)
+        t.last_heartbeat = now
+        self._refresh(t, now)
+        if calls is None:
+            return []
+        reported = set(calls)
+        for call in list(self._calls.values()):
+            if (
+                call.transceiver_id == id
+                and call.state == "active"
+                and call.conn_id not in reported
+                and now - call.owned_since >= self.report_grace
+            ):
+                self.end_call(call.conn_id, "transceiver-closed")
+        return sorted(
+            c for c in reported if c not in self._calls or self._calls[c].transceiver_id != id
+        )
+
+    def get_transceiver(self, id: int) -> Transceiver:
+        t = self._transceivers.get(id)
+        if t is None:
+            raise UnknownTransceiverError(f"unknown transceiver {id}")
+        self._refresh(t, self._clock())
+        return t
+
+    def transceivers(self) -> list[Transceiver]:
+        now = self._clock()
+        for t in self._transceivers.values():
+            self._refresh(t, now)
+        return sorted(self._transceivers.values(), key=lambda t: t.id)
+
+    def _refresh(self, t: Transceiver, now: float) -> None:
+        t.healthy = t.reported_healthy and now - t.last_heartbeat <= self.heartbeat_timeout
+
+    def place(self, *, exclude: Iterable[int] = ()) -> Transceiver:
+        """Pick the least loaded healthy transceiver with free capacity.
+
+        Load is calls / capacity, so transceivers of different sizes fill
+        evenly; ties go to the lower id (deterministic).
+        """
+        excluded = set(exclude)
+        candidates = [t for t in self.transceivers() if t.id not in excluded]
+        if not candidates:
+            raise PlacementError("no transceiver is registered")
+        healthy = [t for t in candidates if t.healthy]
+        if not healthy:
+            raise PlacementError(f"no healthy transceiver ({len(candidates)} registered)")
+        free = [t for t in healthy if t.calls < t.capacity]
+        if not free:
+            raise PlacementError(f"all {len(healthy)} healthy transceivers are at capacity")
+        return min(free, key=lambda t: (t.calls / t.capacity, t.id))
+
+    # -- calls --------------------------------------------------------------
+
+    def allocate_conn_id(self) -> int:
+        """A fresh nonzero u32, unique among live and reserved connection ids.
+
+        Random rather than sequential so that an id is not reused soon after
+        its call ended (stale kernel entries or late packets cannot alias a
+        new call). Reserved until `add_call` or `release_conn_id`.
+        """
+        while True:
+            conn_id = secrets.randbelow(MAX_CONN_ID) + 1
+            if conn_id not in self._calls and conn_id not in self._reserved:
+                self._reserved.add(conn_id)
+                return conn_id
+
+    def release_conn_id(self, conn_id: int) -> None:
+        self._reserved.discard(conn_id)
+
+    def add_call(
+        self,
+        *,
+        conn_id: int,
+        transceiver_id: int,
+        client_ufrag: str,
+        server_ufrag: str,
+        owner: OwnerAddr | None = None,
+    ) -> Call:
+        """Record a call on a transceiver; it counts towards its load at once.
+
+        Without an owner the call is "placing" (the transceiver has not
+        answered yet); with one it is "active".
+        """
+        _check_int("connection id", conn_id, 1, MAX_CONN_ID)
+        if conn_id in self._calls:
+            raise ValueError(f"connection id {conn_id} is already in use")
+        t = self.get_transceiver(transceiver_id)
+        call_id = secrets.token_hex(8)
+        while call_id in self._by_call_id:
+            call_id = secrets.token_hex(8)
+        call = Call(
+            call_id=call_id,
+            conn_id=conn_id,
+            transceiver_id=transceiver_id,
+            client_ufrag=client_ufrag,
+            server_ufrag=server_ufrag,
+            owner=owner,
+            state="active" if owner else "placing",
+            owned_since=self._clock(),
+        )
+        self._reserved.discard(conn_id)
+        self._calls[conn_id] = call
+        self._by_call_id[call_id] = conn_id
+        t.calls += 1
+        return call
+
+    def activate(self, conn_id: int, owner: OwnerAddr) -> Call:
+        """The owner answered: the call becomes routable at `owner`."""
+        call = self._live(conn_id)
+        call.owner = owner
+        call.state = "active"
+        call.owned_since = self._clock()
+        return call
+
+    def set_owner(self, conn_id: int, transceiver_id: int, owner: OwnerAddr) -> Call:
+        """Move a call to another transceiver/address (migration)."""
+        call = self._live(conn_id)
+        new = self.get_transceiver(transceiver_id)
+        if transceiver_id != call.transceiver_id:
+            self._transceivers[call.transceiver_id].calls -= 1
+            new.calls += 1
+            call.transceiver_id = transceiver_id
+        call.owner = owner
+        call.state = "active"
+        call.owned_since = self._clock()
+        return call
+
+    def _live(self, conn_id: int) -> Call:
+        call = self._calls.get(conn_id)
+        if call is None:
+            raise UnknownCallError(f"no live call with connection id {conn_id}")
+        return call
+
+    def get_call(self, conn_id: int) -> Call | None:
+        return self._calls.get(conn_id)
+
+    def get_call_by_id(self, call_id: str) -> Call | None:
+        conn_id = self._by_call_id.get(call_id)
+        return None if conn_id is None else self._calls.get(conn_id)
+
+    def calls(self) -> list[Call]:
+        return sorted(self._calls.values(), key=lambda c: (c.created, c.conn_id))
+
+    def end_call(self, conn_id: int, reason: str) -> Call | None:
+        """End a live call and tell the listeners; None if it is not live.
+
+        Idempotent, so the several paths that can end a call (client hang-up,
+        transceiver report, failed placement) need not coordinate.
+        """
+        call = self._calls.pop(conn_id, None)
+        if call is None:
+            return None
+        del self._by_call_id[call.call_id]
+        t = self._transceivers.get(call.transceiver_id)
+        if t is not None:
+            t.calls -= 1
+        call.state = "ended"
+        call.ended_reason = reason
+        for callback in list(self._listeners):
+            try:
+                callback(call, reason)
+            except Exception:
+                # One broken listener must not keep the others (e.g. kernel
+                # entry removal) from running.
+                log.exception("call-ended listener failed for conn_id %d", conn_id)
+        return call
+
+    def on_call_ended(self, callback: CallEndedCallback) -> Callable[[], None]:
+        """Call `callback(call, reason)` whenever a call ends; returns an unsubscribe."""
+        self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+        return unsubscribe
