@@ -377,7 +377,7 @@ def test_reported_unhealthy_503() -> None:
 )
 def test_transceiver_failure_502(mode: str, message: str, cleaned_up: bool) -> None:
     async def scenario() -> None:
-        async with relay(transceivers=1, timeout=0.5) as env:
+        async with relay(transceivers=1, timeout=2.0) as env:
             fake = env.fakes[0]
             fake.mode = mode
             _, resp = await env.place()
