@@ -14,13 +14,14 @@ import glob
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import libbpf
 from .config import DatapathConfig
-from .structs import (AF_INET, AF_INET6, BPF_DIR, MAP_TYPES, STAT_NAMES, FlowInfo, FlowKey, OwnerInfo,
-                      RelayConfig, ReverseInfo, ReverseKey, flow_key, flow_key_tuple, htons, ntohs,
+from .owner import OwnerAddr
+from .structs import (AF_INET6, BPF_DIR, MAP_TYPES, STAT_NAMES, FlowInfo, FlowKey, OwnerInfo,
+                      RelayConfig, ReverseInfo, flow_key, flow_key_tuple, htons, ntohs,
                       pack_addr, pack_addr4, reverse_key, unpack_addr, unpack_addr4, vip_key)
 
 log = logging.getLogger(__name__)
@@ -59,24 +60,6 @@ def ensure_kernel_headers() -> str | None:
         raise DatapathError(f"no kernel headers for {release} and none prepared under {root}: run `make setup`")
     os.environ["BCC_KERNEL_SOURCE"] = merged[-1]
     return merged[-1]
-
-
-@dataclass(frozen=True)
-class OwnerAddr:
-    """Where a call's owner receives: IPv4 and/or IPv6 address:port."""
-
-    addr4: str | None = None
-    port4: int = 0
-    addr6: str | None = None
-    port6: int = 0
-
-    def for_family(self, family: int) -> tuple[str, int] | None:
-        if family == AF_INET:
-            return (self.addr4, self.port4) if self.addr4 and self.port4 else None
-        return (self.addr6, self.port6) if self.addr6 and self.port6 else None
-
-    def endpoints(self) -> list[tuple[str, int]]:
-        return [e for e in (self.for_family(AF_INET), self.for_family(AF_INET6)) if e]
 
 
 @dataclass
@@ -317,10 +300,10 @@ class Datapath:
         cur = m.owners.lookup(ctypes.c_uint32(conn_id))
         gen = (cur.generation + 1) if cur is not None else 1
         info = OwnerInfo(generation=gen)
-        if owner.addr4 and owner.port4:
+        if owner.addr4:
             info.addr4 = pack_addr4(owner.addr4)
             info.port4 = htons(owner.port4)
-        if owner.addr6 and owner.port6:
+        if owner.addr6:
             info.addr6 = pack_addr(owner.addr6)
             info.port6 = htons(owner.port6)
         m.owners.update(ctypes.c_uint32(conn_id), info)

@@ -11,14 +11,17 @@ atomic with respect to the others.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
+
+from .owner import OwnerAddr
+
+__all__ = ["OwnerAddr"]  # re-exported: callers build owners from the registry
 
 log = logging.getLogger(__name__)
 
@@ -49,38 +52,6 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in {low}..{high}")
     return value
-
-
-@dataclass(frozen=True)
-class OwnerAddr:
-    """The transceiver's ICE socket address for one call (one or both families)."""
-
-    addr4: str | None = None
-    port4: int = 0
-    addr6: str | None = None
-    port6: int = 0
-
-    def __post_init__(self) -> None:
-        if self.addr4 is None and self.addr6 is None:
-            raise ValueError("owner needs an IPv4 or an IPv6 address")
-        for family, addr, port in ((4, self.addr4, self.port4), (6, self.addr6, self.port6)):
-            if addr is None:
-                if port != 0:
-                    raise ValueError(f"owner port{family} is set without addr{family}")
-                continue
-            try:
-                ip = ipaddress.ip_address(addr)
-            except ValueError:
-                raise ValueError(f"owner addr{family} {addr!r} is not an IP address") from None
-            if ip.version != family:
-                raise ValueError(f"owner addr{family} {addr!r} is not an IPv{family} address")
-            if ip.is_unspecified or ip.is_multicast:
-                # The relay forwards to this exact address: it must be one host.
-                raise ValueError(f"owner addr{family} {addr!r} is not a unicast address")
-            _check_int(f"owner port{family}", port, 1, 0xFFFF)
-
-    def to_dict(self) -> dict[str, str | int | None]:
-        return asdict(self)
 
 
 @dataclass
