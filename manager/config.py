@@ -77,3 +77,158 @@ class DatapathConfig(BaseModel):
             if self.flow_port_min <= vip.port <= self.flow_port_max:
                 raise ValueError(f"VIP port {vip.port} lies inside the flow-port range")
         return self
+
+
+class SignalingConfig(BaseModel):
+    """The relay's HTTP API (clients' SDP offers, transceiver registration)."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=1, le=65535)
+    transceiver_timeout: float = Field(default=10.0, gt=0, description="seconds to wait for a transceiver's answer")
+    heartbeat_timeout: float = Field(default=3.0, gt=0, description="a silent transceiver is unhealthy after this")
+
+
+class SlowPathConfig(BaseModel):
+    """Userspace handling of call set-up on the public port."""
+
+    model_config = ConfigDict(extra="forbid")
+    idle_timeout: float = Field(default=30.0, gt=0, description="a flow idle both ways this long is removed")
+    pending_timeout: float = Field(default=30.0, gt=0, description="a client tuple never authenticated is dropped")
+
+
+class MetricsConfig(BaseModel):
+    """Prometheus endpoint; port 0 disables it."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "0.0.0.0"
+    port: int = Field(default=9100, ge=0, le=65535)
+
+
+class RelaydConfig(BaseModel):
+    """Everything relayd needs; built from a file, the environment, or code."""
+
+    model_config = ConfigDict(extra="forbid")
+    hint_key: str = Field(description="hex key shared with transceivers for routing hints (>= 16 bytes)")
+    datapath: DatapathConfig
+    signaling: SignalingConfig = Field(default_factory=SignalingConfig)
+    slowpath: SlowPathConfig = Field(default_factory=SlowPathConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    control_socket: Path = Path("/run/splitrelay/relayd.sock")
+    detach_on_exit: bool = Field(default=False, description="remove the fast path on stop (default: leave it running)")
+
+    @field_validator("hint_key")
+    @classmethod
+    def _hex_key(cls, v: str) -> str:
+        try:
+            raw = bytes.fromhex(v)
+        except ValueError:
+            raise ValueError("must be hexadecimal") from None
+        if len(raw) < 16:
+            raise ValueError(f"must be at least 16 bytes (32 hex digits), got {len(raw)} bytes")
+        return v
+
+    @property
+    def hint_key_bytes(self) -> bytes:
+        return bytes.fromhex(self.hint_key)
+
+    @model_validator(mode="after")
+    def _served(self) -> "RelaydConfig":
+        if not self.datapath.vips:
+            raise ValueError("datapath.vips: at least one public address:port is needed")
+        fams = {v.family for v in self.datapath.vips}
+        if 2 in fams and not self.datapath.internal_addr4:
+            raise ValueError("datapath.internal_addr4: needed for the IPv4 VIPs")
+        if 10 in fams and not self.datapath.internal_addr6:
+            raise ValueError("datapath.internal_addr6: needed for the IPv6 VIPs")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the operator (field, value, reason)."""
+
+
+ENV_PREFIX = "SPLITRELAY__"
+
+
+def _env_overrides(environ: dict[str, str]) -> dict:
+    """SPLITRELAY__SECTION__FIELD=value → nested dict; JSON values are decoded
+    (lists, numbers, booleans), anything else is taken as a string."""
+    import json
+
+    out: dict = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: conflicts with another override")
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def format_validation_error(exc) -> str:
+    """One line per problem: `field.path: value: reason`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            lines.append(f"{loc}: required field is missing")
+        else:
+            lines.append(f"{loc}: {err.get('input')!r}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> RelaydConfig:
+    """Read a TOML or YAML file, apply SPLITRELAY__* environment overrides,
+    validate. Raises ConfigError with every problem named."""
+    import os
+
+    from pydantic import ValidationError
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml  # noqa: PLC0415 - only for YAML files
+
+                data = yaml.safe_load(text) or {}
+            else:
+                import tomllib  # noqa: PLC0415
+
+                data = tomllib.loads(text)
+        except ImportError:
+            raise ConfigError(f"{p}: YAML needs PyYAML (python3-yaml); use TOML instead") from None
+        except Exception as exc:  # parser errors carry line numbers
+            raise ConfigError(f"{p}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'TOML'}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a table/mapping")
+    _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    try:
+        return RelaydConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None

@@ -1,0 +1,44 @@
+"""relayd: run the relay manager (click over manager.daemon.run)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import click
+
+from manager.config import ConfigError, load_config
+from manager.datapath import DatapathError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar="SPLITRELAY_CONFIG",
+              help="TOML or YAML config file (SPLITRELAY__SECTION__FIELD variables override it).")
+@click.option("--detach-on-exit/--keep-on-exit", default=None,
+              help="On stop, remove the XDP fast path, or leave it forwarding established calls (default).")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def main(config_path: str | None, detach_on_exit: bool | None, log_level: str) -> None:
+    """Run the splitrelay relay manager until SIGTERM/SIGINT."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s relayd %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        raise click.ClickException("relayd must run as root (it loads XDP programs)")
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(f"invalid configuration:\n{exc}") from None
+    if detach_on_exit is not None:
+        cfg.detach_on_exit = detach_on_exit
+    from manager.daemon import run  # noqa: PLC0415 - after the config is known good
+
+    try:
+        asyncio.run(run(cfg))
+    except (DatapathError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

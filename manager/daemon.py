@@ -1,0 +1,108 @@
+"""relayd: the relay manager as one asyncio program.
+
+Relay.start() loads (or adopts) the XDP fast path, then serves the slow path
+on the public port and the signaling API. Relay.stop() leaves the fast path
+attached unless asked to detach, so established calls keep flowing while the
+manager restarts or is upgraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from .config import RelaydConfig
+from .datapath import Datapath
+from .registry import Registry
+from .signaling import TransceiverClient, make_app
+from .slowpath import SlowPath
+
+log = logging.getLogger(__name__)
+
+
+class Relay:
+    """The running relay manager; built from an explicit RelaydConfig."""
+
+    def __init__(self, cfg: RelaydConfig):
+        self.cfg = cfg
+        self.datapath = Datapath(cfg.datapath)
+        self.registry = Registry(heartbeat_timeout=cfg.signaling.heartbeat_timeout)
+        self.slowpath: SlowPath | None = None
+        self.adopted = False
+        self.attach_results: list = []
+        self.started_at = 0.0
+        self._runner: web.AppRunner | None = None
+        self._client: TransceiverClient | None = None
+        self.setup_latencies: list[float] = []
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.adopted = self.datapath.load()
+        self.attach_results = self.datapath.attach()
+        for r in self.attach_results:
+            log.info("XDP on %s: %s mode%s", r.interface, r.mode, " (adopted)" if r.adopted else "")
+        dp = cfg.datapath
+        self.slowpath = SlowPath(
+            self.registry, self.datapath, hint_key=cfg.hint_key_bytes,
+            vips=[v.as_tuple() for v in dp.vips], internal4=dp.internal_addr4, internal6=dp.internal_addr6,
+            flow_ports=(dp.flow_port_min, dp.flow_port_max), idle_timeout=cfg.slowpath.idle_timeout,
+            pending_timeout=cfg.slowpath.pending_timeout, on_flow_installed=self.setup_latencies.append,
+        )
+        await self.slowpath.start()
+        self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout)
+        app = make_app(self.registry, hint_key=cfg.hint_key_bytes,
+                       public_addrs=[v.as_tuple() for v in dp.vips], transceiver_client=self._client)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, cfg.signaling.host, cfg.signaling.port).start()
+        self.started_at = time.time()
+        log.info("relayd ready: signaling on %s:%d, VIPs %s", cfg.signaling.host, cfg.signaling.port,
+                 ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
+
+    async def stop(self, *, detach: bool | None = None) -> None:
+        detach = self.cfg.detach_on_exit if detach is None else detach
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self.slowpath is not None:
+            await self.slowpath.stop()
+        if detach:
+            removed = self.datapath.detach(purge=True)
+            log.info("fast path removed from %s", ", ".join(removed) or "no interface")
+        else:
+            log.info("fast path left running (pinned under %s)", self.cfg.datapath.pin_dir)
+        self.datapath.close()
+
+
+async def run(cfg: RelaydConfig, stop: asyncio.Event | None = None) -> None:
+    """Run relayd until SIGTERM/SIGINT (or `stop` is set). A second signal
+    stops at once without the graceful steps."""
+    relay = Relay(cfg)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now")
+            raise SystemExit(1)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await relay.start()
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await relay.stop()

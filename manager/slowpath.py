@@ -1,0 +1,388 @@
+"""The relay's slow path: the userspace side of the public port.
+
+The XDP program passes up STUN from client tuples it does not know (and the
+rare known-flow packet it cannot forward, e.g. before a neighbour entry
+exists). For a Binding request whose USERNAME carries a valid routing hint,
+the slow path gives the client tuple a relay-internal flow port, forwards the
+request to the call's owner from that port, and relays the owner's answers
+back from the public address. When the owner's Binding success response for a
+request from that exact client tuple goes back through the relay, the flow is
+installed in the kernel (both directions); from then on XDP forwards it.
+
+Sockets are plain non-blocking sockets driven by loop.add_reader: creating a
+leg is synchronous, so no packet of a new leg waits on a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aioice import stun
+
+from .datapath import Datapath, DatapathError
+from .registry import Call, Registry
+from .ufrag import UfragError, decode_ufrag, parse_stun_username
+
+log = logging.getLogger(__name__)
+
+AF_INET, AF_INET6 = 2, 10
+MAX_DATAGRAM = 65535
+MAX_PENDING_TXIDS = 32
+
+
+def family_of(addr: str) -> int:
+    return AF_INET6 if ":" in addr else AF_INET
+
+
+@dataclass
+class Leg:
+    """One client tuple of a call, as seen on the public address."""
+
+    client: tuple[str, int]
+    vip: tuple[str, int]
+    conn_id: int
+    flow_port: int
+    sock: socket.socket
+    first_seen: float = field(default_factory=time.monotonic)
+    installed_at: float | None = None
+    # Binding request transaction ids forwarded to the owner for this tuple.
+    txids: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+
+    @property
+    def family(self) -> int:
+        return family_of(self.client[0])
+
+    def to_dict(self) -> dict:
+        return {"client": list(self.client), "vip": list(self.vip), "conn_id": self.conn_id,
+                "flow_port": self.flow_port, "installed": self.installed_at is not None,
+                "setup_ms": round((self.installed_at - self.first_seen) * 1000, 3) if self.installed_at else None}
+
+
+class FlowPorts:
+    """Relay-internal flow ports. Freed ports go to the back of the queue, so
+    a port is reused as late as possible (late packets of an old call find no
+    entry rather than a new call)."""
+
+    def __init__(self, lo: int, hi: int):
+        self.free = collections.deque(range(lo, hi + 1))
+        self.range = (lo, hi)
+
+    def take(self) -> int:
+        if not self.free:
+            raise OSError(errno.EADDRNOTAVAIL, "no free relay flow port")
+        return self.free.popleft()
+
+    def give_back(self, port: int) -> None:
+        self.free.append(port)
+
+    def reserve(self, port: int) -> None:
+        try:
+            self.free.remove(port)
+        except ValueError:
+            pass
+
+
+class SlowPath:
+    """Slow path for a set of VIPs; see the module docstring."""
+
+    def __init__(self, registry: Registry, datapath: Datapath | None, *, hint_key: bytes,
+                 vips: list[tuple[str, int]], internal4: str | None, internal6: str | None,
+                 flow_ports: tuple[int, int], idle_timeout: float = 30.0, pending_timeout: float = 30.0,
+                 on_flow_installed: Callable[[float], None] | None = None):
+        self.registry = registry
+        self.datapath = datapath
+        self.hint_key = hint_key
+        self.vips = [(addr, port) for addr, port in vips]
+        self.internal = {AF_INET: internal4, AF_INET6: internal6}
+        self.ports = FlowPorts(*flow_ports)
+        self.idle_timeout = idle_timeout
+        self.pending_timeout = pending_timeout
+        self.on_flow_installed = on_flow_installed
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.bytes: collections.Counter[str] = collections.Counter()
+        self.legs: dict[tuple[tuple[str, int], tuple[str, int]], Leg] = {}
+        self.public: dict[tuple[str, int], socket.socket] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._housekeeper: asyncio.Task | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for vip in self.vips:
+            sock = _udp_socket(vip)
+            self.public[vip] = sock
+            self._loop.add_reader(sock.fileno(), self._read_public, vip, sock)
+        self._unsubscribe = self.registry.on_call_ended(self._call_ended)
+        self._housekeeper = asyncio.create_task(self._housekeeping())
+
+    async def stop(self) -> None:
+        """Stop handling packets. Kernel flows are left as they are: the fast
+        path keeps forwarding established calls while the manager is away."""
+        if self._housekeeper:
+            self._housekeeper.cancel()
+            try:
+                await self._housekeeper
+            except asyncio.CancelledError:
+                pass
+        if self._unsubscribe:
+            self._unsubscribe()
+        for leg in list(self.legs.values()):
+            self._close_leg(leg, remove_kernel=False)
+        for sock in self.public.values():
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self.public.clear()
+
+    # --- packets from clients ----------------------------------------------------------
+
+    def _read_public(self, vip: tuple[str, int], sock: socket.socket) -> None:
+        for _ in range(64):  # bounded batch per wake-up, then yield to the loop
+            try:
+                data, addr = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP errors surface here; nothing to do
+                self.stats["public_socket_error"] += 1
+                log.debug("public socket %s: %s", vip, exc)
+                continue
+            self.on_client_packet(vip, data, (addr[0], addr[1]))
+
+    def on_client_packet(self, vip: tuple[str, int], data: bytes, client: tuple[str, int]) -> None:
+        leg = self.legs.get((client, vip))
+        if leg is not None:
+            self._note_txid(leg, data)
+            self._to_owner(leg, data)
+            return
+        if not data or data[0] > 3:
+            # Not STUN: XDP drops these; one only gets here without XDP.
+            self.stats["drop_unknown_not_stun"] += 1
+            return
+        try:
+            msg = stun.parse_message(data)
+        except ValueError:
+            self.stats["drop_malformed_stun"] += 1
+            return
+        if msg.message_method != stun.Method.BINDING or msg.message_class != stun.Class.REQUEST:
+            self.stats["drop_not_binding_request"] += 1
+            return
+        username = msg.attributes.get("USERNAME")
+        if not username:
+            self.stats["drop_no_username"] += 1
+            return
+        try:
+            server_ufrag, _ = parse_stun_username(username)
+            hint = decode_ufrag(self.hint_key, server_ufrag)
+        except UfragError:
+            self.stats["drop_forged_hint"] += 1
+            return
+        call = self.registry.get_call(hint.conn_id)
+        if call is None or call.state != "active":
+            self.stats["drop_unknown_call"] += 1
+            return
+        if call.server_ufrag != server_ufrag:
+            # A valid MAC for a connection id that now belongs to another call.
+            self.stats["drop_stale_hint"] += 1
+            return
+        owner = call.owner.for_family(family_of(client[0])) if call.owner else None
+        internal = self.internal[family_of(client[0])]
+        if owner is None or internal is None:
+            self.stats["drop_no_owner_in_family"] += 1
+            return
+        try:
+            leg = self._open_leg(client, vip, call.conn_id, internal)
+        except OSError as exc:
+            self.stats["drop_no_flow_port"] += 1
+            log.warning("cannot open a flow port for %s: %s", client, exc)
+            return
+        self.stats["legs_opened"] += 1
+        self._note_txid(leg, data, msg)
+        self._to_owner(leg, data)
+
+    def _open_leg(self, client, vip, conn_id: int, internal: str) -> Leg:
+        for _ in range(16):  # skip ports something else holds
+            port = self.ports.take()
+            try:
+                sock = _udp_socket((internal, port))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    self.ports.give_back(port)
+                    raise
+        else:
+            raise OSError(errno.EADDRINUSE, "flow ports in use by other sockets")
+        leg = Leg(client=client, vip=vip, conn_id=conn_id, flow_port=port, sock=sock)
+        self.legs[(client, vip)] = leg
+        self._loop.add_reader(sock.fileno(), self._read_flow, leg)
+        return leg
+
+    def _note_txid(self, leg: Leg, data: bytes, msg: stun.Message | None = None) -> None:
+        if leg.installed_at is not None or not data or data[0] > 1:
+            return
+        if msg is None:
+            try:
+                msg = stun.parse_message(data)
+            except ValueError:
+                return
+        if msg.message_method == stun.Method.BINDING and msg.message_class == stun.Class.REQUEST:
+            leg.txids[msg.transaction_id] = True
+            while len(leg.txids) > MAX_PENDING_TXIDS:
+                leg.txids.popitem(last=False)
+
+    def _owner_of(self, leg: Leg) -> tuple[str, int] | None:
+        call = self.registry.get_call(leg.conn_id)
+        if call is None or call.owner is None:
+            return None
+        return call.owner.for_family(leg.family)
+
+    def _to_owner(self, leg: Leg, data: bytes) -> None:
+        owner = self._owner_of(leg)
+        if owner is None:
+            self.stats["drop_no_owner"] += 1
+            return
+        try:
+            leg.sock.sendto(data, owner)
+        except OSError:
+            self.stats["drop_send_error"] += 1
+            return
+        self.stats["forward_in"] += 1
+        self.bytes["forward_in"] += len(data)
+
+    # --- packets from owners -------------------------------------------------------------
+
+    def _read_flow(self, leg: Leg) -> None:
+        for _ in range(64):
+            try:
+                data, addr = leg.sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.stats["flow_socket_error"] += 1
+                continue
+            self.on_owner_packet(leg, data, (addr[0], addr[1]))
+
+    def on_owner_packet(self, leg: Leg, data: bytes, sender: tuple[str, int]) -> None:
+        if sender != self._owner_of(leg):
+            self.stats["drop_not_owner"] += 1
+            return
+        install = False
+        if leg.installed_at is None and data and data[0] <= 3:
+            try:
+                msg = stun.parse_message(data)
+            except ValueError:
+                msg = None
+            install = (msg is not None and msg.message_method == stun.Method.BINDING
+                       and msg.message_class == stun.Class.RESPONSE and msg.transaction_id in leg.txids)
+        sock = self.public.get(leg.vip)
+        if sock is None:
+            return
+        try:
+            sock.sendto(data, leg.client)
+        except OSError:
+            self.stats["drop_send_error"] += 1
+            return
+        self.stats["forward_out"] += 1
+        self.bytes["forward_out"] += len(data)
+        if install:
+            self._install(leg)
+
+    def _install(self, leg: Leg) -> None:
+        """The owner authenticated this exact client tuple: hand it to XDP."""
+        call = self.registry.get_call(leg.conn_id)
+        if call is None or call.owner is None:
+            return
+        if self.datapath is not None:
+            try:
+                cur = self.datapath.get_owner(leg.conn_id)
+                if cur is None or cur[0] != call.owner:
+                    self.datapath.set_owner(leg.conn_id, call.owner)
+                self.datapath.add_flow(leg.client, leg.vip, leg.conn_id, leg.flow_port, call.owner)
+            except (DatapathError, OSError) as exc:
+                self.stats["install_failed"] += 1
+                log.error("cannot install flow %s for call %s: %s", leg.client, leg.conn_id, exc)
+                return
+        leg.installed_at = time.monotonic()
+        leg.txids.clear()
+        self.stats["flows_installed"] += 1
+        if self.on_flow_installed:
+            self.on_flow_installed(leg.installed_at - leg.first_seen)
+
+    # --- ends and expiry -------------------------------------------------------------------
+
+    def legs_of(self, conn_id: int) -> list[Leg]:
+        return [leg for leg in self.legs.values() if leg.conn_id == conn_id]
+
+    def _close_leg(self, leg: Leg, *, remove_kernel: bool = True) -> None:
+        if self.legs.get((leg.client, leg.vip)) is leg:
+            del self.legs[(leg.client, leg.vip)]
+        if remove_kernel and self.datapath is not None and leg.installed_at is not None:
+            try:
+                self.datapath.remove_flow(leg.client, leg.vip)
+            except (DatapathError, OSError) as exc:
+                log.warning("cannot remove flow %s: %s", leg.client, exc)
+        if self._loop is not None:
+            self._loop.remove_reader(leg.sock.fileno())
+        leg.sock.close()
+        self.ports.give_back(leg.flow_port)
+
+    def _call_ended(self, call: Call, reason: str) -> None:
+        for leg in self.legs_of(call.conn_id):
+            self._close_leg(leg)
+        if self.datapath is not None:
+            try:
+                self.datapath.remove_owner(call.conn_id)
+            except (DatapathError, OSError) as exc:
+                log.warning("cannot remove owner of call %s: %s", call.conn_id, exc)
+        self.stats["calls_ended"] += 1
+
+    def expire(self, now: float | None = None) -> None:
+        """Drop legs that never got a success response, flows idle either way
+        for idle_timeout, and calls left with no flow."""
+        now = time.monotonic() if now is None else now
+        for leg in list(self.legs.values()):
+            if leg.installed_at is None and now - leg.first_seen > self.pending_timeout:
+                self._close_leg(leg)
+                self.stats["legs_expired_pending"] += 1
+        if self.datapath is None:
+            return
+        touched = set()
+        for flow in self.datapath.expire_idle(self.idle_timeout):
+            touched.add(flow.conn_id)
+            leg = self.legs.get((flow.client, flow.vip))
+            if leg is not None:
+                self._close_leg(leg, remove_kernel=False)
+            self.stats["flows_expired_idle"] += 1
+        for conn_id in touched:
+            if not self.legs_of(conn_id) and self.registry.get_call(conn_id) is not None:
+                self.registry.end_call(conn_id, "idle-timeout")
+
+    async def _housekeeping(self) -> None:
+        period = max(0.5, min(self.idle_timeout, self.pending_timeout) / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.expire()
+            except Exception:  # keep the slow path alive; the next round retries
+                log.exception("slow-path housekeeping failed")
+
+
+def _udp_socket(bind: tuple[str, int]) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
+    sock = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        if fam == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setblocking(False)
+        sock.bind(bind)
+    except OSError:
+        sock.close()
+        raise
+    return sock
