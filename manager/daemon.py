@@ -41,8 +41,10 @@ class Relay:
 
     async def start(self) -> None:
         cfg = self.cfg
-        self.adopted = self.datapath.load()
-        self.attach_results = self.datapath.attach()
+        # Off the loop: bcc compiles for a second or two, and pyroute2's
+        # synchronous netlink API refuses to run inside a running loop.
+        self.adopted = await asyncio.to_thread(self.datapath.load)
+        self.attach_results = await asyncio.to_thread(self.datapath.attach)
         for r in self.attach_results:
             log.info("XDP on %s: %s mode%s", r.interface, r.mode, " (adopted)" if r.adopted else "")
         dp = cfg.datapath
@@ -74,7 +76,7 @@ class Relay:
         if self.slowpath is not None:
             await self.slowpath.stop()
         if detach:
-            removed = self.datapath.detach(purge=True)
+            removed = await asyncio.to_thread(self.datapath.detach, purge=True)
             log.info("fast path removed from %s", ", ".join(removed) or "no interface")
         else:
             log.info("fast path left running (pinned under %s)", self.cfg.datapath.pin_dir)

@@ -291,15 +291,22 @@ def ns_socket(ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGR
     return run_in_netns(ns, make)
 
 
+def _nsenter(ns: str) -> list[str]:
+    # Only the network namespace changes. `ip netns exec` would also give the
+    # process a new mount namespace with a fresh /sys, hiding the host's bpffs:
+    # relayd's pinned maps would then be invisible outside and lost on restart.
+    return ["nsenter", f"--net={_ns_path(ns)}", "--"]
+
+
 def ns_popen(ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
-    """subprocess.Popen of `argv` inside namespace `ns` (via `ip netns exec`)."""
-    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)
+    """subprocess.Popen of `argv` inside network namespace `ns`."""
+    return subprocess.Popen([*_nsenter(ns), *argv], **kw)
 
 
 def ns_run(ns: str, argv: Sequence[str], *, check: bool = True, capture_output: bool = True,
            text: bool = True, timeout: float | None = 30.0, **kw: Any) -> subprocess.CompletedProcess:
     """subprocess.run of `argv` inside `ns`; checks and captures by default."""
-    return subprocess.run(["ip", "netns", "exec", ns, *argv], check=check,
+    return subprocess.run([*_nsenter(ns), *argv], check=check,
                           capture_output=capture_output, text=text, timeout=timeout, **kw)
 
 
