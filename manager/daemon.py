@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .config import RelaydConfig
 from .datapath import Datapath
+from .metrics import Metrics
 from .registry import Registry
 from .signaling import TransceiverClient, make_app
 from .slowpath import SlowPath
@@ -37,7 +38,8 @@ class Relay:
         self.started_at = 0.0
         self._runner: web.AppRunner | None = None
         self._client: TransceiverClient | None = None
-        self.setup_latencies: list[float] = []
+        self.metrics = Metrics(self)
+        self._metrics_runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -52,7 +54,7 @@ class Relay:
             self.registry, self.datapath, hint_key=cfg.hint_key_bytes,
             vips=[v.as_tuple() for v in dp.vips], internal4=dp.internal_addr4, internal6=dp.internal_addr6,
             flow_ports=(dp.flow_port_min, dp.flow_port_max), idle_timeout=cfg.slowpath.idle_timeout,
-            pending_timeout=cfg.slowpath.pending_timeout, on_flow_installed=self.setup_latencies.append,
+            pending_timeout=cfg.slowpath.pending_timeout, on_flow_installed=self.metrics.flow_setup.observe,
         )
         await self.slowpath.start()
         self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout)
@@ -61,15 +63,20 @@ class Relay:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, cfg.signaling.host, cfg.signaling.port).start()
+        if cfg.metrics.port:
+            self._metrics_runner = web.AppRunner(self.metrics.app(), access_log=None)
+            await self._metrics_runner.setup()
+            await web.TCPSite(self._metrics_runner, cfg.metrics.host, cfg.metrics.port).start()
         self.started_at = time.time()
         log.info("relayd ready: signaling on %s:%d, VIPs %s", cfg.signaling.host, cfg.signaling.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
 
     async def stop(self, *, detach: bool | None = None) -> None:
         detach = self.cfg.detach_on_exit if detach is None else detach
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for runner in (self._runner, self._metrics_runner):
+            if runner is not None:
+                await runner.cleanup()
+        self._runner = self._metrics_runner = None
         if self._client is not None:
             await self._client.close()
             self._client = None

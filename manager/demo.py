@@ -146,6 +146,20 @@ class Services:
         with NetnsExecutor(self.lab.client_ns) as ex:
             return ex.call(get)
 
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """relayd's Prometheus samples, scraped over HTTP from the client
+        namespace and parsed with prometheus_client's parser."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        def get() -> str:
+            url = f"http://{self.lab.vip4}:{self.config['metrics']['port']}/metrics"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.read().decode()
+        with NetnsExecutor(self.lab.client_ns) as ex:
+            text = ex.call(get)
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
     def wait_signaling(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:

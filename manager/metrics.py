@@ -1,0 +1,132 @@
+"""Prometheus metrics of the relay manager.
+
+Fast-path counters are read from the pinned per-CPU stats map at scrape time
+(the kernel counts; nothing is copied on the packet path). Slow-path, call and
+transceiver figures come from the running manager's objects.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .structs import stat_verdict
+
+if TYPE_CHECKING:
+    from .daemon import Relay
+
+# First STUN seen → flow installed in the kernel; set-up is sub-millisecond to
+# tens of milliseconds (the owner's answer is the bulk of it).
+SETUP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+SWITCH_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def _fastpath_class(reason: str) -> str:
+    for cls in ("stun", "dtls", "rtp"):
+        if reason.endswith("_" + cls):
+            return cls
+    return "none"
+
+
+class RelayCollector:
+    """Reads the relay's state on every scrape."""
+
+    def __init__(self, relay: "Relay"):
+        self.relay = relay
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        relay = self.relay
+        pk = CounterMetricFamily("splitrelay_fastpath_packets", "Packets seen by the XDP program, by verdict and reason",
+                                 labels=["verdict", "reason", "class"])
+        by = CounterMetricFamily("splitrelay_fastpath_bytes", "Bytes seen by the XDP program, by verdict and reason",
+                                 labels=["verdict", "reason", "class"])
+        if relay.datapath.maps is not None:
+            for name, (packets, nbytes) in relay.datapath.counters().items():
+                verdict, _, reason = name.partition("_")
+                labels = [stat_verdict(name), reason, _fastpath_class(reason)]
+                pk.add_metric(labels, packets)
+                by.add_metric(labels, nbytes)
+        yield pk
+        yield by
+        sp = relay.slowpath
+        ev = CounterMetricFamily("splitrelay_slowpath_events", "Slow-path events and drops, by kind", labels=["event"])
+        spk = CounterMetricFamily("splitrelay_slowpath_packets", "Packets forwarded in userspace", labels=["direction"])
+        spb = CounterMetricFamily("splitrelay_slowpath_bytes", "Bytes forwarded in userspace", labels=["direction"])
+        legs = GaugeMetricFamily("splitrelay_flows", "Client tuples known to the slow path", labels=["state"])
+        queue = GaugeMetricFamily("splitrelay_slowpath_queue_bytes", "Bytes waiting in the public sockets' receive queues")
+        if sp is not None:
+            for event, n in sorted(sp.stats.items()):
+                if event.startswith("forward_"):
+                    spk.add_metric([event.removeprefix("forward_")], n)
+                else:
+                    ev.add_metric([event], n)
+            for direction in ("in", "out"):
+                spb.add_metric([direction], sp.bytes.get(f"forward_{direction}", 0))
+            installed = sum(1 for leg in sp.legs.values() if leg.installed_at is not None)
+            legs.add_metric(["installed"], installed)
+            legs.add_metric(["pending"], len(sp.legs) - installed)
+            queue.add_metric([], public_queue_bytes([s.fileno() for s in sp.public.values()]))
+        yield ev
+        yield spk
+        yield spb
+        yield legs
+        yield queue
+        calls = GaugeMetricFamily("splitrelay_calls", "Calls by state", labels=["state"])
+        counts: dict[str, int] = {"placing": 0, "active": 0}
+        for call in relay.registry.calls():
+            counts[call.state] = counts.get(call.state, 0) + 1
+        for state, n in counts.items():
+            calls.add_metric([state], n)
+        yield calls
+        tx = GaugeMetricFamily("splitrelay_transceivers", "Registered transceivers", labels=["healthy"])
+        ts = relay.registry.transceivers()
+        tx.add_metric(["true"], sum(1 for t in ts if t.healthy))
+        tx.add_metric(["false"], sum(1 for t in ts if not t.healthy))
+        yield tx
+
+
+def public_queue_bytes(fds: list[int]) -> int:
+    """Bytes queued on these UDP sockets (rx_queue of /proc/net/udp{,6})."""
+    inodes = {str(os.fstat(fd).st_ino) for fd in fds}
+    total = 0
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 9 and cols[9] in inodes:
+                        total += int(cols[4].split(":")[1], 16)
+        except OSError:
+            continue
+    return total
+
+
+class Metrics:
+    """The registry plus the histograms the manager observes into."""
+
+    def __init__(self, relay: "Relay"):
+        self.registry = CollectorRegistry()
+        self.registry.register(RelayCollector(relay))
+        self.flow_setup = Histogram("splitrelay_flow_setup_seconds", "First STUN from a client tuple to its kernel entry",
+                                    buckets=SETUP_BUCKETS, registry=self.registry)
+        self.migrations = None  # registered by migration support
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def app(self) -> web.Application:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", handler)
+        return app
