@@ -122,7 +122,38 @@ class SlowPath:
             self.public[vip] = sock
             self._loop.add_reader(sock.fileno(), self._read_public, vip, sock)
         self._unsubscribe = self.registry.on_call_ended(self._call_ended)
+        self.adopt_kernel_flows()
         self._housekeeper = asyncio.create_task(self._housekeeping())
+
+    def adopt_kernel_flows(self) -> int:
+        """After a restart: take over the flows the kernel kept forwarding.
+        Their flow ports are reserved and bound again (for the few packets
+        XDP hands up), so a new call can never be given one of them."""
+        if self.datapath is None:
+            return 0
+        adopted = 0
+        for flow in self.datapath.flows():
+            if (flow.client, flow.vip) in self.legs:
+                continue
+            internal = self.internal.get(family_of(flow.client[0]))
+            self.ports.reserve(flow.flow_port)
+            if internal is None:
+                continue
+            try:
+                sock = _udp_socket((internal, flow.flow_port))
+            except OSError as exc:
+                log.warning("adopted flow %s: cannot bind flow port %d: %s", flow.client, flow.flow_port, exc)
+                continue
+            now = time.monotonic()
+            leg = Leg(client=flow.client, vip=flow.vip, conn_id=flow.conn_id, flow_port=flow.flow_port,
+                      sock=sock, first_seen=now, installed_at=now)
+            self.legs[(flow.client, flow.vip)] = leg
+            self._loop.add_reader(sock.fileno(), self._read_flow, leg)
+            adopted += 1
+        if adopted:
+            log.info("adopted %d established flows from the kernel", adopted)
+        self.stats["flows_adopted"] += adopted
+        return adopted
 
     async def stop(self) -> None:
         """Stop handling packets. Kernel flows are left as they are: the fast
@@ -239,9 +270,15 @@ class SlowPath:
 
     def _owner_of(self, leg: Leg) -> tuple[str, int] | None:
         call = self.registry.get_call(leg.conn_id)
-        if call is None or call.owner is None:
-            return None
-        return call.owner.for_family(leg.family)
+        if call is not None and call.owner is not None:
+            return call.owner.for_family(leg.family)
+        if leg.installed_at is not None and self.datapath is not None:
+            # A flow adopted after a restart, before its transceiver re-reported
+            # the call: the kernel's owner entry is the truth.
+            found = self.datapath.get_owner(leg.conn_id)
+            if found is not None:
+                return found[0].for_family(leg.family)
+        return None
 
     def _to_owner(self, leg: Leg, data: bytes) -> None:
         owner = self._owner_of(leg)

@@ -1,0 +1,1 @@
+"""Transceiver: owns the WebRTC state (ICE, DTLS, SRTP) of its calls, next to the agent."""

@@ -1,0 +1,141 @@
+"""``python -m manager.transceiver``: thin CLI over :func:`manager.transceiver.server.run`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import sys
+from collections.abc import Sequence
+
+from .server import TransceiverConfig, run
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    else:
+        host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not host:port (use [addr]:port for IPv6)")
+    return host, int(port)
+
+
+def parse_ip(value: str) -> str:
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IP address") from None
+    if ip.is_unspecified:
+        raise argparse.ArgumentTypeError(
+            f"{value} is unspecified; the ICE socket needs a concrete address"
+        )
+    return str(ip)
+
+
+def parse_hex_key(value: str) -> bytes:
+    try:
+        key = bytes.fromhex(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("hint key must be hex") from None
+    if len(key) < 16:
+        raise argparse.ArgumentTypeError("hint key must be at least 16 bytes (32 hex digits)")
+    return key
+
+
+def positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return int(value)
+
+
+def transceiver_id(value: str) -> int:
+    # The routing hint in the ufrag carries the id in 16 bits.
+    if not value.isdigit() or not 1 <= int(value) <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a transceiver id in 1..65535")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m manager.transceiver",
+        description="splitrelay transceiver: WebRTC endpoint + agent behind the relay",
+    )
+    p.add_argument(
+        "--id",
+        type=transceiver_id,
+        required=True,
+        help="transceiver id registered with the relay (1..65535)",
+    )
+    p.add_argument(
+        "--listen",
+        type=parse_hostport,
+        default=("127.0.0.1", 8700),
+        help="control API host:port (default 127.0.0.1:8700)",
+    )
+    p.add_argument(
+        "--relay-url",
+        default=None,
+        help="relay manager base URL, e.g. http://10.10.0.1:8080 (omit: do not register)",
+    )
+    p.add_argument("--capacity", type=positive_int, default=100, help="maximum simultaneous calls")
+    p.add_argument(
+        "--hint-key-hex",
+        type=parse_hex_key,
+        default=None,
+        help="routing-hint MAC key (hex; accepted, not used yet)",
+    )
+    p.add_argument(
+        "--bind",
+        type=parse_ip,
+        action="append",
+        default=None,
+        metavar="ADDR",
+        help="address of the shared ICE socket; repeat for IPv4 + IPv6 (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--ice-port",
+        type=int,
+        default=0,
+        help="UDP port of the shared ICE socket(s) (default: ephemeral)",
+    )
+    p.add_argument(
+        "--control-url",
+        default=None,
+        help="control URL advertised to the relay (default: http://<listen>)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.log_level != "DEBUG":
+        # aioice/aiortc log every check at INFO: too chatty for many calls.
+        logging.getLogger("aioice").setLevel(logging.WARNING)
+    config = TransceiverConfig(
+        id=args.id,
+        listen_host=args.listen[0],
+        listen_port=args.listen[1],
+        relay_url=args.relay_url,
+        capacity=args.capacity,
+        bind_addrs=args.bind or ["127.0.0.1"],
+        ice_port=args.ice_port,
+        hint_key=args.hint_key_hex,
+        control_url=args.control_url,
+    )
+    try:
+        asyncio.run(run(config))
+    except (OSError, ValueError) as exc:
+        print(f"transceiver: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

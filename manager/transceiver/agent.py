@@ -1,0 +1,334 @@
+"""Agent interface: the stand-in for a voice model sitting next to the transceiver.
+
+An :class:`Agent` gets one :class:`AgentSession` per call. The session hides
+aiortc: decoded audio frames from the client's track come in through
+:meth:`AgentSession.recv_audio`, frames given to :meth:`AgentSession.send_audio`
+go out on a real-time paced track, and data-channel messages travel through
+:meth:`AgentSession.recv_message` / :meth:`AgentSession.send_message`.
+
+``export_state`` / ``import_state`` on both the agent and the session are the
+hooks a live migration uses to carry the conversation state to a new owner.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import fractions
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import av
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+logger = logging.getLogger(__name__)
+
+#: Outgoing audio format: what aiortc's Opus encoder consumes without extra work.
+SAMPLE_RATE = 48000
+#: 20 ms frames, the usual Opus packetisation for voice.
+FRAME_SAMPLES = 960
+FRAME_DURATION = FRAME_SAMPLES / SAMPLE_RATE
+TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+#: Cap on queued outgoing audio: an agent producing faster than real time must
+#: not build up unbounded latency.
+MAX_BUFFERED_SAMPLES = SAMPLE_RATE // 2
+#: Cap on received-but-unread audio frames (about 2 s): a slow agent loses the
+#: oldest audio rather than memory.
+MAX_QUEUED_FRAMES = 100
+MAX_QUEUED_MESSAGES = 1000
+
+Message = str | bytes
+
+
+class CallEnded(Exception):
+    """Raised by :class:`AgentSession` methods once the call is over."""
+
+
+class AgentAudioTrack(MediaStreamTrack):
+    """Outgoing audio track paced in real time.
+
+    Each :meth:`recv` returns one 20 ms frame (48 kHz, s16, mono) at its
+    wall-clock deadline: queued agent audio if at least one frame's worth is
+    buffered, silence otherwise. Timestamps are continuous (``pts`` counts
+    samples since the track started), whatever the agent pushes.
+    """
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fifo = av.AudioFifo()
+        # Normalise whatever the agent pushes (the client's decoded stereo
+        # Opus, a TTS engine's 24 kHz float...) to one format for the FIFO.
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        self._start: float | None = None
+        self._pts = 0
+        self.frames_sent = 0
+        self.silent_frames = 0
+        self.dropped_samples = 0
+
+    def push(self, frame: av.AudioFrame) -> None:
+        """Queue agent audio for sending (any format, any frame size)."""
+        try:
+            resampled = self._resampler.resample(frame)
+        except ValueError:
+            # PyAV's resampler is fixed to the first input's format; the agent
+            # switched formats (e.g. from echo to TTS audio), so start a new one.
+            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+            resampled = self._resampler.resample(frame)
+        for out in resampled:
+            out.pts = None  # the FIFO checks pts continuity; ours is assigned on read
+            self._fifo.write(out)
+        excess = self._fifo.samples - MAX_BUFFERED_SAMPLES
+        if excess > 0:
+            self._fifo.read(excess)
+            self.dropped_samples += excess
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._fifo.samples
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            wait = self._start + self._pts / SAMPLE_RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+        frame = self._fifo.read(FRAME_SAMPLES) if self._fifo.samples >= FRAME_SAMPLES else None
+        if frame is None:
+            frame = silence_frame()
+            self.silent_frames += 1
+        frame.pts = self._pts
+        frame.sample_rate = SAMPLE_RATE
+        frame.time_base = TIME_BASE
+        self._pts += FRAME_SAMPLES
+        self.frames_sent += 1
+        return frame
+
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "pts": self._pts,
+            "frames_sent": self.frames_sent,
+            "buffered_samples": self._fifo.samples,
+        }
+
+
+def silence_frame(samples: int = FRAME_SAMPLES) -> av.AudioFrame:
+    frame = av.AudioFrame(format="s16", layout="mono", samples=samples)
+    for plane in frame.planes:
+        plane.update(bytes(plane.buffer_size))
+    frame.sample_rate = SAMPLE_RATE
+    frame.time_base = TIME_BASE
+    return frame
+
+
+class AgentSession:
+    """One call as the agent sees it. Created and fed by the transceiver endpoint.
+
+    Receiving methods raise :class:`CallEnded` once the call is over (and stay
+    that way), so an agent loop ends naturally with the call.
+    """
+
+    def __init__(self, conn_id: int) -> None:
+        self.conn_id = conn_id
+        self.out_track = AgentAudioTrack()
+        self._audio: asyncio.Queue[av.AudioFrame | None] = asyncio.Queue()
+        self._messages: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._channels: list[Any] = []  # aiortc RTCDataChannel, first opened is primary
+        self._pending_out: list[Message] = []
+        self._closed = False
+        self._pump: asyncio.Task[None] | None = None
+        self.audio_frames_in = 0
+        self.audio_frames_dropped = 0
+        self.messages_in = 0
+        self.messages_out = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- agent-facing API ---------------------------------------------------
+
+    async def recv_audio(self) -> av.AudioFrame:
+        """Next decoded audio frame from the client (48 kHz s16 stereo from Opus)."""
+        if self._closed and self._audio.empty():
+            raise CallEnded
+        frame = await self._audio.get()
+        if frame is None:
+            self._audio.put_nowait(None)  # keep later callers failing too
+            raise CallEnded
+        return frame
+
+    async def send_audio(self, frame: av.AudioFrame) -> None:
+        """Queue audio for the client; it is played out in real time, 20 ms frames."""
+        if self._closed:
+            raise CallEnded
+        self.out_track.push(frame)
+
+    async def recv_message(self) -> Message:
+        """Next data-channel message from the client (str or bytes)."""
+        if self._closed and self._messages.empty():
+            raise CallEnded
+        msg = await self._messages.get()
+        if msg is None:
+            self._messages.put_nowait(None)
+            raise CallEnded
+        return msg
+
+    async def send_message(self, msg: Message) -> None:
+        """Send on the client's first open data channel (queued until one opens)."""
+        if self._closed:
+            raise CallEnded
+        if not isinstance(msg, (str, bytes)):
+            raise TypeError(f"data-channel message must be str or bytes, not {type(msg).__name__}")
+        channel = self._primary_channel()
+        if channel is None:
+            if len(self._pending_out) >= MAX_QUEUED_MESSAGES:
+                raise RuntimeError("no open data channel and the outgoing queue is full")
+            self._pending_out.append(msg)
+            return
+        channel.send(msg)
+        self.messages_out += 1
+
+    # -- endpoint-facing plumbing -----------------------------------------------
+
+    def attach_track(self, track: MediaStreamTrack) -> None:
+        """Start pumping the client's audio track into the session's queue."""
+        if track.kind != "audio" or self._pump is not None:
+            return
+        self._pump = asyncio.ensure_future(self._pump_audio(track))
+
+    async def _pump_audio(self, track: MediaStreamTrack) -> None:
+        # Reading the remote track continuously also keeps aiortc's own
+        # per-track queue from growing when the agent is slow.
+        try:
+            while True:
+                frame = await track.recv()
+                self.audio_frames_in += 1
+                if self._audio.qsize() >= MAX_QUEUED_FRAMES:
+                    self._audio.get_nowait()
+                    self.audio_frames_dropped += 1
+                self._audio.put_nowait(frame)
+        except MediaStreamError:
+            pass
+
+    def attach_channel(self, channel: Any) -> None:
+        """Register a data channel the client opened."""
+        self._channels.append(channel)
+
+        @channel.on("message")
+        def on_message(msg: Message) -> None:
+            if self._closed:
+                return
+            self.messages_in += 1
+            if self._messages.qsize() >= MAX_QUEUED_MESSAGES:
+                self._messages.get_nowait()
+            self._messages.put_nowait(msg)
+
+        @channel.on("open")
+        def on_open() -> None:
+            self._flush_pending()
+
+        self._flush_pending()
+
+    def _primary_channel(self) -> Any:
+        for channel in self._channels:
+            if channel.readyState == "open":
+                return channel
+        return None
+
+    def _flush_pending(self) -> None:
+        channel = self._primary_channel()
+        while channel is not None and self._pending_out:
+            channel.send(self._pending_out.pop(0))
+            self.messages_out += 1
+
+    def close(self) -> None:
+        """End the session: receivers get :class:`CallEnded`, the track stops."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pump is not None:
+            self._pump.cancel()
+        self._audio.put_nowait(None)
+        self._messages.put_nowait(None)
+        self.out_track.stop()
+
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "conn_id": self.conn_id,
+            "out_track": self.out_track.export_state(),
+            "audio_frames_in": self.audio_frames_in,
+            "audio_frames_dropped": self.audio_frames_dropped,
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+        }
+
+
+class Agent(abc.ABC):
+    """A conversational agent. One instance per call."""
+
+    @abc.abstractmethod
+    async def run(self, session: AgentSession) -> None:
+        """Serve one call; returning or raising :class:`CallEnded` ends the agent, not the call."""
+
+    def export_state(self) -> dict[str, Any]:
+        """JSON-serialisable conversation state, for a live migration."""
+        return {}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`export_state` produced, before :meth:`run` starts."""
+
+
+AgentFactory = Callable[[], Agent]
+
+
+class EchoAgent(Agent):
+    """Speaks back what it hears: audio frames and data-channel messages are echoed."""
+
+    def __init__(self) -> None:
+        self.frames_echoed = 0
+        self.messages_echoed = 0
+
+    async def run(self, session: AgentSession) -> None:
+        # Two independent loops: audio must keep flowing while no message comes.
+        tasks = [
+            asyncio.ensure_future(self._echo_audio(session)),
+            asyncio.ensure_future(self._echo_messages(session)),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _echo_audio(self, session: AgentSession) -> None:
+        try:
+            while True:
+                frame = await session.recv_audio()
+                await session.send_audio(frame)
+                self.frames_echoed += 1
+        except CallEnded:
+            pass
+
+    async def _echo_messages(self, session: AgentSession) -> None:
+        try:
+            while True:
+                msg = await session.recv_message()
+                await session.send_message(msg)
+                self.messages_echoed += 1
+        except CallEnded:
+            pass
+
+    def export_state(self) -> dict[str, Any]:
+        return {"frames_echoed": self.frames_echoed, "messages_echoed": self.messages_echoed}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self.frames_echoed = int(state.get("frames_echoed", 0))
+        self.messages_echoed = int(state.get("messages_echoed", 0))

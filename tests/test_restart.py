@@ -1,0 +1,106 @@
+"""Zero-loss restarts: relayd is killed with SIGKILL mid-call and started
+again. The XDP program stays attached and its maps stay pinned, so
+established flows keep flowing; the new relayd adopts them and takes new
+calls."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from manager.config import DatapathConfig
+from manager.datapath import Datapath
+from manager.demo import Services, client_call
+from manager.lab import NetnsExecutor, lab as lab_ctx
+from manager.owner import OwnerAddr
+from tests.test_datapath_netns import Receiver, paced_send
+
+pytestmark = pytest.mark.netns
+
+RATE = 1000
+SECONDS = 6.0
+
+
+def test_sigkill_and_restart_lose_nothing(tmp_path):
+    with lab_ctx(prefix=f"rs{secrets.token_hex(3)}") as lab:
+        svc = Services(lab, workdir=tmp_path)
+        dp = None
+        try:
+            svc.start()
+            dp = Datapath(DatapathConfig(**svc.config["datapath"]))
+            dp.open_maps()
+            # An established UDP media flow (as the slow path installs one),
+            # client ⇄ a receiver/sender in tx2's namespace.
+            tx2 = lab.transceivers[1]
+            client = (lab.client.addr4, 41000)
+            owner = (tx2.addr4, 7000)
+            flow_port = 29999
+            dp.set_owner(0x51, OwnerAddr(addr4=owner[0], port4=owner[1]))
+            dp.add_flow(client, lab.vip(), 0x51, flow_port)
+            c_sock = lab.socket("client", socket.AF_INET, bind=client)
+            t_sock = lab.socket(tx2.ns, socket.AF_INET, bind=owner)
+            rx_t, rx_c = Receiver(t_sock), Receiver(c_sock)
+            rx_t.start()
+            rx_c.start()
+            n = int(RATE * SECONDS)
+            up = threading.Thread(target=paced_send, args=(c_sock, lab.vip(), range(n), RATE))
+            down = threading.Thread(target=paced_send, args=(t_sock, (lab.internal4, flow_port), range(n), RATE))
+
+            restart_info = {}
+
+            async def kill_and_restart(pc, rep):
+                # Mid-call: SIGKILL relayd, start a new one, wait until it serves.
+                await asyncio.sleep(1.5)
+                t = time.monotonic()
+                restart_info["rc"] = await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGKILL)
+                await asyncio.to_thread(svc.start_relayd)
+                await asyncio.to_thread(svc.wait_signaling, 30)
+                restart_info["down_s"] = time.monotonic() - t
+
+            up.start()
+            down.start()
+            with NetnsExecutor(lab.client_ns) as ex:
+                call = ex.call(asyncio.run, client_call(lab.signaling_url, duration=5.0, messages=10,
+                                                         on_connected=kill_and_restart))
+            up.join()
+            down.join()
+            time.sleep(0.3)
+            rx_t.stop.set()
+            rx_c.stop.set()
+            rx_t.join()
+            rx_c.join()
+
+            assert restart_info.get("rc") == -signal.SIGKILL
+            lost_up = n - len(set(rx_t.seqs))
+            lost_down = n - len(set(rx_c.seqs))
+            print(f"\nrelayd down for {restart_info['down_s']:.2f} s; UDP stream {n} packets each way, "
+                  f"lost {lost_up} up / {lost_down} down; call: RTP sent {call.rtp_packets_sent}, "
+                  f"received {call.rtp_packets_received}, lost {call.rtp_packets_lost}, "
+                  f"data channel {call.dc_echoed}/{call.dc_sent}")
+            assert lost_up == 0 and lost_down == 0
+            # The call rode through the restart on the fast path.
+            assert call.error is None, call.error
+            assert "failed" not in call.connection_states and "disconnected" not in call.connection_states
+            assert call.rtp_packets_lost == 0
+            assert call.dc_echoed == call.dc_sent == 10
+            assert call.tone_ratio > 50
+
+            # The new relayd adopted the program (no reload) and takes new calls.
+            log = svc.log_path("relayd").read_text()
+            assert "(adopted)" in log
+            svc.wait_transceivers(2, 15)
+            with NetnsExecutor(lab.client_ns) as ex:
+                after = ex.call(asyncio.run, client_call(lab.signaling_url, duration=1.0, messages=3))
+            assert after.error is None and after.connected and after.dc_echoed == 3
+            c_sock.close()
+            t_sock.close()
+        finally:
+            if dp is not None:
+                dp.close()
+            svc.stop()

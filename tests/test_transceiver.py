@@ -1,0 +1,895 @@
+"""Transceiver tests: real aiortc clients call a Transceiver through a userspace relay stand-in.
+
+No kernel involved. The client is an unmodified aiortc RTCPeerConnection; a
+small asyncio UDP forwarder plays the relay (answer candidates rewritten to
+it, one forwarding socket per client address), so the transceiver only ever
+sees the forwarder's addresses, as peer-reflexive candidates.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import fractions
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aioice.ice
+import av
+import pylibsrtp
+import pytest
+from aiohttp import ClientSession, web
+from aioice import stun
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdtlstransport import SRTP_PROFILES
+from aiortc.rtp import RtpPacket, is_rtcp
+
+from manager.sdp import rewrite_candidates, strip_candidates
+from manager.transceiver.agent import (
+    FRAME_SAMPLES,
+    AgentAudioTrack,
+    AgentSession,
+    CallEnded,
+    EchoAgent,
+)
+from manager.transceiver.endpoint import (
+    CapacityExceeded,
+    DuplicateCall,
+    InvalidRequest,
+    RtpStreamState,
+    Transceiver,
+    UnknownCall,
+)
+from manager.transceiver.server import Registrar, create_app
+
+REPO = Path(__file__).resolve().parents[1]
+UFRAG_A = "AAAAbbbbCCCCddddEEEEffff"  # 24 chars, like the relay's hint-carrying ufrags
+UFRAG_B = "GGGGhhhhIIIIjjjjKKKKllll"
+RATE = 48000
+
+
+@pytest.fixture(autouse=True)
+def loopback_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The aiortc *client* gathers host candidates from the interfaces (loopback
+    # excluded); pin it to 127.0.0.1 so the test needs no network. The
+    # transceiver does not use this function (it gathers on its shared socket).
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+def run(coro: Any, timeout: float = 30.0) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# -- media helpers ---------------------------------------------------------------------
+
+
+class SineTrack(MediaStreamTrack):
+    """48 kHz mono sine, real-time paced; `freq` may change (phase stays continuous)."""
+
+    kind = "audio"
+
+    def __init__(self, freq: float) -> None:
+        super().__init__()
+        self.freq = freq
+        self._phase = 0.0
+        self._n = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            await asyncio.sleep(max(0.0, self._start + self._n / RATE - time.monotonic()))
+        step = 2 * math.pi * self.freq / RATE
+        samples = array.array(
+            "h", (int(8000 * math.sin(self._phase + i * step)) for i in range(FRAME_SAMPLES))
+        )
+        self._phase = (self._phase + FRAME_SAMPLES * step) % (2 * math.pi)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(samples.tobytes())
+        frame.pts, frame.sample_rate, frame.time_base = self._n, RATE, fractions.Fraction(1, RATE)
+        self._n += FRAME_SAMPLES
+        return frame
+
+
+def goertzel_power(samples: list[int], freq: float) -> float:
+    coeff = 2 * math.cos(2 * math.pi * freq / RATE)
+    s1 = s2 = 0.0
+    for x in samples:
+        s1, s2 = x + coeff * s1 - s2, s1
+    return s1 * s1 + s2 * s2 - coeff * s1 * s2
+
+
+def assert_dominant(samples: list[int], expected: float, others: list[float]) -> None:
+    assert len(samples) >= RATE // 4, f"only {len(samples)} samples received"
+    rms = math.sqrt(sum(x * x for x in samples) / len(samples))
+    assert rms > 1000, f"received audio is (near) silent: rms={rms:.0f}"
+    p = goertzel_power(samples, expected)
+    for f in others:
+        q = goertzel_power(samples, f)
+        assert p > 20 * q, f"{expected} Hz not dominant over {f} Hz: {p:.3g} vs {q:.3g}"
+
+
+# -- relay stand-in -------------------------------------------------------------------------
+
+
+class Forwarder(asyncio.DatagramProtocol):
+    """Userspace relay stand-in: one public socket, one socket per client address
+    towards the transceiver's owner address. Records SRTP/SRTCP both ways;
+    `blackhole` drops everything (the client vanished)."""
+
+    def __init__(self, owner: tuple[str, int]) -> None:
+        self.owner = owner
+        self.transport: asyncio.DatagramTransport | None = None
+        self.legs: dict[tuple[str, int], socket.socket] = {}
+        self.leg_addrs: set[tuple[str, int]] = set()
+        self.to_client: list[bytes] = []
+        self.to_owner: list[bytes] = []
+        self.blackhole = False
+
+    @classmethod
+    async def start(cls, owner: tuple[str, int]) -> Forwarder:
+        fwd = cls(owner)
+        await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: fwd, local_addr=("127.0.0.1", 0)
+        )
+        return fwd
+
+    @property
+    def port(self) -> int:
+        assert self.transport is not None
+        return self.transport.get_extra_info("sockname")[1]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.blackhole:
+            return
+        leg = self.legs.get(addr)
+        if leg is None:
+            # A plain non-blocking socket + add_reader: created synchronously,
+            # so no packet of this client is reordered while it is set up.
+            leg = self.legs[addr] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            leg.bind(("127.0.0.1", 0))
+            leg.setblocking(False)
+            self.leg_addrs.add(leg.getsockname())
+            asyncio.get_running_loop().add_reader(leg.fileno(), self._from_owner, leg, addr)
+        if 127 < data[0] < 192:
+            self.to_owner.append(data)
+        leg.sendto(data, self.owner)
+
+    def _from_owner(self, leg: socket.socket, client: tuple[str, int]) -> None:
+        try:
+            data = leg.recv(2048)
+        except OSError:
+            return
+        if self.blackhole or self.transport is None:
+            return
+        if 127 < data[0] < 192:
+            self.to_client.append(data)
+        self.transport.sendto(data, client)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for leg in self.legs.values():
+            loop.remove_reader(leg.fileno())
+            leg.close()
+        self.legs.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class ClientCall:
+    """An unmodified aiortc client (sine audio + data channel) placed through a Forwarder."""
+
+    def __init__(self, freq: float) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.track = SineTrack(freq)
+        self.pc.addTrack(self.track)
+        self.dc = self.pc.createDataChannel("chat")
+        self.messages: asyncio.Queue[Any] = asyncio.Queue()
+        self.dc.on("message", self.messages.put_nowait)
+        self.frames: list[tuple[float, list[int]]] = []
+        self.fwd: Forwarder | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.pc.on("track", self._on_track)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        async def read() -> None:
+            try:
+                while True:
+                    frame = await track.recv()
+                    raw = bytes(frame.planes[0])[: frame.samples * len(frame.layout.channels) * 2]
+                    pcm = array.array("h", raw)
+                    self.frames.append((time.monotonic(), list(pcm[:: len(frame.layout.channels)])))
+            except MediaStreamError:
+                pass
+
+        self._reader = asyncio.ensure_future(read())
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def place(self, tx: Transceiver, conn_id: int, ufrag: str) -> None:
+        self.offer_sdp = await self.offer()
+        self.answer, self.owner = await tx.create_call(
+            conn_id, ufrag, strip_candidates(self.offer_sdp)
+        )
+        self.fwd = await Forwarder.start((self.owner["addr4"], self.owner["port4"]))
+        relayed = rewrite_candidates(self.answer, [("127.0.0.1", self.fwd.port)])
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=relayed, type="answer"))
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        await wait_for(
+            lambda: self.pc.connectionState == "connected" and self.dc.readyState == "open",
+            timeout,
+            "client connected",
+        )
+
+    def window(self, seconds: float) -> list[int]:
+        since = time.monotonic() - seconds
+        return [x for t, pcm in self.frames if t >= since for x in pcm]
+
+    async def close(self) -> None:
+        await self.pc.close()
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.fwd is not None:
+            self.fwd.close()
+
+
+def srtp_session(profile_name: str, key_hex: str) -> pylibsrtp.Session:
+    profile = next(p for p in SRTP_PROFILES if p.openssl_profile.decode() == profile_name)
+    policy = pylibsrtp.Policy(
+        key=bytes.fromhex(key_hex),
+        ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
+        srtp_profile=profile.libsrtp_profile,
+    )
+    return pylibsrtp.Session(policy)
+
+
+def decrypt_rtp(profile: str, key_hex: str, packets: list[bytes]) -> list[RtpPacket]:
+    session = srtp_session(profile, key_hex)
+    return [RtpPacket.parse(session.unprotect(p)) for p in packets if not is_rtcp(p)]
+
+
+def sdp_attr_values(sdp: str, name: str) -> list[str]:
+    prefix = f"a={name}:"
+    return [line[len(prefix) :] for line in sdp.splitlines() if line.startswith(prefix)]
+
+
+# -- end-to-end ------------------------------------------------------------------------
+
+
+def test_call_echoes_audio_and_messages_and_exports_real_keys() -> None:
+    async def scenario() -> None:
+        ended: list[tuple[int, str]] = []
+        async with Transceiver(1, capacity=4) as tx:
+            tx.on_call_ended.append(lambda c, r: ended.append((c, r)))
+            client = ClientCall(440)
+            await client.place(tx, 42, UFRAG_A)
+            assert client.fwd is not None
+
+            # The answer uses exactly the given ufrag, and its candidate is the
+            # owner address: the one shared ICE socket.
+            assert set(sdp_attr_values(client.answer, "ice-ufrag")) == {UFRAG_A}
+            cands = sdp_attr_values(client.answer, "candidate")
+            assert cands and all(
+                c.split()[4:6] == ["127.0.0.1", str(client.owner["port4"])] for c in cands
+            )
+            assert client.owner == tx.owner and client.owner["addr6"] is None
+            assert tx.calls() == [42]
+
+            await client.wait_connected()
+            await wait_for(
+                lambda: tx.call_info(42)["connection_state"] == "connected", 5, "server connected"
+            )
+
+            # Data channel round trip, text and binary.
+            client.dc.send("hello agent")
+            assert await asyncio.wait_for(client.messages.get(), 3) == "hello agent"
+            client.dc.send(b"\x00\x01binary")
+            assert await asyncio.wait_for(client.messages.get(), 3) == b"\x00\x01binary"
+
+            # Audio: what comes back is what we send, and follows a change.
+            await asyncio.sleep(1.2)
+            assert_dominant(client.window(0.5), 440, [660, 880])
+            client.track.freq = 660
+            await asyncio.sleep(1.0)
+            assert_dominant(client.window(0.5), 660, [440, 880])
+
+            # The transceiver knows the client only as the forwarder's leg (prflx).
+            state = tx.export_call_state(42)
+            json.dumps(state)  # JSON-serialisable
+            remote = state["ice"]["selected_pair"]["remote"]
+            assert remote["type"] == "prflx"
+            assert (remote["host"], remote["port"]) in client.fwd.leg_addrs
+            conn = tx._calls[42].connection
+            assert {c.type for c in conn.remote_candidates} == {"prflx"}
+            assert state["ice"]["local_ufrag"] == UFRAG_A
+            assert state["ice"]["local_pwd"] == sdp_attr_values(client.answer, "ice-pwd")[0]
+            assert state["ice"]["remote_ufrag"] == sdp_attr_values(client.offer_sdp, "ice-ufrag")[0]
+            assert state["ice"]["remote_pwd"] == sdp_attr_values(client.offer_sdp, "ice-pwd")[0]
+            assert state["ice"]["role"] == "controlled"
+            assert state["dtls"]["role"] == "client"  # answer to actpass: we connect
+
+            # SRTP keys: same DTLS session as the client's transport...
+            srtp = state["srtp"]
+            client_dtls = client.pc.getTransceivers()[0].receiver.transport
+            ssl = client_dtls._ssl
+            assert (
+                ssl.get_selected_srtp_profile().decode()
+                == srtp["profile"]
+                == state["dtls"]["srtp_profile"]
+            )
+            material = bytes.fromhex(srtp["keying_material"])
+            assert ssl.export_keying_material(b"EXTRACTOR-dtls_srtp", len(material)) == material
+            # ...and they decrypt the packets that actually crossed the relay.
+            await asyncio.sleep(0.2)
+            sent = decrypt_rtp(srtp["profile"], srtp["tx_key"], client.fwd.to_client)
+            recv = decrypt_rtp(srtp["profile"], srtp["rx_key"], client.fwd.to_owner)
+            assert len(sent) > 50 and len(recv) > 50
+            with pytest.raises(pylibsrtp.Error):  # the check is not vacuous
+                decrypt_rtp(srtp["profile"], srtp["rx_key"], client.fwd.to_client[-1:])
+
+            # RTP state per SSRC matches the wire, both directions.
+            audio = next(m for m in state["media"] if m["kind"] == "audio")
+            assert {p.ssrc for p in sent} == {audio["local_ssrc"]}
+            tx_stream = state["rtp"]["tx"][str(audio["local_ssrc"])]
+            assert any(
+                p.sequence_number == tx_stream["seq"] and p.timestamp == tx_stream["timestamp"]
+                for p in sent
+            )
+            client_ssrc = client.pc.getSenders()[0]._ssrc
+            assert {p.ssrc for p in recv} == {client_ssrc}
+            assert audio["remote_ssrcs"] == [client_ssrc]
+            rx_stream = state["rtp"]["rx"][str(client_ssrc)]
+            assert any(
+                p.sequence_number == rx_stream["seq"] and p.timestamp == rx_stream["timestamp"]
+                for p in recv
+            )
+            # Counted at export time; the capture kept going for 0.2 s (~10 packets).
+            assert len(recv) - 20 <= rx_stream["packets"] <= len(recv)
+            assert len(sent) - 20 <= tx_stream["packets"] <= len(sent)
+            assert audio["codecs"][0]["mime_type"] == "audio/opus"
+
+            # Client hang-up ends and reports the call.
+            await client.close()
+            await wait_for(lambda: tx.calls() == [], 5, "call removed after hang-up")
+            await wait_for(lambda: ended, 2, "on_call_ended")
+            assert ended == [(42, "client hung up")]
+            with pytest.raises(UnknownCall):
+                tx.export_call_state(42)
+
+    run(scenario())
+
+
+def test_two_calls_share_one_port_and_close_call_ends_one() -> None:
+    async def scenario() -> None:
+        async with Transceiver(2, capacity=4) as tx:
+            a, b = ClientCall(440), ClientCall(880)
+            await a.place(tx, 1, UFRAG_A)
+            await b.place(tx, 2, UFRAG_B)
+            assert a.owner == b.owner == tx.owner  # one UDP port for all calls
+            await asyncio.gather(a.wait_connected(), b.wait_connected())
+            await asyncio.sleep(1.2)
+            # Each client hears its own voice, not the other call's.
+            assert_dominant(a.window(0.5), 440, [880])
+            assert_dominant(b.window(0.5), 880, [440])
+
+            await tx.close_call(1)
+            assert tx.calls() == [2]
+            # The transceiver's DTLS close_notify hangs the client up.
+            await wait_for(lambda: a.pc.connectionState == "closed", 5, "client A closed")
+            with pytest.raises(UnknownCall):
+                await tx.close_call(1)
+            # B is unaffected.
+            b.dc.send("still here")
+            assert await asyncio.wait_for(b.messages.get(), 3) == "still here"
+            assert b.pc.connectionState == "connected"
+            assert tx.health()["calls"] == 1
+            await a.close()
+            await b.close()
+            await wait_for(lambda: tx.calls() == [], 5, "call 2 removed")
+
+    run(scenario())
+
+
+def test_consent_failure_ends_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # RFC 7675 timing shrunk (aioice reads these module globals at run time):
+    # consent every ~0.2 s, given up after 2 unanswered checks of 0.1 s.
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.2)
+    monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 2)
+    monkeypatch.setattr(stun, "RETRY_RTO", 0.1)
+
+    async def scenario() -> None:
+        ended: list[tuple[int, str]] = []
+        async with Transceiver(8, capacity=2) as tx:
+            tx.on_call_ended.append(lambda c, r: ended.append((c, r)))
+            client = ClientCall(440)
+            await client.place(tx, 5, UFRAG_A)
+            await client.wait_connected()
+            assert client.fwd is not None
+            client.fwd.blackhole = True  # the client vanishes without a goodbye
+            await wait_for(lambda: tx.calls() == [], 5, "call removed after consent failure")
+            await wait_for(lambda: ended, 2, "on_call_ended")
+            assert ended == [(5, "ICE consent expired")]
+            await client.close()
+
+    run(scenario())
+
+
+def test_dual_stack_owner_and_ipv6_checks() -> None:
+    async def scenario() -> None:
+        async with Transceiver(9, capacity=2, bind_addrs=["127.0.0.1", "::1"]) as tx:
+            owner = tx.owner
+            assert owner["addr4"] == "127.0.0.1" and owner["addr6"] == "::1"
+            assert owner["port4"] == owner["port6"] > 0  # one port number for both families
+            client = ClientCall(440)
+            offer = await client.offer()
+            answer, returned = await tx.create_call(3, UFRAG_B, strip_candidates(offer))
+            assert returned == owner
+            hosts = {tuple(c.split()[4:6]) for c in sdp_attr_values(answer, "candidate")}
+            assert hosts == {("127.0.0.1", str(owner["port4"])), ("::1", str(owner["port6"]))}
+
+            # An authenticated check on the IPv6 socket reaches the call and is answered.
+            msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+            msg.attributes["USERNAME"] = f"{UFRAG_B}:{sdp_attr_values(offer, 'ice-ufrag')[0]}"
+            msg.attributes["PRIORITY"] = 1
+            msg.attributes["ICE-CONTROLLING"] = 1
+            msg.add_message_integrity(tx.export_call_state(3)["ice"]["local_pwd"].encode())
+            msg.add_fingerprint()
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                s.bind(("::1", 0))
+                s.setblocking(False)
+                s.sendto(bytes(msg), ("::1", owner["port6"]))
+                loop = asyncio.get_running_loop()
+                data = await asyncio.wait_for(loop.sock_recv(s, 2048), 2)
+                reply = stun.parse_message(data)
+                assert reply.message_class == stun.Class.RESPONSE
+                assert reply.attributes["XOR-MAPPED-ADDRESS"] == s.getsockname()[:2]
+            await client.close()
+
+    run(scenario())
+
+
+def test_shared_socket_ignores_unauthenticated_and_unknown_sources() -> None:
+    async def scenario() -> None:
+        async with Transceiver(3, capacity=4, connect_timeout=10) as tx:
+            client = ClientCall(440)
+            offer = await client.offer()
+            await tx.create_call(9, UFRAG_A, strip_candidates(offer))
+            owner = (tx.owner["addr4"], tx.owner["port4"])
+            mux = tx._muxes[0]
+
+            loop = asyncio.get_running_loop()
+            replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+            class Probe(asyncio.DatagramProtocol):
+                def datagram_received(self, data: bytes, addr: Any) -> None:
+                    replies.put_nowait(data)
+
+            probe, _ = await loop.create_datagram_endpoint(Probe, local_addr=("127.0.0.1", 0))
+            probe_addr = probe.get_extra_info("sockname")
+
+            def check(username: str, password: str) -> bytes:
+                msg = stun.Message(
+                    message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST
+                )
+                msg.attributes["USERNAME"] = username
+                msg.attributes["PRIORITY"] = 1
+                msg.attributes["ICE-CONTROLLING"] = 1
+                msg.add_message_integrity(password.encode())
+                msg.add_fingerprint()
+                return bytes(msg)
+
+            # Right ufrag, wrong password: answered 401 by aioice, claims nothing.
+            probe.sendto(check(f"{UFRAG_A}:evil", "x" * 22), owner)
+            reply = stun.parse_message(await asyncio.wait_for(replies.get(), 2))
+            assert (
+                reply.message_class == stun.Class.ERROR and reply.attributes["ERROR-CODE"][0] == 401
+            )
+            before = mux.stats["drop_unknown_source"]
+            probe.sendto(b"\x17\xfe\xfd" + b"\x00" * 30, owner)  # DTLS-looking datagram
+            await wait_for(lambda: mux.stats["drop_unknown_source"] == before + 1, 2, "drop")
+            assert probe_addr not in tx._calls[9].ports[0].addrs
+
+            # Unknown ufrag: dropped without an answer.
+            probe.sendto(check("nosuchufrag:evil", "x" * 22), owner)
+            await wait_for(lambda: mux.stats["drop_unknown_ufrag"] == 1, 2, "unknown ufrag drop")
+            await asyncio.sleep(0.1)
+            assert replies.empty()
+
+            # Right password (what the relay forwards from a real client): claims the source.
+            pwd = tx.export_call_state(9)["ice"]["local_pwd"]
+            remote_ufrag = sdp_attr_values(offer, "ice-ufrag")[0]
+            probe.sendto(check(f"{UFRAG_A}:{remote_ufrag}", pwd), owner)
+            reply = stun.parse_message(await asyncio.wait_for(replies.get(), 2))
+            assert reply.message_class == stun.Class.RESPONSE
+            assert reply.attributes["XOR-MAPPED-ADDRESS"] == probe_addr
+            assert probe_addr in tx._calls[9].ports[0].addrs
+            probe.close()
+            await client.close()
+
+    run(scenario())
+
+
+def test_unconnected_call_times_out_and_bad_input_is_rejected() -> None:
+    async def scenario() -> None:
+        ended: list[tuple[int, str]] = []
+        async with Transceiver(4, capacity=1, connect_timeout=0.5) as tx:
+            tx.on_call_ended.append(lambda c, r: ended.append((c, r)))
+            client = ClientCall(440)
+            offer = strip_candidates(await client.offer())
+
+            with pytest.raises(InvalidRequest, match="ufrag"):
+                await tx.create_call(1, "a:b", offer)
+            with pytest.raises(InvalidRequest, match="conn_id"):
+                await tx.create_call(-1, UFRAG_A, offer)
+            with pytest.raises(InvalidRequest, match="conn_id"):
+                await tx.create_call(True, UFRAG_A, offer)  # type: ignore[arg-type]
+            with pytest.raises(InvalidRequest, match="SDP|media"):
+                await tx.create_call(1, UFRAG_A, "hello")
+            no_bundle = "\r\n".join(
+                l for l in offer.splitlines() if not l.startswith("a=group:BUNDLE")
+            )
+            with pytest.raises(InvalidRequest, match="BUNDLE"):
+                await tx.create_call(1, UFRAG_A, no_bundle)
+            no_fp = "\r\n".join(l for l in offer.splitlines() if not l.startswith("a=fingerprint"))
+            with pytest.raises(InvalidRequest, match="fingerprint"):
+                await tx.create_call(1, UFRAG_A, no_fp)
+            assert tx.calls() == []
+
+            # Candidates and end-of-candidates are stripped even if left in.
+            await tx.create_call(1, UFRAG_A, client.pc.localDescription.sdp)
+            assert tx._calls[1].candidates_stripped > 0
+            with pytest.raises(DuplicateCall):
+                await tx.create_call(1, UFRAG_B, offer)
+            with pytest.raises(CapacityExceeded):
+                await tx.create_call(2, UFRAG_B, offer)
+            # Nobody connects: the call is dropped and reported.
+            await wait_for(lambda: ended, 3, "timeout removal reported")
+            assert tx.calls() == []
+            assert ended == [(1, "not connected within 0.5 s")]
+            await client.close()
+
+    run(scenario())
+
+
+# -- HTTP control API and registration ------------------------------------------------------
+
+
+async def _serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    host, bound = runner.addresses[0][:2]
+    return runner, f"http://{host}:{bound}"
+
+
+def test_http_control_api() -> None:
+    async def scenario() -> None:
+        async with Transceiver(5, capacity=1, connect_timeout=20) as tx:
+            runner, url = await _serve(create_app(tx))
+            client = ClientCall(440)
+            offer = strip_candidates(await client.offer())
+            try:
+                async with ClientSession() as http:
+                    async with http.get(f"{url}/health") as r:
+                        assert r.status == 200
+                        health = await r.json()
+                    assert {k: health[k] for k in ("id", "healthy", "capacity", "calls")} == {
+                        "id": 5,
+                        "healthy": True,
+                        "capacity": 1,
+                        "calls": 0,
+                    }
+
+                    async def post(body: Any, raw: bytes | None = None) -> tuple[int, Any]:
+                        kwargs = {"data": raw} if raw is not None else {"json": body}
+                        async with http.post(f"{url}/calls", **kwargs) as r:
+                            return r.status, await r.json()
+
+                    status, body = await post(None, raw=b"{not json")
+                    assert status == 400 and "JSON" in body["error"]
+                    status, body = await post({"conn_id": 1, "offer": offer})
+                    assert status == 400 and "ufrag" in body["error"]
+                    status, body = await post({"conn_id": "1", "ufrag": UFRAG_A, "offer": offer})
+                    assert status == 400 and "conn_id" in body["error"]
+                    status, body = await post({"conn_id": 1, "ufrag": "bad ufrag!", "offer": offer})
+                    assert status == 400 and "ufrag" in body["error"]
+                    status, body = await post(
+                        {"conn_id": 1, "ufrag": UFRAG_A, "offer": "v=0\r\nbogus"}
+                    )
+                    assert status == 400 and body["error"]
+
+                    status, body = await post({"conn_id": 77, "ufrag": UFRAG_A, "offer": offer})
+                    assert status == 201
+                    assert set(sdp_attr_values(body["answer"], "ice-ufrag")) == {UFRAG_A}
+                    assert body["owner"] == {
+                        "addr4": "127.0.0.1",
+                        "port4": tx.owner["port4"],
+                        "addr6": None,
+                        "port6": 0,
+                    }
+                    status, body = await post({"conn_id": 77, "ufrag": UFRAG_B, "offer": offer})
+                    assert status == 409
+                    status, body = await post({"conn_id": 78, "ufrag": UFRAG_B, "offer": offer})
+                    assert status == 503 and "capacity" in body["error"]
+
+                    async with http.get(f"{url}/calls/77") as r:
+                        assert r.status == 200
+                        text = await r.text()
+                    info = json.loads(text)
+                    assert info["conn_id"] == 77 and info["export"]["ice"]["local_ufrag"] == UFRAG_A
+                    for secret in (
+                        "local_pwd",
+                        "remote_pwd",
+                        "tx_key",
+                        "rx_key",
+                        "keying_material",
+                    ):
+                        assert secret not in text
+                    async with http.get(f"{url}/calls") as r:
+                        assert (await r.json()) == {"calls": [77]}
+                    async with http.get(f"{url}/calls/abc") as r:
+                        assert r.status == 400
+                    async with http.get(f"{url}/calls/12") as r:
+                        assert r.status == 404
+                    async with http.delete(f"{url}/calls/77") as r:
+                        assert r.status == 204
+                    async with http.delete(f"{url}/calls/77") as r:
+                        assert r.status == 404
+                    assert tx.calls() == []
+            finally:
+                await client.close()
+                await runner.cleanup()
+
+    run(scenario())
+
+
+class FakeRelay:
+    """Records registration and heartbeats; can forget the transceiver (404 once)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, Any]] = []
+        self.known: set[int] = set()
+        self.app = web.Application()
+        self.app.router.add_post("/v1/transceivers", self.register)
+        self.app.router.add_put("/v1/transceivers/{id}/heartbeat", self.heartbeat)
+
+    async def register(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(("register", request.path, body))
+        self.known.add(body["id"])
+        return web.json_response(body, status=201)
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        tid = int(request.match_info["id"])
+        self.requests.append(("heartbeat", request.path, body))
+        return web.Response(status=204 if tid in self.known else 404)
+
+    def of(self, kind: str) -> list[Any]:
+        return [body for k, _, body in self.requests if k == kind]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_registration_heartbeat_and_reregistration(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        caplog.set_level(logging.INFO, logger="manager.transceiver.server")
+        relay = FakeRelay()
+        port = _free_port()
+        async with Transceiver(6, capacity=3, connect_timeout=20) as tx:
+            reg = Registrar(
+                tx, f"http://127.0.0.1:{port}", "http://127.0.0.1:9999", interval=0.1, timeout=0.5
+            )
+            await reg.start()
+            # Relay down: keeps retrying, logs it once.
+            await asyncio.sleep(0.5)
+            down = [r for r in caplog.records if "unreachable" in r.getMessage()]
+            assert len(down) == 1 and not reg.registered
+            runner, _ = await _serve(relay.app, port)
+            try:
+                await wait_for(lambda: relay.of("heartbeat"), 3, "first heartbeat")
+                assert relay.of("register")[0] == {
+                    "id": 6,
+                    "control_url": "http://127.0.0.1:9999",
+                    "capacity": 3,
+                }
+                assert relay.requests[1][1] == "/v1/transceivers/6/heartbeat"
+                assert relay.of("heartbeat")[0] == {"healthy": True, "calls": []}
+                assert any(
+                    "reachable again" in r.getMessage() or "registered" in r.getMessage()
+                    for r in caplog.records
+                )
+
+                # A call shows up in heartbeats, and disappears at once when it ends.
+                client = ClientCall(440)
+                await tx.create_call(31, UFRAG_A, strip_candidates(await client.offer()))
+                await wait_for(lambda: relay.of("heartbeat")[-1]["calls"] == [31], 2, "call listed")
+                n = len(relay.requests)
+                await tx.close_call(31)
+                await wait_for(
+                    lambda: len(relay.requests) > n, 0.09, "immediate heartbeat"
+                )  # < interval
+                assert relay.of("heartbeat")[-1]["calls"] == []
+                await client.close()
+
+                # Relay forgets us (restart): 404 -> register again.
+                relay.known.clear()
+                await wait_for(lambda: len(relay.of("register")) == 2, 2, "re-registration")
+                await wait_for(
+                    lambda: relay.requests[-1][0] == "heartbeat", 2, "heartbeat after re-register"
+                )
+                assert relay.of("heartbeat")[-1] == {"healthy": True, "calls": []}
+
+                await reg.stop()
+                assert relay.of("heartbeat")[-1] == {"healthy": False, "calls": []}
+            finally:
+                await runner.cleanup()
+
+    run(scenario())
+
+
+def test_cli_process_registers_and_stops_on_sigterm() -> None:
+    async def scenario() -> None:
+        relay = FakeRelay()
+        runner, relay_url = await _serve(relay.app)
+        api_port = _free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "manager.transceiver",
+            "--id",
+            "7",
+            "--listen",
+            f"127.0.0.1:{api_port}",
+            "--relay-url",
+            relay_url,
+            "--capacity",
+            "2",
+            "--bind",
+            "127.0.0.1",
+            "--hint-key-hex",
+            "00" * 32,
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            await wait_for(lambda: relay.of("heartbeat"), 15, "registration of the CLI process")
+            assert relay.of("register")[0]["control_url"] == f"http://127.0.0.1:{api_port}"
+            async with (
+                ClientSession() as http,
+                http.get(f"http://127.0.0.1:{api_port}/health") as r,
+            ):
+                health = await r.json()
+            assert health["id"] == 7 and health["healthy"] and health["capacity"] == 2
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 10)
+            assert proc.returncode == 0, err.decode()
+            assert b"Traceback" not in err
+            assert relay.of("heartbeat")[-1] == {"healthy": False, "calls": []}
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await runner.cleanup()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--id", "0"], "transceiver id"),
+        (["--id", "1", "--bind", "0.0.0.0"], "unspecified"),
+        (["--id", "1", "--listen", "nowhere"], "host:port"),
+        (["--id", "1", "--hint-key-hex", "zz"], "hex"),
+    ],
+)
+def test_cli_rejects_bad_arguments(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "manager.transceiver", *args],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- units ------------------------------------------------------------------------------
+
+
+def test_rtp_stream_state_counts_rollover() -> None:
+    st = RtpStreamState(ssrc=1, payload_type=111)
+    for seq in (65533, 65534, 65535, 0, 1, 65535, 2):  # 65535 late: reordered, ignored
+        st.update(seq, seq * 960, 111)
+    assert (st.seq, st.roc, st.packets, st.timestamp) == (2, 1, 7, 2 * 960)
+
+
+def test_agent_track_is_paced_with_continuous_pts_and_echo_agent_echoes() -> None:
+    async def scenario() -> None:
+        track = AgentAudioTrack()
+        # Agent audio in another format and frame size: 10 ms at 24 kHz stereo.
+        frame = av.AudioFrame(format="s16", layout="stereo", samples=240)
+        frame.planes[0].update(array.array("h", [1000] * 480).tobytes())
+        frame.sample_rate = 24000
+        for _ in range(8):
+            track.push(frame)
+        # 80 ms pushed; the resampler holds back a few ms for its filter.
+        assert 3 * 960 <= track.buffered_samples <= 4 * 960
+        start = time.monotonic()
+        frames = [await track.recv() for _ in range(6)]
+        elapsed = time.monotonic() - start
+        assert [f.pts for f in frames] == [0, 960, 1920, 2880, 3840, 4800]
+        assert all(f.samples == 960 and f.sample_rate == 48000 for f in frames)
+        assert 0.09 <= elapsed < 0.3  # five 20 ms waits after the first frame
+        loud = [max(array.array("h", bytes(f.planes[0])[:1920])) for f in frames]
+        assert min(loud[:3]) > 500 and loud[4:] == [0, 0]  # the agent's audio, then silence
+        assert track.silent_frames >= 2
+
+        session = AgentSession(1)
+        agent = EchoAgent()
+        task = asyncio.ensure_future(agent.run(session))
+        sent: list[Any] = []
+
+        class FakeChannel:
+            readyState = "open"
+
+            def __init__(self) -> None:
+                self.handlers: dict[str, Any] = {}
+
+            def on(self, event: str) -> Any:
+                def register(fn: Any) -> Any:
+                    self.handlers[event] = fn
+                    return fn
+
+                return register
+
+            def send(self, msg: Any) -> None:
+                sent.append(msg)
+
+        channel = FakeChannel()
+        session.attach_channel(channel)
+        channel.handlers["message"]("ping")
+        await wait_for(lambda: sent == ["ping"], 1, "echoed message")
+        session.close()
+        await asyncio.wait_for(task, 1)
+        with pytest.raises(CallEnded):
+            await session.recv_message()
+        assert agent.export_state()["messages_echoed"] == 1
+
+    run(scenario())
