@@ -1,0 +1,1 @@
+"""relayctl and relayd command-line entry points."""
