@@ -63,6 +63,7 @@ class Transceiver:
     healthy: bool = True  # effective health, refreshed by the registry on every read
     reported_healthy: bool = True  # what its last heartbeat said
     last_heartbeat: float = 0.0  # monotonic
+    draining: bool = False  # takes no new calls (its calls are being moved away)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -71,6 +72,7 @@ class Transceiver:
             "capacity": self.capacity,
             "calls": self.calls,
             "healthy": self.healthy,
+            "draining": self.draining,
         }
 
 
@@ -211,10 +213,21 @@ class Registry:
         healthy = [t for t in candidates if t.healthy]
         if not healthy:
             raise PlacementError(f"no healthy transceiver ({len(candidates)} registered)")
-        free = [t for t in healthy if t.calls < t.capacity]
+        open_ = [t for t in healthy if not t.draining]
+        if not open_:
+            raise PlacementError(f"all {len(healthy)} healthy transceivers are draining")
+        free = [t for t in open_ if t.calls < t.capacity]
         if not free:
-            raise PlacementError(f"all {len(healthy)} healthy transceivers are at capacity")
+            # (Worded as before draining existed when none is draining.)
+            busy = "healthy transceivers" if len(open_) == len(healthy) else "healthy transceivers taking calls"
+            raise PlacementError(f"all {len(open_)} {busy} are at capacity")
         return min(free, key=lambda t: (t.calls / t.capacity, t.id))
+
+    def set_draining(self, id: int, draining: bool = True) -> Transceiver:
+        """Stop (or resume) placing new calls on a transceiver."""
+        t = self.get_transceiver(id)
+        t.draining = draining
+        return t
 
     # -- calls --------------------------------------------------------------
 

@@ -84,8 +84,8 @@ def test_register_and_list(reg: Registry) -> None:
     reg.register_transceiver(2, "http://10.0.0.3:8080/", 10)
     reg.register_transceiver(1, "http://10.0.0.2:8080", 5)
     assert [t.to_dict() for t in reg.transceivers()] == [
-        {"id": 1, "control_url": "http://10.0.0.2:8080", "capacity": 5, "calls": 0, "healthy": True},
-        {"id": 2, "control_url": "http://10.0.0.3:8080", "capacity": 10, "calls": 0, "healthy": True},
+        {"id": 1, "control_url": "http://10.0.0.2:8080", "capacity": 5, "calls": 0, "healthy": True, "draining": False},
+        {"id": 2, "control_url": "http://10.0.0.3:8080", "capacity": 10, "calls": 0, "healthy": True, "draining": False},
     ]
 
 
@@ -378,3 +378,16 @@ def test_constructor_rejections() -> None:
         Registry(heartbeat_timeout=0)
     with pytest.raises(ValueError, match="report_grace must not be negative"):
         Registry(report_grace=-1)
+
+
+def test_draining_transceiver_takes_no_new_calls() -> None:
+    reg = Registry()
+    reg.register_transceiver(1, "http://10.0.0.2:8080", 5)
+    reg.register_transceiver(2, "http://10.0.0.3:8080", 5)
+    reg.set_draining(1)
+    assert reg.place().id == 2
+    reg.set_draining(2)
+    with pytest.raises(PlacementError, match="all 2 healthy transceivers are draining"):
+        reg.place()
+    reg.set_draining(1, False)
+    assert reg.place().id == 1

@@ -498,7 +498,7 @@ def test_register_reply_and_reregistration() -> None:
             resp = await env.http.post("/v1/transceivers", json=body)
             assert resp.status == 201
             assert resp.headers["Location"] == "/v1/transceivers/7"
-            assert await resp.json() == {**body, "calls": 0, "healthy": True}
+            assert await resp.json() == {**body, "calls": 0, "healthy": True, "draining": False}
             resp = await env.http.post("/v1/transceivers", json={**body, "capacity": 5})
             assert resp.status == 201
             assert [t.capacity for t in env.registry.transceivers()] == [5]
