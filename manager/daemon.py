@@ -18,6 +18,7 @@ from aiohttp import web
 from .config import RelaydConfig
 from .datapath import Datapath
 from .metrics import Metrics
+from .migration import Migrator
 from .registry import Registry
 from .signaling import TransceiverClient, make_app
 from .slowpath import SlowPath
@@ -38,6 +39,7 @@ class Relay:
         self.started_at = 0.0
         self._runner: web.AppRunner | None = None
         self._client: TransceiverClient | None = None
+        self.migrator: Migrator | None = None
         self.metrics = Metrics(self)
         self._metrics_runner: web.AppRunner | None = None
 
@@ -58,6 +60,8 @@ class Relay:
         )
         await self.slowpath.start()
         self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout)
+        self.migrator = Migrator(self.registry, self.datapath, self.slowpath, self._client,
+                                 metrics_registry=self.metrics.registry)
         app = make_app(self.registry, hint_key=cfg.hint_key_bytes,
                        public_addrs=[v.as_tuple() for v in dp.vips], transceiver_client=self._client)
         self._runner = web.AppRunner(app, access_log=None)

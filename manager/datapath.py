@@ -328,6 +328,11 @@ class Datapath:
         self._m().reverse.update(reverse_key(owner, flow_port),
                                  ReverseInfo(client=flow_key(client, vip), conn_id=conn_id))
 
+    def reverse_packets(self, owner: tuple[str, int], flow_port: int) -> int | None:
+        """Packets the kernel forwarded from `owner` through `flow_port`."""
+        info = self._m().reverse.lookup(reverse_key(owner, flow_port))
+        return None if info is None else info.packets
+
     def remove_reverse(self, owner: tuple[str, int], flow_port: int) -> bool:
         return self._m().reverse.delete(reverse_key(owner, flow_port))
 

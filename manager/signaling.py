@@ -131,6 +131,25 @@ class TransceiverClient:
             raise TransceiverError(f"POST {url} reply is invalid: {exc}") from None
         return reply.answer, owner
 
+    async def call_op(self, transceiver: Transceiver, method: str, path: str, body: dict | None = None,
+                      expect: tuple[int, ...] = (200, 201, 204)) -> dict:
+        """A JSON request to a transceiver's control API (migration steps:
+        export, import, activate, release, unfreeze); the reply's JSON or {}."""
+        url = f"{transceiver.control_url}{path}"
+        status, reply = await self._request(method, url, json=body if body is not None else {})
+        if status not in expect:
+            detail = _one_line(reply.decode("utf-8", "replace"))
+            raise TransceiverError(f"{method} {url} returned {status}: {detail}")
+        if not reply.strip():
+            return {}
+        try:
+            data = json.loads(reply)
+        except ValueError:
+            raise TransceiverError(f"{method} {url} reply is not JSON") from None
+        if not isinstance(data, dict):
+            raise TransceiverError(f"{method} {url} reply is not a JSON object")
+        return data
+
     async def delete_call(self, transceiver: Transceiver, conn_id: int) -> None:
         url = f"{transceiver.control_url}/calls/{conn_id}"
         status, body = await self._request("DELETE", url)

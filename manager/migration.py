@@ -1,0 +1,221 @@
+"""Live call migration between transceivers, relay side.
+
+  1. the old owner exports the call's state and stops sending (freeze);
+  2. the new owner imports it and is ready (ICE responder, SRTP sessions, agent);
+  3. the new owner's return-path entries are staged in the kernel (inert);
+  4. one update of the connection id's owner entry moves both directions of
+     every flow of the call at once; the registry follows;
+  5. the new owner is told to start sending; the old one's entries are retired
+     and it releases the call.
+A failure before step 4 unfreezes the old owner: the call stays where it was.
+The switch duration is measured to the first packet the kernel forwards from
+the new owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Histogram
+
+from .datapath import Datapath
+from .owner import OwnerAddr
+from .registry import Call, Registry, UnknownTransceiverError
+from .signaling import TransceiverClient, TransceiverError
+from .slowpath import SlowPath
+
+log = logging.getLogger(__name__)
+
+FIRST_PACKET_WAIT = 2.0
+
+
+class MigrationError(Exception):
+    """Why a migration was refused or failed; `status` maps to HTTP."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class MigrationResult:
+    call_id: str
+    conn_id: int
+    source: int
+    target: int
+    outcome: str                      # "moved" or "failed"
+    error: str | None = None
+    switch_s: float | None = None     # request → first packet forwarded from the new owner
+    flip_s: float | None = None       # request → ownership entry flipped
+    generation: int | None = None
+    steps: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        for k in ("switch_s", "flip_s"):
+            if d[k] is not None:
+                d[k] = round(d[k], 6)
+        d["steps"] = {k: round(v, 6) for k, v in self.steps.items()}
+        return d
+
+
+class Migrator:
+    """Moves calls; one migration per call at a time."""
+
+    def __init__(self, registry: Registry, datapath: Datapath, slowpath: SlowPath, client: TransceiverClient,
+                 metrics_registry=None):
+        self.registry = registry
+        self.datapath = datapath
+        self.slowpath = slowpath
+        self.client = client
+        self.running: set[int] = set()
+        kw = {"registry": metrics_registry} if metrics_registry is not None else {"registry": None}
+        self.outcomes = Counter("splitrelay_migrations", "Call migrations by outcome", ["outcome"], **kw)
+        self.switch = Histogram("splitrelay_migration_switch_seconds",
+                                "Migration request to the first packet forwarded from the new owner",
+                                buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0), **kw)
+
+    def _call(self, ref: str | int) -> Call:
+        call = None
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and len(ref) < 11):
+            call = self.registry.get_call(int(ref))
+        if call is None and isinstance(ref, str):
+            call = self.registry.get_call_by_id(ref)
+        if call is None:
+            raise MigrationError(f"unknown call {ref}", 404)
+        if call.state != "active":
+            raise MigrationError(f"call {call.call_id} is {call.state}, not active")
+        return call
+
+    def check(self, ref: str | int, target_id: int) -> tuple[Call, object]:
+        """Refuse what cannot work, before touching anything."""
+        call = self._call(ref)
+        if call.conn_id in self.running:
+            raise MigrationError(f"call {call.call_id} is already being migrated")
+        try:
+            target = self.registry.get_transceiver(target_id)
+        except UnknownTransceiverError:
+            raise MigrationError(f"unknown transceiver {target_id}", 404) from None
+        if target_id == call.transceiver_id:
+            raise MigrationError(f"call {call.call_id} is already on transceiver {target_id}")
+        if not target.healthy:
+            raise MigrationError(f"transceiver {target_id} is unhealthy")
+        if target.draining:
+            raise MigrationError(f"transceiver {target_id} is draining")
+        if target.calls >= target.capacity:
+            raise MigrationError(f"transceiver {target_id} is full ({target.calls}/{target.capacity} calls)")
+        return call, target
+
+    async def migrate(self, ref: str | int, target_id: int) -> MigrationResult:
+        call, target = self.check(ref, target_id)
+        conn = call.conn_id
+        source = self.registry.get_transceiver(call.transceiver_id)
+        old_owner = call.owner
+        res = MigrationResult(call.call_id, conn, source.id, target.id, "failed")
+        self.running.add(conn)
+        t0 = time.monotonic()
+        imported = False
+        new_owner: OwnerAddr | None = None
+        try:
+            try:
+                state = await self.client.call_op(source, "POST", f"/calls/{conn}/export", {"freeze": True})
+                res.steps["export"] = time.monotonic() - t0
+                reply = await self.client.call_op(target, "POST", "/calls/import", {"conn_id": conn, "state": state})
+                imported = True
+                new_owner = OwnerAddr(**reply["owner"])
+                res.steps["import"] = time.monotonic() - t0
+                legs = [leg for leg in self.slowpath.legs_of(conn) if leg.installed_at is not None]
+                staged = []
+                for leg in legs:
+                    ep = new_owner.for_family(leg.family)
+                    if ep is None:
+                        raise MigrationError(f"transceiver {target.id} has no address in the family of {leg.client}")
+                    self.datapath.add_reverse(ep, leg.flow_port, leg.client, leg.vip, conn)
+                    staged.append((ep, leg.flow_port))
+            except (TransceiverError, MigrationError, KeyError, TypeError, ValueError) as exc:
+                await self._roll_back(source, target, conn, imported, new_owner)
+                raise MigrationError(f"migration of call {call.call_id} failed, call left on transceiver "
+                                     f"{source.id}: {exc}", 502) from None
+            # The switch: one map update moves both directions of every flow.
+            res.generation = self.datapath.set_owner(conn, new_owner)
+            self.registry.set_owner(conn, target.id, new_owner)
+            res.flip_s = time.monotonic() - t0
+            try:
+                await self.client.call_op(target, "POST", f"/calls/{conn}/activate")
+            except TransceiverError as exc:  # it also starts on the first inbound packet
+                log.warning("activate on transceiver %d: %s", target.id, exc)
+            for leg in legs:
+                ep = old_owner.for_family(leg.family) if old_owner else None
+                if ep is not None and ep not in staged:
+                    self.datapath.remove_reverse(ep, leg.flow_port)
+            asyncio.create_task(self._release(source, conn))
+            res.switch_s = await self._first_packet(staged, t0)
+            res.outcome = "moved"
+            if res.switch_s is not None:
+                self.switch.observe(res.switch_s)
+            log.info("call %s moved from transceiver %d to %d (flip %.1f ms, first packet %s)", call.call_id,
+                     source.id, target.id, res.flip_s * 1000,
+                     f"{res.switch_s * 1000:.1f} ms" if res.switch_s is not None else "not seen")
+            return res
+        except MigrationError as exc:
+            res.error = str(exc)
+            raise
+        finally:
+            self.running.discard(conn)
+            self.outcomes.labels(res.outcome).inc()
+
+    async def _roll_back(self, source, target, conn: int, imported: bool, new_owner: OwnerAddr | None) -> None:
+        if new_owner is not None:
+            for leg in self.slowpath.legs_of(conn):
+                ep = new_owner.for_family(leg.family)
+                if ep is not None:
+                    self.datapath.remove_reverse(ep, leg.flow_port)
+        if imported:
+            try:
+                await self.client.delete_call(target, conn)
+            except TransceiverError as exc:
+                log.warning("roll-back: dropping the import on transceiver %d: %s", target.id, exc)
+        try:
+            await self.client.call_op(source, "POST", f"/calls/{conn}/unfreeze")
+        except TransceiverError as exc:
+            log.error("roll-back: unfreezing call %d on transceiver %d: %s", conn, source.id, exc)
+
+    async def _release(self, source, conn: int) -> None:
+        try:
+            await self.client.call_op(source, "POST", f"/calls/{conn}/release", expect=(200, 204, 404))
+        except TransceiverError as exc:
+            # The call no longer depends on it: whatever it sends is dropped.
+            log.warning("release on transceiver %d: %s", source.id, exc)
+
+    async def _first_packet(self, staged: list, t0: float) -> float | None:
+        deadline = t0 + FIRST_PACKET_WAIT
+        while time.monotonic() < deadline:
+            for ep, flow_port in staged:
+                if self.datapath.reverse_packets(ep, flow_port):
+                    return time.monotonic() - t0
+            await asyncio.sleep(0.0005)
+        return None
+
+    async def drain(self, transceiver_id: int) -> list[MigrationResult]:
+        """Stop new placements on a transceiver and move each of its calls to
+        the least-loaded other healthy transceiver."""
+        try:
+            self.registry.set_draining(transceiver_id)
+        except UnknownTransceiverError:
+            raise MigrationError(f"unknown transceiver {transceiver_id}", 404) from None
+        results = []
+        for call in [c for c in self.registry.calls() if c.transceiver_id == transceiver_id and c.state == "active"]:
+            try:
+                target = self.registry.place(exclude=[transceiver_id])
+            except Exception as exc:
+                results.append(MigrationResult(call.call_id, call.conn_id, transceiver_id, 0, "failed", str(exc)))
+                continue
+            try:
+                results.append(await self.migrate(call.conn_id, target.id))
+            except MigrationError as exc:
+                results.append(MigrationResult(call.call_id, call.conn_id, transceiver_id, target.id, "failed",
+                                               str(exc)))
+        return results
