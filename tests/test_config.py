@@ -1,0 +1,90 @@
+"""relayd configuration: files, environment overrides, and errors that name
+the field, the value and the reason (never a traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from manager.config import ConfigError, load_config
+
+GOOD = """
+hint_key = "00112233445566778899aabbccddeeff"
+
+[datapath]
+interfaces = ["pub0", "tx1"]
+vips = [{ addr = "10.10.1.1", port = 3478 }]
+internal_addr4 = "10.10.0.1"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "relayd.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_good_file_and_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), environ={})
+    assert cfg.datapath.vips[0].as_tuple() == ("10.10.1.1", 3478)
+    assert cfg.datapath.max_flows >= 1 << 20  # the flow map holds at least 1M by default
+    assert cfg.signaling.port == 8080 and cfg.detach_on_exit is False
+    assert cfg.hint_key_bytes == bytes.fromhex("00112233445566778899aabbccddeeff")
+
+
+def test_environment_overrides_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), environ={
+        "SPLITRELAY__SIGNALING__PORT": "9090",
+        "SPLITRELAY__DATAPATH__INTERFACES": '["eth9"]',
+        "SPLITRELAY__DETACH_ON_EXIT": "true",
+    })
+    assert cfg.signaling.port == 9090
+    assert cfg.datapath.interfaces == ["eth9"]
+    assert cfg.detach_on_exit is True
+
+
+def test_yaml_file(tmp_path):
+    pytest.importorskip("yaml")
+    text = ('hint_key: "00112233445566778899aabbccddeeff"\n'
+            "datapath:\n  vips: [{addr: 'fd00::1', port: 3478}]\n  internal_addr6: 'fd00::2'\n")
+    cfg = load_config(write(tmp_path, text, "relayd.yaml"), environ={})
+    assert cfg.datapath.vips[0].family == 10
+
+
+@pytest.mark.parametrize("override, expected", [
+    ({"SPLITRELAY__SIGNALING__PORT": "70000"}, "signaling.port: 70000: Input should be less than or equal to 65535"),
+    ({"SPLITRELAY__HINT_KEY": "abc"}, "hint_key: 'abc': must be hexadecimal"),
+    ({"SPLITRELAY__HINT_KEY": "00ff"}, "hint_key: '00ff': must be at least 16 bytes (32 hex digits), got 2 bytes"),
+    ({"SPLITRELAY__DATAPATH__PIN_DIR": "/tmp/x"},
+     "datapath.pin_dir: '/tmp/x': must be a directory under /sys/fs/bpf (bpffs), got /tmp/x"),
+    ({"SPLITRELAY__DATAPATH__INTERNAL_ADDR4": "fd00::1"}, "datapath.internal_addr4: 'fd00::1': not an IPv4 address"),
+    ({"SPLITRELAY__DATAPATH__FLOW_PORT_MIN": "3000", "SPLITRELAY__DATAPATH__FLOW_PORT_MAX": "4000"},
+     "VIP port 3478 lies inside the flow-port range"),
+    ({"SPLITRELAY__DATAPATH__XDP_MODE": "turbo"}, "datapath.xdp_mode: 'turbo': Input should be 'auto', 'native' or 'generic'"),
+    ({"SPLITRELAY__SIGNALING__BOGUS": "1"}, "signaling.bogus: 1: Extra inputs are not permitted"),
+])
+def test_invalid_values_name_field_value_reason(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD), environ=override)
+    assert expected in str(info.value)
+
+
+def test_missing_and_unreadable(tmp_path):
+    with pytest.raises(ConfigError, match="hint_key: required field is missing"):
+        load_config(write(tmp_path, "[datapath]\n"), environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml", environ={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "hint_key = \n"), environ={})
+
+
+def test_relayd_rejects_bad_config_in_one_message(tmp_path):
+    bad = write(tmp_path, GOOD.replace("3478", "0"))
+    proc = subprocess.run([sys.executable, "-m", "cli.relayd", "-c", str(bad)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "datapath.vips.0.port: 0: Input should be greater than or equal to 1" in proc.stderr
