@@ -16,7 +16,7 @@ grep -q '^ID=debian' /etc/os-release 2>/dev/null || say "warning: not Debian; pa
 
 # --- apt packages -----------------------------------------------------------
 pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
-      iproute2 ethtool linux-headers-amd64 procps util-linux)
+      python3-yaml iproute2 ethtool linux-headers-amd64 procps util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
