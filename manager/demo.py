@@ -278,14 +278,25 @@ class CallReport:
     dc_sent: int = 0
     dc_echoed: int = 0
     dc_rtt_ms_p50: float | None = None
+    signaling_states: list[str] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)   # name → seconds since the call started
+    frames_after: dict[str, int] = field(default_factory=dict)       # audio frames received after each mark
+    tone_ratio_after: dict[str, float] = field(default_factory=dict)  # tone strength after each mark (+0.3 s)
     error: str | None = None
 
     @property
     def connected(self) -> bool:
         return "connected" in self.connection_states
 
+    def mark(self, name: str) -> None:
+        """Note a moment (e.g. a migration) to measure audio after it."""
+        self.marks[name] = time.monotonic() - self._t0
+
+    _t0: float = 0.0
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "connected": self.connected}
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        return {**d, "connected": self.connected}
 
 
 async def client_call(signaling_url: str, *, duration: float = 4.0, messages: int = 10,
@@ -297,6 +308,7 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
     rep = CallReport()
+    rep._t0 = time.monotonic()
     # No STUN server: aiortc's default is a public one, unreachable (and not
     # wanted) from the lab; the relay's answer carries its public address.
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -314,7 +326,12 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
     def _ice() -> None:
         rep.ice_states.append(pc.iceConnectionState)
 
+    @pc.on("signalingstatechange")
+    def _sig() -> None:
+        rep.signaling_states.append(pc.signalingState)
+
     received: list = []
+    arrivals: list[float] = []
 
     @pc.on("track")
     def _track(track) -> None:
@@ -322,6 +339,7 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
             while True:
                 try:
                     received.append(await track.recv())
+                    arrivals.append(time.monotonic() - rep._t0)
                 except Exception:
                     return
         asyncio.ensure_future(pull())
@@ -371,6 +389,10 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
             await _collect_stats(pc, rep)
             rep.audio_frames_received = len(received)
             rep.tone_ratio = _tone_ratio(received[len(received) // 3:])
+            for name, at in rep.marks.items():
+                after = [f for f, t in zip(received, arrivals) if t >= at]
+                rep.frames_after[name] = len(after)
+                rep.tone_ratio_after[name] = _tone_ratio([f for f, t in zip(received, arrivals) if t >= at + 0.3])
         finally:
             if hang_up and rep.call_url:
                 async with http.delete(rep.call_url) as resp:

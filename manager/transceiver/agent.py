@@ -209,14 +209,23 @@ class AgentSession:
         # per-track queue from growing when the agent is slow.
         try:
             while True:
-                frame = await track.recv()
-                self.audio_frames_in += 1
-                if self._audio.qsize() >= MAX_QUEUED_FRAMES:
-                    self._audio.get_nowait()
-                    self.audio_frames_dropped += 1
-                self._audio.put_nowait(frame)
+                self.deliver_audio(await track.recv())
         except MediaStreamError:
             pass
+
+    def deliver_audio(self, frame: av.AudioFrame) -> None:
+        """Queue one decoded client frame for :meth:`recv_audio` (oldest dropped when full).
+
+        The aiortc path feeds it from the remote track; an imported call
+        (``migrated.py``) from its own decoder.
+        """
+        if self._closed:
+            return
+        self.audio_frames_in += 1
+        if self._audio.qsize() >= MAX_QUEUED_FRAMES:
+            self._audio.get_nowait()
+            self.audio_frames_dropped += 1
+        self._audio.put_nowait(frame)
 
     def attach_channel(self, channel: Any) -> None:
         """Register a data channel the client opened."""
@@ -259,6 +268,11 @@ class AgentSession:
         self._audio.put_nowait(None)
         self._messages.put_nowait(None)
         self.out_track.stop()
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Continue the counters of a migrated call (what :meth:`export_state` produced)."""
+        for key in ("audio_frames_in", "audio_frames_dropped", "messages_in", "messages_out"):
+            setattr(self, key, int(state.get(key, 0)))
 
     def export_state(self) -> dict[str, Any]:
         return {

@@ -37,6 +37,13 @@ from aiortc.rtcicetransport import RTCIceTransport
 from aiortc.rtp import is_rtcp
 
 from .agent import Agent, AgentFactory, AgentSession, EchoAgent
+from .migrated import (
+    DEFAULT_CONSENT_TIMEOUT,
+    ImportSpec,
+    MigratedCall,
+    RtpStreamState,
+    migration_blocker,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +77,11 @@ class CapacityExceeded(TransceiverError):
 
 class UnknownCall(TransceiverError):
     """No such conn_id (HTTP 404)."""
+
+
+class CallStateConflict(TransceiverError):
+    """The call's state does not allow this operation now (HTTP 409), e.g. an
+    export of a call that is not connected or cannot be migrated."""
 
 
 # -- shared ICE socket --------------------------------------------------------------------
@@ -109,9 +121,12 @@ class _CallPort(asyncio.DatagramTransport):
         self.protocol = protocol
         self.addrs: set[Addr] = set()
         self._closing = False
+        #: Drop everything this call sends (it was released after a migration:
+        #: its DTLS close_notify, SCTP ABORT and consent checks must not go out).
+        self.muted = False
 
     def sendto(self, data: bytes, addr: Addr | None = None) -> None:  # type: ignore[override]
-        if self._closing or addr is None or self.mux.transport is None:
+        if self._closing or self.muted or addr is None or self.mux.transport is None:
             return
         addr = (addr[0], addr[1])
         # Claim the source address only when this call's ICE agent answers a
@@ -233,40 +248,6 @@ class IceMux(asyncio.DatagramProtocol):
 
 
 @dataclass
-class RtpStreamState:
-    """What a new owner needs to continue (tx) or accept (rx) one SSRC's RTP stream."""
-
-    ssrc: int
-    payload_type: int
-    seq: int = 0  # highest sequence number seen
-    timestamp: int = 0  # RTP timestamp of that packet
-    roc: int = 0  # SRTP rollover counter (RFC 3711 3.3.1), counts seq wraps
-    packets: int = 0
-
-    def update(self, seq: int, timestamp: int, payload_type: int) -> None:
-        if self.packets == 0:
-            self.seq, self.timestamp = seq, timestamp
-        else:
-            delta = (seq - self.seq) & 0xFFFF
-            if 0 < delta < 0x8000:  # newer (modulo 2^16), else duplicate/reordered
-                if seq < self.seq:
-                    self.roc = (self.roc + 1) & U32_MAX
-                self.seq, self.timestamp = seq, timestamp
-        self.payload_type = payload_type
-        self.packets += 1
-
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "ssrc": self.ssrc,
-            "payload_type": self.payload_type,
-            "seq": self.seq,
-            "timestamp": self.timestamp,
-            "roc": self.roc,
-            "packets": self.packets,
-        }
-
-
-@dataclass
 class SrtpKeys:
     profile: str  # OpenSSL name, e.g. "SRTP_AEAD_AES_128_GCM"
     keying_material: bytes  # RFC 5764 EXTRACTOR-dtls_srtp output
@@ -291,6 +272,12 @@ class MediaTap:
       sequence, timestamp, ROC, SRTCP index.
     * ``_handle_rtp_data`` / ``_handle_rtcp_data``: plaintext after
       unprotection: the same for rx.
+
+    The ``_send_rtp`` wrapper also implements the migration *freeze*: while
+    frozen, outgoing RTP/RTCP is dropped before protection (so neither a
+    sequence number the client sees nor an SRTCP index is used up), and
+    :meth:`unfreeze` renumbers the packets that follow so the client sees no
+    sequence gap (only a timestamp jump, like a pause in speech).
     """
 
     def __init__(self) -> None:
@@ -301,6 +288,21 @@ class MediaTap:
         self.rx: dict[int, RtpStreamState] = {}
         self.tx_rtcp: Counter[int] = Counter()  # per sender SSRC = next SRTCP index
         self.rx_rtcp: Counter[int] = Counter()
+        self.frozen_at: float | None = None  # wall clock of the freeze (for the new owner)
+        self.frozen_monotonic: float | None = None
+        self.frozen_dropped = 0  # RTP + RTCP packets not sent while frozen
+        self._seq_shift: Counter[int] = Counter()  # per tx SSRC: RTP packets dropped frozen
+
+    @property
+    def frozen(self) -> bool:
+        return self.frozen_at is not None
+
+    def freeze(self) -> None:
+        if self.frozen_at is None:
+            self.frozen_at, self.frozen_monotonic = time.time(), time.monotonic()
+
+    def unfreeze(self) -> None:
+        self.frozen_at = self.frozen_monotonic = None
 
     def install(self, dtls: RTCDtlsTransport) -> None:
         orig_setup = dtls._setup_srtp
@@ -314,6 +316,10 @@ class MediaTap:
                 self._capture_keys(dtls)
 
         async def send_rtp(data: bytes) -> None:
+            if self.frozen_at is not None:
+                self._drop_frozen(data)
+                return
+            data = self._renumber(data)
             await orig_send(data)  # raises if not connected: nothing was protected
             self._observe(data, self.tx, self.tx_rtcp)
 
@@ -350,6 +356,23 @@ class MediaTap:
         )
         self.dtls_version = ssl.get_protocol_version_name()
         self.dtls_cipher = ssl.get_cipher_name()
+
+    def _drop_frozen(self, data: bytes) -> None:
+        self.frozen_dropped += 1
+        if len(data) >= 12 and not is_rtcp(data):
+            self._seq_shift[int.from_bytes(data[8:12], "big")] += 1
+
+    def _renumber(self, data: bytes) -> bytes:
+        # aiortc's sender numbered the packets dropped while frozen too; close
+        # that gap. (Audio gets no NACK retransmissions from aiortc, whose
+        # history is keyed by its own numbers.)
+        if not self._seq_shift or len(data) < 12 or is_rtcp(data):
+            return data
+        shift = self._seq_shift.get(int.from_bytes(data[8:12], "big"), 0)
+        if not shift:
+            return data
+        seq = (int.from_bytes(data[2:4], "big") - shift) & 0xFFFF
+        return data[:2] + seq.to_bytes(2, "big") + data[4:]
 
     @staticmethod
     def _observe(data: bytes, streams: dict[int, RtpStreamState], rtcp: Counter[int]) -> None:
@@ -474,6 +497,8 @@ class Transceiver:
     :param ice_port: UDP port for all those sockets (0: one ephemeral port,
         the same for every family when possible).
     :param connect_timeout: seconds a call may stay unconnected before it is dropped.
+    :param consent_timeout: seconds an imported call lives without a consent
+        check from the client (calls placed here use aioice's own consent logic).
     """
 
     def __init__(
@@ -485,6 +510,7 @@ class Transceiver:
         bind_addrs: Sequence[str] = ("127.0.0.1",),
         ice_port: int = 0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
     ) -> None:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
@@ -511,11 +537,12 @@ class Transceiver:
         self.bind_addrs = list(bind_addrs)
         self.ice_port = ice_port
         self.connect_timeout = connect_timeout
+        self.consent_timeout = consent_timeout
         #: Called with (conn_id, reason) when a call ends, whatever the cause.
         self.on_call_ended: list[Callable[[int, str], None]] = []
         self.ended: deque[dict[str, Any]] = deque(maxlen=100)
         self._muxes: list[IceMux] = []
-        self._calls: dict[int, Call] = {}
+        self._calls: dict[int, Call | MigratedCall] = {}
         self._reserved: set[int] = set()
         self._ufrags: set[str] = set()
         self._started = False
@@ -595,6 +622,7 @@ class Transceiver:
         demux: Counter[str] = Counter()
         for mux in self._muxes:
             demux.update(mux.stats)
+        calls = list(self._calls.values())
         return {
             "id": self.id,
             "healthy": self.healthy,
@@ -602,25 +630,50 @@ class Transceiver:
             "calls": len(self._calls),
             "owner": self.owner,
             "demux": dict(demux),
+            "migration": {
+                "frozen": sorted(c.conn_id for c in calls if self._frozen_at(c) is not None),
+                "imported": {
+                    str(c.conn_id): c.info() for c in calls if isinstance(c, MigratedCall)
+                },
+            },
         }
 
-    def _get(self, conn_id: int) -> Call:
+    def _get(self, conn_id: int) -> Call | MigratedCall:
         call = self._calls.get(conn_id)
         if call is None:
             raise UnknownCall(f"no call with conn_id {conn_id}")
         return call
 
+    @staticmethod
+    def _frozen_at(call: Call | MigratedCall) -> float | None:
+        return call.tap.frozen_at if isinstance(call, Call) else call.frozen_at
+
     def call_info(self, conn_id: int) -> dict[str, Any]:
         """Live state of a call, without secrets."""
         call = self._get(conn_id)
+        if isinstance(call, MigratedCall):
+            return {
+                "conn_id": conn_id,
+                "imported": True,
+                "connection_state": "connected",  # as far as the client is concerned
+                "ice_connection_state": "completed",
+                "ice_state": "completed",
+                "dtls_state": "not migrated",
+                "created_at": call.created_at,
+                "connected_at": call.connected_at,
+                "migration": call.info(),
+                "export": self.export_call_state(conn_id, include_secrets=False),
+            }
         return {
             "conn_id": conn_id,
+            "imported": False,
             "connection_state": call.pc.connectionState,
             "ice_connection_state": call.pc.iceConnectionState,
             "ice_state": call.ice.state,
             "dtls_state": call.dtls.state,
             "created_at": call.created_at,
             "connected_at": call.connected_at,
+            "migration": {"frozen_at": call.tap.frozen_at, "frozen_dropped": call.tap.frozen_dropped},
             "export": self.export_call_state(conn_id, include_secrets=False),
         }
 
@@ -844,16 +897,38 @@ class Transceiver:
             await self._end_call(call, f"not connected within {self.connect_timeout:g} s")
 
     async def close_call(self, conn_id: int, reason: str = "closed by control API") -> None:
-        """Hang up call ``conn_id`` (DTLS close_notify to the client); raises :class:`UnknownCall`."""
+        """Hang up call ``conn_id`` (DTLS close_notify to the client); raises :class:`UnknownCall`.
+
+        An imported call has no DTLS session, so it just stops (the client
+        notices by consent failure or silence).
+        """
         await self._end_call(self._get(conn_id), reason)
 
-    async def _end_call(self, call: Call, reason: str) -> None:
+    async def _end_call(self, call: Call | MigratedCall, reason: str, *, quiet: bool = False) -> None:
         if call.ending:
             return
         call.ending = True
         # Forget it first, so the heartbeat stops listing it right away.
         self._calls.pop(call.conn_id, None)
         self._ufrags.discard(call.ufrag)
+        if isinstance(call, MigratedCall):
+            await call.close()
+        else:
+            await self._close_peer(call, quiet)
+        self.ended.append({"conn_id": call.conn_id, "reason": reason, "ended_at": time.time()})
+        logger.info("call %d ended: %s", call.conn_id, reason)
+        for callback in list(self.on_call_ended):
+            try:
+                callback(call.conn_id, reason)
+            except Exception:
+                logger.exception("on_call_ended callback failed")
+
+    async def _close_peer(self, call: Call, quiet: bool) -> None:
+        if quiet:
+            # Released after a migration: the client now talks to the new owner,
+            # so no DTLS close_notify, SCTP ABORT or consent check may go out.
+            for port in call.ports:
+                port.muted = True
         call.session.close()
         for task in (call.agent_task, call.timeout_task):
             if task is not None and task is not asyncio.current_task():
@@ -864,13 +939,108 @@ class Transceiver:
             logger.exception("closing call %d", call.conn_id)
         for port in call.ports:  # normally done by aioice's Connection.close()
             port.close()
-        self.ended.append({"conn_id": call.conn_id, "reason": reason, "ended_at": time.time()})
-        logger.info("call %d ended: %s", call.conn_id, reason)
-        for callback in list(self.on_call_ended):
-            try:
-                callback(call.conn_id, reason)
-            except Exception:
-                logger.exception("on_call_ended callback failed")
+
+    # -- live migration ----------------------------------------------------------------
+
+    def export_call(self, conn_id: int, *, freeze: bool = False) -> dict[str, Any]:
+        """State for a new owner (with secrets); with ``freeze``, stop sending RTP/RTCP now.
+
+        A frozen call keeps receiving and answering ICE checks; its state
+        carries the last sequence number/timestamp sent and the freeze time.
+        Raises :class:`UnknownCall`, or :class:`CallStateConflict` when the
+        call is not connected or cannot be migrated (see :func:`migration_blocker`).
+        """
+        call = self._get(conn_id)
+        if isinstance(call, Call) and (call.pc.connectionState != "connected" or call.tap.srtp is None):
+            raise CallStateConflict(
+                f"call {conn_id} is not connected (state {call.pc.connectionState}); "
+                "only a connected call can be exported"
+            )
+        problem = migration_blocker(self.export_call_state(conn_id))
+        if problem is not None:
+            raise CallStateConflict(f"call {conn_id} cannot be migrated: {problem}")
+        if freeze:
+            if isinstance(call, Call):
+                call.tap.freeze()
+            else:
+                call.freeze()
+            logger.info("call %d frozen for migration", conn_id)
+        return self.export_call_state(conn_id)
+
+    def unfreeze_call(self, conn_id: int) -> None:
+        """Resume sending after a failed migration (no-op if not frozen)."""
+        call = self._get(conn_id)
+        if isinstance(call, Call):
+            call.tap.unfreeze()
+        else:
+            call.unfreeze()
+        logger.info("call %d unfrozen", conn_id)
+
+    async def release_call(self, conn_id: int) -> None:
+        """Drop a call that now belongs to another transceiver, sending nothing to the client."""
+        await self._end_call(self._get(conn_id), "released after migration", quiet=True)
+
+    async def import_call(self, conn_id: int, state: Any) -> dict[str, Any]:
+        """Take over a call exported by another transceiver; returns the owner address.
+
+        Afterwards the call answers the client's consent checks and decrypts
+        its media, but sends no media until :meth:`activate_call` or the first
+        authenticated packet from the client. Raises :class:`InvalidRequest`
+        (bad state), :class:`DuplicateCall` or :class:`CapacityExceeded`.
+        """
+        if isinstance(conn_id, bool) or not isinstance(conn_id, int) or not 0 <= conn_id <= U32_MAX:
+            raise InvalidRequest("conn_id must be an integer in 0..4294967295")
+        if self._stopping:
+            raise CapacityExceeded("transceiver is stopping")
+        await self.start()
+        if conn_id in self._calls or conn_id in self._reserved:
+            raise DuplicateCall(f"conn_id {conn_id} already has a call")
+        try:
+            spec = ImportSpec.parse(state)
+        except ValueError as exc:
+            raise InvalidRequest(f"state rejected: {exc}") from None
+        if spec.conn_id != conn_id:
+            raise InvalidRequest(f"state is for conn_id {spec.conn_id}, not {conn_id}")
+        if spec.local_ufrag in self._ufrags:
+            raise DuplicateCall(f"ufrag {spec.local_ufrag!r} is already in use")
+        if len(self._calls) + len(self._reserved) >= self.capacity:
+            raise CapacityExceeded(f"at capacity ({self.capacity} calls)")
+
+        session = AgentSession(conn_id)
+        session.import_state(spec.session_state)
+        agent = self.agent_factory()
+        try:
+            agent.import_state(spec.agent_state)
+        except Exception as exc:  # noqa: BLE001 - the agent's own validation
+            raise InvalidRequest(f"agent state rejected: {exc}") from None
+
+        async def consent_expired(c: MigratedCall) -> None:
+            await self._end_call(c, "ICE consent expired")
+
+        try:
+            call = MigratedCall(
+                spec,
+                session,
+                agent,
+                consent_timeout=self.consent_timeout,
+                on_consent_expired=consent_expired,
+            )
+            call.attach(self._muxes)
+        except ValueError as exc:
+            session.close()
+            raise InvalidRequest(f"state rejected: {exc}") from None
+        self._calls[conn_id] = call
+        self._ufrags.add(call.ufrag)
+        call.start()
+        logger.info("call %d imported (from transceiver %s)", conn_id, state.get("transceiver_id"))
+        return self.owner
+
+    def activate_call(self, conn_id: int) -> None:
+        """The relay flipped ownership: an imported call starts sending now (idempotent)."""
+        call = self._get(conn_id)
+        if not isinstance(call, MigratedCall):
+            raise CallStateConflict(f"call {conn_id} was not imported (it is sending already)")
+        call.activate("api")
 
     # -- state export -------------------------------------------------------------------
 
@@ -891,6 +1061,8 @@ class Transceiver:
         are hex/str; ``include_secrets=False`` leaves them out.
         """
         call = self._get(conn_id)
+        if isinstance(call, MigratedCall):
+            return call.export(self.id, self.owner, include_secrets)
         conn = call.connection
         pair = self._selected_pair(call)
         ice: dict[str, Any] = {
@@ -939,6 +1111,9 @@ class Transceiver:
                     "remote_ssrcs": sorted(
                         {s.ssrc for m in call.offer.media if m.rtp.muxId == t.mid for s in m.ssrc}
                     ),
+                    "header_extensions": [
+                        {"id": x.id, "uri": x.uri} for x in t._headerExtensions
+                    ],
                 }
             )
         tapped = call.tap.export(include_secrets)
@@ -972,5 +1147,9 @@ class Transceiver:
             if sctp is None
             else {"mid": sctp.mid, "state": sctp.state, "port": sctp.port},
             "agent": {"session": call.session.export_state(), "state": call.agent.export_state()},
+            "frozen": None
+            if call.tap.frozen_at is None
+            else {"at": call.tap.frozen_at, "monotonic": call.tap.frozen_monotonic},
+            "migrations": 0,  # times this call was imported (an imported call counts on)
         }
         return state

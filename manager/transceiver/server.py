@@ -9,6 +9,17 @@ Routes (JSON bodies, errors as ``{"error": "..."}``):
 * ``GET /calls`` -> ``{"calls": [conn_id, ...]}``.
 * ``GET /health`` -> ``{"id", "healthy", "capacity", "calls", ...}``.
 
+Live migration (docs/transceiver.md, "Migration"):
+
+* ``POST /calls/{conn_id}/export`` ``{"freeze": bool}`` -> 200 state with secrets;
+  404 unknown, 409 not connected or not migratable.
+* ``POST /calls/{conn_id}/unfreeze`` -> 204 (the call resumes sending here).
+* ``POST /calls/{conn_id}/release`` -> 204 (dropped quietly: it moved away).
+* ``POST /calls/import`` ``{"conn_id", "state"}`` -> 201 ``{"owner"}``;
+  400 bad state, 409 duplicate, 503 at capacity.
+* ``POST /calls/{conn_id}/activate`` -> 204 (an imported call starts sending);
+  409 for a call that was not imported.
+
 The :class:`Registrar` registers with ``POST {relay_url}/v1/transceivers`` and
 then heartbeats ``PUT {relay_url}/v1/transceivers/{id}/heartbeat`` every
 second (and right away when a call ends), re-registering on 404.
@@ -17,9 +28,11 @@ second (and right away when a call ends), re-registering on 404.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +40,8 @@ from aiohttp import web
 from .agent import AgentFactory, EchoAgent
 from .endpoint import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_CONSENT_TIMEOUT,
+    CallStateConflict,
     CapacityExceeded,
     DuplicateCall,
     InvalidRequest,
@@ -56,6 +71,7 @@ class TransceiverConfig:
     control_url: str | None = None  # advertised URL; default from listen_host:port
     heartbeat_interval: float = 1.0
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    consent_timeout: float = DEFAULT_CONSENT_TIMEOUT  # imported calls (migration)
     agent_factory: AgentFactory = EchoAgent
 
 
@@ -74,13 +90,22 @@ def _conn_id_from_path(request: web.Request) -> int:
     return conn_id
 
 
+async def _json_body(request: web.Request, optional: bool = False) -> dict[str, Any] | None:
+    """The request's JSON object, {} for an empty optional body, None if invalid."""
+    raw = await request.read()
+    if optional and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):  # json.JSONDecodeError is a ValueError
+        return None
+    return body if isinstance(body, dict) else None
+
+
 async def _post_call(request: web.Request) -> web.Response:
     tx = request.app[TRANSCEIVER_KEY]
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):  # json.JSONDecodeError is a ValueError
-        return _error(400, "body must be a JSON object")
-    if not isinstance(body, dict):
+    body = await _json_body(request)
+    if body is None:
         return _error(400, "body must be a JSON object")
     missing = [k for k in ("conn_id", "ufrag", "offer") if k not in body]
     if missing:
@@ -113,6 +138,68 @@ async def _get_call(request: web.Request) -> web.Response:
         return _error(404, str(exc))
 
 
+async def _export_call(request: web.Request) -> web.Response:
+    tx = request.app[TRANSCEIVER_KEY]
+    conn_id = _conn_id_from_path(request)
+    body = await _json_body(request, optional=True)
+    if body is None:
+        return _error(400, "body must be a JSON object")
+    freeze = body.get("freeze", False)
+    if not isinstance(freeze, bool):
+        return _error(400, "freeze must be true or false")
+    try:
+        return web.json_response(tx.export_call(conn_id, freeze=freeze))
+    except UnknownCall as exc:
+        return _error(404, str(exc))
+    except CallStateConflict as exc:
+        return _error(409, str(exc))
+
+
+async def _unfreeze_call(request: web.Request) -> web.Response:
+    try:
+        request.app[TRANSCEIVER_KEY].unfreeze_call(_conn_id_from_path(request))
+    except UnknownCall as exc:
+        return _error(404, str(exc))
+    return web.Response(status=204)
+
+
+async def _release_call(request: web.Request) -> web.Response:
+    try:
+        await request.app[TRANSCEIVER_KEY].release_call(_conn_id_from_path(request))
+    except UnknownCall as exc:
+        return _error(404, str(exc))
+    return web.Response(status=204)
+
+
+async def _activate_call(request: web.Request) -> web.Response:
+    try:
+        request.app[TRANSCEIVER_KEY].activate_call(_conn_id_from_path(request))
+    except UnknownCall as exc:
+        return _error(404, str(exc))
+    except CallStateConflict as exc:
+        return _error(409, str(exc))
+    return web.Response(status=204)
+
+
+async def _import_call(request: web.Request) -> web.Response:
+    tx = request.app[TRANSCEIVER_KEY]
+    body = await _json_body(request)
+    if body is None:
+        return _error(400, "body must be a JSON object")
+    missing = [k for k in ("conn_id", "state") if k not in body]
+    if missing:
+        return _error(400, f"missing field(s): {', '.join(missing)}")
+    try:
+        owner = await tx.import_call(body["conn_id"], body["state"])
+    except InvalidRequest as exc:
+        return _error(400, str(exc))
+    except DuplicateCall as exc:
+        return _error(409, str(exc))
+    except CapacityExceeded as exc:
+        return _error(503, str(exc))
+    return web.json_response({"owner": owner}, status=201)
+
+
 async def _list_calls(request: web.Request) -> web.Response:
     return web.json_response({"calls": request.app[TRANSCEIVER_KEY].calls()})
 
@@ -125,6 +212,11 @@ def create_app(transceiver: Transceiver) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[TRANSCEIVER_KEY] = transceiver
     app.router.add_post("/calls", _post_call)
+    app.router.add_post("/calls/import", _import_call)
+    app.router.add_post("/calls/{conn_id}/export", _export_call)
+    app.router.add_post("/calls/{conn_id}/unfreeze", _unfreeze_call)
+    app.router.add_post("/calls/{conn_id}/release", _release_call)
+    app.router.add_post("/calls/{conn_id}/activate", _activate_call)
     app.router.add_get("/calls", _list_calls)
     app.router.add_get("/calls/{conn_id}", _get_call)
     app.router.add_delete("/calls/{conn_id}", _delete_call)
@@ -256,6 +348,7 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
         bind_addrs=config.bind_addrs,
         ice_port=config.ice_port,
         connect_timeout=config.connect_timeout,
+        consent_timeout=config.consent_timeout,
     )
     await tx.start()
     runner = web.AppRunner(create_app(tx), access_log=None)
