@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,9 @@ def assert_dominant(samples: list[int], expected: float, others: list[float]) ->
 class Forwarder(asyncio.DatagramProtocol):
     """Userspace relay stand-in: one public socket, one socket per client address
     towards the transceiver's owner address. Records SRTP/SRTCP both ways;
-    `blackhole` drops everything (the client vanished)."""
+    `blackhole` drops everything (the client vanished). As the XDP program
+    does, a return packet is forwarded only if it comes from the current
+    `owner`; assigning `owner` is the relay's ownership flip."""
 
     def __init__(self, owner: tuple[str, int]) -> None:
         self.owner = owner
@@ -145,6 +148,7 @@ class Forwarder(asyncio.DatagramProtocol):
         self.leg_addrs: set[tuple[str, int]] = set()
         self.to_client: list[bytes] = []
         self.to_owner: list[bytes] = []
+        self.not_owner: Counter[tuple[str, int]] = Counter()  # dropped returns, by sender
         self.blackhole = False
 
     @classmethod
@@ -181,10 +185,13 @@ class Forwarder(asyncio.DatagramProtocol):
 
     def _from_owner(self, leg: socket.socket, client: tuple[str, int]) -> None:
         try:
-            data = leg.recv(2048)
+            data, sender = leg.recvfrom(2048)
         except OSError:
             return
         if self.blackhole or self.transport is None:
+            return
+        if sender[:2] != self.owner:
+            self.not_owner[sender[:2]] += 1
             return
         if 127 < data[0] < 192:
             self.to_client.append(data)

@@ -673,7 +673,10 @@ class Transceiver:
             "dtls_state": call.dtls.state,
             "created_at": call.created_at,
             "connected_at": call.connected_at,
-            "migration": {"frozen_at": call.tap.frozen_at, "frozen_dropped": call.tap.frozen_dropped},
+            "migration": {
+                "frozen_at": call.tap.frozen_at,
+                "frozen_dropped": call.tap.frozen_dropped,
+            },
             "export": self.export_call_state(conn_id, include_secrets=False),
         }
 
@@ -904,7 +907,9 @@ class Transceiver:
         """
         await self._end_call(self._get(conn_id), reason)
 
-    async def _end_call(self, call: Call | MigratedCall, reason: str, *, quiet: bool = False) -> None:
+    async def _end_call(
+        self, call: Call | MigratedCall, reason: str, *, quiet: bool = False
+    ) -> None:
         if call.ending:
             return
         call.ending = True
@@ -951,7 +956,9 @@ class Transceiver:
         call is not connected or cannot be migrated (see :func:`migration_blocker`).
         """
         call = self._get(conn_id)
-        if isinstance(call, Call) and (call.pc.connectionState != "connected" or call.tap.srtp is None):
+        if isinstance(call, Call) and (
+            call.pc.connectionState != "connected" or call.tap.srtp is None
+        ):
             raise CallStateConflict(
                 f"call {conn_id} is not connected (state {call.pc.connectionState}); "
                 "only a connected call can be exported"
@@ -1111,9 +1118,7 @@ class Transceiver:
                     "remote_ssrcs": sorted(
                         {s.ssrc for m in call.offer.media if m.rtp.muxId == t.mid for s in m.ssrc}
                     ),
-                    "header_extensions": [
-                        {"id": x.id, "uri": x.uri} for x in t._headerExtensions
-                    ],
+                    "header_extensions": [{"id": x.id, "uri": x.uri} for x in t._headerExtensions],
                 }
             )
         tapped = call.tap.export(include_secrets)
