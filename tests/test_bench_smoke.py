@@ -1,0 +1,132 @@
+"""The XDP benchmark measures what it says it measures.
+
+Runs the benchmark's own functions with tiny run counts and a small map and
+checks verdicts and counters, never timings: a hit is a REDIRECT on every
+run, an unknown STUN packet a PASS, anything else unknown a DROP.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from tests.bench import bench_xdp as bx
+from tests.xdp_harness import INT4, VERDICTS, VIP4, XDP_PASS, XDP_REDIRECT
+
+pytestmark = pytest.mark.netns
+
+FLOWS = 300
+PLAN = bx.Plan(repeat=2_000, samples=2, fresh_calls=20, spread_frames=64)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    b = bx.setup(capacity=4096)
+    try:
+        assert bx.grow(b, FLOWS) == FLOWS
+        yield b
+    finally:
+        bx.teardown(b)
+
+
+@pytest.fixture(scope="module")
+def results(bench):
+    return bx.bench_occupancy(bench, PLAN, FLOWS)
+
+
+def _one(results, case, program, repeat):
+    found = [m for m in results if m.case == case and m.program == program and m.repeat == repeat]
+    assert len(found) == 1, (case, program, repeat)
+    return found[0]
+
+
+@pytest.mark.parametrize("case,verdict,stat", [
+    ("hit → REDIRECT", "REDIRECT", "fwd_in_rtp"),
+    ("miss STUN → PASS", "PASS", "pass_stun_unknown"),
+    ("miss other → DROP", "DROP", "drop_unknown_not_stun"),
+])
+def test_relay_cases_count_every_run(results, case, verdict, stat):
+    m = _one(results, case, "relay", bx.TTL_RUNS)
+    assert m.verdict == verdict
+    assert m.stat == stat
+    assert m.packets == bx.TTL_RUNS * PLAN.hit_calls * PLAN.samples
+    assert m.counted == m.packets, f"{stat} rose by {m.counted}, runs measured {m.packets}"
+    assert m.others == {}
+    assert m.ok
+
+
+def test_long_runs_only_where_the_frame_is_unchanged(results):
+    """Misses leave the frame alone, so one call with a large repeat is valid;
+    the hit is only ever measured TTL_RUNS runs per buffer."""
+    for case, stat in (("miss STUN → PASS", "pass_stun_unknown"), ("miss other → DROP", "drop_unknown_not_stun")):
+        m = _one(results, case, "relay", PLAN.repeat)
+        assert m.counted == m.packets == PLAN.repeat * PLAN.samples and m.stat == stat
+    assert not [m for m in results if m.case == "hit → REDIRECT" and m.repeat > bx.TTL_RUNS]
+
+
+def test_fresh_frame_hits_one_flow_and_random_flows(results):
+    for case in ("hit → REDIRECT, one flow", "hit → REDIRECT, random flows"):
+        m = _one(results, case, "relay", 1)
+        assert m.verdict == "REDIRECT" and m.counted == m.packets == PLAN.fresh_calls * PLAN.samples and m.ok
+
+
+def test_ceilings(results):
+    for case, program, verdict in (("redirect only", "redirect_only", "REDIRECT"),
+                                   ("fib lookup + redirect", "fib_redirect", "REDIRECT"),
+                                   ("pass only", "pass_only", "PASS")):
+        for repeat in (bx.TTL_RUNS, PLAN.repeat):
+            m = _one(results, case, program, repeat)
+            assert m.verdict == verdict and m.others == {}, (case, repeat)
+
+
+def test_every_measurement_checks_out(results):
+    assert [m for m in results if not m.ok] == []
+    summary = bx.summarize({FLOWS: results}, PLAN)
+    text = bx.table({FLOWS: results}, summary, PLAN, [], 4096)
+    assert "CHECK FAILED" not in text
+    assert f"{len([m for m in results if m.program == 'relay'])}/" in text
+
+
+def test_rewritten_frame_is_a_fixed_point(bench):
+    """Why repeat works for the hit: the output is again a hit that maps onto
+    itself, only one TTL lower, so TTL 255 allows exactly TTL_RUNS forwards."""
+    frame = bx.client_frame(bx.HIT_CLIENT, bx.RTP)
+    verdict, out1, _ = bench.h.run(frame)
+    assert verdict == XDP_REDIRECT
+    ip = Ether(out1)[IP]
+    assert (ip.src, ip[UDP].sport, ip.dst, ip[UDP].dport) == (INT4, bx.HIT_FLOW_PORT, *bx.OWNER)
+    verdict, out2, _ = bench.h.run(out1)
+    assert verdict == XDP_REDIRECT
+    assert Ether(out2)[IP].ttl == ip.ttl - 1
+    assert out2[:22] + out2[26:] == out1[:22] + out1[26:]  # all but TTL and IP checksum
+    before = bench.dp.counters()
+    verdict, _, _ = bench.h.run(frame, repeat=bx.TTL_RUNS + 1)
+    after = bench.dp.counters()
+    moved = {k: after[k][0] - before[k][0] for k in after if after[k] != before[k]}
+    assert VERDICTS[verdict] == VERDICTS[XDP_PASS]
+    assert moved == {"fwd_in_rtp": bx.TTL_RUNS, "pass_ttl_expired": 1}
+
+
+def test_retupled_frames_are_what_scapy_builds():
+    frame = bx.client_frame(bx.HIT_CLIENT, bx.RTP)
+    addr, port, _, _ = bx.filler(12345)
+    dotted = ".".join(str(b) for b in addr.to_bytes(4, "big"))
+    assert bx.retuple(frame, addr, port) == bx.client_frame((dotted, port), bx.RTP)
+
+
+def test_filler_flows_are_distinct_and_in_the_map(bench):
+    tuples = {bx.filler(i)[:2] for i in range(FLOWS)}
+    assert len(tuples) == FLOWS
+    addr, port, conn, fport = bx.filler(7)
+    dotted = ".".join(str(b) for b in addr.to_bytes(4, "big"))
+    flow = bench.dp.get_flow((dotted, port), (VIP4, bx.VIP_PORT))
+    assert flow is not None and flow.conn_id == conn and flow.flow_port == fport
+    assert bench.dp.get_owner(conn)[0].for_family(2) == bx.OWNER
+
+
+def test_live_frames_are_all_delivered_and_forwarded(bench):
+    live = bx.bench_live(bench, 2_000)
+    relay = next(r for r in live if r.program == "relay")
+    assert relay.forwarded == relay.delivered == 2_000 and relay.others == {}
+    assert all(r.ok for r in live)
