@@ -16,6 +16,7 @@ import time
 from aiohttp import web
 
 from .config import RelaydConfig
+from .control import start_control, stop_control
 from .datapath import Datapath
 from .metrics import Metrics
 from .migration import Migrator
@@ -42,6 +43,7 @@ class Relay:
         self.migrator: Migrator | None = None
         self.metrics = Metrics(self)
         self._metrics_runner: web.AppRunner | None = None
+        self._control = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -72,11 +74,14 @@ class Relay:
             await self._metrics_runner.setup()
             await web.TCPSite(self._metrics_runner, cfg.metrics.host, cfg.metrics.port).start()
         self.started_at = time.time()
+        self._control = await start_control(self)
         log.info("relayd ready: signaling on %s:%d, VIPs %s", cfg.signaling.host, cfg.signaling.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
 
     async def stop(self, *, detach: bool | None = None) -> None:
         detach = self.cfg.detach_on_exit if detach is None else detach
+        await stop_control(self._control)
+        self._control = None
         for runner in (self._runner, self._metrics_runner):
             if runner is not None:
                 await runner.cleanup()

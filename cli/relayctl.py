@@ -1,0 +1,786 @@
+"""relayctl: operate splitrelay (click over manager APIs).
+
+Commands that need the running relayd talk to its control socket
+(manager.control); `flows`, `stats` and `expire` read the pinned BPF maps
+directly, so they work while relayd is down or restarting. `lab` and `demo`
+run the whole system in network namespaces (manager.lab, manager.demo).
+
+Where things are comes from --config (or SPLITRELAY_CONFIG), a lab's config
+(--lab PREFIX), or --pin-dir / --socket; the built-in defaults otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from manager.config import ConfigError, DatapathConfig, RelaydConfig, SlowPathConfig, load_config
+from manager.control import ControlClient, ControlError, fastpath_view, fmt_ep
+
+LAB_STATE_DIR = Path("/run/splitrelay")
+SERVICES_FILE = "services.json"
+STOP_TIMEOUT = 10.0
+
+
+def lab_workdir(prefix: str) -> Path:
+    """Config, logs and service pids of a lab started by `relayctl lab up`."""
+    return LAB_STATE_DIR / f"lab-{prefix}"
+
+
+# --- errors and output ---------------------------------------------------------------------
+
+class Fail(click.ClickException):
+    """A user-facing failure: one line on stderr, exit status 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"relayctl: {self.format_message()}", err=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from manager.datapath import DatapathError
+    from manager.demo import ServicesError
+    from manager.lab import LabError
+
+    return (ControlError, ConfigError, DatapathError, LabError, ServicesError, OSError)
+
+
+class _Group(click.Group):
+    """Turns the manager's operator-facing errors into one line + exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            msg = "; ".join(str(exc).splitlines())
+            path = ctx.obj.config_path if isinstance(ctx.obj, Target) else None
+            if path and not msg.startswith(str(path)):
+                msg = f"{path}: {msg}"
+            raise Fail(f"invalid configuration: {msg}") from None
+        except _known_errors() as exc:
+            raise Fail(_one_line(exc)) from None
+
+
+def need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise Fail(f"{what} needs root: run relayctl as root")
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def table(headers: list[str] | None, rows: list[list[Any]]) -> str:
+    """Left-aligned columns, two spaces apart; None prints as '-'. Without
+    headers: a key/value listing."""
+    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    lines = ([headers] if headers else []) + cells
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))] if lines else []
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r).rstrip() for r in lines)
+
+
+def _yes(v: bool) -> str:
+    return "yes" if v else "no"
+
+
+def _ms(v: float | None) -> str | None:
+    return None if v is None else f"{v:.1f}"
+
+
+# --- where relayd and its maps are -----------------------------------------------------------
+
+@dataclass
+class Target:
+    """Resolved lazily: `lab` and `demo` need no relayd configuration at all."""
+
+    config_path: str | None
+    lab: str | None
+    pin_dir_opt: str | None
+    socket_opt: str | None
+    _cfg: RelaydConfig | None = field(default=None, repr=False)
+    _loaded: bool = False
+
+    def config(self) -> RelaydConfig | None:
+        if not self._loaded:
+            path = self.config_path
+            if self.lab and not path:
+                from manager.lab import Lab
+
+                Lab.plan(self.lab, 1)  # validates the prefix: it names a path
+                path = self.config_path = str(lab_workdir(self.lab) / "relayd.toml")
+                if not Path(path).exists():
+                    raise Fail(f"no relayd config for lab {self.lab!r} at {path} (started with `relayctl lab up`?)")
+            self._cfg = load_config(path) if path else None
+            self._loaded = True
+        return self._cfg
+
+    @property
+    def socket(self) -> Path:
+        if self.socket_opt:
+            return Path(self.socket_opt)
+        cfg = self.config()
+        return Path(cfg.control_socket) if cfg else RelaydConfig.model_fields["control_socket"].default
+
+    @property
+    def pin_dir(self) -> Path:
+        if self.pin_dir_opt:
+            return Path(self.pin_dir_opt)
+        cfg = self.config()
+        return Path(cfg.datapath.pin_dir) if cfg else DatapathConfig.model_fields["pin_dir"].default
+
+    @property
+    def idle_timeout(self) -> float:
+        cfg = self.config()
+        return cfg.slowpath.idle_timeout if cfg else SlowPathConfig().idle_timeout
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.socket)
+
+    def datapath(self):
+        """The pinned maps, opened read/write without loading anything."""
+        from pydantic import ValidationError
+
+        from manager.datapath import Datapath
+
+        need_root("reading the pinned maps")
+        try:
+            dcfg = DatapathConfig(pin_dir=self.pin_dir)
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise Fail(f"pin dir {self.pin_dir}: {reason}") from None
+        dp = Datapath(dcfg)
+        dp.open_maps()
+        return dp
+
+
+pass_target = click.make_pass_decorator(Target)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable keys).")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, readable=False),
+              envvar="SPLITRELAY_CONFIG",
+              help="relayd's config file: where its pinned maps and control socket are.")
+@click.option("--lab", "lab", metavar="PREFIX", help="Use the relayd of a lab started by `relayctl lab up`.")
+@click.option("--pin-dir", type=click.Path(file_okay=False, readable=False), help="bpffs directory of the pinned maps.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, readable=False),
+              help="relayd's control socket.")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, lab: str | None, pin_dir: str | None,
+         socket_path: str | None) -> None:
+    """Inspect and operate the splitrelay relay (relayd and its XDP fast path)."""
+    ctx.obj = Target(config_path, lab, pin_dir, socket_path)
+
+
+# --- relayd (control socket) ------------------------------------------------------------------
+
+@main.command()
+@json_option
+@pass_target
+def status(t: Target, as_json: bool) -> None:
+    """relayd's process, XDP attachments, VIPs and counts."""
+    st = t.client().status()
+    if as_json:
+        emit_json(st)
+        return
+    c = st["counts"]
+    by_state = ", ".join(f"{k} {v}" for k, v in sorted(c["calls_by_state"].items()))
+    click.echo(f"relayd pid {st['pid']}, up {st['uptime_s']:.1f} s"
+               f"{' (adopted a running fast path)' if st['adopted'] else ''}")
+    click.echo(table(None, [
+        ["pin dir", st["pin_dir"]],
+        ["control", st["control_socket"]],
+        ["signaling", st["signaling"]],
+        ["metrics", st["metrics"] or "off"],
+        ["VIPs", ", ".join(fmt_ep(v["addr"], v["port"]) for v in st["vips"])],
+        ["internal", ", ".join(a for a in (st["internal_addr4"], st["internal_addr6"]) if a)],
+        ["calls", f"{c['calls']}" + (f" ({by_state})" if by_state else "")],
+        ["flows", f"{c['flows']} in the kernel, {c['legs_pending']} pending in the slow path"],
+        ["transceivers", f"{c['transceivers']} ({c['transceivers_healthy']} healthy)"],
+    ]))
+    click.echo()
+    click.echo(table(["INTERFACE", "XDP", "PROG_ID", "OURS", "ADOPTED"],
+                     [[i["name"], i["xdp_mode"] or i["error"] or "none", i["prog_id"], _yes(i["attached"]),
+                       _yes(i["adopted"])] for i in st["interfaces"]]))
+
+
+@main.command()
+@json_option
+@pass_target
+def sessions(t: Target, as_json: bool) -> None:
+    """Calls with their client tuples and kernel flows."""
+    data = t.client().sessions()
+    if as_json:
+        emit_json(data)
+        return
+    rows = []
+    for s in data["sessions"]:
+        owner = s["owner"] or {}
+        head = [s["call_id"], s["conn_id"], s["transceiver"], s["state"],
+                " ".join(fmt_ep(owner[a], owner[p]) for a, p in (("addr4", "port4"), ("addr6", "port6"))
+                         if owner.get(a)) or None]
+        for leg in s["legs"] or [None]:
+            rows.append(head + _leg_cells(leg))
+    for leg in data.get("orphan_legs", []):
+        rows.append(["(no call)", (leg.get("kernel") or {}).get("conn_id"), None, None, None] + _leg_cells(leg))
+    if not rows:
+        click.echo("no sessions")
+        return
+    click.echo(table(["CALL_ID", "CONN_ID", "TX", "STATE", "OWNER", "CLIENT", "FLOW_PORT", "INSTALLED",
+                      "SETUP_MS", "PKTS_IN", "PKTS_OUT", "IDLE_S"], rows))
+
+
+def _leg_cells(leg: dict | None) -> list[Any]:
+    if leg is None:
+        return [None] * 7
+    k = leg.get("kernel") or {}
+    return [leg["client"], leg["flow_port"], _yes(leg["installed"]), _ms(leg["setup_ms"]),
+            k.get("packets_in"), k.get("packets_out"), k.get("idle_s")]
+
+
+@main.command()
+@click.argument("call_id")
+@json_option
+@pass_target
+def end(t: Target, call_id: str, as_json: bool) -> None:
+    """End a call (its kernel flows go at once; its transceiver is told)."""
+    try:
+        res = t.client().end_session(call_id)
+    except ControlError as exc:
+        if exc.status == 404:
+            raise Fail(f"unknown session {call_id!r} (see `relayctl sessions`)") from None
+        raise
+    if as_json:
+        emit_json(res)
+        return
+    call = res["ended"]
+    click.echo(f"ended call {call['call_id']} (conn_id {call['conn_id']}, transceiver {call['transceiver_id']})")
+    if res.get("transceiver_warning"):
+        click.echo(f"warning: {res['transceiver_warning']}", err=True)
+
+
+@main.command()
+@json_option
+@pass_target
+def transceivers(t: Target, as_json: bool) -> None:
+    """Registered transceivers, their load and health."""
+    data = t.client().transceivers()
+    if as_json:
+        emit_json(data)
+        return
+    if not data["transceivers"]:
+        click.echo("no transceivers registered")
+        return
+    click.echo(table(["ID", "CONTROL_URL", "CALLS", "CAPACITY", "HEALTHY", "DRAINING", "HEARTBEAT_AGE_S"],
+                     [[x["id"], x["control_url"], x["calls"], x["capacity"], _yes(x["healthy"]), _yes(x["draining"]),
+                       x.get("heartbeat_age_s")] for x in data["transceivers"]]))
+
+
+# --- pinned maps ---------------------------------------------------------------------------------
+
+@main.command()
+@json_option
+@pass_target
+def flows(t: Target, as_json: bool) -> None:
+    """Kernel flows, read from the pinned maps (works while relayd is down)."""
+    dp = t.datapath()
+    try:
+        rows = []
+        for f in dp.flows():
+            d = f.to_dict()
+            found = dp.get_owner(f.conn_id)
+            if found is None:
+                d["owner"], d["owner_generation"] = None, None
+            else:
+                o, gen = found
+                d["owner"] = {"addr4": o.addr4, "port4": o.port4, "addr6": o.addr6, "port6": o.port6}
+                d["owner_generation"] = gen
+            rows.append(d)
+    finally:
+        dp.close()
+    rows.sort(key=lambda d: (d["conn_id"], d["client"]))
+    if as_json:
+        emit_json({"pin_dir": str(t.pin_dir), "flows": rows})
+        return
+    if not rows:
+        click.echo(f"no flows in {t.pin_dir}")
+        return
+
+    def owner(d: dict) -> str | None:
+        o = d["owner"]
+        if o is None:
+            return None
+        ep = (o["addr6"], o["port6"]) if d["client"].startswith("[") else (o["addr4"], o["port4"])
+        return fmt_ep(*ep) if ep[0] else None
+
+    click.echo(table(["CLIENT", "VIP", "CONN_ID", "FLOW_PORT", "OWNER", "GEN", "PKTS_IN", "BYTES_IN",
+                      "PKTS_OUT", "BYTES_OUT", "IDLE_S"],
+                     [[d["client"], d["vip"], d["conn_id"], d["flow_port"], owner(d), d["owner_generation"],
+                       d["packets_in"], d["bytes_in"], d["packets_out"], d["bytes_out"], d["idle_s"]] for d in rows]))
+
+
+@main.command()
+@json_option
+@pass_target
+def stats(t: Target, as_json: bool) -> None:
+    """Fast-path counters by verdict/reason (pinned maps), and slow-path
+    counters when relayd answers."""
+    dp = t.datapath()
+    try:
+        fast = fastpath_view(dp.counters())
+    finally:
+        dp.close()
+    slow, relayd_error = None, None
+    try:
+        slow = t.client().stats()["slowpath"]
+    except ControlError as exc:
+        relayd_error = str(exc)
+    if as_json:
+        emit_json({"pin_dir": str(t.pin_dir), "fastpath": fast, "slowpath": slow,
+                   "relayd_running": relayd_error is None, "relayd_error": relayd_error})
+        return
+    click.echo(f"fast path ({t.pin_dir})")
+    click.echo(table(["VERDICT", "REASON", "CLASS", "PACKETS", "BYTES"],
+                     [[r["verdict"], r["reason"], r["class"], r["packets"], r["bytes"]]
+                      for r in fast["counters"] if r["packets"]] or [["-", "(no packets)", "", 0, 0]]))
+    click.echo("totals: " + ", ".join(f"{v} {d['packets']} packets" for v, d in sorted(fast["by_verdict"].items())))
+    click.echo()
+    if slow is None:
+        click.echo(f"slow path: relayd not running ({relayd_error})")
+        return
+    setup = slow["flow_setup"]
+    mean = f", mean set-up {setup['sum_s'] / setup['count'] * 1000:.1f} ms" if setup["count"] else ""
+    click.echo(f"slow path: {slow['packets']['in']} packets in / {slow['packets']['out']} out "
+               f"({slow['bytes']['in']} / {slow['bytes']['out']} bytes), legs {slow['legs']['installed']} installed "
+               f"/ {slow['legs']['pending']} pending, queue {slow['queue_bytes']} bytes{mean}")
+    if slow["events"]:
+        click.echo(table(["EVENT", "COUNT"], [[k, v] for k, v in sorted(slow["events"].items())]))
+
+
+@main.command()
+@click.option("--idle", "idle_s", type=click.FloatRange(min=0), default=None,
+              help="Remove flows idle this many seconds (default: relayd's slowpath.idle_timeout).")
+@json_option
+@pass_target
+def expire(t: Target, idle_s: float | None, as_json: bool) -> None:
+    """Remove idle flows: through relayd when it runs, else on the pinned maps."""
+    try:
+        res = {"via": "relayd", **t.client().expire(idle_s)}
+    except ControlError as exc:
+        if exc.status:  # relayd answered: its answer stands
+            raise
+        res = {"via": "maps", **expire_on_maps(t, t.idle_timeout if idle_s is None else idle_s)}
+    if as_json:
+        emit_json(res)
+        return
+    flows_ = res["flows"]
+    click.echo(f"expired {len(flows_)} flow(s) idle > {res['idle_s']:g} s (via {res['via']})")
+    if flows_:
+        click.echo(table(["CLIENT", "VIP", "CONN_ID", "FLOW_PORT", "IDLE_S"],
+                         [[f["client"], f["vip"], f["conn_id"], f["flow_port"], f["idle_s"]] for f in flows_]))
+    for c in res.get("calls", []):
+        click.echo(f"ended call {c['call_id']} (conn_id {c['conn_id']}): {c['reason']}")
+    for conn_id in res.get("owners_removed", []):
+        click.echo(f"removed owner entry of conn_id {conn_id}")
+
+
+def expire_on_maps(t: Target, idle_s: float) -> dict:
+    """relayd is down: expire on the maps, and drop the owner entries of
+    connections whose last flow went (as relayd ends such calls)."""
+    dp = t.datapath()
+    try:
+        expired = dp.expire_idle(idle_s)
+        left = {f.conn_id for f in dp.flows()}
+        removed = sorted({f.conn_id for f in expired} - left)
+        for conn_id in removed:
+            dp.remove_owner(conn_id)
+    finally:
+        dp.close()
+    return {"idle_s": idle_s, "flows": [f.to_dict() for f in expired], "calls": [], "owners_removed": removed}
+
+
+# --- lab ------------------------------------------------------------------------------------------
+
+def _progress(enabled: bool) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if enabled:
+            click.echo(f"  {msg}", err=True)
+    return say
+
+
+@main.group()
+def lab() -> None:
+    """Network-namespace lab: client, relay and transceivers on veths."""
+
+
+def _detached_services_cls():
+    from manager.demo import REPO, Services
+
+    class DetachedServices(Services):
+        """Services whose processes outlive the CLI: own session (no signal
+        from the terminal reaches them), stdin closed, logs in the workdir."""
+
+        def _spawn(self, name: str, ns: str, argv: list[str]) -> subprocess.Popen:
+            log = open(self.log_path(name), "ab")
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            proc = self.lab.popen(ns, [sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+            log.close()
+            self.procs[name] = proc
+            return proc
+
+    return DetachedServices
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a live process, None when gone
+    or a zombie. With the pid it names the process, so a reused pid is never
+    signalled."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
+    from manager.demo import relayd_config
+
+    cfg = relayd_config(lab_, "0" * 64)
+    return {
+        "prefix": lab_.prefix,
+        "namespaces": {"client": lab_.client_ns, "relay": lab_.relay_ns, "transceivers": lab_.transceiver_ns},
+        "signaling_url": lab_.signaling_url,
+        "metrics_url": f"http://{lab_.vip4}:{cfg['metrics']['port']}/metrics",
+        "vips": [fmt_ep(lab_.vip4, lab_.port), fmt_ep(lab_.vip6, lab_.port)],
+        "control_socket": cfg["control_socket"],
+        "pin_dir": cfg["datapath"]["pin_dir"],
+        "config_path": str(workdir / "relayd.toml") if services else None,
+        "workdir": str(workdir) if workdir else None,
+        "services": {k: v["pid"] for k, v in (services or {}).items()},
+        "created_at": lab_.created_at,
+    }
+
+
+@lab.command("up")
+@click.option("--prefix", default=None, help="Namespace prefix (default: random).")
+@click.option("--transceivers", "n_tx", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--no-services", is_flag=True, help="Only the topology: no relayd, no transceivers.")
+@json_option
+def lab_up_cmd(prefix: str | None, n_tx: int, no_services: bool, as_json: bool) -> None:
+    """Create the lab and start relayd + transceivers in it (left running)."""
+    from manager.lab import lab_down, lab_up
+
+    need_root("lab up")
+    say = _progress(not as_json)
+    say(f"creating namespaces and veths ({n_tx} transceivers)")
+    lab_ = lab_up(prefix, n_tx)
+    workdir = lab_workdir(lab_.prefix)
+    services: dict = {}
+    if not no_services:
+        svc = _detached_services_cls()(lab_, workdir)
+        try:
+            say(f"starting relayd and {n_tx} transceivers (logs in {workdir})")
+            svc.start()
+            services = {name: {"pid": p.pid, "start_time": _proc_start_time(p.pid)} for name, p in svc.procs.items()}
+            (workdir / SERVICES_FILE).write_text(json.dumps({
+                "services": services, "pin_dir": svc.config["datapath"]["pin_dir"],
+                "control_socket": svc.config["control_socket"], "config_path": str(svc.config_path)}, indent=2))
+        except BaseException:
+            svc.stop(purge=True)
+            lab_down(lab_)
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+    info = lab_info(lab_, workdir, services)
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"lab {lab_.prefix} is up")
+    click.echo(table(None, [
+        ["client ns", info["namespaces"]["client"]],
+        ["relay ns", info["namespaces"]["relay"]],
+        ["transceiver ns", ", ".join(info["namespaces"]["transceivers"])],
+        ["signaling", f"{info['signaling_url']} (from the client namespace)"],
+        ["VIPs", ", ".join(info["vips"])],
+        ["services", ", ".join(f"{k} (pid {v})" for k, v in info["services"].items()) or "none (--no-services)"],
+        ["control socket", info["control_socket"] if services else "-"],
+        ["config", info["config_path"] or "-"],
+    ]))
+    if services:
+        click.echo(f"\ntry: relayctl --lab {lab_.prefix} status    (then: relayctl lab down {lab_.prefix})")
+
+
+def stop_lab_services(prefix: str) -> list[str]:
+    """SIGTERM the services `lab up` recorded (transceivers first, then relayd)
+    and wait for them; SIGKILL after STOP_TIMEOUT. Returns the names stopped."""
+    path = lab_workdir(prefix) / SERVICES_FILE
+    try:
+        rec = json.loads(path.read_text())["services"]
+    except (OSError, ValueError, KeyError):
+        return []
+    order = [n for n in rec if n != "relayd"] + (["relayd"] if "relayd" in rec else [])
+    stopped = []
+    for name in order:
+        pid, started = rec[name]["pid"], rec[name].get("start_time")
+        if _proc_start_time(pid) is None or _proc_start_time(pid) != started:
+            continue  # gone, a zombie, or the pid now names another process
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, STOP_TIMEOUT):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 2.0)
+        stopped.append(name)
+    return stopped
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state == "Z":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+def purge_pin_dir(pin_dir: Path) -> bool:
+    """Unpin a lab's program and maps (bpffs objects are files). True if
+    anything was there."""
+    if not pin_dir.exists():
+        return False
+    for p in sorted(pin_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
+    pin_dir.rmdir()
+    return True
+
+
+def take_lab_down(prefix: str) -> dict:
+    """Everything of one lab: services, pinned state, namespaces, files."""
+    from manager.demo import relayd_config
+    from manager.lab import Lab, lab_down
+
+    cfg = relayd_config(Lab.plan(prefix, 1), "0" * 64)  # also validates the prefix (it names paths)
+    stopped = stop_lab_services(prefix)
+    pinned = purge_pin_dir(Path(cfg["datapath"]["pin_dir"]))
+    removed = lab_down(prefix)
+    shutil.rmtree(lab_workdir(prefix), ignore_errors=True)
+    Path(cfg["control_socket"]).unlink(missing_ok=True)
+    return {"prefix": prefix, "services_stopped": stopped, "pin_dir_removed": pinned, "namespaces_removed": removed}
+
+
+def _known_prefixes() -> tuple[list[str], list[str]]:
+    """(all recorded labs, those started by `relayctl lab up`)."""
+    from manager.lab import list_labs
+
+    labs = [lb.prefix for lb in list_labs()]
+    ours = sorted(p.name.removeprefix("lab-") for p in LAB_STATE_DIR.glob("lab-*") if p.is_dir())
+    return labs, ours
+
+
+@lab.command("down")
+@click.argument("prefix", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every lab recorded in /run/splitrelay.")
+@json_option
+def lab_down_cmd(prefix: str | None, all_: bool, as_json: bool) -> None:
+    """Stop a lab's services and remove it, its pinned state and its files."""
+    need_root("lab down")
+    labs, ours = _known_prefixes()
+    if all_:
+        prefixes = sorted({*labs, *ours})
+    elif prefix:
+        prefixes = [prefix]
+    elif len(ours) == 1 or (not ours and len(labs) == 1):
+        prefixes = ours or labs
+    elif not labs and not ours:
+        raise Fail("no lab is up")
+    else:
+        raise Fail(f"several labs are up ({', '.join(sorted({*labs, *ours}))}): name one or use --all")
+    results = [take_lab_down(p) for p in prefixes]
+    if as_json:
+        emit_json({"labs": results})
+        return
+    for r in results:
+        what = [f"stopped {', '.join(r['services_stopped'])}" if r["services_stopped"] else None,
+                "unpinned the fast path" if r["pin_dir_removed"] else None,
+                f"removed {len(r['namespaces_removed'])} namespaces" if r["namespaces_removed"] else None]
+        click.echo(f"lab {r['prefix']}: " + ("; ".join(w for w in what if w) or "nothing was left"))
+
+
+@lab.command("list")
+@json_option
+def lab_list_cmd(as_json: bool) -> None:
+    """Labs recorded in /run/splitrelay."""
+    from manager.lab import list_labs
+
+    out = []
+    for lb in list_labs():
+        workdir = lab_workdir(lb.prefix)
+        try:
+            services = json.loads((workdir / SERVICES_FILE).read_text())["services"]
+        except (OSError, ValueError, KeyError):
+            services = None
+        info = lab_info(lb, workdir if services else None, services)
+        info["running"] = sorted(n for n, s in (services or {}).items()
+                                 if _proc_start_time(s["pid"]) == s.get("start_time"))
+        info["exists"] = lb.exists()
+        out.append(info)
+    if as_json:
+        emit_json({"labs": out})
+        return
+    if not out:
+        click.echo("no labs")
+        return
+    click.echo(table(["PREFIX", "TRANSCEIVERS", "UP", "SERVICES", "SIGNALING", "CREATED"],
+                     [[i["prefix"], len(i["namespaces"]["transceivers"]), _yes(i["exists"]),
+                       ", ".join(i["running"]) or None, i["signaling_url"],
+                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i["created_at"]))] for i in out]))
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+def _slow_samples(svc) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for (name, labels), v in svc.metrics().items():
+        lab_ = dict(labels)
+        if name == "splitrelay_slowpath_packets_total":
+            out["packets_" + lab_["direction"]] = v
+        elif name == "splitrelay_slowpath_events_total":
+            out[lab_["event"]] = v
+        elif name in ("splitrelay_flow_setup_seconds_sum", "splitrelay_flow_setup_seconds_count"):
+            out[name.rsplit("_", 1)[1]] = v
+    return out
+
+
+def run_demo(duration: float, say: Callable[[str], None]) -> dict:
+    """Lab + relayd + 2 transceivers, one real call, numbers; all torn down."""
+    from pyroute2 import netns
+
+    from manager.datapath import Datapath
+    from manager.demo import Services, client_call
+    from manager.lab import NetnsExecutor, lab_down, lab_up
+
+    prefix = f"demo{secrets.token_hex(2)}"
+    result: dict[str, Any] = {"prefix": prefix}
+    lab_ = svc = dp = None
+    workdir = Path(tempfile.mkdtemp(prefix=f"splitrelay-{prefix}-"))
+    try:
+        say(f"creating lab {prefix}: client, relay and 2 transceiver namespaces")
+        lab_ = lab_up(prefix, 2)
+        svc = Services(lab_, workdir)
+        say("starting relayd (loads XDP on the relay's veths) and 2 transceivers")
+        t0 = time.monotonic()
+        svc.start()
+        result["services_up_s"] = round(time.monotonic() - t0, 3)
+        dp = Datapath(DatapathConfig(**svc.config["datapath"]))
+        dp.open_maps()
+        fast0, slow0 = dp.counters(), _slow_samples(svc)
+        say(f"placing a {duration:g} s call from the client namespace to {lab_.signaling_url}")
+        with NetnsExecutor(lab_.client_ns) as ex:
+            rep = ex.call(asyncio.run, client_call(lab_.signaling_url, duration=duration,
+                                                   messages=max(1, int(duration * 2.5))))
+        fast1, slow1 = dp.counters(), _slow_samples(svc)
+        fast = {k: fast1[k][0] - fast0.get(k, (0, 0))[0] for k in fast1}
+        slow = {k: slow1.get(k, 0) - slow0.get(k, 0) for k in slow1}
+        result["call"] = rep.to_dict()
+        fwd = sum(v for k, v in fast.items() if k.startswith("fwd_"))
+        sp = int(slow.get("packets_in", 0) + slow.get("packets_out", 0))
+        result["fastpath"] = {"forwarded": fwd, "by_reason": {k: v for k, v in fast.items() if v}}
+        result["slowpath"] = {"packets": sp, "flows_installed": int(slow.get("flows_installed", 0)),
+                              "setup_ms_mean": round(slow["sum"] / slow["count"] * 1000, 3)
+                              if slow.get("count") else None}
+        result["fast_share"] = round(fwd / (fwd + sp), 4) if fwd + sp else None
+        result["tone_detected"] = rep.tone_ratio > 50
+        result["ok"] = bool(rep.error is None and rep.connected and rep.dc_sent and rep.dc_echoed == rep.dc_sent
+                            and result["tone_detected"])
+    finally:
+        say("tearing down")
+        if dp is not None:
+            dp.close()
+        if svc is not None:
+            svc.stop(purge=True)
+        if lab_ is not None:
+            lab_down(lab_)
+        shutil.rmtree(workdir, ignore_errors=True)
+        # What is left is checked, not assumed.
+        left_ns = [n for n in netns.listnetns() if n.startswith(f"{prefix}-")]
+        pin_dir = Path(f"/sys/fs/bpf/splitrelay-{prefix}")
+        result["left_behind"] = left_ns + ([str(pin_dir)] if pin_dir.exists() else [])
+    return result
+
+
+def print_demo(r: dict) -> None:
+    c = r["call"]
+    fp, sp = r["fastpath"], r["slowpath"]
+    by = fp["by_reason"]
+    states = " → ".join(dict.fromkeys(c["connection_states"]))
+    rows = [
+        ["call", ("connected" if c["connected"] else "NOT connected")
+         + (f" in {c['connected_after_s'] * 1000:.0f} ms" if c["connected_after_s"] is not None else "")
+         + f" ({states})" + (f"; error: {c['error']}" if c["error"] else "")],
+        ["media", f"RTP sent {c['rtp_packets_sent']}, received {c['rtp_packets_received']}, "
+                  f"lost {c['rtp_packets_lost']}; {c['audio_frames_received']} audio frames back"],
+        ["fast path (XDP)", f"{fp['forwarded']} packets: SRTP/SRTCP {by.get('fwd_in_rtp', 0)} in / "
+                            f"{by.get('fwd_out_rtp', 0)} out, DTLS {by.get('fwd_in_dtls', 0)} / "
+                            f"{by.get('fwd_out_dtls', 0)}, STUN {by.get('fwd_in_stun', 0)} / "
+                            f"{by.get('fwd_out_stun', 0)}"],
+        ["slow path", f"{sp['packets']} packets (call set-up), {sp['flows_installed']} flows installed"
+                      + (f", set-up {sp['setup_ms_mean']:.1f} ms mean" if sp["setup_ms_mean"] is not None else "")],
+        ["fast-path share", f"{r['fast_share'] * 100:.2f}% of relayed packets" if r["fast_share"] is not None else "-"],
+        ["round trip", f"data channel p50 {c['dc_rtt_ms_p50']} ms ({c['dc_echoed']}/{c['dc_sent']} echoed), "
+                       f"RTCP RTT {c['rtcp_rtt_ms']} ms"],
+        ["echo", ("440 Hz tone detected" if r["tone_detected"] else "tone NOT detected")
+         + f" in the returned audio (tone/off-tone power {c['tone_ratio']})"],
+        ["cleanup", "nothing left behind" if not r["left_behind"] else "LEFT: " + ", ".join(r["left_behind"])],
+    ]
+    click.echo(table(None, rows))
+    click.echo("demo OK" if r["ok"] else "demo FAILED")
+
+
+@main.command()
+@click.option("--duration", type=click.FloatRange(1, 600), default=5.0, show_default=True,
+              help="Seconds of media in the call.")
+@json_option
+def demo(duration: float, as_json: bool) -> None:
+    """Lab + relayd + 2 transceivers, one real WebRTC call through the XDP
+    relay, a summary; everything is removed afterwards."""
+    need_root("demo")
+    r = run_demo(duration, _progress(not as_json))
+    if as_json:
+        emit_json(r)
+    else:
+        print_demo(r)
+    if not r["ok"] or r["left_behind"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,552 @@
+"""relayd's local control API: JSON over HTTP on a Unix socket.
+
+Only local root may use it (the socket is mode 0600): it can end calls and
+expire flows. relayctl is its client; anything that only needs the kernel's
+view (flows, fast-path counters) reads the pinned maps instead, so it also
+works while relayd is down.
+
+    GET    /status               pid, uptime, XDP attachments, VIPs, counts
+    GET    /sessions             calls with their client tuples and flows
+    GET    /transceivers         registered transceivers
+    GET    /stats                fast-path counters + slow-path counters
+    POST   /expire               {"idle_s": float} optional -> what was removed
+    DELETE /sessions/{call_id}   end a call (404 when unknown)
+
+Errors are JSON `{"error": "one line"}` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import http.client
+import json
+import logging
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .datapath import DatapathError, Flow, xdp_attachment
+from .metrics import _fastpath_class, public_queue_bytes
+from .migration import MigrationError
+from .registry import UnknownTransceiverError
+from .signaling import TransceiverClient, TransceiverError
+from .structs import STAT_NAMES, stat_verdict
+
+if TYPE_CHECKING:
+    from .daemon import Relay
+
+log = logging.getLogger(__name__)
+
+RELAY_KEY = web.AppKey("relay", object)
+TX_CLIENT_KEY = web.AppKey("tx_client", TransceiverClient)
+END_REASON = "operator"
+
+
+def fmt_ep(addr: str, port: int) -> str:
+    """addr:port, with IPv6 addresses in brackets (as Flow.to_dict does)."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    # The control API never answers with a traceback: one line, logged here.
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _error(exc.status, exc.reason)
+        raise
+    except (DatapathError, OSError) as exc:
+        log.warning("control %s %s: %s", request.method, request.path, exc)
+        return _error(503, str(exc))
+    except Exception as exc:
+        log.exception("control %s %s failed", request.method, request.path)
+        return _error(500, f"{type(exc).__name__}: {exc}")
+
+
+# --- views of the relay ------------------------------------------------------------------
+
+def _kernel_flows(relay: "Relay") -> list[Flow]:
+    if relay.datapath.maps is None:
+        return []
+    return relay.datapath.flows()
+
+
+def _count_flows(relay: "Relay") -> int:
+    # Keys only: no value lookups, no reverse-map walk (the map may be large).
+    maps = relay.datapath.maps
+    return 0 if maps is None else sum(1 for _ in maps.flows.keys())
+
+
+def _interfaces(relay: "Relay") -> list[dict[str, Any]]:
+    """The configured interfaces with their live XDP attachment (read here,
+    in relayd's network namespace, not remembered from start-up)."""
+    from . import libbpf  # noqa: PLC0415
+
+    ours = libbpf.prog_info(relay.datapath.prog_fd).id if relay.datapath.prog_fd >= 0 else None
+    at_start = {r.interface: r for r in relay.attach_results}
+    out = []
+    for ifname in relay.cfg.datapath.interfaces:
+        try:
+            prog_id, mode = xdp_attachment(ifname)
+            problem = None
+        except DatapathError as exc:
+            prog_id, mode, problem = None, None, str(exc)
+        r = at_start.get(ifname)
+        out.append({"name": ifname, "xdp_mode": mode, "prog_id": prog_id,
+                    "attached": prog_id is not None and prog_id == ours,
+                    "adopted": bool(r and r.adopted), "error": problem})
+    return out
+
+
+def status_view(relay: "Relay", interfaces: list[dict[str, Any]], n_flows: int) -> dict[str, Any]:
+    cfg = relay.cfg
+    calls = relay.registry.calls()
+    ts = relay.registry.transceivers()
+    sp = relay.slowpath
+    installed = sum(1 for leg in sp.legs.values() if leg.installed_at is not None) if sp else 0
+    by_state: dict[str, int] = {}
+    for c in calls:
+        by_state[c.state] = by_state.get(c.state, 0) + 1
+    return {
+        "pid": os.getpid(),
+        "started_at": relay.started_at,
+        "uptime_s": round(time.time() - relay.started_at, 3) if relay.started_at else 0.0,
+        "adopted": relay.adopted,
+        "pin_dir": str(cfg.datapath.pin_dir),
+        "control_socket": str(cfg.control_socket),
+        "interfaces": interfaces,
+        "vips": [{"addr": v.addr, "port": v.port} for v in cfg.datapath.vips],
+        "internal_addr4": cfg.datapath.internal_addr4,
+        "internal_addr6": cfg.datapath.internal_addr6,
+        "signaling": fmt_ep(cfg.signaling.host, cfg.signaling.port),
+        "metrics": fmt_ep(cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None,
+        "counts": {
+            "calls": len(calls),
+            "calls_by_state": by_state,
+            "flows": n_flows,
+            "legs_installed": installed,
+            "legs_pending": (len(sp.legs) - installed) if sp else 0,
+            "transceivers": len(ts),
+            "transceivers_healthy": sum(1 for t in ts if t.healthy),
+        },
+    }
+
+
+def sessions_view(relay: "Relay", flows: list[Flow]) -> dict[str, Any]:
+    """Calls with their legs; a leg merges the slow path's record of a client
+    tuple with the kernel's flow entry for it (either may exist alone: a
+    pending leg has no kernel entry, an adopted flow may have no call)."""
+    kernel = {(f.client, f.vip): f for f in flows}
+    sp = relay.slowpath
+    legs_by_conn: dict[int, dict[tuple, dict[str, Any]]] = {}
+    for leg in (sp.legs.values() if sp else []):
+        legs_by_conn.setdefault(leg.conn_id, {})[(leg.client, leg.vip)] = {
+            "client": fmt_ep(*leg.client), "vip": fmt_ep(*leg.vip), "flow_port": leg.flow_port,
+            "installed": leg.installed_at is not None,
+            "setup_ms": round((leg.installed_at - leg.first_seen) * 1000, 3) if leg.installed_at else None,
+            "kernel": None,
+        }
+    for key, f in kernel.items():
+        entry = legs_by_conn.setdefault(f.conn_id, {}).setdefault(key, {
+            "client": fmt_ep(*f.client), "vip": fmt_ep(*f.vip), "flow_port": f.flow_port,
+            "installed": True, "setup_ms": None, "kernel": None})
+        entry["kernel"] = f.to_dict()
+    now = time.time()
+    sessions = []
+    for call in relay.registry.calls():
+        legs = legs_by_conn.pop(call.conn_id, {})
+        sessions.append({
+            "call_id": call.call_id, "conn_id": call.conn_id, "transceiver": call.transceiver_id,
+            "owner": call.owner.to_dict() if call.owner else None, "state": call.state,
+            "created": call.created, "age_s": round(now - call.created, 3),
+            "server_ufrag": call.server_ufrag, "legs": list(legs.values()),
+        })
+    # Kernel flows (or legs) whose call the registry does not know, e.g.
+    # adopted after a restart before the owner re-reported it.
+    orphans = [leg for legs in legs_by_conn.values() for leg in legs.values()]
+    return {"sessions": sessions, "orphan_legs": orphans}
+
+
+def fastpath_view(counters: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    rows = []
+    totals: dict[str, dict[str, int]] = {}
+    for name in STAT_NAMES:
+        packets, nbytes = counters.get(name, (0, 0))
+        verdict = stat_verdict(name)
+        reason = name.partition("_")[2]
+        rows.append({"name": name, "verdict": verdict, "reason": reason, "class": _fastpath_class(reason),
+                     "packets": packets, "bytes": nbytes})
+        t = totals.setdefault(verdict, {"packets": 0, "bytes": 0})
+        t["packets"] += packets
+        t["bytes"] += nbytes
+    return {"counters": rows, "by_verdict": totals}
+
+
+def slowpath_view(relay: "Relay") -> dict[str, Any] | None:
+    sp = relay.slowpath
+    if sp is None:
+        return None
+    installed = sum(1 for leg in sp.legs.values() if leg.installed_at is not None)
+    setup = {"count": 0, "sum_s": 0.0}
+    for metric in relay.metrics.flow_setup.collect():
+        for s in metric.samples:
+            if s.name.endswith("_count"):
+                setup["count"] = int(s.value)
+            elif s.name.endswith("_sum"):
+                setup["sum_s"] = round(s.value, 6)
+    return {
+        "events": {k: v for k, v in sorted(sp.stats.items()) if not k.startswith("forward_")},
+        "packets": {"in": sp.stats.get("forward_in", 0), "out": sp.stats.get("forward_out", 0)},
+        "bytes": {"in": sp.bytes.get("forward_in", 0), "out": sp.bytes.get("forward_out", 0)},
+        "legs": {"installed": installed, "pending": len(sp.legs) - installed},
+        "queue_bytes": public_queue_bytes([s.fileno() for s in sp.public.values()]),
+        "flow_setup": setup,
+    }
+
+
+# --- handlers -----------------------------------------------------------------------------
+
+def _relay(request: web.Request) -> "Relay":
+    return request.app[RELAY_KEY]  # type: ignore[return-value]
+
+
+async def get_status(request: web.Request) -> web.Response:
+    relay = _relay(request)
+    # Netlink and map walks off the loop: the slow path keeps running meanwhile.
+    interfaces = await asyncio.to_thread(_interfaces, relay)
+    n_flows = await asyncio.to_thread(_count_flows, relay)
+    return web.json_response(status_view(relay, interfaces, n_flows))
+
+
+async def get_sessions(request: web.Request) -> web.Response:
+    relay = _relay(request)
+    flows = await asyncio.to_thread(_kernel_flows, relay)
+    return web.json_response(sessions_view(relay, flows))
+
+
+async def get_transceivers(request: web.Request) -> web.Response:
+    relay = _relay(request)
+    now = time.monotonic()
+    out = []
+    for t in relay.registry.transceivers():
+        d = t.to_dict()
+        d["heartbeat_age_s"] = round(now - t.last_heartbeat, 3) if t.last_heartbeat else None
+        out.append(d)
+    return web.json_response({"transceivers": out})
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    relay = _relay(request)
+    counters = await asyncio.to_thread(relay.datapath.counters) if relay.datapath.maps is not None else {}
+    return web.json_response({"fastpath": fastpath_view(counters), "slowpath": slowpath_view(relay)})
+
+
+async def post_expire(request: web.Request) -> web.Response:
+    relay = _relay(request)
+    idle_s: float | None = None
+    raw = await request.read()
+    if raw.strip():
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return _error(400, "body is not JSON")
+        if not isinstance(body, dict) or set(body) - {"idle_s"}:
+            return _error(400, 'body must be {"idle_s": seconds} or empty')
+        idle_s = body.get("idle_s")
+        if idle_s is not None and (isinstance(idle_s, bool) or not isinstance(idle_s, (int, float)) or idle_s < 0):
+            return _error(400, f"idle_s: {idle_s!r}: must be a number of seconds >= 0")
+    sp = relay.slowpath
+    if sp is None:
+        return _error(503, "the slow path is not running")
+    # Everything below is synchronous on the loop, so the before/after
+    # snapshots see exactly what this expiry removed.
+    flows_before = {(f.client, f.vip): f for f in _kernel_flows(relay)}
+    legs_before = {k: leg for k, leg in sp.legs.items() if leg.installed_at is None}
+    calls_before = {c.call_id: c for c in relay.registry.calls()}
+    saved = (sp.idle_timeout, sp.pending_timeout)
+    if idle_s is not None:
+        sp.idle_timeout = sp.pending_timeout = float(idle_s)
+    try:
+        sp.expire()
+    finally:
+        sp.idle_timeout, sp.pending_timeout = saved
+    flows_after = {(f.client, f.vip) for f in _kernel_flows(relay)}
+    calls_after = {c.call_id for c in relay.registry.calls()}
+    return web.json_response({
+        "idle_s": idle_s if idle_s is not None else saved[0],
+        "flows": [f.to_dict() for k, f in flows_before.items() if k not in flows_after],
+        "pending_legs": [{"client": fmt_ep(*leg.client), "vip": fmt_ep(*leg.vip), "conn_id": leg.conn_id}
+                         for k, leg in legs_before.items() if k not in sp.legs],
+        "calls": [{"call_id": cid, "conn_id": c.conn_id, "reason": c.ended_reason}
+                  for cid, c in calls_before.items() if cid not in calls_after],
+    })
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    relay = _relay(request)
+    call_id = request.match_info["call_id"]
+    call = relay.registry.get_call_by_id(call_id)
+    if call is None:
+        return _error(404, f"no session {call_id!r}")
+    # Ended in the relay first (kernel entries go at once), then the owner is
+    # told, best effort: an unreachable transceiver must not keep it alive here.
+    relay.registry.end_call(call.conn_id, END_REASON)
+    warning = None
+    try:
+        t = relay.registry.get_transceiver(call.transceiver_id)
+        await request.app[TX_CLIENT_KEY].delete_call(t, call.conn_id)
+    except (TransceiverError, UnknownTransceiverError) as exc:
+        warning = str(exc)
+        log.warning("ending conn_id %d on transceiver %d: %s", call.conn_id, call.transceiver_id, exc)
+    return web.json_response({"ended": call.to_dict(), "transceiver_warning": warning})
+
+
+async def _json_object(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(reason="body is not JSON") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(reason="body must be a JSON object")
+    return body
+
+
+async def post_migrate(request: web.Request) -> web.Response:
+    relay = _relay(request)
+    body = await _json_object(request)
+    target = body.get("to")
+    if isinstance(target, bool) or not isinstance(target, int):
+        return _error(400, "'to' must be a transceiver id (integer)")
+    try:
+        result = await relay.migrator.migrate(request.match_info["call_id"], target)
+    except MigrationError as exc:
+        return _error(exc.status, str(exc))
+    return web.json_response(result.to_dict())
+
+
+def _transceiver_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit():
+        raise web.HTTPBadRequest(reason=f"transceiver id must be an integer, got {raw!r}")
+    return int(raw)
+
+
+async def post_drain(request: web.Request) -> web.Response:
+    relay = _relay(request)
+    try:
+        results = await relay.migrator.drain(_transceiver_id(request))
+    except MigrationError as exc:
+        return _error(exc.status, str(exc))
+    return web.json_response({"transceiver": _transceiver_id(request), "results": [r.to_dict() for r in results]})
+
+
+async def post_undrain(request: web.Request) -> web.Response:
+    relay = _relay(request)
+    try:
+        t = relay.registry.set_draining(_transceiver_id(request), False)
+    except UnknownTransceiverError:
+        return _error(404, f"unknown transceiver {request.match_info['id']}")
+    return web.json_response(t.to_dict())
+
+
+def make_control_app(relay: "Relay") -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024)
+    app[RELAY_KEY] = relay
+    app[TX_CLIENT_KEY] = TransceiverClient(timeout=relay.cfg.signaling.transceiver_timeout)
+    app.router.add_get("/status", get_status)
+    app.router.add_get("/sessions", get_sessions)
+    app.router.add_get("/transceivers", get_transceivers)
+    app.router.add_get("/stats", get_stats)
+    app.router.add_post("/expire", post_expire)
+    app.router.add_delete("/sessions/{call_id}", delete_session)
+    app.router.add_post("/sessions/{call_id}/migrate", post_migrate)
+    app.router.add_post("/transceivers/{id}/drain", post_drain)
+    app.router.add_post("/transceivers/{id}/undrain", post_undrain)
+
+    async def close_client(app: web.Application) -> None:
+        await app[TX_CLIENT_KEY].close()
+
+    app.on_cleanup.append(close_client)
+    return app
+
+
+# --- serving on the Unix socket ----------------------------------------------------------
+
+@dataclass
+class ControlServer:
+    """A running control API: its runner and the socket file it owns."""
+
+    runner: web.AppRunner
+    path: Path
+    inode: int
+
+
+def _socket_in_use(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def bind_control_socket(path: Path) -> socket.socket:
+    """A listening AF_UNIX socket at `path`, mode 0600. Bound under a temporary
+    name, chmod'ed, then renamed over `path`: nobody can connect before the
+    mode is right, and a stale socket from a killed relayd is replaced
+    atomically. A live one (another relayd) or a non-socket file is refused."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"control socket path {path} exists and is not a socket")
+        if _socket_in_use(path):
+            raise OSError(errno.EADDRINUSE, f"control socket {path} is in use (is another relayd running?)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        tmp.unlink(missing_ok=True)
+        sock.bind(str(tmp))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return sock
+
+
+async def start_control(relay: "Relay") -> ControlServer:
+    """Serve the control API on relay.cfg.control_socket."""
+    path = Path(relay.cfg.control_socket)
+    sock = bind_control_socket(path)
+    runner = web.AppRunner(make_control_app(relay), access_log=None)
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        sock.close()
+        raise
+    log.info("control API on %s", path)
+    return ControlServer(runner, path, path.stat().st_ino)
+
+
+async def stop_control(server: ControlServer | None) -> None:
+    """Stop serving and remove the socket file, unless another process has
+    replaced it since (then it is theirs)."""
+    if server is None:
+        return
+    await server.runner.cleanup()
+    try:
+        if server.path.stat().st_ino == server.inode:
+            server.path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# --- client -------------------------------------------------------------------------------
+
+class ControlError(RuntimeError):
+    """The control API could not be used; str() is one line for the operator.
+    `status` is the HTTP status for errors relayd answered (404, ...), else 0."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("relayd", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self._path)
+        except BaseException:
+            s.close()
+            raise
+        self.sock = s
+
+
+class ControlClient:
+    """Synchronous client of relayd's control socket (plain http.client over
+    AF_UNIX: no event loop, so it works from any caller)."""
+
+    def __init__(self, socket_path: str | Path, timeout: float = 10.0):
+        self.path = Path(socket_path)
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+        if not self.path.exists():
+            raise ControlError(f"relayd is not running (no control socket at {self.path})")
+        conn = _UnixHTTPConnection(str(self.path), self.timeout)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise ControlError(f"relayd is not running (control socket {self.path} refuses connections)") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on control socket {self.path}: run as root") from None
+        except TimeoutError:
+            raise ControlError(f"relayd did not answer on {self.path} within {self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise ControlError(f"control socket {self.path}: {exc or type(exc).__name__}") from None
+        finally:
+            conn.close()
+        try:
+            data = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            data = {"error": raw.decode("utf-8", "replace").strip()[:200]}
+        if resp.status >= 400:
+            msg = data.get("error") if isinstance(data, dict) else None
+            raise ControlError(msg or f"relayd answered {resp.status} {resp.reason}", resp.status)
+        return data
+
+    def status(self) -> dict:
+        return self.request("GET", "/status")
+
+    def sessions(self) -> dict:
+        return self.request("GET", "/sessions")
+
+    def transceivers(self) -> dict:
+        return self.request("GET", "/transceivers")
+
+    def stats(self) -> dict:
+        return self.request("GET", "/stats")
+
+    def expire(self, idle_s: float | None = None) -> dict:
+        return self.request("POST", "/expire", {"idle_s": idle_s} if idle_s is not None else {})
+
+    def end_session(self, call_id: str) -> dict:
+        from urllib.parse import quote  # noqa: PLC0415
+
+        return self.request("DELETE", f"/sessions/{quote(call_id, safe='')}")
