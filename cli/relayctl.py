@@ -279,6 +279,56 @@ def end(t: Target, call_id: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("call_id")
+@click.option("--to", "target", type=click.IntRange(1, 65535), required=True, help="Transceiver id to move the call to.")
+@json_option
+@pass_target
+def migrate(t: Target, call_id: str, target: int, as_json: bool) -> None:
+    """Move a live call to another transceiver, without renegotiation."""
+    res = t.client().request("POST", f"/sessions/{call_id}/migrate", {"to": target})
+    if as_json:
+        emit_json(res)
+        return
+    click.echo(_migration_line(res))
+
+
+def _migration_line(res: dict) -> str:
+    if res["outcome"] != "moved":
+        return f"call {res['call_id']}: not moved from transceiver {res['source']}: {res['error']}"
+    first = _ms(res["switch_s"] * 1000) if res["switch_s"] is not None else None
+    return (f"call {res['call_id']} moved from transceiver {res['source']} to {res['target']}: "
+            f"flip after {_ms(res['flip_s'] * 1000)} ms, first packet from the new owner after "
+            f"{first if first is not None else '(none yet)'} ms")
+
+
+@main.command()
+@click.argument("transceiver_id", type=click.IntRange(1, 65535))
+@click.option("--undo", is_flag=True, help="Take new calls on this transceiver again.")
+@json_option
+@pass_target
+def drain(t: Target, transceiver_id: int, undo: bool, as_json: bool) -> None:
+    """Stop new placements on a transceiver and move every call away from it."""
+    if undo:
+        res = t.client().request("POST", f"/transceivers/{transceiver_id}/undrain", {})
+        if as_json:
+            emit_json(res)
+        else:
+            click.echo(f"transceiver {transceiver_id} takes new calls again")
+        return
+    res = t.client().request("POST", f"/transceivers/{transceiver_id}/drain", {})
+    if as_json:
+        emit_json(res)
+    else:
+        moved = sum(1 for r in res["results"] if r["outcome"] == "moved")
+        click.echo(f"transceiver {transceiver_id} drained: {moved} of {len(res['results'])} calls moved; "
+                   "it takes no new calls (`relayctl drain --undo` to reopen)")
+        for r in res["results"]:
+            click.echo("  " + _migration_line(r))
+    if any(r["outcome"] != "moved" for r in res["results"]):
+        raise Fail(f"{sum(1 for r in res['results'] if r['outcome'] != 'moved')} calls could not be moved")
+
+
+@main.command()
 @json_option
 @pass_target
 def transceivers(t: Target, as_json: bool) -> None:

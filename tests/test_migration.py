@@ -182,3 +182,38 @@ def test_migration_to_unhealthy_target_is_refused(env):
     assert rep.rtp_packets_lost <= 1
     assert rep.tone_ratio_after["refused"] > 50
     assert rep.dc_echoed == rep.dc_sent  # it never moved: data channel intact
+
+
+def relayctl(svc: Services, *args: str):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "cli.relayctl", "--socket", svc.config["control_socket"], *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_relayctl_migrate_and_its_errors(env):
+    lab, svc, ctl = env
+    out = {}
+
+    async def via_cli(pc, rep):
+        await asyncio.sleep(1.0)
+        call = await asyncio.to_thread(call_of, svc, rep)
+        target = 2 if call["transceiver_id"] == 1 else 1
+        rep.mark("switch")
+        out["moved"] = await asyncio.to_thread(relayctl, svc, "migrate", call["call_id"], "--to", str(target), "--json")
+        out["same"] = await asyncio.to_thread(relayctl, svc, "migrate", call["call_id"], "--to", str(target))
+        out["text"] = await asyncio.to_thread(relayctl, svc, "migrate", call["call_id"], "--to",
+                                              str(call["transceiver_id"]))
+
+    rep = run_call(lab, duration=4.0, messages=4, on_connected=via_cli)
+    moved = json.loads(out["moved"].stdout)
+    assert out["moved"].returncode == 0 and moved["outcome"] == "moved"
+    assert out["same"].returncode == 1 and f"already on transceiver {moved['target']}" in out["same"].stderr
+    assert out["text"].returncode == 0 and f"moved from transceiver {moved['target']}" in out["text"].stdout
+    assert rep.rtp_packets_lost <= 2 and rep.tone_ratio_after["switch"] > 50  # two switches
+    for args, message in ((["migrate", "nosuchcall", "--to", "1"], "unknown call nosuchcall"),
+                          (["migrate", "x", "--to", "0"], "Invalid value"),
+                          (["drain", "77"], "unknown transceiver 77")):
+        proc = relayctl(svc, *args)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
