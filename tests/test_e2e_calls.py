@@ -61,11 +61,20 @@ def call_in_client(lab, **kw):
         return ex.call(asyncio.run, client_call(lab.signaling_url, **kw))
 
 
+def scraped_forwarded_rtp(svc: Services) -> float:
+    return sum(v for (name, labels), v in svc.metrics().items()
+               if name == "splitrelay_fastpath_packets_total" and dict(labels)["verdict"] == "forward"
+               and dict(labels)["class"] == "rtp")
+
+
 def test_call_media_on_the_fast_path(env):
     lab, svc, dp = env
     before = fast(dp)
+    scraped_before = scraped_forwarded_rtp(svc)
     rep = call_in_client(lab, duration=4.0, messages=10)
     after = fast(dp)
+    # The Prometheus endpoint tells the same story as the maps.
+    assert scraped_forwarded_rtp(svc) - scraped_before >= rep.rtp_packets_sent + rep.rtp_packets_received
     assert rep.error is None, rep.error
     assert rep.connected and "failed" not in rep.connection_states
     # The echo agent spoke our tone back: 440 Hz dominates the received audio.

@@ -94,6 +94,10 @@ def test_migrate_live_call(env):
     assert rep.frames_after["switch"] > 150
     assert rep.tone_ratio_after["switch"] > 50, rep.tone_ratio_after
     assert moved is None or moved["migration"]["rx_undecryptable"] <= 1
+    # The outcome and switch duration reach Prometheus.
+    m = svc.metrics()
+    assert m[("splitrelay_migrations_total", (("outcome", "moved"),))] >= 1
+    assert m[("splitrelay_migration_switch_seconds_count", ())] >= 1
 
 
 def test_drain_moves_every_call(env):
