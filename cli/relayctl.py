@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -482,25 +481,6 @@ def lab() -> None:
     """Network-namespace lab: client, relay and transceivers on veths."""
 
 
-def _detached_services_cls():
-    from manager.demo import REPO, Services
-
-    class DetachedServices(Services):
-        """Services whose processes outlive the CLI: own session (no signal
-        from the terminal reaches them), stdin closed, logs in the workdir."""
-
-        def _spawn(self, name: str, ns: str, argv: list[str]) -> subprocess.Popen:
-            log = open(self.log_path(name), "ab")
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            proc = self.lab.popen(ns, [sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
-            log.close()
-            self.procs[name] = proc
-            return proc
-
-    return DetachedServices
-
-
 def _proc_start_time(pid: int) -> int | None:
     """Start time (clock ticks since boot) of a live process, None when gone
     or a zombie. With the pid it names the process, so a reused pid is never
@@ -538,6 +518,7 @@ def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
 @json_option
 def lab_up_cmd(prefix: str | None, n_tx: int, no_services: bool, as_json: bool) -> None:
     """Create the lab and start relayd + transceivers in it (left running)."""
+    from manager.demo import Services
     from manager.lab import lab_down, lab_up
 
     need_root("lab up")
@@ -547,7 +528,7 @@ def lab_up_cmd(prefix: str | None, n_tx: int, no_services: bool, as_json: bool) 
     workdir = lab_workdir(lab_.prefix)
     services: dict = {}
     if not no_services:
-        svc = _detached_services_cls()(lab_, workdir)
+        svc = Services(lab_, workdir, detached=True)
         try:
             say(f"starting relayd and {n_tx} transceivers (logs in {workdir})")
             svc.start()

@@ -91,6 +91,9 @@ class Services:
     hint_key: str = field(default_factory=lambda: secrets.token_hex(32))
     capacity: int = 50
     idle_timeout: float = 30.0
+    # Processes outlive the caller (relayctl lab up): own session, so no
+    # terminal signal reaches them, and stdin closed.
+    detached: bool = False
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -113,16 +116,17 @@ class Services:
             self.start_transceiver(k)
         self.wait_transceivers(len(self.lab.transceivers), timeout)
 
-    def _spawn(self, name: str, ns: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, ns: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_path(name), "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = self.lab.popen(ns, [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = self.lab.popen(ns, [sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log,
+                              stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=self.detached)
         log.close()
         self.procs[name] = proc
         return proc
 
-    def start_relayd(self) -> subprocess.Popen:
-        return self._spawn("relayd", self.lab.relay_ns, ["-m", "cli.relayd", "-c", str(self.config_path)])
+    def start_relayd(self, *extra_args: str) -> subprocess.Popen:
+        return self._spawn("relayd", self.lab.relay_ns, ["-m", "cli.relayd", "-c", str(self.config_path), *extra_args])
 
     def start_transceiver(self, k: int) -> subprocess.Popen:
         ep = self.lab.transceivers[k - 1]

@@ -104,3 +104,36 @@ def test_sigkill_and_restart_lose_nothing(tmp_path):
             if dp is not None:
                 dp.close()
             svc.stop()
+
+
+def xdp_prog_id(lab, ifname: str) -> int | None:
+    import json
+    import subprocess
+    out = subprocess.run(["ip", "-j", "-n", lab.relay_ns, "link", "show", "dev", ifname],
+                         capture_output=True, text=True, check=True).stdout
+    return (json.loads(out)[0].get("xdp") or {}).get("prog", {}).get("id")
+
+
+def test_sigterm_keeps_the_fast_path_unless_asked(tmp_path):
+    """SIGTERM stops relayd gracefully (exit 0) and leaves XDP and its pinned
+    maps in place; with --detach-on-exit it removes both."""
+    from pathlib import Path
+
+    with lab_ctx(prefix=f"st{secrets.token_hex(3)}") as lab:
+        svc = Services(lab, workdir=tmp_path)
+        try:
+            svc.start()
+            pin_dir = Path(svc.config["datapath"]["pin_dir"])
+            prog = xdp_prog_id(lab, "pub0")
+            assert prog is not None
+            assert svc.stop_one("relayd", signal.SIGTERM) == 0
+            assert xdp_prog_id(lab, "pub0") == prog and (pin_dir / "flows").exists()
+            assert "fast path left running" in svc.log_path("relayd").read_text()
+            svc.start_relayd("--detach-on-exit")
+            svc.wait_signaling(30)
+            assert xdp_prog_id(lab, "pub0") == prog  # adopted, not replaced
+            assert svc.stop_one("relayd", signal.SIGTERM) == 0
+            assert all(xdp_prog_id(lab, ifname) is None for ifname in ["pub0", *lab.internal_ifnames])
+            assert not pin_dir.exists()
+        finally:
+            svc.stop()
