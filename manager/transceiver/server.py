@@ -46,6 +46,7 @@ from .endpoint import (
     DuplicateCall,
     InvalidRequest,
     Transceiver,
+    TransceiverError,
     UnknownCall,
 )
 
@@ -110,32 +111,19 @@ async def _post_call(request: web.Request) -> web.Response:
     missing = [k for k in ("conn_id", "ufrag", "offer") if k not in body]
     if missing:
         return _error(400, f"missing field(s): {', '.join(missing)}")
-    try:
-        answer, owner = await tx.create_call(body["conn_id"], body["ufrag"], body["offer"])
-    except InvalidRequest as exc:
-        return _error(400, str(exc))
-    except DuplicateCall as exc:
-        return _error(409, str(exc))
-    except CapacityExceeded as exc:
-        return _error(503, str(exc))
+    answer, owner = await tx.create_call(body["conn_id"], body["ufrag"], body["offer"])
     return web.json_response({"answer": answer, "owner": owner}, status=201)
 
 
 async def _delete_call(request: web.Request) -> web.Response:
     tx = request.app[TRANSCEIVER_KEY]
-    try:
-        await tx.close_call(_conn_id_from_path(request))
-    except UnknownCall as exc:
-        return _error(404, str(exc))
+    await tx.close_call(_conn_id_from_path(request))
     return web.Response(status=204)
 
 
 async def _get_call(request: web.Request) -> web.Response:
     tx = request.app[TRANSCEIVER_KEY]
-    try:
-        return web.json_response(tx.call_info(_conn_id_from_path(request)))
-    except UnknownCall as exc:
-        return _error(404, str(exc))
+    return web.json_response(tx.call_info(_conn_id_from_path(request)))
 
 
 async def _export_call(request: web.Request) -> web.Response:
@@ -147,37 +135,21 @@ async def _export_call(request: web.Request) -> web.Response:
     freeze = body.get("freeze", False)
     if not isinstance(freeze, bool):
         return _error(400, "freeze must be true or false")
-    try:
-        return web.json_response(tx.export_call(conn_id, freeze=freeze))
-    except UnknownCall as exc:
-        return _error(404, str(exc))
-    except CallStateConflict as exc:
-        return _error(409, str(exc))
+    return web.json_response(tx.export_call(conn_id, freeze=freeze))
 
 
 async def _unfreeze_call(request: web.Request) -> web.Response:
-    try:
-        request.app[TRANSCEIVER_KEY].unfreeze_call(_conn_id_from_path(request))
-    except UnknownCall as exc:
-        return _error(404, str(exc))
+    request.app[TRANSCEIVER_KEY].unfreeze_call(_conn_id_from_path(request))
     return web.Response(status=204)
 
 
 async def _release_call(request: web.Request) -> web.Response:
-    try:
-        await request.app[TRANSCEIVER_KEY].release_call(_conn_id_from_path(request))
-    except UnknownCall as exc:
-        return _error(404, str(exc))
+    await request.app[TRANSCEIVER_KEY].release_call(_conn_id_from_path(request))
     return web.Response(status=204)
 
 
 async def _activate_call(request: web.Request) -> web.Response:
-    try:
-        request.app[TRANSCEIVER_KEY].activate_call(_conn_id_from_path(request))
-    except UnknownCall as exc:
-        return _error(404, str(exc))
-    except CallStateConflict as exc:
-        return _error(409, str(exc))
+    request.app[TRANSCEIVER_KEY].activate_call(_conn_id_from_path(request))
     return web.Response(status=204)
 
 
@@ -189,14 +161,7 @@ async def _import_call(request: web.Request) -> web.Response:
     missing = [k for k in ("conn_id", "state") if k not in body]
     if missing:
         return _error(400, f"missing field(s): {', '.join(missing)}")
-    try:
-        owner = await tx.import_call(body["conn_id"], body["state"])
-    except InvalidRequest as exc:
-        return _error(400, str(exc))
-    except DuplicateCall as exc:
-        return _error(409, str(exc))
-    except CapacityExceeded as exc:
-        return _error(503, str(exc))
+    owner = await tx.import_call(body["conn_id"], body["state"])
     return web.json_response({"owner": owner}, status=201)
 
 
@@ -208,8 +173,23 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response(request.app[TRANSCEIVER_KEY].health())
 
 
+# Each call-level error has one HTTP status, whichever request raised it.
+ERROR_STATUS: dict[type[TransceiverError], int] = {
+    InvalidRequest: 400, UnknownCall: 404, DuplicateCall: 409, CallStateConflict: 409, CapacityExceeded: 503,
+}
+
+
+@web.middleware
+async def _call_errors(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except TransceiverError as exc:
+        status = next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 500)
+        return _error(status, str(exc))
+
+
 def create_app(transceiver: Transceiver) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_call_errors])
     app[TRANSCEIVER_KEY] = transceiver
     app.router.add_post("/calls", _post_call)
     app.router.add_post("/calls/import", _import_call)
