@@ -9,6 +9,7 @@ POST/DELETE of the signaling convention.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import json
 import math
@@ -22,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from array import array
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,6 +221,21 @@ class Services:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def running_lab(prefix: str, workdir: Path, transceivers: int = 2) -> Iterator[tuple[Lab, Services]]:
+    """A lab with relayd and its transceivers running; all of it is torn
+    down on exit, pinned state included."""
+    from .lab import lab as lab_ctx
+
+    with lab_ctx(prefix=prefix, transceivers=transceivers) as lab:
+        svc = Services(lab, workdir=workdir)
+        try:
+            svc.start()
+            yield lab, svc
+        finally:
+            svc.stop()
 
 
 # --- the client -----------------------------------------------------------------------

@@ -20,8 +20,8 @@ from aioice import stun
 
 from manager.config import DatapathConfig
 from manager.datapath import Datapath
-from manager.demo import Services, client_call
-from manager.lab import NetnsExecutor, lab as lab_ctx
+from manager.demo import Services, client_call, running_lab
+from manager.lab import NetnsExecutor
 from manager.ufrag import encode_ufrag
 
 pytestmark = pytest.mark.netns
@@ -29,16 +29,13 @@ pytestmark = pytest.mark.netns
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    with lab_ctx(prefix=f"e2e{secrets.token_hex(3)}") as lab:
-        svc = Services(lab, workdir=tmp_path_factory.mktemp("services"))
+    with running_lab(f"e2e{secrets.token_hex(3)}", tmp_path_factory.mktemp("services")) as (lab, svc):
+        dp = Datapath(DatapathConfig(**svc.config["datapath"]))
+        dp.open_maps()  # the pinned maps, read independently of relayd
         try:
-            svc.start()
-            dp = Datapath(DatapathConfig(**svc.config["datapath"]))
-            dp.open_maps()  # the pinned maps, read independently of relayd
             yield lab, svc, dp
-            dp.close()
         finally:
-            svc.stop()
+            dp.close()
 
 
 def fast(dp: Datapath) -> dict[str, int]:

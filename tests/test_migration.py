@@ -15,21 +15,16 @@ import urllib.request
 import pytest
 
 from manager.control import ControlClient, ControlError
-from manager.demo import Services, client_call
-from manager.lab import NetnsExecutor, lab as lab_ctx
+from manager.demo import Services, client_call, running_lab
+from manager.lab import NetnsExecutor
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    with lab_ctx(prefix=f"mg{secrets.token_hex(3)}") as lab:
-        svc = Services(lab, workdir=tmp_path_factory.mktemp("services"))
-        try:
-            svc.start()
-            yield lab, svc, ControlClient(svc.config["control_socket"])
-        finally:
-            svc.stop()
+    with running_lab(f"mg{secrets.token_hex(3)}", tmp_path_factory.mktemp("services")) as (lab, svc):
+        yield lab, svc, ControlClient(svc.config["control_socket"])
 
 
 def call_of(svc: Services, rep) -> dict:

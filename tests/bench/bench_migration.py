@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 from manager.control import ControlClient
-from manager.demo import Services, client_call
-from manager.lab import NetnsExecutor, lab as lab_ctx
+from manager.demo import client_call, running_lab
+from manager.lab import NetnsExecutor
 
 
 async def _lost(pc) -> int:
@@ -32,33 +32,28 @@ async def _lost(pc) -> int:
 
 def run(count: int, interval: float) -> dict:
     rows: list[dict] = []
-    with lab_ctx(prefix=f"bm{secrets.token_hex(3)}") as lab:
-        svc = Services(lab, workdir=Path(tempfile.mkdtemp(prefix="bench-migration-")))
-        try:
-            svc.start()
-            ctl = ControlClient(svc.config["control_socket"])
+    with running_lab(f"bm{secrets.token_hex(3)}", Path(tempfile.mkdtemp(prefix="bench-migration-"))) as (lab, svc):
+        ctl = ControlClient(svc.config["control_socket"])
 
-            async def migrate_many(pc, rep):
-                await asyncio.sleep(1.0)
-                call_id = rep.call_url.rsplit("/", 1)[1]
-                for i in range(count):
-                    call = next(c for c in (await asyncio.to_thread(svc.api, "/v1/calls"))["calls"]
-                                if c["call_id"] == call_id)
-                    target = 2 if call["transceiver_id"] == 1 else 1
-                    before = await _lost(pc)
-                    res = await asyncio.to_thread(ctl.request, "POST", f"/sessions/{call_id}/migrate", {"to": target})
-                    await asyncio.sleep(interval)
-                    res["lost"] = await _lost(pc) - before
-                    rows.append(res)
-                    print(f"  migration {i + 1}/{count}: {res['source']}→{res['target']} flip "
-                          f"{res['flip_s'] * 1000:.1f} ms, first packet {_ms(res['switch_s'])} ms, lost {res['lost']}",
-                          file=sys.stderr)
+        async def migrate_many(pc, rep):
+            await asyncio.sleep(1.0)
+            call_id = rep.call_url.rsplit("/", 1)[1]
+            for i in range(count):
+                call = next(c for c in (await asyncio.to_thread(svc.api, "/v1/calls"))["calls"]
+                            if c["call_id"] == call_id)
+                target = 2 if call["transceiver_id"] == 1 else 1
+                before = await _lost(pc)
+                res = await asyncio.to_thread(ctl.request, "POST", f"/sessions/{call_id}/migrate", {"to": target})
+                await asyncio.sleep(interval)
+                res["lost"] = await _lost(pc) - before
+                rows.append(res)
+                print(f"  migration {i + 1}/{count}: {res['source']}→{res['target']} flip "
+                      f"{res['flip_s'] * 1000:.1f} ms, first packet {_ms(res['switch_s'])} ms, lost {res['lost']}",
+                      file=sys.stderr)
 
-            with NetnsExecutor(lab.client_ns) as ex:
-                rep = ex.call(asyncio.run, client_call(lab.signaling_url, duration=count * interval + 1.5,
-                                                       messages=3, on_connected=migrate_many))
-        finally:
-            svc.stop()
+        with NetnsExecutor(lab.client_ns) as ex:
+            rep = ex.call(asyncio.run, client_call(lab.signaling_url, duration=count * interval + 1.5,
+                                                   messages=3, on_connected=migrate_many))
     switch = [r["switch_s"] * 1000 for r in rows if r["switch_s"] is not None]
     flip = [r["flip_s"] * 1000 for r in rows]
     lost = [r["lost"] for r in rows]
