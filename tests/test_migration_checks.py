@@ -1,0 +1,58 @@
+"""Migration refusals decided before anything is touched (Migrator.check),
+on a real registry: each is one clear message with an HTTP-like status."""
+
+from __future__ import annotations
+
+import pytest
+
+from manager.migration import MigrationError, Migrator
+from manager.owner import OwnerAddr
+from manager.registry import Registry
+
+
+@pytest.fixture
+def setup():
+    reg = Registry()
+    reg.register_transceiver(1, "http://10.0.0.2:8700", 5)
+    reg.register_transceiver(2, "http://10.0.0.3:8700", 1)
+    reg.register_transceiver(3, "http://10.0.0.4:8700", 5)
+    conn = reg.allocate_conn_id()
+    call = reg.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag="srv1srv1",
+                        owner=OwnerAddr(addr4="10.0.0.2", port4=5000))
+    return reg, Migrator(reg, None, None, None), call
+
+
+def refused(m: Migrator, ref, target: int) -> MigrationError:
+    with pytest.raises(MigrationError) as info:
+        m.check(ref, target)
+    return info.value
+
+
+def test_accepts_a_valid_move(setup):
+    reg, m, call = setup
+    got, target = m.check(call.call_id, 3)
+    assert got is call and target.id == 3
+    assert m.check(call.conn_id, 3)[0] is call  # by connection id too
+
+
+def test_refusals(setup):
+    reg, m, call = setup
+    assert (e := refused(m, "nosuch", 3)).status == 404 and str(e) == "unknown call nosuch"
+    assert (e := refused(m, call.call_id, 9)).status == 404 and str(e) == "unknown transceiver 9"
+    assert str(refused(m, call.call_id, 1)) == f"call {call.call_id} is already on transceiver 1"
+    # Transceiver 2 holds one call at capacity 1.
+    other = reg.add_call(conn_id=reg.allocate_conn_id(), transceiver_id=2, client_ufrag="cli2",
+                         server_ufrag="srv2srv2", owner=OwnerAddr(addr4="10.0.0.3", port4=5000))
+    assert other.transceiver_id == 2
+    assert str(refused(m, call.call_id, 2)) == "transceiver 2 is full (1/1 calls)"
+    reg.set_draining(3)
+    assert str(refused(m, call.call_id, 3)) == "transceiver 3 is draining"
+    reg.set_draining(3, False)
+    reg.heartbeat(3, None, healthy=False)
+    assert str(refused(m, call.call_id, 3)) == "transceiver 3 is unhealthy"
+    reg.heartbeat(3, None, healthy=True)
+    m.running.add(call.conn_id)
+    assert str(refused(m, call.call_id, 3)) == f"call {call.call_id} is already being migrated"
+    m.running.clear()
+    reg.end_call(call.conn_id, "test")
+    assert refused(m, call.call_id, 3).status == 404
