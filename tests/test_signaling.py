@@ -133,7 +133,10 @@ async def relay(
     clock: Callable[[], float] | None = None,
     timeout: float = 5.0,
 ) -> AsyncIterator[Env]:
-    registry = Registry(report_grace=0.0, **({"clock": clock} if clock else {}))
+    # The stand-ins register once and never heartbeat: on the real clock,
+    # expiry must not depend on how long a loaded machine takes (tests of
+    # expiry pass a fake clock and keep the 3 s default).
+    registry = Registry(report_grace=0.0, **({"clock": clock} if clock else {"heartbeat_timeout": 3600.0}))
     client = TransceiverClient(timeout=timeout)
     app = make_app(registry, hint_key=KEY, public_addrs=PUBLIC, transceiver_client=client)
     http = TestClient(TestServer(app))
