@@ -863,7 +863,9 @@ def test_agent_track_is_paced_with_continuous_pts_and_echo_agent_echoes() -> Non
         elapsed = time.monotonic() - start
         assert [f.pts for f in frames] == [0, 960, 1920, 2880, 3840, 4800]
         assert all(f.samples == 960 and f.sample_rate == 48000 for f in frames)
-        assert 0.09 <= elapsed < 0.3  # five 20 ms waits after the first frame
+        # Paced: five 20 ms waits after the first frame. The upper bound only
+        # catches a stall; a loaded machine may be late, never early.
+        assert 0.09 <= elapsed < 1.0
         loud = [max(array.array("h", bytes(f.planes[0])[:1920])) for f in frames]
         assert min(loud[:3]) > 500 and loud[4:] == [0, 0]  # the agent's audio, then silence
         assert track.silent_frames >= 2
