@@ -21,7 +21,7 @@ from . import libbpf
 from .config import DatapathConfig
 from .owner import OwnerAddr
 from .structs import (AF_INET6, BPF_DIR, MAP_TYPES, STAT_NAMES, FlowInfo, FlowKey, OwnerInfo,
-                      RelayConfig, ReverseInfo, flow_key, flow_key_tuple, htons, ntohs,
+                      RelayConfig, ReverseInfo, ReverseKey, flow_key, flow_key_tuple, htons, ntohs,
                       pack_addr, pack_addr4, reverse_key, unpack_addr, unpack_addr4, vip_key)
 
 log = logging.getLogger(__name__)
@@ -355,17 +355,17 @@ class Datapath:
 
     def remove_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> bool:
         """Remove a flow and every reverse entry that points at it."""
-        m = self._m()
         key = flow_key(client, vip)
-        info = m.flows.lookup(key)
-        if info is None:
+        if self._m().flows.lookup(key) is None:
             return False
-        m.flows.delete(key)
-        raw = bytes(key)
-        for rk, rv in list(m.reverse.items()):
-            if bytes(rv.client) == raw:
-                m.reverse.delete(rk)
+        self._remove(key, self._reverse_index())
         return True
+
+    def _remove(self, key: FlowKey, index: dict[bytes, list[tuple[ReverseKey, ReverseInfo]]]) -> None:
+        m = self._m()
+        m.flows.delete(key)
+        for rk, _ in index.get(bytes(key), ()):
+            m.reverse.delete(rk)
 
     def get_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> Flow | None:
         """One flow; its return-direction counters are those of the reverse
@@ -374,34 +374,40 @@ class Datapath:
         info = self._m().flows.lookup(key)
         if info is None:
             return None
-        return self._flow(key, info, self._reverse_by_client())
+        return self._flow(key, info, self._reverse_index())
 
-    def _flow(self, key: FlowKey, info: FlowInfo, out: dict) -> Flow:
+    def _flow(self, key: FlowKey, info: FlowInfo, index: dict) -> Flow:
         client, vip = flow_key_tuple(key)
-        o = out.get(bytes(key), (0, 0, 0))
+        entries = [rv for _, rv in index.get(bytes(key), ())]
         return Flow(client=client, vip=vip, conn_id=info.conn_id, flow_port=ntohs(info.flow_port),
-                    packets_in=info.packets, bytes_in=info.bytes, packets_out=o[0], bytes_out=o[1],
-                    last_seen_ns=max(info.last_seen_ns, o[2]), created_ns=info.created_ns)
+                    packets_in=info.packets, bytes_in=info.bytes,
+                    packets_out=sum(rv.packets for rv in entries), bytes_out=sum(rv.bytes for rv in entries),
+                    last_seen_ns=max([info.last_seen_ns, *(rv.last_seen_ns for rv in entries)]),
+                    created_ns=info.created_ns)
 
-    def _reverse_by_client(self) -> dict[bytes, tuple[int, int, int]]:
-        out: dict[bytes, tuple[int, int, int]] = {}
-        for _, rv in self._m().reverse.items():
-            k = bytes(rv.client)
-            p, b, ls = out.get(k, (0, 0, 0))
-            out[k] = (p + rv.packets, b + rv.bytes, max(ls, rv.last_seen_ns))
-        return out
+    def _reverse_index(self) -> dict[bytes, list[tuple[ReverseKey, ReverseInfo]]]:
+        """Every reverse entry, grouped by the client tuple it restores: one
+        walk of the map serves listing and removal alike."""
+        index: dict[bytes, list[tuple[ReverseKey, ReverseInfo]]] = {}
+        for rk, rv in self._m().reverse.items():
+            index.setdefault(bytes(rv.client), []).append((rk, rv))
+        return index
 
     def flows(self) -> list[Flow]:
-        out = self._reverse_by_client()
-        return [self._flow(k, v, out) for k, v in self._m().flows.items()]
+        index = self._reverse_index()
+        return [self._flow(k, v, index) for k, v in self._m().flows.items()]
 
     def expire_idle(self, idle_s: float, *, now_ns: int | None = None) -> list[Flow]:
         """Remove flows with no packet either way for idle_s seconds."""
         now = now_ns if now_ns is not None else time.monotonic_ns()
         limit = int(idle_s * 1e9)
-        expired = [f for f in self.flows() if now - f.last_seen_ns > limit]
-        for f in expired:
-            self.remove_flow(f.client, f.vip)
+        index = self._reverse_index()
+        expired = []
+        for key, info in list(self._m().flows.items()):
+            flow = self._flow(key, info, index)
+            if now - flow.last_seen_ns > limit:
+                self._remove(key, index)
+                expired.append(flow)
         return expired
 
     # --- counters -----------------------------------------------------------------------
