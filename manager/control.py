@@ -33,11 +33,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .datapath import DatapathError, Flow, xdp_attachment
-from .metrics import _fastpath_class, public_queue_bytes
 from .migration import MigrationError
 from .registry import UnknownTransceiverError
 from .signaling import TransceiverClient, TransceiverError
-from .structs import STAT_NAMES, stat_verdict
+from .structs import STAT_NAMES, stat_labels
 
 if TYPE_CHECKING:
     from .daemon import Relay
@@ -184,9 +183,8 @@ def fastpath_view(counters: dict[str, tuple[int, int]]) -> dict[str, Any]:
     totals: dict[str, dict[str, int]] = {}
     for name in STAT_NAMES:
         packets, nbytes = counters.get(name, (0, 0))
-        verdict = stat_verdict(name)
-        reason = name.partition("_")[2]
-        rows.append({"name": name, "verdict": verdict, "reason": reason, "class": _fastpath_class(reason),
+        verdict, reason, cls = stat_labels(name)
+        rows.append({"name": name, "verdict": verdict, "reason": reason, "class": cls,
                      "packets": packets, "bytes": nbytes})
         t = totals.setdefault(verdict, {"packets": 0, "bytes": 0})
         t["packets"] += packets
@@ -198,7 +196,6 @@ def slowpath_view(relay: "Relay") -> dict[str, Any] | None:
     sp = relay.slowpath
     if sp is None:
         return None
-    installed = sum(1 for leg in sp.legs.values() if leg.installed_at is not None)
     setup = {"count": 0, "sum_s": 0.0}
     for metric in relay.metrics.flow_setup.collect():
         for s in metric.samples:
@@ -206,14 +203,7 @@ def slowpath_view(relay: "Relay") -> dict[str, Any] | None:
                 setup["count"] = int(s.value)
             elif s.name.endswith("_sum"):
                 setup["sum_s"] = round(s.value, 6)
-    return {
-        "events": {k: v for k, v in sorted(sp.stats.items()) if not k.startswith("forward_")},
-        "packets": {"in": sp.stats.get("forward_in", 0), "out": sp.stats.get("forward_out", 0)},
-        "bytes": {"in": sp.bytes.get("forward_in", 0), "out": sp.bytes.get("forward_out", 0)},
-        "legs": {"installed": installed, "pending": len(sp.legs) - installed},
-        "queue_bytes": public_queue_bytes([s.fileno() for s in sp.public.values()]),
-        "flow_setup": setup,
-    }
+    return {**sp.summary(), "flow_setup": setup}
 
 
 # --- handlers -----------------------------------------------------------------------------

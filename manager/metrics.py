@@ -7,7 +7,6 @@ transceiver figures come from the running manager's objects.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -15,7 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .structs import stat_verdict
+from .structs import stat_labels
 
 if TYPE_CHECKING:
     from .daemon import Relay
@@ -24,13 +23,6 @@ if TYPE_CHECKING:
 # tens of milliseconds (the owner's answer is the bulk of it).
 SETUP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 SWITCH_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-
-
-def _fastpath_class(reason: str) -> str:
-    for cls in ("stun", "dtls", "rtp"):
-        if reason.endswith("_" + cls):
-            return cls
-    return "none"
 
 
 class RelayCollector:
@@ -50,8 +42,7 @@ class RelayCollector:
                                  labels=["verdict", "reason", "class"])
         if relay.datapath.maps is not None:
             for name, (packets, nbytes) in relay.datapath.counters().items():
-                verdict, _, reason = name.partition("_")
-                labels = [stat_verdict(name), reason, _fastpath_class(reason)]
+                labels = list(stat_labels(name))
                 pk.add_metric(labels, packets)
                 by.add_metric(labels, nbytes)
         yield pk
@@ -63,17 +54,15 @@ class RelayCollector:
         legs = GaugeMetricFamily("splitrelay_flows", "Client tuples known to the slow path", labels=["state"])
         queue = GaugeMetricFamily("splitrelay_slowpath_queue_bytes", "Bytes waiting in the public sockets' receive queues")
         if sp is not None:
-            for event, n in sorted(sp.stats.items()):
-                if event.startswith("forward_"):
-                    spk.add_metric([event.removeprefix("forward_")], n)
-                else:
-                    ev.add_metric([event], n)
+            summary = sp.summary()
+            for event, n in summary["events"].items():
+                ev.add_metric([event], n)
             for direction in ("in", "out"):
-                spb.add_metric([direction], sp.bytes.get(f"forward_{direction}", 0))
-            installed = sum(1 for leg in sp.legs.values() if leg.installed_at is not None)
-            legs.add_metric(["installed"], installed)
-            legs.add_metric(["pending"], len(sp.legs) - installed)
-            queue.add_metric([], public_queue_bytes([s.fileno() for s in sp.public.values()]))
+                spk.add_metric([direction], summary["packets"][direction])
+                spb.add_metric([direction], summary["bytes"][direction])
+            for state, n in summary["legs"].items():
+                legs.add_metric([state], n)
+            queue.add_metric([], summary["queue_bytes"])
         yield ev
         yield spk
         yield spb
@@ -91,23 +80,6 @@ class RelayCollector:
         tx.add_metric(["true"], sum(1 for t in ts if t.healthy))
         tx.add_metric(["false"], sum(1 for t in ts if not t.healthy))
         yield tx
-
-
-def public_queue_bytes(fds: list[int]) -> int:
-    """Bytes queued on these UDP sockets (rx_queue of /proc/net/udp{,6})."""
-    inodes = {str(os.fstat(fd).st_ino) for fd in fds}
-    total = 0
-    for path in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            with open(path) as f:
-                next(f)
-                for line in f:
-                    cols = line.split()
-                    if len(cols) > 9 and cols[9] in inodes:
-                        total += int(cols[4].split(":")[1], 16)
-        except OSError:
-            continue
-    return total
 
 
 class Metrics:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Histogram
 
 from .datapath import Datapath
+from .metrics import SWITCH_BUCKETS
 from .owner import OwnerAddr
 from .registry import Call, Registry, UnknownTransceiverError
 from .signaling import TransceiverClient, TransceiverError
@@ -72,11 +73,12 @@ class Migrator:
         self.slowpath = slowpath
         self.client = client
         self.running: set[int] = set()
-        kw = {"registry": metrics_registry} if metrics_registry is not None else {"registry": None}
-        self.outcomes = Counter("splitrelay_migrations", "Call migrations by outcome", ["outcome"], **kw)
+        # registry=None: metrics kept but not exported (no relay to serve them).
+        self.outcomes = Counter("splitrelay_migrations", "Call migrations by outcome", ["outcome"],
+                                registry=metrics_registry)
         self.switch = Histogram("splitrelay_migration_switch_seconds",
                                 "Migration request to the first packet forwarded from the new owner",
-                                buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0), **kw)
+                                buckets=SWITCH_BUCKETS, registry=metrics_registry)
 
     def _call(self, ref: str | int) -> Call:
         call = None

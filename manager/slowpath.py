@@ -19,6 +19,7 @@ import asyncio
 import collections
 import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -172,6 +173,17 @@ class SlowPath:
             self._loop.remove_reader(sock.fileno())
             sock.close()
         self.public.clear()
+
+    def summary(self) -> dict:
+        """Counters and state for metrics and the control API."""
+        installed = sum(1 for leg in self.legs.values() if leg.installed_at is not None)
+        return {
+            "events": {k: v for k, v in sorted(self.stats.items()) if not k.startswith("forward_")},
+            "packets": {d: self.stats.get(f"forward_{d}", 0) for d in ("in", "out")},
+            "bytes": {d: self.bytes.get(f"forward_{d}", 0) for d in ("in", "out")},
+            "legs": {"installed": installed, "pending": len(self.legs) - installed},
+            "queue_bytes": public_queue_bytes([s.fileno() for s in self.public.values()]),
+        }
 
     # --- packets from clients ----------------------------------------------------------
 
@@ -409,6 +421,23 @@ class SlowPath:
                 self.expire()
             except Exception:  # keep the slow path alive; the next round retries
                 log.exception("slow-path housekeeping failed")
+
+
+def public_queue_bytes(fds: list[int]) -> int:
+    """Bytes queued on these UDP sockets (rx_queue of /proc/net/udp{,6})."""
+    inodes = {str(os.fstat(fd).st_ino) for fd in fds}
+    total = 0
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 9 and cols[9] in inodes:
+                        total += int(cols[4].split(":")[1], 16)
+        except OSError:
+            continue
+    return total
 
 
 def _udp_socket(bind: tuple[str, int]) -> socket.socket:

@@ -149,6 +149,14 @@ def stat_verdict(name: str) -> str:
     return {"pass": "pass", "drop": "drop", "fwd": "forward"}[name.split("_", 1)[0]]
 
 
+def stat_labels(name: str) -> tuple[str, str, str]:
+    """(verdict, reason, payload class) of a counter: 'fwd_in_rtp' is
+    ('forward', 'in_rtp', 'rtp'); reasons that are not per class get 'none'."""
+    reason = name.partition("_")[2]
+    cls = next((c for c in ("stun", "dtls", "rtp") if reason.endswith("_" + c)), "none")
+    return stat_verdict(name), reason, cls
+
+
 # --- address helpers -----------------------------------------------------------
 
 def family_of(addr: str) -> int:
