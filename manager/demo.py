@@ -249,31 +249,36 @@ def tone_power(samples: array, freq: float, rate: int = SAMPLE_RATE) -> float:
     return s1 * s1 + s2 * s2 - k * s1 * s2
 
 
-def make_tone_track():
-    """An audio track playing a steady tone in real time (20 ms frames)."""
+def make_tone_track(freq: float = TONE_HZ):
+    """An audio track playing a sine in real time (20 ms frames, 48 kHz mono).
+    Its `freq` may change mid-call; the phase stays continuous."""
     import av
-    from aiortc.mediastreams import MediaStreamTrack
+    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
     class ToneTrack(MediaStreamTrack):
         kind = "audio"
 
         def __init__(self) -> None:
             super().__init__()
+            self.freq = freq
+            self._phase = 0.0
             self._pts = 0
             self._start: float | None = None
 
         async def recv(self):
+            if self.readyState != "live":
+                raise MediaStreamError
             if self._start is None:
                 self._start = time.monotonic()
-            due = self._start + self._pts / SAMPLE_RATE
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            n0 = self._pts
-            samples = array("h", (int(8000 * math.sin(2 * math.pi * TONE_HZ * (n0 + i) / SAMPLE_RATE))
-                                  for i in range(FRAME_SAMPLES)))
+            else:
+                await asyncio.sleep(max(0.0, self._start + self._pts / SAMPLE_RATE - time.monotonic()))
+            step = 2 * math.pi * self.freq / SAMPLE_RATE
+            samples = array("h", (int(8000 * math.sin(self._phase + i * step)) for i in range(FRAME_SAMPLES)))
+            self._phase = (self._phase + FRAME_SAMPLES * step) % (2 * math.pi)
             frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
             frame.planes[0].update(samples.tobytes())
             frame.sample_rate = SAMPLE_RATE
-            frame.pts = n0
+            frame.pts = self._pts
             frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
             self._pts += FRAME_SAMPLES
             return frame

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import fractions
 import json
 import logging
 import math
@@ -35,9 +34,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdtlstransport import SRTP_PROFILES
 from aiortc.rtp import RtpPacket, is_rtcp
 
+from manager.demo import make_tone_track, tone_power
 from manager.sdp import rewrite_candidates, strip_candidates
 from manager.transceiver.agent import (
-    FRAME_SAMPLES,
     AgentAudioTrack,
     AgentSession,
     CallEnded,
@@ -82,52 +81,13 @@ async def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition"
 # -- media helpers ---------------------------------------------------------------------
 
 
-class SineTrack(MediaStreamTrack):
-    """48 kHz mono sine, real-time paced; `freq` may change (phase stays continuous)."""
-
-    kind = "audio"
-
-    def __init__(self, freq: float) -> None:
-        super().__init__()
-        self.freq = freq
-        self._phase = 0.0
-        self._n = 0
-        self._start: float | None = None
-
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            await asyncio.sleep(max(0.0, self._start + self._n / RATE - time.monotonic()))
-        step = 2 * math.pi * self.freq / RATE
-        samples = array.array(
-            "h", (int(8000 * math.sin(self._phase + i * step)) for i in range(FRAME_SAMPLES))
-        )
-        self._phase = (self._phase + FRAME_SAMPLES * step) % (2 * math.pi)
-        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(samples.tobytes())
-        frame.pts, frame.sample_rate, frame.time_base = self._n, RATE, fractions.Fraction(1, RATE)
-        self._n += FRAME_SAMPLES
-        return frame
-
-
-def goertzel_power(samples: list[int], freq: float) -> float:
-    coeff = 2 * math.cos(2 * math.pi * freq / RATE)
-    s1 = s2 = 0.0
-    for x in samples:
-        s1, s2 = x + coeff * s1 - s2, s1
-    return s1 * s1 + s2 * s2 - coeff * s1 * s2
-
-
 def assert_dominant(samples: list[int], expected: float, others: list[float]) -> None:
     assert len(samples) >= RATE // 4, f"only {len(samples)} samples received"
     rms = math.sqrt(sum(x * x for x in samples) / len(samples))
     assert rms > 1000, f"received audio is (near) silent: rms={rms:.0f}"
-    p = goertzel_power(samples, expected)
+    p = tone_power(samples, expected, RATE)
     for f in others:
-        q = goertzel_power(samples, f)
+        q = tone_power(samples, f, RATE)
         assert p > 20 * q, f"{expected} Hz not dominant over {f} Hz: {p:.3g} vs {q:.3g}"
 
 
@@ -212,7 +172,7 @@ class ClientCall:
 
     def __init__(self, freq: float) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.track = SineTrack(freq)
+        self.track = make_tone_track(freq)
         self.pc.addTrack(self.track)
         self.dc = self.pc.createDataChannel("chat")
         self.messages: asyncio.Queue[Any] = asyncio.Queue()
