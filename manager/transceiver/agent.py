@@ -346,3 +346,14 @@ class EchoAgent(Agent):
     def import_state(self, state: dict[str, Any]) -> None:
         self.frames_echoed = int(state.get("frames_echoed", 0))
         self.messages_echoed = int(state.get("messages_echoed", 0))
+
+
+async def run_agent(agent: "Agent", session: "AgentSession", what: str) -> None:
+    """Run an agent for a call. Its failure is not the call's: the client
+    keeps the connection (hearing silence) until it or the control API ends it."""
+    try:
+        await agent.run(session)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("agent of %s failed", what)

@@ -36,7 +36,7 @@ from aiortc.rtcdtlstransport import SRTP_PROFILES, RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceTransport
 from aiortc.rtp import is_rtcp
 
-from .agent import Agent, AgentFactory, AgentSession, EchoAgent
+from .agent import Agent, AgentFactory, AgentSession, EchoAgent, run_agent
 from .migrated import (
     DEFAULT_CONSENT_TIMEOUT,
     ImportSpec,
@@ -760,7 +760,7 @@ class Transceiver:
             elif state in ("failed", "closed"):
                 await self._end_call(call, self._end_reason(call, state))
 
-        call.agent_task = asyncio.ensure_future(self._run_agent(call))
+        call.agent_task = asyncio.ensure_future(run_agent(call.agent, call.session, f"call {call.conn_id}"))
         call.timeout_task = asyncio.ensure_future(self._connect_watchdog(call))
         assert pc.localDescription is not None
         return pc.localDescription.sdp, self.owner
@@ -884,15 +884,6 @@ class Transceiver:
             return "client hung up"
         return "connection failed"
 
-    async def _run_agent(self, call: Call) -> None:
-        try:
-            await call.agent.run(call.session)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The agent's failure is not the call's: the client keeps the
-            # connection (hearing silence) until it or the control API ends it.
-            logger.exception("agent of call %d failed", call.conn_id)
 
     async def _connect_watchdog(self, call: Call) -> None:
         await asyncio.sleep(self.connect_timeout)

@@ -61,7 +61,7 @@ from aiortc.rtcrtpparameters import (
 )
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket, compute_audio_level_dbov, is_rtcp
 
-from .agent import Agent, AgentSession
+from .agent import Agent, AgentSession, run_agent
 
 if TYPE_CHECKING:
     from .endpoint import IceMux, _CallPort
@@ -482,7 +482,7 @@ class MigratedCall:
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.ensure_future(self._run_agent()),
+            asyncio.ensure_future(run_agent(self.agent, self.session, f"imported call {self.conn_id}")),
             asyncio.ensure_future(self._consent_watchdog()),
         ]
 
@@ -514,13 +514,6 @@ class MigratedCall:
         for port in self.ports:
             port.close()
 
-    async def _run_agent(self) -> None:
-        try:
-            await self.agent.run(self.session)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("agent of imported call %d failed", self.conn_id)
 
     async def _consent_watchdog(self) -> None:
         while True:
