@@ -11,15 +11,9 @@ Where things are comes from --config (or SPLITRELAY_CONFIG), a lab's config
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import secrets
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,18 +21,9 @@ from typing import Any, Callable
 
 import click
 
-from manager.config import ConfigError, DatapathConfig, RelaydConfig, SlowPathConfig, load_config
-from manager.control import ControlClient, ControlError, fastpath_view, fmt_ep
-
-LAB_STATE_DIR = Path("/run/splitrelay")
-SERVICES_FILE = "services.json"
-STOP_TIMEOUT = 10.0
-
-
-def lab_workdir(prefix: str) -> Path:
-    """Config, logs and service pids of a lab started by `relayctl lab up`."""
-    return LAB_STATE_DIR / f"lab-{prefix}"
-
+from manager.relay.config import ConfigError, DatapathConfig, RelaydConfig, SlowPathConfig, load_config
+from manager.protocol.addresses import fmt_ep
+from manager.relay.control import ControlClient, ControlError, fastpath_view
 
 # --- errors and output ---------------------------------------------------------------------
 
@@ -55,9 +40,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from manager.datapath import DatapathError
-    from manager.demo import ServicesError
-    from manager.lab import LabError
+    from manager.relay.kernel.datapath import DatapathError
+    from manager.lab.services import ServicesError
+    from manager.lab.topology import LabError
 
     return (ControlError, ConfigError, DatapathError, LabError, ServicesError, OSError)
 
@@ -122,9 +107,11 @@ class Target:
         if not self._loaded:
             path = self.config_path
             if self.lab and not path:
-                from manager.lab import Lab
+                from manager.lab.topology import Lab
 
                 Lab.plan(self.lab, 1)  # validates the prefix: it names a path
+                from manager.lab.manage import lab_workdir
+
                 path = self.config_path = str(lab_workdir(self.lab) / "relayd.toml")
                 if not Path(path).exists():
                     raise Fail(f"no relayd config for lab {self.lab!r} at {path} (started with `relayctl lab up`?)")
@@ -158,7 +145,7 @@ class Target:
         """The pinned maps, opened read/write without loading anything."""
         from pydantic import ValidationError
 
-        from manager.datapath import Datapath
+        from manager.relay.kernel.datapath import Datapath
 
         need_root("reading the pinned maps")
         try:
@@ -481,36 +468,6 @@ def lab() -> None:
     """Network-namespace lab: client, relay and transceivers on veths."""
 
 
-def _proc_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a live process, None when gone
-    or a zombie. With the pid it names the process, so a reused pid is never
-    signalled."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return None if fields[0] == "Z" else int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
-    from manager.demo import relayd_config
-
-    cfg = relayd_config(lab_, "0" * 64)
-    return {
-        "prefix": lab_.prefix,
-        "namespaces": {"client": lab_.client_ns, "relay": lab_.relay_ns, "transceivers": lab_.transceiver_ns},
-        "signaling_url": lab_.signaling_url,
-        "metrics_url": f"http://{lab_.vip4}:{cfg['metrics']['port']}/metrics",
-        "vips": [fmt_ep(lab_.vip4, lab_.port), fmt_ep(lab_.vip6, lab_.port)],
-        "control_socket": cfg["control_socket"],
-        "pin_dir": cfg["datapath"]["pin_dir"],
-        "config_path": str(workdir / "relayd.toml") if services else None,
-        "workdir": str(workdir) if workdir else None,
-        "services": {k: v["pid"] for k, v in (services or {}).items()},
-        "created_at": lab_.created_at,
-    }
-
-
 @lab.command("up")
 @click.option("--prefix", default=None, help="Namespace prefix (default: random).")
 @click.option("--transceivers", "n_tx", type=click.IntRange(1, 16), default=2, show_default=True)
@@ -518,34 +475,15 @@ def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
 @json_option
 def lab_up_cmd(prefix: str | None, n_tx: int, no_services: bool, as_json: bool) -> None:
     """Create the lab and start relayd + transceivers in it (left running)."""
-    from manager.demo import Services
-    from manager.lab import lab_down, lab_up
+    from manager.lab.manage import start_lab
 
     need_root("lab up")
-    say = _progress(not as_json)
-    say(f"creating namespaces and veths ({n_tx} transceivers)")
-    lab_ = lab_up(prefix, n_tx)
-    workdir = lab_workdir(lab_.prefix)
-    services: dict = {}
-    if not no_services:
-        svc = Services(lab_, workdir, detached=True)
-        try:
-            say(f"starting relayd and {n_tx} transceivers (logs in {workdir})")
-            svc.start()
-            services = {name: {"pid": p.pid, "start_time": _proc_start_time(p.pid)} for name, p in svc.procs.items()}
-            (workdir / SERVICES_FILE).write_text(json.dumps({
-                "services": services, "pin_dir": svc.config["datapath"]["pin_dir"],
-                "control_socket": svc.config["control_socket"], "config_path": str(svc.config_path)}, indent=2))
-        except BaseException:
-            svc.stop(purge=True)
-            lab_down(lab_)
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
-    info = lab_info(lab_, workdir, services)
+    info = start_lab(prefix, n_tx, services=not no_services, say=_progress(not as_json))
+    services = info["services"]
     if as_json:
         emit_json(info)
         return
-    click.echo(f"lab {lab_.prefix} is up")
+    click.echo(f"lab {info['prefix']} is up")
     click.echo(table(None, [
         ["client ns", info["namespaces"]["client"]],
         ["relay ns", info["namespaces"]["relay"]],
@@ -557,84 +495,7 @@ def lab_up_cmd(prefix: str | None, n_tx: int, no_services: bool, as_json: bool) 
         ["config", info["config_path"] or "-"],
     ]))
     if services:
-        click.echo(f"\ntry: relayctl --lab {lab_.prefix} status    (then: relayctl lab down {lab_.prefix})")
-
-
-def stop_lab_services(prefix: str) -> list[str]:
-    """SIGTERM the services `lab up` recorded (transceivers first, then relayd)
-    and wait for them; SIGKILL after STOP_TIMEOUT. Returns the names stopped."""
-    path = lab_workdir(prefix) / SERVICES_FILE
-    try:
-        rec = json.loads(path.read_text())["services"]
-    except (OSError, ValueError, KeyError):
-        return []
-    order = [n for n in rec if n != "relayd"] + (["relayd"] if "relayd" in rec else [])
-    stopped = []
-    for name in order:
-        pid, started = rec[name]["pid"], rec[name].get("start_time")
-        if _proc_start_time(pid) is None or _proc_start_time(pid) != started:
-            continue  # gone, a zombie, or the pid now names another process
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if not _wait_gone(pid, STOP_TIMEOUT):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 2.0)
-        stopped.append(name)
-    return stopped
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state == "Z":
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-
-
-def purge_pin_dir(pin_dir: Path) -> bool:
-    """Unpin a lab's program and maps (bpffs objects are files). True if
-    anything was there."""
-    if not pin_dir.exists():
-        return False
-    for p in sorted(pin_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if p.is_dir() and not p.is_symlink():
-            p.rmdir()
-        else:
-            p.unlink(missing_ok=True)
-    pin_dir.rmdir()
-    return True
-
-
-def take_lab_down(prefix: str) -> dict:
-    """Everything of one lab: services, pinned state, namespaces, files."""
-    from manager.demo import relayd_config
-    from manager.lab import Lab, lab_down
-
-    cfg = relayd_config(Lab.plan(prefix, 1), "0" * 64)  # also validates the prefix (it names paths)
-    stopped = stop_lab_services(prefix)
-    pinned = purge_pin_dir(Path(cfg["datapath"]["pin_dir"]))
-    removed = lab_down(prefix)
-    shutil.rmtree(lab_workdir(prefix), ignore_errors=True)
-    Path(cfg["control_socket"]).unlink(missing_ok=True)
-    return {"prefix": prefix, "services_stopped": stopped, "pin_dir_removed": pinned, "namespaces_removed": removed}
-
-
-def _known_prefixes() -> tuple[list[str], list[str]]:
-    """(all recorded labs, those started by `relayctl lab up`)."""
-    from manager.lab import list_labs
-
-    labs = [lb.prefix for lb in list_labs()]
-    ours = sorted(p.name.removeprefix("lab-") for p in LAB_STATE_DIR.glob("lab-*") if p.is_dir())
-    return labs, ours
+        click.echo(f"\ntry: relayctl --lab {info['prefix']} status    (then: relayctl lab down {info['prefix']})")
 
 
 @lab.command("down")
@@ -644,7 +505,9 @@ def _known_prefixes() -> tuple[list[str], list[str]]:
 def lab_down_cmd(prefix: str | None, all_: bool, as_json: bool) -> None:
     """Stop a lab's services and remove it, its pinned state and its files."""
     need_root("lab down")
-    labs, ours = _known_prefixes()
+    from manager.lab.manage import known_prefixes, take_lab_down
+
+    labs, ours = known_prefixes()
     if all_:
         prefixes = sorted({*labs, *ours})
     elif prefix:
@@ -670,20 +533,9 @@ def lab_down_cmd(prefix: str | None, all_: bool, as_json: bool) -> None:
 @json_option
 def lab_list_cmd(as_json: bool) -> None:
     """Labs recorded in /run/splitrelay."""
-    from manager.lab import list_labs
+    from manager.lab.manage import list_lab_infos
 
-    out = []
-    for lb in list_labs():
-        workdir = lab_workdir(lb.prefix)
-        try:
-            services = json.loads((workdir / SERVICES_FILE).read_text())["services"]
-        except (OSError, ValueError, KeyError):
-            services = None
-        info = lab_info(lb, workdir if services else None, services)
-        info["running"] = sorted(n for n, s in (services or {}).items()
-                                 if _proc_start_time(s["pid"]) == s.get("start_time"))
-        info["exists"] = lb.exists()
-        out.append(info)
+    out = list_lab_infos()
     if as_json:
         emit_json({"labs": out})
         return
@@ -697,76 +549,6 @@ def lab_list_cmd(as_json: bool) -> None:
 
 
 # --- demo -----------------------------------------------------------------------------------------
-
-def _slow_samples(svc) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for (name, labels), v in svc.metrics().items():
-        lab_ = dict(labels)
-        if name == "splitrelay_slowpath_packets_total":
-            out["packets_" + lab_["direction"]] = v
-        elif name == "splitrelay_slowpath_events_total":
-            out[lab_["event"]] = v
-        elif name in ("splitrelay_flow_setup_seconds_sum", "splitrelay_flow_setup_seconds_count"):
-            out[name.rsplit("_", 1)[1]] = v
-    return out
-
-
-def run_demo(duration: float, say: Callable[[str], None]) -> dict:
-    """Lab + relayd + 2 transceivers, one real call, numbers; all torn down."""
-    from pyroute2 import netns
-
-    from manager.datapath import Datapath
-    from manager.demo import Services, client_call
-    from manager.lab import NetnsExecutor, lab_down, lab_up
-
-    prefix = f"demo{secrets.token_hex(2)}"
-    result: dict[str, Any] = {"prefix": prefix}
-    lab_ = svc = dp = None
-    workdir = Path(tempfile.mkdtemp(prefix=f"splitrelay-{prefix}-"))
-    try:
-        say(f"creating lab {prefix}: client, relay and 2 transceiver namespaces")
-        lab_ = lab_up(prefix, 2)
-        svc = Services(lab_, workdir)
-        say("starting relayd (loads XDP on the relay's veths) and 2 transceivers")
-        t0 = time.monotonic()
-        svc.start()
-        result["services_up_s"] = round(time.monotonic() - t0, 3)
-        dp = Datapath(DatapathConfig(**svc.config["datapath"]))
-        dp.open_maps()
-        fast0, slow0 = dp.counters(), _slow_samples(svc)
-        say(f"placing a {duration:g} s call from the client namespace to {lab_.signaling_url}")
-        with NetnsExecutor(lab_.client_ns) as ex:
-            rep = ex.call(asyncio.run, client_call(lab_.signaling_url, duration=duration,
-                                                   messages=max(1, int(duration * 2.5))))
-        fast1, slow1 = dp.counters(), _slow_samples(svc)
-        fast = {k: fast1[k][0] - fast0.get(k, (0, 0))[0] for k in fast1}
-        slow = {k: slow1.get(k, 0) - slow0.get(k, 0) for k in slow1}
-        result["call"] = rep.to_dict()
-        fwd = sum(v for k, v in fast.items() if k.startswith("fwd_"))
-        sp = int(slow.get("packets_in", 0) + slow.get("packets_out", 0))
-        result["fastpath"] = {"forwarded": fwd, "by_reason": {k: v for k, v in fast.items() if v}}
-        result["slowpath"] = {"packets": sp, "flows_installed": int(slow.get("flows_installed", 0)),
-                              "setup_ms_mean": round(slow["sum"] / slow["count"] * 1000, 3)
-                              if slow.get("count") else None}
-        result["fast_share"] = round(fwd / (fwd + sp), 4) if fwd + sp else None
-        result["tone_detected"] = rep.tone_ratio > 50
-        result["ok"] = bool(rep.error is None and rep.connected and rep.dc_sent and rep.dc_echoed == rep.dc_sent
-                            and result["tone_detected"])
-    finally:
-        say("tearing down")
-        if dp is not None:
-            dp.close()
-        if svc is not None:
-            svc.stop(purge=True)
-        if lab_ is not None:
-            lab_down(lab_)
-        shutil.rmtree(workdir, ignore_errors=True)
-        # What is left is checked, not assumed.
-        left_ns = [n for n in netns.listnetns() if n.startswith(f"{prefix}-")]
-        pin_dir = Path(f"/sys/fs/bpf/splitrelay-{prefix}")
-        result["left_behind"] = left_ns + ([str(pin_dir)] if pin_dir.exists() else [])
-    return result
-
 
 def print_demo(r: dict) -> None:
     c = r["call"]
@@ -804,6 +586,8 @@ def demo(duration: float, as_json: bool) -> None:
     """Lab + relayd + 2 transceivers, one real WebRTC call through the XDP
     relay, a summary; everything is removed afterwards."""
     need_root("demo")
+    from manager.lab.demo import run_demo
+
     r = run_demo(duration, _progress(not as_json))
     if as_json:
         emit_json(r)

@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from manager.config import ConfigError, load_config
-from manager.datapath import DatapathError
+from manager.relay.config import ConfigError, load_config
+from manager.relay.kernel.datapath import DatapathError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,7 +30,7 @@ def main(config_path: str | None, detach_on_exit: bool | None, log_level: str) -
         raise click.ClickException(f"invalid configuration:\n{exc}") from None
     if detach_on_exit is not None:
         cfg.detach_on_exit = detach_on_exit
-    from manager.daemon import run  # noqa: PLC0415 - after the config is known good
+    from manager.relay.daemon import run  # noqa: PLC0415 - after the config is known good
 
     try:
         asyncio.run(run(cfg))

@@ -12,7 +12,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from tests.bench import bench_xdp as bx
-from tests.xdp_harness import INT4, VERDICTS, VIP4, XDP_PASS, XDP_REDIRECT
+from manager.lab.xdp_harness import INT4, VERDICTS, VIP4, XDP_PASS, XDP_REDIRECT
 
 pytestmark = pytest.mark.netns
 

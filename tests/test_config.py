@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from manager.config import ConfigError, load_config
+from manager.relay.config import ConfigError, load_config
 
 GOOD = """
 hint_key = "00112233445566778899aabbccddeeff"

@@ -19,9 +19,9 @@ import uuid
 
 import pytest
 
-from manager.config import DatapathConfig, Endpoint
-from manager.datapath import Datapath, OwnerAddr, xdp_attachment
-from manager.lab import Lab, lab as lab_ctx
+from manager.relay.config import DatapathConfig, Endpoint
+from manager.relay.kernel.datapath import Datapath, OwnerAddr, xdp_attachment
+from manager.lab.topology import Lab, lab as lab_ctx
 
 pytestmark = pytest.mark.netns
 

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from manager import lab as labmod
-from manager.lab import Lab, LabError, NetnsExecutor, lab_down, lab_up
+from manager.lab import topology as labmod
+from manager.lab.topology import Lab, LabError, NetnsExecutor, lab_down, lab_up
 
 pytestmark = [
     pytest.mark.netns,

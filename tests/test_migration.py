@@ -14,9 +14,10 @@ import urllib.request
 
 import pytest
 
-from manager.control import ControlClient, ControlError
-from manager.demo import Services, client_call, running_lab
-from manager.lab import NetnsExecutor
+from manager.relay.control import ControlClient, ControlError
+from manager.lab.services import Services, running_lab
+from manager.lab.client import client_call
+from manager.lab.topology import NetnsExecutor
 
 pytestmark = pytest.mark.netns
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from manager.migration import MigrationError, Migrator
-from manager.owner import OwnerAddr
-from manager.registry import Registry
+from manager.relay.migration import MigrationError, Migrator
+from manager.protocol.addresses import OwnerAddr
+from manager.relay.registry import Registry
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from manager.registry import (
+from manager.relay.registry import (
     Call,
     OwnerAddr,
     PlacementError,
@@ -214,7 +214,7 @@ def test_allocate_conn_id_unique_nonzero_u32(reg: Registry) -> None:
 def test_allocate_avoids_live_and_reserved(reg: Registry, monkeypatch) -> None:
     reg.register_transceiver(1, "http://a:1", 10)
     draws = iter([4, 4, 6, 6, 7])  # secrets.randbelow(...) + 1 -> 5, 5, 7, 7, 8
-    monkeypatch.setattr("manager.registry.secrets.randbelow", lambda n: next(draws))
+    monkeypatch.setattr("manager.relay.registry.secrets.randbelow", lambda n: next(draws))
     first = reg.allocate_conn_id()
     assert first == 5
     assert reg.allocate_conn_id() == 7  # 5 is reserved

@@ -32,14 +32,15 @@ import pytest
 from click.testing import CliRunner
 
 from cli.relayctl import main
-from manager.config import DatapathConfig, RelaydConfig, load_config
-from manager.control import ControlClient, ControlError
-from manager.datapath import Datapath
-from manager.demo import Services, client_call
-from manager.lab import NetnsExecutor
-from manager.lab import lab as lab_ctx
-from manager.owner import OwnerAddr
-from manager.structs import STAT_NAMES, flow_key
+from manager.relay.config import DatapathConfig, RelaydConfig, load_config
+from manager.relay.control import ControlClient, ControlError
+from manager.relay.kernel.datapath import Datapath
+from manager.lab.services import Services
+from manager.lab.client import client_call
+from manager.lab.topology import NetnsExecutor
+from manager.lab.topology import lab as lab_ctx
+from manager.protocol.addresses import OwnerAddr
+from manager.relay.kernel.structs import STAT_NAMES, flow_key
 
 pytestmark = pytest.mark.netns
 

@@ -14,11 +14,12 @@ import time
 
 import pytest
 
-from manager.config import DatapathConfig
-from manager.datapath import Datapath
-from manager.demo import Services, client_call
-from manager.lab import NetnsExecutor, lab as lab_ctx
-from manager.owner import OwnerAddr
+from manager.relay.config import DatapathConfig
+from manager.relay.kernel.datapath import Datapath
+from manager.lab.services import Services
+from manager.lab.client import client_call
+from manager.lab.topology import NetnsExecutor, lab as lab_ctx
+from manager.protocol.addresses import OwnerAddr
 from tests.test_datapath_netns import Receiver, paced_send
 
 pytestmark = pytest.mark.netns

@@ -12,7 +12,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
 from aiortc.sdp import SessionDescription
 
-from manager.sdp import (
+from manager.protocol.sdp import (
     SdpError,
     ice_credentials,
     rewrite_candidates,

@@ -15,9 +15,9 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
 from aiortc.sdp import SessionDescription
 
-from manager.registry import Registry
-from manager.signaling import TransceiverClient, make_app
-from manager.ufrag import decode_ufrag
+from manager.relay.registry import Registry
+from manager.relay.signaling import TransceiverClient, make_app
+from manager.protocol.ufrag import decode_ufrag
 
 KEY = b"k" * 32
 PUBLIC = [("203.0.113.7", 3478), ("2001:db8::7", 3478)]

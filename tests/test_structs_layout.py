@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from manager.config import DatapathConfig
-from manager.datapath import PROG_SOURCE, Datapath, ensure_kernel_headers
-from manager.structs import BPF_DIR, MAP_TYPES, STAT_NAMES
+from manager.relay.config import DatapathConfig
+from manager.relay.kernel.datapath import PROG_SOURCE, Datapath, ensure_kernel_headers
+from manager.relay.kernel.structs import BPF_DIR, MAP_TYPES, STAT_NAMES
 
 
 def layout(t) -> list:

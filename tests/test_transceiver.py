@@ -34,8 +34,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdtlstransport import SRTP_PROFILES
 from aiortc.rtp import RtpPacket, is_rtcp
 
-from manager.demo import make_tone_track, tone_power
-from manager.sdp import rewrite_candidates, strip_candidates
+from manager.lab.client import make_tone_track, tone_power
+from manager.protocol.sdp import rewrite_candidates, strip_candidates
 from manager.transceiver.agent import (
     AgentAudioTrack,
     AgentSession,

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import ClientSession, web
 from aioice import stun
 
-from manager.sdp import strip_candidates
+from manager.protocol.sdp import strip_candidates
 from manager.transceiver.endpoint import Transceiver
 from manager.transceiver.migrated import WRAP_MARGIN, RtpStreamState, migration_blocker
 from manager.transceiver.server import Registrar, create_app

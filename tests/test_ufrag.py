@@ -9,7 +9,7 @@ import string
 import pytest
 from aioice import stun
 
-from manager.ufrag import (
+from manager.protocol.ufrag import (
     HINT_LENGTH,
     ICE_CHARS,
     UFRAG_LENGTH,

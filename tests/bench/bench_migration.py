@@ -20,9 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from manager.control import ControlClient
-from manager.demo import client_call, running_lab
-from manager.lab import NetnsExecutor
+from manager.relay.control import ControlClient
+from manager.lab.services import running_lab
+from manager.lab.client import client_call
+from manager.lab.topology import NetnsExecutor
 
 
 async def _lost(pc) -> int:

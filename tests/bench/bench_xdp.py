@@ -37,11 +37,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from manager import libbpf
-from manager.datapath import OwnerAddr, ensure_kernel_headers, read_counters
-from manager.structs import BPF_DIR, FlowInfo, FlowKey, OwnerInfo, pack_addr4, vip_key
-from tests import xdp_harness as hx
-from tests.xdp_harness import CLIENT4, INT4, MAC, TX1_4, VERDICTS, VIP4, VIP_PORT, XDP_DROP, XDP_PASS, XDP_REDIRECT
+from manager.relay.kernel import libbpf
+from manager.relay.kernel.datapath import OwnerAddr, ensure_kernel_headers, read_counters
+from manager.relay.kernel.structs import BPF_TESTING_DIR, FlowInfo, FlowKey, OwnerInfo, pack_addr4, vip_key
+from manager.lab import xdp_harness as hx
+from manager.lab.xdp_harness import CLIENT4, INT4, MAC, TX1_4, VERDICTS, VIP4, VIP_PORT, XDP_DROP, XDP_PASS, XDP_REDIRECT
 
 # --- what is measured ----------------------------------------------------------------
 
@@ -258,7 +258,7 @@ def setup(capacity: int = CAPACITY) -> Bench:
         ensure_kernel_headers()
         from bcc import BPF
 
-        redir = BPF(src_file=str(BPF_DIR / "redirect_only.bpf.c").encode(),
+        redir = BPF(src_file=str(BPF_TESTING_DIR / "redirect_only.bpf.c").encode(),
                     cflags=[f"-DIFINDEX={h.ifindex['int']}", f"-DFIB_SRC={pack_addr4(INT4)}U",
                             f"-DFIB_DST={pack_addr4(OWNER[0])}U"])
         passo = BPF(text=PASS_ONLY_SRC.encode())

@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import libbpf
-from .config import DatapathConfig
-from .owner import OwnerAddr
-from .structs import (AF_INET6, BPF_DIR, MAP_TYPES, STAT_NAMES, FlowInfo, FlowKey, OwnerInfo,
+from manager.relay.kernel import libbpf
+from manager.relay.config import DatapathConfig
+from manager.protocol.addresses import OwnerAddr, fmt_ep
+from manager.relay.kernel.structs import (AF_INET6, BPF_DIR, MAP_TYPES, STAT_NAMES, FlowInfo, FlowKey, OwnerInfo,
                       RelayConfig, ReverseInfo, ReverseKey, flow_key, flow_key_tuple, htons, ntohs,
                       pack_addr, pack_addr4, reverse_key, unpack_addr, unpack_addr4, vip_key)
 
@@ -79,15 +79,11 @@ class Flow:
 
     def to_dict(self) -> dict:
         return {
-            "client": f"{_fmt(self.client)}", "vip": _fmt(self.vip), "conn_id": self.conn_id,
+            "client": f"{fmt_ep(*self.client)}", "vip": fmt_ep(*self.vip), "conn_id": self.conn_id,
             "flow_port": self.flow_port, "packets_in": self.packets_in, "bytes_in": self.bytes_in,
             "packets_out": self.packets_out, "bytes_out": self.bytes_out,
             "idle_s": round(max(0, time.monotonic_ns() - self.last_seen_ns) / 1e9, 3) if self.last_seen_ns else None,
         }
-
-
-def _fmt(ep: tuple[str, int]) -> str:
-    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
 
 
 @dataclass

@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .structs import stat_labels
+from manager.relay.kernel.structs import stat_labels
 
 if TYPE_CHECKING:
-    from .daemon import Relay
+    from manager.relay.daemon import Relay
 
 # First STUN seen → flow installed in the kernel; set-up is sub-millisecond to
 # tens of milliseconds (the owner's answer is the bulk of it).

@@ -27,19 +27,15 @@ from dataclasses import dataclass, field
 
 from aioice import stun
 
-from .datapath import Datapath, DatapathError
-from .registry import Call, Registry
-from .ufrag import UfragError, decode_ufrag, parse_stun_username
+from manager.relay.kernel.datapath import Datapath, DatapathError
+from manager.relay.registry import Call, Registry
+from manager.protocol.addresses import AF_INET, AF_INET6, family_of
+from manager.protocol.ufrag import UfragError, decode_ufrag, parse_stun_username
 
 log = logging.getLogger(__name__)
 
-AF_INET, AF_INET6 = 2, 10
 MAX_DATAGRAM = 65535
 MAX_PENDING_TXIDS = 32
-
-
-def family_of(addr: str) -> int:
-    return AF_INET6 if ":" in addr else AF_INET
 
 
 @dataclass

@@ -11,10 +11,10 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 
-from manager import libbpf
-from manager.config import DatapathConfig, Endpoint
-from manager.datapath import Datapath
-from manager.lab import NetnsExecutor
+from manager.relay.kernel import libbpf
+from manager.relay.config import DatapathConfig, Endpoint
+from manager.relay.kernel.datapath import Datapath
+from manager.lab.topology import NetnsExecutor
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICTS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}

@@ -9,15 +9,18 @@ __be16, stored here as the raw 16-bit value (socket.htons).
 from __future__ import annotations
 
 import ctypes
+from importlib import resources
 import ipaddress
 import re
 import socket
 from pathlib import Path
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+# The C sources ship inside the package (pyproject maps manager.relay.kernel.bpf
+# onto bpf/): a real directory, as bcc takes file paths and -I flags.
+BPF_DIR = Path(str(resources.files("manager.relay.kernel.bpf")))
+BPF_TESTING_DIR = BPF_DIR / "testing"
 
-AF_INET = 2
-AF_INET6 = 10
+from manager.protocol.addresses import AF_INET, AF_INET6, family_of  # noqa: F401 - re-exported for the kernel views
 
 Addr4 = ctypes.c_uint32 * 4
 
@@ -158,10 +161,6 @@ def stat_labels(name: str) -> tuple[str, str, str]:
 
 
 # --- address helpers -----------------------------------------------------------
-
-def family_of(addr: str) -> int:
-    return AF_INET6 if ipaddress.ip_address(addr).version == 6 else AF_INET
-
 
 def pack_addr(addr: str) -> Addr4:
     """An address as the 16-byte network-order form used in every struct."""

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Histogram
 
-from .datapath import Datapath
-from .metrics import SWITCH_BUCKETS
-from .owner import OwnerAddr
-from .registry import Call, Registry, UnknownTransceiverError
-from .signaling import TransceiverClient, TransceiverError
-from .slowpath import SlowPath
+from manager.relay.kernel.datapath import Datapath
+from manager.relay.metrics import SWITCH_BUCKETS
+from manager.protocol.addresses import OwnerAddr
+from manager.relay.registry import Call, Registry, UnknownTransceiverError
+from manager.relay.signaling import TransceiverClient, TransceiverError
+from manager.relay.slowpath import SlowPath
 
 log = logging.getLogger(__name__)
 

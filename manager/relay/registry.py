@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-from .owner import OwnerAddr
+from manager.protocol.addresses import OwnerAddr
 
 __all__ = ["OwnerAddr"]  # re-exported: callers build owners from the registry
 

@@ -15,14 +15,14 @@ import time
 
 from aiohttp import web
 
-from .config import RelaydConfig
-from .control import start_control, stop_control
-from .datapath import Datapath
-from .metrics import Metrics
-from .migration import Migrator
-from .registry import Registry
-from .signaling import TransceiverClient, make_app
-from .slowpath import SlowPath
+from manager.relay.config import RelaydConfig
+from manager.relay.control import start_control, stop_control
+from manager.relay.kernel.datapath import Datapath
+from manager.relay.metrics import Metrics
+from manager.relay.migration import Migrator
+from manager.relay.registry import Registry
+from manager.relay.signaling import TransceiverClient, make_app
+from manager.relay.slowpath import SlowPath
 
 log = logging.getLogger(__name__)
 

@@ -32,25 +32,21 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .datapath import DatapathError, Flow, xdp_attachment
-from .migration import MigrationError
-from .registry import UnknownTransceiverError
-from .signaling import TransceiverClient, TransceiverError
-from .structs import STAT_NAMES, stat_labels
+from manager.protocol.addresses import fmt_ep
+from manager.relay.kernel.datapath import DatapathError, Flow, xdp_attachment
+from manager.relay.migration import MigrationError
+from manager.relay.registry import UnknownTransceiverError
+from manager.relay.signaling import TransceiverClient, TransceiverError
+from manager.relay.kernel.structs import STAT_NAMES, stat_labels
 
 if TYPE_CHECKING:
-    from .daemon import Relay
+    from manager.relay.daemon import Relay
 
 log = logging.getLogger(__name__)
 
 RELAY_KEY = web.AppKey("relay", object)
 TX_CLIENT_KEY = web.AppKey("tx_client", TransceiverClient)
 END_REASON = "operator"
-
-
-def fmt_ep(addr: str, port: int) -> str:
-    """addr:port, with IPv6 addresses in brackets (as Flow.to_dict does)."""
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -91,7 +87,7 @@ def _count_flows(relay: "Relay") -> int:
 def _interfaces(relay: "Relay") -> list[dict[str, Any]]:
     """The configured interfaces with their live XDP attachment (read here,
     in relayd's network namespace, not remembered from start-up)."""
-    from . import libbpf  # noqa: PLC0415
+    from manager.relay.kernel import libbpf  # noqa: PLC0415
 
     ours = libbpf.prog_info(relay.datapath.prog_fd).id if relay.datapath.prog_fd >= 0 else None
     at_start = {r.interface: r for r in relay.attach_results}

@@ -26,8 +26,8 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .registry import OwnerAddr, PlacementError, Registry, Transceiver, UnknownTransceiverError
-from .sdp import (
+from manager.relay.registry import OwnerAddr, PlacementError, Registry, Transceiver, UnknownTransceiverError
+from manager.protocol.sdp import (
     SdpError,
     check_public_addrs,
     ice_credentials,
@@ -35,7 +35,7 @@ from .sdp import (
     strip_candidates,
     validate,
 )
-from .ufrag import encode_ufrag
+from manager.protocol.ufrag import encode_ufrag
 
 log = logging.getLogger(__name__)
 

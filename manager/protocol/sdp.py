@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc.sdp import SessionDescription
 
-from .ufrag import is_ice_ufrag
+from manager.protocol.ufrag import is_ice_ufrag
 
 _CRLF = "\r\n"
 # aiortc's own m-line grammar: what it cannot match, it cannot parse.

@@ -1,12 +1,26 @@
-"""Where a call's owner (a transceiver) receives the call's packets."""
+"""Addresses: families, endpoint formatting, and where a call's owner (a
+transceiver) receives the call's packets."""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import asdict, dataclass
 
+# Linux's values, as the kernel structs carry them (bpf/structs.h).
 AF_INET = 2
 AF_INET6 = 10
+
+Addr = tuple[str, int]
+
+
+def family_of(addr: str) -> int:
+    """AF_INET or AF_INET6 of a textual IP address; ValueError if it is none."""
+    return AF_INET6 if ipaddress.ip_address(addr).version == 6 else AF_INET
+
+
+def fmt_ep(addr: str, port: int) -> str:
+    """addr:port, with IPv6 addresses in brackets."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 @dataclass(frozen=True)

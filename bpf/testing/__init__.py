@@ -1,0 +1,1 @@
+"""BPF programs used only by benchmarks and tests (never attached by relayd)."""

@@ -1,0 +1,1 @@
+"""The namespace lab, its services, the test client, the demo and the XDP test harness."""

@@ -1,0 +1,166 @@
+"""Labs left running by `relayctl lab up`: start one with its services, find
+them, stop and remove them with everything they left (pinned maps, files)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from manager.lab.services import Services, relayd_config
+from manager.lab.topology import Lab, lab_down, lab_up, list_labs
+from manager.protocol.addresses import fmt_ep
+
+LAB_STATE_DIR = Path("/run/splitrelay")
+SERVICES_FILE = "services.json"
+STOP_TIMEOUT = 10.0
+
+
+def lab_workdir(prefix: str) -> Path:
+    """Config, logs and service pids of a lab started by `relayctl lab up`."""
+    return LAB_STATE_DIR / f"lab-{prefix}"
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a live process, None when gone
+    or a zombie. With the pid it names the process, so a reused pid is never
+    signalled."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
+    cfg = relayd_config(lab_, "0" * 64)
+    return {
+        "prefix": lab_.prefix,
+        "namespaces": {"client": lab_.client_ns, "relay": lab_.relay_ns, "transceivers": lab_.transceiver_ns},
+        "signaling_url": lab_.signaling_url,
+        "metrics_url": f"http://{lab_.vip4}:{cfg['metrics']['port']}/metrics",
+        "vips": [fmt_ep(lab_.vip4, lab_.port), fmt_ep(lab_.vip6, lab_.port)],
+        "control_socket": cfg["control_socket"],
+        "pin_dir": cfg["datapath"]["pin_dir"],
+        "config_path": str(workdir / "relayd.toml") if services else None,
+        "workdir": str(workdir) if workdir else None,
+        "services": {k: v["pid"] for k, v in (services or {}).items()},
+        "created_at": lab_.created_at,
+    }
+
+
+def start_lab(prefix: str | None, transceivers: int, *, services: bool = True, say=lambda msg: None) -> dict:
+    """Create a lab and (unless `services` is false) start relayd and the
+    transceivers in it, detached: they outlive this process. Returns lab_info()."""
+    say(f"creating namespaces and veths ({transceivers} transceivers)")
+    lab_ = lab_up(prefix, transceivers)
+    workdir = lab_workdir(lab_.prefix)
+    recorded: dict = {}
+    if services:
+        svc = Services(lab_, workdir, detached=True)
+        try:
+            say(f"starting relayd and {transceivers} transceivers (logs in {workdir})")
+            svc.start()
+            recorded = {name: {"pid": p.pid, "start_time": proc_start_time(p.pid)} for name, p in svc.procs.items()}
+            (workdir / SERVICES_FILE).write_text(json.dumps({
+                "services": recorded, "pin_dir": svc.config["datapath"]["pin_dir"],
+                "control_socket": svc.config["control_socket"], "config_path": str(svc.config_path)}, indent=2))
+        except BaseException:
+            svc.stop(purge=True)
+            lab_down(lab_)
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+    return lab_info(lab_, workdir, recorded)
+
+
+def stop_lab_services(prefix: str) -> list[str]:
+    """SIGTERM the services `lab up` recorded (transceivers first, then relayd)
+    and wait for them; SIGKILL after STOP_TIMEOUT. Returns the names stopped."""
+    path = lab_workdir(prefix) / SERVICES_FILE
+    try:
+        rec = json.loads(path.read_text())["services"]
+    except (OSError, ValueError, KeyError):
+        return []
+    order = [n for n in rec if n != "relayd"] + (["relayd"] if "relayd" in rec else [])
+    stopped = []
+    for name in order:
+        pid, started = rec[name]["pid"], rec[name].get("start_time")
+        if proc_start_time(pid) is None or proc_start_time(pid) != started:
+            continue  # gone, a zombie, or the pid now names another process
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, STOP_TIMEOUT):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 2.0)
+        stopped.append(name)
+    return stopped
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state == "Z":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+def purge_pin_dir(pin_dir: Path) -> bool:
+    """Unpin a lab's program and maps (bpffs objects are files). True if
+    anything was there."""
+    if not pin_dir.exists():
+        return False
+    for p in sorted(pin_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
+    pin_dir.rmdir()
+    return True
+
+
+def take_lab_down(prefix: str) -> dict:
+    """Everything of one lab: services, pinned state, namespaces, files."""
+    cfg = relayd_config(Lab.plan(prefix, 1), "0" * 64)  # also validates the prefix (it names paths)
+    stopped = stop_lab_services(prefix)
+    pinned = purge_pin_dir(Path(cfg["datapath"]["pin_dir"]))
+    removed = lab_down(prefix)
+    shutil.rmtree(lab_workdir(prefix), ignore_errors=True)
+    Path(cfg["control_socket"]).unlink(missing_ok=True)
+    return {"prefix": prefix, "services_stopped": stopped, "pin_dir_removed": pinned, "namespaces_removed": removed}
+
+
+def known_prefixes() -> tuple[list[str], list[str]]:
+    """(all recorded labs, those started by `relayctl lab up`)."""
+    labs = [lb.prefix for lb in list_labs()]
+    ours = sorted(p.name.removeprefix("lab-") for p in LAB_STATE_DIR.glob("lab-*") if p.is_dir())
+    return labs, ours
+
+
+def list_lab_infos() -> list[dict]:
+    """lab_info() of every recorded lab, with which services still run."""
+    out = []
+    for lb in list_labs():
+        workdir = lab_workdir(lb.prefix)
+        try:
+            services = json.loads((workdir / SERVICES_FILE).read_text())["services"]
+        except (OSError, ValueError, KeyError):
+            services = None
+        info = lab_info(lb, workdir if services else None, services)
+        info["running"] = sorted(n for n, s in (services or {}).items()
+                                 if proc_start_time(s["pid"]) == s.get("start_time"))
+        info["exists"] = lb.exists()
+        out.append(info)
+    return out

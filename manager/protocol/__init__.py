@@ -1,0 +1,1 @@
+"""Wire formats and shared definitions: no I/O, imports nothing else of ours."""

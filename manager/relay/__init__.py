@@ -1,0 +1,1 @@
+"""relayd: the relay's control plane (slow path, signaling, registry, migration)."""
