@@ -30,6 +30,7 @@ from aioice import stun
 from manager.relay.kernel.datapath import Datapath, DatapathError
 from manager.relay.registry import Call, Registry
 from manager.protocol.addresses import AF_INET, AF_INET6, family_of
+from manager.protocol.rfc7983 import is_stun
 from manager.protocol.ufrag import UfragError, decode_ufrag, parse_stun_username
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class SlowPath:
             self._note_txid(leg, data)
             self._to_owner(leg, data)
             return
-        if not data or data[0] > 3:
+        if not is_stun(data):
             # Not STUN: XDP drops these; one only gets here without XDP.
             self.stats["drop_unknown_not_stun"] += 1
             return
@@ -319,7 +320,7 @@ class SlowPath:
             self.stats["drop_not_owner"] += 1
             return
         install = False
-        if leg.installed_at is None and data and data[0] <= 3:
+        if leg.installed_at is None and is_stun(data):
             try:
                 msg = stun.parse_message(data)
             except ValueError:

@@ -36,6 +36,8 @@ from aiortc.rtcdtlstransport import SRTP_PROFILES, RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceTransport
 from aiortc.rtp import is_rtcp
 
+from manager.protocol.rfc7983 import STUN_REQUEST, STUN_SUCCESS, stun_class, stun_username
+
 from .agent import Agent, AgentFactory, AgentSession, EchoAgent, run_agent
 from .migrated import (
     DEFAULT_CONSENT_TIMEOUT,
@@ -53,7 +55,6 @@ Addr = tuple[str, int]
 #: aioice keeps waiting for candidates forever, as end-of-candidates never comes.
 DEFAULT_CONNECT_TIMEOUT = 30.0
 U32_MAX = 0xFFFFFFFF
-STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -87,30 +88,6 @@ class CallStateConflict(TransceiverError):
 # -- shared ICE socket --------------------------------------------------------------------
 
 
-def _stun_class(data: bytes) -> int | None:
-    """STUN class bits (0x000 request, 0x010 indication, 0x100 success, 0x110 error),
-    or None if ``data`` is not STUN (RFC 7983 first byte 0-3 plus magic cookie)."""
-    if len(data) < 20 or data[0] > 3 or data[4:8] != STUN_MAGIC_COOKIE:
-        return None
-    return int.from_bytes(data[0:2], "big") & 0x0110
-
-
-def _stun_username(data: bytes) -> str | None:
-    """USERNAME attribute of a STUN message, without verifying anything else."""
-    pos = 20
-    end = min(len(data), 20 + int.from_bytes(data[2:4], "big"))
-    while pos + 4 <= end:
-        attr_type = int.from_bytes(data[pos : pos + 2], "big")
-        attr_len = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if attr_type == 0x0006:
-            try:
-                return data[pos + 4 : pos + 4 + attr_len].decode("utf8")
-            except UnicodeDecodeError:
-                return None
-        pos += 4 + attr_len + (-attr_len % 4)
-    return None
-
-
 class _CallPort(asyncio.DatagramTransport):
     """One call's view of the shared socket, handed to aioice as its transport."""
 
@@ -133,7 +110,7 @@ class _CallPort(asyncio.DatagramTransport):
         # check with success or sends its own check: both happen only after
         # aioice verified MESSAGE-INTEGRITY with this call's password. Error
         # responses (400/401 to a forged check) claim nothing.
-        if addr not in self.addrs and _stun_class(data) in (0x0000, 0x0100):
+        if addr not in self.addrs and stun_class(data) in (STUN_REQUEST, STUN_SUCCESS):
             self.mux.claim(addr, self)
         self.mux.transport.sendto(data, addr)
 
@@ -215,10 +192,10 @@ class IceMux(asyncio.DatagramProtocol):
 
     def route(self, data: bytes, addr: Addr) -> _CallPort | None:
         """Pick the call a datagram belongs to, or None to drop it."""
-        if _stun_class(data) == 0x0000:
+        if stun_class(data) == STUN_REQUEST:
             # A check names its target in USERNAME "<our ufrag>:<theirs>"; that
             # beats the source address (a reused flow port, an ICE restart).
-            username = _stun_username(data)
+            username = stun_username(data)
             if username is None:
                 self.stats["drop_stun_no_username"] += 1
                 return None

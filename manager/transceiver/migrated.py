@@ -61,6 +61,8 @@ from aiortc.rtcrtpparameters import (
 )
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket, compute_audio_level_dbov, is_rtcp
 
+from manager.protocol.rfc7983 import PacketClass, classify
+
 from .agent import Agent, AgentSession, run_agent
 
 if TYPE_CHECKING:
@@ -530,12 +532,12 @@ class MigratedCall:
     # -- inbound -----------------------------------------------------------------------
 
     def datagram_received(self, port: _CallPort, data: bytes, addr: Addr) -> None:
-        first = data[0] if data else 255
-        if first < 4:
+        kind = classify(data)
+        if kind is PacketClass.STUN:
             self._stun_received(port, data, addr)
-        elif 127 < first < 192:
+        elif kind is PacketClass.RTP:
             self._srtp_received(data)
-        elif 19 < first < 64:
+        elif kind is PacketClass.DTLS:
             self.stats.rx_dtls_dropped += 1
         else:
             self.stats.rx_other_dropped += 1
