@@ -23,6 +23,7 @@ import click
 
 from manager.relay.config import ConfigError, DatapathConfig, RelaydConfig, SlowPathConfig, load_config
 from manager.protocol.addresses import fmt_ep
+from manager.protocol.api import one_line
 from manager.relay.control import ControlClient, ControlError, fastpath_view
 
 # --- errors and output ---------------------------------------------------------------------
@@ -32,11 +33,6 @@ class Fail(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"relayctl: {self.format_message()}", err=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -60,7 +56,7 @@ class _Group(click.Group):
                 msg = f"{path}: {msg}"
             raise Fail(f"invalid configuration: {msg}") from None
         except _known_errors() as exc:
-            raise Fail(_one_line(exc)) from None
+            raise Fail(one_line(exc, limit=1000) or type(exc).__name__) from None
 
 
 def need_root(what: str) -> None:

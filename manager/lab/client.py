@@ -13,6 +13,11 @@ import time
 from array import array
 from dataclasses import asdict, dataclass, field
 
+import aiohttp
+import av
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
 TONE_HZ = 440.0
 SAMPLE_RATE = 48000
 FRAME_SAMPLES = 960  # 20 ms
@@ -30,9 +35,6 @@ def tone_power(samples: array, freq: float, rate: int = SAMPLE_RATE) -> float:
 def make_tone_track(freq: float = TONE_HZ):
     """An audio track playing a sine in real time (20 ms frames, 48 kHz mono).
     Its `freq` may change mid-call; the phase stays continuous."""
-    import av
-    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-
     class ToneTrack(MediaStreamTrack):
         kind = "audio"
 
@@ -108,9 +110,6 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
     """Place one call: POST the offer, play a tone, send data-channel pings,
     measure the echo, then DELETE the call. Runs in the caller's network
     namespace (run it on a NetnsExecutor thread of the client namespace)."""
-    import aiohttp
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-
     rep = CallReport()
     rep._t0 = time.monotonic()
     # No STUN server: aiortc's default is a public one, unreachable (and not
@@ -136,6 +135,7 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
 
     received: list = []
     arrivals: list[float] = []
+    readers: set[asyncio.Task] = set()  # kept until done: the loop holds tasks only weakly
 
     @pc.on("track")
     def _track(track) -> None:
@@ -146,7 +146,9 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
                     arrivals.append(time.monotonic() - rep._t0)
                 except Exception:
                     return
-        asyncio.ensure_future(pull())
+        task = asyncio.get_running_loop().create_task(pull())
+        readers.add(task)
+        task.add_done_callback(readers.discard)
 
     pc.addTrack(make_tone_track())
     dc = pc.createDataChannel("agent")
@@ -173,7 +175,7 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
             await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
             try:
                 await asyncio.wait_for(connected.wait(), 15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 rep.error = f"not connected after 15 s (states {rep.connection_states})"
                 return rep
             if on_connected is not None:
@@ -194,14 +196,16 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
             rep.audio_frames_received = len(received)
             rep.tone_ratio = _tone_ratio(received[len(received) // 3:])
             for name, at in rep.marks.items():
-                after = [f for f, t in zip(received, arrivals) if t >= at]
-                rep.frames_after[name] = len(after)
-                rep.tone_ratio_after[name] = _tone_ratio([f for f, t in zip(received, arrivals) if t >= at + 0.3])
+                timed = list(zip(received, arrivals, strict=True))
+                rep.frames_after[name] = sum(1 for _, t in timed if t >= at)
+                rep.tone_ratio_after[name] = _tone_ratio([f for f, t in timed if t >= at + 0.3])
         finally:
             if hang_up and rep.call_url:
                 async with http.delete(rep.call_url) as resp:
                     await resp.read()
             await pc.close()
+            for task in readers:
+                task.cancel()
     return rep
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from pyroute2 import netns
 
 from manager.lab.client import client_call
-from manager.lab.services import Services
+from manager.lab.services import Services, lab_pin_dir
 from manager.lab.topology import NetnsExecutor, lab_down, lab_up
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath
@@ -81,6 +81,6 @@ def run_demo(duration: float, say: Callable[[str], None]) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
         # What is left is checked, not assumed.
         left_ns = [n for n in netns.listnetns() if n.startswith(f"{prefix}-")]
-        pin_dir = Path(f"/sys/fs/bpf/splitrelay-{prefix}")
+        pin_dir = lab_pin_dir(prefix)
         result["left_behind"] = left_ns + ([str(pin_dir)] if pin_dir.exists() else [])
     return result

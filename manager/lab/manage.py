@@ -11,8 +11,8 @@ import signal
 import time
 from pathlib import Path
 
-from manager.lab.services import Services, relayd_config
-from manager.lab.topology import Lab, lab_down, lab_up, list_labs
+from manager.lab.services import Services, purge_pin_dir, relayd_config
+from manager.lab.topology import Lab, lab_down, lab_up, list_labs, proc_stat
 from manager.protocol.addresses import fmt_ep
 
 LAB_STATE_DIR = Path("/run/splitrelay")
@@ -26,14 +26,10 @@ def lab_workdir(prefix: str) -> Path:
 
 
 def proc_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a live process, None when gone
-    or a zombie. With the pid it names the process, so a reused pid is never
-    signalled."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return None if fields[0] == "Z" else int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    """Start time of a live process, None when gone or a zombie: with the pid
+    it names the process, so a reused pid is never signalled."""
+    st = proc_stat(pid)
+    return None if st is None or st[0] == "Z" else st[1]
 
 
 def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
@@ -106,29 +102,11 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     while True:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state == "Z":
+        if proc_start_time(pid) is None:  # gone or a zombie
             return True
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
-
-
-def purge_pin_dir(pin_dir: Path) -> bool:
-    """Unpin a lab's program and maps (bpffs objects are files). True if
-    anything was there."""
-    if not pin_dir.exists():
-        return False
-    for p in sorted(pin_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if p.is_dir() and not p.is_symlink():
-            p.rmdir()
-        else:
-            p.unlink(missing_ok=True)
-    pin_dir.rmdir()
-    return True
 
 
 def take_lab_down(prefix: str) -> dict:

@@ -22,12 +22,33 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manager.lab.topology import Lab, NetnsExecutor
+from prometheus_client.parser import text_string_to_metric_families
 
+from manager.lab.topology import Lab, NetnsExecutor
+from manager.lab.topology import lab as lab_ctx
 
 
 class ServicesError(RuntimeError):
     """A lab service did not start; the message says which and why."""
+
+
+def lab_pin_dir(prefix: str) -> Path:
+    """Where a lab's relayd pins its program and maps."""
+    return Path(f"/sys/fs/bpf/splitrelay-{prefix}")
+
+
+def purge_pin_dir(pin_dir: Path) -> bool:
+    """Unpin a program and its maps (bpffs objects are files); True if
+    anything was there."""
+    if not pin_dir.exists():
+        return False
+    for p in sorted(pin_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
+    pin_dir.rmdir()
+    return True
 
 
 def relayd_config(lab: Lab, hint_key: str, *, metrics_port: int = 9100, idle_timeout: float = 30.0) -> dict:
@@ -36,7 +57,7 @@ def relayd_config(lab: Lab, hint_key: str, *, metrics_port: int = 9100, idle_tim
         "hint_key": hint_key,
         "control_socket": f"/run/splitrelay/{lab.prefix}-relayd.sock",
         "datapath": {
-            "pin_dir": f"/sys/fs/bpf/splitrelay-{lab.prefix}",
+            "pin_dir": str(lab_pin_dir(lab.prefix)),
             "interfaces": [lab.public_ifname, *lab.internal_ifnames],
             "vips": [{"addr": lab.vip4, "port": lab.port}, {"addr": lab.vip6, "port": lab.port}],
             "internal_addr4": lab.internal4,
@@ -105,16 +126,16 @@ class Services:
         self.config_path.write_text(to_toml(self.config))
         self.start_relayd()
         self.wait_signaling(timeout)
-        for k, ep in enumerate(self.lab.transceivers, start=1):
+        for k in range(1, len(self.lab.transceivers) + 1):
             self.start_transceiver(k)
         self.wait_transceivers(len(self.lab.transceivers), timeout)
 
     def _spawn(self, name: str, ns: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.log_path(name), "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        proc = self.lab.popen(ns, [sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log,
-                              stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=self.detached)
-        log.close()
+        with open(self.log_path(name), "ab") as log:  # the child keeps its own copy of the fd
+            proc = self.lab.popen(ns, [sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
+                                  start_new_session=self.detached)
         self.procs[name] = proc
         return proc
 
@@ -146,8 +167,6 @@ class Services:
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """relayd's Prometheus samples, scraped over HTTP from the client
         namespace and parsed with prometheus_client's parser."""
-        from prometheus_client.parser import text_string_to_metric_families
-
         def get() -> str:
             url = f"http://{self.lab.vip4}:{self.config['metrics']['port']}/metrics"
             with urllib.request.urlopen(url, timeout=2) as r:
@@ -200,13 +219,9 @@ class Services:
         for name in [n for n in self.procs if n != "relayd"] + ["relayd"]:
             self.stop_one(name)
         if purge:
-            pin_dir = Path(self.config["datapath"]["pin_dir"])
-            for p in pin_dir.glob("*"):
-                p.unlink()
-            if pin_dir.exists():
-                pin_dir.rmdir()
+            purge_pin_dir(lab_pin_dir(self.lab.prefix))
 
-    def __enter__(self) -> "Services":
+    def __enter__(self) -> Services:
         self.start()
         return self
 
@@ -218,8 +233,6 @@ class Services:
 def running_lab(prefix: str, workdir: Path, transceivers: int = 2) -> Iterator[tuple[Lab, Services]]:
     """A lab with relayd and its transceivers running; all of it is torn
     down on exit, pinned state included."""
-    from manager.lab.topology import lab as lab_ctx
-
     with lab_ctx(prefix=prefix, transceivers=transceivers) as lab:
         svc = Services(lab, workdir=workdir)
         try:

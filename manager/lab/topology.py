@@ -33,11 +33,14 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, netns
+
+from manager.protocol.api import one_line
 
 T = TypeVar("T")
 
@@ -97,7 +100,7 @@ class Lab:
     # --- construction -----------------------------------------------------
 
     @classmethod
-    def plan(cls, prefix: str, transceivers: int = 2) -> "Lab":
+    def plan(cls, prefix: str, transceivers: int = 2) -> Lab:
         """The topology for `prefix` with `transceivers` transceivers (no side effects)."""
         _check_prefix(prefix)
         _check_count(transceivers)
@@ -179,7 +182,7 @@ class Lab:
     def run(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
         return ns_run(self.ns(ns), argv, **kw)
 
-    def executor(self, ns: str) -> "NetnsExecutor":
+    def executor(self, ns: str) -> NetnsExecutor:
         return NetnsExecutor(self.ns(ns))
 
     def socket(self, ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM,
@@ -198,7 +201,7 @@ class Lab:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Lab":
+    def from_json(cls, text: str) -> Lab:
         try:
             d = json.loads(text)
             d["client"] = Endpoint(**d["client"])
@@ -560,14 +563,9 @@ def lab_up(prefix: str | None = None, transceivers: int = 2) -> Lab:
         with contextlib.suppress(OSError):
             lab.state_file.unlink()
         if isinstance(e, Exception):
-            raise LabError(f"lab {prefix}: {step} failed: {_one_line(e)}") from e
+            raise LabError(f"lab {prefix}: {step} failed: {one_line(e) or type(e).__name__}") from e
         raise
     return lab
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # --- tear-down -------------------------------------------------------------------
@@ -590,13 +588,22 @@ def _kill_ns_processes(namespaces: Sequence[str], grace: float = 2.0) -> None:
             return
 
 
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) of a process from
+    /proc/PID/stat, or None when it is gone. The start time tells a reused pid
+    from the process it once named."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     # A zombie counts as gone; reaping it is its parent's business (a Popen
     # of the caller must still see the real exit status).
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    st = proc_stat(pid)
+    return st is not None and st[0] != "Z"
 
 
 def _remove_namespaces(names: Sequence[str]) -> list[str]:
@@ -642,5 +649,5 @@ def lab(prefix: str | None = None, transceivers: int = 2) -> Iterator[Lab]:
 __all__ = [
     "Endpoint", "Lab", "LabError", "NetnsExecutor", "STATE_DIR", "ifindex", "in_netns",
     "lab", "lab_down", "lab_up", "list_labs", "load_lab", "mac", "ns_popen", "ns_run",
-    "ns_socket", "random_prefix", "run_in_netns", "state_file",
+    "ns_socket", "proc_stat", "random_prefix", "run_in_netns", "state_file",
 ]

@@ -11,10 +11,10 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 
-from manager.relay.kernel import libbpf
-from manager.relay.config import DatapathConfig, Endpoint
-from manager.relay.kernel.datapath import Datapath
 from manager.lab.topology import NetnsExecutor
+from manager.relay.config import DatapathConfig, Endpoint
+from manager.relay.kernel import libbpf
+from manager.relay.kernel.datapath import Datapath
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICTS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
@@ -67,7 +67,8 @@ def build(*, max_flows: int = 1024, pin_dir: str | None = None) -> Harness:
         # bpf_fib_lookup refuses to route on interfaces without forwarding.
         subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1",
                         "net.ipv6.conf.all.forwarding=1"], check=True)
-        ifindex = {dev: int(subprocess.check_output(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/ifindex"]))
+        ifindex = {dev: int(subprocess.check_output(["ip", "netns", "exec", ns, "cat",
+                                                     f"/sys/class/net/{dev}/ifindex"]))
                    for dev in ("pub", "int")}
         cfg = DatapathConfig(
             pin_dir=pin_dir or f"/sys/fs/bpf/srfx-{tag}",
