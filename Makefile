@@ -3,12 +3,18 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lab-up lab-down clean
+.PHONY: setup lint test demo bench lab-up lab-down clean
 
 setup:
 	@bash scripts/setup.sh
 
-test: setup
+# The code's own checks: ruff (pyproject [tool.ruff]) and the import-linter
+# contracts that keep the arrows one way (pyproject [tool.importlinter]).
+lint: setup
+	$(VENV)/bin/ruff check .
+	cd $(CURDIR) && $(VENV)/bin/lint-imports
+
+test: setup lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 demo: setup
