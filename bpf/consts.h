@@ -62,4 +62,14 @@ enum stat_id {
     STAT_MAX,
 };
 
+/* relay.bpf.c counts a forward as STAT_FWD_{IN,OUT}_STUN + the payload's
+ * class: the two enums must line up, class for class. */
+_Static_assert(CLASS_STUN == 0, "forward counters start at the STUN class");
+_Static_assert(STAT_FWD_IN_STUN + CLASS_DTLS == STAT_FWD_IN_DTLS, "inbound DTLS counter follows the class enum");
+_Static_assert(STAT_FWD_IN_STUN + CLASS_RTP == STAT_FWD_IN_RTP, "inbound RTP counter follows the class enum");
+_Static_assert(STAT_FWD_OUT_STUN + CLASS_DTLS == STAT_FWD_OUT_DTLS, "outbound DTLS counter follows the class enum");
+_Static_assert(STAT_FWD_OUT_STUN + CLASS_RTP == STAT_FWD_OUT_RTP, "outbound RTP counter follows the class enum");
+/* Drops are the range [STAT_DROP_MALFORMED, STAT_FWD_IN_STUN) (relay.bpf.c). */
+_Static_assert(STAT_DROP_NO_INTERNAL_ADDR + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
+
 #endif

@@ -9,8 +9,9 @@
 #include <linux/in.h>
 #include "consts.h"
 
-#define ETH_P_8021Q_BE 0x0081 /* htons(ETH_P_8021Q) */
-#define IP_MF_OFFSET_BE 0xff3f /* htons(IP_MF | IP_OFFSET) */
+/* IPv4 fragment bits of frag_off (include/net/ip.h, not in the UAPI headers). */
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1FFF
 
 /* One 802.1Q tag as it sits after the MAC addresses. */
 struct vlan_tag {
@@ -65,7 +66,7 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
     p->eth = eth;
     __be16 proto = eth->h_proto;
     void *l3 = eth + 1;
-    if (proto == ETH_P_8021Q_BE) {
+    if (proto == bpf_htons(ETH_P_8021Q)) {
         struct vlan_tag *tag = l3;
         if ((void *)(tag + 1) > data_end)
             return STAT_DROP_MALFORMED;
@@ -83,7 +84,7 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
             return STAT_DROP_MALFORMED;
         if (ip->ihl != 5)
             return STAT_PASS_IP_OPTIONS;
-        if (ip->frag_off & IP_MF_OFFSET_BE)
+        if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
             return STAT_PASS_FRAGMENT;
         if (ip->protocol != IPPROTO_UDP)
             return STAT_PASS_NOT_RELAY;

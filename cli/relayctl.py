@@ -1,7 +1,7 @@
 """relayctl: operate splitrelay (click over manager APIs).
 
 Commands that need the running relayd talk to its control socket
-(manager.control); `flows`, `stats` and `expire` read the pinned BPF maps
+(manager.relay.control_client); `flows`, `stats` and `expire` read the pinned BPF maps
 directly, so they work while relayd is down or restarting. `lab` and `demo`
 run the whole system in network namespaces (manager.lab, manager.demo).
 
@@ -15,16 +15,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from manager.relay.config import ConfigError, DatapathConfig, RelaydConfig, SlowPathConfig, load_config
 from manager.protocol.addresses import fmt_ep
 from manager.protocol.api import one_line
-from manager.relay.control import ControlClient, ControlError, fastpath_view
+from manager.relay.config import ConfigError, DatapathConfig, RelaydConfig, SlowPathConfig, load_config
+from manager.relay.control_client import ControlClient, ControlError, fastpath_view
 
 # --- errors and output ---------------------------------------------------------------------
 
@@ -36,9 +37,9 @@ class Fail(click.ClickException):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from manager.relay.kernel.datapath import DatapathError
     from manager.lab.services import ServicesError
     from manager.lab.topology import LabError
+    from manager.relay.kernel.datapath import DatapathError
 
     return (ControlError, ConfigError, DatapathError, LabError, ServicesError, OSError)
 
@@ -262,7 +263,8 @@ def end(t: Target, call_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("call_id")
-@click.option("--to", "target", type=click.IntRange(1, 65535), required=True, help="Transceiver id to move the call to.")
+@click.option("--to", "target", type=click.IntRange(1, 65535), required=True,
+              help="Transceiver id to move the call to.")
 @json_option
 @pass_target
 def migrate(t: Target, call_id: str, target: int, as_json: bool) -> None:

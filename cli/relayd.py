@@ -30,7 +30,7 @@ def main(config_path: str | None, detach_on_exit: bool | None, log_level: str) -
         raise click.ClickException(f"invalid configuration:\n{exc}") from None
     if detach_on_exit is not None:
         cfg.detach_on_exit = detach_on_exit
-    from manager.relay.daemon import run  # noqa: PLC0415 - after the config is known good
+    from manager.relay.daemon import run
 
     try:
         asyncio.run(run(cfg))

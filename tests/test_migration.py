@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from manager.relay.control import ControlClient, ControlError
+from manager.relay.control_client import ControlClient, ControlError
 from manager.lab.services import Services, running_lab
 from manager.lab.client import client_call
 from manager.lab.topology import NetnsExecutor

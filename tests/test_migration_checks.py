@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from manager.relay.migration import MigrationError, Migrator
 from manager.protocol.addresses import OwnerAddr
+from manager.relay.migration import MigrationError, Migrator
 from manager.relay.registry import Registry
 
 
@@ -56,3 +56,34 @@ def test_refusals(setup):
     m.running.clear()
     reg.end_call(call.conn_id, "test")
     assert refused(m, call.call_id, 3).status == 404
+
+
+def _leg(client: tuple[str, int], flow_port: int):
+    import socket
+
+    from manager.relay.slowpath import Leg
+
+    return Leg(client=client, vip=("10.10.1.1", 3478), conn_id=7, flow_port=flow_port,
+               sock=socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+
+
+def test_retiring_the_old_owner_keeps_what_the_new_owner_staged():
+    from manager.relay.migration import retired_reverse_entries
+
+    legs = [_leg(("10.10.1.2", 40000), 20001), _leg(("fd00:10:1::2", 40001), 20002)]
+    try:
+        old = OwnerAddr(addr4="10.0.0.2", port4=5000, addr6="fd00::2", port6=5000)
+        # A different new owner: every old entry goes.
+        staged = [(("10.0.0.3", 5000), 20001), (("fd00::3", 5000), 20002)]
+        assert retired_reverse_entries(legs, old, staged) == [(("10.0.0.2", 5000), 20001), (("fd00::2", 5000), 20002)]
+        # The new owner receives on the old one's IPv4 endpoint (a transceiver
+        # back on the same address): that entry is the new owner's now.
+        staged = [(("10.0.0.2", 5000), 20001), (("fd00::3", 5000), 20002)]
+        assert retired_reverse_entries(legs, old, staged) == [(("fd00::2", 5000), 20002)]
+        # The same endpoint with another flow port is still the old owner's.
+        staged = [(("10.0.0.2", 5000), 20009)]
+        assert (("10.0.0.2", 5000), 20001) in retired_reverse_entries(legs, old, staged)
+        assert retired_reverse_entries(legs, None, staged) == []
+    finally:
+        for leg in legs:
+            leg.sock.close()

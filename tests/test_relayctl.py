@@ -33,7 +33,7 @@ from click.testing import CliRunner
 
 from cli.relayctl import main
 from manager.relay.config import DatapathConfig, RelaydConfig, load_config
-from manager.relay.control import ControlClient, ControlError
+from manager.relay.control_client import ControlClient, ControlError
 from manager.relay.kernel.datapath import Datapath
 from manager.lab.services import Services
 from manager.lab.client import client_call

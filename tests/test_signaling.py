@@ -16,7 +16,8 @@ from aiortc.mediastreams import AudioStreamTrack
 from aiortc.sdp import SessionDescription
 
 from manager.relay.registry import Registry
-from manager.relay.signaling import TransceiverClient, make_app
+from manager.relay.signaling import make_app
+from manager.relay.transceiver_client import TransceiverClient
 from manager.protocol.ufrag import decode_ufrag
 
 KEY = b"k" * 32

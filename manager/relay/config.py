@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Endpoint(BaseModel):
@@ -70,7 +72,7 @@ class DatapathConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _ranges(self) -> "DatapathConfig":
+    def _ranges(self) -> DatapathConfig:
         if self.flow_port_min > self.flow_port_max:
             raise ValueError(f"flow_port_min {self.flow_port_min} is above flow_port_max {self.flow_port_max}")
         for vip in self.vips:
@@ -133,7 +135,7 @@ class RelaydConfig(BaseModel):
         return bytes.fromhex(self.hint_key)
 
     @model_validator(mode="after")
-    def _served(self) -> "RelaydConfig":
+    def _served(self) -> RelaydConfig:
         if not self.datapath.vips:
             raise ValueError("datapath.vips: at least one public address:port is needed")
         fams = {v.family for v in self.datapath.vips}
@@ -154,8 +156,6 @@ ENV_PREFIX = "SPLITRELAY__"
 def _env_overrides(environ: dict[str, str]) -> dict:
     """SPLITRELAY__SECTION__FIELD=value → nested dict; JSON values are decoded
     (lists, numbers, booleans), anything else is taken as a string."""
-    import json
-
     out: dict = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
@@ -201,10 +201,6 @@ def format_validation_error(exc) -> str:
 def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> RelaydConfig:
     """Read a TOML or YAML file, apply SPLITRELAY__* environment overrides,
     validate. Raises ConfigError with every problem named."""
-    import os
-
-    from pydantic import ValidationError
-
     data: dict = {}
     if path is not None:
         p = Path(path)

@@ -11,6 +11,9 @@ works while relayd is down.
     GET    /stats                fast-path counters + slow-path counters
     POST   /expire               {"idle_s": float} optional -> what was removed
     DELETE /sessions/{call_id}   end a call (404 when unknown)
+    POST   /sessions/{call_id}/migrate      {"to": transceiver id} -> the migration's result
+    POST   /transceivers/{id}/drain         stop placements, move every call away -> results
+    POST   /transceivers/{id}/undrain       take new calls again
 
 Errors are JSON `{"error": "one line"}` with a 4xx/5xx status.
 """
@@ -19,34 +22,58 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import http.client
 import json
 import logging
 import os
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
+from prometheus_client import Histogram
 
 from manager.protocol.addresses import fmt_ep
-from manager.relay.kernel.datapath import DatapathError, Flow, xdp_attachment
-from manager.relay.migration import MigrationError
-from manager.relay.registry import UnknownTransceiverError
-from manager.relay.signaling import TransceiverClient, TransceiverError
-from manager.relay.kernel.structs import STAT_NAMES, stat_labels
-
-if TYPE_CHECKING:
-    from manager.relay.daemon import Relay
+from manager.relay.config import RelaydConfig
+from manager.relay.control_client import fastpath_view
+from manager.relay.kernel import libbpf
+from manager.relay.kernel.datapath import Datapath, DatapathError, Flow, xdp_attachment
+from manager.relay.migration import MigrationError, Migrator
+from manager.relay.registry import Registry, UnknownTransceiverError
+from manager.relay.slowpath import SlowPath
+from manager.relay.transceiver_client import TransceiverClient, TransceiverError
 
 log = logging.getLogger(__name__)
 
-RELAY_KEY = web.AppKey("relay", object)
-TX_CLIENT_KEY = web.AppKey("tx_client", TransceiverClient)
 END_REASON = "operator"
+
+
+@dataclass
+class Runtime:
+    """What relayd learnt when it started: shown by /status."""
+
+    started_at: float = 0.0
+    adopted: bool = False
+    attach_results: list = field(default_factory=list)
+
+
+@dataclass
+class ControlDeps:
+    """The components the control API works on, passed in by the daemon."""
+
+    config: RelaydConfig
+    registry: Registry
+    datapath: Datapath
+    slowpath: SlowPath
+    migrator: Migrator
+    transceivers: TransceiverClient
+    flow_setup: Histogram
+    runtime: Runtime
+
+
+DEPS_KEY = web.AppKey("deps", ControlDeps)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -72,27 +99,25 @@ async def _errors(request: web.Request, handler):
 
 # --- views of the relay ------------------------------------------------------------------
 
-def _kernel_flows(relay: "Relay") -> list[Flow]:
-    if relay.datapath.maps is None:
+def _kernel_flows(deps: ControlDeps) -> list[Flow]:
+    if deps.datapath.maps is None:
         return []
-    return relay.datapath.flows()
+    return deps.datapath.flows()
 
 
-def _count_flows(relay: "Relay") -> int:
+def _count_flows(deps: ControlDeps) -> int:
     # Keys only: no value lookups, no reverse-map walk (the map may be large).
-    maps = relay.datapath.maps
-    return 0 if maps is None else sum(1 for _ in maps.flows.keys())
+    maps = deps.datapath.maps
+    return 0 if maps is None else sum(1 for _ in maps.flows.keys())  # noqa: SIM118 - a pinned map, not a dict
 
 
-def _interfaces(relay: "Relay") -> list[dict[str, Any]]:
+def _interfaces(deps: ControlDeps) -> list[dict[str, Any]]:
     """The configured interfaces with their live XDP attachment (read here,
     in relayd's network namespace, not remembered from start-up)."""
-    from manager.relay.kernel import libbpf  # noqa: PLC0415
-
-    ours = libbpf.prog_info(relay.datapath.prog_fd).id if relay.datapath.prog_fd >= 0 else None
-    at_start = {r.interface: r for r in relay.attach_results}
+    ours = libbpf.prog_info(deps.datapath.prog_fd).id if deps.datapath.prog_fd >= 0 else None
+    at_start = {r.interface: r for r in deps.runtime.attach_results}
     out = []
-    for ifname in relay.cfg.datapath.interfaces:
+    for ifname in deps.config.datapath.interfaces:
         try:
             prog_id, mode = xdp_attachment(ifname)
             problem = None
@@ -105,20 +130,20 @@ def _interfaces(relay: "Relay") -> list[dict[str, Any]]:
     return out
 
 
-def status_view(relay: "Relay", interfaces: list[dict[str, Any]], n_flows: int) -> dict[str, Any]:
-    cfg = relay.cfg
-    calls = relay.registry.calls()
-    ts = relay.registry.transceivers()
-    sp = relay.slowpath
+def status_view(deps: ControlDeps, interfaces: list[dict[str, Any]], n_flows: int) -> dict[str, Any]:
+    cfg = deps.config
+    calls = deps.registry.calls()
+    ts = deps.registry.transceivers()
+    sp = deps.slowpath
     installed = sum(1 for leg in sp.legs.values() if leg.installed_at is not None) if sp else 0
     by_state: dict[str, int] = {}
     for c in calls:
         by_state[c.state] = by_state.get(c.state, 0) + 1
     return {
         "pid": os.getpid(),
-        "started_at": relay.started_at,
-        "uptime_s": round(time.time() - relay.started_at, 3) if relay.started_at else 0.0,
-        "adopted": relay.adopted,
+        "started_at": deps.runtime.started_at,
+        "uptime_s": round(time.time() - deps.runtime.started_at, 3) if deps.runtime.started_at else 0.0,
+        "adopted": deps.runtime.adopted,
         "pin_dir": str(cfg.datapath.pin_dir),
         "control_socket": str(cfg.control_socket),
         "interfaces": interfaces,
@@ -139,12 +164,12 @@ def status_view(relay: "Relay", interfaces: list[dict[str, Any]], n_flows: int) 
     }
 
 
-def sessions_view(relay: "Relay", flows: list[Flow]) -> dict[str, Any]:
+def sessions_view(deps: ControlDeps, flows: list[Flow]) -> dict[str, Any]:
     """Calls with their legs; a leg merges the slow path's record of a client
     tuple with the kernel's flow entry for it (either may exist alone: a
     pending leg has no kernel entry, an adopted flow may have no call)."""
     kernel = {(f.client, f.vip): f for f in flows}
-    sp = relay.slowpath
+    sp = deps.slowpath
     legs_by_conn: dict[int, dict[tuple, dict[str, Any]]] = {}
     for leg in (sp.legs.values() if sp else []):
         legs_by_conn.setdefault(leg.conn_id, {})[(leg.client, leg.vip)] = {
@@ -160,7 +185,7 @@ def sessions_view(relay: "Relay", flows: list[Flow]) -> dict[str, Any]:
         entry["kernel"] = f.to_dict()
     now = time.time()
     sessions = []
-    for call in relay.registry.calls():
+    for call in deps.registry.calls():
         legs = legs_by_conn.pop(call.conn_id, {})
         sessions.append({
             "call_id": call.call_id, "conn_id": call.conn_id, "transceiver": call.transceiver_id,
@@ -174,26 +199,12 @@ def sessions_view(relay: "Relay", flows: list[Flow]) -> dict[str, Any]:
     return {"sessions": sessions, "orphan_legs": orphans}
 
 
-def fastpath_view(counters: dict[str, tuple[int, int]]) -> dict[str, Any]:
-    rows = []
-    totals: dict[str, dict[str, int]] = {}
-    for name in STAT_NAMES:
-        packets, nbytes = counters.get(name, (0, 0))
-        verdict, reason, cls = stat_labels(name)
-        rows.append({"name": name, "verdict": verdict, "reason": reason, "class": cls,
-                     "packets": packets, "bytes": nbytes})
-        t = totals.setdefault(verdict, {"packets": 0, "bytes": 0})
-        t["packets"] += packets
-        t["bytes"] += nbytes
-    return {"counters": rows, "by_verdict": totals}
-
-
-def slowpath_view(relay: "Relay") -> dict[str, Any] | None:
-    sp = relay.slowpath
+def slowpath_view(deps: ControlDeps) -> dict[str, Any] | None:
+    sp = deps.slowpath
     if sp is None:
         return None
     setup = {"count": 0, "sum_s": 0.0}
-    for metric in relay.metrics.flow_setup.collect():
+    for metric in deps.flow_setup.collect():
         for s in metric.samples:
             if s.name.endswith("_count"):
                 setup["count"] = int(s.value)
@@ -204,29 +215,29 @@ def slowpath_view(relay: "Relay") -> dict[str, Any] | None:
 
 # --- handlers -----------------------------------------------------------------------------
 
-def _relay(request: web.Request) -> "Relay":
-    return request.app[RELAY_KEY]  # type: ignore[return-value]
+def _deps(request: web.Request) -> ControlDeps:
+    return request.app[DEPS_KEY]
 
 
 async def get_status(request: web.Request) -> web.Response:
-    relay = _relay(request)
+    deps = _deps(request)
     # Netlink and map walks off the loop: the slow path keeps running meanwhile.
-    interfaces = await asyncio.to_thread(_interfaces, relay)
-    n_flows = await asyncio.to_thread(_count_flows, relay)
-    return web.json_response(status_view(relay, interfaces, n_flows))
+    interfaces = await asyncio.to_thread(_interfaces, deps)
+    n_flows = await asyncio.to_thread(_count_flows, deps)
+    return web.json_response(status_view(deps, interfaces, n_flows))
 
 
 async def get_sessions(request: web.Request) -> web.Response:
-    relay = _relay(request)
-    flows = await asyncio.to_thread(_kernel_flows, relay)
-    return web.json_response(sessions_view(relay, flows))
+    deps = _deps(request)
+    flows = await asyncio.to_thread(_kernel_flows, deps)
+    return web.json_response(sessions_view(deps, flows))
 
 
 async def get_transceivers(request: web.Request) -> web.Response:
-    relay = _relay(request)
+    deps = _deps(request)
     now = time.monotonic()
     out = []
-    for t in relay.registry.transceivers():
+    for t in deps.registry.transceivers():
         d = t.to_dict()
         d["heartbeat_age_s"] = round(now - t.last_heartbeat, 3) if t.last_heartbeat else None
         out.append(d)
@@ -234,13 +245,13 @@ async def get_transceivers(request: web.Request) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    relay = _relay(request)
-    counters = await asyncio.to_thread(relay.datapath.counters) if relay.datapath.maps is not None else {}
-    return web.json_response({"fastpath": fastpath_view(counters), "slowpath": slowpath_view(relay)})
+    deps = _deps(request)
+    counters = await asyncio.to_thread(deps.datapath.counters) if deps.datapath.maps is not None else {}
+    return web.json_response({"fastpath": fastpath_view(counters), "slowpath": slowpath_view(deps)})
 
 
 async def post_expire(request: web.Request) -> web.Response:
-    relay = _relay(request)
+    deps = _deps(request)
     idle_s: float | None = None
     raw = await request.read()
     if raw.strip():
@@ -253,14 +264,14 @@ async def post_expire(request: web.Request) -> web.Response:
         idle_s = body.get("idle_s")
         if idle_s is not None and (isinstance(idle_s, bool) or not isinstance(idle_s, (int, float)) or idle_s < 0):
             return _error(400, f"idle_s: {idle_s!r}: must be a number of seconds >= 0")
-    sp = relay.slowpath
+    sp = deps.slowpath
     if sp is None:
         return _error(503, "the slow path is not running")
     # Everything below is synchronous on the loop, so the before/after
     # snapshots see exactly what this expiry removed.
-    flows_before = {(f.client, f.vip): f for f in _kernel_flows(relay)}
+    flows_before = {(f.client, f.vip): f for f in _kernel_flows(deps)}
     legs_before = {k: leg for k, leg in sp.legs.items() if leg.installed_at is None}
-    calls_before = {c.call_id: c for c in relay.registry.calls()}
+    calls_before = {c.call_id: c for c in deps.registry.calls()}
     saved = (sp.idle_timeout, sp.pending_timeout)
     if idle_s is not None:
         sp.idle_timeout = sp.pending_timeout = float(idle_s)
@@ -268,8 +279,8 @@ async def post_expire(request: web.Request) -> web.Response:
         sp.expire()
     finally:
         sp.idle_timeout, sp.pending_timeout = saved
-    flows_after = {(f.client, f.vip) for f in _kernel_flows(relay)}
-    calls_after = {c.call_id for c in relay.registry.calls()}
+    flows_after = {(f.client, f.vip) for f in _kernel_flows(deps)}
+    calls_after = {c.call_id for c in deps.registry.calls()}
     return web.json_response({
         "idle_s": idle_s if idle_s is not None else saved[0],
         "flows": [f.to_dict() for k, f in flows_before.items() if k not in flows_after],
@@ -281,18 +292,18 @@ async def post_expire(request: web.Request) -> web.Response:
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    relay = _relay(request)
+    deps = _deps(request)
     call_id = request.match_info["call_id"]
-    call = relay.registry.get_call_by_id(call_id)
+    call = deps.registry.get_call_by_id(call_id)
     if call is None:
         return _error(404, f"no session {call_id!r}")
     # Ended in the relay first (kernel entries go at once), then the owner is
     # told, best effort: an unreachable transceiver must not keep it alive here.
-    relay.registry.end_call(call.conn_id, END_REASON)
+    deps.registry.end_call(call.conn_id, END_REASON)
     warning = None
     try:
-        t = relay.registry.get_transceiver(call.transceiver_id)
-        await request.app[TX_CLIENT_KEY].delete_call(t, call.conn_id)
+        t = deps.registry.get_transceiver(call.transceiver_id)
+        await deps.transceivers.delete_call(t, call.conn_id)
     except (TransceiverError, UnknownTransceiverError) as exc:
         warning = str(exc)
         log.warning("ending conn_id %d on transceiver %d: %s", call.conn_id, call.transceiver_id, exc)
@@ -312,13 +323,13 @@ async def _json_object(request: web.Request) -> dict:
 
 
 async def post_migrate(request: web.Request) -> web.Response:
-    relay = _relay(request)
+    deps = _deps(request)
     body = await _json_object(request)
     target = body.get("to")
     if isinstance(target, bool) or not isinstance(target, int):
         return _error(400, "'to' must be a transceiver id (integer)")
     try:
-        result = await relay.migrator.migrate(request.match_info["call_id"], target)
+        result = await deps.migrator.migrate(request.match_info["call_id"], target)
     except MigrationError as exc:
         return _error(exc.status, str(exc))
     return web.json_response(result.to_dict())
@@ -332,27 +343,26 @@ def _transceiver_id(request: web.Request) -> int:
 
 
 async def post_drain(request: web.Request) -> web.Response:
-    relay = _relay(request)
+    deps = _deps(request)
     try:
-        results = await relay.migrator.drain(_transceiver_id(request))
+        results = await deps.migrator.drain(_transceiver_id(request))
     except MigrationError as exc:
         return _error(exc.status, str(exc))
     return web.json_response({"transceiver": _transceiver_id(request), "results": [r.to_dict() for r in results]})
 
 
 async def post_undrain(request: web.Request) -> web.Response:
-    relay = _relay(request)
+    deps = _deps(request)
     try:
-        t = relay.registry.set_draining(_transceiver_id(request), False)
+        t = deps.registry.set_draining(_transceiver_id(request), False)
     except UnknownTransceiverError:
         return _error(404, f"unknown transceiver {request.match_info['id']}")
     return web.json_response(t.to_dict())
 
 
-def make_control_app(relay: "Relay") -> web.Application:
+def make_control_app(deps: ControlDeps) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=64 * 1024)
-    app[RELAY_KEY] = relay
-    app[TX_CLIENT_KEY] = TransceiverClient(timeout=relay.cfg.signaling.transceiver_timeout)
+    app[DEPS_KEY] = deps
     app.router.add_get("/status", get_status)
     app.router.add_get("/sessions", get_sessions)
     app.router.add_get("/transceivers", get_transceivers)
@@ -362,11 +372,6 @@ def make_control_app(relay: "Relay") -> web.Application:
     app.router.add_post("/sessions/{call_id}/migrate", post_migrate)
     app.router.add_post("/transceivers/{id}/drain", post_drain)
     app.router.add_post("/transceivers/{id}/undrain", post_undrain)
-
-    async def close_client(app: web.Application) -> None:
-        await app[TX_CLIENT_KEY].close()
-
-    app.on_cleanup.append(close_client)
     return app
 
 
@@ -424,11 +429,11 @@ def bind_control_socket(path: Path) -> socket.socket:
     return sock
 
 
-async def start_control(relay: "Relay") -> ControlServer:
-    """Serve the control API on relay.cfg.control_socket."""
-    path = Path(relay.cfg.control_socket)
+async def start_control(deps: ControlDeps) -> ControlServer:
+    """Serve the control API on the configured control socket."""
+    path = Path(deps.config.control_socket)
     sock = bind_control_socket(path)
-    runner = web.AppRunner(make_control_app(relay), access_log=None)
+    runner = web.AppRunner(make_control_app(deps), access_log=None)
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()
@@ -451,88 +456,3 @@ async def stop_control(server: ControlServer | None) -> None:
             server.path.unlink()
     except FileNotFoundError:
         pass
-
-
-# --- client -------------------------------------------------------------------------------
-
-class ControlError(RuntimeError):
-    """The control API could not be used; str() is one line for the operator.
-    `status` is the HTTP status for errors relayd answered (404, ...), else 0."""
-
-    def __init__(self, message: str, status: int = 0):
-        super().__init__(message)
-        self.status = status
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("relayd", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self._path)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
-
-
-class ControlClient:
-    """Synchronous client of relayd's control socket (plain http.client over
-    AF_UNIX: no event loop, so it works from any caller)."""
-
-    def __init__(self, socket_path: str | Path, timeout: float = 10.0):
-        self.path = Path(socket_path)
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        if not self.path.exists():
-            raise ControlError(f"relayd is not running (no control socket at {self.path})")
-        conn = _UnixHTTPConnection(str(self.path), self.timeout)
-        try:
-            payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            conn.request(method, path, body=payload, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (ConnectionRefusedError, FileNotFoundError):
-            raise ControlError(f"relayd is not running (control socket {self.path} refuses connections)") from None
-        except PermissionError:
-            raise ControlError(f"permission denied on control socket {self.path}: run as root") from None
-        except TimeoutError:
-            raise ControlError(f"relayd did not answer on {self.path} within {self.timeout:g} s") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise ControlError(f"control socket {self.path}: {exc or type(exc).__name__}") from None
-        finally:
-            conn.close()
-        try:
-            data = json.loads(raw) if raw.strip() else {}
-        except ValueError:
-            data = {"error": raw.decode("utf-8", "replace").strip()[:200]}
-        if resp.status >= 400:
-            msg = data.get("error") if isinstance(data, dict) else None
-            raise ControlError(msg or f"relayd answered {resp.status} {resp.reason}", resp.status)
-        return data
-
-    def status(self) -> dict:
-        return self.request("GET", "/status")
-
-    def sessions(self) -> dict:
-        return self.request("GET", "/sessions")
-
-    def transceivers(self) -> dict:
-        return self.request("GET", "/transceivers")
-
-    def stats(self) -> dict:
-        return self.request("GET", "/stats")
-
-    def expire(self, idle_s: float | None = None) -> dict:
-        return self.request("POST", "/expire", {"idle_s": idle_s} if idle_s is not None else {})
-
-    def end_session(self, call_id: str) -> dict:
-        from urllib.parse import quote  # noqa: PLC0415
-
-        return self.request("DELETE", f"/sessions/{quote(call_id, safe='')}")

@@ -16,32 +16,32 @@ import time
 from aiohttp import web
 
 from manager.relay.config import RelaydConfig
-from manager.relay.control import start_control, stop_control
+from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.metrics import Metrics
 from manager.relay.migration import Migrator
 from manager.relay.registry import Registry
-from manager.relay.signaling import TransceiverClient, make_app
+from manager.relay.signaling import make_app
 from manager.relay.slowpath import SlowPath
+from manager.relay.transceiver_client import TransceiverClient
 
 log = logging.getLogger(__name__)
 
 
 class Relay:
-    """The running relay manager; built from an explicit RelaydConfig."""
+    """relayd's wiring: builds each component from an explicit RelaydConfig and
+    hands every consumer the components it uses (nothing receives this object)."""
 
     def __init__(self, cfg: RelaydConfig):
         self.cfg = cfg
         self.datapath = Datapath(cfg.datapath)
         self.registry = Registry(heartbeat_timeout=cfg.signaling.heartbeat_timeout)
+        self.metrics = Metrics(self.registry, self.datapath)
+        self.runtime = Runtime()
         self.slowpath: SlowPath | None = None
-        self.adopted = False
-        self.attach_results: list = []
-        self.started_at = 0.0
+        self.migrator: Migrator | None = None
         self._runner: web.AppRunner | None = None
         self._client: TransceiverClient | None = None
-        self.migrator: Migrator | None = None
-        self.metrics = Metrics(self)
         self._metrics_runner: web.AppRunner | None = None
         self._control = None
 
@@ -49,9 +49,9 @@ class Relay:
         cfg = self.cfg
         # Off the loop: bcc compiles for a second or two, and pyroute2's
         # synchronous netlink API refuses to run inside a running loop.
-        self.adopted = await asyncio.to_thread(self.datapath.load)
-        self.attach_results = await asyncio.to_thread(self.datapath.attach)
-        for r in self.attach_results:
+        self.runtime.adopted = await asyncio.to_thread(self.datapath.load)
+        self.runtime.attach_results = await asyncio.to_thread(self.datapath.attach)
+        for r in self.runtime.attach_results:
             log.info("XDP on %s: %s mode%s", r.interface, r.mode, " (adopted)" if r.adopted else "")
         dp = cfg.datapath
         self.slowpath = SlowPath(
@@ -60,10 +60,11 @@ class Relay:
             flow_ports=(dp.flow_port_min, dp.flow_port_max), idle_timeout=cfg.slowpath.idle_timeout,
             pending_timeout=cfg.slowpath.pending_timeout, on_flow_installed=self.metrics.flow_setup.observe,
         )
+        self.metrics.watch_slowpath(self.slowpath)
         await self.slowpath.start()
         self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout)
         self.migrator = Migrator(self.registry, self.datapath, self.slowpath, self._client,
-                                 metrics_registry=self.metrics.registry)
+                                 metrics_registry=self.metrics.prometheus)
         app = make_app(self.registry, hint_key=cfg.hint_key_bytes,
                        public_addrs=[v.as_tuple() for v in dp.vips], transceiver_client=self._client)
         self._runner = web.AppRunner(app, access_log=None)
@@ -73,8 +74,11 @@ class Relay:
             self._metrics_runner = web.AppRunner(self.metrics.app(), access_log=None)
             await self._metrics_runner.setup()
             await web.TCPSite(self._metrics_runner, cfg.metrics.host, cfg.metrics.port).start()
-        self.started_at = time.time()
-        self._control = await start_control(self)
+        self.runtime.started_at = time.time()
+        self._control = await start_control(ControlDeps(
+            config=cfg, registry=self.registry, datapath=self.datapath, slowpath=self.slowpath,
+            migrator=self.migrator, transceivers=self._client, flow_setup=self.metrics.flow_setup,
+            runtime=self.runtime))
         log.info("relayd ready: signaling on %s:%d, VIPs %s", cfg.signaling.host, cfg.signaling.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
 
@@ -86,6 +90,8 @@ class Relay:
             if runner is not None:
                 await runner.cleanup()
         self._runner = self._metrics_runner = None
+        if self.migrator is not None:
+            await self.migrator.close()
         if self._client is not None:
             await self._client.close()
             self._client = None

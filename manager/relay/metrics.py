@@ -7,17 +7,15 @@ transceiver figures come from the running manager's objects.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.structs import stat_labels
-
-if TYPE_CHECKING:
-    from manager.relay.daemon import Relay
+from manager.relay.registry import Registry
+from manager.relay.slowpath import SlowPath
 
 # First STUN seen → flow installed in the kernel; set-up is sub-millisecond to
 # tens of milliseconds (the owner's answer is the bulk of it).
@@ -26,33 +24,37 @@ SWITCH_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0
 
 
 class RelayCollector:
-    """Reads the relay's state on every scrape."""
+    """Reads the relay's state on every scrape: the kernel's counters, the
+    slow path's (once it runs), calls and transceivers."""
 
-    def __init__(self, relay: "Relay"):
-        self.relay = relay
+    def __init__(self, registry: Registry, datapath: Datapath):
+        self.registry = registry
+        self.datapath = datapath
+        self.slowpath: SlowPath | None = None
 
     def describe(self):
         return []
 
     def collect(self):
-        relay = self.relay
-        pk = CounterMetricFamily("splitrelay_fastpath_packets", "Packets seen by the XDP program, by verdict and reason",
-                                 labels=["verdict", "reason", "class"])
-        by = CounterMetricFamily("splitrelay_fastpath_bytes", "Bytes seen by the XDP program, by verdict and reason",
-                                 labels=["verdict", "reason", "class"])
-        if relay.datapath.maps is not None:
-            for name, (packets, nbytes) in relay.datapath.counters().items():
+        labels = ["verdict", "reason", "class"]
+        pk = CounterMetricFamily("splitrelay_fastpath_packets",
+                                 "Packets seen by the XDP program, by verdict and reason", labels=labels)
+        by = CounterMetricFamily("splitrelay_fastpath_bytes",
+                                 "Bytes seen by the XDP program, by verdict and reason", labels=labels)
+        if self.datapath.maps is not None:
+            for name, (packets, nbytes) in self.datapath.counters().items():
                 labels = list(stat_labels(name))
                 pk.add_metric(labels, packets)
                 by.add_metric(labels, nbytes)
         yield pk
         yield by
-        sp = relay.slowpath
+        sp = self.slowpath
         ev = CounterMetricFamily("splitrelay_slowpath_events", "Slow-path events and drops, by kind", labels=["event"])
         spk = CounterMetricFamily("splitrelay_slowpath_packets", "Packets forwarded in userspace", labels=["direction"])
         spb = CounterMetricFamily("splitrelay_slowpath_bytes", "Bytes forwarded in userspace", labels=["direction"])
         legs = GaugeMetricFamily("splitrelay_flows", "Client tuples known to the slow path", labels=["state"])
-        queue = GaugeMetricFamily("splitrelay_slowpath_queue_bytes", "Bytes waiting in the public sockets' receive queues")
+        queue = GaugeMetricFamily("splitrelay_slowpath_queue_bytes",
+                                  "Bytes waiting in the public sockets' receive queues")
         if sp is not None:
             summary = sp.summary()
             for event, n in summary["events"].items():
@@ -70,30 +72,37 @@ class RelayCollector:
         yield queue
         calls = GaugeMetricFamily("splitrelay_calls", "Calls by state", labels=["state"])
         counts: dict[str, int] = {"placing": 0, "active": 0}
-        for call in relay.registry.calls():
+        for call in self.registry.calls():
             counts[call.state] = counts.get(call.state, 0) + 1
         for state, n in counts.items():
             calls.add_metric([state], n)
         yield calls
         tx = GaugeMetricFamily("splitrelay_transceivers", "Registered transceivers", labels=["healthy"])
-        ts = relay.registry.transceivers()
+        ts = self.registry.transceivers()
         tx.add_metric(["true"], sum(1 for t in ts if t.healthy))
         tx.add_metric(["false"], sum(1 for t in ts if not t.healthy))
         yield tx
 
 
 class Metrics:
-    """The registry plus the histograms the manager observes into."""
+    """relayd's Prometheus registry: the collector above plus the histograms
+    the components observe into (the migrator registers its own here)."""
 
-    def __init__(self, relay: "Relay"):
-        self.registry = CollectorRegistry()
-        self.registry.register(RelayCollector(relay))
-        self.flow_setup = Histogram("splitrelay_flow_setup_seconds", "First STUN from a client tuple to its kernel entry",
-                                    buckets=SETUP_BUCKETS, registry=self.registry)
-        self.migrations = None  # registered by migration support
+    def __init__(self, registry: Registry, datapath: Datapath):
+        self.prometheus = CollectorRegistry()
+        self._collector = RelayCollector(registry, datapath)
+        self.prometheus.register(self._collector)
+        self.flow_setup = Histogram("splitrelay_flow_setup_seconds",
+                                    "First STUN from a client tuple to its kernel entry",
+                                    buckets=SETUP_BUCKETS, registry=self.prometheus)
+
+    def watch_slowpath(self, slowpath: SlowPath) -> None:
+        """Report this slow path's counters (it is built after the metrics,
+        since it observes into flow_setup)."""
+        self._collector.slowpath = slowpath
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.prometheus)
 
     def app(self) -> web.Application:
         async def handler(request: web.Request) -> web.Response:

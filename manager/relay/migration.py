@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Histogram
 
+from manager.protocol.addresses import OwnerAddr
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.metrics import SWITCH_BUCKETS
-from manager.protocol.addresses import OwnerAddr
 from manager.relay.registry import Call, Registry, UnknownTransceiverError
-from manager.relay.signaling import TransceiverClient, TransceiverError
 from manager.relay.slowpath import SlowPath
+from manager.relay.transceiver_client import TransceiverClient, TransceiverError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,19 @@ class MigrationResult:
         return d
 
 
+def retired_reverse_entries(legs: list, old_owner: OwnerAddr | None,
+                            staged: list[tuple[tuple[str, int], int]]) -> list[tuple[tuple[str, int], int]]:
+    """The old owner's return-path entries (owner endpoint, flow port) to remove
+    after the flip: one per leg, except any the new owner's staging just wrote
+    (same endpoint and flow port, e.g. a transceiver back on the same address)."""
+    out = []
+    for leg in legs:
+        ep = old_owner.for_family(leg.family) if old_owner else None
+        if ep is not None and (ep, leg.flow_port) not in staged:
+            out.append((ep, leg.flow_port))
+    return out
+
+
 class Migrator:
     """Moves calls; one migration per call at a time."""
 
@@ -73,6 +86,7 @@ class Migrator:
         self.slowpath = slowpath
         self.client = client
         self.running: set[int] = set()
+        self._background: set[asyncio.Task] = set()  # kept until done: the loop holds tasks weakly
         # registry=None: metrics kept but not exported (no relay to serve them).
         self.outcomes = Counter("splitrelay_migrations", "Call migrations by outcome", ["outcome"],
                                 registry=metrics_registry)
@@ -149,11 +163,9 @@ class Migrator:
                 await self.client.call_op(target, "POST", f"/calls/{conn}/activate")
             except TransceiverError as exc:  # it also starts on the first inbound packet
                 log.warning("activate on transceiver %d: %s", target.id, exc)
-            for leg in legs:
-                ep = old_owner.for_family(leg.family) if old_owner else None
-                if ep is not None and ep not in staged:
-                    self.datapath.remove_reverse(ep, leg.flow_port)
-            asyncio.create_task(self._release(source, conn))
+            for ep, flow_port in retired_reverse_entries(legs, old_owner, staged):
+                self.datapath.remove_reverse(ep, flow_port)
+            self._spawn(self._release(source, conn))
             res.switch_s = await self._first_packet(staged, t0)
             res.outcome = "moved"
             if res.switch_s is not None:
@@ -168,6 +180,15 @@ class Migrator:
         finally:
             self.running.discard(conn)
             self.outcomes.labels(res.outcome).inc()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Wait for the releases still under way (relayd stopping)."""
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _roll_back(self, source, target, conn: int, imported: bool, new_owner: OwnerAddr | None) -> None:
         if new_owner is not None:

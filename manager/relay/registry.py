@@ -236,16 +236,13 @@ class Registry:
 
         Random rather than sequential so that an id is not reused soon after
         its call ended (stale kernel entries or late packets cannot alias a
-        new call). Reserved until `add_call` or `release_conn_id`.
+        new call). Reserved until `add_call`, which the caller makes next.
         """
         while True:
             conn_id = secrets.randbelow(MAX_CONN_ID) + 1
             if conn_id not in self._calls and conn_id not in self._reserved:
                 self._reserved.add(conn_id)
                 return conn_id
-
-    def release_conn_id(self, conn_id: int) -> None:
-        self._reserved.discard(conn_id)
 
     def add_call(
         self,

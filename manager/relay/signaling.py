@@ -22,11 +22,9 @@ import json
 import logging
 from collections.abc import Sequence
 
-import aiohttp
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from manager.relay.registry import OwnerAddr, PlacementError, Registry, Transceiver, UnknownTransceiverError
+from manager.protocol.api import ApiError, Heartbeat, M, Registration, parse_body
 from manager.protocol.sdp import (
     SdpError,
     check_public_addrs,
@@ -36,143 +34,15 @@ from manager.protocol.sdp import (
     validate,
 )
 from manager.protocol.ufrag import encode_ufrag
+from manager.relay.registry import PlacementError, Registry, Transceiver, UnknownTransceiverError
+from manager.relay.transceiver_client import TransceiverClient, TransceiverError
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # an SDP offer is a few KiB; anything bigger is not one
-DEFAULT_TRANSCEIVER_TIMEOUT = 10.0  # aiortc gathers candidates before it answers
 
 
-class TransceiverError(Exception):
-    """A transceiver's control API failed, timed out or answered nonsense."""
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    return " ".join(text.split())[:limit]
-
-
-def _validation_message(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(part) for part in err["loc"])
-    return _one_line(f"{where}: {err['msg']}" if where else err["msg"])
-
-
-# -- transceiver control API client -----------------------------------------
-
-
-class _Owner(BaseModel):
-    model_config = ConfigDict(strict=True)
-    addr4: str | None = None
-    port4: int = 0
-    addr6: str | None = None
-    port6: int = 0
-
-
-class _CreateCallReply(BaseModel):
-    answer: str
-    owner: _Owner
-
-
-class TransceiverClient:
-    """Talks to transceivers' control APIs (`{control_url}/calls`)."""
-
-    def __init__(
-        self,
-        session: aiohttp.ClientSession | None = None,
-        *,
-        timeout: float = DEFAULT_TRANSCEIVER_TIMEOUT,
-    ) -> None:
-        self._session = session
-        self._own_session = session is None
-        self.timeout = timeout
-
-    def _http(self) -> aiohttp.ClientSession:
-        # Created lazily: a ClientSession must be made inside the running loop.
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-            self._own_session = True
-        return self._session
-
-    async def close(self) -> None:
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _request(self, method: str, url: str, **kwargs) -> tuple[int, bytes]:
-        try:
-            async with self._http().request(
-                method, url, timeout=aiohttp.ClientTimeout(total=self.timeout), **kwargs
-            ) as resp:
-                return resp.status, await resp.read()
-        except TimeoutError:
-            raise TransceiverError(f"{method} {url} timed out after {self.timeout:g} s") from None
-        except aiohttp.ClientError as exc:
-            reason = _one_line(str(exc)) or type(exc).__name__
-            raise TransceiverError(f"{method} {url} failed: {reason}") from None
-
-    async def create_call(
-        self, transceiver: Transceiver, conn_id: int, ufrag: str, offer: str
-    ) -> tuple[str, OwnerAddr]:
-        """Have the transceiver answer `offer` as `ufrag`; return (answer, owner)."""
-        url = f"{transceiver.control_url}/calls"
-        status, body = await self._request(
-            "POST", url, json={"conn_id": conn_id, "ufrag": ufrag, "offer": offer}
-        )
-        if status != 201:
-            detail = _one_line(body.decode("utf-8", "replace"))
-            raise TransceiverError(f"POST {url} returned {status}: {detail}")
-        try:
-            reply = _CreateCallReply.model_validate_json(body)
-            owner = OwnerAddr(**reply.owner.model_dump())
-        except ValidationError as exc:
-            detail = _validation_message(exc)
-            raise TransceiverError(f"POST {url} reply is invalid: {detail}") from None
-        except ValueError as exc:
-            raise TransceiverError(f"POST {url} reply is invalid: {exc}") from None
-        return reply.answer, owner
-
-    async def call_op(self, transceiver: Transceiver, method: str, path: str, body: dict | None = None,
-                      expect: tuple[int, ...] = (200, 201, 204)) -> dict:
-        """A JSON request to a transceiver's control API (migration steps:
-        export, import, activate, release, unfreeze); the reply's JSON or {}."""
-        url = f"{transceiver.control_url}{path}"
-        status, reply = await self._request(method, url, json=body if body is not None else {})
-        if status not in expect:
-            detail = _one_line(reply.decode("utf-8", "replace"))
-            raise TransceiverError(f"{method} {url} returned {status}: {detail}")
-        if not reply.strip():
-            return {}
-        try:
-            data = json.loads(reply)
-        except ValueError:
-            raise TransceiverError(f"{method} {url} reply is not JSON") from None
-        if not isinstance(data, dict):
-            raise TransceiverError(f"{method} {url} reply is not a JSON object")
-        return data
-
-    async def delete_call(self, transceiver: Transceiver, conn_id: int) -> None:
-        url = f"{transceiver.control_url}/calls/{conn_id}"
-        status, body = await self._request("DELETE", url)
-        # 404: the transceiver has already forgotten the call, which is the goal.
-        if status not in (200, 204, 404):
-            detail = _one_line(body.decode("utf-8", "replace"))
-            raise TransceiverError(f"DELETE {url} returned {status}: {detail}")
-
-
-# -- request bodies ------------------------------------------------------------
-
-
-class _Registration(BaseModel):
-    model_config = ConfigDict(strict=True)
-    id: int
-    control_url: str
-    capacity: int
-
-
-class _Heartbeat(BaseModel):
-    model_config = ConfigDict(strict=True)
-    healthy: bool
-    calls: list[int] | None = None
+# -- responses -------------------------------------------------------------------
 
 
 def _text(status: int, message: str) -> web.Response:
@@ -183,13 +53,13 @@ def _json(data: object, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, indent=1))
 
 
-async def _json_body(request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
+async def _json_body(request: web.Request, model: type[M]) -> M | web.Response:
     if request.content_type != "application/json":
         return _text(415, "Content-Type must be application/json")
     try:
-        return model.model_validate_json(await request.read())
-    except ValidationError as exc:
-        return _text(400, f"invalid request body: {_validation_message(exc)}")
+        return parse_body(await request.read(), model)
+    except ApiError as exc:
+        return _text(exc.status, str(exc))
 
 
 # -- the API -------------------------------------------------------------------
@@ -326,10 +196,10 @@ class _Api:
     # Transceiver-facing ------------------------------------------------------
 
     async def register_transceiver(self, request: web.Request) -> web.Response:
-        body = await _json_body(request, _Registration)
+        body = await _json_body(request, Registration)
         if isinstance(body, web.Response):
             return body
-        assert isinstance(body, _Registration)
+        assert isinstance(body, Registration)
         try:
             t = self.registry.register_transceiver(body.id, body.control_url, body.capacity)
         except ValueError as exc:
@@ -341,10 +211,10 @@ class _Api:
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         transceiver_id = int(request.match_info["id"])
-        body = await _json_body(request, _Heartbeat)
+        body = await _json_body(request, Heartbeat)
         if isinstance(body, web.Response):
             return body
-        assert isinstance(body, _Heartbeat)
+        assert isinstance(body, Heartbeat)
         try:
             orphans = self.registry.heartbeat(transceiver_id, body.calls, body.healthy)
         except UnknownTransceiverError:

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 from aioice import stun
 
-from manager.relay.kernel.datapath import Datapath, DatapathError
-from manager.relay.registry import Call, Registry
 from manager.protocol.addresses import AF_INET, AF_INET6, family_of
 from manager.protocol.rfc7983 import is_stun
 from manager.protocol.ufrag import UfragError, decode_ufrag, parse_stun_username
+from manager.relay.kernel.datapath import Datapath, DatapathError
+from manager.relay.registry import Call, Registry
 
 log = logging.getLogger(__name__)
 

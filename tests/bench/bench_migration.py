@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from manager.relay.control import ControlClient
+from manager.relay.control_client import ControlClient
 from manager.lab.services import running_lab
 from manager.lab.client import client_call
 from manager.lab.topology import NetnsExecutor

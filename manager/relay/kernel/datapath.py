@@ -17,12 +17,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from manager.relay.kernel import libbpf
-from manager.relay.config import DatapathConfig
 from manager.protocol.addresses import OwnerAddr, fmt_ep
-from manager.relay.kernel.structs import (AF_INET6, BPF_DIR, MAP_TYPES, STAT_NAMES, FlowInfo, FlowKey, OwnerInfo,
-                      RelayConfig, ReverseInfo, ReverseKey, flow_key, flow_key_tuple, htons, ntohs,
-                      pack_addr, pack_addr4, reverse_key, unpack_addr, unpack_addr4, vip_key)
+from manager.relay.config import DatapathConfig
+from manager.relay.kernel import libbpf
+from manager.relay.kernel.structs import (
+    AF_INET6,
+    BPF_DIR,
+    MAP_TYPES,
+    STAT_NAMES,
+    FlowInfo,
+    FlowKey,
+    OwnerInfo,
+    RelayConfig,
+    ReverseInfo,
+    ReverseKey,
+    flow_key,
+    flow_key_tuple,
+    htons,
+    ntohs,
+    pack_addr,
+    pack_addr4,
+    reverse_key,
+    unpack_addr,
+    unpack_addr4,
+    vip_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +124,7 @@ class Maps:
     stats: libbpf.PinnedMap
 
     @classmethod
-    def open(cls, pin_dir: Path) -> "Maps":
+    def open(cls, pin_dir: Path) -> Maps:
         opened: dict[str, libbpf.PinnedMap] = {}
         try:
             for name, (k, v) in MAP_TYPES.items():
@@ -132,7 +151,6 @@ class Datapath:
         self.pin_dir = Path(cfg.pin_dir)
         self.maps: Maps | None = None
         self.prog_fd: int = -1
-        self.attached: list[AttachResult] = []
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -150,7 +168,7 @@ class Datapath:
         from the pin directory. Returns a program fd owned by this object."""
         ensure_kernel_headers()
         try:
-            from bcc import BPF
+            from bcc import BPF  # noqa: PLC0415 - slow to import; only loading needs it
         except ImportError as exc:
             raise DatapathError("bcc is not importable: install python3-bpfcc (run `make setup`)") from exc
         self.pin_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +237,6 @@ class Datapath:
                 results.append(AttachResult(ifname, cur_mode or "?", True))
                 continue
             results.append(AttachResult(ifname, self._attach_one(ifname, cur_mode), False))
-        self.attached = results
         return results
 
     def _attach_one(self, ifname: str, cur_mode: str | None) -> str:

@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 _lib: ctypes.CDLL | None = None
 
@@ -100,10 +100,6 @@ def prog_info(fd: int) -> BpfProgInfo:
     return info
 
 
-def prog_fd_by_id(prog_id: int) -> int:
-    return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
-
-
 class PinnedMap:
     """A pinned BPF map with typed keys and values (ctypes structures).
 
@@ -137,7 +133,7 @@ class PinnedMap:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "PinnedMap":
+    def __enter__(self) -> PinnedMap:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,7 +169,8 @@ class PinnedMap:
         prev = None
         while True:
             nxt = self.key_type()
-            rc = lib().bpf_map_get_next_key(self.fd, ctypes.byref(prev) if prev is not None else None, ctypes.byref(nxt))
+            prev_ref = ctypes.byref(prev) if prev is not None else None
+            rc = lib().bpf_map_get_next_key(self.fd, prev_ref, ctypes.byref(nxt))
             if rc < 0:
                 err = -rc if rc != -1 else ctypes.get_errno()
                 if err == errno.ENOENT:

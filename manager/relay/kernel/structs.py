@@ -9,18 +9,19 @@ __be16, stored here as the raw 16-bit value (socket.htons).
 from __future__ import annotations
 
 import ctypes
-from importlib import resources
 import ipaddress
 import re
 import socket
+from importlib import resources
 from pathlib import Path
+
+from manager.protocol.addresses import AF_INET, AF_INET6, family_of  # noqa: F401 - re-exported for the kernel views
 
 # The C sources ship inside the package (pyproject maps manager.relay.kernel.bpf
 # onto bpf/): a real directory, as bcc takes file paths and -I flags.
 BPF_DIR = Path(str(resources.files("manager.relay.kernel.bpf")))
 BPF_TESTING_DIR = BPF_DIR / "testing"
 
-from manager.protocol.addresses import AF_INET, AF_INET6, family_of  # noqa: F401 - re-exported for the kernel views
 
 Addr4 = ctypes.c_uint32 * 4
 

@@ -1,0 +1,106 @@
+"""relayd's client of transceivers' control APIs (`{control_url}/calls...`):
+place a call, and the migration steps (export, import, activate, release,
+unfreeze). Every failure is a TransceiverError with a one-line message."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from pydantic import ValidationError
+
+from manager.protocol.addresses import OwnerAddr
+from manager.protocol.api import CreateCallReply, CreateCallRequest, one_line, validation_message
+from manager.relay.registry import Transceiver
+
+DEFAULT_TRANSCEIVER_TIMEOUT = 10.0  # aiortc gathers candidates before it answers
+
+
+class TransceiverError(Exception):
+    """A transceiver's control API failed, timed out or answered nonsense."""
+
+
+class TransceiverClient:
+    """Talks to transceivers' control APIs (`{control_url}/calls`)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        timeout: float = DEFAULT_TRANSCEIVER_TIMEOUT,
+    ) -> None:
+        self._session = session
+        self._own_session = session is None
+        self.timeout = timeout
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Created lazily: a ClientSession must be made inside the running loop.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+            self._own_session = True
+        return self._session
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(self, method: str, url: str, **kwargs) -> tuple[int, bytes]:
+        try:
+            async with self._http().request(
+                method, url, timeout=aiohttp.ClientTimeout(total=self.timeout), **kwargs
+            ) as resp:
+                return resp.status, await resp.read()
+        except TimeoutError:
+            raise TransceiverError(f"{method} {url} timed out after {self.timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            reason = one_line(str(exc)) or type(exc).__name__
+            raise TransceiverError(f"{method} {url} failed: {reason}") from None
+
+    async def create_call(
+        self, transceiver: Transceiver, conn_id: int, ufrag: str, offer: str
+    ) -> tuple[str, OwnerAddr]:
+        """Have the transceiver answer `offer` as `ufrag`; return (answer, owner)."""
+        url = f"{transceiver.control_url}/calls"
+        status, body = await self._request(
+            "POST", url, json=CreateCallRequest(conn_id=conn_id, ufrag=ufrag, offer=offer).model_dump()
+        )
+        if status != 201:
+            detail = one_line(body.decode("utf-8", "replace"))
+            raise TransceiverError(f"POST {url} returned {status}: {detail}")
+        try:
+            reply = CreateCallReply.model_validate_json(body)
+            owner = OwnerAddr(**reply.owner.model_dump())
+        except ValidationError as exc:
+            detail = validation_message(exc)
+            raise TransceiverError(f"POST {url} reply is invalid: {detail}") from None
+        except ValueError as exc:
+            raise TransceiverError(f"POST {url} reply is invalid: {exc}") from None
+        return reply.answer, owner
+
+    async def call_op(self, transceiver: Transceiver, method: str, path: str, body: dict | None = None,
+                      expect: tuple[int, ...] = (200, 201, 204)) -> dict:
+        """A JSON request to a transceiver's control API (migration steps:
+        export, import, activate, release, unfreeze); the reply's JSON or {}."""
+        url = f"{transceiver.control_url}{path}"
+        status, reply = await self._request(method, url, json=body if body is not None else {})
+        if status not in expect:
+            detail = one_line(reply.decode("utf-8", "replace"))
+            raise TransceiverError(f"{method} {url} returned {status}: {detail}")
+        if not reply.strip():
+            return {}
+        try:
+            data = json.loads(reply)
+        except ValueError:
+            raise TransceiverError(f"{method} {url} reply is not JSON") from None
+        if not isinstance(data, dict):
+            raise TransceiverError(f"{method} {url} reply is not a JSON object")
+        return data
+
+    async def delete_call(self, transceiver: Transceiver, conn_id: int) -> None:
+        url = f"{transceiver.control_url}/calls/{conn_id}"
+        status, body = await self._request("DELETE", url)
+        # 404: the transceiver has already forgotten the call, which is the goal.
+        if status not in (200, 204, 404):
+            detail = one_line(body.decode("utf-8", "replace"))
+            raise TransceiverError(f"DELETE {url} returned {status}: {detail}")
