@@ -36,7 +36,7 @@ enum pkt_class {
 };
 
 /* Index of a per-CPU counter: one verdict and its reason. Names in
- * manager/structs.py STAT_NAMES (held against this enum by a test). */
+ * manager/relay/kernel/structs.py STAT_NAMES (held against this enum by a test). */
 enum stat_id {
     STAT_PASS_NOT_RELAY = 0,      /* not UDP to a VIP or to a flow port */
     STAT_PASS_IP_OPTIONS,         /* IPv4 with options: kernel handles it */

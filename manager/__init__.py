@@ -1,1 +1,1 @@
-"""splitrelay manager: the userspace side of the relay (datapath loader, slow path, sessions, transceivers, migration, metrics)."""
+"""splitrelay: the relay (relayd), the transceiver, the protocol they share, and the lab."""

@@ -11,8 +11,8 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from tests.bench import bench_xdp as bx
 from manager.lab.xdp_harness import INT4, VERDICTS, VIP4, XDP_PASS, XDP_REDIRECT
+from tests.bench import bench_xdp as bx
 
 pytestmark = pytest.mark.netns
 

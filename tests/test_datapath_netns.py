@@ -19,9 +19,10 @@ import uuid
 
 import pytest
 
+from manager.lab.topology import Lab
+from manager.lab.topology import lab as lab_ctx
 from manager.relay.config import DatapathConfig, Endpoint
 from manager.relay.kernel.datapath import Datapath, OwnerAddr, xdp_attachment
-from manager.lab.topology import Lab, lab as lab_ctx
 
 pytestmark = pytest.mark.netns
 
@@ -83,7 +84,7 @@ def snmp_udp(lab: Lab, ns: str, family: int) -> dict[str, int]:
     text = lab.run(ns, ["cat", path]).stdout
     if family == socket.AF_INET:
         rows = [line.split() for line in text.splitlines() if line.startswith("Udp:")]
-        return dict(zip(rows[0][1:], map(int, rows[1][1:])))
+        return dict(zip(rows[0][1:], map(int, rows[1][1:]), strict=False))
     return {k[len("Udp6"):]: int(v) for k, v in (line.split() for line in text.splitlines()) if k.startswith("Udp6")}
 
 

@@ -18,12 +18,12 @@ import time
 import pytest
 from aioice import stun
 
-from manager.relay.config import DatapathConfig
-from manager.relay.kernel.datapath import Datapath
-from manager.lab.services import Services, running_lab
 from manager.lab.client import client_call
+from manager.lab.services import Services, running_lab
 from manager.lab.topology import NetnsExecutor
 from manager.protocol.ufrag import encode_ufrag
+from manager.relay.config import DatapathConfig
+from manager.relay.kernel.datapath import Datapath
 
 pytestmark = pytest.mark.netns
 

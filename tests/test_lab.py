@@ -1,4 +1,4 @@
-"""The namespace lab (manager/lab.py), checked independently with `ip -j`,
+"""The namespace lab (manager/lab/topology.py), checked independently with `ip -j`,
 `ethtool -k` and real packets rather than read back through pyroute2."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -86,7 +87,7 @@ def test_addresses(lab: Lab) -> None:
 
 def test_links_up_and_paired(lab: Lab) -> None:
     for ns, names in [(lab.relay_ns, {"pub0", "tx1", "tx2"}), *((n, {"eth0"}) for n in [lab.client_ns, *lab.transceiver_ns])]:
-        links = {l["ifname"]: l for l in ip_json(ns, "link", "show")}
+        links = {link["ifname"]: link for link in ip_json(ns, "link", "show")}
         assert set(links) == names | {"lo"}, ns
         assert "UP" in links["lo"]["flags"]
         for name in names:
@@ -244,7 +245,7 @@ def test_state_file_and_listing(lab: Lab) -> None:
     assert path.exists()
     assert Lab.from_json(path.read_text()) == lab
     assert labmod.load_lab(lab.prefix) == lab
-    assert lab.prefix in {l.prefix for l in labmod.list_labs()}
+    assert lab.prefix in {other.prefix for other in labmod.list_labs()}
     assert Lab.from_json(lab.to_json()) == lab
 
 

@@ -14,10 +14,10 @@ import urllib.request
 
 import pytest
 
-from manager.relay.control_client import ControlClient, ControlError
-from manager.lab.services import Services, running_lab
 from manager.lab.client import client_call
+from manager.lab.services import Services, running_lab
 from manager.lab.topology import NetnsExecutor
+from manager.relay.control_client import ControlClient, ControlError
 
 pytestmark = pytest.mark.netns
 

@@ -32,14 +32,14 @@ import pytest
 from click.testing import CliRunner
 
 from cli.relayctl import main
-from manager.relay.config import DatapathConfig, RelaydConfig, load_config
-from manager.relay.control_client import ControlClient, ControlError
-from manager.relay.kernel.datapath import Datapath
-from manager.lab.services import Services
 from manager.lab.client import client_call
+from manager.lab.services import Services
 from manager.lab.topology import NetnsExecutor
 from manager.lab.topology import lab as lab_ctx
 from manager.protocol.addresses import OwnerAddr
+from manager.relay.config import DatapathConfig, RelaydConfig, load_config
+from manager.relay.control_client import ControlClient, ControlError
+from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.structs import STAT_NAMES, flow_key
 
 pytestmark = pytest.mark.netns

@@ -14,12 +14,13 @@ import time
 
 import pytest
 
+from manager.lab.client import client_call
+from manager.lab.services import Services
+from manager.lab.topology import NetnsExecutor
+from manager.lab.topology import lab as lab_ctx
+from manager.protocol.addresses import OwnerAddr
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath
-from manager.lab.services import Services
-from manager.lab.client import client_call
-from manager.lab.topology import NetnsExecutor, lab as lab_ctx
-from manager.protocol.addresses import OwnerAddr
 from tests.test_datapath_netns import Receiver, paced_send
 
 pytestmark = pytest.mark.netns

@@ -15,10 +15,10 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
 from aiortc.sdp import SessionDescription
 
+from manager.protocol.ufrag import decode_ufrag
 from manager.relay.registry import Registry
 from manager.relay.signaling import make_app
 from manager.relay.transceiver_client import TransceiverClient
-from manager.protocol.ufrag import decode_ufrag
 
 KEY = b"k" * 32
 PUBLIC = [("203.0.113.7", 3478), ("2001:db8::7", 3478)]

@@ -1,4 +1,4 @@
-"""Holds manager/structs.py against the C structs, as bcc sees them in the
+"""Holds manager/relay/kernel/structs.py against the C structs, as bcc sees them in the
 compiled program: for every map, key and value must agree in size and in
 every field's name, offset and size (recursively)."""
 
@@ -67,7 +67,7 @@ def test_stat_names_cover_the_stats_map(bcc_tables):
 def test_every_struct_is_padded_explicitly():
     """No implicit holes: the sum of field sizes equals the struct size."""
     text = (BPF_DIR / "structs.h").read_text()
-    for name in re.findall(r"^struct (\w+) \{", text, re.M):
+    for _name in re.findall(r"^struct (\w+) \{", text, re.M):
         for _, (k, v) in MAP_TYPES.items():
             for t in (k, v):
                 if isinstance(t, type) and issubclass(t, ctypes.Structure):

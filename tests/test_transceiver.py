@@ -42,15 +42,11 @@ from manager.transceiver.agent import (
     CallEnded,
     EchoAgent,
 )
-from manager.transceiver.endpoint import (
-    CapacityExceeded,
-    DuplicateCall,
-    InvalidRequest,
-    RtpStreamState,
-    Transceiver,
-    UnknownCall,
-)
-from manager.transceiver.server import Registrar, create_app
+from manager.transceiver.control import create_app
+from manager.transceiver.errors import CapacityExceeded, DuplicateCall, InvalidRequest, UnknownCall
+from manager.transceiver.registrar import Registrar
+from manager.transceiver.rtp_streams import RtpStreamState
+from manager.transceiver.transceiver import Transceiver
 
 REPO = Path(__file__).resolve().parents[1]
 UFRAG_A = "AAAAbbbbCCCCddddEEEEffff"  # 24 chars, like the relay's hint-carrying ufrags
@@ -522,11 +518,11 @@ def test_unconnected_call_times_out_and_bad_input_is_rejected() -> None:
             with pytest.raises(InvalidRequest, match="SDP|media"):
                 await tx.create_call(1, UFRAG_A, "hello")
             no_bundle = "\r\n".join(
-                l for l in offer.splitlines() if not l.startswith("a=group:BUNDLE")
+                line for line in offer.splitlines() if not line.startswith("a=group:BUNDLE")
             )
             with pytest.raises(InvalidRequest, match="BUNDLE"):
                 await tx.create_call(1, UFRAG_A, no_bundle)
-            no_fp = "\r\n".join(l for l in offer.splitlines() if not l.startswith("a=fingerprint"))
+            no_fp = "\r\n".join(line for line in offer.splitlines() if not line.startswith("a=fingerprint"))
             with pytest.raises(InvalidRequest, match="fingerprint"):
                 await tx.create_call(1, UFRAG_A, no_fp)
             assert tx.calls() == []
@@ -674,7 +670,7 @@ def _free_port() -> int:
 
 def test_registration_heartbeat_and_reregistration(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
-        caplog.set_level(logging.INFO, logger="manager.transceiver.server")
+        caplog.set_level(logging.INFO, logger="manager.transceiver.registrar")
         relay = FakeRelay()
         port = _free_port()
         async with Transceiver(6, capacity=3, connect_timeout=20) as tx:
@@ -748,8 +744,6 @@ def test_cli_process_registers_and_stops_on_sigterm() -> None:
             "2",
             "--bind",
             "127.0.0.1",
-            "--hint-key-hex",
-            "00" * 32,
             cwd=REPO,
             stderr=subprocess.PIPE,
         )
@@ -782,7 +776,7 @@ def test_cli_process_registers_and_stops_on_sigterm() -> None:
         (["--id", "0"], "transceiver id"),
         (["--id", "1", "--bind", "0.0.0.0"], "unspecified"),
         (["--id", "1", "--listen", "nowhere"], "host:port"),
-        (["--id", "1", "--hint-key-hex", "zz"], "hex"),
+        (["--id", "1", "--capacity", "0"], "positive integer"),
     ],
 )
 def test_cli_rejects_bad_arguments(args: list[str], message: str) -> None:
@@ -819,7 +813,7 @@ def test_agent_track_is_paced_with_continuous_pts_and_echo_agent_echoes() -> Non
         for _ in range(8):
             track.push(frame)
         # 80 ms pushed; the resampler holds back a few ms for its filter.
-        assert 3 * 960 <= track.buffered_samples <= 4 * 960
+        assert 3 * 960 <= track.export_state()["buffered_samples"] <= 4 * 960
         start = time.monotonic()
         frames = [await track.recv() for _ in range(6)]
         elapsed = time.monotonic() - start

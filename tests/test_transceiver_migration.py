@@ -23,10 +23,12 @@ import pytest
 from aiohttp import ClientSession, web
 from aioice import stun
 
+from manager.protocol.callstate import RtpState, RtpStream, SrtpState
 from manager.protocol.sdp import strip_candidates
-from manager.transceiver.endpoint import Transceiver
-from manager.transceiver.migrated import WRAP_MARGIN, RtpStreamState, migration_blocker
-from manager.transceiver.server import Registrar, create_app
+from manager.transceiver.control import create_app
+from manager.transceiver.registrar import Registrar
+from manager.transceiver.rtp_streams import WRAP_MARGIN, RtpStreamState, migration_blocker
+from manager.transceiver.transceiver import Transceiver
 from tests.test_transceiver import (  # noqa: F401 - loopback_client is an autouse fixture
     UFRAG_A,
     UFRAG_B,
@@ -438,17 +440,20 @@ def test_failed_import_unfreeze_errors_and_imported_call_lifecycle() -> None:
 
 
 def test_migration_blocker_and_stream_state() -> None:
-    def state(tx: dict[str, Any], rx: dict[str, Any]) -> dict[str, Any]:
-        return {"srtp": {"profile": "p", "tx_key": "00"}, "rtp": {"tx": tx, "rx": rx}}
+    keys = SrtpState(profile="p", tx_key="00", rx_key="00", keying_material="00")
 
-    ok = RtpStreamState(ssrc=1, payload_type=111, seq=100, packets=5).to_dict()
-    assert migration_blocker(state({"1": ok}, {"2": ok})) is None
-    assert "no SRTP keys" in (migration_blocker({"srtp": {"profile": "p"}}) or "")
-    wrapped = dict(ok, roc=2)
-    assert "rollover counter of 2" in (migration_blocker(state({"1": ok}, {"2": wrapped})) or "")
-    near = dict(ok, seq=0xFFFF - WRAP_MARGIN + 1)
-    assert "about to wrap" in (migration_blocker(state({"1": near}, {})) or "")
-    st = RtpStreamState.from_dict(ok, "x")
+    def rtp(tx: dict[str, RtpStream], rx: dict[str, RtpStream]) -> RtpState:
+        return RtpState(tx=tx, rx=rx)
+
+    ok = RtpStreamState(ssrc=1, payload_type=111, seq=100, packets=5).to_model()
+    assert migration_blocker(keys, rtp({"1": ok}, {"2": ok})) is None
+    assert "no SRTP keys" in (migration_blocker(SrtpState(profile="p"), rtp({}, {})) or "")
+    assert "no SRTP keys" in (migration_blocker(None, rtp({}, {})) or "")
+    wrapped = ok.model_copy(update={"roc": 2})
+    assert "rollover counter of 2" in (migration_blocker(keys, rtp({"1": ok}, {"2": wrapped})) or "")
+    near = ok.model_copy(update={"seq": 0xFFFF - WRAP_MARGIN + 1})
+    assert "about to wrap" in (migration_blocker(keys, rtp({"1": near}, {})) or "")
+    st = RtpStreamState.from_model(ok)
     assert st.is_newer(101) and not st.is_newer(100) and not st.is_newer(99)
-    with pytest.raises(ValueError, match=r"x\.seq"):
-        RtpStreamState.from_dict(dict(ok, seq=70000), "x")
+    with pytest.raises(ValueError, match=r"seq"):
+        RtpStream(ssrc=1, payload_type=111, seq=70000)

@@ -77,7 +77,7 @@ def test_base64_alphabet_is_exactly_ice_chars() -> None:
     # Every 6-bit value maps to an ice-char and every ice-char is used.
     every_sextet = "".join(_b64(bytes([b0, b1, b2])) for b0, b1, b2 in _all_sextets())
     assert set(every_sextet) == ICE_CHARS
-    assert ICE_CHARS == set(string.ascii_letters + string.digits + "+/")
+    assert set(string.ascii_letters + string.digits + "+/") == ICE_CHARS
     assert RFC8445_UFRAG.fullmatch("".join(sorted(ICE_CHARS)))
 
 

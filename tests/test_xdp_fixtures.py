@@ -16,10 +16,25 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
-from manager.relay.kernel.datapath import OwnerAddr
 from manager.lab import xdp_harness as hx
-from manager.lab.xdp_harness import (CLIENT4, CLIENT6, INT4, INT6, MAC, NO_NEIGH4, TX1_4, TX1_6, TX2_4, VIP4, VIP6,
-                               VIP_PORT, XDP_DROP, XDP_PASS, XDP_REDIRECT)
+from manager.lab.xdp_harness import (
+    CLIENT4,
+    CLIENT6,
+    INT4,
+    INT6,
+    MAC,
+    NO_NEIGH4,
+    TX1_4,
+    TX1_6,
+    TX2_4,
+    VIP4,
+    VIP6,
+    VIP_PORT,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+)
+from manager.relay.kernel.datapath import OwnerAddr
 
 pytestmark = pytest.mark.netns
 

@@ -147,7 +147,7 @@ class Services:
         return self._spawn(f"tx{k}", ep.ns, [
             "-m", "manager.transceiver", "--id", str(k), "--listen", f"{ep.addr4}:8700",
             "--relay-url", f"http://{ep.relay_addr4}:8080", "--bind", ep.addr4, "--bind", ep.addr6,
-            "--capacity", str(self.capacity), "--hint-key-hex", self.hint_key,
+            "--capacity", str(self.capacity),
         ])
 
     def _check_alive(self) -> None:

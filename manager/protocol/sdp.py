@@ -91,7 +91,7 @@ def check_public_addrs(public: Sequence[tuple[str, int]]) -> list[tuple[str, int
             addr, port = item
             ip = ipaddress.ip_address(addr)
         except (TypeError, ValueError):
-            raise ValueError(f"public address {item!r} is not an (IP literal, port) pair")
+            raise ValueError(f"public address {item!r} is not an (IP literal, port) pair") from None
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise ValueError(f"public port {port!r} is not in 1..65535")
         out.append((ip.compressed, port, ip.version))

@@ -1,4 +1,4 @@
-"""``python -m manager.transceiver``: thin CLI over :func:`manager.transceiver.server.run`."""
+"""``python -m manager.transceiver``: thin CLI over :func:`manager.transceiver.service.run`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .server import TransceiverConfig, run
+from .service import TransceiverConfig, run
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -33,16 +33,6 @@ def parse_ip(value: str) -> str:
             f"{value} is unspecified; the ICE socket needs a concrete address"
         )
     return str(ip)
-
-
-def parse_hex_key(value: str) -> bytes:
-    try:
-        key = bytes.fromhex(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("hint key must be hex") from None
-    if len(key) < 16:
-        raise argparse.ArgumentTypeError("hint key must be at least 16 bytes (32 hex digits)")
-    return key
 
 
 def positive_int(value: str) -> int:
@@ -82,12 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--capacity", type=positive_int, default=100, help="maximum simultaneous calls")
     p.add_argument(
-        "--hint-key-hex",
-        type=parse_hex_key,
-        default=None,
-        help="routing-hint MAC key (hex; accepted, not used yet)",
-    )
-    p.add_argument(
         "--bind",
         type=parse_ip,
         action="append",
@@ -126,7 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         capacity=args.capacity,
         bind_addrs=args.bind or ["127.0.0.1"],
         ice_port=args.ice_port,
-        hint_key=args.hint_key_hex,
         control_url=args.control_url,
     )
     try:

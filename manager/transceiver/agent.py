@@ -86,10 +86,6 @@ class AgentAudioTrack(MediaStreamTrack):
             self._fifo.read(excess)
             self.dropped_samples += excess
 
-    @property
-    def buffered_samples(self) -> int:
-        return self._fifo.samples
-
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -296,7 +292,7 @@ class Agent(abc.ABC):
         """JSON-serialisable conversation state, for a live migration."""
         return {}
 
-    def import_state(self, state: dict[str, Any]) -> None:
+    def import_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional: a stateless agent has none
         """Restore what :meth:`export_state` produced, before :meth:`run` starts."""
 
 
@@ -348,7 +344,7 @@ class EchoAgent(Agent):
         self.messages_echoed = int(state.get("messages_echoed", 0))
 
 
-async def run_agent(agent: "Agent", session: "AgentSession", what: str) -> None:
+async def run_agent(agent: Agent, session: AgentSession, what: str) -> None:
     """Run an agent for a call. Its failure is not the call's: the client
     keeps the connection (hearing silence) until it or the control API ends it."""
     try:

@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from manager.relay.control_client import ControlClient
-from manager.lab.services import running_lab
 from manager.lab.client import client_call
+from manager.lab.services import running_lab
 from manager.lab.topology import NetnsExecutor
+from manager.relay.control_client import ControlClient
 
 
 async def _lost(pc) -> int:

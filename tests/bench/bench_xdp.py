@@ -37,11 +37,22 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from manager.lab import xdp_harness as hx
+from manager.lab.xdp_harness import (
+    CLIENT4,
+    INT4,
+    MAC,
+    TX1_4,
+    VERDICTS,
+    VIP4,
+    VIP_PORT,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_REDIRECT,
+)
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import OwnerAddr, ensure_kernel_headers, read_counters
 from manager.relay.kernel.structs import BPF_TESTING_DIR, FlowInfo, FlowKey, OwnerInfo, pack_addr4, vip_key
-from manager.lab import xdp_harness as hx
-from manager.lab.xdp_harness import CLIENT4, INT4, MAC, TX1_4, VERDICTS, VIP4, VIP_PORT, XDP_DROP, XDP_PASS, XDP_REDIRECT
 
 # --- what is measured ----------------------------------------------------------------
 
@@ -395,7 +406,7 @@ def measure(b: Bench, cases: list[Case], samples: int, flows: int) -> list[Measu
                 if after[k][0] != before[k][0]:
                     moved[i][k] = moved[i].get(k, 0) + after[k][0] - before[k][0]
     res = []
-    for c, mean, v, mv in zip(cases, means, verdicts, moved):
+    for c, mean, v, mv in zip(cases, means, verdicts, moved, strict=False):
         m = Measurement(case=c.case, program=c.program, flows=flows if c.program == "relay" else None,
                         repeat=c.repeat, calls=c.calls, ns=round(statistics.median(mean), 2),
                         samples=[round(x, 2) for x in mean], packets=c.repeat * c.calls * samples,
@@ -557,7 +568,7 @@ def summarize(by_flows: dict[int, list[Measurement]], plan: Plan) -> dict:
         redir = per_round("redirect only", "redirect_only", "ttl")
         fib = per_round("fib lookup + redirect", "fib_redirect", "ttl")
         excess = [a - b for a, b in zip(per_round("pass only", "pass_only", "one"),
-                                        per_round("pass only", "pass_only", "long"))]
+                                        per_round("pass only", "pass_only", "long"), strict=False)]
         one = per_round("hit → REDIRECT, one flow", "relay", "one")
         spread = per_round("hit → REDIRECT, random flows", "relay", "one")
 
@@ -565,12 +576,12 @@ def summarize(by_flows: dict[int, list[Measurement]], plan: Plan) -> dict:
             return round(statistics.median(xs), 2)
 
         out[flows] = {
-            "hit_over_redirect_only": med([h / r for h, r in zip(hit, redir)]),
-            "hit_minus_redirect_only_ns": med([h - r for h, r in zip(hit, redir)]),
-            "hit_minus_fib_redirect_ns": med([h - f for h, f in zip(hit, fib)]),
+            "hit_over_redirect_only": med([h / r for h, r in zip(hit, redir, strict=False)]),
+            "hit_minus_redirect_only_ns": med([h - r for h, r in zip(hit, redir, strict=False)]),
+            "hit_minus_fib_redirect_ns": med([h - f for h, f in zip(hit, fib, strict=False)]),
             "repeat1_excess_ns": med(excess),
-            "hit_one_flow_corrected_ns": med([h - e for h, e in zip(one, excess)]),
-            "hit_random_flows_corrected_ns": med([h - e for h, e in zip(spread, excess)]),
+            "hit_one_flow_corrected_ns": med([h - e for h, e in zip(one, excess, strict=False)]),
+            "hit_random_flows_corrected_ns": med([h - e for h, e in zip(spread, excess, strict=False)]),
         }
     return out
 

@@ -1,0 +1,59 @@
+"""What the transceiver does with a call, whatever kind it is: a call placed
+here (WebRtcCall, on aiortc) or a call imported by a migration
+(ImportedCall). The transceiver's call table holds CallHandles and never asks
+which kind it has."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from manager.protocol.callstate import CallState
+
+
+class CallHandle(abc.ABC):
+    """One live call on this transceiver."""
+
+    conn_id: int
+    ufrag: str
+    created_at: float
+    connected_at: float | None
+    ending: bool = False
+
+    @property
+    @abc.abstractmethod
+    def frozen_at(self) -> float | None:
+        """Wall clock of the migration freeze, None while sending."""
+
+    @abc.abstractmethod
+    def check_exportable(self) -> None:
+        """Raise CallStateConflict if the call cannot be exported now."""
+
+    @abc.abstractmethod
+    def export_state(self, transceiver_id: int, owner: dict[str, Any], *, include_secrets: bool) -> CallState:
+        """The call's state in the one schema (manager.protocol.callstate)."""
+
+    @abc.abstractmethod
+    def freeze(self) -> None:
+        """Stop sending media (keep receiving and answering ICE) for a migration."""
+
+    @abc.abstractmethod
+    def unfreeze(self) -> None:
+        """Resume sending after a failed migration (no-op when not frozen)."""
+
+    @abc.abstractmethod
+    def activate(self, by: str) -> None:
+        """The relay flipped ownership to us: start sending (imported calls);
+        CallStateConflict for a call that sends already."""
+
+    @abc.abstractmethod
+    async def close(self, *, quiet: bool) -> None:
+        """End the call; `quiet`: send the client nothing (it moved away)."""
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Live state for the control API, without secrets."""
+
+    def migration_info(self) -> dict[str, Any] | None:
+        """What /health shows of an imported call's migration, None for others."""
+        return None

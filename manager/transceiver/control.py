@@ -1,0 +1,161 @@
+"""The transceiver's control API (aiohttp), used by relayd.
+
+Routes (JSON bodies, errors as ``{"error": "..."}``):
+
+* ``POST /calls`` ``{"conn_id", "ufrag", "offer"}`` -> 201 ``{"answer", "owner"}``;
+  400 bad input, 409 duplicate conn_id/ufrag, 503 at capacity or stopping.
+* ``DELETE /calls/{conn_id}`` -> 204, 404 unknown.
+* ``GET /calls/{conn_id}`` -> call state and export summary, no secrets.
+* ``GET /calls`` -> ``{"calls": [conn_id, ...]}``.
+* ``GET /health`` -> ``{"id", "healthy", "capacity", "calls", ...}``.
+
+Live migration (docs/transceiver.md, "Migration"):
+
+* ``POST /calls/{conn_id}/export`` ``{"freeze": bool}`` -> 200 state with secrets;
+  404 unknown, 409 not connected or not migratable.
+* ``POST /calls/{conn_id}/unfreeze`` -> 204 (the call resumes sending here).
+* ``POST /calls/{conn_id}/release`` -> 204 (dropped quietly: it moved away).
+* ``POST /calls/import`` ``{"conn_id", "state"}`` -> 201 ``{"owner"}``;
+  400 bad state, 409 duplicate, 503 at capacity.
+* ``POST /calls/{conn_id}/activate`` -> 204 (an imported call starts sending);
+  409 for a call that was not imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from manager.protocol.api import ApiError, json_object
+
+from .errors import (
+    CallStateConflict,
+    CapacityExceeded,
+    DuplicateCall,
+    InvalidRequest,
+    TransceiverError,
+    UnknownCall,
+)
+from .transceiver import Transceiver
+
+TRANSCEIVER_KEY = web.AppKey("transceiver", Transceiver)
+#: Bodies are an SDP offer plus two small fields; browsers' offers are a few KiB.
+MAX_BODY = 256 * 1024
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _conn_id_from_path(request: web.Request) -> int:
+    raw = request.match_info["conn_id"]
+    try:
+        conn_id = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text='{"error": "conn_id must be an integer"}', content_type="application/json"
+        ) from None
+    return conn_id
+
+
+async def _json_body(request: web.Request, optional: bool = False) -> dict[str, Any]:
+    """The request's JSON object ({} for an empty optional body); ApiError(400) otherwise."""
+    return json_object(await request.read(), optional=optional)
+
+
+async def _post_call(request: web.Request) -> web.Response:
+    tx = request.app[TRANSCEIVER_KEY]
+    body = await _json_body(request)
+    missing = [k for k in ("conn_id", "ufrag", "offer") if k not in body]
+    if missing:
+        return _error(400, f"missing field(s): {', '.join(missing)}")
+    answer, owner = await tx.create_call(body["conn_id"], body["ufrag"], body["offer"])
+    return web.json_response({"answer": answer, "owner": owner}, status=201)
+
+
+async def _delete_call(request: web.Request) -> web.Response:
+    tx = request.app[TRANSCEIVER_KEY]
+    await tx.close_call(_conn_id_from_path(request))
+    return web.Response(status=204)
+
+
+async def _get_call(request: web.Request) -> web.Response:
+    tx = request.app[TRANSCEIVER_KEY]
+    return web.json_response(tx.call_info(_conn_id_from_path(request)))
+
+
+async def _export_call(request: web.Request) -> web.Response:
+    tx = request.app[TRANSCEIVER_KEY]
+    conn_id = _conn_id_from_path(request)
+    body = await _json_body(request, optional=True)
+    freeze = body.get("freeze", False)
+    if not isinstance(freeze, bool):
+        return _error(400, "freeze must be true or false")
+    return web.json_response(tx.export_call(conn_id, freeze=freeze))
+
+
+async def _unfreeze_call(request: web.Request) -> web.Response:
+    request.app[TRANSCEIVER_KEY].unfreeze_call(_conn_id_from_path(request))
+    return web.Response(status=204)
+
+
+async def _release_call(request: web.Request) -> web.Response:
+    await request.app[TRANSCEIVER_KEY].release_call(_conn_id_from_path(request))
+    return web.Response(status=204)
+
+
+async def _activate_call(request: web.Request) -> web.Response:
+    request.app[TRANSCEIVER_KEY].activate_call(_conn_id_from_path(request))
+    return web.Response(status=204)
+
+
+async def _import_call(request: web.Request) -> web.Response:
+    tx = request.app[TRANSCEIVER_KEY]
+    body = await _json_body(request)
+    missing = [k for k in ("conn_id", "state") if k not in body]
+    if missing:
+        return _error(400, f"missing field(s): {', '.join(missing)}")
+    owner = await tx.import_call(body["conn_id"], body["state"])
+    return web.json_response({"owner": owner}, status=201)
+
+
+async def _list_calls(request: web.Request) -> web.Response:
+    return web.json_response({"calls": request.app[TRANSCEIVER_KEY].calls()})
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response(request.app[TRANSCEIVER_KEY].health())
+
+
+# Each call-level error has one HTTP status, whichever request raised it.
+ERROR_STATUS: dict[type[TransceiverError], int] = {
+    InvalidRequest: 400, UnknownCall: 404, DuplicateCall: 409, CallStateConflict: 409, CapacityExceeded: 503,
+}
+
+
+@web.middleware
+async def _call_errors(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error(exc.status, str(exc))
+    except TransceiverError as exc:
+        status = next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 500)
+        return _error(status, str(exc))
+
+
+def create_app(transceiver: Transceiver) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_call_errors])
+    app[TRANSCEIVER_KEY] = transceiver
+    app.router.add_post("/calls", _post_call)
+    app.router.add_post("/calls/import", _import_call)
+    app.router.add_post("/calls/{conn_id}/export", _export_call)
+    app.router.add_post("/calls/{conn_id}/unfreeze", _unfreeze_call)
+    app.router.add_post("/calls/{conn_id}/release", _release_call)
+    app.router.add_post("/calls/{conn_id}/activate", _activate_call)
+    app.router.add_get("/calls", _list_calls)
+    app.router.add_get("/calls/{conn_id}", _get_call)
+    app.router.add_delete("/calls/{conn_id}", _delete_call)
+    app.router.add_get("/health", _health)
+    return app

@@ -1,0 +1,75 @@
+"""Per-SSRC RTP stream state, and which calls a fresh libsrtp session can take over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from manager.protocol.callstate import RtpState, RtpStream, SrtpState
+
+U32_MAX = 0xFFFFFFFF
+#: A call whose sequence number is this close to 65535 is not exported: the
+#: new owner's fresh libsrtp session would see the wrap as rollover counter 0
+#: (about 10 s of packets at 50 packets/s; a retry a little later succeeds).
+WRAP_MARGIN = 500
+
+
+@dataclass
+class RtpStreamState:
+    """What a new owner needs to continue (tx) or accept (rx) one SSRC's RTP stream."""
+
+    ssrc: int
+    payload_type: int
+    seq: int = 0  # highest sequence number seen
+    timestamp: int = 0  # RTP timestamp of that packet
+    roc: int = 0  # SRTP rollover counter (RFC 3711 3.3.1), counts seq wraps
+    packets: int = 0
+
+    def is_newer(self, seq: int) -> bool:
+        """Whether ``seq`` is after the highest one seen (modulo 2^16)."""
+        return self.packets == 0 or 0 < ((seq - self.seq) & 0xFFFF) < 0x8000
+
+    def update(self, seq: int, timestamp: int, payload_type: int) -> None:
+        if self.packets == 0:
+            self.seq, self.timestamp = seq, timestamp
+        elif self.is_newer(seq):  # else duplicate/reordered
+            if seq < self.seq:
+                self.roc = (self.roc + 1) & U32_MAX
+            self.seq, self.timestamp = seq, timestamp
+        self.payload_type = payload_type
+        self.packets += 1
+
+    def to_model(self) -> RtpStream:
+        return RtpStream(ssrc=self.ssrc, payload_type=self.payload_type, seq=self.seq,
+                         timestamp=self.timestamp, roc=self.roc, packets=self.packets)
+
+    @classmethod
+    def from_model(cls, m: RtpStream) -> RtpStreamState:
+        return cls(ssrc=m.ssrc, payload_type=m.payload_type, seq=m.seq, timestamp=m.timestamp,
+                   roc=m.roc, packets=m.packets)
+
+
+def migration_blocker(srtp: SrtpState | None, rtp: RtpState) -> str | None:
+    """Why an exported call cannot move to a fresh libsrtp session, or None.
+
+    pylibsrtp 1.0 has no call to set a stream's rollover counter: a new
+    owner's session starts every SSRC at ROC 0, which is right only while
+    the sequence numbers have not wrapped (and will not wrap before the new
+    owner's first packet).
+    """
+    if srtp is None or srtp.tx_key is None:
+        return "the call has no SRTP keys yet (DTLS not finished)"
+    for direction, streams in (("tx", rtp.tx), ("rx", rtp.rx)):
+        for ssrc, st in streams.items():
+            if st.roc > 0:
+                return (
+                    f"{direction} SSRC {ssrc} has an SRTP rollover counter of {st.roc} "
+                    "(its sequence number wrapped); pylibsrtp 1.0 cannot start a session "
+                    "at a rollover counter > 0, so this call cannot be migrated"
+                )
+            if st.packets and 0xFFFF - st.seq < WRAP_MARGIN:
+                return (
+                    f"{direction} SSRC {ssrc} sequence number {st.seq} is about to wrap "
+                    "(the new owner's SRTP session would get the rollover counter wrong); "
+                    "retry in a few seconds"
+                )
+    return None

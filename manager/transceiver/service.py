@@ -1,0 +1,94 @@
+"""A transceiver as a service: the control API, the registrar and the ICE
+sockets, run until a signal (the programmatic side of `python -m
+manager.transceiver`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .agent import AgentFactory, EchoAgent
+from .control import create_app
+from .imported_call import DEFAULT_CONSENT_TIMEOUT
+from .registrar import Registrar
+from .transceiver import DEFAULT_CONNECT_TIMEOUT, Transceiver
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TransceiverConfig:
+    """Everything :func:`run` needs; built explicitly by the CLI or a test."""
+
+    id: int
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8700
+    relay_url: str | None = None  # None: run without registering
+    capacity: int = 100
+    bind_addrs: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    ice_port: int = 0
+    control_url: str | None = None  # advertised URL; default from listen_host:port
+    heartbeat_interval: float = 1.0
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    consent_timeout: float = DEFAULT_CONSENT_TIMEOUT  # imported calls (migration)
+    agent_factory: AgentFactory = EchoAgent
+
+
+async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> None:
+    """Run a transceiver until SIGTERM/SIGINT (or ``stop`` is set), then stop gracefully."""
+    tx = Transceiver(
+        config.id,
+        capacity=config.capacity,
+        agent_factory=config.agent_factory,
+        bind_addrs=config.bind_addrs,
+        ice_port=config.ice_port,
+        connect_timeout=config.connect_timeout,
+        consent_timeout=config.consent_timeout,
+    )
+    await tx.start()
+    runner = web.AppRunner(create_app(tx), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen_host, config.listen_port)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await tx.stop()
+        raise OSError(
+            exc.errno, f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}"
+        ) from None
+    host, port = runner.addresses[0][:2]
+    control_url = config.control_url or (
+        f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    )
+    logger.info("transceiver %d control API on %s, ICE owner %s", config.id, control_url, tx.owner)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread: rely on `stop`
+
+    registrar: Registrar | None = None
+    if config.relay_url:
+        registrar = Registrar(tx, config.relay_url, control_url, interval=config.heartbeat_interval)
+        await registrar.start()
+    try:
+        await stop.wait()
+        logger.info("transceiver %d stopping", config.id)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        if registrar is not None:
+            await registrar.stop()
+        await tx.stop()
+        await runner.cleanup()

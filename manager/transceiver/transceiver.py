@@ -1,0 +1,380 @@
+"""The transceiver: owns every call's WebRTC state (ICE, DTLS, SRTP, lifecycle).
+
+The relay's signaling places a call here with :meth:`Transceiver.create_call`:
+the client's offer (candidates stripped), a connection id and the server-side
+ICE ufrag that carries the relay's routing hint. We answer with aiortc using
+exactly that ufrag (webrtc_call.py); a migration imports calls exported by
+another transceiver (imported_call.py). Both kinds are CallHandles: this
+module never asks which kind a call is.
+
+Port model: ONE UDP socket per bind address for all calls (ice_mux.py,
+docs/transceiver.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, Self
+
+from aioice.ice import validate_username
+from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc.rtcconfiguration import RTCBundlePolicy
+
+from manager.protocol.callstate import parse_call_state
+
+from .agent import AgentFactory, AgentSession, EchoAgent
+from .call_handle import CallHandle
+from .errors import CallStateConflict, CapacityExceeded, DuplicateCall, InvalidRequest, UnknownCall
+from .ice_mux import IceMux
+from .imported_call import DEFAULT_CONSENT_TIMEOUT, ImportedCall, ImportPlan
+from .rtp_streams import migration_blocker
+from .webrtc_call import WebRtcCall, strip_offer_candidates, validate_offer
+
+logger = logging.getLogger(__name__)
+
+#: A call that is not connected (ICE + DTLS) this long after its answer is dropped:
+#: aioice keeps waiting for candidates forever, as end-of-candidates never comes.
+DEFAULT_CONNECT_TIMEOUT = 30.0
+U32_MAX = 0xFFFFFFFF
+
+
+def _check_conn_id(conn_id: object) -> int:
+    # 0 is the relay registry's "no call": it never names one.
+    if isinstance(conn_id, bool) or not isinstance(conn_id, int) or not 1 <= conn_id <= U32_MAX:
+        raise InvalidRequest(f"conn_id must be an integer in 1..{U32_MAX}")
+    return conn_id
+
+
+class Transceiver:
+    """Programmatic transceiver: one aiortc RTCPeerConnection per call, one shared ICE port.
+
+    :param transceiver_id: id registered with the relay manager.
+    :param capacity: maximum number of simultaneous calls.
+    :param agent_factory: builds one :class:`Agent` per call.
+    :param bind_addrs: concrete IPv4 and/or IPv6 addresses for the shared ICE
+        socket(s); each becomes a host candidate of every call.
+    :param ice_port: UDP port for all those sockets (0: one ephemeral port,
+        the same for every family when possible).
+    :param connect_timeout: seconds a call may stay unconnected before it is dropped.
+    :param consent_timeout: seconds an imported call lives without a consent
+        check from the client (calls placed here use aioice's own consent logic).
+    """
+
+    def __init__(
+        self,
+        transceiver_id: int,
+        *,
+        capacity: int,
+        agent_factory: AgentFactory = EchoAgent,
+        bind_addrs: Sequence[str] = ("127.0.0.1",),
+        ice_port: int = 0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
+    ) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        if not bind_addrs:
+            raise ValueError("at least one bind address is needed for the ICE socket")
+        seen_families: set[int] = set()
+        for addr in bind_addrs:
+            try:
+                ip = ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(f"bind address {addr!r} is not an IP address") from None
+            if ip.is_unspecified:
+                # The bound address is advertised as the host candidate and
+                # reported to the relay as the owner address.
+                raise ValueError(f"bind address {addr} is unspecified; give a concrete address")
+            if ip.version in seen_families:
+                raise ValueError(f"more than one IPv{ip.version} bind address given")
+            seen_families.add(ip.version)
+        if not 0 <= ice_port <= 65535:
+            raise ValueError("ice_port must be in 0..65535")
+        self.id = transceiver_id
+        self.capacity = capacity
+        self.agent_factory = agent_factory
+        self.bind_addrs = list(bind_addrs)
+        self.ice_port = ice_port
+        self.connect_timeout = connect_timeout
+        self.consent_timeout = consent_timeout
+        #: Called with (conn_id, reason) when a call ends, whatever the cause.
+        self.on_call_ended: list[Callable[[int, str], None]] = []
+        self._muxes: list[IceMux] = []
+        self._calls: dict[int, CallHandle] = {}
+        self._reserved: set[int] = set()
+        self._ufrags: set[str] = set()
+        self._started = False
+        self._stopping = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the shared ICE socket(s). Idempotent."""
+        if self._started:
+            return
+        self._stopping = False
+        port = self.ice_port
+        try:
+            for addr in self.bind_addrs:
+                mux = IceMux(addr)
+                try:
+                    await mux.open(port)
+                except OSError as exc:
+                    if self.ice_port or exc.errno != errno.EADDRINUSE:
+                        raise
+                    await mux.open(0)  # our ephemeral v4 port is taken in v6: any port will do
+                self._muxes.append(mux)
+                port = port or mux.sockname[1]  # same port for the other family, if free
+        except OSError as exc:
+            for mux in self._muxes:
+                mux.close()
+            self._muxes.clear()
+            raise OSError(
+                exc.errno, f"cannot bind the ICE socket on {addr} port {port}: {exc.strerror}"
+            ) from None
+        self._started = True
+        logger.info("transceiver %d: ICE on %s", self.id, [m.sockname for m in self._muxes])
+
+    async def stop(self) -> None:
+        """End every call and close the ICE sockets."""
+        self._stopping = True
+        await asyncio.gather(
+            *(self._end_call(c, "transceiver stopping") for c in list(self._calls.values()))
+        )
+        for mux in self._muxes:
+            mux.close()
+        self._muxes.clear()
+        self._started = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- queries ----------------------------------------------------------------------
+
+    @property
+    def owner(self) -> dict[str, Any]:
+        """Where the relay sends every call's packets: the shared ICE socket(s)."""
+        owner: dict[str, Any] = {"addr4": None, "port4": 0, "addr6": None, "port6": 0}
+        for mux in self._muxes:
+            suffix = "4" if mux.family == 4 else "6"
+            owner["addr" + suffix], owner["port" + suffix] = mux.sockname
+        return owner
+
+    def calls(self) -> list[int]:
+        """Connection ids of the live calls (what the heartbeat reports)."""
+        return sorted(self._calls)
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            self._started
+            and not self._stopping
+            and all(m.transport is not None for m in self._muxes)
+        )
+
+    def health(self) -> dict[str, Any]:
+        demux: Counter[str] = Counter()
+        for mux in self._muxes:
+            demux.update(mux.stats)
+        calls = list(self._calls.values())
+        return {
+            "id": self.id,
+            "healthy": self.healthy,
+            "capacity": self.capacity,
+            "calls": len(self._calls),
+            "owner": self.owner,
+            "demux": dict(demux),
+            "migration": {
+                "frozen": sorted(c.conn_id for c in calls if c.frozen_at is not None),
+                "imported": {
+                    str(c.conn_id): info for c in calls if (info := c.migration_info()) is not None
+                },
+            },
+        }
+
+    def _get(self, conn_id: int) -> CallHandle:
+        call = self._calls.get(conn_id)
+        if call is None:
+            raise UnknownCall(f"no call with conn_id {conn_id}")
+        return call
+
+    def call_info(self, conn_id: int) -> dict[str, Any]:
+        """Live state of a call, without secrets."""
+        call = self._get(conn_id)
+        return {**call.info(), "export": self.export_call_state(conn_id, include_secrets=False)}
+
+    # -- calls ------------------------------------------------------------------------
+
+    async def create_call(self, conn_id: int, ufrag: str, offer_sdp: str) -> tuple[str, dict[str, Any]]:
+        """Answer ``offer_sdp`` as call ``conn_id`` with local ICE ufrag ``ufrag``.
+
+        Returns ``(answer_sdp, owner)``; raises :class:`InvalidRequest`,
+        :class:`DuplicateCall` or :class:`CapacityExceeded`.
+        """
+        _check_conn_id(conn_id)
+        if not isinstance(ufrag, str):
+            raise InvalidRequest("ufrag must be a string")
+        try:
+            validate_username(ufrag)  # aioice's own rule: 4..256 ice-chars
+        except ValueError:
+            raise InvalidRequest("ufrag must be 4 to 256 ICE characters [A-Za-z0-9+/]") from None
+        if not isinstance(offer_sdp, str) or not offer_sdp.strip():
+            raise InvalidRequest("offer must be a non-empty SDP string")
+        self._check_room(conn_id, ufrag)
+        offer_sdp, stripped = strip_offer_candidates(offer_sdp)
+        offer = validate_offer(offer_sdp)
+
+        # Reserve before the first await so concurrent duplicates are caught.
+        self._reserved.add(conn_id)
+        self._ufrags.add(ufrag)
+        pc: RTCPeerConnection | None = None
+        session: AgentSession | None = None
+        try:
+            await self.start()
+            session = AgentSession(conn_id)
+            # No STUN/TURN server: the only useful candidate is the host one on
+            # the shared socket, the relay advertises its public address.
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+            call = await WebRtcCall.negotiate(conn_id=conn_id, ufrag=ufrag, offer_sdp=offer_sdp, offer=offer,
+                                              pc=pc, session=session, agent=self.agent_factory(),
+                                              muxes=self._muxes)
+            call.candidates_stripped = stripped
+        except BaseException:
+            self._reserved.discard(conn_id)
+            self._ufrags.discard(ufrag)
+            if session is not None:
+                session.close()
+            if pc is not None:
+                await pc.close()
+            raise
+        self._reserved.discard(conn_id)
+        self._calls[conn_id] = call
+        call.start(connect_timeout=self.connect_timeout, on_end=self._end_call)
+        return call.answer_sdp, self.owner
+
+    def _check_room(self, conn_id: int, ufrag: str) -> None:
+        if self._stopping:
+            raise CapacityExceeded("transceiver is stopping")
+        if conn_id in self._calls or conn_id in self._reserved:
+            raise DuplicateCall(f"conn_id {conn_id} already has a call")
+        if ufrag in self._ufrags:
+            raise DuplicateCall(f"ufrag {ufrag!r} is already in use")
+        if len(self._calls) + len(self._reserved) >= self.capacity:
+            raise CapacityExceeded(f"at capacity ({self.capacity} calls)")
+
+    async def close_call(self, conn_id: int, reason: str = "closed by control API") -> None:
+        """Hang up call ``conn_id``; raises :class:`UnknownCall`. A placed call
+        sends the client a DTLS close_notify; an imported call has no DTLS
+        session, so it just stops (the client notices by consent or silence)."""
+        await self._end_call(self._get(conn_id), reason)
+
+    async def _end_call(self, call: CallHandle, reason: str, *, quiet: bool = False) -> None:
+        if call.ending:
+            return
+        call.ending = True
+        # Forget it first, so the heartbeat stops listing it right away.
+        self._calls.pop(call.conn_id, None)
+        self._ufrags.discard(call.ufrag)
+        await call.close(quiet=quiet)
+        logger.info("call %d ended: %s", call.conn_id, reason)
+        for callback in list(self.on_call_ended):
+            try:
+                callback(call.conn_id, reason)
+            except Exception:
+                logger.exception("on_call_ended callback failed")
+
+    # -- live migration ----------------------------------------------------------------
+
+    def export_call(self, conn_id: int, *, freeze: bool = False) -> dict[str, Any]:
+        """State for a new owner (with secrets); with ``freeze``, stop sending RTP/RTCP now.
+
+        A frozen call keeps receiving and answering ICE checks; its state
+        carries the last sequence number/timestamp sent and the freeze time.
+        Raises :class:`UnknownCall`, or :class:`CallStateConflict` when the
+        call is not connected or cannot be migrated (rtp_streams.migration_blocker).
+        """
+        call = self._get(conn_id)
+        call.check_exportable()
+        state = call.export_state(self.id, self.owner, include_secrets=True)
+        problem = migration_blocker(state.srtp, state.rtp)
+        if problem is not None:
+            raise CallStateConflict(f"call {conn_id} cannot be migrated: {problem}")
+        if freeze:
+            call.freeze()
+            logger.info("call %d frozen for migration", conn_id)
+        return self.export_call_state(conn_id)
+
+    def unfreeze_call(self, conn_id: int) -> None:
+        """Resume sending after a failed migration (no-op if not frozen)."""
+        self._get(conn_id).unfreeze()
+        logger.info("call %d unfrozen", conn_id)
+
+    async def release_call(self, conn_id: int) -> None:
+        """Drop a call that now belongs to another transceiver, sending nothing to the client."""
+        await self._end_call(self._get(conn_id), "released after migration", quiet=True)
+
+    async def import_call(self, conn_id: int, state: Any) -> dict[str, Any]:
+        """Take over a call exported by another transceiver; returns the owner address.
+
+        Afterwards the call answers the client's consent checks and decrypts
+        its media, but sends no media until :meth:`activate_call` or the first
+        authenticated packet from the client. Raises :class:`InvalidRequest`
+        (bad state), :class:`DuplicateCall` or :class:`CapacityExceeded`.
+        """
+        _check_conn_id(conn_id)
+        if self._stopping:
+            raise CapacityExceeded("transceiver is stopping")
+        await self.start()
+        if conn_id in self._calls or conn_id in self._reserved:
+            raise DuplicateCall(f"conn_id {conn_id} already has a call")
+        try:
+            plan = ImportPlan.from_state(parse_call_state(state))
+        except ValueError as exc:
+            raise InvalidRequest(f"state rejected: {exc}") from None
+        if plan.state.conn_id != conn_id:
+            raise InvalidRequest(f"state is for conn_id {plan.state.conn_id}, not {conn_id}")
+        self._check_room(conn_id, plan.ice.local_ufrag)
+
+        session = AgentSession(conn_id)
+        session.import_state(plan.state.agent.session)
+        agent = self.agent_factory()
+        try:
+            agent.import_state(plan.state.agent.state)
+        except Exception as exc:
+            session.close()
+            raise InvalidRequest(f"agent state rejected: {exc}") from None
+
+        async def consent_expired(c: ImportedCall) -> None:
+            await self._end_call(c, "ICE consent expired")
+
+        try:
+            call = ImportedCall(plan, session, agent, consent_timeout=self.consent_timeout,
+                                on_consent_expired=consent_expired)
+            call.attach(self._muxes)
+        except ValueError as exc:
+            session.close()
+            raise InvalidRequest(f"state rejected: {exc}") from None
+        self._calls[conn_id] = call
+        self._ufrags.add(call.ufrag)
+        call.start()
+        logger.info("call %d imported (from transceiver %s)", conn_id, plan.state.transceiver_id)
+        return self.owner
+
+    def activate_call(self, conn_id: int) -> None:
+        """The relay flipped ownership: an imported call starts sending (idempotent)."""
+        self._get(conn_id).activate("api")
+
+    def export_call_state(self, conn_id: int, *, include_secrets: bool = True) -> dict[str, Any]:
+        """JSON-serialisable state a new owner needs to take the call over
+        (manager.protocol.callstate); ``include_secrets=False`` leaves the
+        ICE passwords, exporter output and SRTP keys out."""
+        return self._get(conn_id).export_state(self.id, self.owner, include_secrets=include_secrets).to_json()

@@ -1,0 +1,101 @@
+"""Every private aiortc/aioice target the transceiver relies on
+(manager/transceiver/aiortc_hooks.py) still exists, with the kind and
+signature the hook expects, on the installed versions; and no other module
+of the transceiver reaches into a private attribute."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+from pathlib import Path
+
+import pytest
+from aiortc import RTCPeerConnection
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
+from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+
+from manager.transceiver import aiortc_hooks as hooks
+
+TRANSCEIVER_DIR = Path(hooks.__file__).parent
+
+
+def _live_objects() -> dict[type, object]:
+    """Real instances of every class a hook reaches into, as a call has them
+    (a peer connection with an audio transceiver, offer set locally)."""
+
+    async def build() -> dict[type, object]:
+        pc = RTCPeerConnection()
+        try:
+            t = pc.addTransceiver("audio")
+            await pc.setLocalDescription(await pc.createOffer())
+            dtls = t.sender.transport
+            gatherer = dtls.transport.iceGatherer
+            return {
+                RTCRtpTransceiver: t, RTCRtpSender: t.sender, RTCDtlsTransport: dtls,
+                RTCIceTransport: dtls.transport, RTCIceGatherer: gatherer,
+                hooks.Connection: hooks.ice_connection(gatherer),
+            }
+        finally:
+            await pc.close()
+
+    return asyncio.run(build())
+
+
+@pytest.fixture(scope="module")
+def live() -> dict[type, object]:
+    return _live_objects()
+
+
+@pytest.mark.parametrize("hook", hooks.HOOKS, ids=lambda h: f"{h.name}:{h.owner.__name__}.{h.attribute}")
+def test_hook_target_is_there(hook: hooks.Hook, live: dict[type, object]) -> None:
+    where = f"aiortc_hooks.{hook.name} relies on {hook.owner.__module__}.{hook.owner.__name__}.{hook.attribute}"
+    if hook.kind == "instance attribute":
+        obj = live[hook.owner]
+        assert hook.attribute in vars(obj), f"{where}, which a live instance no longer has"
+    else:
+        problem = hooks.check_method(hook)
+        assert problem is None, f"{where}: {problem}"
+
+
+def test_every_hook_function_has_its_targets_listed() -> None:
+    functions = {name for name, f in vars(hooks).items()
+                 if inspect.isfunction(f) and f.__module__ == hooks.__name__ and not name.startswith("_")}
+    listed = {h.name for h in hooks.HOOKS}
+    helpers = {"check_method", "srtp_session"}
+    assert listed <= functions, f"HOOKS names functions that do not exist: {listed - functions}"
+    assert functions - helpers <= listed, f"hook functions without a HOOKS entry: {functions - helpers - listed}"
+
+
+def test_srtp_policy_mirrors_aiortcs() -> None:
+    source = inspect.getsource(RTCDtlsTransport._setup_srtp)
+    assert f"window_size = {hooks.SRTP_WINDOW_SIZE}" in source, \
+        "aiortc's SRTP replay window changed: update aiortc_hooks.SRTP_WINDOW_SIZE"
+    assert f"allow_repeat_tx = {hooks.SRTP_ALLOW_REPEAT_TX}" in source, \
+        "aiortc's allow_repeat_tx changed: update aiortc_hooks.SRTP_ALLOW_REPEAT_TX"
+
+
+def test_check_method_names_what_changed() -> None:
+    class Moved:
+        def _send_rtp(self, data: bytes, extra: int) -> None: ...
+
+    gone = hooks.Hook("x", Moved, "_setup_srtp", "method")
+    assert hooks.check_method(gone) == "Moved._setup_srtp is gone"
+    not_async = hooks.Hook("x", Moved, "_send_rtp", "async method", ("data",))
+    assert hooks.check_method(not_async) == "Moved._send_rtp is no longer a coroutine function"
+    moved = hooks.Hook("x", Moved, "_send_rtp", "method", ("data",))
+    assert hooks.check_method(moved) == "Moved._send_rtp now takes ('data', 'extra'), not ('data',)"
+
+
+def test_no_private_access_outside_the_hooks() -> None:
+    found = []
+    for path in sorted(TRANSCEIVER_DIR.glob("*.py")):
+        if path.name == "aiortc_hooks.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "private attributes reached outside aiortc_hooks.py:\n" + "\n".join(found)
