@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import socket
@@ -36,6 +35,7 @@ from aiohttp import web
 from prometheus_client import Histogram
 
 from manager.protocol.addresses import fmt_ep
+from manager.protocol.api import ApiError, json_object
 from manager.relay.config import RelaydConfig
 from manager.relay.control_client import fastpath_view
 from manager.relay.kernel import libbpf
@@ -85,6 +85,8 @@ async def _errors(request: web.Request, handler):
     # The control API never answers with a traceback: one line, logged here.
     try:
         return await handler(request)
+    except ApiError as exc:
+        return _error(exc.status, str(exc))
     except web.HTTPException as exc:
         if exc.status >= 400:
             return _error(exc.status, exc.reason)
@@ -253,13 +255,9 @@ async def get_stats(request: web.Request) -> web.Response:
 async def post_expire(request: web.Request) -> web.Response:
     deps = _deps(request)
     idle_s: float | None = None
-    raw = await request.read()
-    if raw.strip():
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return _error(400, "body is not JSON")
-        if not isinstance(body, dict) or set(body) - {"idle_s"}:
+    body = json_object(await request.read(), optional=True)
+    if body:
+        if set(body) - {"idle_s"}:
             return _error(400, 'body must be {"idle_s": seconds} or empty')
         idle_s = body.get("idle_s")
         if idle_s is not None and (isinstance(idle_s, bool) or not isinstance(idle_s, (int, float)) or idle_s < 0):
@@ -310,21 +308,9 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.json_response({"ended": call.to_dict(), "transceiver_warning": warning})
 
 
-async def _json_object(request: web.Request) -> dict:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(reason="body is not JSON") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(reason="body must be a JSON object")
-    return body
-
-
 async def post_migrate(request: web.Request) -> web.Response:
     deps = _deps(request)
-    body = await _json_object(request)
+    body = json_object(await request.read(), optional=True)
     target = body.get("to")
     if isinstance(target, bool) or not isinstance(target, int):
         return _error(400, "'to' must be a transceiver id (integer)")
