@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from manager.pki import PkiError
 from manager.relay.config import ConfigError, load_config
 from manager.relay.kernel.datapath import DatapathError
 
@@ -34,7 +35,7 @@ def main(config_path: str | None, detach_on_exit: bool | None, log_level: str) -
 
     try:
         asyncio.run(run(cfg))
-    except (DatapathError, OSError) as exc:
+    except (DatapathError, PkiError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         sys.exit(130)

@@ -137,6 +137,37 @@ def check_private(path: Path) -> None:
         raise PkiError(f"{path}: mode {mode:04o} lets others read a secret; chmod 600 it")
 
 
+def read_secret_file(path: Path) -> bytes:
+    """A secret's file: it must exist and be readable by its owner only."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ValueError(f"{path}: mode {st.st_mode & 0o777:04o} lets others read a secret; chmod 600 it")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def read_hint_key(path: Path | None, environ: dict[str, str]) -> bytes:
+    """The routing-hint key (hex) from a 0600 file, or from SPLITRELAY_HINT_KEY."""
+    if path is not None:
+        text = read_secret_file(Path(path)).decode("ascii", "replace").strip()
+    elif environ.get("SPLITRELAY_HINT_KEY"):
+        text = environ["SPLITRELAY_HINT_KEY"].strip()
+    else:
+        raise ValueError("no routing-hint key: give --hint-key-file (mode 0600) or SPLITRELAY_HINT_KEY")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("the routing-hint key must be hex") from None
+    if len(key) < 16:
+        raise ValueError("the routing-hint key must be at least 16 bytes (32 hex digits)")
+    return key
+
+
 @dataclass(frozen=True)
 class Paths:
     """The files of one identity in a PKI directory."""

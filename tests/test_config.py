@@ -21,9 +21,10 @@ internal_addr4 = "10.10.0.1"
 """
 
 
-def write(tmp_path: Path, text: str, name: str = "relayd.toml") -> Path:
+def write(tmp_path: Path, text: str, name: str = "relayd.toml", mode: int = 0o600) -> Path:
     p = tmp_path / name
     p.write_text(text)
+    p.chmod(mode)  # it holds a key
     return p
 
 
@@ -73,8 +74,10 @@ def test_invalid_values_name_field_value_reason(tmp_path, override, expected):
 
 
 def test_missing_and_unreadable(tmp_path):
-    with pytest.raises(ConfigError, match="hint_key: required field is missing"):
-        load_config(write(tmp_path, "[datapath]\n"), environ={})
+    with pytest.raises(ConfigError, match="datapath: required field is missing"):
+        load_config(write(tmp_path, 'hint_key = "00112233445566778899aabbccddeeff"\n'), environ={})
+    with pytest.raises(ConfigError, match="give the routing-hint key as hint_key_file"):
+        load_config(write(tmp_path, GOOD.replace('hint_key = "00112233445566778899aabbccddeeff"', "")), environ={})
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.toml", environ={})
     with pytest.raises(ConfigError, match="not valid TOML"):
@@ -88,3 +91,46 @@ def test_relayd_rejects_bad_config_in_one_message(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "datapath.vips.0.port: 0: Input should be greater than or equal to 1" in proc.stderr
+
+
+# -- keys and secrets ----------------------------------------------------------------
+
+
+def test_the_example_key_is_refused(tmp_path):
+    example = (Path(__file__).resolve().parents[1] / "docs" / "relayd.example.toml").read_text()
+    key = next(line.split('"')[1] for line in example.splitlines() if line.startswith("#   hint_key ="))
+    with pytest.raises(ConfigError, match="is the example key from docs/relayd.example.toml"):
+        load_config(write(tmp_path, GOOD), environ={"SPLITRELAY__HINT_KEY": key})
+    with pytest.raises(ConfigError, match="is the example key"):
+        load_config(write(tmp_path, GOOD), environ={"SPLITRELAY__HINT_KEY": key.upper()})
+
+
+def test_a_readable_config_holding_the_key_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"holds hint_key but its mode 0644 lets others read it"):
+        load_config(write(tmp_path, GOOD, mode=0o644), environ={})
+
+
+def test_hint_key_file(tmp_path):
+    key = tmp_path / "hint.key"
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)
+    text = GOOD.replace('hint_key = "00112233445566778899aabbccddeeff"', f'hint_key_file = "{key}"')
+    cfg = load_config(write(tmp_path, text, mode=0o644), environ={})  # no secret in the config itself
+    assert cfg.hint_key_bytes == bytes.fromhex("ab" * 32)
+    key.chmod(0o640)
+    with pytest.raises(ConfigError, match=r"hint.key: mode 0640 lets others read a secret; chmod 600 it"):
+        load_config(write(tmp_path, text), environ={})
+    key.chmod(0o600)
+    with pytest.raises(ConfigError, match="exactly one of them"):
+        load_config(write(tmp_path, text), environ={"SPLITRELAY__HINT_KEY": "cd" * 32})
+
+
+def test_metrics_default_to_the_internal_address(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), environ={"SPLITRELAY__INTERNAL__HOST": "10.1.2.3"})
+    assert cfg.metrics_host == "10.1.2.3"
+    assert cfg.internal.allows("10.9.9.9") and not cfg.internal.allows("8.8.8.8")
+
+
+def test_client_auth_needs_its_key_file(tmp_path):
+    with pytest.raises(ConfigError, match="token_key_file: needed with mode = 'tokens'"):
+        load_config(write(tmp_path, GOOD), environ={"SPLITRELAY__CLIENT_AUTH__MODE": "tokens"})

@@ -107,7 +107,7 @@ def test_two_concurrent_calls_share_the_port(env):
         placed.append(svc_calls())
 
     def svc_calls():
-        return {c["call_id"]: c["transceiver_id"] for c in svc.api("/v1/calls")["calls"]}
+        return {c["call_id"]: c["transceiver_id"] for c in svc.calls()}
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futs = [pool.submit(call_in_client, lab, duration=3.0, messages=5, on_connected=note_call) for _ in range(2)]

@@ -10,7 +10,6 @@ import json
 import secrets
 import signal
 import time
-import urllib.request
 
 import pytest
 
@@ -30,21 +29,12 @@ def env(tmp_path_factory):
 
 def call_of(svc: Services, rep) -> dict:
     call_id = rep.call_url.rsplit("/", 1)[1]
-    return next(c for c in svc.api("/v1/calls")["calls"] if c["call_id"] == call_id)
+    return next(c for c in svc.calls() if c["call_id"] == call_id)
 
 
-def transceiver_call(lab, k: int, conn_id: int) -> dict | None:
-    """A transceiver's own view of a call (its migration counters)."""
-    ep = lab.transceivers[k - 1]
-
-    def get():
-        try:
-            with urllib.request.urlopen(f"http://{ep.addr4}:8700/calls/{conn_id}", timeout=2) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError:
-            return None
-    with NetnsExecutor(lab.relay_ns) as ex:
-        return ex.call(get)
+def transceiver_call(svc, k: int, conn_id: int) -> dict | None:
+    """A transceiver's own view of a call (its migration counters), over mutual TLS as relayd."""
+    return svc.transceiver_api(k, f"/calls/{conn_id}")
 
 
 def run_call(lab, **kw):
@@ -78,7 +68,7 @@ def test_migrate_live_call(env):
 
     rep = run_call(lab, duration=6.0, messages=6, on_connected=migrate)
     res = result["res"]
-    moved = transceiver_call(lab, result["to"], result["conn_id"])  # gone after hang-up: None is fine
+    moved = transceiver_call(svc, result["to"], result["conn_id"])  # gone after hang-up: None is fine
     print(f"\nmigration {result['from']}→{result['to']}: flip {res['flip_s'] * 1000:.1f} ms, first packet from the "
           f"new owner after {res['switch_s'] * 1000:.1f} ms; client lost {rep.rtp_packets_lost} packets, "
           f"{rep.frames_after['switch']} audio frames after the switch")
@@ -116,7 +106,7 @@ def test_drain_moves_every_call(env):
         assert_untouched(rep)
         assert rep.rtp_packets_lost <= 1
         assert rep.tone_ratio_after["drain"] > 50
-    ts = {t["id"]: t for t in svc.api("/v1/transceivers")["transceivers"]}
+    ts = {t["id"]: t for t in svc.transceivers()}
     assert ts[1]["draining"] is True
     ctl.request("POST", "/transceivers/1/undrain", {})
 
@@ -158,7 +148,7 @@ def test_migration_to_unhealthy_target_is_refused(env):
         try:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                ts = {t["id"]: t for t in (await asyncio.to_thread(svc.api, "/v1/transceivers"))["transceivers"]}
+                ts = {t["id"]: t for t in (await asyncio.to_thread(svc.transceivers))}
                 if not ts[target]["healthy"]:
                     break
                 await asyncio.sleep(0.2)

@@ -226,7 +226,7 @@ def test_call_lifecycle(reg: Registry) -> None:
     reg.register_transceiver(1, "http://a:1", 10)
     call = _call(reg, 1, owner=None)
     assert call.state == "placing" and call.owner is None
-    assert len(call.call_id) == 16 and int(call.call_id, 16) >= 0
+    assert len(call.call_id) == 32 and int(call.call_id, 16) >= 0  # 128 random bits
     assert reg.get_call(call.conn_id) is call
     assert reg.get_call_by_id(call.call_id) is call
     reg.activate(call.conn_id, OWNER_A)

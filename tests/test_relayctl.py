@@ -186,7 +186,7 @@ def live(env):
     lab, svc, dp = env
     with held_call(lab) as rep:
         call_id = rep.call_url.rsplit("/", 1)[1]
-        call = svc.api(f"/v1/calls/{call_id}")
+        call = svc.call(call_id)
         wait_for(lambda: any(f.conn_id == call["conn_id"] and f.packets_in > 5 and f.packets_out > 5
                              for f in dp.flows()), what="media on the call's kernel flow")
         yield call_id, call["conn_id"], call["transceiver_id"]
@@ -211,8 +211,15 @@ def _model_paths(model: type, prefix: str = "") -> set[str]:
     return out
 
 
-def test_example_config_loads_and_sets_every_field():
-    path = DOCS / "relayd.example.toml"
+def test_example_config_loads_and_sets_every_field(tmp_path):
+    # The files it names, as an operator makes them (mode 0600).
+    example = (DOCS / "relayd.example.toml").read_text()
+    for name, text in (("hint.key", "ab" * 32), ("api-keys", "k1\n"), ("token.key", "cd" * 32)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o600)
+        example = example.replace(f"/etc/splitrelay/{name}", str(tmp_path / name))
+    path = tmp_path / "relayd.toml"
+    path.write_text(example)
     cfg = load_config(path, environ={})
     assert cfg.datapath.vips and cfg.detach_on_exit is False
     data = tomllib.loads(path.read_text())
@@ -226,7 +233,9 @@ def test_example_config_loads_and_sets_every_field():
                 present.add(prefix + k)
 
     walk(data)
-    assert _model_paths(RelaydConfig) - present == set(), "fields the example does not document"
+    # hint_key is the alternative to hint_key_file (exactly one is given), in a comment.
+    assert _model_paths(RelaydConfig) - present == {"hint_key"}, "fields the example does not document"
+    assert "#   hint_key = " in example
     # Each setting is explained by a comment right above it (or its block).
     lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
@@ -293,7 +302,7 @@ def test_status_matches_ip_link_and_config(env, live):
         assert i["prog_id"] == link["xdp"]["prog"]["id"] and i["attached"]
         assert i["xdp_mode"] == {1: "native", 2: "generic"}[link["xdp"]["mode"]]
     c = st["counts"]
-    assert c["calls"] == len(svc.api("/v1/calls")["calls"]) >= 1
+    assert c["calls"] == len(svc.calls()) >= 1
     assert c["flows"] == len(dp.flows()) >= 1
     assert c["transceivers"] == c["transceivers_healthy"] == 2
     # The control socket is root's only.
@@ -306,7 +315,7 @@ def test_sessions_match_signaling_and_kernel(env, live):
     data = ok_json(invoke(*cfg_args(svc), "sessions", "--json"))
     s = {x["call_id"]: x for x in data["sessions"]}[call_id]
     assert s["conn_id"] == conn_id and s["transceiver"] == tx and s["state"] == "active"
-    assert s["owner"] == svc.api(f"/v1/calls/{call_id}")["owner"]
+    assert s["owner"] == svc.call(call_id)["owner"]
     kernel = {(fmt(*f.client), fmt(*f.vip)): f for f in dp.flows() if f.conn_id == conn_id}
     installed = [leg for leg in s["legs"] if leg["installed"]]
     assert {(leg["client"], leg["vip"]) for leg in installed} == set(kernel)
@@ -401,14 +410,14 @@ def test_end_session_and_unknown_session(env):
     lab, svc, dp = env
     with held_call(lab) as rep:
         call_id = rep.call_url.rsplit("/", 1)[1]
-        conn_id = svc.api(f"/v1/calls/{call_id}")["conn_id"]
+        conn_id = svc.call(call_id)["conn_id"]
         wait_for(lambda: any(f.conn_id == conn_id for f in dp.flows()), what="the call's kernel flow")
         data = ok_json(invoke(*cfg_args(svc), "end", call_id, "--json"))
         assert data["ended"]["call_id"] == call_id and data["ended"]["ended_reason"] == "operator"
         # Kernel entries go with the call; the signaling API forgets it.
         assert not any(f.conn_id == conn_id for f in dp.flows())
         assert dp.get_owner(conn_id) is None
-        assert call_id not in {c["call_id"] for c in svc.api("/v1/calls")["calls"]}
+        assert call_id not in {c["call_id"] for c in svc.calls()}
         res = relayctl(*cfg_args(svc), "end", call_id)
         assert_one_line_error(res, "unknown session", call_id)
 
@@ -470,6 +479,7 @@ def test_lab_up_survives_the_cli_then_down_leaves_nothing():
         info = json.loads(res.stdout)
         assert info["prefix"] == prefix and info["namespaces"]["client"] == f"{prefix}-client"
         assert info["signaling_url"].startswith("http://10.10.1.1:")
+        assert info["client_token"] is None  # the lab's default: client auth off
         present = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout
         assert {n["name"] for n in json.loads(present or "[]")} >= {f"{prefix}-{r}" for r in ("client", "relay", "tx1")}
         # The CLI has exited; its services still run and answer.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,9 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
 from aiortc.sdp import SessionDescription
 
+from manager import pki
 from manager.protocol.ufrag import decode_ufrag
+from manager.relay.registration import make_internal_app
 from manager.relay.registry import Registry
 from manager.relay.signaling import make_app
 from manager.relay.transceiver_client import TransceiverClient
@@ -92,6 +95,8 @@ class FakeTransceiver:
         owner = {"addr4": "127.0.0.1", "port4": 40000 + self.tid, "addr6": None, "port6": 0}
         if self.mode == "bad-owner":
             owner = {"addr4": "not-an-ip", "port4": 1}
+        if self.mode == "outside-owner":  # a public host: the relay would send media anywhere
+            owner = {"addr4": "8.8.8.8", "port4": 3478, "addr6": None, "port6": 0}
         return web.json_response({"answer": answer, "owner": owner}, status=201)
 
     async def _delete(self, request: web.Request) -> web.Response:
@@ -104,10 +109,15 @@ class FakeTransceiver:
         return web.Response(status=204)
 
 
+def _claimed(request) -> pki.Identity:
+    return pki.Identity("transceiver", int(request.match_info.get("id") or request.headers.get("X-Test-Transceiver", 1)))
+
+
 @dataclass
 class Env:
     registry: Registry
     http: TestClient
+    internal: TestClient
     fakes: list[FakeTransceiver]
     ended: list[tuple[int, str]] = field(default_factory=list)
     pcs: list[RTCPeerConnection] = field(default_factory=list)
@@ -133,23 +143,29 @@ async def relay(
     capacity: int = 10,
     clock: Callable[[], float] | None = None,
     timeout: float = 5.0,
+    **app_options,
 ) -> AsyncIterator[Env]:
     # The stand-ins register once and never heartbeat: on the real clock,
     # expiry must not depend on how long a loaded machine takes (tests of
     # expiry pass a fake clock and keep the 3 s default).
     registry = Registry(report_grace=0.0, **({"clock": clock} if clock else {"heartbeat_timeout": 3600.0}))
     client = TransceiverClient(timeout=timeout)
-    app = make_app(registry, hint_key=KEY, public_addrs=PUBLIC, transceiver_client=client)
+    app = make_app(registry, hint_key=KEY, public_addrs=PUBLIC, transceiver_client=client, **app_options)
     http = TestClient(TestServer(app))
     await http.start_server()
-    env = Env(registry, http, [FakeTransceiver(i + 1) for i in range(transceivers)])
+    # The internal listener's identity comes from TLS client certificates
+    # (tests/test_security.py); here the caller is whoever it says it is.
+    internal = TestClient(TestServer(make_internal_app(registry, allows=lambda addr: True, identify=_claimed)))
+    await internal.start_server()
+    env = Env(registry, http, internal, [FakeTransceiver(i + 1) for i in range(transceivers)])
     registry.on_call_ended(lambda call, reason: env.ended.append((call.conn_id, reason)))
     try:
         for fake in env.fakes:
             await fake.start()
-            resp = await http.post(
+            resp = await internal.post(
                 "/v1/transceivers",
                 json={"id": fake.tid, "control_url": fake.url, "capacity": capacity},
+                headers={"X-Test-Transceiver": str(fake.tid)},
             )
             assert resp.status == 201, await resp.text()
         yield env
@@ -159,6 +175,7 @@ async def relay(
         for fake in env.fakes:
             await fake.close()
         await http.close()
+        await internal.close()
         await client.close()
 
 
@@ -189,7 +206,7 @@ def test_place_call_end_to_end() -> None:
             assert resp.status == 201, answer
             assert resp.content_type == "application/sdp"
             call_id = resp.headers["Location"].removeprefix("/v1/calls/")
-            assert re.fullmatch(r"[0-9a-f]{16}", call_id)
+            assert re.fullmatch(r"[0-9a-f]{32}", call_id)  # 128 random bits
 
             # What the transceiver was asked: no client candidates, a valid hint.
             (request,) = env.fakes[0].created
@@ -215,14 +232,12 @@ def test_place_call_end_to_end() -> None:
             assert call.client_ufrag == SessionDescription.parse(offer).media[0].ice.usernameFragment
             assert call.server_ufrag == request["ufrag"]
 
-            resp = await env.http.get(f"/v1/calls/{call_id}")
-            assert resp.status == 200
-            assert await resp.json() == call.to_dict()
-            resp = await env.http.get("/v1/calls")
-            assert [c["call_id"] for c in (await resp.json())["calls"]] == [call_id]
-            resp = await env.http.get("/v1/transceivers")
-            (t,) = (await resp.json())["transceivers"]
-            assert (t["id"], t["calls"], t["healthy"]) == (1, 1, True)
+            # The public listener lists nothing.
+            for path in (f"/v1/calls/{call_id}", "/v1/calls", "/v1/transceivers"):
+                resp = await env.http.get(path)
+                assert resp.status in (404, 405), path
+            (t,) = env.registry.transceivers()
+            assert (t.id, t.calls, t.healthy) == (1, 1, True)
 
     run(scenario)
 
@@ -344,9 +359,8 @@ def test_heartbeat_expiry_503_and_recovery() -> None:
             assert await _error(resp, 503) == (
                 "no transceiver available: no healthy transceiver (1 registered)"
             )
-            resp = await env.http.get("/v1/transceivers")
-            assert (await resp.json())["transceivers"][0]["healthy"] is False
-            resp = await env.http.put("/v1/transceivers/1/heartbeat", json={"healthy": True, "calls": []})
+            assert env.registry.transceivers()[0].healthy is False
+            resp = await env.internal.put("/v1/transceivers/1/heartbeat", json={"healthy": True, "calls": []})
             assert resp.status == 204
             _, resp = await env.place()
             assert resp.status == 201, await resp.text()
@@ -357,7 +371,7 @@ def test_heartbeat_expiry_503_and_recovery() -> None:
 def test_reported_unhealthy_503() -> None:
     async def scenario() -> None:
         async with relay(transceivers=1) as env:
-            resp = await env.http.put("/v1/transceivers/1/heartbeat", json={"healthy": False})
+            resp = await env.internal.put("/v1/transceivers/1/heartbeat", json={"healthy": False})
             assert resp.status == 204
             _, resp = await env.place()
             await _error(resp, 503)
@@ -379,13 +393,18 @@ def test_reported_unhealthy_503() -> None:
         ("bad-answer", r"transceiver 1 failed: invalid answer: media section 0 \(audio\) a=setup must be one of active/passive in an answer", True),
     ],
 )
-def test_transceiver_failure_502(mode: str, message: str, cleaned_up: bool) -> None:
+def test_transceiver_failure_502(mode: str, message: str, cleaned_up: bool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="manager.relay.signaling")
+
     async def scenario() -> None:
         async with relay(transceivers=1, timeout=2.0) as env:
             fake = env.fakes[0]
             fake.mode = mode
             _, resp = await env.place()
-            assert re.fullmatch(message, await _error(resp, 502))
+            # The client learns no internal address; the log says what happened.
+            assert await _error(resp, 502) == "transceiver 1 failed to answer the offer"
+            detail = message.removeprefix("transceiver 1 failed: ")
+            assert any(re.search(detail, r.getMessage()) for r in caplog.records), caplog.text
             (request,) = fake.created
             # The call is gone and its slot is free again.
             assert env.registry.calls() == []
@@ -409,7 +428,7 @@ def test_transceiver_unreachable_502() -> None:
             await env.fakes[0].server.close()
             _, resp = await env.place()
             text = await _error(resp, 502)
-            assert re.fullmatch(r"transceiver 1 failed: POST http://127\.0\.0\.1:\d+/calls failed: .+", text)
+            assert text == "transceiver 1 failed to answer the offer" and "127.0.0.1" not in text
             assert env.registry.calls() == []
 
     run(scenario)
@@ -433,8 +452,7 @@ def test_delete_propagates_to_transceiver() -> None:
             assert fake.pcs == {}
             assert env.ended == [(call.conn_id, "client-hangup")]
             assert env.registry.get_transceiver(call.transceiver_id).calls == 0
-            resp = await env.http.get(location)
-            assert await _error(resp, 404) == "unknown call"
+            assert env.registry.get_call_by_id(location.split("/")[-1]) is None
 
             resp = await env.http.delete(location)
             assert await _error(resp, 404) == "unknown call"
@@ -477,9 +495,9 @@ def test_register_rejections(body, status: int, message: str) -> None:
     async def scenario() -> None:
         async with relay(transceivers=0) as env:
             if isinstance(body, str):
-                resp = await env.http.post("/v1/transceivers", data=body, headers={"Content-Type": "application/json"})
+                resp = await env.internal.post("/v1/transceivers", data=body, headers={"Content-Type": "application/json"})
             else:
-                resp = await env.http.post("/v1/transceivers", json=body)
+                resp = await env.internal.post("/v1/transceivers", json=body)
             assert (await _error(resp, status)).startswith(message)
             assert env.registry.transceivers() == []
 
@@ -489,7 +507,7 @@ def test_register_rejections(body, status: int, message: str) -> None:
 def test_register_wrong_content_type_415() -> None:
     async def scenario() -> None:
         async with relay(transceivers=0) as env:
-            resp = await env.http.post("/v1/transceivers", data='{"id": 1}', headers={"Content-Type": "text/plain"})
+            resp = await env.internal.post("/v1/transceivers", data='{"id": 1}', headers={"Content-Type": "text/plain"})
             assert await _error(resp, 415) == "Content-Type must be application/json"
 
     run(scenario)
@@ -499,11 +517,12 @@ def test_register_reply_and_reregistration() -> None:
     async def scenario() -> None:
         async with relay(transceivers=0) as env:
             body = {"id": 7, "control_url": "http://10.0.0.9:8080", "capacity": 3}
-            resp = await env.http.post("/v1/transceivers", json=body)
+            seven = {"X-Test-Transceiver": "7"}
+            resp = await env.internal.post("/v1/transceivers", json=body, headers=seven)
             assert resp.status == 201
             assert resp.headers["Location"] == "/v1/transceivers/7"
             assert await resp.json() == {**body, "calls": 0, "healthy": True, "draining": False}
-            resp = await env.http.post("/v1/transceivers", json={**body, "capacity": 5})
+            resp = await env.internal.post("/v1/transceivers", json={**body, "capacity": 5}, headers=seven)
             assert resp.status == 201
             assert [t.capacity for t in env.registry.transceivers()] == [5]
 
@@ -513,11 +532,11 @@ def test_register_reply_and_reregistration() -> None:
 def test_heartbeat_unknown_404_and_bad_body_400() -> None:
     async def scenario() -> None:
         async with relay(transceivers=1) as env:
-            resp = await env.http.put("/v1/transceivers/9/heartbeat", json={"healthy": True})
+            resp = await env.internal.put("/v1/transceivers/9/heartbeat", json={"healthy": True})
             assert await _error(resp, 404) == "unknown transceiver 9: register first"
-            resp = await env.http.put("/v1/transceivers/1/heartbeat", json={"calls": []})
+            resp = await env.internal.put("/v1/transceivers/1/heartbeat", json={"calls": []})
             assert await _error(resp, 400) == "invalid request body: healthy: Field required"
-            resp = await env.http.put("/v1/transceivers/1/heartbeat", json={"healthy": True, "calls": ["x"]})
+            resp = await env.internal.put("/v1/transceivers/1/heartbeat", json={"healthy": True, "calls": ["x"]})
             assert await _error(resp, 400) == "invalid request body: calls.0: Input should be a valid integer"
 
     run(scenario)
@@ -531,7 +550,7 @@ def test_heartbeat_reconciles_calls() -> None:
                 _, resp = await env.place()
                 assert resp.status == 201
                 conn_ids.append(env.registry.get_call_by_id(resp.headers["Location"].split("/")[-1]).conn_id)
-            resp = await env.http.put(
+            resp = await env.internal.put(
                 "/v1/transceivers/1/heartbeat", json={"healthy": True, "calls": [conn_ids[0]]}
             )
             assert resp.status == 204

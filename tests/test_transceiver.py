@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aioice.ice
 import av
 import pylibsrtp
@@ -34,6 +36,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdtlstransport import SRTP_PROFILES
 from aiortc.rtp import RtpPacket, is_rtcp
 
+from manager import pki
 from manager.lab.client import make_tone_track, tone_power
 from manager.protocol.sdp import rewrite_candidates, strip_candidates
 from manager.transceiver.agent import (
@@ -546,13 +549,13 @@ def test_unconnected_call_times_out_and_bad_input_is_rejected() -> None:
 # -- HTTP control API and registration ------------------------------------------------------
 
 
-async def _serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
+async def _serve(app: web.Application, port: int = 0, ssl_context=None) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context)
     await site.start()
     host, bound = runner.addresses[0][:2]
-    return runner, f"http://{host}:{bound}"
+    return runner, f"{'https' if ssl_context else 'http'}://{host}:{bound}"
 
 
 def test_http_control_api() -> None:
@@ -725,10 +728,19 @@ def test_registration_heartbeat_and_reregistration(caplog: pytest.LogCaptureFixt
     run(scenario())
 
 
-def test_cli_process_registers_and_stops_on_sigterm() -> None:
+def test_cli_process_registers_and_stops_on_sigterm(tmp_path: Path) -> None:
+    pki_dir = tmp_path / "pki"
+    pki.init_ca(pki_dir)
+    pki.issue(pki_dir, pki.relayd_name())
+    pki.issue(pki_dir, pki.transceiver_name(7))
+    key_file = tmp_path / "hint.key"
+    key_file.write_text("ab" * 32)
+    key_file.chmod(0o600)
+    relayd = pki.paths(pki_dir, "relayd")
+
     async def scenario() -> None:
         relay = FakeRelay()
-        runner, relay_url = await _serve(relay.app)
+        runner, relay_url = await _serve(relay.app, ssl_context=pki.server_context(relayd))
         api_port = _free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -744,18 +756,27 @@ def test_cli_process_registers_and_stops_on_sigterm() -> None:
             "2",
             "--bind",
             "127.0.0.1",
+            "--pki-dir",
+            str(pki_dir),
+            "--hint-key-file",
+            str(key_file),
             cwd=REPO,
             stderr=subprocess.PIPE,
         )
         try:
             await wait_for(lambda: relay.of("heartbeat"), 15, "registration of the CLI process")
-            assert relay.of("register")[0]["control_url"] == f"http://127.0.0.1:{api_port}"
-            async with (
-                ClientSession() as http,
-                http.get(f"http://127.0.0.1:{api_port}/health") as r,
-            ):
+            url = f"https://127.0.0.1:{api_port}"
+            assert relay.of("register")[0]["control_url"] == url
+            tls = {"ssl": pki.client_context(relayd), "server_hostname": pki.transceiver_name(7)}
+            async with ClientSession() as http, http.get(f"{url}/health", **tls) as r:
                 health = await r.json()
             assert health["id"] == 7 and health["healthy"] and health["capacity"] == 2
+            # Without relayd's certificate the control API does not answer.
+            plain = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
+            with pytest.raises(aiohttp.ClientError):
+                async with ClientSession() as http, http.get(
+                        f"{url}/health", ssl=plain, server_hostname=pki.transceiver_name(7)) as r:
+                    await r.read()
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), 10)
             assert proc.returncode == 0, err.decode()
@@ -777,9 +798,12 @@ def test_cli_process_registers_and_stops_on_sigterm() -> None:
         (["--id", "1", "--bind", "0.0.0.0"], "unspecified"),
         (["--id", "1", "--listen", "nowhere"], "host:port"),
         (["--id", "1", "--capacity", "0"], "positive integer"),
+        (["--id", "1"], "the following arguments are required: --pki-dir"),
+        (["--id", "1", "--pki-dir", "/nonexistent"], "no routing-hint key"),
     ],
 )
 def test_cli_rejects_bad_arguments(args: list[str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SPLITRELAY_HINT_KEY"}
     proc = subprocess.run(
         [sys.executable, "-m", "manager.transceiver", *args],
         cwd=REPO,
@@ -787,7 +811,7 @@ def test_cli_rejects_bad_arguments(args: list[str], message: str) -> None:
         capture_output=True,
         text=True,
         timeout=30,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**env, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -106,10 +106,12 @@ class CallReport:
 
 
 async def client_call(signaling_url: str, *, duration: float = 4.0, messages: int = 10,
-                      hang_up: bool = True, on_connected=None) -> CallReport:
+                      hang_up: bool = True, on_connected=None, token: str | None = None) -> CallReport:
     """Place one call: POST the offer, play a tone, send data-channel pings,
     measure the echo, then DELETE the call. Runs in the caller's network
-    namespace (run it on a NetnsExecutor thread of the client namespace)."""
+    namespace (run it on a NetnsExecutor thread of the client namespace).
+    `token`: the client credential, sent as `Authorization: Bearer`."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     rep = CallReport()
     rep._t0 = time.monotonic()
     # No STUN server: aiortc's default is a public one, unreachable (and not
@@ -164,7 +166,7 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
     async with aiohttp.ClientSession() as http:
         try:
             async with http.post(signaling_url + "/v1/calls", data=pc.localDescription.sdp,
-                                 headers={"Content-Type": "application/sdp"}) as resp:
+                                 headers={"Content-Type": "application/sdp", **auth}) as resp:
                 rep.status = resp.status
                 body = await resp.text()
                 if resp.status != 201:
@@ -201,7 +203,7 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
                 rep.tone_ratio_after[name] = _tone_ratio([f for f, t in timed if t >= at + 0.3])
         finally:
             if hang_up and rep.call_url:
-                async with http.delete(rep.call_url) as resp:
+                async with http.delete(rep.call_url, headers=auth) as resp:
                     await resp.read()
             await pc.close()
             for task in readers:

@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from manager.lab.services import Services, purge_pin_dir, relayd_config
+from manager.lab.services import Services, lab_client_token, purge_pin_dir, relayd_config
 from manager.lab.topology import Lab, lab_down, lab_up, list_labs, proc_stat
 from manager.protocol.addresses import fmt_ep
 
@@ -33,12 +33,12 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
-    cfg = relayd_config(lab_, "0" * 64)
+    cfg = relayd_config(lab_, workdir or lab_workdir(lab_.prefix))
     return {
         "prefix": lab_.prefix,
         "namespaces": {"client": lab_.client_ns, "relay": lab_.relay_ns, "transceivers": lab_.transceiver_ns},
         "signaling_url": lab_.signaling_url,
-        "metrics_url": f"http://{lab_.vip4}:{cfg['metrics']['port']}/metrics",
+        "metrics_url": f"http://{lab_.internal4}:{cfg['metrics']['port']}/metrics",
         "vips": [fmt_ep(lab_.vip4, lab_.port), fmt_ep(lab_.vip6, lab_.port)],
         "control_socket": cfg["control_socket"],
         "pin_dir": cfg["datapath"]["pin_dir"],
@@ -46,10 +46,13 @@ def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
         "workdir": str(workdir) if workdir else None,
         "services": {k: v["pid"] for k, v in (services or {}).items()},
         "created_at": lab_.created_at,
+        # A token the lab's relayd accepts (null: client auth is off in this lab).
+        "client_token": lab_client_token(workdir) if workdir and services else None,
     }
 
 
-def start_lab(prefix: str | None, transceivers: int, *, services: bool = True, say=lambda msg: None) -> dict:
+def start_lab(prefix: str | None, transceivers: int, *, services: bool = True, client_auth: str = "off",
+              say=lambda msg: None) -> dict:
     """Create a lab and (unless `services` is false) start relayd and the
     transceivers in it, detached: they outlive this process. Returns lab_info()."""
     say(f"creating namespaces and veths ({transceivers} transceivers)")
@@ -57,7 +60,7 @@ def start_lab(prefix: str | None, transceivers: int, *, services: bool = True, s
     workdir = lab_workdir(lab_.prefix)
     recorded: dict = {}
     if services:
-        svc = Services(lab_, workdir, detached=True)
+        svc = Services(lab_, workdir, detached=True, client_auth=client_auth)
         try:
             say(f"starting relayd and {transceivers} transceivers (logs in {workdir})")
             svc.start()
@@ -111,7 +114,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 def take_lab_down(prefix: str) -> dict:
     """Everything of one lab: services, pinned state, namespaces, files."""
-    cfg = relayd_config(Lab.plan(prefix, 1), "0" * 64)  # also validates the prefix (it names paths)
+    cfg = relayd_config(Lab.plan(prefix, 1), lab_workdir(prefix))  # also validates the prefix (it names paths)
     stopped = stop_lab_services(prefix)
     pinned = purge_pin_dir(Path(cfg["datapath"]["pin_dir"]))
     removed = lab_down(prefix)

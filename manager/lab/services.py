@@ -24,8 +24,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from manager import pki
 from manager.lab.topology import Lab, NetnsExecutor
 from manager.lab.topology import lab as lab_ctx
+from manager.protocol.client_auth import mint_token
+from manager.relay.control_client import ControlClient, ControlError
 
 
 class ServicesError(RuntimeError):
@@ -51,10 +54,19 @@ def purge_pin_dir(pin_dir: Path) -> bool:
     return True
 
 
-def relayd_config(lab: Lab, hint_key: str, *, metrics_port: int = 9100, idle_timeout: float = 30.0) -> dict:
+INTERNAL_PORT = 8443
+CONTROL_PORT = 8700
+LAB_PREFIXES = ["10.10.0.0/16", "fd00:10::/32"]  # every lab address (manager.lab.topology)
+
+
+def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_timeout: float = 30.0,
+                  client_auth: str = "off") -> dict:
     """relayd's configuration for a lab (as the TOML file would hold it)."""
+    auth: dict = {"mode": client_auth}
+    if client_auth == "tokens":
+        auth["token_key_file"] = str(workdir / "token.key")
     return {
-        "hint_key": hint_key,
+        "hint_key_file": str(workdir / "hint.key"),
         "control_socket": f"/run/splitrelay/{lab.prefix}-relayd.sock",
         "datapath": {
             "pin_dir": str(lab_pin_dir(lab.prefix)),
@@ -64,10 +76,44 @@ def relayd_config(lab: Lab, hint_key: str, *, metrics_port: int = 9100, idle_tim
             "internal_addr6": lab.internal6,
             "max_flows": 65536, "max_reverse": 65536, "max_owners": 16384,
         },
-        "signaling": {"host": "0.0.0.0", "port": 8080},
+        "signaling": {"host": lab.vip4, "port": 8080},
+        "internal": {"host": lab.internal4, "port": INTERNAL_PORT, "pki_dir": str(workdir / "pki"),
+                     "prefixes": LAB_PREFIXES},
         "slowpath": {"idle_timeout": idle_timeout},
-        "metrics": {"host": "0.0.0.0", "port": metrics_port},
+        "metrics": {"port": metrics_port},  # on the internal address
+        "client_auth": auth,
     }
+
+
+def lab_client_token(workdir: Path, ttl: float = 3600.0) -> str | None:
+    """A client token the lab's relayd accepts, or None when its client auth is off."""
+    path = workdir / "token.key"
+    if not path.exists():
+        return None
+    return mint_token(bytes.fromhex(pki.read_secret_file(path).decode().strip()), ttl=ttl, subject="lab")
+
+
+def write_secret(path: Path, text: str) -> None:
+    """A file only its owner can read, from its first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def prepare_secrets(lab: Lab, workdir: Path, hint_key: str) -> None:
+    """The lab's PKI (CA, relayd, transceiver-1..N) and hint key, as an
+    operator would make them with `relayctl pki` (idempotent). Transceiver
+    certificates also name their addresses, so tools can reach a control
+    API by URL (relayd checks the name, transceiver-N.splitrelay.internal)."""
+    workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    d = workdir / "pki"
+    pki.init_ca(d)
+    if not (d / "relayd.pem").exists():
+        pki.issue(d, pki.relayd_name())
+    for k, ep in enumerate(lab.transceivers, start=1):
+        if not (d / f"transceiver-{k}.pem").exists():
+            pki.issue(d, pki.transceiver_name(k), ip_addresses=(ep.addr4, ep.addr6))
+    write_secret(workdir / "hint.key", hint_key + "\n")
 
 
 def to_toml(data: dict, prefix: str = "") -> str:
@@ -105,6 +151,7 @@ class Services:
     hint_key: str = field(default_factory=lambda: secrets.token_hex(32))
     capacity: int = 50
     idle_timeout: float = 30.0
+    client_auth: str = "off"  # the lab's default; "tokens": relayd wants a client token
     # Processes outlive the caller (relayctl lab up): own session, so no
     # terminal signal reaches them, and stdin closed.
     detached: bool = False
@@ -112,7 +159,7 @@ class Services:
 
     @property
     def config(self) -> dict:
-        return relayd_config(self.lab, self.hint_key, idle_timeout=self.idle_timeout)
+        return relayd_config(self.lab, self.workdir, idle_timeout=self.idle_timeout, client_auth=self.client_auth)
 
     @property
     def config_path(self) -> Path:
@@ -122,8 +169,10 @@ class Services:
         return self.workdir / f"{name}.log"
 
     def start(self, timeout: float = 30.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(to_toml(self.config))
+        prepare_secrets(self.lab, self.workdir, self.hint_key)
+        if self.client_auth == "tokens" and not (self.workdir / "token.key").exists():
+            write_secret(self.workdir / "token.key", secrets.token_hex(32) + "\n")
+        write_secret(self.config_path, to_toml(self.config))
         self.start_relayd()
         self.wait_signaling(timeout)
         for k in range(1, len(self.lab.transceivers) + 1):
@@ -145,9 +194,10 @@ class Services:
     def start_transceiver(self, k: int) -> subprocess.Popen:
         ep = self.lab.transceivers[k - 1]
         return self._spawn(f"tx{k}", ep.ns, [
-            "-m", "manager.transceiver", "--id", str(k), "--listen", f"{ep.addr4}:8700",
-            "--relay-url", f"http://{ep.relay_addr4}:8080", "--bind", ep.addr4, "--bind", ep.addr6,
-            "--capacity", str(self.capacity),
+            "-m", "manager.transceiver", "--id", str(k), "--listen", f"{ep.addr4}:{CONTROL_PORT}",
+            "--relay-url", f"https://{self.lab.internal4}:{INTERNAL_PORT}", "--bind", ep.addr4, "--bind", ep.addr6,
+            "--capacity", str(self.capacity), "--pki-dir", str(self.workdir / "pki"),
+            "--hint-key-file", str(self.workdir / "hint.key"),
         ])
 
     def _check_alive(self) -> None:
@@ -156,22 +206,49 @@ class Services:
                 tail = self.log_path(name).read_text(errors="replace")[-2000:]
                 raise ServicesError(f"{name} exited with {proc.returncode}:\n{tail}")
 
-    def api(self, path: str, timeout: float = 2.0):
-        """GET the relay's signaling API from the client namespace."""
-        def get():
-            with urllib.request.urlopen(self.lab.signaling_url + path, timeout=timeout) as r:
-                return json.loads(r.read())
-        with NetnsExecutor(self.lab.client_ns) as ex:
+    @property
+    def control(self) -> ControlClient:
+        """relayd's control socket (the operator's view: calls, transceivers)."""
+        return ControlClient(self.config["control_socket"], timeout=2.0)
+
+    def transceiver_api(self, k: int, path: str, *, method: str = "GET", timeout: float = 2.0) -> dict | None:
+        """Transceiver k's control API as relayd reaches it (mutual TLS with
+        relayd's certificate), from the relay namespace; None on 404."""
+        ctx = pki.client_context(pki.paths(self.workdir / "pki", pki.RELAYD))
+        url = f"https://{self.lab.transceivers[k - 1].addr4}:{CONTROL_PORT}{path}"
+
+        def get() -> dict | None:
+            req = urllib.request.Request(url, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
+                    body = r.read()
+                    return json.loads(body) if body.strip() else {}
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    return None
+                raise
+        with NetnsExecutor(self.lab.relay_ns) as ex:
             return ex.call(get)
 
+    def calls(self) -> list[dict]:
+        """The registry's calls: call_id, conn_id, transceiver_id, owner, state."""
+        return [{"call_id": s["call_id"], "conn_id": s["conn_id"], "transceiver_id": s["transceiver"],
+                 "owner": s["owner"], "state": s["state"]} for s in self.control.sessions()["sessions"]]
+
+    def call(self, call_id: str) -> dict:
+        return next(c for c in self.calls() if c["call_id"] == call_id)
+
+    def transceivers(self) -> list[dict]:
+        return self.control.transceivers()["transceivers"]
+
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """relayd's Prometheus samples, scraped over HTTP from the client
-        namespace and parsed with prometheus_client's parser."""
+        """relayd's Prometheus samples, scraped over HTTP on the internal
+        address (from the relay namespace) and parsed with prometheus_client."""
         def get() -> str:
-            url = f"http://{self.lab.vip4}:{self.config['metrics']['port']}/metrics"
+            url = f"http://{self.lab.internal4}:{self.config['metrics']['port']}/metrics"
             with urllib.request.urlopen(url, timeout=2) as r:
                 return r.read().decode()
-        with NetnsExecutor(self.lab.client_ns) as ex:
+        with NetnsExecutor(self.lab.relay_ns) as ex:
             text = ex.call(get)
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
@@ -181,9 +258,9 @@ class Services:
         while True:
             self._check_alive()
             try:
-                self.api("/v1/transceivers", timeout=0.5)
+                self.transceivers()
                 return
-            except (urllib.error.URLError, OSError):
+            except ControlError:
                 if time.monotonic() > deadline:
                     raise ServicesError(f"relayd signaling not up after {timeout:.0f}s "
                                         f"(log: {self.log_path('relayd')})") from None
@@ -193,7 +270,7 @@ class Services:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
-            ts = self.api("/v1/transceivers")["transceivers"]
+            ts = self.transceivers()
             if sum(1 for t in ts if t["healthy"]) >= n:
                 return
             if time.monotonic() > deadline:

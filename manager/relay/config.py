@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from manager.pki import read_secret_file
+
 
 class Endpoint(BaseModel):
     """An IP address and UDP port."""
@@ -81,14 +83,84 @@ class DatapathConfig(BaseModel):
         return self
 
 
+# The key of docs/relayd.example.toml: a copied example must not go live.
+EXAMPLE_HINT_KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+PRIVATE_PREFIXES = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+
+
 class SignalingConfig(BaseModel):
-    """The relay's HTTP API (clients' SDP offers, transceiver registration)."""
+    """The public listener: clients' SDP offers (create, end, update their own call)."""
 
     model_config = ConfigDict(extra="forbid")
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)
+    allowed_origins: list[str] = Field(default_factory=list,
+                                       description="CORS: origins whose pages may post offers (default none)")
     transceiver_timeout: float = Field(default=10.0, gt=0, description="seconds to wait for a transceiver's answer")
     heartbeat_timeout: float = Field(default=3.0, gt=0, description="a silent transceiver is unhealthy after this")
+
+
+class InternalConfig(BaseModel):
+    """The transceivers' listener (registration, heartbeat): mutual TLS only,
+    on an internal address. relayd reaches transceivers' control APIs with the
+    same certificate."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=1, le=65535)
+    pki_dir: Path = Field(default=Path("/etc/splitrelay/pki"),
+                          description="ca.pem, relayd.pem and relayd.key (0600), from `relayctl pki`")
+    prefixes: list[str] = Field(default_factory=lambda: list(PRIVATE_PREFIXES),
+                                description="owner and control addresses of transceivers must lie in these")
+
+    @field_validator("host")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        return str(ipaddress.ip_address(v))
+
+    @field_validator("prefixes")
+    @classmethod
+    def _nets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one prefix is needed")
+        return [str(ipaddress.ip_network(p, strict=False)) for p in v]
+
+    def allows(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(p) for p in self.prefixes)
+
+
+class ClientAuthConfig(BaseModel):
+    """Who may create calls on the public listener (WHIP-style bearer credentials)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["off", "api_keys", "tokens"] = "off"
+    api_keys_file: Path | None = Field(default=None, description="mode api_keys: one key per line, file mode 0600")
+    token_key_file: Path | None = Field(default=None, description="mode tokens: hex HMAC key (>= 32 bytes), 0600")
+
+    @model_validator(mode="after")
+    def _files(self) -> ClientAuthConfig:
+        if self.mode == "api_keys" and self.api_keys_file is None:
+            raise ValueError("api_keys_file: needed with mode = 'api_keys'")
+        if self.mode == "tokens" and self.token_key_file is None:
+            raise ValueError("token_key_file: needed with mode = 'tokens'")
+        return self
+
+
+class LimitsConfig(BaseModel):
+    """Bounds on call creation (each refusal is a clear 4xx)."""
+
+    model_config = ConfigDict(extra="forbid")
+    create_rate: float = Field(default=2.0, gt=0, description="calls per second per source address")
+    create_burst: int = Field(default=10, ge=1, description="calls a source may create at once")
+    max_pending: int = Field(default=64, ge=1, description="calls being placed at once (all sources)")
+    max_pending_per_source: int = Field(default=4, ge=1, description="calls being placed at once per source")
+    max_body: int = Field(default=64 * 1024, ge=1024, le=1 << 20, description="bytes of an SDP offer")
+    max_media_sections: int = Field(default=8, ge=1, le=64)
+    max_sdp_lines: int = Field(default=400, ge=20, le=10000)
 
 
 class SlowPathConfig(BaseModel):
@@ -100,10 +172,10 @@ class SlowPathConfig(BaseModel):
 
 
 class MetricsConfig(BaseModel):
-    """Prometheus endpoint; port 0 disables it."""
+    """Prometheus endpoint; port 0 disables it. Host None: the internal address."""
 
     model_config = ConfigDict(extra="forbid")
-    host: str = "0.0.0.0"
+    host: str | None = None
     port: int = Field(default=9100, ge=0, le=65535)
 
 
@@ -111,9 +183,14 @@ class RelaydConfig(BaseModel):
     """Everything relayd needs; built from a file, the environment, or code."""
 
     model_config = ConfigDict(extra="forbid")
-    hint_key: str = Field(description="hex key shared with transceivers for routing hints (>= 16 bytes)")
+    hint_key: str | None = Field(default=None, description="hex key shared with transceivers for routing hints "
+                                 "(>= 16 bytes); prefer hint_key_file or SPLITRELAY__HINT_KEY")
+    hint_key_file: Path | None = Field(default=None, description="file (mode 0600) holding the hex hint key")
     datapath: DatapathConfig
     signaling: SignalingConfig = Field(default_factory=SignalingConfig)
+    internal: InternalConfig = Field(default_factory=InternalConfig)
+    client_auth: ClientAuthConfig = Field(default_factory=ClientAuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     slowpath: SlowPathConfig = Field(default_factory=SlowPathConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     control_socket: Path = Path("/run/splitrelay/relayd.sock")
@@ -121,18 +198,26 @@ class RelaydConfig(BaseModel):
 
     @field_validator("hint_key")
     @classmethod
-    def _hex_key(cls, v: str) -> str:
-        try:
-            raw = bytes.fromhex(v)
-        except ValueError:
-            raise ValueError("must be hexadecimal") from None
-        if len(raw) < 16:
-            raise ValueError(f"must be at least 16 bytes (32 hex digits), got {len(raw)} bytes")
-        return v
+    def _hex_key(cls, v: str | None) -> str | None:
+        return None if v is None else check_hint_key(v)
+
+    @model_validator(mode="after")
+    def _key_source(self) -> RelaydConfig:
+        if (self.hint_key is None) == (self.hint_key_file is None):
+            raise ValueError("hint_key_file: give the routing-hint key as hint_key_file (or hint_key / "
+                             "SPLITRELAY__HINT_KEY), exactly one of them")
+        if self.hint_key_file is not None:
+            self.hint_key = check_hint_key(read_secret_file(self.hint_key_file).decode("ascii", "replace").strip())
+        return self
 
     @property
     def hint_key_bytes(self) -> bytes:
+        assert self.hint_key is not None
         return bytes.fromhex(self.hint_key)
+
+    @property
+    def metrics_host(self) -> str:
+        return self.metrics.host if self.metrics.host is not None else self.internal.host
 
     @model_validator(mode="after")
     def _served(self) -> RelaydConfig:
@@ -144,6 +229,19 @@ class RelaydConfig(BaseModel):
         if 10 in fams and not self.datapath.internal_addr6:
             raise ValueError("datapath.internal_addr6: needed for the IPv6 VIPs")
         return self
+
+
+def check_hint_key(v: str) -> str:
+    try:
+        raw = bytes.fromhex(v)
+    except ValueError:
+        raise ValueError("must be hexadecimal") from None
+    if len(raw) < 16:
+        raise ValueError(f"must be at least 16 bytes (32 hex digits), got {len(raw)} bytes")
+    if v.lower() == EXAMPLE_HINT_KEY:
+        raise ValueError("is the example key from docs/relayd.example.toml; generate your own "
+                         "(python3 -c 'import secrets; print(secrets.token_hex(32))')")
+    return v
 
 
 class ConfigError(ValueError):
@@ -223,6 +321,9 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None) 
             raise ConfigError(f"{p}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'TOML'}: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a table/mapping")
+        if "hint_key" in data and p.stat().st_mode & 0o077:
+            raise ConfigError(f"{p}: holds hint_key but its mode {p.stat().st_mode & 0o777:04o} lets others read "
+                              "it; chmod 600 it, or move the key to hint_key_file")
     _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
     try:
         return RelaydConfig.model_validate(data)

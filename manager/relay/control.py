@@ -153,7 +153,8 @@ def status_view(deps: ControlDeps, interfaces: list[dict[str, Any]], n_flows: in
         "internal_addr4": cfg.datapath.internal_addr4,
         "internal_addr6": cfg.datapath.internal_addr6,
         "signaling": fmt_ep(cfg.signaling.host, cfg.signaling.port),
-        "metrics": fmt_ep(cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None,
+        "metrics": fmt_ep(cfg.metrics_host, cfg.metrics.port) if cfg.metrics.port else None,
+        "internal": fmt_ep(cfg.internal.host, cfg.internal.port),
         "counts": {
             "calls": len(calls),
             "calls_by_state": by_state,

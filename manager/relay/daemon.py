@@ -15,17 +15,31 @@ import time
 
 from aiohttp import web
 
+from manager import pki
 from manager.relay.config import RelaydConfig
 from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
+from manager.relay.credentials import ClientAuth
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.metrics import Metrics
 from manager.relay.migration import Migrator
+from manager.relay.registration import make_internal_app
 from manager.relay.registry import Registry
 from manager.relay.signaling import make_app
 from manager.relay.slowpath import SlowPath
 from manager.relay.transceiver_client import TransceiverClient
 
 log = logging.getLogger(__name__)
+
+
+async def _serve(app: web.Application, host: str, port: int, **site: object) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, **site).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return runner
 
 
 class Relay:
@@ -42,6 +56,7 @@ class Relay:
         self.migrator: Migrator | None = None
         self._runner: web.AppRunner | None = None
         self._client: TransceiverClient | None = None
+        self._internal_runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._control = None
 
@@ -62,34 +77,37 @@ class Relay:
         )
         self.metrics.watch_slowpath(self.slowpath)
         await self.slowpath.start()
-        self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout)
+        tls = pki.paths(cfg.internal.pki_dir, pki.RELAYD)
+        self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout, tls=pki.client_context(tls))
         self.migrator = Migrator(self.registry, self.datapath, self.slowpath, self._client,
-                                 metrics_registry=self.metrics.prometheus)
-        app = make_app(self.registry, hint_key=cfg.hint_key_bytes,
-                       public_addrs=[v.as_tuple() for v in dp.vips], transceiver_client=self._client)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, cfg.signaling.host, cfg.signaling.port).start()
+                                 metrics_registry=self.metrics.prometheus, allows_owner=cfg.internal.allows)
+        public = make_app(self.registry, hint_key=cfg.hint_key_bytes, public_addrs=[v.as_tuple() for v in dp.vips],
+                          transceiver_client=self._client, auth=ClientAuth.from_config(cfg.client_auth),
+                          limits=cfg.limits, allowed_origins=cfg.signaling.allowed_origins,
+                          allows_owner=cfg.internal.allows)
+        self._runner = await _serve(public, cfg.signaling.host, cfg.signaling.port)
+        internal = make_internal_app(self.registry, allows=cfg.internal.allows)
+        self._internal_runner = await _serve(internal, cfg.internal.host, cfg.internal.port,
+                                             ssl_context=pki.server_context(tls))
         if cfg.metrics.port:
-            self._metrics_runner = web.AppRunner(self.metrics.app(), access_log=None)
-            await self._metrics_runner.setup()
-            await web.TCPSite(self._metrics_runner, cfg.metrics.host, cfg.metrics.port).start()
+            self._metrics_runner = await _serve(self.metrics.app(), cfg.metrics_host, cfg.metrics.port)
         self.runtime.started_at = time.time()
         self._control = await start_control(ControlDeps(
             config=cfg, registry=self.registry, datapath=self.datapath, slowpath=self.slowpath,
             migrator=self.migrator, transceivers=self._client, flow_setup=self.metrics.flow_setup,
             runtime=self.runtime))
-        log.info("relayd ready: signaling on %s:%d, VIPs %s", cfg.signaling.host, cfg.signaling.port,
+        log.info("relayd ready: signaling on %s:%d, transceivers on %s:%d (mutual TLS), VIPs %s",
+                 cfg.signaling.host, cfg.signaling.port, cfg.internal.host, cfg.internal.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
 
     async def stop(self, *, detach: bool | None = None) -> None:
         detach = self.cfg.detach_on_exit if detach is None else detach
         await stop_control(self._control)
         self._control = None
-        for runner in (self._runner, self._metrics_runner):
+        for runner in (self._runner, self._internal_runner, self._metrics_runner):
             if runner is not None:
                 await runner.cleanup()
-        self._runner = self._metrics_runner = None
+        self._runner = self._internal_runner = self._metrics_runner = None
         if self.migrator is not None:
             await self.migrator.close()
         if self._client is not None:

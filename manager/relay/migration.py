@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Histogram
@@ -80,11 +81,12 @@ class Migrator:
     """Moves calls; one migration per call at a time."""
 
     def __init__(self, registry: Registry, datapath: Datapath, slowpath: SlowPath, client: TransceiverClient,
-                 metrics_registry=None):
+                 metrics_registry=None, allows_owner: Callable[[str], bool] = lambda addr: True):
         self.registry = registry
         self.datapath = datapath
         self.slowpath = slowpath
         self.client = client
+        self.allows_owner = allows_owner  # owner addresses must lie in the internal prefixes
         self.running: set[int] = set()
         self._background: set[asyncio.Task] = set()  # kept until done: the loop holds tasks weakly
         # registry=None: metrics kept but not exported (no relay to serve them).
@@ -142,6 +144,10 @@ class Migrator:
                 reply = await self.client.call_op(target, "POST", "/calls/import", {"conn_id": conn, "state": state})
                 imported = True
                 new_owner = OwnerAddr(**reply["owner"])
+                outside = [a for a, _ in new_owner.endpoints() if not self.allows_owner(a)]
+                if outside:
+                    raise MigrationError(f"transceiver {target.id} gave owner address {outside[0]}, "
+                                         "outside the internal prefixes")
                 res.steps["import"] = time.monotonic() - t0
                 legs = [leg for leg in self.slowpath.legs_of(conn) if leg.installed_at is not None]
                 staged = []

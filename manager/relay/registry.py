@@ -78,7 +78,7 @@ class Transceiver:
 
 @dataclass
 class Call:
-    call_id: str  # opaque, for URLs: not guessable from the connection id
+    call_id: str  # 128 random bits, for URLs: the call's capability when client auth is off
     conn_id: int
     transceiver_id: int
     client_ufrag: str
@@ -90,6 +90,9 @@ class Call:
     # monotonic time the current owner took the call: heartbeats are only
     # trusted about it once they can have been composed after that moment.
     owned_since: float = 0.0
+    # SHA-256 of the client credential that created the call (never the
+    # credential): ending or updating the call requires the same one.
+    credential: bytes | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -262,9 +265,9 @@ class Registry:
         if conn_id in self._calls:
             raise ValueError(f"connection id {conn_id} is already in use")
         t = self.get_transceiver(transceiver_id)
-        call_id = secrets.token_hex(8)
+        call_id = secrets.token_hex(16)
         while call_id in self._by_call_id:
-            call_id = secrets.token_hex(8)
+            call_id = secrets.token_hex(16)
         call = Call(
             call_id=call_id,
             conn_id=conn_id,

@@ -1,30 +1,35 @@
-"""The relay's HTTP API: SDP exchange for clients, registration for transceivers.
+"""The public listener: clients' SDP exchange, WHIP-style (RFC 9725), and
+nothing else (no listing, no transceiver routes; those are on the internal
+listener, manager.relay.registration).
 
-Client-facing (WHIP-like: one POST with the offer, the answer in the reply):
-    POST   /v1/calls              application/sdp offer -> 201 answer, Location
-    DELETE /v1/calls/{call_id}    -> 204
-    GET    /v1/calls[/{call_id}], GET /v1/transceivers -> JSON
-Transceiver-facing:
-    POST   /v1/transceivers                  {"id", "control_url", "capacity"} -> 201
-    PUT    /v1/transceivers/{id}/heartbeat   {"healthy", "calls"} -> 204 (404: register again)
+    POST    /v1/calls              application/sdp offer -> 201 answer, Location
+    DELETE  /v1/calls/{call_id}    -> 204 (the credential that created the call)
+    PATCH   /v1/calls/{call_id}    trickle-ice-sdpfrag -> 204 (candidates are not needed:
+                                   the relay's address is the call's only one)
+    OPTIONS any                    CORS preflight (configured origins only)
+
+With client auth on, every request carries `Authorization: Bearer <API key or
+token>`; a call can be ended or updated only with the credential that
+created it. With it off, the call's Location (128 random bits) is the only
+capability. Creation is bounded (manager.relay.limits; body size, media
+sections, SDP lines). Every refusal is a one-line text/plain reply that
+names no internal address.
 
 Placing a call: validate the offer, pick a transceiver, mint the server ufrag
 carrying the routing hint, have the transceiver answer the offer (with the
 client's candidates stripped) using that ufrag, then give the client the
-answer with the relay's public address(es) as the only candidates. Every
-failure is a one-line text/plain reply, never a traceback.
+answer with the relay's public address(es) as the only candidates.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from manager.protocol.api import ApiError, Heartbeat, M, Registration, parse_body
+from manager.protocol.client_auth import AuthError, credential_digest, same_credential
 from manager.protocol.sdp import (
     SdpError,
     check_public_addrs,
@@ -34,60 +39,83 @@ from manager.protocol.sdp import (
     validate,
 )
 from manager.protocol.ufrag import encode_ufrag
-from manager.relay.registry import PlacementError, Registry, Transceiver, UnknownTransceiverError
+from manager.relay.config import LimitsConfig
+from manager.relay.credentials import ClientAuth
+from manager.relay.limits import CreateLimits, LimitExceeded
+from manager.relay.registry import Call, PlacementError, Registry, Transceiver
 from manager.relay.transceiver_client import TransceiverClient, TransceiverError
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 64 * 1024  # an SDP offer is a few KiB; anything bigger is not one
+TRICKLE = "application/trickle-ice-sdpfrag"
+CORS_MAX_AGE = 600
 
 
-# -- responses -------------------------------------------------------------------
+def _text(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=message + "\n", content_type="text/plain", headers=headers)
 
 
-def _text(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message + "\n", content_type="text/plain")
+def _unauthorized(message: str) -> web.Response:
+    return _text(401, f"unauthorized: {message}", {"WWW-Authenticate": 'Bearer realm="splitrelay"'})
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, indent=1))
-
-
-async def _json_body(request: web.Request, model: type[M]) -> M | web.Response:
-    if request.content_type != "application/json":
-        return _text(415, "Content-Type must be application/json")
-    try:
-        return parse_body(await request.read(), model)
-    except ApiError as exc:
-        return _text(exc.status, str(exc))
-
-
-# -- the API -------------------------------------------------------------------
+def check_offer_size(offer: str, limits: LimitsConfig) -> str | None:
+    """Why an offer is too big to look at, or None (checked before parsing)."""
+    lines = offer.count("\n") + 1
+    if lines > limits.max_sdp_lines:
+        return f"offer has {lines} lines; at most {limits.max_sdp_lines} are accepted"
+    sections = sum(1 for line in offer.splitlines() if line.startswith("m="))
+    if sections > limits.max_media_sections:
+        return f"offer has {sections} media sections; at most {limits.max_media_sections} are accepted"
+    return None
 
 
 class _Api:
-    def __init__(
-        self,
-        registry: Registry,
-        hint_key: bytes,
-        public_addrs: list[tuple[str, int]],
-        client: TransceiverClient,
-    ) -> None:
+    def __init__(self, registry: Registry, hint_key: bytes, public_addrs: list[tuple[str, int]],
+                 client: TransceiverClient, *, auth: ClientAuth, limits: LimitsConfig,
+                 allows_owner: Callable[[str], bool]) -> None:
         self.registry = registry
         self.hint_key = hint_key
         self.public_addrs = public_addrs
         self.client = client
+        self.auth = auth
+        self.limits = limits
+        self.create_limits = CreateLimits(rate=limits.create_rate, burst=limits.create_burst,
+                                          max_pending=limits.max_pending,
+                                          max_pending_per_source=limits.max_pending_per_source)
+        self.allows_owner = allows_owner
         self._background: set[asyncio.Task[None]] = set()
 
-    # Client-facing -----------------------------------------------------------
-
     async def create_call(self, request: web.Request) -> web.Response:
+        try:
+            credential = self.auth.check(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return _unauthorized(str(exc))
         if request.content_type != "application/sdp":
             return _text(415, "Content-Type must be application/sdp")
+        if request.content_length is not None and request.content_length > self.limits.max_body:
+            return _text(413, f"offer too large: {request.content_length} bytes; at most {self.limits.max_body}")
+        source = request.remote or "?"
         try:
-            offer = (await request.read()).decode("utf-8")
+            self.create_limits.admit(source)
+        except LimitExceeded as exc:
+            return _text(exc.status, str(exc), {"Retry-After": "1"})
+        try:
+            return await self._create(request, credential)
+        finally:
+            self.create_limits.release(source)
+
+    async def _create(self, request: web.Request, credential: str | None) -> web.Response:
+        raw = await request.content.read(self.limits.max_body + 1)
+        if len(raw) > self.limits.max_body:
+            return _text(413, f"offer too large: more than {self.limits.max_body} bytes")
+        try:
+            offer = raw.decode("utf-8")
         except UnicodeDecodeError:
             return _text(400, "bad offer: SDP is not valid UTF-8")
+        problem = check_offer_size(offer, self.limits)
+        if problem is not None:
+            return _text(400, f"bad offer: {problem}")
         try:
             validate(offer, "offer")
             client_ufrag, _ = ice_credentials(offer)
@@ -108,14 +136,16 @@ class _Api:
             client_ufrag=client_ufrag,
             server_ufrag=server_ufrag,
         )
+        call.credential = credential_digest(credential) if credential is not None else None
         try:
             answer, owner = await self.client.create_call(
                 transceiver, conn_id, server_ufrag, strip_candidates(offer)
             )
         except TransceiverError as exc:
             self.registry.end_call(conn_id, "placement-failed")
+            # Logged in full; the client learns nothing of the inside.
             log.warning("placing conn_id %d on %d: %s", conn_id, transceiver.id, exc)
-            return _text(502, f"transceiver {transceiver.id} failed: {exc}")
+            return _text(502, f"transceiver {transceiver.id} failed to answer the offer")
         except BaseException:
             # Cancelled (client gone, shutdown): the transceiver may hold the call.
             self.registry.end_call(conn_id, "placement-failed")
@@ -123,13 +153,17 @@ class _Api:
             raise
 
         problem = self._check_answer(answer, server_ufrag)
+        if problem is None:
+            outside = [a for a, _ in owner.endpoints() if not self.allows_owner(a)]
+            if outside:
+                problem = f"owner address {outside[0]} is not in the internal prefixes"
         if problem is None and self.registry.get_call(conn_id) is not call:
             problem = "the call ended while it was being placed"
         if problem is not None:
             self.registry.end_call(conn_id, "placement-failed")
             self._delete_later(transceiver, conn_id)
             log.warning("placing conn_id %d on %d: %s", conn_id, transceiver.id, problem)
-            return _text(502, f"transceiver {transceiver.id} failed: {problem}")
+            return _text(502, f"transceiver {transceiver.id} failed to answer the offer")
 
         self.registry.activate(conn_id, owner)
         log.info(
@@ -167,62 +201,41 @@ class _Api:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def delete_call(self, request: web.Request) -> web.Response:
+    def _own_call(self, request: web.Request) -> Call | web.Response:
+        """The call at this URL, if the request carries the credential that created it."""
+        try:
+            credential = self.auth.check(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return _unauthorized(str(exc))
         call = self.registry.get_call_by_id(request.match_info["call_id"])
         if call is None:
             return _text(404, "unknown call")
+        if call.credential is not None and (credential is None or not same_credential(credential, call.credential)):
+            return _unauthorized("this call was created with another credential")
+        return call
+
+    async def delete_call(self, request: web.Request) -> web.Response:
+        call = self._own_call(request)
+        if isinstance(call, web.Response):
+            return call
         transceiver_id = call.transceiver_id
         # Ended first: the relay stops forwarding even if the transceiver is unreachable.
         self.registry.end_call(call.conn_id, "client-hangup")
         try:
             transceiver = self.registry.get_transceiver(transceiver_id)
             await self.client.delete_call(transceiver, call.conn_id)
-        except (TransceiverError, UnknownTransceiverError) as exc:
+        except (TransceiverError, LookupError) as exc:
             log.warning("ending conn_id %d on %d: %s", call.conn_id, transceiver_id, exc)
         return web.Response(status=204)
 
-    async def list_calls(self, request: web.Request) -> web.Response:
-        return _json({"calls": [call.to_dict() for call in self.registry.calls()]})
-
-    async def get_call(self, request: web.Request) -> web.Response:
-        call = self.registry.get_call_by_id(request.match_info["call_id"])
-        if call is None:
-            return _text(404, "unknown call")
-        return _json(call.to_dict())
-
-    async def list_transceivers(self, request: web.Request) -> web.Response:
-        return _json({"transceivers": [t.to_dict() for t in self.registry.transceivers()]})
-
-    # Transceiver-facing ------------------------------------------------------
-
-    async def register_transceiver(self, request: web.Request) -> web.Response:
-        body = await _json_body(request, Registration)
-        if isinstance(body, web.Response):
-            return body
-        assert isinstance(body, Registration)
-        try:
-            t = self.registry.register_transceiver(body.id, body.control_url, body.capacity)
-        except ValueError as exc:
-            return _text(400, f"invalid registration: {exc}")
-        log.info("transceiver %d registered at %s (capacity %d)", t.id, t.control_url, t.capacity)
-        return web.json_response(
-            t.to_dict(), status=201, headers={"Location": f"/v1/transceivers/{t.id}"}
-        )
-
-    async def heartbeat(self, request: web.Request) -> web.Response:
-        transceiver_id = int(request.match_info["id"])
-        body = await _json_body(request, Heartbeat)
-        if isinstance(body, web.Response):
-            return body
-        assert isinstance(body, Heartbeat)
-        try:
-            orphans = self.registry.heartbeat(transceiver_id, body.calls, body.healthy)
-        except UnknownTransceiverError:
-            return _text(404, f"unknown transceiver {transceiver_id}: register first")
-        if orphans:
-            # Not closed from here: after a manager restart every live call is
-            # unknown to the (empty) registry and must keep running.
-            log.debug("transceiver %d holds unknown conn_ids %s", transceiver_id, orphans)
+    async def update_call(self, request: web.Request) -> web.Response:
+        call = self._own_call(request)
+        if isinstance(call, web.Response):
+            return call
+        if request.content_type != TRICKLE:
+            return _text(415, f"Content-Type must be {TRICKLE}")
+        await request.content.read(self.limits.max_body)
+        # The client's candidates are never used: the relay is the only path.
         return web.Response(status=204)
 
     async def cleanup(self, app: web.Application) -> None:
@@ -231,27 +244,59 @@ class _Api:
         await asyncio.gather(*self._background, return_exceptions=True)
 
 
+def cors_middleware(allowed_origins: Sequence[str]):
+    """CORS for the configured origins only (default none): preflights are
+    answered, and responses carry Access-Control-Allow-Origin for them."""
+    allowed = set(allowed_origins)
+    allow_headers = "Authorization, Content-Type"
+    expose = "Location, Link, ETag"
+
+    @web.middleware
+    async def cors(request: web.Request, handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        ok = origin is not None and origin in allowed
+        if request.method == "OPTIONS":
+            if not ok:
+                return _text(403, "CORS: origin not allowed")
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+                "Access-Control-Allow-Headers": allow_headers, "Access-Control-Max-Age": str(CORS_MAX_AGE)})
+        resp = await handler(request)
+        if ok:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Expose-Headers"] = expose
+            resp.headers["Vary"] = "Origin"
+        return resp
+
+    return cors
+
+
 def make_app(
     registry: Registry,
     *,
     hint_key: bytes,
     public_addrs: Sequence[tuple[str, int]],
     transceiver_client: TransceiverClient | None = None,
+    auth: ClientAuth | None = None,
+    limits: LimitsConfig | None = None,
+    allowed_origins: Sequence[str] = (),
+    allows_owner: Callable[[str], bool] = lambda addr: True,
 ) -> web.Application:
-    """Build the signaling application. A client passed in stays the caller's to close."""
+    """Build the public signaling application. A client passed in stays the caller's to close."""
     encode_ufrag(hint_key, 1, 1)  # fail now, not on the first call, if the key is unusable
     addrs = [(addr, port) for addr, port, _ in check_public_addrs(public_addrs)]
     client = transceiver_client if transceiver_client is not None else TransceiverClient()
-    api = _Api(registry, hint_key, addrs, client)
+    limits = limits or LimitsConfig()
+    api = _Api(registry, hint_key, addrs, client, auth=auth or ClientAuth("off"), limits=limits,
+               allows_owner=allows_owner)
 
-    app = web.Application(client_max_size=MAX_BODY)
+    # aiohttp's own body cap is a backstop (a chunked body has no length to check first).
+    app = web.Application(client_max_size=limits.max_body + 1024, middlewares=[cors_middleware(allowed_origins)])
     app.router.add_post("/v1/calls", api.create_call)
-    app.router.add_get("/v1/calls", api.list_calls)
-    app.router.add_get("/v1/calls/{call_id}", api.get_call)
     app.router.add_delete("/v1/calls/{call_id}", api.delete_call)
-    app.router.add_get("/v1/transceivers", api.list_transceivers)
-    app.router.add_post("/v1/transceivers", api.register_transceiver)
-    app.router.add_put(r"/v1/transceivers/{id:\d{1,5}}/heartbeat", api.heartbeat)
+    app.router.add_patch("/v1/calls/{call_id}", api.update_call)
+    app.router.add_route("OPTIONS", "/{tail:.*}", lambda request: _text(403, "CORS: origin not allowed"))
     app.on_cleanup.append(api.cleanup)
     if transceiver_client is None:
 

@@ -5,10 +5,12 @@ unfreeze). Every failure is a TransceiverError with a one-line message."""
 from __future__ import annotations
 
 import json
+import ssl
 
 import aiohttp
 from pydantic import ValidationError
 
+from manager import pki
 from manager.protocol.addresses import OwnerAddr
 from manager.protocol.api import CreateCallReply, CreateCallRequest, one_line, validation_message
 from manager.relay.registry import Transceiver
@@ -28,10 +30,15 @@ class TransceiverClient:
         session: aiohttp.ClientSession | None = None,
         *,
         timeout: float = DEFAULT_TRANSCEIVER_TIMEOUT,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._session = session
         self._own_session = session is None
         self.timeout = timeout
+        # relayd's client context (manager.pki.client_context): each request
+        # verifies the server is the transceiver it is meant for. None: plain
+        # HTTP, for in-process tests only.
+        self.tls = tls
 
     def _http(self) -> aiohttp.ClientSession:
         # Created lazily: a ClientSession must be made inside the running loop.
@@ -45,7 +52,11 @@ class TransceiverClient:
             await self._session.close()
             self._session = None
 
-    async def _request(self, method: str, url: str, **kwargs) -> tuple[int, bytes]:
+    async def _request(self, transceiver: Transceiver, method: str, url: str, **kwargs) -> tuple[int, bytes]:
+        if self.tls is not None:
+            if not url.startswith("https://"):
+                raise TransceiverError(f"{method} {url}: transceiver {transceiver.id} must be reached over https")
+            kwargs.update(ssl=self.tls, server_hostname=pki.transceiver_name(transceiver.id))
         try:
             async with self._http().request(
                 method, url, timeout=aiohttp.ClientTimeout(total=self.timeout), **kwargs
@@ -62,9 +73,8 @@ class TransceiverClient:
     ) -> tuple[str, OwnerAddr]:
         """Have the transceiver answer `offer` as `ufrag`; return (answer, owner)."""
         url = f"{transceiver.control_url}/calls"
-        status, body = await self._request(
-            "POST", url, json=CreateCallRequest(conn_id=conn_id, ufrag=ufrag, offer=offer).model_dump()
-        )
+        request = CreateCallRequest(conn_id=conn_id, ufrag=ufrag, offer=offer)
+        status, body = await self._request(transceiver, "POST", url, json=request.model_dump())
         if status != 201:
             detail = one_line(body.decode("utf-8", "replace"))
             raise TransceiverError(f"POST {url} returned {status}: {detail}")
@@ -83,7 +93,7 @@ class TransceiverClient:
         """A JSON request to a transceiver's control API (migration steps:
         export, import, activate, release, unfreeze); the reply's JSON or {}."""
         url = f"{transceiver.control_url}{path}"
-        status, reply = await self._request(method, url, json=body if body is not None else {})
+        status, reply = await self._request(transceiver, method, url, json=body if body is not None else {})
         if status not in expect:
             detail = one_line(reply.decode("utf-8", "replace"))
             raise TransceiverError(f"{method} {url} returned {status}: {detail}")
@@ -99,7 +109,7 @@ class TransceiverClient:
 
     async def delete_call(self, transceiver: Transceiver, conn_id: int) -> None:
         url = f"{transceiver.control_url}/calls/{conn_id}"
-        status, body = await self._request("DELETE", url)
+        status, body = await self._request(transceiver, "DELETE", url)
         # 404: the transceiver has already forgotten the call, which is the goal.
         if status not in (200, 204, 404):
             detail = one_line(body.decode("utf-8", "replace"))

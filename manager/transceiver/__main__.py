@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from manager import pki
 
 from .service import TransceiverConfig, run
 
@@ -68,7 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--relay-url",
         default=None,
-        help="relay manager base URL, e.g. http://10.10.0.1:8080 (omit: do not register)",
+        help="relayd's internal listener, e.g. https://10.10.0.1:8443 (omit: do not register)",
+    )
+    p.add_argument(
+        "--pki-dir",
+        type=Path,
+        required=True,
+        help="directory with ca.pem and transceiver-<id>.pem/.key (from `relayctl pki issue`): "
+             "mutual TLS with relayd both ways",
+    )
+    p.add_argument(
+        "--hint-key-file",
+        type=Path,
+        default=None,
+        help="file (mode 0600) with the relay's hex routing-hint key; or set SPLITRELAY_HINT_KEY",
     )
     p.add_argument("--capacity", type=positive_int, default=100, help="maximum simultaneous calls")
     p.add_argument(
@@ -102,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "DEBUG":
         # aioice/aiortc log every check at INFO: too chatty for many calls.
         logging.getLogger("aioice").setLevel(logging.WARNING)
+    try:
+        hint_key = pki.read_hint_key(args.hint_key_file, dict(os.environ))
+    except ValueError as exc:
+        print(f"transceiver: {exc}", file=sys.stderr)
+        return 2
     config = TransceiverConfig(
         id=args.id,
         listen_host=args.listen[0],
@@ -111,10 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         bind_addrs=args.bind or ["127.0.0.1"],
         ice_port=args.ice_port,
         control_url=args.control_url,
+        pki_dir=args.pki_dir,
+        hint_key=hint_key,
     )
     try:
         asyncio.run(run(config))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pki.PkiError) as exc:
         print(f"transceiver: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -23,10 +23,13 @@ Live migration (docs/transceiver.md, "Migration"):
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from manager import pki
 from manager.protocol.api import ApiError, json_object
 
 from .errors import (
@@ -38,6 +41,8 @@ from .errors import (
     UnknownCall,
 )
 from .transceiver import Transceiver
+
+logger = logging.getLogger(__name__)
 
 TRANSCEIVER_KEY = web.AppKey("transceiver", Transceiver)
 #: Bodies are an SDP offer plus two small fields; browsers' offers are a few KiB.
@@ -145,8 +150,32 @@ async def _call_errors(request: web.Request, handler) -> web.StreamResponse:
         return _error(status, str(exc))
 
 
-def create_app(transceiver: Transceiver) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_call_errors])
+def relayd_only(request: web.Request) -> bool:
+    """Whether the TLS client certificate of this connection names relayd
+    (the handshake already verified it against the CA)."""
+    transport = request.transport
+    peer = pki.peer_identity(transport.get_extra_info("peercert") if transport is not None else None)
+    return peer == pki.Identity(pki.RELAYD)
+
+
+def _authorized(check: Callable[[web.Request], bool]):
+    @web.middleware
+    async def authorized(request: web.Request, handler) -> web.StreamResponse:
+        if not check(request):
+            logger.warning("refused %s %s from %s: not relayd's certificate", request.method, request.path,
+                           request.remote)
+            return _error(403, "relayd's client certificate is required")
+        return await handler(request)
+
+    return authorized
+
+
+def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], bool] | None = None,
+               ) -> web.Application:
+    """The control API. Served with mutual TLS, `authorize=relayd_only` admits
+    relayd alone; None (in-process tests over plain HTTP) admits anyone."""
+    middlewares = [_call_errors] if authorize is None else [_authorized(authorize), _call_errors]
+    app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[TRANSCEIVER_KEY] = transceiver
     app.router.add_post("/calls", _post_call)
     app.router.add_post("/calls/import", _import_call)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 import aiohttp
+
+from manager import pki
 
 from .transceiver import Transceiver
 
@@ -28,12 +31,18 @@ class Registrar:
         control_url: str,
         interval: float = 1.0,
         timeout: float = 2.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.tx = transceiver
         self.relay_url = relay_url.rstrip("/")
         self.control_url = control_url
         self.interval = interval
         self.timeout = timeout
+        # pki.client_context of this transceiver: the relay is checked to be
+        # relayd, and our certificate is who we register as. None: plain HTTP
+        # (in-process tests only).
+        self.tls = tls
+        self._tls_args = {} if tls is None else {"ssl": tls, "server_hostname": pki.relayd_name()}
         self.registered = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -70,7 +79,7 @@ class Registrar:
     async def _register(self) -> bool:
         assert self._session is not None
         body = {"id": self.tx.id, "control_url": self.control_url, "capacity": self.tx.capacity}
-        async with self._session.post(f"{self.relay_url}/v1/transceivers", json=body) as resp:
+        async with self._session.post(f"{self.relay_url}/v1/transceivers", json=body, **self._tls_args) as resp:
             if resp.status in (200, 201):
                 return True
             self._report(f"registration refused: HTTP {resp.status} {(await resp.text())[:200]}")
@@ -83,7 +92,7 @@ class Registrar:
             "calls": self.tx.calls() if healthy is not False else [],
         }
         url = f"{self.relay_url}/v1/transceivers/{self.tx.id}/heartbeat"
-        async with self._session.put(url, json=body) as resp:
+        async with self._session.put(url, json=body, **self._tls_args) as resp:
             return resp.status
 
     def _report(self, problem: str) -> None:

@@ -8,11 +8,14 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
+from manager import pki
+
 from .agent import AgentFactory, EchoAgent
-from .control import create_app
+from .control import create_app, relayd_only
 from .imported_call import DEFAULT_CONSENT_TIMEOUT
 from .registrar import Registrar
 from .transceiver import DEFAULT_CONNECT_TIMEOUT, Transceiver
@@ -36,6 +39,8 @@ class TransceiverConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     consent_timeout: float = DEFAULT_CONSENT_TIMEOUT  # imported calls (migration)
     agent_factory: AgentFactory = EchoAgent
+    pki_dir: Path | None = None  # ca.pem, transceiver-<id>.pem/.key: mutual TLS both ways
+    hint_key: bytes | None = None  # the relay's routing-hint key: every call's ufrag is checked
 
 
 async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> None:
@@ -48,12 +53,18 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
         ice_port=config.ice_port,
         connect_timeout=config.connect_timeout,
         consent_timeout=config.consent_timeout,
+        hint_key=config.hint_key,
     )
+    server_tls = client_tls = None
+    if config.pki_dir is not None:
+        paths = pki.paths(config.pki_dir, pki.transceiver_name(config.id).split(".")[0])
+        server_tls, client_tls = pki.server_context(paths), pki.client_context(paths)
     await tx.start()
-    runner = web.AppRunner(create_app(tx), access_log=None)
+    app = create_app(tx, authorize=relayd_only if server_tls is not None else None)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.listen_host, config.listen_port)
+        site = web.TCPSite(runner, config.listen_host, config.listen_port, ssl_context=server_tls)
         await site.start()
     except OSError as exc:
         await runner.cleanup()
@@ -62,8 +73,9 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
             exc.errno, f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}"
         ) from None
     host, port = runner.addresses[0][:2]
+    scheme = "https" if server_tls is not None else "http"
     control_url = config.control_url or (
-        f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
     )
     logger.info("transceiver %d control API on %s, ICE owner %s", config.id, control_url, tx.owner)
 
@@ -77,7 +89,8 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
 
     registrar: Registrar | None = None
     if config.relay_url:
-        registrar = Registrar(tx, config.relay_url, control_url, interval=config.heartbeat_interval)
+        registrar = Registrar(tx, config.relay_url, control_url, interval=config.heartbeat_interval,
+                              tls=client_tls)
         await registrar.start()
     try:
         await stop.wait()

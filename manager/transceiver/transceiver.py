@@ -26,6 +26,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCBundlePolicy
 
 from manager.protocol.callstate import parse_call_state
+from manager.protocol.ufrag import UfragError, decode_ufrag
 
 from .agent import AgentFactory, AgentSession, EchoAgent
 from .call_handle import CallHandle
@@ -75,6 +76,7 @@ class Transceiver:
         ice_port: int = 0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
+        hint_key: bytes | None = None,
     ) -> None:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
@@ -102,6 +104,10 @@ class Transceiver:
         self.ice_port = ice_port
         self.connect_timeout = connect_timeout
         self.consent_timeout = consent_timeout
+        # The relay's routing-hint key: every call asked of us must carry a
+        # ufrag the relay minted for this transceiver and connection id. None
+        # (in-process tests only) accepts any ufrag; the service always sets it.
+        self.hint_key = hint_key
         #: Called with (conn_id, reason) when a call ends, whatever the cause.
         self.on_call_ended: list[Callable[[int, str], None]] = []
         self._muxes: list[IceMux] = []
@@ -229,6 +235,7 @@ class Transceiver:
             raise InvalidRequest("ufrag must be 4 to 256 ICE characters [A-Za-z0-9+/]") from None
         if not isinstance(offer_sdp, str) or not offer_sdp.strip():
             raise InvalidRequest("offer must be a non-empty SDP string")
+        self._check_hint(ufrag, conn_id, placed_here=True)
         self._check_room(conn_id, ufrag)
         offer_sdp, stripped = strip_offer_candidates(offer_sdp)
         offer = validate_offer(offer_sdp)
@@ -260,6 +267,18 @@ class Transceiver:
         self._calls[conn_id] = call
         call.start(connect_timeout=self.connect_timeout, on_end=self._end_call)
         return call.answer_sdp, self.owner
+
+    def _check_hint(self, ufrag: str, conn_id: int, *, placed_here: bool) -> None:
+        if self.hint_key is None:
+            return
+        try:
+            hint = decode_ufrag(self.hint_key, ufrag)
+        except UfragError as exc:
+            raise InvalidRequest(f"ufrag carries no valid routing hint: {exc}") from None
+        if hint.conn_id != conn_id:
+            raise InvalidRequest(f"ufrag routes to conn_id {hint.conn_id}, not {conn_id}")
+        if placed_here and hint.transceiver_id != self.id:
+            raise InvalidRequest(f"ufrag routes to transceiver {hint.transceiver_id}, not {self.id}")
 
     def _check_room(self, conn_id: int, ufrag: str) -> None:
         if self._stopping:
@@ -342,6 +361,9 @@ class Transceiver:
             raise InvalidRequest(f"state rejected: {exc}") from None
         if plan.state.conn_id != conn_id:
             raise InvalidRequest(f"state is for conn_id {plan.state.conn_id}, not {conn_id}")
+        # The call keeps the ufrag minted for its first owner: its MAC and
+        # connection id must hold, the transceiver id names the first owner.
+        self._check_hint(plan.ice.local_ufrag, conn_id, placed_here=False)
         self._check_room(conn_id, plan.ice.local_ufrag)
 
         session = AgentSession(conn_id)

@@ -40,8 +40,7 @@ def run(count: int, interval: float) -> dict:
             await asyncio.sleep(1.0)
             call_id = rep.call_url.rsplit("/", 1)[1]
             for i in range(count):
-                call = next(c for c in (await asyncio.to_thread(svc.api, "/v1/calls"))["calls"]
-                            if c["call_id"] == call_id)
+                call = await asyncio.to_thread(svc.call, call_id)
                 target = 2 if call["transceiver_id"] == 1 else 1
                 before = await _lost(pc)
                 res = await asyncio.to_thread(ctl.request, "POST", f"/sessions/{call_id}/migrate", {"to": target})
