@@ -133,3 +133,32 @@ def test_bad_names_and_missing_files(tmp_path: Path) -> None:
         pki.issue(tmp_path, pki.relayd_name())
     with pytest.raises(pki.PkiError, match="1..65535"):
         pki.transceiver_name(0)
+
+
+def test_relayctl_pki_and_token(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cli.relayctl import main
+    from manager.protocol.client_auth import verify_token
+
+    run = CliRunner().invoke
+    d = tmp_path / "pki"
+    res = run(main, ["pki", "init", "--dir", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    res = run(main, ["pki", "issue", "--dir", str(d), "--transceiver", "3"])
+    assert res.exit_code == 0 and "transceiver-3.splitrelay.internal" in res.output
+    assert stat.S_IMODE((d / "transceiver-3.key").stat().st_mode) == 0o600
+    res = run(main, ["pki", "issue", "--dir", str(d)])
+    assert res.exit_code == 1 and "give exactly one of --transceiver N and --relayd" in res.output
+    res = run(main, ["pki", "issue", "--dir", str(tmp_path / "none"), "--relayd"])
+    assert res.exit_code == 1 and "run `relayctl pki init` first" in res.output
+
+    key = tmp_path / "token.key"
+    key.write_text("ab" * 32)
+    key.chmod(0o600)
+    res = run(main, ["token", "--key-file", str(key), "--ttl", "60", "--subject", "web"])
+    assert res.exit_code == 0
+    assert verify_token(bytes.fromhex("ab" * 32), res.output.strip()).subject == "web"
+    key.chmod(0o644)
+    res = run(main, ["token", "--key-file", str(key)])
+    assert res.exit_code == 1 and "mode 0644 lets others read a secret" in res.output
