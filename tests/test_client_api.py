@@ -47,7 +47,8 @@ def test_tokens_guard_creation_and_bind_a_call_to_its_creator() -> None:
             assert re.fullmatch(r"/v1/calls/[0-9a-f]{32}", location)
 
             # Ending or updating it: not without a token, not with another valid one.
-            for headers in ({}, {"Authorization": f"Bearer {mallory}"}, {"Authorization": "Bearer junk"}):
+            for headers in ({}, {"Authorization": f"Bearer {mallory}"}, {"Authorization": "Bearer junk"},
+                            {"Authorization": f"Bearer {expired}"}):
                 resp = await env.http.delete(location, headers=headers)
                 assert resp.status == 401, await resp.text()
                 resp = await env.http.patch(location, data="a=ice-ufrag:x\r\n",
