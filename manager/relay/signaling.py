@@ -272,6 +272,11 @@ def cors_middleware(allowed_origins: Sequence[str]):
     return cors
 
 
+async def _cors_refused(request: web.Request) -> web.Response:
+    # Reached only when the CORS middleware did not answer the preflight.
+    return _text(403, "CORS: origin not allowed")
+
+
 def make_app(
     registry: Registry,
     *,
@@ -296,7 +301,7 @@ def make_app(
     app.router.add_post("/v1/calls", api.create_call)
     app.router.add_delete("/v1/calls/{call_id}", api.delete_call)
     app.router.add_patch("/v1/calls/{call_id}", api.update_call)
-    app.router.add_route("OPTIONS", "/{tail:.*}", lambda request: _text(403, "CORS: origin not allowed"))
+    app.router.add_route("OPTIONS", "/{tail:.*}", _cors_refused)
     app.on_cleanup.append(api.cleanup)
     if transceiver_client is None:
 
