@@ -23,6 +23,16 @@
 #define PIN_DIR "/sys/fs/bpf/splitrelay"
 #endif
 
+/* The server ufrag's shape (manager/protocol/ufrag.py: UFRAG_LENGTH, VERSION;
+ * held equal by tests/test_structs_layout.py). */
+#define UFRAG_LEN 24
+#define UFRAG_VERSION 1
+/* STUN attributes looked at before USERNAME, and how far into the message. */
+#ifndef STUN_MAX_ATTRS
+#define STUN_MAX_ATTRS 8
+#endif
+#define STUN_SCAN_MAX 1024
+
 #define SR_AF_INET 2
 #define SR_AF_INET6 10
 
@@ -53,6 +63,10 @@ enum stat_id {
     STAT_DROP_NO_OWNER,           /* flow's connection id has no owner entry */
     STAT_DROP_BAD_CLASS,          /* known flow, payload not STUN/DTLS/RTP */
     STAT_DROP_NO_INTERNAL_ADDR,   /* no relay-internal address for this family */
+    STAT_DROP_STUN_MALFORMED,     /* unknown tuple: no cookie, bad length, attribute past the end */
+    STAT_DROP_STUN_NOT_BINDING,   /* unknown tuple: STUN but not a Binding request */
+    STAT_DROP_STUN_NO_USERNAME,   /* unknown tuple: Binding request without USERNAME */
+    STAT_DROP_STUN_BAD_UFRAG,     /* unknown tuple: USERNAME not "<our ufrag shape>:<ufrag>" */
     STAT_FWD_IN_STUN,             /* client → owner, forwarded in XDP */
     STAT_FWD_IN_DTLS,
     STAT_FWD_IN_RTP,
@@ -70,6 +84,6 @@ _Static_assert(STAT_FWD_IN_STUN + CLASS_RTP == STAT_FWD_IN_RTP, "inbound RTP cou
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_DTLS == STAT_FWD_OUT_DTLS, "outbound DTLS counter follows the class enum");
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_RTP == STAT_FWD_OUT_RTP, "outbound RTP counter follows the class enum");
 /* Drops are the range [STAT_DROP_MALFORMED, STAT_FWD_IN_STUN) (relay.bpf.c). */
-_Static_assert(STAT_DROP_NO_INTERNAL_ADDR + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
+_Static_assert(STAT_DROP_STUN_BAD_UFRAG + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
 
 #endif

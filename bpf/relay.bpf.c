@@ -4,12 +4,13 @@
  *   relay-internal addr:flow port → current owner of the call, redirected.
  * Owner → relay-internal addr:flow port: forwarded back as VIP:port → client,
  *   only when the sender is the current owner of the call.
- * Unknown client tuple: STUN goes to the slow path (XDP_PASS), the rest is
- * dropped. Everything else passes untouched. Every verdict is counted. */
+ * Unknown client tuple: a well-formed STUN Binding request carrying our ufrag
+ * shape goes to the slow path (XDP_PASS, stun.h), the rest is dropped. Everything else passes untouched. Every verdict is counted. */
 #include "consts.h"
 #include "structs.h"
 #include "maps.h"
 #include "parse.h"
+#include "stun.h"
 #include "csum.h"
 
 #define AF_INET_FIB 2
@@ -176,7 +177,7 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
 
     struct flow_info *flow = flows.lookup(&key);
     if (!flow)
-        return p->class == CLASS_STUN ? STAT_PASS_STUN_UNKNOWN : STAT_DROP_UNKNOWN_NOT_STUN;
+        return p->class == CLASS_STUN ? stun_admit(p) : STAT_DROP_UNKNOWN_NOT_STUN;
     if (p->class == CLASS_OTHER)
         return STAT_DROP_BAD_CLASS;
     __u32 conn_id = flow->conn_id;

@@ -135,8 +135,9 @@ def test_bad_first_packets_install_nothing(env, kind):
     lab, svc, dp = env
     key = bytes.fromhex(svc.hint_key)
     payload = {
-        # A random ufrag: the MAC cannot verify.
-        "forged": stun_request("".join(secrets.choice("ABCDEFGHabcdefgh0123456789+/") for _ in range(24)) + ":cli1"),
+        # A ufrag of the right shape (it passes XDP's admission), random otherwise: the MAC cannot verify.
+        "forged": stun_request("AQ" + "".join(secrets.choice("ABCDEFGHabcdefgh0123456789+/") for _ in range(22))
+                               + ":cli1"),
         # Authentic under the real key, but no such call exists.
         "unknown-call": stun_request(encode_ufrag(key, 1, 0x7FFFFFF0) + ":cli1"),
         # Media from a client tuple the relay has never authenticated.

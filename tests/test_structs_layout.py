@@ -72,3 +72,14 @@ def test_every_struct_is_padded_explicitly():
             for t in (k, v):
                 if isinstance(t, type) and issubclass(t, ctypes.Structure):
                     assert sum(getattr(t, f).size for f, *_ in t._fields_) == ctypes.sizeof(t), t.__name__
+
+
+def test_ufrag_shape_constants_match_the_python_side():
+    """bpf/stun.h admits USERNAMEs of the server ufrag's shape: the C constants
+    must be manager/protocol/ufrag.py's."""
+    from manager.protocol import ufrag
+
+    text = (BPF_DIR / "consts.h").read_text()
+    consts = dict(re.findall(r"^#define (UFRAG_LEN|UFRAG_VERSION) (\d+)", text, re.M))
+    assert int(consts["UFRAG_LEN"]) == ufrag.UFRAG_LENGTH
+    assert int(consts["UFRAG_VERSION"]) == ufrag.VERSION

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BPF_FILES = {"relay.bpf.c", "consts.h", "structs.h", "maps.h", "parse.h", "csum.h"}
+BPF_FILES = {"relay.bpf.c", "consts.h", "structs.h", "maps.h", "parse.h", "stun.h", "csum.h"}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loading XDP needs root")
 

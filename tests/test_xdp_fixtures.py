@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from aioice import stun
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Dot1Q, Ether
@@ -34,12 +35,13 @@ from manager.lab.xdp_harness import (
     XDP_PASS,
     XDP_REDIRECT,
 )
+from manager.protocol.ufrag import encode_ufrag
 from manager.relay.kernel.datapath import OwnerAddr
 
 pytestmark = pytest.mark.netns
 
 OWNER_PORT = 5000
-STUN = bytes.fromhex("000100082112a442") + b"\x01" * 12 + b"\x80\x22\x00\x04test"
+STUN = hx.STUN_CHECK
 DTLS = bytes([22, 0xFE, 0xFD]) + b"\x00" * 10 + b"\x00\x10" + b"d" * 16
 RTP = bytes([0x80, 111]) + b"\x00\x01" + b"\x00" * 8 + b"r" * 40
 JUNK = bytes([0x50]) + b"j" * 20
@@ -76,6 +78,50 @@ def o2r4(payload: bytes, src: str = TX1_4, flow_port: int = FLOW4) -> Ether:
 
 def r2c4(payload: bytes) -> Ether:
     return eth("pub", "client") / IP(src=VIP4, dst=CLIENT4, ttl=63) / UDP(sport=VIP_PORT, dport=40000) / Raw(payload)
+
+
+def _with(data: bytes, at: int, value: bytes) -> bytes:
+    return data[:at] + value + data[at + len(value):]
+
+
+UFRAG = encode_ufrag(hx.HINT_KEY, 1, 7)
+
+
+def admission_cases() -> list[Case]:
+    """A new client tuple's first packets: what reaches the slow path, and the
+    reason for everything that does not."""
+    unknown = dict(sport=41000)
+    good = hx.STUN_CHECK
+    with_priority = hx.binding_request(UFRAG + ":cli1", before={"PRIORITY": 1, "ICE-CONTROLLING": 7})
+    no_username = bytes(stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST))
+    version2 = "Ag" + UFRAG[2:]   # first byte 0x02: another hint version
+    rows = [
+        ("well-formed check with our ufrag → slow path", good, XDP_PASS, "pass_stun_unknown"),
+        ("PRIORITY and ICE-CONTROLLING before USERNAME → slow path", with_priority, XDP_PASS, "pass_stun_unknown"),
+        ("no magic cookie → drop", _with(good, 4, b"\x00\x00\x00\x00"), XDP_DROP, "drop_stun_malformed"),
+        ("length longer than the datagram → drop", _with(good, 2, (len(good) - 16).to_bytes(2, "big")), XDP_DROP,
+         "drop_stun_malformed"),
+        ("length shorter than the datagram → drop", good + b"\x00" * 4, XDP_DROP, "drop_stun_malformed"),
+        ("length not a multiple of 4 → drop", _with(good, 2, (len(good) - 21).to_bytes(2, "big"))[:-1], XDP_DROP,
+         "drop_stun_malformed"),
+        ("header cut short → drop", good[:12], XDP_DROP, "drop_stun_malformed"),
+        ("attribute running past the message → drop", _with(good, 22, b"\x01\x00"), XDP_DROP,
+         "drop_stun_malformed"),
+        ("Binding success response → drop", hx.binding_request(UFRAG + ":cli1", cls=stun.Class.RESPONSE), XDP_DROP,
+         "drop_stun_not_binding"),
+        ("Binding indication → drop", hx.binding_request(UFRAG + ":cli1", cls=stun.Class.INDICATION), XDP_DROP,
+         "drop_stun_not_binding"),
+        ("Binding request without USERNAME → drop", no_username, XDP_DROP, "drop_stun_no_username"),
+        ("USERNAME of a client ufrag shape → drop", hx.binding_request("abcd:efgh"), XDP_DROP,
+         "drop_stun_bad_ufrag"),
+        ("USERNAME with another hint version → drop", hx.binding_request(version2 + ":cli1"), XDP_DROP,
+         "drop_stun_bad_ufrag"),
+        ("USERNAME with a non-ice character → drop", hx.binding_request(UFRAG[:10] + "-" + UFRAG[11:] + ":cli1"),
+         XDP_DROP, "drop_stun_bad_ufrag"),
+        ("USERNAME without the colon → drop", hx.binding_request(UFRAG + "Xcli1"), XDP_DROP, "drop_stun_bad_ufrag"),
+    ]
+    return [Case(f"unknown client: {desc}", "pub", b(c2r4(payload, **unknown)), verdict, None, stat)
+            for desc, payload, verdict, stat in rows]
 
 
 @dataclass
@@ -122,6 +168,8 @@ def cases() -> list[Case]:
         Case("unknown client SRTP → drop", "pub", b(c2r4(RTP, sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
         Case("unknown client DTLS → drop", "pub", b(c2r4(DTLS, sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
         Case("unknown client empty UDP → drop", "pub", b(c2r4(b"", sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
+        # --- admission of an unknown tuple's STUN (bpf/stun.h) --------------------------------
+        *admission_cases(),
         Case("v6 unknown client STUN → slow path", "pub",
              b(eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=41000, dport=VIP_PORT) / Raw(STUN)),
              XDP_PASS, None, "pass_stun_unknown"),

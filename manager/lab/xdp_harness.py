@@ -11,7 +11,10 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 
+from aioice import stun
+
 from manager.lab.topology import NetnsExecutor
+from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import DatapathConfig, Endpoint
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import Datapath
@@ -29,6 +32,21 @@ CLIENT4, CLIENT6 = "10.10.1.2", "fd00:10:1::2"
 INT4, INT6 = "10.10.0.1", "fd00:10::1"
 TX1_4, TX1_6, TX2_4, TX2_6 = "10.10.2.2", "fd00:10:2::2", "10.10.2.3", "fd00:10:2::3"
 NO_NEIGH4 = "10.10.2.9"
+HINT_KEY = bytes(range(32))  # the routing-hint key of the harness's stand-in relay
+
+
+def binding_request(username: str, *, before: dict | None = None, cls: stun.Class = stun.Class.REQUEST) -> bytes:
+    """A real STUN message (aioice) as a client's ICE check: the attributes in
+    `before` first (as browsers put PRIORITY etc.), then USERNAME."""
+    msg = stun.Message(message_method=stun.Method.BINDING, message_class=cls)
+    for name, value in (before or {}).items():
+        msg.attributes[name] = value
+    msg.attributes["USERNAME"] = username
+    return bytes(msg)
+
+
+# A new call's first packet: a check whose USERNAME starts with a minted server ufrag.
+STUN_CHECK = binding_request(encode_ufrag(HINT_KEY, 1, 7) + ":cli1")
 
 
 @dataclass

@@ -69,7 +69,7 @@ FILLER_NET = 0x64400000          # fillers' client addresses: 100.64.0.0/10 (4M 
 # program reads only the first payload byte, so the size hardly matters.
 RTP = bytes([0x80, 111]) + b"\x00\x01" + b"\x00" * 8 + b"p" * 160 + b"t" * 10
 # A STUN binding request with a USERNAME, as a new call's first packet.
-STUN = bytes.fromhex("000100082112a442") + b"\x01" * 12 + b"\x80\x22\x00\x04test"
+STUN = hx.STUN_CHECK
 
 PASS_ONLY_SRC = "int xdp_pass_only(struct xdp_md *ctx) { return XDP_PASS; }"
 
