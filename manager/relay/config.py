@@ -168,7 +168,10 @@ class SlowPathConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     idle_timeout: float = Field(default=30.0, gt=0, description="a flow idle both ways this long is removed")
-    pending_timeout: float = Field(default=30.0, gt=0, description="a client tuple never authenticated is dropped")
+    pending_timeout: float = Field(default=5.0, gt=0, description="a client tuple never authenticated is dropped")
+    max_legs_per_call: int = Field(default=4, ge=1, description="client tuples (flow ports) one call may hold")
+    max_pending_per_source: int = Field(default=8, ge=1,
+                                        description="unauthenticated client tuples per source address")
 
 
 class MetricsConfig(BaseModel):

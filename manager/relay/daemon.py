@@ -73,7 +73,9 @@ class Relay:
             self.registry, self.datapath, hint_key=cfg.hint_key_bytes,
             vips=[v.as_tuple() for v in dp.vips], internal4=dp.internal_addr4, internal6=dp.internal_addr6,
             flow_ports=(dp.flow_port_min, dp.flow_port_max), idle_timeout=cfg.slowpath.idle_timeout,
-            pending_timeout=cfg.slowpath.pending_timeout, on_flow_installed=self.metrics.flow_setup.observe,
+            pending_timeout=cfg.slowpath.pending_timeout, max_legs_per_call=cfg.slowpath.max_legs_per_call,
+            max_pending_per_source=cfg.slowpath.max_pending_per_source,
+            on_flow_installed=self.metrics.flow_setup.observe,
         )
         self.metrics.watch_slowpath(self.slowpath)
         await self.slowpath.start()

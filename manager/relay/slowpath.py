@@ -92,7 +92,8 @@ class SlowPath:
 
     def __init__(self, registry: Registry, datapath: Datapath | None, *, hint_key: bytes,
                  vips: list[tuple[str, int]], internal4: str | None, internal6: str | None,
-                 flow_ports: tuple[int, int], idle_timeout: float = 30.0, pending_timeout: float = 30.0,
+                 flow_ports: tuple[int, int], idle_timeout: float = 30.0, pending_timeout: float = 5.0,
+                 max_legs_per_call: int = 4, max_pending_per_source: int = 8,
                  on_flow_installed: Callable[[float], None] | None = None):
         self.registry = registry
         self.datapath = datapath
@@ -102,6 +103,12 @@ class SlowPath:
         self.ports = FlowPorts(*flow_ports)
         self.idle_timeout = idle_timeout
         self.pending_timeout = pending_timeout
+        # Bounds on what one valid ufrag, replayed from many tuples, can hold:
+        # legs (flow ports, sockets) per call, and unconfirmed legs per source address.
+        self.max_legs_per_call = max_legs_per_call
+        self.max_pending_per_source = max_pending_per_source
+        self._legs_per_call: collections.Counter[int] = collections.Counter()
+        self._pending_per_source: collections.Counter[str] = collections.Counter()
         self.on_flow_installed = on_flow_installed
         self.stats: collections.Counter[str] = collections.Counter()
         self.bytes: collections.Counter[str] = collections.Counter()
@@ -145,8 +152,7 @@ class SlowPath:
             now = time.monotonic()
             leg = Leg(client=flow.client, vip=flow.vip, conn_id=flow.conn_id, flow_port=flow.flow_port,
                       sock=sock, first_seen=now, installed_at=now)
-            self.legs[(flow.client, flow.vip)] = leg
-            self._loop.add_reader(sock.fileno(), self._read_flow, leg)
+            self._add_leg(leg)
             adopted += 1
         if adopted:
             log.info("adopted %d established flows from the kernel", adopted)
@@ -237,6 +243,12 @@ class SlowPath:
         if owner is None or internal is None:
             self.stats["drop_no_owner_in_family"] += 1
             return
+        if self._legs_per_call[call.conn_id] >= self.max_legs_per_call:
+            self.stats["drop_leg_cap"] += 1
+            return
+        if self._pending_per_source[client[0]] >= self.max_pending_per_source:
+            self.stats["drop_source_pending_cap"] += 1
+            return
         try:
             leg = self._open_leg(client, vip, call.conn_id, internal)
         except OSError as exc:
@@ -260,9 +272,16 @@ class SlowPath:
         else:
             raise OSError(errno.EADDRINUSE, "flow ports in use by other sockets")
         leg = Leg(client=client, vip=vip, conn_id=conn_id, flow_port=port, sock=sock)
-        self.legs[(client, vip)] = leg
-        self._loop.add_reader(sock.fileno(), self._read_flow, leg)
+        self._add_leg(leg)
         return leg
+
+    def _add_leg(self, leg: Leg) -> None:
+        self.legs[(leg.client, leg.vip)] = leg
+        self._legs_per_call[leg.conn_id] += 1
+        if leg.installed_at is None:
+            self._pending_per_source[leg.client[0]] += 1
+        if self._loop is not None:
+            self._loop.add_reader(leg.sock.fileno(), self._read_flow, leg)
 
     def _note_txid(self, leg: Leg, data: bytes, msg: stun.Message | None = None) -> None:
         if leg.installed_at is not None or not data or data[0] > 1:
@@ -325,6 +344,11 @@ class SlowPath:
                 msg = stun.parse_message(data)
             except ValueError:
                 msg = None
+            if msg is not None and msg.message_class == stun.Class.ERROR:
+                # An owner's error reply to a check it did not authenticate:
+                # sending it on would make the VIP reflect at a spoofed source.
+                self.stats["drop_error_to_pending"] += 1
+                return
             install = (msg is not None and msg.message_method == stun.Method.BINDING
                        and msg.message_class == stun.Class.RESPONSE and msg.transaction_id in leg.txids)
         sock = self.public.get(leg.vip)
@@ -356,6 +380,7 @@ class SlowPath:
                 log.error("cannot install flow %s for call %s: %s", leg.client, leg.conn_id, exc)
                 return
         leg.installed_at = time.monotonic()
+        self._release_pending(leg)
         leg.txids.clear()
         self.stats["flows_installed"] += 1
         if self.on_flow_installed:
@@ -366,9 +391,23 @@ class SlowPath:
     def legs_of(self, conn_id: int) -> list[Leg]:
         return [leg for leg in self.legs.values() if leg.conn_id == conn_id]
 
+    def _release_pending(self, leg: Leg) -> None:
+        n = self._pending_per_source[leg.client[0]] - 1
+        if n > 0:
+            self._pending_per_source[leg.client[0]] = n
+        else:
+            self._pending_per_source.pop(leg.client[0], None)
+
     def _close_leg(self, leg: Leg, *, remove_kernel: bool = True) -> None:
         if self.legs.get((leg.client, leg.vip)) is leg:
             del self.legs[(leg.client, leg.vip)]
+            if leg.installed_at is None:
+                self._release_pending(leg)
+            n = self._legs_per_call[leg.conn_id] - 1
+            if n > 0:
+                self._legs_per_call[leg.conn_id] = n
+            else:
+                self._legs_per_call.pop(leg.conn_id, None)
         if remove_kernel and self.datapath is not None and leg.installed_at is not None:
             try:
                 self.datapath.remove_flow(leg.client, leg.vip)

@@ -1,0 +1,178 @@
+"""The slow path's bounds, as an attacker replaying one valid ufrag from many
+client tuples would meet them: legs per call, unauthenticated legs per
+source, quick expiry of those, and no reflection of the owner's error
+replies. Real UDP sockets on loopback; the owner is a stand-in socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+from aioice import stun
+
+from manager.protocol.addresses import OwnerAddr
+from manager.protocol.ufrag import encode_ufrag
+from manager.relay.registry import Registry
+from manager.relay.slowpath import SlowPath
+
+KEY = bytes(range(32))
+LO = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LO, 0))
+        return s.getsockname()[1]
+
+
+def _udp() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((LO, 0))
+    s.setblocking(False)
+    return s
+
+
+def check(ufrag: str) -> bytes:
+    msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    msg.attributes["USERNAME"] = f"{ufrag}:cli1"
+    msg.attributes["PRIORITY"] = 1
+    return bytes(msg)
+
+
+def drain(sock: socket.socket) -> list[tuple[bytes, tuple]]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recvfrom(2048))
+        except BlockingIOError:
+            return out
+
+
+async def scenario(*, clients: int, **bounds) -> tuple[SlowPath, list[socket.socket], socket.socket, str]:
+    registry = Registry(heartbeat_timeout=3600.0)
+    registry.register_transceiver(1, "http://127.0.0.1:1", 10)
+    owner = _udp()
+    conn = registry.allocate_conn_id()
+    ufrag = encode_ufrag(KEY, 1, conn)
+    registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag=ufrag)
+    registry.activate(conn, OwnerAddr(addr4=LO, port4=owner.getsockname()[1]))
+    lo = _free_port()
+    sp = SlowPath(registry, None, hint_key=KEY, vips=[(LO, _free_port())], internal4=LO, internal6=None,
+                  flow_ports=(lo, lo + 400), **bounds)
+    await sp.start()
+    socks = [_udp() for _ in range(clients)]
+    for s in socks:
+        s.sendto(check(ufrag), sp.vips[0])
+    await asyncio.sleep(0.3)
+    return sp, socks, owner, ufrag
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_one_call_holds_at_most_max_legs() -> None:
+    async def go() -> None:
+        sp, socks, owner, _ = await scenario(clients=7, max_legs_per_call=4, max_pending_per_source=100)
+        try:
+            assert sp.stats["legs_opened"] == 4 and sp.stats["drop_leg_cap"] == 3
+            assert len(drain(owner)) == 4  # only the admitted checks reached the owner
+            assert len(sp.legs) == 4
+        finally:
+            await sp.stop()
+            for s in [*socks, owner]:
+                s.close()
+
+    run(go())
+
+
+def test_unauthenticated_legs_per_source_are_capped() -> None:
+    async def go() -> None:
+        sp, socks, owner, _ = await scenario(clients=5, max_legs_per_call=100, max_pending_per_source=3)
+        try:
+            assert sp.stats["legs_opened"] == 3 and sp.stats["drop_source_pending_cap"] == 2
+        finally:
+            await sp.stop()
+            for s in [*socks, owner]:
+                s.close()
+
+    run(go())
+
+
+def test_pending_legs_expire_quickly_and_free_their_slots() -> None:
+    async def go() -> None:
+        sp, socks, owner, ufrag = await scenario(clients=2, max_legs_per_call=2)
+        try:
+            assert len(sp.legs) == 2
+            sp.expire(time.monotonic() + 4.0)  # within the 5 s default
+            assert len(sp.legs) == 2
+            sp.expire(time.monotonic() + 5.5)
+            assert sp.legs == {} and sp.stats["legs_expired_pending"] == 2
+            # The call's slots are free again.
+            late = _udp()
+            late.sendto(check(ufrag), sp.vips[0])
+            await asyncio.sleep(0.2)
+            assert len(sp.legs) == 1
+            late.close()
+        finally:
+            await sp.stop()
+            for s in [*socks, owner]:
+                s.close()
+
+    run(go())
+
+
+def test_error_replies_to_unauthenticated_legs_are_not_reflected() -> None:
+    async def go() -> None:
+        sp, socks, owner, _ = await scenario(clients=1)
+        client = socks[0]
+        try:
+            ((data, flow_addr),) = drain(owner)
+            request = stun.parse_message(data)
+            error = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.ERROR,
+                                 transaction_id=request.transaction_id)
+            error.attributes["ERROR-CODE"] = (401, "Unauthorized")
+            owner.sendto(bytes(error), flow_addr)
+            await asyncio.sleep(0.2)
+            assert drain(client) == [] and sp.stats["drop_error_to_pending"] == 1
+            # The owner's success for the forwarded check goes through (and installs the leg).
+            ok = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
+                              transaction_id=request.transaction_id)
+            owner.sendto(bytes(ok), flow_addr)
+            await asyncio.sleep(0.2)
+            assert len(drain(client)) == 1
+            (leg,) = sp.legs.values()
+            assert leg.installed_at is not None and sp.stats["flows_installed"] == 1
+        finally:
+            await sp.stop()
+            for s in [*socks, owner]:
+                s.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("cap", [1, 3])
+def test_installed_legs_leave_the_pending_count(cap: int) -> None:
+    async def go() -> None:
+        sp, socks, owner, ufrag = await scenario(clients=cap, max_pending_per_source=cap)
+        try:
+            for data, flow_addr in drain(owner):
+                ok = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
+                                  transaction_id=stun.parse_message(data).transaction_id)
+                owner.sendto(bytes(ok), flow_addr)
+            await asyncio.sleep(0.2)
+            assert all(leg.installed_at is not None for leg in sp.legs.values())
+            # All confirmed: the same source may start another leg.
+            extra = _udp()
+            extra.sendto(check(ufrag), sp.vips[0])
+            await asyncio.sleep(0.2)
+            assert sp.stats["legs_opened"] == cap + 1
+            extra.close()
+        finally:
+            await sp.stop()
+            for s in [*socks, owner]:
+                s.close()
+
+    run(go())
