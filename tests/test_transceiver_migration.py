@@ -457,3 +457,39 @@ def test_migration_blocker_and_stream_state() -> None:
     assert st.is_newer(101) and not st.is_newer(100) and not st.is_newer(99)
     with pytest.raises(ValueError, match=r"seq"):
         RtpStream(ssrc=1, payload_type=111, seq=70000)
+
+
+def test_a_freeze_expires_by_itself_when_no_release_comes() -> None:
+    """relayd died between export-with-freeze and the flip: the old owner's
+    lease runs out and the call is heard again; a release before the lease
+    ends the call instead."""
+
+    async def scenario() -> None:
+        async with Transceiver(1, capacity=3, freeze_lease=0.8) as tx:
+            client = ClientCall(440)
+            try:
+                await client.place(tx, 7, UFRAG_A)
+                await client.wait_connected()
+                await asyncio.sleep(1.0)
+                fwd = client.fwd
+                assert fwd is not None
+                tx.export_call(7, freeze=True)
+                assert tx.health()["migration"]["frozen"] == [7]
+                await asyncio.sleep(0.3)
+                frozen_count = len(fwd.to_client)
+                await asyncio.sleep(0.3)
+                assert len(fwd.to_client) - frozen_count <= 1  # silent while frozen
+                await wait_for(lambda: tx.health()["migration"]["frozen"] == [], 3, "the lease to expire")
+                assert tx.leases_expired == 1
+                resumed = len(fwd.to_client)
+                await asyncio.sleep(0.5)
+                assert len(fwd.to_client) - resumed > 10  # media flows again
+                # An unfreeze or a release stops the lease: nothing expires afterwards.
+                tx.export_call(7, freeze=True)
+                tx.unfreeze_call(7)
+                await asyncio.sleep(1.0)
+                assert tx.leases_expired == 1
+            finally:
+                await client.close()
+
+    run(scenario(), timeout=30)

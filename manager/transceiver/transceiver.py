@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 #: A call that is not connected (ICE + DTLS) this long after its answer is dropped:
 #: aioice keeps waiting for candidates forever, as end-of-candidates never comes.
 DEFAULT_CONNECT_TIMEOUT = 30.0
+#: A migration freeze lasts at most this long without a release or unfreeze.
+DEFAULT_FREEZE_LEASE = 5.0
 U32_MAX = 0xFFFFFFFF
 
 
@@ -77,6 +79,7 @@ class Transceiver:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
         hint_key: bytes | None = None,
+        freeze_lease: float = DEFAULT_FREEZE_LEASE,
     ) -> None:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
@@ -108,6 +111,12 @@ class Transceiver:
         # ufrag the relay minted for this transceiver and connection id. None
         # (in-process tests only) accepts any ufrag; the service always sets it.
         self.hint_key = hint_key
+        # A frozen call resumes by itself after this long unless it is
+        # released (it moved) or unfrozen: a relayd that died mid-migration
+        # must not leave it muted.
+        self.freeze_lease = freeze_lease
+        self._leases: dict[int, asyncio.Task[None]] = {}
+        self.leases_expired = 0
         #: Called with (conn_id, reason) when a call ends, whatever the cause.
         self.on_call_ended: list[Callable[[int, str], None]] = []
         self._muxes: list[IceMux] = []
@@ -201,6 +210,7 @@ class Transceiver:
             "demux": dict(demux),
             "migration": {
                 "frozen": sorted(c.conn_id for c in calls if c.frozen_at is not None),
+                "leases_expired": self.leases_expired,
                 "imported": {
                     str(c.conn_id): info for c in calls if (info := c.migration_info()) is not None
                 },
@@ -303,6 +313,7 @@ class Transceiver:
         # Forget it first, so the heartbeat stops listing it right away.
         self._calls.pop(call.conn_id, None)
         self._ufrags.discard(call.ufrag)
+        self._stop_lease(call.conn_id)
         await call.close(quiet=quiet)
         logger.info("call %d ended: %s", call.conn_id, reason)
         for callback in list(self.on_call_ended):
@@ -329,12 +340,36 @@ class Transceiver:
             raise CallStateConflict(f"call {conn_id} cannot be migrated: {problem}")
         if freeze:
             call.freeze()
-            logger.info("call %d frozen for migration", conn_id)
+            self._start_lease(call)
+            logger.info("call %d frozen for migration (lease %g s)", conn_id, self.freeze_lease)
         return self.export_call_state(conn_id)
+
+    def _start_lease(self, call: CallHandle) -> None:
+        frozen_at = call.frozen_at
+
+        async def expire() -> None:
+            await asyncio.sleep(self.freeze_lease)
+            if self._calls.get(call.conn_id) is call and call.frozen_at == frozen_at:
+                call.unfreeze()
+                self.leases_expired += 1
+                logger.warning("call %d: migration freeze lease expired after %g s; sending again",
+                               call.conn_id, self.freeze_lease)
+
+        self._stop_lease(call.conn_id)
+        task = asyncio.get_running_loop().create_task(expire())
+        self._leases[call.conn_id] = task
+        task.add_done_callback(lambda t, c=call.conn_id: self._leases.pop(c, None) if self._leases.get(c) is t
+                               else None)
+
+    def _stop_lease(self, conn_id: int) -> None:
+        task = self._leases.pop(conn_id, None)
+        if task is not None:
+            task.cancel()
 
     def unfreeze_call(self, conn_id: int) -> None:
         """Resume sending after a failed migration (no-op if not frozen)."""
         self._get(conn_id).unfreeze()
+        self._stop_lease(conn_id)
         logger.info("call %d unfrozen", conn_id)
 
     async def release_call(self, conn_id: int) -> None:
