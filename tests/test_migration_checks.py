@@ -87,3 +87,53 @@ def test_retiring_the_old_owner_keeps_what_the_new_owner_staged():
     finally:
         for leg in legs:
             leg.sock.close()
+
+
+class _EndsTheCallOnImport:
+    """relayd's transceiver client as the race sees it: the export and the
+    import succeed, and the client hangs up while the import is under way."""
+
+    def __init__(self, registry: Registry, conn: int) -> None:
+        self.registry, self.conn = registry, conn
+        self.requests: list[tuple[int, str, str]] = []
+
+    async def call_op(self, transceiver, method: str, path: str, body=None, expect=(200, 201, 204)) -> dict:
+        self.requests.append((transceiver.id, method, path))
+        if path.endswith("/import"):
+            self.registry.end_call(self.conn, "client-hangup")
+            return {"owner": {"addr4": "10.10.2.3", "port4": 5000, "addr6": None, "port6": 0}}
+        return {}
+
+    async def delete_call(self, transceiver, conn_id: int) -> None:
+        self.requests.append((transceiver.id, "DELETE", f"/calls/{conn_id}"))
+
+
+@pytest.mark.netns
+def test_a_migration_racing_the_calls_end_leaves_no_owner_entry():
+    import asyncio
+
+    from manager.lab import xdp_harness as hx
+    from manager.relay.slowpath import SlowPath
+
+    h = hx.build()
+    try:
+        reg = Registry()
+        reg.register_transceiver(1, "http://10.10.2.2:8700", 5)
+        reg.register_transceiver(2, "http://10.10.2.3:8700", 5)
+        conn = reg.allocate_conn_id()
+        reg.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag="srv1srv1",
+                     owner=OwnerAddr(addr4="10.10.2.2", port4=5000))
+        reg.activate(conn, OwnerAddr(addr4="10.10.2.2", port4=5000))
+        sp = SlowPath(reg, h.dp, hint_key=bytes(32), vips=[("10.10.1.1", 3478)], internal4="10.10.0.1",
+                      internal6=None, flow_ports=(20000, 20999))
+        reg.on_call_ended(sp._call_ended)  # what SlowPath.start() subscribes
+        client = _EndsTheCallOnImport(reg, conn)
+        m = Migrator(reg, h.dp, sp, client)
+        with pytest.raises(MigrationError) as info:
+            asyncio.run(m.migrate(conn, 2))
+        assert info.value.status == 409 and "ended during its migration" in str(info.value)
+        assert h.dp.get_owner(conn) is None  # no owner entry re-created for the dead call
+        assert (2, "DELETE", f"/calls/{conn}") in client.requests  # the import is dropped
+        assert not any(p.endswith("/unfreeze") for _, _, p in client.requests)
+    finally:
+        hx.teardown(h)

@@ -161,7 +161,15 @@ class Migrator:
                 await self._roll_back(source, target, conn, imported, new_owner)
                 raise MigrationError(f"migration of call {call.call_id} failed, call left on transceiver "
                                      f"{source.id}: {exc}", 502) from None
+            if self.registry.get_call(conn) is not call or call.state != "active":
+                # The call ended while it was exported and imported (a hang-up,
+                # an expiry): flipping now would give a dead call an owner entry.
+                for ep, flow_port in staged:  # its legs are gone: undo what was staged for them
+                    self.datapath.remove_reverse(ep, flow_port)
+                await self._roll_back(source, target, conn, imported, None, unfreeze=False)
+                raise MigrationError(f"call {call.call_id} ended during its migration", 409)
             # The switch: one map update moves both directions of every flow.
+            # Nothing awaits between the check above and here: no end can slip in.
             res.generation = self.datapath.set_owner(conn, new_owner)
             self.registry.set_owner(conn, target.id, new_owner)
             res.flip_s = time.monotonic() - t0
@@ -196,7 +204,8 @@ class Migrator:
         """Wait for the releases still under way (relayd stopping)."""
         await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def _roll_back(self, source, target, conn: int, imported: bool, new_owner: OwnerAddr | None) -> None:
+    async def _roll_back(self, source, target, conn: int, imported: bool, new_owner: OwnerAddr | None,
+                         *, unfreeze: bool = True) -> None:
         if new_owner is not None:
             for leg in self.slowpath.legs_of(conn):
                 ep = new_owner.for_family(leg.family)
@@ -207,6 +216,8 @@ class Migrator:
                 await self.client.delete_call(target, conn)
             except TransceiverError as exc:
                 log.warning("roll-back: dropping the import on transceiver %d: %s", target.id, exc)
+        if not unfreeze:
+            return
         try:
             await self.client.call_op(source, "POST", f"/calls/{conn}/unfreeze")
         except TransceiverError as exc:
