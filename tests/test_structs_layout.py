@@ -83,3 +83,30 @@ def test_ufrag_shape_constants_match_the_python_side():
     consts = dict(re.findall(r"^#define (UFRAG_LEN|UFRAG_VERSION) (\d+)", text, re.M))
     assert int(consts["UFRAG_LEN"]) == ufrag.UFRAG_LENGTH
     assert int(consts["UFRAG_VERSION"]) == ufrag.VERSION
+
+
+def test_adoption_refuses_pinned_maps_that_do_not_fit():
+    """A relayd whose config or struct layout differs from the pinned maps'
+    refuses them before touching anything (the old program stays pinned)."""
+    import os as _os
+
+    from manager.relay.kernel.datapath import DatapathError
+
+    pin = f"/sys/fs/bpf/sradopt-{uuid.uuid4().hex[:8]}"
+    base = dict(pin_dir=pin, vips=[{"addr": "10.9.9.9", "port": 3478}], internal_addr4="10.9.9.1",
+                max_flows=1024, max_reverse=1024, max_owners=256)
+    first = Datapath(DatapathConfig(**base))
+    try:
+        first.load()
+        prog_before = _os.stat(f"{pin}/prog").st_ino
+        first.close()
+        bigger = Datapath(DatapathConfig(**{**base, "max_flows": 2048}))
+        with pytest.raises(DatapathError, match=r"pinned map .*/flows does not fit this relayd: max_entries 1024, "
+                                                r"not 2048\. Restore the config"):
+            bigger.load(upgrade=True)
+        assert _os.stat(f"{pin}/prog").st_ino == prog_before  # nothing was unpinned
+        same = Datapath(DatapathConfig(**base))
+        assert same.load() is True  # the matching config adopts it
+        same.close()
+    finally:
+        Datapath(DatapathConfig(**base)).detach(purge=True)

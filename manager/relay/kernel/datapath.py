@@ -23,6 +23,7 @@ from manager.relay.kernel import libbpf
 from manager.relay.kernel.structs import (
     AF_INET6,
     BPF_DIR,
+    MAP_KINDS,
     MAP_TYPES,
     STAT_NAMES,
     FlowInfo,
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 PROG_SOURCE = BPF_DIR / "relay.bpf.c"
 PROG_NAME = "xdp_relay"
 PROG_PIN = "prog"
+MAX_VIPS = 64  # bpf/consts.h default (the loader does not override it)
 
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -182,9 +184,43 @@ class Datapath:
         bpf.cleanup()
         return fd
 
+    def expected_max_entries(self) -> dict[str, int]:
+        return {"flows": self.cfg.max_flows, "owners": self.cfg.max_owners, "reverse": self.cfg.max_reverse,
+                "vips": MAX_VIPS, "relay_cfg": 2, "stats": len(STAT_NAMES)}
+
+    def check_pinned_maps(self) -> None:
+        """Refuse, before anything is touched, pinned maps this program and
+        config cannot use: another map type, key or value size (a struct
+        layout changed), or size (max_entries). bcc would otherwise reuse or
+        fail on them in ways that lose state or make no sense."""
+        wanted = self.expected_max_entries()
+        for name, (key_type, value_type) in MAP_TYPES.items():
+            path = self.pin_dir / name
+            if not path.exists():
+                continue
+            fd = libbpf.obj_get(str(path))
+            try:
+                info = libbpf.map_info(fd)
+            finally:
+                os.close(fd)
+            problems = []
+            if info.type != MAP_KINDS[name]:
+                problems.append(f"map type {info.type}, not {MAP_KINDS[name]}")
+            if (info.key_size, info.value_size) != (ctypes.sizeof(key_type), ctypes.sizeof(value_type)):
+                problems.append(f"key/value sizes {info.key_size}/{info.value_size}, not "
+                                f"{ctypes.sizeof(key_type)}/{ctypes.sizeof(value_type)} (the struct layout changed)")
+            if info.max_entries != wanted[name]:
+                problems.append(f"max_entries {info.max_entries}, not {wanted[name]}")
+            if problems:
+                raise DatapathError(
+                    f"pinned map {path} does not fit this relayd: {'; '.join(problems)}. Restore the config it "
+                    f"was made with, or remove {self.pin_dir} (this drops the established flows)")
+
     def load(self, *, upgrade: bool = False) -> bool:
         """Make the program and maps available. Adopts a pinned program unless
-        `upgrade` asks to load the current source. Returns True if adopted."""
+        `upgrade` asks to load the current source. Returns True if adopted.
+        Pinned maps that do not fit are refused first (check_pinned_maps)."""
+        self.check_pinned_maps()
         pinned = self.pin_dir / PROG_PIN
         adopted = False
         if pinned.exists() and not upgrade:

@@ -130,6 +130,16 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "relay_cfg": (ctypes.c_uint32, RelayConfig),
     "stats": (ctypes.c_uint32, StatValue),
 }
+# BPF map types (uapi/linux/bpf.h enum bpf_map_type) as bpf/maps.h declares them.
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_HASH = 1, 2, 6, 9
+MAP_KINDS: dict[str, int] = {
+    "flows": BPF_MAP_TYPE_LRU_HASH,
+    "owners": BPF_MAP_TYPE_HASH,
+    "reverse": BPF_MAP_TYPE_LRU_HASH,
+    "vips": BPF_MAP_TYPE_HASH,
+    "relay_cfg": BPF_MAP_TYPE_ARRAY,
+    "stats": BPF_MAP_TYPE_PERCPU_ARRAY,
+}
 
 
 def _read_stat_names() -> list[str]:
