@@ -158,3 +158,33 @@ def test_bad_first_packets_install_nothing(env, kind):
     assert dp.flows() == []
     assert s1.get("legs_opened", 0) == s0.get("legs_opened", 0)
     assert s1.get("forward_in", 0) == s0.get("forward_in", 0)
+
+
+def test_an_evicted_flow_is_reinstalled_on_the_next_consent_check(env):
+    """The flows map is an LRU: a flow pushed out (here: its entry deleted, as
+    eviction does; the reverse entry stays) comes back when the client's next
+    STUN (an RFC 7675 consent check, every ~5 s) reaches the slow path: the
+    owner had authenticated that exact tuple, as the slow path's leg records."""
+    from manager.relay.kernel.structs import flow_key
+
+    lab, svc, dp = env
+    seen: dict = {}
+
+    async def evict(pc, rep) -> None:
+        await asyncio.sleep(1.0)
+        (flow,) = [f for f in dp.flows() if f.vip[0] == lab.vip4]
+        seen["flow"] = flow
+        dp.maps.flows.delete(flow_key(flow.client, flow.vip))
+        assert not dp.has_flow(flow.client, flow.vip)
+        deadline = asyncio.get_running_loop().time() + 9.0
+        while not dp.has_flow(flow.client, flow.vip) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        seen["back"] = dp.has_flow(flow.client, flow.vip)
+
+    before = slow(svc)
+    rep = call_in_client(lab, duration=11.0, messages=2, on_connected=evict)
+    after = slow(svc)
+    assert rep.error is None and rep.connected
+    assert seen["back"], "the evicted flow was not installed again"
+    assert after.get("flows_reinstalled", 0) - before.get("flows_reinstalled", 0) == 1
+    assert after.get("flows_evicted_seen", 0) - before.get("flows_evicted_seen", 0) == 1

@@ -176,3 +176,32 @@ def test_installed_legs_leave_the_pending_count(cap: int) -> None:
                 s.close()
 
     run(go())
+
+
+@pytest.mark.netns
+def test_the_owner_entry_of_an_unknown_call_goes_with_its_last_flow() -> None:
+    """A flow adopted after a restart whose call the registry never learns:
+    when its last flow expires, its owner entry is removed from the kernel."""
+    from manager.lab import xdp_harness as hx
+
+    h = hx.build()
+    try:
+        registry = Registry()
+        sp = SlowPath(registry, h.dp, hint_key=KEY, vips=[(hx.VIP4, hx.VIP_PORT)], internal4=hx.INT4,
+                      internal6=None, flow_ports=(20000, 20999), idle_timeout=0.05)
+        owner = OwnerAddr(addr4=hx.TX1_4, port4=5000)
+        h.dp.set_owner(99, owner)
+        h.dp.add_flow((hx.CLIENT4, 40000), (hx.VIP4, hx.VIP_PORT), 99, 20001, owner)
+        known = registry.allocate_conn_id()
+        registry.register_transceiver(1, "http://10.10.2.2:8700", 5)
+        registry.add_call(conn_id=known, transceiver_id=1, client_ufrag="cli1", server_ufrag="srv1srv1")
+        registry.activate(known, owner)
+        h.dp.set_owner(known, owner)
+        h.dp.add_flow((hx.CLIENT4, 40001), (hx.VIP4, hx.VIP_PORT), known, 20002, owner)
+        time.sleep(0.2)
+        sp.expire()
+        assert h.dp.get_owner(99) is None and sp.stats["owners_removed_unknown"] == 1
+        assert registry.get_call(known) is None  # a known call ends instead (its end removes the entry)
+        assert h.dp.flows() == []
+    finally:
+        hx.teardown(h)

@@ -205,6 +205,14 @@ class SlowPath:
     def on_client_packet(self, vip: tuple[str, int], data: bytes, client: tuple[str, int]) -> None:
         leg = self.legs.get((client, vip))
         if leg is not None:
+            if (leg.installed_at is not None and is_stun(data) and self.datapath is not None
+                    and not self.datapath.has_flow(client, vip)):
+                # XDP forwards an installed tuple by itself: a check reaching us
+                # for one the kernel no longer holds means it was evicted (the
+                # flows map is an LRU). The owner authenticated this exact tuple
+                # before (that is what the leg records): install it again.
+                self.stats["flows_evicted_seen"] += 1
+                self._install(leg, again=True)
             self._note_txid(leg, data)
             self._to_owner(leg, data)
             return
@@ -364,7 +372,7 @@ class SlowPath:
         if install:
             self._install(leg)
 
-    def _install(self, leg: Leg) -> None:
+    def _install(self, leg: Leg, *, again: bool = False) -> None:
         """The owner authenticated this exact client tuple: hand it to XDP."""
         call = self.registry.get_call(leg.conn_id)
         if call is None or call.owner is None:
@@ -379,6 +387,9 @@ class SlowPath:
                 self.stats["install_failed"] += 1
                 log.error("cannot install flow %s for call %s: %s", leg.client, leg.conn_id, exc)
                 return
+        if again:
+            self.stats["flows_reinstalled"] += 1
+            return
         leg.installed_at = time.monotonic()
         self._release_pending(leg)
         leg.txids.clear()
@@ -446,8 +457,19 @@ class SlowPath:
                 self._close_leg(leg, remove_kernel=False)
             self.stats["flows_expired_idle"] += 1
         for conn_id in touched:
-            if not self.legs_of(conn_id) and self.registry.get_call(conn_id) is not None:
-                self.registry.end_call(conn_id, "idle-timeout")
+            if self.legs_of(conn_id):
+                continue
+            if self.registry.get_call(conn_id) is not None:
+                self.registry.end_call(conn_id, "idle-timeout")  # its end removes the owner entry
+            else:
+                # A call the registry does not know (adopted after a restart
+                # and never reported again): its owner entry goes with its
+                # last flow, or the owners map (a plain hash) fills up.
+                try:
+                    if self.datapath.remove_owner(conn_id):
+                        self.stats["owners_removed_unknown"] += 1
+                except (DatapathError, OSError) as exc:
+                    log.warning("cannot remove owner of unknown call %s: %s", conn_id, exc)
 
     async def _housekeeping(self) -> None:
         period = max(0.5, min(self.idle_timeout, self.pending_timeout) / 4)

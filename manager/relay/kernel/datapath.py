@@ -416,6 +416,10 @@ class Datapath:
         for rk, _ in index.get(bytes(key), ()):
             m.reverse.delete(rk)
 
+    def has_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> bool:
+        """Whether the kernel holds this client tuple (one lookup, no walk)."""
+        return self._m().flows.lookup(flow_key(client, vip)) is not None
+
     def get_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> Flow | None:
         """One flow; its return-direction counters are those of the reverse
         entries still installed (a retired owner's entry takes its own along)."""
