@@ -231,9 +231,9 @@ def test_a_lab_with_client_tokens(tmp_path_factory):
                             async with http.delete(rep.call_url, headers=headers) as resp:
                                 statuses.append(resp.status)
 
-                rep = ex.call(asyncio.run, client_call(lab.signaling_url, duration=1.0, messages=1, token=token,
+                rep = ex.call(asyncio.run, client_call(lab.signaling_url, duration=1.0, messages=0, token=token,
                                                        hang_up=False, on_connected=try_to_end_it))
-                assert rep.connected, rep.error
+                assert rep.connected
                 assert statuses == [401, 401, 204]
         finally:
             svc.stop()

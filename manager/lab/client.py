@@ -183,9 +183,14 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
             if on_connected is not None:
                 await on_connected(pc, rep)
             # Data channel pings while the tone plays.
+            opened_by = time.monotonic() + 10.0
+            while messages and dc.readyState != "open":
+                if time.monotonic() > opened_by or pc.connectionState in ("failed", "closed"):
+                    rep.error = f"data channel not open ({dc.readyState}; connection {pc.connectionState})"
+                    messages = 0
+                    break
+                await asyncio.sleep(0.02)
             for i in range(messages):
-                while dc.readyState != "open":
-                    await asyncio.sleep(0.02)
                 tag = f"ping-{i}-{secrets.token_hex(4)}"
                 sent_at[tag] = time.monotonic()
                 dc.send(tag)
