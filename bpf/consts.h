@@ -67,6 +67,7 @@ enum stat_id {
     STAT_DROP_STUN_NOT_BINDING,   /* unknown tuple: STUN but not a Binding request */
     STAT_DROP_STUN_NO_USERNAME,   /* unknown tuple: Binding request without USERNAME */
     STAT_DROP_STUN_BAD_UFRAG,     /* unknown tuple: USERNAME not "<our ufrag shape>:<ufrag>" */
+    STAT_DROP_WRONG_SIDE,         /* to a VIP on an internal interface, or to a flow port on a public one */
     STAT_FWD_IN_STUN,             /* client → owner, forwarded in XDP */
     STAT_FWD_IN_DTLS,
     STAT_FWD_IN_RTP,
@@ -84,6 +85,13 @@ _Static_assert(STAT_FWD_IN_STUN + CLASS_RTP == STAT_FWD_IN_RTP, "inbound RTP cou
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_DTLS == STAT_FWD_OUT_DTLS, "outbound DTLS counter follows the class enum");
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_RTP == STAT_FWD_OUT_RTP, "outbound RTP counter follows the class enum");
 /* Drops are the range [STAT_DROP_MALFORMED, STAT_FWD_IN_STUN) (relay.bpf.c). */
-_Static_assert(STAT_DROP_STUN_BAD_UFRAG + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
+_Static_assert(STAT_DROP_WRONG_SIDE + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
+
+/* Interface roles (if_roles values); an interface without one is unchecked. */
+#define ROLE_PUBLIC 1
+#define ROLE_INTERNAL 2
+#ifndef MAX_INTERFACES
+#define MAX_INTERFACES 64
+#endif
 
 #endif

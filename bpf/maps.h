@@ -25,6 +25,12 @@ BPF_TABLE_PINNED("hash", struct vip_key, __u32, vips, MAX_VIPS, PIN_DIR "/vips")
 /* relay_cfg: per-family internal address and flow-port range (0: v4, 1: v6). */
 BPF_TABLE_PINNED("array", __u32, struct relay_config, relay_cfg, 2, PIN_DIR "/relay_cfg");
 
+/* if_roles: ingress ifindex → ROLE_PUBLIC or ROLE_INTERNAL. Clients' packets
+ * to a VIP are taken only on public interfaces, owners' packets to a flow
+ * port only on internal ones (a spoofed internal source on the public side
+ * is not an owner). */
+BPF_TABLE_PINNED("hash", __u32, __u32, if_roles, MAX_INTERFACES, PIN_DIR "/if_roles");
+
 /* stats: per-CPU packets/bytes by verdict and reason (enum stat_id). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct stat_value, stats, STAT_MAX, PIN_DIR "/stats");
 

@@ -264,7 +264,11 @@ int xdp_relay(struct xdp_md *ctx)
     vk.port = p.udp->dest;
     copy_addr(vk.addr, daddr);
     struct bpf_fib_lookup fib;
+    __u32 ifindex = ctx->ingress_ifindex;
+    __u32 *role = if_roles.lookup(&ifindex);
     if (vips.lookup(&vk)) {
+        if (role && *role != ROLE_PUBLIC)
+            return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
         stat = from_client(ctx, &p, &fib, saddr, daddr);
     } else {
         __u32 idx = p.family == SR_AF_INET ? 0 : 1;
@@ -273,6 +277,8 @@ int xdp_relay(struct xdp_md *ctx)
         if (!cfg || !cfg->enabled || !addr_eq(cfg->internal_addr, daddr) ||
             dport < cfg->flow_port_min || dport > cfg->flow_port_max)
             return account(STAT_PASS_NOT_RELAY, p.len, XDP_PASS);
+        if (role && *role != ROLE_INTERNAL)
+            return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
         stat = from_owner(ctx, &p, &fib, saddr);
     }
     if (stat >= STAT_FWD_IN_STUN)

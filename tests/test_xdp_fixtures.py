@@ -168,6 +168,11 @@ def cases() -> list[Case]:
         Case("unknown client SRTP → drop", "pub", b(c2r4(RTP, sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
         Case("unknown client DTLS → drop", "pub", b(c2r4(DTLS, sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
         Case("unknown client empty UDP → drop", "pub", b(c2r4(b"", sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
+        # --- interface roles -------------------------------------------------------------------
+        Case("client → VIP arriving on the internal side → drop", "int", b(c2r4(RTP)), XDP_DROP, None,
+             "drop_wrong_side"),
+        Case("owner → flow port arriving on the public side → drop", "pub", b(o2r4(RTP)), XDP_DROP, None,
+             "drop_wrong_side"),
         # --- admission of an unknown tuple's STUN (bpf/stun.h) --------------------------------
         *admission_cases(),
         Case("v6 unknown client STUN → slow path", "pub",

@@ -71,6 +71,7 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
         "datapath": {
             "pin_dir": str(lab_pin_dir(lab.prefix)),
             "interfaces": [lab.public_ifname, *lab.internal_ifnames],
+            "public_interfaces": [lab.public_ifname],
             "vips": [{"addr": lab.vip4, "port": lab.port}, {"addr": lab.vip6, "port": lab.port}],
             "internal_addr4": lab.internal4,
             "internal_addr6": lab.internal6,

@@ -18,6 +18,7 @@ from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import DatapathConfig, Endpoint
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import Datapath
+from manager.relay.kernel.structs import ROLE_INTERNAL, ROLE_PUBLIC
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICTS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
@@ -95,7 +96,12 @@ def build(*, max_flows: int = 1024, pin_dir: str | None = None) -> Harness:
             max_flows=max_flows, max_reverse=max_flows, max_owners=max(64, max_flows),
         )
         dp = Datapath(cfg)
-        dp.load(upgrade=True)
+        try:
+            dp.load(upgrade=True)
+        except BaseException:
+            dp.detach(purge=True)  # what load() pinned before it failed
+            raise
+        dp.set_roles({ifindex["pub"]: ROLE_PUBLIC, ifindex["int"]: ROLE_INTERNAL})
         return Harness(ns=ns, dp=dp, ex=NetnsExecutor(ns), ifindex=ifindex)
     except BaseException:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)

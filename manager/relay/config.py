@@ -42,6 +42,8 @@ class DatapathConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pin_dir: Path = Path("/sys/fs/bpf/splitrelay")
     interfaces: list[str] = Field(default_factory=list, description="interfaces the XDP program attaches to")
+    public_interfaces: list[str] = Field(default_factory=list,
+                                         description="of those, the public side (clients); the rest are internal")
     xdp_mode: Literal["auto", "native", "generic"] = "auto"
     vips: list[Endpoint] = Field(default_factory=list, description="public relay address:port pairs")
     internal_addr4: str | None = None
@@ -80,6 +82,9 @@ class DatapathConfig(BaseModel):
         for vip in self.vips:
             if self.flow_port_min <= vip.port <= self.flow_port_max:
                 raise ValueError(f"VIP port {vip.port} lies inside the flow-port range")
+        unknown = [i for i in self.public_interfaces if i not in self.interfaces]
+        if unknown:
+            raise ValueError(f"public_interfaces: {unknown[0]!r} is not one of interfaces {self.interfaces}")
         return self
 
 

@@ -13,6 +13,7 @@ import ctypes
 import glob
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from manager.relay.kernel.structs import (
     BPF_DIR,
     MAP_KINDS,
     MAP_TYPES,
+    ROLE_INTERNAL,
+    ROLE_PUBLIC,
     STAT_NAMES,
     FlowInfo,
     FlowKey,
@@ -49,7 +52,8 @@ log = logging.getLogger(__name__)
 PROG_SOURCE = BPF_DIR / "relay.bpf.c"
 PROG_NAME = "xdp_relay"
 PROG_PIN = "prog"
-MAX_VIPS = 64  # bpf/consts.h default (the loader does not override it)
+MAX_VIPS = 64  # bpf/consts.h defaults (the loader does not override them)
+MAX_INTERFACES = 64
 
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -123,6 +127,7 @@ class Maps:
     reverse: libbpf.PinnedMap
     vips: libbpf.PinnedMap
     relay_cfg: libbpf.PinnedMap
+    if_roles: libbpf.PinnedMap
     stats: libbpf.PinnedMap
 
     @classmethod
@@ -186,7 +191,7 @@ class Datapath:
 
     def expected_max_entries(self) -> dict[str, int]:
         return {"flows": self.cfg.max_flows, "owners": self.cfg.max_owners, "reverse": self.cfg.max_reverse,
-                "vips": MAX_VIPS, "relay_cfg": 2, "stats": len(STAT_NAMES)}
+                "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_INTERFACES, "stats": len(STAT_NAMES)}
 
     def check_pinned_maps(self) -> None:
         """Refuse, before anything is touched, pinned maps this program and
@@ -259,6 +264,19 @@ class Datapath:
             if addr:
                 rc.internal_addr = pack_addr(addr)
             self.maps.relay_cfg.update(ctypes.c_uint32(idx), rc)
+        if self.cfg.public_interfaces:
+            # Resolved here, in relayd's network namespace.
+            self.set_roles({socket.if_nametoindex(name): ROLE_PUBLIC if name in self.cfg.public_interfaces
+                            else ROLE_INTERNAL for name in self.cfg.interfaces})
+
+    def set_roles(self, roles: dict[int, int]) -> None:
+        """Ingress ifindex → ROLE_PUBLIC / ROLE_INTERNAL; interfaces not listed lose theirs."""
+        m = self._m().if_roles
+        for k in list(m.keys()):
+            if k.value not in roles:
+                m.delete(k)
+        for ifindex, role in roles.items():
+            m.update(ctypes.c_uint32(ifindex), ctypes.c_uint32(role))
 
     def attach(self, interfaces: list[str] | None = None) -> list[AttachResult]:
         """Attach the program to each interface (native where the driver can,

@@ -128,8 +128,10 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "reverse": (ReverseKey, ReverseInfo),
     "vips": (VipKey, ctypes.c_uint32),
     "relay_cfg": (ctypes.c_uint32, RelayConfig),
+    "if_roles": (ctypes.c_uint32, ctypes.c_uint32),
     "stats": (ctypes.c_uint32, StatValue),
 }
+ROLE_PUBLIC, ROLE_INTERNAL = 1, 2  # bpf/consts.h
 # BPF map types (uapi/linux/bpf.h enum bpf_map_type) as bpf/maps.h declares them.
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_HASH = 1, 2, 6, 9
 MAP_KINDS: dict[str, int] = {
@@ -138,6 +140,7 @@ MAP_KINDS: dict[str, int] = {
     "reverse": BPF_MAP_TYPE_LRU_HASH,
     "vips": BPF_MAP_TYPE_HASH,
     "relay_cfg": BPF_MAP_TYPE_ARRAY,
+    "if_roles": BPF_MAP_TYPE_HASH,
     "stats": BPF_MAP_TYPE_PERCPU_ARRAY,
 }
 
