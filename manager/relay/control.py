@@ -266,23 +266,20 @@ async def post_expire(request: web.Request) -> web.Response:
     sp = deps.slowpath
     if sp is None:
         return _error(503, "the slow path is not running")
-    # Everything below is synchronous on the loop, so the before/after
-    # snapshots see exactly what this expiry removed.
-    flows_before = {(f.client, f.vip): f for f in _kernel_flows(deps)}
+    idle = float(idle_s) if idle_s is not None else sp.idle_timeout
     legs_before = {k: leg for k, leg in sp.legs.items() if leg.installed_at is None}
     calls_before = {c.call_id: c for c in deps.registry.calls()}
-    saved = (sp.idle_timeout, sp.pending_timeout)
-    if idle_s is not None:
-        sp.idle_timeout = sp.pending_timeout = float(idle_s)
-    try:
-        sp.expire()
-    finally:
-        sp.idle_timeout, sp.pending_timeout = saved
-    flows_after = {(f.client, f.vip) for f in _kernel_flows(deps)}
+    now = time.monotonic()
+    if idle_s is not None:  # an explicit idle time applies to pending legs too
+        now += sp.pending_timeout - idle
+    sp.expire_pending(now)
+    # The kernel walk runs off the loop; what it removed is what it returns.
+    expired = await asyncio.to_thread(deps.datapath.expire_idle, idle) if deps.datapath.maps is not None else []
+    sp.after_kernel_expiry(expired)
     calls_after = {c.call_id for c in deps.registry.calls()}
     return web.json_response({
-        "idle_s": idle_s if idle_s is not None else saved[0],
-        "flows": [f.to_dict() for k, f in flows_before.items() if k not in flows_after],
+        "idle_s": idle,
+        "flows": [f.to_dict() for f in expired],
         "pending_legs": [{"client": fmt_ep(*leg.client), "vip": fmt_ep(*leg.vip), "conn_id": leg.conn_id}
                          for k, leg in legs_before.items() if k not in sp.legs],
         "calls": [{"call_id": cid, "conn_id": c.conn_id, "reason": c.ended_reason}

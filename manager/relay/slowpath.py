@@ -116,6 +116,7 @@ class SlowPath:
         self.public: dict[tuple[str, int], socket.socket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._housekeeper: asyncio.Task | None = None
+        self.queue_bytes = 0  # bytes waiting in the public sockets, as of the last housekeeping
         self._unsubscribe: Callable[[], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -185,7 +186,8 @@ class SlowPath:
             "packets": {d: self.stats.get(f"forward_{d}", 0) for d in ("in", "out")},
             "bytes": {d: self.bytes.get(f"forward_{d}", 0) for d in ("in", "out")},
             "legs": {"installed": installed, "pending": len(self.legs) - installed},
-            "queue_bytes": public_queue_bytes([s.fileno() for s in self.public.values()]),
+            # Read from /proc by the housekeeper (never on a scrape, on the loop).
+            "queue_bytes": self.queue_bytes,
         }
 
     # --- packets from clients ----------------------------------------------------------
@@ -441,16 +443,22 @@ class SlowPath:
 
     def expire(self, now: float | None = None) -> None:
         """Drop legs that never got a success response, flows idle either way
-        for idle_timeout, and calls left with no flow."""
-        now = time.monotonic() if now is None else now
+        for idle_timeout, and calls left with no flow (all on the caller's
+        thread; the housekeeper walks the kernel map off the event loop)."""
+        self.expire_pending(time.monotonic() if now is None else now)
+        if self.datapath is not None:
+            self.after_kernel_expiry(self.datapath.expire_idle(self.idle_timeout))
+
+    def expire_pending(self, now: float) -> None:
         for leg in list(self.legs.values()):
             if leg.installed_at is None and now - leg.first_seen > self.pending_timeout:
                 self._close_leg(leg)
                 self.stats["legs_expired_pending"] += 1
-        if self.datapath is None:
-            return
+
+    def after_kernel_expiry(self, expired: list) -> None:
+        """Close the legs of flows the kernel walk removed; end calls left without any."""
         touched = set()
-        for flow in self.datapath.expire_idle(self.idle_timeout):
+        for flow in expired:
             touched.add(flow.conn_id)
             leg = self.legs.get((flow.client, flow.vip))
             if leg is not None:
@@ -476,7 +484,14 @@ class SlowPath:
         while True:
             await asyncio.sleep(period)
             try:
-                self.expire()
+                self.expire_pending(time.monotonic())
+                if self.datapath is not None:
+                    # The walk of a flows map of a million entries takes seconds:
+                    # a thread does it, the loop keeps serving packets and APIs.
+                    expired = await asyncio.to_thread(self.datapath.expire_idle, self.idle_timeout)
+                    self.after_kernel_expiry(expired)
+                fds = [s.fileno() for s in self.public.values()]
+                self.queue_bytes = await asyncio.to_thread(public_queue_bytes, fds)
             except Exception:  # keep the slow path alive; the next round retries
                 log.exception("slow-path housekeeping failed")
 
