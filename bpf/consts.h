@@ -18,6 +18,10 @@
 #ifndef MAX_VIPS
 #define MAX_VIPS 64
 #endif
+/* Sources with a slow-path admission bucket (LRU). */
+#ifndef MAX_SOURCES
+#define MAX_SOURCES 65536
+#endif
 /* Where maps are pinned (bpffs); the loader passes the configured one. */
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/splitrelay"
@@ -68,6 +72,8 @@ enum stat_id {
     STAT_DROP_STUN_NO_USERNAME,   /* unknown tuple: Binding request without USERNAME */
     STAT_DROP_STUN_BAD_UFRAG,     /* unknown tuple: USERNAME not "<our ufrag shape>:<ufrag>" */
     STAT_DROP_WRONG_SIDE,         /* to a VIP on an internal interface, or to a flow port on a public one */
+    STAT_DROP_STUN_RATE,          /* unknown tuple: its source is over its slow-path rate */
+    STAT_DROP_STUN_BUDGET,        /* unknown tuple: the global slow-path budget is spent */
     STAT_FWD_IN_STUN,             /* client → owner, forwarded in XDP */
     STAT_FWD_IN_DTLS,
     STAT_FWD_IN_RTP,
@@ -85,7 +91,7 @@ _Static_assert(STAT_FWD_IN_STUN + CLASS_RTP == STAT_FWD_IN_RTP, "inbound RTP cou
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_DTLS == STAT_FWD_OUT_DTLS, "outbound DTLS counter follows the class enum");
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_RTP == STAT_FWD_OUT_RTP, "outbound RTP counter follows the class enum");
 /* Drops are the range [STAT_DROP_MALFORMED, STAT_FWD_IN_STUN) (relay.bpf.c). */
-_Static_assert(STAT_DROP_WRONG_SIDE + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
+_Static_assert(STAT_DROP_STUN_BUDGET + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
 
 /* Interface roles (if_roles values); an interface without one is unchecked. */
 #define ROLE_PUBLIC 1

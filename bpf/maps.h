@@ -31,6 +31,17 @@ BPF_TABLE_PINNED("array", __u32, struct relay_config, relay_cfg, 2, PIN_DIR "/re
  * is not an owner). */
 BPF_TABLE_PINNED("hash", __u32, __u32, if_roles, MAX_INTERFACES, PIN_DIR "/if_roles");
 
+/* admit_cfg: rates of slow-path admission for unknown client tuples. */
+BPF_TABLE_PINNED("array", __u32, struct admit_config, admit_cfg, 1, PIN_DIR "/admit_cfg");
+
+/* admit_sources: per-source admission buckets; LRU, so a flood of sources
+ * forgets the oldest instead of failing. */
+BPF_TABLE_PINNED("lru_hash", struct source_key, struct admit_bucket, admit_sources, MAX_SOURCES,
+                 PIN_DIR "/admit_sources");
+
+/* admit_budget: the global budget's share of each CPU (no cross-CPU atomics). */
+BPF_TABLE_PINNED("percpu_array", __u32, struct admit_bucket, admit_budget, 1, PIN_DIR "/admit_budget");
+
 /* stats: per-CPU packets/bytes by verdict and reason (enum stat_id). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct stat_value, stats, STAT_MAX, PIN_DIR "/stats");
 

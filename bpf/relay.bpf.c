@@ -164,6 +164,47 @@ static __always_inline int owner_endpoint(struct owner_info *o, __u8 family, __b
     return 0;
 }
 
+/* GCRA on one bucket: admit when the next packet is due within the burst. */
+static __always_inline int bucket_admits(struct admit_bucket *b, __u64 now, __u64 interval, __u64 burst)
+{
+    __u64 tat = b->tat_ns > now ? b->tat_ns : now;
+    if (tat - now > burst)
+        return 0;
+    b->tat_ns = tat + interval;
+    return 1;
+}
+
+/* Rate limits of set-up traffic that stun_admit passed: per source (IPv4
+ * /32, IPv6 /64), then the global budget. Established flows never get here.
+ * (Map calls live in this file: bcc rewrites them in the main source only.) */
+static __always_inline int stun_rate(__u32 family, __be32 src0, __be32 src1)
+{
+    __u32 zero = 0;
+    struct admit_config *cfg = admit_cfg.lookup(&zero);
+    if (!cfg)
+        return STAT_PASS_STUN_UNKNOWN;
+    __u64 now = bpf_ktime_get_ns();
+    if (cfg->source_interval_ns) {
+        struct source_key k;
+        k.family = family;
+        k.addr[0] = src0;
+        k.addr[1] = family == SR_AF_INET6 ? src1 : 0;
+        struct admit_bucket *b = admit_sources.lookup(&k);
+        if (!b) {
+            struct admit_bucket fresh = { .tat_ns = now + cfg->source_interval_ns };
+            admit_sources.update(&k, &fresh);
+        } else if (!bucket_admits(b, now, cfg->source_interval_ns, cfg->source_burst_ns)) {
+            return STAT_DROP_STUN_RATE;
+        }
+    }
+    if (cfg->cpu_interval_ns) {
+        struct admit_bucket *g = admit_budget.lookup(&zero);
+        if (g && !bucket_admits(g, now, cfg->cpu_interval_ns, cfg->cpu_burst_ns))
+            return STAT_DROP_STUN_BUDGET;
+    }
+    return STAT_PASS_STUN_UNKNOWN;
+}
+
 /* Client → VIP: forward to the call's owner. */
 static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
                                        __be32 *saddr, __be32 *daddr)
@@ -270,6 +311,8 @@ int xdp_relay(struct xdp_md *ctx)
         if (role && *role != ROLE_PUBLIC)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
         stat = from_client(ctx, &p, &fib, saddr, daddr);
+        if (stat == STAT_PASS_STUN_UNKNOWN)
+            stat = stun_rate(p.family, saddr[0], saddr[1]);
     } else {
         __u32 idx = p.family == SR_AF_INET ? 0 : 1;
         struct relay_config *cfg = relay_cfg.lookup(&idx);

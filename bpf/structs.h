@@ -77,6 +77,27 @@ struct relay_config {
     __u32 enabled;         /* 0: family not served */
 };
 
+/* admit_cfg: how much set-up traffic may reach the slow path (one entry). A
+ * bucket admits one packet per interval with up to burst of credit (GCRA);
+ * interval 0 means unlimited. The global budget is split among the CPUs. */
+struct admit_config {
+    __u64 source_interval_ns;   /* per source address (IPv4 /32, IPv6 /64) */
+    __u64 source_burst_ns;
+    __u64 cpu_interval_ns;      /* per CPU: global budget / possible CPUs */
+    __u64 cpu_burst_ns;
+};
+
+/* admit_sources key: a source address, IPv6 masked to its /64. */
+struct source_key {
+    __u32 family;
+    __be32 addr[2];
+};
+
+/* One admission bucket: the theoretical arrival time of the next packet. */
+struct admit_bucket {
+    __u64 tat_ns;
+};
+
 /* One per-CPU counter slot (index: enum stat_id). */
 struct stat_value {
     __u64 packets;

@@ -13,7 +13,7 @@ import pytest
 
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import PROG_SOURCE, Datapath, ensure_kernel_headers
-from manager.relay.kernel.structs import BPF_DIR, MAP_TYPES, STAT_NAMES
+from manager.relay.kernel.structs import BPF_DIR, MAP_TYPES, PERCPU_MAPS, STAT_NAMES
 
 
 def layout(t) -> list:
@@ -48,7 +48,7 @@ def test_map_layout_matches_bcc(bcc_tables, name):
     table = bcc_tables[name.encode()]
     key_t, value_t = MAP_TYPES[name]
     bcc_leaf = table.Leaf
-    if name == "stats":
+    if name in PERCPU_MAPS:
         # bcc types a per-CPU value as an array over CPUs of the C struct.
         assert issubclass(bcc_leaf, ctypes.Array)
         bcc_leaf = bcc_leaf._type_

@@ -8,6 +8,7 @@ of the program's incremental checksum code.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import pytest
@@ -36,6 +37,7 @@ from manager.lab.xdp_harness import (
     XDP_REDIRECT,
 )
 from manager.protocol.ufrag import encode_ufrag
+from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import OwnerAddr
 
 pytestmark = pytest.mark.netns
@@ -304,3 +306,58 @@ def test_ownership_flip_is_one_update(harness):
     assert verdict == XDP_REDIRECT and Ether(out)[IP].dst == TX2_4 and Ether(out)[UDP].dport == 6000
     assert harness.run(from_tx2, "int")[0] == XDP_REDIRECT
     assert harness.run(from_tx1, "int")[0] == XDP_DROP
+
+
+def _set_admission(harness, **rates) -> None:
+    from manager.relay.kernel import libbpf as lb
+    from manager.relay.kernel.datapath import admit_config
+
+    cfg = harness.dp.cfg.model_copy(update=rates)
+    harness.dp.maps.admit_cfg.update(ctypes.c_uint32(0), admit_config(cfg, lb.possible_cpus()))
+
+
+def _stun_from(harness, src: str, sport: int) -> int:
+    frame = bytes(eth("client", "pub") / IP(src=src, dst=VIP4) / UDP(sport=sport, dport=VIP_PORT) / Raw(STUN))
+    return harness.run(frame, "pub")[0]
+
+
+def test_admission_rate_per_source_and_global_budget(harness):
+    """A source gets its burst and then its rate; every source together gets
+    the global budget. Established flows are never counted against either."""
+    try:
+        _set_admission(harness, admit_source_rate=0.001, admit_source_burst=5, admit_budget=0)
+        before = harness.dp.counters()
+        verdicts = [_stun_from(harness, "10.10.1.50", 30000 + i) for i in range(12)]
+        assert verdicts == [XDP_PASS] * 5 + [XDP_DROP] * 7
+        verdicts = [_stun_from(harness, "10.10.1.51", 31000 + i) for i in range(3)]  # another source: its own
+        assert verdicts == [XDP_PASS] * 3
+        after = harness.dp.counters()
+        assert after["drop_stun_rate"][0] - before["drop_stun_rate"][0] == 7
+        # A known flow from a limited source still goes through.
+        assert harness.run(b(c2r4(RTP)), "pub")[0] == XDP_REDIRECT
+
+        cpus = libbpf.possible_cpus()
+        _set_admission(harness, admit_source_rate=0, admit_budget=0.001 * cpus, admit_budget_burst=4 * cpus)
+        frames = [bytes(eth("client", "pub") / IP(src=f"10.10.1.{60 + i}", dst=VIP4) / UDP(sport=32000, dport=VIP_PORT)
+                        / Raw(STUN)) for i in range(10)]
+
+        def on_one_cpu() -> list[int]:
+            # Each CPU holds its own part of the budget: run them all on one.
+            import os
+
+            saved = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {min(saved)})
+            try:
+                return [libbpf.prog_test_run_xdp(harness.dp.prog_fd, f, ingress_ifindex=harness.ifindex["pub"])[0]
+                        for f in frames]
+            finally:
+                os.sched_setaffinity(0, saved)
+
+        before = harness.dp.counters()
+        verdicts = harness.ex.call(on_one_cpu)
+        after = harness.dp.counters()
+        # One CPU's part of the budget: its burst, then nothing.
+        assert verdicts.count(XDP_PASS) == 4 and verdicts[:4] == [XDP_PASS] * 4
+        assert after["drop_stun_budget"][0] - before["drop_stun_budget"][0] == 6
+    finally:
+        _set_admission(harness, admit_source_rate=0, admit_budget=0)

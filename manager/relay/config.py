@@ -53,6 +53,11 @@ class DatapathConfig(BaseModel):
     max_flows: int = Field(default=1 << 20, ge=16, le=1 << 26)
     max_reverse: int = Field(default=1 << 20, ge=16, le=1 << 26)
     max_owners: int = Field(default=1 << 18, ge=16, le=1 << 24)
+    # Set-up traffic reaching the slow path, enforced in XDP (0: unlimited).
+    admit_source_rate: float = Field(default=20.0, ge=0, description="STUN checks/s per source (IPv4 /32, IPv6 /64)")
+    admit_source_burst: int = Field(default=20, ge=1, description="checks a source may send at once")
+    admit_budget: float = Field(default=20000.0, ge=0, description="STUN checks/s to the slow path, all sources")
+    admit_budget_burst: int = Field(default=2000, ge=1, description="checks at once, all sources")
 
     @field_validator("internal_addr4")
     @classmethod

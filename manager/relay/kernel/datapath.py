@@ -26,9 +26,11 @@ from manager.relay.kernel.structs import (
     BPF_DIR,
     MAP_KINDS,
     MAP_TYPES,
+    PERCPU_MAPS,
     ROLE_INTERNAL,
     ROLE_PUBLIC,
     STAT_NAMES,
+    AdmitConfig,
     FlowInfo,
     FlowKey,
     OwnerInfo,
@@ -54,6 +56,7 @@ PROG_NAME = "xdp_relay"
 PROG_PIN = "prog"
 MAX_VIPS = 64  # bpf/consts.h defaults (the loader does not override them)
 MAX_INTERFACES = 64
+MAX_SOURCES = 65536
 
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -128,6 +131,9 @@ class Maps:
     vips: libbpf.PinnedMap
     relay_cfg: libbpf.PinnedMap
     if_roles: libbpf.PinnedMap
+    admit_cfg: libbpf.PinnedMap
+    admit_sources: libbpf.PinnedMap
+    admit_budget: libbpf.PinnedMap
     stats: libbpf.PinnedMap
 
     @classmethod
@@ -138,7 +144,7 @@ class Maps:
                 path = pin_dir / name
                 if not path.exists():
                     raise DatapathError(f"no pinned map at {path}: is the relay datapath loaded?")
-                opened[name] = libbpf.PinnedMap(str(path), k, v, percpu=(name == "stats"))
+                opened[name] = libbpf.PinnedMap(str(path), k, v, percpu=name in PERCPU_MAPS)
         except Exception:
             for m in opened.values():
                 m.close()
@@ -146,8 +152,25 @@ class Maps:
         return cls(**opened)
 
     def close(self) -> None:
-        for m in (self.flows, self.owners, self.reverse, self.vips, self.relay_cfg, self.stats):
-            m.close()
+        for name in MAP_TYPES:
+            getattr(self, name).close()
+
+
+def _gcra(rate: float, burst: int) -> tuple[int, int]:
+    """(interval, burst tolerance) in ns for `rate` packets/s with `burst` at once; (0, 0): unlimited."""
+    if rate <= 0:
+        return 0, 0
+    interval = max(1, round(1e9 / rate))
+    return interval, max(0, burst - 1) * interval
+
+
+def admit_config(cfg: DatapathConfig, cpus: int) -> AdmitConfig:
+    """The admit_cfg entry: the per-source rate, and the global budget split among the CPUs."""
+    cpus = max(1, cpus)
+    src_interval, src_burst = _gcra(cfg.admit_source_rate, cfg.admit_source_burst)
+    cpu_interval, cpu_burst = _gcra(cfg.admit_budget / cpus, max(1, cfg.admit_budget_burst // cpus))
+    return AdmitConfig(source_interval_ns=src_interval, source_burst_ns=src_burst,
+                       cpu_interval_ns=cpu_interval, cpu_burst_ns=cpu_burst)
 
 
 class Datapath:
@@ -191,7 +214,8 @@ class Datapath:
 
     def expected_max_entries(self) -> dict[str, int]:
         return {"flows": self.cfg.max_flows, "owners": self.cfg.max_owners, "reverse": self.cfg.max_reverse,
-                "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_INTERFACES, "stats": len(STAT_NAMES)}
+                "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_INTERFACES,
+                "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "stats": len(STAT_NAMES)}
 
     def check_pinned_maps(self) -> None:
         """Refuse, before anything is touched, pinned maps this program and
@@ -264,6 +288,7 @@ class Datapath:
             if addr:
                 rc.internal_addr = pack_addr(addr)
             self.maps.relay_cfg.update(ctypes.c_uint32(idx), rc)
+        self.maps.admit_cfg.update(ctypes.c_uint32(0), admit_config(self.cfg, libbpf.possible_cpus()))
         if self.cfg.public_interfaces:
             # Resolved here, in relayd's network namespace.
             self.set_roles({socket.if_nametoindex(name): ROLE_PUBLIC if name in self.cfg.public_interfaces

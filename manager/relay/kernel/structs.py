@@ -115,6 +115,32 @@ class RelayConfig(ctypes.Structure):
     ]
 
 
+class AdmitConfig(ctypes.Structure):
+    """Slow-path admission rates (admit_cfg value; GCRA intervals and bursts in ns)."""
+
+    _fields_ = [
+        ("source_interval_ns", ctypes.c_uint64),
+        ("source_burst_ns", ctypes.c_uint64),
+        ("cpu_interval_ns", ctypes.c_uint64),
+        ("cpu_burst_ns", ctypes.c_uint64),
+    ]
+
+
+class SourceKey(ctypes.Structure):
+    """A source address, IPv6 masked to /64 (admit_sources key)."""
+
+    _fields_ = [
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint32 * 2),
+    ]
+
+
+class AdmitBucket(ctypes.Structure):
+    """One admission bucket (admit_sources / admit_budget value)."""
+
+    _fields_ = [("tat_ns", ctypes.c_uint64)]
+
+
 class StatValue(ctypes.Structure):
     """One per-CPU counter slot (stats map value)."""
 
@@ -129,8 +155,12 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "vips": (VipKey, ctypes.c_uint32),
     "relay_cfg": (ctypes.c_uint32, RelayConfig),
     "if_roles": (ctypes.c_uint32, ctypes.c_uint32),
+    "admit_cfg": (ctypes.c_uint32, AdmitConfig),
+    "admit_sources": (SourceKey, AdmitBucket),
+    "admit_budget": (ctypes.c_uint32, AdmitBucket),
     "stats": (ctypes.c_uint32, StatValue),
 }
+PERCPU_MAPS = frozenset({"admit_budget", "stats"})
 ROLE_PUBLIC, ROLE_INTERNAL = 1, 2  # bpf/consts.h
 # BPF map types (uapi/linux/bpf.h enum bpf_map_type) as bpf/maps.h declares them.
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_HASH = 1, 2, 6, 9
@@ -141,6 +171,9 @@ MAP_KINDS: dict[str, int] = {
     "vips": BPF_MAP_TYPE_HASH,
     "relay_cfg": BPF_MAP_TYPE_ARRAY,
     "if_roles": BPF_MAP_TYPE_HASH,
+    "admit_cfg": BPF_MAP_TYPE_ARRAY,
+    "admit_sources": BPF_MAP_TYPE_LRU_HASH,
+    "admit_budget": BPF_MAP_TYPE_PERCPU_ARRAY,
     "stats": BPF_MAP_TYPE_PERCPU_ARRAY,
 }
 
