@@ -105,9 +105,20 @@ class Receiver(threading.Thread):
                 data, addr = self.sock.recvfrom(2048)
             except TimeoutError:
                 continue
-            if data[:1] == b"\x80":
-                self.seqs.append(struct.unpack_from("!I", data, 4)[0])
-                self.sources.add(addr[:2])
+            self._note(data, addr)
+        # What already arrived counts, even if this thread lagged behind it.
+        self.sock.setblocking(False)
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            self._note(data, addr)
+
+    def _note(self, data: bytes, addr) -> None:
+        if data[:1] == b"\x80":
+            self.seqs.append(struct.unpack_from("!I", data, 4)[0])
+            self.sources.add(addr[:2])
 
 
 def paced_send(sock: socket.socket, dst, seqs: range, rate: int, stop: threading.Event | None = None) -> int:
