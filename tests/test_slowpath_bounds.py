@@ -205,3 +205,43 @@ def test_the_owner_entry_of_an_unknown_call_goes_with_its_last_flow() -> None:
         assert h.dp.flows() == []
     finally:
         hx.teardown(h)
+
+
+@pytest.mark.netns
+def test_an_installed_leg_the_kernel_lost_expires_when_nothing_brings_it_back() -> None:
+    """An evicted flow whose client is gone: the housekeeper finds the kernel
+    without it, and after idle_timeout closes the leg and ends the call."""
+    from manager.lab import xdp_harness as hx
+    from manager.relay.slowpath import Leg
+
+    h = hx.build()
+    sock = _udp()
+    try:
+        registry = Registry()
+        registry.register_transceiver(1, "http://10.10.2.2:8700", 5)
+        conn = registry.allocate_conn_id()
+        owner = OwnerAddr(addr4=hx.TX1_4, port4=5000)
+        registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag="srv1srv1")
+        registry.activate(conn, owner)
+        sp = SlowPath(registry, h.dp, hint_key=KEY, vips=[(hx.VIP4, hx.VIP_PORT)], internal4=hx.INT4,
+                      internal6=None, flow_ports=(20000, 20999), idle_timeout=10.0)
+        held, lost = ((hx.CLIENT4, 40000), (hx.VIP4, hx.VIP_PORT)), ((hx.CLIENT4, 40001), (hx.VIP4, hx.VIP_PORT))
+        h.dp.add_flow(*held, conn, 20001, owner)
+        for (client, vip), port in ((held, 20001), (lost, 20002)):
+            leg = Leg(client=client, vip=vip, conn_id=conn, flow_port=port, sock=socket.socket(), installed_at=1.0)
+            sp._add_leg(leg)
+        now = time.monotonic()
+        missing = sp.missing_from_kernel(list(sp.legs))
+        assert missing == {lost}
+        sp.sweep_evicted(missing, now)
+        assert set(sp.legs) == {held, lost}  # first seen missing: wait for a STUN to bring it back
+        sp.sweep_evicted(sp.missing_from_kernel(list(sp.legs)), now + 11.0)
+        assert set(sp.legs) == {held} and sp.stats["legs_expired_evicted"] == 1
+        assert registry.get_call(conn) is not None  # it still has a leg
+        h.dp.remove_flow(*held)
+        sp.sweep_evicted(sp.missing_from_kernel(list(sp.legs)), now + 12.0)
+        sp.sweep_evicted(sp.missing_from_kernel(list(sp.legs)), now + 23.0)
+        assert sp.legs == {} and registry.get_call(conn) is None  # the last leg gone: the call ends
+    finally:
+        sock.close()
+        hx.teardown(h)

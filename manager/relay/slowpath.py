@@ -50,6 +50,9 @@ class Leg:
     sock: socket.socket
     first_seen: float = field(default_factory=time.monotonic)
     installed_at: float | None = None
+    # When the housekeeper first found the kernel without this installed
+    # tuple (evicted from the LRU); None while the kernel holds it.
+    missing_since: float | None = None
     # Binding request transaction ids forwarded to the owner for this tuple.
     txids: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
@@ -215,6 +218,7 @@ class SlowPath:
                 # before (that is what the leg records): install it again.
                 self.stats["flows_evicted_seen"] += 1
                 self._install(leg, again=True)
+                leg.missing_since = None
             self._note_txid(leg, data)
             self._to_owner(leg, data)
             return
@@ -464,6 +468,33 @@ class SlowPath:
             if leg is not None:
                 self._close_leg(leg, remove_kernel=False)
             self.stats["flows_expired_idle"] += 1
+        self._settle(touched)
+
+    def missing_from_kernel(self, keys: list[tuple[tuple[str, int], tuple[str, int]]]) -> set:
+        """Which of these installed tuples the kernel no longer holds (one
+        lookup each; the housekeeper runs it in a thread)."""
+        assert self.datapath is not None
+        return {k for k in keys if not self.datapath.has_flow(*k)}
+
+    def sweep_evicted(self, missing: set, now: float) -> None:
+        """Installed legs the kernel lost (LRU eviction) and that no STUN has
+        brought back within idle_timeout: their client is gone. Close them
+        and end calls left without a leg."""
+        touched = set()
+        for key, leg in list(self.legs.items()):
+            if leg.installed_at is None:
+                continue
+            if key not in missing:
+                leg.missing_since = None
+            elif leg.missing_since is None:
+                leg.missing_since = now
+            elif now - leg.missing_since > self.idle_timeout:
+                self._close_leg(leg, remove_kernel=False)
+                touched.add(leg.conn_id)
+                self.stats["legs_expired_evicted"] += 1
+        self._settle(touched)
+
+    def _settle(self, touched: set[int]) -> None:
         for conn_id in touched:
             if self.legs_of(conn_id):
                 continue
@@ -490,6 +521,9 @@ class SlowPath:
                     # a thread does it, the loop keeps serving packets and APIs.
                     expired = await asyncio.to_thread(self.datapath.expire_idle, self.idle_timeout)
                     self.after_kernel_expiry(expired)
+                    installed = [k for k, leg in self.legs.items() if leg.installed_at is not None]
+                    missing = await asyncio.to_thread(self.missing_from_kernel, installed)
+                    self.sweep_evicted(missing, time.monotonic())
                 fds = [s.fileno() for s in self.public.values()]
                 self.queue_bytes = await asyncio.to_thread(public_queue_bytes, fds)
             except Exception:  # keep the slow path alive; the next round retries
