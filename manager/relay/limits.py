@@ -8,15 +8,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from manager.protocol.api import ApiError
+
 MAX_SOURCES = 65536  # buckets kept; the least recently seen are forgotten first
-
-
-class LimitExceeded(Exception):
-    """A creation refused by a limit: `status` (429 or 503) and a one-line reason."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -26,7 +20,8 @@ class _Bucket:
 
 
 class CreateLimits:
-    """Admit or refuse a call creation; release() when its placement ends."""
+    """Admit or refuse a call creation (ApiError 429 or 503 with the reason);
+    release() when its placement ends."""
 
     def __init__(self, *, rate: float, burst: int, max_pending: int, max_pending_per_source: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -41,9 +36,9 @@ class CreateLimits:
 
     def admit(self, source: str) -> None:
         if self.pending >= self.max_pending:
-            raise LimitExceeded(503, f"too many calls are being set up ({self.max_pending}); retry shortly")
+            raise ApiError(503, f"too many calls are being set up ({self.max_pending}); retry shortly")
         if self._pending.get(source, 0) >= self.max_pending_per_source:
-            raise LimitExceeded(429, f"too many calls being set up from this address "
+            raise ApiError(429, f"too many calls being set up from this address "
                                      f"(at most {self.max_pending_per_source} at once)")
         now = self._clock()
         b = self._buckets.pop(source, None) or _Bucket(float(self.burst), now)
@@ -53,7 +48,7 @@ class CreateLimits:
         while len(self._buckets) > MAX_SOURCES:
             self._buckets.popitem(last=False)
         if b.tokens < 1.0:
-            raise LimitExceeded(429, f"too many calls from this address (at most {self.rate:g} per second, "
+            raise ApiError(429, f"too many calls from this address (at most {self.rate:g} per second, "
                                      f"bursts of {self.burst})")
         b.tokens -= 1.0
         self._pending[source] = self._pending.get(source, 0) + 1

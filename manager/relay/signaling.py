@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
+from manager.protocol.api import ApiError
 from manager.protocol.client_auth import AuthError, credential_digest, same_credential
 from manager.protocol.sdp import (
     SdpError,
@@ -41,7 +42,7 @@ from manager.protocol.sdp import (
 from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth
-from manager.relay.limits import CreateLimits, LimitExceeded
+from manager.relay.limits import CreateLimits
 from manager.relay.registry import Call, PlacementError, Registry, Transceiver
 from manager.relay.transceiver_client import TransceiverClient, TransceiverError
 
@@ -98,7 +99,7 @@ class _Api:
         source = request.remote or "?"
         try:
             self.create_limits.admit(source)
-        except LimitExceeded as exc:
+        except ApiError as exc:
             return _text(exc.status, str(exc), {"Retry-After": "1"})
         try:
             return await self._create(request, credential)

@@ -470,11 +470,9 @@ class SlowPath:
             self.stats["flows_expired_idle"] += 1
         self._settle(touched)
 
-    def missing_from_kernel(self, keys: list[tuple[tuple[str, int], tuple[str, int]]]) -> set:
-        """Which of these installed tuples the kernel no longer holds (one
-        lookup each; the housekeeper runs it in a thread)."""
-        assert self.datapath is not None
-        return {k for k in keys if not self.datapath.has_flow(*k)}
+    def evicted(self, kept: set) -> set:
+        """Installed tuples not among `kept` (what an expiry walk found in the kernel)."""
+        return {k for k, leg in self.legs.items() if leg.installed_at is not None and k not in kept}
 
     def sweep_evicted(self, missing: set, now: float) -> None:
         """Installed legs the kernel lost (LRU eviction) and that no STUN has
@@ -519,11 +517,10 @@ class SlowPath:
                 if self.datapath is not None:
                     # The walk of a flows map of a million entries takes seconds:
                     # a thread does it, the loop keeps serving packets and APIs.
-                    expired = await asyncio.to_thread(self.datapath.expire_idle, self.idle_timeout)
+                    kept: set = set()
+                    expired = await asyncio.to_thread(self.datapath.expire_idle, self.idle_timeout, kept=kept)
                     self.after_kernel_expiry(expired)
-                    installed = [k for k, leg in self.legs.items() if leg.installed_at is not None]
-                    missing = await asyncio.to_thread(self.missing_from_kernel, installed)
-                    self.sweep_evicted(missing, time.monotonic())
+                    self.sweep_evicted(self.evicted(kept), time.monotonic())
                 fds = [s.fileno() for s in self.public.values()]
                 self.queue_bytes = await asyncio.to_thread(public_queue_bytes, fds)
             except Exception:  # keep the slow path alive; the next round retries

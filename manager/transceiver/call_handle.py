@@ -6,6 +6,8 @@ which kind it has."""
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 from manager.protocol.callstate import CallState
@@ -19,6 +21,22 @@ class CallHandle(abc.ABC):
     created_at: float
     connected_at: float | None
     ending: bool = False
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        """Run `coro` for this call; kept until done (the loop holds tasks weakly)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _cancel_tasks(self) -> None:
+        """Cancel the call's tasks, except the one running this (it may be ending the call)."""
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
 
     @property
     @abc.abstractmethod

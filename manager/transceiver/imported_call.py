@@ -226,6 +226,7 @@ class ImportedCall(CallHandle):
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
         on_consent_expired: Callable[[ImportedCall], Awaitable[None]],
     ) -> None:
+        super().__init__()
         self.spec = spec
         self.conn_id = spec.state.conn_id
         self.ufrag = spec.ice.local_ufrag
@@ -244,7 +245,6 @@ class ImportedCall(CallHandle):
         self._frozen_at: float | None = None
         self.frozen_monotonic: float | None = None
         self._last_consent = time.monotonic()  # the import counts as the last check
-        self._tasks: set[asyncio.Task[None]] = set()
 
         try:
             self._rx = hooks.srtp_session(spec.rx_key, inbound=True, libsrtp_profile=spec.libsrtp_profile)
@@ -297,11 +297,6 @@ class ImportedCall(CallHandle):
         self._spawn(run_agent(self.agent, self.session, f"imported call {self.conn_id}"))
         self._spawn(self._consent_watchdog())
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def activate(self, by: str) -> None:
         """Start sending (the relay flipped ownership, or the client's packets arrive)."""
         if self.active or self.ending:
@@ -330,10 +325,7 @@ class ImportedCall(CallHandle):
         """End quietly whatever `quiet` says: nothing can be said to the client without DTLS."""
         self.ending = True
         self.session.close()
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+        self._cancel_tasks()
         for port in self.ports:
             port.close()
 

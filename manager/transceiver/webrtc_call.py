@@ -98,6 +98,7 @@ class WebRtcCall(CallHandle):
     def __init__(self, *, conn_id: int, ufrag: str, pc: RTCPeerConnection, session: AgentSession, agent: Agent,
                  ice: RTCIceTransport, dtls: RTCDtlsTransport, tap: MediaTap, ports: list[CallPort],
                  offer: aiortc_sdp.SessionDescription) -> None:
+        super().__init__()
         self.conn_id = conn_id
         self.ufrag = ufrag
         self.pc = pc
@@ -113,7 +114,6 @@ class WebRtcCall(CallHandle):
         self.candidates_stripped = 0
         self.consent_expired = False
         self.ending = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def connection(self):  # the aioice Connection
@@ -209,11 +209,6 @@ class WebRtcCall(CallHandle):
         self._spawn(run_agent(self.agent, self.session, f"call {self.conn_id}"))
         self._spawn(watchdog())
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _end_reason(self, state: str) -> str:
         if self.consent_expired:
             return "ICE consent expired"
@@ -264,10 +259,7 @@ class WebRtcCall(CallHandle):
             for port in self.ports:
                 port.muted = True
         self.session.close()
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+        self._cancel_tasks()
         try:
             await self.pc.close()
         except Exception:

@@ -493,8 +493,10 @@ class Datapath:
         index = self._reverse_index()
         return [self._flow(k, v, index) for k, v in self._m().flows.items()]
 
-    def expire_idle(self, idle_s: float, *, now_ns: int | None = None) -> list[Flow]:
-        """Remove flows with no packet either way for idle_s seconds."""
+    def expire_idle(self, idle_s: float, *, now_ns: int | None = None, kept: set | None = None) -> list[Flow]:
+        """Remove flows with no packet either way for idle_s seconds. `kept`,
+        if given, receives the (client, vip) of every flow left in place: the
+        same walk tells the caller which tuples the kernel still holds."""
         now = now_ns if now_ns is not None else time.monotonic_ns()
         limit = int(idle_s * 1e9)
         index = self._reverse_index()
@@ -504,6 +506,8 @@ class Datapath:
             if now - flow.last_seen_ns > limit:
                 self._remove(key, index)
                 expired.append(flow)
+            elif kept is not None:
+                kept.add((flow.client, flow.vip))
         return expired
 
     # --- counters -----------------------------------------------------------------------
