@@ -93,11 +93,13 @@ _Static_assert(STAT_FWD_OUT_STUN + CLASS_RTP == STAT_FWD_OUT_RTP, "outbound RTP 
 /* Drops are the range [STAT_DROP_MALFORMED, STAT_FWD_IN_STUN) (relay.bpf.c). */
 _Static_assert(STAT_DROP_STUN_BUDGET + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
 
-/* Interface roles (if_roles values); an interface without one is unchecked. */
+/* Interface roles (if_roles values, by ifindex); 0: unchecked. */
 #define ROLE_PUBLIC 1
 #define ROLE_INTERNAL 2
-#ifndef MAX_INTERFACES
-#define MAX_INTERFACES 64
+/* if_roles is an array indexed by ifindex (a lookup the verifier inlines, as
+ * every packet makes it): the interfaces given roles must have smaller ones. */
+#ifndef MAX_IFINDEX
+#define MAX_IFINDEX 4096
 #endif
 
 #endif

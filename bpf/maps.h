@@ -29,7 +29,7 @@ BPF_TABLE_PINNED("array", __u32, struct relay_config, relay_cfg, 2, PIN_DIR "/re
  * to a VIP are taken only on public interfaces, owners' packets to a flow
  * port only on internal ones (a spoofed internal source on the public side
  * is not an owner). */
-BPF_TABLE_PINNED("hash", __u32, __u32, if_roles, MAX_INTERFACES, PIN_DIR "/if_roles");
+BPF_TABLE_PINNED("array", __u32, __u32, if_roles, MAX_IFINDEX, PIN_DIR "/if_roles");
 
 /* admit_cfg: rates of slow-path admission for unknown client tuples. */
 BPF_TABLE_PINNED("array", __u32, struct admit_config, admit_cfg, 1, PIN_DIR "/admit_cfg");

@@ -306,9 +306,9 @@ int xdp_relay(struct xdp_md *ctx)
     copy_addr(vk.addr, daddr);
     struct bpf_fib_lookup fib;
     __u32 ifindex = ctx->ingress_ifindex;
-    __u32 *role = if_roles.lookup(&ifindex);
+    __u32 *role = if_roles.lookup(&ifindex);  /* NULL beyond MAX_IFINDEX: unchecked */
     if (vips.lookup(&vk)) {
-        if (role && *role != ROLE_PUBLIC)
+        if (role && *role && *role != ROLE_PUBLIC)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
         stat = from_client(ctx, &p, &fib, saddr, daddr);
         if (stat == STAT_PASS_STUN_UNKNOWN)
@@ -320,7 +320,7 @@ int xdp_relay(struct xdp_md *ctx)
         if (!cfg || !cfg->enabled || !addr_eq(cfg->internal_addr, daddr) ||
             dport < cfg->flow_port_min || dport > cfg->flow_port_max)
             return account(STAT_PASS_NOT_RELAY, p.len, XDP_PASS);
-        if (role && *role != ROLE_INTERNAL)
+        if (role && *role && *role != ROLE_INTERNAL)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
         stat = from_owner(ctx, &p, &fib, saddr);
     }

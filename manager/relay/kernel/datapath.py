@@ -55,7 +55,7 @@ PROG_SOURCE = BPF_DIR / "relay.bpf.c"
 PROG_NAME = "xdp_relay"
 PROG_PIN = "prog"
 MAX_VIPS = 64  # bpf/consts.h defaults (the loader does not override them)
-MAX_INTERFACES = 64
+MAX_IFINDEX = 4096  # if_roles is an array indexed by ifindex (bpf/consts.h)
 MAX_SOURCES = 65536
 
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -214,7 +214,7 @@ class Datapath:
 
     def expected_max_entries(self) -> dict[str, int]:
         return {"flows": self.cfg.max_flows, "owners": self.cfg.max_owners, "reverse": self.cfg.max_reverse,
-                "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_INTERFACES,
+                "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_IFINDEX,
                 "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "stats": len(STAT_NAMES)}
 
     def check_pinned_maps(self) -> None:
@@ -296,12 +296,15 @@ class Datapath:
 
     def set_roles(self, roles: dict[int, int]) -> None:
         """Ingress ifindex → ROLE_PUBLIC / ROLE_INTERNAL; interfaces not listed lose theirs."""
+        too_big = [i for i in roles if not 0 < i < MAX_IFINDEX]
+        if too_big:
+            raise DatapathError(f"interface index {too_big[0]} is beyond the {MAX_IFINDEX} the role map holds")
         m = self._m().if_roles
-        for k in list(m.keys()):
-            if k.value not in roles:
-                m.delete(k)
-        for ifindex, role in roles.items():
-            m.update(ctypes.c_uint32(ifindex), ctypes.c_uint32(role))
+        for ifindex in range(MAX_IFINDEX):
+            want = roles.get(ifindex, 0)
+            cur = m.lookup(ctypes.c_uint32(ifindex))
+            if cur is None or cur.value != want:
+                m.update(ctypes.c_uint32(ifindex), ctypes.c_uint32(want))
 
     def attach(self, interfaces: list[str] | None = None) -> list[AttachResult]:
         """Attach the program to each interface (native where the driver can,

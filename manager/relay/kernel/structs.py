@@ -170,7 +170,7 @@ MAP_KINDS: dict[str, int] = {
     "reverse": BPF_MAP_TYPE_LRU_HASH,
     "vips": BPF_MAP_TYPE_HASH,
     "relay_cfg": BPF_MAP_TYPE_ARRAY,
-    "if_roles": BPF_MAP_TYPE_HASH,
+    "if_roles": BPF_MAP_TYPE_ARRAY,
     "admit_cfg": BPF_MAP_TYPE_ARRAY,
     "admit_sources": BPF_MAP_TYPE_LRU_HASH,
     "admit_budget": BPF_MAP_TYPE_PERCPU_ARRAY,
