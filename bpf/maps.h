@@ -42,6 +42,10 @@ BPF_TABLE_PINNED("lru_hash", struct source_key, struct admit_bucket, admit_sourc
 /* admit_budget: the global budget's share of each CPU (no cross-CPU atomics). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct admit_bucket, admit_budget, 1, PIN_DIR "/admit_budget");
 
+/* layout: a hash of every map's layout, written by userspace at load; a
+ * relayd refuses pinned maps whose hash is not its own (structs.py). */
+BPF_TABLE_PINNED("array", __u32, __u64, layout, 1, PIN_DIR "/layout");
+
 /* stats: per-CPU packets/bytes by verdict and reason (enum stat_id). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct stat_value, stats, STAT_MAX, PIN_DIR "/stats");
 

@@ -1,11 +1,12 @@
 /* splitrelay XDP fast path: parse → classify → look up → rewrite → forward.
  *
  * Client → VIP:port from a known client tuple: rewritten to
- *   relay-internal addr:flow port → current owner of the call, redirected.
- * Owner → relay-internal addr:flow port: forwarded back as VIP:port → client,
+ *   flow source (a pool address:port) → current owner of the call, redirected.
+ * Owner → flow source: forwarded back as VIP:port → client,
  *   only when the sender is the current owner of the call.
  * Unknown client tuple: a well-formed STUN Binding request carrying our ufrag
- * shape goes to the slow path (XDP_PASS, stun.h), the rest is dropped. Everything else passes untouched. Every verdict is counted. */
+ * shape goes to the slow path (XDP_PASS, stun.h), the rest is dropped.
+ * Everything else passes untouched. Every verdict is counted. */
 #include "consts.h"
 #include "structs.h"
 #include "maps.h"
@@ -205,6 +206,32 @@ static __always_inline int stun_rate(__u32 family, __be32 src0, __be32 src1)
     return STAT_PASS_STUN_UNKNOWN;
 }
 
+/* A flow source's address: the pool's first address plus the flow's index
+ * (the last 32-bit word counts up; the config keeps it from carrying). */
+static __always_inline void pool_addr(const struct relay_config *cfg, __u8 family, __u16 idx, __be32 *out)
+{
+    copy_addr(out, cfg->internal_addr);
+    if (family == SR_AF_INET)
+        out[0] = bpf_htonl(bpf_ntohl(out[0]) + idx);
+    else
+        out[3] = bpf_htonl(bpf_ntohl(out[3]) + idx);
+}
+
+/* Index of addr in the family's pool of internal addresses, or -1. */
+static __always_inline int pool_index(const struct relay_config *cfg, __u8 family, const __be32 *addr)
+{
+    __u32 idx;
+    if (family == SR_AF_INET) {
+        idx = bpf_ntohl(addr[0]) - bpf_ntohl(cfg->internal_addr[0]);
+    } else {
+        if (addr[0] != cfg->internal_addr[0] || addr[1] != cfg->internal_addr[1] ||
+            addr[2] != cfg->internal_addr[2])
+            return -1;
+        idx = bpf_ntohl(addr[3]) - bpf_ntohl(cfg->internal_addr[3]);
+    }
+    return idx < cfg->addr_count ? (int)idx : -1;
+}
+
 /* Client → VIP: forward to the call's owner. */
 static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
                                        __be32 *saddr, __be32 *daddr)
@@ -231,15 +258,17 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
         return STAT_DROP_NO_OWNER;
     __u32 idx = p->family == SR_AF_INET ? 0 : 1;
     struct relay_config *cfg = relay_cfg.lookup(&idx);
-    if (!cfg || !cfg->enabled)
+    if (!cfg || !cfg->addr_count)
         return STAT_DROP_NO_INTERNAL_ADDR;
     if (ttl_expired(p))
         return STAT_PASS_TTL_EXPIRED;
 
-    int rc = route(ctx, p, fib, cfg->internal_addr, dst, flow->flow_port, dport);
+    __be32 src[4];
+    pool_addr(cfg, p->family, flow->flow_addr, src);
+    int rc = route(ctx, p, fib, src, dst, flow->flow_port, dport);
     if (rc)
         return rc;
-    rewrite(p, fib, cfg->internal_addr, dst, flow->flow_port, dport);
+    rewrite(p, fib, src, dst, flow->flow_port, dport);
     __sync_fetch_and_add(&flow->packets, 1);
     __sync_fetch_and_add(&flow->bytes, p->len);
     flow->last_seen_ns = bpf_ktime_get_ns();
@@ -248,12 +277,13 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
 
 /* Owner → flow port: forward back to the client from the VIP. */
 static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
-                                      __be32 *saddr)
+                                      __be32 *saddr, __u16 flow_addr)
 {
     struct reverse_key key = {};
     key.family = p->family;
     key.owner_port = p->udp->source;
     key.flow_port = p->udp->dest;
+    key.flow_addr = flow_addr;
     copy_addr(key.owner_addr, saddr);
 
     struct reverse_info *rev = reverse.lookup(&key);
@@ -317,12 +347,14 @@ int xdp_relay(struct xdp_md *ctx)
         __u32 idx = p.family == SR_AF_INET ? 0 : 1;
         struct relay_config *cfg = relay_cfg.lookup(&idx);
         __u16 dport = bpf_ntohs(p.udp->dest);
-        if (!cfg || !cfg->enabled || !addr_eq(cfg->internal_addr, daddr) ||
-            dport < cfg->flow_port_min || dport > cfg->flow_port_max)
+        if (!cfg || dport < cfg->flow_port_min || dport > cfg->flow_port_max)
+            return account(STAT_PASS_NOT_RELAY, p.len, XDP_PASS);
+        int flow_addr = pool_index(cfg, p.family, daddr);
+        if (flow_addr < 0)
             return account(STAT_PASS_NOT_RELAY, p.len, XDP_PASS);
         if (role && *role && *role != ROLE_INTERNAL)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
-        stat = from_owner(ctx, &p, &fib, saddr);
+        stat = from_owner(ctx, &p, &fib, saddr, (__u16)flow_addr);
     }
     if (stat >= STAT_FWD_IN_STUN)
         return account(stat, p.len, emit(ctx, &fib));

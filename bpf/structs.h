@@ -22,7 +22,7 @@ struct flow_key {
 struct flow_info {
     __u32 conn_id;        /* connection id (owners map key) */
     __be16 flow_port;     /* relay-internal source port towards the owner */
-    __u16 pad0;
+    __u16 flow_addr;      /* relay-internal source address: index into the family's pool */
     __u64 packets;        /* client → owner, forwarded in XDP */
     __u64 bytes;
     __u64 last_seen_ns;   /* bpf_ktime_get_ns() of the last packet either way */
@@ -40,13 +40,14 @@ struct owner_info {
     __u32 pad0;
 };
 
-/* Return-path key: a transceiver (owner addr:port) sending to a flow port. */
+/* Return-path key: a transceiver (owner addr:port) sending to a flow source
+ * (pool address flow_addr, port flow_port). */
 struct reverse_key {
     __u8 family;
     __u8 pad0;
     __be16 owner_port;
     __be16 flow_port;
-    __u16 pad1;
+    __u16 flow_addr;      /* index into the family's pool of internal addresses */
     __be32 owner_addr[4];
 };
 
@@ -69,12 +70,14 @@ struct vip_key {
 };
 
 /* Per-family relay-internal addressing: value of the config map (index 0
- * for IPv4, 1 for IPv6). Flow ports live in [flow_port_min, flow_port_max]. */
+ * for IPv4, 1 for IPv6). A flow's source towards its owner is one of
+ * addr_count consecutive addresses from internal_addr (the last 32-bit word
+ * counts up) and a port in [flow_port_min, flow_port_max]. */
 struct relay_config {
-    __be32 internal_addr[4];
+    __be32 internal_addr[4]; /* first address of the pool */
     __u16 flow_port_min;   /* host byte order */
     __u16 flow_port_max;   /* host byte order */
-    __u32 enabled;         /* 0: family not served */
+    __u32 addr_count;      /* addresses in the pool; 0: family not served */
 };
 
 /* admit_cfg: how much set-up traffic may reach the slow path (one entry). A

@@ -77,7 +77,7 @@ def test_addresses(lab: Lab) -> None:
         "pub0": {"10.10.1.1/24", "fd00:10:1::1/64"},
         "tx1": {"10.10.2.1/24", "fd00:10:2::1/64"},
         "tx2": {"10.10.3.1/24", "fd00:10:3::1/64"},
-        "lo": {"10.10.0.1/32", "fd00:10::1/128"},
+        "lo": {"10.10.0.1/32", "10.10.0.2/32", "fd00:10::1/128", "fd00:10::2/128"},  # the flow-source pools
     }
     assert (lab.vip4, lab.vip6, lab.port) == ("10.10.1.1", "fd00:10:1::1", 3478)
     assert (lab.internal4, lab.internal6) == ("10.10.0.1", "fd00:10::1")
@@ -116,7 +116,8 @@ def test_relay_forwarding_on_but_isolated(lab: Lab) -> None:
         prohibited = {r.get("iif") for r in rules if r.get("action") == "prohibit" and r["priority"] == 100}
         assert prohibited == {"pub0", *lab.internal_ifnames}
         sources = {r.get("src") for r in rules if r["priority"] == 90}
-        assert sources == ({lab.internal4, lab.vip4} if fam == "-4" else {lab.internal6, lab.vip6})
+        assert sources == ({*lab.internal_pool(lab.internal4), lab.vip4} if fam == "-4"
+                           else {*lab.internal_pool(lab.internal6), lab.vip6})
 
 
 def ethtool_features(ns: str, dev: str) -> dict[str, str]:

@@ -58,35 +58,30 @@ def test_refusals(setup):
     assert refused(m, call.call_id, 3).status == 404
 
 
-def _leg(client: tuple[str, int], flow_port: int):
-    import socket
-
+def _leg(client: tuple[str, int], flow_port: int, flow_addr: int = 0):
     from manager.relay.slowpath import Leg
 
-    return Leg(client=client, vip=("10.10.1.1", 3478), conn_id=7, flow_port=flow_port,
-               sock=socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    return Leg(client=client, vip=("10.10.1.1", 3478), conn_id=7, flow_port=flow_port, flow_addr=flow_addr)
 
 
 def test_retiring_the_old_owner_keeps_what_the_new_owner_staged():
     from manager.relay.migration import retired_reverse_entries
 
-    legs = [_leg(("10.10.1.2", 40000), 20001), _leg(("fd00:10:1::2", 40001), 20002)]
-    try:
-        old = OwnerAddr(addr4="10.0.0.2", port4=5000, addr6="fd00::2", port6=5000)
-        # A different new owner: every old entry goes.
-        staged = [(("10.0.0.3", 5000), 20001), (("fd00::3", 5000), 20002)]
-        assert retired_reverse_entries(legs, old, staged) == [(("10.0.0.2", 5000), 20001), (("fd00::2", 5000), 20002)]
-        # The new owner receives on the old one's IPv4 endpoint (a transceiver
-        # back on the same address): that entry is the new owner's now.
-        staged = [(("10.0.0.2", 5000), 20001), (("fd00::3", 5000), 20002)]
-        assert retired_reverse_entries(legs, old, staged) == [(("fd00::2", 5000), 20002)]
-        # The same endpoint with another flow port is still the old owner's.
-        staged = [(("10.0.0.2", 5000), 20009)]
-        assert (("10.0.0.2", 5000), 20001) in retired_reverse_entries(legs, old, staged)
-        assert retired_reverse_entries(legs, None, staged) == []
-    finally:
-        for leg in legs:
-            leg.sock.close()
+    legs = [_leg(("10.10.1.2", 40000), 20001), _leg(("fd00:10:1::2", 40001), 20002, 1)]
+    old = OwnerAddr(addr4="10.0.0.2", port4=5000, addr6="fd00::2", port6=5000)
+    # A different new owner: every old entry goes.
+    staged = [(("10.0.0.3", 5000), (20001, 0)), (("fd00::3", 5000), (20002, 1))]
+    assert retired_reverse_entries(legs, old, staged) == [(("10.0.0.2", 5000), (20001, 0)),
+                                                          (("fd00::2", 5000), (20002, 1))]
+    # The new owner receives on the old one's IPv4 endpoint (a transceiver
+    # back on the same address): that entry is the new owner's now.
+    staged = [(("10.0.0.2", 5000), (20001, 0)), (("fd00::3", 5000), (20002, 1))]
+    assert retired_reverse_entries(legs, old, staged) == [(("fd00::2", 5000), (20002, 1))]
+    # The same endpoint with another flow source is still the old owner's.
+    for other in ((20009, 0), (20001, 1)):
+        staged = [(("10.0.0.2", 5000), other)]
+        assert (("10.0.0.2", 5000), (20001, 0)) in retired_reverse_entries(legs, old, staged)
+    assert retired_reverse_entries(legs, None, staged) == []
 
 
 class _EndsTheCallOnImport:
@@ -113,6 +108,7 @@ def test_a_migration_racing_the_calls_end_leaves_no_owner_entry():
     import asyncio
 
     from manager.lab import xdp_harness as hx
+    from manager.relay.kernel.flow_sockets import FlowSockets
     from manager.relay.slowpath import SlowPath
 
     h = hx.build()
@@ -124,8 +120,7 @@ def test_a_migration_racing_the_calls_end_leaves_no_owner_entry():
         reg.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag="srv1srv1",
                      owner=OwnerAddr(addr4="10.10.2.2", port4=5000))
         reg.activate(conn, OwnerAddr(addr4="10.10.2.2", port4=5000))
-        sp = SlowPath(reg, h.dp, hint_key=bytes(32), vips=[("10.10.1.1", 3478)], internal4="10.10.0.1",
-                      internal6=None, flow_ports=(20000, 20999))
+        sp = SlowPath(reg, h.dp, FlowSockets(h.dp.cfg), hint_key=bytes(32), vips=[("10.10.1.1", 3478)])
         reg.on_call_ended(sp._call_ended)  # what SlowPath.start() subscribes
         client = _EndsTheCallOnImport(reg, conn)
         m = Migrator(reg, h.dp, sp, client)

@@ -1,19 +1,26 @@
 """The slow path's bounds, as an attacker replaying one valid ufrag from many
 client tuples would meet them: legs per call, unauthenticated legs per
 source, quick expiry of those, and no reflection of the owner's error
-replies. Real UDP sockets on loopback; the owner is a stand-in socket."""
+replies. Real UDP sockets on the loopback of a namespace of its own (the
+flow sockets' sk_lookup program attaches to it); the owner is a stand-in
+socket."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import time
+import uuid
 
 import pytest
 from aioice import stun
 
+from manager.lab.netns import run_in_netns
 from manager.protocol.addresses import OwnerAddr
 from manager.protocol.ufrag import encode_ufrag
+from manager.relay.config import DatapathConfig
+from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.registry import Registry
 from manager.relay.slowpath import SlowPath
 
@@ -58,30 +65,45 @@ async def scenario(*, clients: int, **bounds) -> tuple[SlowPath, list[socket.soc
     ufrag = encode_ufrag(KEY, 1, conn)
     registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag=ufrag)
     registry.activate(conn, OwnerAddr(addr4=LO, port4=owner.getsockname()[1]))
-    lo = _free_port()
-    sp = SlowPath(registry, None, hint_key=KEY, vips=[(LO, _free_port())], internal4=LO, internal6=None,
-                  flow_ports=(lo, lo + 400), **bounds)
+    # Below the ephemeral range, where the test's own sockets get their ports.
+    fs = FlowSockets(DatapathConfig(internal_addr4=LO, flow_port_min=20000, flow_port_max=20400))
+    fs.open()
+    sp = SlowPath(registry, None, fs, hint_key=KEY, vips=[(LO, _free_port())], **bounds)
     await sp.start()
     socks = [_udp() for _ in range(clients)]
     for s in socks:
         s.sendto(check(ufrag), sp.vips[0])
-    await asyncio.sleep(0.3)
+    # Until every check is accounted for (a loaded machine may take a while).
+    seen = ("legs_opened", "drop_leg_cap", "drop_source_pending_cap")
+    deadline = time.monotonic() + 5.0
+    while sum(sp.stats[k] for k in seen) < clients and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # and their forwards to the owner
     return sp, socks, owner, ufrag
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
+    """Run a scenario in a namespace of its own, so the flow sockets' program
+    and the loopback ports are the test's alone."""
+    ns = f"srsp-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        return run_in_netns(ns, asyncio.run, asyncio.wait_for(coro, 20))
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
 
 
 def test_one_call_holds_at_most_max_legs() -> None:
     async def go() -> None:
         sp, socks, owner, _ = await scenario(clients=7, max_legs_per_call=4, max_pending_per_source=100)
         try:
-            assert sp.stats["legs_opened"] == 4 and sp.stats["drop_leg_cap"] == 3
+            assert sp.stats["legs_opened"] == 4 and sp.stats["drop_leg_cap"] == 3, sp.stats
             assert len(drain(owner)) == 4  # only the admitted checks reached the owner
             assert len(sp.legs) == 4
         finally:
             await sp.stop()
+            sp.flow_sockets.close()
             for s in [*socks, owner]:
                 s.close()
 
@@ -95,6 +117,7 @@ def test_unauthenticated_legs_per_source_are_capped() -> None:
             assert sp.stats["legs_opened"] == 3 and sp.stats["drop_source_pending_cap"] == 2
         finally:
             await sp.stop()
+            sp.flow_sockets.close()
             for s in [*socks, owner]:
                 s.close()
 
@@ -118,6 +141,7 @@ def test_pending_legs_expire_quickly_and_free_their_slots() -> None:
             late.close()
         finally:
             await sp.stop()
+            sp.flow_sockets.close()
             for s in [*socks, owner]:
                 s.close()
 
@@ -147,6 +171,7 @@ def test_error_replies_to_unauthenticated_legs_are_not_reflected() -> None:
             assert leg.installed_at is not None and sp.stats["flows_installed"] == 1
         finally:
             await sp.stop()
+            sp.flow_sockets.close()
             for s in [*socks, owner]:
                 s.close()
 
@@ -172,6 +197,7 @@ def test_installed_legs_leave_the_pending_count(cap: int) -> None:
             extra.close()
         finally:
             await sp.stop()
+            sp.flow_sockets.close()
             for s in [*socks, owner]:
                 s.close()
 
@@ -187,8 +213,8 @@ def test_the_owner_entry_of_an_unknown_call_goes_with_its_last_flow() -> None:
     h = hx.build()
     try:
         registry = Registry()
-        sp = SlowPath(registry, h.dp, hint_key=KEY, vips=[(hx.VIP4, hx.VIP_PORT)], internal4=hx.INT4,
-                      internal6=None, flow_ports=(20000, 20999), idle_timeout=0.05)
+        sp = SlowPath(registry, h.dp, FlowSockets(h.dp.cfg), hint_key=KEY, vips=[(hx.VIP4, hx.VIP_PORT)],
+                      idle_timeout=0.05)
         owner = OwnerAddr(addr4=hx.TX1_4, port4=5000)
         h.dp.set_owner(99, owner)
         h.dp.add_flow((hx.CLIENT4, 40000), (hx.VIP4, hx.VIP_PORT), 99, 20001, owner)
@@ -223,12 +249,12 @@ def test_an_installed_leg_the_kernel_lost_expires_when_nothing_brings_it_back() 
         owner = OwnerAddr(addr4=hx.TX1_4, port4=5000)
         registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag="srv1srv1")
         registry.activate(conn, owner)
-        sp = SlowPath(registry, h.dp, hint_key=KEY, vips=[(hx.VIP4, hx.VIP_PORT)], internal4=hx.INT4,
-                      internal6=None, flow_ports=(20000, 20999), idle_timeout=10.0)
+        sp = SlowPath(registry, h.dp, FlowSockets(h.dp.cfg), hint_key=KEY, vips=[(hx.VIP4, hx.VIP_PORT)],
+                      idle_timeout=10.0)
         held, lost = ((hx.CLIENT4, 40000), (hx.VIP4, hx.VIP_PORT)), ((hx.CLIENT4, 40001), (hx.VIP4, hx.VIP_PORT))
         h.dp.add_flow(*held, conn, 20001, owner)
         for (client, vip), port in ((held, 20001), (lost, 20002)):
-            leg = Leg(client=client, vip=vip, conn_id=conn, flow_port=port, sock=socket.socket(), installed_at=1.0)
+            leg = Leg(client=client, vip=vip, conn_id=conn, flow_port=port, installed_at=1.0)
             sp._add_leg(leg)
         def missing() -> set:
             kept: set = set()

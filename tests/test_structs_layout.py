@@ -110,3 +110,35 @@ def test_adoption_refuses_pinned_maps_that_do_not_fit():
         same.close()
     finally:
         Datapath(DatapathConfig(**base)).detach(purge=True)
+
+
+def test_adoption_refuses_pinned_maps_of_another_layout():
+    """Same sizes, other meaning (a pad that became a field): the layout hash
+    the maps carry decides, before anything is touched."""
+    import ctypes as _ct
+    import os as _os
+
+    from manager.relay.kernel import libbpf
+    from manager.relay.kernel.datapath import DatapathError
+    from manager.relay.kernel.structs import LAYOUT_HASH
+
+    pin = f"/sys/fs/bpf/sradopt-{uuid.uuid4().hex[:8]}"
+    base = dict(pin_dir=pin, vips=[{"addr": "10.9.9.9", "port": 3478}], internal_addr4="10.9.9.1",
+                max_flows=1024, max_reverse=1024, max_owners=256)
+    first = Datapath(DatapathConfig(**base))
+    try:
+        first.load()
+        assert first.maps.layout.lookup(_ct.c_uint32(0)).value == LAYOUT_HASH
+        first.maps.layout.update(_ct.c_uint32(0), _ct.c_uint64(LAYOUT_HASH ^ 1))  # as another version wrote it
+        first.close()
+        prog_before = _os.stat(f"{pin}/prog").st_ino
+        with pytest.raises(DatapathError, match=r"have map layout [0-9a-f]{16}, this relayd [0-9a-f]{16}\. Restore"):
+            Datapath(DatapathConfig(**base)).load(upgrade=True)
+        assert _os.stat(f"{pin}/prog").st_ino == prog_before
+        # Pins from before the layout map existed are refused too.
+        _os.unlink(f"{pin}/layout")
+        with pytest.raises(DatapathError, match="carry no layout hash"):
+            Datapath(DatapathConfig(**base)).load()
+        assert libbpf.obj_get(f"{pin}/flows") >= 0
+    finally:
+        Datapath(DatapathConfig(**base)).detach(purge=True)

@@ -26,6 +26,8 @@ from manager.lab.xdp_harness import (
     INT6,
     MAC,
     NO_NEIGH4,
+    POOL4,
+    POOL6,
     TX1_4,
     TX1_6,
     TX2_4,
@@ -55,6 +57,8 @@ C4_MIGRATED = (CLIENT4, 40001)  # conn 8: reverse entry for tx1, owner is now tx
 C4_ORPHAN = (CLIENT4, 40002)   # conn 9: no owner entry
 C4_NONEIGH = (CLIENT4, 40003)  # conn 10: owner has no neighbour entry
 FLOW4, FLOW6, FLOW_MIGRATED = 20001, 20002, 20003
+C4_POOL, C6_POOL = (CLIENT4, 40004), (CLIENT6, 40004)  # conn 7, flow source: third pool address, port 20006
+FLOW_POOL, POOL_IDX = 20006, 2
 
 
 def eth(src: str, dst: str) -> Ether:
@@ -87,6 +91,34 @@ def _with(data: bytes, at: int, value: bytes) -> bytes:
 
 
 UFRAG = encode_ufrag(hx.HINT_KEY, 1, 7)
+
+
+def pool_cases() -> list[Case]:
+    """Flow sources beyond the first internal address: out from the flow's
+    pool address, back only to that address and port."""
+    a4, a6 = POOL4[POOL_IDX], POOL6[POOL_IDX]
+    in4 = eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / UDP(sport=C4_POOL[1], dport=VIP_PORT) / Raw(RTP)
+    out4 = eth("int", "tx1") / IP(src=a4, dst=TX1_4, ttl=63) / UDP(sport=FLOW_POOL, dport=OWNER_PORT) / Raw(RTP)
+    in6 = eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=C6_POOL[1], dport=VIP_PORT) / Raw(RTP)
+    out6 = eth("int", "tx1") / IPv6(src=a6, dst=TX1_6, hlim=63) / UDP(sport=FLOW_POOL, dport=OWNER_PORT) / Raw(RTP)
+
+    def back4(dst: str):
+        return eth("tx1", "int") / IP(src=TX1_4, dst=dst) / UDP(sport=OWNER_PORT, dport=FLOW_POOL) / Raw(RTP)
+
+    back6 = eth("tx1", "int") / IPv6(src=TX1_6, dst=a6) / UDP(sport=OWNER_PORT, dport=FLOW_POOL) / Raw(RTP)
+    to_client4 = eth("pub", "client") / IP(src=VIP4, dst=CLIENT4, ttl=63) / UDP(sport=VIP_PORT, dport=C4_POOL[1]) / Raw(RTP)
+    to_client6 = (eth("pub", "client") / IPv6(src=VIP6, dst=CLIENT6, hlim=63) / UDP(sport=VIP_PORT, dport=C6_POOL[1])
+                  / Raw(RTP))
+    past = f"10.10.0.{len(POOL4) + 1}"
+    return [
+        Case("v4 client→owner from the third pool address", "pub", b(in4), XDP_REDIRECT, b(out4), "fwd_in_rtp"),
+        Case("v4 owner→third pool address → client", "int", b(back4(a4)), XDP_REDIRECT, b(to_client4), "fwd_out_rtp"),
+        Case("v6 client→owner from the third pool address", "pub", b(in6), XDP_REDIRECT, b(out6), "fwd_in_rtp"),
+        Case("v6 owner→third pool address → client", "int", b(back6), XDP_REDIRECT, b(to_client6), "fwd_out_rtp"),
+        Case("owner→same port on the first pool address (another flow source) → slow path", "int",
+             b(back4(INT4)), XDP_PASS, None, "pass_return_unknown"),
+        Case("owner→an address past the pool → kernel", "int", b(back4(past)), XDP_PASS, None, "pass_not_relay"),
+    ]
 
 
 def admission_cases() -> list[Case]:
@@ -165,7 +197,8 @@ def cases() -> list[Case]:
              "fwd_out_rtp"),
         Case("v4 zero UDP checksum stays zero", "pub", b(zero_in), XDP_REDIRECT, b(r2o4(RTP, chksum=0)), "fwd_in_rtp"),
         Case("802.1Q-tagged client→owner keeps its tag", "pub", b(vlan_in), XDP_REDIRECT, b(vlan_out), "fwd_in_rtp"),
-        # --- unknown tuples ----------------------------------------------------------
+        *pool_cases(),
+    # --- unknown tuples ----------------------------------------------------------
         Case("unknown client STUN → slow path", "pub", b(c2r4(STUN, sport=41000)), XDP_PASS, None, "pass_stun_unknown"),
         Case("unknown client SRTP → drop", "pub", b(c2r4(RTP, sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
         Case("unknown client DTLS → drop", "pub", b(c2r4(DTLS, sport=41000)), XDP_DROP, None, "drop_unknown_not_stun"),
@@ -245,6 +278,8 @@ def harness():
         dp.set_owner(7, tx1)
         dp.add_flow(C4, (VIP4, VIP_PORT), 7, FLOW4)
         dp.add_flow(C6, (VIP6, VIP_PORT), 7, FLOW6)
+        dp.add_flow(C4_POOL, (VIP4, VIP_PORT), 7, FLOW_POOL, flow_addr=POOL_IDX)
+        dp.add_flow(C6_POOL, (VIP6, VIP_PORT), 7, FLOW_POOL, flow_addr=POOL_IDX)
         dp.set_owner(8, tx1)
         dp.add_flow(C4_MIGRATED, (VIP4, VIP_PORT), 8, FLOW_MIGRATED)
         dp.set_owner(8, OwnerAddr(addr4=TX2_4, port4=OWNER_PORT))  # migrated away from tx1

@@ -22,11 +22,15 @@ from manager.relay.kernel.structs import stat_verdict
 from tests.test_xdp_fixtures import (
     C4,
     C4_MIGRATED,
+    C4_POOL,
     C6,
+    C6_POOL,
     DTLS,
     FLOW4,
     FLOW6,
+    FLOW_POOL,
     OWNER_PORT,
+    POOL_IDX,
     RTP,
     STUN,
     c2r4,
@@ -50,6 +54,10 @@ KNOWN = {
     ("pub", 6, C6[0], C6[1], hx.VIP6, hx.VIP_PORT),
     ("int", 4, hx.TX1_4, OWNER_PORT, hx.INT4, FLOW4),
     ("int", 6, hx.TX1_6, OWNER_PORT, hx.INT6, FLOW6),
+    ("pub", 4, C4_POOL[0], C4_POOL[1], hx.VIP4, hx.VIP_PORT),
+    ("pub", 6, C6_POOL[0], C6_POOL[1], hx.VIP6, hx.VIP_PORT),
+    ("int", 4, hx.TX1_4, OWNER_PORT, hx.POOL4[POOL_IDX], FLOW_POOL),
+    ("int", 6, hx.TX1_6, OWNER_PORT, hx.POOL6[POOL_IDX], FLOW_POOL),
 }
 
 

@@ -75,7 +75,10 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
             "vips": [{"addr": lab.vip4, "port": lab.port}, {"addr": lab.vip6, "port": lab.port}],
             "internal_addr4": lab.internal4,
             "internal_addr6": lab.internal6,
-            "max_flows": 65536, "max_reverse": 65536, "max_owners": 16384,
+            "internal_addr_count": lab.internal_count,
+            # The plan: 2 addresses x 20,000 ports x 2 families = 80,000 flows.
+            "flow_port_min": 20000, "flow_port_max": 39999,
+            "max_flows": 81920, "max_reverse": 81920, "max_owners": 16384,
         },
         "signaling": {"host": lab.vip4, "port": 8080},
         "internal": {"host": lab.internal4, "port": INTERNAL_PORT, "pki_dir": str(workdir / "pki"),

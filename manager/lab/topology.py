@@ -21,6 +21,7 @@ a thread inside the namespace; only offloads use a subprocess (`ethtool -K`).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -96,8 +97,11 @@ class Lab:
     vip4: str = "10.10.1.1"
     vip6: str = "fd00:10:1::1"
     port: int = RELAY_PORT
-    internal4: str = "10.10.0.1"  # on the relay's lo: source of flow ports
+    internal4: str = "10.10.0.1"  # on the relay's lo: first address of the flow-source pool
     internal6: str = "fd00:10::1"
+    # Flow sources come from two addresses per family, so every lab call
+    # exercises the pool (legs alternate between them).
+    internal_count: int = 2
     public_ifname: str = "pub0"
     signaling_url: str = f"http://10.10.1.1:{SIGNALING_PORT}"
     created_at: float = field(default_factory=time.time)
@@ -126,6 +130,11 @@ class Lab:
                 relay_addr6=f"fd00:10:{net}::1",
             ))
         return cls(prefix=prefix, relay_ns=f"{prefix}-relay", client=client, transceivers=txs)
+
+    def internal_pool(self, first: str) -> list[str]:
+        """The pool of internal addresses that starts at `first` (internal4 or internal6)."""
+        base = ipaddress.ip_address(first)
+        return [str(base + i) for i in range(self.internal_count)]
 
     # --- names ------------------------------------------------------------
 
@@ -319,7 +328,8 @@ def _configure_links(lab: Lab) -> None:
     with _ipr(lab.relay_ns) as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
-        _add_addrs(ipr, lo, [(lab.internal4, 32), (lab.internal6, 128)])
+        _add_addrs(ipr, lo, [*((a, 32) for a in lab.internal_pool(lab.internal4)),
+                             *((a, 128) for a in lab.internal_pool(lab.internal6))])
         for ep in lab.endpoints:
             # Create the pair in the relay ns with the peer born in its own ns:
             # nothing ever appears in the root namespace, so no name clashes.
@@ -348,8 +358,8 @@ def _isolate_relay(lab: Lab) -> None:
     anything else arriving on a relay interface may not be routed. Local
     delivery is decided earlier, by the local table (pref 0)."""
     with _ipr(lab.relay_ns) as ipr:
-        for fam, addrs, plen in ((socket.AF_INET, (lab.internal4, lab.vip4), 32),
-                                 (socket.AF_INET6, (lab.internal6, lab.vip6), 128)):
+        for fam, addrs, plen in ((socket.AF_INET, (*lab.internal_pool(lab.internal4), lab.vip4), 32),
+                                 (socket.AF_INET6, (*lab.internal_pool(lab.internal6), lab.vip6), 128)):
             for addr in addrs:
                 ipr.rule("add", family=fam, priority=RULE_PREF_RELAY_SOURCE, table=254, src=addr, src_len=plen)
             for ifname in [lab.public_ifname, *lab.internal_ifnames]:

@@ -31,6 +31,10 @@ MAC = {
 VIP4, VIP6, VIP_PORT = "10.10.1.1", "fd00:10:1::1", 3478
 CLIENT4, CLIENT6 = "10.10.1.2", "fd00:10:1::2"
 INT4, INT6 = "10.10.0.1", "fd00:10::1"
+# The pool of internal addresses flow sources come from: INT4/INT6 and the next two.
+POOL_COUNT = 3
+POOL4 = [f"10.10.0.{i}" for i in range(1, POOL_COUNT + 1)]
+POOL6 = [f"fd00:10::{i}" for i in range(1, POOL_COUNT + 1)]
 TX1_4, TX1_6, TX2_4, TX2_6 = "10.10.2.2", "fd00:10:2::2", "10.10.2.3", "fd00:10:2::3"
 NO_NEIGH4 = "10.10.2.9"
 HINT_KEY = bytes(range(32))  # the routing-hint key of the harness's stand-in relay
@@ -66,7 +70,8 @@ def _ip(ns: str, *args: str) -> None:
     subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
 
 
-def build(*, max_flows: int = 1024, pin_dir: str | None = None) -> Harness:
+def build(*, max_flows: int = 1024, pin_dir: str | None = None,
+          flow_ports: tuple[int, int] = (20000, 29999)) -> Harness:
     """Create the namespace and load the program. Call teardown() after."""
     tag = uuid.uuid4().hex[:8]
     ns = f"srfx-{tag}"
@@ -77,7 +82,8 @@ def build(*, max_flows: int = 1024, pin_dir: str | None = None) -> Harness:
         for dev in ("pub", "pubp", "int", "intp", "lo"):
             _ip(ns, "link", "set", dev, "up")
         for addr, dev in ((f"{VIP4}/24", "pub"), (f"{VIP6}/64", "pub"), ("10.10.2.1/24", "int"),
-                          ("fd00:10:2::1/64", "int"), (f"{INT4}/32", "lo"), (f"{INT6}/128", "lo")):
+                          ("fd00:10:2::1/64", "int"), *((f"{a}/32", "lo") for a in POOL4),
+                          *((f"{a}/128", "lo") for a in POOL6)):
             _ip(ns, "addr", "add", addr, "dev", dev, *(["nodad"] if ":" in addr else []))
         for addr, mac, dev in ((CLIENT4, MAC["client"], "pub"), (CLIENT6, MAC["client"], "pub"),
                                (TX1_4, MAC["tx1"], "int"), (TX1_6, MAC["tx1"], "int"),
@@ -92,7 +98,8 @@ def build(*, max_flows: int = 1024, pin_dir: str | None = None) -> Harness:
         cfg = DatapathConfig(
             pin_dir=pin_dir or f"/sys/fs/bpf/srfx-{tag}",
             vips=[Endpoint(addr=VIP4, port=VIP_PORT), Endpoint(addr=VIP6, port=VIP_PORT)],
-            internal_addr4=INT4, internal_addr6=INT6, flow_port_min=20000, flow_port_max=29999,
+            internal_addr4=INT4, internal_addr6=INT6, internal_addr_count=POOL_COUNT,
+            flow_port_min=flow_ports[0], flow_port_max=flow_ports[1],
             max_flows=max_flows, max_reverse=max_flows, max_owners=max(64, max_flows),
             # Unlimited set-up admission: fixtures and benchmarks run STUN
             # misses by the thousand (tests of the limits set their own).

@@ -48,6 +48,10 @@ class DatapathConfig(BaseModel):
     vips: list[Endpoint] = Field(default_factory=list, description="public relay address:port pairs")
     internal_addr4: str | None = None
     internal_addr6: str | None = None
+    # A flow's source towards its owner is (pool address, port): each address
+    # of the pool adds a whole port range of concurrent flows.
+    internal_addr_count: int = Field(default=1, ge=1, le=65535,
+                                     description="consecutive internal addresses from internal_addr4/6, per family")
     flow_port_min: int = Field(default=20000, ge=1024, le=65535)
     flow_port_max: int = Field(default=59999, ge=1024, le=65535)
     max_flows: int = Field(default=1 << 20, ge=16, le=1 << 26)
@@ -73,6 +77,20 @@ class DatapathConfig(BaseModel):
             raise ValueError(f"not an IPv6 address: {v!r}")
         return v
 
+    @property
+    def flow_ports(self) -> int:
+        return self.flow_port_max - self.flow_port_min + 1
+
+    def flow_plan(self) -> int:
+        """Concurrent flows the address and port plan allows, all families."""
+        families = sum(1 for a in (self.internal_addr4, self.internal_addr6) if a)
+        return families * self.internal_addr_count * self.flow_ports
+
+    def pool(self, base: str) -> list[str]:
+        """The pool of internal addresses that starts at base."""
+        first = ipaddress.ip_address(base)
+        return [str(first + i) for i in range(self.internal_addr_count)]
+
     @field_validator("pin_dir")
     @classmethod
     def _in_bpffs(cls, v: Path) -> Path:
@@ -87,6 +105,14 @@ class DatapathConfig(BaseModel):
         for vip in self.vips:
             if self.flow_port_min <= vip.port <= self.flow_port_max:
                 raise ValueError(f"VIP port {vip.port} lies inside the flow-port range")
+        for name in ("internal_addr4", "internal_addr6"):
+            base = getattr(self, name)
+            if base is None:
+                continue
+            word = int(ipaddress.ip_address(base)) & 0xFFFFFFFF  # the word XDP counts up
+            if word + self.internal_addr_count - 1 > 0xFFFFFFFF:
+                raise ValueError(f"{name}: {self.internal_addr_count} addresses from {base} run past the end "
+                                 f"of its last 32 bits")
         unknown = [i for i in self.public_interfaces if i not in self.interfaces]
         if unknown:
             raise ValueError(f"public_interfaces: {unknown[0]!r} is not one of interfaces {self.interfaces}")
@@ -241,6 +267,16 @@ class RelaydConfig(BaseModel):
             raise ValueError("datapath.internal_addr4: needed for the IPv4 VIPs")
         if 10 in fams and not self.datapath.internal_addr6:
             raise ValueError("datapath.internal_addr6: needed for the IPv6 VIPs")
+        dp = self.datapath
+        plan = dp.flow_plan()
+        # More flow sources than entries and the LRU maps would evict live
+        # flows to make room for new ones.
+        for name in ("max_flows", "max_reverse"):
+            if getattr(dp, name) < plan:
+                raise ValueError(
+                    f"datapath.{name}: {getattr(dp, name)} entries cannot hold the {plan} flows the address and "
+                    f"port plan allows ({dp.internal_addr_count} internal address(es) x {dp.flow_ports} ports x "
+                    f"{plan // (dp.internal_addr_count * dp.flow_ports)} family(ies)); raise it or narrow the plan")
         return self
 
 

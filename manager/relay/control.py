@@ -177,14 +177,14 @@ def sessions_view(deps: ControlDeps, flows: list[Flow]) -> dict[str, Any]:
     for leg in (sp.legs.values() if sp else []):
         legs_by_conn.setdefault(leg.conn_id, {})[(leg.client, leg.vip)] = {
             "client": fmt_ep(*leg.client), "vip": fmt_ep(*leg.vip), "flow_port": leg.flow_port,
-            "installed": leg.installed_at is not None,
+            "flow_addr": leg.flow_addr, "installed": leg.installed_at is not None,
             "setup_ms": round((leg.installed_at - leg.first_seen) * 1000, 3) if leg.installed_at else None,
             "kernel": None,
         }
     for key, f in kernel.items():
         entry = legs_by_conn.setdefault(f.conn_id, {}).setdefault(key, {
             "client": fmt_ep(*f.client), "vip": fmt_ep(*f.vip), "flow_port": f.flow_port,
-            "installed": True, "setup_ms": None, "kernel": None})
+            "flow_addr": f.flow_addr, "installed": True, "setup_ms": None, "kernel": None})
         entry["kernel"] = f.to_dict()
     now = time.time()
     sessions = []

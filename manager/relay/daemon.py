@@ -20,6 +20,7 @@ from manager.relay.config import RelaydConfig
 from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
 from manager.relay.credentials import ClientAuth
 from manager.relay.kernel.datapath import Datapath
+from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.metrics import Metrics
 from manager.relay.migration import Migrator
 from manager.relay.registration import make_internal_app
@@ -49,6 +50,7 @@ class Relay:
     def __init__(self, cfg: RelaydConfig):
         self.cfg = cfg
         self.datapath = Datapath(cfg.datapath)
+        self.flow_sockets = FlowSockets(cfg.datapath)
         self.registry = Registry(heartbeat_timeout=cfg.signaling.heartbeat_timeout)
         self.metrics = Metrics(self.registry, self.datapath)
         self.runtime = Runtime()
@@ -69,10 +71,10 @@ class Relay:
         for r in self.runtime.attach_results:
             log.info("XDP on %s: %s mode%s", r.interface, r.mode, " (adopted)" if r.adopted else "")
         dp = cfg.datapath
+        await asyncio.to_thread(self.flow_sockets.open)
         self.slowpath = SlowPath(
-            self.registry, self.datapath, hint_key=cfg.hint_key_bytes,
-            vips=[v.as_tuple() for v in dp.vips], internal4=dp.internal_addr4, internal6=dp.internal_addr6,
-            flow_ports=(dp.flow_port_min, dp.flow_port_max), idle_timeout=cfg.slowpath.idle_timeout,
+            self.registry, self.datapath, self.flow_sockets, hint_key=cfg.hint_key_bytes,
+            vips=[v.as_tuple() for v in dp.vips], idle_timeout=cfg.slowpath.idle_timeout,
             pending_timeout=cfg.slowpath.pending_timeout, max_legs_per_call=cfg.slowpath.max_legs_per_call,
             max_pending_per_source=cfg.slowpath.max_pending_per_source,
             on_flow_installed=self.metrics.flow_setup.observe,
@@ -117,6 +119,7 @@ class Relay:
             self._client = None
         if self.slowpath is not None:
             await self.slowpath.stop()
+        self.flow_sockets.close()
         if detach:
             removed = await asyncio.to_thread(self.datapath.detach, purge=True)
             log.info("fast path removed from %s", ", ".join(removed) or "no interface")

@@ -64,16 +64,19 @@ class MigrationResult:
         return d
 
 
-def retired_reverse_entries(legs: list, old_owner: OwnerAddr | None,
-                            staged: list[tuple[tuple[str, int], int]]) -> list[tuple[tuple[str, int], int]]:
-    """The old owner's return-path entries (owner endpoint, flow port) to remove
-    after the flip: one per leg, except any the new owner's staging just wrote
-    (same endpoint and flow port, e.g. a transceiver back on the same address)."""
+Staged = list[tuple[tuple[str, int], tuple[int, int]]]  # (owner endpoint, leg's flow source)
+
+
+def retired_reverse_entries(legs: list, old_owner: OwnerAddr | None, staged: Staged) -> Staged:
+    """The old owner's return-path entries (owner endpoint, flow source) to
+    remove after the flip: one per leg, except any the new owner's staging just
+    wrote (same endpoint and flow source, e.g. a transceiver back on the same
+    address)."""
     out = []
     for leg in legs:
         ep = old_owner.for_family(leg.family) if old_owner else None
-        if ep is not None and (ep, leg.flow_port) not in staged:
-            out.append((ep, leg.flow_port))
+        if ep is not None and (ep, leg.source) not in staged:
+            out.append((ep, leg.source))
     return out
 
 
@@ -150,13 +153,13 @@ class Migrator:
                                          "outside the internal prefixes")
                 res.steps["import"] = time.monotonic() - t0
                 legs = [leg for leg in self.slowpath.legs_of(conn) if leg.installed_at is not None]
-                staged = []
+                staged: Staged = []
                 for leg in legs:
                     ep = new_owner.for_family(leg.family)
                     if ep is None:
                         raise MigrationError(f"transceiver {target.id} has no address in the family of {leg.client}")
-                    self.datapath.add_reverse(ep, leg.flow_port, leg.client, leg.vip, conn)
-                    staged.append((ep, leg.flow_port))
+                    self.datapath.add_reverse(ep, leg.flow_port, leg.client, leg.vip, conn, leg.flow_addr)
+                    staged.append((ep, leg.source))
             except (TransceiverError, MigrationError, KeyError, TypeError, ValueError) as exc:
                 await self._roll_back(source, target, conn, imported, new_owner)
                 raise MigrationError(f"migration of call {call.call_id} failed, call left on transceiver "
@@ -164,8 +167,8 @@ class Migrator:
             if self.registry.get_call(conn) is not call or call.state != "active":
                 # The call ended while it was exported and imported (a hang-up,
                 # an expiry): flipping now would give a dead call an owner entry.
-                for ep, flow_port in staged:  # its legs are gone: undo what was staged for them
-                    self.datapath.remove_reverse(ep, flow_port)
+                for ep, src in staged:  # its legs are gone: undo what was staged for them
+                    self.datapath.remove_reverse(ep, *src)
                 await self._roll_back(source, target, conn, imported, None, unfreeze=False)
                 raise MigrationError(f"call {call.call_id} ended during its migration", 409)
             # The switch: one map update moves both directions of every flow.
@@ -177,8 +180,8 @@ class Migrator:
                 await self.client.call_op(target, "POST", f"/calls/{conn}/activate")
             except TransceiverError as exc:  # it also starts on the first inbound packet
                 log.warning("activate on transceiver %d: %s", target.id, exc)
-            for ep, flow_port in retired_reverse_entries(legs, old_owner, staged):
-                self.datapath.remove_reverse(ep, flow_port)
+            for ep, src in retired_reverse_entries(legs, old_owner, staged):
+                self.datapath.remove_reverse(ep, *src)
             self._spawn(self._release(source, conn))
             res.switch_s = await self._first_packet(staged, t0)
             res.outcome = "moved"
@@ -210,7 +213,7 @@ class Migrator:
             for leg in self.slowpath.legs_of(conn):
                 ep = new_owner.for_family(leg.family)
                 if ep is not None:
-                    self.datapath.remove_reverse(ep, leg.flow_port)
+                    self.datapath.remove_reverse(ep, *leg.source)
         if imported:
             try:
                 await self.client.delete_call(target, conn)
@@ -230,11 +233,11 @@ class Migrator:
             # The call no longer depends on it: whatever it sends is dropped.
             log.warning("release on transceiver %d: %s", source.id, exc)
 
-    async def _first_packet(self, staged: list, t0: float) -> float | None:
+    async def _first_packet(self, staged: Staged, t0: float) -> float | None:
         deadline = t0 + FIRST_PACKET_WAIT
         while time.monotonic() < deadline:
-            for ep, flow_port in staged:
-                if self.datapath.reverse_packets(ep, flow_port):
+            for ep, src in staged:
+                if self.datapath.reverse_packets(ep, *src):
                     return time.monotonic() - t0
             await asyncio.sleep(0.0005)
         return None

@@ -3,14 +3,18 @@
 The XDP program passes up STUN from client tuples it does not know (and the
 rare known-flow packet it cannot forward, e.g. before a neighbour entry
 exists). For a Binding request whose USERNAME carries a valid routing hint,
-the slow path gives the client tuple a relay-internal flow port, forwards the
-request to the call's owner from that port, and relays the owner's answers
-back from the public address. When the owner's Binding success response for a
-request from that exact client tuple goes back through the relay, the flow is
-installed in the kernel (both directions); from then on XDP forwards it.
+the slow path gives the client tuple a flow source (a relay-internal pool
+address and port), forwards the request to the call's owner from it, and
+relays the owner's answers back from the public address. When the owner's
+Binding success response for a request from that exact client tuple goes back
+through the relay, the flow is installed in the kernel (both directions);
+from then on XDP forwards it.
 
-Sockets are plain non-blocking sockets driven by loop.add_reader: creating a
-leg is synchronous, so no packet of a new leg waits on a coroutine.
+A flow source holds no socket: FlowSockets sends from any of them and hears
+all of them on one socket per family (kernel/flow_sockets.py), so concurrent
+flows are bounded by the address and port plan. Sockets are non-blocking and
+driven by loop.add_reader: creating a leg is synchronous, so no packet of a
+new leg waits on a coroutine.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from dataclasses import dataclass, field
 
 from aioice import stun
 
-from manager.protocol.addresses import AF_INET, AF_INET6, family_of
+from manager.protocol.addresses import family_of
 from manager.protocol.rfc7983 import is_stun
 from manager.protocol.ufrag import UfragError, decode_ufrag, parse_stun_username
 from manager.relay.kernel.datapath import Datapath, DatapathError
+from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.registry import Call, Registry
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ class Leg:
     vip: tuple[str, int]
     conn_id: int
     flow_port: int
-    sock: socket.socket
+    flow_addr: int = 0  # index into the family's pool of internal addresses
     first_seen: float = field(default_factory=time.monotonic)
     installed_at: float | None = None
     # When the housekeeper first found the kernel without this installed
@@ -60,50 +65,87 @@ class Leg:
     def family(self) -> int:
         return family_of(self.client[0])
 
+    @property
+    def source(self) -> tuple[int, int]:
+        """The flow source as the datapath takes it: (flow port, pool index)."""
+        return self.flow_port, self.flow_addr
+
     def to_dict(self) -> dict:
         return {"client": list(self.client), "vip": list(self.vip), "conn_id": self.conn_id,
-                "flow_port": self.flow_port, "installed": self.installed_at is not None,
+                "flow_port": self.flow_port, "flow_addr": self.flow_addr, "installed": self.installed_at is not None,
                 "setup_ms": round((self.installed_at - self.first_seen) * 1000, 3) if self.installed_at else None}
 
 
-class FlowPorts:
-    """Relay-internal flow ports. Freed ports go to the back of the queue, so
-    a port is reused as late as possible (late packets of an old call find no
-    entry rather than a new call)."""
+class FlowSources:
+    """The flow sources of one family: `addresses` pool addresses x the ports
+    lo..hi. Never-used sources go first (spread over the addresses), then
+    freed ones in the order they were freed, so a source is reused as late as
+    possible (late packets of an old call find no entry rather than a new
+    call). Nothing is materialised up front: a million sources cost nothing
+    until used."""
 
-    def __init__(self, lo: int, hi: int):
-        self.free = collections.deque(range(lo, hi + 1))
-        self.range = (lo, hi)
+    def __init__(self, addresses: int, lo: int, hi: int):
+        self.addresses = addresses
+        self.lo = lo
+        self.size = addresses * (hi - lo + 1)
+        self._next = 0                       # ids from here on were never handed out
+        self._freed: collections.deque[int] = collections.deque()
+        self._in_use: set[int] = set()
 
-    def take(self) -> int:
-        if not self.free:
-            raise OSError(errno.EADDRNOTAVAIL, "no free relay flow port")
-        return self.free.popleft()
+    def _id(self, source: tuple[int, int]) -> int:
+        port, addr = source
+        return (port - self.lo) * self.addresses + addr
 
-    def give_back(self, port: int) -> None:
-        self.free.append(port)
+    def take(self) -> tuple[int, int]:
+        """A free (port, pool index)."""
+        while True:
+            if self._next < self.size:
+                sid = self._next
+                self._next += 1
+            elif self._freed:
+                sid = self._freed.popleft()
+            else:
+                raise OSError(errno.EADDRNOTAVAIL, f"all {self.size} flow sources are in use")
+            if sid not in self._in_use:  # a reserved id, or a duplicate after reserve+free
+                self._in_use.add(sid)
+                return self.lo + sid // self.addresses, sid % self.addresses
 
-    def reserve(self, port: int) -> None:
-        try:
-            self.free.remove(port)
-        except ValueError:
-            pass
+    def give_back(self, source: tuple[int, int]) -> None:
+        sid = self._id(source)
+        if sid in self._in_use:
+            self._in_use.discard(sid)
+            self._freed.append(sid)
+
+    def reserve(self, source: tuple[int, int]) -> bool:
+        """Mark a source in use (a flow adopted from the kernel); False if it lies outside."""
+        port, addr = source
+        if not (0 <= addr < self.addresses and 0 <= port - self.lo < self.size // self.addresses):
+            return False
+        self._in_use.add(self._id(source))
+        return True
+
+    @property
+    def in_use(self) -> int:
+        return len(self._in_use)
 
 
 class SlowPath:
     """Slow path for a set of VIPs; see the module docstring."""
 
-    def __init__(self, registry: Registry, datapath: Datapath | None, *, hint_key: bytes,
-                 vips: list[tuple[str, int]], internal4: str | None, internal6: str | None,
-                 flow_ports: tuple[int, int], idle_timeout: float = 30.0, pending_timeout: float = 5.0,
-                 max_legs_per_call: int = 4, max_pending_per_source: int = 8,
+    def __init__(self, registry: Registry, datapath: Datapath | None, flow_sockets: FlowSockets, *,
+                 hint_key: bytes, vips: list[tuple[str, int]], idle_timeout: float = 30.0,
+                 pending_timeout: float = 5.0, max_legs_per_call: int = 4, max_pending_per_source: int = 8,
                  on_flow_installed: Callable[[float], None] | None = None):
         self.registry = registry
         self.datapath = datapath
+        self.flow_sockets = flow_sockets
         self.hint_key = hint_key
         self.vips = [(addr, port) for addr, port in vips]
-        self.internal = {AF_INET: internal4, AF_INET6: internal6}
-        self.ports = FlowPorts(*flow_ports)
+        fs_cfg = flow_sockets.cfg
+        self.sources = {fam: FlowSources(len(pool), fs_cfg.flow_port_min, fs_cfg.flow_port_max)
+                        for fam, pool in flow_sockets.pools.items()}
+        # (family, flow port, pool index) → leg: what the shared sockets demultiplex by.
+        self._by_source: dict[tuple[int, int, int], Leg] = {}
         self.idle_timeout = idle_timeout
         self.pending_timeout = pending_timeout
         # Bounds on what one valid ufrag, replayed from many tuples, can hold:
@@ -130,32 +172,31 @@ class SlowPath:
             sock = _udp_socket(vip)
             self.public[vip] = sock
             self._loop.add_reader(sock.fileno(), self._read_public, vip, sock)
+        for fam, sock in self.flow_sockets.receivers.items():
+            self._loop.add_reader(sock.fileno(), self._read_flows, fam)
         self._unsubscribe = self.registry.on_call_ended(self._call_ended)
         self.adopt_kernel_flows()
         self._housekeeper = asyncio.create_task(self._housekeeping())
 
     def adopt_kernel_flows(self) -> int:
         """After a restart: take over the flows the kernel kept forwarding.
-        Their flow ports are reserved and bound again (for the few packets
-        XDP hands up), so a new call can never be given one of them."""
+        Their flow sources are reserved, so a new call can never be given one."""
         if self.datapath is None:
             return 0
         adopted = 0
         for flow in self.datapath.flows():
             if (flow.client, flow.vip) in self.legs:
                 continue
-            internal = self.internal.get(family_of(flow.client[0]))
-            self.ports.reserve(flow.flow_port)
-            if internal is None:
-                continue
-            try:
-                sock = _udp_socket((internal, flow.flow_port))
-            except OSError as exc:
-                log.warning("adopted flow %s: cannot bind flow port %d: %s", flow.client, flow.flow_port, exc)
+            sources = self.sources.get(family_of(flow.client[0]))
+            if sources is None or not sources.reserve((flow.flow_port, flow.flow_addr)):
+                # The plan shrank since: the kernel no longer returns its packets.
+                log.warning("kernel flow %s: flow source %d/%d lies outside the address and port plan",
+                            flow.client, flow.flow_addr, flow.flow_port)
+                self.stats["flows_outside_plan"] += 1
                 continue
             now = time.monotonic()
             leg = Leg(client=flow.client, vip=flow.vip, conn_id=flow.conn_id, flow_port=flow.flow_port,
-                      sock=sock, first_seen=now, installed_at=now)
+                      flow_addr=flow.flow_addr, first_seen=now, installed_at=now)
             self._add_leg(leg)
             adopted += 1
         if adopted:
@@ -176,6 +217,8 @@ class SlowPath:
             self._unsubscribe()
         for leg in list(self.legs.values()):
             self._close_leg(leg, remove_kernel=False)
+        for sock in self.flow_sockets.receivers.values():
+            self._loop.remove_reader(sock.fileno())
         for sock in self.public.values():
             self._loop.remove_reader(sock.fileno())
             sock.close()
@@ -189,6 +232,7 @@ class SlowPath:
             "packets": {d: self.stats.get(f"forward_{d}", 0) for d in ("in", "out")},
             "bytes": {d: self.bytes.get(f"forward_{d}", 0) for d in ("in", "out")},
             "legs": {"installed": installed, "pending": len(self.legs) - installed},
+            "flow_sources": {str(fam): {"in_use": src.in_use, "total": src.size} for fam, src in self.sources.items()},
             # Read from /proc by the housekeeper (never on a scrape, on the loop).
             "queue_bytes": self.queue_bytes,
         }
@@ -253,8 +297,8 @@ class SlowPath:
             self.stats["drop_stale_hint"] += 1
             return
         owner = call.owner.for_family(family_of(client[0])) if call.owner else None
-        internal = self.internal[family_of(client[0])]
-        if owner is None or internal is None:
+        sources = self.sources.get(family_of(client[0]))
+        if owner is None or sources is None:
             self.stats["drop_no_owner_in_family"] += 1
             return
         if self._legs_per_call[call.conn_id] >= self.max_legs_per_call:
@@ -264,38 +308,23 @@ class SlowPath:
             self.stats["drop_source_pending_cap"] += 1
             return
         try:
-            leg = self._open_leg(client, vip, call.conn_id, internal)
+            port, addr = sources.take()
         except OSError as exc:
             self.stats["drop_no_flow_port"] += 1
-            log.warning("cannot open a flow port for %s: %s", client, exc)
+            log.warning("no flow source for %s: %s", client, exc)
             return
+        leg = Leg(client=client, vip=vip, conn_id=call.conn_id, flow_port=port, flow_addr=addr)
+        self._add_leg(leg)
         self.stats["legs_opened"] += 1
         self._note_txid(leg, data, msg)
         self._to_owner(leg, data)
 
-    def _open_leg(self, client, vip, conn_id: int, internal: str) -> Leg:
-        for _ in range(16):  # skip ports something else holds
-            port = self.ports.take()
-            try:
-                sock = _udp_socket((internal, port))
-                break
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    self.ports.give_back(port)
-                    raise
-        else:
-            raise OSError(errno.EADDRINUSE, "flow ports in use by other sockets")
-        leg = Leg(client=client, vip=vip, conn_id=conn_id, flow_port=port, sock=sock)
-        self._add_leg(leg)
-        return leg
-
     def _add_leg(self, leg: Leg) -> None:
         self.legs[(leg.client, leg.vip)] = leg
+        self._by_source[(leg.family, *leg.source)] = leg
         self._legs_per_call[leg.conn_id] += 1
         if leg.installed_at is None:
             self._pending_per_source[leg.client[0]] += 1
-        if self._loop is not None:
-            self._loop.add_reader(leg.sock.fileno(), self._read_flow, leg)
 
     def _note_txid(self, leg: Leg, data: bytes, msg: stun.Message | None = None) -> None:
         if leg.installed_at is not None or not data or data[0] > 1:
@@ -327,8 +356,9 @@ class SlowPath:
         if owner is None:
             self.stats["drop_no_owner"] += 1
             return
+        src = (self.flow_sockets.address(leg.family, leg.flow_addr), leg.flow_port)
         try:
-            leg.sock.sendto(data, owner)
+            self.flow_sockets.send(src, owner, data)
         except OSError:
             self.stats["drop_send_error"] += 1
             return
@@ -337,16 +367,17 @@ class SlowPath:
 
     # --- packets from owners -------------------------------------------------------------
 
-    def _read_flow(self, leg: Leg) -> None:
-        for _ in range(64):
-            try:
-                data, addr = leg.sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.stats["flow_socket_error"] += 1
-                continue
-            self.on_owner_packet(leg, data, (addr[0], addr[1]))
+    def _read_flows(self, family: int) -> None:
+        try:
+            for data, sender, dst in self.flow_sockets.receive(family):
+                idx = self.flow_sockets.index_of(dst[0])
+                leg = self._by_source.get((family, dst[1], idx)) if idx is not None else None
+                if leg is None:
+                    self.stats["drop_no_leg"] += 1  # to a flow source no leg holds
+                    continue
+                self.on_owner_packet(leg, data, sender)
+        except OSError:
+            self.stats["flow_socket_error"] += 1
 
     def on_owner_packet(self, leg: Leg, data: bytes, sender: tuple[str, int]) -> None:
         if sender != self._owner_of(leg):
@@ -388,7 +419,8 @@ class SlowPath:
                 cur = self.datapath.get_owner(leg.conn_id)
                 if cur is None or cur[0] != call.owner:
                     self.datapath.set_owner(leg.conn_id, call.owner)
-                self.datapath.add_flow(leg.client, leg.vip, leg.conn_id, leg.flow_port, call.owner)
+                self.datapath.add_flow(leg.client, leg.vip, leg.conn_id, leg.flow_port, call.owner,
+                                       flow_addr=leg.flow_addr)
             except (DatapathError, OSError) as exc:
                 self.stats["install_failed"] += 1
                 log.error("cannot install flow %s for call %s: %s", leg.client, leg.conn_id, exc)
@@ -418,6 +450,9 @@ class SlowPath:
     def _close_leg(self, leg: Leg, *, remove_kernel: bool = True) -> None:
         if self.legs.get((leg.client, leg.vip)) is leg:
             del self.legs[(leg.client, leg.vip)]
+            if self._by_source.get((leg.family, *leg.source)) is leg:
+                del self._by_source[(leg.family, *leg.source)]
+            self.sources[leg.family].give_back(leg.source)
             if leg.installed_at is None:
                 self._release_pending(leg)
             n = self._legs_per_call[leg.conn_id] - 1
@@ -430,10 +465,6 @@ class SlowPath:
                 self.datapath.remove_flow(leg.client, leg.vip)
             except (DatapathError, OSError) as exc:
                 log.warning("cannot remove flow %s: %s", leg.client, exc)
-        if self._loop is not None:
-            self._loop.remove_reader(leg.sock.fileno())
-        leg.sock.close()
-        self.ports.give_back(leg.flow_port)
 
     def _call_ended(self, call: Call, reason: str) -> None:
         for leg in self.legs_of(call.conn_id):

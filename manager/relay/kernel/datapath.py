@@ -2,7 +2,7 @@
 typed access to the pinned maps (libbpf), detach.
 
 State lives in bpffs under the configured pin directory:
-  <pin_dir>/{flows,owners,reverse,vips,relay_cfg,stats}   maps
+  <pin_dir>/{flows,owners,reverse,vips,relay_cfg,...}   maps (structs.MAP_TYPES)
   <pin_dir>/prog                                         the attached program
 so a restarted manager adopts what is running instead of replacing it.
 """
@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from manager.relay.kernel import libbpf
 from manager.relay.kernel.structs import (
     AF_INET6,
     BPF_DIR,
+    LAYOUT_HASH,
     MAP_KINDS,
     MAP_TYPES,
     PERCPU_MAPS,
@@ -104,11 +106,13 @@ class Flow:
     bytes_out: int = 0
     last_seen_ns: int = 0
     created_ns: int = 0
+    flow_addr: int = 0  # index into the family's pool of internal addresses
 
     def to_dict(self) -> dict:
         return {
             "client": f"{fmt_ep(*self.client)}", "vip": fmt_ep(*self.vip), "conn_id": self.conn_id,
-            "flow_port": self.flow_port, "packets_in": self.packets_in, "bytes_in": self.bytes_in,
+            "flow_port": self.flow_port, "flow_addr": self.flow_addr,
+            "packets_in": self.packets_in, "bytes_in": self.bytes_in,
             "packets_out": self.packets_out, "bytes_out": self.bytes_out,
             "idle_s": round(max(0, time.monotonic_ns() - self.last_seen_ns) / 1e9, 3) if self.last_seen_ns else None,
         }
@@ -134,6 +138,7 @@ class Maps:
     admit_cfg: libbpf.PinnedMap
     admit_sources: libbpf.PinnedMap
     admit_budget: libbpf.PinnedMap
+    layout: libbpf.PinnedMap
     stats: libbpf.PinnedMap
 
     @classmethod
@@ -181,6 +186,11 @@ class Datapath:
         self.pin_dir = Path(cfg.pin_dir)
         self.maps: Maps | None = None
         self.prog_fd: int = -1
+        # Reverse entries by the client tuple they restore (bytes of FlowKey →
+        # bytes of ReverseKey), so removing a flow needs no walk of the map.
+        # Built by one walk when the maps open; the expiry thread shares it.
+        self._rev_index: dict[bytes, set[bytes]] = {}
+        self._rev_lock = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -215,7 +225,8 @@ class Datapath:
     def expected_max_entries(self) -> dict[str, int]:
         return {"flows": self.cfg.max_flows, "owners": self.cfg.max_owners, "reverse": self.cfg.max_reverse,
                 "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_IFINDEX,
-                "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "stats": len(STAT_NAMES)}
+                "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 1,
+                "stats": len(STAT_NAMES)}
 
     def check_pinned_maps(self) -> None:
         """Refuse, before anything is touched, pinned maps this program and
@@ -223,6 +234,7 @@ class Datapath:
         layout changed), or size (max_entries). bcc would otherwise reuse or
         fail on them in ways that lose state or make no sense."""
         wanted = self.expected_max_entries()
+        self._check_layout()
         for name, (key_type, value_type) in MAP_TYPES.items():
             path = self.pin_dir / name
             if not path.exists():
@@ -244,6 +256,23 @@ class Datapath:
                 raise DatapathError(
                     f"pinned map {path} does not fit this relayd: {'; '.join(problems)}. Restore the config it "
                     f"was made with, or remove {self.pin_dir} (this drops the established flows)")
+
+    def _check_layout(self) -> None:
+        """Pinned maps must carry this relayd's layout hash (structs.LAYOUT_HASH):
+        same sizes can still mean other fields (a pad that became a field)."""
+        pinned = [name for name in MAP_TYPES if (self.pin_dir / name).exists()]
+        if not pinned:
+            return
+        fix = (f"Restore the relayd that made them, or remove {self.pin_dir} (this drops the established flows)")
+        if "layout" not in pinned:
+            raise DatapathError(f"pinned maps in {self.pin_dir} carry no layout hash (made by an older relayd). {fix}")
+        with libbpf.PinnedMap(str(self.pin_dir / "layout"), ctypes.c_uint32, ctypes.c_uint64) as m:
+            found = m.lookup(ctypes.c_uint32(0))
+        value = found.value if found is not None else 0
+        # 0: created by a load that stopped before configure() wrote the hash.
+        if value not in (0, LAYOUT_HASH):
+            raise DatapathError(f"pinned maps in {self.pin_dir} have map layout {value:016x}, this relayd "
+                                f"{LAYOUT_HASH:016x}. {fix}")
 
     def load(self, *, upgrade: bool = False) -> bool:
         """Make the program and maps available. Adopts a pinned program unless
@@ -271,6 +300,7 @@ class Datapath:
             self.prog_fd = new_fd
         self.maps = Maps.open(self.pin_dir)
         self.configure()
+        self.rebuild_reverse_index()
         return adopted
 
     def configure(self) -> None:
@@ -284,10 +314,11 @@ class Datapath:
             self.maps.vips.update(vip_key(v.as_tuple()), ctypes.c_uint32(1))
         for idx, addr in ((0, self.cfg.internal_addr4), (1, self.cfg.internal_addr6)):
             rc = RelayConfig(flow_port_min=self.cfg.flow_port_min, flow_port_max=self.cfg.flow_port_max,
-                             enabled=1 if addr else 0)
+                             addr_count=self.cfg.internal_addr_count if addr else 0)
             if addr:
                 rc.internal_addr = pack_addr(addr)
             self.maps.relay_cfg.update(ctypes.c_uint32(idx), rc)
+        self.maps.layout.update(ctypes.c_uint32(0), ctypes.c_uint64(LAYOUT_HASH))
         self.maps.admit_cfg.update(ctypes.c_uint32(0), admit_config(self.cfg, libbpf.possible_cpus()))
         if self.cfg.public_interfaces:
             # Resolved here, in relayd's network namespace.
@@ -371,6 +402,7 @@ class Datapath:
         """Open the pinned maps only (no compile, no attach): for inspection."""
         if self.maps is None:
             self.maps = Maps.open(self.pin_dir)
+            self.rebuild_reverse_index()
         return self.maps
 
     def close(self) -> None:
@@ -417,22 +449,49 @@ class Datapath:
         return self._m().owners.delete(ctypes.c_uint32(conn_id))
 
     def add_reverse(self, owner: tuple[str, int], flow_port: int, client: tuple[str, int],
-                    vip: tuple[str, int], conn_id: int) -> None:
-        """Let `owner` send to `client` through `flow_port` (inert until owner
-        is the current owner of conn_id)."""
-        self._m().reverse.update(reverse_key(owner, flow_port),
-                                 ReverseInfo(client=flow_key(client, vip), conn_id=conn_id))
+                    vip: tuple[str, int], conn_id: int, flow_addr: int = 0) -> None:
+        """Let `owner` send to `client` through the flow source (pool address
+        flow_addr, flow_port); inert until owner is the current owner of conn_id."""
+        rk, fk = reverse_key(owner, flow_port, flow_addr), flow_key(client, vip)
+        self._m().reverse.update(rk, ReverseInfo(client=fk, conn_id=conn_id))
+        with self._rev_lock:
+            self._rev_index.setdefault(bytes(fk), set()).add(bytes(rk))
 
-    def reverse_packets(self, owner: tuple[str, int], flow_port: int) -> int | None:
-        """Packets the kernel forwarded from `owner` through `flow_port`."""
-        info = self._m().reverse.lookup(reverse_key(owner, flow_port))
+    def reverse_packets(self, owner: tuple[str, int], flow_port: int, flow_addr: int = 0) -> int | None:
+        """Packets the kernel forwarded from `owner` through the flow source."""
+        info = self._m().reverse.lookup(reverse_key(owner, flow_port, flow_addr))
         return None if info is None else info.packets
 
-    def remove_reverse(self, owner: tuple[str, int], flow_port: int) -> bool:
-        return self._m().reverse.delete(reverse_key(owner, flow_port))
+    def remove_reverse(self, owner: tuple[str, int], flow_port: int, flow_addr: int = 0) -> bool:
+        rk = reverse_key(owner, flow_port, flow_addr)
+        info = self._m().reverse.lookup(rk)
+        if info is not None:
+            self._unindex(bytes(info.client), bytes(rk))
+        return self._m().reverse.delete(rk)
+
+    def _unindex(self, fk: bytes, rk: bytes) -> None:
+        with self._rev_lock:
+            keys = self._rev_index.get(fk)
+            if keys is not None:
+                keys.discard(rk)
+                if not keys:
+                    del self._rev_index[fk]
+
+    def rebuild_reverse_index(self) -> int:
+        """One walk of the reverse map (at load, and for tests)."""
+        index: dict[bytes, set[bytes]] = {}
+        for rk, rv in self._m().reverse.items():
+            index.setdefault(bytes(rv.client), set()).add(bytes(rk))
+        with self._rev_lock:
+            self._rev_index = index
+        return sum(len(v) for v in index.values())
+
+    def reverse_index_size(self) -> int:
+        with self._rev_lock:
+            return sum(len(v) for v in self._rev_index.values())
 
     def add_flow(self, client: tuple[str, int], vip: tuple[str, int], conn_id: int, flow_port: int,
-                 owner: OwnerAddr | None = None) -> None:
+                 owner: OwnerAddr | None = None, flow_addr: int = 0) -> None:
         """Install both directions of one flow. The return direction is keyed
         by the current owner (given, or read from the owners map)."""
         if owner is None:
@@ -443,24 +502,27 @@ class Datapath:
         ep = owner.for_family(flow_key(client, vip).family)
         if ep is None:
             raise DatapathError(f"owner of connection id {conn_id} has no address in the client's family")
-        self.add_reverse(ep, flow_port, client, vip, conn_id)
+        self.add_reverse(ep, flow_port, client, vip, conn_id, flow_addr)
         now = time.monotonic_ns()
         self._m().flows.update(flow_key(client, vip), FlowInfo(conn_id=conn_id, flow_port=htons(flow_port),
-                                                               last_seen_ns=now, created_ns=now))
+                                                               flow_addr=flow_addr, last_seen_ns=now,
+                                                               created_ns=now))
 
     def remove_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> bool:
-        """Remove a flow and every reverse entry that points at it."""
+        """Remove a flow and every reverse entry that points at it (found in
+        the in-memory index: no walk). False if the kernel held no such flow."""
         key = flow_key(client, vip)
-        if self._m().flows.lookup(key) is None:
-            return False
-        self._remove(key, self._reverse_index())
-        return True
+        found = self._m().flows.lookup(key) is not None
+        self._remove(key)
+        return found
 
-    def _remove(self, key: FlowKey, index: dict[bytes, list[tuple[ReverseKey, ReverseInfo]]]) -> None:
+    def _remove(self, key: FlowKey) -> None:
         m = self._m()
         m.flows.delete(key)
-        for rk, _ in index.get(bytes(key), ()):
-            m.reverse.delete(rk)
+        with self._rev_lock:
+            rkeys = self._rev_index.pop(bytes(key), set())
+        for rk in rkeys:
+            m.reverse.delete(ReverseKey.from_buffer_copy(rk))
 
     def has_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> bool:
         """Whether the kernel holds this client tuple (one lookup, no walk)."""
@@ -479,6 +541,7 @@ class Datapath:
         client, vip = flow_key_tuple(key)
         entries = [rv for _, rv in index.get(bytes(key), ())]
         return Flow(client=client, vip=vip, conn_id=info.conn_id, flow_port=ntohs(info.flow_port),
+                    flow_addr=info.flow_addr,
                     packets_in=info.packets, bytes_in=info.bytes,
                     packets_out=sum(rv.packets for rv in entries), bytes_out=sum(rv.bytes for rv in entries),
                     last_seen_ns=max([info.last_seen_ns, *(rv.last_seen_ns for rv in entries)]),
@@ -507,7 +570,7 @@ class Datapath:
         for key, info in list(self._m().flows.items()):
             flow = self._flow(key, info, index)
             if now - flow.last_seen_ns > limit:
-                self._remove(key, index)
+                self._remove(key)
                 expired.append(flow)
             elif kept is not None:
                 kept.add((flow.client, flow.vip))

@@ -37,6 +37,9 @@ def lib() -> ctypes.CDLL:
         _lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
         _lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.c_void_p]
         _lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+        _lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p,
+                                       ctypes.c_size_t, ctypes.c_void_p]
+        _lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     return _lib
 
 
@@ -98,6 +101,63 @@ def prog_info(fd: int) -> BpfProgInfo:
     size = ctypes.c_uint32(ctypes.sizeof(info))
     _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "program info")
     return info
+
+
+class ProgLoadOpts(ctypes.Structure):
+    """struct bpf_prog_load_opts as of libbpf 1.1 (later versions accept it: sz says which)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_int),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32),
+        ("attach_btf_obj_fd", ctypes.c_uint32),
+        ("fd_array", ctypes.c_void_p),
+        ("func_info", ctypes.c_void_p),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_void_p),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_void_p),
+    ]
+
+
+BPF_PROG_TYPE_SK_LOOKUP = 30
+BPF_SK_LOOKUP = 36  # enum bpf_attach_type
+
+
+def prog_load(prog_type: int, name: str, insns: bytes, *, expected_attach_type: int = 0) -> int:
+    """Load instructions (as bcc compiled them, map fds already in place) as
+    a program of a type bcc cannot load itself; returns the program fd. A
+    refusal carries the verifier's log."""
+    log = ctypes.create_string_buffer(1 << 16)
+    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), expected_attach_type=expected_attach_type,
+                        log_level=1, log_size=len(log), log_buf=ctypes.cast(log, ctypes.c_void_p))
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    rc = lib().bpf_prog_load(prog_type, name.encode()[:15], b"GPL", buf, len(insns) // 8, ctypes.byref(opts))
+    if rc < 0:
+        err = -rc if rc != -1 else ctypes.get_errno()
+        tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
+        raise BpfError(err, f"load program {name}: {os.strerror(err)}: {' / '.join(tail)}")
+    return rc
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """Attach a program through a BPF link; the attachment lives as long as the returned fd."""
+    return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "create BPF link")
+
+
+def map_update_raw(map_fd: int, key: ctypes._SimpleCData, value: ctypes._SimpleCData) -> None:
+    """One update of a map known only by fd (e.g. a sockmap: the value is a socket fd)."""
+    _check(lib().bpf_map_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY), "update map")
 
 
 class PinnedMap:

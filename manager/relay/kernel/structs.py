@@ -9,6 +9,7 @@ __be16, stored here as the raw 16-bit value (socket.htons).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import ipaddress
 import re
 import socket
@@ -46,7 +47,7 @@ class FlowInfo(ctypes.Structure):
     _fields_ = [
         ("conn_id", ctypes.c_uint32),
         ("flow_port", ctypes.c_uint16),
-        ("pad0", ctypes.c_uint16),
+        ("flow_addr", ctypes.c_uint16),
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
         ("last_seen_ns", ctypes.c_uint64),
@@ -68,14 +69,14 @@ class OwnerInfo(ctypes.Structure):
 
 
 class ReverseKey(ctypes.Structure):
-    """(owner addr:port, flow port): reverse map key."""
+    """(owner addr:port, flow source): reverse map key."""
 
     _fields_ = [
         ("family", ctypes.c_uint8),
         ("pad0", ctypes.c_uint8),
         ("owner_port", ctypes.c_uint16),
         ("flow_port", ctypes.c_uint16),
-        ("pad1", ctypes.c_uint16),
+        ("flow_addr", ctypes.c_uint16),
         ("owner_addr", Addr4),
     ]
 
@@ -105,13 +106,13 @@ class VipKey(ctypes.Structure):
 
 
 class RelayConfig(ctypes.Structure):
-    """Per-family internal address and flow-port range (relay_cfg value)."""
+    """Per-family pool of internal addresses and flow-port range (relay_cfg value)."""
 
     _fields_ = [
         ("internal_addr", Addr4),
         ("flow_port_min", ctypes.c_uint16),
         ("flow_port_max", ctypes.c_uint16),
-        ("enabled", ctypes.c_uint32),
+        ("addr_count", ctypes.c_uint32),
     ]
 
 
@@ -158,6 +159,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "admit_cfg": (ctypes.c_uint32, AdmitConfig),
     "admit_sources": (SourceKey, AdmitBucket),
     "admit_budget": (ctypes.c_uint32, AdmitBucket),
+    "layout": (ctypes.c_uint32, ctypes.c_uint64),
     "stats": (ctypes.c_uint32, StatValue),
 }
 PERCPU_MAPS = frozenset({"admit_budget", "stats"})
@@ -174,8 +176,28 @@ MAP_KINDS: dict[str, int] = {
     "admit_cfg": BPF_MAP_TYPE_ARRAY,
     "admit_sources": BPF_MAP_TYPE_LRU_HASH,
     "admit_budget": BPF_MAP_TYPE_PERCPU_ARRAY,
+    "layout": BPF_MAP_TYPE_ARRAY,
     "stats": BPF_MAP_TYPE_PERCPU_ARRAY,
 }
+
+
+def _shape(t: type) -> list:
+    """Field names, offsets and sizes of a ctypes type, nested; scalars by size."""
+    if hasattr(t, "_fields_"):
+        return [(name, getattr(t, name).offset, ctypes.sizeof(ft), _shape(ft)) for name, ft, *_ in t._fields_]
+    if hasattr(t, "_length_"):
+        return ["[]", t._length_, _shape(t._type_)]
+    return [ctypes.sizeof(t)]
+
+
+def _layout_hash() -> int:
+    """What the layout map holds: any change to a map's kind, key or value
+    layout (a renamed field too: its meaning changed) gives another value."""
+    shape = [(name, MAP_KINDS[name], _shape(k), _shape(v)) for name, (k, v) in sorted(MAP_TYPES.items())]
+    return int.from_bytes(hashlib.sha256(repr(shape).encode()).digest()[:8], "little") or 1
+
+
+LAYOUT_HASH: int = _layout_hash()
 
 
 def _read_stat_names() -> list[str]:
@@ -252,9 +274,9 @@ def flow_key_tuple(key: FlowKey) -> tuple[tuple[str, int], tuple[str, int]]:
             (unpack_addr(key.relay_addr, key.family), ntohs(key.relay_port)))
 
 
-def reverse_key(owner: tuple[str, int], flow_port: int) -> ReverseKey:
+def reverse_key(owner: tuple[str, int], flow_port: int, flow_addr: int = 0) -> ReverseKey:
     return ReverseKey(family=family_of(owner[0]), owner_port=htons(owner[1]), flow_port=htons(flow_port),
-                      owner_addr=pack_addr(owner[0]))
+                      flow_addr=flow_addr, owner_addr=pack_addr(owner[0]))
 
 
 def vip_key(vip: tuple[str, int]) -> VipKey:
