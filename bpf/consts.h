@@ -61,6 +61,7 @@ enum stat_id {
     STAT_PASS_FIB_FAIL,           /* no route / fib error */
     STAT_PASS_STUN_UNKNOWN,       /* STUN from an unknown client tuple: slow path */
     STAT_PASS_RETURN_UNKNOWN,     /* to a flow port with no reverse entry: slow path */
+    STAT_PASS_REBIND,             /* RTP from an unknown tuple with a known flow's SSRC: slow path checks it */
     STAT_DROP_MALFORMED,          /* truncated, bad lengths, bad version, zero IPv6 UDP checksum */
     STAT_DROP_UNKNOWN_NOT_STUN,   /* non-STUN from an unknown client tuple */
     STAT_DROP_NOT_OWNER,          /* return packet from a sender that is not the owner */

@@ -19,6 +19,11 @@ BPF_TABLE_PINNED("hash", __u32, struct owner_info, owners, MAX_OWNERS, PIN_DIR "
  * the sender is still the owner of that connection id. */
 BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct reverse_info, reverse, MAX_REVERSE, PIN_DIR "/reverse");
 
+/* ssrcs: RTP SSRC (as in the packet) → the client tuple that sent it first,
+ * so media from a tuple the flows map does not know (a NAT rebinding) can be
+ * matched to its call's flow. Written once per flow by XDP. */
+BPF_TABLE_PINNED("lru_hash", __u32, struct flow_key, ssrcs, MAX_FLOWS, PIN_DIR "/ssrcs");
+
 /* vips: public relay address:port pairs whose traffic this program handles. */
 BPF_TABLE_PINNED("hash", struct vip_key, __u32, vips, MAX_VIPS, PIN_DIR "/vips");
 

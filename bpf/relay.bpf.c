@@ -175,7 +175,8 @@ static __always_inline int bucket_admits(struct admit_bucket *b, __u64 now, __u6
     return 1;
 }
 
-/* Rate limits of set-up traffic that stun_admit passed: per source (IPv4
+/* Rate limits of what an unknown tuple may send to the slow path (STUN that
+ * stun_admit passed, media for a rebinding check): per source (IPv4
  * /32, IPv6 /64), then the global budget. Established flows never get here.
  * (Map calls live in this file: bcc rewrites them in the main source only.) */
 static __always_inline int stun_rate(__u32 family, __be32 src0, __be32 src1)
@@ -204,6 +205,20 @@ static __always_inline int stun_rate(__u32 family, __be32 src0, __be32 src1)
             return STAT_DROP_STUN_BUDGET;
     }
     return STAT_PASS_STUN_UNKNOWN;
+}
+
+/* SSRC of an RTP packet (RTCP has none here: RFC 5761 types), as in the
+ * packet; 0 if none. */
+static __always_inline __u32 rtp_ssrc(struct pkt *p)
+{
+    __u8 *pl = p->payload;
+    if ((void *)(pl + 12) > p->data_end)
+        return 0;
+    if (pl[1] >= 192 && pl[1] <= 223)
+        return 0;
+    __u32 ssrc;
+    __builtin_memcpy(&ssrc, pl + 8, sizeof(ssrc));
+    return ssrc;
 }
 
 /* A flow source's address: the pool's first address plus the flow's index
@@ -244,8 +259,19 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
     copy_addr(key.relay_addr, daddr);
 
     struct flow_info *flow = flows.lookup(&key);
-    if (!flow)
-        return p->class == CLASS_STUN ? stun_admit(p) : STAT_DROP_UNKNOWN_NOT_STUN;
+    if (!flow) {
+        if (p->class == CLASS_STUN)
+            return stun_admit(p);
+        if (p->class == CLASS_RTP) {
+            /* Media from a new tuple carrying a known flow's SSRC: perhaps
+             * that client behind a NAT that rebound. The slow path has the
+             * owner authenticate it before anything changes. */
+            __u32 ssrc = rtp_ssrc(p);
+            if (ssrc && ssrcs.lookup(&ssrc))
+                return STAT_PASS_REBIND;
+        }
+        return STAT_DROP_UNKNOWN_NOT_STUN;
+    }
     if (p->class == CLASS_OTHER)
         return STAT_DROP_BAD_CLASS;
     __u32 conn_id = flow->conn_id;
@@ -268,6 +294,13 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
     int rc = route(ctx, p, fib, src, dst, flow->flow_port, dport);
     if (rc)
         return rc;
+    if (p->class == CLASS_RTP && !flow->ssrc) {
+        __u32 ssrc = rtp_ssrc(p);  /* once per flow: index it for rebinding */
+        if (ssrc) {
+            flow->ssrc = ssrc;
+            ssrcs.update(&ssrc, &key);
+        }
+    }
     rewrite(p, fib, src, dst, flow->flow_port, dport);
     __sync_fetch_and_add(&flow->packets, 1);
     __sync_fetch_and_add(&flow->bytes, p->len);
@@ -341,8 +374,11 @@ int xdp_relay(struct xdp_md *ctx)
         if (role && *role && *role != ROLE_PUBLIC)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
         stat = from_client(ctx, &p, &fib, saddr, daddr);
-        if (stat == STAT_PASS_STUN_UNKNOWN)
-            stat = stun_rate(p.family, saddr[0], saddr[1]);
+        if (stat == STAT_PASS_STUN_UNKNOWN || stat == STAT_PASS_REBIND) {
+            int limited = stun_rate(p.family, saddr[0], saddr[1]);
+            if (limited != STAT_PASS_STUN_UNKNOWN)
+                stat = limited;
+        }
     } else {
         __u32 idx = p.family == SR_AF_INET ? 0 : 1;
         struct relay_config *cfg = relay_cfg.lookup(&idx);

@@ -27,6 +27,8 @@ struct flow_info {
     __u64 bytes;
     __u64 last_seen_ns;   /* bpf_ktime_get_ns() of the last packet either way */
     __u64 created_ns;     /* set by userspace at install */
+    __u32 ssrc;           /* first RTP SSRC the client sent (as in the packet); 0: none yet */
+    __u32 pad0;
 };
 
 /* Current owner of a connection id: the connection-id map value. Migration

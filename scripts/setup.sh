@@ -16,7 +16,8 @@ grep -q '^ID=debian' /etc/os-release 2>/dev/null || say "warning: not Debian; pa
 
 # --- apt packages -----------------------------------------------------------
 pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
-      python3-yaml iproute2 ethtool linux-headers-amd64 procps util-linux)
+      python3-yaml iproute2 ethtool linux-headers-amd64 procps util-linux
+      nftables conntrack)  # the lab client's NAT (NAT rebinding tests)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -18,6 +18,8 @@ import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from manager.lab.capture import longest_gap
+
 TONE_HZ = 440.0
 SAMPLE_RATE = 48000
 FRAME_SAMPLES = 960  # 20 ms
@@ -88,6 +90,9 @@ class CallReport:
     marks: dict[str, float] = field(default_factory=dict)   # name → seconds since the call started
     frames_after: dict[str, int] = field(default_factory=dict)       # audio frames received after each mark
     tone_ratio_after: dict[str, float] = field(default_factory=dict)  # tone strength after each mark (+0.3 s)
+    # The longest silence in received audio from each mark to 3 s after it (ms):
+    # with the transceiver's echo, an interruption either way shows here.
+    gap_after_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
     @property
@@ -206,6 +211,7 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
                 timed = list(zip(received, arrivals, strict=True))
                 rep.frames_after[name] = sum(1 for _, t in timed if t >= at)
                 rep.tone_ratio_after[name] = _tone_ratio([f for f, t in timed if t >= at + 0.3])
+                rep.gap_after_ms[name] = longest_gap(arrivals, at, at + 3.0)
         finally:
             if hang_up and rep.call_url:
                 async with http.delete(rep.call_url, headers=auth) as resp:

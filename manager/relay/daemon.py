@@ -9,6 +9,7 @@ manager restarts or is upgraded.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import signal
 import time
@@ -78,6 +79,7 @@ class Relay:
             pending_timeout=cfg.slowpath.pending_timeout, max_legs_per_call=cfg.slowpath.max_legs_per_call,
             max_pending_per_source=cfg.slowpath.max_pending_per_source,
             on_flow_installed=self.metrics.flow_setup.observe,
+            check_media=self._check_media, on_rebound=self.metrics.rebind.observe,
         )
         self.metrics.watch_slowpath(self.slowpath)
         await self.slowpath.start()
@@ -103,6 +105,17 @@ class Relay:
         log.info("relayd ready: signaling on %s:%d, transceivers on %s:%d (mutual TLS), VIPs %s",
                  cfg.signaling.host, cfg.signaling.port, cfg.internal.host, cfg.internal.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
+
+    async def _check_media(self, conn_id: int, packet: bytes) -> bool:
+        """Ask a call's transceiver whether a packet from a client's new
+        address authenticates as the call's (NAT rebinding)."""
+        call = self.registry.get_call(conn_id)
+        tx = self.registry.get_transceiver(call.transceiver_id) if call is not None else None
+        if tx is None or self._client is None:
+            return False
+        reply = await self._client.call_op(tx, "POST", f"/calls/{conn_id}/media-check",
+                                           {"packet": base64.b64encode(packet).decode()})
+        return reply.get("authentic") is True
 
     async def stop(self, *, detach: bool | None = None) -> None:
         detach = self.cfg.detach_on_exit if detach is None else detach

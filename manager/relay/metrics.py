@@ -95,6 +95,9 @@ class Metrics:
         self.flow_setup = Histogram("splitrelay_flow_setup_seconds",
                                     "First STUN from a client tuple to its kernel entry",
                                     buckets=SETUP_BUCKETS, registry=self.prometheus)
+        self.rebind = Histogram("splitrelay_rebind_seconds",
+                                "A client's first packet from a new address to its flow moved there",
+                                buckets=SETUP_BUCKETS, registry=self.prometheus)
 
     def watch_slowpath(self, slowpath: SlowPath) -> None:
         """Report this slow path's counters (it is built after the metrics,

@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aioice import stun
@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65535
 MAX_PENDING_TXIDS = 32
+# Packets of one leg's client held for the owner to authenticate at once (a
+# NAT rebinding): the first one proves it; the rest only wait for the answer.
+MAX_REBIND_CHECKS = 4
+
+# The owner's check of a held packet: (connection id, SRTP packet) → authentic?
+MediaCheck = Callable[[int, bytes], Awaitable[bool]]
 
 
 @dataclass
@@ -60,6 +66,8 @@ class Leg:
     missing_since: float | None = None
     # Binding request transaction ids forwarded to the owner for this tuple.
     txids: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    # Media checks of a new client tuple under way (NAT rebinding).
+    rebind_checks: int = 0
 
     @property
     def family(self) -> int:
@@ -135,7 +143,8 @@ class SlowPath:
     def __init__(self, registry: Registry, datapath: Datapath | None, flow_sockets: FlowSockets, *,
                  hint_key: bytes, vips: list[tuple[str, int]], idle_timeout: float = 30.0,
                  pending_timeout: float = 5.0, max_legs_per_call: int = 4, max_pending_per_source: int = 8,
-                 on_flow_installed: Callable[[float], None] | None = None):
+                 on_flow_installed: Callable[[float], None] | None = None,
+                 check_media: MediaCheck | None = None, on_rebound: Callable[[float], None] | None = None):
         self.registry = registry
         self.datapath = datapath
         self.flow_sockets = flow_sockets
@@ -155,6 +164,9 @@ class SlowPath:
         self._legs_per_call: collections.Counter[int] = collections.Counter()
         self._pending_per_source: collections.Counter[str] = collections.Counter()
         self.on_flow_installed = on_flow_installed
+        self.check_media = check_media
+        self.on_rebound = on_rebound
+        self._tasks: set[asyncio.Task] = set()
         self.stats: collections.Counter[str] = collections.Counter()
         self.bytes: collections.Counter[str] = collections.Counter()
         self.legs: dict[tuple[tuple[str, int], tuple[str, int]], Leg] = {}
@@ -213,6 +225,9 @@ class SlowPath:
                 await self._housekeeper
             except asyncio.CancelledError:
                 pass
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._unsubscribe:
             self._unsubscribe()
         for leg in list(self.legs.values()):
@@ -267,6 +282,8 @@ class SlowPath:
             self._to_owner(leg, data)
             return
         if not is_stun(data):
+            if self._maybe_rebinding(vip, data, client):
+                return
             # Not STUN: XDP drops these; one only gets here without XDP.
             self.stats["drop_unknown_not_stun"] += 1
             return
@@ -434,6 +451,72 @@ class SlowPath:
         self.stats["flows_installed"] += 1
         if self.on_flow_installed:
             self.on_flow_installed(leg.installed_at - leg.first_seen)
+
+    # --- NAT rebinding ---------------------------------------------------------------------
+
+    def _maybe_rebinding(self, vip: tuple[str, int], data: bytes, client: tuple[str, int]) -> bool:
+        """Media from an unknown tuple with the SSRC of an installed leg (XDP
+        passed it as pass_rebind): the client may have moved behind its NAT.
+        The packet goes to the owner to authenticate; only then does the leg
+        move. False if it is nothing of the kind."""
+        if self.datapath is None or not 128 <= (data[0] if data else 0) <= 191:
+            return False
+        found = self.datapath.ssrc_flow(data)
+        leg = self.legs.get(found) if found is not None and found[1] == vip else None
+        if leg is None or leg.installed_at is None:
+            self.stats["drop_rebind_no_leg"] += 1
+            return True
+        if self.check_media is None:
+            self.stats["drop_rebind_unchecked"] += 1
+            return True
+        if leg.rebind_checks >= MAX_REBIND_CHECKS:
+            self.stats["drop_rebind_busy"] += 1
+            return True
+        leg.rebind_checks += 1
+        self.stats["rebind_checks"] += 1
+        task = asyncio.get_running_loop().create_task(self._check_rebinding(leg, client, data, time.monotonic()))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _check_rebinding(self, leg: Leg, client: tuple[str, int], data: bytes, t0: float) -> None:
+        try:
+            authentic = await self.check_media(leg.conn_id, data)
+        except Exception as exc:  # the owner unreachable: the client's next packet asks again
+            self.stats["rebind_check_failed"] += 1
+            log.warning("media check for call %s from %s failed: %s", leg.conn_id, client, exc)
+            return
+        finally:
+            leg.rebind_checks -= 1
+        if not authentic:
+            self.stats["rebind_refused"] += 1
+            return
+        self.stats["forward_in"] += 1  # the owner took the packet as media
+        self.bytes["forward_in"] += len(data)
+        self._rebind(leg, client, t0)
+
+    def _rebind(self, leg: Leg, client: tuple[str, int], t0: float) -> None:
+        old = (leg.client, leg.vip)
+        if self.legs.get(old) is not leg or (client, leg.vip) in self.legs:
+            return  # the leg ended, or another check moved it already
+        if self.datapath is not None:
+            try:
+                if not self.datapath.rebind_flow(leg.client, client, leg.vip):
+                    self.stats["rebind_lost_flow"] += 1
+                    return
+            except (DatapathError, OSError) as exc:
+                self.stats["install_failed"] += 1
+                log.error("cannot move flow %s to %s: %s", leg.client, client, exc)
+                return
+        del self.legs[old]
+        log.info("call %s: client moved %s -> %s (authenticated by its owner in %.1f ms)", leg.conn_id, leg.client,
+                 client, (time.monotonic() - t0) * 1000)
+        leg.client = client
+        leg.missing_since = None
+        self.legs[(client, leg.vip)] = leg
+        self.stats["legs_rebound"] += 1
+        if self.on_rebound:
+            self.on_rebound(time.monotonic() - t0)
 
     # --- ends and expiry -------------------------------------------------------------------
 

@@ -19,10 +19,12 @@ from typing import Any
 import pylibsrtp
 from aioice.candidate import Candidate
 from aioice.ice import CandidatePair, Connection, StunProtocol
+from aiortc import clock
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+from aiortc.rtp import is_rtcp
 
 # aiortc's SRTP policy (RTCDtlsTransport._setup_srtp): a 1024-packet replay
 # window and repeated transmissions allowed. Sessions we build ourselves (an
@@ -59,6 +61,9 @@ HOOKS: tuple[Hook, ...] = (
     Hook("tap_dtls", RTCDtlsTransport, "_handle_rtcp_data", "async method", ("data",)),
     Hook("dtls_ssl", RTCDtlsTransport, "_ssl", "instance attribute"),
     Hook("dtls_srtp_ready", RTCDtlsTransport, "_rx_srtp", "instance attribute"),
+    Hook("deliver_srtp", RTCDtlsTransport, "_rx_srtp", "instance attribute"),
+    Hook("deliver_srtp", RTCDtlsTransport, "_handle_rtp_data", "async method", ("data", "arrival_time_ms")),
+    Hook("deliver_srtp", RTCDtlsTransport, "_handle_rtcp_data", "async method", ("data",)),
     Hook("dtls_role", RTCDtlsTransport, "_role", "instance attribute"),
     Hook("sender_ssrcs", RTCRtpSender, "_ssrc", "instance attribute"),
     Hook("sender_ssrcs", RTCRtpSender, "_rtx_ssrc", "instance attribute"),
@@ -199,6 +204,26 @@ def dtls_ssl(dtls: RTCDtlsTransport) -> Any:
 def dtls_srtp_ready(dtls: RTCDtlsTransport) -> bool:
     """Whether _setup_srtp built the sessions (`_rx_srtp` is set only on success)."""
     return dtls._rx_srtp is not None
+
+
+async def deliver_srtp(dtls: RTCDtlsTransport, data: bytes) -> bool:
+    """Take one SRTP/SRTCP packet that did not come in through ICE (a relay's
+    check of a client's new address) as RTCDtlsTransport._recv_next takes one:
+    unprotect with `_rx_srtp`, then `_handle_rtp_data` / `_handle_rtcp_data`.
+    True only if it authenticated (and was delivered)."""
+    rx = dtls._rx_srtp
+    if rx is None:
+        return False
+    rtcp = is_rtcp(data)
+    try:
+        plain = rx.unprotect_rtcp(data) if rtcp else rx.unprotect(data)
+    except pylibsrtp.Error:
+        return False
+    if rtcp:
+        await dtls._handle_rtcp_data(plain)
+    else:
+        await dtls._handle_rtp_data(plain, arrival_time_ms=clock.current_ms())
+    return True
 
 
 def dtls_role(dtls: RTCDtlsTransport) -> str:

@@ -65,6 +65,12 @@ class CallHandle(abc.ABC):
         CallStateConflict for a call that sends already."""
 
     @abc.abstractmethod
+    async def deliver_srtp(self, data: bytes) -> bool:
+        """Take an SRTP/SRTCP packet the relay holds from a client's new address
+        (a NAT rebinding): True if it authenticates with the call's keys, and
+        then it is the call's media like any other."""
+
+    @abc.abstractmethod
     async def close(self, *, quiet: bool) -> None:
         """End the call; `quiet`: send the client nothing (it moved away)."""
 

@@ -19,10 +19,19 @@ Live migration (docs/transceiver.md, "Migration"):
   400 bad state, 409 duplicate, 503 at capacity.
 * ``POST /calls/{conn_id}/activate`` -> 204 (an imported call starts sending);
   409 for a call that was not imported.
+
+NAT rebinding (docs/security.md):
+
+* ``POST /calls/{conn_id}/media-check`` ``{"packet": base64}`` -> 200
+  ``{"authentic": bool}``: a packet the relay holds from a client address it
+  does not know; if it authenticates with the call's SRTP keys it is taken as
+  the call's media, and the relay moves the client's flow to that address.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +50,8 @@ from .errors import (
     UnknownCall,
 )
 from .transceiver import Transceiver
+
+MIN_SRTP, MAX_SRTP = 12, 2048  # an RTP header at least; a datagram the relay would hold
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +126,20 @@ async def _activate_call(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def _check_media(request: web.Request) -> web.Response:
+    """The relay's check of a client's new address: is this packet the call's?"""
+    conn_id = _conn_id_from_path(request)
+    body = await _json_body(request)
+    try:
+        packet = base64.b64decode(body.get("packet", ""), validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        return _error(400, "packet must be base64")
+    if not MIN_SRTP <= len(packet) <= MAX_SRTP:
+        return _error(400, f"packet must be {MIN_SRTP} to {MAX_SRTP} bytes of SRTP or SRTCP")
+    authentic = await request.app[TRANSCEIVER_KEY].check_media(conn_id, packet)
+    return web.json_response({"authentic": authentic})
+
+
 async def _import_call(request: web.Request) -> web.Response:
     tx = request.app[TRANSCEIVER_KEY]
     body = await _json_body(request)
@@ -183,6 +208,7 @@ def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], b
     app.router.add_post("/calls/{conn_id}/unfreeze", _unfreeze_call)
     app.router.add_post("/calls/{conn_id}/release", _release_call)
     app.router.add_post("/calls/{conn_id}/activate", _activate_call)
+    app.router.add_post("/calls/{conn_id}/media-check", _check_media)
     app.router.add_get("/calls", _list_calls)
     app.router.add_get("/calls/{conn_id}", _get_call)
     app.router.add_delete("/calls/{conn_id}", _delete_call)

@@ -392,24 +392,28 @@ class ImportedCall(CallHandle):
             self.remote_candidate = self.remote_candidate.model_copy(update={"host": addr[0], "port": addr[1]})
         self.activate("stun")
 
-    def _srtp_received(self, data: bytes) -> None:
+    async def deliver_srtp(self, data: bytes) -> bool:
+        return self._srtp_received(data)
+
+    def _srtp_received(self, data: bytes) -> bool:
+        """Unprotect and play one packet; False if it does not authenticate."""
         rtcp = is_rtcp(data)
         try:
             plain = self._rx.unprotect_rtcp(data) if rtcp else self._rx.unprotect(data)
         except pylibsrtp.Error:
             self.stats.rx_undecryptable += 1
-            return
+            return False
         self.stats.rx_decrypted += 1
         self.activate("srtp")
         if rtcp:
             if len(plain) >= 8:
                 self.rx_rtcp[str(int.from_bytes(plain[4:8], "big"))] += 1
-            return
+            return True
         try:
             packet = RtpPacket.parse(plain)
         except ValueError:
             self.stats.rx_decode_errors += 1
-            return
+            return True
         stream = self.rx_streams.get(packet.ssrc)
         if stream is None:
             stream = self.rx_streams[packet.ssrc] = RtpStreamState(
@@ -419,17 +423,18 @@ class ImportedCall(CallHandle):
         stream.update(packet.sequence_number, packet.timestamp, packet.payload_type)
         if not newer:
             self.stats.rx_late += 1  # no jitter buffer: a late packet is skipped
-            return
+            return True
         decoder = self._decoder(packet.payload_type)
         if decoder is None or not packet.payload:
-            return
+            return True
         try:
             frames = decoder.decode(JitterFrame(packet.payload, packet.timestamp))
         except (av.FFmpegError, ValueError):
             self.stats.rx_decode_errors += 1
-            return
+            return True
         for frame in frames:
             self.session.deliver_audio(frame)  # type: ignore[arg-type]
+        return True
 
     def _decoder(self, payload_type: int) -> Decoder | None:
         if payload_type not in self._decoders:

@@ -426,6 +426,15 @@ class Transceiver:
         logger.info("call %d imported (from transceiver %s)", conn_id, plan.state.transceiver_id)
         return self.owner
 
+    async def check_media(self, conn_id: int, packet: bytes) -> bool:
+        """The relay holds this SRTP packet from a client address it does not
+        know yet (a NAT rebinding): True if it authenticates as the call's
+        client, and then the call has taken it as its media."""
+        authentic = await self._get(conn_id).deliver_srtp(packet)
+        if not authentic:
+            logger.info("call %d: a packet the relay held from a new client address did not authenticate", conn_id)
+        return authentic
+
     def activate_call(self, conn_id: int) -> None:
         """The relay flipped ownership: an imported call starts sending (idempotent)."""
         self._get(conn_id).activate("api")

@@ -267,6 +267,9 @@ class WebRtcCall(CallHandle):
         for port in self.ports:  # normally done by aioice's Connection.close()
             port.close()
 
+    async def deliver_srtp(self, data: bytes) -> bool:
+        return await hooks.deliver_srtp(self.dtls, data)
+
     def info(self) -> dict[str, Any]:
         return {
             "conn_id": self.conn_id,

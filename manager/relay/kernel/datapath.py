@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class Flow:
     last_seen_ns: int = 0
     created_ns: int = 0
     flow_addr: int = 0  # index into the family's pool of internal addresses
+    ssrc: int = 0       # first RTP SSRC from the client (host order); 0: none yet
 
     def to_dict(self) -> dict:
         return {
@@ -139,6 +141,7 @@ class Maps:
     admit_sources: libbpf.PinnedMap
     admit_budget: libbpf.PinnedMap
     layout: libbpf.PinnedMap
+    ssrcs: libbpf.PinnedMap
     stats: libbpf.PinnedMap
 
     @classmethod
@@ -226,6 +229,7 @@ class Datapath:
         return {"flows": self.cfg.max_flows, "owners": self.cfg.max_owners, "reverse": self.cfg.max_reverse,
                 "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_IFINDEX,
                 "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 1,
+                "ssrcs": self.cfg.max_flows,
                 "stats": len(STAT_NAMES)}
 
     def check_pinned_maps(self) -> None:
@@ -518,11 +522,51 @@ class Datapath:
 
     def _remove(self, key: FlowKey) -> None:
         m = self._m()
+        info = m.flows.lookup(key)
         m.flows.delete(key)
+        if info is not None and info.ssrc:
+            cur = m.ssrcs.lookup(ctypes.c_uint32(info.ssrc))
+            if cur is not None and bytes(cur) == bytes(key):
+                m.ssrcs.delete(ctypes.c_uint32(info.ssrc))
         with self._rev_lock:
             rkeys = self._rev_index.pop(bytes(key), set())
         for rk in rkeys:
             m.reverse.delete(ReverseKey.from_buffer_copy(rk))
+
+    def ssrc_flow(self, packet: bytes) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """(client, vip) of the flow that first sent this RTP packet's SSRC, if
+        the kernel indexed one (bytes 8..11 of the packet, as XDP reads them)."""
+        if len(packet) < 12:
+            return None
+        key = self._m().ssrcs.lookup(ctypes.c_uint32(int.from_bytes(packet[8:12], sys.byteorder)))
+        return None if key is None else flow_key_tuple(key)
+
+    def rebind_flow(self, old_client: tuple[str, int], new_client: tuple[str, int], vip: tuple[str, int]) -> bool:
+        """Move a flow to the client's new tuple (a NAT rebinding the owner
+        authenticated): the new tuple forwards at once, then one update of
+        each return entry sends the owner's packets to it, then the old tuple
+        goes. Same connection id and flow source: the owner sees no change.
+        False if the kernel no longer holds the old tuple."""
+        m = self._m()
+        old_key, new_key = flow_key(old_client, vip), flow_key(new_client, vip)
+        info = m.flows.lookup(old_key)
+        if info is None:
+            return False
+        info.last_seen_ns = time.monotonic_ns()
+        m.flows.update(new_key, info)
+        with self._rev_lock:
+            rkeys = self._rev_index.pop(bytes(old_key), set())
+            self._rev_index.setdefault(bytes(new_key), set()).update(rkeys)
+        for rk in rkeys:
+            key = ReverseKey.from_buffer_copy(rk)
+            rv = m.reverse.lookup(key)
+            if rv is not None:
+                rv.client = new_key
+                m.reverse.update(key, rv)
+        m.flows.delete(old_key)
+        if info.ssrc:
+            m.ssrcs.update(ctypes.c_uint32(info.ssrc), new_key)
+        return True
 
     def has_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> bool:
         """Whether the kernel holds this client tuple (one lookup, no walk)."""
@@ -541,7 +585,7 @@ class Datapath:
         client, vip = flow_key_tuple(key)
         entries = [rv for _, rv in index.get(bytes(key), ())]
         return Flow(client=client, vip=vip, conn_id=info.conn_id, flow_port=ntohs(info.flow_port),
-                    flow_addr=info.flow_addr,
+                    flow_addr=info.flow_addr, ssrc=int.from_bytes(info.ssrc.to_bytes(4, sys.byteorder), "big"),
                     packets_in=info.packets, bytes_in=info.bytes,
                     packets_out=sum(rv.packets for rv in entries), bytes_out=sum(rv.bytes for rv in entries),
                     last_seen_ns=max([info.last_seen_ns, *(rv.last_seen_ns for rv in entries)]),

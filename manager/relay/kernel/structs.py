@@ -52,6 +52,8 @@ class FlowInfo(ctypes.Structure):
         ("bytes", ctypes.c_uint64),
         ("last_seen_ns", ctypes.c_uint64),
         ("created_ns", ctypes.c_uint64),
+        ("ssrc", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32),
     ]
 
 
@@ -160,6 +162,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "admit_sources": (SourceKey, AdmitBucket),
     "admit_budget": (ctypes.c_uint32, AdmitBucket),
     "layout": (ctypes.c_uint32, ctypes.c_uint64),
+    "ssrcs": (ctypes.c_uint32, FlowKey),
     "stats": (ctypes.c_uint32, StatValue),
 }
 PERCPU_MAPS = frozenset({"admit_budget", "stats"})
@@ -177,6 +180,7 @@ MAP_KINDS: dict[str, int] = {
     "admit_sources": BPF_MAP_TYPE_LRU_HASH,
     "admit_budget": BPF_MAP_TYPE_PERCPU_ARRAY,
     "layout": BPF_MAP_TYPE_ARRAY,
+    "ssrcs": BPF_MAP_TYPE_LRU_HASH,
     "stats": BPF_MAP_TYPE_PERCPU_ARRAY,
 }
 
