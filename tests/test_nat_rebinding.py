@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
 import time
 
 import pytest
@@ -93,3 +94,37 @@ def test_media_resumes_both_ways_after_the_nat_rebinds(env, record_property):
     # Functional, not a speed goal: without the rebinding media resumes only
     # with the client's next consent check, seconds later (benchmarks.md has the figures).
     assert max(wire_in, wire_out, played) < 1000, (wire_in, wire_out, played)
+
+
+def test_forged_media_with_the_calls_ssrc_moves_nothing(env):
+    """An attacker who learned the call's SSRC sends media with it from its
+    own tuple: the owner cannot authenticate it, the flow stays where it is."""
+    lab, svc, ctl = env
+    seen = {}
+
+    async def forge(pc, rep):
+        await asyncio.sleep(1.0)
+        (leg,) = legs_of(ctl, rep)
+        ssrc = leg["kernel"]["ssrc"]
+        assert ssrc, leg
+        before = ctl.stats()["slowpath"]["events"]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for seq in range(3):
+                forged = bytes([0x80, 111]) + (60000 + seq).to_bytes(2, "big") + b"\x00" * 4
+                sock.sendto(forged + ssrc.to_bytes(4, "big") + secrets.token_bytes(80), (lab.vip4, lab.port))
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)
+        finally:
+            sock.close()
+        seen["before"], seen["after"] = before, ctl.stats()["slowpath"]["events"]
+        seen["legs"] = legs_of(ctl, rep)
+        seen["client"] = leg["client"]
+
+    rep = run_call(lab, on_connected=forge, duration=1.0, messages=2)
+    assert_untouched(rep)
+    before, after = seen["before"], seen["after"]
+    assert after.get("rebind_refused", 0) - before.get("rebind_refused", 0) >= 1, after
+    assert after.get("legs_rebound", 0) == before.get("legs_rebound", 0)
+    assert [leg["client"] for leg in seen["legs"]] == [seen["client"]]  # the flow did not move
+    assert rep.tone_ratio > 0.5

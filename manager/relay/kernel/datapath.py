@@ -113,7 +113,7 @@ class Flow:
     def to_dict(self) -> dict:
         return {
             "client": f"{fmt_ep(*self.client)}", "vip": fmt_ep(*self.vip), "conn_id": self.conn_id,
-            "flow_port": self.flow_port, "flow_addr": self.flow_addr,
+            "flow_port": self.flow_port, "flow_addr": self.flow_addr, "ssrc": self.ssrc,
             "packets_in": self.packets_in, "bytes_in": self.bytes_in,
             "packets_out": self.packets_out, "bytes_out": self.bytes_out,
             "idle_s": round(max(0, time.monotonic_ns() - self.last_seen_ns) / 1e9, 3) if self.last_seen_ns else None,
