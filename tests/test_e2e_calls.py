@@ -160,11 +160,12 @@ def test_bad_first_packets_install_nothing(env, kind):
     assert s1.get("forward_in", 0) == s0.get("forward_in", 0)
 
 
-def test_an_evicted_flow_is_reinstalled_on_the_next_consent_check(env):
+def test_an_evicted_flow_is_reinstalled_on_the_clients_next_packet(env):
     """The flows map is an LRU: a flow pushed out (here: its entry deleted, as
-    eviction does; the reverse entry stays) comes back when the client's next
-    STUN (an RFC 7675 consent check, every ~5 s) reaches the slow path: the
-    owner had authenticated that exact tuple, as the slow path's leg records."""
+    eviction does; the reverse entry stays) comes back with the client's next
+    packet that reaches the slow path (its media, through the SSRC index, or
+    its next consent check): the owner had authenticated that exact tuple, as
+    the slow path's leg records."""
     from manager.relay.kernel.structs import flow_key
 
     lab, svc, dp = env

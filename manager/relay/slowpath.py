@@ -269,12 +269,14 @@ class SlowPath:
     def on_client_packet(self, vip: tuple[str, int], data: bytes, client: tuple[str, int]) -> None:
         leg = self.legs.get((client, vip))
         if leg is not None:
-            if (leg.installed_at is not None and is_stun(data) and self.datapath is not None
+            if (leg.installed_at is not None and self.datapath is not None
                     and not self.datapath.has_flow(client, vip)):
-                # XDP forwards an installed tuple by itself: a check reaching us
+                # XDP forwards an installed tuple by itself: a packet reaching us
                 # for one the kernel no longer holds means it was evicted (the
                 # flows map is an LRU). The owner authenticated this exact tuple
-                # before (that is what the leg records): install it again.
+                # before (that is what the leg records): install it again. Its
+                # media finds the way here through the SSRC index, a check as
+                # any new tuple's would.
                 self.stats["flows_evicted_seen"] += 1
                 self._install(leg, again=True)
                 leg.missing_since = None

@@ -1,0 +1,59 @@
+/* STUN flood injector for tests/bench/bench_flood.py, run with
+ * BPF_PROG_TEST_RUN live frames on the lab client's interface: every run
+ * rewrites the template frame (Ethernet / IPv4 / UDP / STUN Binding request)
+ * with a random source address in 198.18.0.0/15 (RFC 2544's benchmarking
+ * range) and a random source port, and, with RANDOM_UFRAG, a random tail
+ * of the ufrag in USERNAME (still of our ufrag's shape, so it passes the
+ * shape check and dies on its MAC in the slow path), then sends it back out
+ * of the interface it came from (XDP_TX) towards the relay.
+ * UFRAG_OFF: offset of the ufrag in the frame (-D). */
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+
+#ifndef UFRAG_OFF
+#error "compile with -DUFRAG_OFF=<offset of the ufrag in the frame>"
+#endif
+#ifndef RANDOM_UFRAG
+#define RANDOM_UFRAG 1
+#endif
+#define RANDOM_CHARS 16   /* the ufrag's last 16 characters (its first ones carry the version) */
+
+static __always_inline __u16 ip_checksum(struct iphdr *ip)
+{
+    __u32 sum = 0;
+    __u16 *w = (__u16 *)ip;
+#pragma unroll
+    for (int i = 0; i < 10; i++)
+        sum += w[i];
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum;
+}
+
+int xdp_flood(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = (void *)(eth + 1);
+    struct udphdr *udp = (void *)(ip + 1);
+    if ((void *)(udp + 1) > data_end)
+        return XDP_ABORTED;
+    ip->saddr = bpf_htonl(0xC6120000 | (bpf_get_prandom_u32() & 0x1FFFF));
+    ip->check = 0;
+    ip->check = ip_checksum(ip);
+    udp->source = bpf_htons(1024 + (bpf_get_prandom_u32() & 0x7FFF));
+    udp->check = 0;  /* none (RFC 768): the payload changes too */
+#if RANDOM_UFRAG
+    const char alphabet[64] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    __u8 *tail = (__u8 *)data + UFRAG_OFF + 24 - RANDOM_CHARS;
+    if ((void *)(tail + RANDOM_CHARS) > data_end)
+        return XDP_ABORTED;
+#pragma unroll
+    for (int i = 0; i < RANDOM_CHARS; i++)
+        tail[i] = alphabet[bpf_get_prandom_u32() & 63];
+#endif
+    return XDP_TX;
+}

@@ -1,0 +1,224 @@
+"""Flood benchmark: forged STUN at the highest rate this machine injects,
+into the lab relay's public interface, while a real call is established and
+new real calls are placed.
+
+The injector is BPF_PROG_TEST_RUN with live frames on the lab client's
+interface: bpf/testing/flood.bpf.c rewrites a STUN Binding request with a
+random source (198.18.0.0/15) and port each run and sends it out (XDP_TX) to
+the relay's pub0, where the relay's own XDP program meets it. Two variants:
+
+- random ufrags: our ufrag's shape with a random tail (passes the shape check
+  in XDP, fails the MAC in the slow path);
+- one valid ufrag replayed: the established call's own server ufrag, from
+  every random tuple (passes everything up to the slow path's bounds).
+
+Reported per variant: injected packets/s, what XDP did with them, the
+slow-path packets/s that reached Python, relayd's CPU, set-up time of new
+aiortc calls during the flood against without it, and RTP packets the
+established call lost (sequence gaps on the wire, both directions).
+
+    .venv/bin/python -m tests.bench.bench_flood [--seconds 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from aioice import stun
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from manager.lab.capture import WireClock, is_rtp
+from manager.lab.client import client_call
+from manager.lab.netns import NetnsExecutor
+from manager.lab.services import running_lab
+from manager.relay.control_client import ControlClient
+from manager.relay.kernel import libbpf
+from manager.relay.kernel.datapath import ensure_kernel_headers
+from manager.relay.kernel.structs import BPF_DIR
+
+FLOOD_SOURCE = BPF_DIR / "testing" / "flood.bpf.c"
+CHUNK = 100_000  # runs per BPF_PROG_TEST_RUN call
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def template(lab, username: str) -> tuple[bytes, int]:
+    msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    msg.attributes["USERNAME"] = username
+    msg.attributes["PRIORITY"] = 1853824767
+    frame = bytes(Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff")
+                  / IP(src=lab.client.addr4, dst=lab.vip4) / UDP(sport=40000, dport=lab.port) / Raw(bytes(msg)))
+    return frame, frame.index(username.split(":")[0].encode())
+
+
+class Flood:
+    """Injects the template at full speed from a thread in the client namespace."""
+
+    def __init__(self, lab, frame: bytes, ufrag_off: int, random_ufrag: bool):
+        from bcc import BPF
+
+        ensure_kernel_headers()
+        self._bpf = BPF(src_file=str(FLOOD_SOURCE).encode(),
+                        cflags=[f"-DUFRAG_OFF={ufrag_off}", f"-DRANDOM_UFRAG={int(random_ufrag)}"])
+        self.fd = self._bpf.load_func(b"xdp_flood", BPF.XDP).fd
+        self.lab, self.frame = lab, frame
+        self.injected = 0
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._ex = NetnsExecutor(lab.client_ns)
+        self._ifindex = self._ex.call(lambda: int(Path(f"/sys/class/net/{lab.client.ifname}/ifindex").read_text()))
+        self._future = None
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            libbpf.prog_test_run_xdp(self.fd, self.frame, ingress_ifindex=self._ifindex, repeat=CHUNK,
+                                     flags=libbpf.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=64)
+            self.injected += CHUNK
+        self.seconds = time.monotonic() - t0
+
+    def __enter__(self) -> Flood:
+        self._future = self._ex.submit(self._run)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._future.result()
+        self._ex.shutdown()
+        self._bpf.cleanup()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def setup_times(lab, n: int) -> list[float]:
+    out = []
+    with NetnsExecutor(lab.client_ns) as ex:
+        for _ in range(n):
+            rep = ex.call(asyncio.run, client_call(lab.signaling_url, duration=0.2, messages=0))
+            out.append(rep.connected_after_s if rep.connected_after_s is not None else float("nan"))
+    return out
+
+
+def rtp_lost(clock: WireClock, start: float, end: float) -> tuple[int, int]:
+    """(packets, lost) of each RTP stream seen in [start, end], by sequence numbers."""
+    seqs: dict[bytes, set[int]] = {}
+    for t, d in clock.arrivals:
+        if start <= t <= end and is_rtp(d) and len(d.payload) >= 12 and not 192 <= d.payload[1] <= 223:
+            seqs.setdefault(d.payload[8:12], set()).add(int.from_bytes(d.payload[2:4], "big"))
+    packets = sum(len(s) for s in seqs.values())
+    lost = sum(max(s) - min(s) + 1 - len(s) for s in seqs.values() if s)
+    return packets, lost
+
+
+def snapshot(ctl: ControlClient) -> tuple[dict, dict]:
+    st = ctl.stats()
+    return {c["name"]: c["packets"] for c in st["fastpath"]["counters"]}, dict(st["slowpath"]["events"])
+
+
+def delta(a: dict, b: dict) -> dict:
+    return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if b.get(k, 0) - a.get(k, 0)}
+
+
+def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
+    log(f"bench_flood: {name}: establishing a call")
+    established: dict = {}
+    connected = threading.Event()
+
+    async def hold(pc, rep):
+        connected.set()
+        await asyncio.sleep(seconds + 3.0)
+
+    def established_call() -> None:
+        with NetnsExecutor(lab.client_ns) as ex:
+            established["rep"] = ex.call(asyncio.run, client_call(lab.signaling_url, on_connected=hold, messages=0))
+
+    holder = threading.Thread(target=established_call)
+    holder.start()
+    if not connected.wait(20):
+        raise RuntimeError("the established call did not connect")
+    time.sleep(1.0)
+    session = next(s for s in ctl.sessions()["sessions"] if s["state"] == "active")
+    frame, off = template(lab, f"{session['server_ufrag']}:flood")
+    to_client = WireClock(lab.client_ns, lab.client.ifname, lambda d: d.src[1] == lab.port)
+    to_owner = [WireClock(t.ns, t.ifname, lambda d: True) for t in lab.transceivers]
+    pid = svc.procs["relayd"].pid
+    with to_client, to_owner[0], to_owner[1]:
+        fp0, sp0 = snapshot(ctl)
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        with Flood(lab, frame, off, random_ufrag=name == "random ufrags") as flood:
+            time.sleep(1.0)
+            during = setup_times(lab, calls)
+            time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+        t1 = time.monotonic()
+        cpu1 = cpu_seconds(pid)
+        fp1, sp1 = snapshot(ctl)
+        holder.join(30)
+        window = (t0, t1)
+        p_in, lost_in = map(sum, zip(*(rtp_lost(c, *window) for c in to_owner), strict=True))
+        p_out, lost_out = rtp_lost(to_client, *window)
+    fp, sp = delta(fp0, fp1), delta(sp0, sp1)
+    wall = t1 - t0
+    slow = fp.get("pass_stun_unknown", 0) + fp.get("pass_rebind", 0)
+    rep = established.get("rep")
+    return {
+        "variant": name, "seconds": round(wall, 2),
+        "injected": flood.injected, "injected_pps": round(flood.injected / flood.seconds),
+        "xdp": dict(sorted(fp.items())), "slowpath_events": dict(sorted(sp.items())),
+        "slowpath_pps": round(slow / wall), "relayd_cpu_percent": round((cpu1 - cpu0) / wall * 100, 1),
+        "setup_s_during": during,
+        "established": {"connected": bool(rep and rep.connected), "error": rep.error if rep else "no report",
+                        "rtp_to_owner": p_in, "lost_to_owner": lost_in, "rtp_to_client": p_out,
+                        "lost_to_client": lost_out},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=8.0, help="flood length per variant")
+    ap.add_argument("--calls", type=int, default=4, help="new calls placed with and without the flood")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+    results: dict = {}
+    with running_lab(f"fl{secrets.token_hex(2)}", Path(tempfile.mkdtemp(prefix="bench-flood-"))) as (lab, svc):
+        ctl = ControlClient(svc.config["control_socket"])
+        log("bench_flood: set-up without a flood")
+        results["setup_s_quiet"] = setup_times(lab, args.calls)
+        results["variants"] = [run_variant(lab, svc, ctl, name, args.seconds, args.calls)
+                               for name in ("random ufrags", "one valid ufrag replayed")]
+    quiet = statistics.median(results["setup_s_quiet"])
+    print(f"set-up without flood: median {quiet * 1000:.0f} ms {results['setup_s_quiet']}")
+    for v in results["variants"]:
+        during = statistics.median(v["setup_s_during"])
+        v["setup_ratio"] = round(during / quiet, 2)
+        e = v["established"]
+        print(f"{v['variant']}: injected {v['injected_pps'] / 1e6:.2f} Mpps for {v['seconds']} s; "
+              f"to the slow path {v['slowpath_pps']} pkt/s; relayd CPU {v['relayd_cpu_percent']}%; "
+              f"set-up median {during * 1000:.0f} ms ({v['setup_ratio']}x quiet); established call lost "
+              f"{e['lost_to_owner']}/{e['rtp_to_owner']} RTP to the owner, {e['lost_to_client']}/{e['rtp_to_client']} "
+              f"to the client")
+        print(f"  XDP: {v['xdp']}")
+        print(f"  slow path: {v['slowpath_events']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
