@@ -73,6 +73,8 @@ enum stat_id {
     STAT_DROP_STUN_NO_USERNAME,   /* unknown tuple: Binding request without USERNAME */
     STAT_DROP_STUN_BAD_UFRAG,     /* unknown tuple: USERNAME not "<our ufrag shape>:<ufrag>" */
     STAT_DROP_WRONG_SIDE,         /* to a VIP on an internal interface, or to a flow port on a public one */
+    STAT_DROP_STUN_UNKNOWN_UFRAG, /* unknown tuple: well-formed, but no live call has that ufrag */
+    STAT_DROP_STUN_CALL_RATE,     /* unknown tuple: that call's checks are over their rate */
     STAT_DROP_STUN_RATE,          /* unknown tuple: its source is over its slow-path rate */
     STAT_DROP_STUN_BUDGET,        /* unknown tuple: the global slow-path budget is spent */
     STAT_FWD_IN_STUN,             /* client → owner, forwarded in XDP */

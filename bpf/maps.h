@@ -44,6 +44,15 @@ BPF_TABLE_PINNED("array", __u32, struct admit_config, admit_cfg, 1, PIN_DIR "/ad
 BPF_TABLE_PINNED("lru_hash", struct source_key, struct admit_bucket, admit_sources, MAX_SOURCES,
                  PIN_DIR "/admit_sources");
 
+/* live_ufrags: the server ufrag of every call that can take checks, with
+ * the call's admission bucket. Userspace adds a call's when it becomes
+ * active and removes it when it ends: STUN for any other ufrag, however
+ * well-formed, never reaches the slow path, and one call's replayed ufrag
+ * spends only that call's bucket. LRU: stale entries of calls that ended
+ * while relayd was away give way. */
+BPF_TABLE_PINNED("lru_hash", struct ufrag_key, struct admit_bucket, live_ufrags, MAX_OWNERS,
+                 PIN_DIR "/live_ufrags");
+
 /* admit_budget: the global budget's share of each CPU (no cross-CPU atomics). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct admit_bucket, admit_budget, 1, PIN_DIR "/admit_budget");
 

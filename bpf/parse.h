@@ -27,6 +27,7 @@ struct pkt {
     struct ipv6hdr *ip6;
     struct udphdr *udp;
     __u8 *payload;
+    __u32 ufrag_off;       /* offset of the server ufrag in the payload, once stun_admit passed it */
     __u32 len;             /* whole frame length, for byte counters */
     __u8 family;
     __u8 class;            /* enum pkt_class of the UDP payload */

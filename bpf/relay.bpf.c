@@ -175,17 +175,35 @@ static __always_inline int bucket_admits(struct admit_bucket *b, __u64 now, __u6
     return 1;
 }
 
-/* Rate limits of what an unknown tuple may send to the slow path (STUN that
- * stun_admit passed, media for a rebinding check): per source (IPv4
- * /32, IPv6 /64), then the global budget. Established flows never get here.
- * (Map calls live in this file: bcc rewrites them in the main source only.) */
-static __always_inline int stun_rate(__u32 family, __be32 src0, __be32 src1)
+/* What an unknown tuple may send to the slow path, after stun_admit passed
+ * a check or a rebinding candidate was found: a check's ufrag must be a live
+ * call's, within that call's rate; then per source (IPv4 /32, IPv6 /64),
+ * then the global budget. Returns `stat` if admitted. Established flows never
+ * get here. (Map calls live in this file: bcc rewrites them in the main
+ * source only.) */
+static __always_inline int admit(struct pkt *p, __be32 src0, __be32 src1, int stat)
 {
     __u32 zero = 0;
+    __u32 family = p->family;
     struct admit_config *cfg = admit_cfg.lookup(&zero);
     if (!cfg)
-        return STAT_PASS_STUN_UNKNOWN;
+        return stat;
     __u64 now = bpf_ktime_get_ns();
+    if (stat == STAT_PASS_STUN_UNKNOWN) {
+        __u32 off = p->ufrag_off;
+        if (off > STUN_SCAN_MAX + 4)
+            return STAT_DROP_STUN_MALFORMED;
+        __u8 *u = p->payload + off;
+        if ((void *)(u + UFRAG_LEN) > p->data_end)
+            return STAT_DROP_STUN_MALFORMED;
+        struct ufrag_key uk;
+        __builtin_memcpy(uk.ufrag, u, UFRAG_LEN);
+        struct admit_bucket *c = live_ufrags.lookup(&uk);
+        if (!c)
+            return STAT_DROP_STUN_UNKNOWN_UFRAG;
+        if (cfg->call_interval_ns && !bucket_admits(c, now, cfg->call_interval_ns, cfg->call_burst_ns))
+            return STAT_DROP_STUN_CALL_RATE;
+    }
     if (cfg->source_interval_ns) {
         struct source_key k;
         k.family = family;
@@ -204,7 +222,7 @@ static __always_inline int stun_rate(__u32 family, __be32 src0, __be32 src1)
         if (g && !bucket_admits(g, now, cfg->cpu_interval_ns, cfg->cpu_burst_ns))
             return STAT_DROP_STUN_BUDGET;
     }
-    return STAT_PASS_STUN_UNKNOWN;
+    return stat;
 }
 
 /* SSRC of an RTP packet (RTCP has none here: RFC 5761 types), as in the
@@ -374,11 +392,8 @@ int xdp_relay(struct xdp_md *ctx)
         if (role && *role && *role != ROLE_PUBLIC)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
         stat = from_client(ctx, &p, &fib, saddr, daddr);
-        if (stat == STAT_PASS_STUN_UNKNOWN || stat == STAT_PASS_REBIND) {
-            int limited = stun_rate(p.family, saddr[0], saddr[1]);
-            if (limited != STAT_PASS_STUN_UNKNOWN)
-                stat = limited;
-        }
+        if (stat == STAT_PASS_STUN_UNKNOWN || stat == STAT_PASS_REBIND)
+            stat = admit(&p, saddr[0], saddr[1], stat);
     } else {
         __u32 idx = p.family == SR_AF_INET ? 0 : 1;
         struct relay_config *cfg = relay_cfg.lookup(&idx);

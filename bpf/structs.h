@@ -90,6 +90,13 @@ struct admit_config {
     __u64 source_burst_ns;
     __u64 cpu_interval_ns;      /* per CPU: global budget / possible CPUs */
     __u64 cpu_burst_ns;
+    __u64 call_interval_ns;     /* per live call (its server ufrag) */
+    __u64 call_burst_ns;
+};
+
+/* live_ufrags key: a live call's server ufrag, as it starts USERNAME. */
+struct ufrag_key {
+    __u8 ufrag[UFRAG_LEN];
 };
 
 /* admit_sources key: a source address, IPv6 masked to its /64. */

@@ -84,8 +84,12 @@ static __always_inline int stun_admit(struct pkt *p)
         __u16 alen = ((__u16)a[2] << 8) | a[3];
         if (off + 4 + alen > (__u32)msg_len + STUN_HEADER_LEN)
             return STAT_DROP_STUN_MALFORMED;
-        if (atype == STUN_ATTR_USERNAME)
-            return ufrag_shape_ok(a + 4, data_end, alen) ? STAT_PASS_STUN_UNKNOWN : STAT_DROP_STUN_BAD_UFRAG;
+        if (atype == STUN_ATTR_USERNAME) {
+            if (!ufrag_shape_ok(a + 4, data_end, alen))
+                return STAT_DROP_STUN_BAD_UFRAG;
+            p->ufrag_off = off + 4;  /* relay.bpf.c checks it against the live calls */
+            return STAT_PASS_STUN_UNKNOWN;
+        }
         off += 4 + ((alen + 3) & ~3);
     }
     return STAT_DROP_STUN_NO_USERNAME;

@@ -78,10 +78,11 @@ def test_ufrag_shape_constants_match_the_python_side():
     """bpf/stun.h admits USERNAMEs of the server ufrag's shape: the C constants
     must be manager/protocol/ufrag.py's."""
     from manager.protocol import ufrag
+    from manager.relay.kernel import structs
 
     text = (BPF_DIR / "consts.h").read_text()
     consts = dict(re.findall(r"^#define (UFRAG_LEN|UFRAG_VERSION) (\d+)", text, re.M))
-    assert int(consts["UFRAG_LEN"]) == ufrag.UFRAG_LENGTH
+    assert int(consts["UFRAG_LEN"]) == ufrag.UFRAG_LENGTH == structs.UFRAG_LEN
     assert int(consts["UFRAG_VERSION"]) == ufrag.VERSION
 
 

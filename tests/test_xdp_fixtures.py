@@ -90,7 +90,7 @@ def _with(data: bytes, at: int, value: bytes) -> bytes:
     return data[:at] + value + data[at + len(value):]
 
 
-UFRAG = encode_ufrag(hx.HINT_KEY, 1, 7)
+UFRAG = hx.LIVE_UFRAG
 
 
 def pool_cases() -> list[Case]:
@@ -153,6 +153,9 @@ def admission_cases() -> list[Case]:
         ("USERNAME with a non-ice character → drop", hx.binding_request(UFRAG[:10] + "-" + UFRAG[11:] + ":cli1"),
          XDP_DROP, "drop_stun_bad_ufrag"),
         ("USERNAME without the colon → drop", hx.binding_request(UFRAG + "Xcli1"), XDP_DROP, "drop_stun_bad_ufrag"),
+        ("our ufrag's shape and MAC, but no live call's → drop", hx.binding_request(encode_ufrag(hx.HINT_KEY, 1, 8)
+                                                                                    + ":cli1"),
+         XDP_DROP, "drop_stun_unknown_ufrag"),
     ]
     return [Case(f"unknown client: {desc}", "pub", b(c2r4(payload, **unknown)), verdict, None, stat)
             for desc, payload, verdict, stat in rows]
@@ -394,5 +397,22 @@ def test_admission_rate_per_source_and_global_budget(harness):
         # One CPU's part of the budget: its burst, then nothing.
         assert verdicts.count(XDP_PASS) == 4 and verdicts[:4] == [XDP_PASS] * 4
         assert after["drop_stun_budget"][0] - before["drop_stun_budget"][0] == 6
+
+        # One live call's checks, from any number of sources: its own bucket.
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0.001, admit_call_burst=3)
+        harness.dp.admit_ufrag(hx.LIVE_UFRAG)  # a fresh bucket
+        other = encode_ufrag(hx.HINT_KEY, 1, 9)
+        harness.dp.admit_ufrag(other)
+        before = harness.dp.counters()
+        verdicts = [_stun_from(harness, f"10.10.1.{80 + i}", 33000 + i) for i in range(8)]
+        assert verdicts == [XDP_PASS] * 3 + [XDP_DROP] * 5
+        other_check = bytes(eth("client", "pub") / IP(src="10.10.1.99", dst=VIP4) / UDP(sport=33100, dport=VIP_PORT)
+                            / Raw(hx.binding_request(other + ":cli2")))
+        assert harness.run(other_check, "pub")[0] == XDP_PASS  # another call is not held back
+        after = harness.dp.counters()
+        assert after["drop_stun_call_rate"][0] - before["drop_stun_call_rate"][0] == 5
+        harness.dp.forget_ufrag(other)
+        assert harness.run(other_check, "pub")[0] == XDP_DROP  # an ended call's ufrag no longer passes
     finally:
-        _set_admission(harness, admit_source_rate=0, admit_budget=0)
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0)
+        harness.dp.admit_ufrag(hx.LIVE_UFRAG)

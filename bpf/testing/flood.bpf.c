@@ -32,6 +32,18 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
     return ~sum;
 }
 
+/* The base64 alphabet (the ice-chars), computed: bcc has no read-only data. */
+static __always_inline __u8 b64_char(__u32 v)
+{
+    if (v < 26)
+        return 'A' + v;
+    if (v < 52)
+        return 'a' + (v - 26);
+    if (v < 62)
+        return '0' + (v - 52);
+    return v == 62 ? '+' : '/';
+}
+
 int xdp_flood(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
@@ -47,13 +59,12 @@ int xdp_flood(struct xdp_md *ctx)
     udp->source = bpf_htons(1024 + (bpf_get_prandom_u32() & 0x7FFF));
     udp->check = 0;  /* none (RFC 768): the payload changes too */
 #if RANDOM_UFRAG
-    const char alphabet[64] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     __u8 *tail = (__u8 *)data + UFRAG_OFF + 24 - RANDOM_CHARS;
     if ((void *)(tail + RANDOM_CHARS) > data_end)
         return XDP_ABORTED;
 #pragma unroll
     for (int i = 0; i < RANDOM_CHARS; i++)
-        tail[i] = alphabet[bpf_get_prandom_u32() & 63];
+        tail[i] = b64_char(bpf_get_prandom_u32() & 63);
 #endif
     return XDP_TX;
 }

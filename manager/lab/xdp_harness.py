@@ -50,8 +50,10 @@ def binding_request(username: str, *, before: dict | None = None, cls: stun.Clas
     return bytes(msg)
 
 
-# A new call's first packet: a check whose USERNAME starts with a minted server ufrag.
-STUN_CHECK = binding_request(encode_ufrag(HINT_KEY, 1, 7) + ":cli1")
+# A new call's first packet: a check whose USERNAME starts with a minted server
+# ufrag, that of a live call (build() admits it, as relayd does for its calls).
+LIVE_UFRAG = encode_ufrag(HINT_KEY, 1, 7)
+STUN_CHECK = binding_request(LIVE_UFRAG + ":cli1")
 
 
 @dataclass
@@ -103,7 +105,7 @@ def build(*, max_flows: int = 1024, pin_dir: str | None = None,
             max_flows=max_flows, max_reverse=max_flows, max_owners=max(64, max_flows),
             # Unlimited set-up admission: fixtures and benchmarks run STUN
             # misses by the thousand (tests of the limits set their own).
-            admit_source_rate=0, admit_budget=0,
+            admit_source_rate=0, admit_budget=0, admit_call_rate=0,
         )
         dp = Datapath(cfg)
         try:
@@ -112,6 +114,7 @@ def build(*, max_flows: int = 1024, pin_dir: str | None = None,
             dp.detach(purge=True)  # what load() pinned before it failed
             raise
         dp.set_roles({ifindex["pub"]: ROLE_PUBLIC, ifindex["int"]: ROLE_INTERNAL})
+        dp.admit_ufrag(LIVE_UFRAG)
         return Harness(ns=ns, dp=dp, ex=NetnsExecutor(ns), ifindex=ifindex)
     except BaseException:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)

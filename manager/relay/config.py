@@ -62,6 +62,10 @@ class DatapathConfig(BaseModel):
     admit_source_burst: int = Field(default=20, ge=1, description="checks a source may send at once")
     admit_budget: float = Field(default=20000.0, ge=0, description="STUN checks/s to the slow path, all sources")
     admit_budget_burst: int = Field(default=2000, ge=1, description="checks at once, all sources")
+    # Checks of one live call (its server ufrag), wherever they come from: a
+    # call's own ufrag replayed from many tuples spends only its own bucket.
+    admit_call_rate: float = Field(default=100.0, ge=0, description="STUN checks/s per live call")
+    admit_call_burst: int = Field(default=50, ge=1, description="checks of one call at once")
 
     @field_validator("internal_addr4")
     @classmethod

@@ -134,6 +134,7 @@ class Registry:
         self._by_call_id: dict[str, int] = {}
         self._reserved: set[int] = set()  # allocated conn ids not yet added
         self._listeners: list[CallEndedCallback] = []
+        self._active_listeners: list[Callable[[Call], None]] = []
 
     # -- transceivers -------------------------------------------------------
 
@@ -282,6 +283,8 @@ class Registry:
         self._calls[conn_id] = call
         self._by_call_id[call_id] = conn_id
         t.calls += 1
+        if owner is not None:
+            self._activated(call)
         return call
 
     def activate(self, conn_id: int, owner: OwnerAddr) -> Call:
@@ -290,6 +293,7 @@ class Registry:
         call.owner = owner
         call.state = "active"
         call.owned_since = self._clock()
+        self._activated(call)
         return call
 
     def set_owner(self, conn_id: int, transceiver_id: int, owner: OwnerAddr) -> Call:
@@ -344,6 +348,24 @@ class Registry:
                 # entry removal) from running.
                 log.exception("call-ended listener failed for conn_id %d", conn_id)
         return call
+
+    def on_call_active(self, callback: Callable[[Call], None]) -> Callable[[], None]:
+        """Call `callback(call)` when a call becomes routable (its owner
+        answered); returns an unsubscribe."""
+        self._active_listeners.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._active_listeners:
+                self._active_listeners.remove(callback)
+
+        return unsubscribe
+
+    def _activated(self, call: Call) -> None:
+        for callback in list(self._active_listeners):
+            try:
+                callback(call)
+            except Exception:
+                log.exception("call-active listener failed for conn_id %d", call.conn_id)
 
     def on_call_ended(self, callback: CallEndedCallback) -> Callable[[], None]:
         """Call `callback(call, reason)` whenever a call ends; returns an unsubscribe."""

@@ -186,7 +186,17 @@ class SlowPath:
             self._loop.add_reader(sock.fileno(), self._read_public, vip, sock)
         for fam, sock in self.flow_sockets.receivers.items():
             self._loop.add_reader(sock.fileno(), self._read_flows, fam)
-        self._unsubscribe = self.registry.on_call_ended(self._call_ended)
+        unsubscribe_ended = self.registry.on_call_ended(self._call_ended)
+        unsubscribe_active = self.registry.on_call_active(self._call_active)
+
+        def unsubscribe() -> None:
+            unsubscribe_ended()
+            unsubscribe_active()
+
+        self._unsubscribe = unsubscribe
+        for call in self.registry.calls():  # active before we listened
+            if call.state == "active":
+                self._call_active(call)
         self.adopt_kernel_flows()
         self._housekeeper = asyncio.create_task(self._housekeeping())
 
@@ -551,12 +561,23 @@ class SlowPath:
             except (DatapathError, OSError) as exc:
                 log.warning("cannot remove flow %s: %s", leg.client, exc)
 
+    def _call_active(self, call: Call) -> None:
+        """A call's checks may come: let its ufrag through XDP's admission."""
+        if self.datapath is None:
+            return
+        try:
+            self.datapath.admit_ufrag(call.server_ufrag)
+        except (DatapathError, OSError) as exc:
+            self.stats["ufrag_admit_failed"] += 1
+            log.error("cannot admit the ufrag of call %s: %s", call.conn_id, exc)
+
     def _call_ended(self, call: Call, reason: str) -> None:
         for leg in self.legs_of(call.conn_id):
             self._close_leg(leg)
         if self.datapath is not None:
             try:
                 self.datapath.remove_owner(call.conn_id)
+                self.datapath.forget_ufrag(call.server_ufrag)
             except (DatapathError, OSError) as exc:
                 log.warning("cannot remove owner of call %s: %s", call.conn_id, exc)
         self.stats["calls_ended"] += 1

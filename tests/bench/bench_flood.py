@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import secrets
+import socket
 import statistics
 import sys
 import tempfile
@@ -80,7 +81,7 @@ class Flood:
         self.seconds = 0.0
         self._stop = threading.Event()
         self._ex = NetnsExecutor(lab.client_ns)
-        self._ifindex = self._ex.call(lambda: int(Path(f"/sys/class/net/{lab.client.ifname}/ifindex").read_text()))
+        self._ifindex = self._ex.call(socket.if_nametoindex, lab.client.ifname)  # in the namespace
         self._future = None
 
     def _run(self) -> None:

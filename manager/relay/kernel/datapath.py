@@ -33,6 +33,8 @@ from manager.relay.kernel.structs import (
     ROLE_INTERNAL,
     ROLE_PUBLIC,
     STAT_NAMES,
+    UFRAG_LEN,
+    AdmitBucket,
     AdmitConfig,
     FlowInfo,
     FlowKey,
@@ -40,6 +42,7 @@ from manager.relay.kernel.structs import (
     RelayConfig,
     ReverseInfo,
     ReverseKey,
+    UfragKey,
     flow_key,
     flow_key_tuple,
     htons,
@@ -140,6 +143,7 @@ class Maps:
     admit_cfg: libbpf.PinnedMap
     admit_sources: libbpf.PinnedMap
     admit_budget: libbpf.PinnedMap
+    live_ufrags: libbpf.PinnedMap
     layout: libbpf.PinnedMap
     ssrcs: libbpf.PinnedMap
     stats: libbpf.PinnedMap
@@ -177,8 +181,10 @@ def admit_config(cfg: DatapathConfig, cpus: int) -> AdmitConfig:
     cpus = max(1, cpus)
     src_interval, src_burst = _gcra(cfg.admit_source_rate, cfg.admit_source_burst)
     cpu_interval, cpu_burst = _gcra(cfg.admit_budget / cpus, max(1, cfg.admit_budget_burst // cpus))
+    call_interval, call_burst = _gcra(cfg.admit_call_rate, cfg.admit_call_burst)
     return AdmitConfig(source_interval_ns=src_interval, source_burst_ns=src_burst,
-                       cpu_interval_ns=cpu_interval, cpu_burst_ns=cpu_burst)
+                       cpu_interval_ns=cpu_interval, cpu_burst_ns=cpu_burst,
+                       call_interval_ns=call_interval, call_burst_ns=call_burst)
 
 
 class Datapath:
@@ -229,6 +235,7 @@ class Datapath:
         return {"flows": self.cfg.max_flows, "owners": self.cfg.max_owners, "reverse": self.cfg.max_reverse,
                 "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_IFINDEX,
                 "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 1,
+                "live_ufrags": self.cfg.max_owners,
                 "ssrcs": self.cfg.max_flows,
                 "stats": len(STAT_NAMES)}
 
@@ -533,6 +540,15 @@ class Datapath:
         for rk in rkeys:
             m.reverse.delete(ReverseKey.from_buffer_copy(rk))
 
+    def admit_ufrag(self, ufrag: str) -> None:
+        """Let checks for this live call's server ufrag reach the slow path."""
+        self._m().live_ufrags.update(_ufrag_key(ufrag), AdmitBucket())
+
+    def forget_ufrag(self, ufrag: str) -> bool:
+        if len(ufrag) != UFRAG_LEN:
+            return False  # never admitted
+        return self._m().live_ufrags.delete(_ufrag_key(ufrag))
+
     def ssrc_flow(self, packet: bytes) -> tuple[tuple[str, int], tuple[str, int]] | None:
         """(client, vip) of the flow that first sent this RTP packet's SSRC, if
         the kernel indexed one (bytes 8..11 of the packet, as XDP reads them)."""
@@ -625,6 +641,15 @@ class Datapath:
     def counters(self) -> dict[str, tuple[int, int]]:
         """Per-reason (packets, bytes), summed over CPUs."""
         return read_counters(self._m())
+
+
+def _ufrag_key(ufrag: str) -> UfragKey:
+    raw = ufrag.encode("ascii")
+    if len(raw) != UFRAG_LEN:
+        raise DatapathError(f"server ufrag {ufrag!r} is not {UFRAG_LEN} characters")
+    key = UfragKey()
+    ctypes.memmove(key.ufrag, raw, UFRAG_LEN)
+    return key
 
 
 def read_counters(maps: Maps) -> dict[str, tuple[int, int]]:

@@ -126,7 +126,18 @@ class AdmitConfig(ctypes.Structure):
         ("source_burst_ns", ctypes.c_uint64),
         ("cpu_interval_ns", ctypes.c_uint64),
         ("cpu_burst_ns", ctypes.c_uint64),
+        ("call_interval_ns", ctypes.c_uint64),
+        ("call_burst_ns", ctypes.c_uint64),
     ]
+
+
+UFRAG_LEN = 24  # bpf/consts.h (held against manager.protocol.ufrag by a test)
+
+
+class UfragKey(ctypes.Structure):
+    """A live call's server ufrag (live_ufrags key)."""
+
+    _fields_ = [("ufrag", ctypes.c_uint8 * UFRAG_LEN)]
 
 
 class SourceKey(ctypes.Structure):
@@ -161,6 +172,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "admit_cfg": (ctypes.c_uint32, AdmitConfig),
     "admit_sources": (SourceKey, AdmitBucket),
     "admit_budget": (ctypes.c_uint32, AdmitBucket),
+    "live_ufrags": (UfragKey, AdmitBucket),
     "layout": (ctypes.c_uint32, ctypes.c_uint64),
     "ssrcs": (ctypes.c_uint32, FlowKey),
     "stats": (ctypes.c_uint32, StatValue),
@@ -179,6 +191,7 @@ MAP_KINDS: dict[str, int] = {
     "admit_cfg": BPF_MAP_TYPE_ARRAY,
     "admit_sources": BPF_MAP_TYPE_LRU_HASH,
     "admit_budget": BPF_MAP_TYPE_PERCPU_ARRAY,
+    "live_ufrags": BPF_MAP_TYPE_LRU_HASH,
     "layout": BPF_MAP_TYPE_ARRAY,
     "ssrcs": BPF_MAP_TYPE_LRU_HASH,
     "stats": BPF_MAP_TYPE_PERCPU_ARRAY,
