@@ -204,6 +204,26 @@ def test_installed_legs_leave_the_pending_count(cap: int) -> None:
     run(go())
 
 
+@pytest.mark.parametrize("kind,refusal", [("forged", "drop_forged_hint"), ("unknown-call", "drop_unknown_call"),
+                                          ("stale", "drop_stale_hint")])
+def test_the_slow_path_checks_the_hint_itself(kind: str, refusal: str) -> None:
+    """Behind XDP's live-ufrag check, the slow path verifies the ufrag's MAC
+    and its call on its own (a ufrag entry outliving its call, a datapath
+    without XDP): each refusal opens nothing and sends nothing."""
+    registry = Registry(heartbeat_timeout=3600.0)
+    registry.register_transceiver(1, "http://127.0.0.1:1", 10)
+    conn = registry.allocate_conn_id()
+    live = encode_ufrag(KEY, 1, conn)
+    registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag=live)
+    registry.activate(conn, OwnerAddr(addr4=LO, port4=5000))
+    sp = SlowPath(registry, None, FlowSockets(DatapathConfig(internal_addr4=LO)), hint_key=KEY, vips=[(LO, 3478)])
+    ufrag = {"forged": live[:-4] + ("AAAA" if not live.endswith("AAAA") else "BBBB"),
+             "unknown-call": encode_ufrag(KEY, 1, conn + 1 if conn < 0xFFFFFFFF else 1),
+             "stale": encode_ufrag(KEY, 1, conn)}[kind]  # a valid MAC for the call's id, not its ufrag
+    sp.on_client_packet((LO, 3478), check(ufrag), ("10.1.2.3", 40000))
+    assert sp.stats[refusal] == 1 and sp.legs == {} and sp.stats["forward_in"] == 0
+
+
 @pytest.mark.netns
 def test_the_owner_entry_of_an_unknown_call_goes_with_its_last_flow() -> None:
     """A flow adopted after a restart whose call the registry never learns:
