@@ -101,6 +101,12 @@ _Static_assert(STAT_DROP_STUN_BUDGET + 1 == STAT_FWD_IN_STUN, "drop counters end
 #define ROLE_INTERNAL 2
 /* if_roles is an array indexed by ifindex (a lookup the verifier inlines, as
  * every packet makes it): the interfaces given roles must have smaller ones. */
+/* How long XDP reuses a flow's looked-up route (ns): a route or neighbour
+ * change reaches established flows within this. */
+#ifndef NH_CACHE_NS
+#define NH_CACHE_NS 1000000000ULL
+#endif
+
 #ifndef MAX_IFINDEX
 #define MAX_IFINDEX 4096
 #endif

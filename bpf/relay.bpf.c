@@ -142,6 +142,30 @@ static __always_inline void rewrite(struct pkt *p, struct bpf_fib_lookup *fib,
     __builtin_memcpy(p->eth->h_source, fib->smac, ETH_ALEN);
 }
 
+/* The route of one direction of a flow: the cached one while it is fresh
+ * and was looked up for this owner generation, else a fib lookup that
+ * refreshes the cache. Same contract as route(). */
+static __always_inline int cached_route(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
+                                        struct nexthop *nh, __u32 gen, __u64 now,
+                                        const __be32 *src, const __be32 *dst, __be16 sport, __be16 dport)
+{
+    if (nh->until_ns > now && nh->gen == gen) {
+        fib->ifindex = nh->ifindex;
+        __builtin_memcpy(fib->dmac, nh->dmac, ETH_ALEN);
+        __builtin_memcpy(fib->smac, nh->smac, ETH_ALEN);
+        return 0;
+    }
+    int rc = route(ctx, p, fib, src, dst, sport, dport);
+    if (rc)
+        return rc;
+    nh->ifindex = fib->ifindex;
+    nh->gen = gen;
+    __builtin_memcpy(nh->dmac, fib->dmac, ETH_ALEN);
+    __builtin_memcpy(nh->smac, fib->smac, ETH_ALEN);
+    nh->until_ns = now + NH_CACHE_NS;
+    return 0;
+}
+
 static __always_inline int emit(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
 {
     if (fib->ifindex == ctx->ingress_ifindex)
@@ -309,7 +333,8 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
 
     __be32 src[4];
     pool_addr(cfg, p->family, flow->flow_addr, src);
-    int rc = route(ctx, p, fib, src, dst, flow->flow_port, dport);
+    __u64 now = bpf_ktime_get_coarse_ns();
+    int rc = cached_route(ctx, p, fib, &flow->nh, owner->generation, now, src, dst, flow->flow_port, dport);
     if (rc)
         return rc;
     if (p->class == CLASS_RTP && !flow->ssrc) {
@@ -320,9 +345,11 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
         }
     }
     rewrite(p, fib, src, dst, flow->flow_port, dport);
-    __sync_fetch_and_add(&flow->packets, 1);
-    __sync_fetch_and_add(&flow->bytes, p->len);
-    flow->last_seen_ns = bpf_ktime_get_ns();
+    /* Plain adds: a flow's packets arrive on one CPU (RSS hashes its tuple);
+     * a rare race loses a count, never a packet. */
+    flow->packets += 1;
+    flow->bytes += p->len;
+    flow->last_seen_ns = now;
     return STAT_FWD_IN_STUN + p->class;
 }
 
@@ -355,15 +382,16 @@ static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, struct 
     if (ttl_expired(p))
         return STAT_PASS_TTL_EXPIRED;
 
-    int rc = route(ctx, p, fib, rev->client.relay_addr, rev->client.client_addr,
-                   rev->client.relay_port, rev->client.client_port);
+    __u64 now = bpf_ktime_get_coarse_ns();
+    int rc = cached_route(ctx, p, fib, &rev->nh, 0, now, rev->client.relay_addr, rev->client.client_addr,
+                          rev->client.relay_port, rev->client.client_port);
     if (rc)
         return rc;
     rewrite(p, fib, rev->client.relay_addr, rev->client.client_addr,
             rev->client.relay_port, rev->client.client_port);
-    __sync_fetch_and_add(&rev->packets, 1);
-    __sync_fetch_and_add(&rev->bytes, p->len);
-    rev->last_seen_ns = bpf_ktime_get_ns();
+    rev->packets += 1;
+    rev->bytes += p->len;
+    rev->last_seen_ns = now;
     return STAT_FWD_OUT_STUN + p->class;
 }
 

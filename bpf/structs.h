@@ -18,6 +18,18 @@ struct flow_key {
     __be32 relay_addr[4]; /* the VIP address the client sends to */
 };
 
+/* A route XDP looked up for one direction of a flow, reused until until_ns
+ * (coarse clock) while the owner's generation is gen, instead of a
+ * bpf_fib_lookup per packet. Zero: none. */
+struct nexthop {
+    __u64 until_ns;
+    __u32 ifindex;        /* egress */
+    __u32 gen;            /* owners[conn_id].generation it was looked up for (client → owner) */
+    __u8 dmac[6];
+    __u8 smac[6];
+    __u32 pad0;
+};
+
 /* One established flow: which call it belongs to and its counters. */
 struct flow_info {
     __u32 conn_id;        /* connection id (owners map key) */
@@ -29,6 +41,7 @@ struct flow_info {
     __u64 created_ns;     /* set by userspace at install */
     __u32 ssrc;           /* first RTP SSRC the client sent (as in the packet); 0: none yet */
     __u32 pad0;
+    struct nexthop nh;    /* towards the owner */
 };
 
 /* Current owner of a connection id: the connection-id map value. Migration
@@ -61,6 +74,7 @@ struct reverse_info {
     __u64 packets;          /* owner → client, forwarded in XDP */
     __u64 bytes;
     __u64 last_seen_ns;     /* last packet from the owner */
+    struct nexthop nh;      /* towards the client */
 };
 
 /* A public relay address:port served by the fast path: key of the vips map. */

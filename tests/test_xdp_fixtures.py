@@ -315,16 +315,25 @@ def test_fixture(harness, case: Case):
 
 
 def test_flow_counters_and_last_seen(harness):
-    """A forwarded packet updates its flow's packets, bytes and last-seen."""
+    """A forwarded packet updates its flow's packets, bytes and last-seen
+    (the coarse clock: within a tick of now)."""
+    import time
+
+    from manager.relay.kernel.structs import flow_key
+
     dp = harness.dp
-    before = dp.get_flow(C4, (VIP4, VIP_PORT))
+    key = flow_key(C4, (VIP4, VIP_PORT))
+    info = dp.maps.flows.lookup(key)
+    info.last_seen_ns = 1  # long ago
+    dp.maps.flows.update(key, info)
+    before = dp.maps.flows.lookup(key)
     frame = b(c2r4(RTP))
     verdict, _, _ = harness.run(frame)
-    after = dp.get_flow(C4, (VIP4, VIP_PORT))
+    after = dp.maps.flows.lookup(key)
     assert verdict == XDP_REDIRECT
-    assert after.packets_in == before.packets_in + 1
-    assert after.bytes_in == before.bytes_in + len(frame)
-    assert after.last_seen_ns > before.last_seen_ns
+    assert after.packets == before.packets + 1
+    assert after.bytes == before.bytes + len(frame)
+    assert time.monotonic_ns() - after.last_seen_ns < 100_000_000
 
 
 def test_ownership_flip_is_one_update(harness):
@@ -416,3 +425,32 @@ def test_admission_rate_per_source_and_global_budget(harness):
     finally:
         _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0)
         harness.dp.admit_ufrag(hx.LIVE_UFRAG)
+
+
+def test_a_flows_route_is_cached_and_follows_its_owner(harness):
+    """XDP looks a flow's route up once and reuses it (struct nexthop); an
+    ownership change (a new generation) makes it look again, so a moved call
+    never goes to the old owner's next hop."""
+    from manager.relay.kernel.structs import flow_key
+
+    dp = harness.dp
+    client = (CLIENT4, 40021)
+    dp.set_owner(21, OwnerAddr(addr4=TX1_4, port4=OWNER_PORT))
+    dp.add_flow(client, (VIP4, VIP_PORT), 21, 20021)
+    key = flow_key(client, (VIP4, VIP_PORT))
+    assert dp.maps.flows.lookup(key).nh.until_ns == 0
+    verdict, out, _ = harness.run(b(c2r4(RTP, sport=client[1])))
+    nh = dp.maps.flows.lookup(key).nh
+    assert verdict == XDP_REDIRECT and nh.until_ns > 0 and bytes(nh.dmac) == bytes.fromhex(MAC["tx1"].replace(":", ""))
+    # A cached route is used as it is: poison it and the packet follows it.
+    info = dp.maps.flows.lookup(key)
+    info.nh.dmac[:] = list(bytes.fromhex("02aabbccddee"))
+    dp.maps.flows.update(key, info)
+    verdict, out, _ = harness.run(b(c2r4(RTP, sport=client[1])))
+    assert Ether(out).dst == "02:aa:bb:cc:dd:ee"
+    # The call moves: the next packet looks its route up again, to tx2.
+    dp.set_owner(21, OwnerAddr(addr4=TX2_4, port4=OWNER_PORT))
+    verdict, out, _ = harness.run(b(c2r4(RTP, sport=client[1])))
+    assert verdict == XDP_REDIRECT and Ether(out).dst == MAC["tx2"] and Ether(out)[IP].dst == TX2_4
+    dp.remove_flow(client, (VIP4, VIP_PORT))
+    dp.remove_owner(21)

@@ -157,7 +157,7 @@ class BatchOpts(ctypes.Structure):
 
 
 _FLOW_KEY = struct.Struct("!BxHH2x4s12x4s12x")  # struct flow_key, IPv4
-_FLOW_INFO = struct.Struct("<I2s2xQQQQ8x")      # struct flow_info (flow_addr 0, ssrc 0)
+_FLOW_INFO = struct.Struct("<I2s2xQQQQ8x32x")   # struct flow_info (flow_addr, ssrc, nh: 0)
 _OWNER_INFO = struct.Struct("<4s2s2x16xII")     # struct owner_info, IPv4 only
 assert _FLOW_KEY.size == ctypes.sizeof(FlowKey) and _FLOW_INFO.size == ctypes.sizeof(FlowInfo)
 assert _OWNER_INFO.size == ctypes.sizeof(OwnerInfo)

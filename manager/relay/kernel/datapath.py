@@ -38,6 +38,7 @@ from manager.relay.kernel.structs import (
     AdmitConfig,
     FlowInfo,
     FlowKey,
+    NextHop,
     OwnerInfo,
     RelayConfig,
     ReverseInfo,
@@ -578,6 +579,7 @@ class Datapath:
             rv = m.reverse.lookup(key)
             if rv is not None:
                 rv.client = new_key
+                rv.nh = NextHop()  # the cached route was the old address's
                 m.reverse.update(key, rv)
         m.flows.delete(old_key)
         if info.ssrc:

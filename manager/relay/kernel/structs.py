@@ -41,6 +41,19 @@ class FlowKey(ctypes.Structure):
     ]
 
 
+class NextHop(ctypes.Structure):
+    """A route XDP cached for one direction of a flow (struct nexthop)."""
+
+    _fields_ = [
+        ("until_ns", ctypes.c_uint64),
+        ("ifindex", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("dmac", ctypes.c_uint8 * 6),
+        ("smac", ctypes.c_uint8 * 6),
+        ("pad0", ctypes.c_uint32),
+    ]
+
+
 class FlowInfo(ctypes.Structure):
     """One established flow (flows map value)."""
 
@@ -54,6 +67,7 @@ class FlowInfo(ctypes.Structure):
         ("created_ns", ctypes.c_uint64),
         ("ssrc", ctypes.c_uint32),
         ("pad0", ctypes.c_uint32),
+        ("nh", NextHop),
     ]
 
 
@@ -93,6 +107,7 @@ class ReverseInfo(ctypes.Structure):
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
         ("last_seen_ns", ctypes.c_uint64),
+        ("nh", NextHop),
     ]
 
 
