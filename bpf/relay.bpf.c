@@ -289,31 +289,36 @@ static __always_inline int pool_index(const struct relay_config *cfg, __u8 famil
     return idx < cfg->addr_count ? (int)idx : -1;
 }
 
-/* Client → VIP: forward to the call's owner. */
-static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
-                                       __be32 *saddr, __be32 *daddr)
+static __always_inline void client_key(struct pkt *p, const __be32 *saddr, const __be32 *daddr,
+                                       struct flow_key *key)
 {
-    struct flow_key key = {};
-    key.family = p->family;
-    key.client_port = p->udp->source;
-    key.relay_port = p->udp->dest;
-    copy_addr(key.client_addr, saddr);
-    copy_addr(key.relay_addr, daddr);
+    key->family = p->family;
+    key->client_port = p->udp->source;
+    key->relay_port = p->udp->dest;
+    copy_addr(key->client_addr, saddr);
+    copy_addr(key->relay_addr, daddr);
+}
 
-    struct flow_info *flow = flows.lookup(&key);
-    if (!flow) {
-        if (p->class == CLASS_STUN)
-            return stun_admit(p);
-        if (p->class == CLASS_RTP) {
-            /* Media from a new tuple carrying a known flow's SSRC: perhaps
-             * that client behind a NAT that rebound. The slow path has the
-             * owner authenticate it before anything changes. */
-            __u32 ssrc = rtp_ssrc(p);
-            if (ssrc && ssrcs.lookup(&ssrc))
-                return STAT_PASS_REBIND;
-        }
-        return STAT_DROP_UNKNOWN_NOT_STUN;
+/* Client → VIP from a tuple the flows map does not hold. */
+static __always_inline int unknown_client(struct pkt *p)
+{
+    if (p->class == CLASS_STUN)
+        return stun_admit(p);
+    if (p->class == CLASS_RTP) {
+        /* Media from a new tuple carrying a known flow's SSRC: perhaps
+         * that client behind a NAT that rebound. The slow path has the
+         * owner authenticate it before anything changes. */
+        __u32 ssrc = rtp_ssrc(p);
+        if (ssrc && ssrcs.lookup(&ssrc))
+            return STAT_PASS_REBIND;
     }
+    return STAT_DROP_UNKNOWN_NOT_STUN;
+}
+
+/* Client → VIP on a known flow: forward to the call's owner. */
+static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
+                                       struct flow_key *key, struct flow_info *flow)
+{
     if (p->class == CLASS_OTHER)
         return STAT_DROP_BAD_CLASS;
     __u32 conn_id = flow->conn_id;
@@ -341,7 +346,7 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
         __u32 ssrc = rtp_ssrc(p);  /* once per flow: index it for rebinding */
         if (ssrc) {
             flow->ssrc = ssrc;
-            ssrcs.update(&ssrc, &key);
+            ssrcs.update(&ssrc, key);
         }
     }
     rewrite(p, fib, src, dst, flow->flow_port, dport);
@@ -416,10 +421,27 @@ int xdp_relay(struct xdp_md *ctx)
     struct bpf_fib_lookup fib;
     __u32 ifindex = ctx->ingress_ifindex;
     __u32 *role = if_roles.lookup(&ifindex);  /* NULL beyond MAX_IFINDEX: unchecked */
+    struct flow_key key = {};
+    struct flow_info *flow = NULL;
+    int public_side = role && *role == ROLE_PUBLIC;
+    if (public_side) {
+        /* The hit path first: a flow's key holds the VIP it was installed
+         * for, so a known tuple needs no VIP lookup. */
+        client_key(&p, saddr, daddr, &key);
+        flow = flows.lookup(&key);
+        if (flow) {
+            stat = from_client(ctx, &p, &fib, &key, flow);
+            goto out;
+        }
+    }
     if (vips.lookup(&vk)) {
         if (role && *role && *role != ROLE_PUBLIC)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
-        stat = from_client(ctx, &p, &fib, saddr, daddr);
+        if (!public_side) {  /* an interface without a role: look the tuple up here */
+            client_key(&p, saddr, daddr, &key);
+            flow = flows.lookup(&key);
+        }
+        stat = flow ? from_client(ctx, &p, &fib, &key, flow) : unknown_client(&p);
         if (stat == STAT_PASS_STUN_UNKNOWN || stat == STAT_PASS_REBIND)
             stat = admit(&p, saddr[0], saddr[1], stat);
     } else {
@@ -435,6 +457,7 @@ int xdp_relay(struct xdp_md *ctx)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
         stat = from_owner(ctx, &p, &fib, saddr, (__u16)flow_addr);
     }
+out:
     if (stat >= STAT_FWD_IN_STUN)
         return account(stat, p.len, emit(ctx, &fib));
     return account(stat, p.len, verdict_of(stat));
