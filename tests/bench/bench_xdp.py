@@ -40,11 +40,14 @@ from dataclasses import asdict, dataclass, field
 from manager.lab import xdp_harness as hx
 from manager.lab.xdp_harness import (
     CLIENT4,
+    CLIENT6,
     INT4,
     MAC,
     TX1_4,
+    TX1_6,
     VERDICTS,
     VIP4,
+    VIP6,
     VIP_PORT,
     XDP_DROP,
     XDP_PASS,
@@ -60,6 +63,9 @@ OWNER = (TX1_4, 5000)            # the call's owner transceiver
 HIT_CLIENT = (CLIENT4, 40000)    # the measured client tuple
 HIT_CONN = 1
 HIT_FLOW_PORT = 20001            # in the harness's flow-port range 20000-29999
+RET_CLIENT, RET_FLOW_PORT = (CLIENT4, 40100), 20100  # the return path's flow (owner → client)
+HIT6_CLIENT = (CLIENT6, 40000)   # the IPv6 flow
+FIXED_FLOWS = 4                  # the client flow, its fixed point, the return and IPv6 flows
 TTL_RUNS = 254                   # forwards one TTL-255 buffer can take (TTL 255 → 1)
 CAPACITY = 1 << 20               # the production default DatapathConfig.max_flows
 OCCUPANCIES = (1_000, 100_000, 1_000_000)
@@ -109,6 +115,26 @@ def log(msg: str) -> None:
 
 
 # --- frames --------------------------------------------------------------------------
+
+def owner_frame(flow_port: int, payload: bytes) -> bytes:
+    """The owner's packet to a flow source (the return path)."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+
+    return bytes(Ether(src=MAC["tx1"], dst=MAC["int"]) / IP(src=OWNER[0], dst=INT4, ttl=255)
+                 / UDP(sport=OWNER[1], dport=flow_port) / Raw(payload))
+
+
+def client_frame6(client: tuple[str, int], payload: bytes) -> bytes:
+    from scapy.layers.inet import UDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+
+    return bytes(Ether(src=MAC["client"], dst=MAC["pub"]) / IPv6(src=client[0], dst=VIP6, hlim=255)
+                 / UDP(sport=client[1], dport=VIP_PORT) / Raw(payload))
+
 
 def client_frame(client: tuple[str, int], payload: bytes, ttl: int = 255) -> bytes:
     from scapy.layers.inet import IP, UDP
@@ -248,7 +274,7 @@ class Bench:
 
     @property
     def occupancy(self) -> int:
-        return self.fillers + 2     # + the client flow and its fixed-point flow
+        return self.fillers + FIXED_FLOWS
 
 
 def _attach(b: Bench, ifname: str, fd: int) -> None:
@@ -288,8 +314,10 @@ def setup(capacity: int = CAPACITY) -> Bench:
                            check=True, capture_output=True)
             _attach(b, dev, b.progs[name])
         dp = h.dp
-        dp.set_owner(HIT_CONN, OwnerAddr(addr4=OWNER[0], port4=OWNER[1]))
+        dp.set_owner(HIT_CONN, OwnerAddr(addr4=OWNER[0], port4=OWNER[1], addr6=TX1_6, port6=OWNER[1]))
         dp.add_flow(HIT_CLIENT, (VIP4, VIP_PORT), HIT_CONN, HIT_FLOW_PORT)
+        dp.add_flow(RET_CLIENT, (VIP4, VIP_PORT), HIT_CONN, RET_FLOW_PORT)
+        dp.add_flow(HIT6_CLIENT, (VIP6, VIP_PORT), HIT_CONN, HIT_FLOW_PORT)
         # The fixed point: the rewritten frame (INT:flowport → OWNER) is a client frame again.
         dp.maps.vips.update(vip_key(OWNER), ctypes.c_uint32(1))
         dp.add_flow((INT4, HIT_FLOW_PORT), OWNER, HIT_CONN, HIT_FLOW_PORT)
@@ -309,7 +337,7 @@ def teardown(b: Bench) -> None:
 def grow(b: Bench, occupancy: int) -> int:
     """Add fillers until the flows map holds `occupancy` entries; returns the
     count read back from the map."""
-    target = occupancy - 2
+    target = occupancy - FIXED_FLOWS
     step = 250_000
     t0 = time.monotonic()
     while b.fillers < target:
@@ -381,6 +409,7 @@ class Case:
     calls: int                  # calls per sample
     expected: int               # XDP verdict every run must return
     stat: str | None = None     # relay counter that must rise by one per run
+    ingress: str = "pub"        # the harness interface the frames arrive on
 
 
 def measure(b: Bench, cases: list[Case], samples: int, flows: int) -> list[Measurement]:
@@ -389,16 +418,15 @@ def measure(b: Bench, cases: list[Case], samples: int, flows: int) -> list[Measu
     within a round. Each sample is the mean ns/run of its calls; the figure is
     the median sample. Counters are read around every sample, so each case
     accounts for exactly its own runs."""
-    ifindex = b.h.ifindex["pub"]
     for c in cases:  # warm up (caches, page tables), not measured or checked
-        b.h.ex.call(_runner, b.progs[c.program], c.frames[:1], ifindex, min(c.repeat, TTL_RUNS), 1)
+        b.h.ex.call(_runner, b.progs[c.program], c.frames[:1], b.h.ifindex[c.ingress], min(c.repeat, TTL_RUNS), 1)
     means: list[list[float]] = [[] for _ in cases]
     verdicts: list[set[int]] = [set() for _ in cases]
     moved: list[dict[str, int]] = [{} for _ in cases]
     for _ in range(samples):
         for i, c in enumerate(cases):
             before = read_counters(b.dp.maps)
-            durs, v = b.h.ex.call(_runner, b.progs[c.program], c.frames, ifindex, c.repeat, c.calls)
+            durs, v = b.h.ex.call(_runner, b.progs[c.program], c.frames, b.h.ifindex[c.ingress], c.repeat, c.calls)
             after = read_counters(b.dp.maps)
             means[i].append(statistics.fmean(durs))
             verdicts[i] |= v
@@ -459,6 +487,10 @@ def bench_occupancy(b: Bench, plan: Plan, flows: int) -> list[Measurement]:
         # and a different random flow every time (its map entries not in cache).
         Case("hit → REDIRECT, one flow", "relay", [hit], 1, fresh, XDP_REDIRECT, "fwd_in_rtp"),
         Case("hit → REDIRECT, random flows", "relay", spread, 1, fresh, XDP_REDIRECT, "fwd_in_rtp"),
+        Case("return hit → REDIRECT, one flow", "relay", [owner_frame(RET_FLOW_PORT, RTP)], 1, fresh, XDP_REDIRECT,
+             "fwd_out_rtp", ingress="int"),
+        Case("IPv6 hit → REDIRECT, one flow", "relay", [client_frame6(HIT6_CLIENT, RTP)], 1, fresh, XDP_REDIRECT,
+             "fwd_in_rtp"),
         Case("pass only", "pass_only", [hit], 1, fresh, XDP_PASS),
     ]
     return measure(b, cases, plan.samples, flows)
@@ -542,6 +574,8 @@ ROWS = [  # (label, case, program, repeat selector)
     ("XDP_PASS-only program", "pass only", "pass_only", "long"),
     ("relay hit, one flow", "hit → REDIRECT, one flow", "relay", "one"),
     ("relay hit, random flows", "hit → REDIRECT, random flows", "relay", "one"),
+    ("relay return hit (owner → client), one flow", "return hit → REDIRECT, one flow", "relay", "one"),
+    ("relay IPv6 hit, one flow", "IPv6 hit → REDIRECT, one flow", "relay", "one"),
     ("XDP_PASS-only program", "pass only", "pass_only", "one"),
 ]
 
@@ -571,6 +605,8 @@ def summarize(by_flows: dict[int, list[Measurement]], plan: Plan) -> dict:
                                         per_round("pass only", "pass_only", "long"), strict=False)]
         one = per_round("hit → REDIRECT, one flow", "relay", "one")
         spread = per_round("hit → REDIRECT, random flows", "relay", "one")
+        ret = per_round("return hit → REDIRECT, one flow", "relay", "one")
+        six = per_round("IPv6 hit → REDIRECT, one flow", "relay", "one")
 
         def med(xs) -> float:
             return round(statistics.median(xs), 2)
@@ -582,6 +618,8 @@ def summarize(by_flows: dict[int, list[Measurement]], plan: Plan) -> dict:
             "repeat1_excess_ns": med(excess),
             "hit_one_flow_corrected_ns": med([h - e for h, e in zip(one, excess, strict=False)]),
             "hit_random_flows_corrected_ns": med([h - e for h, e in zip(spread, excess, strict=False)]),
+            "return_one_flow_corrected_ns": med([h - e for h, e in zip(ret, excess, strict=False)]),
+            "ipv6_one_flow_corrected_ns": med([h - e for h, e in zip(six, excess, strict=False)]),
         }
     return out
 
@@ -607,7 +645,9 @@ def table(by_flows: dict[int, list[Measurement]], summary: dict, plan: Plan, liv
                        ("hit_minus_redirect_only_ns", "hit − redirect-only, ns"),
                        ("hit_minus_fib_redirect_ns", "hit − (fib lookup + redirect), ns"),
                        ("hit_one_flow_corrected_ns", "hit, one flow, repeat=1 corrected, ns"),
-                       ("hit_random_flows_corrected_ns", "hit, random flows, repeat=1 corrected, ns")):
+                       ("hit_random_flows_corrected_ns", "hit, random flows, repeat=1 corrected, ns"),
+                       ("return_one_flow_corrected_ns", "return hit, one flow, repeat=1 corrected, ns"),
+                       ("ipv6_one_flow_corrected_ns", "IPv6 hit, one flow, repeat=1 corrected, ns")):
         fmt = ".2f" if key.endswith("redirect_only") and "minus" not in key else ".1f"
         lines.append(f"{label:<56}" + "".join(f"{summary[c][key]:>{w}{fmt}}" for c in cols))
     checks = [m for ms in by_flows.values() for m in ms]
