@@ -37,11 +37,29 @@ def _live_objects() -> dict[type, object]:
                 RTCRtpTransceiver: t, RTCRtpSender: t.sender, RTCDtlsTransport: dtls,
                 RTCIceTransport: dtls.transport, RTCIceGatherer: gatherer,
                 hooks.Connection: hooks.ice_connection(gatherer),
+                hooks.CandidatePair: hooks.CandidatePair(None, _candidate("10.0.0.1", 1000)),
             }
         finally:
             await pc.close()
 
     return asyncio.run(build())
+
+
+def _candidate(host: str, port: int) -> hooks.Candidate:
+    return hooks.Candidate(foundation="1", component=1, transport="udp", priority=1, host=host, port=port,
+                           type="prflx")
+
+
+def test_repoint_pair_moves_only_the_pair_at_the_old_address() -> None:
+    conn = hooks.Connection(ice_controlling=False)
+    assert not hooks.repoint_pair(conn, ("10.0.0.1", 1000), ("10.0.0.2", 2000))  # nothing nominated yet
+    pair = hooks.CandidatePair(None, _candidate("10.0.0.1", 1000))
+    conn._nominated[1] = pair
+    assert not hooks.repoint_pair(conn, ("10.0.0.9", 1000), ("10.0.0.2", 2000))
+    assert pair.remote_addr == ("10.0.0.1", 1000)
+    assert hooks.repoint_pair(conn, ("10.0.0.1", 1000), ("10.0.0.2", 2000))
+    assert hooks.nominated_pair(conn) is pair and pair.remote_addr == ("10.0.0.2", 2000)
+    assert pair.remote_candidate.type == "prflx" and pair.remote_candidate.foundation == "1"
 
 
 @pytest.fixture(scope="module")

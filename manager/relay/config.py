@@ -222,6 +222,53 @@ class MetricsConfig(BaseModel):
     port: int = Field(default=9100, ge=0, le=65535)
 
 
+class RegistryConfig(BaseModel):
+    """Where relayd keeps transceivers, calls and ownership: in its own memory
+    (one relay), or in Redis shared by a fleet of relays."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = Field(default=None, description="redis://host:port/db, rediss:// (TLS) or unix:///path.sock")
+    password_file: Path | None = Field(default=None, description="file (mode 0600) holding the Redis password")
+    username: str | None = Field(default=None, description="Redis ACL user (default: the default user)")
+    tls_ca_file: Path | None = Field(default=None, description="rediss://: CA that signed the server's certificate")
+    tls_cert_file: Path | None = Field(default=None, description="rediss://: client certificate (mutual TLS)")
+    tls_key_file: Path | None = Field(default=None, description="rediss://: client key (mode 0600)")
+    key_prefix: str = Field(default="splitrelay", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                            description="prefix of every key and channel (several fleets on one Redis)")
+    relay_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                 description="this relay's name in the fleet (default: the host name)")
+    ttl: float = Field(default=30.0, ge=3, le=86400,
+                       description="seconds an entry outlives the last refresh by its relay or transceiver")
+    timeout: float = Field(default=1.0, gt=0, le=30, description="seconds to wait for one Redis operation")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = v.partition("://")[0]
+        if scheme not in ("redis", "rediss", "unix") or "://" not in v:
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> RegistryConfig:
+        if self.backend == "redis" and not self.url:
+            raise ValueError("url: needed with backend = 'redis'")
+        tls = [n for n in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, n) is not None]
+        if tls and not (self.url or "").startswith("rediss://"):
+            raise ValueError(f"{tls[0]}: only used with a rediss:// URL")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file: give tls_cert_file and tls_key_file together")
+        return self
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        return read_secret_file(self.password_file).decode("utf-8", "replace").strip()
+
+
 class RelaydConfig(BaseModel):
     """Everything relayd needs; built from a file, the environment, or code."""
 
@@ -236,6 +283,7 @@ class RelaydConfig(BaseModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     slowpath: SlowPathConfig = Field(default_factory=SlowPathConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     control_socket: Path = Path("/run/splitrelay/relayd.sock")
     detach_on_exit: bool = Field(default=False, description="remove the fast path on stop (default: leave it running)")
 

@@ -71,6 +71,7 @@ class ControlDeps:
     transceivers: TransceiverClient
     flow_setup: Histogram
     runtime: Runtime
+    fleet: Any = None  # manager.relay.fleet.RedisFleet of a fleet; None: in-memory registry
 
 
 DEPS_KEY = web.AppKey("deps", ControlDeps)
@@ -155,6 +156,7 @@ def status_view(deps: ControlDeps, interfaces: list[dict[str, Any]], n_flows: in
         "signaling": fmt_ep(cfg.signaling.host, cfg.signaling.port),
         "metrics": fmt_ep(cfg.metrics_host, cfg.metrics.port) if cfg.metrics.port else None,
         "internal": fmt_ep(cfg.internal.host, cfg.internal.port),
+        "registry": deps.fleet.status() if deps.fleet is not None else {"backend": "memory"},
         "counts": {
             "calls": len(calls),
             "calls_by_state": by_state,
@@ -306,8 +308,19 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.json_response({"ended": call.to_dict(), "transceiver_warning": warning})
 
 
+def _store_problem(deps: ControlDeps) -> web.Response | None:
+    """A fleet moves calls only with its shared registry reachable: a move
+    the other relays never hear of would split the fleet's view."""
+    if deps.fleet is not None and not deps.fleet.available:
+        return _error(503, f"the fleet registry (Redis) is unavailable ({deps.fleet.last_error or 'connecting'}); "
+                           "calls cannot be moved until it is back")
+    return None
+
+
 async def post_migrate(request: web.Request) -> web.Response:
     deps = _deps(request)
+    if (problem := _store_problem(deps)) is not None:
+        return problem
     body = json_object(await request.read(), optional=True)
     target = body.get("to")
     if isinstance(target, bool) or not isinstance(target, int):
@@ -328,6 +341,8 @@ def _transceiver_id(request: web.Request) -> int:
 
 async def post_drain(request: web.Request) -> web.Response:
     deps = _deps(request)
+    if (problem := _store_problem(deps)) is not None:
+        return problem
     try:
         results = await deps.migrator.drain(_transceiver_id(request))
     except MigrationError as exc:
@@ -337,6 +352,8 @@ async def post_drain(request: web.Request) -> web.Response:
 
 async def post_undrain(request: web.Request) -> web.Response:
     deps = _deps(request)
+    if (problem := _store_problem(deps)) is not None:
+        return problem
     try:
         t = deps.registry.set_draining(_transceiver_id(request), False)
     except UnknownTransceiverError:

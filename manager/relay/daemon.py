@@ -20,6 +20,7 @@ from manager import pki
 from manager.relay.config import RelaydConfig
 from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
 from manager.relay.credentials import ClientAuth
+from manager.relay.fleet import RedisFleet
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.metrics import Metrics
@@ -53,6 +54,10 @@ class Relay:
         self.datapath = Datapath(cfg.datapath)
         self.flow_sockets = FlowSockets(cfg.datapath)
         self.registry = Registry(heartbeat_timeout=cfg.signaling.heartbeat_timeout)
+        # A fleet shares the registry through Redis; alone, it is in memory only.
+        self.fleet = (RedisFleet(cfg.registry, self.registry, on_owner_moved=self._owner_moved,
+                                 on_remote_leg=self._remote_leg)
+                      if cfg.registry.backend == "redis" else None)
         self.metrics = Metrics(self.registry, self.datapath)
         self.runtime = Runtime()
         self.slowpath: SlowPath | None = None
@@ -73,6 +78,13 @@ class Relay:
             log.info("XDP on %s: %s mode%s", r.interface, r.mode, " (adopted)" if r.adopted else "")
         dp = cfg.datapath
         await asyncio.to_thread(self.flow_sockets.open)
+        if self.fleet is not None:
+            # The fleet's calls before the slow path starts: their ufrags are
+            # admitted and their kernel flows adopted as known calls.
+            synced = await self.fleet.start()
+            log.info("registry: Redis at %s as relay %s (%s)", cfg.registry.url, self.fleet.relay_id,
+                     f"{len(self.registry.calls())} calls, {len(self.registry.transceivers())} transceivers"
+                     if synced else "not reachable yet")
         self.slowpath = SlowPath(
             self.registry, self.datapath, self.flow_sockets, hint_key=cfg.hint_key_bytes,
             vips=[v.as_tuple() for v in dp.vips], idle_timeout=cfg.slowpath.idle_timeout,
@@ -80,6 +92,7 @@ class Relay:
             max_pending_per_source=cfg.slowpath.max_pending_per_source,
             on_flow_installed=self.metrics.flow_setup.observe,
             check_media=self._check_media, on_rebound=self.metrics.rebind.observe,
+            fleet=self.fleet, repoint=self._repoint,
         )
         self.metrics.watch_slowpath(self.slowpath)
         await self.slowpath.start()
@@ -90,32 +103,64 @@ class Relay:
         public = make_app(self.registry, hint_key=cfg.hint_key_bytes, public_addrs=[v.as_tuple() for v in dp.vips],
                           transceiver_client=self._client, auth=ClientAuth.from_config(cfg.client_auth),
                           limits=cfg.limits, allowed_origins=cfg.signaling.allowed_origins,
-                          allows_owner=cfg.internal.allows)
+                          allows_owner=cfg.internal.allows,
+                          claim_conn_id=self.fleet.claim_conn_id if self.fleet is not None else None)
         self._runner = await _serve(public, cfg.signaling.host, cfg.signaling.port)
         internal = make_internal_app(self.registry, allows=cfg.internal.allows)
         self._internal_runner = await _serve(internal, cfg.internal.host, cfg.internal.port,
                                              ssl_context=pki.server_context(tls))
         if cfg.metrics.port:
-            self._metrics_runner = await _serve(self.metrics.app(), cfg.metrics_host, cfg.metrics.port)
+            self._metrics_runner = await _serve(self.metrics.app(ready=self._ready), cfg.metrics_host,
+                                                cfg.metrics.port)
         self.runtime.started_at = time.time()
         self._control = await start_control(ControlDeps(
             config=cfg, registry=self.registry, datapath=self.datapath, slowpath=self.slowpath,
             migrator=self.migrator, transceivers=self._client, flow_setup=self.metrics.flow_setup,
-            runtime=self.runtime))
+            runtime=self.runtime, fleet=self.fleet))
         log.info("relayd ready: signaling on %s:%d, transceivers on %s:%d (mutual TLS), VIPs %s",
                  cfg.signaling.host, cfg.signaling.port, cfg.internal.host, cfg.internal.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
 
-    async def _check_media(self, conn_id: int, packet: bytes) -> bool:
+    def _ready(self) -> str | None:
+        """Why relayd is not ready to serve (None: ready). The fleet's Redis
+        is not part of it: a Redis blip must not get every relay restarted."""
+        if not self.runtime.started_at:
+            return "starting"
+        return None
+
+    def _owner_moved(self, call, previous) -> None:
+        if self.slowpath is not None:
+            self.slowpath.owner_moved(call, previous)
+
+    def _remote_leg(self, leg) -> None:
+        if self.slowpath is not None:
+            self.slowpath.remote_leg_known(leg)
+
+    async def _check_media(self, conn_id: int, packet: bytes, path=None) -> bool:
         """Ask a call's transceiver whether a packet from a client's new
-        address authenticates as the call's (NAT rebinding)."""
+        address authenticates as the call's (NAT rebinding); with `path`
+        (old flow source, new flow source) it also sends its replies to the
+        new one (this relay took the call over)."""
         call = self.registry.get_call(conn_id)
         tx = self.registry.get_transceiver(call.transceiver_id) if call is not None else None
         if tx is None or self._client is None:
             return False
-        reply = await self._client.call_op(tx, "POST", f"/calls/{conn_id}/media-check",
-                                           {"packet": base64.b64encode(packet).decode()})
+        body: dict = {"packet": base64.b64encode(packet).decode()}
+        if path is not None:
+            body["path"] = {"old": list(path[0]), "new": list(path[1])}
+        reply = await self._client.call_op(tx, "POST", f"/calls/{conn_id}/media-check", body)
         return reply.get("authentic") is True
+
+    async def _repoint(self, conn_id: int, old, new) -> bool:
+        """The owner authenticated a check from this relay's flow source for
+        a tuple another relay served: its replies go here from now on."""
+        call = self.registry.get_call(conn_id)
+        tx = self.registry.get_transceiver(call.transceiver_id) if call is not None else None
+        if tx is None or self._client is None:
+            return False
+        reply = await self._client.call_op(tx, "POST", f"/calls/{conn_id}/path",
+                                           {"old": list(old), "new": list(new)})
+        return reply.get("repointed") is True
 
     async def stop(self, *, detach: bool | None = None) -> None:
         detach = self.cfg.detach_on_exit if detach is None else detach
@@ -132,6 +177,8 @@ class Relay:
             self._client = None
         if self.slowpath is not None:
             await self.slowpath.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         self.flow_sockets.close()
         if detach:
             removed = await asyncio.to_thread(self.datapath.detach, purge=True)

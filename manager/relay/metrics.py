@@ -7,6 +7,8 @@ transceiver figures come from the running manager's objects.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -107,10 +109,21 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.prometheus)
 
-    def app(self) -> web.Application:
+    def app(self, ready: Callable[[], str | None] = lambda: None) -> web.Application:
+        """/metrics, and the probes an orchestrator uses: /livez (the event
+        loop answers) and /readyz (relayd serves; `ready` says why not)."""
         async def handler(request: web.Request) -> web.Response:
             return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+        async def livez(request: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        async def readyz(request: web.Request) -> web.Response:
+            problem = ready()
+            return web.Response(text="ok\n") if problem is None else web.Response(status=503, text=f"{problem}\n")
+
         app = web.Application()
         app.router.add_get("/metrics", handler)
+        app.router.add_get("/livez", livez)
+        app.router.add_get("/readyz", readyz)
         return app

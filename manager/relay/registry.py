@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 CallState = Literal["placing", "active", "ended"]
 CallEndedCallback = Callable[["Call", str], None]
+# (kind, record): a change this relay made, for a shared store to replicate.
+ChangeCallback = Callable[[str, dict], None]
 
 MAX_TRANSCEIVER_ID = 0xFFFF  # the ufrag carries it as u16
 MAX_CONN_ID = 0xFFFFFFFF  # u32, 0 is reserved for "none"
@@ -46,6 +48,10 @@ class UnknownTransceiverError(RegistryError, LookupError):
 
 class UnknownCallError(RegistryError, LookupError):
     """A connection id that is not a live call."""
+
+
+class StoreUnavailable(RegistryError):
+    """The shared store behind a fleet's registry cannot be reached."""
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
@@ -94,6 +100,10 @@ class Call:
     # credential): ending or updating the call requires the same one.
     credential: bytes | None = field(default=None, repr=False)
 
+    def record(self) -> dict[str, object]:
+        """Everything another relay needs to serve the call (a shared store's copy)."""
+        return {**self.to_dict(), "credential": self.credential.hex() if self.credential else None}
+
     def to_dict(self) -> dict[str, object]:
         return {
             "call_id": self.call_id,
@@ -135,6 +145,8 @@ class Registry:
         self._reserved: set[int] = set()  # allocated conn ids not yet added
         self._listeners: list[CallEndedCallback] = []
         self._active_listeners: list[Callable[[Call], None]] = []
+        self._change_listeners: list[ChangeCallback] = []
+        self._applying = False  # applying another relay's change: not ours to replicate
 
     # -- transceivers -------------------------------------------------------
 
@@ -156,7 +168,12 @@ class Registry:
         t.reported_healthy = True
         t.last_heartbeat = now
         self._refresh(t, now)
+        self._changed("transceiver", self._tx_record(t))
         return t
+
+    @staticmethod
+    def _tx_record(t: Transceiver) -> dict:
+        return {"id": t.id, "control_url": t.control_url, "capacity": t.capacity, "draining": t.draining}
 
     def heartbeat(
         self, id: int, calls: Iterable[int] | None = None, healthy: bool = True
@@ -231,6 +248,7 @@ class Registry:
         """Stop (or resume) placing new calls on a transceiver."""
         t = self.get_transceiver(id)
         t.draining = draining
+        self._changed("transceiver", self._tx_record(t))
         return t
 
     # -- calls --------------------------------------------------------------
@@ -248,6 +266,10 @@ class Registry:
                 self._reserved.add(conn_id)
                 return conn_id
 
+    def release_conn_id(self, conn_id: int) -> None:
+        """Give back an allocated id that no call took."""
+        self._reserved.discard(conn_id)
+
     def add_call(
         self,
         *,
@@ -256,6 +278,7 @@ class Registry:
         client_ufrag: str,
         server_ufrag: str,
         owner: OwnerAddr | None = None,
+        credential: bytes | None = None,
     ) -> Call:
         """Record a call on a transceiver; it counts towards its load at once.
 
@@ -278,11 +301,13 @@ class Registry:
             owner=owner,
             state="active" if owner else "placing",
             owned_since=self._clock(),
+            credential=credential,
         )
         self._reserved.discard(conn_id)
         self._calls[conn_id] = call
         self._by_call_id[call_id] = conn_id
         t.calls += 1
+        self._changed("call", call.record())
         if owner is not None:
             self._activated(call)
         return call
@@ -293,6 +318,7 @@ class Registry:
         call.owner = owner
         call.state = "active"
         call.owned_since = self._clock()
+        self._changed("call", call.record())
         self._activated(call)
         return call
 
@@ -307,6 +333,7 @@ class Registry:
         call.owner = owner
         call.state = "active"
         call.owned_since = self._clock()
+        self._changed("call", call.record())
         return call
 
     def _live(self, conn_id: int) -> Call:
@@ -340,6 +367,7 @@ class Registry:
             t.calls -= 1
         call.state = "ended"
         call.ended_reason = reason
+        self._changed("end", {"conn_id": conn_id, "call_id": call.call_id, "reason": reason})
         for callback in list(self._listeners):
             try:
                 callback(call, reason)
@@ -376,3 +404,88 @@ class Registry:
                 self._listeners.remove(callback)
 
         return unsubscribe
+
+    # -- replication (a shared store: manager.relay.fleet) -------------------
+
+    def on_change(self, callback: ChangeCallback) -> Callable[[], None]:
+        """Call `callback(kind, record)` for every change this relay makes
+        ("transceiver", "call", "end"); not for changes applied from others."""
+        self._change_listeners.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._change_listeners:
+                self._change_listeners.remove(callback)
+
+        return unsubscribe
+
+    def _changed(self, kind: str, record: dict) -> None:
+        if self._applying:
+            return
+        for callback in list(self._change_listeners):
+            try:
+                callback(kind, record)
+            except Exception:
+                log.exception("change listener failed for %s", kind)
+
+    def apply_transceiver(self, record: dict) -> Transceiver:
+        """Another relay's view of a transceiver (registered, draining). It
+        counts as heard from now: its heartbeats reach every relay."""
+        t = self._transceivers.get(record["id"])
+        if t is None:
+            self._applying = True
+            try:
+                t = self.register_transceiver(record["id"], record["control_url"], record["capacity"])
+            finally:
+                self._applying = False
+        t.control_url = record["control_url"]
+        t.capacity = record["capacity"]
+        t.draining = bool(record.get("draining", False))
+        return t
+
+    def apply_call(self, record: dict) -> tuple[Call, OwnerAddr | None] | None:
+        """Another relay placed, answered or moved a call: take its record.
+        Returns (call, previous owner), or None when the record names a
+        transceiver this relay does not know yet (the caller retries later)."""
+        conn_id = record["conn_id"]
+        tx_id = record["transceiver_id"]
+        if tx_id not in self._transceivers:
+            return None
+        owner = OwnerAddr(**record["owner"]) if record.get("owner") else None
+        call = self._calls.get(conn_id)
+        if call is not None and call.call_id != record["call_id"]:
+            return None  # another call holds this connection id here: ours wins until it ends
+        previous = call.owner if call is not None else None
+        if call is None:
+            call = Call(call_id=record["call_id"], conn_id=conn_id, transceiver_id=tx_id,
+                        client_ufrag=record["client_ufrag"], server_ufrag=record["server_ufrag"],
+                        created=record.get("created") or time.time(), owned_since=self._clock())
+            cred = record.get("credential")
+            call.credential = bytes.fromhex(cred) if cred else None
+            self._reserved.discard(conn_id)
+            self._calls[conn_id] = call
+            self._by_call_id[call.call_id] = conn_id
+            self._transceivers[tx_id].calls += 1
+        elif call.transceiver_id != tx_id:
+            self._transceivers[call.transceiver_id].calls -= 1
+            self._transceivers[tx_id].calls += 1
+            call.transceiver_id = tx_id
+        was_active = call.state == "active"
+        call.owner = owner
+        if owner is not None:
+            call.state = "active"
+            if previous != owner:
+                call.owned_since = self._clock()
+        if owner is not None and not was_active:
+            self._activated(call)
+        return call, previous
+
+    def apply_end(self, conn_id: int, call_id: str, reason: str) -> Call | None:
+        """Another relay ended a call."""
+        call = self._calls.get(conn_id)
+        if call is None or call.call_id != call_id:
+            return None
+        self._applying = True
+        try:
+            return self.end_call(conn_id, reason)
+        finally:
+            self._applying = False

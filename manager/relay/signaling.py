@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -43,7 +43,7 @@ from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth
 from manager.relay.limits import CreateLimits
-from manager.relay.registry import Call, PlacementError, Registry, Transceiver
+from manager.relay.registry import Call, PlacementError, Registry, StoreUnavailable, Transceiver
 from manager.relay.transceiver_client import TransceiverClient, TransceiverError
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,15 @@ def check_offer_size(offer: str, limits: LimitsConfig) -> str | None:
     return None
 
 
+# A fleet's reservation of a connection id: False if taken, StoreUnavailable
+# if the shared registry cannot be reached (manager.relay.fleet).
+ClaimConnId = Callable[[int], Awaitable[bool]]
+
+
 class _Api:
     def __init__(self, registry: Registry, hint_key: bytes, public_addrs: list[tuple[str, int]],
                  client: TransceiverClient, *, auth: ClientAuth, limits: LimitsConfig,
-                 allows_owner: Callable[[str], bool]) -> None:
+                 allows_owner: Callable[[str], bool], claim_conn_id: ClaimConnId | None = None) -> None:
         self.registry = registry
         self.hint_key = hint_key
         self.public_addrs = public_addrs
@@ -85,6 +90,7 @@ class _Api:
                                           max_pending=limits.max_pending,
                                           max_pending_per_source=limits.max_pending_per_source)
         self.allows_owner = allows_owner
+        self.claim_conn_id = claim_conn_id
         self._background: set[asyncio.Task[None]] = set()
 
     async def create_call(self, request: web.Request) -> web.Response:
@@ -128,6 +134,26 @@ class _Api:
         except PlacementError as exc:
             return _text(503, f"no transceiver available: {exc}")
         conn_id = self.registry.allocate_conn_id()
+        if self.claim_conn_id is not None:
+            # A fleet: the id must be free on every relay, and the shared
+            # registry must be reachable, or the call could not be served
+            # (nor ended, nor moved) by the other relays.
+            try:
+                for _ in range(8):
+                    if await self.claim_conn_id(conn_id):
+                        break
+                    self.registry.release_conn_id(conn_id)
+                    conn_id = self.registry.allocate_conn_id()
+                else:
+                    return _text(503, "could not reserve a connection id; try again", {"Retry-After": "1"})
+            except StoreUnavailable as exc:
+                self.registry.release_conn_id(conn_id)
+                log.warning("call refused: %s", exc)
+                return _text(503, "the relay fleet's registry is unavailable; established calls are unaffected, "
+                                  "try again shortly", {"Retry-After": "1"})
+            if self.registry.get_transceiver(transceiver.id).draining:
+                self.registry.release_conn_id(conn_id)
+                return _text(503, f"no transceiver available: transceiver {transceiver.id} started draining")
         server_ufrag = encode_ufrag(self.hint_key, transceiver.id, conn_id)
         # Recorded before the transceiver is asked, so that concurrent offers
         # already see this one in the transceiver's load.
@@ -136,8 +162,8 @@ class _Api:
             transceiver_id=transceiver.id,
             client_ufrag=client_ufrag,
             server_ufrag=server_ufrag,
+            credential=credential_digest(credential) if credential is not None else None,
         )
-        call.credential = credential_digest(credential) if credential is not None else None
         try:
             answer, owner = await self.client.create_call(
                 transceiver, conn_id, server_ufrag, strip_candidates(offer)
@@ -288,6 +314,7 @@ def make_app(
     limits: LimitsConfig | None = None,
     allowed_origins: Sequence[str] = (),
     allows_owner: Callable[[str], bool] = lambda addr: True,
+    claim_conn_id: ClaimConnId | None = None,
 ) -> web.Application:
     """Build the public signaling application. A client passed in stays the caller's to close."""
     encode_ufrag(hint_key, 1, 1)  # fail now, not on the first call, if the key is unusable
@@ -295,7 +322,7 @@ def make_app(
     client = transceiver_client if transceiver_client is not None else TransceiverClient()
     limits = limits or LimitsConfig()
     api = _Api(registry, hint_key, addrs, client, auth=auth or ClientAuth("off"), limits=limits,
-               allows_owner=allows_owner)
+               allows_owner=allows_owner, claim_conn_id=claim_conn_id)
 
     # aiohttp's own body cap is a backstop (a chunked body has no length to check first).
     app = web.Application(client_max_size=limits.max_body + 1024, middlewares=[cors_middleware(allowed_origins)])

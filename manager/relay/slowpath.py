@@ -28,6 +28,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aioice import stun
 
@@ -47,7 +48,21 @@ MAX_PENDING_TXIDS = 32
 MAX_REBIND_CHECKS = 4
 
 # The owner's check of a held packet: (connection id, SRTP packet) → authentic?
-MediaCheck = Callable[[int, bytes], Awaitable[bool]]
+Addr = tuple[str, int]
+# (conn_id, packet, path): does the owner take this packet as the call's media?
+# With path = (old source, new source) it also re-points the call's replies.
+MediaCheck = Callable[..., Awaitable[bool]]
+Repoint = Callable[[int, Addr, Addr], Awaitable[bool]]
+
+
+class LegDirectory(Protocol):
+    """The fleet's view of client tuples (manager.relay.fleet.RedisFleet)."""
+
+    def publish_leg(self, conn_id: int, client: Addr, vip: Addr, source: Addr, ssrc: int = 0) -> None: ...
+    def withdraw_leg(self, conn_id: int, client: Addr, vip: Addr) -> None: ...
+    def remote_leg(self, client: Addr, vip: Addr): ...
+    def others_serve(self, conn_id: int) -> bool: ...
+    def replaced(self, client: Addr, vip: Addr, relay: str) -> None: ...
 
 
 @dataclass
@@ -68,6 +83,7 @@ class Leg:
     txids: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     # Media checks of a new client tuple under way (NAT rebinding).
     rebind_checks: int = 0
+    ssrc: int = 0  # first RTP SSRC the kernel saw, once published to the fleet
 
     @property
     def family(self) -> int:
@@ -144,7 +160,8 @@ class SlowPath:
                  hint_key: bytes, vips: list[tuple[str, int]], idle_timeout: float = 30.0,
                  pending_timeout: float = 5.0, max_legs_per_call: int = 4, max_pending_per_source: int = 8,
                  on_flow_installed: Callable[[float], None] | None = None,
-                 check_media: MediaCheck | None = None, on_rebound: Callable[[float], None] | None = None):
+                 check_media: MediaCheck | None = None, on_rebound: Callable[[float], None] | None = None,
+                 fleet: LegDirectory | None = None, repoint: Repoint | None = None):
         self.registry = registry
         self.datapath = datapath
         self.flow_sockets = flow_sockets
@@ -166,6 +183,9 @@ class SlowPath:
         self.on_flow_installed = on_flow_installed
         self.check_media = check_media
         self.on_rebound = on_rebound
+        self.fleet = fleet
+        self.repoint = repoint
+        self._taking_over: set[tuple[Addr, Addr]] = set()  # failovers under way
         self._tasks: set[asyncio.Task] = set()
         self.stats: collections.Counter[str] = collections.Counter()
         self.bytes: collections.Counter[str] = collections.Counter()
@@ -218,8 +238,9 @@ class SlowPath:
                 continue
             now = time.monotonic()
             leg = Leg(client=flow.client, vip=flow.vip, conn_id=flow.conn_id, flow_port=flow.flow_port,
-                      flow_addr=flow.flow_addr, first_seen=now, installed_at=now)
+                      flow_addr=flow.flow_addr, first_seen=now, installed_at=now, ssrc=flow.ssrc)
             self._add_leg(leg)
+            self._publish(leg)
             adopted += 1
         if adopted:
             log.info("adopted %d established flows from the kernel", adopted)
@@ -240,6 +261,7 @@ class SlowPath:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._unsubscribe:
             self._unsubscribe()
+        self.fleet = None  # the kernel keeps these flows: the fleet keeps knowing them
         for leg in list(self.legs.values()):
             self._close_leg(leg, remove_kernel=False)
         for sock in self.flow_sockets.receivers.values():
@@ -461,8 +483,144 @@ class SlowPath:
         self._release_pending(leg)
         leg.txids.clear()
         self.stats["flows_installed"] += 1
+        remote = self.fleet.remote_leg(leg.client, leg.vip) if self.fleet is not None else None
+        if remote is not None and remote.source != self._source_addr(leg):
+            # The client's checks now reach this relay for a tuple another
+            # relay served (failover): the owner's replies must follow.
+            self.fleet.replaced(leg.client, leg.vip, remote.relay)
+            self._spawn(self._repoint(leg, remote.source))
+        self._publish(leg)
         if self.on_flow_installed:
             self.on_flow_installed(leg.installed_at - leg.first_seen)
+
+    # --- the fleet ------------------------------------------------------------------------
+
+    def _source_addr(self, leg: Leg) -> Addr:
+        return (self.flow_sockets.address(leg.family, leg.flow_addr), leg.flow_port)
+
+    def _publish(self, leg: Leg) -> None:
+        if self.fleet is not None:
+            self.fleet.publish_leg(leg.conn_id, leg.client, leg.vip, self._source_addr(leg), leg.ssrc)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _repoint(self, leg: Leg, old: Addr) -> None:
+        if self.repoint is None:
+            return
+        try:
+            ok = await self.repoint(leg.conn_id, old, self._source_addr(leg))
+        except Exception as exc:  # the owner's next consent check from here retries
+            self.stats["repoint_failed"] += 1
+            log.warning("re-pointing call %s to %s failed: %s", leg.conn_id, self._source_addr(leg), exc)
+            return
+        self.stats["repointed" if ok else "repoint_refused"] += 1
+
+    def publish_ssrcs(self) -> None:
+        """Tell the fleet each installed leg's SSRC once XDP has seen one, so
+        that another relay can recognise the call's media (failover)."""
+        if self.fleet is None or self.datapath is None:
+            return
+        for leg in list(self.legs.values()):
+            if leg.installed_at is None or leg.ssrc:
+                continue
+            try:
+                ssrc = self.datapath.flow_ssrc(leg.client, leg.vip)
+            except (DatapathError, OSError):
+                continue
+            if ssrc:
+                leg.ssrc = ssrc
+                self._publish(leg)
+
+    def remote_leg_known(self, remote) -> None:
+        """Another relay serves this tuple: index its SSRC here, so the
+        client's media reaches this slow path if its packets ever come here."""
+        if self.datapath is None or not remote.ssrc or (remote.client, remote.vip) in self.legs:
+            return
+        try:
+            self.datapath.index_ssrc(remote.ssrc, remote.client, remote.vip)
+        except (DatapathError, OSError, ValueError) as exc:
+            log.warning("cannot index SSRC of call %s: %s", remote.conn_id, exc)
+
+    def owner_moved(self, call: Call, previous) -> None:
+        """Another relay moved a call (migration): this relay's legs of it now
+        return from the new owner. Same order as the migrator's flip: return
+        entries for the new owner, the owner entry, then the old entries go."""
+        if self.datapath is None or call.owner is None:
+            return
+        legs = [leg for leg in self.legs_of(call.conn_id) if leg.installed_at is not None]
+        try:
+            staged = []
+            for leg in legs:
+                ep = call.owner.for_family(leg.family)
+                if ep is not None:
+                    self.datapath.add_reverse(ep, leg.flow_port, leg.client, leg.vip, call.conn_id, leg.flow_addr)
+                    staged.append((ep, leg.source))
+            cur = self.datapath.get_owner(call.conn_id)
+            if (legs or cur is not None) and (cur is None or cur[0] != call.owner):
+                self.datapath.set_owner(call.conn_id, call.owner)
+            for leg in legs:
+                ep = previous.for_family(leg.family) if previous else None
+                if ep is not None and (ep, leg.source) not in staged:
+                    self.datapath.remove_reverse(ep, *leg.source)
+        except (DatapathError, OSError) as exc:
+            log.error("cannot apply the move of call %s: %s", call.conn_id, exc)
+            return
+        self.stats["owner_moves_applied"] += 1
+
+    def _maybe_failover(self, found: tuple[Addr, Addr], client: Addr, vip: Addr, data: bytes) -> bool:
+        """Media of a call another relay served (its SSRC was indexed from the
+        fleet): that relay is gone or the route moved. The owner authenticates
+        the packet and re-points its replies; then the flow is installed here."""
+        remote = self.fleet.remote_leg(*found) if self.fleet is not None else None
+        if remote is None:
+            return False
+        key = (client, vip)
+        if key in self._taking_over or key in self.legs:
+            self.stats["drop_failover_busy"] += 1
+            return True
+        call = self.registry.get_call(remote.conn_id)
+        sources = self.sources.get(family_of(client[0]))
+        if call is None or call.state != "active" or sources is None or self.check_media is None:
+            self.stats["drop_failover_unknown_call"] += 1
+            return True
+        try:
+            port, addr = sources.take()
+        except OSError:
+            self.stats["drop_no_flow_port"] += 1
+            return True
+        leg = Leg(client=client, vip=vip, conn_id=call.conn_id, flow_port=port, flow_addr=addr)
+        self._add_leg(leg)
+        self._taking_over.add(key)
+        self.stats["failover_checks"] += 1
+        self._spawn(self._take_over(leg, remote, data, time.monotonic()))
+        return True
+
+    async def _take_over(self, leg: Leg, remote, data: bytes, t0: float) -> None:
+        key = (leg.client, leg.vip)
+        try:
+            authentic = await self.check_media(leg.conn_id, data, path=(remote.source, self._source_addr(leg)))
+        except Exception as exc:
+            authentic = False
+            log.warning("failover check for call %s from %s failed: %s", leg.conn_id, leg.client, exc)
+        finally:
+            self._taking_over.discard(key)
+        if not authentic:
+            self.stats["failover_refused"] += 1
+            self._close_leg(leg)
+            return
+        if self.legs.get(key) is not leg:
+            return
+        self.stats["forward_in"] += 1  # the owner took the packet as media
+        self.bytes["forward_in"] += len(data)
+        leg.ssrc = remote.ssrc
+        self.fleet.replaced(leg.client, leg.vip, remote.relay)
+        self._install(leg)
+        self.stats["failovers"] += 1
+        log.info("call %s: took over %s from relay %s in %.1f ms", leg.conn_id, leg.client, remote.relay,
+                 (time.monotonic() - t0) * 1000)
 
     # --- NAT rebinding ---------------------------------------------------------------------
 
@@ -475,6 +633,8 @@ class SlowPath:
             return False
         found = self.datapath.ssrc_flow(data)
         leg = self.legs.get(found) if found is not None and found[1] == vip else None
+        if leg is None and found is not None and found[1] == vip and self._maybe_failover(found, client, vip, data):
+            return True
         if leg is None or leg.installed_at is None:
             self.stats["drop_rebind_no_leg"] += 1
             return True
@@ -486,9 +646,7 @@ class SlowPath:
             return True
         leg.rebind_checks += 1
         self.stats["rebind_checks"] += 1
-        task = asyncio.get_running_loop().create_task(self._check_rebinding(leg, client, data, time.monotonic()))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._check_rebinding(leg, client, data, time.monotonic()))
         return True
 
     async def _check_rebinding(self, leg: Leg, client: tuple[str, int], data: bytes, t0: float) -> None:
@@ -523,9 +681,12 @@ class SlowPath:
         del self.legs[old]
         log.info("call %s: client moved %s -> %s (authenticated by its owner in %.1f ms)", leg.conn_id, leg.client,
                  client, (time.monotonic() - t0) * 1000)
+        if self.fleet is not None:
+            self.fleet.withdraw_leg(leg.conn_id, leg.client, leg.vip)
         leg.client = client
         leg.missing_since = None
         self.legs[(client, leg.vip)] = leg
+        self._publish(leg)
         self.stats["legs_rebound"] += 1
         if self.on_rebound:
             self.on_rebound(time.monotonic() - t0)
@@ -545,6 +706,8 @@ class SlowPath:
     def _close_leg(self, leg: Leg, *, remove_kernel: bool = True) -> None:
         if self.legs.get((leg.client, leg.vip)) is leg:
             del self.legs[(leg.client, leg.vip)]
+            if leg.installed_at is not None and self.fleet is not None:
+                self.fleet.withdraw_leg(leg.conn_id, leg.client, leg.vip)
             if self._by_source.get((leg.family, *leg.source)) is leg:
                 del self._by_source[(leg.family, *leg.source)]
             self.sources[leg.family].give_back(leg.source)
@@ -633,6 +796,9 @@ class SlowPath:
         for conn_id in touched:
             if self.legs_of(conn_id):
                 continue
+            if self.fleet is not None and self.fleet.others_serve(conn_id):
+                self.stats["idle_served_elsewhere"] += 1  # the client's packets go to another relay now
+                continue
             if self.registry.get_call(conn_id) is not None:
                 self.registry.end_call(conn_id, "idle-timeout")  # its end removes the owner entry
             else:
@@ -658,6 +824,7 @@ class SlowPath:
                     expired = await asyncio.to_thread(self.datapath.expire_idle, self.idle_timeout, kept=kept)
                     self.after_kernel_expiry(expired)
                     self.sweep_evicted(self.evicted(kept), time.monotonic())
+                    self.publish_ssrcs()
                 fds = [s.fileno() for s in self.public.values()]
                 self.queue_bytes = await asyncio.to_thread(public_queue_bytes, fds)
             except Exception:  # keep the slow path alive; the next round retries

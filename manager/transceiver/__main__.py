@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--relay-url",
+        action="append",
         default=None,
-        help="relayd's internal listener, e.g. https://10.10.0.1:8443 (omit: do not register)",
+        help="relayd's internal listener, e.g. https://10.10.0.1:8443; repeat for every relay of a fleet "
+             "(registers and heartbeats with each; omit: do not register)",
     )
     p.add_argument(
         "--pki-dir",
@@ -128,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         id=args.id,
         listen_host=args.listen[0],
         listen_port=args.listen[1],
-        relay_url=args.relay_url,
+        relay_urls=args.relay_url or [],
         capacity=args.capacity,
         bind_addrs=args.bind or ["127.0.0.1"],
         ice_port=args.ice_port,

@@ -54,6 +54,8 @@ HOOKS: tuple[Hook, ...] = (
     Hook("share_host_candidates", Connection, "_protocols", "instance attribute"),
     Hook("on_consent_expired", Connection, "query_consent", "async method"),
     Hook("nominated_pair", Connection, "_nominated", "instance attribute"),
+    Hook("repoint_pair", Connection, "_nominated", "instance attribute"),
+    Hook("repoint_pair", CandidatePair, "remote_candidate", "instance attribute"),
     Hook("tie_breaker", Connection, "_tie_breaker", "instance attribute"),
     Hook("tap_dtls", RTCDtlsTransport, "_setup_srtp", "method"),
     Hook("tap_dtls", RTCDtlsTransport, "_send_rtp", "async method", ("data",)),
@@ -147,6 +149,23 @@ def nominated_pair(connection: Connection) -> CandidatePair | None:
     """The nominated pair of component 1 (aiortc uses rtcp-mux: one component).
     aioice keeps it in `_nominated`, with no public accessor."""
     return connection._nominated.get(1)
+
+
+def repoint_pair(connection: Connection, old: tuple[str, int], new: tuple[str, int]) -> bool:
+    """Send the call's media, consent checks and DTLS to `new` instead of
+    `old` (the client's path now runs through another relay's flow source).
+    aioice sends to its nominated pair's remote candidate and has no way to
+    change it: swap the candidate for a copy at the new address. False if the
+    nominated pair is not at `old`."""
+    pair = connection._nominated.get(1)
+    if pair is None or pair.remote_addr != old:
+        return False
+    c = pair.remote_candidate
+    pair.remote_candidate = Candidate(
+        foundation=c.foundation, component=c.component, transport=c.transport, priority=c.priority,
+        host=new[0], port=new[1], type=c.type, related_address=c.related_address,
+        related_port=c.related_port, tcptype=c.tcptype, generation=c.generation)
+    return True
 
 
 def tie_breaker(connection: Connection) -> int:

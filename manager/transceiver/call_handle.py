@@ -14,6 +14,9 @@ from manager.protocol.callstate import CallState
 
 
 class CallHandle(abc.ABC):
+    #: The call's views of the shared ICE sockets (ice_mux.CallPort), one per bind address.
+    ports: list[Any]
+
     """One live call on this transceiver."""
 
     conn_id: int
@@ -69,6 +72,11 @@ class CallHandle(abc.ABC):
         """Take an SRTP/SRTCP packet the relay holds from a client's new address
         (a NAT rebinding): True if it authenticates with the call's keys, and
         then it is the call's media like any other."""
+
+    @abc.abstractmethod
+    def repoint(self, old: tuple[str, int], new: tuple[str, int]) -> bool:
+        """Send to `new` what went to `old` (the client's path moved to
+        another relay's flow source); False if the call does not send to `old`."""
 
     @abc.abstractmethod
     async def close(self, *, quiet: bool) -> None:

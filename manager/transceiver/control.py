@@ -22,7 +22,9 @@ Live migration (docs/transceiver.md, "Migration"):
 
 NAT rebinding (docs/security.md):
 
-* ``POST /calls/{conn_id}/media-check`` ``{"packet": base64}`` -> 200
+* ``POST /calls/{conn_id}/path`` ``{"old": [addr, port], "new": [addr, port]}`` -> 200
+  ``{"repointed": bool}``: replies go to a relay that took the call's client over
+* ``POST /calls/{conn_id}/media-check`` ``{"packet": base64, "path"?: {...}}`` -> 200
   ``{"authentic": bool}``: a packet the relay holds from a client address it
   does not know; if it authenticates with the call's SRTP keys it is taken as
   the call's media, and the relay moves the client's flow to that address.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -136,8 +139,33 @@ async def _check_media(request: web.Request) -> web.Response:
         return _error(400, "packet must be base64")
     if not MIN_SRTP <= len(packet) <= MAX_SRTP:
         return _error(400, f"packet must be {MIN_SRTP} to {MAX_SRTP} bytes of SRTP or SRTCP")
-    authentic = await request.app[TRANSCEIVER_KEY].check_media(conn_id, packet)
+    path = _path(body["path"]) if body.get("path") is not None else None
+    authentic = await request.app[TRANSCEIVER_KEY].check_media(conn_id, packet, path)
     return web.json_response({"authentic": authentic})
+
+
+def _addr(value: Any, name: str) -> tuple[str, int]:
+    try:
+        host, port = value
+        ipaddress.ip_address(host)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{name} must be [address, port]") from None
+    return (str(host), port)
+
+
+def _path(body: Any) -> tuple[tuple[str, int], tuple[str, int]]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("path must be an object with old and new")
+    return _addr(body.get("old"), "path.old"), _addr(body.get("new"), "path.new")
+
+
+async def _repoint_call(request: web.Request) -> web.Response:
+    """A relay took over the call's client tuple (failover): replies go to its flow source."""
+    conn_id = _conn_id_from_path(request)
+    old, new = _path(await _json_body(request))
+    return web.json_response({"repointed": request.app[TRANSCEIVER_KEY].repoint_call(conn_id, old, new)})
 
 
 async def _import_call(request: web.Request) -> web.Response:
@@ -209,6 +237,7 @@ def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], b
     app.router.add_post("/calls/{conn_id}/release", _release_call)
     app.router.add_post("/calls/{conn_id}/activate", _activate_call)
     app.router.add_post("/calls/{conn_id}/media-check", _check_media)
+    app.router.add_post("/calls/{conn_id}/path", _repoint_call)
     app.router.add_get("/calls", _list_calls)
     app.router.add_get("/calls/{conn_id}", _get_call)
     app.router.add_delete("/calls/{conn_id}", _delete_call)

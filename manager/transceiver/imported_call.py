@@ -395,6 +395,17 @@ class ImportedCall(CallHandle):
     async def deliver_srtp(self, data: bytes) -> bool:
         return self._srtp_received(data)
 
+    def repoint(self, old: Addr, new: Addr) -> bool:
+        if self.remote_addr != old:
+            return False
+        self.remote_candidate = self.remote_candidate.model_copy(update={"host": new[0], "port": new[1]})
+        family = ipaddress.ip_address(new[0]).version
+        for port in self.ports:
+            if port.mux.family == family:
+                port.mux.claim(new, port)
+        logger.info("imported call %d: replies now go to %s (was %s)", self.conn_id, new, old)
+        return True
+
     def _srtp_received(self, data: bytes) -> bool:
         """Unprotect and play one packet; False if it does not authenticate."""
         rtcp = is_rtcp(data)

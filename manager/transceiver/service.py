@@ -30,7 +30,7 @@ class TransceiverConfig:
     id: int
     listen_host: str = "127.0.0.1"
     listen_port: int = 8700
-    relay_url: str | None = None  # None: run without registering
+    relay_urls: list[str] = field(default_factory=list)  # every relay of the fleet; none: do not register
     capacity: int = 100
     bind_addrs: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     ice_port: int = 0
@@ -87,10 +87,11 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread: rely on `stop`
 
-    registrar: Registrar | None = None
-    if config.relay_url:
-        registrar = Registrar(tx, config.relay_url, control_url, interval=config.heartbeat_interval,
-                              tls=client_tls)
+    # One registrar per relay: each relay hears this transceiver's heartbeats
+    # itself, so losing one relay (or the fleet's Redis) loses no health.
+    registrars = [Registrar(tx, url, control_url, interval=config.heartbeat_interval, tls=client_tls)
+                  for url in config.relay_urls]
+    for registrar in registrars:
         await registrar.start()
     try:
         await stop.wait()
@@ -101,7 +102,7 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
-        if registrar is not None:
+        for registrar in registrars:
             await registrar.stop()
         await tx.stop()
         await runner.cleanup()

@@ -31,7 +31,7 @@ from manager.protocol.ufrag import UfragError, decode_ufrag
 from .agent import AgentFactory, AgentSession, EchoAgent
 from .call_handle import CallHandle
 from .errors import CallStateConflict, CapacityExceeded, DuplicateCall, InvalidRequest, UnknownCall
-from .ice_mux import IceMux
+from .ice_mux import Addr, IceMux
 from .imported_call import DEFAULT_CONSENT_TIMEOUT, ImportedCall, ImportPlan
 from .rtp_streams import migration_blocker
 from .webrtc_call import WebRtcCall, strip_offer_candidates, validate_offer
@@ -426,14 +426,29 @@ class Transceiver:
         logger.info("call %d imported (from transceiver %s)", conn_id, plan.state.transceiver_id)
         return self.owner
 
-    async def check_media(self, conn_id: int, packet: bytes) -> bool:
+    async def check_media(self, conn_id: int, packet: bytes, path: tuple[Addr, Addr] | None = None) -> bool:
         """The relay holds this SRTP packet from a client address it does not
-        know yet (a NAT rebinding): True if it authenticates as the call's
-        client, and then the call has taken it as its media."""
-        authentic = await self._get(conn_id).deliver_srtp(packet)
+        know yet (a NAT rebinding, or a relay taking a call over): True if it
+        authenticates as the call's client, and then the call has taken it as
+        its media. With `path` (old, new flow source) an authentic packet also
+        moves the call's replies to the new source."""
+        call = self._get(conn_id)
+        authentic = await call.deliver_srtp(packet)
         if not authentic:
             logger.info("call %d: a packet the relay held from a new client address did not authenticate", conn_id)
+        elif path is not None:
+            call.repoint(*path)
         return authentic
+
+    def repoint_call(self, conn_id: int, old: Addr, new: Addr) -> bool:
+        """A relay took over a client tuple after the call answered a check
+        from the relay's flow source `new`: replies go there from now on.
+        Only an address the call itself claimed (by answering a check it
+        authenticated with its ICE password) is accepted."""
+        call = self._get(conn_id)
+        if not any(new in port.addrs for port in call.ports):
+            raise InvalidRequest(f"call {conn_id} has not authenticated a check from {new[0]}:{new[1]}")
+        return call.repoint(old, new)
 
     def activate_call(self, conn_id: int) -> None:
         """The relay flipped ownership: an imported call starts sending (idempotent)."""

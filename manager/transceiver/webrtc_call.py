@@ -9,6 +9,7 @@ what a migration needs (keys, RTP counters) and implements the freeze.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -269,6 +270,16 @@ class WebRtcCall(CallHandle):
 
     async def deliver_srtp(self, data: bytes) -> bool:
         return await hooks.deliver_srtp(self.dtls, data)
+
+    def repoint(self, old: Addr, new: Addr) -> bool:
+        if not hooks.repoint_pair(self.connection, old, new):
+            return False
+        family = ipaddress.ip_address(new[0]).version
+        for port in self.ports:
+            if port.mux.family == family:
+                port.mux.claim(new, port)  # its media arrives from there too
+        logger.info("call %d: replies now go to %s (was %s)", self.conn_id, new, old)
+        return True
 
     def info(self) -> dict[str, Any]:
         return {

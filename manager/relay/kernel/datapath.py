@@ -558,6 +558,17 @@ class Datapath:
         key = self._m().ssrcs.lookup(ctypes.c_uint32(int.from_bytes(packet[8:12], sys.byteorder)))
         return None if key is None else flow_key_tuple(key)
 
+    def flow_ssrc(self, client: tuple[str, int], vip: tuple[str, int]) -> int:
+        """The first RTP SSRC XDP saw on a flow (0: none yet, or no such flow)."""
+        info = self._m().flows.lookup(flow_key(client, vip))
+        return 0 if info is None else int.from_bytes(info.ssrc.to_bytes(4, sys.byteorder), "big")
+
+    def index_ssrc(self, ssrc: int, client: tuple[str, int], vip: tuple[str, int]) -> None:
+        """Index an SSRC this relay has no flow for (another relay's call): its
+        media from an unknown tuple then reaches the slow path (pass_rebind)."""
+        key = ctypes.c_uint32(int.from_bytes(ssrc.to_bytes(4, "big"), sys.byteorder))
+        self._m().ssrcs.update(key, flow_key(client, vip))
+
     def rebind_flow(self, old_client: tuple[str, int], new_client: tuple[str, int], vip: tuple[str, int]) -> bool:
         """Move a flow to the client's new tuple (a NAT rebinding the owner
         authenticated): the new tuple forwards at once, then one update of
