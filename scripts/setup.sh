@@ -17,7 +17,8 @@ grep -q '^ID=debian' /etc/os-release 2>/dev/null || say "warning: not Debian; pa
 # --- apt packages -----------------------------------------------------------
 pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       python3-yaml iproute2 ethtool linux-headers-amd64 procps util-linux
-      nftables conntrack)  # the lab client's NAT (NAT rebinding tests)
+      nftables conntrack  # the lab client's NAT (NAT rebinding tests)
+      redis-server)       # a fleet lab's shared registry (started per lab, on its own socket)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,6 +28,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq || die "apt-get update failed"
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+fi
+
+# The lab and the tests start their own redis-server; Debian's service is not used.
+if [ "${#missing[@]}" -gt 0 ] && printf '%s\n' "${missing[@]}" | grep -qx redis-server; then
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now redis-server >/dev/null 2>&1 || true
+  else
+    service redis-server stop >/dev/null 2>&1 || true
+  fi
 fi
 
 # --- bpffs ---------------------------------------------------------------------

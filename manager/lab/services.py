@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,9 +36,17 @@ class ServicesError(RuntimeError):
     """A lab service did not start; the message says which and why."""
 
 
-def lab_pin_dir(prefix: str) -> Path:
-    """Where a lab's relayd pins its program and maps."""
-    return Path(f"/sys/fs/bpf/splitrelay-{prefix}")
+def lab_pin_dir(prefix: str, relay: int = 1) -> Path:
+    """Where a lab's relayd (relay N of a fleet lab) pins its program and maps."""
+    return Path(f"/sys/fs/bpf/splitrelay-{prefix}" + ("" if relay == 1 else f"-r{relay}"))
+
+
+def relay_name(relay: int) -> str:
+    """Service (and log) name of relay N: relayd, relayd2, ..."""
+    return "relayd" if relay == 1 else f"relayd{relay}"
+
+
+REDIS_SERVER = "/usr/bin/redis-server"
 
 
 def purge_pin_dir(pin_dir: Path) -> bool:
@@ -60,33 +69,42 @@ LAB_PREFIXES = ["10.10.0.0/16", "fd00:10::/32"]  # every lab address (manager.la
 
 
 def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_timeout: float = 30.0,
-                  client_auth: str = "off") -> dict:
-    """relayd's configuration for a lab (as the TOML file would hold it)."""
+                  client_auth: str = "off", relay: int = 1) -> dict:
+    """relayd's configuration for a lab (as the TOML file would hold it);
+    `relay`: which relay of a fleet lab."""
     auth: dict = {"mode": client_auth}
     if client_auth == "tokens":
         auth["token_key_file"] = str(workdir / "token.key")
-    return {
+    internal4 = lab.relay_internal(relay, socket.AF_INET)
+    internal6 = lab.relay_internal(relay, socket.AF_INET6)
+    cfg = {
         "hint_key_file": str(workdir / "hint.key"),
-        "control_socket": f"/run/splitrelay/{lab.prefix}-relayd.sock",
+        "control_socket": f"/run/splitrelay/{lab.prefix}-{relay_name(relay)}.sock",
         "datapath": {
-            "pin_dir": str(lab_pin_dir(lab.prefix)),
+            "pin_dir": str(lab_pin_dir(lab.prefix, relay)),
             "interfaces": [lab.public_ifname, *lab.internal_ifnames],
             "public_interfaces": [lab.public_ifname],
             "vips": [{"addr": lab.vip4, "port": lab.port}, {"addr": lab.vip6, "port": lab.port}],
-            "internal_addr4": lab.internal4,
-            "internal_addr6": lab.internal6,
+            "internal_addr4": internal4,
+            "internal_addr6": internal6,
             "internal_addr_count": lab.internal_count,
             # The plan: 2 addresses x 20,000 ports x 2 families = 80,000 flows.
             "flow_port_min": 20000, "flow_port_max": 39999,
             "max_flows": 81920, "max_reverse": 81920, "max_owners": 16384,
         },
-        "signaling": {"host": lab.vip4, "port": 8080},
-        "internal": {"host": lab.internal4, "port": INTERNAL_PORT, "pki_dir": str(workdir / "pki"),
+        # A fleet's relays listen on every address: on the VIP when the edge
+        # routes it to them, and on their own public address.
+        "signaling": {"host": lab.vip4 if lab.relays == 1 else "0.0.0.0", "port": 8080},
+        "internal": {"host": internal4, "port": INTERNAL_PORT, "pki_dir": str(workdir / "pki"),
                      "prefixes": LAB_PREFIXES},
         "slowpath": {"idle_timeout": idle_timeout},
         "metrics": {"port": metrics_port},  # on the internal address
         "client_auth": auth,
     }
+    if lab.relays > 1:
+        cfg["registry"] = {"backend": "redis", "url": f"unix://{workdir / 'redis.sock'}",
+                           "relay_id": f"relay{relay}", "ttl": 10.0, "timeout": 0.5}
+    return cfg
 
 
 def lab_client_token(workdir: Path, ttl: float = 3600.0) -> str | None:
@@ -163,11 +181,47 @@ class Services:
 
     @property
     def config(self) -> dict:
-        return relayd_config(self.lab, self.workdir, idle_timeout=self.idle_timeout, client_auth=self.client_auth)
+        return self.config_of(1)
+
+    def config_of(self, relay: int) -> dict:
+        return relayd_config(self.lab, self.workdir, idle_timeout=self.idle_timeout, client_auth=self.client_auth,
+                             relay=relay)
 
     @property
     def config_path(self) -> Path:
-        return self.workdir / "relayd.toml"
+        return self.config_path_of(1)
+
+    def config_path_of(self, relay: int) -> Path:
+        return self.workdir / f"{relay_name(relay)}.toml"
+
+    # --- the fleet's Redis (labs of 2+ relays) ----------------------------------------
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.workdir / "redis.sock"
+
+    def start_redis(self, timeout: float = 10.0) -> subprocess.Popen:
+        """A redis-server of our own: a unix socket in the lab's directory (every
+        namespace reaches it through the file system), no TCP port, no persistence."""
+        data = self.workdir / "redis"
+        data.mkdir(exist_ok=True, mode=0o700)
+        self.redis_socket.unlink(missing_ok=True)
+        with open(self.log_path("redis"), "ab") as log:
+            proc = subprocess.Popen([REDIS_SERVER, "--port", "0", "--unixsocket", str(self.redis_socket),
+                                     "--unixsocketperm", "700", "--dir", str(data), "--save", "",
+                                     "--appendonly", "no"], stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=self.detached)
+        self.procs["redis"] = proc
+        deadline = time.monotonic() + timeout
+        while not _redis_answers(self.redis_socket):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ServicesError(f"redis-server did not start (log: {self.log_path('redis')})")
+            time.sleep(0.02)
+        return proc
+
+    def stop_redis(self) -> None:
+        """Kill it (an outage, not a clean stop)."""
+        self.stop_one("redis", signal.SIGKILL)
 
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
@@ -176,12 +230,17 @@ class Services:
         prepare_secrets(self.lab, self.workdir, self.hint_key)
         if self.client_auth == "tokens" and not (self.workdir / "token.key").exists():
             write_secret(self.workdir / "token.key", secrets.token_hex(32) + "\n")
-        write_secret(self.config_path, to_toml(self.config))
-        self.start_relayd()
-        self.wait_signaling(timeout)
+        if self.lab.relays > 1:
+            self.start_redis()
+        for r in range(1, self.lab.relays + 1):
+            write_secret(self.config_path_of(r), to_toml(self.config_of(r)))
+            self.start_relayd(relay=r)
+        for r in range(1, self.lab.relays + 1):
+            self.wait_signaling(timeout, relay=r)
         for k in range(1, len(self.lab.transceivers) + 1):
             self.start_transceiver(k)
-        self.wait_transceivers(len(self.lab.transceivers), timeout)
+        for r in range(1, self.lab.relays + 1):
+            self.wait_transceivers(len(self.lab.transceivers), timeout, relay=r)
 
     def _spawn(self, name: str, ns: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -192,14 +251,17 @@ class Services:
         self.procs[name] = proc
         return proc
 
-    def start_relayd(self, *extra_args: str) -> subprocess.Popen:
-        return self._spawn("relayd", self.lab.relay_ns, ["-m", "cli.relayd", "-c", str(self.config_path), *extra_args])
+    def start_relayd(self, *extra_args: str, relay: int = 1) -> subprocess.Popen:
+        return self._spawn(relay_name(relay), self.lab.relay_namespace(relay),
+                           ["-m", "cli.relayd", "-c", str(self.config_path_of(relay)), *extra_args])
 
     def start_transceiver(self, k: int) -> subprocess.Popen:
         ep = self.lab.transceivers[k - 1]
         return self._spawn(f"tx{k}", ep.ns, [
             "-m", "manager.transceiver", "--id", str(k), "--listen", f"{ep.addr4}:{CONTROL_PORT}",
-            "--relay-url", f"https://{self.lab.internal4}:{INTERNAL_PORT}", "--bind", ep.addr4, "--bind", ep.addr6,
+            *(a for r in range(1, self.lab.relays + 1)
+              for a in ("--relay-url", f"https://{self.lab.relay_internal(r)}:{INTERNAL_PORT}")),
+            "--bind", ep.addr4, "--bind", ep.addr6,
             "--capacity", str(self.capacity), "--pki-dir", str(self.workdir / "pki"),
             "--hint-key-file", str(self.workdir / "hint.key"),
         ])
@@ -213,7 +275,10 @@ class Services:
     @property
     def control(self) -> ControlClient:
         """relayd's control socket (the operator's view: calls, transceivers)."""
-        return ControlClient(self.config["control_socket"], timeout=2.0)
+        return self.control_of(1)
+
+    def control_of(self, relay: int) -> ControlClient:
+        return ControlClient(self.config_of(relay)["control_socket"], timeout=2.0)
 
     def transceiver_api(self, k: int, path: str, *, method: str = "GET", timeout: float = 2.0) -> dict | None:
         """Transceiver k's control API as relayd reaches it (mutual TLS with
@@ -257,12 +322,12 @@ class Services:
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
 
-    def wait_signaling(self, timeout: float) -> None:
+    def wait_signaling(self, timeout: float, relay: int = 1) -> None:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
             try:
-                self.transceivers()
+                self.control_of(relay).transceivers()
                 return
             except ControlError:
                 if time.monotonic() > deadline:
@@ -270,11 +335,11 @@ class Services:
                                         f"(log: {self.log_path('relayd')})") from None
                 time.sleep(0.1)
 
-    def wait_transceivers(self, n: int, timeout: float) -> None:
+    def wait_transceivers(self, n: int, timeout: float, relay: int = 1) -> None:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
-            ts = self.transceivers()
+            ts = self.control_of(relay).transceivers()["transceivers"]
             if sum(1 for t in ts if t["healthy"]) >= n:
                 return
             if time.monotonic() > deadline:
@@ -297,10 +362,12 @@ class Services:
     def stop(self, *, purge: bool = True) -> None:
         """Stop every service; with purge, also remove the lab's pinned
         datapath state (the namespaces' XDP attachments go with the lab)."""
-        for name in [n for n in self.procs if n != "relayd"] + ["relayd"]:
+        relays = [relay_name(r) for r in range(1, self.lab.relays + 1)]
+        for name in [n for n in self.procs if n not in (*relays, "redis")] + relays + ["redis"]:
             self.stop_one(name)
         if purge:
-            purge_pin_dir(lab_pin_dir(self.lab.prefix))
+            for r in range(1, self.lab.relays + 1):
+                purge_pin_dir(lab_pin_dir(self.lab.prefix, r))
 
     def __enter__(self) -> Services:
         self.start()
@@ -310,11 +377,24 @@ class Services:
         self.stop()
 
 
+def _redis_answers(path: Path) -> bool:
+    """PING over the unix socket (RESP), without a client library."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            s.connect(str(path))
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def running_lab(prefix: str, workdir: Path, transceivers: int = 2) -> Iterator[tuple[Lab, Services]]:
-    """A lab with relayd and its transceivers running; all of it is torn
-    down on exit, pinned state included."""
-    with lab_ctx(prefix=prefix, transceivers=transceivers) as lab:
+def running_lab(prefix: str, workdir: Path, transceivers: int = 2, relays: int = 1
+                ) -> Iterator[tuple[Lab, Services]]:
+    """A lab with relayd(s) and the transceivers running (and Redis for a
+    fleet); all of it is torn down on exit, pinned state included."""
+    with lab_ctx(prefix=prefix, transceivers=transceivers, relays=relays) as lab:
         svc = Services(lab, workdir=workdir)
         try:
             svc.start()

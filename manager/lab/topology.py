@@ -8,6 +8,19 @@ Shared by `make demo`, `relayctl lab up/down` and the test suite.
                           txk  10.10.(1+k).1 ─veth─────── eth0 10.10.(1+k).2
 
 (and the same in IPv6: fd00:10:1::/64, fd00:10::1/128, fd00:10:(1+k)::/64).
+
+A fleet lab (relays=N >= 2) puts an edge router between the client and the
+relays, which all hold the VIP; the edge routes it to one relay at a time
+(route_vip), as anycast or ECMP would:
+
+    client ns              edge ns                      relay r ns (r = 1..N)
+    eth0 10.10.1.2/32 ─veth─ cl0 10.10.1.254
+                             r<r> 10.10.(200+r).1 ─veth─ pub0 10.10.(200+r).2, lo: VIP 10.10.1.1,
+                                                         pool 10.10.0.(1+16(r-1))..
+    relay 1 reaches transceiver k as above; relay r >= 2 through its own veth
+    tx<k> 10.10.n.1 ─── eth<r-1> 10.10.n.2 of transceiver k (n = 100+20(r-2)+k),
+    routing tx k's owner address 10.10.(1+k).2 via 10.10.n.2; tx k routes
+    relay r's pool (a /28) back the same way.
 The kernel never routes between the relay's sides: only the XDP fast path and
 the userspace slow path move packets across. Forwarding itself is on, because
 bpf_fib_lookup refuses interfaces without it; policy rules prohibit routing
@@ -59,6 +72,8 @@ T = TypeVar("T")
 STATE_DIR = Path("/run/splitrelay")
 MAX_PREFIX_LEN = 10
 MAX_TRANSCEIVERS = 253  # 10.10.(1+k).0/24 must stay below 10.10.255.0
+MAX_RELAYS = 4  # fleet labs: 10.10.(200+r).0/24 edge links, 16 pool addresses per relay
+MAX_FLEET_TRANSCEIVERS = 20  # 10.10.(100+20(r-2)+k).0/24 relay r >= 2 to transceiver k
 RELAY_PORT = 3478
 SIGNALING_PORT = 8080
 READY_TIMEOUT = 5.0
@@ -105,14 +120,19 @@ class Lab:
     public_ifname: str = "pub0"
     signaling_url: str = f"http://10.10.1.1:{SIGNALING_PORT}"
     created_at: float = field(default_factory=time.time)
+    relays: int = 1  # >= 2: a fleet sharing the VIP behind an edge router
 
     # --- construction -----------------------------------------------------
 
     @classmethod
-    def plan(cls, prefix: str, transceivers: int = 2) -> Lab:
+    def plan(cls, prefix: str, transceivers: int = 2, relays: int = 1) -> Lab:
         """The topology for `prefix` with `transceivers` transceivers (no side effects)."""
         _check_prefix(prefix)
         _check_count(transceivers)
+        if not 1 <= relays <= MAX_RELAYS:
+            raise LabError(f"relays must be 1..{MAX_RELAYS}, got {relays}")
+        if relays > 1 and transceivers > MAX_FLEET_TRANSCEIVERS:
+            raise LabError(f"a lab of {relays} relays takes at most {MAX_FLEET_TRANSCEIVERS} transceivers")
         client = Endpoint(
             name="client", ns=f"{prefix}-client", ifname="eth0",
             addr4="10.10.1.2", addr6="fd00:10:1::2",
@@ -129,7 +149,43 @@ class Lab:
                 relay_ifname=f"tx{k}", relay_addr4=f"10.10.{net}.1",
                 relay_addr6=f"fd00:10:{net}::1",
             ))
-        return cls(prefix=prefix, relay_ns=f"{prefix}-relay", client=client, transceivers=txs)
+        return cls(prefix=prefix, relay_ns=f"{prefix}-relay", client=client, transceivers=txs, relays=relays)
+
+    # --- a fleet of relays ---------------------------------------------------
+
+    def relay_namespace(self, r: int) -> str:
+        """Relay r's namespace (1-based; relay 1 keeps the single-relay name)."""
+        if not 1 <= r <= self.relays:
+            raise LabError(f"lab {self.prefix} has no relay {r} (1..{self.relays})")
+        return self.relay_ns if r == 1 else f"{self.prefix}-relay{r}"
+
+    @property
+    def relay_namespaces(self) -> list[str]:
+        return [self.relay_namespace(r) for r in range(1, self.relays + 1)]
+
+    @property
+    def edge_ns(self) -> str | None:
+        return f"{self.prefix}-edge" if self.relays > 1 else None
+
+    def relay_internal(self, r: int, family: int = socket.AF_INET) -> str:
+        """First address of relay r's flow-source pool (relay 1: internal4/6)."""
+        base = ipaddress.ip_address(self.internal6 if family == socket.AF_INET6 else self.internal4)
+        return str(base + 16 * (r - 1))
+
+    def relay_public(self, r: int, family: int = socket.AF_INET) -> str:
+        """Relay r's own public address in a fleet lab (its pub0, behind the edge)."""
+        return f"fd00:10:{200 + r}::2" if family == socket.AF_INET6 else f"10.10.{200 + r}.2"
+
+    def relay_signaling_url(self, r: int) -> str:
+        """Relay r's signaling API, whichever relay the VIP routes to."""
+        if self.relays == 1:
+            return self.signaling_url
+        return f"http://{self.relay_public(r)}:{SIGNALING_PORT}"
+
+    def fleet_link(self, r: int, k: int) -> tuple[str, str, str, str]:
+        """(relay addr4, tx addr4, relay addr6, tx addr6) of relay r's (r >= 2) veth to transceiver k."""
+        n = 100 + 20 * (r - 2) + k
+        return f"10.10.{n}.1", f"10.10.{n}.2", f"fd00:10:{n}::1", f"fd00:10:{n}::2"
 
     def internal_pool(self, first: str) -> list[str]:
         """The pool of internal addresses that starts at `first` (internal4 or internal6)."""
@@ -153,7 +209,8 @@ class Lab:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.client.ns, self.relay_ns, *self.transceiver_ns]
+        fleet = [*self.relay_namespaces[1:], self.edge_ns] if self.relays > 1 else []
+        return [self.client.ns, self.relay_ns, *self.transceiver_ns, *fleet]
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -259,7 +316,7 @@ def random_prefix() -> str:
 def _lab_namespaces(prefix: str) -> list[str]:
     """Existing namespaces that belong to `prefix` (exact role names only, so
     prefix "sr" never matches another lab "sr-a")."""
-    pat = re.compile(rf"^{re.escape(prefix)}-(client|relay|tx[0-9]+)$")
+    pat = re.compile(rf"^{re.escape(prefix)}-(client|relay|relay[0-9]+|edge|tx[0-9]+)$")
     return sorted(n for n in netns.listnetns() if pat.match(n))
 
 
@@ -314,8 +371,9 @@ def _set_sysctls(lab: Lab) -> None:
     # kernel's own routing between the sides is stopped by _isolate_relay.
     relay = {**common, "net.ipv4.ip_forward": "1",
              "net.ipv6.conf.all.forwarding": "1", "net.ipv6.conf.default.forwarding": "1"}
+    forwarders = {*lab.relay_namespaces, lab.edge_ns}
     for ns in lab.namespaces:
-        run_in_netns(ns, _write_sysctls, relay if ns == lab.relay_ns else common)
+        run_in_netns(ns, _write_sysctls, relay if ns in forwarders else common)
 
 
 def _add_addrs(ipr: IPRoute, index: int, addrs: Sequence[tuple[str, int]]) -> None:
@@ -325,12 +383,14 @@ def _add_addrs(ipr: IPRoute, index: int, addrs: Sequence[tuple[str, int]]) -> No
 
 
 def _configure_links(lab: Lab) -> None:
+    # In a fleet lab the client hangs off the edge router (_configure_fleet_links).
+    wired = lab.endpoints if lab.relays == 1 else lab.transceivers
     with _ipr(lab.relay_ns) as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
         _add_addrs(ipr, lo, [*((a, 32) for a in lab.internal_pool(lab.internal4)),
                              *((a, 128) for a in lab.internal_pool(lab.internal6))])
-        for ep in lab.endpoints:
+        for ep in wired:
             # Create the pair in the relay ns with the peer born in its own ns:
             # nothing ever appears in the root namespace, so no name clashes.
             ipr.link("add", ifname=ep.relay_ifname, kind="veth",
@@ -338,7 +398,7 @@ def _configure_links(lab: Lab) -> None:
             idx = ipr.link_lookup(ifname=ep.relay_ifname)[0]
             ipr.link("set", index=idx, state="up")
             _add_addrs(ipr, idx, [(ep.relay_addr4, ep.prefixlen4), (ep.relay_addr6, ep.prefixlen6)])
-    for ep in lab.endpoints:
+    for ep in wired:
         with _ipr(ep.ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             idx = ipr.link_lookup(ifname=ep.ifname)[0]
@@ -346,6 +406,99 @@ def _configure_links(lab: Lab) -> None:
             _add_addrs(ipr, idx, [(ep.addr4, ep.prefixlen4), (ep.addr6, ep.prefixlen6)])
             ipr.route("add", dst="0.0.0.0/0", gateway=ep.relay_addr4, oif=idx)
             ipr.route("add", dst="::/0", gateway=ep.relay_addr6, oif=idx, family=socket.AF_INET6)
+
+
+EDGE_CLIENT4, EDGE_CLIENT6 = "10.10.1.254", "fd00:10:1::fe"
+
+
+def _veth(ipr: IPRoute, ifname: str, peer: str, peer_ns: str, addrs: Sequence[tuple[str, int]]) -> int:
+    ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": peer, "net_ns_fd": peer_ns})
+    idx = ipr.link_lookup(ifname=ifname)[0]
+    ipr.link("set", index=idx, state="up")
+    _add_addrs(ipr, idx, addrs)
+    return idx
+
+
+def _up(ipr: IPRoute, ifname: str, addrs: Sequence[tuple[str, int]]) -> int:
+    idx = ipr.link_lookup(ifname=ifname)[0]
+    ipr.link("set", index=idx, state="up")
+    _add_addrs(ipr, idx, addrs)
+    return idx
+
+
+def _configure_fleet_links(lab: Lab) -> None:
+    """The edge router, relays 2..N and their links (see the module docstring)."""
+    edge, c = lab.edge_ns, lab.client
+    with _ipr(edge) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        _veth(ipr, "cl0", c.ifname, c.ns, [(EDGE_CLIENT4, 24), (EDGE_CLIENT6, 64)])
+        for r in range(1, lab.relays + 1):
+            _veth(ipr, f"r{r}", lab.public_ifname, lab.relay_namespace(r),
+                  [(f"10.10.{200 + r}.1", 24), (f"fd00:10:{200 + r}::1", 64)])
+    with _ipr(c.ns) as ipr:
+        # The client's address alone (/32): the VIP, in its old subnet, must
+        # not look on-link; everything goes through the edge.
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        idx = _up(ipr, c.ifname, [(c.addr4, 32), (c.addr6, 128)])
+        ipr.route("add", dst=f"{EDGE_CLIENT4}/32", oif=idx, scope=253)  # on-link
+        ipr.route("add", dst="0.0.0.0/0", gateway=EDGE_CLIENT4, oif=idx)
+        ipr.route("add", dst=f"{EDGE_CLIENT6}/128", oif=idx, family=socket.AF_INET6)
+        ipr.route("add", dst="::/0", gateway=EDGE_CLIENT6, oif=idx, family=socket.AF_INET6)
+    for r in range(1, lab.relays + 1):
+        ns = lab.relay_namespace(r)
+        with _ipr(ns) as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            vips = [(lab.vip4, 32), (lab.vip6, 128)]
+            pools = [] if r == 1 else [
+                *((a, 32) for a in lab.internal_pool(lab.relay_internal(r, socket.AF_INET))),
+                *((a, 128) for a in lab.internal_pool(lab.relay_internal(r, socket.AF_INET6)))]
+            _add_addrs(ipr, lo, [*vips, *pools])
+            pub = _up(ipr, lab.public_ifname, [(lab.relay_public(r), 24),
+                                               (lab.relay_public(r, socket.AF_INET6), 64)])
+            ipr.route("add", dst="10.10.1.0/24", gateway=f"10.10.{200 + r}.1", oif=pub)
+            ipr.route("add", dst="fd00:10:1::/64", gateway=f"fd00:10:{200 + r}::1", oif=pub,
+                      family=socket.AF_INET6)
+            if r == 1:
+                continue
+            for k, tx in enumerate(lab.transceivers, start=1):
+                r4, t4, r6, t6 = lab.fleet_link(r, k)
+                idx = _veth(ipr, f"tx{k}", f"eth{r - 1}", tx.ns, [(r4, 24), (r6, 64)])
+                ipr.route("add", dst=f"{tx.addr4}/32", gateway=t4, oif=idx)
+                ipr.route("add", dst=f"{tx.addr6}/128", gateway=t6, oif=idx, family=socket.AF_INET6)
+        if r == 1:
+            continue
+        for k, tx in enumerate(lab.transceivers, start=1):
+            r4, t4, r6, t6 = lab.fleet_link(r, k)
+            with _ipr(tx.ns) as ipr:
+                idx = _up(ipr, f"eth{r - 1}", [(t4, 24), (t6, 64)])
+                for fam, plen in ((socket.AF_INET, 28), (socket.AF_INET6, 124)):
+                    net = ipaddress.ip_network(f"{lab.relay_internal(r, fam)}/{plen}", strict=False)
+                    ipr.route("add", dst=str(net), gateway=r6 if fam == socket.AF_INET6 else r4, oif=idx,
+                              family=fam)
+    route_vip(lab, 1)
+
+
+def route_vip(lab: Lab, relay: int) -> None:
+    """Send the VIP (both families) to relay N: the edge's routes move, as an
+    anycast or ECMP fabric would after a relay's failure."""
+    if lab.relays < 2:
+        raise LabError(f"lab {lab.prefix} has one relay: there is no VIP route to move")
+    lab.relay_namespace(relay)  # checks the index
+    with _ipr(lab.edge_ns) as ipr:
+        for fam, dst, gw in ((socket.AF_INET, f"{lab.vip4}/32", f"10.10.{200 + relay}.2"),
+                             (socket.AF_INET6, f"{lab.vip6}/128", f"fd00:10:{200 + relay}::2")):
+            ipr.route("replace", dst=dst, gateway=gw, family=fam)
+
+
+def vip_route(lab: Lab) -> int | None:
+    """Which relay the edge sends the VIP to now (from the kernel's table)."""
+    with _ipr(lab.edge_ns) as ipr:
+        for route in ipr.route("get", dst=lab.vip4):
+            gw = route.get("RTA_GATEWAY")
+            if gw and gw.startswith("10.10.2") and gw.endswith(".2"):
+                return int(gw.split(".")[2]) - 200
+    return None
 
 
 RULE_PREF_RELAY_SOURCE = 90
@@ -357,9 +510,16 @@ def _isolate_relay(lab: Lab) -> None:
     fast path's fib lookups, the slow path's own sends) use the main table;
     anything else arriving on a relay interface may not be routed. Local
     delivery is decided earlier, by the local table (pref 0)."""
-    with _ipr(lab.relay_ns) as ipr:
-        for fam, addrs, plen in ((socket.AF_INET, (*lab.internal_pool(lab.internal4), lab.vip4), 32),
-                                 (socket.AF_INET6, (*lab.internal_pool(lab.internal6), lab.vip6), 128)):
+    for r in range(1, lab.relays + 1):
+        _isolate_one_relay(lab, r)
+
+
+def _isolate_one_relay(lab: Lab, r: int) -> None:
+    pool4 = lab.internal_pool(lab.relay_internal(r, socket.AF_INET))
+    pool6 = lab.internal_pool(lab.relay_internal(r, socket.AF_INET6))
+    with _ipr(lab.relay_namespace(r)) as ipr:
+        for fam, addrs, plen in ((socket.AF_INET, (*pool4, lab.vip4), 32),
+                                 (socket.AF_INET6, (*pool6, lab.vip6), 128)):
             for addr in addrs:
                 ipr.rule("add", family=fam, priority=RULE_PREF_RELAY_SOURCE, table=254, src=addr, src_len=plen)
             for ifname in [lab.public_ifname, *lab.internal_ifnames]:
@@ -372,11 +532,18 @@ def _set_offloads(lab: Lab) -> None:
     # frames carry full software checksums, which XDP patches incrementally
     # (a CHECKSUM_PARTIAL pseudo-header sum would be wrong to patch).
     jobs = []
-    for ep in lab.endpoints:
-        for ns, dev in ((ep.ns, ep.ifname), (lab.relay_ns, ep.relay_ifname)):
-            jobs.append((ns, dev, ns_popen(ns, ["ethtool", "-K", dev, "gro", "on", "tx", "off"],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                           text=True)))
+    pairs = [pair for ep in lab.endpoints for pair in ((ep.ns, ep.ifname), (lab.relay_ns, ep.relay_ifname))]
+    if lab.relays > 1:
+        pairs = [p for p in pairs if p != (lab.relay_ns, lab.public_ifname)]
+        pairs += [(lab.edge_ns, "cl0")]
+        for r in range(1, lab.relays + 1):
+            pairs += [(lab.edge_ns, f"r{r}"), (lab.relay_namespace(r), lab.public_ifname)]
+            if r >= 2:
+                pairs += [p for k, tx in enumerate(lab.transceivers, start=1)
+                          for p in ((lab.relay_namespace(r), f"tx{k}"), (tx.ns, f"eth{r - 1}"))]
+    for ns, dev in pairs:
+        jobs.append((ns, dev, ns_popen(ns, ["ethtool", "-K", dev, "gro", "on", "tx", "off"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
     errors = []
     for ns, dev, proc in jobs:
         _, err = proc.communicate(timeout=30)
@@ -413,14 +580,14 @@ def _wait_ready(lab: Lab, timeout: float = READY_TIMEOUT) -> None:
         time.sleep(0.02)
 
 
-def lab_up(prefix: str | None = None, transceivers: int = 2) -> Lab:
+def lab_up(prefix: str | None = None, transceivers: int = 2, relays: int = 1) -> Lab:
     """Create the lab's namespaces and links, record it in STATE_DIR, return it.
 
     On any failure, whatever was created is removed and LabError is raised.
     """
     _check_environment()
     prefix = random_prefix() if prefix is None else _check_prefix(prefix)
-    lab = Lab.plan(prefix, transceivers)
+    lab = Lab.plan(prefix, transceivers, relays)
     taken = _lab_namespaces(prefix)
     if taken or lab.state_file.exists():
         raise LabError(f"lab prefix {prefix!r} is already in use "
@@ -435,6 +602,8 @@ def lab_up(prefix: str | None = None, transceivers: int = 2) -> Lab:
         _set_sysctls(lab)
         step = "creating links"
         _configure_links(lab)
+        if lab.relays > 1:
+            _configure_fleet_links(lab)
         step = "adding policy rules"
         _isolate_relay(lab)
         step = "setting offloads"
@@ -522,9 +691,9 @@ def lab_down(lab_or_prefix: Lab | str, kill: bool = True) -> list[str]:
 
 
 @contextlib.contextmanager
-def lab(prefix: str | None = None, transceivers: int = 2) -> Iterator[Lab]:
+def lab(prefix: str | None = None, transceivers: int = 2, relays: int = 1) -> Iterator[Lab]:
     """`with lab() as l:` a lab that is removed on exit, whatever happens."""
-    lb = lab_up(prefix, transceivers)
+    lb = lab_up(prefix, transceivers, relays)
     try:
         yield lb
     finally:
@@ -534,5 +703,5 @@ def lab(prefix: str | None = None, transceivers: int = 2) -> Iterator[Lab]:
 __all__ = [
     "Endpoint", "Lab", "LabError", "NetnsExecutor", "STATE_DIR", "ifindex", "in_netns",
     "lab", "lab_down", "lab_up", "list_labs", "load_lab", "mac", "ns_popen", "ns_run",
-    "ns_socket", "proc_stat", "random_prefix", "run_in_netns", "state_file",
+    "ns_socket", "proc_stat", "random_prefix", "route_vip", "run_in_netns", "state_file",
 ]
