@@ -551,16 +551,20 @@ def lab() -> None:
 @lab.command("up")
 @click.option("--prefix", default=None, help="Namespace prefix (default: random).")
 @click.option("--transceivers", "n_tx", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--relays", "n_relays", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="2+: a fleet sharing the VIP behind an edge router, with a redis-server.")
 @click.option("--no-services", is_flag=True, help="Only the topology: no relayd, no transceivers.")
 @click.option("--client-auth", type=click.Choice(["off", "tokens"]), default="off", show_default=True,
               help="Client credentials on the public listener (tokens: --json reports one).")
 @json_option
-def lab_up_cmd(prefix: str | None, n_tx: int, no_services: bool, client_auth: str, as_json: bool) -> None:
+def lab_up_cmd(prefix: str | None, n_tx: int, n_relays: int, no_services: bool, client_auth: str,
+               as_json: bool) -> None:
     """Create the lab and start relayd + transceivers in it (left running)."""
     from manager.lab.manage import start_lab
 
     need_root("lab up")
-    info = start_lab(prefix, n_tx, services=not no_services, client_auth=client_auth, say=_progress(not as_json))
+    info = start_lab(prefix, n_tx, services=not no_services, client_auth=client_auth, relays=n_relays,
+                     say=_progress(not as_json))
     services = info["services"]
     if as_json:
         emit_json(info)
@@ -572,12 +576,34 @@ def lab_up_cmd(prefix: str | None, n_tx: int, no_services: bool, client_auth: st
         ["transceiver ns", ", ".join(info["namespaces"]["transceivers"])],
         ["signaling", f"{info['signaling_url']} (from the client namespace)"],
         ["VIPs", ", ".join(info["vips"])],
+        *([[f"relay {r['index']}", f"{r['namespace']}, {r['signaling_url']}, control {r['control_socket']}"]
+           for r in info["relays"]] + [["edge ns", info["edge_namespace"]], ["redis", info["redis_url"]]]
+          if len(info["relays"]) > 1 else []),
         ["services", ", ".join(f"{k} (pid {v})" for k, v in info["services"].items()) or "none (--no-services)"],
         ["control socket", info["control_socket"] if services else "-"],
         ["config", info["config_path"] or "-"],
     ]))
     if services:
         click.echo(f"\ntry: relayctl --lab {info['prefix']} status    (then: relayctl lab down {info['prefix']})")
+
+
+@lab.command("route")
+@click.argument("prefix")
+@click.option("--relay", "relay", type=int, required=True, help="The relay the VIP goes to (1-based).")
+@json_option
+def lab_route_cmd(prefix: str, relay: int, as_json: bool) -> None:
+    """Move a fleet lab's VIP route to relay N (as anycast or ECMP would)."""
+    need_root("lab route")
+    from manager.lab.topology import load_lab, route_vip, vip_route
+
+    lab_ = load_lab(prefix)
+    before = vip_route(lab_)
+    route_vip(lab_, relay)
+    after = vip_route(lab_)
+    if as_json:
+        emit_json({"prefix": prefix, "from": before, "to": after})
+        return
+    click.echo(f"lab {prefix}: VIP {lab_.vip4}, {lab_.vip6} now routed to relay {after} (was relay {before})")
 
 
 @lab.command("down")

@@ -11,8 +11,8 @@ import signal
 import time
 from pathlib import Path
 
-from manager.lab.services import Services, lab_client_token, purge_pin_dir, relayd_config
-from manager.lab.topology import Lab, lab_down, lab_up, list_labs, proc_stat
+from manager.lab.services import Services, lab_client_token, purge_pin_dir, relay_name, relayd_config
+from manager.lab.topology import MAX_RELAYS, Lab, LabError, lab_down, lab_up, list_labs, load_lab, proc_stat
 from manager.protocol.addresses import fmt_ep
 
 LAB_STATE_DIR = Path("/run/splitrelay")
@@ -33,7 +33,18 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
-    cfg = relayd_config(lab_, workdir or lab_workdir(lab_.prefix))
+    wd = workdir or lab_workdir(lab_.prefix)
+    cfg = relayd_config(lab_, wd)
+    relays = []
+    for r in range(1, lab_.relays + 1):
+        rc = relayd_config(lab_, wd, relay=r)
+        relays.append({"index": r, "namespace": lab_.relay_namespace(r), "signaling_url": lab_.relay_signaling_url(r),
+                       "control_socket": rc["control_socket"], "pin_dir": rc["datapath"]["pin_dir"],
+                       "internal_url": f"https://{rc['internal']['host']}:{rc['internal']['port']}",
+                       "config_path": str(wd / f"{relay_name(r)}.toml") if services else None})
+    fleet = {"relays": relays}
+    if lab_.relays > 1:
+        fleet.update(edge_namespace=lab_.edge_ns, redis_url=cfg["registry"]["url"])
     return {
         "prefix": lab_.prefix,
         "namespaces": {"client": lab_.client_ns, "relay": lab_.relay_ns, "transceivers": lab_.transceiver_ns},
@@ -48,21 +59,24 @@ def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
         "created_at": lab_.created_at,
         # A token the lab's relayd accepts (null: client auth is off in this lab).
         "client_token": lab_client_token(workdir) if workdir and services else None,
+        **fleet,  # relay 1 first; the single-relay fields above are relay 1's
     }
 
 
 def start_lab(prefix: str | None, transceivers: int, *, services: bool = True, client_auth: str = "off",
-              say=lambda msg: None) -> dict:
+              relays: int = 1, say=lambda msg: None) -> dict:
     """Create a lab and (unless `services` is false) start relayd and the
     transceivers in it, detached: they outlive this process. Returns lab_info()."""
-    say(f"creating namespaces and veths ({transceivers} transceivers)")
-    lab_ = lab_up(prefix, transceivers)
+    say(f"creating namespaces and veths ({transceivers} transceivers"
+        + (f", {relays} relays behind an edge router)" if relays > 1 else ")"))
+    lab_ = lab_up(prefix, transceivers, relays)
     workdir = lab_workdir(lab_.prefix)
     recorded: dict = {}
     if services:
         svc = Services(lab_, workdir, detached=True, client_auth=client_auth)
         try:
-            say(f"starting relayd and {transceivers} transceivers (logs in {workdir})")
+            say(f"starting {'redis-server, ' if relays > 1 else ''}{relays} relayd and {transceivers} "
+                f"transceivers (logs in {workdir})")
             svc.start()
             recorded = {name: {"pid": p.pid, "start_time": proc_start_time(p.pid)} for name, p in svc.procs.items()}
             (workdir / SERVICES_FILE).write_text(json.dumps({
@@ -84,7 +98,9 @@ def stop_lab_services(prefix: str) -> list[str]:
         rec = json.loads(path.read_text())["services"]
     except (OSError, ValueError, KeyError):
         return []
-    order = [n for n in rec if n != "relayd"] + (["relayd"] if "relayd" in rec else [])
+    # Transceivers first, then the relays, Redis last (relays flush to it on the way out).
+    rank = {n: (2 if n == "redis" else 1 if n.startswith("relayd") else 0) for n in rec}
+    order = sorted(rec, key=lambda n: rank[n])
     stopped = []
     for name in order:
         pid, started = rec[name]["pid"], rec[name].get("start_time")
@@ -114,12 +130,19 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 def take_lab_down(prefix: str) -> dict:
     """Everything of one lab: services, pinned state, namespaces, files."""
-    cfg = relayd_config(Lab.plan(prefix, 1), lab_workdir(prefix))  # also validates the prefix (it names paths)
+    plan = Lab.plan(prefix, 1)  # validates the prefix (it names paths)
+    try:
+        plan = Lab.plan(prefix, 1, load_lab(prefix).relays)
+    except LabError:
+        plan = Lab.plan(prefix, 1, MAX_RELAYS)  # no record: clean up after any fleet size
     stopped = stop_lab_services(prefix)
-    pinned = purge_pin_dir(Path(cfg["datapath"]["pin_dir"]))
+    pinned = False
+    for r in range(1, plan.relays + 1):
+        cfg = relayd_config(plan, lab_workdir(prefix), relay=r)
+        pinned = purge_pin_dir(Path(cfg["datapath"]["pin_dir"])) or pinned
+        Path(cfg["control_socket"]).unlink(missing_ok=True)
     removed = lab_down(prefix)
     shutil.rmtree(lab_workdir(prefix), ignore_errors=True)
-    Path(cfg["control_socket"]).unlink(missing_ok=True)
     return {"prefix": prefix, "services_stopped": stopped, "pin_dir_removed": pinned, "namespaces_removed": removed}
 
 
