@@ -74,6 +74,7 @@ class CallReport:
 
     call_url: str = ""
     status: int = 0
+    hangup_status: int | None = None  # what DELETE of the call answered
     connection_states: list[str] = field(default_factory=list)
     ice_states: list[str] = field(default_factory=list)
     connected_after_s: float | None = None
@@ -216,6 +217,7 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
             if hang_up and rep.call_url:
                 async with http.delete(rep.call_url, headers=auth) as resp:
                     await resp.read()
+                    rep.hangup_status = resp.status
             await pc.close()
             for task in readers:
                 task.cancel()

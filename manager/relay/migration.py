@@ -234,6 +234,8 @@ class Migrator:
             log.warning("release on transceiver %d: %s", source.id, exc)
 
     async def _first_packet(self, staged: Staged, t0: float) -> float | None:
+        if not staged:
+            return None  # the call's media flows through another relay of the fleet
         deadline = t0 + FIRST_PACKET_WAIT
         while time.monotonic() < deadline:
             for ep, src in staged:

@@ -1,0 +1,299 @@
+"""A fleet of two relays on a real redis-server, end to end: relayd processes
+with XDP in their own namespaces behind an edge router that routes the VIP
+to one of them, transceivers registered with both, unmodified aiortc clients.
+
+Each test starts from the VIP routed to relay 1 and both relays up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from manager.lab.capture import WireClock, is_rtp, longest_gap
+from manager.lab.client import client_call
+from manager.lab.netns import NetnsExecutor, _ipr
+from manager.lab.services import running_lab
+from manager.lab.topology import route_vip, vip_route
+from manager.relay.config import DatapathConfig
+from manager.relay.kernel.datapath import Datapath
+from tests.test_migration import assert_untouched
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    with running_lab(f"fl{secrets.token_hex(3)}", tmp_path_factory.mktemp("fleet"), relays=2) as (lab, svc):
+        yield lab, svc
+
+
+@pytest.fixture
+def fleet(env):
+    lab, svc = env
+    route_vip(lab, 1)
+    assert vip_route(lab) == 1
+    yield lab, svc
+    route_vip(lab, 1)
+
+
+def call(lab, url=None, **kw):
+    with NetnsExecutor(lab.client_ns) as ex:
+        return ex.call(asyncio.run, client_call(url or lab.signaling_url, **kw))
+
+
+def fast_forwarded(svc, relay: int) -> int:
+    rows = svc.control_of(relay).stats()["fastpath"]["counters"]
+    return sum(r["packets"] for r in rows if r["name"].startswith("fwd_"))
+
+
+def events(svc, relay: int) -> dict:
+    return svc.control_of(relay).stats()["slowpath"]["events"]
+
+
+def session(svc, relay: int, call_id: str) -> dict | None:
+    return next((s for s in svc.control_of(relay).sessions()["sessions"] if s["call_id"] == call_id), None)
+
+
+def kernel_owner(svc, relay: int, conn_id: int):
+    """The owner entry in relay N's pinned maps (read independently of relayd)."""
+    dp = Datapath(DatapathConfig(pin_dir=svc.config_of(relay)["datapath"]["pin_dir"]))
+    dp.open_maps()
+    try:
+        found = dp.get_owner(conn_id)
+        return None if found is None else found[0]
+    finally:
+        dp.close()
+
+
+def test_first_stun_at_another_relay_than_the_offer(fleet):
+    """The offer goes to relay 1's own address; the VIP routes to relay 2, so
+    the client's checks and media reach relay 2, which verifies the hint,
+    finds the call (placed by relay 1) in the shared registry and installs it."""
+    lab, svc = fleet
+    route_vip(lab, 2)
+    before = {r: (events(svc, r).get("flows_installed", 0), fast_forwarded(svc, r)) for r in (1, 2)}
+    rep = call(lab, lab.relay_signaling_url(1), duration=2.0, messages=4)
+    assert_untouched(rep)
+    assert rep.tone_ratio > 0.5 and rep.dc_echoed == rep.dc_sent == 4
+    assert rep.hangup_status == 204  # relay 1 ends the call relay 2 served
+    after = {r: (events(svc, r).get("flows_installed", 0), fast_forwarded(svc, r)) for r in (1, 2)}
+    assert after[2][0] > before[2][0] and after[1][0] == before[1][0], (before, after)
+    assert after[2][1] - before[2][1] > 100  # relay 2's XDP carried the media
+    assert after[1][1] == before[1][1]
+
+
+def test_a_migration_asked_of_one_relay_reaches_both_kernels(fleet):
+    lab, svc = fleet
+    seen: dict = {}
+
+    async def migrate_on_relay2(pc, rep):
+        await asyncio.sleep(1.0)
+        sessions = await asyncio.to_thread(lambda: svc.control_of(2).sessions()["sessions"])
+        s = next(s for s in sessions if s["state"] == "active")
+        target = 2 if s["transceiver"] == 1 else 1
+        seen.update(call_id=s["call_id"], conn_id=s["conn_id"], target=target)
+        rep.mark("switch")
+        seen["res"] = await asyncio.to_thread(svc.control_of(2).request, "POST",
+                                              f"/sessions/{s['call_id']}/migrate", {"to": target})
+        t0 = time.monotonic()
+        owner = seen["res"].get("owner", None)
+        while time.monotonic() - t0 < 2.0:
+            o1 = await asyncio.to_thread(kernel_owner, svc, 1, s["conn_id"])
+            o2 = await asyncio.to_thread(kernel_owner, svc, 2, s["conn_id"])
+            if o1 is not None and o1 == o2 and o1.addr4 == lab.transceiver(target).addr4:
+                seen["both_at"] = time.monotonic() - t0
+                break
+            await asyncio.sleep(0.002)
+        seen["owners"] = (o1, o2, owner)
+
+    rep = call(lab, duration=4.0, messages=4, on_connected=migrate_on_relay2)
+    assert seen["res"]["outcome"] == "moved", seen["res"]
+    assert "both_at" in seen, seen["owners"]
+    assert_untouched(rep)
+    assert rep.rtp_packets_lost <= 2 and rep.frames_after["switch"] > 100, rep
+    # (The data channel does not survive a migration yet: issue 12.)
+    print(f"\nmigration asked of relay 2, media on relay 1: both kernels hold the new owner "
+          f"{seen['both_at'] * 1000:.1f} ms after the reply; client lost {rep.rtp_packets_lost} packets")
+
+
+def test_a_restarted_relay_knows_the_calls_made_before(fleet):
+    lab, svc = fleet
+    seen: dict = {}
+
+    async def restart(pc, rep):
+        await asyncio.sleep(1.0)
+        seen["before"] = await asyncio.to_thread(lambda: svc.control_of(1).sessions()["sessions"])
+        await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGKILL)
+        await asyncio.to_thread(svc.start_relayd)
+        await asyncio.to_thread(svc.wait_signaling, 30.0)
+        sessions = await asyncio.to_thread(lambda: svc.control_of(1).sessions()["sessions"])
+        seen["after"] = sessions
+        seen["load"] = await asyncio.to_thread(lambda: svc.control_of(1).transceivers()["transceivers"])
+        s = sessions[0]
+        target = 2 if s["transceiver"] == 1 else 1
+        seen["moved"] = await asyncio.to_thread(svc.control_of(1).request, "POST",
+                                                f"/sessions/{s['call_id']}/migrate", {"to": target})
+
+    rep = call(lab, duration=5.0, messages=4, on_connected=restart)
+    assert_untouched(rep)
+    ids = {s["call_id"] for s in seen["before"]}
+    assert ids and ids == {s["call_id"] for s in seen["after"]}  # recovered from Redis
+    assert sum(t["calls"] for t in seen["load"]) == len(ids)  # load is not reset to 0
+    assert seen["moved"]["outcome"] == "moved"  # migrate works for a call from before the restart
+    assert rep.hangup_status == 204  # and so does DELETE
+    assert rep.tone_ratio > 0.5
+
+
+def test_redis_outage_keeps_calls_refuses_new_ones_then_recovers(fleet):
+    lab, svc = fleet
+    seen: dict = {}
+
+    async def outage(pc, rep):
+        await asyncio.sleep(1.0)
+        rep.mark("outage")
+        await asyncio.to_thread(svc.stop_redis)
+        await asyncio.sleep(1.0)
+        seen["refused"] = await asyncio.to_thread(_post_offer, lab)
+        seen["status"] = await asyncio.to_thread(lambda: [svc.control_of(r).status()["registry"] for r in (1, 2)])
+        seen["migrate"] = await asyncio.to_thread(_migrate_status, svc)
+        await asyncio.to_thread(svc.start_redis)
+        t0 = time.monotonic()
+        while not all(s["available"] for s in await asyncio.to_thread(
+                lambda: [svc.control_of(r).status()["registry"] for r in (1, 2)])):
+            await asyncio.sleep(0.02)
+        seen["back_after"] = time.monotonic() - t0
+
+    rep = call(lab, duration=4.0, messages=4, on_connected=outage)
+    assert_untouched(rep)
+    assert rep.rtp_packets_lost <= 1 and rep.frames_after["outage"] > 100  # established: nothing lost
+    status, body = seen["refused"]
+    assert status == 503 and "registry is unavailable" in body, seen["refused"]
+    assert not any(s["available"] for s in seen["status"])
+    assert seen["migrate"] == 503
+    assert seen["back_after"] < 1.0, seen["back_after"]
+    print(f"\nRedis outage: new calls refused with 503; both relays resynced {seen['back_after'] * 1000:.0f} ms "
+          f"after Redis returned; the call lost {rep.rtp_packets_lost} packets")
+    again = call(lab, duration=1.0, messages=2)  # new calls work again
+    assert_untouched(again)
+    assert again.dc_echoed == again.dc_sent
+
+
+def _post_offer(lab) -> tuple[int, str]:
+    """A real offer (aiortc) POSTed from the client namespace; (status, body)."""
+    async def post() -> tuple[int, str]:
+        from aiortc import RTCPeerConnection
+
+        pc = RTCPeerConnection()
+        try:
+            pc.createDataChannel("x")
+            await pc.setLocalDescription(await pc.createOffer())
+            req = urllib.request.Request(f"{lab.signaling_url}/v1/calls", data=pc.localDescription.sdp.encode(),
+                                         headers={"Content-Type": "application/sdp"}, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+        finally:
+            await pc.close()
+
+    with NetnsExecutor(lab.client_ns) as ex:
+        return ex.call(asyncio.run, post())
+
+
+def _migrate_status(svc) -> int:
+    sessions = svc.control_of(1).sessions()["sessions"]
+    from manager.relay.control_client import ControlError
+
+    try:
+        svc.control_of(1).request("POST", f"/sessions/{sessions[0]['call_id']}/migrate", {"to": 1})
+    except ControlError as exc:
+        return 503 if "unavailable" in str(exc) else 0
+    return 200
+
+
+def _links(lab, ns: str, state: str) -> None:
+    with _ipr(ns) as ipr:
+        for link in ipr.link("dump"):
+            name = link.get("IFLA_IFNAME")
+            if name != "lo":
+                ipr.link("set", index=link["index"], state=state)
+
+
+def test_relay_failover_without_ice_restart(fleet, record_property):
+    """Relay 1 dies mid-call (relayd SIGKILLed and its links down, so its
+    XDP can forward nothing either) and the VIP route moves to relay 2. The
+    call goes on with no ICE restart and no renegotiation; the gap is measured
+    on the wire both ways."""
+    lab, svc = fleet
+    seen: dict = {}
+    tx_ifs = [(tx.ns, ifname) for tx in lab.transceivers for ifname in ("eth0", "eth1")]
+    to_owner = [WireClock(ns, ifname, is_rtp) for ns, ifname in tx_ifs]
+    to_client = WireClock(lab.client_ns, lab.client.ifname, lambda d: d.src[1] == lab.port and is_rtp(d))
+
+    async def fail(pc, rep):
+        await asyncio.sleep(2.5)  # audio flowing; the SSRCs published to the fleet
+        seen["before"] = await asyncio.to_thread(events, svc, 2)
+        seen["t"] = time.monotonic()
+        rep.mark("failover")
+        await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGKILL)
+        await asyncio.to_thread(_links, lab, lab.relay_ns, "down")
+        await asyncio.to_thread(route_vip, lab, 2)
+        await asyncio.sleep(2.0)
+        seen["after"] = await asyncio.to_thread(events, svc, 2)
+
+    try:
+        with contextlib.ExitStack() as clocks:
+            for clock in (to_client, *to_owner):
+                clocks.enter_context(clock)
+            rep = call(lab, duration=5.0, messages=10, on_connected=fail)
+    finally:
+        _links(lab, lab.relay_ns, "up")
+        route_vip(lab, 1)
+        svc.start_relayd()
+        svc.wait_signaling(30.0)
+    assert_untouched(rep)
+    before, after = seen["before"], seen["after"]
+    took = after.get("failovers", 0) - before.get("failovers", 0)
+    repointed = after.get("repointed", 0) - before.get("repointed", 0)
+    assert took + repointed >= 1, after
+    assert rep.frames_after["failover"] > 50 and rep.tone_ratio_after["failover"] > 0.5, rep
+    assert rep.dc_echoed == rep.dc_sent == 10  # the data channel carried on
+    t = seen["t"]
+    wire_in = longest_gap(sorted(x for c in to_owner for x in c.times), t, t + 2.0)
+    wire_out = longest_gap(to_client.times, t, t + 2.0)
+    record_property("failover_gap_to_owner_ms", wire_in)
+    record_property("failover_gap_to_client_ms", wire_out)
+    print(f"\nrelay failover: longest RTP gap on the wire client→owner {wire_in} ms, owner→client {wire_out} ms "
+          f"(media take-overs {took}, STUN re-points {repointed}); client played gap "
+          f"{rep.gap_after_ms['failover']} ms")
+    # Functional, not a speed goal (benchmarks.md has the figures): without the
+    # take-over, media would resume only with the client's next consent check.
+    assert max(wire_in, wire_out) < 1000, (wire_in, wire_out)
+
+
+def test_lab_json_lists_both_relays(fleet):
+    lab, svc = fleet
+    from manager.lab.manage import lab_info
+
+    info = lab_info(lab, svc.workdir, {"relayd": {"pid": 1}})
+    assert [r["index"] for r in info["relays"]] == [1, 2]
+    assert info["relays"][0]["control_socket"] == info["control_socket"]  # single-relay fields: relay 1
+    assert info["relays"][1]["namespace"] == lab.relay_namespace(2)
+    assert info["redis_url"].startswith("unix://")
+    json.dumps(info)
+    # And the VIP route really is where route_vip put it (ip's view of the edge).
+    with _ipr(lab.edge_ns) as ipr:
+        (route,) = ipr.route("get", dst=lab.vip4)
+        assert route.get("RTA_GATEWAY") == lab.relay_public(1)
+        (route6,) = ipr.route("get", dst=lab.vip6, family=socket.AF_INET6)
+        assert route6.get("RTA_GATEWAY") == lab.relay_public(1, socket.AF_INET6)
