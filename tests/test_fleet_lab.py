@@ -22,9 +22,7 @@ from manager.lab.capture import WireClock, is_rtp, longest_gap
 from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor, _ipr
 from manager.lab.services import running_lab
-from manager.lab.topology import route_vip, vip_route
-from manager.relay.config import DatapathConfig
-from manager.relay.kernel.datapath import Datapath
+from manager.lab.topology import route_vip, set_relay_links, vip_route
 from tests.test_migration import assert_untouched
 
 pytestmark = pytest.mark.netns
@@ -63,17 +61,6 @@ def session(svc, relay: int, call_id: str) -> dict | None:
     return next((s for s in svc.control_of(relay).sessions()["sessions"] if s["call_id"] == call_id), None)
 
 
-def kernel_owner(svc, relay: int, conn_id: int):
-    """The owner entry in relay N's pinned maps (read independently of relayd)."""
-    dp = Datapath(DatapathConfig(pin_dir=svc.config_of(relay)["datapath"]["pin_dir"]))
-    dp.open_maps()
-    try:
-        found = dp.get_owner(conn_id)
-        return None if found is None else found[0]
-    finally:
-        dp.close()
-
-
 def test_first_stun_at_another_relay_than_the_offer(fleet):
     """The offer goes to relay 1's own address; the VIP routes to relay 2, so
     the client's checks and media reach relay 2, which verifies the hint,
@@ -107,8 +94,8 @@ def test_a_migration_asked_of_one_relay_reaches_both_kernels(fleet):
         t0 = time.monotonic()
         owner = seen["res"].get("owner", None)
         while time.monotonic() - t0 < 2.0:
-            o1 = await asyncio.to_thread(kernel_owner, svc, 1, s["conn_id"])
-            o2 = await asyncio.to_thread(kernel_owner, svc, 2, s["conn_id"])
+            o1 = await asyncio.to_thread(svc.kernel_owner, 1, s["conn_id"])
+            o2 = await asyncio.to_thread(svc.kernel_owner, 2, s["conn_id"])
             if o1 is not None and o1 == o2 and o1.addr4 == lab.transceiver(target).addr4:
                 seen["both_at"] = time.monotonic() - t0
                 break
@@ -221,14 +208,6 @@ def _migrate_status(svc) -> int:
     return 200
 
 
-def _links(lab, ns: str, state: str) -> None:
-    with _ipr(ns) as ipr:
-        for link in ipr.link("dump"):
-            name = link.get("IFLA_IFNAME")
-            if name != "lo":
-                ipr.link("set", index=link["index"], state=state)
-
-
 def test_relay_failover_without_ice_restart(fleet, record_property):
     """Relay 1 dies mid-call (relayd SIGKILLed and its links down, so its
     XDP can forward nothing either) and the VIP route moves to relay 2. The
@@ -246,7 +225,7 @@ def test_relay_failover_without_ice_restart(fleet, record_property):
         seen["t"] = time.monotonic()
         rep.mark("failover")
         await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGKILL)
-        await asyncio.to_thread(_links, lab, lab.relay_ns, "down")
+        await asyncio.to_thread(set_relay_links, lab, 1, False)
         await asyncio.to_thread(route_vip, lab, 2)
         await asyncio.sleep(2.0)
         seen["after"] = await asyncio.to_thread(events, svc, 2)
@@ -257,7 +236,7 @@ def test_relay_failover_without_ice_restart(fleet, record_property):
                 clocks.enter_context(clock)
             rep = call(lab, duration=5.0, messages=10, on_connected=fail)
     finally:
-        _links(lab, lab.relay_ns, "up")
+        set_relay_links(lab, 1, True)
         route_vip(lab, 1)
         svc.start_relayd()
         svc.wait_signaling(30.0)

@@ -28,8 +28,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from manager import pki
 from manager.lab.topology import Lab, NetnsExecutor
 from manager.lab.topology import lab as lab_ctx
+from manager.protocol.addresses import OwnerAddr
 from manager.protocol.client_auth import mint_token
+from manager.relay.config import DatapathConfig
 from manager.relay.control_client import ControlClient, ControlError
+from manager.relay.kernel.datapath import Datapath
 
 
 class ServicesError(RuntimeError):
@@ -279,6 +282,21 @@ class Services:
 
     def control_of(self, relay: int) -> ControlClient:
         return ControlClient(self.config_of(relay)["control_socket"], timeout=2.0)
+
+    def open_datapath(self, relay: int) -> Datapath:
+        """Relay N's pinned maps, opened without relayd (close it after use)."""
+        dp = Datapath(DatapathConfig(pin_dir=self.config_of(relay)["datapath"]["pin_dir"]))
+        dp.open_maps()
+        return dp
+
+    def kernel_owner(self, relay: int, conn_id: int) -> OwnerAddr | None:
+        """The owner entry in relay N's pinned maps, read without relayd."""
+        dp = self.open_datapath(relay)
+        try:
+            found = dp.get_owner(conn_id)
+            return None if found is None else found[0]
+        finally:
+            dp.close()
 
     def transceiver_api(self, k: int, path: str, *, method: str = "GET", timeout: float = 2.0) -> dict | None:
         """Transceiver k's control API as relayd reaches it (mutual TLS with

@@ -370,7 +370,10 @@ def _set_sysctls(lab: Lab) -> None:
     # Forwarding on: bpf_fib_lookup returns FWD_DISABLED without it. The
     # kernel's own routing between the sides is stopped by _isolate_relay.
     relay = {**common, "net.ipv4.ip_forward": "1",
-             "net.ipv6.conf.all.forwarding": "1", "net.ipv6.conf.default.forwarding": "1"}
+             "net.ipv6.conf.all.forwarding": "1", "net.ipv6.conf.default.forwarding": "1",
+             # A relay's links may go down and up (a fleet lab's failover):
+             # its IPv6 addresses must survive that, as IPv4 ones do.
+             "net.ipv6.conf.all.keep_addr_on_down": "1", "net.ipv6.conf.default.keep_addr_on_down": "1"}
     forwarders = {*lab.relay_namespaces, lab.edge_ns}
     for ns in lab.namespaces:
         run_in_netns(ns, _write_sysctls, relay if ns in forwarders else common)
@@ -454,18 +457,12 @@ def _configure_fleet_links(lab: Lab) -> None:
                 *((a, 32) for a in lab.internal_pool(lab.relay_internal(r, socket.AF_INET))),
                 *((a, 128) for a in lab.internal_pool(lab.relay_internal(r, socket.AF_INET6)))]
             _add_addrs(ipr, lo, [*vips, *pools])
-            pub = _up(ipr, lab.public_ifname, [(lab.relay_public(r), 24),
-                                               (lab.relay_public(r, socket.AF_INET6), 64)])
-            ipr.route("add", dst="10.10.1.0/24", gateway=f"10.10.{200 + r}.1", oif=pub)
-            ipr.route("add", dst="fd00:10:1::/64", gateway=f"fd00:10:{200 + r}::1", oif=pub,
-                      family=socket.AF_INET6)
-            if r == 1:
-                continue
-            for k, tx in enumerate(lab.transceivers, start=1):
-                r4, t4, r6, t6 = lab.fleet_link(r, k)
-                idx = _veth(ipr, f"tx{k}", f"eth{r - 1}", tx.ns, [(r4, 24), (r6, 64)])
-                ipr.route("add", dst=f"{tx.addr4}/32", gateway=t4, oif=idx)
-                ipr.route("add", dst=f"{tx.addr6}/128", gateway=t6, oif=idx, family=socket.AF_INET6)
+            _up(ipr, lab.public_ifname, [(lab.relay_public(r), 24), (lab.relay_public(r, socket.AF_INET6), 64)])
+            if r >= 2:
+                for k, tx in enumerate(lab.transceivers, start=1):
+                    r4, _, r6, _ = lab.fleet_link(r, k)
+                    _veth(ipr, f"tx{k}", f"eth{r - 1}", tx.ns, [(r4, 24), (r6, 64)])
+        _relay_routes(lab, r)
         if r == 1:
             continue
         for k, tx in enumerate(lab.transceivers, start=1):
@@ -479,6 +476,25 @@ def _configure_fleet_links(lab: Lab) -> None:
     route_vip(lab, 1)
 
 
+def _relay_routes(lab: Lab, r: int) -> None:
+    """Relay r's routes in a fleet lab: the client's side via the edge, and
+    (r >= 2) each transceiver's owner address via its own veth. Idempotent:
+    also what brings a relay back after its links were down (the kernel drops
+    a link's gateway routes when it goes down)."""
+    with _ipr(lab.relay_namespace(r)) as ipr:
+        pub = ipr.link_lookup(ifname=lab.public_ifname)[0]
+        ipr.route("replace", dst="10.10.1.0/24", gateway=f"10.10.{200 + r}.1", oif=pub)
+        ipr.route("replace", dst="fd00:10:1::/64", gateway=f"fd00:10:{200 + r}::1", oif=pub,
+                  family=socket.AF_INET6)
+        if r == 1:
+            return
+        for k, tx in enumerate(lab.transceivers, start=1):
+            _, t4, _, t6 = lab.fleet_link(r, k)
+            idx = ipr.link_lookup(ifname=f"tx{k}")[0]
+            ipr.route("replace", dst=f"{tx.addr4}/32", gateway=t4, oif=idx)
+            ipr.route("replace", dst=f"{tx.addr6}/128", gateway=t6, oif=idx, family=socket.AF_INET6)
+
+
 def route_vip(lab: Lab, relay: int) -> None:
     """Send the VIP (both families) to relay N: the edge's routes move, as an
     anycast or ECMP fabric would after a relay's failure."""
@@ -489,6 +505,22 @@ def route_vip(lab: Lab, relay: int) -> None:
         for fam, dst, gw in ((socket.AF_INET, f"{lab.vip4}/32", f"10.10.{200 + relay}.2"),
                              (socket.AF_INET6, f"{lab.vip6}/128", f"fd00:10:{200 + relay}::2")):
             ipr.route("replace", dst=dst, gateway=gw, family=fam)
+
+
+def set_relay_links(lab: Lab, relay: int, up: bool) -> None:
+    """All of relay N's links down (its node is lost: not even its XDP can
+    forward) or up again."""
+    with _ipr(lab.relay_namespace(relay)) as ipr:
+        for link in ipr.link("dump"):
+            if link.get("IFLA_IFNAME") != "lo":
+                ipr.link("set", index=link["index"], state="up" if up else "down")
+    if up:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while any(p.startswith(lab.relay_namespace(relay) + "/") for p in _not_ready(lab)):
+            if time.monotonic() > deadline:
+                raise LabError(f"relay {relay}'s links did not come back up")
+            time.sleep(0.02)
+        _relay_routes(lab, relay)
 
 
 def vip_route(lab: Lab) -> int | None:
