@@ -263,3 +263,64 @@ def test_malformed_messages_are_counted_and_skipped(server: RedisServer, tmp_pat
 def test_bad_registry_config_names_the_field(fields: dict, error: str) -> None:
     with pytest.raises(ValueError, match=error.replace("(", r"\(").replace(")", r"\)")):
         RegistryConfig(**fields)
+
+
+def test_rediss_with_mutual_tls(tmp_path: Path) -> None:
+    """A Redis that speaks only TLS and wants client certificates: the fleet
+    connects with the configured CA, certificate and key; without the client
+    certificate Redis refuses it (and the relay reports it, no traceback)."""
+    from manager import pki
+
+    d = tmp_path / "pki"
+    pki.init_ca(d)
+    # (pki issues relayd/transceiver names only; a transceiver-style certificate with the IP serves here)
+    server = pki.issue(d, pki.transceiver_name(9), ip_addresses=("127.0.0.1",))
+    client = pki.issue(d, pki.relayd_name())
+    with socket_port() as port:
+        proc = subprocess.Popen([REDIS, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(server.cert),
+                                 "--tls-key-file", str(server.key), "--tls-ca-cert-file", str(server.ca),
+                                 "--tls-auth-clients", "yes", "--save", "", "--appendonly", "no",
+                                 "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+
+        async def scenario() -> None:
+            good = RegistryConfig(backend="redis", url=url, tls_ca_file=server.ca, tls_cert_file=client.cert,
+                                  tls_key_file=client.key, ttl=10, timeout=0.5)
+            a, b = Relay(good, "r1"), Relay(good, "r2")
+            deadline = time.monotonic() + 10
+            while not await a.fleet.start(wait=0.5):  # redis-server may still be starting
+                await a.fleet.stop()
+                a = Relay(good, "r1")
+                assert time.monotonic() < deadline, a.fleet.last_error
+            async with b:
+                a.registry.register_transceiver(1, "https://10.10.2.2:8700", 10)
+                call = _place(a.registry)
+                await _until(lambda: b.registry.get_call(call.conn_id) is not None, what="the call over TLS")
+            await a.fleet.stop()
+            no_cert = RegistryConfig(backend="redis", url=url, tls_ca_file=server.ca, ttl=10, timeout=0.5)
+            fleet = RedisFleet(no_cert, Registry(), relay_id="r3")
+            try:
+                assert not await fleet.start(wait=1.0)
+                assert fleet.last_error
+            finally:
+                await fleet.stop()
+
+        asyncio.run(scenario())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class socket_port:
+    """A free TCP port on 127.0.0.1 (released on entry: the server binds it next)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        return None
