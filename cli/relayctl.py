@@ -199,6 +199,7 @@ def status(t: Target, as_json: bool) -> None:
         ["calls", f"{c['calls']}" + (f" ({by_state})" if by_state else "")],
         ["flows", f"{c['flows']} in the kernel, {c['legs_pending']} pending in the slow path"],
         ["transceivers", f"{c['transceivers']} ({c['transceivers_healthy']} healthy)"],
+        ["registry", _registry_line(st.get("registry") or {"backend": "memory"})],
     ]))
     click.echo()
     click.echo(table(["INTERFACE", "XDP", "PROG_ID", "OURS", "ADOPTED"],
@@ -532,6 +533,15 @@ def token(t: Target, ttl: float, subject: str, key_file: str | None, as_json: bo
         emit_json({"token": tok, "ttl_s": ttl, "subject": subject})
     else:
         click.echo(tok)
+
+
+def _registry_line(reg: dict) -> str:
+    if reg["backend"] != "redis":
+        return "in memory (this relay alone)"
+    state = "connected" if reg["available"] else f"UNAVAILABLE ({reg.get('last_error') or 'connecting'})"
+    others = ", ".join(reg.get("relays") or []) or "none seen"
+    return (f"Redis as {reg['relay_id']}: {state}; other relays: {others}; {reg['queued']} changes queued"
+            + (f"; propagation p50 {reg['propagation_ms']['p50']} ms" if reg.get("propagation_ms") else ""))
 
 
 # --- lab ------------------------------------------------------------------------------------------
