@@ -129,13 +129,19 @@ def test_a_restarted_relay_knows_the_calls_made_before(fleet):
         target = 2 if s["transceiver"] == 1 else 1
         seen["moved"] = await asyncio.to_thread(svc.control_of(1).request, "POST",
                                                 f"/sessions/{s['call_id']}/migrate", {"to": target})
+        await asyncio.sleep(0.3)
+        # Drain, asked of relay 2: the call (placed before relay 1's restart) moves back.
+        seen["drained"] = await asyncio.to_thread(svc.control_of(2).request, "POST",
+                                                  f"/transceivers/{target}/drain")
+        await asyncio.to_thread(svc.control_of(2).request, "POST", f"/transceivers/{target}/undrain")
 
-    rep = call(lab, duration=5.0, messages=4, on_connected=restart)
+    rep = call(lab, duration=6.0, messages=4, on_connected=restart)
     assert_untouched(rep)
     ids = {s["call_id"] for s in seen["before"]}
     assert ids and ids == {s["call_id"] for s in seen["after"]}  # recovered from Redis
     assert sum(t["calls"] for t in seen["load"]) == len(ids)  # load is not reset to 0
     assert seen["moved"]["outcome"] == "moved"  # migrate works for a call from before the restart
+    assert [r["outcome"] for r in seen["drained"]["results"]] == ["moved"], seen["drained"]  # and drain
     assert rep.hangup_status == 204  # and so does DELETE
     assert rep.tone_ratio > 0.5
 
@@ -152,6 +158,7 @@ def test_redis_outage_keeps_calls_refuses_new_ones_then_recovers(fleet):
         seen["refused"] = await asyncio.to_thread(_post_offer, lab)
         seen["status"] = await asyncio.to_thread(lambda: [svc.control_of(r).status()["registry"] for r in (1, 2)])
         seen["migrate"] = await asyncio.to_thread(_migrate_status, svc)
+        seen["probes"] = await asyncio.to_thread(_probes, lab, svc)
         await asyncio.to_thread(svc.start_redis)
         t0 = time.monotonic()
         while not all(s["available"] for s in await asyncio.to_thread(
@@ -166,6 +173,8 @@ def test_redis_outage_keeps_calls_refuses_new_ones_then_recovers(fleet):
     assert status == 503 and "registry is unavailable" in body, seen["refused"]
     assert not any(s["available"] for s in seen["status"])
     assert seen["migrate"] == 503
+    # An orchestrator's probes stay green: a Redis blip must not restart relays.
+    assert seen["probes"] == {"/livez": 200, "/readyz": 200}, seen["probes"]
     assert seen["back_after"] < 1.0, seen["back_after"]
     print(f"\nRedis outage: new calls refused with 503; both relays resynced {seen['back_after'] * 1000:.0f} ms "
           f"after Redis returned; the call lost {rep.rtp_packets_lost} packets")
@@ -195,6 +204,22 @@ def _post_offer(lab) -> tuple[int, str]:
 
     with NetnsExecutor(lab.client_ns) as ex:
         return ex.call(asyncio.run, post())
+
+
+def _probes(lab, svc) -> dict[str, int]:
+    """relayd 1's liveness and readiness, as a kubelet would ask (from its namespace)."""
+    cfg = svc.config_of(1)
+    base = f"http://{cfg['internal']['host']}:{cfg['metrics']['port']}"
+
+    def get(path: str) -> int:
+        try:
+            with urllib.request.urlopen(base + path, timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with NetnsExecutor(lab.relay_ns) as ex:
+        return {p: ex.call(get, p) for p in ("/livez", "/readyz")}
 
 
 def _migrate_status(svc) -> int:
