@@ -301,3 +301,60 @@ def test_lab_json_lists_both_relays(fleet):
         assert route.get("RTA_GATEWAY") == lab.relay_public(1)
         (route6,) = ipr.route("get", dst=lab.vip6, family=socket.AF_INET6)
         assert route6.get("RTA_GATEWAY") == lab.relay_public(1, socket.AF_INET6)
+
+
+def test_forged_media_at_another_relay_takes_nothing_over(fleet):
+    """An attacker who learnt a call's SSRC sends media with it to a relay
+    that does not serve the call (here relay 2, reached by policy routing
+    from the edge, while the client stays on relay 1). Relay 2 asks the owner,
+    which cannot authenticate it: nothing is installed, the call is untouched."""
+    lab, svc = fleet
+    seen: dict = {}
+    attacker = "10.10.1.254"  # the edge's own address, routed to relay 2 by a rule
+
+    async def forge(pc, rep):
+        await asyncio.sleep(2.0)  # the SSRC is published to the fleet by now
+        (s,) = [x for x in (await asyncio.to_thread(svc.control_of(1).sessions))["sessions"]]
+        ssrc = s["legs"][0]["kernel"]["ssrc"]
+        seen["before"] = await asyncio.to_thread(events, svc, 2)
+        await asyncio.to_thread(_send_forged, lab, attacker, ssrc)
+        await asyncio.sleep(0.5)
+        seen["after"] = await asyncio.to_thread(events, svc, 2)
+        seen["legs2"] = [leg for x in (await asyncio.to_thread(svc.control_of(2).sessions))["sessions"]
+                         for leg in x["legs"]]
+
+    with _route_from(lab, attacker, 2):
+        rep = call(lab, duration=3.0, messages=4, on_connected=forge)
+    assert_untouched(rep)
+    before, after = seen["before"], seen["after"]
+    assert after.get("failover_refused", 0) - before.get("failover_refused", 0) >= 1, after
+    assert after.get("failovers", 0) == before.get("failovers", 0)
+    assert seen["legs2"] == []  # relay 2 installed nothing
+    assert rep.tone_ratio > 0.5 and rep.dc_echoed == rep.dc_sent
+
+
+@contextlib.contextmanager
+def _route_from(lab, source: str, relay: int):
+    """Packets from `source` in the edge go to relay N (policy routing)."""
+    with _ipr(lab.edge_ns) as ipr:
+        ipr.route("add", dst=f"{lab.vip4}/32", gateway=lab.relay_public(relay), table=100)
+        ipr.rule("add", src=source, src_len=32, table=100, priority=50)
+    try:
+        yield
+    finally:
+        with _ipr(lab.edge_ns) as ipr:
+            ipr.rule("del", src=source, src_len=32, table=100, priority=50)
+            ipr.route("del", dst=f"{lab.vip4}/32", gateway=lab.relay_public(relay), table=100)
+
+
+def _send_forged(lab, source: str, ssrc: int) -> None:
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((source, 0))
+            for seq in range(3):
+                head = bytes([0x80, 111]) + (50000 + seq).to_bytes(2, "big") + b"\x00" * 4
+                s.sendto(head + ssrc.to_bytes(4, "big") + secrets.token_bytes(80), (lab.vip4, lab.port))
+                time.sleep(0.05)
+
+    with NetnsExecutor(lab.edge_ns) as ex:
+        ex.call(send)

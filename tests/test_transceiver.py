@@ -198,12 +198,12 @@ class ClientCall:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         return self.pc.localDescription.sdp
 
-    async def place(self, tx: Transceiver, conn_id: int, ufrag: str) -> None:
+    async def place(self, tx: Transceiver, conn_id: int, ufrag: str, forwarder: type[Forwarder] | None = None) -> None:
         self.offer_sdp = await self.offer()
         self.answer, self.owner = await tx.create_call(
             conn_id, ufrag, strip_candidates(self.offer_sdp)
         )
-        self.fwd = await Forwarder.start((self.owner["addr4"], self.owner["port4"]))
+        self.fwd = await (forwarder or Forwarder).start((self.owner["addr4"], self.owner["port4"]))
         relayed = rewrite_candidates(self.answer, [("127.0.0.1", self.fwd.port)])
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=relayed, type="answer"))
 
@@ -882,3 +882,69 @@ def test_agent_track_is_paced_with_continuous_pts_and_echo_agent_echoes() -> Non
         assert agent.export_state()["messages_echoed"] == 1
 
     run(scenario())
+
+
+class HoldingForwarder(Forwarder):
+    """A Forwarder that can hold the client's media instead of forwarding it:
+    a held packet is one the owner never saw (what a relay taking the call over
+    holds when it asks the owner to authenticate it)."""
+
+    hold = False
+    held: list[bytes]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.hold and 127 < data[0] < 192:
+            self.held.append(data)
+            return
+        super().datagram_received(data, addr)
+
+
+def test_replies_move_only_to_an_address_the_call_authenticated() -> None:
+    """What a relay taking over a call may ask of its owner, tried as an
+    attacker would: re-pointing to an address the call never authenticated
+    is refused; a forged packet with a path moves nothing; the client's own
+    (held, never delivered) packet moves the replies to the new flow source."""
+
+    async def scenario() -> None:
+        async with Transceiver(3, capacity=2) as tx:
+            client = ClientCall(440)
+            HoldingForwarder.held = []
+            await client.place(tx, 1, UFRAG_A, HoldingForwarder)
+            await client.wait_connected()
+            await asyncio.sleep(0.5)
+            fwd = client.fwd
+            (old,) = fwd.leg_addrs  # the flow source the owner replies to now
+            new_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            new_sock.bind(("127.0.0.1", 0))
+            new_sock.setblocking(False)
+            new = new_sock.getsockname()
+            try:
+                with pytest.raises(InvalidRequest, match="has not authenticated"):
+                    tx.repoint_call(1, old, new)  # nothing from `new` was ever authenticated
+                fwd.hold = True
+                await wait_for(lambda: len(fwd.held) >= 2, 3, "held media")
+                fwd.hold = False
+                client_packet = fwd.held[-1]
+                forged = client_packet[:12] + os.urandom(len(client_packet) - 12)
+                assert not await tx.check_media(1, forged, (old, new))
+                await asyncio.sleep(0.3)
+                assert _drain(new_sock) == 0  # replies still go to the old source
+                assert await tx.check_media(1, client_packet, (old, new))
+                await asyncio.sleep(0.5)
+                assert _drain(new_sock) > 10  # the owner's media now goes to the new source
+                assert tx._get(1).selected_remote() == new
+            finally:
+                new_sock.close()
+            await client.close()
+
+    run(scenario())
+
+
+def _drain(sock: socket.socket) -> int:
+    n = 0
+    while True:
+        try:
+            sock.recv(2048)
+        except BlockingIOError:
+            return n
+        n += 1
