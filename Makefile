@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test demo bench lab-up lab-down clean
+.PHONY: setup lint test demo bench lab-up lab-down clean vm-test vm-box
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,15 @@ demo: setup
 
 bench: setup
 	$(PY) -m tests.bench.bench_xdp
+
+# The suite in a Debian 12 VM on its stock 6.1 kernel (not part of `make test`):
+# box built locally if missing, vagrant up (libvirt; TCG where KVM cannot run
+# guests), make test inside, vagrant destroy. See docs/vm.md.
+vm-test:
+	@bash vagrant/vm-test.sh
+
+vm-box:
+	@bash vagrant/build-box.sh
 
 lab-up: setup
 	$(PY) -m cli.relayctl lab up

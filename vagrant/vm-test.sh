@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# `make vm-test`: the whole suite in a Debian 12 VM on its stock 6.1 kernel
+# with its own headers. Builds the box if missing, `vagrant up` (libvirt),
+# `make test` inside, prints the summary, `vagrant destroy`. Not part of
+# `make test`. Logs: vagrant/.box/vm-test.log (and .box/*.log for the box).
+#
+# SPLITRELAY_VM_ACCEL=kvm|tcg overrides the probe (vagrant/accel.sh).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+box_name="${SPLITRELAY_BOX_NAME:-splitrelay/bookworm64}"
+log="$here/.box/vm-test.log"
+say() { echo "vm-test: $*"; }
+die() { echo "vm-test: $*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || die "must run as root (libvirt system connection, box build)"
+mkdir -p "$here/.box"
+: >"$log"
+t_start=$(date +%s)
+
+need=()
+for p in vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils debootstrap rsync; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  say "installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >>"$log" 2>&1 \
+    || die "apt-get install failed (see $log)"
+fi
+
+# libvirt: its system service where systemd runs, else the daemons by hand.
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  say "starting libvirtd"
+  if [ -d /run/systemd/system ]; then
+    systemctl start libvirtd virtlogd >>"$log" 2>&1 || true
+  else
+    virtlogd -d >>"$log" 2>&1 || true
+    libvirtd -d >>"$log" 2>&1 || true
+  fi
+  for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+  virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirt cannot run here: $(virsh -c qemu:///system version 2>&1 | tail -n1)"
+fi
+
+if ! vagrant box list 2>/dev/null | grep -q "^$box_name "; then
+  say "no box $box_name: building it (vagrant/build-box.sh)"
+  "$here/build-box.sh"
+fi
+
+export SPLITRELAY_VM_ACCEL="${SPLITRELAY_VM_ACCEL:-$("$here/accel.sh")}"
+say "acceleration: $SPLITRELAY_VM_ACCEL (SPLITRELAY_VM_ACCEL overrides)"
+
+cd "$here"
+cleanup() {
+  say "vagrant destroy"
+  vagrant destroy -f >>"$log" 2>&1 || say "vagrant destroy failed (see $log)"
+}
+trap cleanup EXIT
+
+say "vagrant up --provider=libvirt (boot, rsync, provisioning with scripts/setup.sh)"
+t0=$(date +%s)
+vagrant up --provider=libvirt >>"$log" 2>&1 || { tail -n 20 "$log" >&2; die "vagrant up failed (see $log)"; }
+t_up=$(( $(date +%s) - t0 ))
+kernel=$(vagrant ssh -c 'uname -r' 2>/dev/null | tr -d '\r')
+say "VM up in ${t_up}s, kernel $kernel; running make test inside (long under TCG)"
+
+t0=$(date +%s)
+set +e
+vagrant ssh -c 'cd /splitrelay && sudo make test 2>&1' 2>>"$log" | tee -a "$log" | grep --line-buffered -E '^(tests/|=+|FAILED|ERROR)'
+rc=${PIPESTATUS[0]}
+set -e
+t_test=$(( $(date +%s) - t0 ))
+summary=$(grep -E '^=+ .*(passed|failed|error).* =+$' "$log" | tail -n1)
+say "kernel $kernel, accel $SPLITRELAY_VM_ACCEL: vagrant up ${t_up}s, make test ${t_test}s, total $(( $(date +%s) - t_start ))s"
+say "summary: ${summary:-none (see $log)}"
+exit "$rc"
