@@ -8,8 +8,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import os
+import struct
 from pathlib import Path
 
+import pylibsrtp
 import pytest
 from aiortc import RTCPeerConnection
 from aiortc.rtcdtlstransport import RTCDtlsTransport
@@ -38,11 +41,41 @@ def _live_objects() -> dict[type, object]:
                 RTCIceTransport: dtls.transport, RTCIceGatherer: gatherer,
                 hooks.Connection: hooks.ice_connection(gatherer),
                 hooks.CandidatePair: hooks.CandidatePair(None, _candidate("10.0.0.1", 1000)),
+                pylibsrtp.Session: hooks.srtp_session(bytes(30), inbound=True, libsrtp_profile=PROFILE),
             }
         finally:
             await pc.close()
 
     return asyncio.run(build())
+
+
+PROFILE = pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80
+SSRC = 0x11223344
+
+
+def _rtp(seq: int) -> bytes:
+    return struct.pack("!BBHII", 0x80, 111, seq, seq * 960, SSRC) + b"audio" * 8
+
+
+def test_a_stream_continued_past_its_wrap_protects_and_unprotects_as_the_original() -> None:
+    """The first owner sends across a sequence wrap (its libsrtp counts the
+    rollover); a new owner's sessions, started at that rollover counter, send
+    exactly what the first would have and accept what the client sends."""
+    key = os.urandom(30)
+    first = hooks.srtp_session(key, inbound=False, libsrtp_profile=PROFILE)
+    for seq in [*range(65530, 65536), *range(0, 5)]:
+        first.protect(_rtp(seq))
+    assert hooks.stream_roc(first, SSRC) == 1
+    fresh_tx = hooks.srtp_session(key, inbound=False, libsrtp_profile=PROFILE)
+    continued_tx = hooks.srtp_session(key, inbound=False, libsrtp_profile=PROFILE, rollover={SSRC: 1})
+    expected = first.protect(_rtp(5))
+    assert continued_tx.protect(_rtp(5)) == expected
+    assert fresh_tx.protect(_rtp(5)) != expected  # what a session at ROC 0 would get wrong
+    continued_rx = hooks.srtp_session(key, inbound=True, libsrtp_profile=PROFILE, rollover={SSRC: 1})
+    assert continued_rx.unprotect(first.protect(_rtp(6)))[:4] == _rtp(6)[:4]
+    with pytest.raises(pylibsrtp.Error):
+        hooks.srtp_session(key, inbound=True, libsrtp_profile=PROFILE).unprotect(first.protect(_rtp(7)))
+    assert hooks.stream_roc(continued_rx, SSRC) == 1 and hooks.stream_roc(continued_rx, SSRC + 1) is None
 
 
 def _candidate(host: str, port: int) -> hooks.Candidate:

@@ -11,12 +11,14 @@ aiortc or aioice object.
 
 from __future__ import annotations
 
+import ctypes
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pylibsrtp
+import pylibsrtp._binding as _srtp_binding
 from aioice.candidate import Candidate
 from aioice.ice import CandidatePair, Connection, StunProtocol
 from aiortc import clock
@@ -67,6 +69,8 @@ HOOKS: tuple[Hook, ...] = (
     Hook("deliver_srtp", RTCDtlsTransport, "_handle_rtp_data", "async method", ("data", "arrival_time_ms")),
     Hook("deliver_srtp", RTCDtlsTransport, "_handle_rtcp_data", "async method", ("data",)),
     Hook("dtls_role", RTCDtlsTransport, "_role", "instance attribute"),
+    Hook("stream_roc", pylibsrtp.Session, "_srtp", "instance attribute"),
+    Hook("set_stream_roc", pylibsrtp.Session, "_srtp", "instance attribute"),
     Hook("sender_ssrcs", RTCRtpSender, "_ssrc", "instance attribute"),
     Hook("sender_ssrcs", RTCRtpSender, "_rtx_ssrc", "instance attribute"),
     Hook("transceiver_codecs", RTCRtpTransceiver, "_codecs", "instance attribute"),
@@ -250,16 +254,56 @@ def dtls_role(dtls: RTCDtlsTransport) -> str:
     return dtls._role
 
 
-def srtp_session(key: bytes, *, inbound: bool, libsrtp_profile: int) -> pylibsrtp.Session:
-    """A libsrtp session with aiortc's policy (see SRTP_WINDOW_SIZE)."""
-    policy = pylibsrtp.Policy(
-        key=key,
-        ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND if inbound else pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
-        srtp_profile=libsrtp_profile,
-    )
+def _policy(key: bytes, ssrc_type: int, libsrtp_profile: int, ssrc: int = 0) -> pylibsrtp.Policy:
+    policy = pylibsrtp.Policy(key=key, ssrc_type=ssrc_type, ssrc_value=ssrc, srtp_profile=libsrtp_profile)
     policy.allow_repeat_tx = SRTP_ALLOW_REPEAT_TX
     policy.window_size = SRTP_WINDOW_SIZE
-    return pylibsrtp.Session(policy)
+    return policy
+
+
+def srtp_session(key: bytes, *, inbound: bool, libsrtp_profile: int,
+                 rollover: Mapping[int, int] | None = None) -> pylibsrtp.Session:
+    """A libsrtp session with aiortc's policy (see SRTP_WINDOW_SIZE).
+
+    `rollover`: {SSRC: rollover counter} of streams continued from another
+    owner. Each gets its own stream whose counter starts there (RFC 3711
+    3.3.1), instead of libsrtp's 0 for a stream it first sees."""
+    any_type = pylibsrtp.Policy.SSRC_ANY_INBOUND if inbound else pylibsrtp.Policy.SSRC_ANY_OUTBOUND
+    session = pylibsrtp.Session(_policy(key, any_type, libsrtp_profile))
+    for ssrc, roc in (rollover or {}).items():
+        session.add_stream(_policy(key, pylibsrtp.Policy.SSRC_SPECIFIC, libsrtp_profile, ssrc))
+        set_stream_roc(session, ssrc, roc)
+    return session
+
+
+# pylibsrtp links libsrtp in statically and exports all of it, but its cffi
+# binding declares neither srtp_set_stream_roc nor srtp_get_stream_roc
+# (libsrtp >= 2.3): reach them by ctypes in the same shared object.
+_libsrtp = ctypes.CDLL(_srtp_binding.__file__)
+_libsrtp.srtp_set_stream_roc.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
+_libsrtp.srtp_set_stream_roc.restype = ctypes.c_int
+_libsrtp.srtp_get_stream_roc.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+_libsrtp.srtp_get_stream_roc.restype = ctypes.c_int
+
+
+def _srtp_t(session: pylibsrtp.Session) -> int:
+    return int(_srtp_binding.ffi.cast("uintptr_t", session._srtp[0]))
+
+
+def set_stream_roc(session: pylibsrtp.Session, ssrc: int, roc: int) -> None:
+    """Start an SSRC's stream of `session` at rollover counter `roc` (the
+    stream must exist: a specific-SSRC policy, or a packet seen)."""
+    err = _libsrtp.srtp_set_stream_roc(_srtp_t(session), ssrc, roc)
+    if err:
+        raise pylibsrtp.Error(f"srtp_set_stream_roc(SSRC {ssrc}, {roc}) failed: libsrtp error {err}")
+
+
+def stream_roc(session: pylibsrtp.Session, ssrc: int) -> int | None:
+    """An SSRC's rollover counter in `session` (None: no such stream)."""
+    roc = ctypes.c_uint32()
+    if _libsrtp.srtp_get_stream_roc(_srtp_t(session), ssrc, ctypes.byref(roc)):
+        return None
+    return roc.value
 
 
 # -- RTP (aiortc sender and transceiver) ------------------------------------------------------

@@ -14,9 +14,11 @@ SDP. The client keeps its ICE, DTLS and SRTP state and notices nothing:
   FINGERPRINT, XOR-MAPPED-ADDRESS. We send no checks of our own; consent
   expires when the client's checks stop for ``consent_timeout`` seconds.
 * **SRTP**: fresh libsrtp sessions from the exported master keys, with
-  aiortc's policy (aiortc_hooks.srtp_session). libsrtp starts a fresh stream
-  at rollover counter 0 and pylibsrtp 1.0 cannot set it, so only calls whose
-  sequence numbers have not wrapped can move (rtp_streams.migration_blocker).
+  aiortc's policy (aiortc_hooks.srtp_session), each exported SSRC's stream
+  started at its exported rollover counter, so calls move whatever their
+  length. A client stream within WRAP_MARGIN of its wrap may have wrapped
+  before its first packet reaches us: a second session at the next counter
+  takes that packet if the first cannot authenticate it.
 * **Media**: the client's packets are decoded with aiortc's codec classes and
   fed to a new agent (``import_state`` from the export). The agent's paced
   outbound track is encoded into RTP with the same SSRC and payload type,
@@ -78,7 +80,7 @@ from . import aiortc_hooks as hooks
 from .agent import Agent, AgentSession, run_agent
 from .call_handle import CallHandle
 from .ice_mux import CallPort, IceMux
-from .rtp_streams import RtpStreamState, migration_blocker
+from .rtp_streams import WRAP_MARGIN, RtpStreamState, migration_blocker
 
 logger = logging.getLogger(__name__)
 
@@ -246,16 +248,25 @@ class ImportedCall(CallHandle):
         self.frozen_monotonic: float | None = None
         self._last_consent = time.monotonic()  # the import counts as the last check
 
-        try:
-            self._rx = hooks.srtp_session(spec.rx_key, inbound=True, libsrtp_profile=spec.libsrtp_profile)
-            self._tx = hooks.srtp_session(spec.tx_key, inbound=False, libsrtp_profile=spec.libsrtp_profile)
-        except pylibsrtp.Error as exc:
-            raise ValueError(f"SRTP session setup failed: {exc}") from None
-
         self.codec = spec.codecs[0]
         self.tx_stream = spec.tx or RtpStreamState(
             ssrc=spec.local_ssrc, payload_type=self.codec.payloadType
         )
+        tx = self.tx_stream
+        # Our first packet's counter: the next sequence number may wrap.
+        tx_roc = (tx.roc + (1 if tx.packets and tx.seq == 0xFFFF else 0)) & U32_MAX
+        rx_roc = {ssrc: st.roc for ssrc, st in spec.rx.items()}
+        near_wrap = {ssrc: (st.roc + 1) & U32_MAX for ssrc, st in spec.rx.items()
+                     if st.packets and 0xFFFF - st.seq < WRAP_MARGIN}
+        try:
+            self._rx = hooks.srtp_session(spec.rx_key, inbound=True, libsrtp_profile=spec.libsrtp_profile,
+                                          rollover=rx_roc)
+            self._rx_wrapped = (hooks.srtp_session(spec.rx_key, inbound=True, libsrtp_profile=spec.libsrtp_profile,
+                                                   rollover={**rx_roc, **near_wrap}) if near_wrap else None)
+            self._tx = hooks.srtp_session(spec.tx_key, inbound=False, libsrtp_profile=spec.libsrtp_profile,
+                                          rollover={spec.local_ssrc: tx_roc})
+        except pylibsrtp.Error as exc:
+            raise ValueError(f"SRTP session setup failed: {exc}") from None
         self.rx_streams = {ssrc: copy.copy(st) for ssrc, st in spec.rx.items()}
         self.rx_rtcp: Counter[str] = Counter(spec.state.rtcp.rx_packets)
         self._encoder: Encoder = get_encoder(self.codec)
@@ -411,7 +422,18 @@ class ImportedCall(CallHandle):
         rtcp = is_rtcp(data)
         try:
             plain = self._rx.unprotect_rtcp(data) if rtcp else self._rx.unprotect(data)
+            if not rtcp:
+                self._rx_wrapped = None  # a stream authenticated at its exported counter
         except pylibsrtp.Error:
+            plain = None
+        if plain is None and self._rx_wrapped is not None and not rtcp:
+            try:  # the client's stream wrapped before its first packet reached us
+                plain = self._rx_wrapped.unprotect(data)
+                self._rx, self._rx_wrapped = self._rx_wrapped, None
+                logger.info("imported call %d: the client's stream had wrapped before the switch", self.conn_id)
+            except pylibsrtp.Error:
+                pass
+        if plain is None:
             self.stats.rx_undecryptable += 1
             return False
         self.stats.rx_decrypted += 1

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from manager.protocol.callstate import RtpState, RtpStream, SrtpState
 
 U32_MAX = 0xFFFFFFFF
-#: A call whose sequence number is this close to 65535 is not exported: the
-#: new owner's fresh libsrtp session would see the wrap as rollover counter 0
-#: (about 10 s of packets at 50 packets/s; a retry a little later succeeds).
+#: A client stream this close to 65535 when exported may wrap before its
+#: first packet reaches the new owner (about 10 s at 50 packets/s): the new
+#: owner also tries the next rollover counter for it (imported_call).
 WRAP_MARGIN = 500
 
 
@@ -51,25 +51,9 @@ class RtpStreamState:
 def migration_blocker(srtp: SrtpState | None, rtp: RtpState) -> str | None:
     """Why an exported call cannot move to a fresh libsrtp session, or None.
 
-    pylibsrtp 1.0 has no call to set a stream's rollover counter: a new
-    owner's session starts every SSRC at ROC 0, which is right only while
-    the sequence numbers have not wrapped (and will not wrap before the new
-    owner's first packet).
-    """
+    Wrapped sequence numbers are no reason: each SSRC's rollover counter is
+    exported and the new owner's libsrtp streams start there
+    (aiortc_hooks.srtp_session)."""
     if srtp is None or srtp.tx_key is None:
         return "the call has no SRTP keys yet (DTLS not finished)"
-    for direction, streams in (("tx", rtp.tx), ("rx", rtp.rx)):
-        for ssrc, st in streams.items():
-            if st.roc > 0:
-                return (
-                    f"{direction} SSRC {ssrc} has an SRTP rollover counter of {st.roc} "
-                    "(its sequence number wrapped); pylibsrtp 1.0 cannot start a session "
-                    "at a rollover counter > 0, so this call cannot be migrated"
-                )
-            if st.packets and 0xFFFF - st.seq < WRAP_MARGIN:
-                return (
-                    f"{direction} SSRC {ssrc} sequence number {st.seq} is about to wrap "
-                    "(the new owner's SRTP session would get the rollover counter wrong); "
-                    "retry in a few seconds"
-                )
     return None
