@@ -111,6 +111,35 @@ def test_drain_moves_every_call(env):
     ctl.request("POST", "/transceivers/1/undrain", {})
 
 
+def test_drain_of_a_call_past_its_sequence_wrap(env, monkeypatch):
+    """The client's sender starts 50 packets before 65535, so by the drain
+    its stream has wrapped (rollover counter 1 at the owner). The drain moves
+    the call anyway and the new owner decrypts the client from the first packet."""
+    import aiortc.rtcrtpsender
+
+    lab, svc, ctl = env
+    monkeypatch.setattr(aiortc.rtcrtpsender, "random_sequence_number", lambda: 0xFFFF - 50)
+    seen = {}
+
+    async def drain_after_wrap(pc, rep):
+        await asyncio.sleep(2.0)  # > 50 packets: wrapped
+        call = await asyncio.to_thread(call_of, svc, rep)
+        seen["before"] = await asyncio.to_thread(transceiver_call, svc, call["transceiver_id"], call["conn_id"])
+        rep.mark("drain")
+        seen["res"] = await asyncio.to_thread(ctl.request, "POST", f"/transceivers/{call['transceiver_id']}/drain", {})
+        await asyncio.sleep(1.5)
+        seen["to"] = 2 if call["transceiver_id"] == 1 else 1
+        seen["after"] = await asyncio.to_thread(transceiver_call, svc, seen["to"], call["conn_id"])
+        await asyncio.to_thread(ctl.request, "POST", f"/transceivers/{call['transceiver_id']}/undrain", {})
+
+    rep = run_call(lab, duration=4.5, messages=3, on_connected=drain_after_wrap)
+    assert [r["outcome"] for r in seen["res"]["results"]] == ["moved"], seen["res"]
+    assert_untouched(rep)
+    assert rep.rtp_packets_lost <= 1 and rep.tone_ratio_after["drain"] > 50
+    m = seen["after"]["migration"]
+    assert m["rx_decrypted"] > 40 and m["rx_undecryptable"] <= 1, m
+
+
 def test_old_owner_killed_after_switch(env):
     lab, svc, ctl = env
     info = {}
