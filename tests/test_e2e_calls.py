@@ -20,7 +20,7 @@ from aioice import stun
 
 from manager.lab.client import client_call
 from manager.lab.services import Services, running_lab
-from manager.lab.topology import NetnsExecutor
+from manager.lab.topology import NetnsExecutor, _ipr
 from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath
@@ -191,3 +191,37 @@ def test_an_evicted_flow_is_reinstalled_on_the_clients_next_packet(env):
     assert seen["back"], "the evicted flow was not installed again"
     assert after.get("flows_reinstalled", 0) - before.get("flows_reinstalled", 0) == 1
     assert after.get("flows_evicted_seen", 0) - before.get("flows_evicted_seen", 0) == 1
+
+
+def test_a_client_with_no_ipv4_calls_over_the_ipv6_vip(env):
+    """The client namespace loses its IPv4 address and route: signaling goes
+    to the IPv6 VIP, the answer offers both families, ICE picks IPv6, and XDP
+    forwards the call's media over IPv6 both ways."""
+    lab, svc, dp = env
+    legs = {}
+
+    async def look(pc, rep):
+        await asyncio.sleep(1.0)
+        legs["during"] = [(f.client, f.packets_in, f.packets_out) for f in await asyncio.to_thread(dp.flows)]
+
+    with _ipr(lab.client_ns) as ipr:
+        idx = ipr.link_lookup(ifname=lab.client.ifname)[0]
+        ipr.addr("del", index=idx, address=lab.client.addr4, prefixlen=lab.client.prefixlen4)
+        routes4 = ipr.route("dump", family=socket.AF_INET)
+        assert not [r for r in routes4 if r.get("RTA_GATEWAY")]  # no IPv4 route left
+    try:
+        with NetnsExecutor(lab.client_ns) as ex:
+            rep = ex.call(asyncio.run, client_call(lab.signaling_url6, duration=2.5, messages=5, on_connected=look))
+    finally:
+        with _ipr(lab.client_ns) as ipr:
+            idx = ipr.link_lookup(ifname=lab.client.ifname)[0]
+            ipr.addr("add", index=idx, address=lab.client.addr4, prefixlen=lab.client.prefixlen4)
+            ipr.route("replace", dst="0.0.0.0/0", gateway=lab.client.relay_addr4, oif=idx)
+    assert rep.error is None, rep.error
+    assert rep.connection_states == ["connecting", "connected", "closed"]
+    assert rep.tone_ratio > 50 and rep.dc_echoed == rep.dc_sent == 5
+    assert legs["during"], "no kernel flow during the call"
+    for client, packets_in, packets_out in legs["during"]:
+        assert ":" in client[0], client  # the flow is the client's IPv6 tuple
+        assert packets_in > 20 and packets_out > 20  # XDP forwards both ways
+    print(f"\nIPv6-only client: connected in {rep.connected_after_s * 1000:.0f} ms, flows {legs['during']}")

@@ -95,9 +95,11 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
             "flow_port_min": 20000, "flow_port_max": 39999,
             "max_flows": 81920, "max_reverse": 81920, "max_owners": 16384,
         },
-        # A fleet's relays listen on every address: on the VIP when the edge
-        # routes it to them, and on their own public address.
-        "signaling": {"host": lab.vip4 if lab.relays == 1 else "0.0.0.0", "port": 8080},
+        # Both VIPs (clients with only IPv6 too); a fleet's relays listen on
+        # every address: on the VIP when the edge routes it to them, and on
+        # their own public address.
+        "signaling": {"host": lab.vip4, "extra_hosts": [lab.vip6], "port": 8080} if lab.relays == 1 else
+                     {"host": "0.0.0.0", "extra_hosts": ["::"], "port": 8080},
         "internal": {"host": internal4, "port": INTERNAL_PORT, "pki_dir": str(workdir / "pki"),
                      "prefixes": LAB_PREFIXES},
         "slowpath": {"idle_timeout": idle_timeout},

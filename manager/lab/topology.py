@@ -176,6 +176,11 @@ class Lab:
         """Relay r's own public address in a fleet lab (its pub0, behind the edge)."""
         return f"fd00:10:{200 + r}::2" if family == socket.AF_INET6 else f"10.10.{200 + r}.2"
 
+    @property
+    def signaling_url6(self) -> str:
+        """The signaling API on the IPv6 VIP (a client with no IPv4 route)."""
+        return f"http://[{self.vip6}]:{SIGNALING_PORT}"
+
     def relay_signaling_url(self, r: int) -> str:
         """Relay r's signaling API, whichever relay the VIP routes to."""
         if self.relays == 1:

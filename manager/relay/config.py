@@ -133,6 +133,8 @@ class SignalingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     host: str = "0.0.0.0"
+    # More addresses to listen on (e.g. the IPv6 VIP beside the IPv4 one).
+    extra_hosts: list[str] = Field(default_factory=list, description="more addresses to listen on")
     port: int = Field(default=8080, ge=1, le=65535)
     allowed_origins: list[str] = Field(default_factory=list,
                                        description="CORS: origins whose pages may post offers (default none)")

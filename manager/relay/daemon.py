@@ -34,14 +34,15 @@ from manager.relay.transceiver_client import TransceiverClient
 log = logging.getLogger(__name__)
 
 
-async def _serve(app: web.Application, host: str, port: int, **site: object) -> web.AppRunner:
+async def _serve(app: web.Application, host: str | list[str], port: int, **site: object) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port, **site).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    for h in [host] if isinstance(host, str) else host:
+        try:
+            await web.TCPSite(runner, h, port, **site).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(exc.errno, f"cannot listen on {h}:{port}: {exc.strerror}") from None
     return runner
 
 
@@ -105,7 +106,7 @@ class Relay:
                           limits=cfg.limits, allowed_origins=cfg.signaling.allowed_origins,
                           allows_owner=cfg.internal.allows,
                           claim_conn_id=self.fleet.claim_conn_id if self.fleet is not None else None)
-        self._runner = await _serve(public, cfg.signaling.host, cfg.signaling.port)
+        self._runner = await _serve(public, [cfg.signaling.host, *cfg.signaling.extra_hosts], cfg.signaling.port)
         internal = make_internal_app(self.registry, allows=cfg.internal.allows)
         self._internal_runner = await _serve(internal, cfg.internal.host, cfg.internal.port,
                                              ssl_context=pki.server_context(tls))
