@@ -17,7 +17,7 @@ mkdir -p "$here/.box"
 t_start=$(date +%s)
 
 need=()
-for p in vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils debootstrap rsync; do
+for p in vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils debootstrap rsync dnsmasq-base; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -43,6 +43,14 @@ if ! vagrant box list 2>/dev/null | grep -q "^$box_name "; then
   say "no box $box_name: building it (vagrant/build-box.sh)"
   "$here/build-box.sh"
 fi
+
+# qemu runs as libvirt-qemu, which cannot read root's ~/.vagrant.d: the box's
+# kernel and initramfs go where it can.
+box_dir="$(ls -d "$HOME/.vagrant.d/boxes/${box_name//\//-VAGRANTSLASH-}"/*/libvirt 2>/dev/null | sort -V | tail -n1)"
+[ -n "$box_dir" ] || die "box $box_name has no libvirt directory under ~/.vagrant.d"
+export SPLITRELAY_VM_BOOT_DIR=/var/lib/libvirt/boot/splitrelay
+install -d -m 755 "$SPLITRELAY_VM_BOOT_DIR"
+install -m 644 "$box_dir/vmlinuz" "$box_dir/initrd.img" "$SPLITRELAY_VM_BOOT_DIR/"
 
 export SPLITRELAY_VM_ACCEL="${SPLITRELAY_VM_ACCEL:-$("$here/accel.sh")}"
 say "acceleration: $SPLITRELAY_VM_ACCEL (SPLITRELAY_VM_ACCEL overrides)"
