@@ -2,8 +2,9 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+ARGS ?=
 
-.PHONY: setup lint test demo bench lab-up lab-down clean vm-test vm-box
+.PHONY: setup lint test demo bench bench-peers lab-up lab-down clean vm-test vm-box
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +23,13 @@ demo: setup
 
 bench: setup
 	$(PY) -m tests.bench.bench_xdp
+
+# splitrelay against netfilter, coturn, rtpengine and the Python slow path in
+# one run (docs/benchmarks.md); ARGS=--json for JSON, ARGS=--quick for ~1 min.
+# Set-up and progress go to stderr: stdout holds only the table or the JSON.
+bench-peers:
+	@bash scripts/setup.sh >&2
+	@$(PY) -m tests.bench.bench_peers $(ARGS)
 
 # The suite in a Debian 12 VM on its stock 6.1 kernel (not part of `make test`):
 # box built locally if missing, vagrant up (libvirt; TCG where KVM cannot run

@@ -18,7 +18,8 @@ grep -q '^ID=debian' /etc/os-release 2>/dev/null || say "warning: not Debian; pa
 pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       python3-yaml iproute2 ethtool linux-headers-amd64 procps util-linux
       nftables conntrack  # the lab client's NAT (NAT rebinding tests)
-      redis-server)       # a fleet lab's shared registry (started per lab, on its own socket)
+      redis-server        # a fleet lab's shared registry (started per lab, on its own socket)
+      coturn rtpengine-daemon python3-matplotlib)  # make bench-peers: real peers (started per run), plots
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -38,6 +39,16 @@ if [ "${#missing[@]}" -gt 0 ] && printf '%s\n' "${missing[@]}" | grep -qx redis-
     service redis-server stop >/dev/null 2>&1 || true
   fi
 fi
+# The same for coturn and rtpengine: bench-peers starts them itself, on its own ports.
+for svc in coturn rtpengine-daemon; do
+  if [ "${#missing[@]}" -gt 0 ] && printf '%s\n' "${missing[@]}" | grep -qx "$svc"; then
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+      systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    else
+      service "$svc" stop >/dev/null 2>&1 || true
+    fi
+  fi
+done
 
 # --- bpffs ---------------------------------------------------------------------
 if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
