@@ -222,7 +222,7 @@ def measure_capacity(b: Bench, row: pp.Row, plan: Plan) -> dict:
                                         "ok", "check")} for m in steps],
            "ok": flat["ok"] and all(m["ok"] for m in steps)}
     if best["delivered_pps"] / 1e6 > flat["mpps"]:
-        out.update(how=f"paced at {best['offered_pps'] / 1e6:.4f} Mpps", mpps=best["delivered_pps"] / 1e6,
+        out.update(how=f"paced, {best['offered_pps'] / 1e6:.4f} Mpps offered", mpps=best["delivered_pps"] / 1e6,
                    offered_mpps=best["offered_pps"] / 1e6, check=best["check"])
     else:
         out.update(how="flat out", mpps=flat["mpps"], offered_mpps=flat["offered_mpps"], check=flat["check"])
