@@ -82,6 +82,8 @@ def test_without_secrets_leaves_them_out() -> None:
     (lambda s: s["ice"]["selected_pair"]["remote"].update(host="relay"), "ice.selected_pair.remote.host: Value error"),
     (lambda s: s["srtp"].update(tx_key="zz"), "srtp.tx_key: Value error, must be lowercase hex"),
     (lambda s: s["rtp"]["tx"]["1111"].update(seq=65536), "rtp.tx.1111.seq: Input should be less than or equal"),
+    (lambda s: s["rtp"]["rx"]["3333"].update(roc=2**32), "rtp.rx.3333.roc: Input should be less than or equal"),
+    (lambda s: s["rtp"]["rx"]["3333"].update(roc=-1), "rtp.rx.3333.roc: Input should be greater than or equal"),
     (lambda s: s.update(conn_id=0), "conn_id: Input should be greater than or equal to 1"),
     (lambda s: s.update(surprise=1), "surprise: Extra inputs are not permitted"),
     (lambda s: s.update(version=2), "version: must be 1, got 2"),
@@ -100,7 +102,6 @@ def test_refusals_name_the_field(change, message: str) -> None:
     (lambda s: s.update(frozen=None), "state was exported without freeze"),
     (lambda s: s["srtp"].update(profile="SRTP_NOPE"), "srtp.profile: 'SRTP_NOPE' is not supported"),
     (lambda s: s["srtp"].update(tx_key="00" * 29), "srtp.tx_key: wrong length"),
-    (lambda s: s["rtp"]["rx"]["3333"].update(roc=1), "rx SSRC 3333 has an SRTP rollover counter of 1"),
     (lambda s: s.update(media=[]), "media: no audio section"),
 ])
 def test_import_refusals(change, message: str) -> None:

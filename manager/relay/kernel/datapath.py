@@ -87,7 +87,9 @@ def ensure_kernel_headers() -> str | None:
     if os.environ.get("BCC_KERNEL_SOURCE"):
         return os.environ["BCC_KERNEL_SOURCE"]
     release = os.uname().release
-    if os.path.exists(f"/lib/modules/{release}/build/include/linux/kconfig.h"):
+    # The running kernel's own headers: one tree, or Debian's split (build holds
+    # the -amd64 part, source the -common part), which bcc follows by itself.
+    if any(os.path.exists(f"/lib/modules/{release}/{part}/include/linux/kconfig.h") for part in ("build", "source")):
         return None
     root = os.environ.get("SPLITRELAY_HEADERS_DIR", DEFAULT_HEADERS_ROOT)
     merged = sorted(p for p in glob.glob(os.path.join(root, "*")) if os.path.exists(os.path.join(p, ".complete")))
