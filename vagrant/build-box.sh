@@ -114,10 +114,37 @@ else
   say "2/5 configuring: done before"
 fi
 
+# --- 2b. the newest stock kernel with its own headers -----------------------------
+# bcc compiles against /lib/modules/$(uname -r)/{build,source}: the box boots the
+# newest bookworm kernel (the security archive's, which is what linux-headers-amd64
+# follows), not the one debootstrap took from the point release, and carries
+# exactly that kernel's headers, so the guest never needs borrowed ones.
+if [ ! -e "$rootfs/.kernel" ]; then
+  say "2b/5 kernel: newest linux-image-amd64 and its linux-headers from bookworm(-security)"
+  mount -t proc proc "$rootfs/proc"
+  trap 'umount "$rootfs/proc" 2>/dev/null || true' EXIT
+  chroot "$rootfs" apt-get update -qq >>"$out/debootstrap.log" 2>&1 || die "apt-get update in the box failed"
+  DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get install -y -qq --no-install-recommends \
+    linux-image-amd64 linux-headers-amd64 git >>"$out/debootstrap.log" 2>&1 \
+    || die "installing the kernel and its headers failed (see $out/debootstrap.log)"
+  newest="$(ls "$rootfs/lib/modules" | sort -V | tail -n1)"
+  for old in $(ls "$rootfs/lib/modules" | sort -V | head -n -1); do
+    say "    removing the older kernel $old"
+    DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get purge -y -qq "linux-image-$old" >>"$out/debootstrap.log" 2>&1 || true
+    rm -rf "$rootfs/lib/modules/$old"
+  done
+  [ -e "$rootfs/usr/src/linux-headers-$newest/.config" ] || die "no headers for kernel $newest in the box"
+  umount "$rootfs/proc"; trap - EXIT
+  chroot "$rootfs" apt-get clean
+  touch "$rootfs/.kernel"
+else
+  say "2b/5 kernel: done before ($(ls "$rootfs/lib/modules" | sort -V | tail -n1))"
+fi
+
 # --- 3. kernel for direct boot --------------------------------------------------------
 kver="$(ls "$rootfs/lib/modules" | sort -V | tail -n1)"
 [ -n "$kver" ] || die "no kernel in $rootfs/lib/modules"
-if [ ! -e "$out/initrd.img" ] || [ "$out/initrd.img" -ot "$rootfs/.configured" ]; then
+if [ ! -e "$out/initrd.img" ] || [ "$out/initrd.img" -ot "$rootfs/.kernel" ]; then
   say "3/5 kernel $kver: initramfs with the virtio drivers"
   printf 'virtio_pci\nvirtio_blk\nvirtio_net\next4\n' >>"$rootfs/etc/initramfs-tools/modules"
   sort -u -o "$rootfs/etc/initramfs-tools/modules" "$rootfs/etc/initramfs-tools/modules"
