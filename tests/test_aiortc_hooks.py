@@ -15,10 +15,12 @@ from pathlib import Path
 import pylibsrtp
 import pytest
 from aiortc import RTCPeerConnection
+from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+from aiortc.rtcsctptransport import RTCSctpTransport
 
 from manager.transceiver import aiortc_hooks as hooks
 
@@ -46,7 +48,31 @@ def _live_objects() -> dict[type, object]:
         finally:
             await pc.close()
 
-    return asyncio.run(build())
+    objects = asyncio.run(build())
+    objects.update(asyncio.run(_established(lambda sctp, channel: {RTCSctpTransport: sctp, RTCDataChannel: channel})))
+    return objects
+
+
+async def _established(inspect_them):
+    """Two aiortc peers with an open data channel: `inspect_them(answerer's
+    RTCSctpTransport, its channel)` runs while they are connected."""
+    a, b = RTCPeerConnection(), RTCPeerConnection()
+    opened: asyncio.Queue = asyncio.Queue()
+    b.on("datachannel", opened.put_nowait)
+    try:
+        channel = a.createDataChannel("chat")
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        await b.setLocalDescription(await b.createAnswer())
+        await a.setRemoteDescription(b.localDescription)
+        theirs = await asyncio.wait_for(opened.get(), 10)
+        while channel.readyState != "open":
+            await asyncio.sleep(0.01)
+        result = inspect_them(b.sctp, theirs)
+        return await result if inspect.isawaitable(result) else result
+    finally:
+        await a.close()
+        await b.close()
 
 
 PROFILE = pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80
@@ -113,9 +139,10 @@ def test_hook_target_is_there(hook: hooks.Hook, live: dict[type, object]) -> Non
 
 def test_every_hook_function_has_its_targets_listed() -> None:
     functions = {name for name, f in vars(hooks).items()
-                 if inspect.isfunction(f) and f.__module__ == hooks.__name__ and not name.startswith("_")}
+                 if (inspect.isfunction(f) or inspect.isclass(f)) and f.__module__ == hooks.__name__
+                 and not name.startswith("_")}
     listed = {h.name for h in hooks.HOOKS}
-    helpers = {"check_method", "srtp_session"}
+    helpers = {"check_method", "srtp_session", "Hook", "DtlsSecrets"}
     assert listed <= functions, f"HOOKS names functions that do not exist: {listed - functions}"
     assert functions - helpers <= listed, f"hook functions without a HOOKS entry: {functions - helpers - listed}"
 

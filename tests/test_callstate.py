@@ -5,6 +5,7 @@ SRTP replay window, the reserved connection id)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import os
@@ -26,6 +27,36 @@ TX_KEY = os.urandom(30)
 RX_KEY = os.urandom(30)
 
 
+CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
+MASTER = os.urandom(48)
+
+
+def chunk(tsn: int, data: bytes, **over) -> dict:
+    return {"tsn": tsn, "stream_id": 1, "stream_seq": 4, "protocol": 51, "flags": 3,
+            "user_data": base64.b64encode(data).decode(), "sent_count": 1, "acked": False, "abandoned": False,
+            "expiry": None, "max_retransmits": None, **over}
+
+
+def association(**over) -> dict:
+    """An established association with one channel, a chunk in flight, one
+    awaiting reassembly and a queued message."""
+    return {
+        "local_port": 5000, "remote_port": 5000, "local_verification_tag": 0xA1B2C3D4,
+        "remote_verification_tag": 0x0F0E0D0C, "remote_max_message_size": 65536, "remote_partial_reliability": True,
+        "remote_extensions": [192, 130], "next_channel_id": 0, "inbound_streams_count": 65535,
+        "outbound_streams_count": 65535, "advertised_rwnd": 1048576, "last_received_tsn": 700,
+        "sack_misordered": [702], "sack_duplicates": [], "sack_needed": True,
+        "inbound": [{"stream_id": 1, "sequence_number": 9, "reassembly": [chunk(702, b"later", stream_seq=10)]}],
+        "local_tsn": 101, "last_sacked_tsn": 99, "advanced_peer_ack_tsn": 99, "cwnd": 3600, "ssthresh": 131072,
+        "partial_bytes_acked": 0, "outbound_stream_seq": {"1": 5}, "sent": [chunk(100, b"hello")], "outbound": [],
+        "reconfig_request_seq": 50, "reconfig_response_seq": 60, "srtt": 0.01, "rttvar": 0.005, "rto": 1.0,
+        "channels": [{"id": 1, "label": "chat", "protocol": "", "ordered": True, "max_packet_life_time": None,
+                      "max_retransmits": None, "negotiated": False}],
+        "queued": [{"channel": 1, "protocol": 51, "user_data": base64.b64encode(b"queued").decode()}],
+        **over,
+    }
+
+
 def exported(**over) -> dict:
     """A state as a transceiver exports it (frozen, with secrets)."""
     cand = {"host": "10.10.2.2", "port": 40000, "type": "host", "priority": 2130706431, "foundation": "1",
@@ -38,9 +69,11 @@ def exported(**over) -> dict:
                 "tie_breaker": 12345, "state": "completed",
                 "selected_pair": {"local": cand, "remote": dict(cand, host="10.10.0.1", port=20001, type="prflx")},
                 "local_pwd": "p" * 22, "remote_pwd": "q" * 22},
-        "dtls": {"role": "client", "state": "connected", "version": "DTLSv1.2", "cipher": "X",
+        "dtls": {"role": "client", "state": "connected", "version": "DTLSv1.2", "cipher": CIPHER,
                  "local_fingerprints": [{"algorithm": "sha-256", "value": "AA"}],
-                 "remote_fingerprints": [{"algorithm": "sha-256", "value": "BB"}], "srtp_profile": PROFILE},
+                 "remote_fingerprints": [{"algorithm": "sha-256", "value": "BB"}], "srtp_profile": PROFILE,
+                 "record": {"epoch": 1, "tx_seq": 12, "rx_highest": 9, "rx_window": 0x1FF,
+                            "client_random": "c1" * 32, "server_random": "5e" * 32, "master_secret": MASTER.hex()}},
         "srtp": {"profile": PROFILE, "keying_material": (TX_KEY + RX_KEY).hex(), "tx_key": TX_KEY.hex(),
                  "rx_key": RX_KEY.hex()},
         "media": [{"mid": "0", "kind": "audio", "direction": "sendrecv", "local_ssrc": 1111, "local_rtx_ssrc": 2222,
@@ -50,7 +83,7 @@ def exported(**over) -> dict:
         "rtp": {"tx": {"1111": {"ssrc": 1111, "payload_type": 111, "seq": 10, "timestamp": 960, "roc": 0, "packets": 10}},
                 "rx": {"3333": {"ssrc": 3333, "payload_type": 111, "seq": 5, "timestamp": 480, "roc": 0, "packets": 5}}},
         "rtcp": {"tx_srtcp_index": {"1111": 2}, "rx_packets": {"3333": 1}},
-        "sctp": {"mid": "1", "state": "connected", "port": 5000},
+        "sctp": {"mid": "1", "state": "connected", "port": 5000, "association": association(), "not_carried": None},
         "agent": {"session": {"messages_in": 3}, "state": {"frames_echoed": 7}},
         "frozen": {"at": 1.0e9 + 60, "monotonic": 5.0},
         "migrations": 0,
@@ -70,9 +103,11 @@ def test_round_trip() -> None:
 def test_without_secrets_leaves_them_out() -> None:
     shown = parse_call_state(exported()).without_secrets().to_json()
     text = json.dumps(shown)
-    for secret in ("local_pwd", "remote_pwd", "tx_key", "rx_key", "keying_material", TX_KEY.hex(), "p" * 22):
+    for secret in ("local_pwd", "remote_pwd", "tx_key", "rx_key", "keying_material", TX_KEY.hex(), "p" * 22,
+                   "master_secret", MASTER.hex(), base64.b64encode(b"hello").decode()):
         assert secret not in text
     assert shown["srtp"] == {"profile": PROFILE}
+    assert shown["dtls"]["record"]["tx_seq"] == 12 and shown["sctp"]["association"] is None
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -87,6 +122,13 @@ def test_without_secrets_leaves_them_out() -> None:
     (lambda s: s.update(conn_id=0), "conn_id: Input should be greater than or equal to 1"),
     (lambda s: s.update(surprise=1), "surprise: Extra inputs are not permitted"),
     (lambda s: s.update(version=2), "version: must be 1, got 2"),
+    (lambda s: s["dtls"]["record"].update(tx_seq=1 << 48), "dtls.record.tx_seq: Input should be less than or equal"),
+    (lambda s: s["dtls"]["record"].update(master_secret="XY"), "dtls.record.master_secret: Value error, must be"),
+    (lambda s: s["sctp"]["association"]["sent"][0].update(user_data="!!"),
+     "sctp.association.sent.0.user_data: Value error, must be base64"),
+    (lambda s: s["sctp"]["association"]["channels"][0].update(id=65535),
+     "sctp.association.channels.0.id: Input should be less than or equal"),
+    (lambda s: s["sctp"]["association"].pop("local_tsn"), "sctp.association.local_tsn: Field required"),
 ])
 def test_refusals_name_the_field(change, message: str) -> None:
     data = exported()
@@ -103,6 +145,10 @@ def test_refusals_name_the_field(change, message: str) -> None:
     (lambda s: s["srtp"].update(profile="SRTP_NOPE"), "srtp.profile: 'SRTP_NOPE' is not supported"),
     (lambda s: s["srtp"].update(tx_key="00" * 29), "srtp.tx_key: wrong length"),
     (lambda s: s.update(media=[]), "media: no audio section"),
+    (lambda s: s["dtls"].update(record=None), "dtls.record: missing"),
+    (lambda s: s["dtls"]["record"].pop("master_secret"), "dtls.record.master_secret: missing"),
+    (lambda s: s["dtls"].update(cipher="ECDHE-ECDSA-AES128-SHA"),
+     "dtls.cipher: cipher suite ECDHE-ECDSA-AES128-SHA is not supported"),
 ])
 def test_import_refusals(change, message: str) -> None:
     data = exported()

@@ -246,10 +246,13 @@ def test_live_migration_a_to_b_and_back(fast_consent: None) -> None:
                 log.assert_untouched(client)
                 info = (await api_b.get("/calls/42"))["migration"]
                 assert info["stun_answered"] >= 5 and info["stun_rejected"] == 0
-                # Data channels do not survive (DTLS/SCTP state is not exported):
-                # B drops and counts the DTLS records; the audio is unaffected.
-                client.dc.send("into the void")
-                await wait_for(lambda: tx_b._calls[42].stats.rx_dtls_dropped > 0, 2, "DTLS dropped")
+                # The data channel moved with the call: B's agent echoes on it.
+                while not client.messages.empty():
+                    client.messages.get_nowait()
+                client.dc.send("after the switch")
+                assert await asyncio.wait_for(client.messages.get(), 3) == "after the switch"
+                data = (await api_b.get("/calls/42"))["migration"]["data_channels"]
+                assert data["rx_records"] >= 1 and data["rx_unauthenticated"] == 0 and data["rx_replayed"] == 0
                 health = await api_b.get("/health")
                 assert health["calls"] == 1 and "42" in health["migration"]["imported"]
 

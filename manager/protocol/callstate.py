@@ -3,9 +3,10 @@ over (docs/migration.md). One versioned schema, written by every export path
 (a call placed on a transceiver, and a call that was itself imported) and
 read by import. relayd passes it through untouched, only over mutual TLS.
 
-Secrets (ICE passwords, the DTLS exporter output, SRTP master keys and
-salts) are present only in an export for migration; `without_secrets()`
-drops them for anything shown or logged.
+Secrets (ICE passwords, the DTLS master secret, the DTLS exporter output,
+SRTP master keys and salts) are present only in an export for migration;
+`without_secrets()` drops them, and the SCTP association with the messages
+it holds, for anything shown or logged.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ _ICE_CHARS = re.compile(r"^[A-Za-z0-9+/]{4,256}$")  # RFC 8445 ice-chars, aioice
 _HEX = re.compile(r"^(?:[0-9a-f]{2})*$")
 
 
-# What without_secrets() removes, by section.
-SECRET_FIELDS = {"ice": ("local_pwd", "remote_pwd"), "srtp": ("keying_material", "tx_key", "rx_key")}
+U16_MAX = 0xFFFF
+_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+
+# What without_secrets() removes, by section (a dotted path for a nested one).
+SECRET_FIELDS = {"ice": ("local_pwd", "remote_pwd"), "srtp": ("keying_material", "tx_key", "rx_key"),
+                 "dtls.record": ("master_secret",)}
 
 
 class _Model(BaseModel):
@@ -84,6 +89,25 @@ class Fingerprint(_Model):
     value: str
 
 
+class DtlsRecordState(_Model):
+    """Where the DTLS 1.2 record layer stands (manager.protocol.dtls_record):
+    with the master secret and the randoms, a new owner derives the record
+    keys and continues the session's epoch and sequence numbers."""
+
+    epoch: int = Field(ge=1, le=U16_MAX)
+    tx_seq: int = Field(ge=0, le=(1 << 48) - 1)  # next sequence number to seal: above any the old owner sealed
+    rx_highest: int = Field(ge=-1, le=(1 << 48) - 1)  # highest authenticated record received (-1: none)
+    rx_window: int = Field(default=0, ge=0, le=2**64 - 1)  # replay bitmap below it (bit i: rx_highest - i seen)
+    client_random: str
+    server_random: str
+    master_secret: str | None = None  # secret, hex
+
+    @field_validator("client_random", "server_random", "master_secret")
+    @classmethod
+    def _check_hex(cls, v: str | None) -> str | None:
+        return _hex(v)
+
+
 class DtlsState(_Model):
     role: Literal["client", "server"] | None = None
     state: str
@@ -92,6 +116,7 @@ class DtlsState(_Model):
     local_fingerprints: list[Fingerprint] = Field(default_factory=list)
     remote_fingerprints: list[Fingerprint] = Field(default_factory=list)
     srtp_profile: str | None = None
+    record: DtlsRecordState | None = None  # None: the record layer is not carried (see sctp.not_carried)
 
 
 class SrtpState(_Model):
@@ -151,10 +176,113 @@ class RtcpState(_Model):
     rx_packets: dict[str, int] = Field(default_factory=dict)
 
 
+def _b64(value: str) -> str:
+    if not _B64.match(value) or len(value) % 4:
+        raise ValueError("must be base64")
+    return value
+
+
+class SctpChunk(_Model):
+    """One DATA chunk (RFC 9260 3.3.1) the association holds; the sender's
+    bookkeeping for the chunks it sent or queued."""
+
+    tsn: int = Field(ge=0, le=U32_MAX)
+    stream_id: int = Field(ge=0, le=U16_MAX)
+    stream_seq: int = Field(ge=0, le=U16_MAX)
+    protocol: int = Field(ge=0, le=U32_MAX)  # payload protocol identifier (RFC 8831 8)
+    flags: int = Field(ge=0, le=0xFF)
+    user_data: str  # base64
+    sent_count: int = Field(default=0, ge=0)
+    acked: bool = False  # gap-acknowledged (not yet cumulatively)
+    abandoned: bool = False  # PR-SCTP (RFC 3758)
+    expiry: float | None = None  # wall clock, partially reliable channels
+    max_retransmits: int | None = Field(default=None, ge=0)
+
+    @field_validator("user_data")
+    @classmethod
+    def _check_b64(cls, v: str) -> str:
+        return _b64(v)
+
+
+class SctpInboundStream(_Model):
+    stream_id: int = Field(ge=0, le=U16_MAX)
+    sequence_number: int = Field(ge=0, le=U16_MAX)  # next ordered message expected
+    reassembly: list[SctpChunk] = Field(default_factory=list)  # received, not yet delivered
+
+
+class SctpChannel(_Model):
+    """An open data channel (RFC 8832 parameters)."""
+
+    id: int = Field(ge=0, le=65534)
+    label: str = ""
+    protocol: str = ""
+    ordered: bool = True
+    max_packet_life_time: int | None = Field(default=None, ge=0)
+    max_retransmits: int | None = Field(default=None, ge=0)
+    negotiated: bool = False
+
+
+class SctpQueued(_Model):
+    """A message a channel was given that the association has not cut into chunks yet."""
+
+    channel: int = Field(ge=0, le=65534)
+    protocol: int = Field(ge=0, le=U32_MAX)
+    user_data: str  # base64
+
+    @field_validator("user_data")
+    @classmethod
+    def _check_b64(cls, v: str) -> str:
+        return _b64(v)
+
+
+class SctpAssociation(_Model):
+    """An established SCTP association (RFC 9260) over DTLS, as a new owner
+    continues it: tags, TSNs, stream sequence numbers, the peer's window,
+    chunks outstanding, queued and awaiting reassembly, and the data channels."""
+
+    local_port: int = Field(ge=0, le=U16_MAX)
+    remote_port: int = Field(ge=0, le=U16_MAX)
+    local_verification_tag: int = Field(ge=0, le=U32_MAX)
+    remote_verification_tag: int = Field(ge=0, le=U32_MAX)
+    remote_max_message_size: int = Field(ge=0)
+    remote_partial_reliability: bool = False
+    remote_extensions: list[int] = Field(default_factory=list)
+    next_channel_id: int = Field(ge=0, le=U16_MAX)  # RFC 8832 6: even for the DTLS client, odd for the server
+    inbound_streams_count: int = Field(ge=0, le=U16_MAX)
+    outbound_streams_count: int = Field(ge=0, le=U16_MAX)
+    # inbound
+    advertised_rwnd: int = Field(ge=0)
+    last_received_tsn: int = Field(ge=0, le=U32_MAX)  # cumulative TSN we acknowledge
+    sack_misordered: list[int] = Field(default_factory=list)  # received above it (gap blocks)
+    sack_duplicates: list[int] = Field(default_factory=list)
+    sack_needed: bool = False
+    inbound: list[SctpInboundStream] = Field(default_factory=list)
+    # outbound
+    local_tsn: int = Field(ge=0, le=U32_MAX)  # next TSN to assign
+    last_sacked_tsn: int = Field(ge=0, le=U32_MAX)
+    advanced_peer_ack_tsn: int = Field(ge=0, le=U32_MAX)
+    cwnd: int = Field(gt=0)
+    ssthresh: int = Field(gt=0)
+    partial_bytes_acked: int = Field(default=0, ge=0)
+    outbound_stream_seq: dict[str, int] = Field(default_factory=dict)  # by stream id, decimal
+    sent: list[SctpChunk] = Field(default_factory=list)  # sent, not cumulatively acknowledged
+    outbound: list[SctpChunk] = Field(default_factory=list)  # cut into chunks, not sent yet
+    reconfig_request_seq: int = Field(ge=0, le=U32_MAX)
+    reconfig_response_seq: int = Field(ge=0, le=U32_MAX)
+    # round trip (RFC 9260 6.3.1)
+    srtt: float | None = None
+    rttvar: float | None = None
+    rto: float = Field(gt=0)
+    channels: list[SctpChannel] = Field(default_factory=list)
+    queued: list[SctpQueued] = Field(default_factory=list)
+
+
 class SctpState(_Model):
     mid: str | None = None
     state: str
     port: int = Field(ge=0, le=65535)
+    association: SctpAssociation | None = None  # what continues it; None with not_carried
+    not_carried: str | None = None  # why the data channels stop at a migration, if they do
 
 
 class AgentState(_Model):
@@ -192,17 +320,24 @@ class CallState(_Model):
         return next((m for m in self.media if m.kind == "audio"), None)
 
     def without_secrets(self) -> CallState:
-        """A copy fit to show or log: passwords, exporter output and keys removed."""
+        """A copy fit to show or log: passwords, the master secret, exporter
+        output and keys removed, and the SCTP association (it holds messages)."""
         ice = self.ice.model_copy(update={"local_pwd": None, "remote_pwd": None})
         srtp = None if self.srtp is None else SrtpState(profile=self.srtp.profile)
-        return self.model_copy(update={"ice": ice, "srtp": srtp})
+        record = self.dtls.record
+        dtls = self.dtls.model_copy(
+            update={"record": None if record is None else record.model_copy(update={"master_secret": None})})
+        sctp = None if self.sctp is None else self.sctp.model_copy(update={"association": None})
+        return self.model_copy(update={"ice": ice, "srtp": srtp, "dtls": dtls, "sctp": sctp})
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object relayd carries from export to import. A secret that
         is absent is left out altogether, not written as null."""
         data = self.model_dump(mode="json")
         for section, names in SECRET_FIELDS.items():
-            part = data.get(section)
+            part: Any = data
+            for key in section.split("."):
+                part = part.get(key) if isinstance(part, dict) else None
             if isinstance(part, dict):
                 for name in names:
                     if part.get(name) is None:

@@ -187,11 +187,20 @@ class ReplayWindow:
 
     SIZE = 64
 
-    def __init__(self, highest: int = -1, *, earlier_seen: bool = False) -> None:
+    def __init__(self, highest: int = -1, *, earlier_seen: bool = False, bits: int | None = None) -> None:
         """`earlier_seen`: a window continued from another owner, which knew
-        only the highest record: everything up to it counts as seen."""
+        only the highest record: everything up to it counts as seen. `bits`:
+        a window continued exactly (what `bits` read at the other owner)."""
         self.highest = highest
-        self._bits = (1 << self.SIZE) - 1 if earlier_seen and highest >= 0 else 0  # bit i: highest - i seen
+        if bits is not None:
+            self._bits = bits & ((1 << self.SIZE) - 1) if highest >= 0 else 0
+        else:
+            self._bits = (1 << self.SIZE) - 1 if earlier_seen and highest >= 0 else 0  # bit i: highest - i seen
+
+    @property
+    def bits(self) -> int:
+        """The window below `highest` (bit i: record highest - i seen)."""
+        return self._bits
 
     def check(self, seq: int) -> bool:
         """True if `seq` is new (not seen and not too old)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
 import fractions
 import logging
 import time
@@ -138,6 +139,7 @@ class AgentSession:
         self._messages: asyncio.Queue[Message | None] = asyncio.Queue()
         self._channels: list[Any] = []  # aiortc RTCDataChannel, first opened is primary
         self._pending_out: list[Message] = []
+        self._frozen = False  # a migration froze the call: messages wait in _pending_out
         self._closed = False
         self._pump: asyncio.Task[None] | None = None
         self.audio_frames_in = 0
@@ -183,7 +185,7 @@ class AgentSession:
             raise CallEnded
         if not isinstance(msg, (str, bytes)):
             raise TypeError(f"data-channel message must be str or bytes, not {type(msg).__name__}")
-        channel = self._primary_channel()
+        channel = None if self._frozen else self._primary_channel()
         if channel is None:
             if len(self._pending_out) >= MAX_QUEUED_MESSAGES:
                 raise RuntimeError("no open data channel and the outgoing queue is full")
@@ -248,8 +250,16 @@ class AgentSession:
                 return channel
         return None
 
+    def freeze(self) -> None:
+        """A migration is under way: hold outgoing messages (they move with the call)."""
+        self._frozen = True
+
+    def unfreeze(self) -> None:
+        self._frozen = False
+        self._flush_pending()
+
     def _flush_pending(self) -> None:
-        channel = self._primary_channel()
+        channel = None if self._frozen else self._primary_channel()
         while channel is not None and self._pending_out:
             channel.send(self._pending_out.pop(0))
             self.messages_out += 1
@@ -266,9 +276,14 @@ class AgentSession:
         self.out_track.stop()
 
     def import_state(self, state: dict[str, Any]) -> None:
-        """Continue the counters of a migrated call (what :meth:`export_state` produced)."""
+        """Continue a migrated call (what :meth:`export_state` produced): its
+        counters, the messages the agent had not read yet and those it sent
+        while the call was frozen (sent once a channel is open here)."""
         for key in ("audio_frames_in", "audio_frames_dropped", "messages_in", "messages_out"):
             setattr(self, key, int(state.get(key, 0)))
+        for item in state.get("unread", []):
+            self._messages.put_nowait(_decode_message(item))
+        self._pending_out.extend(_decode_message(item) for item in state.get("pending_out", []))
 
     def export_state(self) -> dict[str, Any]:
         return {
@@ -278,7 +293,33 @@ class AgentSession:
             "audio_frames_dropped": self.audio_frames_dropped,
             "messages_in": self.messages_in,
             "messages_out": self.messages_out,
+            "unread": [_encode_message(m) for m in self._peek_messages()],
+            "pending_out": [_encode_message(m) for m in self._pending_out],
         }
+
+    def _peek_messages(self) -> list[Message]:
+        items = []
+        while not self._messages.empty():
+            items.append(self._messages.get_nowait())
+        for item in items:
+            self._messages.put_nowait(item)
+        return [m for m in items if m is not None]
+
+
+def _encode_message(msg: Message) -> dict[str, str]:
+    return {"text": msg} if isinstance(msg, str) else {"binary": base64.b64encode(msg).decode()}
+
+
+def _decode_message(item: Any) -> Message:
+    """ValueError for anything but {"text": str} or {"binary": base64}."""
+    if isinstance(item, dict) and isinstance(item.get("text"), str) and len(item) == 1:
+        return item["text"]
+    if isinstance(item, dict) and isinstance(item.get("binary"), str) and len(item) == 1:
+        try:
+            return base64.b64decode(item["binary"], validate=True)
+        except ValueError:
+            pass
+    raise ValueError(f"agent.session: a message must be {{'text': str}} or {{'binary': base64}}, not {item!r:.60}")
 
 
 class Agent(abc.ABC):

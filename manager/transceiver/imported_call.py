@@ -27,8 +27,12 @@ SDP. The client keeps its ICE, DTLS and SRTP state and notices nothing:
   :meth:`ImportedCall.activate` (the relay's flip, or the first authenticated
   packet from the client): anything sent earlier would be dropped by the
   relay and show up at the client as a sequence gap.
-* **DTLS / data channels**: the DTLS record layer and the SCTP association
-  are not carried over, so DTLS datagrams are dropped (counted).
+* **DTLS / data channels**: the DTLS session and the SCTP association are
+  continued from the exported state (imported_data.ImportedDataChannels):
+  record keys from the master secret, sequence numbers and replay window
+  carried over, aiortc's association rebuilt; the agent's session gets the
+  channels at activation. An export that could not carry them (its
+  ``sctp.not_carried`` says why) leaves DTLS datagrams dropped and counted.
 
 See docs/transceiver.md, section "Migration".
 """
@@ -62,6 +66,7 @@ from aiortc.rtcrtpparameters import (
 )
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket, compute_audio_level_dbov, is_rtcp
 
+from manager.protocol import dtls_record
 from manager.protocol.api import OwnerBody
 from manager.protocol.callstate import (
     AgentState,
@@ -80,6 +85,7 @@ from . import aiortc_hooks as hooks
 from .agent import Agent, AgentSession, run_agent
 from .call_handle import CallHandle
 from .ice_mux import CallPort, IceMux
+from .imported_data import ImportedDataChannels
 from .rtp_streams import WRAP_MARGIN, RtpStreamState, migration_blocker
 
 logger = logging.getLogger(__name__)
@@ -159,6 +165,16 @@ class ImportPlan:
         problem = migration_blocker(state.srtp, state.rtp)
         if problem is not None:
             raise ValueError(problem)
+        if state.sctp is not None and state.sctp.association is not None:
+            record = state.dtls.record
+            if record is None or state.dtls.role is None or state.dtls.cipher is None:
+                raise ValueError("dtls.record: missing (the SCTP association needs the DTLS session's record state)")
+            if record.master_secret is None:
+                raise ValueError("dtls.record.master_secret: missing (an export without secrets cannot be imported)")
+            try:
+                dtls_record.suite(state.dtls.cipher)
+            except dtls_record.DtlsRecordError as exc:
+                raise ValueError(f"dtls.cipher: {exc}") from None
         if state.frozen is None:
             # Without the freeze the old owner may still be sending: our packets
             # would reuse its sequence numbers.
@@ -208,7 +224,7 @@ class MigrationStats:
     rx_undecryptable: int = 0  # failed unprotect (wrong key, replay, tampering)
     rx_late: int = 0  # RTP older than what was already decoded (no jitter buffer)
     rx_decode_errors: int = 0
-    rx_dtls_dropped: int = 0  # DTLS state is not migrated
+    rx_dtls_dropped: int = 0  # DTLS that did not authenticate, or data channels not carried
     rx_other_dropped: int = 0
     stun_answered: int = 0
     stun_rejected: int = 0  # bad USERNAME / MESSAGE-INTEGRITY / method: not answered
@@ -227,6 +243,7 @@ class ImportedCall(CallHandle):
         *,
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
         on_consent_expired: Callable[[ImportedCall], Awaitable[None]],
+        on_closed_by_client: Callable[[ImportedCall, str], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -271,6 +288,15 @@ class ImportedCall(CallHandle):
         self.rx_rtcp: Counter[str] = Counter(spec.state.rtcp.rx_packets)
         self._encoder: Encoder = get_encoder(self.codec)
         self._decoders: dict[int, Decoder | None] = {}
+        self._on_closed_by_client = on_closed_by_client
+        state = spec.state
+        self.data: ImportedDataChannels | None = None
+        self.data_not_carried = state.sctp.not_carried if state.sctp is not None else None
+        if state.sctp is not None and state.sctp.association is not None:
+            if state.dtls.record is None or state.dtls.role is None or state.dtls.cipher is None:
+                raise ValueError("dtls.record/role/cipher: missing (the SCTP association needs the DTLS session)")
+            self.data = ImportedDataChannels(role=state.dtls.role, cipher=state.dtls.cipher, record=state.dtls.record,
+                                             sctp=state.sctp, send=self._send_dtls, on_closed=self._closed_by_client)
         self._ext_map = HeaderExtensionsMap()
         self._ext_map.configure(
             RTCRtpParameters(
@@ -316,6 +342,8 @@ class ImportedCall(CallHandle):
         self.stats.activated_by = by
         self._activated_monotonic = time.monotonic()
         self._spawn(self._send_loop())
+        if self.data is not None:
+            self._spawn(self._activate_data(self.data))
         logger.info("imported call %d activated by %s", self.conn_id, by)
 
     @property
@@ -325,16 +353,36 @@ class ImportedCall(CallHandle):
     def check_exportable(self) -> None:
         pass  # the blocker is checked on the exported state, like any call's
 
+    async def _activate_data(self, data: ImportedDataChannels) -> None:
+        # The association first (SACK, retransmissions, what it had queued),
+        # then the agent's channels, whose held messages are newer.
+        await data.activate()
+        for channel in data.channels:
+            self.session.attach_channel(channel)
+
     def freeze(self) -> None:
         if self._frozen_at is None:
             self._frozen_at, self.frozen_monotonic = time.time(), time.monotonic()
+        if self.data is not None:
+            self.data.freeze()
+        self.session.freeze()
 
     def unfreeze(self) -> None:
         self._frozen_at = self.frozen_monotonic = None
+        if self.data is not None:
+            self.data.unfreeze()
+        self.session.unfreeze()
+
+    async def _closed_by_client(self, reason: str) -> None:
+        if self._on_closed_by_client is not None and not self.ending:
+            await self._on_closed_by_client(self, reason)
 
     async def close(self, *, quiet: bool = True) -> None:
-        """End quietly whatever `quiet` says: nothing can be said to the client without DTLS."""
+        """End; unless `quiet`, the client gets an SCTP ABORT and a DTLS
+        close_notify (nothing can be said without the data channels' DTLS)."""
         self.ending = True
+        if self.data is not None:
+            await self.data.close(quiet=quiet)
         self.session.close()
         self._cancel_tasks()
         for port in self.ports:
@@ -362,7 +410,10 @@ class ImportedCall(CallHandle):
         elif kind is PacketClass.RTP:
             self._srtp_received(data)
         elif kind is PacketClass.DTLS:
-            self.stats.rx_dtls_dropped += 1
+            if self.data is not None and self.data.datagram_received(data):
+                self.activate("dtls")
+            else:
+                self.stats.rx_dtls_dropped += 1
         else:
             self.stats.rx_other_dropped += 1
 
@@ -537,6 +588,11 @@ class ImportedCall(CallHandle):
             self.stats.import_to_first_sent_s = now - self.stats.imported_monotonic
             self.stats.activate_to_first_sent_s = now - self._activated_monotonic
 
+    def _send_dtls(self, data: bytes) -> None:
+        port = self._port_for(self.remote_addr)
+        if port is not None:
+            port.sendto(data, self.remote_addr)
+
     def _port_for(self, addr: Addr) -> CallPort | None:
         family = ipaddress.ip_address(addr[0]).version
         return next((p for p in self.ports if p.mux.family == family), None)
@@ -550,7 +606,7 @@ class ImportedCall(CallHandle):
             "connection_state": "connected",  # as far as the client is concerned
             "ice_connection_state": "completed",
             "ice_state": "completed",
-            "dtls_state": "not migrated",
+            "dtls_state": "not migrated" if self.data is None else "connected",
             "created_at": self.created_at,
             "connected_at": self.connected_at,
             "migration": self.migration_info(),
@@ -564,6 +620,8 @@ class ImportedCall(CallHandle):
             frozen_at=self._frozen_at,
             remote=list(self.remote_addr),
             consent_age_s=round(time.monotonic() - self._last_consent, 3),
+            data_channels=None if self.data is None else self.data.info(),
+            data_not_carried=self.data_not_carried,
         )
         return stats
 
@@ -588,6 +646,11 @@ class ImportedCall(CallHandle):
             srtp = SrtpState(profile=old.srtp.profile, keying_material=spec.keying_material.hex(),
                              tx_key=spec.tx_key.hex(), rx_key=spec.rx_key.hex())
         tx = {str(self.tx_stream.ssrc): self.tx_stream.to_model()} if self.tx_stream.packets else {}
+        record, association, not_carried = None, None, self.data_not_carried
+        if self.data is not None:
+            record, association, not_carried = self.data.export(include_secrets=include_secrets)
+            if association is None:
+                record = None
         return CallState(
             transceiver_id=transceiver_id,
             conn_id=self.conn_id,
@@ -596,13 +659,15 @@ class ImportedCall(CallHandle):
             connection_state="connected",
             owner=OwnerBody(**owner),
             ice=ice,
-            dtls=old.dtls.model_copy(update={"state": "not migrated"}),
+            dtls=old.dtls.model_copy(update={"state": "connected" if record is not None else "not migrated",
+                                             "record": record}),
             srtp=srtp,
             media=[m.model_copy(deep=True) for m in old.media],
             rtp=RtpState(tx=tx, rx={str(s): st.to_model() for s, st in self.rx_streams.items()}),
             # We send no RTCP: the SRTCP index stays where the old owner left it.
             rtcp=RtcpState(tx_srtcp_index=dict(old.rtcp.tx_srtcp_index), rx_packets=dict(self.rx_rtcp)),
-            sctp=old.sctp,
+            sctp=None if old.sctp is None else old.sctp.model_copy(
+                update={"association": association, "not_carried": not_carried}),
             agent=AgentState(session=self.session.export_state(), state=self.agent.export_state()),
             frozen=None if self._frozen_at is None else Frozen(at=self._frozen_at, monotonic=self.frozen_monotonic),
             migrations=old.migrations + 1,

@@ -301,9 +301,10 @@ class Transceiver:
             raise CapacityExceeded(f"at capacity ({self.capacity} calls)")
 
     async def close_call(self, conn_id: int, reason: str = "closed by control API") -> None:
-        """Hang up call ``conn_id``; raises :class:`UnknownCall`. A placed call
-        sends the client a DTLS close_notify; an imported call has no DTLS
-        session, so it just stops (the client notices by consent or silence)."""
+        """Hang up call ``conn_id``; raises :class:`UnknownCall`. The client
+        gets an SCTP ABORT and a DTLS close_notify (an imported call whose data
+        channels did not move has no DTLS session: it just stops, and the
+        client notices by consent or silence)."""
         await self._end_call(self._get(conn_id), reason)
 
     async def _end_call(self, call: CallHandle, reason: str, *, quiet: bool = False) -> None:
@@ -402,7 +403,11 @@ class Transceiver:
         self._check_room(conn_id, plan.ice.local_ufrag)
 
         session = AgentSession(conn_id)
-        session.import_state(plan.state.agent.session)
+        try:
+            session.import_state(plan.state.agent.session)
+        except ValueError as exc:
+            session.close()
+            raise InvalidRequest(f"state rejected: {exc}") from None
         agent = self.agent_factory()
         try:
             agent.import_state(plan.state.agent.state)
@@ -415,7 +420,8 @@ class Transceiver:
 
         try:
             call = ImportedCall(plan, session, agent, consent_timeout=self.consent_timeout,
-                                on_consent_expired=consent_expired)
+                                on_consent_expired=consent_expired,
+                                on_closed_by_client=lambda c, reason: self._end_call(c, reason))
             call.attach(self._muxes)
         except ValueError as exc:
             session.close()

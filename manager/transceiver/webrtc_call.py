@@ -3,7 +3,8 @@ client's offer as the relay's ufrag, on the transceiver's shared ICE sockets.
 
 The client is learnt only as a peer-reflexive candidate: its checks arrive
 from a relay-internal address:port. A MediaTap on the DTLS transport captures
-what a migration needs (keys, RTP counters) and implements the freeze.
+what a migration needs of the media (keys, RTP counters) and a DtlsTap what it
+needs of the data channels (record keys and numbers); both implement the freeze.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from manager.protocol.callstate import (
 from . import aiortc_hooks as hooks
 from .agent import Agent, AgentSession, run_agent
 from .call_handle import CallHandle
+from .dtls_tap import DtlsTap
 from .errors import CallStateConflict, InvalidRequest
 from .ice_mux import CallPort, IceMux
 from .media_tap import MediaTap
@@ -97,8 +99,8 @@ class WebRtcCall(CallHandle):
     """A call answered here with aiortc (see the module docstring)."""
 
     def __init__(self, *, conn_id: int, ufrag: str, pc: RTCPeerConnection, session: AgentSession, agent: Agent,
-                 ice: RTCIceTransport, dtls: RTCDtlsTransport, tap: MediaTap, ports: list[CallPort],
-                 offer: aiortc_sdp.SessionDescription) -> None:
+                 ice: RTCIceTransport, dtls: RTCDtlsTransport, tap: MediaTap, dtls_tap: DtlsTap,
+                 ports: list[CallPort], offer: aiortc_sdp.SessionDescription) -> None:
         super().__init__()
         self.conn_id = conn_id
         self.ufrag = ufrag
@@ -108,6 +110,7 @@ class WebRtcCall(CallHandle):
         self.ice = ice
         self.dtls = dtls
         self.tap = tap
+        self.dtls_tap = dtls_tap
         self.ports = ports
         self.offer = offer
         self.created_at = time.time()
@@ -178,10 +181,12 @@ class WebRtcCall(CallHandle):
         hooks.share_host_candidates(connection, shared)
         tap = MediaTap()
         tap.install(dtls)
+        dtls_tap = DtlsTap()
+        dtls_tap.install(dtls)
         # The offer was accepted above; a failure from here on is ours, not the client's.
         await pc.setLocalDescription(await pc.createAnswer())
         return cls(conn_id=conn_id, ufrag=ufrag, pc=pc, session=session, agent=agent, ice=ice, dtls=dtls, tap=tap,
-                   ports=ports, offer=offer)
+                   dtls_tap=dtls_tap, ports=ports, offer=offer)
 
     def start(self, *, connect_timeout: float, on_end: Callable[[WebRtcCall, str], Awaitable[None]]) -> None:
         """Run the agent, watch the connection, and end the call through
@@ -246,9 +251,13 @@ class WebRtcCall(CallHandle):
 
     def freeze(self) -> None:
         self.tap.freeze()
+        self.dtls_tap.freeze()
+        self.session.freeze()
 
     def unfreeze(self) -> None:
         self.tap.unfreeze()
+        self.dtls_tap.unfreeze()
+        self.session.unfreeze()
 
     def activate(self, by: str) -> None:
         raise CallStateConflict(f"call {self.conn_id} was not imported (it is sending already)")
@@ -291,7 +300,8 @@ class WebRtcCall(CallHandle):
             "dtls_state": self.dtls.state,
             "created_at": self.created_at,
             "connected_at": self.connected_at,
-            "migration": {"frozen_at": self.tap.frozen_at, "frozen_dropped": self.tap.frozen_dropped},
+            "migration": {"frozen_at": self.tap.frozen_at, "frozen_dropped": self.tap.frozen_dropped,
+                          "dtls_frozen_dropped": self.dtls_tap.frozen_dropped},
         }
 
     def export_state(self, transceiver_id: int, owner: dict[str, Any], *, include_secrets: bool) -> CallState:
@@ -320,6 +330,14 @@ class WebRtcCall(CallHandle):
             ))
         srtp = self.tap.srtp_state(include_secrets)
         sctp = self.pc.sctp
+        # The data channels move when both the record layer and the association can.
+        record, not_carried = self.dtls_tap.export(include_secrets=include_secrets)
+        association = None
+        if sctp is not None and record is not None:
+            try:
+                association = hooks.sctp_export(sctp)
+            except ValueError as exc:
+                not_carried = str(exc)
         return CallState(
             transceiver_id=transceiver_id,
             conn_id=self.conn_id,
@@ -336,12 +354,15 @@ class WebRtcCall(CallHandle):
                 remote_fingerprints=[Fingerprint(algorithm=f.algorithm, value=f.value)
                                      for m in self.offer.media[:1] if m.dtls is not None for f in m.dtls.fingerprints],
                 srtp_profile=srtp.profile if srtp else None,
+                record=record if association is not None else None,
             ),
             srtp=srtp,
             media=media,
             rtp=self.tap.rtp_state(),
             rtcp=self.tap.rtcp_state(),
-            sctp=None if sctp is None else SctpState(mid=sctp.mid, state=sctp.state, port=sctp.port),
+            sctp=None if sctp is None else SctpState(
+                mid=sctp.mid, state=sctp.state, port=sctp.port, association=association,
+                not_carried=None if association is not None else not_carried),
             agent=AgentState(session=self.session.export_state(), state=self.agent.export_state()),
             frozen=None if self.tap.frozen_at is None else Frozen(at=self.tap.frozen_at,
                                                                     monotonic=self.tap.frozen_monotonic),
