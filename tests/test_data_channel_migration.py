@@ -157,3 +157,44 @@ def test_data_channel_continues_across_three_round_trips() -> None:
                 await run_b.cleanup()
 
     run(scenario(), timeout=60)
+
+
+@pytest.mark.usefixtures("fast_consent")
+def test_a_migration_given_up_loses_no_message() -> None:
+    """Export with freeze, then unfreeze (the import failed): what either side
+    sent while the call was frozen arrives once, in order, soon after."""
+
+    async def scenario() -> None:
+        async with Transceiver(1, capacity=2, agent_factory=TickerAgent) as tx_a, ClientSession() as http:
+            run_a, api_a = await serve(tx_a, http)
+            client = ClientCall(440)
+            client.dc.remove_all_listeners("message")
+            numbered = Numbered(client)
+            try:
+                await client.place(tx_a, 42, UFRAG_A)
+                await client.wait_connected()
+                numbered.start()
+                await asyncio.sleep(0.5)
+                status, _ = await api_a.post("/calls/42/export", {"freeze": True})
+                assert status == 200
+                frozen_at = time.monotonic()
+                await asyncio.sleep(0.4)  # ~20 messages each way meet the freeze
+                status, _ = await api_a.post("/calls/42/unfreeze")
+                assert status == 204
+                info = (await api_a.get("/calls/42"))["migration"]
+                assert info["dtls_frozen_dropped"] > 0, info
+                await asyncio.sleep(0.5)
+                numbered.stop()
+                sent = len(numbered.sent)
+                await wait_for(lambda: len(numbered.echoes) >= sent, 5, "every echo back")
+                assert [n for n, _ in numbered.echoes] == list(range(sent))
+                ticks = [n for n, _ in numbered.ticks]
+                assert ticks == list(range(len(ticks)))
+                delay = numbered.worst_echo_delay(frozen_at, frozen_at + 0.4)
+                print(f"\nfrozen 0.4 s and given up: {sent} messages each way, worst echo delay {delay:.3f} s")
+            finally:
+                numbered.stop()
+                await client.close()
+                await run_a.cleanup()
+
+    run(scenario(), timeout=30)

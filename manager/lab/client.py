@@ -87,6 +87,10 @@ class CallReport:
     dc_sent: int = 0
     dc_echoed: int = 0
     dc_rtt_ms_p50: float | None = None
+    # The numbered stream (dc_interval): send time of "n:<i>" (seconds since the
+    # call started) and each echo as it came back: (i, arrival).
+    dc_numbered_sent_at: list[float] = field(default_factory=list)
+    dc_numbered_echoes: list[tuple[int, float]] = field(default_factory=list)
     signaling_states: list[str] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)   # name → seconds since the call started
     frames_after: dict[str, int] = field(default_factory=dict)       # audio frames received after each mark
@@ -112,11 +116,15 @@ class CallReport:
 
 
 async def client_call(signaling_url: str, *, duration: float = 4.0, messages: int = 10,
-                      hang_up: bool = True, on_connected=None, token: str | None = None) -> CallReport:
+                      hang_up: bool = True, on_connected=None, token: str | None = None,
+                      dc_interval: float | None = None) -> CallReport:
     """Place one call: POST the offer, play a tone, send data-channel pings,
     measure the echo, then DELETE the call. Runs in the caller's network
     namespace (run it on a NetnsExecutor thread of the client namespace).
-    `token`: the client credential, sent as `Authorization: Bearer`."""
+    `token`: the client credential, sent as `Authorization: Bearer`.
+    `dc_interval`: also send "n:<i>" every that many seconds from the moment
+    the channel opens until the pings are done (on_connected runs meanwhile),
+    and record every echo (CallReport.dc_numbered_*)."""
     auth = {"Authorization": f"Bearer {token}"} if token else {}
     rep = CallReport()
     rep._t0 = time.monotonic()
@@ -144,6 +152,7 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
     received: list = []
     arrivals: list[float] = []
     readers: set[asyncio.Task] = set()  # kept until done: the loop holds tasks only weakly
+    stream: asyncio.Task | None = None  # the numbered messages (dc_interval)
 
     @pc.on("track")
     def _track(track) -> None:
@@ -167,6 +176,16 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
     def _msg(message) -> None:
         if isinstance(message, str) and message in sent_at:
             rtts.append((time.monotonic() - sent_at.pop(message)) * 1000)
+        elif isinstance(message, str) and message.startswith("n:") and message[2:].isdigit():
+            rep.dc_numbered_echoes.append((int(message[2:]), time.monotonic() - rep._t0))
+
+    async def numbered() -> None:
+        while dc.readyState != "open":
+            await asyncio.sleep(0.01)
+        while True:
+            dc.send(f"n:{len(rep.dc_numbered_sent_at)}")
+            rep.dc_numbered_sent_at.append(time.monotonic() - rep._t0)
+            await asyncio.sleep(dc_interval)
 
     await pc.setLocalDescription(await pc.createOffer())
     async with aiohttp.ClientSession() as http:
@@ -186,6 +205,9 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
             except TimeoutError:
                 rep.error = f"not connected after 15 s (states {rep.connection_states})"
                 return rep
+            if dc_interval is not None:
+                stream = asyncio.get_running_loop().create_task(numbered())
+                readers.add(stream)
             if on_connected is not None:
                 await on_connected(pc, rep)
             # Data channel pings while the tone plays.
@@ -203,6 +225,11 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
                 rep.dc_sent += 1
                 await asyncio.sleep(duration / max(1, messages))
             await asyncio.sleep(0.5)
+            if stream is not None:
+                stream.cancel()
+                deadline = time.monotonic() + 3.0
+                while len(rep.dc_numbered_echoes) < len(rep.dc_numbered_sent_at) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
             rep.dc_echoed = len(rtts)
             rep.dc_rtt_ms_p50 = round(statistics.median(rtts), 3) if rtts else None
             await _collect_stats(pc, rep)

@@ -114,6 +114,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("sctp_restore", RTCSctpTransport, "_RTCSctpTransport__started", "instance attribute"),
     Hook("sctp_restore", RTCDataChannel, "_setReadyState", "method", ("state",)),
     Hook("sctp_resume", RTCSctpTransport, "_send_sack", "async method"),
+    Hook("sctp_resume", RTCSctpTransport, "_flight_size_decrease", "method", ("chunk",)),
     Hook("sctp_resume", RTCSctpTransport, "_transmit", "async method"),
     Hook("sctp_resume", RTCSctpTransport, "_data_channel_flush", "async method"),
     Hook("sctp_receive", RTCSctpTransport, "_handle_data", "async method", ("data",)),
@@ -573,9 +574,14 @@ def sctp_restore(sctp: RTCSctpTransport, state: SctpAssociation) -> list[RTCData
 
 
 async def sctp_resume(sctp: RTCSctpTransport) -> None:
-    """Start a restored association at its new owner: acknowledge what it
-    owes the peer (with gap blocks, the peer fast-retransmits what the freeze
-    dropped), resend the chunks marked, and send what is queued."""
+    """Start a restored association at its new owner, or again after a
+    freeze: acknowledge what it owes the peer (with gap blocks, the peer
+    fast-retransmits what the freeze dropped), resend every chunk not
+    acknowledged (what went out while held never left), send what is queued."""
+    for chunk in sctp._sent_queue:
+        if not (chunk._acked or chunk._abandoned):
+            chunk._retransmit = True
+            sctp._flight_size_decrease(chunk)
     if sctp._sack_needed or sctp._sack_misordered:
         await sctp._send_sack()
     await sctp._transmit()

@@ -86,6 +86,7 @@ class ImportedDataChannels:
         self.peer_closed = False  # the client's close_notify or fatal alert came
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._resume: asyncio.Future[None] | None = None
         self.transport = hooks.DtlsStandIn(role, self._send_sctp)
         self.sctp = RTCSctpTransport(self.transport, port=sctp.port)  # type: ignore[arg-type]
         self.sctp.mid = sctp.mid
@@ -109,6 +110,9 @@ class ImportedDataChannels:
 
     def unfreeze(self) -> None:
         self.frozen = False
+        if self.active and not self.closed:
+            # What SCTP sent while frozen was held: send it now, not at its next timeout.
+            self._resume = asyncio.ensure_future(hooks.sctp_resume(self.sctp))
 
     async def close(self, *, quiet: bool) -> None:
         """Stop; unless `quiet`, tell the client (SCTP ABORT, then DTLS close_notify)."""

@@ -258,6 +258,10 @@ class WebRtcCall(CallHandle):
         self.tap.unfreeze()
         self.dtls_tap.unfreeze()
         self.session.unfreeze()
+        sctp = self.pc.sctp
+        if sctp is not None and sctp.state == "connected":
+            # What SCTP sent while frozen was dropped: send it now, not at its next timeout.
+            self._spawn(hooks.sctp_resume(sctp))
 
     def activate(self, by: str) -> None:
         raise CallStateConflict(f"call {self.conn_id} was not imported (it is sending already)")
