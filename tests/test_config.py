@@ -66,6 +66,8 @@ def test_yaml_file(tmp_path):
      "VIP port 3478 lies inside the flow-port range"),
     ({"SPLITRELAY__DATAPATH__XDP_MODE": "turbo"}, "datapath.xdp_mode: 'turbo': Input should be 'auto', 'native' or 'generic'"),
     ({"SPLITRELAY__SIGNALING__BOGUS": "1"}, "signaling.bogus: 1: Extra inputs are not permitted"),
+    ({"SPLITRELAY__TCP__MAX_FRAME": "100"}, "tcp.max_frame: 100: Input should be greater than or equal to 576"),
+    ({"SPLITRELAY__TCP__PORT": "70000"}, "tcp.port: 70000: Input should be less than or equal to 65535"),
 ])
 def test_invalid_values_name_field_value_reason(tmp_path, override, expected):
     with pytest.raises(ConfigError) as info:

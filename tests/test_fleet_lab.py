@@ -358,3 +358,23 @@ def _send_forged(lab, source: str, ssrc: int) -> None:
 
     with NetnsExecutor(lab.edge_ns) as ex:
         ex.call(send)
+
+
+def test_a_tcp_call_survives_a_relay_restart_with_redis(fleet):
+    """ICE-TCP (UDP blocked at the client): relay 1 restarts mid-call and
+    closes the connection; the client's new connection (check first) reaches
+    the restarted relay, which finds the call in Redis: the call goes on."""
+    from tests.test_tcp_bridge import BLOCK_UDP, restart_during_tcp_call
+
+    lab, svc = fleet
+    table = BLOCK_UDP.format(vip4=lab.vip4, vip6=lab.vip6, port=lab.port)
+    lab.run(lab.client_ns, ["nft", "-f", "-"], input=table, check=True)
+    try:
+        rep, lost = restart_during_tcp_call(lab, svc)
+    finally:
+        lab.run(lab.client_ns, ["nft", "delete", "table", "inet", "splitrelay_test_block"], check=True)
+    assert lost >= 1
+    assert rep.error is None and rep.connection_states == ["connecting", "connected", "closed"]
+    assert rep.frames_after["restarted"] > 100 and rep.tone_ratio_after["restarted"] > 50
+    assert rep.dc_echoed == rep.dc_sent
+    assert events(svc, 1).get("tcp_legs_installed", 0) >= 1  # at the restarted relay

@@ -73,6 +73,7 @@ class CallReport:
     """What a client saw of one call."""
 
     call_url: str = ""
+    answer: str = ""  # the relay's SDP answer
     status: int = 0
     hangup_status: int | None = None  # what DELETE of the call answered
     connection_states: list[str] = field(default_factory=list)
@@ -117,14 +118,16 @@ class CallReport:
 
 async def client_call(signaling_url: str, *, duration: float = 4.0, messages: int = 10,
                       hang_up: bool = True, on_connected=None, token: str | None = None,
-                      dc_interval: float | None = None) -> CallReport:
+                      dc_interval: float | None = None, rewrite_answer=None) -> CallReport:
     """Place one call: POST the offer, play a tone, send data-channel pings,
     measure the echo, then DELETE the call. Runs in the caller's network
     namespace (run it on a NetnsExecutor thread of the client namespace).
     `token`: the client credential, sent as `Authorization: Bearer`.
     `dc_interval`: also send "n:<i>" every that many seconds from the moment
     the channel opens until the pings are done (on_connected runs meanwhile),
-    and record every echo (CallReport.dc_numbered_*)."""
+    and record every echo (CallReport.dc_numbered_*). `rewrite_answer(sdp)`:
+    what the client takes of the relay's answer (the ICE-TCP adapter's
+    address as its candidate, ice_tcp.py); the original is CallReport.answer."""
     auth = {"Authorization": f"Bearer {token}"} if token else {}
     rep = CallReport()
     rep._t0 = time.monotonic()
@@ -199,7 +202,9 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
                     await pc.close()
                     return rep
                 rep.call_url = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+            rep.answer = body
+            await pc.setRemoteDescription(RTCSessionDescription(
+                sdp=rewrite_answer(body) if rewrite_answer is not None else body, type="answer"))
             try:
                 await asyncio.wait_for(connected.wait(), 15)
             except TimeoutError:

@@ -71,6 +71,9 @@ CONTROL_PORT = 8700
 LAB_PREFIXES = ["10.10.0.0/16", "fd00:10::/32"]  # every lab address (manager.lab.topology)
 
 
+LAB_TCP_PORT = 443
+
+
 def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_timeout: float = 30.0,
                   client_auth: str = "off", relay: int = 1) -> dict:
     """relayd's configuration for a lab (as the TOML file would hold it);
@@ -103,6 +106,9 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
         "internal": {"host": internal4, "port": INTERNAL_PORT, "pki_dir": str(workdir / "pki"),
                      "prefixes": LAB_PREFIXES},
         "slowpath": {"idle_timeout": idle_timeout},
+        # ICE-TCP on both VIPs; the lab's client is one source, so the per-source
+        # cap is small enough for a test to reach, the handshake short to wait for.
+        "tcp": {"port": LAB_TCP_PORT, "max_per_source": 4, "handshake_timeout": 2.0},
         "metrics": {"port": metrics_port},  # on the internal address
         "client_auth": auth,
     }

@@ -102,21 +102,35 @@ def _connection_line(addr: str, version: int) -> str:
     return f"c=IN IP{version} {addr}"
 
 
-def rewrite_candidates(sdp: str, public: Sequence[tuple[str, int]]) -> str:
+# RFC 6544 4.2: local preference = 2^13 * direction-pref + other-pref, passive
+# candidates' direction-pref 4: every TCP candidate ranks below every UDP one
+# (whose local preference is 65535 - i here).
+TCP_PASSIVE_DIRECTION_PREF = 4
+
+
+def rewrite_candidates(sdp: str, public: Sequence[tuple[str, int]],
+                       tcp: Sequence[tuple[str, int]] = ()) -> str:
     """Make the relay's public address(es) the only candidates of every media section.
 
     Each active media section gets one UDP host candidate per public address,
-    a=end-of-candidates (nothing else will be trickled), and its c= line and
-    m-line port set to the first public address. Rejected sections (port 0)
-    stay rejected.
+    then one RFC 6544 passive TCP host candidate per `tcp` address (ICE-TCP,
+    lower priority), a=end-of-candidates (nothing else will be trickled), and
+    its c= line and m-line port set to the first public address. Rejected
+    sections (port 0) stay rejected.
     """
     addrs = check_public_addrs(public)
+    tcp_addrs = check_public_addrs(tcp) if tcp else []
     first_addr, first_port, first_version = addrs[0]
     candidates = [
         # component 1 only: WebRTC requires rtcp-mux.
         f"a=candidate:{candidate_foundation('host', 'udp', addr)} 1 udp "
         f"{candidate_priority(1, 'host', local_pref=65535 - i)} {addr} {port} typ host"
         for i, (addr, port, _) in enumerate(addrs)
+    ] + [
+        f"a=candidate:{candidate_foundation('host', 'tcp', addr)} 1 tcp "
+        f"{candidate_priority(1, 'host', local_pref=(TCP_PASSIVE_DIRECTION_PREF << 13) + 8191 - i)} "
+        f"{addr} {port} typ host tcptype passive"
+        for i, (addr, port, _) in enumerate(tcp_addrs)
     ] + ["a=end-of-candidates"]
     conn = _connection_line(first_addr, first_version)
 

@@ -216,6 +216,23 @@ class SlowPathConfig(BaseModel):
                                         description="unauthenticated client tuples per source address")
 
 
+class TcpConfig(BaseModel):
+    """ICE-TCP for clients that cannot use UDP: RFC 6544 passive candidates on
+    the VIPs' addresses, RFC 4571 framing, bridged to the owner over UDP."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    port: int = Field(default=443, ge=1, le=65535, description="TCP port on every VIP address")
+    max_connections: int = Field(default=10000, ge=1, description="bridged connections at once, all sources")
+    max_per_source: int = Field(default=8, ge=1, description="connections at once per source address")
+    handshake_timeout: float = Field(default=5.0, gt=0,
+                                     description="seconds until the owner's STUN success (first frame included)")
+    idle_timeout: float = Field(default=30.0, gt=0, description="seconds with no frame either way")
+    max_frame: int = Field(default=4096, ge=576, le=65535, description="largest RFC 4571 frame accepted, bytes")
+    write_buffer: int = Field(default=256 * 1024, ge=4096,
+                              description="bytes queued to a slow client before frames to it are dropped")
+
+
 class MetricsConfig(BaseModel):
     """Prometheus endpoint; port 0 disables it. Host None: the internal address."""
 
@@ -284,6 +301,7 @@ class RelaydConfig(BaseModel):
     client_auth: ClientAuthConfig = Field(default_factory=ClientAuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     slowpath: SlowPathConfig = Field(default_factory=SlowPathConfig)
+    tcp: TcpConfig = Field(default_factory=TcpConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     control_socket: Path = Path("/run/splitrelay/relayd.sock")

@@ -72,6 +72,7 @@ class ControlDeps:
     flow_setup: Histogram
     runtime: Runtime
     fleet: Any = None  # manager.relay.fleet.RedisFleet of a fleet; None: in-memory registry
+    tcp: Any = None  # manager.relay.tcp_bridge.TcpBridge; None: ICE-TCP off
 
 
 DEPS_KEY = web.AppKey("deps", ControlDeps)
@@ -216,7 +217,7 @@ def slowpath_view(deps: ControlDeps) -> dict[str, Any] | None:
                 setup["count"] = int(s.value)
             elif s.name.endswith("_sum"):
                 setup["sum_s"] = round(s.value, 6)
-    return {**sp.summary(), "flow_setup": setup}
+    return {**sp.summary(), "flow_setup": setup, "tcp": deps.tcp.summary() if deps.tcp is not None else None}
 
 
 # --- handlers -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from manager.relay.registration import make_internal_app
 from manager.relay.registry import Registry
 from manager.relay.signaling import make_app
 from manager.relay.slowpath import SlowPath
+from manager.relay.tcp_bridge import TcpBridge
 from manager.relay.transceiver_client import TransceiverClient
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Relay:
         self.metrics = Metrics(self.registry, self.datapath)
         self.runtime = Runtime()
         self.slowpath: SlowPath | None = None
+        self.tcp: TcpBridge | None = None
         self.migrator: Migrator | None = None
         self._runner: web.AppRunner | None = None
         self._client: TransceiverClient | None = None
@@ -97,6 +99,11 @@ class Relay:
         )
         self.metrics.watch_slowpath(self.slowpath)
         await self.slowpath.start()
+        if cfg.tcp.enabled:
+            # ICE-TCP on every VIP address (each once: several VIPs may share one).
+            hosts = list(dict.fromkeys(v.addr for v in dp.vips))
+            self.tcp = TcpBridge(self.slowpath, cfg.tcp, hosts)
+            await self.tcp.start()
         tls = pki.paths(cfg.internal.pki_dir, pki.RELAYD)
         self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout, tls=pki.client_context(tls))
         self.migrator = Migrator(self.registry, self.datapath, self.slowpath, self._client,
@@ -105,7 +112,8 @@ class Relay:
                           transceiver_client=self._client, auth=ClientAuth.from_config(cfg.client_auth),
                           limits=cfg.limits, allowed_origins=cfg.signaling.allowed_origins,
                           allows_owner=cfg.internal.allows,
-                          claim_conn_id=self.fleet.claim_conn_id if self.fleet is not None else None)
+                          claim_conn_id=self.fleet.claim_conn_id if self.fleet is not None else None,
+                          tcp_addrs=self.tcp.listening if self.tcp is not None else ())
         self._runner = await _serve(public, [cfg.signaling.host, *cfg.signaling.extra_hosts], cfg.signaling.port)
         internal = make_internal_app(self.registry, allows=cfg.internal.allows)
         self._internal_runner = await _serve(internal, cfg.internal.host, cfg.internal.port,
@@ -117,7 +125,7 @@ class Relay:
         self._control = await start_control(ControlDeps(
             config=cfg, registry=self.registry, datapath=self.datapath, slowpath=self.slowpath,
             migrator=self.migrator, transceivers=self._client, flow_setup=self.metrics.flow_setup,
-            runtime=self.runtime, fleet=self.fleet))
+            runtime=self.runtime, fleet=self.fleet, tcp=self.tcp))
         log.info("relayd ready: signaling on %s:%d, transceivers on %s:%d (mutual TLS), VIPs %s",
                  cfg.signaling.host, cfg.signaling.port, cfg.internal.host, cfg.internal.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
@@ -176,6 +184,9 @@ class Relay:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self.tcp is not None:
+            await self.tcp.stop()
+            self.tcp = None
         if self.slowpath is not None:
             await self.slowpath.stop()
         if self.fleet is not None:

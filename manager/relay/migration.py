@@ -160,6 +160,11 @@ class Migrator:
                         raise MigrationError(f"transceiver {target.id} has no address in the family of {leg.client}")
                     self.datapath.add_reverse(ep, leg.flow_port, leg.client, leg.vip, conn, leg.flow_addr)
                     staged.append((ep, leg.source))
+                # ICE-TCP legs need nothing staged (the bridge sends to the current
+                # owner), but an owner in their family.
+                for leg in self.slowpath.stream_legs_of(conn):
+                    if new_owner.for_family(leg.family) is None:
+                        raise MigrationError(f"transceiver {target.id} has no address in the family of {leg.client}")
             except (TransceiverError, MigrationError, KeyError, TypeError, ValueError) as exc:
                 await self._roll_back(source, target, conn, imported, new_owner)
                 raise MigrationError(f"migration of call {call.call_id} failed, call left on transceiver "

@@ -79,10 +79,12 @@ ClaimConnId = Callable[[int], Awaitable[bool]]
 class _Api:
     def __init__(self, registry: Registry, hint_key: bytes, public_addrs: list[tuple[str, int]],
                  client: TransceiverClient, *, auth: ClientAuth, limits: LimitsConfig,
-                 allows_owner: Callable[[str], bool], claim_conn_id: ClaimConnId | None = None) -> None:
+                 allows_owner: Callable[[str], bool], claim_conn_id: ClaimConnId | None = None,
+                 tcp_addrs: Sequence[tuple[str, int]] = ()) -> None:
         self.registry = registry
         self.hint_key = hint_key
         self.public_addrs = public_addrs
+        self.tcp_addrs = list(tcp_addrs)
         self.client = client
         self.auth = auth
         self.limits = limits
@@ -198,7 +200,7 @@ class _Api:
         )
         return web.Response(
             status=201,
-            text=rewrite_candidates(answer, self.public_addrs),
+            text=rewrite_candidates(answer, self.public_addrs, self.tcp_addrs),
             content_type="application/sdp",
             headers={"Location": f"/v1/calls/{call.call_id}"},
         )
@@ -315,14 +317,17 @@ def make_app(
     allowed_origins: Sequence[str] = (),
     allows_owner: Callable[[str], bool] = lambda addr: True,
     claim_conn_id: ClaimConnId | None = None,
+    tcp_addrs: Sequence[tuple[str, int]] = (),
 ) -> web.Application:
-    """Build the public signaling application. A client passed in stays the caller's to close."""
+    """Build the public signaling application. A client passed in stays the caller's to close.
+    `tcp_addrs`: ICE-TCP listeners the answers offer as passive TCP candidates."""
     encode_ufrag(hint_key, 1, 1)  # fail now, not on the first call, if the key is unusable
     addrs = [(addr, port) for addr, port, _ in check_public_addrs(public_addrs)]
     client = transceiver_client if transceiver_client is not None else TransceiverClient()
     limits = limits or LimitsConfig()
+    tcp = [(addr, port) for addr, port, _ in check_public_addrs(tcp_addrs)] if tcp_addrs else []
     api = _Api(registry, hint_key, addrs, client, auth=auth or ClientAuth("off"), limits=limits,
-               allows_owner=allows_owner, claim_conn_id=claim_conn_id)
+               allows_owner=allows_owner, claim_conn_id=claim_conn_id, tcp_addrs=tcp)
 
     # aiohttp's own body cap is a backstop (a chunked body has no length to check first).
     app = web.Application(client_max_size=limits.max_body + 1024, middlewares=[cors_middleware(allowed_origins)])

@@ -10,6 +10,11 @@ Binding success response for a request from that exact client tuple goes back
 through the relay, the flow is installed in the kernel (both directions);
 from then on XDP forwards it.
 
+ICE-TCP connections (tcp_bridge.py) become *stream legs* here: the same
+admission, flow source and owner check, but the client side is a framed TCP
+stream and both directions stay in Python (nothing is installed in the kernel;
+migration still works, since every packet is sent to the call's current owner).
+
 A flow source holds no socket: FlowSockets sends from any of them and hears
 all of them on one socket per family (kernel/flow_sockets.py), so concurrent
 flows are bounded by the address and port plan. Sockets are non-blocking and
@@ -84,6 +89,11 @@ class Leg:
     # Media checks of a new client tuple under way (NAT rebinding).
     rebind_checks: int = 0
     ssrc: int = 0  # first RTP SSRC the kernel saw, once published to the fleet
+    # A stream leg (ICE-TCP): how the owner's packets reach the client, and how
+    # the slow path closes the connection (call ended, never authenticated).
+    stream: Callable[[bytes], None] | None = None
+    close_stream: Callable[[str], None] | None = None
+    last_seen: float = field(default_factory=time.monotonic)
 
     @property
     def family(self) -> int:
@@ -94,8 +104,13 @@ class Leg:
         """The flow source as the datapath takes it: (flow port, pool index)."""
         return self.flow_port, self.flow_addr
 
+    @property
+    def transport(self) -> str:
+        return "udp" if self.stream is None else "tcp"
+
     def to_dict(self) -> dict:
-        return {"client": list(self.client), "vip": list(self.vip), "conn_id": self.conn_id,
+        return {"client": list(self.client), "vip": list(self.vip), "transport": self.transport,
+                "conn_id": self.conn_id,
                 "flow_port": self.flow_port, "flow_addr": self.flow_addr, "installed": self.installed_at is not None,
                 "setup_ms": round((self.installed_at - self.first_seen) * 1000, 3) if self.installed_at else None}
 
@@ -190,6 +205,7 @@ class SlowPath:
         self.stats: collections.Counter[str] = collections.Counter()
         self.bytes: collections.Counter[str] = collections.Counter()
         self.legs: dict[tuple[tuple[str, int], tuple[str, int]], Leg] = {}
+        self.stream_legs: dict[tuple[tuple[str, int], tuple[str, int]], Leg] = {}  # ICE-TCP, by (client, listener)
         self.public: dict[tuple[str, int], socket.socket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._housekeeper: asyncio.Task | None = None
@@ -264,6 +280,8 @@ class SlowPath:
         self.fleet = None  # the kernel keeps these flows: the fleet keeps knowing them
         for leg in list(self.legs.values()):
             self._close_leg(leg, remove_kernel=False)
+        for leg in list(self.stream_legs.values()):
+            self._close_leg(leg, reason="relay stopping")
         for sock in self.flow_sockets.receivers.values():
             self._loop.remove_reader(sock.fileno())
         for sock in self.public.values():
@@ -274,11 +292,13 @@ class SlowPath:
     def summary(self) -> dict:
         """Counters and state for metrics and the control API."""
         installed = sum(1 for leg in self.legs.values() if leg.installed_at is not None)
+        tcp_installed = sum(1 for leg in self.stream_legs.values() if leg.installed_at is not None)
         return {
             "events": {k: v for k, v in sorted(self.stats.items()) if not k.startswith("forward_")},
             "packets": {d: self.stats.get(f"forward_{d}", 0) for d in ("in", "out")},
             "bytes": {d: self.bytes.get(f"forward_{d}", 0) for d in ("in", "out")},
             "legs": {"installed": installed, "pending": len(self.legs) - installed},
+            "tcp_legs": {"installed": tcp_installed, "pending": len(self.stream_legs) - tcp_installed},
             "flow_sources": {str(fam): {"in_use": src.in_use, "total": src.size} for fam, src in self.sources.items()},
             # Read from /proc by the housekeeper (never on a scrape, on the loop).
             "queue_bytes": self.queue_bytes,
@@ -321,54 +341,123 @@ class SlowPath:
             # Not STUN: XDP drops these; one only gets here without XDP.
             self.stats["drop_unknown_not_stun"] += 1
             return
+        admitted = self._admit(data, client)
+        if admitted is None:
+            return
+        call, msg = admitted
+        source = self._take_source(client)
+        if source is None:
+            return
+        leg = Leg(client=client, vip=vip, conn_id=call.conn_id, flow_port=source[0], flow_addr=source[1])
+        self._add_leg(leg)
+        self.stats["legs_opened"] += 1
+        self._note_txid(leg, data, msg)
+        self._to_owner(leg, data)
+
+    def _admit(self, data: bytes, client: Addr) -> tuple[Call, stun.Message] | None:
+        """A new client tuple's first packet: a Binding request whose USERNAME
+        carries a valid routing hint, for a live call with an owner in the
+        client's family, within the per-call and per-source bounds; None
+        (counted) otherwise."""
         try:
             msg = stun.parse_message(data)
         except ValueError:
             self.stats["drop_malformed_stun"] += 1
-            return
+            return None
         if msg.message_method != stun.Method.BINDING or msg.message_class != stun.Class.REQUEST:
             self.stats["drop_not_binding_request"] += 1
-            return
+            return None
         username = msg.attributes.get("USERNAME")
         if not username:
             self.stats["drop_no_username"] += 1
-            return
+            return None
         try:
             server_ufrag, _ = parse_stun_username(username)
             hint = decode_ufrag(self.hint_key, server_ufrag)
         except UfragError:
             self.stats["drop_forged_hint"] += 1
-            return
+            return None
         call = self.registry.get_call(hint.conn_id)
         if call is None or call.state != "active":
             self.stats["drop_unknown_call"] += 1
-            return
+            return None
         if call.server_ufrag != server_ufrag:
             # A valid MAC for a connection id that now belongs to another call.
             self.stats["drop_stale_hint"] += 1
-            return
+            return None
         owner = call.owner.for_family(family_of(client[0])) if call.owner else None
-        sources = self.sources.get(family_of(client[0]))
-        if owner is None or sources is None:
+        if owner is None or self.sources.get(family_of(client[0])) is None:
             self.stats["drop_no_owner_in_family"] += 1
-            return
+            return None
         if self._legs_per_call[call.conn_id] >= self.max_legs_per_call:
             self.stats["drop_leg_cap"] += 1
-            return
+            return None
         if self._pending_per_source[client[0]] >= self.max_pending_per_source:
             self.stats["drop_source_pending_cap"] += 1
-            return
+            return None
+        return call, msg
+
+    def _take_source(self, client: Addr) -> tuple[int, int] | None:
         try:
-            port, addr = sources.take()
+            return self.sources[family_of(client[0])].take()
         except OSError as exc:
             self.stats["drop_no_flow_port"] += 1
             log.warning("no flow source for %s: %s", client, exc)
-            return
-        leg = Leg(client=client, vip=vip, conn_id=call.conn_id, flow_port=port, flow_addr=addr)
-        self._add_leg(leg)
-        self.stats["legs_opened"] += 1
+            return None
+
+    # --- ICE-TCP stream legs (tcp_bridge.py) ---------------------------------------------
+
+    def open_stream_leg(self, listener: Addr, data: bytes, client: Addr, *, send: Callable[[bytes], None],
+                        close: Callable[[str], None]) -> Leg | None:
+        """The first frame of an ICE-TCP connection: admitted as a new UDP
+        tuple's first packet is, then sent to the owner from a flow source of
+        its own. None (counted) if refused: the bridge closes the connection."""
+        if not is_stun(data):
+            self.stats["tcp_drop_not_stun"] += 1
+            return None
+        admitted = self._admit(data, client)
+        if admitted is None:
+            return None
+        call, msg = admitted
+        source = self._take_source(client)
+        if source is None:
+            return None
+        leg = Leg(client=client, vip=listener, conn_id=call.conn_id, flow_port=source[0], flow_addr=source[1],
+                  stream=send, close_stream=close)
+        self.stream_legs[(client, listener)] = leg
+        self._by_source[(leg.family, *leg.source)] = leg
+        self._legs_per_call[leg.conn_id] += 1
+        self._pending_per_source[client[0]] += 1
+        self.stats["tcp_legs_opened"] += 1
         self._note_txid(leg, data, msg)
         self._to_owner(leg, data)
+        return leg
+
+    def stream_packet(self, leg: Leg, data: bytes) -> None:
+        """A later frame of a stream leg: to the call's current owner. Until the
+        owner's success only Binding requests pass (on UDP, XDP drops the rest)."""
+        leg.last_seen = time.monotonic()
+        if leg.installed_at is None:
+            if not is_stun(data):
+                self.stats["tcp_drop_before_success"] += 1
+                return
+            self._note_txid(leg, data)
+        self.stats["tcp_in"] += 1
+        self._to_owner(leg, data)
+
+    def close_stream_leg(self, leg: Leg, *, settle: bool = True) -> None:
+        """The connection is gone: free the leg, and (`settle`) end the call if
+        nothing else carries it. A relay stopping does not settle: its calls
+        are not over (the registry may be shared, the client may reconnect)."""
+        if self.stream_legs.get((leg.client, leg.vip)) is not leg:
+            return
+        self._close_leg(leg)
+        self.stats["tcp_legs_closed"] += 1
+        if settle and leg.installed_at is not None:
+            self._settle({leg.conn_id})
+
+    def stream_legs_of(self, conn_id: int) -> list[Leg]:
+        return [leg for leg in self.stream_legs.values() if leg.conn_id == conn_id]
 
     def _add_leg(self, leg: Leg) -> None:
         self.legs[(leg.client, leg.vip)] = leg
@@ -447,14 +536,19 @@ class SlowPath:
                 return
             install = (msg is not None and msg.message_method == stun.Method.BINDING
                        and msg.message_class == stun.Class.RESPONSE and msg.transaction_id in leg.txids)
-        sock = self.public.get(leg.vip)
-        if sock is None:
-            return
-        try:
-            sock.sendto(data, leg.client)
-        except OSError:
-            self.stats["drop_send_error"] += 1
-            return
+        if leg.stream is not None:
+            leg.last_seen = time.monotonic()
+            leg.stream(data)
+            self.stats["tcp_out"] += 1
+        else:
+            sock = self.public.get(leg.vip)
+            if sock is None:
+                return
+            try:
+                sock.sendto(data, leg.client)
+            except OSError:
+                self.stats["drop_send_error"] += 1
+                return
         self.stats["forward_out"] += 1
         self.bytes["forward_out"] += len(data)
         if install:
@@ -464,6 +558,15 @@ class SlowPath:
         """The owner authenticated this exact client tuple: hand it to XDP."""
         call = self.registry.get_call(leg.conn_id)
         if call is None or call.owner is None:
+            return
+        if leg.stream is not None:
+            # Bridged in Python both ways: nothing goes to the kernel.
+            leg.installed_at = time.monotonic()
+            self._release_pending(leg)
+            leg.txids.clear()
+            self.stats["tcp_legs_installed"] += 1
+            if self.on_flow_installed:
+                self.on_flow_installed(leg.installed_at - leg.first_seen)
             return
         if self.datapath is not None:
             try:
@@ -703,26 +806,37 @@ class SlowPath:
         else:
             self._pending_per_source.pop(leg.client[0], None)
 
-    def _close_leg(self, leg: Leg, *, remove_kernel: bool = True) -> None:
+    def _close_leg(self, leg: Leg, *, remove_kernel: bool = True, reason: str = "closed") -> None:
+        if leg.stream is not None:
+            if self.stream_legs.get((leg.client, leg.vip)) is leg:
+                del self.stream_legs[(leg.client, leg.vip)]
+                self._forget_source(leg)
+            if leg.close_stream is not None:
+                close, leg.close_stream = leg.close_stream, None
+                close(reason)
+            return
         if self.legs.get((leg.client, leg.vip)) is leg:
             del self.legs[(leg.client, leg.vip)]
             if leg.installed_at is not None and self.fleet is not None:
                 self.fleet.withdraw_leg(leg.conn_id, leg.client, leg.vip)
-            if self._by_source.get((leg.family, *leg.source)) is leg:
-                del self._by_source[(leg.family, *leg.source)]
-            self.sources[leg.family].give_back(leg.source)
-            if leg.installed_at is None:
-                self._release_pending(leg)
-            n = self._legs_per_call[leg.conn_id] - 1
-            if n > 0:
-                self._legs_per_call[leg.conn_id] = n
-            else:
-                self._legs_per_call.pop(leg.conn_id, None)
+            self._forget_source(leg)
         if remove_kernel and self.datapath is not None and leg.installed_at is not None:
             try:
                 self.datapath.remove_flow(leg.client, leg.vip)
             except (DatapathError, OSError) as exc:
                 log.warning("cannot remove flow %s: %s", leg.client, exc)
+
+    def _forget_source(self, leg: Leg) -> None:
+        if self._by_source.get((leg.family, *leg.source)) is leg:
+            del self._by_source[(leg.family, *leg.source)]
+        self.sources[leg.family].give_back(leg.source)
+        if leg.installed_at is None:
+            self._release_pending(leg)
+        n = self._legs_per_call[leg.conn_id] - 1
+        if n > 0:
+            self._legs_per_call[leg.conn_id] = n
+        else:
+            self._legs_per_call.pop(leg.conn_id, None)
 
     def _call_active(self, call: Call) -> None:
         """A call's checks may come: let its ufrag through XDP's admission."""
@@ -737,6 +851,8 @@ class SlowPath:
     def _call_ended(self, call: Call, reason: str) -> None:
         for leg in self.legs_of(call.conn_id):
             self._close_leg(leg)
+        for leg in self.stream_legs_of(call.conn_id):
+            self._close_leg(leg, reason=f"call ended ({reason})")
         if self.datapath is not None:
             try:
                 self.datapath.remove_owner(call.conn_id)
@@ -754,9 +870,9 @@ class SlowPath:
             self.after_kernel_expiry(self.datapath.expire_idle(self.idle_timeout))
 
     def expire_pending(self, now: float) -> None:
-        for leg in list(self.legs.values()):
+        for leg in [*self.legs.values(), *self.stream_legs.values()]:
             if leg.installed_at is None and now - leg.first_seen > self.pending_timeout:
-                self._close_leg(leg)
+                self._close_leg(leg, reason="the owner never answered a check")
                 self.stats["legs_expired_pending"] += 1
 
     def after_kernel_expiry(self, expired: list) -> None:
@@ -794,7 +910,7 @@ class SlowPath:
 
     def _settle(self, touched: set[int]) -> None:
         for conn_id in touched:
-            if self.legs_of(conn_id):
+            if self.legs_of(conn_id) or self.stream_legs_of(conn_id):
                 continue
             if self.fleet is not None and self.fleet.others_serve(conn_id):
                 self.stats["idle_served_elsewhere"] += 1  # the client's packets go to another relay now
