@@ -63,7 +63,10 @@ fi
 # programs use only UAPI types, so an older header version is fine.
 kbuild="/lib/modules/$(uname -r)/build"
 kernel_source=""
-if [ -e "$kbuild/include/linux/kconfig.h" ] || [ -e /sys/kernel/kheaders.tar.xz ]; then
+# The running kernel's own headers: one tree, or Debian's split (build holds
+# the -amd64 part, source the -common part), which bcc follows by itself.
+if [ -e "$kbuild/include/linux/kconfig.h" ] || [ -e "/lib/modules/$(uname -r)/source/include/linux/kconfig.h" ] \
+   || [ -e /sys/kernel/kheaders.tar.xz ]; then
   kernel_source=""
 else
   arch_dir="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)"

@@ -265,22 +265,18 @@ def test_connections_per_source_are_capped(env):
 
 
 def test_frames_round_trip_and_refusals_name_the_reason():
-    from manager.relay.tcp_bridge import FrameError, frame, read_frame
-
-    async def parse(data: bytes, max_frame: int = 4096) -> bytes:
-        reader = asyncio.StreamReader()
-        reader.feed_data(data)
-        reader.feed_eof()
-        return await read_frame(reader, max_frame)
+    from manager.relay.tcp_bridge import FrameError, FrameParser, frame
 
     packet = b"\x00\x01" + bytes(98)
     assert frame(packet) == b"\x00\x64" + packet
-    assert asyncio.run(parse(frame(packet))) == packet
+    parser = FrameParser(4096)
+    stream = frame(packet) + frame(b"x" * 7) + frame(packet)[:50]
+    assert parser.feed(stream[:1]) == [] and parser.pending == 1  # a header split across reads
+    assert parser.feed(stream[1:]) == [packet, b"x" * 7] and parser.pending == 50
+    assert parser.feed(frame(packet)[50:]) == [packet] and parser.pending == 0
     with pytest.raises(FrameError, match="^frame of 5000 bytes exceeds tcp.max_frame \\(4096\\)$"):
-        asyncio.run(parse(struct.pack("!H", 5000) + bytes(5000)))
+        FrameParser(4096).feed(struct.pack("!H", 5000))
     with pytest.raises(FrameError, match="^empty frame$"):
-        asyncio.run(parse(b"\x00\x00"))
-    with pytest.raises(asyncio.IncompleteReadError):
-        asyncio.run(parse(frame(packet)[:50]))
+        FrameParser(4096).feed(b"\x00\x00")
     with pytest.raises(ValueError, match="does not fit an RFC 4571 frame"):
         frame(bytes(70000))

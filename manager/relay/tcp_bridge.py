@@ -56,25 +56,72 @@ class FrameError(ValueError):
     """A frame the bridge refuses (the connection is closed)."""
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes:
-    """The next frame's packet; EOF raises asyncio.IncompleteReadError."""
-    header = await reader.readexactly(FRAME_HEADER.size)
-    (length,) = FRAME_HEADER.unpack(header)
-    if length == 0:
-        raise FrameError("empty frame")
-    if length > max_frame:
-        raise FrameError(f"frame of {length} bytes exceeds tcp.max_frame ({max_frame})")
-    return await reader.readexactly(length)
+class FrameParser:
+    """RFC 4571 frames out of a TCP byte stream, as the bytes come."""
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The packets of every frame completed by `data` (FrameError: refuse the stream)."""
+        buf = self._buf
+        buf += data
+        out = []
+        pos = 0
+        while len(buf) - pos >= FRAME_HEADER.size:
+            (length,) = FRAME_HEADER.unpack_from(buf, pos)
+            if length == 0:
+                raise FrameError("empty frame")
+            if length > self.max_frame:
+                raise FrameError(f"frame of {length} bytes exceeds tcp.max_frame ({self.max_frame})")
+            end = pos + FRAME_HEADER.size + length
+            if end > len(buf):
+                break
+            out.append(bytes(buf[pos + FRAME_HEADER.size:end]))
+            pos = end
+        del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held."""
+        return len(self._buf)
 
 
 @dataclass(eq=False)
 class Connection:
     client: tuple[str, int]
     listener: tuple[str, int]
-    writer: asyncio.StreamWriter
+    transport: asyncio.Transport
     opened: float
+    parser: FrameParser
     leg: Leg | None = None
     closed_by: str | None = None  # why the relay closed it
+
+
+class _Stream(asyncio.Protocol):
+    """One accepted connection: bytes in → frames → the bridge. A protocol,
+    not a StreamReader: a data_received call parses every frame it holds
+    without a coroutine switch per frame."""
+
+    def __init__(self, bridge: TcpBridge) -> None:
+        self.bridge = bridge
+        self.conn: Connection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn = self.bridge._accepted(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.bridge._received(self.conn, data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.bridge._lost(self.conn, exc)
 
 
 class TcpBridge:
@@ -84,28 +131,33 @@ class TcpBridge:
         self.slowpath = slowpath
         self.cfg = cfg
         self.hosts = hosts
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[Connection] = set()
         self.per_source: collections.Counter[str] = collections.Counter()
         self.stats: collections.Counter[str] = collections.Counter()
+        self._housekeeper: asyncio.Task[None] | None = None
 
     @property
     def listening(self) -> list[tuple[str, int]]:
         return [(h, self.cfg.port) for h in self.hosts]
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         for host in self.hosts:
-            family = family_of(host)
             try:
-                server = await asyncio.start_server(self._serve, host, self.cfg.port, family=family,
-                                                    reuse_address=True, backlog=1024)
+                server = await loop.create_server(lambda: _Stream(self), host, self.cfg.port,
+                                                  family=family_of(host), reuse_address=True, backlog=1024)
             except OSError as exc:
                 await self.stop()
                 raise OSError(exc.errno, f"tcp.port {self.cfg.port} on {host}: {exc.strerror}") from None
             self.servers.append(server)
+        self._housekeeper = loop.create_task(self._housekeeping())
         log.info("ICE-TCP listening on %s", ", ".join(f"{h}:{self.cfg.port}" for h in self.hosts))
 
     async def stop(self) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            self._housekeeper = None
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -118,64 +170,40 @@ class TcpBridge:
         return {"listening": [f"{h}:{p}" for h, p in self.listening], "connections": len(self.connections),
                 "events": dict(sorted(self.stats.items()))}
 
-    # -- one connection ---------------------------------------------------------------------
+    # -- connections ------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        local = writer.get_extra_info("sockname")
+    def _accepted(self, transport: asyncio.Transport) -> Connection | None:
+        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         client, listener = (peer[0], peer[1]), (local[0], local[1])
         if len(self.connections) >= self.cfg.max_connections:
             self.stats["refused_max_connections"] += 1
-            writer.transport.abort()
-            return
+            transport.abort()
+            return None
         if self.per_source[client[0]] >= self.cfg.max_per_source:
             self.stats["refused_per_source"] += 1
-            writer.transport.abort()
-            return
-        sock = writer.get_extra_info("socket")
+            transport.abort()
+            return None
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # media: no Nagle delay
-        writer.transport.set_write_buffer_limits(high=self.cfg.write_buffer)
-        conn = Connection(client=client, listener=listener, writer=writer, opened=time.monotonic())
+        transport.set_write_buffer_limits(high=self.cfg.write_buffer)
+        conn = Connection(client=client, listener=listener, transport=transport, opened=time.monotonic(),
+                          parser=FrameParser(self.cfg.max_frame))
         self.connections.add(conn)
         self.per_source[client[0]] += 1
         self.stats["accepted"] += 1
+        return conn
+
+    def _received(self, conn: Connection, data: bytes) -> None:
         try:
-            await self._pump(conn, reader)
-        except asyncio.IncompleteReadError:
-            if conn.closed_by is None:
-                self.stats["closed_by_client"] += 1
+            packets = conn.parser.feed(data)
         except FrameError as exc:
             self.stats["closed_bad_frame"] += 1
-            log.debug("ICE-TCP %s: %s", client, exc)
-        except TimeoutError:
-            pass  # counted where it was decided
-        except (ConnectionError, OSError):
-            self.stats["closed_error"] += 1
-        finally:
-            self._close(conn, conn.closed_by or "closed")
-
-    async def _pump(self, conn: Connection, reader: asyncio.StreamReader) -> None:
-        cfg = self.cfg
-        deadline = conn.opened + cfg.handshake_timeout
-        while True:
-            now = time.monotonic()
-            if conn.leg is None or conn.leg.installed_at is None:
-                wait = deadline - now
-                if wait <= 0:
-                    self.stats["closed_handshake_timeout"] += 1
-                    conn.closed_by = "no STUN success within tcp.handshake_timeout"
-                    raise TimeoutError
-            else:
-                wait = conn.leg.last_seen + cfg.idle_timeout - now
-                if wait <= 0:
-                    self.stats["closed_idle"] += 1
-                    conn.closed_by = "idle"
-                    raise TimeoutError
-            try:
-                packet = await asyncio.wait_for(read_frame(reader, cfg.max_frame), timeout=wait)
-            except TimeoutError:
-                continue  # the loop decides (the owner's traffic may have kept it alive)
+            self._close(conn, str(exc))
+            return
+        for packet in packets:
+            if conn.closed_by is not None:
+                return
             self.stats["frames_in"] += 1
             if conn.leg is None:
                 conn.leg = self.slowpath.open_stream_leg(
@@ -184,19 +212,44 @@ class TcpBridge:
                     close=lambda reason, c=conn: self._close(c, reason))
                 if conn.leg is None:
                     self.stats["closed_refused"] += 1
-                    conn.closed_by = "first frame refused"
+                    self._close(conn, "first frame refused")
                     return
             else:
                 self.slowpath.stream_packet(conn.leg, packet)
 
+    def _lost(self, conn: Connection, exc: Exception | None) -> None:
+        if conn.closed_by is None:
+            self.stats["closed_by_client" if exc is None else "closed_error"] += 1
+        self._close(conn, "closed by the client" if exc is None else f"connection error: {exc}")
+
+    def expire(self, now: float) -> None:
+        """Close connections past the handshake timeout (no owner's success
+        yet) or idle both ways past the idle timeout."""
+        cfg = self.cfg
+        for conn in list(self.connections):
+            leg = conn.leg
+            if leg is None or leg.installed_at is None:
+                if now - conn.opened > cfg.handshake_timeout:
+                    self.stats["closed_handshake_timeout"] += 1
+                    self._close(conn, "no STUN success within tcp.handshake_timeout")
+            elif now - leg.last_seen > cfg.idle_timeout:
+                self.stats["closed_idle"] += 1
+                self._close(conn, "idle")
+
+    async def _housekeeping(self) -> None:
+        period = max(0.1, min(self.cfg.handshake_timeout, self.cfg.idle_timeout) / 10)
+        while True:
+            await asyncio.sleep(period)
+            self.expire(time.monotonic())
+
     def _send(self, conn: Connection, data: bytes) -> None:
-        transport = conn.writer.transport
+        transport = conn.transport
         if transport.is_closing():
             return
         if transport.get_write_buffer_size() > self.cfg.write_buffer:
             self.stats["frames_dropped_slow_client"] += 1
             return
-        conn.writer.write(frame(data))
+        transport.write(frame(data))
         self.stats["frames_out"] += 1
 
     def _close(self, conn: Connection, reason: str, *, settle: bool = True) -> None:
@@ -213,6 +266,6 @@ class TcpBridge:
         if leg is not None:
             leg.close_stream = None  # closing here: the slow path must not call back
             self.slowpath.close_stream_leg(leg, settle=settle)
-        if not conn.writer.transport.is_closing():
-            conn.writer.close()
+        if not conn.transport.is_closing():
+            conn.transport.close()
         log.debug("ICE-TCP %s closed: %s", conn.client, reason)
