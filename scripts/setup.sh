@@ -19,7 +19,8 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       python3-yaml iproute2 ethtool linux-headers-amd64 procps util-linux
       nftables conntrack  # the lab client's NAT (NAT rebinding tests)
       redis-server        # a fleet lab's shared registry (started per lab, on its own socket)
-      coturn rtpengine-daemon python3-matplotlib)  # make bench-peers: real peers (started per run), plots
+      coturn rtpengine-daemon python3-matplotlib  # make bench-peers: real peers (started per run), plots
+      chromium fonts-liberation)  # real browser calls in the tests (headless, fake audio device)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

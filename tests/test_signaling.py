@@ -572,3 +572,32 @@ def test_make_app_rejects_bad_config() -> None:
         make_app(Registry(), hint_key=KEY, public_addrs=[])
     with pytest.raises(ValueError, match="is not an"):
         make_app(Registry(), hint_key=KEY, public_addrs=[("vip.example", 3478)])
+
+
+def test_the_talk_page_is_served_only_when_configured() -> None:
+    async def scenario() -> None:
+        async with relay(transceivers=1) as env:
+            resp = await env.http.get("/")
+            assert resp.status in (404, 405)  # off by default: a production relay serves no page
+        async with relay(transceivers=1, page=True) as env:
+            resp = await env.http.get("/")
+            assert resp.status == 200 and resp.content_type == "text/html"
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+            body = await resp.text()
+            assert "<title>splitrelay: talk to the agent</title>" in body
+            assert 'fetch("/v1/calls"' in body  # same origin: no CORS needed
+
+    run(scenario)
+
+
+def test_the_answer_offers_tcp_candidates_when_given() -> None:
+    async def scenario() -> None:
+        async with relay(transceivers=1, tcp_addrs=[("203.0.113.10", 443)]) as env:
+            pc, offer = await env.offer()
+            resp = await env.http.post("/v1/calls", data=offer, headers={"Content-Type": "application/sdp"})
+            answer = await resp.text()
+            assert resp.status == 201, answer
+            tcp = [line for line in answer.splitlines() if " tcp " in line and line.startswith("a=candidate:")]
+            assert tcp and all(line.endswith("203.0.113.10 443 typ host tcptype passive") for line in tcp)
+
+    run(scenario)

@@ -1,6 +1,6 @@
 """ICE-TCP through the real relay: the lab's client has UDP to the VIP
 blocked (nftables in its namespace), so its only way is the passive TCP
-candidate of the relay's answer (port 443, RFC 4571 frames), bridged by
+candidate of the relay's answer (LAB_TCP_PORT, RFC 4571 frames), bridged by
 relayd to the transceiver over UDP. Calls connect, audio and data channel
 echo, the bridge's counters show the path; a migration moves the call; and
 the bridge's locks hold against what an attacker would send."""

@@ -71,7 +71,9 @@ CONTROL_PORT = 8700
 LAB_PREFIXES = ["10.10.0.0/16", "fd00:10::/32"]  # every lab address (manager.lab.topology)
 
 
-LAB_TCP_PORT = 443
+# Not 443: Chrome refuses a remote candidate on a port below 1024 at a private
+# address (libwebrtc's VerifyCandidate), and the lab's VIPs are private.
+LAB_TCP_PORT = 4443
 
 
 def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_timeout: float = 30.0,
@@ -101,8 +103,8 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
         # Both VIPs (clients with only IPv6 too); a fleet's relays listen on
         # every address: on the VIP when the edge routes it to them, and on
         # their own public address.
-        "signaling": {"host": lab.vip4, "extra_hosts": [lab.vip6], "port": 8080} if lab.relays == 1 else
-                     {"host": "0.0.0.0", "extra_hosts": ["::"], "port": 8080},
+        "signaling": {"host": lab.vip4, "extra_hosts": [lab.vip6], "port": 8080, "page": True} if lab.relays == 1
+                     else {"host": "0.0.0.0", "extra_hosts": ["::"], "port": 8080, "page": True},
         "internal": {"host": internal4, "port": INTERNAL_PORT, "pki_dir": str(workdir / "pki"),
                      "prefixes": LAB_PREFIXES},
         "slowpath": {"idle_timeout": idle_timeout},

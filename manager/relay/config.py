@@ -138,6 +138,7 @@ class SignalingConfig(BaseModel):
     port: int = Field(default=8080, ge=1, le=65535)
     allowed_origins: list[str] = Field(default_factory=list,
                                        description="CORS: origins whose pages may post offers (default none)")
+    page: bool = Field(default=False, description="serve the 'talk to the agent' page at / (demos, not production)")
     transceiver_timeout: float = Field(default=10.0, gt=0, description="seconds to wait for a transceiver's answer")
     heartbeat_timeout: float = Field(default=3.0, gt=0, description="a silent transceiver is unhealthy after this")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import signal
 import time
@@ -102,6 +103,11 @@ class Relay:
         if cfg.tcp.enabled:
             # ICE-TCP on every VIP address (each once: several VIPs may share one).
             hosts = list(dict.fromkeys(v.addr for v in dp.vips))
+            private = [h for h in hosts if ipaddress.ip_address(h).is_private]
+            if cfg.tcp.port < 1024 and private:
+                log.warning("tcp.port %d on private address(es) %s: Chrome refuses remote candidates below "
+                            "port 1024 at private addresses; ICE-TCP will work for it only on public ones",
+                            cfg.tcp.port, ", ".join(private))
             self.tcp = TcpBridge(self.slowpath, cfg.tcp, hosts)
             await self.tcp.start()
         tls = pki.paths(cfg.internal.pki_dir, pki.RELAYD)
@@ -113,7 +119,8 @@ class Relay:
                           limits=cfg.limits, allowed_origins=cfg.signaling.allowed_origins,
                           allows_owner=cfg.internal.allows,
                           claim_conn_id=self.fleet.claim_conn_id if self.fleet is not None else None,
-                          tcp_addrs=self.tcp.listening if self.tcp is not None else ())
+                          tcp_addrs=self.tcp.listening if self.tcp is not None else (),
+                          page=cfg.signaling.page)
         self._runner = await _serve(public, [cfg.signaling.host, *cfg.signaling.extra_hosts], cfg.signaling.port)
         internal = make_internal_app(self.registry, allows=cfg.internal.allows)
         self._internal_runner = await _serve(internal, cfg.internal.host, cfg.internal.port,

@@ -43,6 +43,7 @@ from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth
 from manager.relay.limits import CreateLimits
+from manager.relay.page import PAGE_HTML
 from manager.relay.registry import Call, PlacementError, Registry, StoreUnavailable, Transceiver
 from manager.relay.transceiver_client import TransceiverClient, TransceiverError
 
@@ -301,6 +302,11 @@ def cors_middleware(allowed_origins: Sequence[str]):
     return cors
 
 
+async def _talk_page(request: web.Request) -> web.Response:
+    return web.Response(text=PAGE_HTML, content_type="text/html",
+                        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+
 async def _cors_refused(request: web.Request) -> web.Response:
     # Reached only when the CORS middleware did not answer the preflight.
     return _text(403, "CORS: origin not allowed")
@@ -318,9 +324,11 @@ def make_app(
     allows_owner: Callable[[str], bool] = lambda addr: True,
     claim_conn_id: ClaimConnId | None = None,
     tcp_addrs: Sequence[tuple[str, int]] = (),
+    page: bool = False,
 ) -> web.Application:
     """Build the public signaling application. A client passed in stays the caller's to close.
-    `tcp_addrs`: ICE-TCP listeners the answers offer as passive TCP candidates."""
+    `tcp_addrs`: ICE-TCP listeners the answers offer as passive TCP candidates.
+    `page`: serve the "talk to the agent" page at / (manager.relay.page)."""
     encode_ufrag(hint_key, 1, 1)  # fail now, not on the first call, if the key is unusable
     addrs = [(addr, port) for addr, port, _ in check_public_addrs(public_addrs)]
     client = transceiver_client if transceiver_client is not None else TransceiverClient()
@@ -331,6 +339,8 @@ def make_app(
 
     # aiohttp's own body cap is a backstop (a chunked body has no length to check first).
     app = web.Application(client_max_size=limits.max_body + 1024, middlewares=[cors_middleware(allowed_origins)])
+    if page:
+        app.router.add_get("/", _talk_page)
     app.router.add_post("/v1/calls", api.create_call)
     app.router.add_delete("/v1/calls/{call_id}", api.delete_call)
     app.router.add_patch("/v1/calls/{call_id}", api.update_call)
