@@ -690,23 +690,47 @@ def print_demo(r: dict) -> None:
                        f"RTCP RTT {c['rtcp_rtt_ms']} ms"],
         ["echo", ("440 Hz tone detected" if r["tone_detected"] else "tone NOT detected")
          + f" in the returned audio (tone/off-tone power {c['tone_ratio']})"],
+        ["this machine", _host_line(r.get("host") or {})],
         ["cleanup", "nothing left behind" if not r["left_behind"] else "LEFT: " + ", ".join(r["left_behind"])],
     ]
     click.echo(table(None, rows))
     click.echo("demo OK" if r["ok"] else "demo FAILED")
 
 
+def _host_line(h: dict) -> str:
+    if not h:
+        return "-"
+    if not h.get("page"):
+        return f"page NOT reachable at {h.get('url')}: {h.get('error')}"
+    return (f"page at {h['url']}; a call from this machine through it "
+            + ("connected and echoed" if h.get("call") else f"FAILED ({h.get('call_error')})"))
+
+
+def _hold_until_enter(url: str) -> None:
+    click.echo(f"\nTalk to the agent from this machine's browser: {url}\n"
+               "(the lab stays up until you press Enter or Ctrl-C)", err=True)
+    try:
+        sys.stdin.readline()
+    except KeyboardInterrupt:
+        pass
+
+
 @main.command()
 @click.option("--duration", type=click.FloatRange(1, 600), default=5.0, show_default=True,
               help="Seconds of media in the call.")
+@click.option("--hold/--no-hold", default=None,
+              help="Keep the lab up for this machine's browser until Enter (default: when on a terminal).")
 @json_option
-def demo(duration: float, as_json: bool) -> None:
+def demo(duration: float, hold: bool | None, as_json: bool) -> None:
     """Lab + relayd + 2 transceivers, one real WebRTC call through the XDP
-    relay, a summary; everything is removed afterwards."""
+    relay, a summary, and the "talk to the agent" page on this machine's
+    loopback (a browser here can call the agent); everything is removed afterwards."""
     need_root("demo")
     from manager.lab.demo import run_demo
 
-    r = run_demo(duration, _progress(not as_json))
+    if hold is None:
+        hold = sys.stdin.isatty() and not as_json
+    r = run_demo(duration, _progress(not as_json), hold=_hold_until_enter if hold else None)
     if as_json:
         emit_json(r)
     else:

@@ -539,7 +539,12 @@ def test_demo_json_places_a_call_and_cleans_up():
     assert r["tone_detected"] and r["call"]["dc_echoed"] == r["call"]["dc_sent"] > 0
     assert r["fastpath"]["forwarded"] > r["slowpath"]["packets"] > 0
     assert r["slowpath"]["flows_installed"] >= 1
+    # The page on this machine's loopback, and a call from this machine through it (the host link).
+    assert r["host"]["page"] and r["host"]["call"], r["host"]
+    assert r["host"]["url"].startswith("http://127.0.0.1:")
     assert r["left_behind"] == []
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"{r['prefix']}-" not in names
+    links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
+    assert f'"{r["prefix"]}-h"' not in links  # the host end of the link went with the lab
     assert not Path(f"/sys/fs/bpf/splitrelay-{r['prefix']}").exists()

@@ -9,6 +9,7 @@ import secrets
 import shutil
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 from pyroute2 import netns
 
 from manager.lab.client import client_call
+from manager.lab.host_proxy import LocalProxy
 from manager.lab.services import Services, lab_pin_dir
-from manager.lab.topology import NetnsExecutor, lab_down, lab_up
+from manager.lab.topology import SIGNALING_PORT, NetnsExecutor, lab_down, lab_up
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath
 
@@ -35,15 +37,34 @@ def _slow_samples(svc) -> dict[str, float]:
     return out
 
 
-def run_demo(duration: float, say: Callable[[str], None]) -> dict:
-    """Lab + relayd + 2 transceivers, one real call, numbers; all torn down."""
+def _check_host_path(proxy: LocalProxy) -> dict:
+    """What a browser on this machine would do, done by aiortc from this
+    machine's own namespace: fetch the page and place a call through it."""
+    out: dict[str, Any] = {"url": proxy.url + "/"}
+    try:
+        with urllib.request.urlopen(proxy.url + "/", timeout=5) as r:
+            out["page"] = "<title>splitrelay: talk to the agent</title>" in r.read().decode()
+    except OSError as exc:
+        out["page"], out["error"] = False, str(exc)
+        return out
+    rep = asyncio.run(client_call(proxy.url, duration=1.5, messages=2))
+    out["call"] = bool(rep.connected and rep.error is None and rep.dc_echoed == rep.dc_sent)
+    out["call_error"] = rep.error
+    return out
+
+
+def run_demo(duration: float, say: Callable[[str], None], hold: Callable[[str], None] | None = None) -> dict:
+    """Lab + relayd + 2 transceivers, one real call, numbers; all torn down.
+    The lab is connected to this machine and the page served on its loopback;
+    `hold(url)` (if given) runs before the tear-down, while a browser here can
+    talk to the agent."""
     prefix = f"demo{secrets.token_hex(2)}"
     result: dict[str, Any] = {"prefix": prefix}
-    lab_ = svc = dp = None
+    lab_ = svc = dp = proxy = None
     workdir = Path(tempfile.mkdtemp(prefix=f"splitrelay-{prefix}-"))
     try:
         say(f"creating lab {prefix}: client, relay and 2 transceiver namespaces")
-        lab_ = lab_up(prefix, 2)
+        lab_ = lab_up(prefix, 2, host_link=True)
         svc = Services(lab_, workdir)
         say("starting relayd (loads XDP on the relay's veths) and 2 transceivers")
         t0 = time.monotonic()
@@ -68,9 +89,16 @@ def run_demo(duration: float, say: Callable[[str], None]) -> dict:
                               if slow.get("count") else None}
         result["fast_share"] = round(fwd / (fwd + sp), 4) if fwd + sp else None
         result["tone_detected"] = rep.tone_ratio > 50
+        say("serving the page on this machine's loopback; a call from this machine through it")
+        proxy = LocalProxy((lab_.vip4, SIGNALING_PORT)).start()
+        result["host"] = _check_host_path(proxy)
         result["ok"] = bool(rep.error is None and rep.connected and rep.dc_sent and rep.dc_echoed == rep.dc_sent
-                            and result["tone_detected"])
+                            and result["tone_detected"] and result["host"].get("call"))
+        if hold is not None:
+            hold(result["host"]["url"])
     finally:
+        if proxy is not None:
+            proxy.stop()
         say("tearing down")
         if dp is not None:
             dp.close()

@@ -26,7 +26,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from manager import pki
-from manager.lab.topology import Lab, NetnsExecutor
+from manager.lab.topology import HOST_IFNAME, Lab, NetnsExecutor
 from manager.lab.topology import lab as lab_ctx
 from manager.protocol.addresses import OwnerAddr
 from manager.protocol.client_auth import mint_token
@@ -90,8 +90,8 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
         "control_socket": f"/run/splitrelay/{lab.prefix}-{relay_name(relay)}.sock",
         "datapath": {
             "pin_dir": str(lab_pin_dir(lab.prefix, relay)),
-            "interfaces": [lab.public_ifname, *lab.internal_ifnames],
-            "public_interfaces": [lab.public_ifname],
+            "interfaces": [lab.public_ifname, *([HOST_IFNAME] if lab.host_link else []), *lab.internal_ifnames],
+            "public_interfaces": [lab.public_ifname, *([HOST_IFNAME] if lab.host_link else [])],
             "vips": [{"addr": lab.vip4, "port": lab.port}, {"addr": lab.vip6, "port": lab.port}],
             "internal_addr4": internal4,
             "internal_addr6": internal6,

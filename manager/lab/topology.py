@@ -121,6 +121,7 @@ class Lab:
     signaling_url: str = f"http://10.10.1.1:{SIGNALING_PORT}"
     created_at: float = field(default_factory=time.time)
     relays: int = 1  # >= 2: a fleet sharing the VIP behind an edge router
+    host_link: bool = False  # this machine reaches the VIPs through the relay's `host0` (add_host_link)
 
     # --- construction -----------------------------------------------------
 
@@ -559,7 +560,8 @@ def _isolate_one_relay(lab: Lab, r: int) -> None:
                                  (socket.AF_INET6, (*pool6, lab.vip6), 128)):
             for addr in addrs:
                 ipr.rule("add", family=fam, priority=RULE_PREF_RELAY_SOURCE, table=254, src=addr, src_len=plen)
-            for ifname in [lab.public_ifname, *lab.internal_ifnames]:
+            host = [HOST_IFNAME] if lab.host_link and r == 1 else []
+            for ifname in [lab.public_ifname, *host, *lab.internal_ifnames]:
                 ipr.rule("add", family=fam, priority=RULE_PREF_PROHIBIT, iifname=ifname, action="FR_ACT_PROHIBIT")
 
 
@@ -617,14 +619,16 @@ def _wait_ready(lab: Lab, timeout: float = READY_TIMEOUT) -> None:
         time.sleep(0.02)
 
 
-def lab_up(prefix: str | None = None, transceivers: int = 2, relays: int = 1) -> Lab:
+def lab_up(prefix: str | None = None, transceivers: int = 2, relays: int = 1, *, host_link: bool = False) -> Lab:
     """Create the lab's namespaces and links, record it in STATE_DIR, return it.
+    `host_link`: also connect this machine to the relay's public side (add_host_link).
 
     On any failure, whatever was created is removed and LabError is raised.
     """
     _check_environment()
     prefix = random_prefix() if prefix is None else _check_prefix(prefix)
     lab = Lab.plan(prefix, transceivers, relays)
+    lab.host_link = host_link
     taken = _lab_namespaces(prefix)
     if taken or lab.state_file.exists():
         raise LabError(f"lab prefix {prefix!r} is already in use "
@@ -641,6 +645,9 @@ def lab_up(prefix: str | None = None, transceivers: int = 2, relays: int = 1) ->
         _configure_links(lab)
         if lab.relays > 1:
             _configure_fleet_links(lab)
+        if host_link:
+            step = "connecting this machine to the relay"
+            add_host_link(lab)
         step = "adding policy rules"
         _isolate_relay(lab)
         step = "setting offloads"
@@ -657,6 +664,42 @@ def lab_up(prefix: str | None = None, transceivers: int = 2, relays: int = 1) ->
             raise LabError(f"lab {prefix}: {step} failed: {one_line(e) or type(e).__name__}") from e
         raise
     return lab
+
+
+# --- the host's own way in ----------------------------------------------------------
+
+HOST_IFNAME = "host0"  # in the relay namespace: a second public interface, facing this machine
+HOST4, RELAY_HOST4 = "10.10.250.1", "10.10.250.2"  # /30
+HOST6, RELAY_HOST6 = "fd00:10:250::1", "fd00:10:250::2"  # /64
+
+
+def host_ifname(lab: Lab) -> str:
+    return f"{lab.prefix}-h"
+
+
+def add_host_link(lab: Lab) -> None:
+    """Connect this machine (the root namespace) to the relay's public side:
+    a veth to `host0` in the relay namespace (relayd treats it as a public
+    interface) and routes to both VIPs through it, so a browser here can
+    call the agent. Routes are replaced: one lab with a host link at a time."""
+    if lab.relays != 1:
+        raise LabError("a host link is for a single-relay lab")
+    name = host_ifname(lab)
+    with IPRoute() as ipr:  # created here, its peer born in the relay namespace
+        ipr.link("add", ifname=name, kind="veth", peer={"ifname": HOST_IFNAME, "net_ns_fd": lab.relay_ns})
+    with _ipr(lab.relay_ns) as ipr:
+        idx = ipr.link_lookup(ifname=HOST_IFNAME)[0]
+        ipr.link("set", index=idx, state="up")
+        _add_addrs(ipr, idx, [(RELAY_HOST4, 30), (RELAY_HOST6, 64)])
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=name)[0]
+        ipr.link("set", index=idx, state="up")
+        _add_addrs(ipr, idx, [(HOST4, 30), (HOST6, 64)])
+        ipr.route("replace", dst=f"{lab.vip4}/32", gateway=RELAY_HOST4, oif=idx)
+        ipr.route("replace", dst=f"{lab.vip6}/128", gateway=RELAY_HOST6, oif=idx, family=socket.AF_INET6)
+    # As for every lab veth (see _set_offloads): GRO on, TX checksum off, both ends.
+    subprocess.run(["ethtool", "-K", name, "gro", "on", "tx", "off"], check=True, capture_output=True, timeout=30)
+    ns_run(lab.relay_ns, ["ethtool", "-K", HOST_IFNAME, "gro", "on", "tx", "off"])
 
 
 # --- tear-down -------------------------------------------------------------------
