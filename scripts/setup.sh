@@ -10,10 +10,6 @@ headers_root="${SPLITRELAY_HEADERS_DIR:-/var/lib/splitrelay/kernel-headers}"
 die() { echo "setup: $*" >&2; exit 1; }
 say() { echo "setup: $*"; }
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (loading XDP programs and creating namespaces needs CAP_SYS_ADMIN/CAP_NET_ADMIN)"
-[ -e /sys/kernel/btf/vmlinux ] || [ -d /sys/fs/bpf ] || die "this kernel has no BPF support (/sys/fs/bpf missing)"
-grep -q '^ID=debian' /etc/os-release 2>/dev/null || say "warning: not Debian; package names may differ"
-
 # --- apt packages -----------------------------------------------------------
 pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       python3-yaml iproute2 ethtool linux-headers-amd64 procps util-linux
@@ -21,6 +17,16 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       redis-server        # a fleet lab's shared registry (started per lab, on its own socket)
       coturn rtpengine-daemon python3-matplotlib  # make bench-peers: real peers (started per run), plots
       chromium fonts-liberation)  # real browser calls in the tests (headless, fake audio device)
+# `setup.sh --apt-packages`: the list alone (vagrant/build-box.sh puts them in the box).
+if [ "${1:-}" = "--apt-packages" ]; then
+  printf '%s\n' "${pkgs[@]}"
+  exit 0
+fi
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (loading XDP programs and creating namespaces needs CAP_SYS_ADMIN/CAP_NET_ADMIN)"
+[ -e /sys/kernel/btf/vmlinux ] || [ -d /sys/fs/bpf ] || die "this kernel has no BPF support (/sys/fs/bpf missing)"
+grep -q '^ID=debian' /etc/os-release 2>/dev/null || say "warning: not Debian; package names may differ"
+
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -141,6 +141,30 @@ else
   say "2b/5 kernel: done before ($(ls "$rootfs/lib/modules" | sort -V | tail -n1))"
 fi
 
+# --- 2c. the project's apt packages ----------------------------------------------------
+# Provisioning runs scripts/setup.sh, which installs these; under TCG dpkg in the
+# guest takes half an hour, in the chroot a minute or two. Its services stay
+# disabled (setup.sh disables them too; the tests start their own instances).
+if [ ! -e "$rootfs/.packages" ] || [ "$rootfs/.packages" -ot "$here/../scripts/setup.sh" ]; then
+  mapfile -t pkgs < <(bash "$here/../scripts/setup.sh" --apt-packages)
+  say "2c/5 packages: ${#pkgs[@]} from scripts/setup.sh (redis-server, coturn, rtpengine, chromium...)"
+  mount -t proc proc "$rootfs/proc"
+  trap 'umount "$rootfs/proc" 2>/dev/null || true' EXIT
+  printf '#!/bin/sh\nexit 101\n' >"$rootfs/usr/sbin/policy-rc.d"  # no service starts in the chroot
+  chmod 755 "$rootfs/usr/sbin/policy-rc.d"
+  DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get install -y -qq --no-install-recommends "${pkgs[@]}" \
+    >>"$out/debootstrap.log" 2>&1 || die "installing the project's packages failed (see $out/debootstrap.log)"
+  for svc in redis-server coturn rtpengine-daemon; do
+    chroot "$rootfs" systemctl disable "$svc" >>"$out/debootstrap.log" 2>&1 || true
+  done
+  rm -f "$rootfs/usr/sbin/policy-rc.d"
+  umount "$rootfs/proc"; trap - EXIT
+  chroot "$rootfs" apt-get clean
+  touch "$rootfs/.packages"
+else
+  say "2c/5 packages: done before"
+fi
+
 # --- 3. kernel for direct boot --------------------------------------------------------
 kver="$(ls "$rootfs/lib/modules" | sort -V | tail -n1)"
 [ -n "$kver" ] || die "no kernel in $rootfs/lib/modules"
@@ -156,7 +180,7 @@ else
 fi
 
 # --- 4. disk image ------------------------------------------------------------------------
-if [ ! -e "$out/box.img" ] || [ "$out/box.img" -ot "$out/initrd.img" ]; then
+if [ ! -e "$out/box.img" ] || [ "$out/box.img" -ot "$out/initrd.img" ] || [ "$out/box.img" -ot "$rootfs/.packages" ]; then
   say "4/5 disk: ext4 of $size from the rootfs, as qcow2"
   rm -f "$out/root.raw" "$out/box.img"
   truncate -s "$size" "$out/root.raw"
