@@ -33,6 +33,19 @@ struct pkt {
     __u8 class;            /* enum pkt_class of the UDP payload */
 };
 
+/* A 16-bit length field in network order, as a number the verifier knows is
+ * below 2^16. Kernels before 6.x's byte-swap tracking (Debian 12's 6.1
+ * among them) give the result of BPF_END no bounds, and refuse packet
+ * pointer arithmetic with it ("math between pkt pointer and register with
+ * unbounded min value"); the mask bounds it again, and the empty asm keeps
+ * the compiler from dropping a mask it knows to be redundant. */
+static __always_inline __u32 load_be16_len(__be16 field)
+{
+    __u32 v = bpf_ntohs(field);
+    asm volatile("" : "+r"(v));
+    return v & 0xffff;
+}
+
 /* Parse outcome: either keep going (PARSE_OK) or a stat_id to account. */
 #define PARSE_OK (-1)
 
@@ -89,7 +102,7 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
             return STAT_PASS_FRAGMENT;
         if (ip->protocol != IPPROTO_UDP)
             return STAT_PASS_NOT_RELAY;
-        __u32 tot = bpf_ntohs(ip->tot_len);
+        __u32 tot = load_be16_len(ip->tot_len);
         if (tot < sizeof(*ip) + sizeof(*udp) || (void *)ip + tot > data_end)
             return STAT_DROP_MALFORMED;
         l4_len = tot - sizeof(*ip);
@@ -111,7 +124,7 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
         default:
             return STAT_PASS_NOT_RELAY;
         }
-        l4_len = bpf_ntohs(ip6->payload_len);
+        l4_len = load_be16_len(ip6->payload_len);
         if (l4_len < sizeof(*udp) || (void *)(ip6 + 1) + l4_len > data_end)
             return STAT_DROP_MALFORMED;
         udp = (void *)(ip6 + 1);
@@ -123,7 +136,7 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
 
     if ((void *)(udp + 1) > data_end)
         return STAT_DROP_MALFORMED;
-    __u32 ulen = bpf_ntohs(udp->len);
+    __u32 ulen = load_be16_len(udp->len);
     if (ulen < sizeof(*udp) || ulen > l4_len)
         return STAT_DROP_MALFORMED;
     p->udp = udp;

@@ -65,7 +65,7 @@ static __always_inline int stun_admit(struct pkt *p)
     __u32 cookie = ((__u32)s[4] << 24) | ((__u32)s[5] << 16) | ((__u32)s[6] << 8) | s[7];
     if (cookie != STUN_MAGIC_COOKIE)
         return STAT_DROP_STUN_MALFORMED;
-    __u16 udp_payload = bpf_ntohs(p->udp->len) - sizeof(struct udphdr);
+    __u16 udp_payload = load_be16_len(p->udp->len) - sizeof(struct udphdr);
     if (msg_len & 3 || (__u32)msg_len + STUN_HEADER_LEN != udp_payload)
         return STAT_DROP_STUN_MALFORMED;
     if (type != STUN_BINDING_REQUEST)

@@ -27,6 +27,7 @@ class TcpAdapter(asyncio.DatagramProtocol):
         self.frames_in = 0
         self.closed_by_relay = False
         self.connections_lost = 0
+        self.connect_failures = 0
         self.held = 0  # media dropped while no connection was open
         self._queue: list[bytes] = []
         self._reader_task: asyncio.Task[None] | None = None
@@ -74,7 +75,15 @@ class TcpAdapter(asyncio.DatagramProtocol):
         self.frames_out += 1
 
     async def _connect(self) -> None:
-        reader, self.writer = await asyncio.open_connection(*self.relay)
+        try:
+            reader, self.writer = await asyncio.open_connection(*self.relay)
+        except OSError:
+            # The relay is not listening (restarting): drop what waited; the
+            # client's next check tries again.
+            self.connect_failures += 1
+            self._queue.clear()
+            self._connecting = None
+            return
         for data in self._queue:
             self._write(data)
         self._queue.clear()
