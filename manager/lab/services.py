@@ -239,7 +239,9 @@ class Services:
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float | None = None) -> None:
+        # SPLITRELAY_LAB_START_TIMEOUT: a slower machine's (an emulated VM's) start-up time.
+        timeout = timeout if timeout is not None else float(os.environ.get("SPLITRELAY_LAB_START_TIMEOUT", "30"))
         prepare_secrets(self.lab, self.workdir, self.hint_key)
         if self.client_auth == "tokens" and not (self.workdir / "token.key").exists():
             write_secret(self.workdir / "token.key", secrets.token_hex(32) + "\n")
