@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -59,12 +60,15 @@ async def _calls(lab, n: int, seconds: float, tcp: bool, marks: dict) -> list:
     connected = 0
 
     async def on_connected(pc, rep):
+        # The calls' media phases overlap: each waits for the others (a call
+        # that never connects must not hold the rest).
         nonlocal connected
         connected += 1
         if connected == n:
             marks["all_connected"] = time.monotonic()
             started.set()
-        await started.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(started.wait(), 20)
 
     try:
         return await asyncio.gather(*(
