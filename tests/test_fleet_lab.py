@@ -377,4 +377,6 @@ def test_a_tcp_call_survives_a_relay_restart_with_redis(fleet):
     assert rep.error is None and rep.connection_states == ["connecting", "connected", "closed"]
     assert rep.frames_after["restarted"] > 100 and rep.tone_ratio_after["restarted"] > 50
     assert rep.dc_echoed == rep.dc_sent
-    assert events(svc, 1).get("tcp_legs_installed", 0) >= 1  # at the restarted relay
+    ev = events(svc, 1)
+    assert ev.get("tcp_legs_installed", 0) >= 1  # at the restarted relay
+    assert ev.get("repointed", 0) >= 1  # the owner's replies moved to the new connection's flow source

@@ -175,7 +175,7 @@ class Relay:
         if tx is None or self._client is None:
             return False
         reply = await self._client.call_op(tx, "POST", f"/calls/{conn_id}/path",
-                                           {"old": list(old), "new": list(new)})
+                                           {"old": None if old is None else list(old), "new": list(new)})
         return reply.get("repointed") is True
 
     async def stop(self, *, detach: bool | None = None) -> None:

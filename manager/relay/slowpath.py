@@ -57,7 +57,7 @@ Addr = tuple[str, int]
 # (conn_id, packet, path): does the owner take this packet as the call's media?
 # With path = (old source, new source) it also re-points the call's replies.
 MediaCheck = Callable[..., Awaitable[bool]]
-Repoint = Callable[[int, Addr, Addr], Awaitable[bool]]
+Repoint = Callable[[int, Addr | None, Addr], Awaitable[bool]]
 
 
 class LegDirectory(Protocol):
@@ -565,6 +565,10 @@ class SlowPath:
             self._release_pending(leg)
             leg.txids.clear()
             self.stats["tcp_legs_installed"] += 1
+            # A new connection for a call that had one (the client reconnected
+            # after a relay restart): the owner's replies still go to the old
+            # flow source; it moves them here, as it answered this leg's check.
+            self._spawn(self._repoint(leg, None))
             if self.on_flow_installed:
                 self.on_flow_installed(leg.installed_at - leg.first_seen)
             return
@@ -610,7 +614,7 @@ class SlowPath:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _repoint(self, leg: Leg, old: Addr) -> None:
+    async def _repoint(self, leg: Leg, old: Addr | None) -> None:
         if self.repoint is None:
             return
         try:

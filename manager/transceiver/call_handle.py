@@ -79,6 +79,10 @@ class CallHandle(abc.ABC):
         another relay's flow source); False if the call does not send to `old`."""
 
     @abc.abstractmethod
+    def replies_to(self) -> tuple[str, int] | None:
+        """Where the call's replies go now (its selected remote address), if anywhere."""
+
+    @abc.abstractmethod
     async def close(self, *, quiet: bool) -> None:
         """End the call; `quiet`: send the client nothing (it moved away)."""
 

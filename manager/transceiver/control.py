@@ -22,7 +22,7 @@ Live migration (docs/transceiver.md, "Migration"):
 
 NAT rebinding (docs/security.md):
 
-* ``POST /calls/{conn_id}/path`` ``{"old": [addr, port], "new": [addr, port]}`` -> 200
+* ``POST /calls/{conn_id}/path`` ``{"old": [addr, port] | null, "new": [addr, port]}`` -> 200
   ``{"repointed": bool}``: replies go to a relay that took the call's client over
 * ``POST /calls/{conn_id}/media-check`` ``{"packet": base64, "path"?: {...}}`` -> 200
   ``{"authentic": bool}``: a packet the relay holds from a client address it
@@ -155,10 +155,12 @@ def _addr(value: Any, name: str) -> tuple[str, int]:
     return (str(host), port)
 
 
-def _path(body: Any) -> tuple[tuple[str, int], tuple[str, int]]:
+def _path(body: Any) -> tuple[tuple[str, int] | None, tuple[str, int]]:
+    """(old, new); old null: wherever the call replies now (a relay's new ICE-TCP leg)."""
     if not isinstance(body, dict):
         raise InvalidRequest("path must be an object with old and new")
-    return _addr(body.get("old"), "path.old"), _addr(body.get("new"), "path.new")
+    old = None if body.get("old") is None else _addr(body.get("old"), "path.old")
+    return old, _addr(body.get("new"), "path.new")
 
 
 async def _repoint_call(request: web.Request) -> web.Response:

@@ -457,6 +457,9 @@ class ImportedCall(CallHandle):
     async def deliver_srtp(self, data: bytes) -> bool:
         return self._srtp_received(data)
 
+    def replies_to(self) -> Addr | None:
+        return self.remote_addr
+
     def repoint(self, old: Addr, new: Addr) -> bool:
         if self.remote_addr != old:
             return False

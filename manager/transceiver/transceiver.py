@@ -446,14 +446,19 @@ class Transceiver:
             call.repoint(*path)
         return authentic
 
-    def repoint_call(self, conn_id: int, old: Addr, new: Addr) -> bool:
+    def repoint_call(self, conn_id: int, old: Addr | None, new: Addr) -> bool:
         """A relay took over a client tuple after the call answered a check
         from the relay's flow source `new`: replies go there from now on.
         Only an address the call itself claimed (by answering a check it
-        authenticated with its ICE password) is accepted."""
+        authenticated with its ICE password) is accepted. `old` None: from
+        wherever the call replies now."""
         call = self._get(conn_id)
         if not any(new in port.addrs for port in call.ports):
             raise InvalidRequest(f"call {conn_id} has not authenticated a check from {new[0]}:{new[1]}")
+        if old is None:  # wherever it replies now (a relay's new ICE-TCP connection)
+            old = call.replies_to()
+            if old is None or old == new:
+                return False
         return call.repoint(old, new)
 
     def activate_call(self, conn_id: int) -> None:

@@ -284,6 +284,9 @@ class WebRtcCall(CallHandle):
     async def deliver_srtp(self, data: bytes) -> bool:
         return await hooks.deliver_srtp(self.dtls, data)
 
+    def replies_to(self) -> Addr | None:
+        return self.selected_remote()
+
     def repoint(self, old: Addr, new: Addr) -> bool:
         if not hooks.repoint_pair(self.connection, old, new):
             return False
