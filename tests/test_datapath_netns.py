@@ -88,6 +88,9 @@ def snmp_udp(lab: Lab, ns: str, family: int) -> dict[str, int]:
     return {k[len("Udp6"):]: int(v) for k, v in (line.split() for line in text.splitlines()) if k.startswith("Udp6")}
 
 
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # root may exceed rmem_max
+
+
 class Receiver(threading.Thread):
     """Collects sequence numbers arriving on one socket."""
 
@@ -97,6 +100,10 @@ class Receiver(threading.Thread):
         self.seqs: list[int] = []
         self.sources: set = set()
         self.stop = threading.Event()
+        # A deep queue: the tests measure the kernel's forwarding, and a
+        # receiver thread starved for a moment (a relayd compiling its
+        # program, an emulated CPU) must not lose packets at its own socket.
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
         sock.settimeout(0.1)
 
     def run(self) -> None:
