@@ -71,6 +71,7 @@ class Numbered:
 
     def __init__(self, client: ClientCall) -> None:
         self.client = client
+        client.dc.remove_all_listeners("message")  # these messages replace the client's own echo queue
         self.sent: list[float] = []  # send time of c:<index>
         self.echoes: list[tuple[int, float]] = []
         self.ticks: list[tuple[int, float]] = []
@@ -97,6 +98,18 @@ class Numbered:
         if self._task is not None:
             self._task.cancel()
 
+    async def finish(self) -> int:
+        """Stop sending, wait for every echo; check both ways arrived exactly once, in order."""
+        self.stop()
+        sent = len(self.sent)
+        await wait_for(lambda: len(self.echoes) >= sent, 5, "every echo back")
+        # Client → agent → client: every message exactly once, in order.
+        assert [n for n, _ in self.echoes] == list(range(sent))
+        # Agent → client, numbered across owners: no gap, no repeat, in order.
+        ticks = [n for n, _ in self.ticks]
+        assert ticks == list(range(len(ticks))), ticks[:5]
+        return sent
+
     def worst_echo_delay(self, since: float, until: float) -> float:
         sent = dict(enumerate(self.sent))
         return max((t - sent[n] for n, t in self.echoes if since <= sent[n] <= until), default=0.0)
@@ -113,8 +126,6 @@ def test_data_channel_continues_across_three_round_trips() -> None:
             run_a, api_a = await serve(tx_a, http)
             run_b, api_b = await serve(tx_b, http)
             client = ClientCall(440)
-            # The numbered messages replace the client's own echo queue.
-            client.dc.remove_all_listeners("message")
             numbered = Numbered(client)
             try:
                 await client.place(tx_a, 42, UFRAG_A)
@@ -139,16 +150,10 @@ def test_data_channel_continues_across_three_round_trips() -> None:
                     switches.append({"switch": i + 1, "audio_lost": lost,
                                      "worst_echo_delay_s": round(numbered.worst_echo_delay(
                                          m["t_start"] - 0.1, m["t_switch"] + 0.1), 3)})
-                numbered.stop()
-                sent = len(numbered.sent)
-                await wait_for(lambda: len(numbered.echoes) >= sent, 5, "every echo back")
+                sent = await numbered.finish()
                 await asyncio.sleep(0.3)
                 log.assert_untouched(client)
-                # Client → agent → client: every message exactly once, in order.
-                assert [n for n, _ in numbered.echoes] == list(range(sent))
-                # Agent → client, numbered across six owners: no gap, no repeat, in order.
-                ticks = [n for n, _ in numbered.ticks]
-                assert ticks == list(range(len(ticks))) and len(ticks) > 150, ticks[:5]
+                assert len(numbered.ticks) > 150
                 print(f"\n{sent} messages each way over 6 switches; per switch: {switches}")
             finally:
                 numbered.stop()
@@ -168,7 +173,6 @@ def test_a_migration_given_up_loses_no_message() -> None:
         async with Transceiver(1, capacity=2, agent_factory=TickerAgent) as tx_a, ClientSession() as http:
             run_a, api_a = await serve(tx_a, http)
             client = ClientCall(440)
-            client.dc.remove_all_listeners("message")
             numbered = Numbered(client)
             try:
                 await client.place(tx_a, 42, UFRAG_A)
@@ -184,12 +188,7 @@ def test_a_migration_given_up_loses_no_message() -> None:
                 info = (await api_a.get("/calls/42"))["migration"]
                 assert info["dtls_frozen_dropped"] > 0, info
                 await asyncio.sleep(0.5)
-                numbered.stop()
-                sent = len(numbered.sent)
-                await wait_for(lambda: len(numbered.echoes) >= sent, 5, "every echo back")
-                assert [n for n, _ in numbered.echoes] == list(range(sent))
-                ticks = [n for n, _ in numbered.ticks]
-                assert ticks == list(range(len(ticks)))
+                sent = await numbered.finish()
                 delay = numbered.worst_echo_delay(frozen_at, frozen_at + 0.4)
                 print(f"\nfrozen 0.4 s and given up: {sent} messages each way, worst echo delay {delay:.3f} s")
             finally:

@@ -265,7 +265,7 @@ def test_connections_per_source_are_capped(env):
 
 
 def test_frames_round_trip_and_refusals_name_the_reason():
-    from manager.relay.tcp_bridge import FrameError, FrameParser, frame
+    from manager.protocol.rfc4571 import FrameError, FrameParser, frame
 
     packet = b"\x00\x01" + bytes(98)
     assert frame(packet) == b"\x00\x64" + packet

@@ -7,11 +7,9 @@ frames. The relay side is the real one: manager/relay/tcp_bridge.py."""
 from __future__ import annotations
 
 import asyncio
-import struct
 
+from manager.protocol.rfc4571 import FRAME_HEADER, frame
 from manager.protocol.sdp import rewrite_candidates
-
-FRAME = struct.Struct("!H")
 
 
 class TcpAdapter(asyncio.DatagramProtocol):
@@ -71,7 +69,7 @@ class TcpAdapter(asyncio.DatagramProtocol):
         assert self.writer is not None
         if self.writer.transport.is_closing():
             return
-        self.writer.write(FRAME.pack(len(data)) + data)
+        self.writer.write(frame(data))
         self.frames_out += 1
 
     async def _connect(self) -> None:
@@ -92,7 +90,7 @@ class TcpAdapter(asyncio.DatagramProtocol):
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
+                (length,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
                 data = await reader.readexactly(length)
                 self.frames_in += 1
                 if self.udp is not None and self.peer is not None:

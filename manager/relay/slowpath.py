@@ -689,16 +689,14 @@ class SlowPath:
             self.stats["drop_failover_busy"] += 1
             return True
         call = self.registry.get_call(remote.conn_id)
-        sources = self.sources.get(family_of(client[0]))
-        if call is None or call.state != "active" or sources is None or self.check_media is None:
+        if (call is None or call.state != "active" or self.sources.get(family_of(client[0])) is None
+                or self.check_media is None):
             self.stats["drop_failover_unknown_call"] += 1
             return True
-        try:
-            port, addr = sources.take()
-        except OSError:
-            self.stats["drop_no_flow_port"] += 1
+        source = self._take_source(client)
+        if source is None:
             return True
-        leg = Leg(client=client, vip=vip, conn_id=call.conn_id, flow_port=port, flow_addr=addr)
+        leg = Leg(client=client, vip=vip, conn_id=call.conn_id, flow_port=source[0], flow_addr=source[1])
         self._add_leg(leg)
         self._taking_over.add(key)
         self.stats["failover_checks"] += 1
