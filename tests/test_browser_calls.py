@@ -22,7 +22,8 @@ from manager.relay.control_client import ControlClient
 from tests.chromium import Chromium
 from tests.test_tcp_bridge import BLOCK_UDP
 
-pytestmark = pytest.mark.netns
+# realtime: the checks count media against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime]
 
 MESSAGES = 5
 TONE = 440

@@ -32,6 +32,9 @@ from tests.test_transceiver_migration import (  # noqa: F401 - fast_consent is a
     serve,
 )
 
+# realtime: the checks count media against the wall clock.
+pytestmark = pytest.mark.realtime
+
 TICK = 0.020
 
 

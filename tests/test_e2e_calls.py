@@ -25,7 +25,8 @@ from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath
 
-pytestmark = pytest.mark.netns
+# realtime: the checks count media against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime]
 
 
 @pytest.fixture(scope="module")

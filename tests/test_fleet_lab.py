@@ -25,7 +25,8 @@ from manager.lab.services import running_lab
 from manager.lab.topology import route_vip, set_relay_links, vip_route
 from tests.test_migration import assert_untouched
 
-pytestmark = pytest.mark.netns
+# realtime: the checks count media against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from manager.lab.services import Services, running_lab
 from manager.lab.topology import NetnsExecutor
 from manager.relay.control_client import ControlClient, ControlError
 
-pytestmark = pytest.mark.netns
+# realtime: the checks count media against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from manager.lab.services import running_lab
 from manager.relay.control_client import ControlClient
 from tests.test_migration import assert_untouched, run_call
 
-pytestmark = pytest.mark.netns
+# realtime: the checks count media against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime]
 
 PORT_BEFORE, PORT_AFTER = 45000, 45001
 

@@ -23,7 +23,8 @@ from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath
 from tests.test_datapath_netns import Receiver, paced_send
 
-pytestmark = pytest.mark.netns
+# realtime: the checks count media against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime]
 
 RATE = 1000
 SECONDS = 6.0

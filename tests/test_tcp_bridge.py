@@ -25,7 +25,8 @@ from manager.lab.services import LAB_TCP_PORT, running_lab
 from manager.lab.topology import NetnsExecutor
 from manager.relay.control_client import ControlClient
 
-pytestmark = pytest.mark.netns
+# realtime: the checks count media against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime]
 
 BLOCK_UDP = """
 table inet splitrelay_test_block {{

@@ -51,6 +51,9 @@ from manager.transceiver.registrar import Registrar
 from manager.transceiver.rtp_streams import RtpStreamState
 from manager.transceiver.transceiver import Transceiver
 
+# realtime: the checks count media against the wall clock.
+pytestmark = pytest.mark.realtime
+
 REPO = Path(__file__).resolve().parents[1]
 UFRAG_A = "AAAAbbbbCCCCddddEEEEffff"  # 24 chars, like the relay's hint-carrying ufrags
 UFRAG_B = "GGGGhhhhIIIIjjjjKKKKllll"

@@ -45,6 +45,9 @@ from tests.test_transceiver import (  # noqa: F401 - loopback_client is an autou
 Addr = tuple[str, int]
 
 
+# realtime: the checks count media against the wall clock.
+pytestmark = pytest.mark.realtime
+
 @pytest.fixture
 def fast_consent(monkeypatch: pytest.MonkeyPatch) -> None:
     # RFC 7675 timing shrunk (aioice reads these module globals at run time):
