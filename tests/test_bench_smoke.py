@@ -7,11 +7,16 @@ run, an unknown STUN packet a PASS, anything else unknown a DROP.
 
 from __future__ import annotations
 
+import ctypes
+import json
+import subprocess
+
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from manager.lab.xdp_harness import INT4, VERDICTS, VIP4, XDP_PASS, XDP_REDIRECT
+from manager.relay.kernel.structs import flow_key, reverse_key
 from tests.bench import bench_xdp as bx
 
 pytestmark = pytest.mark.netns
@@ -122,7 +127,7 @@ def test_filler_flows_are_distinct_and_in_the_map(bench):
     dotted = ".".join(str(b) for b in addr.to_bytes(4, "big"))
     flow = bench.dp.get_flow((dotted, port), (VIP4, bx.VIP_PORT))
     assert flow is not None and flow.conn_id == conn and flow.flow_port == fport
-    assert bench.dp.get_owner(conn)[0].for_family(2) == bx.OWNER
+    assert bench.dp.get_owner(conn)[0].for_family(2) == (bx.OWNER[0], bx.filler_source(7)[1])
 
 
 def test_live_frames_are_all_delivered_and_forwarded(bench):
@@ -130,3 +135,61 @@ def test_live_frames_are_all_delivered_and_forwarded(bench):
     relay = next(r for r in live if r.program == "relay")
     assert relay.forwarded == relay.delivered == 2_000 and relay.others == {}
     assert all(r.ok for r in live)
+
+
+def test_fillers_are_established_flows(bench):
+    """Each filler holds what an established flow holds: its return entry,
+    its learned SSRC in the index, and a route cache XDP follows without a
+    fib lookup, so a random-flow run measures the established path."""
+    i = 31_000 % FLOWS  # any filler
+    addr, port, conn, fport = bx.filler(i)
+    faddr, oport = bx.filler_source(i)
+    dotted = ".".join(str(b) for b in addr.to_bytes(4, "big"))
+    flow = bench.dp.get_flow((dotted, port), (VIP4, bx.VIP_PORT))
+    assert flow is not None and flow.ssrc == int.from_bytes(bx.filler_ssrc(i), "big")
+    assert bench.dp.get_owner(conn)[0].for_family(2) == (bx.OWNER[0], oport) != bx.OWNER
+    rev = bench.dp.maps.reverse.lookup(reverse_key((bx.OWNER[0], oport), fport, faddr))
+    assert rev is not None and rev.conn_id == conn
+    raw = ctypes.c_uint32(int.from_bytes(bx.filler_ssrc(i), "little"))  # the key is as in the packet
+    assert bytes(bench.dp.maps.ssrcs.lookup(raw)) == bytes(
+        flow_key((dotted, port), (VIP4, bx.VIP_PORT)))
+    before = bench.dp.counters()
+    verdict, out, _ = bench.h.run(bx.retuple(bx.client_frame(bx.HIT_CLIENT, bx.RTP), addr, port))
+    moved = {k: bench.dp.counters()[k][0] - before[k][0] for k in before
+             if bench.dp.counters()[k] != before[k]}
+    assert verdict == XDP_REDIRECT and moved == {"fwd_in_rtp": 1}
+    ip = Ether(out)[IP]
+    assert (ip.dst, ip[UDP].dport) == (bx.OWNER[0], oport)
+    assert Ether(out).dst == bytes(bx.NextHop.from_buffer_copy(bench.nh).dmac).hex(":")
+    # XDP followed the installed cache: a lookup of its own would have rewritten it.
+    info = bench.dp.maps.flows.lookup(flow_key((dotted, port), (VIP4, bx.VIP_PORT)))
+    assert bytes(info.nh) == bench.nh
+
+
+def _filler_packets(bench, i: int) -> int:
+    addr, port, _, _ = bx.filler(i)
+    dotted = ".".join(str(b) for b in addr.to_bytes(4, "big"))
+    return bench.dp.get_flow((dotted, port), (VIP4, bx.VIP_PORT)).packets_in
+
+
+def test_random_flows_rotate_through_every_frame(bench):
+    """A round starting at `start` goes on through the frames from there
+    (wrapping), so rounds together visit every flow once before any twice."""
+    frames = [bx.retuple(bx.client_frame(bx.HIT_CLIENT, bx.RTP), *bx.filler(i)[:2]) for i in range(10)]
+    before = {i: _filler_packets(bench, i) for i in range(10)}
+    _, verdicts = bench.h.ex.call(bx._runner, bench.progs["relay"], frames, bench.h.ifindex["pub"], 1, 4, 8)
+    assert verdicts == {XDP_REDIRECT}
+    moved = {i: _filler_packets(bench, i) - before[i] for i in range(10)}
+    assert moved == {i: 1 if i in (8, 9, 0, 1) else 0 for i in range(10)}
+
+
+def test_memory_report_reads_the_kernels_accounting(bench):
+    mem = bx.map_memory(bench)
+    out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", f"{bench.dp.cfg.pin_dir}/flows"],
+                         check=True, capture_output=True, text=True).stdout
+    flows = json.loads(out)
+    assert mem["maps"]["flows"]["bytes"] == flows["bytes_memlock"] > 0
+    assert mem["maps"]["flows"]["max_entries"] == 4096
+    # at least the key and value of each entry
+    assert mem["maps"]["flows"]["bytes_per_entry"] >= ctypes.sizeof(bx.FlowKey) + ctypes.sizeof(bx.FlowInfo)
+    assert mem["bytes_per_flow"] == pytest.approx(sum(mem["maps"][n]["bytes_per_entry"] for n in bx.FLOW_MAPS))

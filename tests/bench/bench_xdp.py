@@ -55,7 +55,18 @@ from manager.lab.xdp_harness import (
 )
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import OwnerAddr, ensure_kernel_headers, read_counters
-from manager.relay.kernel.structs import BPF_TESTING_DIR, FlowInfo, FlowKey, OwnerInfo, pack_addr4, vip_key
+from manager.relay.kernel.structs import (
+    BPF_TESTING_DIR,
+    FlowInfo,
+    FlowKey,
+    NextHop,
+    OwnerInfo,
+    ReverseInfo,
+    ReverseKey,
+    flow_key,
+    pack_addr4,
+    vip_key,
+)
 
 # --- what is measured ----------------------------------------------------------------
 
@@ -69,6 +80,7 @@ FIXED_FLOWS = 4                  # the client flow, its fixed point, the return 
 TTL_RUNS = 254                   # forwards one TTL-255 buffer can take (TTL 255 → 1)
 CAPACITY = 1 << 20               # the production default DatapathConfig.max_flows
 OCCUPANCIES = (1_000, 100_000, 1_000_000)
+CLOCK_MONOTONIC_COARSE = 6       # Linux's clock id (not in Python's time module): bpf_ktime_get_coarse_ns
 FILLER_NET = 0x64400000          # fillers' client addresses: 100.64.0.0/10 (4M addresses)
 
 # An Opus SRTP packet (RTP header, 160 bytes of payload, 10-byte auth tag): the
@@ -174,6 +186,18 @@ def filler(i: int) -> tuple[int, int, int, int]:
     return FILLER_NET + i, 1024 + (i * 7919) % 64000, HIT_CONN + 1 + i, 20000 + i % 10000
 
 
+def filler_source(i: int) -> tuple[int, int]:
+    """Filler flow i's flow source and owner port: (pool address index, owner
+    port). With the harness's 10,000 flow ports and 3 pool addresses, each
+    owner port takes 30,000 flows, so every return key is distinct."""
+    return (i // 10_000) % hx.POOL_COUNT, OWNER[1] + 1 + i // 30_000
+
+
+def filler_ssrc(i: int) -> bytes:
+    """Filler flow i's SSRC as in its packets (learned: the flow is established)."""
+    return (0x40000000 + i).to_bytes(4, "big")
+
+
 # --- map filling (batched: one syscall per 64k entries) ---------------------------------
 
 class BatchOpts(ctypes.Structure):
@@ -183,10 +207,13 @@ class BatchOpts(ctypes.Structure):
 
 
 _FLOW_KEY = struct.Struct("!BxHH2x4s12x4s12x")  # struct flow_key, IPv4
-_FLOW_INFO = struct.Struct("<I2s2xQQQQ8x32x")   # struct flow_info (flow_addr, ssrc, nh: 0)
+_FLOW_INFO = struct.Struct("<I2sHQQQQ4s4x32s")  # struct flow_info
 _OWNER_INFO = struct.Struct("<4s2s2x16xII")     # struct owner_info, IPv4 only
+_REV_KEY = struct.Struct("<Bx2s2sH4s12x")       # struct reverse_key, IPv4
+_REV_INFO = struct.Struct("<40sI4xQQQ32x")      # struct reverse_info (nh: 0)
 assert _FLOW_KEY.size == ctypes.sizeof(FlowKey) and _FLOW_INFO.size == ctypes.sizeof(FlowInfo)
 assert _OWNER_INFO.size == ctypes.sizeof(OwnerInfo)
+assert _REV_KEY.size == ctypes.sizeof(ReverseKey) and _REV_INFO.size == ctypes.sizeof(ReverseInfo)
 CHUNK = 65536
 
 
@@ -236,25 +263,37 @@ def count_entries(m: libbpf.PinnedMap) -> int:
         in_b.value, first = out_b.value, False
 
 
-def add_fillers(dp, start: int, end: int) -> None:
-    """Install filler flows [start, end): distinct client tuples, each its own
-    call (connection id) owned by OWNER, as a full relay would hold them."""
+def add_fillers(dp, start: int, end: int, nh: bytes = bytes(32)) -> None:
+    """Install filler flows [start, end) as a full relay holds established
+    flows: distinct client tuples, each its own call (connection id) with its
+    owners entry, its return entry, its learned SSRC in the ssrcs index and
+    `nh` as its route cache towards the owner (see cached_route)."""
     n = end - start
     if n <= 0:
         return
     vip = bytes(map(int, VIP4.split(".")))
     owner_addr = bytes(map(int, OWNER[0].split(".")))
-    owner_port = OWNER[1].to_bytes(2, "big")
     now = time.monotonic_ns()
     fkeys, fvals = bytearray(n * _FLOW_KEY.size), bytearray(n * _FLOW_INFO.size)
     okeys, ovals = bytearray(n * 4), bytearray(n * _OWNER_INFO.size)
+    rkeys, rvals = bytearray(n * _REV_KEY.size), bytearray(n * _REV_INFO.size)
+    skeys = bytearray(n * 4)
     for j in range(n):
-        addr, port, conn, fport = filler(start + j)
+        i = start + j
+        addr, port, conn, fport = filler(i)
+        faddr, oport = filler_source(i)
+        ssrc, fp, op = filler_ssrc(i), fport.to_bytes(2, "big"), oport.to_bytes(2, "big")
         _FLOW_KEY.pack_into(fkeys, j * _FLOW_KEY.size, 2, port, VIP_PORT, addr.to_bytes(4, "big"), vip)
-        _FLOW_INFO.pack_into(fvals, j * _FLOW_INFO.size, conn, fport.to_bytes(2, "big"), 0, 0, now, now)
+        _FLOW_INFO.pack_into(fvals, j * _FLOW_INFO.size, conn, fp, faddr, 0, 0, now, now, ssrc, nh)
         struct.pack_into("<I", okeys, j * 4, conn)
-        _OWNER_INFO.pack_into(ovals, j * _OWNER_INFO.size, owner_addr, owner_port, 1, 0)
+        _OWNER_INFO.pack_into(ovals, j * _OWNER_INFO.size, owner_addr, op, 1, 0)
+        _REV_KEY.pack_into(rkeys, j * _REV_KEY.size, 2, op, fp, faddr, owner_addr)
+        _REV_INFO.pack_into(rvals, j * _REV_INFO.size,
+                            fkeys[j * _FLOW_KEY.size:(j + 1) * _FLOW_KEY.size], conn, 0, 0, now)
+        skeys[j * 4:(j + 1) * 4] = ssrc
     update_batch(dp.maps.owners.fd, okeys, ovals, 4, _OWNER_INFO.size)
+    update_batch(dp.maps.reverse.fd, rkeys, rvals, _REV_KEY.size, _REV_INFO.size)
+    update_batch(dp.maps.ssrcs.fd, skeys, fkeys, 4, _FLOW_KEY.size)
     update_batch(dp.maps.flows.fd, fkeys, fvals, _FLOW_KEY.size, _FLOW_INFO.size)
 
 
@@ -265,6 +304,7 @@ class Bench:
     h: hx.Harness
     progs: dict[str, int]           # name → prog fd: relay and the ceilings
     fillers: int = 0                # filler flows installed so far
+    nh: bytes = bytes(32)           # fillers' route cache (cached_route)
     sink: object | None = None      # bcc object of the live-frames sink, once loaded
     bcc: list = field(default_factory=list)
 
@@ -321,6 +361,7 @@ def setup(capacity: int = CAPACITY) -> Bench:
         # The fixed point: the rewritten frame (INT:flowport → OWNER) is a client frame again.
         dp.maps.vips.update(vip_key(OWNER), ctypes.c_uint32(1))
         dp.add_flow((INT4, HIT_FLOW_PORT), OWNER, HIT_CONN, HIT_FLOW_PORT)
+        b.nh = cached_route(b)
         return b
     except BaseException:
         teardown(b)
@@ -334,6 +375,24 @@ def teardown(b: Bench) -> None:
     hx.teardown(b.h)
 
 
+def cached_route(b: Bench) -> bytes:
+    """The route cache XDP wrote for the measured flow (egress ifindex and
+    MACs towards OWNER), for generation 1 and valid for an hour: fillers are
+    established flows with traffic, whose cache XDP keeps fresh with one fib
+    lookup a second. That refresh is the "fib lookup + redirect" row, paid
+    once a second per flow; the random-flow rows measure the packets between."""
+    verdict, _, _ = b.h.run(client_frame(HIT_CLIENT, RTP))
+    if verdict != XDP_REDIRECT:
+        raise RuntimeError(f"the measured flow did not forward (verdict {VERDICTS.get(verdict, verdict)})")
+    info = b.dp.maps.flows.lookup(flow_key(HIT_CLIENT, (VIP4, VIP_PORT)))
+    nh = NextHop.from_buffer_copy(bytes(info.nh))
+    if not nh.ifindex:
+        raise RuntimeError("XDP left no route cache on the measured flow")
+    nh.gen = 1
+    nh.until_ns = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + 3600 * 10**9
+    return bytes(nh)
+
+
 def grow(b: Bench, occupancy: int) -> int:
     """Add fillers until the flows map holds `occupancy` entries; returns the
     count read back from the map."""
@@ -342,7 +401,7 @@ def grow(b: Bench, occupancy: int) -> int:
     t0 = time.monotonic()
     while b.fillers < target:
         end = min(target, b.fillers + step)
-        add_fillers(b.dp, b.fillers, end)
+        add_fillers(b.dp, b.fillers, end, b.nh)
         b.fillers = end
         log(f"bench: {b.occupancy:>9,} flows installed ({time.monotonic() - t0:.1f} s)")
     return count_entries(b.dp.maps.flows)
@@ -350,9 +409,10 @@ def grow(b: Bench, occupancy: int) -> int:
 
 # --- running the program ------------------------------------------------------------------
 
-def _runner(prog_fd: int, frames: list[bytes], ifindex: int, repeat: int, calls: int) -> tuple[list[int], set[int]]:
-    """BPF_PROG_TEST_RUN `calls` times (cycling through `frames`, all the same
-    length), `repeat` runs each; returns the kernel's ns per run of each call
+def _runner(prog_fd: int, frames: list[bytes], ifindex: int, repeat: int, calls: int,
+            start: int = 0) -> tuple[list[int], set[int]]:
+    """BPF_PROG_TEST_RUN `calls` times (cycling through `frames` from index
+    `start`, all the same length), `repeat` runs each; returns the kernel's ns per run of each call
     and the verdicts seen. Runs on the namespace thread: the ingress ifindex and
     the program's fib lookups resolve in the calling thread's namespace."""
     lib = libbpf.lib()
@@ -368,7 +428,7 @@ def _runner(prog_fd: int, frames: list[bytes], ifindex: int, repeat: int, calls:
     ref, run = ctypes.byref(opts), lib.bpf_prog_test_run_opts
     durations, verdicts = [], set()
     for i in range(calls):
-        opts.data_in = base + (i % len(frames)) * flen
+        opts.data_in = base + ((start + i) % len(frames)) * flen
         opts.data_size_out = cap
         libbpf._check(run(prog_fd, ref), "BPF_PROG_TEST_RUN")
         durations.append(opts.duration)
@@ -410,6 +470,7 @@ class Case:
     expected: int               # XDP verdict every run must return
     stat: str | None = None     # relay counter that must rise by one per run
     ingress: str = "pub"        # the harness interface the frames arrive on
+    rotate: bool = False        # each round goes on where the last stopped (all frames get used)
 
 
 def measure(b: Bench, cases: list[Case], samples: int, flows: int) -> list[Measurement]:
@@ -423,10 +484,11 @@ def measure(b: Bench, cases: list[Case], samples: int, flows: int) -> list[Measu
     means: list[list[float]] = [[] for _ in cases]
     verdicts: list[set[int]] = [set() for _ in cases]
     moved: list[dict[str, int]] = [{} for _ in cases]
-    for _ in range(samples):
+    for rnd in range(samples):
         for i, c in enumerate(cases):
             before = read_counters(b.dp.maps)
-            durs, v = b.h.ex.call(_runner, b.progs[c.program], c.frames, b.h.ifindex[c.ingress], c.repeat, c.calls)
+            durs, v = b.h.ex.call(_runner, b.progs[c.program], c.frames, b.h.ifindex[c.ingress], c.repeat, c.calls,
+                                  rnd * c.calls if c.rotate else 0)
             after = read_counters(b.dp.maps)
             means[i].append(statistics.fmean(durs))
             verdicts[i] |= v
@@ -453,7 +515,7 @@ class Plan:
     repeat: int = 1_000_000     # runs per call where the buffer does not change
     samples: int = 7
     fresh_calls: int = 20_000   # repeat=1 calls per sample (fresh frame per run)
-    spread_frames: int = 65_536  # distinct random flows cycled through in the spread case
+    spread_frames: int = 262_144  # distinct random flows cycled through in the spread case
 
     @property
     def hit_calls(self) -> int:
@@ -466,7 +528,9 @@ def bench_occupancy(b: Bench, plan: Plan, flows: int) -> list[Measurement]:
     stun_miss = client_frame((CLIENT4, 41000), STUN)
     other_miss = client_frame((CLIENT4, 41000), RTP)
     rng = random.Random(flows)
-    picks = [rng.randrange(b.fillers) for _ in range(min(plan.spread_frames, b.fillers))] if b.fillers else []
+    # Distinct fillers in random order; rounds go on through them, so at a
+    # large occupancy no flow comes back before the others were visited.
+    picks = rng.sample(range(b.fillers), min(plan.spread_frames, b.fillers))
     spread = [retuple(hit, *filler(i)[:2]) for i in picks] or [hit]
     n, long, fresh = plan.hit_calls, plan.repeat, plan.fresh_calls
     cases = [
@@ -486,7 +550,7 @@ def bench_occupancy(b: Bench, plan: Plan, flows: int) -> list[Measurement]:
         # One run per call on a fresh frame: the real client frame every time,
         # and a different random flow every time (its map entries not in cache).
         Case("hit → REDIRECT, one flow", "relay", [hit], 1, fresh, XDP_REDIRECT, "fwd_in_rtp"),
-        Case("hit → REDIRECT, random flows", "relay", spread, 1, fresh, XDP_REDIRECT, "fwd_in_rtp"),
+        Case("hit → REDIRECT, random flows", "relay", spread, 1, fresh, XDP_REDIRECT, "fwd_in_rtp", rotate=True),
         Case("return hit → REDIRECT, one flow", "relay", [owner_frame(RET_FLOW_PORT, RTP)], 1, fresh, XDP_REDIRECT,
              "fwd_out_rtp", ingress="int"),
         Case("IPv6 hit → REDIRECT, one flow", "relay", [client_frame6(HIT6_CLIENT, RTP)], 1, fresh, XDP_REDIRECT,
@@ -650,6 +714,10 @@ def table(by_flows: dict[int, list[Measurement]], summary: dict, plan: Plan, liv
                        ("ipv6_one_flow_corrected_ns", "IPv6 hit, one flow, repeat=1 corrected, ns")):
         fmt = ".2f" if key.endswith("redirect_only") and "minus" not in key else ".1f"
         lines.append(f"{label:<56}" + "".join(f"{summary[c][key]:>{w}{fmt}}" for c in cols))
+    if len(cols) > 1:
+        key = "hit_random_flows_corrected_ns"
+        lines.append(f"random-flow cost, {cols[-1]:,} flows / {cols[0]:,} flows: "
+                     f"{summary[cols[-1]][key] / summary[cols[0]][key]:.2f}x")
     checks = [m for ms in by_flows.values() for m in ms]
     bad = [m for m in checks if not m.ok]
     relay = [m for m in checks if m.program == "relay"]
@@ -667,6 +735,37 @@ def table(by_flows: dict[int, list[Measurement]], summary: dict, plan: Plan, liv
     return "\n".join(lines)
 
 
+# Maps a client flow occupies: its flow, its return entry, its SSRC index
+# entry; and, per call, the owner entry and the live ufrag. The bench's worst
+# case is one flow per call.
+FLOW_MAPS = ("flows", "reverse", "ssrcs")
+CALL_MAPS = ("owners", "live_ufrags")
+
+
+def map_memory(b: Bench) -> dict:
+    """Kernel memory of the per-flow and per-call maps, as the kernel reports
+    it (bpftool's bytes_memlock: the map's own accounting, which for these
+    preallocated maps is their full capacity), and the bytes per entry."""
+    out = {}
+    for name in FLOW_MAPS + CALL_MAPS:
+        info = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "pinned", f"{b.dp.cfg.pin_dir}/{name}"],
+                                         check=True, capture_output=True, text=True).stdout)
+        out[name] = {"type": info["type"], "max_entries": info["max_entries"], "bytes": info["bytes_memlock"],
+                     "bytes_per_entry": round(info["bytes_memlock"] / info["max_entries"], 1)}
+    per_flow = sum(out[n]["bytes_per_entry"] for n in FLOW_MAPS)
+    per_call = sum(out[n]["bytes_per_entry"] for n in CALL_MAPS)
+    return {"maps": out, "bytes_per_flow": per_flow, "bytes_per_call": per_call,
+            "bytes_per_flow_one_flow_calls": per_flow + per_call}
+
+
+def memory_lines(mem: dict) -> list[str]:
+    maps = ", ".join(f"{n} {m['bytes_per_entry']:.0f}" for n, m in mem["maps"].items())
+    return [f"memory (kernel's accounting, bytes per entry): {maps}",
+            f"memory per flow: {mem['bytes_per_flow']:.0f} B, per call {mem['bytes_per_call']:.0f} B; "
+            f"one flow per call: {mem['bytes_per_flow_one_flow_calls']:.0f} B "
+            f"({mem['bytes_per_flow_one_flow_calls'] * 1e6 / 2**20:.0f} MiB per million)"]
+
+
 def run(plan: Plan, occupancies: tuple[int, ...] = OCCUPANCIES, capacity: int = CAPACITY,
         live_packets: int = 0, progress: Callable[[str], None] = log) -> dict:
     """The whole benchmark; returns everything as one dict (the --json output)."""
@@ -677,6 +776,7 @@ def run(plan: Plan, occupancies: tuple[int, ...] = OCCUPANCIES, capacity: int = 
             counted = grow(b, occ)
             progress(f"bench: flows map holds {counted:,} entries")
             by_flows[counted] = bench_occupancy(b, plan, counted)
+        memory = map_memory(b)
         live = bench_live(b, live_packets) if live_packets else []
     finally:
         teardown(b)
@@ -687,7 +787,8 @@ def run(plan: Plan, occupancies: tuple[int, ...] = OCCUPANCIES, capacity: int = 
         "results": [asdict(m) | {"ok": m.ok} for ms in by_flows.values() for m in ms],
         "summary": {str(k): v for k, v in summary.items()},
         "live": [asdict(r) | {"ok": r.ok} for r in live],
-        "table": table(by_flows, summary, plan, live, capacity),
+        "memory": memory,
+        "table": table(by_flows, summary, plan, live, capacity) + "\n" + "\n".join(memory_lines(memory)),
     }
 
 
@@ -704,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench_xdp: needs root (namespaces, XDP); run it as root or via `make bench`", file=sys.stderr)
         return 2
-    plan = Plan(repeat=200_000, samples=3, fresh_calls=5_000, spread_frames=8_192) if args.quick else Plan()
+    plan = Plan(repeat=200_000, samples=3, fresh_calls=5_000, spread_frames=65_536) if args.quick else Plan()
     if args.repeat:
         plan.repeat = args.repeat
     if args.samples:
