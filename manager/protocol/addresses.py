@@ -3,6 +3,7 @@ transceiver) receives the call's packets."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import asdict, dataclass
 
@@ -13,9 +14,16 @@ AF_INET6 = 10
 Addr = tuple[str, int]
 
 
+# Cached: the slow path asks for the same few addresses (VIPs, owners, the
+# client of each leg) many times per leg, and parsing one takes microseconds.
+@functools.lru_cache(maxsize=1 << 16)
+def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(addr)
+
+
 def family_of(addr: str) -> int:
     """AF_INET or AF_INET6 of a textual IP address; ValueError if it is none."""
-    return AF_INET6 if ipaddress.ip_address(addr).version == 6 else AF_INET
+    return AF_INET6 if _ip(addr).version == 6 else AF_INET
 
 
 def fmt_ep(addr: str, port: int) -> str:
@@ -41,7 +49,7 @@ class OwnerAddr:
                     raise ValueError(f"owner port{family} is set without addr{family}")
                 continue
             try:
-                ip = ipaddress.ip_address(addr)
+                ip = _ip(addr)
             except ValueError:
                 raise ValueError(f"owner addr{family} {addr!r} is not an IP address") from None
             if ip.version != family:

@@ -10,6 +10,7 @@ wrote.
 from __future__ import annotations
 
 import array
+import functools
 import ipaddress
 import struct
 import sys
@@ -56,9 +57,21 @@ def _udp(src_ip: bytes, dst_ip: bytes, sport: int, dport: int, payload: bytes) -
     return UDP_HEADER.pack(sport, dport, length, csum or 0xFFFF) + payload  # 0 means "none": sent as 0xffff
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _address(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # Cached: the relay sends from a few flow sources to a few owners, and
+    # parsing an address costs more than building the packet.
+    return ipaddress.ip_address(addr)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
+
+
 def build_datagram(src: tuple[str, int], dst: tuple[str, int], payload: bytes, *, ttl: int = DEFAULT_TTL) -> bytes:
     """An IP packet carrying one UDP datagram from src to dst (same family)."""
-    s, d = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
+    s, d = _address(src[0]), _address(dst[0])
     if s.version != d.version:
         raise DatagramError(f"source {src[0]} and destination {dst[0]} are of different families")
     if len(payload) > MAX_UDP_PAYLOAD:
@@ -104,5 +117,5 @@ def parse_datagram(data: bytes) -> Datagram:
     payload = data[start + UDP_HEADER.size:end]
     if csum and _udp(src_ip, dst_ip, sport, dport, payload)[6:8] != data[start + 6:start + 8]:
         raise DatagramError("UDP checksum is wrong")
-    return Datagram(src=(str(ipaddress.ip_address(src_ip)), sport), dst=(str(ipaddress.ip_address(dst_ip)), dport),
+    return Datagram(src=(_text(bytes(src_ip)), sport), dst=(_text(bytes(dst_ip)), dport),
                     payload=payload)

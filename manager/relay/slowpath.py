@@ -39,6 +39,7 @@ from aioice import stun
 
 from manager.protocol.addresses import family_of
 from manager.protocol.rfc7983 import is_stun
+from manager.protocol.stun_header import CLASS_ERROR, CLASS_REQUEST, CLASS_SUCCESS, METHOD_BINDING, parse_header
 from manager.protocol.ufrag import UfragError, decode_ufrag, parse_stun_username
 from manager.relay.kernel.datapath import Datapath, DatapathError
 from manager.relay.kernel.flow_sockets import FlowSockets
@@ -469,13 +470,17 @@ class SlowPath:
     def _note_txid(self, leg: Leg, data: bytes, msg: stun.Message | None = None) -> None:
         if leg.installed_at is not None or not data or data[0] > 1:
             return
-        if msg is None:
-            try:
-                msg = stun.parse_message(data)
+        if msg is not None:
+            request = msg.message_method == stun.Method.BINDING and msg.message_class == stun.Class.REQUEST
+            txid = msg.transaction_id
+        else:
+            try:  # the header says all we keep: no need to decode the attributes
+                h = parse_header(data)
             except ValueError:
                 return
-        if msg.message_method == stun.Method.BINDING and msg.message_class == stun.Class.REQUEST:
-            leg.txids[msg.transaction_id] = True
+            request, txid = h.method == METHOD_BINDING and h.message_class == CLASS_REQUEST, h.transaction_id
+        if request:
+            leg.txids[txid] = True
             while len(leg.txids) > MAX_PENDING_TXIDS:
                 leg.txids.popitem(last=False)
 
@@ -525,17 +530,20 @@ class SlowPath:
             return
         install = False
         if leg.installed_at is None and is_stun(data):
+            # The header says whether the owner authenticated one of the leg's
+            # checks (a success with its transaction id); the attributes are
+            # the client's to read.
             try:
-                msg = stun.parse_message(data)
+                h = parse_header(data)
             except ValueError:
-                msg = None
-            if msg is not None and msg.message_class == stun.Class.ERROR:
+                h = None
+            if h is not None and h.message_class == CLASS_ERROR:
                 # An owner's error reply to a check it did not authenticate:
                 # sending it on would make the VIP reflect at a spoofed source.
                 self.stats["drop_error_to_pending"] += 1
                 return
-            install = (msg is not None and msg.message_method == stun.Method.BINDING
-                       and msg.message_class == stun.Class.RESPONSE and msg.transaction_id in leg.txids)
+            install = (h is not None and h.method == METHOD_BINDING and h.message_class == CLASS_SUCCESS
+                       and h.transaction_id in leg.txids)
         if leg.stream is not None:
             leg.last_seen = time.monotonic()
             leg.stream(data)

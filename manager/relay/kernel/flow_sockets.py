@@ -21,6 +21,7 @@ as long as relayd holds the link.
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 import logging
 import os
@@ -148,7 +149,7 @@ class FlowSockets:
         pool = self.pools.get(family_of(addr))
         if not pool:
             return None
-        idx = int(ipaddress.ip_address(addr)) - int(ipaddress.ip_address(pool[0]))
+        idx = _as_int(addr) - _as_int(pool[0])
         return idx if 0 <= idx < len(pool) else None
 
     def send(self, src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> None:
@@ -200,3 +201,9 @@ def _orig_dst(ancillary: list) -> tuple[str, int] | None:
             _, port, addr = SOCKADDR_IN6.unpack_from(data)
             return socket.inet_ntop(socket.AF_INET6, addr), int.from_bytes(port, "big")
     return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _as_int(addr: str) -> int:
+    # Cached: asked for every datagram an owner sends to a flow source.
+    return int(ipaddress.ip_address(addr))

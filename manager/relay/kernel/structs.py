@@ -9,6 +9,7 @@ __be16, stored here as the raw 16-bit value (socket.htons).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import ipaddress
 import re
@@ -263,12 +264,15 @@ def stat_labels(name: str) -> tuple[str, str, str]:
 
 # --- address helpers -----------------------------------------------------------
 
+@functools.lru_cache(maxsize=1 << 16)
+def _packed16(addr: str) -> bytes:
+    # Cached: every map operation of a leg packs the same addresses again.
+    return ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+
+
 def pack_addr(addr: str) -> Addr4:
     """An address as the 16-byte network-order form used in every struct."""
-    packed = ipaddress.ip_address(addr).packed
-    buf = Addr4()
-    ctypes.memmove(buf, packed.ljust(16, b"\0"), 16)
-    return buf
+    return Addr4.from_buffer_copy(_packed16(addr))
 
 
 def unpack_addr(words: Addr4, family: int) -> str:
@@ -276,11 +280,13 @@ def unpack_addr(words: Addr4, family: int) -> str:
     return str(ipaddress.ip_address(raw[:4] if family == AF_INET else raw))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def pack_addr4(addr: str) -> int:
     """An IPv4 address as the raw __be32 value."""
     return int.from_bytes(ipaddress.IPv4Address(addr).packed, "little")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def unpack_addr4(value: int) -> str:
     return str(ipaddress.IPv4Address(value.to_bytes(4, "little")))
 
