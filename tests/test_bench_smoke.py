@@ -193,3 +193,19 @@ def test_memory_report_reads_the_kernels_accounting(bench):
     # at least the key and value of each entry
     assert mem["maps"]["flows"]["bytes_per_entry"] >= ctypes.sizeof(bx.FlowKey) + ctypes.sizeof(bx.FlowInfo)
     assert mem["bytes_per_flow"] == pytest.approx(sum(mem["maps"][n]["bytes_per_entry"] for n in bx.FLOW_MAPS))
+
+
+def test_every_filler_forwards_and_a_missing_one_shows(bench):
+    every = bx.forward_every_filler(bench)
+    assert every.ok and every.runs == every.flows == every.forwarded == FLOWS - bx.FIXED_FLOWS
+    assert every.moved == {"fwd_in_rtp": every.runs}
+    # Take one filler's flow away: the check must say so.
+    addr, port, _, _ = bx.filler(5)
+    key = flow_key((".".join(str(b) for b in addr.to_bytes(4, "big")), port), (VIP4, bx.VIP_PORT))
+    saved = bench.dp.maps.flows.lookup(key)
+    bench.dp.maps.flows.delete(key)
+    try:
+        broken = bx.forward_every_filler(bench)
+        assert not broken.ok and broken.verdicts != "REDIRECT" and broken.forwarded == every.flows - 1
+    finally:
+        bench.dp.maps.flows.update(key, saved)

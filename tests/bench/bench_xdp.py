@@ -240,27 +240,48 @@ def update_batch(fd: int, keys: bytearray, values: bytearray, ksize: int, vsize:
         done += count.value
 
 
-def count_entries(m: libbpf.PinnedMap) -> int:
-    """Entries in a hash map, read in 64k batches (get_next_key from Python
-    would take seconds for a million entries)."""
+def _batches(m: libbpf.PinnedMap):
+    """(keys, values) bytes of a hash map, 64k entries at a time
+    (get_next_key from Python would take seconds for a million entries)."""
     lib = _lib()
     ksize, vsize = ctypes.sizeof(m.key_type), ctypes.sizeof(m.value_type)
     keys = ctypes.create_string_buffer(ksize * CHUNK)
     vals = ctypes.create_string_buffer(vsize * CHUNK)
     in_b, out_b = ctypes.c_uint32(0), ctypes.c_uint32(0)
     opts = BatchOpts(sz=ctypes.sizeof(BatchOpts))
-    total, first = 0, True
+    first = True
     while True:
         count = ctypes.c_uint32(CHUNK)
         rc = lib.bpf_map_lookup_batch(m.fd, None if first else ctypes.byref(in_b), ctypes.byref(out_b),
                                       keys, vals, ctypes.byref(count), ctypes.byref(opts))
-        total += count.value
+        if count.value:
+            yield keys.raw[:count.value * ksize], vals.raw[:count.value * vsize]
         if rc < 0:
             err = -rc if rc != -1 else ctypes.get_errno()
             if err == 2:  # ENOENT: the last batch
-                return total
+                return
             libbpf._check(rc, "bpf_map_lookup_batch")
         in_b.value, first = out_b.value, False
+
+
+def count_entries(m: libbpf.PinnedMap) -> int:
+    """Entries in a hash map."""
+    return sum(len(k) // ctypes.sizeof(m.key_type) for k, _ in _batches(m))
+
+
+def fillers_forwarded(m: libbpf.PinnedMap) -> int:
+    """Filler flows (client address in FILLER_NET) whose packet counter moved."""
+    ksize, vsize = ctypes.sizeof(FlowKey), ctypes.sizeof(FlowInfo)
+    pkts_at = FlowInfo.packets.offset
+    addr_at = FlowKey.client_addr.offset
+    n = 0
+    for keys, vals in _batches(m):
+        for j in range(len(keys) // ksize):
+            addr = int.from_bytes(keys[j * ksize + addr_at:j * ksize + addr_at + 4], "big")
+            if addr & 0xFFC00000 == FILLER_NET and int.from_bytes(vals[j * vsize + pkts_at:j * vsize + pkts_at + 8],
+                                                                  "little"):
+                n += 1
+    return n
 
 
 def add_fillers(dp, start: int, end: int, nh: bytes = bytes(32)) -> None:
@@ -735,6 +756,45 @@ def table(by_flows: dict[int, list[Measurement]], summary: dict, plan: Plan, liv
     return "\n".join(lines)
 
 
+@dataclass
+class EveryFlow:
+    """Every filler flow forwarded once: the map holds `flows` established
+    flows and XDP forwards each of them."""
+
+    flows: int
+    runs: int = 0
+    verdicts: str = ""
+    moved: dict = field(default_factory=dict)   # relay counters that rose, by name
+    forwarded: int = 0                          # fillers whose packet counter moved
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (self.verdicts == "REDIRECT" and self.moved == {"fwd_in_rtp": self.runs}
+                and self.runs == self.flows == self.forwarded)
+
+
+def forward_every_filler(b: Bench) -> EveryFlow:
+    """One frame from each filler's tuple through the relay program
+    (BPF_PROG_TEST_RUN, 64k frames per batch); then the counters and every
+    filler's own packet counter tell that each one was forwarded."""
+    res = EveryFlow(flows=b.fillers)
+    hit = client_frame(HIT_CLIENT, RTP)
+    before, t0, seen = read_counters(b.dp.maps), time.monotonic(), set()
+    for start in range(0, b.fillers, CHUNK):
+        frames = [retuple(hit, *filler(i)[:2]) for i in range(start, min(b.fillers, start + CHUNK))]
+        _, v = b.h.ex.call(_runner, b.progs["relay"], frames, b.h.ifindex["pub"], 1, len(frames))
+        seen |= v
+        res.runs += len(frames)
+        log(f"bench: forwarded a frame of {res.runs:,}/{b.fillers:,} filler flows")
+    after = read_counters(b.dp.maps)
+    res.seconds = round(time.monotonic() - t0, 1)
+    res.verdicts = "/".join(VERDICTS.get(x, str(x)) for x in sorted(seen))
+    res.moved = {k: after[k][0] - before[k][0] for k in after if after[k][0] != before[k][0]}
+    res.forwarded = fillers_forwarded(b.dp.maps.flows)
+    return res
+
+
 # Maps a client flow occupies: its flow, its return entry, its SSRC index
 # entry; and, per call, the owner entry and the live ufrag. The bench's worst
 # case is one flow per call.
@@ -758,6 +818,11 @@ def map_memory(b: Bench) -> dict:
             "bytes_per_flow_one_flow_calls": per_flow + per_call}
 
 
+def every_line(e: EveryFlow) -> str:
+    return (f"every flow: {e.forwarded:,} of {e.flows:,} filler flows forwarded a frame ({e.runs:,} runs, "
+            f"verdicts {e.verdicts}, counters {e.moved}; {e.seconds} s){'' if e.ok else '  CHECK FAILED'}")
+
+
 def memory_lines(mem: dict) -> list[str]:
     maps = ", ".join(f"{n} {m['bytes_per_entry']:.0f}" for n, m in mem["maps"].items())
     return [f"memory (kernel's accounting, bytes per entry): {maps}",
@@ -767,7 +832,7 @@ def memory_lines(mem: dict) -> list[str]:
 
 
 def run(plan: Plan, occupancies: tuple[int, ...] = OCCUPANCIES, capacity: int = CAPACITY,
-        live_packets: int = 0, progress: Callable[[str], None] = log) -> dict:
+        live_packets: int = 0, progress: Callable[[str], None] = log, every_flow: bool = True) -> dict:
     """The whole benchmark; returns everything as one dict (the --json output)."""
     b = setup(capacity)
     try:
@@ -777,6 +842,7 @@ def run(plan: Plan, occupancies: tuple[int, ...] = OCCUPANCIES, capacity: int = 
             progress(f"bench: flows map holds {counted:,} entries")
             by_flows[counted] = bench_occupancy(b, plan, counted)
         memory = map_memory(b)
+        every = forward_every_filler(b) if every_flow else None
         live = bench_live(b, live_packets) if live_packets else []
     finally:
         teardown(b)
@@ -788,7 +854,9 @@ def run(plan: Plan, occupancies: tuple[int, ...] = OCCUPANCIES, capacity: int = 
         "summary": {str(k): v for k, v in summary.items()},
         "live": [asdict(r) | {"ok": r.ok} for r in live],
         "memory": memory,
-        "table": table(by_flows, summary, plan, live, capacity) + "\n" + "\n".join(memory_lines(memory)),
+        "every_flow": asdict(every) | {"ok": every.ok} if every else None,
+        "table": "\n".join([table(by_flows, summary, plan, live, capacity), *memory_lines(memory),
+                            *([every_line(every)] if every else [])]),
     }
 
 
@@ -824,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"splitrelay XDP benchmark: kernel {m['kernel']}, {m['cpu']}, {m['cpus']} CPUs, "
               f"BPF JIT {m['bpf_jit_enable']}; {res['plan']['frame_bytes']}-byte IPv4 SRTP frame; {res['elapsed_s']} s")
         print(res["table"])
-    bad = [r for r in res["results"] + res["live"] if not r["ok"]]
+    bad = [r for r in res["results"] + res["live"] + ([res["every_flow"]] if res["every_flow"] else []) if not r["ok"]]
     return 1 if bad else 0
 
 
