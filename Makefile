@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup lint test demo bench bench-peers lab-up lab-down clean vm-test vm-box
+.PHONY: setup lint test demo bench bench-peers bench-setup bench-density lab-up lab-down clean vm-test vm-box
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,16 @@ bench: setup
 bench-peers:
 	@bash scripts/setup.sh >&2
 	@$(PY) -m tests.bench.bench_peers $(ARGS)
+
+# Set-up rate (legs/s from a client's check to a flow in the kernel) and
+# transceiver density (concurrent echo calls per core); ARGS as above.
+bench-setup:
+	@bash scripts/setup.sh >&2
+	@$(PY) -m tests.bench.bench_setup $(ARGS)
+
+bench-density:
+	@bash scripts/setup.sh >&2
+	@$(PY) -m tests.bench.bench_density $(ARGS)
 
 # The suite in a Debian 12 VM on its stock 6.1 kernel (not part of `make test`):
 # box built locally if missing, vagrant up (libvirt; TCG where KVM cannot run
