@@ -285,11 +285,13 @@ def test_rediss_with_mutual_tls(tmp_path: Path) -> None:
         url = f"rediss://127.0.0.1:{port}/0"
 
         async def scenario() -> None:
+            # A TLS handshake with client certificates takes longer than half a
+            # second on an emulated CPU (make vm-test): the same checks, more time.
             good = RegistryConfig(backend="redis", url=url, tls_ca_file=server.ca, tls_cert_file=client.cert,
-                                  tls_key_file=client.key, ttl=10, timeout=0.5)
+                                  tls_key_file=client.key, ttl=10, timeout=5.0)
             a, b = Relay(good, "r1"), Relay(good, "r2")
-            deadline = time.monotonic() + 10
-            while not await a.fleet.start(wait=0.5):  # redis-server may still be starting
+            deadline = time.monotonic() + 60
+            while not await a.fleet.start(wait=5.0):  # redis-server may still be starting
                 await a.fleet.stop()
                 a = Relay(good, "r1")
                 assert time.monotonic() < deadline, a.fleet.last_error

@@ -89,7 +89,9 @@ def run(coro):
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        return run_in_netns(ns, asyncio.run, asyncio.wait_for(coro, 20))
+        # A guard against a hang, not a timing: bcc compiling the flow sockets'
+        # program takes more than 20 s on an emulated CPU (make vm-test).
+        return run_in_netns(ns, asyncio.run, asyncio.wait_for(coro, 120))
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)
 

@@ -4,7 +4,9 @@
 # `make test` inside, prints the summary, `vagrant destroy`. Not part of
 # `make test`. Logs: vagrant/.box/vm-test.log (and .box/*.log for the box).
 #
-# SPLITRELAY_VM_ACCEL=kvm|tcg overrides the probe (vagrant/accel.sh).
+# SPLITRELAY_VM_ACCEL=kvm|tcg overrides the probe (vagrant/accel.sh);
+# SPLITRELAY_VM_REALTIME=1 runs the realtime tests under TCG too;
+# SPLITRELAY_VM_PYTEST_ARGS adds pytest arguments (a subset of the tests).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 box_name="${SPLITRELAY_BOX_NAME:-splitrelay/bookworm64}"
@@ -81,6 +83,8 @@ if [ "$SPLITRELAY_VM_ACCEL" = tcg ] && [ "${SPLITRELAY_VM_REALTIME:-0}" != 1 ]; 
   select="$select -m 'not realtime'"
   say "TCG: tests marked realtime are left out (SPLITRELAY_VM_REALTIME=1 runs them too)"
 fi
+# SPLITRELAY_VM_PYTEST_ARGS: more pytest arguments (a subset, -vv, ...).
+select="$select ${SPLITRELAY_VM_PYTEST_ARGS:-}"
 # Under TCG relayd's start (bcc compiling the XDP program, Python imports)
 # takes minutes, not the seconds the lab waits on real hardware.
 start_timeout=$([ "$SPLITRELAY_VM_ACCEL" = tcg ] && echo 900 || echo 30)
