@@ -43,6 +43,7 @@ from manager.protocol.stun_header import CLASS_ERROR, CLASS_REQUEST, CLASS_SUCCE
 from manager.protocol.ufrag import UfragError, decode_ufrag, parse_stun_username
 from manager.relay.kernel.datapath import Datapath, DatapathError
 from manager.relay.kernel.flow_sockets import FlowSockets
+from manager.relay.kernel.structs import flow_key
 from manager.relay.registry import Call, Registry
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,17 @@ class Leg:
     stream: Callable[[bytes], None] | None = None
     close_stream: Callable[[str], None] | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    # The flows-map key of (client, vip), kept until either changes (a rebinding).
+    _key_for: tuple | None = field(default=None, repr=False, compare=False)
+    _key_bytes: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def kernel_key(self) -> bytes:
+        """This tuple's flows-map key, as the housekeeper's walk reports it."""
+        tup = (self.client, self.vip)
+        if self._key_for != tup:
+            self._key_bytes, self._key_for = bytes(flow_key(*tup)), tup
+        return self._key_bytes
 
     @property
     def family(self) -> int:
@@ -196,6 +208,7 @@ class SlowPath:
         self.max_pending_per_source = max_pending_per_source
         self._legs_per_call: collections.Counter[int] = collections.Counter()
         self._pending_per_source: collections.Counter[str] = collections.Counter()
+        self._pending: dict[int, Leg] = {}  # id → leg not yet authenticated by its owner (UDP and TCP)
         self.on_flow_installed = on_flow_installed
         self.check_media = check_media
         self.on_rebound = on_rebound
@@ -429,6 +442,7 @@ class SlowPath:
         self._by_source[(leg.family, *leg.source)] = leg
         self._legs_per_call[leg.conn_id] += 1
         self._pending_per_source[client[0]] += 1
+        self._pending[id(leg)] = leg
         self.stats["tcp_legs_opened"] += 1
         self._note_txid(leg, data, msg)
         self._to_owner(leg, data)
@@ -466,6 +480,7 @@ class SlowPath:
         self._legs_per_call[leg.conn_id] += 1
         if leg.installed_at is None:
             self._pending_per_source[leg.client[0]] += 1
+            self._pending[id(leg)] = leg
 
     def _note_txid(self, leg: Leg, data: bytes, msg: stun.Message | None = None) -> None:
         if leg.installed_at is not None or not data or data[0] > 1:
@@ -810,6 +825,7 @@ class SlowPath:
         return [leg for leg in self.legs.values() if leg.conn_id == conn_id]
 
     def _release_pending(self, leg: Leg) -> None:
+        self._pending.pop(id(leg), None)
         n = self._pending_per_source[leg.client[0]] - 1
         if n > 0:
             self._pending_per_source[leg.client[0]] = n
@@ -880,9 +896,12 @@ class SlowPath:
             self.after_kernel_expiry(self.datapath.expire_idle(self.idle_timeout))
 
     def expire_pending(self, now: float) -> None:
-        for leg in [*self.legs.values(), *self.stream_legs.values()]:
-            if leg.installed_at is None and now - leg.first_seen > self.pending_timeout:
+        for leg in list(self._pending.values()):  # only the legs still waiting: not every leg
+            if leg.installed_at is not None:
+                self._pending.pop(id(leg), None)
+            elif now - leg.first_seen > self.pending_timeout:
                 self._close_leg(leg, reason="the owner never answered a check")
+                self._pending.pop(id(leg), None)
                 self.stats["legs_expired_pending"] += 1
 
     def after_kernel_expiry(self, expired: list) -> None:
@@ -897,8 +916,9 @@ class SlowPath:
         self._settle(touched)
 
     def evicted(self, kept: set) -> set:
-        """Installed tuples not among `kept` (what an expiry walk found in the kernel)."""
-        return {k for k, leg in self.legs.items() if leg.installed_at is not None and k not in kept}
+        """Installed tuples whose flows-map key is not among `kept` (what an
+        expiry walk found in the kernel)."""
+        return {k for k, leg in self.legs.items() if leg.installed_at is not None and leg.kernel_key not in kept}
 
     def sweep_evicted(self, missing: set, now: float) -> None:
         """Installed legs the kernel lost (LRU eviction) and that no STUN has
@@ -939,17 +959,23 @@ class SlowPath:
 
     async def _housekeeping(self) -> None:
         period = max(0.5, min(self.idle_timeout, self.pending_timeout) / 4)
+        # The kernel walk costs in proportion to the flows held (seconds at a
+        # million), and idle flows need not go to the second: a quarter of
+        # the idle timeout apart, not every round.
+        walk_every = max(period, self.idle_timeout / 4)
+        walked = time.monotonic()
         while True:
             await asyncio.sleep(period)
             try:
                 self.expire_pending(time.monotonic())
                 if self.datapath is not None:
-                    # The walk of a flows map of a million entries takes seconds:
-                    # a thread does it, the loop keeps serving packets and APIs.
-                    kept: set = set()
-                    expired = await asyncio.to_thread(self.datapath.expire_idle, self.idle_timeout, kept=kept)
-                    self.after_kernel_expiry(expired)
-                    self.sweep_evicted(self.evicted(kept), time.monotonic())
+                    if time.monotonic() - walked >= walk_every:
+                        walked = time.monotonic()
+                        # A thread walks the map; the loop keeps serving packets and APIs.
+                        kept: set = set()
+                        expired = await asyncio.to_thread(self.datapath.expire_idle, self.idle_timeout, kept=kept)
+                        self.after_kernel_expiry(expired)
+                        self.sweep_evicted(self.evicted(kept), time.monotonic())
                     self.publish_ssrcs()
                 fds = [s.fileno() for s in self.public.values()]
                 self.queue_bytes = await asyncio.to_thread(public_queue_bytes, fds)

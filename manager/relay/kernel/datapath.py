@@ -636,19 +636,27 @@ class Datapath:
 
     def expire_idle(self, idle_s: float, *, now_ns: int | None = None, kept: set | None = None) -> list[Flow]:
         """Remove flows with no packet either way for idle_s seconds. `kept`,
-        if given, receives the (client, vip) of every flow left in place: the
-        same walk tells the caller which tuples the kernel still holds."""
+        if given, receives the flows-map key (bytes(FlowKey)) of every flow
+        left in place: the same walk tells the caller which tuples the kernel
+        still holds. Only the expired flows are decoded: at a million flows
+        the walk is two batched map reads and a comparison per entry."""
         now = now_ns if now_ns is not None else time.monotonic_ns()
         limit = int(idle_s * 1e9)
         index = self._reverse_index()
-        expired = []
-        for key, info in list(self._m().flows.items()):
-            flow = self._flow(key, info, index)
-            if now - flow.last_seen_ns > limit:
-                self._remove(key)
-                expired.append(flow)
+        idle = []
+        for key, info in self._m().flows.items():
+            kb = bytes(key)
+            last = info.last_seen_ns
+            for _, rv in index.get(kb, ()):
+                last = max(last, rv.last_seen_ns)
+            if now - last > limit:
+                idle.append((key, info))
             elif kept is not None:
-                kept.add((flow.client, flow.vip))
+                kept.add(kb)
+        expired = []
+        for key, info in idle:
+            expired.append(self._flow(key, info, index))
+            self._remove(key)
         return expired
 
     # --- counters -----------------------------------------------------------------------

@@ -34,6 +34,8 @@ def lib() -> ctypes.CDLL:
         _lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         _lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
         _lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+        _lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
         _lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
         _lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.c_void_p]
         _lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
@@ -160,6 +162,20 @@ def map_update_raw(map_fd: int, key: ctypes._SimpleCData, value: ctypes._SimpleC
     _check(lib().bpf_map_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY), "update map")
 
 
+BATCH = 4096  # entries per bpf_map_lookup_batch call
+ENOTSUPP = 524  # the kernel's "operation not supported" (not in Python's errno)
+
+
+class BatchOpts(ctypes.Structure):
+    """struct bpf_map_batch_opts (libbpf)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _NoBatch(Exception):
+    """The map type has no batch lookup."""
+
+
 class PinnedMap:
     """A pinned BPF map with typed keys and values (ctypes structures).
 
@@ -240,10 +256,42 @@ class PinnedMap:
             prev = nxt
 
     def items(self) -> Iterator[tuple]:
+        """Every (key, value). Hash maps are read BATCH entries per syscall
+        (a walk of a million flows one get_next_key and one lookup at a time
+        would hold the interpreter for tens of seconds); others one by one."""
+        if not self.percpu:
+            try:
+                yield from self._batched()
+                return
+            except _NoBatch:
+                pass
         for k in self.keys():
             v = self.lookup(k)
             if v is not None:  # deleted meanwhile
                 yield k, v
+
+    def _batched(self) -> Iterator[tuple]:
+        ksize, vsize = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
+        keys = (ctypes.c_uint8 * (ksize * BATCH))()
+        vals = (ctypes.c_uint8 * (vsize * BATCH))()
+        in_b, out_b = ctypes.c_uint64(0), ctypes.c_uint64(0)
+        opts = BatchOpts(sz=ctypes.sizeof(BatchOpts))
+        first = True
+        while True:
+            count = ctypes.c_uint32(BATCH)
+            rc = lib().bpf_map_lookup_batch(self.fd, None if first else ctypes.byref(in_b), ctypes.byref(out_b),
+                                            keys, vals, ctypes.byref(count), ctypes.byref(opts))
+            err = 0 if rc >= 0 else (-rc if rc != -1 else ctypes.get_errno())
+            if err and err != errno.ENOENT:
+                if first and err in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+                    raise _NoBatch  # a map type without batch operations
+                _check(rc, f"read {self.path}")
+            for i in range(count.value):
+                yield (self.key_type.from_buffer_copy(keys, i * ksize),
+                       self.value_type.from_buffer_copy(vals, i * vsize))
+            if err == errno.ENOENT:  # that was the last batch
+                return
+            in_b.value, first = out_b.value, False
 
 
 def possible_cpus() -> int:
