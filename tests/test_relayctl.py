@@ -196,7 +196,7 @@ def live(env):
         call_id = rep.call_url.rsplit("/", 1)[1]
         call = svc.call(call_id)
         wait_for(lambda: any(f.conn_id == call["conn_id"] and f.packets_in > 5 and f.packets_out > 5
-                             for f in dp.flows()), what="media on the call's kernel flow")
+                             for f in dp.flows()), timeout=10.0 + START_SLACK, what="media on the call's kernel flow")
         yield call_id, call["conn_id"], call["transceiver_id"]
 
 
