@@ -42,7 +42,7 @@ from manager.protocol.rfc7983 import is_stun
 from manager.protocol.stun_header import CLASS_ERROR, CLASS_REQUEST, CLASS_SUCCESS, METHOD_BINDING, parse_header
 from manager.protocol.ufrag import UfragError, decode_ufrag, parse_stun_username
 from manager.relay.kernel.datapath import Datapath, DatapathError
-from manager.relay.kernel.flow_sockets import FlowSockets
+from manager.relay.kernel.flow_sockets import SO_RCVBUFFORCE, FlowSockets
 from manager.relay.kernel.structs import flow_key
 from manager.relay.registry import Call, Registry
 
@@ -1000,12 +1000,22 @@ def public_queue_bytes(fds: list[int]) -> int:
     return total
 
 
+# A public socket takes every new tuple's checks: a queue this deep rides out
+# the loop's pauses (a housekeeping round, a garbage collection) under a burst
+# of call set-ups instead of dropping checks the clients must then resend.
+PUBLIC_RCVBUF = 4 << 20
+
+
 def _udp_socket(bind: tuple[str, int]) -> socket.socket:
     fam = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
     sock = socket.socket(fam, socket.SOCK_DGRAM)
     try:
         if fam == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:  # beyond net.core.rmem_max: needs CAP_NET_ADMIN, which relayd has
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, PUBLIC_RCVBUF)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PUBLIC_RCVBUF)
         sock.setblocking(False)
         sock.bind(bind)
     except OSError:
