@@ -959,9 +959,9 @@ class SlowPath:
 
     async def _housekeeping(self) -> None:
         period = max(0.5, min(self.idle_timeout, self.pending_timeout) / 4)
-        # The kernel walk costs in proportion to the flows held (seconds at a
-        # million), and idle flows need not go to the second: a quarter of
-        # the idle timeout apart, not every round.
+        # The kernel walk costs in proportion to the flows held (batched reads,
+        # but Python work per entry), and idle flows need not go to the
+        # second: a quarter of the idle timeout apart, not every round.
         walk_every = max(period, self.idle_timeout / 4)
         walked = time.monotonic()
         while True:
