@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -638,25 +639,38 @@ class Datapath:
         """Remove flows with no packet either way for idle_s seconds. `kept`,
         if given, receives the flows-map key (bytes(FlowKey)) of every flow
         left in place: the same walk tells the caller which tuples the kernel
-        still holds. Only the expired flows are decoded: at a million flows
-        the walk is two batched map reads and a comparison per entry."""
+        still holds. The maps are read in raw batches and only the last-seen
+        fields are decoded, save for the flows that expire."""
         now = now_ns if now_ns is not None else time.monotonic_ns()
         limit = int(idle_s * 1e9)
-        index = self._reverse_index()
+        m = self._m()
+        ksz, fsz, rsz = ctypes.sizeof(FlowKey), ctypes.sizeof(FlowInfo), ctypes.sizeof(ReverseInfo)
+        r_client, r_seen = ReverseInfo.client.offset, ReverseInfo.last_seen_ns.offset
+        f_seen = FlowInfo.last_seen_ns.offset
+        u64 = struct.Struct("<Q").unpack_from
+        # The return direction's last packet, by the client tuple it restores.
+        out_seen: dict[bytes, int] = {}
+        for _, vals, n in m.reverse.raw_batches():
+            for i in range(n):
+                base = i * rsz
+                client = vals[base + r_client:base + r_client + ksz]
+                seen = u64(vals, base + r_seen)[0]
+                if seen > out_seen.get(client, 0):
+                    out_seen[client] = seen
         idle = []
-        for key, info in self._m().flows.items():
-            kb = bytes(key)
-            last = info.last_seen_ns
-            for _, rv in index.get(kb, ()):
-                last = max(last, rv.last_seen_ns)
-            if now - last > limit:
-                idle.append((key, info))
-            elif kept is not None:
-                kept.add(kb)
+        for keys, vals, n in m.flows.raw_batches():
+            for i in range(n):
+                kb = keys[i * ksz:(i + 1) * ksz]
+                if now - max(u64(vals, i * fsz + f_seen)[0], out_seen.get(kb, 0)) > limit:
+                    idle.append((FlowKey.from_buffer_copy(kb), FlowInfo.from_buffer_copy(vals, i * fsz)))
+                elif kept is not None:
+                    kept.add(kb)
         expired = []
-        for key, info in idle:
-            expired.append(self._flow(key, info, index))
-            self._remove(key)
+        if idle:
+            index = self._reverse_index()
+            for key, info in idle:
+                expired.append(self._flow(key, info, index))
+                self._remove(key)
         return expired
 
     # --- counters -----------------------------------------------------------------------

@@ -272,6 +272,17 @@ class PinnedMap:
 
     def _batched(self) -> Iterator[tuple]:
         ksize, vsize = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
+        for keys, vals, n in self.raw_batches():
+            for i in range(n):
+                yield (self.key_type.from_buffer_copy(keys, i * ksize),
+                       self.value_type.from_buffer_copy(vals, i * vsize))
+
+    def raw_batches(self) -> Iterator[tuple[bytes, bytes, int]]:
+        """(keys, values, count) as the kernel packs them, BATCH entries at a
+        time, for walks that read a field or two of a million entries
+        without making an object of each. _NoBatch if the map type has no
+        batch lookup."""
+        ksize, vsize = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
         keys = (ctypes.c_uint8 * (ksize * BATCH))()
         vals = (ctypes.c_uint8 * (vsize * BATCH))()
         in_b, out_b = ctypes.c_uint64(0), ctypes.c_uint64(0)
@@ -286,9 +297,8 @@ class PinnedMap:
                 if first and err in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
                     raise _NoBatch  # a map type without batch operations
                 _check(rc, f"read {self.path}")
-            for i in range(count.value):
-                yield (self.key_type.from_buffer_copy(keys, i * ksize),
-                       self.value_type.from_buffer_copy(vals, i * vsize))
+            if count.value:
+                yield bytes(keys)[:count.value * ksize], bytes(vals)[:count.value * vsize], count.value
             if err == errno.ENOENT:  # that was the last batch
                 return
             in_b.value, first = out_b.value, False
