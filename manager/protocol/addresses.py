@@ -14,16 +14,18 @@ AF_INET6 = 10
 Addr = tuple[str, int]
 
 
-# Cached: the slow path asks for the same few addresses (VIPs, owners, the
-# client of each leg) many times per leg, and parsing one takes microseconds.
+# Cached: the slow path asks for the same few addresses (VIPs, owners, pool
+# addresses, the client of each leg) many times per leg, in families, map
+# keys and datagram headers, and parsing one takes microseconds.
 @functools.lru_cache(maxsize=1 << 16)
-def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def parse_ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """ipaddress.ip_address of a textual address, remembered."""
     return ipaddress.ip_address(addr)
 
 
 def family_of(addr: str) -> int:
     """AF_INET or AF_INET6 of a textual IP address; ValueError if it is none."""
-    return AF_INET6 if _ip(addr).version == 6 else AF_INET
+    return AF_INET6 if parse_ip(addr).version == 6 else AF_INET
 
 
 def fmt_ep(addr: str, port: int) -> str:
@@ -49,7 +51,7 @@ class OwnerAddr:
                     raise ValueError(f"owner port{family} is set without addr{family}")
                 continue
             try:
-                ip = _ip(addr)
+                ip = parse_ip(addr)
             except ValueError:
                 raise ValueError(f"owner addr{family} {addr!r} is not an IP address") from None
             if ip.version != family:

@@ -16,6 +16,8 @@ import struct
 import sys
 from dataclasses import dataclass
 
+from manager.protocol.addresses import parse_ip
+
 IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")  # ver/ihl, tos, total length, id, flags/frag, ttl, proto, csum, src, dst
 IPV6_HEADER = struct.Struct("!IHBB16s16s")    # ver/class/flow, payload length, next header, hop limit, src, dst
 UDP_HEADER = struct.Struct("!HHHH")           # source port, destination port, length, checksum
@@ -58,20 +60,13 @@ def _udp(src_ip: bytes, dst_ip: bytes, sport: int, dport: int, payload: bytes) -
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _address(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    # Cached: the relay sends from a few flow sources to a few owners, and
-    # parsing an address costs more than building the packet.
-    return ipaddress.ip_address(addr)
-
-
-@functools.lru_cache(maxsize=1 << 16)
 def _text(packed: bytes) -> str:
     return str(ipaddress.ip_address(packed))
 
 
 def build_datagram(src: tuple[str, int], dst: tuple[str, int], payload: bytes, *, ttl: int = DEFAULT_TTL) -> bytes:
     """An IP packet carrying one UDP datagram from src to dst (same family)."""
-    s, d = _address(src[0]), _address(dst[0])
+    s, d = parse_ip(src[0]), parse_ip(dst[0])
     if s.version != d.version:
         raise DatagramError(f"source {src[0]} and destination {dst[0]} are of different families")
     if len(payload) > MAX_UDP_PAYLOAD:

@@ -200,12 +200,6 @@ def filler_ssrc(i: int) -> bytes:
 
 # --- map filling (batched: one syscall per 64k entries) ---------------------------------
 
-class BatchOpts(ctypes.Structure):
-    """struct bpf_map_batch_opts (libbpf)."""
-
-    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
 _FLOW_KEY = struct.Struct("!BxHH2x4s12x4s12x")  # struct flow_key, IPv4
 _FLOW_INFO = struct.Struct("<I2sHQQQQ4s4x32s")  # struct flow_info
 _OWNER_INFO = struct.Struct("<4s2s2x16xII")     # struct owner_info, IPv4 only
@@ -221,7 +215,6 @@ def _lib() -> ctypes.CDLL:
     lib = libbpf.lib()
     vp, u32p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)
     lib.bpf_map_update_batch.argtypes = [ctypes.c_int, vp, vp, u32p, vp]
-    lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, vp, vp, vp, vp, u32p, vp]
     return lib
 
 
@@ -230,7 +223,7 @@ def update_batch(fd: int, keys: bytearray, values: bytearray, ksize: int, vsize:
     n = len(keys) // ksize
     kbuf = (ctypes.c_char * len(keys)).from_buffer(keys)
     vbuf = (ctypes.c_char * len(values)).from_buffer(values)
-    opts = BatchOpts(sz=ctypes.sizeof(BatchOpts))
+    opts = libbpf.BatchOpts(sz=ctypes.sizeof(libbpf.BatchOpts))
     done = 0
     while done < n:
         count = ctypes.c_uint32(min(CHUNK, n - done))
@@ -240,33 +233,9 @@ def update_batch(fd: int, keys: bytearray, values: bytearray, ksize: int, vsize:
         done += count.value
 
 
-def _batches(m: libbpf.PinnedMap):
-    """(keys, values) bytes of a hash map, 64k entries at a time
-    (get_next_key from Python would take seconds for a million entries)."""
-    lib = _lib()
-    ksize, vsize = ctypes.sizeof(m.key_type), ctypes.sizeof(m.value_type)
-    keys = ctypes.create_string_buffer(ksize * CHUNK)
-    vals = ctypes.create_string_buffer(vsize * CHUNK)
-    in_b, out_b = ctypes.c_uint32(0), ctypes.c_uint32(0)
-    opts = BatchOpts(sz=ctypes.sizeof(BatchOpts))
-    first = True
-    while True:
-        count = ctypes.c_uint32(CHUNK)
-        rc = lib.bpf_map_lookup_batch(m.fd, None if first else ctypes.byref(in_b), ctypes.byref(out_b),
-                                      keys, vals, ctypes.byref(count), ctypes.byref(opts))
-        if count.value:
-            yield keys.raw[:count.value * ksize], vals.raw[:count.value * vsize]
-        if rc < 0:
-            err = -rc if rc != -1 else ctypes.get_errno()
-            if err == 2:  # ENOENT: the last batch
-                return
-            libbpf._check(rc, "bpf_map_lookup_batch")
-        in_b.value, first = out_b.value, False
-
-
 def count_entries(m: libbpf.PinnedMap) -> int:
     """Entries in a hash map."""
-    return sum(len(k) // ctypes.sizeof(m.key_type) for k, _ in _batches(m))
+    return sum(n for _, _, n in m.raw_batches())
 
 
 def fillers_forwarded(m: libbpf.PinnedMap) -> int:
@@ -275,8 +244,8 @@ def fillers_forwarded(m: libbpf.PinnedMap) -> int:
     pkts_at = FlowInfo.packets.offset
     addr_at = FlowKey.client_addr.offset
     n = 0
-    for keys, vals in _batches(m):
-        for j in range(len(keys) // ksize):
+    for keys, vals, count in m.raw_batches():
+        for j in range(count):
             addr = int.from_bytes(keys[j * ksize + addr_at:j * ksize + addr_at + 4], "big")
             if addr & 0xFFC00000 == FILLER_NET and int.from_bytes(vals[j * vsize + pkts_at:j * vsize + pkts_at + 8],
                                                                   "little"):

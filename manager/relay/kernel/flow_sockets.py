@@ -21,7 +21,6 @@ as long as relayd holds the link.
 from __future__ import annotations
 
 import ctypes
-import functools
 import ipaddress
 import logging
 import os
@@ -29,7 +28,7 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from manager.protocol.addresses import AF_INET, AF_INET6, family_of
+from manager.protocol.addresses import AF_INET, AF_INET6, family_of, parse_ip
 from manager.protocol.udpip import build_datagram
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel import libbpf
@@ -149,7 +148,7 @@ class FlowSockets:
         pool = self.pools.get(family_of(addr))
         if not pool:
             return None
-        idx = _as_int(addr) - _as_int(pool[0])
+        idx = int(parse_ip(addr)) - int(parse_ip(pool[0]))
         return idx if 0 <= idx < len(pool) else None
 
     def send(self, src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> None:
@@ -202,8 +201,3 @@ def _orig_dst(ancillary: list) -> tuple[str, int] | None:
             return socket.inet_ntop(socket.AF_INET6, addr), int.from_bytes(port, "big")
     return None
 
-
-@functools.lru_cache(maxsize=1 << 16)
-def _as_int(addr: str) -> int:
-    # Cached: asked for every datagram an owner sends to a flow source.
-    return int(ipaddress.ip_address(addr))

@@ -17,7 +17,7 @@ import socket
 from importlib import resources
 from pathlib import Path
 
-from manager.protocol.addresses import AF_INET, AF_INET6, family_of  # noqa: F401 - re-exported for the kernel views
+from manager.protocol.addresses import AF_INET, AF_INET6, family_of, parse_ip  # noqa: F401 - re-exported for the kernel views
 
 # The C sources ship inside the package (pyproject maps manager.relay.kernel.bpf
 # onto bpf/): a real directory, as bcc takes file paths and -I flags.
@@ -264,15 +264,9 @@ def stat_labels(name: str) -> tuple[str, str, str]:
 
 # --- address helpers -----------------------------------------------------------
 
-@functools.lru_cache(maxsize=1 << 16)
-def _packed16(addr: str) -> bytes:
-    # Cached: every map operation of a leg packs the same addresses again.
-    return ipaddress.ip_address(addr).packed.ljust(16, b"\0")
-
-
 def pack_addr(addr: str) -> Addr4:
     """An address as the 16-byte network-order form used in every struct."""
-    return Addr4.from_buffer_copy(_packed16(addr))
+    return Addr4.from_buffer_copy(parse_ip(addr).packed.ljust(16, b"\0"))
 
 
 def unpack_addr(words: Addr4, family: int) -> str:
