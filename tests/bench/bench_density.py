@@ -32,15 +32,9 @@ from pathlib import Path
 
 from manager.lab.services import running_lab
 from manager.lab.topology import NetnsExecutor
-from tests.bench.bench_tcp import _calls, cpu_seconds
+from tests.bench.bench_tcp import _calls, cpu_seconds, idle_cpu
 
 TRANSCEIVER = "tx1"
-
-
-def idle_cpu(pid: int, seconds: float) -> float:
-    cpu0 = cpu_seconds(pid)
-    time.sleep(seconds)
-    return cpu_seconds(pid) - cpu0
 
 
 def step(lab, pid: int, n: int, seconds: float, idle_per_s: float) -> dict:

@@ -80,9 +80,8 @@ async def _calls(lab, n: int, seconds: float, tcp: bool, marks: dict) -> list:
             a.close()
 
 
-def idle_cpu(svc, seconds: float) -> float:
-    """relayd's CPU with no call at all over `seconds` (housekeeping, probes)."""
-    pid = svc.procs["relayd"].pid
+def idle_cpu(pid: int, seconds: float) -> float:
+    """A process's CPU with no call at all over `seconds` (housekeeping, probes)."""
     cpu0 = cpu_seconds(pid)
     time.sleep(seconds)
     return cpu_seconds(pid) - cpu0
@@ -123,7 +122,7 @@ def run(n: int, seconds: float) -> dict:
     with running_lab(f"bt{secrets.token_hex(3)}", Path(tempfile.mkdtemp(prefix="bench-tcp-"))) as (lab, svc):
         ctl = ControlClient(svc.config["control_socket"])
         print(f"  relayd with no call for {seconds:g} s...", file=sys.stderr)
-        idle = idle_cpu(svc, seconds)
+        idle = idle_cpu(svc.procs["relayd"].pid, seconds)
         print(f"  {n} UDP calls for {seconds:g} s...", file=sys.stderr)
         udp = measure(lab, svc, ctl, n, seconds, tcp=False, idle=idle)
         lab.run(lab.client_ns, ["nft", "-f", "-"],
