@@ -297,3 +297,16 @@ def test_an_installed_leg_the_kernel_lost_expires_when_nothing_brings_it_back() 
     finally:
         sock.close()
         hx.teardown(h)
+
+
+def test_public_sockets_get_a_deep_receive_queue() -> None:
+    """A burst of set-ups waits in the public socket's queue while the loop
+    is busy: the queue is PUBLIC_RCVBUF (the kernel reports it doubled), not
+    the system default of a few hundred datagrams."""
+    from manager.relay import slowpath
+
+    sock = slowpath._udp_socket((LO, 0))
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * slowpath.PUBLIC_RCVBUF
+    finally:
+        sock.close()
