@@ -12,8 +12,11 @@
  * new calls (an evicted flow is rebuilt from its next STUN consent check). */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_info, flows, MAX_FLOWS, PIN_DIR "/flows");
 
-/* owners: connection id → current owner transceiver; migration = one update. */
-BPF_TABLE_PINNED("hash", __u32, struct owner_info, owners, MAX_OWNERS, PIN_DIR "/owners");
+/* owners: call slot → its connection id and current owner transceiver;
+ * migration = one update. An array (a lookup the verifier inlines, one
+ * memory access) rather than a hash by connection id: userspace gives each
+ * call a slot and flows carry it. */
+BPF_TABLE_PINNED("array", __u32, struct owner_info, owners, MAX_OWNERS, PIN_DIR "/owners");
 
 /* reverse: (owner addr:port, flow port) → client tuple; forwarded only when
  * the sender is still the owner of that connection id. */
@@ -59,6 +62,10 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct admit_bucket, admit_budget, 1, PI
 /* layout: a hash of every map's layout, written by userspace at load; a
  * relayd refuses pinned maps whose hash is not its own (structs.py). */
 BPF_TABLE_PINNED("array", __u32, __u64, layout, 1, PIN_DIR "/layout");
+
+/* clock: per CPU, the coarse clock as of the last jiffy seen (coarse_now);
+ * not pinned: a cache any program version rebuilds within a tick. */
+BPF_PERCPU_ARRAY(clock, struct clock_copy, 1);
 
 /* stats: per-CPU packets/bytes by verdict and reason (enum stat_id). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct stat_value, stats, STAT_MAX, PIN_DIR "/stats");

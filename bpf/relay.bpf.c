@@ -27,6 +27,36 @@ static __always_inline int account(__u32 id, __u32 bytes, int verdict)
     return verdict;
 }
 
+/* The coarse clock, read through a per-CPU copy taken once per jiffy.
+ * bpf_jiffies64 is one load the verifier inlines; bpf_ktime_get_coarse_ns
+ * is a helper call (~20 ns a packet on the benchmark machine), and the
+ * coarse clock itself only moves at a tick. Good to a tick or two: enough
+ * for last-seen and the route cache's lifetime. */
+static __always_inline __u64 coarse_now(void)
+{
+    __u32 zero = 0;
+    __u64 j = bpf_jiffies64();
+    struct clock_copy *c = clock.lookup(&zero);
+    if (!c)
+        return bpf_ktime_get_coarse_ns();
+    if (c->jiffies != j) {
+        c->jiffies = j;
+        c->ns = bpf_ktime_get_coarse_ns();
+    }
+    return c->ns;
+}
+
+/* The owners entry of a flow's call: its slot, while the slot still names
+ * the flow's connection id (a slot freed and given to another call leaves
+ * stale flows pointing at someone else's owner). */
+static __always_inline struct owner_info *call_owner(__u32 slot, __u32 conn_id)
+{
+    struct owner_info *o = owners.lookup(&slot);
+    if (!o || o->conn_id != conn_id || !conn_id)
+        return NULL;
+    return o;
+}
+
 static __always_inline int verdict_of(int stat)
 {
     if (stat >= STAT_DROP_MALFORMED && stat < STAT_FWD_IN_STUN)
@@ -96,81 +126,100 @@ static __always_inline int route(struct xdp_md *ctx, struct pkt *p, struct bpf_f
     return STAT_PASS_FIB_FAIL;
 }
 
-/* Rewrite addresses, ports, TTL, checksums and MACs in place. */
-static __always_inline void rewrite(struct pkt *p, struct bpf_fib_lookup *fib,
-                                    const __be32 *src, const __be32 *dst, __be16 sport, __be16 dport)
+/* The checksum changes of rewriting p to src:sport → dst:dport with its
+ * TTL decremented, folded to 16 bits, into nh: csum_l3 for the IPv4 header,
+ * csum_l4 for UDP (pseudo-header and ports). For one direction of a flow they
+ * stay the same while its route cache does: the old addresses and ports are
+ * the entry's key, the new ones its owner's (the generation) and its flow
+ * source's, and a TTL above 1 changes its word the same way whatever it is.
+ * So they are worked out with the route, not per packet. */
+static __always_inline void csum_deltas(struct pkt *p, struct nexthop *nh,
+                                        const __be32 *src, const __be32 *dst, __be16 sport, __be16 dport)
 {
     struct udphdr *udp = p->udp;
-    __u64 l4 = 0; /* change to the UDP checksum (pseudo-header + ports) */
+    __u64 l3 = 0;
+    __u64 l4 = 0;
     if (p->ip4) {
         struct iphdr *ip = p->ip4;
-        __u64 l3 = 0;
         l3 = csum_diff32(l3, ip->saddr, src[0]);
         l3 = csum_diff32(l3, ip->daddr, dst[0]);
         l4 = l3;
-        /* TTL shares a 16-bit word with the protocol number. */
-        __u16 old_word = *(__u16 *)&ip->ttl;
-        ip->ttl -= 1;
-        l3 = csum_diff16(l3, old_word, *(__u16 *)&ip->ttl);
-        ip->check = csum_apply(ip->check, l3);
-        ip->saddr = src[0];
-        ip->daddr = dst[0];
+        /* TTL shares a 16-bit word with the protocol number, TTL first;
+         * it is above 1 here, so the decrement borrows nothing. */
+        __u16 word = *(__u16 *)&ip->ttl;
+        l3 = csum_diff16(l3, word, word - bpf_htons(0x0100));
     } else if (p->ip6) {
-        struct ipv6hdr *ip6 = p->ip6;
-        __be32 *s6 = (__be32 *)&ip6->saddr;
-        __be32 *d6 = (__be32 *)&ip6->daddr;
+        __be32 *s6 = (__be32 *)&p->ip6->saddr;
+        __be32 *d6 = (__be32 *)&p->ip6->daddr;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             l4 = csum_diff32(l4, s6[i], src[i]);
             l4 = csum_diff32(l4, d6[i], dst[i]);
         }
-        copy_addr(s6, src);
-        copy_addr(d6, dst);
-        ip6->hop_limit -= 1;
     }
     l4 = csum_diff16(l4, udp->source, sport);
     l4 = csum_diff16(l4, udp->dest, dport);
+    nh->csum_l3 = csum_fold64(l3);
+    nh->csum_l4 = csum_fold64(l4);
+}
+
+/* Rewrite addresses, ports, TTL, checksums (nh's changes) and MACs in place. */
+static __always_inline void rewrite(struct pkt *p, const struct nexthop *nh,
+                                    const __be32 *src, const __be32 *dst, __be16 sport, __be16 dport)
+{
+    struct udphdr *udp = p->udp;
+    if (p->ip4) {
+        struct iphdr *ip = p->ip4;
+        ip->ttl -= 1;
+        ip->check = csum_apply(ip->check, nh->csum_l3);
+        ip->saddr = src[0];
+        ip->daddr = dst[0];
+    } else if (p->ip6) {
+        struct ipv6hdr *ip6 = p->ip6;
+        copy_addr((__be32 *)&ip6->saddr, src);
+        copy_addr((__be32 *)&ip6->daddr, dst);
+        ip6->hop_limit -= 1;
+    }
     udp->source = sport;
     udp->dest = dport;
     /* A zero IPv4 UDP checksum means "none" and stays so; a computed zero is
      * sent as 0xffff (RFC 768). */
     if (p->ip6 || udp->check) {
-        __u16 c = csum_apply(udp->check, l4);
+        __u16 c = csum_apply(udp->check, nh->csum_l4);
         udp->check = c ? c : 0xffff;
     }
-    __builtin_memcpy(p->eth->h_dest, fib->dmac, ETH_ALEN);
-    __builtin_memcpy(p->eth->h_source, fib->smac, ETH_ALEN);
+    __builtin_memcpy(p->eth->h_dest, nh->dmac, ETH_ALEN);
+    __builtin_memcpy(p->eth->h_source, nh->smac, ETH_ALEN);
 }
 
-/* The route of one direction of a flow: the cached one while it is fresh
- * and was looked up for this owner generation, else a fib lookup that
- * refreshes the cache. Same contract as route(). */
-static __always_inline int cached_route(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
-                                        struct nexthop *nh, __u32 gen, __u64 now,
-                                        const __be32 *src, const __be32 *dst, __be16 sport, __be16 dport)
+/* The route of one direction of a flow, in nh: the cached one while it is
+ * fresh and was looked up for this owner generation, else a fib lookup
+ * (and the checksum changes) that refreshes the cache. Returns 0, or the
+ * stat_id to pass with. */
+static __always_inline int cached_route(struct xdp_md *ctx, struct pkt *p, struct nexthop *nh, __u32 gen,
+                                        __u64 now, const __be32 *src, const __be32 *dst,
+                                        __be16 sport, __be16 dport)
 {
-    if (nh->until_ns > now && nh->gen == gen) {
-        fib->ifindex = nh->ifindex;
-        __builtin_memcpy(fib->dmac, nh->dmac, ETH_ALEN);
-        __builtin_memcpy(fib->smac, nh->smac, ETH_ALEN);
+    if (nh->until_ns > now && nh->gen == gen)
         return 0;
-    }
-    int rc = route(ctx, p, fib, src, dst, sport, dport);
+    struct bpf_fib_lookup fib;
+    int rc = route(ctx, p, &fib, src, dst, sport, dport);
     if (rc)
         return rc;
-    nh->ifindex = fib->ifindex;
+    nh->ifindex = fib.ifindex;
     nh->gen = gen;
-    __builtin_memcpy(nh->dmac, fib->dmac, ETH_ALEN);
-    __builtin_memcpy(nh->smac, fib->smac, ETH_ALEN);
+    __builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+    __builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
+    csum_deltas(p, nh, src, dst, sport, dport);
     nh->until_ns = now + NH_CACHE_NS;
     return 0;
 }
 
-static __always_inline int emit(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
+static __always_inline int emit(struct xdp_md *ctx, __u32 ifindex)
 {
-    if (fib->ifindex == ctx->ingress_ifindex)
+    if (ifindex == ctx->ingress_ifindex)
         return XDP_TX;
-    return bpf_redirect(fib->ifindex, 0);
+    return bpf_redirect(ifindex, 0);
 }
 
 static __always_inline int owner_endpoint(struct owner_info *o, __u8 family, __be32 *addr, __be16 *port)
@@ -316,13 +365,12 @@ static __always_inline int unknown_client(struct pkt *p)
 }
 
 /* Client → VIP on a known flow: forward to the call's owner. */
-static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
+static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 *egress,
                                        struct flow_key *key, struct flow_info *flow)
 {
     if (p->class == CLASS_OTHER)
         return STAT_DROP_BAD_CLASS;
-    __u32 conn_id = flow->conn_id;
-    struct owner_info *owner = owners.lookup(&conn_id);
+    struct owner_info *owner = call_owner(flow->slot, flow->conn_id);
     if (!owner)
         return STAT_DROP_NO_OWNER;
     __be32 dst[4];
@@ -338,8 +386,8 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
 
     __be32 src[4];
     pool_addr(cfg, p->family, flow->flow_addr, src);
-    __u64 now = bpf_ktime_get_coarse_ns();
-    int rc = cached_route(ctx, p, fib, &flow->nh, owner->generation, now, src, dst, flow->flow_port, dport);
+    __u64 now = coarse_now();
+    int rc = cached_route(ctx, p, &flow->nh, owner->generation, now, src, dst, flow->flow_port, dport);
     if (rc)
         return rc;
     if (p->class == CLASS_RTP && !flow->ssrc) {
@@ -349,7 +397,8 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
             ssrcs.update(&ssrc, key);
         }
     }
-    rewrite(p, fib, src, dst, flow->flow_port, dport);
+    rewrite(p, &flow->nh, src, dst, flow->flow_port, dport);
+    *egress = flow->nh.ifindex;
     /* Plain adds: a flow's packets arrive on one CPU (RSS hashes its tuple);
      * a rare race loses a count, never a packet. */
     flow->packets += 1;
@@ -359,7 +408,7 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, struct
 }
 
 /* Owner → flow port: forward back to the client from the VIP. */
-static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, struct bpf_fib_lookup *fib,
+static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, __u32 *egress,
                                       __be32 *saddr, __u16 flow_addr)
 {
     struct reverse_key key = {};
@@ -372,8 +421,7 @@ static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, struct 
     struct reverse_info *rev = reverse.lookup(&key);
     if (!rev)
         return STAT_PASS_RETURN_UNKNOWN;
-    __u32 conn_id = rev->conn_id;
-    struct owner_info *owner = owners.lookup(&conn_id);
+    struct owner_info *owner = call_owner(rev->slot, rev->conn_id);
     if (!owner)
         return STAT_DROP_NO_OWNER;
     __be32 oaddr[4];
@@ -387,13 +435,14 @@ static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, struct 
     if (ttl_expired(p))
         return STAT_PASS_TTL_EXPIRED;
 
-    __u64 now = bpf_ktime_get_coarse_ns();
-    int rc = cached_route(ctx, p, fib, &rev->nh, 0, now, rev->client.relay_addr, rev->client.client_addr,
+    __u64 now = coarse_now();
+    int rc = cached_route(ctx, p, &rev->nh, 0, now, rev->client.relay_addr, rev->client.client_addr,
                           rev->client.relay_port, rev->client.client_port);
     if (rc)
         return rc;
-    rewrite(p, fib, rev->client.relay_addr, rev->client.client_addr,
+    rewrite(p, &rev->nh, rev->client.relay_addr, rev->client.client_addr,
             rev->client.relay_port, rev->client.client_port);
+    *egress = rev->nh.ifindex;
     rev->packets += 1;
     rev->bytes += p->len;
     rev->last_seen_ns = now;
@@ -418,7 +467,7 @@ int xdp_relay(struct xdp_md *ctx)
     vk.family = p.family;
     vk.port = p.udp->dest;
     copy_addr(vk.addr, daddr);
-    struct bpf_fib_lookup fib;
+    __u32 egress = 0;
     __u32 ifindex = ctx->ingress_ifindex;
     __u32 *role = if_roles.lookup(&ifindex);  /* NULL beyond MAX_IFINDEX: unchecked */
     struct flow_key key = {};
@@ -430,7 +479,7 @@ int xdp_relay(struct xdp_md *ctx)
         client_key(&p, saddr, daddr, &key);
         flow = flows.lookup(&key);
         if (flow) {
-            stat = from_client(ctx, &p, &fib, &key, flow);
+            stat = from_client(ctx, &p, &egress, &key, flow);
             goto out;
         }
     }
@@ -441,7 +490,7 @@ int xdp_relay(struct xdp_md *ctx)
             client_key(&p, saddr, daddr, &key);
             flow = flows.lookup(&key);
         }
-        stat = flow ? from_client(ctx, &p, &fib, &key, flow) : unknown_client(&p);
+        stat = flow ? from_client(ctx, &p, &egress, &key, flow) : unknown_client(&p);
         if (stat == STAT_PASS_STUN_UNKNOWN || stat == STAT_PASS_REBIND)
             stat = admit(&p, saddr[0], saddr[1], stat);
     } else {
@@ -455,10 +504,10 @@ int xdp_relay(struct xdp_md *ctx)
             return account(STAT_PASS_NOT_RELAY, p.len, XDP_PASS);
         if (role && *role && *role != ROLE_INTERNAL)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
-        stat = from_owner(ctx, &p, &fib, saddr, (__u16)flow_addr);
+        stat = from_owner(ctx, &p, &egress, saddr, (__u16)flow_addr);
     }
 out:
     if (stat >= STAT_FWD_IN_STUN)
-        return account(stat, p.len, emit(ctx, &fib));
+        return account(stat, p.len, emit(ctx, egress));
     return account(stat, p.len, verdict_of(stat));
 }

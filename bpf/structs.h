@@ -18,16 +18,18 @@ struct flow_key {
     __be32 relay_addr[4]; /* the VIP address the client sends to */
 };
 
-/* A route XDP looked up for one direction of a flow, reused until until_ns
- * (coarse clock) while the owner's generation is gen, instead of a
- * bpf_fib_lookup per packet. Zero: none. */
+/* A route XDP looked up for one direction of a flow, with the checksum
+ * changes of its rewrite, reused until until_ns (coarse clock) while the
+ * owner's generation is gen, instead of a bpf_fib_lookup and checksum
+ * arithmetic per packet. Zero: none. */
 struct nexthop {
     __u64 until_ns;
     __u32 ifindex;        /* egress */
-    __u32 gen;            /* owners[conn_id].generation it was looked up for (client → owner) */
+    __u32 gen;            /* the owner's generation it was looked up for (client → owner) */
     __u8 dmac[6];
     __u8 smac[6];
-    __u32 pad0;
+    __u16 csum_l3;        /* folded change to the IPv4 header checksum */
+    __u16 csum_l4;        /* folded change to the UDP checksum */
 };
 
 /* One established flow: which call it belongs to and its counters. */
@@ -37,22 +39,24 @@ struct flow_info {
     __u16 flow_addr;      /* relay-internal source address: index into the family's pool */
     __u64 packets;        /* client → owner, forwarded in XDP */
     __u64 bytes;
-    __u64 last_seen_ns;   /* bpf_ktime_get_ns() of the last packet either way */
+    __u64 last_seen_ns;   /* coarse clock (coarse_now) at the last packet client → owner */
     __u64 created_ns;     /* set by userspace at install */
     __u32 ssrc;           /* first RTP SSRC the client sent (as in the packet); 0: none yet */
-    __u32 pad0;
+    __u32 slot;           /* the call's owners entry (index), held by conn_id */
     struct nexthop nh;    /* towards the owner */
 };
 
-/* Current owner of a connection id: the connection-id map value. Migration
- * rewrites this one entry. A zero port means "not reachable in that family". */
+/* Current owner of a connection id: the connection-id map value, in the
+ * slot userspace gave the call. Migration rewrites this one entry. A zero
+ * port means "not reachable in that family". */
 struct owner_info {
     __be32 addr4;
     __be16 port4;
     __be16 port6;
     __be32 addr6[4];
     __u32 generation;     /* bumped on every ownership change */
-    __u32 pad0;
+    __u32 conn_id;        /* the call holding this slot; 0: free. A flow or return
+                           * entry follows the slot only while it names this call */
 };
 
 /* Return-path key: a transceiver (owner addr:port) sending to a flow source
@@ -70,7 +74,7 @@ struct reverse_key {
 struct reverse_info {
     struct flow_key client; /* the client tuple to restore */
     __u32 conn_id;
-    __u32 pad0;
+    __u32 slot;             /* the call's owners entry (index), held by conn_id */
     __u64 packets;          /* owner → client, forwarded in XDP */
     __u64 bytes;
     __u64 last_seen_ns;     /* last packet from the owner */
@@ -122,6 +126,12 @@ struct source_key {
 /* One admission bucket: the theoretical arrival time of the next packet. */
 struct admit_bucket {
     __u64 tat_ns;
+};
+
+/* clock: one CPU's copy of the coarse clock, taken at the jiffy it names. */
+struct clock_copy {
+    __u64 jiffies;
+    __u64 ns;
 };
 
 /* One per-CPU counter slot (index: enum stat_id). */

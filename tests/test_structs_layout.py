@@ -13,7 +13,7 @@ import pytest
 
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import PROG_SOURCE, Datapath, ensure_kernel_headers
-from manager.relay.kernel.structs import BPF_DIR, MAP_TYPES, PERCPU_MAPS, STAT_NAMES
+from manager.relay.kernel.structs import BPF_DIR, MAP_TYPES, PERCPU_MAPS, STAT_NAMES, UNPINNED_MAP_TYPES
 
 
 def layout(t) -> list:
@@ -43,10 +43,10 @@ def bcc_tables():
         pin.rmdir()
 
 
-@pytest.mark.parametrize("name", list(MAP_TYPES))
+@pytest.mark.parametrize("name", [*MAP_TYPES, *UNPINNED_MAP_TYPES])
 def test_map_layout_matches_bcc(bcc_tables, name):
     table = bcc_tables[name.encode()]
-    key_t, value_t = MAP_TYPES[name]
+    key_t, value_t = {**MAP_TYPES, **UNPINNED_MAP_TYPES}[name]
     bcc_leaf = table.Leaf
     if name in PERCPU_MAPS:
         # bcc types a per-CPU value as an array over CPUs of the C struct.

@@ -454,3 +454,46 @@ def test_a_flows_route_is_cached_and_follows_its_owner(harness):
     assert verdict == XDP_REDIRECT and Ether(out).dst == MAC["tx2"] and Ether(out)[IP].dst == TX2_4
     dp.remove_flow(client, (VIP4, VIP_PORT))
     dp.remove_owner(21)
+
+
+def test_a_cached_rewrite_gives_the_frame_a_fresh_one_would(harness):
+    """The route cache carries the rewrite's checksum changes (worked out at
+    the fib lookup, not per packet): packets after the first, with other
+    TTLs, payloads, lengths and checksums, must leave exactly as scapy
+    builds them, in both directions and both families, and a zero IPv4 UDP
+    checksum stays zero."""
+    from manager.relay.kernel.structs import flow_key
+
+    dp = harness.dp
+    tx1 = OwnerAddr(addr4=TX1_4, port4=OWNER_PORT, addr6=TX1_6, port6=OWNER_PORT)
+    dp.set_owner(31, tx1)
+    c4, c6 = (CLIENT4, 40031), (CLIENT6, 40031)
+    dp.add_flow(c4, (VIP4, VIP_PORT), 31, 20031)
+    dp.add_flow(c6, (VIP6, VIP_PORT), 31, 20032)
+    try:
+        payloads = [(RTP, 64), (DTLS, 200), (RTP + b"x" * 101, 2), (STUN, 255)]
+        for i, (payload, ttl) in enumerate(payloads):
+            frame = eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, ttl=ttl) / UDP(sport=c4[1], dport=VIP_PORT) / Raw(payload)
+            want = eth("int", "tx1") / IP(src=INT4, dst=TX1_4, ttl=ttl - 1) / UDP(sport=20031, dport=OWNER_PORT) / Raw(payload)
+            verdict, out, _ = harness.run(b(frame))
+            assert verdict == XDP_REDIRECT and out == b(want), f"IPv4 client → owner, packet {i}"
+            if i == 0:
+                assert dp.maps.flows.lookup(flow_key(c4, (VIP4, VIP_PORT))).nh.until_ns > 0  # the rest: cached
+            frame6 = (eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6, hlim=ttl)
+                      / UDP(sport=c6[1], dport=VIP_PORT) / Raw(payload))
+            want6 = (eth("int", "tx1") / IPv6(src=INT6, dst=TX1_6, hlim=ttl - 1)
+                     / UDP(sport=20032, dport=OWNER_PORT) / Raw(payload))
+            verdict, out, _ = harness.run(b(frame6))
+            assert verdict == XDP_REDIRECT and out == b(want6), f"IPv6 client → owner, packet {i}"
+            back = eth("tx1", "int") / IP(src=TX1_4, dst=INT4, ttl=ttl) / UDP(sport=OWNER_PORT, dport=20031) / Raw(payload)
+            want_back = (eth("pub", "client") / IP(src=VIP4, dst=CLIENT4, ttl=ttl - 1)
+                         / UDP(sport=VIP_PORT, dport=c4[1]) / Raw(payload))
+            verdict, out, _ = harness.run(b(back), "int")
+            assert verdict == XDP_REDIRECT and out == b(want_back), f"IPv4 owner → client, packet {i}"
+        none = eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / UDP(sport=c4[1], dport=VIP_PORT, chksum=0) / Raw(RTP)
+        verdict, out, _ = harness.run(b(none))
+        assert verdict == XDP_REDIRECT and Ether(out)[UDP].chksum == 0 and out == b(r2o4(RTP, flow_port=20031, chksum=0))
+    finally:
+        dp.remove_flow(c4, (VIP4, VIP_PORT))
+        dp.remove_flow(c6, (VIP6, VIP_PORT))
+        dp.remove_owner(31)

@@ -186,6 +186,12 @@ def filler(i: int) -> tuple[int, int, int, int]:
     return FILLER_NET + i, 1024 + (i * 7919) % 64000, HIT_CONN + 1 + i, 20000 + i % 10000
 
 
+def filler_slot(i: int) -> int:
+    """Filler flow i's call's slot in the owners array: after the one the
+    measured call took (slot 0; the Datapath's index is rebuilt after)."""
+    return 1 + i
+
+
 def filler_source(i: int) -> tuple[int, int]:
     """Filler flow i's flow source and owner port: (pool address index, owner
     port). With the harness's 10,000 flow ports and 3 pool addresses, each
@@ -201,10 +207,10 @@ def filler_ssrc(i: int) -> bytes:
 # --- map filling (batched: one syscall per 64k entries) ---------------------------------
 
 _FLOW_KEY = struct.Struct("!BxHH2x4s12x4s12x")  # struct flow_key, IPv4
-_FLOW_INFO = struct.Struct("<I2sHQQQQ4s4x32s")  # struct flow_info
+_FLOW_INFO = struct.Struct("<I2sHQQQQ4sI32s")   # struct flow_info
 _OWNER_INFO = struct.Struct("<4s2s2x16xII")     # struct owner_info, IPv4 only
 _REV_KEY = struct.Struct("<Bx2s2sH4s12x")       # struct reverse_key, IPv4
-_REV_INFO = struct.Struct("<40sI4xQQQ32x")      # struct reverse_info (nh: 0)
+_REV_INFO = struct.Struct("<40sIIQQQ32x")       # struct reverse_info (nh: 0)
 assert _FLOW_KEY.size == ctypes.sizeof(FlowKey) and _FLOW_INFO.size == ctypes.sizeof(FlowInfo)
 assert _OWNER_INFO.size == ctypes.sizeof(OwnerInfo)
 assert _REV_KEY.size == ctypes.sizeof(ReverseKey) and _REV_INFO.size == ctypes.sizeof(ReverseInfo)
@@ -274,12 +280,13 @@ def add_fillers(dp, start: int, end: int, nh: bytes = bytes(32)) -> None:
         faddr, oport = filler_source(i)
         ssrc, fp, op = filler_ssrc(i), fport.to_bytes(2, "big"), oport.to_bytes(2, "big")
         _FLOW_KEY.pack_into(fkeys, j * _FLOW_KEY.size, 2, port, VIP_PORT, addr.to_bytes(4, "big"), vip)
-        _FLOW_INFO.pack_into(fvals, j * _FLOW_INFO.size, conn, fp, faddr, 0, 0, now, now, ssrc, nh)
-        struct.pack_into("<I", okeys, j * 4, conn)
-        _OWNER_INFO.pack_into(ovals, j * _OWNER_INFO.size, owner_addr, op, 1, 0)
+        slot = filler_slot(i)
+        _FLOW_INFO.pack_into(fvals, j * _FLOW_INFO.size, conn, fp, faddr, 0, 0, now, now, ssrc, slot, nh)
+        struct.pack_into("<I", okeys, j * 4, slot)
+        _OWNER_INFO.pack_into(ovals, j * _OWNER_INFO.size, owner_addr, op, 1, conn)
         _REV_KEY.pack_into(rkeys, j * _REV_KEY.size, 2, op, fp, faddr, owner_addr)
         _REV_INFO.pack_into(rvals, j * _REV_INFO.size,
-                            fkeys[j * _FLOW_KEY.size:(j + 1) * _FLOW_KEY.size], conn, 0, 0, now)
+                            fkeys[j * _FLOW_KEY.size:(j + 1) * _FLOW_KEY.size], conn, slot, 0, 0, now)
         skeys[j * 4:(j + 1) * 4] = ssrc
     update_batch(dp.maps.owners.fd, okeys, ovals, 4, _OWNER_INFO.size)
     update_batch(dp.maps.reverse.fd, rkeys, rvals, _REV_KEY.size, _REV_INFO.size)
@@ -351,6 +358,8 @@ def setup(capacity: int = CAPACITY) -> Bench:
         # The fixed point: the rewritten frame (INT:flowport → OWNER) is a client frame again.
         dp.maps.vips.update(vip_key(OWNER), ctypes.c_uint32(1))
         dp.add_flow((INT4, HIT_FLOW_PORT), OWNER, HIT_CONN, HIT_FLOW_PORT)
+        if dp.slot_of(HIT_CONN) != 0:  # fillers take the slots after it (filler_slot)
+            raise RuntimeError(f"the measured call took owner slot {dp.slot_of(HIT_CONN)}, not 0")
         b.nh = cached_route(b)
         return b
     except BaseException:
@@ -394,6 +403,7 @@ def grow(b: Bench, occupancy: int) -> int:
         add_fillers(b.dp, b.fillers, end, b.nh)
         b.fillers = end
         log(f"bench: {b.occupancy:>9,} flows installed ({time.monotonic() - t0:.1f} s)")
+    b.dp.rebuild_slots()  # the fillers' calls hold their slots in the Datapath's index too
     return count_entries(b.dp.maps.flows)
 
 

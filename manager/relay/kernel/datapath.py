@@ -204,6 +204,15 @@ class Datapath:
         # Built by one walk when the maps open; the expiry thread shares it.
         self._rev_index: dict[bytes, set[bytes]] = {}
         self._rev_lock = threading.Lock()
+        # Each call's slot in the owners array (connection id → index) and the
+        # free slots, rebuilt from the array when the maps open.
+        self._slots: dict[int, int] = {}
+        self._free_slots: list[int] = []
+        self._slot_lock = threading.Lock()
+        # load() makes this the maps' writer (relayd): its index is the truth.
+        # A reader (open_maps: relayctl, tests) may see calls the writer made
+        # since, and reads the array again for a call it does not know.
+        self._writer = False
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -316,6 +325,8 @@ class Datapath:
         self.maps = Maps.open(self.pin_dir)
         self.configure()
         self.rebuild_reverse_index()
+        self.rebuild_slots()
+        self._writer = True
         return adopted
 
     def configure(self) -> None:
@@ -418,6 +429,7 @@ class Datapath:
         if self.maps is None:
             self.maps = Maps.open(self.pin_dir)
             self.rebuild_reverse_index()
+            self.rebuild_slots()
         return self.maps
 
     def close(self) -> None:
@@ -435,25 +447,99 @@ class Datapath:
             raise DatapathError("datapath maps are not open")
         return self.maps
 
+    def rebuild_slots(self) -> int:
+        """Which slot of the owners array each call holds: one batched read of
+        the array (at open, so a restarted relayd finds its calls' slots).
+        Returns the slots in use."""
+        m = self._m()
+        osz, at = ctypes.sizeof(OwnerInfo), OwnerInfo.conn_id.offset
+        u32 = struct.Struct("<I").unpack_from
+        slots: dict[int, int] = {}
+        free: list[int] = []
+        index = 0
+        for _, vals, n in m.owners.raw_batches():
+            for i in range(n):
+                conn_id = u32(vals, i * osz + at)[0]
+                if conn_id and conn_id not in slots:
+                    slots[conn_id] = index
+                else:
+                    free.append(index)
+                index += 1
+        free.reverse()  # pop() hands out the lowest first
+        with self._slot_lock:
+            self._slots, self._free_slots = slots, free
+        return len(slots)
+
+    def slot_of(self, conn_id: int) -> int | None:
+        """The owners-array slot of a call, if it has an owner entry."""
+        with self._slot_lock:
+            return self._slots.get(conn_id)
+
+    def _find_slot(self, conn_id: int) -> int | None:
+        """slot_of, and for a reader that does not know the call, slot_of
+        after reading the array again (the writer may have made it since)."""
+        slot = self.slot_of(conn_id)
+        if slot is None and not self._writer:
+            self.rebuild_slots()
+            slot = self.slot_of(conn_id)
+        return slot
+
+    def _take_slot(self, conn_id: int) -> int:
+        """A free slot for a new call. A slot another process filled since
+        the index was built is taken as that call's and skipped."""
+        m = self._m()
+        with self._slot_lock:
+            if conn_id in self._slots:  # another thread took one meanwhile
+                return self._slots[conn_id]
+            while self._free_slots:
+                slot = self._free_slots.pop()
+                cur = m.owners.lookup(ctypes.c_uint32(slot))
+                if cur is None or not cur.conn_id:
+                    self._slots[conn_id] = slot
+                    return slot
+                self._slots.setdefault(cur.conn_id, slot)
+        raise DatapathError(f"no free owner slot for connection id {conn_id}: all {self.cfg.max_owners} slots "
+                            f"hold calls (datapath.max_owners)")
+
+    def _reserve_slot(self, conn_id: int) -> int:
+        """The call's slot, taken now (with no owner yet: its flows stay
+        inert, as with no owner entry) if it has none."""
+        slot = self.slot_of(conn_id)
+        if slot is None:
+            if not 0 < conn_id < 1 << 32:
+                raise DatapathError(f"connection id {conn_id} is out of range (1..2^32-1)")
+            slot = self._take_slot(conn_id)
+            self._m().owners.update(ctypes.c_uint32(slot), OwnerInfo(conn_id=conn_id))
+        return slot
+
     def set_owner(self, conn_id: int, owner: OwnerAddr) -> int:
         """Point a connection id at its owner: one map update, which both
-        directions of every flow of the call follow. Returns the generation."""
+        directions of every flow of the call follow. Returns the generation.
+        A new call takes a free slot of the owners array."""
+        if not 0 < conn_id < 1 << 32:
+            raise DatapathError(f"connection id {conn_id} is out of range (1..2^32-1)")
         m = self._m()
-        cur = m.owners.lookup(ctypes.c_uint32(conn_id))
-        gen = (cur.generation + 1) if cur is not None else 1
-        info = OwnerInfo(generation=gen)
+        slot = self.slot_of(conn_id)
+        if slot is None:
+            slot = self._take_slot(conn_id)
+        cur = m.owners.lookup(ctypes.c_uint32(slot))
+        gen = (cur.generation + 1) if cur is not None and cur.conn_id == conn_id else 1
+        info = OwnerInfo(generation=gen, conn_id=conn_id)
         if owner.addr4:
             info.addr4 = pack_addr4(owner.addr4)
             info.port4 = htons(owner.port4)
         if owner.addr6:
             info.addr6 = pack_addr(owner.addr6)
             info.port6 = htons(owner.port6)
-        m.owners.update(ctypes.c_uint32(conn_id), info)
+        m.owners.update(ctypes.c_uint32(slot), info)
         return gen
 
     def get_owner(self, conn_id: int) -> tuple[OwnerAddr, int] | None:
-        cur = self._m().owners.lookup(ctypes.c_uint32(conn_id))
-        if cur is None:
+        slot = self._find_slot(conn_id)
+        if slot is None:
+            return None
+        cur = self._m().owners.lookup(ctypes.c_uint32(slot))
+        if cur is None or cur.conn_id != conn_id or not cur.generation:  # generation 0: reserved, never owned
             return None
         return OwnerAddr(
             addr4=unpack_addr4(cur.addr4) if cur.port4 else None, port4=ntohs(cur.port4),
@@ -461,14 +547,28 @@ class Datapath:
         ), cur.generation
 
     def remove_owner(self, conn_id: int) -> bool:
-        return self._m().owners.delete(ctypes.c_uint32(conn_id))
+        """Free the call's slot: its flows no longer forward (their connection
+        id no longer matches the slot's), also once the slot is reused."""
+        m = self._m()
+        self._find_slot(conn_id)
+        with self._slot_lock:
+            slot = self._slots.pop(conn_id, None)
+            if slot is None:
+                return False
+            cur = m.owners.lookup(ctypes.c_uint32(slot))
+            held = cur is not None and cur.conn_id == conn_id
+            if held:
+                m.owners.update(ctypes.c_uint32(slot), OwnerInfo())
+            self._free_slots.append(slot)
+        return held
 
     def add_reverse(self, owner: tuple[str, int], flow_port: int, client: tuple[str, int],
                     vip: tuple[str, int], conn_id: int, flow_addr: int = 0) -> None:
         """Let `owner` send to `client` through the flow source (pool address
         flow_addr, flow_port); inert until owner is the current owner of conn_id."""
+        slot = self._reserve_slot(conn_id)
         rk, fk = reverse_key(owner, flow_port, flow_addr), flow_key(client, vip)
-        self._m().reverse.update(rk, ReverseInfo(client=fk, conn_id=conn_id))
+        self._m().reverse.update(rk, ReverseInfo(client=fk, conn_id=conn_id, slot=slot))
         with self._rev_lock:
             self._rev_index.setdefault(bytes(fk), set()).add(bytes(rk))
 
@@ -521,7 +621,7 @@ class Datapath:
         now = time.monotonic_ns()
         self._m().flows.update(flow_key(client, vip), FlowInfo(conn_id=conn_id, flow_port=htons(flow_port),
                                                                flow_addr=flow_addr, last_seen_ns=now,
-                                                               created_ns=now))
+                                                               created_ns=now, slot=self.slot_of(conn_id)))
 
     def remove_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> bool:
         """Remove a flow and every reverse entry that points at it (found in
@@ -584,6 +684,7 @@ class Datapath:
         if info is None:
             return False
         info.last_seen_ns = time.monotonic_ns()
+        info.nh = NextHop()  # its checksum changes were the old tuple's
         m.flows.update(new_key, info)
         with self._rev_lock:
             rkeys = self._rev_index.pop(bytes(old_key), set())

@@ -51,7 +51,8 @@ class NextHop(ctypes.Structure):
         ("gen", ctypes.c_uint32),
         ("dmac", ctypes.c_uint8 * 6),
         ("smac", ctypes.c_uint8 * 6),
-        ("pad0", ctypes.c_uint32),
+        ("csum_l3", ctypes.c_uint16),
+        ("csum_l4", ctypes.c_uint16),
     ]
 
 
@@ -67,13 +68,13 @@ class FlowInfo(ctypes.Structure):
         ("last_seen_ns", ctypes.c_uint64),
         ("created_ns", ctypes.c_uint64),
         ("ssrc", ctypes.c_uint32),
-        ("pad0", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
         ("nh", NextHop),
     ]
 
 
 class OwnerInfo(ctypes.Structure):
-    """Current owner of a connection id (owners map value)."""
+    """Current owner of a connection id (owners map value, in the call's slot)."""
 
     _fields_ = [
         ("addr4", ctypes.c_uint32),
@@ -81,7 +82,7 @@ class OwnerInfo(ctypes.Structure):
         ("port6", ctypes.c_uint16),
         ("addr6", Addr4),
         ("generation", ctypes.c_uint32),
-        ("pad0", ctypes.c_uint32),
+        ("conn_id", ctypes.c_uint32),
     ]
 
 
@@ -104,7 +105,7 @@ class ReverseInfo(ctypes.Structure):
     _fields_ = [
         ("client", FlowKey),
         ("conn_id", ctypes.c_uint32),
-        ("pad0", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
         ("last_seen_ns", ctypes.c_uint64),
@@ -171,6 +172,12 @@ class AdmitBucket(ctypes.Structure):
     _fields_ = [("tat_ns", ctypes.c_uint64)]
 
 
+class ClockCopy(ctypes.Structure):
+    """One CPU's copy of the coarse clock (clock map value; not pinned)."""
+
+    _fields_ = [("jiffies", ctypes.c_uint64), ("ns", ctypes.c_uint64)]
+
+
 class StatValue(ctypes.Structure):
     """One per-CPU counter slot (stats map value)."""
 
@@ -193,13 +200,16 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "ssrcs": (ctypes.c_uint32, FlowKey),
     "stats": (ctypes.c_uint32, StatValue),
 }
-PERCPU_MAPS = frozenset({"admit_budget", "stats"})
+# Maps of the program that are not pinned (caches each load rebuilds), held
+# against bcc's types like the others.
+UNPINNED_MAP_TYPES: dict[str, tuple[type, type]] = {"clock": (ctypes.c_uint32, ClockCopy)}
+PERCPU_MAPS = frozenset({"admit_budget", "stats", "clock"})
 ROLE_PUBLIC, ROLE_INTERNAL = 1, 2  # bpf/consts.h
 # BPF map types (uapi/linux/bpf.h enum bpf_map_type) as bpf/maps.h declares them.
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_HASH = 1, 2, 6, 9
 MAP_KINDS: dict[str, int] = {
     "flows": BPF_MAP_TYPE_LRU_HASH,
-    "owners": BPF_MAP_TYPE_HASH,
+    "owners": BPF_MAP_TYPE_ARRAY,
     "reverse": BPF_MAP_TYPE_LRU_HASH,
     "vips": BPF_MAP_TYPE_HASH,
     "relay_cfg": BPF_MAP_TYPE_ARRAY,
