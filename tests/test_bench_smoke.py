@@ -209,3 +209,21 @@ def test_every_filler_forwards_and_a_missing_one_shows(bench):
         assert not broken.ok and broken.verdicts != "REDIRECT" and broken.forwarded == every.flows - 1
     finally:
         bench.dp.maps.flows.update(key, saved)
+
+
+def test_blocks_benchmark_checks_every_block_worked():
+    """bench_blocks: each block's program passes only when its lookup found
+    the entry (or its clock read non-zero); an emptied map fails its row."""
+    from tests.bench import bench_blocks as bb
+
+    b = bb.load()
+    try:
+        res = bb.measure(b, repeat=50, samples=2)
+        assert [r["program"] for r in res] == [name for name, _ in bb.BLOCKS]
+        assert all(r["ok"] for r in res), [r for r in res if not r["ok"]]
+        assert all(len(r["samples"]) == 2 for r in res)
+        b[b"hash4"].clear()
+        res = {r["program"]: r for r in bb.measure(b, repeat=50, samples=1)}
+        assert res["xdp_hash4"]["ok"] is False and res["xdp_lru40"]["ok"] is True
+    finally:
+        b.cleanup()
