@@ -41,7 +41,7 @@ FRAME = bytes(224)
 def load():
     """The blocks program with one entry in each map its lookups look for."""
     ensure_kernel_headers()
-    from bcc import BPF  # noqa: PLC0415 - slow to import
+    from bcc import BPF
 
     b = BPF(src_file=str(BPF_TESTING_DIR / "blocks.bpf.c").encode())
     key = (ctypes.c_uint32 * 10)(1)
