@@ -484,19 +484,22 @@ class Datapath:
             slot = self.slot_of(conn_id)
         return slot
 
-    def _take_slot(self, conn_id: int) -> int:
-        """A free slot for a new call. A slot another process filled since
-        the index was built is taken as that call's and skipped."""
+    def _slot_for(self, conn_id: int) -> tuple[int, bool]:
+        """(slot, taken now) of a call: the one it holds, else a free one. A
+        slot another process filled since the index was built is taken as
+        that call's and skipped."""
+        if not 0 < conn_id < 1 << 32:
+            raise DatapathError(f"connection id {conn_id} is out of range (1..2^32-1)")
         m = self._m()
         with self._slot_lock:
-            if conn_id in self._slots:  # another thread took one meanwhile
-                return self._slots[conn_id]
+            if conn_id in self._slots:
+                return self._slots[conn_id], False
             while self._free_slots:
                 slot = self._free_slots.pop()
                 cur = m.owners.lookup(ctypes.c_uint32(slot))
                 if cur is None or not cur.conn_id:
                     self._slots[conn_id] = slot
-                    return slot
+                    return slot, True
                 self._slots.setdefault(cur.conn_id, slot)
         raise DatapathError(f"no free owner slot for connection id {conn_id}: all {self.cfg.max_owners} slots "
                             f"hold calls (datapath.max_owners)")
@@ -504,11 +507,8 @@ class Datapath:
     def _reserve_slot(self, conn_id: int) -> int:
         """The call's slot, taken now (with no owner yet: its flows stay
         inert, as with no owner entry) if it has none."""
-        slot = self.slot_of(conn_id)
-        if slot is None:
-            if not 0 < conn_id < 1 << 32:
-                raise DatapathError(f"connection id {conn_id} is out of range (1..2^32-1)")
-            slot = self._take_slot(conn_id)
+        slot, new = self._slot_for(conn_id)
+        if new:
             self._m().owners.update(ctypes.c_uint32(slot), OwnerInfo(conn_id=conn_id))
         return slot
 
@@ -516,13 +516,9 @@ class Datapath:
         """Point a connection id at its owner: one map update, which both
         directions of every flow of the call follow. Returns the generation.
         A new call takes a free slot of the owners array."""
-        if not 0 < conn_id < 1 << 32:
-            raise DatapathError(f"connection id {conn_id} is out of range (1..2^32-1)")
         m = self._m()
-        slot = self.slot_of(conn_id)
-        if slot is None:
-            slot = self._take_slot(conn_id)
-        cur = m.owners.lookup(ctypes.c_uint32(slot))
+        slot, new = self._slot_for(conn_id)
+        cur = None if new else m.owners.lookup(ctypes.c_uint32(slot))  # a slot just taken was free
         gen = (cur.generation + 1) if cur is not None and cur.conn_id == conn_id else 1
         info = OwnerInfo(generation=gen, conn_id=conn_id)
         if owner.addr4:
