@@ -2,9 +2,13 @@
 #ifndef SPLITRELAY_CONSTS_H
 #define SPLITRELAY_CONSTS_H
 
-/* Client tuple → flow (one per call leg seen on the public address). */
+/* IPv4 client tuple → flow (one per call leg seen on the public address). */
 #ifndef MAX_FLOWS
 #define MAX_FLOWS 1048576
+#endif
+/* IPv6 client tuple → flow. */
+#ifndef MAX_FLOWS6
+#define MAX_FLOWS6 262144
 #endif
 /* (owner, flow port) → client tuple; one per flow and owner. */
 #ifndef MAX_REVERSE

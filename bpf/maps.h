@@ -8,9 +8,11 @@
 #include "consts.h"
 #include "structs.h"
 
-/* flows: client tuple → call and flow port; LRU so a full table never blocks
- * new calls (an evicted flow is rebuilt from its next STUN consent check). */
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_info, flows, MAX_FLOWS, PIN_DIR "/flows");
+/* flows4 / flows6: client tuple → call and flow port, one map per family so
+ * an IPv4 packet's lookup hashes a 12-byte key; LRU so a full table never
+ * blocks new calls (an evicted flow is rebuilt from its next consent check). */
+BPF_TABLE_PINNED("lru_hash", struct flow_key4, struct flow_info, flows4, MAX_FLOWS, PIN_DIR "/flows4");
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_info, flows6, MAX_FLOWS6, PIN_DIR "/flows6");
 
 /* owners: call slot → its connection id and current owner transceiver;
  * migration = one update. An array (a lookup the verifier inlines, one

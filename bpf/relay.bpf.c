@@ -348,6 +348,23 @@ static __always_inline void client_key(struct pkt *p, const __be32 *saddr, const
     copy_addr(key->relay_addr, daddr);
 }
 
+/* The flow of a client tuple: IPv4 in flows4 by its 12-byte key, IPv6 in
+ * flows6. */
+static __always_inline struct flow_info *find_flow(struct pkt *p, const __be32 *saddr, const __be32 *daddr)
+{
+    if (p->ip4) {
+        struct flow_key4 k4;
+        k4.client_addr = p->ip4->saddr;
+        k4.relay_addr = p->ip4->daddr;
+        k4.client_port = p->udp->source;
+        k4.relay_port = p->udp->dest;
+        return flows4.lookup(&k4);
+    }
+    struct flow_key key = {};
+    client_key(p, saddr, daddr, &key);
+    return flows6.lookup(&key);
+}
+
 /* Client → VIP from a tuple the flows map does not hold. */
 static __always_inline int unknown_client(struct pkt *p)
 {
@@ -366,7 +383,7 @@ static __always_inline int unknown_client(struct pkt *p)
 
 /* Client → VIP on a known flow: forward to the call's owner. */
 static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 *egress,
-                                       struct flow_key *key, struct flow_info *flow)
+                                       const __be32 *saddr, const __be32 *daddr, struct flow_info *flow)
 {
     if (p->class == CLASS_OTHER)
         return STAT_DROP_BAD_CLASS;
@@ -393,8 +410,10 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 
     if (p->class == CLASS_RTP && !flow->ssrc) {
         __u32 ssrc = rtp_ssrc(p);  /* once per flow: index it for rebinding */
         if (ssrc) {
+            struct flow_key key = {};
+            client_key(p, saddr, daddr, &key);
             flow->ssrc = ssrc;
-            ssrcs.update(&ssrc, key);
+            ssrcs.update(&ssrc, &key);
         }
     }
     rewrite(p, &flow->nh, src, dst, flow->flow_port, dport);
@@ -463,34 +482,28 @@ int xdp_relay(struct xdp_md *ctx)
     __be32 saddr[4], daddr[4];
     pkt_addrs(&p, saddr, daddr);
 
-    struct vip_key vk = {};
-    vk.family = p.family;
-    vk.port = p.udp->dest;
-    copy_addr(vk.addr, daddr);
     __u32 egress = 0;
     __u32 ifindex = ctx->ingress_ifindex;
     __u32 *role = if_roles.lookup(&ifindex);  /* NULL beyond MAX_IFINDEX: unchecked */
-    struct flow_key key = {};
+    __u32 side = role ? *role : 0;
     struct flow_info *flow = NULL;
-    int public_side = role && *role == ROLE_PUBLIC;
-    if (public_side) {
-        /* The hit path first: a flow's key holds the VIP it was installed
-         * for, so a known tuple needs no VIP lookup. */
-        client_key(&p, saddr, daddr, &key);
-        flow = flows.lookup(&key);
-        if (flow) {
-            stat = from_client(ctx, &p, &egress, &key, flow);
-            goto out;
-        }
+    /* The hit path first: a flow's key holds the VIP it was installed for,
+     * so on a public interface a known tuple needs no VIP lookup. Clients
+     * never send on an internal one: no lookup there. */
+    if (side != ROLE_INTERNAL)
+        flow = find_flow(&p, saddr, daddr);
+    int to_vip = flow && side == ROLE_PUBLIC;
+    if (!to_vip) {
+        struct vip_key vk = {};
+        vk.family = p.family;
+        vk.port = p.udp->dest;
+        copy_addr(vk.addr, daddr);
+        to_vip = vips.lookup(&vk) != NULL;
     }
-    if (vips.lookup(&vk)) {
-        if (role && *role && *role != ROLE_PUBLIC)
+    if (to_vip) {
+        if (side && side != ROLE_PUBLIC)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
-        if (!public_side) {  /* an interface without a role: look the tuple up here */
-            client_key(&p, saddr, daddr, &key);
-            flow = flows.lookup(&key);
-        }
-        stat = flow ? from_client(ctx, &p, &egress, &key, flow) : unknown_client(&p);
+        stat = flow ? from_client(ctx, &p, &egress, saddr, daddr, flow) : unknown_client(&p);
         if (stat == STAT_PASS_STUN_UNKNOWN || stat == STAT_PASS_REBIND)
             stat = admit(&p, saddr[0], saddr[1], stat);
     } else {
@@ -502,11 +515,10 @@ int xdp_relay(struct xdp_md *ctx)
         int flow_addr = pool_index(cfg, p.family, daddr);
         if (flow_addr < 0)
             return account(STAT_PASS_NOT_RELAY, p.len, XDP_PASS);
-        if (role && *role && *role != ROLE_INTERNAL)
+        if (side && side != ROLE_INTERNAL)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
         stat = from_owner(ctx, &p, &egress, saddr, (__u16)flow_addr);
     }
-out:
     if (stat >= STAT_FWD_IN_STUN)
         return account(stat, p.len, emit(ctx, egress));
     return account(stat, p.len, verdict_of(stat));

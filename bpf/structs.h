@@ -7,7 +7,9 @@
 
 #include <linux/types.h>
 
-/* Client tuple as seen on the public side: key of the flows map. */
+/* Client tuple as seen on the public side: key of the flows6 map, and the
+ * family-neutral form every other map and userspace use (reverse_info,
+ * ssrcs). */
 struct flow_key {
     __u8 family;          /* SR_AF_INET or SR_AF_INET6 */
     __u8 pad0;
@@ -16,6 +18,16 @@ struct flow_key {
     __u16 pad1;
     __be32 client_addr[4];
     __be32 relay_addr[4]; /* the VIP address the client sends to */
+};
+
+/* An IPv4 client tuple: key of the flows4 map. 12 bytes in the packet's own
+ * order (saddr, daddr, then the UDP ports), so the hit path hashes and
+ * compares three words instead of the ten of struct flow_key. */
+struct flow_key4 {
+    __be32 client_addr;
+    __be32 relay_addr;    /* the VIP address the client sends to */
+    __be16 client_port;
+    __be16 relay_port;    /* the VIP port */
 };
 
 /* A route XDP looked up for one direction of a flow, with the checksum

@@ -185,13 +185,13 @@ def test_random_flows_rotate_through_every_frame(bench):
 
 def test_memory_report_reads_the_kernels_accounting(bench):
     mem = bx.map_memory(bench)
-    out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", f"{bench.dp.cfg.pin_dir}/flows"],
+    out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", f"{bench.dp.cfg.pin_dir}/flows4"],
                          check=True, capture_output=True, text=True).stdout
     flows = json.loads(out)
-    assert mem["maps"]["flows"]["bytes"] == flows["bytes_memlock"] > 0
-    assert mem["maps"]["flows"]["max_entries"] == 4096
+    assert mem["maps"]["flows4"]["bytes"] == flows["bytes_memlock"] > 0
+    assert mem["maps"]["flows4"]["max_entries"] == 4096
     # at least the key and value of each entry
-    assert mem["maps"]["flows"]["bytes_per_entry"] >= ctypes.sizeof(bx.FlowKey) + ctypes.sizeof(bx.FlowInfo)
+    assert mem["maps"]["flows4"]["bytes_per_entry"] >= ctypes.sizeof(bx.FlowKey4) + ctypes.sizeof(bx.FlowInfo)
     assert mem["bytes_per_flow"] == pytest.approx(sum(mem["maps"][n]["bytes_per_entry"] for n in bx.FLOW_MAPS))
 
 

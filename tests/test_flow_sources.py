@@ -64,7 +64,7 @@ def _relayd(**dp) -> dict:
 
 
 def test_config_refuses_maps_smaller_than_the_plan():
-    with pytest.raises(ValidationError, match=r"datapath.max_flows: 65536 entries cannot hold the 80000 flows"):
+    with pytest.raises(ValidationError, match=r"datapath.max_flows: 65536 entries cannot hold the 80000 IPv4 flows"):
         RelaydConfig.model_validate(_relayd(internal_addr_count=2, max_flows=65536))
     with pytest.raises(ValidationError, match=r"datapath.max_reverse"):
         RelaydConfig.model_validate(_relayd(internal_addr_count=2, max_flows=1 << 17, max_reverse=65536))
@@ -72,6 +72,13 @@ def test_config_refuses_maps_smaller_than_the_plan():
     assert ok.datapath.flow_plan() == 1_040_000
     with pytest.raises(ValidationError, match="max_flows"):
         RelaydConfig.model_validate(_relayd(internal_addr_count=27))
+    # IPv6 flows have a map of their own (flows6), sized by max_flows6.
+    six = {"vips": [{"addr": "10.10.1.1", "port": 3478}, {"addr": "fd10::1", "port": 3478}],
+           "internal_addr6": "fd10::100", "internal_addr_count": 7}  # 7 x 40,000 = 280,000 per family
+    with pytest.raises(ValidationError, match=r"datapath.max_flows6: 262144 entries cannot hold the 280000 IPv6 flows"):
+        RelaydConfig.model_validate(_relayd(**six))
+    both = RelaydConfig.model_validate(_relayd(**six, max_flows6=280_000))
+    assert both.datapath.flow_plan() == 560_000 and both.datapath.flow_plan_per_family() == 280_000
 
 
 def test_config_refuses_a_pool_that_runs_off_its_last_word():

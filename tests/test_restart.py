@@ -130,7 +130,7 @@ def test_sigterm_keeps_the_fast_path_unless_asked(tmp_path):
             prog = xdp_prog_id(lab, "pub0")
             assert prog is not None
             assert svc.stop_one("relayd", signal.SIGTERM) == 0
-            assert xdp_prog_id(lab, "pub0") == prog and (pin_dir / "flows").exists()
+            assert xdp_prog_id(lab, "pub0") == prog and (pin_dir / "flows4").exists()
             assert "fast path left running" in svc.log_path("relayd").read_text()
             svc.start_relayd("--detach-on-exit")
             svc.wait_signaling(30)

@@ -102,7 +102,7 @@ def test_adoption_refuses_pinned_maps_that_do_not_fit():
         prog_before = _os.stat(f"{pin}/prog").st_ino
         first.close()
         bigger = Datapath(DatapathConfig(**{**base, "max_flows": 2048}))
-        with pytest.raises(DatapathError, match=r"pinned map .*/flows does not fit this relayd: max_entries 1024, "
+        with pytest.raises(DatapathError, match=r"pinned map .*/flows4 does not fit this relayd: max_entries 1024, "
                                                 r"not 2048\. Restore the config"):
             bigger.load(upgrade=True)
         assert _os.stat(f"{pin}/prog").st_ino == prog_before  # nothing was unpinned
@@ -140,6 +140,6 @@ def test_adoption_refuses_pinned_maps_of_another_layout():
         _os.unlink(f"{pin}/layout")
         with pytest.raises(DatapathError, match="carry no layout hash"):
             Datapath(DatapathConfig(**base)).load()
-        assert libbpf.obj_get(f"{pin}/flows") >= 0
+        assert libbpf.obj_get(f"{pin}/flows4") >= 0
     finally:
         Datapath(DatapathConfig(**base)).detach(purge=True)

@@ -98,7 +98,7 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
             "internal_addr_count": lab.internal_count,
             # The plan: 2 addresses x 20,000 ports x 2 families = 80,000 flows.
             "flow_port_min": 20000, "flow_port_max": 39999,
-            "max_flows": 81920, "max_reverse": 81920, "max_owners": 16384,
+            "max_flows": 81920, "max_flows6": 81920, "max_reverse": 81920, "max_owners": 16384,
         },
         # Both VIPs (clients with only IPv6 too); a fleet's relays listen on
         # every address: on the VIP when the edge routes it to them, and on

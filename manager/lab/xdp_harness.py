@@ -102,7 +102,7 @@ def build(*, max_flows: int = 1024, pin_dir: str | None = None,
             vips=[Endpoint(addr=VIP4, port=VIP_PORT), Endpoint(addr=VIP6, port=VIP_PORT)],
             internal_addr4=INT4, internal_addr6=INT6, internal_addr_count=POOL_COUNT,
             flow_port_min=flow_ports[0], flow_port_max=flow_ports[1],
-            max_flows=max_flows, max_reverse=max_flows, max_owners=max(64, max_flows),
+            max_flows=max_flows, max_flows6=max_flows, max_reverse=max_flows, max_owners=max(64, max_flows),
             # Unlimited set-up admission: fixtures and benchmarks run STUN
             # misses by the thousand (tests of the limits set their own).
             admit_source_rate=0, admit_budget=0, admit_call_rate=0,

@@ -54,7 +54,8 @@ class DatapathConfig(BaseModel):
                                      description="consecutive internal addresses from internal_addr4/6, per family")
     flow_port_min: int = Field(default=20000, ge=1024, le=65535)
     flow_port_max: int = Field(default=59999, ge=1024, le=65535)
-    max_flows: int = Field(default=1 << 20, ge=16, le=1 << 26)
+    max_flows: int = Field(default=1 << 20, ge=16, le=1 << 26, description="IPv4 client tuples (the flows4 map)")
+    max_flows6: int = Field(default=1 << 18, ge=16, le=1 << 26, description="IPv6 client tuples (the flows6 map)")
     max_reverse: int = Field(default=1 << 20, ge=16, le=1 << 26)
     max_owners: int = Field(default=1 << 18, ge=16, le=1 << 24)
     # Set-up traffic reaching the slow path, enforced in XDP (0: unlimited).
@@ -88,7 +89,11 @@ class DatapathConfig(BaseModel):
     def flow_plan(self) -> int:
         """Concurrent flows the address and port plan allows, all families."""
         families = sum(1 for a in (self.internal_addr4, self.internal_addr6) if a)
-        return families * self.internal_addr_count * self.flow_ports
+        return families * self.flow_plan_per_family()
+
+    def flow_plan_per_family(self) -> int:
+        """Concurrent flows the plan allows in one family (its pool x its ports)."""
+        return self.internal_addr_count * self.flow_ports
 
     def pool(self, base: str) -> list[str]:
         """The pool of internal addresses that starts at base."""
@@ -344,12 +349,17 @@ class RelaydConfig(BaseModel):
         plan = dp.flow_plan()
         # More flow sources than entries and the LRU maps would evict live
         # flows to make room for new ones.
-        for name in ("max_flows", "max_reverse"):
-            if getattr(dp, name) < plan:
+        # Each family's flows have a map of their own; return entries share one.
+        one = dp.flow_plan_per_family()
+        needs = [("max_flows", one, "IPv4 ") if dp.internal_addr4 else None,
+                 ("max_flows6", one, "IPv6 ") if dp.internal_addr6 else None,
+                 ("max_reverse", plan, "")]
+        for name, wanted, fam in filter(None, needs):
+            if getattr(dp, name) < wanted:
                 raise ValueError(
-                    f"datapath.{name}: {getattr(dp, name)} entries cannot hold the {plan} flows the address and "
-                    f"port plan allows ({dp.internal_addr_count} internal address(es) x {dp.flow_ports} ports x "
-                    f"{plan // (dp.internal_addr_count * dp.flow_ports)} family(ies)); raise it or narrow the plan")
+                    f"datapath.{name}: {getattr(dp, name)} entries cannot hold the {wanted} {fam}flows the address "
+                    f"and port plan allows ({dp.internal_addr_count} internal address(es) x {dp.flow_ports} ports x "
+                    f"{wanted // one} family(ies)); raise it or narrow the plan")
         return self
 
 

@@ -59,6 +59,7 @@ from manager.relay.kernel.structs import (
     BPF_TESTING_DIR,
     FlowInfo,
     FlowKey,
+    FlowKey4,
     NextHop,
     OwnerInfo,
     ReverseInfo,
@@ -206,12 +207,14 @@ def filler_ssrc(i: int) -> bytes:
 
 # --- map filling (batched: one syscall per 64k entries) ---------------------------------
 
-_FLOW_KEY = struct.Struct("!BxHH2x4s12x4s12x")  # struct flow_key, IPv4
+_FLOW_KEY = struct.Struct("!BxHH2x4s12x4s12x")  # struct flow_key, IPv4 (return entries, the SSRC index)
+_FLOW_KEY4 = struct.Struct("!4s4sHH")            # struct flow_key4 (the flows4 map)
 _FLOW_INFO = struct.Struct("<I2sHQQQQ4sI32s")   # struct flow_info
 _OWNER_INFO = struct.Struct("<4s2s2x16xII")     # struct owner_info, IPv4 only
 _REV_KEY = struct.Struct("<Bx2s2sH4s12x")       # struct reverse_key, IPv4
 _REV_INFO = struct.Struct("<40sIIQQQ32x")       # struct reverse_info (nh: 0)
 assert _FLOW_KEY.size == ctypes.sizeof(FlowKey) and _FLOW_INFO.size == ctypes.sizeof(FlowInfo)
+assert _FLOW_KEY4.size == ctypes.sizeof(FlowKey4)
 assert _OWNER_INFO.size == ctypes.sizeof(OwnerInfo)
 assert _REV_KEY.size == ctypes.sizeof(ReverseKey) and _REV_INFO.size == ctypes.sizeof(ReverseInfo)
 CHUNK = 65536
@@ -239,16 +242,12 @@ def update_batch(fd: int, keys: bytearray, values: bytearray, ksize: int, vsize:
         done += count.value
 
 
-def count_entries(m: libbpf.PinnedMap) -> int:
-    """Entries in a hash map."""
-    return sum(n for _, _, n in m.raw_batches())
-
-
 def fillers_forwarded(m: libbpf.PinnedMap) -> int:
-    """Filler flows (client address in FILLER_NET) whose packet counter moved."""
-    ksize, vsize = ctypes.sizeof(FlowKey), ctypes.sizeof(FlowInfo)
+    """Filler flows (client address in FILLER_NET) whose packet counter moved,
+    read from the flows4 map."""
+    ksize, vsize = ctypes.sizeof(FlowKey4), ctypes.sizeof(FlowInfo)
     pkts_at = FlowInfo.packets.offset
-    addr_at = FlowKey.client_addr.offset
+    addr_at = FlowKey4.client_addr.offset
     n = 0
     for keys, vals, count in m.raw_batches():
         for j in range(count):
@@ -271,6 +270,7 @@ def add_fillers(dp, start: int, end: int, nh: bytes = bytes(32)) -> None:
     owner_addr = bytes(map(int, OWNER[0].split(".")))
     now = time.monotonic_ns()
     fkeys, fvals = bytearray(n * _FLOW_KEY.size), bytearray(n * _FLOW_INFO.size)
+    f4keys = bytearray(n * _FLOW_KEY4.size)
     okeys, ovals = bytearray(n * 4), bytearray(n * _OWNER_INFO.size)
     rkeys, rvals = bytearray(n * _REV_KEY.size), bytearray(n * _REV_INFO.size)
     skeys = bytearray(n * 4)
@@ -280,6 +280,7 @@ def add_fillers(dp, start: int, end: int, nh: bytes = bytes(32)) -> None:
         faddr, oport = filler_source(i)
         ssrc, fp, op = filler_ssrc(i), fport.to_bytes(2, "big"), oport.to_bytes(2, "big")
         _FLOW_KEY.pack_into(fkeys, j * _FLOW_KEY.size, 2, port, VIP_PORT, addr.to_bytes(4, "big"), vip)
+        _FLOW_KEY4.pack_into(f4keys, j * _FLOW_KEY4.size, addr.to_bytes(4, "big"), vip, port, VIP_PORT)
         slot = filler_slot(i)
         _FLOW_INFO.pack_into(fvals, j * _FLOW_INFO.size, conn, fp, faddr, 0, 0, now, now, ssrc, slot, nh)
         struct.pack_into("<I", okeys, j * 4, slot)
@@ -291,7 +292,7 @@ def add_fillers(dp, start: int, end: int, nh: bytes = bytes(32)) -> None:
     update_batch(dp.maps.owners.fd, okeys, ovals, 4, _OWNER_INFO.size)
     update_batch(dp.maps.reverse.fd, rkeys, rvals, _REV_KEY.size, _REV_INFO.size)
     update_batch(dp.maps.ssrcs.fd, skeys, fkeys, 4, _FLOW_KEY.size)
-    update_batch(dp.maps.flows.fd, fkeys, fvals, _FLOW_KEY.size, _FLOW_INFO.size)
+    update_batch(dp.maps.flows4.fd, f4keys, fvals, _FLOW_KEY4.size, _FLOW_INFO.size)
 
 
 # --- the bench environment -------------------------------------------------------------
@@ -404,7 +405,7 @@ def grow(b: Bench, occupancy: int) -> int:
         b.fillers = end
         log(f"bench: {b.occupancy:>9,} flows installed ({time.monotonic() - t0:.1f} s)")
     b.dp.rebuild_slots()  # the fillers' calls hold their slots in the Datapath's index too
-    return count_entries(b.dp.maps.flows)
+    return len(b.dp.maps.flows)
 
 
 # --- running the program ------------------------------------------------------------------
@@ -770,14 +771,14 @@ def forward_every_filler(b: Bench) -> EveryFlow:
     res.seconds = round(time.monotonic() - t0, 1)
     res.verdicts = "/".join(VERDICTS.get(x, str(x)) for x in sorted(seen))
     res.moved = {k: after[k][0] - before[k][0] for k in after if after[k][0] != before[k][0]}
-    res.forwarded = fillers_forwarded(b.dp.maps.flows)
+    res.forwarded = fillers_forwarded(b.dp.maps.flows4)
     return res
 
 
 # Maps a client flow occupies: its flow, its return entry, its SSRC index
 # entry; and, per call, the owner entry and the live ufrag. The bench's worst
 # case is one flow per call.
-FLOW_MAPS = ("flows", "reverse", "ssrcs")
+FLOW_MAPS = ("flows4", "reverse", "ssrcs")  # an IPv4 flow (an IPv6 one: flows6)
 CALL_MAPS = ("owners", "live_ufrags")
 
 

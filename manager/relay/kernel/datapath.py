@@ -2,7 +2,7 @@
 typed access to the pinned maps (libbpf), detach.
 
 State lives in bpffs under the configured pin directory:
-  <pin_dir>/{flows,owners,reverse,vips,relay_cfg,...}   maps (structs.MAP_TYPES)
+  <pin_dir>/{flows4,flows6,owners,reverse,vips,...}    maps (structs.MAP_TYPES)
   <pin_dir>/prog                                         the attached program
 so a restarted manager adopts what is running instead of replacing it.
 """
@@ -18,12 +18,13 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from manager.protocol.addresses import OwnerAddr, fmt_ep
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel import libbpf
+from manager.relay.kernel.flow_table import FlowTable
 from manager.relay.kernel.structs import (
     AF_INET6,
     BPF_DIR,
@@ -138,7 +139,8 @@ class AttachResult:
 class Maps:
     """The pinned maps, opened through libbpf."""
 
-    flows: libbpf.PinnedMap
+    flows4: libbpf.PinnedMap
+    flows6: libbpf.PinnedMap
     owners: libbpf.PinnedMap
     reverse: libbpf.PinnedMap
     vips: libbpf.PinnedMap
@@ -151,6 +153,10 @@ class Maps:
     layout: libbpf.PinnedMap
     ssrcs: libbpf.PinnedMap
     stats: libbpf.PinnedMap
+    flows: FlowTable = field(init=False)  # flows4 and flows6 by struct flow_key
+
+    def __post_init__(self) -> None:
+        self.flows = FlowTable(self.flows4, self.flows6)
 
     @classmethod
     def open(cls, pin_dir: Path) -> Maps:
@@ -221,6 +227,7 @@ class Datapath:
             f"-I{BPF_DIR}",
             f'-DPIN_DIR="{self.pin_dir}"',
             f"-DMAX_FLOWS={self.cfg.max_flows}",
+            f"-DMAX_FLOWS6={self.cfg.max_flows6}",
             f"-DMAX_REVERSE={self.cfg.max_reverse}",
             f"-DMAX_OWNERS={self.cfg.max_owners}",
         ]
@@ -245,7 +252,8 @@ class Datapath:
         return fd
 
     def expected_max_entries(self) -> dict[str, int]:
-        return {"flows": self.cfg.max_flows, "owners": self.cfg.max_owners, "reverse": self.cfg.max_reverse,
+        return {"flows4": self.cfg.max_flows, "flows6": self.cfg.max_flows6, "owners": self.cfg.max_owners,
+                "reverse": self.cfg.max_reverse,
                 "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_IFINDEX,
                 "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 1,
                 "live_ufrags": self.cfg.max_owners,

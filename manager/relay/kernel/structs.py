@@ -42,6 +42,17 @@ class FlowKey(ctypes.Structure):
     ]
 
 
+class FlowKey4(ctypes.Structure):
+    """An IPv4 client tuple (flows4 map key), in the packet's order."""
+
+    _fields_ = [
+        ("client_addr", ctypes.c_uint32),
+        ("relay_addr", ctypes.c_uint32),
+        ("client_port", ctypes.c_uint16),
+        ("relay_port", ctypes.c_uint16),
+    ]
+
+
 class NextHop(ctypes.Structure):
     """A route XDP cached for one direction of a flow (struct nexthop)."""
 
@@ -186,7 +197,8 @@ class StatValue(ctypes.Structure):
 
 # Map name → (key type, value type); the layout test walks this table.
 MAP_TYPES: dict[str, tuple[type, type]] = {
-    "flows": (FlowKey, FlowInfo),
+    "flows4": (FlowKey4, FlowInfo),
+    "flows6": (FlowKey, FlowInfo),
     "owners": (ctypes.c_uint32, OwnerInfo),
     "reverse": (ReverseKey, ReverseInfo),
     "vips": (VipKey, ctypes.c_uint32),
@@ -208,7 +220,8 @@ ROLE_PUBLIC, ROLE_INTERNAL = 1, 2  # bpf/consts.h
 # BPF map types (uapi/linux/bpf.h enum bpf_map_type) as bpf/maps.h declares them.
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_HASH = 1, 2, 6, 9
 MAP_KINDS: dict[str, int] = {
-    "flows": BPF_MAP_TYPE_LRU_HASH,
+    "flows4": BPF_MAP_TYPE_LRU_HASH,
+    "flows6": BPF_MAP_TYPE_LRU_HASH,
     "owners": BPF_MAP_TYPE_ARRAY,
     "reverse": BPF_MAP_TYPE_LRU_HASH,
     "vips": BPF_MAP_TYPE_HASH,
@@ -308,6 +321,24 @@ def flow_key(client: tuple[str, int], vip: tuple[str, int]) -> FlowKey:
         raise ValueError(f"client {client[0]} and relay address {vip[0]} are of different families")
     return FlowKey(family=fam, client_port=htons(client[1]), relay_port=htons(vip[1]),
                    client_addr=pack_addr(client[0]), relay_addr=pack_addr(vip[0]))
+
+
+# struct flow_key4 → struct flow_key, as bytes (the walk of a million flows
+# widens every key: slices, not ctypes objects).
+_FLOW_KEY_HEAD4 = bytes([AF_INET, 0])
+_PAD2, _PAD12 = bytes(2), bytes(12)
+FLOW_KEY4_SIZE = ctypes.sizeof(FlowKey4)
+
+
+def flow_key4(key: FlowKey) -> FlowKey4:
+    """The flows4 key of an IPv4 flow key."""
+    return FlowKey4(client_addr=key.client_addr[0], relay_addr=key.relay_addr[0],
+                    client_port=key.client_port, relay_port=key.relay_port)
+
+
+def widen_key4(raw: bytes) -> bytes:
+    """bytes(FlowKey) of a flows4 key given as bytes."""
+    return b"".join((_FLOW_KEY_HEAD4, raw[8:12], _PAD2, raw[0:4], _PAD12, raw[4:8], _PAD12))
 
 
 def flow_key_tuple(key: FlowKey) -> tuple[tuple[str, int], tuple[str, int]]:
