@@ -9,6 +9,8 @@ of the program's incremental checksum code.
 from __future__ import annotations
 
 import ctypes
+import json
+import subprocess
 from dataclasses import dataclass
 
 import pytest
@@ -497,3 +499,17 @@ def test_a_cached_rewrite_gives_the_frame_a_fresh_one_would(harness):
         dp.remove_flow(c4, (VIP4, VIP_PORT))
         dp.remove_flow(c6, (VIP6, VIP_PORT))
         dp.remove_owner(31)
+
+
+def test_every_map_lookup_is_inlined_or_direct(harness):
+    """The verifier inlines a lookup (or calls the map's own function) only
+    where its call instruction always sees one map. A call site shared by two
+    maps (the compiler sinks flows4's and flows6's lookups into one unless
+    kept apart) falls back to the generic helper and an indirect call per
+    packet. The loaded program, as the kernel rewrote it, must have none."""
+    prog_id = libbpf.prog_info(harness.dp.prog_fd).id
+    out = subprocess.run(["bpftool", "-j", "prog", "dump", "xlated", "id", str(prog_id)],
+                         check=True, capture_output=True, text=True).stdout
+    calls = [i["disasm"] for i in json.loads(out) if "call" in i.get("disasm", "")]
+    assert any("__htab_map_lookup_elem" in c for c in calls)  # the inlined form is there to see
+    assert [c for c in calls if "bpf_map_lookup_elem" in c] == []
