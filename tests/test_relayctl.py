@@ -91,13 +91,17 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *fragments: str) -> 
 
 def decode_flow_entry(entry: dict) -> tuple[str, int, str, int, int, int]:
     """(client addr, client port, vip addr, vip port, conn_id, flow_port) from
-    bpftool's raw bytes, by the C layout (struct flow_key / flow_info)."""
+    bpftool's raw bytes of a flows4 or flows6 entry, by the C layout (struct
+    flow_key4 or flow_key, and flow_info)."""
     k = bytes(int(b, 16) for b in entry["key"])
     v = bytes(int(b, 16) for b in entry["value"])
-    n = 4 if k[0] == socket.AF_INET else 16
-    client = str(ipaddress.ip_address(k[8:8 + n]))
-    vip = str(ipaddress.ip_address(k[24:24 + n]))
-    return (client, int.from_bytes(k[2:4], "big"), vip, int.from_bytes(k[4:6], "big"),
+    if len(k) == 12:  # struct flow_key4: saddr, daddr, sport, dport as in the packet
+        client, vip, ports = str(ipaddress.ip_address(k[0:4])), str(ipaddress.ip_address(k[4:8])), (k[8:10], k[10:12])
+    else:
+        n = 4 if k[0] == socket.AF_INET else 16
+        client, vip, ports = str(ipaddress.ip_address(k[8:8 + n])), str(ipaddress.ip_address(k[24:24 + n])), (k[2:4],
+                                                                                                             k[4:6])
+    return (client, int.from_bytes(ports[0], "big"), vip, int.from_bytes(ports[1], "big"),
             int.from_bytes(v[0:4], "little"), int.from_bytes(v[4:6], "big"))
 
 
@@ -344,8 +348,8 @@ def test_flows_json_matches_bpftool(env, live):
     res = relayctl("--pin-dir", pin, "flows", "--json")
     assert res.returncode == 0, res.stderr
     flows = json.loads(res.stdout)["flows"]
-    dump = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "pinned", f"{pin}/flows"],
-                                     capture_output=True, text=True, check=True).stdout)
+    dump = [e for name in ("flows4", "flows6") for e in json.loads(subprocess.run(
+        ["bpftool", "-j", "map", "dump", "pinned", f"{pin}/{name}"], capture_output=True, text=True, check=True).stdout)]
     theirs = {(fmt(c, cp), fmt(v, vp), cid, port) for c, cp, v, vp, cid, port in map(decode_flow_entry, dump)}
     ours = {(f["client"], f["vip"], f["conn_id"], f["flow_port"]) for f in flows}
     assert ours == theirs and any(f["conn_id"] == conn_id for f in flows)

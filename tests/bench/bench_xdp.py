@@ -339,7 +339,9 @@ def setup(capacity: int = CAPACITY) -> Bench:
                     cflags=[f"-DIFINDEX={h.ifindex['int']}", f"-DFIB_SRC={pack_addr4(INT4)}U",
                             f"-DFIB_DST={pack_addr4(OWNER[0])}U"])
         passo = BPF(text=PASS_ONLY_SRC.encode())
-        b.bcc += [redir, passo]
+        lookup = BPF(src_file=str(BPF_TESTING_DIR / "lookup_only.bpf.c").encode(), cflags=h.dp.cflags())
+        b.bcc += [redir, passo, lookup]
+        b.progs["lookup_only"] = lookup.load_func(b"xdp_lookup_only", BPF.XDP).fd
         b.progs["redirect_only"] = redir.load_func(b"xdp_redirect_only", BPF.XDP).fd
         b.progs["fib_redirect"] = redir.load_func(b"xdp_fib_redirect", BPF.XDP).fd
         b.progs["pass_only"] = passo.load_func(b"xdp_pass_only", BPF.XDP).fd
@@ -535,6 +537,9 @@ def bench_occupancy(b: Bench, plan: Plan, flows: int) -> list[Measurement]:
     # large occupancy no flow comes back before the others were visited.
     picks = rng.sample(range(b.fillers), min(plan.spread_frames, b.fillers))
     spread = [retuple(hit, *filler(i)[:2]) for i in picks] or [hit]
+    # The floor's own random order: not the flows the relay's row has just warmed.
+    others = rng.sample(range(b.fillers), min(plan.spread_frames, b.fillers))
+    spread_floor = [retuple(hit, *filler(i)[:2]) for i in others] or [hit]
     n, long, fresh = plan.hit_calls, plan.repeat, plan.fresh_calls
     cases = [
         # Same method for all: a fresh copy of the frame per call, TTL_RUNS runs on it.
@@ -554,6 +559,8 @@ def bench_occupancy(b: Bench, plan: Plan, flows: int) -> list[Measurement]:
         # and a different random flow every time (its map entries not in cache).
         Case("hit → REDIRECT, one flow", "relay", [hit], 1, fresh, XDP_REDIRECT, "fwd_in_rtp"),
         Case("hit → REDIRECT, random flows", "relay", spread, 1, fresh, XDP_REDIRECT, "fwd_in_rtp", rotate=True),
+        Case("flows4 lookup only, one flow", "lookup_only", [hit], 1, fresh, XDP_PASS),
+        Case("flows4 lookup only, random flows", "lookup_only", spread_floor, 1, fresh, XDP_PASS, rotate=True),
         Case("return hit → REDIRECT, one flow", "relay", [owner_frame(RET_FLOW_PORT, RTP)], 1, fresh, XDP_REDIRECT,
              "fwd_out_rtp", ingress="int"),
         Case("IPv6 hit → REDIRECT, one flow", "relay", [client_frame6(HIT6_CLIENT, RTP)], 1, fresh, XDP_REDIRECT,
@@ -641,6 +648,8 @@ ROWS = [  # (label, case, program, repeat selector)
     ("XDP_PASS-only program", "pass only", "pass_only", "long"),
     ("relay hit, one flow", "hit → REDIRECT, one flow", "relay", "one"),
     ("relay hit, random flows", "hit → REDIRECT, random flows", "relay", "one"),
+    ("flows4 lookup alone, one flow", "flows4 lookup only, one flow", "lookup_only", "one"),
+    ("flows4 lookup alone, random flows", "flows4 lookup only, random flows", "lookup_only", "one"),
     ("relay return hit (owner → client), one flow", "return hit → REDIRECT, one flow", "relay", "one"),
     ("relay IPv6 hit, one flow", "IPv6 hit → REDIRECT, one flow", "relay", "one"),
     ("XDP_PASS-only program", "pass only", "pass_only", "one"),
@@ -672,6 +681,8 @@ def summarize(by_flows: dict[int, list[Measurement]], plan: Plan) -> dict:
                                         per_round("pass only", "pass_only", "long"), strict=False)]
         one = per_round("hit → REDIRECT, one flow", "relay", "one")
         spread = per_round("hit → REDIRECT, random flows", "relay", "one")
+        floor_one = per_round("flows4 lookup only, one flow", "lookup_only", "one")
+        floor = per_round("flows4 lookup only, random flows", "lookup_only", "one")
         ret = per_round("return hit → REDIRECT, one flow", "relay", "one")
         six = per_round("IPv6 hit → REDIRECT, one flow", "relay", "one")
 
@@ -685,6 +696,8 @@ def summarize(by_flows: dict[int, list[Measurement]], plan: Plan) -> dict:
             "repeat1_excess_ns": med(excess),
             "hit_one_flow_corrected_ns": med([h - e for h, e in zip(one, excess, strict=False)]),
             "hit_random_flows_corrected_ns": med([h - e for h, e in zip(spread, excess, strict=False)]),
+            "lookup_one_flow_corrected_ns": med([h - e for h, e in zip(floor_one, excess, strict=False)]),
+            "lookup_random_flows_corrected_ns": med([h - e for h, e in zip(floor, excess, strict=False)]),
             "return_one_flow_corrected_ns": med([h - e for h, e in zip(ret, excess, strict=False)]),
             "ipv6_one_flow_corrected_ns": med([h - e for h, e in zip(six, excess, strict=False)]),
         }
@@ -713,14 +726,20 @@ def table(by_flows: dict[int, list[Measurement]], summary: dict, plan: Plan, liv
                        ("hit_minus_fib_redirect_ns", "hit − (fib lookup + redirect), ns"),
                        ("hit_one_flow_corrected_ns", "hit, one flow, repeat=1 corrected, ns"),
                        ("hit_random_flows_corrected_ns", "hit, random flows, repeat=1 corrected, ns"),
+                       ("lookup_one_flow_corrected_ns", "flows4 lookup alone, one flow, corrected, ns"),
+                       ("lookup_random_flows_corrected_ns", "flows4 lookup alone, random flows, corrected, ns"),
                        ("return_one_flow_corrected_ns", "return hit, one flow, repeat=1 corrected, ns"),
                        ("ipv6_one_flow_corrected_ns", "IPv6 hit, one flow, repeat=1 corrected, ns")):
         fmt = ".2f" if key.endswith("redirect_only") and "minus" not in key else ".1f"
         lines.append(f"{label:<56}" + "".join(f"{summary[c][key]:>{w}{fmt}}" for c in cols))
     if len(cols) > 1:
+        hi, lo = summary[cols[-1]], summary[cols[0]]
         key = "hit_random_flows_corrected_ns"
-        lines.append(f"random-flow cost, {cols[-1]:,} flows / {cols[0]:,} flows: "
-                     f"{summary[cols[-1]][key] / summary[cols[0]][key]:.2f}x")
+        lines.append(f"random-flow cost, {cols[-1]:,} flows / {cols[0]:,} flows: {hi[key] / lo[key]:.2f}x")
+        floor = "lookup_random_flows_corrected_ns"
+        lines.append(f"  the flows4 lookup alone (the floor of any per-flow hash entry): {hi[floor] / lo[floor]:.2f}x; "
+                     f"the relay's cost over it: {hi[key] - hi[floor]:.1f} ns at {cols[-1]:,}, "
+                     f"{lo[key] - lo[floor]:.1f} ns at {cols[0]:,}")
     checks = [m for ms in by_flows.values() for m in ms]
     bad = [m for m in checks if not m.ok]
     relay = [m for m in checks if m.program == "relay"]
