@@ -83,6 +83,28 @@ def test_ceilings(results):
         for repeat in (bx.TTL_RUNS, PLAN.repeat):
             m = _one(results, case, program, repeat)
             assert m.verdict == verdict and m.others == {}, (case, repeat)
+    # The floors: the flows4 lookup found every flow (DROP otherwise), and
+    # the relay's counters did not move.
+    for case in ("flows4 lookup only, one flow", "flows4 lookup only, random flows"):
+        m = _one(results, case, "lookup_only", 1)
+        assert m.verdict == "PASS" and m.others == {} and m.ok, case
+
+
+def test_lookup_floor_misses_a_missing_flow(bench):
+    """The floor program passes only on a flow it found: with the entry
+    gone it drops, so a floor figure cannot come from misses."""
+    addr, port, _, _ = bx.filler(3)
+    dotted = ".".join(str(b) for b in addr.to_bytes(4, "big"))
+    frame = bx.retuple(bx.client_frame(bx.HIT_CLIENT, bx.RTP), addr, port)
+    run = lambda: bench.h.ex.call(bx._runner, bench.progs["lookup_only"], [frame], bench.h.ifindex["pub"], 1, 1)[1]  # noqa: E731
+    assert run() == {XDP_PASS}
+    key = flow_key((dotted, port), (VIP4, bx.VIP_PORT))
+    saved = bench.dp.maps.flows.lookup(key)
+    bench.dp.maps.flows.delete(key)
+    try:
+        assert run() == {bx.XDP_DROP}
+    finally:
+        bench.dp.maps.flows.update(key, saved)
 
 
 def test_every_measurement_checks_out(results):
@@ -134,6 +156,7 @@ def test_live_frames_are_all_delivered_and_forwarded(bench):
     live = bx.bench_live(bench, 2_000)
     relay = next(r for r in live if r.program == "relay")
     assert relay.forwarded == relay.delivered == 2_000 and relay.others == {}
+    assert {r.program for r in live} == {"relay", "lookup_redirect", "redirect_only"}
     assert all(r.ok for r in live)
 
 

@@ -342,6 +342,7 @@ def setup(capacity: int = CAPACITY) -> Bench:
         lookup = BPF(src_file=str(BPF_TESTING_DIR / "lookup_only.bpf.c").encode(), cflags=h.dp.cflags())
         b.bcc += [redir, passo, lookup]
         b.progs["lookup_only"] = lookup.load_func(b"xdp_lookup_only", BPF.XDP).fd
+        b.progs["lookup_redirect"] = lookup.load_func(b"xdp_lookup_redirect", BPF.XDP).fd
         b.progs["redirect_only"] = redir.load_func(b"xdp_redirect_only", BPF.XDP).fd
         b.progs["fib_redirect"] = redir.load_func(b"xdp_fib_redirect", BPF.XDP).fd
         b.progs["pass_only"] = passo.load_func(b"xdp_pass_only", BPF.XDP).fd
@@ -601,7 +602,7 @@ def bench_live(b: Bench, packets: int) -> list[LiveResult]:
     table = b.sink[b"sink_count"]
     frame = client_frame(HIT_CLIENT, RTP)
     res = []
-    for program in ("relay", "redirect_only"):
+    for program in ("relay", "lookup_redirect", "redirect_only"):
         before_sink, before = table.sum(0).value, read_counters(b.dp.maps)
         t0 = time.perf_counter()
         _, _, ns = b.h.ex.call(libbpf.prog_test_run_xdp, b.progs[program], frame, ingress_ifindex=b.h.ifindex["pub"],
