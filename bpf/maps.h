@@ -20,6 +20,13 @@ BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_info, flows6, MAX_FLOW
  * call a slot and flows carry it. */
 BPF_TABLE_PINNED("array", __u32, struct owner_info, owners, MAX_OWNERS, PIN_DIR "/owners");
 
+/* epochs: call slot → its epoch, bumped by userspace after every change of
+ * the slot's owners entry (another owner, another call, freed). A flow's
+ * route cache names the epoch it was made under: while it stands, the
+ * cached owner is the slot's, and a cold flow's packet reads 4 bytes here
+ * instead of a 32-byte owners entry. */
+BPF_TABLE_PINNED("array", __u32, __u32, epochs, MAX_OWNERS, PIN_DIR "/epochs");
+
 /* reverse: (owner addr:port, flow port) → client tuple; forwarded only when
  * the sender is still the owner of that connection id. */
 BPF_TABLE_PINNED("lru_hash", struct reverse_key, struct reverse_info, reverse, MAX_REVERSE, PIN_DIR "/reverse");

@@ -130,7 +130,7 @@ static __always_inline int route(struct xdp_md *ctx, struct pkt *p, struct bpf_f
  * TTL decremented, folded to 16 bits, into nh: csum_l3 for the IPv4 header,
  * csum_l4 for UDP (pseudo-header and ports). For one direction of a flow they
  * stay the same while its route cache does: the old addresses and ports are
- * the entry's key, the new ones its owner's (the generation) and its flow
+ * the entry's key, the new ones its owner's (the slot's epoch) and its flow
  * source's, and a TTL above 1 changes its word the same way whatever it is.
  * So they are worked out with the route, not per packet. */
 static __always_inline void csum_deltas(struct pkt *p, struct nexthop *nh,
@@ -193,21 +193,20 @@ static __always_inline void rewrite(struct pkt *p, const struct nexthop *nh,
 }
 
 /* The route of one direction of a flow, in nh: the cached one while it is
- * fresh and was looked up for this owner generation, else a fib lookup
- * (and the checksum changes) that refreshes the cache. Returns 0, or the
- * stat_id to pass with. */
-static __always_inline int cached_route(struct xdp_md *ctx, struct pkt *p, struct nexthop *nh, __u32 gen,
+ * fresh and was made under this epoch, else a fib lookup (and the checksum
+ * changes) that refreshes the cache. Returns 0, or the stat_id to pass with. */
+static __always_inline int cached_route(struct xdp_md *ctx, struct pkt *p, struct nexthop *nh, __u32 epoch,
                                         __u64 now, const __be32 *src, const __be32 *dst,
                                         __be16 sport, __be16 dport)
 {
-    if (nh->until_ns > now && nh->gen == gen)
+    if (nh->until_ns > now && nh->epoch == epoch)
         return 0;
     struct bpf_fib_lookup fib;
     int rc = route(ctx, p, &fib, src, dst, sport, dport);
     if (rc)
         return rc;
     nh->ifindex = fib.ifindex;
-    nh->gen = gen;
+    nh->epoch = epoch;
     __builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
     __builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
     csum_deltas(p, nh, src, dst, sport, dport);
@@ -387,19 +386,38 @@ static __always_inline int unknown_client(struct pkt *p)
     return STAT_DROP_UNKNOWN_NOT_STUN;
 }
 
-/* Client → VIP on a known flow: forward to the call's owner. */
+/* Client → VIP on a known flow: forward to the call's owner. While the
+ * flow's route cache stands (fresh, and made under the slot's current
+ * epoch), an IPv4 packet takes the owner's address from it and never reads
+ * the owners entry; else the entry is read and checked (still this call's,
+ * an address in the family) and the cache made again. The epoch is read
+ * before the entry: userspace writes the entry, then bumps the epoch, so a
+ * cache never names an epoch newer than the owner it holds. */
 static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 *egress,
                                        const __be32 *saddr, const __be32 *daddr, struct flow_info *flow)
 {
     if (p->class == CLASS_OTHER)
         return STAT_DROP_BAD_CLASS;
-    struct owner_info *owner = call_owner(flow->slot, flow->conn_id);
-    if (!owner)
+    __u32 slot = flow->slot;
+    __u32 *ep = epochs.lookup(&slot);
+    if (!ep)
         return STAT_DROP_NO_OWNER;
+    __u32 epoch = *ep;
+    __u64 now = coarse_now();
+    struct nexthop *nh = &flow->nh;
     __be32 dst[4];
     __be16 dport;
-    if (owner_endpoint(owner, p->family, dst, &dport) < 0)
-        return STAT_DROP_NO_OWNER;
+    int cached = p->ip4 && nh->until_ns > now && nh->epoch == epoch && nh->dport;
+    if (cached) {
+        dst[0] = nh->dst4; dst[1] = 0; dst[2] = 0; dst[3] = 0;
+        dport = nh->dport;
+    } else {
+        struct owner_info *owner = call_owner(slot, flow->conn_id);
+        if (!owner)
+            return STAT_DROP_NO_OWNER;
+        if (owner_endpoint(owner, p->family, dst, &dport) < 0)
+            return STAT_DROP_NO_OWNER;
+    }
     __u32 idx = p->family == SR_AF_INET ? 0 : 1;
     struct relay_config *cfg = relay_cfg.lookup(&idx);
     if (!cfg || !cfg->addr_count)
@@ -409,10 +427,13 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 
 
     __be32 src[4];
     pool_addr(cfg, p->family, flow->flow_addr, src);
-    __u64 now = coarse_now();
-    int rc = cached_route(ctx, p, &flow->nh, owner->generation, now, src, dst, flow->flow_port, dport);
+    int rc = cached_route(ctx, p, nh, epoch, now, src, dst, flow->flow_port, dport);
     if (rc)
         return rc;
+    if (!cached && p->ip4) {
+        nh->dst4 = dst[0];
+        nh->dport = dport;
+    }
     if (p->class == CLASS_RTP && !flow->ssrc) {
         __u32 ssrc = rtp_ssrc(p);  /* once per flow: index it for rebinding */
         if (ssrc) {
@@ -422,8 +443,8 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 
             ssrcs.update(&ssrc, &key);
         }
     }
-    rewrite(p, &flow->nh, src, dst, flow->flow_port, dport);
-    *egress = flow->nh.ifindex;
+    rewrite(p, nh, src, dst, flow->flow_port, dport);
+    *egress = nh->ifindex;
     /* Plain adds: a flow's packets arrive on one CPU (RSS hashes its tuple);
      * a rare race loses a count, never a packet. */
     flow->packets += 1;

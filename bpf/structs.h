@@ -32,16 +32,21 @@ struct flow_key4 {
 
 /* A route XDP looked up for one direction of a flow, with the checksum
  * changes of its rewrite, reused until until_ns (coarse clock) while the
- * owner's generation is gen, instead of a bpf_fib_lookup and checksum
- * arithmetic per packet. Zero: none. */
+ * call slot's epoch is the one it was made under, instead of a
+ * bpf_fib_lookup and checksum arithmetic per packet. Towards an IPv4 owner
+ * it also holds the owner's address and port, so the hit path does not read
+ * the owners array while the slot's epoch stands. Zero: none. */
 struct nexthop {
     __u64 until_ns;
     __u32 ifindex;        /* egress */
-    __u32 gen;            /* the owner's generation it was looked up for (client → owner) */
+    __u32 epoch;          /* the call slot's epoch it was made under (client → owner) */
     __u8 dmac[6];
     __u8 smac[6];
     __u16 csum_l3;        /* folded change to the IPv4 header checksum */
     __u16 csum_l4;        /* folded change to the UDP checksum */
+    __be32 dst4;          /* IPv4 owner address (client → owner); 0: not cached */
+    __be16 dport;         /* its port */
+    __u16 pad0;
 };
 
 /* One established flow: which call it belongs to and its counters. */

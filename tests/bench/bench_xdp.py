@@ -211,10 +211,10 @@ def filler_ssrc(i: int) -> bytes:
 
 _FLOW_KEY = struct.Struct("!BxHH2x4s12x4s12x")  # struct flow_key, IPv4 (return entries, the SSRC index)
 _FLOW_KEY4 = struct.Struct("!4s4sHH")            # struct flow_key4 (the flows4 map)
-_FLOW_INFO = struct.Struct("<I2sHQQQQ4sI32s")   # struct flow_info
+_FLOW_INFO = struct.Struct("<I2sHQQQQ4sI40s")   # struct flow_info
 _OWNER_INFO = struct.Struct("<4s2s2x16xII")     # struct owner_info, IPv4 only
 _REV_KEY = struct.Struct("<Bx2s2sH4s12x")       # struct reverse_key, IPv4
-_REV_INFO = struct.Struct("<40sIIQQQ32x")       # struct reverse_info (nh: 0)
+_REV_INFO = struct.Struct("<40sIIQQQ40x")       # struct reverse_info (nh: 0)
 assert _FLOW_KEY.size == ctypes.sizeof(FlowKey) and _FLOW_INFO.size == ctypes.sizeof(FlowInfo)
 assert _FLOW_KEY4.size == ctypes.sizeof(FlowKey4)
 assert _OWNER_INFO.size == ctypes.sizeof(OwnerInfo)
@@ -260,20 +260,68 @@ def fillers_forwarded(m: libbpf.PinnedMap) -> int:
     return n
 
 
-def add_fillers(dp, start: int, end: int, nh: bytes = bytes(32)) -> None:
+def _csum32(acc: int, old: bytes, new: bytes) -> int:
+    """bpf/csum.h csum_diff32 on fields as they sit in the packet (read as
+    the kernel reads them: little-endian words on this machine)."""
+    o, w = ~int.from_bytes(old, "little") & 0xFFFFFFFF, int.from_bytes(new, "little")
+    return acc + (o & 0xFFFF) + (o >> 16) + (w & 0xFFFF) + (w >> 16)
+
+
+def _csum16(acc: int, old: bytes, new: bytes) -> int:
+    return acc + (~int.from_bytes(old, "little") & 0xFFFF) + int.from_bytes(new, "little")
+
+
+def _fold(acc: int) -> int:
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return acc
+
+
+# A TTL above 1 losing one changes the TTL/protocol word by the same amount
+# whatever it is (bpf/relay.bpf.c csum_deltas): 64 stands for any.
+_TTL_STEP = _csum16(0, bytes([64, 17]), bytes([63, 17]))
+
+
+def filler_nh(template: bytes, i: int) -> bytes:
+    """Filler flow i's route cache as XDP would make it under epoch 1: the
+    template's route (egress, MACs, lifetime), the filler's owner endpoint,
+    and the checksum changes of its own rewrite (client:port → VIP:port
+    becomes flow source → owner:port)."""
+    addr, port, _, fport = filler(i)
+    faddr, oport = filler_source(i)
+    client, vip = addr.to_bytes(4, "big"), _VIP4_RAW
+    src = (_POOL0 + faddr).to_bytes(4, "big")
+    l3 = _csum32(_csum32(0, client, src), vip, _OWNER_RAW)
+    l4 = _csum16(_csum16(l3, port.to_bytes(2, "big"), fport.to_bytes(2, "big")),
+                 VIP_PORT.to_bytes(2, "big"), oport.to_bytes(2, "big"))
+    nh = NextHop.from_buffer_copy(template)
+    nh.epoch, nh.csum_l3, nh.csum_l4 = 1, _fold(l3 + _TTL_STEP), _fold(l4)
+    nh.dst4, nh.dport = int.from_bytes(_OWNER_RAW, "little"), int.from_bytes(oport.to_bytes(2, "big"), "little")
+    return bytes(nh)
+
+
+_VIP4_RAW = bytes(map(int, VIP4.split(".")))
+_OWNER_RAW = bytes(map(int, OWNER[0].split(".")))
+_POOL0 = int.from_bytes(bytes(map(int, INT4.split("."))), "big")  # the harness pool's first address
+
+
+def add_fillers(dp, start: int, end: int, nh: bytes = bytes(ctypes.sizeof(NextHop))) -> None:
     """Install filler flows [start, end) as a full relay holds established
     flows: distinct client tuples, each its own call (connection id) with its
-    owners entry, its return entry, its learned SSRC in the ssrcs index and
-    `nh` as its route cache towards the owner (see cached_route)."""
+    owners entry (its slot at epoch 1), its return entry, its learned SSRC in
+    the ssrcs index and a route cache towards its owner (filler_nh of the
+    template `nh`; a zero template: none)."""
     n = end - start
     if n <= 0:
         return
-    vip = bytes(map(int, VIP4.split(".")))
-    owner_addr = bytes(map(int, OWNER[0].split(".")))
+    vip = _VIP4_RAW
+    owner_addr = _OWNER_RAW
     now = time.monotonic_ns()
+    cached = any(nh)
     fkeys, fvals = bytearray(n * _FLOW_KEY.size), bytearray(n * _FLOW_INFO.size)
     f4keys = bytearray(n * _FLOW_KEY4.size)
     okeys, ovals = bytearray(n * 4), bytearray(n * _OWNER_INFO.size)
+    evals = bytearray(struct.pack("<I", 1) * n)
     rkeys, rvals = bytearray(n * _REV_KEY.size), bytearray(n * _REV_INFO.size)
     skeys = bytearray(n * 4)
     for j in range(n):
@@ -284,7 +332,8 @@ def add_fillers(dp, start: int, end: int, nh: bytes = bytes(32)) -> None:
         _FLOW_KEY.pack_into(fkeys, j * _FLOW_KEY.size, 2, port, VIP_PORT, addr.to_bytes(4, "big"), vip)
         _FLOW_KEY4.pack_into(f4keys, j * _FLOW_KEY4.size, addr.to_bytes(4, "big"), vip, port, VIP_PORT)
         slot = filler_slot(i)
-        _FLOW_INFO.pack_into(fvals, j * _FLOW_INFO.size, conn, fp, faddr, 0, 0, now, now, ssrc, slot, nh)
+        _FLOW_INFO.pack_into(fvals, j * _FLOW_INFO.size, conn, fp, faddr, 0, 0, now, now, ssrc, slot,
+                             filler_nh(nh, i) if cached else nh)
         struct.pack_into("<I", okeys, j * 4, slot)
         _OWNER_INFO.pack_into(ovals, j * _OWNER_INFO.size, owner_addr, op, 1, conn)
         _REV_KEY.pack_into(rkeys, j * _REV_KEY.size, 2, op, fp, faddr, owner_addr)
@@ -292,6 +341,7 @@ def add_fillers(dp, start: int, end: int, nh: bytes = bytes(32)) -> None:
                             fkeys[j * _FLOW_KEY.size:(j + 1) * _FLOW_KEY.size], conn, slot, 0, 0, now)
         skeys[j * 4:(j + 1) * 4] = ssrc
     update_batch(dp.maps.owners.fd, okeys, ovals, 4, _OWNER_INFO.size)
+    update_batch(dp.maps.epochs.fd, okeys, evals, 4, 4)
     update_batch(dp.maps.reverse.fd, rkeys, rvals, _REV_KEY.size, _REV_INFO.size)
     update_batch(dp.maps.ssrcs.fd, skeys, fkeys, 4, _FLOW_KEY.size)
     update_batch(dp.maps.flows4.fd, f4keys, fvals, _FLOW_KEY4.size, _FLOW_INFO.size)
@@ -304,7 +354,7 @@ class Bench:
     h: hx.Harness
     progs: dict[str, int]           # name → prog fd: relay and the ceilings
     fillers: int = 0                # filler flows installed so far
-    nh: bytes = bytes(32)           # fillers' route cache (cached_route)
+    nh: bytes = bytes(ctypes.sizeof(NextHop))  # the measured flow's route cache: the fillers' template
     sink: object | None = None      # bcc object of the live-frames sink, once loaded
     bcc: list = field(default_factory=list)
 
@@ -382,18 +432,18 @@ def teardown(b: Bench) -> None:
 
 def cached_route(b: Bench) -> bytes:
     """The route cache XDP wrote for the measured flow (egress ifindex and
-    MACs towards OWNER), for generation 1 and valid for an hour: fillers are
-    established flows with traffic, whose cache XDP keeps fresh with one fib
-    lookup a second. That refresh is the "fib lookup + redirect" row, paid
-    once a second per flow; the random-flow rows measure the packets between."""
+    MACs towards OWNER), valid for an hour: the fillers' template (filler_nh
+    gives each its owner port and checksum changes). Fillers are established
+    flows with traffic, whose cache XDP keeps fresh with one fib lookup a
+    second. That refresh is the "fib lookup + redirect" row, paid once a
+    second per flow; the random-flow rows measure the packets between."""
     verdict, _, _ = b.h.run(client_frame(HIT_CLIENT, RTP))
     if verdict != XDP_REDIRECT:
         raise RuntimeError(f"the measured flow did not forward (verdict {VERDICTS.get(verdict, verdict)})")
     info = b.dp.maps.flows.lookup(flow_key(HIT_CLIENT, (VIP4, VIP_PORT)))
     nh = NextHop.from_buffer_copy(bytes(info.nh))
-    if not nh.ifindex:
-        raise RuntimeError("XDP left no route cache on the measured flow")
-    nh.gen = 1
+    if not nh.ifindex or nh.epoch != b.dp.epoch_of(HIT_CONN) or not nh.dport:
+        raise RuntimeError("XDP left no route cache (made under the call's epoch) on the measured flow")
     nh.until_ns = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) + 3600 * 10**9
     return bytes(nh)
 

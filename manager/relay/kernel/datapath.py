@@ -142,6 +142,7 @@ class Maps:
     flows4: libbpf.PinnedMap
     flows6: libbpf.PinnedMap
     owners: libbpf.PinnedMap
+    epochs: libbpf.PinnedMap
     reverse: libbpf.PinnedMap
     vips: libbpf.PinnedMap
     relay_cfg: libbpf.PinnedMap
@@ -253,7 +254,7 @@ class Datapath:
 
     def expected_max_entries(self) -> dict[str, int]:
         return {"flows4": self.cfg.max_flows, "flows6": self.cfg.max_flows6, "owners": self.cfg.max_owners,
-                "reverse": self.cfg.max_reverse,
+                "epochs": self.cfg.max_owners, "reverse": self.cfg.max_reverse,
                 "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_IFINDEX,
                 "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 1,
                 "live_ufrags": self.cfg.max_owners,
@@ -517,12 +518,33 @@ class Datapath:
         inert, as with no owner entry) if it has none."""
         slot, new = self._slot_for(conn_id)
         if new:
-            self._m().owners.update(ctypes.c_uint32(slot), OwnerInfo(conn_id=conn_id))
+            self._write_owner(slot, OwnerInfo(conn_id=conn_id))
         return slot
 
+    def _write_owner(self, slot: int, info: OwnerInfo) -> None:
+        """Write a slot's owners entry, then bump the slot's epoch: XDP's
+        route caches made under the old epoch (and the owner they hold) are
+        then not used again. Per slot, epochs only grow (until 2^32 changes
+        of one slot wrap them), so a flow left from a call that held the slot
+        before can never find its cache's epoch again."""
+        m = self._m()
+        key = ctypes.c_uint32(slot)
+        m.owners.update(key, info)
+        cur = m.epochs.lookup(key)
+        m.epochs.update(key, ctypes.c_uint32(((cur.value if cur is not None else 0) + 1) & 0xFFFFFFFF))
+
+    def epoch_of(self, conn_id: int) -> int | None:
+        """The epoch of a call's slot (what XDP's route caches are checked against)."""
+        slot = self._find_slot(conn_id)
+        if slot is None:
+            return None
+        cur = self._m().epochs.lookup(ctypes.c_uint32(slot))
+        return None if cur is None else cur.value
+
     def set_owner(self, conn_id: int, owner: OwnerAddr) -> int:
-        """Point a connection id at its owner: one map update, which both
-        directions of every flow of the call follow. Returns the generation.
+        """Point a connection id at its owner: one update of the call's owners
+        entry (then its slot's epoch), which both directions of every flow of
+        the call follow. Returns the generation.
         A new call takes a free slot of the owners array."""
         m = self._m()
         slot, new = self._slot_for(conn_id)
@@ -535,7 +557,7 @@ class Datapath:
         if owner.addr6:
             info.addr6 = pack_addr(owner.addr6)
             info.port6 = htons(owner.port6)
-        m.owners.update(ctypes.c_uint32(slot), info)
+        self._write_owner(slot, info)
         return gen
 
     def get_owner(self, conn_id: int) -> tuple[OwnerAddr, int] | None:
@@ -562,7 +584,7 @@ class Datapath:
             cur = m.owners.lookup(ctypes.c_uint32(slot))
             held = cur is not None and cur.conn_id == conn_id
             if held:
-                m.owners.update(ctypes.c_uint32(slot), OwnerInfo())
+                self._write_owner(slot, OwnerInfo())
             self._free_slots.append(slot)
         return held
 

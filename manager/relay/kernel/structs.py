@@ -59,11 +59,14 @@ class NextHop(ctypes.Structure):
     _fields_ = [
         ("until_ns", ctypes.c_uint64),
         ("ifindex", ctypes.c_uint32),
-        ("gen", ctypes.c_uint32),
+        ("epoch", ctypes.c_uint32),
         ("dmac", ctypes.c_uint8 * 6),
         ("smac", ctypes.c_uint8 * 6),
         ("csum_l3", ctypes.c_uint16),
         ("csum_l4", ctypes.c_uint16),
+        ("dst4", ctypes.c_uint32),
+        ("dport", ctypes.c_uint16),
+        ("pad0", ctypes.c_uint16),
     ]
 
 
@@ -200,6 +203,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "flows4": (FlowKey4, FlowInfo),
     "flows6": (FlowKey, FlowInfo),
     "owners": (ctypes.c_uint32, OwnerInfo),
+    "epochs": (ctypes.c_uint32, ctypes.c_uint32),
     "reverse": (ReverseKey, ReverseInfo),
     "vips": (VipKey, ctypes.c_uint32),
     "relay_cfg": (ctypes.c_uint32, RelayConfig),
@@ -223,6 +227,7 @@ MAP_KINDS: dict[str, int] = {
     "flows4": BPF_MAP_TYPE_LRU_HASH,
     "flows6": BPF_MAP_TYPE_LRU_HASH,
     "owners": BPF_MAP_TYPE_ARRAY,
+    "epochs": BPF_MAP_TYPE_ARRAY,
     "reverse": BPF_MAP_TYPE_LRU_HASH,
     "vips": BPF_MAP_TYPE_HASH,
     "relay_cfg": BPF_MAP_TYPE_ARRAY,
