@@ -33,10 +33,14 @@ static __always_inline __u64 csum_diff16(__u64 acc, __u16 old, __u16 new)
     return acc;
 }
 
-/* Apply the accumulated difference to a stored checksum: ~(~HC + diff). */
-static __always_inline __u16 csum_apply(__u16 check, __u64 diff)
+/* Apply a folded difference to a stored checksum: ~(~HC + diff) (RFC 1624
+ * eqn. 3). Two 16-bit values sum below 2^17, so two folds are enough. */
+static __always_inline __u16 csum_apply(__u16 check, __u16 diff)
 {
-    return ~csum_fold64((__u64)(__u16)~check + diff);
+    __u32 sum = (__u32)(__u16)~check + diff;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum;
 }
 
 #endif

@@ -163,23 +163,23 @@ static __always_inline void csum_deltas(struct pkt *p, struct nexthop *nh,
     nh->csum_l4 = csum_fold64(l4);
 }
 
-/* Rewrite addresses, ports, TTL, checksums (nh's changes) and MACs in place. */
-static __always_inline void rewrite(struct pkt *p, const struct nexthop *nh,
-                                    const __be32 *src, const __be32 *dst, __be16 sport, __be16 dport)
+_Static_assert(__builtin_offsetof(struct nexthop, smac) == __builtin_offsetof(struct nexthop, dmac) + ETH_ALEN,
+               "rewrite copies dmac and smac as one run, as the frame holds them");
+_Static_assert(__builtin_offsetof(struct ethhdr, h_source) == ETH_ALEN, "h_source follows h_dest");
+
+/* Rewrite an IPv4 header in place: TTL, addresses, checksum (nh's change). */
+static __always_inline void rewrite_ip4(struct iphdr *ip, const struct nexthop *nh, __be32 src, __be32 dst)
+{
+    ip->ttl -= 1;
+    ip->check = csum_apply(ip->check, nh->csum_l3);
+    ip->saddr = src;
+    ip->daddr = dst;
+}
+
+/* Rewrite ports, the UDP checksum (nh's change) and MACs in place. */
+static __always_inline void rewrite_udp_eth(struct pkt *p, const struct nexthop *nh, __be16 sport, __be16 dport)
 {
     struct udphdr *udp = p->udp;
-    if (p->ip4) {
-        struct iphdr *ip = p->ip4;
-        ip->ttl -= 1;
-        ip->check = csum_apply(ip->check, nh->csum_l3);
-        ip->saddr = src[0];
-        ip->daddr = dst[0];
-    } else if (p->ip6) {
-        struct ipv6hdr *ip6 = p->ip6;
-        copy_addr((__be32 *)&ip6->saddr, src);
-        copy_addr((__be32 *)&ip6->daddr, dst);
-        ip6->hop_limit -= 1;
-    }
     udp->source = sport;
     udp->dest = dport;
     /* A zero IPv4 UDP checksum means "none" and stays so; a computed zero is
@@ -188,8 +188,24 @@ static __always_inline void rewrite(struct pkt *p, const struct nexthop *nh,
         __u16 c = csum_apply(udp->check, nh->csum_l4);
         udp->check = c ? c : 0xffff;
     }
-    __builtin_memcpy(p->eth->h_dest, nh->dmac, ETH_ALEN);
-    __builtin_memcpy(p->eth->h_source, nh->smac, ETH_ALEN);
+    /* dmac and smac lie together in nh as h_dest and h_source do in the
+     * frame: one 12-byte copy. */
+    __builtin_memcpy(p->eth, nh->dmac, 2 * ETH_ALEN);
+}
+
+/* Rewrite addresses, ports, TTL, checksums (nh's changes) and MACs in place. */
+static __always_inline void rewrite(struct pkt *p, const struct nexthop *nh,
+                                    const __be32 *src, const __be32 *dst, __be16 sport, __be16 dport)
+{
+    if (p->ip4) {
+        rewrite_ip4(p->ip4, nh, src[0], dst[0]);
+    } else if (p->ip6) {
+        struct ipv6hdr *ip6 = p->ip6;
+        copy_addr((__be32 *)&ip6->saddr, src);
+        copy_addr((__be32 *)&ip6->daddr, dst);
+        ip6->hop_limit -= 1;
+    }
+    rewrite_udp_eth(p, nh, sport, dport);
 }
 
 /* The route of one direction of a flow, in nh: the cached one while it is
@@ -386,13 +402,36 @@ static __always_inline int unknown_client(struct pkt *p)
     return STAT_DROP_UNKNOWN_NOT_STUN;
 }
 
+/* What every forwarded client packet leaves in its flow: the SSRC learned
+ * once, and the counters. */
+static __always_inline int client_forwarded(struct pkt *p, struct flow_info *flow, __u64 now,
+                                            const __be32 *saddr, const __be32 *daddr)
+{
+    if (p->class == CLASS_RTP && !flow->ssrc) {
+        __u32 ssrc = rtp_ssrc(p);  /* once per flow: index it for rebinding */
+        if (ssrc) {
+            struct flow_key key = {};
+            client_key(p, saddr, daddr, &key);
+            flow->ssrc = ssrc;
+            ssrcs.update(&ssrc, &key);
+        }
+    }
+    /* Plain adds: a flow's packets arrive on one CPU (RSS hashes its tuple);
+     * a rare race loses a count, never a packet. */
+    flow->packets += 1;
+    flow->bytes += p->len;
+    flow->last_seen_ns = now;
+    return STAT_FWD_IN_STUN + p->class;
+}
+
 /* Client → VIP on a known flow: forward to the call's owner. While the
  * flow's route cache stands (fresh, and made under the slot's current
- * epoch), an IPv4 packet takes the owner's address from it and never reads
- * the owners entry; else the entry is read and checked (still this call's,
- * an address in the family) and the cache made again. The epoch is read
- * before the entry: userspace writes the entry, then bumps the epoch, so a
- * cache never names an epoch newer than the owner it holds. */
+ * epoch), an IPv4 packet takes the owner, route and checksum changes from
+ * it and never reads the owners entry; else the entry is read and checked
+ * (still this call's, an address in the family) and the cache made again.
+ * The epoch is read before the entry: userspace writes the entry, then
+ * bumps the epoch, so a cache never names an epoch newer than the owner it
+ * holds. */
 static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 *egress,
                                        const __be32 *saddr, const __be32 *daddr, struct flow_info *flow)
 {
@@ -405,52 +444,40 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 
     __u32 epoch = *ep;
     __u64 now = coarse_now();
     struct nexthop *nh = &flow->nh;
-    __be32 dst[4];
-    __be16 dport;
-    int cached = p->ip4 && nh->until_ns > now && nh->epoch == epoch && nh->dport;
-    if (cached) {
-        dst[0] = nh->dst4; dst[1] = 0; dst[2] = 0; dst[3] = 0;
-        dport = nh->dport;
-    } else {
-        struct owner_info *owner = call_owner(slot, flow->conn_id);
-        if (!owner)
-            return STAT_DROP_NO_OWNER;
-        if (owner_endpoint(owner, p->family, dst, &dport) < 0)
-            return STAT_DROP_NO_OWNER;
-    }
     __u32 idx = p->family == SR_AF_INET ? 0 : 1;
     struct relay_config *cfg = relay_cfg.lookup(&idx);
     if (!cfg || !cfg->addr_count)
         return STAT_DROP_NO_INTERNAL_ADDR;
+    if (p->ip4 && nh->until_ns > now && nh->epoch == epoch && nh->dport) {
+        if (p->ip4->ttl <= 1)
+            return STAT_PASS_TTL_EXPIRED;
+        __be32 src = bpf_htonl(bpf_ntohl(cfg->internal_addr[0]) + flow->flow_addr);
+        rewrite_ip4(p->ip4, nh, src, nh->dst4);
+        rewrite_udp_eth(p, nh, flow->flow_port, nh->dport);
+        *egress = nh->ifindex;
+        return client_forwarded(p, flow, now, saddr, daddr);
+    }
+    struct owner_info *owner = call_owner(slot, flow->conn_id);
+    if (!owner)
+        return STAT_DROP_NO_OWNER;
+    __be32 dst[4];
+    __be16 dport;
+    if (owner_endpoint(owner, p->family, dst, &dport) < 0)
+        return STAT_DROP_NO_OWNER;
     if (ttl_expired(p))
         return STAT_PASS_TTL_EXPIRED;
-
     __be32 src[4];
     pool_addr(cfg, p->family, flow->flow_addr, src);
     int rc = cached_route(ctx, p, nh, epoch, now, src, dst, flow->flow_port, dport);
     if (rc)
         return rc;
-    if (!cached && p->ip4) {
+    if (p->ip4) {
         nh->dst4 = dst[0];
         nh->dport = dport;
     }
-    if (p->class == CLASS_RTP && !flow->ssrc) {
-        __u32 ssrc = rtp_ssrc(p);  /* once per flow: index it for rebinding */
-        if (ssrc) {
-            struct flow_key key = {};
-            client_key(p, saddr, daddr, &key);
-            flow->ssrc = ssrc;
-            ssrcs.update(&ssrc, &key);
-        }
-    }
     rewrite(p, nh, src, dst, flow->flow_port, dport);
     *egress = nh->ifindex;
-    /* Plain adds: a flow's packets arrive on one CPU (RSS hashes its tuple);
-     * a rare race loses a count, never a packet. */
-    flow->packets += 1;
-    flow->bytes += p->len;
-    flow->last_seen_ns = now;
-    return STAT_FWD_IN_STUN + p->class;
+    return client_forwarded(p, flow, now, saddr, daddr);
 }
 
 /* Owner → flow port: forward back to the client from the VIP. */

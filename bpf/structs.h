@@ -40,7 +40,7 @@ struct nexthop {
     __u64 until_ns;
     __u32 ifindex;        /* egress */
     __u32 epoch;          /* the call slot's epoch it was made under (client → owner) */
-    __u8 dmac[6];
+    __u8 dmac[6];         /* dmac then smac, as h_dest and h_source in the frame */
     __u8 smac[6];
     __u16 csum_l3;        /* folded change to the IPv4 header checksum */
     __u16 csum_l4;        /* folded change to the UDP checksum */
