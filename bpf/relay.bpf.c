@@ -402,20 +402,25 @@ static __always_inline int unknown_client(struct pkt *p)
     return STAT_DROP_UNKNOWN_NOT_STUN;
 }
 
-/* What every forwarded client packet leaves in its flow: the SSRC learned
- * once, and the counters. */
-static __always_inline int client_forwarded(struct pkt *p, struct flow_info *flow, __u64 now,
-                                            const __be32 *saddr, const __be32 *daddr)
+/* The first RTP SSRC of a flow, indexed once for rebinding (ssrcs). Before
+ * the rewrite: the index names the client tuple the packet came from. */
+static __always_inline void learn_ssrc(struct pkt *p, struct flow_info *flow, const __be32 *saddr,
+                                       const __be32 *daddr)
 {
-    if (p->class == CLASS_RTP && !flow->ssrc) {
-        __u32 ssrc = rtp_ssrc(p);  /* once per flow: index it for rebinding */
-        if (ssrc) {
-            struct flow_key key = {};
-            client_key(p, saddr, daddr, &key);
-            flow->ssrc = ssrc;
-            ssrcs.update(&ssrc, &key);
-        }
+    if (p->class != CLASS_RTP || flow->ssrc)
+        return;
+    __u32 ssrc = rtp_ssrc(p);
+    if (ssrc) {
+        struct flow_key key = {};
+        client_key(p, saddr, daddr, &key);
+        flow->ssrc = ssrc;
+        ssrcs.update(&ssrc, &key);
     }
+}
+
+/* A forwarded client packet's counts in its flow. */
+static __always_inline int client_forwarded(struct pkt *p, struct flow_info *flow, __u64 now)
+{
     /* Plain adds: a flow's packets arrive on one CPU (RSS hashes its tuple);
      * a rare race loses a count, never a packet. */
     flow->packets += 1;
@@ -452,10 +457,11 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 
         if (p->ip4->ttl <= 1)
             return STAT_PASS_TTL_EXPIRED;
         __be32 src = bpf_htonl(bpf_ntohl(cfg->internal_addr[0]) + flow->flow_addr);
+        learn_ssrc(p, flow, saddr, daddr);
         rewrite_ip4(p->ip4, nh, src, nh->dst4);
         rewrite_udp_eth(p, nh, flow->flow_port, nh->dport);
         *egress = nh->ifindex;
-        return client_forwarded(p, flow, now, saddr, daddr);
+        return client_forwarded(p, flow, now);
     }
     struct owner_info *owner = call_owner(slot, flow->conn_id);
     if (!owner)
@@ -475,9 +481,10 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 
         nh->dst4 = dst[0];
         nh->dport = dport;
     }
+    learn_ssrc(p, flow, saddr, daddr);
     rewrite(p, nh, src, dst, flow->flow_port, dport);
     *egress = nh->ifindex;
-    return client_forwarded(p, flow, now, saddr, daddr);
+    return client_forwarded(p, flow, now);
 }
 
 /* Owner → flow port: forward back to the client from the VIP. */

@@ -674,7 +674,7 @@ HOST6, RELAY_HOST6 = "fd00:10:250::1", "fd00:10:250::2"  # /64
 
 
 def host_ifname(lab: Lab) -> str:
-    return f"{lab.prefix}-h"
+    return f"{lab.prefix}-h"  # _remove_host_link deletes it by this name
 
 
 def add_host_link(lab: Lab) -> None:
@@ -764,10 +764,22 @@ def lab_down(lab_or_prefix: Lab | str, kill: bool = True) -> list[str]:
     names = sorted({*(n for n in known if n in present), *_lab_namespaces(prefix)})
     if kill and names:
         _kill_ns_processes(names)
+    _remove_host_link(prefix)
     removed = _remove_namespaces(names)
     with contextlib.suppress(FileNotFoundError):
         state_file(prefix).unlink()
     return removed
+
+
+def _remove_host_link(prefix: str) -> None:
+    """Delete the lab's host link (add_host_link) in this namespace. Its peer
+    lives in the relay namespace, but a namespace's veths are destroyed
+    asynchronously after the namespace goes: deleting the pair here is done
+    when lab_down returns."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=f"{prefix}-h")
+        if idx:
+            ipr.link("del", index=idx[0])
 
 
 @contextlib.contextmanager
