@@ -851,7 +851,7 @@ def forward_every_filler(b: Bench) -> EveryFlow:
 # entry; and, per call, the owner entry and the live ufrag. The bench's worst
 # case is one flow per call.
 FLOW_MAPS = ("flows4", "reverse", "ssrcs")  # an IPv4 flow (an IPv6 one: flows6)
-CALL_MAPS = ("owners", "live_ufrags")
+CALL_MAPS = ("owners", "epochs", "live_ufrags")
 
 
 def map_memory(b: Bench) -> dict:
