@@ -100,8 +100,11 @@ def setup(rows: tuple[str, ...] = pp.ROW_NAMES, progress: Callable[[str], None] 
         env = pp.Env(h, tmp)
         redir = BPF(src_file=str(BPF_TESTING_DIR / "redirect_only.bpf.c").encode(),
                     cflags=[f"-DIFINDEX={h.ifindex['int']}"])
-        bcc.append(redir)
-        progs = {"redirect": redir.load_func(b"xdp_redirect_only", BPF.XDP).fd}
+        # The floor reads the relay's own pinned flows4 (bcc opens the pin).
+        floor = BPF(src_file=str(BPF_TESTING_DIR / "lookup_only.bpf.c").encode(), cflags=h.dp.cflags())
+        bcc += [redir, floor]
+        progs = {"redirect": redir.load_func(b"xdp_redirect_only", BPF.XDP).fd,
+                 "lookup_redirect": floor.load_func(b"xdp_lookup_redirect", BPF.XDP).fd}
         gs = pg.GenSink(h.ex, h.ns, h.ifindex["pub"], "intp")
         progs["drop"] = gs.drop_fd
         for r in chosen:
@@ -418,7 +421,8 @@ def plot(res: dict, outdir: Path) -> list[Path]:
 
     names = list(res["mpps"])
     labels = [res["details"]["rows"][n].replace(" (", "\n(").replace(": ", ":\n") for n in names]
-    colors = ["#1f77b4" if n == "splitrelay" else "#7f7f7f" if n == "redirect_ceiling" else "#ff7f0e" for n in names]
+    colors = ["#1f77b4" if n == "splitrelay" else "#7f7f7f" if n in ("redirect_ceiling", "lookup_floor")
+              else "#ff7f0e" for n in names]
     out = []
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]

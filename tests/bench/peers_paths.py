@@ -8,6 +8,9 @@ in for the call's owner OWNER = 10.10.2.2:5000).
   installed, client 10.10.1.2:40000 → VIP 10.10.1.1:3478 → owner.
 - redirect_ceiling: bpf/testing/redirect_only.bpf.c, every frame redirected
   to `int` unread: the least an XDP forwarder can do.
+- lookup_floor: bpf/testing/lookup_only.bpf.c, the relay's flows4 lookup of
+  the splitrelay row's flow and a redirect: the least a forwarder that keeps
+  an entry per flow does.
 - netfilter: DNAT (VIP:3481 → owner) and SNAT (→ 10.10.0.1:20100) through
   conntrack, nftables in the relay namespace, kernel forwarding.
 - coturn: Debian's turnserver on VIP:3479 (relay address 10.10.2.1), a real
@@ -254,6 +257,13 @@ class RedirectCeiling(SplitRelay):
         relay = _relay_moved(moved)
         ok = gen == delivered and not relay
         return ok, f"sink {delivered:,} of {gen:,} generated" + (f", relay counters moved: {relay}" if relay else "")
+
+
+class LookupFloor(RedirectCeiling):
+    name, label = "lookup_floor", "floor: flows4 lookup + redirect"
+
+    def slot(self, env: Env, progs: dict[str, int]) -> int | None:
+        return progs["lookup_redirect"]
 
 
 class Netfilter(Row):
@@ -607,7 +617,7 @@ class PythonSlowPath(Row):
         return ok and fwd == delivered, text
 
 
-ROWS: tuple[type[Row], ...] = (SplitRelay, RedirectCeiling, Netfilter, Coturn, Rtpengine, PythonSlowPath)
+ROWS: tuple[type[Row], ...] = (SplitRelay, RedirectCeiling, LookupFloor, Netfilter, Coturn, Rtpengine, PythonSlowPath)
 ROW_NAMES = tuple(r.name for r in ROWS)
 
 
