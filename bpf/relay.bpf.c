@@ -327,15 +327,22 @@ static __always_inline __u32 rtp_ssrc(struct pkt *p)
     return ssrc;
 }
 
+/* The counting word of a pool address: the first address's plus the
+ * flow's index (the config keeps it from carrying). */
+static __always_inline __be32 pool_word(__be32 first, __u16 idx)
+{
+    return bpf_htonl(bpf_ntohl(first) + idx);
+}
+
 /* A flow source's address: the pool's first address plus the flow's index
- * (the last 32-bit word counts up; the config keeps it from carrying). */
+ * in its last 32-bit word (the only one, for IPv4). */
 static __always_inline void pool_addr(const struct relay_config *cfg, __u8 family, __u16 idx, __be32 *out)
 {
     copy_addr(out, cfg->internal_addr);
     if (family == SR_AF_INET)
-        out[0] = bpf_htonl(bpf_ntohl(out[0]) + idx);
+        out[0] = pool_word(out[0], idx);
     else
-        out[3] = bpf_htonl(bpf_ntohl(out[3]) + idx);
+        out[3] = pool_word(out[3], idx);
 }
 
 /* Index of addr in the family's pool of internal addresses, or -1. */
@@ -454,9 +461,9 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 
     if (!cfg || !cfg->addr_count)
         return STAT_DROP_NO_INTERNAL_ADDR;
     if (p->ip4 && nh->until_ns > now && nh->epoch == epoch && nh->dport) {
-        if (p->ip4->ttl <= 1)
+        if (ttl_expired(p))
             return STAT_PASS_TTL_EXPIRED;
-        __be32 src = bpf_htonl(bpf_ntohl(cfg->internal_addr[0]) + flow->flow_addr);
+        __be32 src = pool_word(cfg->internal_addr[0], flow->flow_addr);
         learn_ssrc(p, flow, saddr, daddr);
         rewrite_ip4(p->ip4, nh, src, nh->dst4);
         rewrite_udp_eth(p, nh, flow->flow_port, nh->dport);

@@ -65,6 +65,7 @@ from manager.relay.kernel.structs import (
     ReverseInfo,
     ReverseKey,
     flow_key,
+    htons,
     pack_addr4,
     vip_key,
 )
@@ -160,15 +161,25 @@ def client_frame(client: tuple[str, int], payload: bytes, ttl: int = 255) -> byt
                  / UDP(sport=client[1], dport=VIP_PORT) / Raw(payload))
 
 
+def _csum_diff(old: bytes, new: bytes, order: str = "big") -> int:
+    """The unfolded one's complement change of 16-bit words old → new (RFC
+    1624), words read in `order`: "little" is how the kernel loads them on
+    this machine (bpf/csum.h csum_diff32/16)."""
+    s = 0
+    for i in range(0, len(old), 2):
+        s += (~int.from_bytes(old[i:i + 2], order) & 0xFFFF) + int.from_bytes(new[i:i + 2], order)
+    return s
+
+
+def _fold(acc: int) -> int:
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return acc
+
+
 def _csum_update(csum: int, old: bytes, new: bytes) -> int:
     """RFC 1624 incremental update of a 16-bit Internet checksum."""
-    s = ~csum & 0xFFFF
-    for i in range(0, len(old), 2):
-        s += ~int.from_bytes(old[i:i + 2], "big") & 0xFFFF
-        s += int.from_bytes(new[i:i + 2], "big")
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+    return ~_fold((~csum & 0xFFFF) + _csum_diff(old, new)) & 0xFFFF
 
 
 def retuple(frame: bytes, addr: int, port: int) -> bytes:
@@ -260,26 +271,9 @@ def fillers_forwarded(m: libbpf.PinnedMap) -> int:
     return n
 
 
-def _csum32(acc: int, old: bytes, new: bytes) -> int:
-    """bpf/csum.h csum_diff32 on fields as they sit in the packet (read as
-    the kernel reads them: little-endian words on this machine)."""
-    o, w = ~int.from_bytes(old, "little") & 0xFFFFFFFF, int.from_bytes(new, "little")
-    return acc + (o & 0xFFFF) + (o >> 16) + (w & 0xFFFF) + (w >> 16)
-
-
-def _csum16(acc: int, old: bytes, new: bytes) -> int:
-    return acc + (~int.from_bytes(old, "little") & 0xFFFF) + int.from_bytes(new, "little")
-
-
-def _fold(acc: int) -> int:
-    while acc >> 16:
-        acc = (acc & 0xFFFF) + (acc >> 16)
-    return acc
-
-
 # A TTL above 1 losing one changes the TTL/protocol word by the same amount
 # whatever it is (bpf/relay.bpf.c csum_deltas): 64 stands for any.
-_TTL_STEP = _csum16(0, bytes([64, 17]), bytes([63, 17]))
+_TTL_STEP = _csum_diff(bytes([64, 17]), bytes([63, 17]), "little")
 
 
 def filler_nh(template: bytes, i: int) -> bytes:
@@ -289,14 +283,12 @@ def filler_nh(template: bytes, i: int) -> bytes:
     becomes flow source → owner:port)."""
     addr, port, _, fport = filler(i)
     faddr, oport = filler_source(i)
-    client, vip = addr.to_bytes(4, "big"), _VIP4_RAW
     src = (_POOL0 + faddr).to_bytes(4, "big")
-    l3 = _csum32(_csum32(0, client, src), vip, _OWNER_RAW)
-    l4 = _csum16(_csum16(l3, port.to_bytes(2, "big"), fport.to_bytes(2, "big")),
-                 VIP_PORT.to_bytes(2, "big"), oport.to_bytes(2, "big"))
+    l3 = _csum_diff(addr.to_bytes(4, "big") + _VIP4_RAW, src + _OWNER_RAW, "little")
+    l4 = l3 + _csum_diff(struct.pack("!HH", port, VIP_PORT), struct.pack("!HH", fport, oport), "little")
     nh = NextHop.from_buffer_copy(template)
     nh.epoch, nh.csum_l3, nh.csum_l4 = 1, _fold(l3 + _TTL_STEP), _fold(l4)
-    nh.dst4, nh.dport = int.from_bytes(_OWNER_RAW, "little"), int.from_bytes(oport.to_bytes(2, "big"), "little")
+    nh.dst4, nh.dport = pack_addr4(OWNER[0]), htons(oport)
     return bytes(nh)
 
 
@@ -314,8 +306,7 @@ def add_fillers(dp, start: int, end: int, nh: bytes = bytes(ctypes.sizeof(NextHo
     n = end - start
     if n <= 0:
         return
-    vip = _VIP4_RAW
-    owner_addr = _OWNER_RAW
+    vip, owner_addr = _VIP4_RAW, _OWNER_RAW
     now = time.monotonic_ns()
     cached = any(nh)
     fkeys, fvals = bytearray(n * _FLOW_KEY.size), bytearray(n * _FLOW_INFO.size)

@@ -17,7 +17,6 @@ from manager.relay.kernel.structs import (
     AF_INET,
     FLOW_KEY4_SIZE,
     FlowKey,
-    FlowKey4,
     flow_key4,
     widen_key4,
 )
@@ -69,5 +68,3 @@ class FlowTable:
         """Entries in both maps, counted from the batches (nothing decoded)."""
         return sum(n for m in (self.flows4, self.flows6) for _, _, n in m.raw_batches())
 
-
-__all__ = ["FlowKey4", "FlowTable"]
