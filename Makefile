@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup lint test demo bench bench-peers bench-setup bench-density lab-up lab-down clean vm-test vm-box
+.PHONY: setup lint test test-fast demo bench bench-peers bench-setup bench-density lab-up lab-down clean vm-test vm-box
 
 setup:
 	@bash scripts/setup.sh
@@ -15,8 +15,15 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 
+# The whole suite, as root: nothing may be skipped (tests/conftest.py).
 test: setup lint
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	SPLITRELAY_FORBID_SKIPS=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# The unit layer (tests/unit) as any user, once `make setup` has run as root:
+# no root, no network, under a minute. For editing; `make test` before a push.
+test-fast:
+	@[ -x $(PY) ] || { echo "test-fast: no environment in $(VENV): run 'sudo make setup' once"; exit 1; }
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m cli.relayctl demo

@@ -32,7 +32,7 @@
 #endif
 
 /* The server ufrag's shape (manager/protocol/ufrag.py: UFRAG_LENGTH, VERSION;
- * held equal by tests/test_structs_layout.py). */
+ * held equal by tests/bpf/test_structs_layout.py). */
 #define UFRAG_LEN 24
 #define UFRAG_VERSION 1
 /* STUN attributes looked at before USERNAME, and how far into the message. */

@@ -375,7 +375,7 @@ static __always_inline void client_key(struct pkt *p, const __be32 *saddr, const
  * always sees one map; left alone, the compiler sinks both lookups into one
  * call on either map, and every packet pays the generic helper and an
  * indirect call. The empty asm after the IPv4 one keeps them apart
- * (tests/test_xdp_fixtures.py holds the loaded program to that). */
+ * (tests/bpf/test_xdp_fixtures.py holds the loaded program to that). */
 static __always_inline struct flow_info *find_flow(struct pkt *p, const __be32 *saddr, const __be32 *daddr)
 {
     if (p->ip4) {

@@ -1,5 +1,5 @@
 /* Every struct that crosses the kernel/userspace boundary, with explicit
- * padding. manager/relay/kernel/structs.py mirrors them; tests/test_structs_layout.py holds
+ * padding. manager/relay/kernel/structs.py mirrors them; tests/bpf/test_structs_layout.py holds
  * the two against bcc's type information. Addresses and ports are in network
  * byte order; an IPv4 address sits in addr[0], addr[1..3] zero. */
 #ifndef SPLITRELAY_STRUCTS_H

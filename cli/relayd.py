@@ -23,12 +23,13 @@ from manager.relay.kernel.datapath import DatapathError
 def main(config_path: str | None, detach_on_exit: bool | None, log_level: str) -> None:
     """Run the splitrelay relay manager until SIGTERM/SIGINT."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s relayd %(levelname)s %(message)s")
-    if os.geteuid() != 0:
-        raise click.ClickException("relayd must run as root (it loads XDP programs)")
+    # The config is checked first: a mistake in it is named whoever runs this.
     try:
         cfg = load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(f"invalid configuration:\n{exc}") from None
+    if os.geteuid() != 0:
+        raise click.ClickException("relayd must run as root (it loads XDP programs)")
     if detach_on_exit is not None:
         cfg.detach_on_exit = detach_on_exit
     from manager.relay.daemon import run

@@ -3,7 +3,7 @@
 aiortc and aioice expose no API for what the transceiver needs: a given local
 ufrag, one shared socket for all calls, the SRTP keys and RTP counters of a
 call, a wrapped consent loop. Each hook below says what it relies on; the
-versions are pinned in pyproject.toml, and tests/test_aiortc_hooks.py checks
+versions are pinned in pyproject.toml, and tests/unit/test_aiortc_hooks.py checks
 every target in HOOKS against the installed packages, naming the hook whose
 target moved. Nothing outside this module touches a private attribute of an
 aiortc or aioice object.

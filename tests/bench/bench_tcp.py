@@ -39,7 +39,7 @@ from manager.lab.ice_tcp import TcpAdapter
 from manager.lab.services import LAB_TCP_PORT, running_lab
 from manager.lab.topology import NetnsExecutor
 from manager.relay.control_client import ControlClient
-from tests.test_tcp_bridge import BLOCK_UDP
+from tests.support.tcp_calls import BLOCK_UDP
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

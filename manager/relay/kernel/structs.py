@@ -1,6 +1,6 @@
 """ctypes mirrors of bpf/structs.h, and the counter names of bpf/consts.h.
 
-tests/test_structs_layout.py holds every structure here against the type
+tests/bpf/test_structs_layout.py holds every structure here against the type
 information bcc derives from the C header for each map, field by field.
 Addresses are 16 bytes in network order (IPv4 in the first 4); ports are
 __be16, stored here as the raw 16-bit value (socket.htons).

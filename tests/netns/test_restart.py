@@ -1,0 +1,148 @@
+"""Zero-loss restarts: relayd is killed with SIGKILL mid-call and started
+again. The XDP program stays attached and its maps stay pinned, so
+established flows keep flowing; the new relayd adopts them and takes new
+calls."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from manager.lab.client import client_call
+from manager.lab.services import Services
+from manager.lab.topology import NetnsExecutor
+from manager.lab.topology import lab as lab_ctx
+from manager.protocol.addresses import OwnerAddr
+from manager.relay.config import DatapathConfig
+from manager.relay.kernel.datapath import Datapath
+from tests.support.udp_streams import Receiver, paced_send
+
+# realtime: the checks count media against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime]
+
+RATE = 1000
+SECONDS = 6.0
+
+
+def test_sigkill_and_restart_lose_nothing(tmp_path):
+    with lab_ctx(prefix=f"rs{secrets.token_hex(3)}") as lab:
+        svc = Services(lab, workdir=tmp_path)
+        dp = None
+        try:
+            svc.start()
+            dp = Datapath(DatapathConfig(**svc.config["datapath"]))
+            dp.open_maps()
+            # An established UDP media flow (as the slow path installs one),
+            # client ⇄ a receiver/sender in tx2's namespace.
+            tx2 = lab.transceivers[1]
+            client = (lab.client.addr4, 41000)
+            owner = (tx2.addr4, 7000)
+            flow_port = 29999
+            dp.set_owner(0x51, OwnerAddr(addr4=owner[0], port4=owner[1]))
+            dp.add_flow(client, lab.vip(), 0x51, flow_port)
+            c_sock = lab.socket("client", socket.AF_INET, bind=client)
+            t_sock = lab.socket(tx2.ns, socket.AF_INET, bind=owner)
+            rx_t, rx_c = Receiver(t_sock), Receiver(c_sock)
+            rx_t.start()
+            rx_c.start()
+            n = int(RATE * SECONDS)
+            up = threading.Thread(target=paced_send, args=(c_sock, lab.vip(), range(n), RATE))
+            down = threading.Thread(target=paced_send, args=(t_sock, (lab.internal4, flow_port), range(n), RATE))
+
+            restart_info = {}
+
+            async def kill_and_restart(pc, rep):
+                # Mid-call: SIGKILL relayd, start a new one, wait until it serves.
+                await asyncio.sleep(1.5)
+                t = time.monotonic()
+                restart_info["rc"] = await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGKILL)
+                await asyncio.to_thread(svc.start_relayd)
+                await asyncio.to_thread(svc.wait_signaling, 30)
+                restart_info["down_s"] = time.monotonic() - t
+
+            before = dp.counters()
+            up.start()
+            down.start()
+            with NetnsExecutor(lab.client_ns) as ex:
+                call = ex.call(asyncio.run, client_call(lab.signaling_url, duration=5.0, messages=10,
+                                                         on_connected=kill_and_restart))
+            up.join()
+            down.join()
+            time.sleep(0.3)
+            rx_t.stop.set()
+            rx_c.stop.set()
+            rx_t.join()
+            rx_c.join()
+
+            assert restart_info.get("rc") == -signal.SIGKILL
+            lost_up = n - len(set(rx_t.seqs))
+            lost_down = n - len(set(rx_c.seqs))
+            print(f"\nrelayd down for {restart_info['down_s']:.2f} s; UDP stream {n} packets each way, "
+                  f"lost {lost_up} up / {lost_down} down; call: RTP sent {call.rtp_packets_sent}, "
+                  f"received {call.rtp_packets_received}, lost {call.rtp_packets_lost}, "
+                  f"data channel {call.dc_echoed}/{call.dc_sent}")
+            # Whatever the kernel did besides forwarding (the stream's and
+            # the call's packets alike), to tell a kernel loss from a late receiver.
+            after = dp.counters()
+            moved = {k: after[k][0] - before[k][0] for k in after
+                     if after[k][0] != before[k][0] and not k.startswith("fwd_")}
+            assert lost_up == 0 and lost_down == 0, f"relay counters other than forwards that moved: {moved}"
+            # The call rode through the restart on the fast path.
+            assert call.error is None, call.error
+            assert "failed" not in call.connection_states and "disconnected" not in call.connection_states
+            assert call.rtp_packets_lost == 0
+            assert call.dc_echoed == call.dc_sent == 10
+            assert call.tone_ratio > 50
+
+            # The new relayd adopted the program (no reload) and takes new calls.
+            log = svc.log_path("relayd").read_text()
+            assert "(adopted)" in log
+            svc.wait_transceivers(2, 15)
+            with NetnsExecutor(lab.client_ns) as ex:
+                after = ex.call(asyncio.run, client_call(lab.signaling_url, duration=1.0, messages=3))
+            assert after.error is None and after.connected and after.dc_echoed == 3
+            c_sock.close()
+            t_sock.close()
+        finally:
+            if dp is not None:
+                dp.close()
+            svc.stop()
+
+
+def xdp_prog_id(lab, ifname: str) -> int | None:
+    import json
+    import subprocess
+    out = subprocess.run(["ip", "-j", "-n", lab.relay_ns, "link", "show", "dev", ifname],
+                         capture_output=True, text=True, check=True).stdout
+    return (json.loads(out)[0].get("xdp") or {}).get("prog", {}).get("id")
+
+
+def test_sigterm_keeps_the_fast_path_unless_asked(tmp_path):
+    """SIGTERM stops relayd gracefully (exit 0) and leaves XDP and its pinned
+    maps in place; with --detach-on-exit it removes both."""
+    from pathlib import Path
+
+    with lab_ctx(prefix=f"st{secrets.token_hex(3)}") as lab:
+        svc = Services(lab, workdir=tmp_path)
+        try:
+            svc.start()
+            pin_dir = Path(svc.config["datapath"]["pin_dir"])
+            prog = xdp_prog_id(lab, "pub0")
+            assert prog is not None
+            assert svc.stop_one("relayd", signal.SIGTERM) == 0
+            assert xdp_prog_id(lab, "pub0") == prog and (pin_dir / "flows4").exists()
+            assert "fast path left running" in svc.log_path("relayd").read_text()
+            svc.start_relayd("--detach-on-exit")
+            svc.wait_signaling(30)
+            assert xdp_prog_id(lab, "pub0") == prog  # adopted, not replaced
+            assert svc.stop_one("relayd", signal.SIGTERM) == 0
+            assert all(xdp_prog_id(lab, ifname) is None for ifname in ["pub0", *lab.internal_ifnames])
+            assert not pin_dir.exists()
+        finally:
+            svc.stop()

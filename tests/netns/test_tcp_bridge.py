@@ -1,0 +1,249 @@
+"""ICE-TCP through the real relay: the lab's client has UDP to the VIP
+blocked (nftables in its namespace), so its only way is the passive TCP
+candidate of the relay's answer (LAB_TCP_PORT, RFC 4571 frames), bridged by
+relayd to the transceiver over UDP. Calls connect, audio and data channel
+echo, the bridge's counters show the path; a migration moves the call; and
+the bridge's locks hold against what an attacker would send."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import select
+import socket
+import struct
+import time
+
+import pytest
+from aioice import stun
+
+from manager.lab.client import client_call
+from manager.lab.ice_tcp import TcpAdapter
+from manager.lab.services import LAB_TCP_PORT, running_lab
+from manager.lab.topology import NetnsExecutor
+from manager.relay.control_client import ControlClient
+from tests.support.tcp_calls import (
+    BLOCK_UDP,
+    restart_during_tcp_call,
+)
+
+# realtime: the checks count media against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime]
+
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    with running_lab(f"tc{secrets.token_hex(3)}", tmp_path_factory.mktemp("services")) as (lab, svc):
+        lab.run(lab.client_ns, ["nft", "-f", "-"], input=BLOCK_UDP.format(vip4=lab.vip4, vip6=lab.vip6,
+                                                                          port=lab.port), check=True)
+        yield lab, svc, ControlClient(svc.config["control_socket"])
+
+
+def tcp_stats(ctl: ControlClient) -> tuple[dict, dict]:
+    sp = ctl.request("GET", "/stats")["slowpath"]
+    return sp["events"], sp["tcp"]["events"]
+
+
+def run_tcp_call(lab, *, family: int = socket.AF_INET, **kw):
+    vip = lab.vip4 if family == socket.AF_INET else lab.vip6
+    url = lab.signaling_url if family == socket.AF_INET else lab.signaling_url6
+
+    async def call():
+        adapter = await TcpAdapter.start((vip, LAB_TCP_PORT), bind="127.0.0.1" if family == socket.AF_INET else "::1")
+        try:
+            rep = await client_call(url, rewrite_answer=adapter.rewrite_answer, **kw)
+            return rep, {"frames_out": adapter.frames_out, "frames_in": adapter.frames_in}
+        finally:
+            adapter.close()
+
+    with NetnsExecutor(lab.client_ns) as ex:
+        return ex.call(asyncio.run, call())
+
+
+def test_the_answer_offers_a_passive_tcp_candidate_below_udp(env):
+    lab, svc, ctl = env
+    rep, _ = run_tcp_call(lab, duration=0.5, messages=1)
+    cands = re.findall(r"a=candidate:\S+ 1 (udp|tcp) (\d+) (\S+) (\d+) typ host(.*)", rep.answer)
+    udp = [(int(p), a, int(port)) for t, p, a, port, _ in cands if t == "udp"]
+    tcp = [(int(p), a, int(port), rest.strip()) for t, p, a, port, rest in cands if t == "tcp"]
+    assert {(a, port) for _, a, port in udp} == {(lab.vip4, lab.port), (lab.vip6, lab.port)}
+    assert {(a, port) for _, a, port, _ in tcp} == {(lab.vip4, LAB_TCP_PORT), (lab.vip6, LAB_TCP_PORT)}
+    assert all(rest == "tcptype passive" for *_, rest in tcp)
+    assert max(p for p, *_ in tcp) < min(p for p, *_ in udp)
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_a_call_with_udp_blocked_goes_over_tcp(env, family):
+    lab, svc, ctl = env
+    ev0, tcp0 = tcp_stats(ctl)
+    rep, adapter = run_tcp_call(lab, family=family, duration=3.0, messages=6)
+    ev1, tcp1 = tcp_stats(ctl)
+    assert rep.error is None, rep.error
+    assert rep.connected and rep.tone_ratio > 50, rep.to_dict()
+    assert rep.dc_echoed == rep.dc_sent == 6
+    # The bridge carried it: one stream leg installed, ~50 frames/s each way.
+    assert ev1.get("tcp_legs_installed", 0) - ev0.get("tcp_legs_installed", 0) == 1
+    assert tcp1["frames_in"] - tcp0.get("frames_in", 0) > 100
+    assert tcp1["frames_out"] - tcp0.get("frames_out", 0) > 100
+    assert adapter["frames_in"] > 100 and adapter["frames_out"] > 100
+    # ...and no UDP leg was opened for it.
+    assert ev1.get("legs_opened", 0) == ev0.get("legs_opened", 0)
+
+
+def test_a_tcp_call_migrates(env):
+    lab, svc, ctl = env
+    result = {}
+
+    async def migrate(pc, rep):
+        await asyncio.sleep(1.0)
+        call_id = rep.call_url.rsplit("/", 1)[1]
+        call = await asyncio.to_thread(svc.call, call_id)
+        target = 2 if call["transceiver_id"] == 1 else 1
+        rep.mark("switch")
+        result["res"] = await asyncio.to_thread(ctl.request, "POST", f"/sessions/{call_id}/migrate", {"to": target})
+
+    rep, _ = run_tcp_call(lab, duration=3.0, messages=6, on_connected=migrate)
+    assert result["res"]["outcome"] == "moved", result
+    assert rep.error is None and rep.connection_states == ["connecting", "connected", "closed"]
+    assert rep.rtp_packets_lost <= 1
+    assert rep.tone_ratio_after["switch"] > 50 and rep.dc_echoed == rep.dc_sent
+
+
+
+
+def test_a_relayd_restart_ends_a_tcp_call_of_the_in_memory_registry(env):
+    """The bridge lives in relayd: a restart closes every ICE-TCP connection.
+    With the in-memory registry the restarted relayd no longer knows the call
+    (UDP calls go on in the kernel; a TCP one has nothing there), so the
+    client's new connection is refused, and the call ends at its consent
+    timeout. tests/e2e/test_fleet_lab.py shows the same restart with Redis, where
+    the new connection carries the call on."""
+    lab, svc, ctl = env
+    rep, lost = restart_during_tcp_call(lab, svc)
+    events, tcp = tcp_stats(ctl)
+    assert lost >= 1
+    assert rep.frames_after["restarted"] < 50  # (a frame or two in flight at the restart)
+    assert events.get("drop_unknown_call", 0) >= 1 and events.get("tcp_legs_installed", 0) == 0
+    svc.wait_transceivers(2, 15)
+
+
+def test_nothing_but_checks_reaches_the_owner_before_its_success(env):
+    """A client holding a call's genuine ufrag but not its password: its check
+    opens a leg (the hint is valid) that the owner never confirms; the media-like
+    frames that follow are dropped, and the connection ends at the handshake timeout."""
+    lab, svc, ctl = env
+    seen = {}
+
+    async def attack(pc, rep):
+        ufrag = re.search(r"a=ice-ufrag:(\S+)", rep.answer).group(1)
+        check = _binding(f"{ufrag}:evil")  # no MESSAGE-INTEGRITY: the owner cannot authenticate it
+        frames = [struct.pack("!H", len(check)) + check] + [struct.pack("!H", 60) + b"\x80" + bytes(59)] * 5
+        before, _ = await asyncio.to_thread(tcp_stats, ctl)
+        seen["states"] = await asyncio.to_thread(_probe, lab, frames, hold=2.3)
+        seen["before"], seen["after"] = before, (await asyncio.to_thread(tcp_stats, ctl))[0]
+
+    rep, _ = run_tcp_call(lab, duration=3.0, messages=2, on_connected=attack)
+    assert rep.error is None
+    assert seen["states"] == ["closed"]
+    b, a = seen["before"], seen["after"]
+    assert a.get("tcp_legs_opened", 0) - b.get("tcp_legs_opened", 0) == 1
+    assert a.get("tcp_drop_before_success", 0) - b.get("tcp_drop_before_success", 0) == 5
+    assert a.get("tcp_legs_installed", 0) == b.get("tcp_legs_installed", 0)
+
+
+# -- the bridge's locks --------------------------------------------------------------------
+
+
+def _binding(username: str) -> bytes:
+    msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    msg.attributes["USERNAME"] = username
+    return bytes(msg)
+
+
+def _probe(lab, payloads: list[bytes], *, hold: float = 0.0, connections: int = 1) -> list[str]:
+    """Open connections from the client namespace, send the payloads on the
+    first, and report how each connection ended: "closed" (EOF/reset) or "open"."""
+
+    def go() -> list[str]:
+        socks = []
+        for _ in range(connections):
+            s = socket.create_connection((lab.vip4, LAB_TCP_PORT), timeout=5)
+            socks.append(s)
+        for p in payloads:
+            socks[0].sendall(p)
+        time.sleep(hold)
+        readable, _, _ = select.select(socks, [], [], 0.3)  # all at once: a later one must not age meanwhile
+        out = []
+        for s in socks:
+            state = "open"
+            if s in readable:
+                try:
+                    state = "closed" if s.recv(1) == b"" else "open"
+                except ConnectionResetError:
+                    state = "closed"
+            out.append(state)
+            s.close()
+        return out
+
+    with NetnsExecutor(lab.client_ns) as ex:
+        return ex.call(go)
+
+
+# (description, frames sent, counter that rises in slowpath or bridge events)
+REFUSED = [
+    ("a frame over tcp.max_frame", [struct.pack("!H", 5000) + bytes(100)], ("tcp", "closed_bad_frame")),
+    ("an empty frame", [struct.pack("!H", 0)], ("tcp", "closed_bad_frame")),
+    ("a first frame that is not STUN", [struct.pack("!H", 20) + b"\x17\xfe\xfd" + bytes(17)],
+     ("slowpath", "tcp_drop_not_stun")),
+    ("a check with a forged routing hint",
+     [(lambda p: struct.pack("!H", len(p)) + p)(_binding("AAAAAAAAAAAAAAAAAAAAAAAA:x1y2"))],
+     ("slowpath", "drop_forged_hint")),
+]
+
+
+@pytest.mark.parametrize(("description", "frames", "counter"), REFUSED, ids=[r[0] for r in REFUSED])
+def test_refused_first_frames_close_the_connection(env, description, frames, counter):
+    lab, svc, ctl = env
+    before = dict(zip(("slowpath", "tcp"), tcp_stats(ctl), strict=True))
+    assert _probe(lab, frames, hold=0.3) == ["closed"]
+    after = dict(zip(("slowpath", "tcp"), tcp_stats(ctl), strict=True))
+    where, name = counter
+    assert after[where].get(name, 0) == before[where].get(name, 0) + 1
+
+
+def test_a_silent_connection_is_closed_at_the_handshake_timeout(env):
+    lab, svc, ctl = env
+    _, before = tcp_stats(ctl)
+    assert _probe(lab, [], hold=2.6) == ["closed"]  # the lab's tcp.handshake_timeout is 2 s
+    _, after = tcp_stats(ctl)
+    assert after.get("closed_handshake_timeout", 0) == before.get("closed_handshake_timeout", 0) + 1
+
+
+def test_connections_per_source_are_capped(env):
+    lab, svc, ctl = env
+    _, before = tcp_stats(ctl)
+    states = _probe(lab, [], hold=0.3, connections=5)  # the lab allows 4 per source
+    assert states.count("closed") == 1 and states[-1] == "closed", states
+    _, after = tcp_stats(ctl)
+    assert after.get("refused_per_source", 0) == before.get("refused_per_source", 0) + 1
+
+
+
+def test_frames_round_trip_and_refusals_name_the_reason():
+    from manager.protocol.rfc4571 import FrameError, FrameParser, frame
+
+    packet = b"\x00\x01" + bytes(98)
+    assert frame(packet) == b"\x00\x64" + packet
+    parser = FrameParser(4096)
+    stream = frame(packet) + frame(b"x" * 7) + frame(packet)[:50]
+    assert parser.feed(stream[:1]) == [] and parser.pending == 1  # a header split across reads
+    assert parser.feed(stream[1:]) == [packet, b"x" * 7] and parser.pending == 50
+    assert parser.feed(frame(packet)[50:]) == [packet] and parser.pending == 0
+    with pytest.raises(FrameError, match="^frame of 5000 bytes exceeds tcp.max_frame \\(4096\\)$"):
+        FrameParser(4096).feed(struct.pack("!H", 5000))
+    with pytest.raises(FrameError, match="^empty frame$"):
+        FrameParser(4096).feed(b"\x00\x00")
+    with pytest.raises(ValueError, match="does not fit an RFC 4571 frame"):
+        frame(bytes(70000))

@@ -1,0 +1,30 @@
+"""Two aiortc peers connected over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+from aiortc import RTCPeerConnection
+
+
+async def _established(inspect_them):
+    """Two aiortc peers with an open data channel: `inspect_them(answerer's
+    RTCSctpTransport, its channel)` runs while they are connected."""
+    a, b = RTCPeerConnection(), RTCPeerConnection()
+    opened: asyncio.Queue = asyncio.Queue()
+    b.on("datachannel", opened.put_nowait)
+    try:
+        channel = a.createDataChannel("chat")
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        await b.setLocalDescription(await b.createAnswer())
+        await a.setRemoteDescription(b.localDescription)
+        theirs = await asyncio.wait_for(opened.get(), 10)
+        while channel.readyState != "open":
+            await asyncio.sleep(0.01)
+        result = inspect_them(b.sctp, theirs)
+        return await result if inspect.isawaitable(result) else result
+    finally:
+        await a.close()
+        await b.close()

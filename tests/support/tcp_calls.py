@@ -1,0 +1,51 @@
+"""ICE-TCP calls through a lab: UDP blocked at the client, a relayd restart mid-call."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from manager.lab.client import client_call
+from manager.lab.ice_tcp import TcpAdapter
+from manager.lab.services import LAB_TCP_PORT
+from manager.lab.topology import NetnsExecutor
+
+BLOCK_UDP = """
+table inet splitrelay_test_block {{
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    ip daddr {vip4} udp dport {port} counter drop
+    ip6 daddr {vip6} udp dport {port} counter drop
+  }}
+}}
+"""
+
+
+def restart_during_tcp_call(lab, svc, *, signaling_url=None, wait_after: float = 8.0):
+    """A TCP call during which relayd (relay 1) restarts; the client's
+    adapter opens a new connection, check first, as a browser's active
+    candidate does. Returns (report, connections the relay closed)."""
+    info = {}
+
+    async def restart(pc, rep):
+        await asyncio.sleep(1.0)
+        rep.mark("restart")
+        info["rc"] = await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGTERM)
+        await asyncio.to_thread(svc.start_relayd)
+        await asyncio.to_thread(svc.wait_signaling, 30)
+        rep.mark("restarted")
+        await asyncio.sleep(wait_after)  # the client's next consent check (~5 s) opens the new connection
+
+    async def call():
+        adapter = await TcpAdapter.start((lab.vip4, LAB_TCP_PORT))
+        try:
+            rep = await client_call(signaling_url or lab.signaling_url, rewrite_answer=adapter.rewrite_answer,
+                                    duration=2.0, messages=4, on_connected=restart)
+            return rep, adapter.connections_lost
+        finally:
+            adapter.close()
+
+    with NetnsExecutor(lab.client_ns) as ex:
+        rep, lost = ex.call(asyncio.run, call())
+    assert info["rc"] == 0
+    return rep, lost

@@ -1,0 +1,162 @@
+"""Every private aiortc/aioice target the transceiver relies on
+(manager/transceiver/aiortc_hooks.py) still exists, with the kind and
+signature the hook expects, on the installed versions; and no other module
+of the transceiver reaches into a private attribute."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+import os
+import struct
+from pathlib import Path
+
+import pylibsrtp
+import pytest
+from aiortc import RTCPeerConnection
+from aiortc.rtcdatachannel import RTCDataChannel
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
+from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+from aiortc.rtcsctptransport import RTCSctpTransport
+
+from manager.transceiver import aiortc_hooks as hooks
+from tests.support.aiortc_pair import (
+    _established,
+)
+
+TRANSCEIVER_DIR = Path(hooks.__file__).parent
+
+
+def _live_objects() -> dict[type, object]:
+    """Real instances of every class a hook reaches into, as a call has them
+    (a peer connection with an audio transceiver, offer set locally)."""
+
+    async def build() -> dict[type, object]:
+        pc = RTCPeerConnection()
+        try:
+            t = pc.addTransceiver("audio")
+            await pc.setLocalDescription(await pc.createOffer())
+            dtls = t.sender.transport
+            gatherer = dtls.transport.iceGatherer
+            return {
+                RTCRtpTransceiver: t, RTCRtpSender: t.sender, RTCDtlsTransport: dtls,
+                RTCIceTransport: dtls.transport, RTCIceGatherer: gatherer,
+                hooks.Connection: hooks.ice_connection(gatherer),
+                hooks.CandidatePair: hooks.CandidatePair(None, _candidate("10.0.0.1", 1000)),
+                pylibsrtp.Session: hooks.srtp_session(bytes(30), inbound=True, libsrtp_profile=PROFILE),
+            }
+        finally:
+            await pc.close()
+
+    objects = asyncio.run(build())
+    objects.update(asyncio.run(_established(lambda sctp, channel: {RTCSctpTransport: sctp, RTCDataChannel: channel})))
+    return objects
+
+
+
+
+PROFILE = pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80
+SSRC = 0x11223344
+
+
+def _rtp(seq: int) -> bytes:
+    return struct.pack("!BBHII", 0x80, 111, seq, seq * 960, SSRC) + b"audio" * 8
+
+
+def test_a_stream_continued_past_its_wrap_protects_and_unprotects_as_the_original() -> None:
+    """The first owner sends across a sequence wrap (its libsrtp counts the
+    rollover); a new owner's sessions, started at that rollover counter, send
+    exactly what the first would have and accept what the client sends."""
+    key = os.urandom(30)
+    first = hooks.srtp_session(key, inbound=False, libsrtp_profile=PROFILE)
+    for seq in [*range(65530, 65536), *range(0, 5)]:
+        first.protect(_rtp(seq))
+    assert hooks.stream_roc(first, SSRC) == 1
+    fresh_tx = hooks.srtp_session(key, inbound=False, libsrtp_profile=PROFILE)
+    continued_tx = hooks.srtp_session(key, inbound=False, libsrtp_profile=PROFILE, rollover={SSRC: 1})
+    expected = first.protect(_rtp(5))
+    assert continued_tx.protect(_rtp(5)) == expected
+    assert fresh_tx.protect(_rtp(5)) != expected  # what a session at ROC 0 would get wrong
+    continued_rx = hooks.srtp_session(key, inbound=True, libsrtp_profile=PROFILE, rollover={SSRC: 1})
+    assert continued_rx.unprotect(first.protect(_rtp(6)))[:4] == _rtp(6)[:4]
+    with pytest.raises(pylibsrtp.Error):
+        hooks.srtp_session(key, inbound=True, libsrtp_profile=PROFILE).unprotect(first.protect(_rtp(7)))
+    assert hooks.stream_roc(continued_rx, SSRC) == 1 and hooks.stream_roc(continued_rx, SSRC + 1) is None
+
+
+def _candidate(host: str, port: int) -> hooks.Candidate:
+    return hooks.Candidate(foundation="1", component=1, transport="udp", priority=1, host=host, port=port,
+                           type="prflx")
+
+
+def test_repoint_pair_moves_only_the_pair_at_the_old_address() -> None:
+    conn = hooks.Connection(ice_controlling=False)
+    assert not hooks.repoint_pair(conn, ("10.0.0.1", 1000), ("10.0.0.2", 2000))  # nothing nominated yet
+    pair = hooks.CandidatePair(None, _candidate("10.0.0.1", 1000))
+    conn._nominated[1] = pair
+    assert not hooks.repoint_pair(conn, ("10.0.0.9", 1000), ("10.0.0.2", 2000))
+    assert pair.remote_addr == ("10.0.0.1", 1000)
+    assert hooks.repoint_pair(conn, ("10.0.0.1", 1000), ("10.0.0.2", 2000))
+    assert hooks.nominated_pair(conn) is pair and pair.remote_addr == ("10.0.0.2", 2000)
+    assert pair.remote_candidate.type == "prflx" and pair.remote_candidate.foundation == "1"
+
+
+@pytest.fixture(scope="module")
+def live() -> dict[type, object]:
+    return _live_objects()
+
+
+@pytest.mark.parametrize("hook", hooks.HOOKS, ids=lambda h: f"{h.name}:{h.owner.__name__}.{h.attribute}")
+def test_hook_target_is_there(hook: hooks.Hook, live: dict[type, object]) -> None:
+    where = f"aiortc_hooks.{hook.name} relies on {hook.owner.__module__}.{hook.owner.__name__}.{hook.attribute}"
+    if hook.kind == "instance attribute":
+        obj = live[hook.owner]
+        assert hook.attribute in vars(obj), f"{where}, which a live instance no longer has"
+    else:
+        problem = hooks.check_method(hook)
+        assert problem is None, f"{where}: {problem}"
+
+
+def test_every_hook_function_has_its_targets_listed() -> None:
+    functions = {name for name, f in vars(hooks).items()
+                 if (inspect.isfunction(f) or inspect.isclass(f)) and f.__module__ == hooks.__name__
+                 and not name.startswith("_")}
+    listed = {h.name for h in hooks.HOOKS}
+    helpers = {"check_method", "srtp_session", "Hook", "DtlsSecrets"}
+    assert listed <= functions, f"HOOKS names functions that do not exist: {listed - functions}"
+    assert functions - helpers <= listed, f"hook functions without a HOOKS entry: {functions - helpers - listed}"
+
+
+def test_srtp_policy_mirrors_aiortcs() -> None:
+    source = inspect.getsource(RTCDtlsTransport._setup_srtp)
+    assert f"window_size = {hooks.SRTP_WINDOW_SIZE}" in source, \
+        "aiortc's SRTP replay window changed: update aiortc_hooks.SRTP_WINDOW_SIZE"
+    assert f"allow_repeat_tx = {hooks.SRTP_ALLOW_REPEAT_TX}" in source, \
+        "aiortc's allow_repeat_tx changed: update aiortc_hooks.SRTP_ALLOW_REPEAT_TX"
+
+
+def test_check_method_names_what_changed() -> None:
+    class Moved:
+        def _send_rtp(self, data: bytes, extra: int) -> None: ...
+
+    gone = hooks.Hook("x", Moved, "_setup_srtp", "method")
+    assert hooks.check_method(gone) == "Moved._setup_srtp is gone"
+    not_async = hooks.Hook("x", Moved, "_send_rtp", "async method", ("data",))
+    assert hooks.check_method(not_async) == "Moved._send_rtp is no longer a coroutine function"
+    moved = hooks.Hook("x", Moved, "_send_rtp", "method", ("data",))
+    assert hooks.check_method(moved) == "Moved._send_rtp now takes ('data', 'extra'), not ('data',)"
+
+
+def test_no_private_access_outside_the_hooks() -> None:
+    found = []
+    for path in sorted(TRANSCEIVER_DIR.glob("*.py")):
+        if path.name == "aiortc_hooks.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "private attributes reached outside aiortc_hooks.py:\n" + "\n".join(found)

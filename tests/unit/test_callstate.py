@@ -1,0 +1,189 @@
+"""The one schema of an exported call (manager/protocol/callstate.py): round
+trips, exact refusals, secrets left out; and what import builds from it (the
+SRTP replay window, the reserved connection id)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import os
+
+import pylibsrtp
+import pytest
+from aiortc.rtp import RtpPacket
+
+from manager.protocol.callstate import STATE_VERSION, CallState, parse_call_state
+from manager.transceiver import aiortc_hooks as hooks
+from manager.transceiver.agent import AgentSession, EchoAgent
+from manager.transceiver.errors import InvalidRequest
+from manager.transceiver.imported_call import ImportedCall, ImportPlan
+from manager.transceiver.transceiver import Transceiver
+from tests.support.callstate import (
+    CIPHER,
+    association,
+)
+
+PROFILE = "SRTP_AES128_CM_SHA1_80"  # 16-byte key + 14-byte salt
+LIBSRTP_PROFILE = pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80
+TX_KEY = os.urandom(30)
+RX_KEY = os.urandom(30)
+
+
+MASTER = os.urandom(48)
+
+
+
+
+
+
+def exported(**over) -> dict:
+    """A state as a transceiver exports it (frozen, with secrets)."""
+    cand = {"host": "10.10.2.2", "port": 40000, "type": "host", "priority": 2130706431, "foundation": "1",
+            "component": 1, "transport": "udp"}
+    state = {
+        "version": 1, "transceiver_id": 1, "conn_id": 42, "created_at": 1.0e9, "connected_at": 1.0e9 + 1,
+        "connection_state": "connected",
+        "owner": {"addr4": "10.10.2.2", "port4": 40000, "addr6": None, "port6": 0},
+        "ice": {"local_ufrag": "AAAAbbbbCCCCddddEEEEffff", "remote_ufrag": "cli1", "role": "controlled",
+                "tie_breaker": 12345, "state": "completed",
+                "selected_pair": {"local": cand, "remote": dict(cand, host="10.10.0.1", port=20001, type="prflx")},
+                "local_pwd": "p" * 22, "remote_pwd": "q" * 22},
+        "dtls": {"role": "client", "state": "connected", "version": "DTLSv1.2", "cipher": CIPHER,
+                 "local_fingerprints": [{"algorithm": "sha-256", "value": "AA"}],
+                 "remote_fingerprints": [{"algorithm": "sha-256", "value": "BB"}], "srtp_profile": PROFILE,
+                 "record": {"epoch": 1, "tx_seq": 12, "rx_highest": 9, "rx_window": 0x1FF,
+                            "client_random": "c1" * 32, "server_random": "5e" * 32, "master_secret": MASTER.hex()}},
+        "srtp": {"profile": PROFILE, "keying_material": (TX_KEY + RX_KEY).hex(), "tx_key": TX_KEY.hex(),
+                 "rx_key": RX_KEY.hex()},
+        "media": [{"mid": "0", "kind": "audio", "direction": "sendrecv", "local_ssrc": 1111, "local_rtx_ssrc": 2222,
+                   "codecs": [{"mime_type": "audio/opus", "clock_rate": 48000, "channels": 2, "payload_type": 111,
+                               "parameters": {}}],
+                   "remote_ssrcs": [3333], "header_extensions": [{"id": 1, "uri": "urn:ietf:params:rtp-hdrext:sdes:mid"}]}],
+        "rtp": {"tx": {"1111": {"ssrc": 1111, "payload_type": 111, "seq": 10, "timestamp": 960, "roc": 0, "packets": 10}},
+                "rx": {"3333": {"ssrc": 3333, "payload_type": 111, "seq": 5, "timestamp": 480, "roc": 0, "packets": 5}}},
+        "rtcp": {"tx_srtcp_index": {"1111": 2}, "rx_packets": {"3333": 1}},
+        "sctp": {"mid": "1", "state": "connected", "port": 5000, "association": association(), "not_carried": None},
+        "agent": {"session": {"messages_in": 3}, "state": {"frames_echoed": 7}},
+        "frozen": {"at": 1.0e9 + 60, "monotonic": 5.0},
+        "migrations": 0,
+    }
+    state.update(over)
+    return state
+
+
+def test_round_trip() -> None:
+    data = exported()
+    model = parse_call_state(data)
+    assert model.to_json() == data
+    assert parse_call_state(json.loads(json.dumps(model.to_json()))) == model
+    assert model.audio().local_ssrc == 1111
+
+
+def test_without_secrets_leaves_them_out() -> None:
+    shown = parse_call_state(exported()).without_secrets().to_json()
+    text = json.dumps(shown)
+    for secret in ("local_pwd", "remote_pwd", "tx_key", "rx_key", "keying_material", TX_KEY.hex(), "p" * 22,
+                   "master_secret", MASTER.hex(), base64.b64encode(b"hello").decode()):
+        assert secret not in text
+    assert shown["srtp"] == {"profile": PROFILE}
+    assert shown["dtls"]["record"]["tx_seq"] == 12 and shown["sctp"]["association"] is None
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s.pop("ice"), "ice: Field required"),
+    (lambda s: s["ice"].update(local_ufrag="no spaces"), "ice.local_ufrag: Value error, is not an ICE ufrag"),
+    (lambda s: s["ice"]["selected_pair"]["remote"].update(port=70000), "ice.selected_pair.remote.port: Input should"),
+    (lambda s: s["ice"]["selected_pair"]["remote"].update(host="relay"), "ice.selected_pair.remote.host: Value error"),
+    (lambda s: s["srtp"].update(tx_key="zz"), "srtp.tx_key: Value error, must be lowercase hex"),
+    (lambda s: s["rtp"]["tx"]["1111"].update(seq=65536), "rtp.tx.1111.seq: Input should be less than or equal"),
+    (lambda s: s["rtp"]["rx"]["3333"].update(roc=2**32), "rtp.rx.3333.roc: Input should be less than or equal"),
+    (lambda s: s["rtp"]["rx"]["3333"].update(roc=-1), "rtp.rx.3333.roc: Input should be greater than or equal"),
+    (lambda s: s.update(conn_id=0), "conn_id: Input should be greater than or equal to 1"),
+    (lambda s: s.update(surprise=1), "surprise: Extra inputs are not permitted"),
+    (lambda s: s.update(version=2), "version: must be 1, got 2"),
+    (lambda s: s["dtls"]["record"].update(tx_seq=1 << 48), "dtls.record.tx_seq: Input should be less than or equal"),
+    (lambda s: s["dtls"]["record"].update(master_secret="XY"), "dtls.record.master_secret: Value error, must be"),
+    (lambda s: s["sctp"]["association"]["sent"][0].update(user_data="!!"),
+     "sctp.association.sent.0.user_data: Value error, must be base64"),
+    (lambda s: s["sctp"]["association"]["channels"][0].update(id=65535),
+     "sctp.association.channels.0.id: Input should be less than or equal"),
+    (lambda s: s["sctp"]["association"].pop("local_tsn"), "sctp.association.local_tsn: Field required"),
+])
+def test_refusals_name_the_field(change, message: str) -> None:
+    data = exported()
+    change(data)
+    with pytest.raises(ValueError) as info:
+        parse_call_state(data)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s["srtp"].pop("tx_key"), "srtp.tx_key: missing"),
+    (lambda s: s["ice"].pop("local_pwd"), "ice.local_pwd/remote_pwd: missing"),
+    (lambda s: s.update(frozen=None), "state was exported without freeze"),
+    (lambda s: s["srtp"].update(profile="SRTP_NOPE"), "srtp.profile: 'SRTP_NOPE' is not supported"),
+    (lambda s: s["srtp"].update(tx_key="00" * 29), "srtp.tx_key: wrong length"),
+    (lambda s: s.update(media=[]), "media: no audio section"),
+    (lambda s: s["dtls"].update(record=None), "dtls.record: missing"),
+    (lambda s: s["dtls"]["record"].pop("master_secret"), "dtls.record.master_secret: missing"),
+    (lambda s: s["dtls"].update(cipher="ECDHE-ECDSA-AES128-SHA"),
+     "dtls.cipher: cipher suite ECDHE-ECDSA-AES128-SHA is not supported"),
+])
+def test_import_refusals(change, message: str) -> None:
+    data = exported()
+    change(data)
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        ImportPlan.from_state(parse_call_state(data))
+
+
+def test_version_is_the_schema_version() -> None:
+    assert CallState.model_fields["version"].default == STATE_VERSION == 1
+
+
+def _srtp_packet(session: pylibsrtp.Session, seq: int) -> bytes:
+    packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960, ssrc=3333, payload=b"\xf8\xff\xfe")
+    return session.protect(packet.serialize())
+
+
+def test_imported_call_keeps_aiortcs_replay_window() -> None:
+    """A packet 200 behind the newest is accepted after an import, as aiortc's
+    own sessions accept it (window 1024; libsrtp's default is 128)."""
+
+    async def scenario() -> tuple[int, int]:
+        plan = ImportPlan.from_state(parse_call_state(exported()))
+        call = ImportedCall(plan, AgentSession(42), EchoAgent(), on_consent_expired=lambda c: asyncio.sleep(0))
+        client = pylibsrtp.Session(pylibsrtp.Policy(key=RX_KEY, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+                                                    srtp_profile=LIBSRTP_PROFILE))
+        packets = {seq: _srtp_packet(client, seq) for seq in range(100, 401)}
+        try:
+            call._srtp_received(packets[400])
+            call._srtp_received(packets[200])  # 200 behind, never seen: inside aiortc's window
+            return call.stats.rx_decrypted, call.stats.rx_undecryptable
+        finally:
+            await call.close()
+
+    decrypted, undecryptable = asyncio.run(scenario())
+    assert (decrypted, undecryptable) == (2, 0)
+
+
+def test_srtp_session_replays_are_still_refused() -> None:
+    tx = hooks.srtp_session(RX_KEY, inbound=False, libsrtp_profile=LIBSRTP_PROFILE)
+    rx = hooks.srtp_session(RX_KEY, inbound=True, libsrtp_profile=LIBSRTP_PROFILE)
+    p = _srtp_packet(tx, 7)
+    rx.unprotect(p)
+    with pytest.raises(pylibsrtp.Error):
+        rx.unprotect(p)
+
+
+def test_conn_id_zero_is_refused_on_create_and_import() -> None:
+    async def scenario() -> None:
+        async with Transceiver(1, capacity=4) as tx:
+            with pytest.raises(InvalidRequest, match=r"conn_id must be an integer in 1\.\.4294967295"):
+                await tx.create_call(0, "AAAAbbbbCCCCddddEEEEffff", "v=0\r\n")
+            state = copy.deepcopy(exported())
+            with pytest.raises(InvalidRequest, match=r"conn_id must be an integer in 1\.\.4294967295"):
+                await tx.import_call(0, state)
+
+    asyncio.run(scenario())
