@@ -37,8 +37,8 @@ class Fail(click.ClickException):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from manager.lab.netns import LabError
     from manager.lab.services import ServicesError
-    from manager.lab.topology import LabError
     from manager.relay.kernel.datapath import DatapathError
 
     return (ControlError, ConfigError, DatapathError, LabError, ServicesError, OSError)
@@ -104,7 +104,7 @@ class Target:
         if not self._loaded:
             path = self.config_path
             if self.lab and not path:
-                from manager.lab.topology import Lab
+                from manager.lab.model import Lab
 
                 Lab.plan(self.lab, 1)  # validates the prefix: it names a path
                 from manager.lab.manage import lab_workdir
@@ -604,7 +604,8 @@ def lab_up_cmd(prefix: str | None, n_tx: int, n_relays: int, no_services: bool, 
 def lab_route_cmd(prefix: str, relay: int, as_json: bool) -> None:
     """Move a fleet lab's VIP route to relay N (as anycast or ECMP would)."""
     need_root("lab route")
-    from manager.lab.topology import load_lab, route_vip, vip_route
+    from manager.lab.routing import route_vip, vip_route
+    from manager.lab.state import load_lab
 
     lab_ = load_lab(prefix)
     before = vip_route(lab_)

@@ -18,8 +18,10 @@ from pyroute2 import netns
 
 from manager.lab.client import client_call
 from manager.lab.host_proxy import LocalProxy
+from manager.lab.lifecycle import lab_down, lab_up
+from manager.lab.model import SIGNALING_PORT
+from manager.lab.netns import NetnsExecutor
 from manager.lab.services import Services, lab_pin_dir
-from manager.lab.topology import SIGNALING_PORT, NetnsExecutor, lab_down, lab_up
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath
 

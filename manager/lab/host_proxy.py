@@ -3,7 +3,7 @@
 Browsers give the microphone only to a secure context, and http://127.0.0.1
 is one while http://10.10.1.1 is not: the demo serves the page through
 127.0.0.1, and the call's media goes straight to the VIP over the host link
-(topology.add_host_link)."""
+(host_link.add_host_link)."""
 
 from __future__ import annotations
 

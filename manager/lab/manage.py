@@ -11,8 +11,12 @@ import signal
 import time
 from pathlib import Path
 
+from manager.lab.lifecycle import lab_down, lab_up
+from manager.lab.model import MAX_RELAYS, Lab
+from manager.lab.netns import LabError
+from manager.lab.reaper import proc_stat
 from manager.lab.services import Services, lab_client_token, purge_pin_dir, relay_name, relayd_config
-from manager.lab.topology import MAX_RELAYS, Lab, LabError, lab_down, lab_up, list_labs, load_lab, proc_stat
+from manager.lab.state import list_labs, load_lab
 from manager.protocol.addresses import fmt_ep
 
 LAB_STATE_DIR = Path("/run/splitrelay")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import subprocess
 
-from manager.lab.topology import Lab, LabError
+from manager.lab.model import Lab
+from manager.lab.netns import LabError
 
 TABLE = "srnat"
 

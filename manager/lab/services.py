@@ -26,8 +26,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from manager import pki
-from manager.lab.topology import HOST_IFNAME, Lab, NetnsExecutor
-from manager.lab.topology import lab as lab_ctx
+from manager.lab.host_link import HOST_IFNAME
+from manager.lab.lifecycle import lab as lab_ctx
+from manager.lab.model import Lab
+from manager.lab.netns import NetnsExecutor
 from manager.protocol.addresses import OwnerAddr
 from manager.protocol.client_auth import mint_token
 from manager.relay.config import DatapathConfig
@@ -68,7 +70,7 @@ def purge_pin_dir(pin_dir: Path) -> bool:
 
 INTERNAL_PORT = 8443
 CONTROL_PORT = 8700
-LAB_PREFIXES = ["10.10.0.0/16", "fd00:10::/32"]  # every lab address (manager.lab.topology)
+LAB_PREFIXES = ["10.10.0.0/16", "fd00:10::/32"]  # every lab address (manager.lab.model)
 
 
 # Not 443: Chrome refuses a remote candidate on a port below 1024 at a private

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from aioice import stun
 
-from manager.lab.topology import NetnsExecutor
+from manager.lab.netns import NetnsExecutor
 from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import DatapathConfig, Endpoint
 from manager.relay.kernel import libbpf
@@ -23,7 +23,7 @@ from manager.relay.kernel.structs import ROLE_INTERNAL, ROLE_PUBLIC
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICTS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
-# Addressing mirrors manager/lab/topology.py: public side, internal side, loopback.
+# Addressing mirrors manager/lab/model.py: public side, internal side, loopback.
 MAC = {
     "client": "02:00:00:00:01:02", "pub": "02:00:00:00:01:01",
     "int": "02:00:00:00:02:01", "tx1": "02:00:00:00:02:02", "tx2": "02:00:00:00:02:03",

@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from manager.lab.netns import NetnsExecutor
 from manager.lab.services import running_lab
-from manager.lab.topology import NetnsExecutor
 from tests.bench.bench_tcp import _calls, cpu_seconds, idle_cpu
 
 TRANSCEIVER = "tx1"

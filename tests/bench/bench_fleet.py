@@ -32,8 +32,9 @@ from pathlib import Path
 
 from manager.lab.capture import WireClock, is_rtp, longest_gap
 from manager.lab.client import client_call
+from manager.lab.netns import NetnsExecutor
+from manager.lab.routing import route_vip, set_relay_links
 from manager.lab.services import running_lab
-from manager.lab.topology import NetnsExecutor, route_vip, set_relay_links
 
 
 def _pct(values: list[float], q: float) -> float | None:

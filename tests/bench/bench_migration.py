@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 from manager.lab.client import client_call
+from manager.lab.netns import NetnsExecutor
 from manager.lab.services import running_lab
-from manager.lab.topology import NetnsExecutor
 from manager.relay.control_client import ControlClient
 
 

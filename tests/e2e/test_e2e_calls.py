@@ -19,8 +19,8 @@ import pytest
 from aioice import stun
 
 from manager.lab.client import client_call
+from manager.lab.netns import NetnsExecutor, _ipr
 from manager.lab.services import Services, running_lab
-from manager.lab.topology import NetnsExecutor, _ipr
 from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath

@@ -21,8 +21,8 @@ import pytest
 from manager.lab.capture import WireClock, is_rtp, longest_gap
 from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor, _ipr
+from manager.lab.routing import route_vip, set_relay_links, vip_route
 from manager.lab.services import running_lab
-from manager.lab.topology import route_vip, set_relay_links, vip_route
 from tests.support.lab_calls import assert_untouched
 
 # realtime: the checks count media against the wall clock.

@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from manager.lab.topology import Lab
-from manager.lab.topology import lab as lab_ctx
+from manager.lab.lifecycle import lab as lab_ctx
+from manager.lab.model import Lab
 from manager.relay.config import DatapathConfig, Endpoint
 from manager.relay.kernel.datapath import Datapath, OwnerAddr, xdp_attachment
 from tests.support.udp_streams import (

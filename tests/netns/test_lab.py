@@ -1,4 +1,4 @@
-"""The namespace lab (manager/lab/topology.py), checked independently with `ip -j`,
+"""The namespace lab (manager/lab/: model, links, routing, lifecycle), checked independently with `ip -j`,
 `ethtool -k` and real packets rather than read back through pyroute2."""
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from typing import Any
 
 import pytest
 
-from manager.lab import topology as labmod
-from manager.lab.topology import Lab, LabError, NetnsExecutor, lab_down, lab_up
+from manager.lab import lifecycle, state
+from manager.lab import netns as labns
+from manager.lab.lifecycle import lab_down, lab_up
+from manager.lab.model import Lab
+from manager.lab.netns import LabError, NetnsExecutor
 
 pytestmark = pytest.mark.netns
 
@@ -134,9 +137,9 @@ def test_offloads(lab: Lab) -> None:
 def test_ifindex_and_mac(lab: Lab) -> None:
     for ns, dev in [(lab.relay_ns, "pub0"), (lab.relay_ns, "tx2"), (lab.client_ns, "eth0")]:
         (link,) = ip_json(ns, "link", "show", "dev", dev)
-        assert labmod.ifindex(ns, dev) == link["ifindex"]
-        assert labmod.mac(ns, dev) == link["address"]
-    assert lab.ifindex("relay", "pub0") == labmod.ifindex(lab.relay_ns, "pub0")
+        assert labns.ifindex(ns, dev) == link["ifindex"]
+        assert labns.mac(ns, dev) == link["address"]
+    assert lab.ifindex("relay", "pub0") == labns.ifindex(lab.relay_ns, "pub0")
     with pytest.raises(LabError, match="no interface 'nope'"):
         lab.mac("client", "nope")
 
@@ -180,7 +183,7 @@ def test_reachability(lab: Lab) -> None:
         (lab.transceiver_ns[0], "10.10.1.2"): False, (lab.transceiver_ns[0], "fd00:10:1::2"): False,
     }
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-        futs = {k: pool.submit(labmod.run_in_netns, k[0], icmp_echo, k[1], 0.5 if not v else 2.0)
+        futs = {k: pool.submit(labns.run_in_netns, k[0], icmp_echo, k[1], 0.5 if not v else 2.0)
                 for k, v in cases.items()}
         got = {k: f.result() for k, f in futs.items()}
     assert got == cases
@@ -228,7 +231,7 @@ def test_udp_not_routed_between_sides(lab: Lab) -> None:
 
 def test_netns_executor_is_per_thread(lab: Lab) -> None:
     target = os.stat(f"/run/netns/{lab.client_ns}").st_ino
-    with labmod.in_netns(lab.client_ns) as ex:
+    with labns.in_netns(lab.client_ns) as ex:
         assert ex.call(lambda: os.stat("/proc/thread-self/ns/net").st_ino) == target
         assert ex.submit(socket.if_nameindex).result() == [(1, "lo"), (lab.ifindex("client", "eth0"), "eth0")]
     assert os.stat("/proc/thread-self/ns/net").st_ino != target  # the caller never moved
@@ -242,8 +245,8 @@ def test_state_file_and_listing(lab: Lab) -> None:
     path = Path(f"/run/splitrelay/lab-{lab.prefix}.json")
     assert path.exists()
     assert Lab.from_json(path.read_text()) == lab
-    assert labmod.load_lab(lab.prefix) == lab
-    assert lab.prefix in {other.prefix for other in labmod.list_labs()}
+    assert state.load_lab(lab.prefix) == lab
+    assert lab.prefix in {other.prefix for other in state.list_labs()}
     assert Lab.from_json(lab.to_json()) == lab
 
 
@@ -259,7 +262,7 @@ def wait_in_netns(pid: int, ns: str, timeout: float = 5.0) -> None:
 def test_lab_down_removes_only_its_own(lab: Lab) -> None:
     p = _prefix()
     try:
-        with labmod.lab(p, transceivers=1) as small:
+        with lifecycle.lab(p, transceivers=1) as small:
             assert ns_of(p) == {f"{p}-client", f"{p}-relay", f"{p}-tx1"}
             sleeper = small.popen("client", ["sleep", "30"])
             wait_in_netns(sleeper.pid, small.client_ns)
@@ -292,7 +295,7 @@ def test_failure_halfway_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
         assert ns_of(p)  # namespaces and links exist at this point
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(labmod, "_set_offloads", boom)
+    monkeypatch.setattr(lifecycle, "set_offloads", boom)
     try:
         with pytest.raises(LabError) as ei:
             lab_up(p)

@@ -33,9 +33,9 @@ from click.testing import CliRunner
 
 from cli.relayctl import main
 from manager.lab.client import client_call
+from manager.lab.lifecycle import lab as lab_ctx
+from manager.lab.netns import NetnsExecutor
 from manager.lab.services import Services
-from manager.lab.topology import NetnsExecutor
-from manager.lab.topology import lab as lab_ctx
 from manager.protocol.addresses import OwnerAddr
 from manager.relay.config import DatapathConfig, RelaydConfig, load_config
 from manager.relay.control_client import ControlClient, ControlError

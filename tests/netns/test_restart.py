@@ -15,9 +15,9 @@ import time
 import pytest
 
 from manager.lab.client import client_call
+from manager.lab.lifecycle import lab as lab_ctx
+from manager.lab.netns import NetnsExecutor
 from manager.lab.services import Services
-from manager.lab.topology import NetnsExecutor
-from manager.lab.topology import lab as lab_ctx
 from manager.protocol.addresses import OwnerAddr
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath

@@ -209,8 +209,8 @@ def test_a_lab_with_client_tokens(tmp_path_factory):
     refused, with the lab's token it connects and is echoed, and the call's
     DELETE needs the same token."""
     from manager.lab.client import client_call
+    from manager.lab.lifecycle import lab as lab_ctx
     from manager.lab.services import Services, lab_client_token
-    from manager.lab.topology import lab as lab_ctx
 
     with lab_ctx(prefix=f"tok{secrets.token_hex(3)}", transceivers=1) as lab:
         svc = Services(lab, tmp_path_factory.mktemp("tok"), client_auth="tokens")

@@ -20,8 +20,8 @@ from aioice import stun
 
 from manager.lab.client import client_call
 from manager.lab.ice_tcp import TcpAdapter
+from manager.lab.netns import NetnsExecutor
 from manager.lab.services import LAB_TCP_PORT, running_lab
-from manager.lab.topology import NetnsExecutor
 from manager.relay.control_client import ControlClient
 from tests.support.tcp_calls import (
     BLOCK_UDP,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from manager.lab.client import client_call
-from manager.lab.topology import NetnsExecutor
+from manager.lab.netns import NetnsExecutor
 
 
 def run_call(lab, **kw):

@@ -7,8 +7,8 @@ import signal
 
 from manager.lab.client import client_call
 from manager.lab.ice_tcp import TcpAdapter
+from manager.lab.netns import NetnsExecutor
 from manager.lab.services import LAB_TCP_PORT
-from manager.lab.topology import NetnsExecutor
 
 BLOCK_UDP = """
 table inet splitrelay_test_block {{
