@@ -1,0 +1,5 @@
+"""`python -m cli.relayctl`."""
+
+from cli.relayctl import main
+
+main()
