@@ -35,7 +35,7 @@ from aiohttp import web
 from prometheus_client import Histogram
 
 from manager.protocol.addresses import fmt_ep
-from manager.protocol.api import ApiError, json_object
+from manager.protocol.http import error_middleware, json_body, json_error
 from manager.relay.config import RelaydConfig
 from manager.relay.control_client import fastpath_view
 from manager.relay.kernel import libbpf
@@ -78,27 +78,16 @@ class ControlDeps:
 DEPS_KEY = web.AppKey("deps", ControlDeps)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-@web.middleware
-async def _errors(request: web.Request, handler):
+def _translate(request: web.Request, exc: Exception) -> tuple[int, str] | None:
     # The control API never answers with a traceback: one line, logged here.
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _error(exc.status, str(exc))
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return _error(exc.status, exc.reason)
-        raise
-    except (DatapathError, OSError) as exc:
+    if isinstance(exc, web.HTTPException):
+        return (exc.status, exc.reason) if exc.status >= 400 else None
+    if isinstance(exc, (DatapathError, OSError)):
         log.warning("control %s %s: %s", request.method, request.path, exc)
-        return _error(503, str(exc))
-    except Exception as exc:
-        log.exception("control %s %s failed", request.method, request.path)
-        return _error(500, f"{type(exc).__name__}: {exc}")
+        return 503, str(exc)
+    log.exception("control %s %s failed", request.method, request.path)
+    return 500, f"{type(exc).__name__}: {exc}"
+
 
 
 # --- views of the relay ------------------------------------------------------------------
@@ -260,16 +249,16 @@ async def get_stats(request: web.Request) -> web.Response:
 async def post_expire(request: web.Request) -> web.Response:
     deps = _deps(request)
     idle_s: float | None = None
-    body = json_object(await request.read(), optional=True)
+    body = await json_body(request, optional=True)
     if body:
         if set(body) - {"idle_s"}:
-            return _error(400, 'body must be {"idle_s": seconds} or empty')
+            return json_error(400, 'body must be {"idle_s": seconds} or empty')
         idle_s = body.get("idle_s")
         if idle_s is not None and (isinstance(idle_s, bool) or not isinstance(idle_s, (int, float)) or idle_s < 0):
-            return _error(400, f"idle_s: {idle_s!r}: must be a number of seconds >= 0")
+            return json_error(400, f"idle_s: {idle_s!r}: must be a number of seconds >= 0")
     sp = deps.slowpath
     if sp is None:
-        return _error(503, "the slow path is not running")
+        return json_error(503, "the slow path is not running")
     idle = float(idle_s) if idle_s is not None else sp.idle_timeout
     legs_before = {k: leg for k, leg in sp.legs.items() if leg.installed_at is None}
     calls_before = {c.call_id: c for c in deps.registry.calls()}
@@ -296,7 +285,7 @@ async def delete_session(request: web.Request) -> web.Response:
     call_id = request.match_info["call_id"]
     call = deps.registry.get_call_by_id(call_id)
     if call is None:
-        return _error(404, f"no session {call_id!r}")
+        return json_error(404, f"no session {call_id!r}")
     # Ended in the relay first (kernel entries go at once), then the owner is
     # told, best effort: an unreachable transceiver must not keep it alive here.
     deps.registry.end_call(call.conn_id, END_REASON)
@@ -314,7 +303,7 @@ def _store_problem(deps: ControlDeps) -> web.Response | None:
     """A fleet moves calls only with its shared registry reachable: a move
     the other relays never hear of would split the fleet's view."""
     if deps.fleet is not None and not deps.fleet.available:
-        return _error(503, f"the fleet registry (Redis) is unavailable ({deps.fleet.last_error or 'connecting'}); "
+        return json_error(503, f"the fleet registry (Redis) is unavailable ({deps.fleet.last_error or 'connecting'}); "
                            "calls cannot be moved until it is back")
     return None
 
@@ -323,14 +312,14 @@ async def post_migrate(request: web.Request) -> web.Response:
     deps = _deps(request)
     if (problem := _store_problem(deps)) is not None:
         return problem
-    body = json_object(await request.read(), optional=True)
+    body = await json_body(request, optional=True)
     target = body.get("to")
     if isinstance(target, bool) or not isinstance(target, int):
-        return _error(400, "'to' must be a transceiver id (integer)")
+        return json_error(400, "'to' must be a transceiver id (integer)")
     try:
         result = await deps.migrator.migrate(request.match_info["call_id"], target)
     except MigrationError as exc:
-        return _error(exc.status, str(exc))
+        return json_error(exc.status, str(exc))
     return web.json_response(result.to_dict())
 
 
@@ -348,7 +337,7 @@ async def post_drain(request: web.Request) -> web.Response:
     try:
         results = await deps.migrator.drain(_transceiver_id(request))
     except MigrationError as exc:
-        return _error(exc.status, str(exc))
+        return json_error(exc.status, str(exc))
     return web.json_response({"transceiver": _transceiver_id(request), "results": [r.to_dict() for r in results]})
 
 
@@ -359,12 +348,12 @@ async def post_undrain(request: web.Request) -> web.Response:
     try:
         t = deps.registry.set_draining(_transceiver_id(request), False)
     except UnknownTransceiverError:
-        return _error(404, f"unknown transceiver {request.match_info['id']}")
+        return json_error(404, f"unknown transceiver {request.match_info['id']}")
     return web.json_response(t.to_dict())
 
 
 def make_control_app(deps: ControlDeps) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[error_middleware(json_error, _translate)], client_max_size=64 * 1024)
     app[DEPS_KEY] = deps
     app.router.add_get("/status", get_status)
     app.router.add_get("/sessions", get_sessions)

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from manager import pki
-from manager.protocol.api import ApiError, Heartbeat, M, Registration, parse_body
+from manager.protocol.api import ApiError, Heartbeat, Registration
+from manager.protocol.http import error_middleware, model_body, text_error
 from manager.relay.registry import Registry, UnknownTransceiverError
 
 log = logging.getLogger(__name__)
@@ -24,21 +25,11 @@ log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024
 
 
-def _text(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message + "\n", content_type="text/plain")
-
-
 def peer_identity(request: web.Request) -> pki.Identity | None:
     """The identity in the TLS client certificate of this request's connection
     (verified against the CA by the handshake), or None."""
     transport = request.transport
     return pki.peer_identity(transport.get_extra_info("peercert") if transport is not None else None)
-
-
-async def _json_body(request: web.Request, model: type[M]) -> M:
-    if request.content_type != "application/json":
-        raise ApiError(415, "Content-Type must be application/json")
-    return parse_body(await request.read(), model)
 
 
 class _Internal:
@@ -56,7 +47,7 @@ class _Internal:
             raise ApiError(403, f"this certificate is for transceiver {who.transceiver_id}, not {transceiver_id}")
 
     async def register_transceiver(self, request: web.Request) -> web.Response:
-        body = await _json_body(request, Registration)
+        body = await model_body(request, Registration)
         if not 1 <= body.id <= 0xFFFF:
             raise ApiError(400, "invalid registration: transceiver id must be an integer in 1..65535")
         self._caller(request, body.id)
@@ -73,11 +64,11 @@ class _Internal:
     async def heartbeat(self, request: web.Request) -> web.Response:
         transceiver_id = int(request.match_info["id"])
         self._caller(request, transceiver_id)
-        body = await _json_body(request, Heartbeat)
+        body = await model_body(request, Heartbeat)
         try:
             orphans = self.registry.heartbeat(transceiver_id, body.calls, body.healthy)
         except UnknownTransceiverError:
-            return _text(404, f"unknown transceiver {transceiver_id}: register first")
+            return text_error(404, f"unknown transceiver {transceiver_id}: register first")
         if orphans:
             # Not closed from here: after a manager restart every live call is
             # unknown to the (empty) registry and must keep running.
@@ -85,22 +76,12 @@ class _Internal:
         return web.Response(status=204)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        if exc.status == 403:
-            log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, exc)
-        return _text(exc.status, str(exc))
-
-
 def make_internal_app(registry: Registry, *, allows: Callable[[str], bool],
                       identify: Callable[[web.Request], pki.Identity | None] = peer_identity) -> web.Application:
     """The transceivers' API. Serve it only with pki.server_context (the
     handshake verifies the chain; `identify` reads who the certificate names)."""
     api = _Internal(registry, allows, identify)
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware(text_error, refusals=log)])
     app.router.add_post("/v1/transceivers", api.register_transceiver)
     app.router.add_put(r"/v1/transceivers/{id:\d{1,5}}/heartbeat", api.heartbeat)
     return app

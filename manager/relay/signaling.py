@@ -31,6 +31,7 @@ from aiohttp import web
 
 from manager.protocol.api import ApiError
 from manager.protocol.client_auth import AuthError, credential_digest, same_credential
+from manager.protocol.http import text_error
 from manager.protocol.sdp import (
     SdpError,
     check_public_addrs,
@@ -53,12 +54,8 @@ TRICKLE = "application/trickle-ice-sdpfrag"
 CORS_MAX_AGE = 600
 
 
-def _text(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=message + "\n", content_type="text/plain", headers=headers)
-
-
 def _unauthorized(message: str) -> web.Response:
-    return _text(401, f"unauthorized: {message}", {"WWW-Authenticate": 'Bearer realm="splitrelay"'})
+    return text_error(401, f"unauthorized: {message}", {"WWW-Authenticate": 'Bearer realm="splitrelay"'})
 
 
 def check_offer_size(offer: str, limits: LimitsConfig) -> str | None:
@@ -102,14 +99,14 @@ class _Api:
         except AuthError as exc:
             return _unauthorized(str(exc))
         if request.content_type != "application/sdp":
-            return _text(415, "Content-Type must be application/sdp")
+            return text_error(415, "Content-Type must be application/sdp")
         if request.content_length is not None and request.content_length > self.limits.max_body:
-            return _text(413, f"offer too large: {request.content_length} bytes; at most {self.limits.max_body}")
+            return text_error(413, f"offer too large: {request.content_length} bytes; at most {self.limits.max_body}")
         source = request.remote or "?"
         try:
             self.create_limits.admit(source)
         except ApiError as exc:
-            return _text(exc.status, str(exc), {"Retry-After": "1"})
+            return text_error(exc.status, str(exc), {"Retry-After": "1"})
         try:
             return await self._create(request, credential)
         finally:
@@ -118,24 +115,24 @@ class _Api:
     async def _create(self, request: web.Request, credential: str | None) -> web.Response:
         raw = await request.content.read(self.limits.max_body + 1)
         if len(raw) > self.limits.max_body:
-            return _text(413, f"offer too large: more than {self.limits.max_body} bytes")
+            return text_error(413, f"offer too large: more than {self.limits.max_body} bytes")
         try:
             offer = raw.decode("utf-8")
         except UnicodeDecodeError:
-            return _text(400, "bad offer: SDP is not valid UTF-8")
+            return text_error(400, "bad offer: SDP is not valid UTF-8")
         problem = check_offer_size(offer, self.limits)
         if problem is not None:
-            return _text(400, f"bad offer: {problem}")
+            return text_error(400, f"bad offer: {problem}")
         try:
             validate(offer, "offer")
             client_ufrag, _ = ice_credentials(offer)
         except SdpError as exc:
-            return _text(400, f"bad offer: {exc}")
+            return text_error(400, f"bad offer: {exc}")
 
         try:
             transceiver = self.registry.place()
         except PlacementError as exc:
-            return _text(503, f"no transceiver available: {exc}")
+            return text_error(503, f"no transceiver available: {exc}")
         conn_id = self.registry.allocate_conn_id()
         if self.claim_conn_id is not None:
             # A fleet: the id must be free on every relay, and the shared
@@ -148,15 +145,15 @@ class _Api:
                     self.registry.release_conn_id(conn_id)
                     conn_id = self.registry.allocate_conn_id()
                 else:
-                    return _text(503, "could not reserve a connection id; try again", {"Retry-After": "1"})
+                    return text_error(503, "could not reserve a connection id; try again", {"Retry-After": "1"})
             except StoreUnavailable as exc:
                 self.registry.release_conn_id(conn_id)
                 log.warning("call refused: %s", exc)
-                return _text(503, "the relay fleet's registry is unavailable; established calls are unaffected, "
+                return text_error(503, "the relay fleet's registry is unavailable; established calls are unaffected, "
                                   "try again shortly", {"Retry-After": "1"})
             if self.registry.get_transceiver(transceiver.id).draining:
                 self.registry.release_conn_id(conn_id)
-                return _text(503, f"no transceiver available: transceiver {transceiver.id} started draining")
+                return text_error(503, f"no transceiver available: transceiver {transceiver.id} started draining")
         server_ufrag = encode_ufrag(self.hint_key, transceiver.id, conn_id)
         # Recorded before the transceiver is asked, so that concurrent offers
         # already see this one in the transceiver's load.
@@ -175,7 +172,7 @@ class _Api:
             self.registry.end_call(conn_id, "placement-failed")
             # Logged in full; the client learns nothing of the inside.
             log.warning("placing conn_id %d on %d: %s", conn_id, transceiver.id, exc)
-            return _text(502, f"transceiver {transceiver.id} failed to answer the offer")
+            return text_error(502, f"transceiver {transceiver.id} failed to answer the offer")
         except BaseException:
             # Cancelled (client gone, shutdown): the transceiver may hold the call.
             self.registry.end_call(conn_id, "placement-failed")
@@ -193,7 +190,7 @@ class _Api:
             self.registry.end_call(conn_id, "placement-failed")
             self._delete_later(transceiver, conn_id)
             log.warning("placing conn_id %d on %d: %s", conn_id, transceiver.id, problem)
-            return _text(502, f"transceiver {transceiver.id} failed to answer the offer")
+            return text_error(502, f"transceiver {transceiver.id} failed to answer the offer")
 
         self.registry.activate(conn_id, owner)
         log.info(
@@ -239,7 +236,7 @@ class _Api:
             return _unauthorized(str(exc))
         call = self.registry.get_call_by_id(request.match_info["call_id"])
         if call is None:
-            return _text(404, "unknown call")
+            return text_error(404, "unknown call")
         if call.credential is not None and (credential is None or not same_credential(credential, call.credential)):
             return _unauthorized("this call was created with another credential")
         return call
@@ -263,7 +260,7 @@ class _Api:
         if isinstance(call, web.Response):
             return call
         if request.content_type != TRICKLE:
-            return _text(415, f"Content-Type must be {TRICKLE}")
+            return text_error(415, f"Content-Type must be {TRICKLE}")
         await request.content.read(self.limits.max_body)
         # The client's candidates are never used: the relay is the only path.
         return web.Response(status=204)
@@ -287,7 +284,7 @@ def cors_middleware(allowed_origins: Sequence[str]):
         ok = origin is not None and origin in allowed
         if request.method == "OPTIONS":
             if not ok:
-                return _text(403, "CORS: origin not allowed")
+                return text_error(403, "CORS: origin not allowed")
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Origin": origin, "Vary": "Origin",
                 "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
@@ -309,7 +306,7 @@ async def _talk_page(request: web.Request) -> web.Response:
 
 async def _cors_refused(request: web.Request) -> web.Response:
     # Reached only when the CORS middleware did not answer the preflight.
-    return _text(403, "CORS: origin not allowed")
+    return text_error(403, "CORS: origin not allowed")
 
 
 def make_app(

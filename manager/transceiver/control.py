@@ -42,7 +42,7 @@ from typing import Any
 from aiohttp import web
 
 from manager import pki
-from manager.protocol.api import ApiError, json_object
+from manager.protocol.http import error_middleware, json_body, json_error
 
 from .errors import (
     CallStateConflict,
@@ -63,10 +63,6 @@ TRANSCEIVER_KEY = web.AppKey("transceiver", Transceiver)
 MAX_BODY = 256 * 1024
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
 def _conn_id_from_path(request: web.Request) -> int:
     raw = request.match_info["conn_id"]
     try:
@@ -78,17 +74,12 @@ def _conn_id_from_path(request: web.Request) -> int:
     return conn_id
 
 
-async def _json_body(request: web.Request, optional: bool = False) -> dict[str, Any]:
-    """The request's JSON object ({} for an empty optional body); ApiError(400) otherwise."""
-    return json_object(await request.read(), optional=optional)
-
-
 async def _post_call(request: web.Request) -> web.Response:
     tx = request.app[TRANSCEIVER_KEY]
-    body = await _json_body(request)
+    body = await json_body(request)
     missing = [k for k in ("conn_id", "ufrag", "offer") if k not in body]
     if missing:
-        return _error(400, f"missing field(s): {', '.join(missing)}")
+        return json_error(400, f"missing field(s): {', '.join(missing)}")
     answer, owner = await tx.create_call(body["conn_id"], body["ufrag"], body["offer"])
     return web.json_response({"answer": answer, "owner": owner}, status=201)
 
@@ -107,10 +98,10 @@ async def _get_call(request: web.Request) -> web.Response:
 async def _export_call(request: web.Request) -> web.Response:
     tx = request.app[TRANSCEIVER_KEY]
     conn_id = _conn_id_from_path(request)
-    body = await _json_body(request, optional=True)
+    body = await json_body(request, optional=True)
     freeze = body.get("freeze", False)
     if not isinstance(freeze, bool):
-        return _error(400, "freeze must be true or false")
+        return json_error(400, "freeze must be true or false")
     return web.json_response(tx.export_call(conn_id, freeze=freeze))
 
 
@@ -132,13 +123,13 @@ async def _activate_call(request: web.Request) -> web.Response:
 async def _check_media(request: web.Request) -> web.Response:
     """The relay's check of a client's new address: is this packet the call's?"""
     conn_id = _conn_id_from_path(request)
-    body = await _json_body(request)
+    body = await json_body(request)
     try:
         packet = base64.b64decode(body.get("packet", ""), validate=True)
     except (binascii.Error, TypeError, ValueError):
-        return _error(400, "packet must be base64")
+        return json_error(400, "packet must be base64")
     if not MIN_SRTP <= len(packet) <= MAX_SRTP:
-        return _error(400, f"packet must be {MIN_SRTP} to {MAX_SRTP} bytes of SRTP or SRTCP")
+        return json_error(400, f"packet must be {MIN_SRTP} to {MAX_SRTP} bytes of SRTP or SRTCP")
     path = _path(body["path"]) if body.get("path") is not None else None
     authentic = await request.app[TRANSCEIVER_KEY].check_media(conn_id, packet, path)
     return web.json_response({"authentic": authentic})
@@ -166,16 +157,16 @@ def _path(body: Any) -> tuple[tuple[str, int] | None, tuple[str, int]]:
 async def _repoint_call(request: web.Request) -> web.Response:
     """A relay took over the call's client tuple (failover): replies go to its flow source."""
     conn_id = _conn_id_from_path(request)
-    old, new = _path(await _json_body(request))
+    old, new = _path(await json_body(request))
     return web.json_response({"repointed": request.app[TRANSCEIVER_KEY].repoint_call(conn_id, old, new)})
 
 
 async def _import_call(request: web.Request) -> web.Response:
     tx = request.app[TRANSCEIVER_KEY]
-    body = await _json_body(request)
+    body = await json_body(request)
     missing = [k for k in ("conn_id", "state") if k not in body]
     if missing:
-        return _error(400, f"missing field(s): {', '.join(missing)}")
+        return json_error(400, f"missing field(s): {', '.join(missing)}")
     owner = await tx.import_call(body["conn_id"], body["state"])
     return web.json_response({"owner": owner}, status=201)
 
@@ -194,15 +185,13 @@ ERROR_STATUS: dict[type[TransceiverError], int] = {
 }
 
 
-@web.middleware
-async def _call_errors(request: web.Request, handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _error(exc.status, str(exc))
-    except TransceiverError as exc:
-        status = next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 500)
-        return _error(status, str(exc))
+def _call_error(request: web.Request, exc: Exception) -> tuple[int, str] | None:
+    if not isinstance(exc, TransceiverError):
+        return None
+    return next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 500), str(exc)
+
+
+_call_errors = error_middleware(json_error, _call_error)
 
 
 def relayd_only(request: web.Request) -> bool:
@@ -219,7 +208,7 @@ def _authorized(check: Callable[[web.Request], bool]):
         if not check(request):
             logger.warning("refused %s %s from %s: not relayd's certificate", request.method, request.path,
                            request.remote)
-            return _error(403, "relayd's client certificate is required")
+            return json_error(403, "relayd's client certificate is required")
         return await handler(request)
 
     return authorized
