@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Histogram
 
 from manager.protocol.addresses import OwnerAddr
+from manager.protocol.tasks import TaskSet
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.metrics import SWITCH_BUCKETS
 from manager.relay.registry import Call, Registry, UnknownTransceiverError
@@ -91,7 +92,7 @@ class Migrator:
         self.client = client
         self.allows_owner = allows_owner  # owner addresses must lie in the internal prefixes
         self.running: set[int] = set()
-        self._background: set[asyncio.Task] = set()  # kept until done: the loop holds tasks weakly
+        self._background = TaskSet("migrator", log)
         # registry=None: metrics kept but not exported (no relay to serve them).
         self.outcomes = Counter("splitrelay_migrations", "Call migrations by outcome", ["outcome"],
                                 registry=metrics_registry)
@@ -187,7 +188,7 @@ class Migrator:
                 log.warning("activate on transceiver %d: %s", target.id, exc)
             for ep, src in retired_reverse_entries(legs, old_owner, staged):
                 self.datapath.remove_reverse(ep, *src)
-            self._spawn(self._release(source, conn))
+            self._background.spawn(self._release(source, conn))
             res.switch_s = await self._first_packet(staged, t0)
             res.outcome = "moved"
             if res.switch_s is not None:
@@ -203,14 +204,9 @@ class Migrator:
             self.running.discard(conn)
             self.outcomes.labels(res.outcome).inc()
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def close(self) -> None:
         """Wait for the releases still under way (relayd stopping)."""
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.wait()
 
     async def _roll_back(self, source, target, conn: int, imported: bool, new_owner: OwnerAddr | None,
                          *, unfreeze: bool = True) -> None:

@@ -23,7 +23,6 @@ answer with the relay's public address(es) as the only candidates.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -40,6 +39,7 @@ from manager.protocol.sdp import (
     strip_candidates,
     validate,
 )
+from manager.protocol.tasks import TaskSet
 from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth
@@ -91,7 +91,7 @@ class _Api:
                                           max_pending_per_source=limits.max_pending_per_source)
         self.allows_owner = allows_owner
         self.claim_conn_id = claim_conn_id
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = TaskSet("signaling", log)
 
     async def create_call(self, request: web.Request) -> web.Response:
         try:
@@ -224,9 +224,7 @@ class _Api:
             except TransceiverError as exc:
                 log.warning("cleaning up conn_id %d: %s", conn_id, exc)
 
-        task = asyncio.get_running_loop().create_task(delete())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(delete())
 
     def _own_call(self, request: web.Request) -> Call | web.Response:
         """The call at this URL, if the request carries the credential that created it."""
@@ -266,9 +264,7 @@ class _Api:
         return web.Response(status=204)
 
     async def cleanup(self, app: web.Application) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.close()
 
 
 def cors_middleware(allowed_origins: Sequence[str]):

@@ -40,6 +40,7 @@ from aioice import stun
 from manager.protocol.addresses import family_of
 from manager.protocol.rfc7983 import is_stun
 from manager.protocol.stun_header import CLASS_ERROR, CLASS_REQUEST, CLASS_SUCCESS, METHOD_BINDING, parse_header
+from manager.protocol.tasks import TaskSet
 from manager.protocol.ufrag import UfragError, decode_ufrag, parse_stun_username
 from manager.relay.kernel.datapath import Datapath, DatapathError
 from manager.relay.kernel.flow_sockets import SO_RCVBUFFORCE, FlowSockets
@@ -215,7 +216,7 @@ class SlowPath:
         self.fleet = fleet
         self.repoint = repoint
         self._taking_over: set[tuple[Addr, Addr]] = set()  # failovers under way
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet("slow path", log)
         self.stats: collections.Counter[str] = collections.Counter()
         self.bytes: collections.Counter[str] = collections.Counter()
         self.legs: dict[tuple[tuple[str, int], tuple[str, int]], Leg] = {}
@@ -633,9 +634,7 @@ class SlowPath:
             self.fleet.publish_leg(leg.conn_id, leg.client, leg.vip, self._source_addr(leg), leg.ssrc)
 
     def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     async def _repoint(self, leg: Leg, old: Addr | None) -> None:
         if self.repoint is None:

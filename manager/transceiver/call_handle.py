@@ -6,11 +6,11 @@ which kind it has."""
 from __future__ import annotations
 
 import abc
-import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
 from manager.protocol.callstate import CallState
+from manager.protocol.tasks import TaskSet
 
 
 class CallHandle(abc.ABC):
@@ -26,20 +26,15 @@ class CallHandle(abc.ABC):
     ending: bool = False
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(lambda: f"call {self.conn_id}")
 
     def _spawn(self, coro: Awaitable[None]) -> None:
-        """Run `coro` for this call; kept until done (the loop holds tasks weakly)."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Run `coro` for this call, kept until done."""
+        self._tasks.spawn(coro)
 
     def _cancel_tasks(self) -> None:
         """Cancel the call's tasks, except the one running this (it may be ending the call)."""
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+        self._tasks.cancel()
 
     @property
     @abc.abstractmethod
