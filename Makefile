@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup lint test test-fast demo bench bench-peers bench-setup bench-density lab-up lab-down clean vm-test vm-box
+.PHONY: setup lint test test-fast demo bench bench-peers bench-setup bench-density bench-report lab-up lab-down clean vm-test vm-box
 
 setup:
 	@bash scripts/setup.sh
@@ -47,6 +47,12 @@ bench-setup:
 bench-density:
 	@bash scripts/setup.sh >&2
 	@$(PY) -m tests.bench.bench_density $(ARGS)
+
+# The "current figures" of docs/benchmarks.md from docs/bench-*.json (no root,
+# nothing run): after committing a benchmark's new result, run this and commit both.
+bench-report:
+	@[ -x $(PY) ] || { echo "bench-report: no environment in $(VENV): run 'sudo make setup' once"; exit 1; }
+	@$(PY) -m tests.bench.report
 
 # The suite in a Debian 12 VM on its stock 6.1 kernel (not part of `make test`):
 # box built locally if missing, vagrant up (libvirt; TCG where KVM cannot run

@@ -33,6 +33,7 @@ from pathlib import Path
 from manager.lab.netns import NetnsExecutor
 from manager.lab.services import running_lab
 from tests.bench.bench_tcp import _calls, cpu_seconds, idle_cpu
+from tests.bench.provenance import run_info
 
 TRANSCEIVER = "tx1"
 
@@ -86,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, nargs="+", default=[1, 2, 4], help="concurrent calls, one step each")
     ap.add_argument("--seconds", type=float, default=8.0, help="media time per call")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", type=Path, help="also write the JSON here (docs/bench-density.json: make bench-report)")
     args = ap.parse_args(argv)
     res = run(args.calls, args.seconds)
+    res["run"] = run_info("tests.bench.bench_density", argv)
+    if args.save:
+        args.save.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1) if args.json else table(res))
     return 0 if all(s["connected"] == s["calls"] for s in res["steps"]) else 1
 

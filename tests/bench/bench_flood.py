@@ -48,6 +48,7 @@ from manager.relay.control_client import ControlClient
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import ensure_kernel_headers
 from manager.relay.kernel.structs import BPF_DIR
+from tests.bench.provenance import run_info
 
 FLOOD_SOURCE = BPF_DIR / "testing" / "flood.bpf.c"
 CHUNK = 100_000  # runs per BPF_PROG_TEST_RUN call
@@ -216,8 +217,9 @@ def main() -> int:
               f"to the client")
         print(f"  XDP: {v['xdp']}")
         print(f"  slow path: {v['slowpath_events']}")
+    results["run"] = run_info("tests.bench.bench_flood")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

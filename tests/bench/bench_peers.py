@@ -25,7 +25,7 @@ Per row:
 
 Counters are checked around every figure (the row's `check`); a failed check
 is printed as CHECK FAILED and makes the exit status 1. Speed goals are
-reported, never asserted. docs/benchmarks.md ("Against real peers") explains
+reported, never asserted. docs/benchmarks.md ("Method") explains
 the method and its limits.
 """
 
@@ -50,6 +50,7 @@ from manager.relay.kernel.datapath import ensure_kernel_headers
 from manager.relay.kernel.structs import BPF_TESTING_DIR
 from tests.bench import peers_gen as pg
 from tests.bench import peers_paths as pp
+from tests.bench.provenance import run_info
 
 GOALS = {"netfilter": 3.0, "coturn": 10.0, "rtpengine": 10.0, "python": 50.0}
 PACKETS_PER_CALL = 100
@@ -504,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lat_seconds:
         plan.lat_seconds = args.lat_seconds
     res = run(plan, tuple(args.rows))
+    res["run"] = run_info("tests.bench.bench_peers", argv)
     if args.save:
         args.save.write_text(json.dumps(res, indent=1) + "\n")
     if args.plot:

@@ -47,6 +47,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from aioice import stun
 
@@ -58,6 +59,7 @@ from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.registry import Registry
 from manager.relay.slowpath import SlowPath
+from tests.bench.provenance import run_info
 
 KEY = bytes(range(32))
 VIP = ("10.99.0.1", 3478)
@@ -319,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", type=float, nargs="+", default=None,
                     help="offered legs/s, one step each (default 1000 2000 5000 10000 20000)")
     ap.add_argument("--legs", type=int, default=None, help="legs per step (default 10,000)")
+    ap.add_argument("--save", type=Path, help="also write the JSON here (docs/bench-setup.json: make bench-report)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_setup: needs root (namespaces, BPF); run it as root", file=sys.stderr)
@@ -328,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     res = run([(r, legs) for r in rates], profile=args.profile)
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
+    res["run"] = run_info("tests.bench.bench_setup", argv)
+    if args.save:
+        args.save.write_text(json.dumps(res, indent=2) + "\n")
     if args.json:
         print(json.dumps(res, indent=2))
     else:

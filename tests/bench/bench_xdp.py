@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from manager.lab import xdp_harness as hx
 from manager.lab.xdp_harness import (
@@ -69,6 +70,7 @@ from manager.relay.kernel.structs import (
     pack_addr4,
     vip_key,
 )
+from tests.bench.provenance import run_info
 
 # --- what is measured ----------------------------------------------------------------
 
@@ -911,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=None, help="rounds, one sample of every figure each; the median is shown (default 7)")
     ap.add_argument("--flows", type=int, nargs="+", default=None, help="map occupancies (default 1000 100000 1000000)")
     ap.add_argument("--capacity", type=int, default=CAPACITY, help="flows map capacity (default 2^20, production)")
+    ap.add_argument("--save", type=Path, help="also write the JSON here (docs/bench-xdp.json: make bench-report)")
     ap.add_argument("--live", type=int, default=None, help="live-frames packets per program (0: skip; default 2,000,000)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -928,13 +931,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     res = run(plan, occ, args.capacity, live)
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
+    m = res["machine"]
+    text = (f"splitrelay XDP benchmark: kernel {m['kernel']}, {m['cpu']}, {m['cpus']} CPUs, "
+            f"BPF JIT {m['bpf_jit_enable']}; {res['plan']['frame_bytes']}-byte IPv4 SRTP frame; {res['elapsed_s']} s\n"
+            + res["table"])
+    if args.save:  # the figures, and the table as printed (what docs/benchmarks.md shows)
+        saved = {**{k: v for k, v in res.items() if k != "table"}, "text": text,
+                 "run": run_info("tests.bench.bench_xdp", sys.argv[1:] if argv is None else argv)}
+        args.save.write_text(json.dumps(saved, indent=1) + "\n")
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2))
     else:
-        m = res["machine"]
-        print(f"splitrelay XDP benchmark: kernel {m['kernel']}, {m['cpu']}, {m['cpus']} CPUs, "
-              f"BPF JIT {m['bpf_jit_enable']}; {res['plan']['frame_bytes']}-byte IPv4 SRTP frame; {res['elapsed_s']} s")
-        print(res["table"])
+        print(text)
     bad = [r for r in res["results"] + res["live"] + ([res["every_flow"]] if res["every_flow"] else []) if not r["ok"]]
     return 1 if bad else 0
 

@@ -1,0 +1,228 @@
+"""`make bench-report`: the "current figures" of docs/benchmarks.md, rendered
+from the committed results (docs/bench-<topic>.json) between the markers
+
+    <!-- bench-report:begin -->
+    <!-- bench-report:end -->
+
+so the rest of the page stays hand-written. tests/unit/test_bench_report.py
+holds the committed page equal to what this renders: edit a JSON, run
+`make bench-report`, commit both. Rendering is deterministic (no clock, files
+in the order of RENDERERS), so running it twice changes nothing.
+
+Every result carries `run`: the command that produced it, the machine (CPU
+model, kernel, cores) and the date (tests/bench/provenance.py writes it); each
+table names them.
+
+Adding a benchmark's section, for a new docs/bench-<topic>.json:
+
+    @renderer("topic", "What the table shows")
+    def _topic(data: dict) -> str:
+        return md_table(["column", ...], [[...], ...])  # markdown, without the heading
+
+The heading, the reproduce/machine/date line and the raw file's name are added
+around what the function returns. A docs/bench-*.json without a renderer is
+an error, so a new result cannot be forgotten.
+
+    python -m tests.bench.report            # rewrite docs/benchmarks.md
+    python -m tests.bench.report --check    # exit 1 if it is not up to date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs"
+PAGE = DOCS / "benchmarks.md"
+BEGIN = "<!-- bench-report:begin -->"
+END = "<!-- bench-report:end -->"
+
+
+class ReportError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Renderer:
+    topic: str
+    title: str
+    body: Callable[[dict], str]
+
+
+RENDERERS: dict[str, Renderer] = {}  # in page order
+
+
+def renderer(topic: str, title: str) -> Callable[[Callable[[dict], str]], Callable[[dict], str]]:
+    """Register the section of docs/bench-<topic>.json."""
+    def register(fn: Callable[[dict], str]) -> Callable[[dict], str]:
+        if topic in RENDERERS:
+            raise ReportError(f"two renderers for bench-{topic}.json")
+        RENDERERS[topic] = Renderer(topic, title, fn)
+        return fn
+    return register
+
+
+# --- helpers for renderers ---------------------------------------------------------------------
+
+def md_table(headers: list[str], rows: list[list[object]], align: str | None = None) -> str:
+    """A markdown table; `align` one letter per column (l/r), numbers right by default."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join("–" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def num(v: float | None, spec: str = ",.0f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def provenance(topic: str, data: dict) -> str:
+    run = data.get("run")
+    if not run:
+        raise ReportError(f"docs/bench-{topic}.json has no `run` (command, machine, date): "
+                          "rerun the benchmark, or add it by hand from the run's record")
+    m = run["machine"]
+    line = (f"Reproduce: `{run['command']}`  \n"
+            f"Ran on {run['date']}: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}. "
+            f"Raw: `docs/bench-{topic}.json`.")
+    if run.get("note"):
+        line += f"  \n*Provenance {run['note']}.*"
+    return line
+
+
+# --- the sections ------------------------------------------------------------------------------
+
+@renderer("xdp", "XDP fast path: ns per packet by map occupancy")
+def _xdp(data: dict) -> str:
+    return "```\n" + data["text"].rstrip("\n") + "\n```"
+
+
+@renderer("peers", "Against real peers: delivered Mpps, CPU and added latency")
+def _peers(data: dict) -> str:
+    labels = data["details"]["rows"]
+    rows = []
+    for key, mpps in data["mpps"].items():
+        lat = data["latency_us"].get(key) or {}
+        rows.append([labels.get(key, key), num(mpps, ".3f"), num(data["ratio"].get(key), ".2f"),
+                     num(data["calls_per_core"].get(key)), num(lat.get("p50"), ".1f"),
+                     num(lat.get("p99"), ".1f"), num(lat.get("p999"), ".1f")])
+    goals = [f"- splitrelay ≥ {g['want']:g}x {name}: {g['got']:.2f}x, {'met' if g['met'] else '**not met**'}"
+             for name, g in data["goals"].items()]
+    checks = "every row's counter checks passed" if data["checks_ok"] else "**a counter check FAILED**"
+    return "\n".join([
+        md_table(["row", "Mpps", "÷ row", "calls/core", "+p50 µs", "+p99 µs", "+p999 µs"], rows),
+        "", *goals, f"- {checks}", "",
+        "![delivered Mpps and calls per core](bench-peers.png)",
+        "![latency added at 50% load](bench-peers-latency.png)",
+    ])
+
+
+@renderer("setup", "Set-up rate: legs per second from a client's check to a kernel flow")
+def _setup(data: dict) -> str:
+    rows = [[num(s["offered_rate"]), num(s["legs"]), num(s["installed"]), num(s["legs_per_s"]),
+             num(s["cpu_us_per_leg"]), num(s["setup_ms"].get("p50"), ".2f"), num(s["setup_ms"].get("p99"), ".2f"),
+             num(s["setup_ms"].get("max"), ".2f"), "ok" if s["ok"] else "FAILED"] for s in data["steps"]]
+    best = max((s["legs_per_s"] for s in data["steps"] if s["ok"]), default=0)
+    return "\n".join([
+        md_table(["offered legs/s", "legs", "installed", "legs/s", "CPU µs/leg", "set-up p50 ms", "p99 ms", "max ms",
+                  "check"], rows, "rrrrrrrrl"),
+        "", f"Highest set-up rate with every leg installed: {best:,.0f} legs/s (goal: 5,000).",
+    ])
+
+
+@renderer("density", "Transceiver density: concurrent echo calls per core")
+def _density(data: dict) -> str:
+    rows = [[s["calls"], s["connected"], num(s["transceiver_cpu_s"], ".2f"), num(s["cpu_ms_per_call_second"], ".1f"),
+             num(s["calls_per_core"], ".1f"), num(s["tone_ratio_min"]), s["rtp_lost"]] for s in data["steps"]]
+    return "\n".join([
+        md_table(["calls", "connected", "CPU s", "ms CPU per call-second", "calls/core", "tone ratio", "RTP lost"], rows,
+                 "rrrrrrr"),
+        "", f"{data['seconds']:g} s of media per call; the transceiver idle: {data['idle_cpu_ms_per_s']} ms CPU/s.",
+    ])
+
+
+@renderer("flood", "Forged STUN flood against a live relay")
+def _flood(data: dict) -> str:
+    quiet = statistics.median(data["setup_s_quiet"])  # as bench_flood takes it
+    rows = [["none", "–", "–", "–", f"{quiet * 1000:.0f} ms", "–"]]
+    for v in data["variants"]:
+        drops = {k: n for k, n in v["xdp"].items() if k.startswith("drop_")}
+        top = max(drops, key=drops.get)
+        during = statistics.median(v["setup_s_during"])
+        e = v["established"]
+        rows.append([v["variant"], f"{v['injected_pps'] / 1e6:.2f} Mpps",
+                     f"{v['slowpath_pps']:,} packets/s ({drops[top] / 1e6:.1f} M `{top}`)",
+                     f"{v['relayd_cpu_percent']}%", f"{during * 1000:.0f} ms ({v['setup_ratio']}x)",
+                     f"{e['lost_to_owner']}/{e['rtp_to_owner']} to the owner, "
+                     f"{e['lost_to_client']}/{e['rtp_to_client']} to the client"])
+    return md_table(["flood", "injected", "reached Python", "relayd CPU", "new-call set-up (median)",
+                     "established call lost"], rows, "llllll")
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+def results(docs: Path = DOCS) -> dict[str, dict]:
+    """Every docs/bench-<topic>.json, by topic; a topic without a renderer is an error."""
+    found = {}
+    for path in sorted(docs.glob("bench-*.json")):
+        topic = path.stem.removeprefix("bench-")
+        if topic not in RENDERERS:
+            raise ReportError(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: no renderer for "
+                              f"topic {topic!r}; add one in tests/bench/report.py (see its docstring)")
+        try:
+            found[topic] = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ReportError(f"{path}: not JSON: {exc}") from None
+    return found
+
+
+def render_figures(found: dict[str, dict]) -> str:
+    parts = []
+    for topic, r in RENDERERS.items():
+        if topic in found:
+            data = found[topic]
+            parts.append(f"### {r.title}\n\n{provenance(topic, data)}\n\n{r.body(data)}\n")
+    return "\n".join(parts)
+
+
+def render_page(page: str, found: dict[str, dict]) -> str:
+    """`page` with the text between the markers replaced by the rendered figures."""
+    if page.count(BEGIN) != 1 or page.count(END) != 1 or page.index(BEGIN) > page.index(END):
+        raise ReportError(f"the page needs one {BEGIN} and one {END} after it")
+    head, rest = page.split(BEGIN)
+    _, tail = rest.split(END)
+    note = "<!-- Rendered by `make bench-report` from docs/bench-*.json: edit those, not this. -->"
+    return f"{head}{BEGIN}\n{note}\n\n{render_figures(found)}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="only check that the page is up to date")
+    args = ap.parse_args(argv)
+    try:
+        page = PAGE.read_text()
+        new = render_page(page, results())
+    except ReportError as exc:
+        print(f"bench-report: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != page:
+            print(f"bench-report: {PAGE.relative_to(REPO)} is not what the results render: run make bench-report",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if new != page:
+        PAGE.write_text(new)
+        print(f"bench-report: wrote {PAGE.relative_to(REPO)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
