@@ -32,7 +32,8 @@ from .agent import AgentFactory, AgentSession, EchoAgent
 from .call_handle import CallHandle
 from .errors import CallStateConflict, CapacityExceeded, DuplicateCall, InvalidRequest, UnknownCall
 from .ice_mux import Addr, IceMux
-from .imported_call import DEFAULT_CONSENT_TIMEOUT, ImportedCall, ImportPlan
+from .import_plan import ImportPlan
+from .imported_call import DEFAULT_CONSENT_TIMEOUT, ImportedCall
 from .rtp_streams import migration_blocker
 from .webrtc_call import WebRtcCall, strip_offer_candidates, validate_offer
 

@@ -18,7 +18,8 @@ from manager.protocol.callstate import STATE_VERSION, CallState, parse_call_stat
 from manager.transceiver import aiortc_hooks as hooks
 from manager.transceiver.agent import AgentSession, EchoAgent
 from manager.transceiver.errors import InvalidRequest
-from manager.transceiver.imported_call import ImportedCall, ImportPlan
+from manager.transceiver.import_plan import ImportPlan
+from manager.transceiver.imported_call import ImportedCall
 from manager.transceiver.transceiver import Transceiver
 from tests.support.callstate import (
     CIPHER,
