@@ -16,7 +16,8 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       nftables conntrack  # the lab client's NAT (NAT rebinding tests)
       redis-server        # a fleet lab's shared registry (started per lab, on its own socket)
       coturn rtpengine-daemon python3-matplotlib  # make bench-peers: real peers (started per run), plots
-      chromium fonts-liberation)  # real browser calls in the tests (headless, fake audio device)
+      chromium fonts-liberation  # real browser calls in the tests (headless, fake audio device)
+      espeak-ng)          # speech for the agent tests (the Pipecat bot's VAD hears it)
 # `setup.sh --apt-packages`: the list alone (vagrant/build-box.sh puts them in the box).
 if [ "${1:-}" = "--apt-packages" ]; then
   printf '%s\n' "${pkgs[@]}"
@@ -98,7 +99,7 @@ stamp="$venv/.splitrelay-installed"
 if [ ! -x "$venv/bin/python" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
   say "creating virtual environment in $venv"
   [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[test]" || die "pip install failed"
+  "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[test,pipecat]" || die "pip install failed"
   touch "$stamp"
 fi
 

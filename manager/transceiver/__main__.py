@@ -13,6 +13,7 @@ from pathlib import Path
 
 from manager import pki
 
+from .agent_loader import AgentSpecError, load_agent_factory
 from .service import TransceiverConfig, run
 
 
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="control URL advertised to the relay (default: http://<listen>)",
     )
+    p.add_argument("--agent", default=None, metavar="SPEC",
+                   help="the agent for each call: MODULE:ATTR or FILE.py:ATTR (default: the echo agent)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -122,12 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # aioice/aiortc log every check at INFO: too chatty for many calls.
         logging.getLogger("aioice").setLevel(logging.WARNING)
     try:
+        agent_factory = load_agent_factory(args.agent)
+    except AgentSpecError as exc:
+        print(f"transceiver: {exc}", file=sys.stderr)
+        return 2
+    try:
         hint_key = pki.read_hint_key(args.hint_key_file, dict(os.environ))
     except ValueError as exc:
         print(f"transceiver: {exc}", file=sys.stderr)
         return 2
     config = TransceiverConfig(
         id=args.id,
+        agent_factory=agent_factory,
         listen_host=args.listen[0],
         listen_port=args.listen[1],
         relay_urls=args.relay_url or [],

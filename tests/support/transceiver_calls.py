@@ -128,9 +128,9 @@ class Forwarder(asyncio.DatagramProtocol):
 class ClientCall:
     """An unmodified aiortc client (sine audio + data channel) placed through a Forwarder."""
 
-    def __init__(self, freq: float) -> None:
+    def __init__(self, freq: float, track: MediaStreamTrack | None = None) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.track = make_tone_track(freq)
+        self.track = track or make_tone_track(freq)
         self.pc.addTrack(self.track)
         self.dc = self.pc.createDataChannel("chat")
         self.messages: asyncio.Queue[Any] = asyncio.Queue()

@@ -1,0 +1,102 @@
+"""A Pipecat bot as the agent of real calls: an aiortc client speaks, the bot answers higher, and
+a live migration carries the bot's conversation (LLMContext and turns) to the new transceiver.
+
+The client is an unmodified aiortc peer through the userspace relay stand-in
+(tests/support/transceiver_calls.py); the bot is examples/pipecat_bot.py
+with Silero VAD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import time
+
+import numpy as np
+import pytest
+from aiohttp import ClientSession
+
+from manager.transceiver.transceiver import Transceiver
+from tests.support.paths import REPO
+from tests.support.speech import SpeechTrack, spectral_centroid, speech_wav, voiced, wav_samples
+from tests.support.transceiver_calls import UFRAG_A, ClientCall, run
+from tests.support.transceiver_migration import migrate, owner_addr, serve
+from tests.support.waiting import eventually_async
+
+pytestmark = pytest.mark.realtime
+
+
+def load_bot():
+    spec = importlib.util.spec_from_file_location("pipecat_bot_call", REPO / "examples" / "pipecat_bot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def heard_since(client: ClientCall, since: float) -> np.ndarray:
+    pcm = [x for t, frame in client.frames if t >= since for x in frame]
+    return np.array(pcm, dtype=np.int16)
+
+
+async def utterance(client: ClientCall, track: SpeechTrack, speech: np.ndarray) -> np.ndarray:
+    """Say ``speech``; return the bot's reply (voiced audio heard after the speech ended)."""
+    track.say(speech)
+    await eventually_async(lambda: not track.speaking, timeout=10, what="the utterance sent")
+    said_at = time.monotonic()
+    expected_s = len(voiced(speech)) / 48000 / 1.5  # the same speech, 1.5x faster
+
+    def reply_done():
+        reply = voiced(heard_since(client, said_at))
+        # the whole reply played (and 0.3 s of silence after it)
+        return len(reply) / 48000 >= 0.5 * expected_s and not len(voiced(heard_since(client, time.monotonic() - 0.3)))
+
+    await eventually_async(reply_done, timeout=10, what="the bot's whole reply")
+    return voiced(heard_since(client, said_at))
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> np.ndarray:
+    return wav_samples(speech_wav("hello there, how are you today", tmp_path_factory.mktemp("speech") / "s.wav"))
+
+
+def test_bot_answers_a_call_and_keeps_its_conversation_across_a_migration(speech, fast_consent) -> None:
+    bot = load_bot()
+
+    async def scenario() -> dict:
+        async with (
+            Transceiver(1, capacity=2, agent_factory=bot.make_pipeline.agent_factory) as tx_a,
+            Transceiver(2, capacity=2, agent_factory=bot.make_pipeline.agent_factory) as tx_b,
+            ClientSession() as http,
+        ):
+            _, api_a = await serve(tx_a, http)
+            _, api_b = await serve(tx_b, http)
+            track = SpeechTrack()
+            client = ClientCall(0, track=track)
+            try:
+                await client.place(tx_a, 42, UFRAG_A)
+                await client.wait_connected()
+                first = await utterance(client, track, speech)
+                client.dc.send(json.dumps({"type": "ping"}))
+                echo = json.loads(await asyncio.wait_for(client.messages.get(), 5))
+
+                moved = await migrate(client, 42, api_a, api_b, owner_addr(tx_a.owner))
+                second = await utterance(client, track, speech)
+                client.dc.send(json.dumps({"type": "ping"}))
+                echo_b = json.loads(await asyncio.wait_for(client.messages.get(), 5))
+                info = await api_b.get("/calls/42")
+                return {"first": first, "second": second, "echo": echo, "echo_b": echo_b,
+                        "carried": moved["state"]["agent"]["state"], "info": info}
+            finally:
+                await client.close()
+
+    out = run(scenario(), timeout=90)
+    said = voiced(speech)
+    for reply in (out["first"], out["second"]):
+        ratio = spectral_centroid(reply) / spectral_centroid(said)
+        assert 1.25 < ratio < 1.75, f"pitch ratio {ratio:.2f}"
+    assert out["echo"] == {"echo": {"type": "ping"}, "turns": 1}
+    # The migration carried the bot's turn count and its LLM context: B's bot goes on from turn 1.
+    assert out["carried"]["state"] == {"turns": 1}
+    assert [m["role"] for m in out["carried"]["context"]] == ["user", "assistant"]
+    assert out["echo_b"] == {"echo": {"type": "ping"}, "turns": 2}
