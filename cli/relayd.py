@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 
 import click
 
+from manager.observability.logs import FORMATS
+from manager.observability.logs import configure as configure_logs
 from manager.pki import PkiError
 from manager.relay.config import ConfigError, load_config
 from manager.relay.kernel.datapath import DatapathError
@@ -20,9 +21,11 @@ from manager.relay.kernel.datapath import DatapathError
 @click.option("--detach-on-exit/--keep-on-exit", default=None,
               help="On stop, remove the XDP fast path, or leave it forwarding established calls (default).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def main(config_path: str | None, detach_on_exit: bool | None, log_level: str) -> None:
+@click.option("--log-format", default="text", envvar="SPLITRELAY_LOG_FORMAT", type=click.Choice(list(FORMATS)),
+              help="text, or json: one object a line with call_id/conn_id where a line concerns a call.")
+def main(config_path: str | None, detach_on_exit: bool | None, log_level: str, log_format: str) -> None:
     """Run the splitrelay relay manager until SIGTERM/SIGINT."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s relayd %(levelname)s %(message)s")
+    configure_logs("relayd", log_format, log_level)
     # The config is checked first: a mistake in it is named whoever runs this.
     try:
         cfg = load_config(config_path)

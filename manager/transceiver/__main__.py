@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from manager import pki
+from manager.observability.logs import FORMATS
+from manager.observability.logs import configure as configure_logs
 
 from .agent_loader import AgentSpecError, load_agent_factory
 from .service import TransceiverConfig, run
@@ -113,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", default=None, metavar="SPEC",
                    help="the agent for each call: MODULE:ATTR or FILE.py:ATTR (default: the echo agent)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default=os.environ.get("SPLITRELAY_LOG_FORMAT", "text"), choices=list(FORMATS),
+                   help="text, or json: one object a line with call_id/conn_id where a line concerns a call")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs(f"transceiver-{args.id}", args.log_format, args.log_level)
     if args.log_level != "DEBUG":
         # aioice/aiortc log every check at INFO: too chatty for many calls.
         logging.getLogger("aioice").setLevel(logging.WARNING)

@@ -1,0 +1,1 @@
+"""What the services say about themselves: logs (and, beside them, traces and records)."""
