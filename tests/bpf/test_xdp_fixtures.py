@@ -537,3 +537,98 @@ def test_every_map_lookup_is_inlined_or_direct(harness):
     calls = [i["disasm"] for i in json.loads(out) if "call" in i.get("disasm", "")]
     assert any("__htab_map_lookup_elem" in c for c in calls)  # the inlined form is there to see
     assert [c for c in calls if "bpf_map_lookup_elem" in c] == []
+
+
+def _rtp_with_ssrc(ssrc: int) -> bytes:
+    return bytes([0x80, 111]) + b"\x00\x01" + b"\x00" * 4 + ssrc.to_bytes(4, "big") + b"r" * 40
+
+
+def _rtp_from(harness, src: str, sport: int, ssrc: int) -> int:
+    frame = bytes(eth("client", "pub") / IP(src=src, dst=VIP4) / UDP(sport=sport, dport=VIP_PORT)
+                  / Raw(_rtp_with_ssrc(ssrc)))
+    return harness.run(frame, "pub")[0]
+
+
+def _moved(before: dict, after: dict) -> dict:
+    return {k: after[k][0] - before[k][0] for k in after if after[k] != before[k]}
+
+
+def test_rebind_candidates_have_a_bucket_per_ssrc(harness):
+    """Media from unknown tuples carrying one live SSRC, from any number of
+    sources: that SSRC's burst reaches the slow path, the rest is dropped
+    under its own counter (not STUN's); another SSRC has its own bucket."""
+    dp = harness.dp
+    live, other = 0x11223344, 0x55667788
+    dp.index_ssrc(live, (CLIENT4, 40000), (VIP4, VIP_PORT))
+    dp.index_ssrc(other, (CLIENT4, 40004), (VIP4, VIP_PORT))
+    try:
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0,
+                       admit_rebind_rate=0.001, admit_rebind_burst=4)
+        before = dp.counters()
+        verdicts = [_rtp_from(harness, f"10.10.1.{100 + i}", 34000 + i, live) for i in range(20)]
+        assert verdicts == [XDP_PASS] * 4 + [XDP_DROP] * 16
+        assert _rtp_from(harness, "10.10.1.130", 34100, other) == XDP_PASS  # another call is not held back
+        assert _moved(before, dp.counters()) == {"pass_rebind": 5, "drop_rebind_call_rate": 16}
+        # The source and global buckets count a candidate's drops apart from STUN's too.
+        _set_admission(harness, admit_source_rate=0.001, admit_source_burst=1, admit_budget=0, admit_call_rate=0,
+                       admit_rebind_rate=0)
+        before = dp.counters()
+        assert [_rtp_from(harness, "10.10.1.140", 34200 + i, live) for i in range(3)] == [XDP_PASS] + [XDP_DROP] * 2
+        assert _moved(before, dp.counters()) == {"pass_rebind": 1, "drop_rebind_rate": 2}
+    finally:
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0, admit_rebind_rate=0)
+        dp.maps.ssrcs.delete(ctypes.c_uint32(int.from_bytes(live.to_bytes(4, "big"), "little")))
+        dp.maps.ssrcs.delete(ctypes.c_uint32(int.from_bytes(other.to_bytes(4, "big"), "little")))
+
+
+def test_a_rate_limited_source_cannot_spend_a_calls_checks(harness):
+    """The source's bucket is charged before the call's: one source past its
+    rate, hammering a live call's ufrag, leaves the call's burst to others."""
+    try:
+        _set_admission(harness, admit_source_rate=0.001, admit_source_burst=1, admit_budget=0,
+                       admit_call_rate=0.001, admit_call_burst=3)
+        harness.dp.admit_ufrag(hx.LIVE_UFRAG)  # a fresh call bucket
+        before = harness.dp.counters()
+        assert [_stun_from(harness, "10.10.1.150", 35000 + i) for i in range(10)] == [XDP_PASS] + [XDP_DROP] * 9
+        # Two more sources still get the call's other two checks.
+        assert [_stun_from(harness, f"10.10.1.{151 + i}", 35100) for i in range(2)] == [XDP_PASS] * 2
+        assert _moved(before, harness.dp.counters()) == {"pass_stun_unknown": 3, "drop_stun_rate": 9}
+    finally:
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0)
+        harness.dp.admit_ufrag(hx.LIVE_UFRAG)
+
+
+def test_a_source_is_its_configured_prefix(harness):
+    """With limits.source_prefix_v4 = 24, every address of a /24 shares one
+    bucket; the next /24 has its own. IPv6 by /48 alike."""
+    from manager.relay.kernel import libbpf as lb
+    from manager.relay.kernel.datapath import admit_config
+
+    dp = harness.dp
+    cfg = dp.cfg.model_copy(update={"admit_source_rate": 0.001, "admit_source_burst": 2, "admit_budget": 0,
+                                    "admit_call_rate": 0})
+    try:
+        dp.maps.admit_cfg.update(ctypes.c_uint32(0), admit_config(cfg, lb.possible_cpus(), (24, 48)))
+        assert [_stun_from(harness, f"10.20.1.{i}", 36000) for i in range(1, 5)] == [XDP_PASS] * 2 + [XDP_DROP] * 2
+        assert _stun_from(harness, "10.20.2.1", 36000) == XDP_PASS
+        six = [bytes(eth("client", "pub") / IPv6(src=f"fd00:77:1:{i}::1", dst=VIP6)
+                     / UDP(sport=36001, dport=VIP_PORT) / Raw(STUN)) for i in range(4)]
+        assert [harness.run(f, "pub")[0] for f in six] == [XDP_PASS] * 2 + [XDP_DROP] * 2
+        # The default: /32 and /64, each address of the /24 its own source.
+        dp.maps.admit_cfg.update(ctypes.c_uint32(0), admit_config(cfg, lb.possible_cpus()))
+        assert [_stun_from(harness, f"10.20.3.{i}", 36000) for i in range(1, 5)] == [XDP_PASS] * 4
+    finally:
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0)
+
+
+def test_the_owner_is_read_as_a_seqlock(harness):
+    """The owner entry is read between two reads of its slot's epoch, each
+    behind a full barrier (an atomic add, as BPF has no fence): the loaded
+    program, as the kernel rewrote it, holds those atomic operations, and a
+    flow's route is cached under the epoch it was read at."""
+    prog_id = libbpf.prog_info(harness.dp.prog_fd).id
+    out = subprocess.run(["bpftool", "-j", "prog", "dump", "xlated", "id", str(prog_id)],
+                         check=True, capture_output=True, text=True).stdout
+    atomics = [i["disasm"] for i in json.loads(out) if "atomic" in i.get("disasm", "") or "lock" in i.get("disasm", "")]
+    # Two per owner read (two tries), two per route cache write.
+    assert len(atomics) >= 4, atomics
