@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from manager.protocol.addresses import OwnerAddr
+from manager.protocol.addresses import OwnerAddr, family_of
 from manager.relay.kernel.errors import DatapathError
 from manager.relay.kernel.structs import (
     UFRAG_LEN,
@@ -46,6 +46,21 @@ class FlowCrud:
         self._m().reverse.update(rk, ReverseInfo(client=fk, conn_id=conn_id, slot=slot))
         with self._rev_lock:
             self._rev_index.setdefault(bytes(fk), set()).add(bytes(rk))
+
+    def repair_reverse(self, owner: tuple[str, int], flow_port: int, client: tuple[str, int],
+                       vip: tuple[str, int], conn_id: int, flow_addr: int = 0) -> bool:
+        """Re-add an installed flow's return entry for its current owner, whose
+        packets reached the slow path (pass_return_unknown: the entry was
+        evicted by the LRU, or keyed by the owner before a migration). Only
+        while the call's owners entry names `owner`: a packet from anyone
+        else repairs nothing. True if the entry was added."""
+        if self._m().reverse.lookup(reverse_key(owner, flow_port, flow_addr)) is not None:
+            return False
+        found = self.get_owner(conn_id)
+        if found is None or found[0].for_family(family_of(owner[0])) != owner:
+            return False
+        self.add_reverse(owner, flow_port, client, vip, conn_id, flow_addr)
+        return True
 
     def reverse_packets(self, owner: tuple[str, int], flow_port: int, flow_addr: int = 0) -> int | None:
         """Packets the kernel forwarded from `owner` through the flow source."""

@@ -76,7 +76,7 @@ class Walks:
         info = self._m().flows.lookup(key)
         if info is None:
             return None
-        return self._flow(key, info, self._reverse_index())
+        return self._flow(key, info, self._entries_of({bytes(key)}))
 
     def _flow(self, key: FlowKey, info: FlowInfo, index: dict) -> Flow:
         client, vip = flow_key_tuple(key)
@@ -87,6 +87,33 @@ class Walks:
                     packets_out=sum(rv.packets for rv in entries), bytes_out=sum(rv.bytes for rv in entries),
                     last_seen_ns=max([info.last_seen_ns, *(rv.last_seen_ns for rv in entries)]),
                     created_ns=info.created_ns)
+
+    def _entries_of(self, clients: set[bytes]) -> dict[bytes, list[tuple[ReverseKey, ReverseInfo]]]:
+        """The reverse entries of these client tuples (bytes of FlowKey), and
+        no others decoded. The writer looks them up through its index; a
+        reader (whose index may be older than the writer's changes) reads the
+        map in raw batches and decodes only the matching entries."""
+        m = self._m()
+        found: dict[bytes, list[tuple[ReverseKey, ReverseInfo]]] = {}
+        if self._writer:
+            with self._rev_lock:
+                wanted = [(c, list(self._rev_index.get(c, ()))) for c in clients]
+            for client, rkeys in wanted:
+                for rk in rkeys:
+                    key = ReverseKey.from_buffer_copy(rk)
+                    rv = m.reverse.lookup(key)
+                    if rv is not None:
+                        found.setdefault(client, []).append((key, rv))
+            return found
+        ksz, rksz, rsz = ctypes.sizeof(FlowKey), ctypes.sizeof(ReverseKey), ctypes.sizeof(ReverseInfo)
+        at = ReverseInfo.client.offset
+        for keys, vals, n in m.reverse.raw_batches():
+            for i in range(n):
+                client = vals[i * rsz + at:i * rsz + at + ksz]
+                if client in clients:
+                    found.setdefault(client, []).append((ReverseKey.from_buffer_copy(keys, i * rksz),
+                                                         ReverseInfo.from_buffer_copy(vals, i * rsz)))
+        return found
 
     def _reverse_index(self) -> dict[bytes, list[tuple[ReverseKey, ReverseInfo]]]:
         """Every reverse entry, grouped by the client tuple it restores: one
@@ -132,7 +159,7 @@ class Walks:
                     kept.add(kb)
         expired = []
         if idle:
-            index = self._reverse_index()
+            index = self._entries_of({bytes(key) for key, _ in idle})
             for key, info in idle:
                 expired.append(self._flow(key, info, index))
                 self._remove(key)
