@@ -84,7 +84,7 @@ def rtp_template(lab, ssrc: int) -> bytes:
                  / IP(src=lab.client.addr4, dst=lab.vip4) / UDP(sport=40000, dport=lab.port) / Raw(rtp))
 
 
-def live_ssrc(svc) -> int:
+def live_ssrc(svc, conn_id: int) -> int:
     """The SSRC XDP learned on the established call's flow."""
     from manager.relay.config import DatapathConfig
     from manager.relay.kernel.datapath import Datapath
@@ -92,7 +92,7 @@ def live_ssrc(svc) -> int:
     dp = Datapath(DatapathConfig(pin_dir=svc.config["datapath"]["pin_dir"]))
     try:
         dp.open_maps()
-        found = [f.ssrc for f in dp.flows() if f.ssrc]
+        found = [f.ssrc for f in dp.flows() if f.ssrc and f.conn_id == conn_id]
     finally:
         dp.close()
     if not found:
@@ -193,7 +193,7 @@ def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
     session = next(s for s in ctl.sessions()["sessions"] if s["state"] == "active")
     ip_hlen = 20
     if name == "live-SSRC spoof":
-        frame, off = rtp_template(lab, live_ssrc(svc)), 0
+        frame, off = rtp_template(lab, live_ssrc(svc, session["conn_id"])), 0
     elif name == "IP options":
         frame, off = template(lab, f"{session['server_ufrag']}:flood", NOP_OPTION)
         ip_hlen = 20 + len(NOP_OPTION)
