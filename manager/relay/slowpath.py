@@ -259,7 +259,7 @@ class SlowPath:
             return 0
         adopted = 0
         for i, flow in enumerate(await asyncio.to_thread(self.datapath.flows)):
-            if i % 2000 == 1999:
+            if i % 500 == 499:
                 await asyncio.sleep(0)
             if (flow.client, flow.vip) in self.legs:
                 continue
