@@ -99,3 +99,25 @@ def test_the_link_outlives_its_process_and_is_adopted(harness):
     finally:
         again.close()
     h.dp.load()  # for the teardown's purge
+
+
+def test_an_upgrade_swaps_our_previous_program_attached_without_a_link(harness):
+    """The program an upgrade replaced in our pin directory, attached by an
+    older relayd through netlink, is ours: swapped in place, not refused."""
+    from bcc.libbcc import lib as bcclib
+
+    from manager.relay.kernel.attach import XDP_FLAGS_DRV_MODE
+    from manager.relay.kernel.libbpf import prog_info
+
+    h = harness
+    older = _other(h)
+    try:
+        assert h.ex.call(bcclib.bpf_attach_xdp, b"pub", older.prog_fd, XDP_FLAGS_DRV_MODE) >= 0
+        h.dp._previous_prog_id = prog_info(older.prog_fd).id  # as load(upgrade=True) records it
+        assert not h.ex.call(h.dp.attach, ["pub"])[0].adopted
+        assert h.ex.call(xdp_attachment, "pub")[0] == prog_info(h.dp.prog_fd).id
+    finally:
+        h.dp._previous_prog_id = None
+        h.ex.call(h.dp.detach)
+        older.detach(purge=True)
+        older.close()

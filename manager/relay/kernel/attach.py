@@ -77,9 +77,12 @@ def _our_link(pin_dir: Path, ifname: str) -> int | None:
     return None
 
 
-def attach_one(prog_fd: int, ifname: str, pin_dir: Path, mode: str, *, replace: bool = False) -> AttachResult:
+def attach_one(prog_fd: int, ifname: str, pin_dir: Path, mode: str, *, replace: bool = False,
+               previous: int | None = None) -> AttachResult:
     """Attach prog_fd to ifname through a pinned link (see the module's
-    docstring); adopt it where it already is."""
+    docstring); adopt it where it already is. `previous`: the id of the
+    program this one replaced in pin_dir (an upgrade), ours wherever it is
+    attached."""
     prog_id = libbpf.prog_info(prog_fd).id
     cur_id, cur_mode = xdp_attachment(ifname)
     fd = _our_link(pin_dir, ifname)
@@ -94,6 +97,10 @@ def attach_one(prog_fd: int, ifname: str, pin_dir: Path, mode: str, *, replace: 
     if cur_id == prog_id:
         # Ours, attached without a link (by an older relayd): left as it is.
         return AttachResult(ifname, cur_mode or "?", True)
+    if cur_id is not None and cur_id == previous:
+        # Our previous version, attached without a link: swapped in place
+        # (netlink replaces in one step), as that relayd would have.
+        return AttachResult(ifname, _attach_netlink(ifname, prog_fd, cur_mode), False)
     if cur_id is not None:
         if not replace:
             raise DatapathError(
@@ -118,6 +125,15 @@ def attach_one(prog_fd: int, ifname: str, pin_dir: Path, mode: str, *, replace: 
             os.close(fd)
         return AttachResult(ifname, "native" if flags == XDP_FLAGS_DRV_MODE else "generic", False)
     raise DatapathError(f"cannot attach XDP to {ifname} (mode {mode}): {last}")
+
+
+def _attach_netlink(ifname: str, prog_fd: int, cur_mode: str | None) -> str:
+    from bcc.libbcc import lib as bcclib  # noqa: PLC0415 - bcc only where needed
+
+    flags = XDP_FLAGS_SKB_MODE if cur_mode == "generic" else XDP_FLAGS_DRV_MODE
+    if bcclib.bpf_attach_xdp(ifname.encode(), prog_fd, flags) < 0:
+        raise DatapathError(f"cannot replace our previous XDP program on {ifname}")
+    return "generic" if cur_mode == "generic" else "native"
 
 
 def _detach_netlink(ifname: str, cur_mode: str | None) -> bool:

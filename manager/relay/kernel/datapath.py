@@ -41,6 +41,7 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
         self.source_prefix = source_prefix  # limits.source_prefix_v4 / _v6
         self.maps: Maps | None = None
         self.prog_fd: int = -1
+        self._previous_prog_id: int | None = None  # the pinned program an upgrade replaced
         self._init_flows()
         self._init_slots()
 
@@ -76,6 +77,7 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
                     os.close(new_fd)
                     new_fd, adopted = old, True
                 else:
+                    self._previous_prog_id = libbpf.prog_info(old).id
                     os.close(old)
                     pinned.unlink()
             if not adopted:
@@ -129,7 +131,8 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
         refusing a foreign program unless datapath.xdp_replace says so."""
         if self.prog_fd < 0:
             raise DatapathError("load() the program before attaching it")
-        return [attach_one(self.prog_fd, ifname, self.pin_dir, self.cfg.xdp_mode, replace=self.cfg.xdp_replace)
+        return [attach_one(self.prog_fd, ifname, self.pin_dir, self.cfg.xdp_mode, replace=self.cfg.xdp_replace,
+                           previous=self._previous_prog_id)
                 for ifname in (interfaces if interfaces is not None else self.cfg.interfaces)]
 
     def _prog_id(self) -> int | None:
