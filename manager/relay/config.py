@@ -219,10 +219,11 @@ class LimitsConfig(BaseModel):
     max_body: int = Field(default=64 * 1024, ge=1024, le=1 << 20, description="bytes of an SDP offer")
     max_media_sections: int = Field(default=8, ge=1, le=64)
     max_sdp_lines: int = Field(default=400, ge=20, le=10000)
-    # What one source is, for every per-source limit (XDP's admission too):
-    # an address under this prefix. XDP's key holds at most an IPv6 /64.
-    source_prefix_v4: int = Field(default=32, ge=8, le=32, description="prefix length of an IPv4 source")
-    source_prefix_v6: int = Field(default=64, ge=16, le=64, description="prefix length of an IPv6 source")
+    # What one source is, for every per-source limit (create, pending, slow
+    # path, ICE-TCP; XDP's per-source buckets read the same two fields).
+    source_prefix_v4: int = Field(default=32, ge=8, le=32, description="IPv4 clients in one such prefix are one source")
+    source_prefix_v6: int = Field(default=64, ge=16, le=128,
+                                  description="IPv6 clients in one such prefix are one source (a site gets a /64)")
 
 
 class SlowPathConfig(BaseModel):

@@ -68,8 +68,8 @@ def test_yaml_file(tmp_path):
     ({"SPLITRELAY__DATAPATH__PIN_DIR": "/sys/fs/bpf/.."},
      "datapath.pin_dir: '/sys/fs/bpf/..': must be a directory under /sys/fs/bpf (bpffs), got /sys/fs/bpf/.. "
      "(resolves to /sys/fs)"),
-    ({"SPLITRELAY__LIMITS__SOURCE_PREFIX_V6": "96"},
-     "limits.source_prefix_v6: 96: Input should be less than or equal to 64"),
+    ({"SPLITRELAY__LIMITS__SOURCE_PREFIX_V6": "129"},
+     "limits.source_prefix_v6: 129: Input should be less than or equal to 128"),
     ({"SPLITRELAY__DATAPATH__INTERNAL_ADDR4": "fd00::1"}, "datapath.internal_addr4: 'fd00::1': not an IPv4 address"),
     ({"SPLITRELAY__DATAPATH__FLOW_PORT_MIN": "3000", "SPLITRELAY__DATAPATH__FLOW_PORT_MAX": "4000"},
      "VIP port 3478 lies inside the flow-port range"),

@@ -29,11 +29,14 @@ def _mask_words(prefix: int, bits: int) -> list[int]:
 def admit_config(cfg: DatapathConfig, cpus: int, source_prefix: tuple[int, int] = DEFAULT_SOURCE_PREFIX) -> AdmitConfig:
     """The admit_cfg entry: the per-source rate, the global budget split among
     the CPUs, the per-call and per-SSRC rates, and the source prefixes
-    (IPv4, IPv6; XDP keys at most an IPv6 /64)."""
+    (IPv4, IPv6; XDP keys an IPv6 source by at most its /64)."""
     cpus = max(1, cpus)
     v4, v6 = source_prefix
-    if not (0 <= v4 <= 32 and 0 <= v6 <= 64):
-        raise ValueError(f"source prefixes /{v4} (IPv4) and /{v6} (IPv6) must be at most /32 and /64")
+    if not (0 <= v4 <= 32 and 0 <= v6 <= 128):
+        raise ValueError(f"source prefixes /{v4} (IPv4) and /{v6} (IPv6) must be at most /32 and /128")
+    # XDP's source key holds an IPv6 source's first 64 bits: longer prefixes
+    # are its /64 there (the slow path's own buckets behind it take the rest).
+    v6 = min(v6, 64)
     src_interval, src_burst = _gcra(cfg.admit_source_rate, cfg.admit_source_burst)
     cpu_interval, cpu_burst = _gcra(cfg.admit_budget / cpus, max(1, cfg.admit_budget_burst // cpus))
     call_interval, call_burst = _gcra(cfg.admit_call_rate, cfg.admit_call_burst)
