@@ -26,6 +26,10 @@
 #ifndef MAX_SOURCES
 #define MAX_SOURCES 65536
 #endif
+/* SSRCs with a rebind-candidate bucket (LRU). */
+#ifndef MAX_REBIND_SSRCS
+#define MAX_REBIND_SSRCS 65536
+#endif
 /* Where maps are pinned (bpffs); the loader passes the configured one. */
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/splitrelay"
@@ -57,16 +61,20 @@ enum pkt_class {
  * manager/relay/kernel/structs.py STAT_NAMES (held against this enum by a test). */
 enum stat_id {
     STAT_PASS_NOT_RELAY = 0,      /* not UDP to a VIP or to a flow port */
-    STAT_PASS_IP_OPTIONS,         /* IPv4 with options: kernel handles it */
-    STAT_PASS_FRAGMENT,           /* IPv4 fragment */
-    STAT_PASS_IPV6_EXT,           /* IPv6 extension header */
-    STAT_PASS_TTL_EXPIRED,        /* TTL/hop limit <= 1: kernel sends ICMP */
+    STAT_PASS_FRAGMENT,           /* IPv4 non-first fragment: no UDP header, its first fragment decides */
+    STAT_PASS_IPV6_EXT,           /* IPv6 headers XDP does not look through (AH, ESP, non-first fragment, a long chain) */
+    STAT_PASS_VLAN,               /* 802.1Q-tagged: the stack (and its VLAN device) handles it */
     STAT_PASS_NO_NEIGH,           /* fib ok but no neighbour entry yet */
     STAT_PASS_FIB_FAIL,           /* no route / fib error */
     STAT_PASS_STUN_UNKNOWN,       /* STUN from an unknown client tuple: slow path */
     STAT_PASS_RETURN_UNKNOWN,     /* to a flow port with no reverse entry: slow path */
     STAT_PASS_REBIND,             /* RTP from an unknown tuple with a known flow's SSRC: slow path checks it */
-    STAT_DROP_MALFORMED,          /* truncated, bad lengths, bad version, zero IPv6 UDP checksum */
+    STAT_PASS_OWNER_RACE,         /* the call's owner entry changed while read: the slow path forwards this one */
+    STAT_DROP_MALFORMED,          /* truncated, bad lengths, bad version, zero IPv6 UDP checksum to the relay */
+    STAT_DROP_IP_OPTIONS,         /* IPv4 with options to a VIP or a flow port */
+    STAT_DROP_FRAGMENT,           /* IPv4 first fragment to a VIP or a flow port */
+    STAT_DROP_IPV6_EXT,           /* IPv6 with extension headers to a VIP or a flow port */
+    STAT_DROP_TTL_ZERO,           /* known flow, TTL/hop limit 0 (RFC 8656 14: a relay drops it) */
     STAT_DROP_UNKNOWN_NOT_STUN,   /* non-STUN from an unknown client tuple */
     STAT_DROP_NOT_OWNER,          /* return packet from a sender that is not the owner */
     STAT_DROP_NO_OWNER,           /* flow's connection id has no owner entry */
@@ -81,6 +89,9 @@ enum stat_id {
     STAT_DROP_STUN_CALL_RATE,     /* unknown tuple: that call's checks are over their rate */
     STAT_DROP_STUN_RATE,          /* unknown tuple: its source is over its slow-path rate */
     STAT_DROP_STUN_BUDGET,        /* unknown tuple: the global slow-path budget is spent */
+    STAT_DROP_REBIND_CALL_RATE,   /* rebind candidate: that SSRC's candidates are over their rate */
+    STAT_DROP_REBIND_RATE,        /* rebind candidate: its source is over its slow-path rate */
+    STAT_DROP_REBIND_BUDGET,      /* rebind candidate: the global slow-path budget is spent */
     STAT_FWD_IN_STUN,             /* client → owner, forwarded in XDP */
     STAT_FWD_IN_DTLS,
     STAT_FWD_IN_RTP,
@@ -98,7 +109,7 @@ _Static_assert(STAT_FWD_IN_STUN + CLASS_RTP == STAT_FWD_IN_RTP, "inbound RTP cou
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_DTLS == STAT_FWD_OUT_DTLS, "outbound DTLS counter follows the class enum");
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_RTP == STAT_FWD_OUT_RTP, "outbound RTP counter follows the class enum");
 /* Drops are the range [STAT_DROP_MALFORMED, STAT_FWD_IN_STUN) (relay.bpf.c). */
-_Static_assert(STAT_DROP_STUN_BUDGET + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
+_Static_assert(STAT_DROP_REBIND_BUDGET + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
 
 /* Interface roles (if_roles values, by ifindex); 0: unchecked. */
 #define ROLE_PUBLIC 1

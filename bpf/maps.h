@@ -65,6 +65,12 @@ BPF_TABLE_PINNED("lru_hash", struct source_key, struct admit_bucket, admit_sourc
 BPF_TABLE_PINNED("lru_hash", struct ufrag_key, struct admit_bucket, live_ufrags, MAX_OWNERS,
                  PIN_DIR "/live_ufrags");
 
+/* rebind_ssrcs: per SSRC, the bucket of media carrying it from unknown
+ * tuples (rebind candidates): a flood spoofing one live call's SSRC from
+ * random sources passes at most this bucket to the slow path. LRU. */
+BPF_TABLE_PINNED("lru_hash", __u32, struct admit_bucket, rebind_ssrcs, MAX_REBIND_SSRCS,
+                 PIN_DIR "/rebind_ssrcs");
+
 /* admit_budget: the global budget's share of each CPU (no cross-CPU atomics). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct admit_bucket, admit_budget, 1, PIN_DIR "/admit_budget");
 

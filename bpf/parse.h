@@ -13,11 +13,23 @@
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1FFF
 
-/* One 802.1Q tag as it sits after the MAC addresses. */
-struct vlan_tag {
-    __be16 tci;
-    __be16 proto;
+/* The start of an IPv6 extension header that carries its own length
+ * (hop-by-hop, routing, destination options, mobility: RFC 8200 4.3-4.6). */
+struct ext_hdr {
+    __u8 nexthdr;
+    __u8 len;              /* in 8-byte units, not counting the first 8 */
 };
+
+/* The IPv6 fragment header (RFC 8200 4.5). */
+struct frag6_hdr {
+    __u8 nexthdr;
+    __u8 reserved;
+    __be16 frag_off;       /* offset (13 bits), 2 reserved bits, M */
+    __be32 id;
+};
+
+/* Extension headers looked through to find UDP; a longer chain passes. */
+#define IPV6_EXT_MAX 4
 
 /* The parsed view of one frame: pointers into it plus what was found. */
 struct pkt {
@@ -31,6 +43,8 @@ struct pkt {
     __u32 len;             /* whole frame length, for byte counters */
     __u8 family;
     __u8 class;            /* enum pkt_class of the UDP payload */
+    __u8 refuse;           /* a stat_id: why the relay cannot take this packet if it is for the relay
+                            * (IP options, a first fragment, IPv6 extension headers); 0: none */
 };
 
 /* A 16-bit length field in network order, as a number the verifier knows is
@@ -64,9 +78,55 @@ static __always_inline __u8 classify_payload(__u8 *payload, void *data_end)
     return CLASS_OTHER;
 }
 
-/* Parse Ethernet (+ one 802.1Q tag), IPv4 or IPv6, and UDP. Returns PARSE_OK
- * with p filled for a well-formed UDP packet, else the stat_id saying why it
- * is not ours (pass) or broken (drop). */
+/* The UDP header of an IPv6 packet: after up to IPV6_EXT_MAX extension
+ * headers. Returns PARSE_OK with *l4 and *ext_len (bytes of extension
+ * headers) set, else the stat_id to account. A non-first fragment carries no
+ * UDP header: its first fragment decides (dropped if it is the relay's, so
+ * the kernel never reassembles it). */
+static __always_inline int ipv6_udp(struct ipv6hdr *ip6, void *data_end, void **l4, __u32 *ext_len)
+{
+    __u8 next = ip6->nexthdr;
+    void *at = ip6 + 1;
+    __u32 len = 0;
+#pragma unroll
+    for (int i = 0; i < IPV6_EXT_MAX; i++) {
+        if (next == IPPROTO_UDP)
+            break;
+        if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS || next == 135) {
+            struct ext_hdr *h = at;
+            if ((void *)(h + 1) > data_end)
+                return STAT_DROP_MALFORMED;
+            __u32 n = ((__u32)h->len + 1) * 8;
+            next = h->nexthdr;
+            at += n;
+            len += n;
+        } else if (next == IPPROTO_FRAGMENT) {
+            struct frag6_hdr *f = at;
+            if ((void *)(f + 1) > data_end)
+                return STAT_DROP_MALFORMED;
+            if (f->frag_off & bpf_htons(0xfff8))
+                return STAT_PASS_IPV6_EXT;
+            next = f->nexthdr;
+            at += sizeof(*f);
+            len += sizeof(*f);
+        } else {
+            break;
+        }
+    }
+    if (next != IPPROTO_UDP)
+        return len ? STAT_PASS_IPV6_EXT : STAT_PASS_NOT_RELAY;
+    *l4 = at;
+    *ext_len = len;
+    return PARSE_OK;
+}
+
+/* Parse Ethernet, IPv4 or IPv6, and UDP. Returns PARSE_OK with p filled for
+ * a UDP packet (p->refuse says if it carries what the relay cannot take),
+ * else the stat_id saying why it is not ours (pass) or broken (drop).
+ * 802.1Q-tagged frames pass untouched: the stack strips the tag and its VLAN
+ * device owns the addresses, and a redirect from here would leave on the
+ * physical device with the tag of the ingress (attach XDP where frames
+ * arrive untagged). */
 static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
 {
     void *data = (void *)(long)ctx->data;
@@ -80,33 +140,34 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
     p->eth = eth;
     __be16 proto = eth->h_proto;
     void *l3 = eth + 1;
-    if (proto == bpf_htons(ETH_P_8021Q)) {
-        struct vlan_tag *tag = l3;
-        if ((void *)(tag + 1) > data_end)
-            return STAT_DROP_MALFORMED;
-        proto = tag->proto;
-        l3 = tag + 1;
-    }
+    if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
+        return STAT_PASS_VLAN;
 
     struct udphdr *udp;
     __u32 l4_len; /* UDP length the IP header allows */
+    int first_fragment = 0;
     if (proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = l3;
         if ((void *)(ip + 1) > data_end)
             return STAT_DROP_MALFORMED;
         if (ip->version != 4 || ip->ihl < 5)
             return STAT_DROP_MALFORMED;
-        if (ip->ihl != 5)
-            return STAT_PASS_IP_OPTIONS;
-        if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+        if (ip->frag_off & bpf_htons(IP_OFFSET))
             return STAT_PASS_FRAGMENT;
         if (ip->protocol != IPPROTO_UDP)
             return STAT_PASS_NOT_RELAY;
+        __u32 hlen = ip->ihl * 4;
         __u32 tot = load_be16_len(ip->tot_len);
-        if (tot < sizeof(*ip) + sizeof(*udp) || (void *)ip + tot > data_end)
+        if (tot < hlen + sizeof(*udp) || (void *)ip + tot > data_end)
             return STAT_DROP_MALFORMED;
-        l4_len = tot - sizeof(*ip);
-        udp = (void *)(ip + 1);
+        l4_len = tot - hlen;
+        udp = (void *)ip + hlen;
+        if (hlen != sizeof(*ip)) {
+            p->refuse = STAT_DROP_IP_OPTIONS;
+        } else if (ip->frag_off & bpf_htons(IP_MF)) {
+            p->refuse = STAT_DROP_FRAGMENT;
+            first_fragment = 1;
+        }
         p->ip4 = ip;
         p->family = SR_AF_INET;
     } else if (proto == bpf_htons(ETH_P_IPV6)) {
@@ -115,19 +176,20 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
             return STAT_DROP_MALFORMED;
         if (ip6->version != 6)
             return STAT_DROP_MALFORMED;
-        switch (ip6->nexthdr) {
-        case IPPROTO_UDP:
-            break;
-        case IPPROTO_HOPOPTS: case IPPROTO_ROUTING: case IPPROTO_FRAGMENT:
-        case IPPROTO_DSTOPTS: case IPPROTO_AH: case IPPROTO_ESP: case 135 /* mobility */:
-            return STAT_PASS_IPV6_EXT;
-        default:
-            return STAT_PASS_NOT_RELAY;
-        }
-        l4_len = load_be16_len(ip6->payload_len);
-        if (l4_len < sizeof(*udp) || (void *)(ip6 + 1) + l4_len > data_end)
+        void *l4 = NULL;
+        __u32 ext_len = 0;
+        int rc = ipv6_udp(ip6, data_end, &l4, &ext_len);
+        if (rc != PARSE_OK)
+            return rc;
+        __u32 plen = load_be16_len(ip6->payload_len);
+        if (plen < ext_len + sizeof(*udp) || (void *)(ip6 + 1) + plen > data_end)
             return STAT_DROP_MALFORMED;
-        udp = (void *)(ip6 + 1);
+        l4_len = plen - ext_len;
+        udp = l4;
+        if (ext_len) {
+            p->refuse = STAT_DROP_IPV6_EXT;
+            first_fragment = 1;  /* perhaps: its UDP length may be the whole datagram's */
+        }
         p->ip6 = ip6;
         p->family = SR_AF_INET6;
     } else {
@@ -137,7 +199,7 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
     if ((void *)(udp + 1) > data_end)
         return STAT_DROP_MALFORMED;
     __u32 ulen = load_be16_len(udp->len);
-    if (ulen < sizeof(*udp) || ulen > l4_len)
+    if (ulen < sizeof(*udp) || (ulen > l4_len && !first_fragment))
         return STAT_DROP_MALFORMED;
     p->udp = udp;
     p->payload = (__u8 *)(udp + 1);

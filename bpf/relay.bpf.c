@@ -6,7 +6,10 @@
  *   only when the sender is the current owner of the call.
  * Unknown client tuple: a well-formed STUN Binding request carrying our ufrag
  * shape goes to the slow path (XDP_PASS, stun.h), the rest is dropped.
- * Everything else passes untouched. Every verdict is counted. */
+ * What the relay cannot take (IP options, fragments, IPv6 extension headers)
+ * is dropped when it is for the relay, never handed to the kernel to
+ * deliver to relayd. Everything else passes untouched. Every verdict is
+ * counted. */
 #include "consts.h"
 #include "structs.h"
 #include "maps.h"
@@ -44,6 +47,19 @@ static __always_inline __u64 coarse_now(void)
         c->ns = bpf_ktime_get_coarse_ns();
     }
     return c->ns;
+}
+
+/* A full memory barrier (smp_mb) for BPF, which has no fence instruction:
+ * an atomic add of 0 to this CPU's clock copy (its own cache line), which
+ * the JITs emit as a locked add (x86) or an ldaddal (arm64), ordering every
+ * load and store before it against every one after. 64-bit: the compiler
+ * bcc drives has no 32-bit atomics with a result. */
+static __always_inline void full_barrier(void)
+{
+    __u32 zero = 0;
+    struct clock_copy *c = clock.lookup(&zero);
+    if (c)
+        __sync_fetch_and_add(&c->jiffies, 0);
 }
 
 /* The owners entry of a flow's call: its slot, while the slot still names
@@ -86,13 +102,18 @@ static __always_inline void pkt_addrs(struct pkt *p, __be32 *src, __be32 *dst)
     }
 }
 
-/* TTL / hop limit about to expire: the kernel must answer with ICMP. */
-static __always_inline int ttl_expired(struct pkt *p)
+/* TTL / hop limit 0. The relay rewrites a known flow's packet to a new
+ * destination, as a TURN server relays a datagram: RFC 8656 14 drops an
+ * incoming 0 and sends one less than the incoming value otherwise, so a TTL
+ * of 1 leaves with 0 (its owner, on the relay's network, takes it; a loop
+ * through the relay dies at the next pass). The kernel has nothing to add:
+ * no ICMP time-exceeded for a relay's own flows. */
+static __always_inline int ttl_zero(struct pkt *p)
 {
     if (p->ip4)
-        return p->ip4->ttl <= 1;
+        return p->ip4->ttl == 0;
     if (p->ip6)
-        return p->ip6->hop_limit <= 1;
+        return p->ip6->hop_limit == 0;
     return 1;
 }
 
@@ -145,7 +166,7 @@ static __always_inline void csum_deltas(struct pkt *p, struct nexthop *nh,
         l3 = csum_diff32(l3, ip->daddr, dst[0]);
         l4 = l3;
         /* TTL shares a 16-bit word with the protocol number, TTL first;
-         * it is above 1 here, so the decrement borrows nothing. */
+         * it is above 0 here, so the decrement borrows nothing. */
         __u16 word = *(__u16 *)&ip->ttl;
         l3 = csum_diff16(l3, word, word - bpf_htons(0x0100));
     } else if (p->ip6) {
@@ -210,7 +231,13 @@ static __always_inline void rewrite(struct pkt *p, const struct nexthop *nh,
 
 /* The route of one direction of a flow, in nh: the cached one while it is
  * fresh and was made under this epoch, else a fib lookup (and the checksum
- * changes) that refreshes the cache. Returns 0, or the stat_id to pass with. */
+ * changes) that refreshes the cache. Returns 0, or the stat_id to pass with.
+ * The cache is written as a seqlock's writer would: invalidated, then the
+ * route, checksum changes and owner (dst4/dport: IPv4 towards an owner),
+ * then its validity (epoch, then until_ns) last, behind a barrier: on
+ * weakly ordered CPUs (arm64) too, another CPU that finds the cache valid
+ * finds its contents (a flow's packets come to one CPU by RSS; this is for
+ * the rest). */
 static __always_inline int cached_route(struct xdp_md *ctx, struct pkt *p, struct nexthop *nh, __u32 epoch,
                                         __u64 now, const __be32 *src, const __be32 *dst,
                                         __be16 sport, __be16 dport)
@@ -221,11 +248,16 @@ static __always_inline int cached_route(struct xdp_md *ctx, struct pkt *p, struc
     int rc = route(ctx, p, &fib, src, dst, sport, dport);
     if (rc)
         return rc;
+    nh->until_ns = 0;
+    full_barrier();
     nh->ifindex = fib.ifindex;
-    nh->epoch = epoch;
     __builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
     __builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
     csum_deltas(p, nh, src, dst, sport, dport);
+    nh->dst4 = p->ip4 ? dst[0] : 0;
+    nh->dport = p->ip4 ? dport : 0;
+    full_barrier();
+    nh->epoch = epoch;
     nh->until_ns = now + NH_CACHE_NS;
     return 0;
 }
@@ -263,13 +295,30 @@ static __always_inline int bucket_admits(struct admit_bucket *b, __u64 now, __u6
     return 1;
 }
 
+/* The admission key of a source: its address under the configured prefix. */
+static __always_inline void source_of(const struct admit_config *cfg, __u32 family, __be32 src0, __be32 src1,
+                                      struct source_key *k)
+{
+    k->family = family;
+    if (family == SR_AF_INET6) {
+        k->addr[0] = src0 & cfg->source_mask6[0];
+        k->addr[1] = src1 & cfg->source_mask6[1];
+    } else {
+        k->addr[0] = src0 & cfg->source_mask4;
+        k->addr[1] = 0;
+    }
+}
+
 /* What an unknown tuple may send to the slow path, after stun_admit passed
- * a check or a rebinding candidate was found: a check's ufrag must be a live
- * call's, within that call's rate; then per source (IPv4 /32, IPv6 /64),
- * then the global budget. Returns `stat` if admitted. Established flows never
- * get here. (Map calls live in this file: bcc rewrites them in the main
- * source only.) */
-static __always_inline int admit(struct pkt *p, __be32 src0, __be32 src1, int stat)
+ * a check or a rebinding candidate was found. A check's ufrag must be a
+ * live call's; then the source's bucket (its prefix), then the call's (the
+ * check's ufrag, or the candidate's SSRC), then the global budget. The
+ * source is charged first: a source over its rate never reaches its
+ * target call's bucket, so it cannot spend a live call's checks. Checks and
+ * candidates count their drops apart (a STUN flood and an RTP flood look
+ * different). Returns `stat` if admitted. Established flows never get here.
+ * (Map calls live in this file: bcc rewrites them in the main source only.) */
+static __always_inline int admit(struct pkt *p, __be32 src0, __be32 src1, int stat, __u32 ssrc)
 {
     __u32 zero = 0;
     __u32 family = p->family;
@@ -277,7 +326,9 @@ static __always_inline int admit(struct pkt *p, __be32 src0, __be32 src1, int st
     if (!cfg)
         return stat;
     __u64 now = bpf_ktime_get_ns();
-    if (stat == STAT_PASS_STUN_UNKNOWN) {
+    int stun = stat == STAT_PASS_STUN_UNKNOWN;
+    struct admit_bucket *call = NULL;
+    if (stun) {
         __u32 off = p->ufrag_off;
         if (off > STUN_SCAN_MAX + 4)
             return STAT_DROP_STUN_MALFORMED;
@@ -286,29 +337,37 @@ static __always_inline int admit(struct pkt *p, __be32 src0, __be32 src1, int st
             return STAT_DROP_STUN_MALFORMED;
         struct ufrag_key uk;
         __builtin_memcpy(uk.ufrag, u, UFRAG_LEN);
-        struct admit_bucket *c = live_ufrags.lookup(&uk);
-        if (!c)
+        call = live_ufrags.lookup(&uk);
+        if (!call)
             return STAT_DROP_STUN_UNKNOWN_UFRAG;
-        if (cfg->call_interval_ns && !bucket_admits(c, now, cfg->call_interval_ns, cfg->call_burst_ns))
-            return STAT_DROP_STUN_CALL_RATE;
     }
     if (cfg->source_interval_ns) {
         struct source_key k;
-        k.family = family;
-        k.addr[0] = src0;
-        k.addr[1] = family == SR_AF_INET6 ? src1 : 0;
+        source_of(cfg, family, src0, src1, &k);
         struct admit_bucket *b = admit_sources.lookup(&k);
         if (!b) {
             struct admit_bucket fresh = { .tat_ns = now + cfg->source_interval_ns };
             admit_sources.update(&k, &fresh);
         } else if (!bucket_admits(b, now, cfg->source_interval_ns, cfg->source_burst_ns)) {
-            return STAT_DROP_STUN_RATE;
+            return stun ? STAT_DROP_STUN_RATE : STAT_DROP_REBIND_RATE;
+        }
+    }
+    if (stun) {
+        if (cfg->call_interval_ns && !bucket_admits(call, now, cfg->call_interval_ns, cfg->call_burst_ns))
+            return STAT_DROP_STUN_CALL_RATE;
+    } else if (cfg->rebind_interval_ns) {
+        call = rebind_ssrcs.lookup(&ssrc);
+        if (!call) {
+            struct admit_bucket fresh = { .tat_ns = now + cfg->rebind_interval_ns };
+            rebind_ssrcs.update(&ssrc, &fresh);
+        } else if (!bucket_admits(call, now, cfg->rebind_interval_ns, cfg->rebind_burst_ns)) {
+            return STAT_DROP_REBIND_CALL_RATE;
         }
     }
     if (cfg->cpu_interval_ns) {
         struct admit_bucket *g = admit_budget.lookup(&zero);
         if (g && !bucket_admits(g, now, cfg->cpu_interval_ns, cfg->cpu_burst_ns))
-            return STAT_DROP_STUN_BUDGET;
+            return stun ? STAT_DROP_STUN_BUDGET : STAT_DROP_REBIND_BUDGET;
     }
     return stat;
 }
@@ -394,7 +453,7 @@ static __always_inline struct flow_info *find_flow(struct pkt *p, const __be32 *
 }
 
 /* Client → VIP from a tuple the flows map does not hold. */
-static __always_inline int unknown_client(struct pkt *p)
+static __always_inline int unknown_client(struct pkt *p, __u32 *ssrc)
 {
     if (p->class == CLASS_STUN)
         return stun_admit(p);
@@ -402,8 +461,8 @@ static __always_inline int unknown_client(struct pkt *p)
         /* Media from a new tuple carrying a known flow's SSRC: perhaps
          * that client behind a NAT that rebound. The slow path has the
          * owner authenticate it before anything changes. */
-        __u32 ssrc = rtp_ssrc(p);
-        if (ssrc && ssrcs.lookup(&ssrc))
+        *ssrc = rtp_ssrc(p);
+        if (*ssrc && ssrcs.lookup(ssrc))
             return STAT_PASS_REBIND;
     }
     return STAT_DROP_UNKNOWN_NOT_STUN;
@@ -436,19 +495,47 @@ static __always_inline int client_forwarded(struct pkt *p, struct flow_info *flo
     return STAT_FWD_IN_STUN + p->class;
 }
 
+/* The owner endpoint of a flow's call, read as a seqlock's reader: the
+ * slot's epoch, a barrier, the owners entry, a barrier, the epoch again.
+ * Userspace writes the entry, then bumps the epoch: an epoch that did not
+ * move names the entry read, on weakly ordered CPUs too. Tried twice; a
+ * slot changing all the while gives STAT_PASS_OWNER_RACE (the slow path
+ * forwards that packet). Returns 0 with the endpoint and its epoch, or the
+ * stat_id. */
+static __always_inline int owner_of_flow(__u32 *ep, __u32 slot, __u32 conn_id, __u8 family,
+                                         __be32 *dst, __be16 *dport, __u32 *epoch)
+{
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        __u32 before = *(volatile __u32 *)ep;
+        full_barrier();
+        struct owner_info *owner = call_owner(slot, conn_id);
+        if (!owner)
+            return STAT_DROP_NO_OWNER;
+        if (owner_endpoint(owner, family, dst, dport) < 0)
+            return STAT_DROP_NO_OWNER;
+        full_barrier();
+        if (*(volatile __u32 *)ep == before) {
+            *epoch = before;
+            return 0;
+        }
+    }
+    return STAT_PASS_OWNER_RACE;
+}
+
 /* Client → VIP on a known flow: forward to the call's owner. While the
  * flow's route cache stands (fresh, and made under the slot's current
  * epoch), an IPv4 packet takes the owner, route and checksum changes from
  * it and never reads the owners entry; else the entry is read and checked
- * (still this call's, an address in the family) and the cache made again.
- * The epoch is read before the entry: userspace writes the entry, then
- * bumps the epoch, so a cache never names an epoch newer than the owner it
- * holds. */
+ * (owner_of_flow: still this call's, an address in the family) and the
+ * cache made again, under the epoch the entry was read at. */
 static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 *egress,
                                        const __be32 *saddr, const __be32 *daddr, struct flow_info *flow)
 {
     if (p->class == CLASS_OTHER)
         return STAT_DROP_BAD_CLASS;
+    if (ttl_zero(p))
+        return STAT_DROP_TTL_ZERO;
     __u32 slot = flow->slot;
     __u32 *ep = epochs.lookup(&slot);
     if (!ep)
@@ -461,8 +548,6 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 
     if (!cfg || !cfg->addr_count)
         return STAT_DROP_NO_INTERNAL_ADDR;
     if (p->ip4 && nh->until_ns > now && nh->epoch == epoch && nh->dport) {
-        if (ttl_expired(p))
-            return STAT_PASS_TTL_EXPIRED;
         __be32 src = pool_word(cfg->internal_addr[0], flow->flow_addr);
         learn_ssrc(p, flow, saddr, daddr);
         rewrite_ip4(p->ip4, nh, src, nh->dst4);
@@ -470,24 +555,16 @@ static __always_inline int from_client(struct xdp_md *ctx, struct pkt *p, __u32 
         *egress = nh->ifindex;
         return client_forwarded(p, flow, now);
     }
-    struct owner_info *owner = call_owner(slot, flow->conn_id);
-    if (!owner)
-        return STAT_DROP_NO_OWNER;
     __be32 dst[4];
     __be16 dport;
-    if (owner_endpoint(owner, p->family, dst, &dport) < 0)
-        return STAT_DROP_NO_OWNER;
-    if (ttl_expired(p))
-        return STAT_PASS_TTL_EXPIRED;
-    __be32 src[4];
-    pool_addr(cfg, p->family, flow->flow_addr, src);
-    int rc = cached_route(ctx, p, nh, epoch, now, src, dst, flow->flow_port, dport);
+    int rc = owner_of_flow(ep, slot, flow->conn_id, p->family, dst, &dport, &epoch);
     if (rc)
         return rc;
-    if (p->ip4) {
-        nh->dst4 = dst[0];
-        nh->dport = dport;
-    }
+    __be32 src[4];
+    pool_addr(cfg, p->family, flow->flow_addr, src);
+    rc = cached_route(ctx, p, nh, epoch, now, src, dst, flow->flow_port, dport);
+    if (rc)
+        return rc;
     learn_ssrc(p, flow, saddr, daddr);
     rewrite(p, nh, src, dst, flow->flow_port, dport);
     *egress = nh->ifindex;
@@ -519,8 +596,8 @@ static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, __u32 *
         return STAT_DROP_NOT_OWNER;
     if (p->class == CLASS_OTHER)
         return STAT_DROP_BAD_CLASS;
-    if (ttl_expired(p))
-        return STAT_PASS_TTL_EXPIRED;
+    if (ttl_zero(p))
+        return STAT_DROP_TTL_ZERO;
 
     __u64 now = coarse_now();
     int rc = cached_route(ctx, p, &rev->nh, 0, now, rev->client.relay_addr, rev->client.client_addr,
@@ -536,16 +613,25 @@ static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, __u32 *
     return STAT_FWD_OUT_STUN + p->class;
 }
 
+/* A packet for the relay (to a VIP, or to a flow source) that it cannot
+ * take: its refusal, else 0. The IPv6 UDP checksum is mandatory (RFC 8200
+ * 8.1) for the relay's traffic; other UDP over IPv6 (VXLAN, GENEVE: RFC
+ * 6935) may carry none and is not the relay's to judge. */
+static __always_inline int refused(struct pkt *p)
+{
+    if (p->refuse)
+        return p->refuse;
+    if (p->ip6 && !p->udp->check)
+        return STAT_DROP_MALFORMED;
+    return 0;
+}
+
 int xdp_relay(struct xdp_md *ctx)
 {
     struct pkt p = {};
     int stat = parse_frame(ctx, &p);
     if (stat != PARSE_OK)
         return account(stat, p.len, verdict_of(stat));
-
-    /* The IPv6 UDP checksum is mandatory (RFC 8200 8.1). */
-    if (p.ip6 && !p.udp->check)
-        return account(STAT_DROP_MALFORMED, p.len, XDP_DROP);
 
     __be32 saddr[4], daddr[4];
     pkt_addrs(&p, saddr, daddr);
@@ -571,9 +657,13 @@ int xdp_relay(struct xdp_md *ctx)
     if (to_vip) {
         if (side && side != ROLE_PUBLIC)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
-        stat = flow ? from_client(ctx, &p, &egress, saddr, daddr, flow) : unknown_client(&p);
+        stat = refused(&p);
+        if (stat)
+            return account(stat, p.len, XDP_DROP);
+        __u32 ssrc = 0;
+        stat = flow ? from_client(ctx, &p, &egress, saddr, daddr, flow) : unknown_client(&p, &ssrc);
         if (stat == STAT_PASS_STUN_UNKNOWN || stat == STAT_PASS_REBIND)
-            stat = admit(&p, saddr[0], saddr[1], stat);
+            stat = admit(&p, saddr[0], saddr[1], stat, ssrc);
     } else {
         __u32 idx = p.family == SR_AF_INET ? 0 : 1;
         struct relay_config *cfg = relay_cfg.lookup(&idx);
@@ -585,6 +675,9 @@ int xdp_relay(struct xdp_md *ctx)
             return account(STAT_PASS_NOT_RELAY, p.len, XDP_PASS);
         if (side && side != ROLE_INTERNAL)
             return account(STAT_DROP_WRONG_SIDE, p.len, XDP_DROP);
+        stat = refused(&p);
+        if (stat)
+            return account(stat, p.len, XDP_DROP);
         stat = from_owner(ctx, &p, &egress, saddr, (__u16)flow_addr);
     }
     if (stat >= STAT_FWD_IN_STUN)

@@ -119,14 +119,21 @@ struct relay_config {
 
 /* admit_cfg: how much set-up traffic may reach the slow path (one entry). A
  * bucket admits one packet per interval with up to burst of credit (GCRA);
- * interval 0 means unlimited. The global budget is split among the CPUs. */
+ * interval 0 means unlimited. The global budget is split among the CPUs.
+ * A source is its address under the configured prefix (limits.source_prefix_v4
+ * and _v6; userspace writes the masks). */
 struct admit_config {
-    __u64 source_interval_ns;   /* per source address (IPv4 /32, IPv6 /64) */
+    __u64 source_interval_ns;   /* per source prefix */
     __u64 source_burst_ns;
     __u64 cpu_interval_ns;      /* per CPU: global budget / possible CPUs */
     __u64 cpu_burst_ns;
     __u64 call_interval_ns;     /* per live call (its server ufrag) */
     __u64 call_burst_ns;
+    __u64 rebind_interval_ns;   /* per SSRC, for media from unknown tuples (rebind candidates) */
+    __u64 rebind_burst_ns;
+    __be32 source_mask4;        /* an IPv4 source's prefix, as a mask */
+    __be32 source_mask6[2];     /* an IPv6 source's prefix (at most /64), as a mask of its first 64 bits */
+    __u32 pad0;
 };
 
 /* live_ufrags key: a live call's server ufrag, as it starts USERNAME. */
@@ -134,7 +141,7 @@ struct ufrag_key {
     __u8 ufrag[UFRAG_LEN];
 };
 
-/* admit_sources key: a source address, IPv6 masked to its /64. */
+/* admit_sources key: a source address under its prefix (IPv6: of its first 64 bits). */
 struct source_key {
     __u32 family;
     __be32 addr[2];

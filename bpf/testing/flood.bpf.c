@@ -6,7 +6,9 @@
  * of the ufrag in USERNAME (still of our ufrag's shape, so it passes the
  * shape check and dies on its MAC in the slow path), then sends it back out
  * of the interface it came from (XDP_TX) towards the relay.
- * UFRAG_OFF: offset of the ufrag in the frame (-D). */
+ * UFRAG_OFF: offset of the ufrag in the frame (-D); IP_HLEN: the IPv4
+ * header's length, options included (-D, default 20). Any UDP payload
+ * serves (RTP too, with RANDOM_UFRAG=0). */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -18,6 +20,9 @@
 #ifndef RANDOM_UFRAG
 #define RANDOM_UFRAG 1
 #endif
+#ifndef IP_HLEN
+#define IP_HLEN 20
+#endif
 #define RANDOM_CHARS 16   /* the ufrag's last 16 characters (its first ones carry the version) */
 
 static __always_inline __u16 ip_checksum(struct iphdr *ip)
@@ -25,7 +30,7 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
     __u32 sum = 0;
     __u16 *w = (__u16 *)ip;
 #pragma unroll
-    for (int i = 0; i < 10; i++)
+    for (int i = 0; i < IP_HLEN / 2; i++)
         sum += w[i];
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
@@ -50,7 +55,7 @@ int xdp_flood(struct xdp_md *ctx)
     void *data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
     struct iphdr *ip = (void *)(eth + 1);
-    struct udphdr *udp = (void *)(ip + 1);
+    struct udphdr *udp = (void *)ip + IP_HLEN;
     if ((void *)(udp + 1) > data_end)
         return XDP_ABORTED;
     ip->saddr = bpf_htonl(0xC6120000 | (bpf_get_prandom_u32() & 0x1FFFF));

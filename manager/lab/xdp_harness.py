@@ -105,7 +105,7 @@ def build(*, max_flows: int = 1024, pin_dir: str | None = None,
             max_flows=max_flows, max_flows6=max_flows, max_reverse=max_flows, max_owners=max(64, max_flows),
             # Unlimited set-up admission: fixtures and benchmarks run STUN
             # misses by the thousand (tests of the limits set their own).
-            admit_source_rate=0, admit_budget=0, admit_call_rate=0,
+            admit_source_rate=0, admit_budget=0, admit_call_rate=0, admit_rebind_rate=0,
         )
         dp = Datapath(cfg)
         try:

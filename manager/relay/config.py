@@ -45,6 +45,8 @@ class DatapathConfig(BaseModel):
     public_interfaces: list[str] = Field(default_factory=list,
                                          description="of those, the public side (clients); the rest are internal")
     xdp_mode: Literal["auto", "native", "generic"] = "auto"
+    xdp_replace: bool = Field(default=False, description="replace a foreign XDP program found on an interface "
+                                                        "(else attaching there is refused)")
     vips: list[Endpoint] = Field(default_factory=list, description="public relay address:port pairs")
     internal_addr4: str | None = None
     internal_addr6: str | None = None
@@ -59,7 +61,8 @@ class DatapathConfig(BaseModel):
     max_reverse: int = Field(default=1 << 20, ge=16, le=1 << 26)
     max_owners: int = Field(default=1 << 18, ge=16, le=1 << 24)
     # Set-up traffic reaching the slow path, enforced in XDP (0: unlimited).
-    admit_source_rate: float = Field(default=20.0, ge=0, description="STUN checks/s per source (IPv4 /32, IPv6 /64)")
+    admit_source_rate: float = Field(default=20.0, ge=0,
+                                     description="STUN checks/s per source (limits.source_prefix_v4/_v6)")
     admit_source_burst: int = Field(default=20, ge=1, description="checks a source may send at once")
     admit_budget: float = Field(default=20000.0, ge=0, description="STUN checks/s to the slow path, all sources")
     admit_budget_burst: int = Field(default=2000, ge=1, description="checks at once, all sources")
@@ -67,6 +70,10 @@ class DatapathConfig(BaseModel):
     # call's own ufrag replayed from many tuples spends only its own bucket.
     admit_call_rate: float = Field(default=100.0, ge=0, description="STUN checks/s per live call")
     admit_call_burst: int = Field(default=50, ge=1, description="checks of one call at once")
+    # Media from unknown tuples carrying a live SSRC (NAT rebinding candidates),
+    # per SSRC: a spoofing flood from random sources passes only this.
+    admit_rebind_rate: float = Field(default=20.0, ge=0, description="rebind candidates/s per SSRC")
+    admit_rebind_burst: int = Field(default=10, ge=1, description="rebind candidates of one SSRC at once")
 
     @field_validator("internal_addr4")
     @classmethod
@@ -103,9 +110,12 @@ class DatapathConfig(BaseModel):
     @field_validator("pin_dir")
     @classmethod
     def _in_bpffs(cls, v: Path) -> Path:
-        if not str(v).startswith("/sys/fs/bpf/"):
-            raise ValueError(f"must be a directory under /sys/fs/bpf (bpffs), got {v}")
-        return v
+        # Resolved first (symlinks, ..): "/sys/fs/bpf/../../tmp" is no bpffs path.
+        real = Path(os.path.realpath(v))
+        if not real.is_relative_to("/sys/fs/bpf") or real == Path("/sys/fs/bpf"):
+            raise ValueError(f"must be a directory under /sys/fs/bpf (bpffs), got {v}"
+                             + (f" (resolves to {real})" if real != v else ""))
+        return real
 
     @model_validator(mode="after")
     def _ranges(self) -> DatapathConfig:
@@ -209,6 +219,11 @@ class LimitsConfig(BaseModel):
     max_body: int = Field(default=64 * 1024, ge=1024, le=1 << 20, description="bytes of an SDP offer")
     max_media_sections: int = Field(default=8, ge=1, le=64)
     max_sdp_lines: int = Field(default=400, ge=20, le=10000)
+    # What one source is, for every per-source limit (create, pending, slow
+    # path, ICE-TCP; XDP's per-source buckets read the same two fields).
+    source_prefix_v4: int = Field(default=32, ge=8, le=32, description="IPv4 clients in one such prefix are one source")
+    source_prefix_v6: int = Field(default=64, ge=16, le=128,
+                                  description="IPv6 clients in one such prefix are one source (a site gets a /64)")
 
 
 class SlowPathConfig(BaseModel):

@@ -54,7 +54,8 @@ class Relay:
 
     def __init__(self, cfg: RelaydConfig):
         self.cfg = cfg
-        self.datapath = Datapath(cfg.datapath)
+        self.datapath = Datapath(cfg.datapath,
+                                 source_prefix=(cfg.limits.source_prefix_v4, cfg.limits.source_prefix_v6))
         self.flow_sockets = FlowSockets(cfg.datapath)
         self.registry = Registry(heartbeat_timeout=cfg.signaling.heartbeat_timeout)
         # A fleet shares the registry through Redis; alone, it is in memory only.

@@ -248,16 +248,20 @@ class SlowPath:
         for call in self.registry.calls():  # active before we listened
             if call.state == "active":
                 self._call_active(call)
-        self.adopt_kernel_flows()
+        await self.adopt_kernel_flows()
         self._housekeeper = asyncio.create_task(self._housekeeping())
 
-    def adopt_kernel_flows(self) -> int:
+    async def adopt_kernel_flows(self) -> int:
         """After a restart: take over the flows the kernel kept forwarding.
-        Their flow sources are reserved, so a new call can never be given one."""
+        Their flow sources are reserved, so a new call can never be given one.
+        The maps are walked in a thread, and the legs made in batches that
+        yield to the loop: packets wait one batch, not the whole table."""
         if self.datapath is None:
             return 0
         adopted = 0
-        for flow in self.datapath.flows():
+        for i, flow in enumerate(await asyncio.to_thread(self.datapath.flows)):
+            if i % 500 == 499:
+                await asyncio.sleep(0)
             if (flow.client, flow.vip) in self.legs:
                 continue
             sources = self.sources.get(family_of(flow.client[0]))
@@ -544,6 +548,11 @@ class SlowPath:
         if sender != self._owner_of(leg):
             self.stats["drop_not_owner"] += 1
             return
+        # Installed, yet its owner's packet came here: the return entry is gone (LRU) or older than the owner.
+        if (leg.installed_at is not None and leg.stream is None and self.datapath is not None
+                and self.datapath.repair_reverse(sender, leg.flow_port, leg.client, leg.vip, leg.conn_id,
+                                                 leg.flow_addr)):
+            self.stats["returns_repaired"] += 1
         install = False
         if leg.installed_at is None and is_stun(data):
             # The header says whether the owner authenticated one of the leg's

@@ -10,14 +10,20 @@ the relay's pub0, where the relay's own XDP program meets it. Two variants:
 - random ufrags: our ufrag's shape with a random tail (passes the shape check
   in XDP, fails the MAC in the slow path);
 - one valid ufrag replayed: the established call's own server ufrag, from
-  every random tuple (passes everything up to the slow path's bounds).
+  every random tuple (passes everything up to the slow path's bounds);
+- IP options: the replayed check with a NOP option in its IPv4 header (XDP
+  drops what it cannot take for the relay: drop_ip_options);
+- live-SSRC spoof: RTP carrying the established call's own SSRC from every
+  random tuple, each a NAT-rebinding candidate (XDP passes at most that
+  SSRC's bucket: pass_rebind, the rest drop_rebind_call_rate).
 
 Reported per variant: injected packets/s, what XDP did with them, the
-slow-path packets/s that reached Python, relayd's CPU, set-up time of new
+slow-path packets/s that reached Python, relayd's and the owning
+transceiver's CPU, set-up time of new
 aiortc calls during the flood against without it, and RTP packets the
 established call lost (sequence gaps on the wire, both directions).
 
-    .venv/bin/python -m tests.bench.bench_flood [--seconds 8] [--json out.json]
+    .venv/bin/python -m tests.bench.bench_flood [--seconds 8] [--variants ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -58,24 +64,53 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def template(lab, username: str) -> tuple[bytes, int]:
+VARIANTS = ("random ufrags", "one valid ufrag replayed", "IP options", "live-SSRC spoof")
+NOP_OPTION = b"\x01\x01\x01\x00"
+
+
+def template(lab, username: str, options: bytes = b"") -> tuple[bytes, int]:
     msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
     msg.attributes["USERNAME"] = username
     msg.attributes["PRIORITY"] = 1853824767
     frame = bytes(Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff")
-                  / IP(src=lab.client.addr4, dst=lab.vip4) / UDP(sport=40000, dport=lab.port) / Raw(bytes(msg)))
+                  / IP(src=lab.client.addr4, dst=lab.vip4, options=options) / UDP(sport=40000, dport=lab.port)
+                  / Raw(bytes(msg)))
     return frame, frame.index(username.split(":")[0].encode())
+
+
+def rtp_template(lab, ssrc: int) -> bytes:
+    """An Opus-sized SRTP packet of the established call's stream (SSRC as on the wire)."""
+    rtp = bytes([0x80, 111]) + b"\x00\x01" + b"\x00" * 4 + ssrc.to_bytes(4, "big") + b"r" * 120
+    return bytes(Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff")
+                 / IP(src=lab.client.addr4, dst=lab.vip4) / UDP(sport=40000, dport=lab.port) / Raw(rtp))
+
+
+def live_ssrc(svc, conn_id: int) -> int:
+    """The SSRC XDP learned on the established call's flow."""
+    from manager.relay.config import DatapathConfig
+    from manager.relay.kernel.datapath import Datapath
+
+    dp = Datapath(DatapathConfig(pin_dir=svc.config["datapath"]["pin_dir"]))
+    try:
+        dp.open_maps()
+        found = [f.ssrc for f in dp.flows() if f.ssrc and f.conn_id == conn_id]
+    finally:
+        dp.close()
+    if not found:
+        raise RuntimeError("the established call's flow has no SSRC yet")
+    return found[0]
 
 
 class Flood:
     """Injects the template at full speed from a thread in the client namespace."""
 
-    def __init__(self, lab, frame: bytes, ufrag_off: int, random_ufrag: bool):
+    def __init__(self, lab, frame: bytes, ufrag_off: int, random_ufrag: bool, ip_hlen: int = 20):
         from bcc import BPF
 
         ensure_kernel_headers()
         self._bpf = BPF(src_file=str(FLOOD_SOURCE).encode(),
-                        cflags=[f"-DUFRAG_OFF={ufrag_off}", f"-DRANDOM_UFRAG={int(random_ufrag)}"])
+                        cflags=[f"-DUFRAG_OFF={ufrag_off}", f"-DRANDOM_UFRAG={int(random_ufrag)}",
+                                f"-DIP_HLEN={ip_hlen}"])
         self.fd = self._bpf.load_func(b"xdp_flood", BPF.XDP).fd
         self.lab, self.frame = lab, frame
         self.injected = 0
@@ -157,19 +192,27 @@ def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
         raise RuntimeError("the established call did not connect")
     time.sleep(1.0)
     session = next(s for s in ctl.sessions()["sessions"] if s["state"] == "active")
-    frame, off = template(lab, f"{session['server_ufrag']}:flood")
+    ip_hlen = 20
+    if name == "live-SSRC spoof":
+        frame, off = rtp_template(lab, live_ssrc(svc, session["conn_id"])), 0
+    elif name == "IP options":
+        frame, off = template(lab, f"{session['server_ufrag']}:flood", NOP_OPTION)
+        ip_hlen = 20 + len(NOP_OPTION)
+    else:
+        frame, off = template(lab, f"{session['server_ufrag']}:flood")
+    owner_pid = svc.procs[f"tx{session['transceiver']}"].pid
     to_client = WireClock(lab.client_ns, lab.client.ifname, lambda d: d.src[1] == lab.port)
     to_owner = [WireClock(t.ns, t.ifname, lambda d: True) for t in lab.transceivers]
     pid = svc.procs["relayd"].pid
     with to_client, to_owner[0], to_owner[1]:
         fp0, sp0 = snapshot(ctl)
-        cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        with Flood(lab, frame, off, random_ufrag=name == "random ufrags") as flood:
+        cpu0, owner0, t0 = cpu_seconds(pid), cpu_seconds(owner_pid), time.monotonic()
+        with Flood(lab, frame, off, random_ufrag=name == "random ufrags", ip_hlen=ip_hlen) as flood:
             time.sleep(1.0)
             during = setup_times(lab, calls)
             time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
         t1 = time.monotonic()
-        cpu1 = cpu_seconds(pid)
+        cpu1, owner1 = cpu_seconds(pid), cpu_seconds(owner_pid)
         fp1, sp1 = snapshot(ctl)
         holder.join(30)
         window = (t0, t1)
@@ -177,13 +220,15 @@ def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
         p_out, lost_out = rtp_lost(to_client, *window)
     fp, sp = delta(fp0, fp1), delta(sp0, sp1)
     wall = t1 - t0
-    slow = fp.get("pass_stun_unknown", 0) + fp.get("pass_rebind", 0)
+    # What XDP handed the kernel for relayd's sockets (pass_ip_options: a relay without the refusals).
+    slow = sum(fp.get(k, 0) for k in ("pass_stun_unknown", "pass_rebind", "pass_ip_options"))
     rep = established.get("rep")
     return {
         "variant": name, "seconds": round(wall, 2),
         "injected": flood.injected, "injected_pps": round(flood.injected / flood.seconds),
         "xdp": dict(sorted(fp.items())), "slowpath_events": dict(sorted(sp.items())),
         "slowpath_pps": round(slow / wall), "relayd_cpu_percent": round((cpu1 - cpu0) / wall * 100, 1),
+        "owner_cpu_percent": round((owner1 - owner0) / wall * 100, 1),
         "setup_s_during": during,
         "established": {"connected": bool(rep and rep.connected), "error": rep.error if rep else "no report",
                         "rtp_to_owner": p_in, "lost_to_owner": lost_in, "rtp_to_client": p_out,
@@ -195,6 +240,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0, help="flood length per variant")
     ap.add_argument("--calls", type=int, default=4, help="new calls placed with and without the flood")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="floods to run")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
     results: dict = {}
@@ -203,7 +249,7 @@ def main() -> int:
         log("bench_flood: set-up without a flood")
         results["setup_s_quiet"] = setup_times(lab, args.calls)
         results["variants"] = [run_variant(lab, svc, ctl, name, args.seconds, args.calls)
-                               for name in ("random ufrags", "one valid ufrag replayed")]
+                               for name in args.variants]
     quiet = statistics.median(results["setup_s_quiet"])
     print(f"set-up without flood: median {quiet * 1000:.0f} ms {results['setup_s_quiet']}")
     for v in results["variants"]:
@@ -211,7 +257,8 @@ def main() -> int:
         v["setup_ratio"] = round(during / quiet, 2)
         e = v["established"]
         print(f"{v['variant']}: injected {v['injected_pps'] / 1e6:.2f} Mpps for {v['seconds']} s; "
-              f"to the slow path {v['slowpath_pps']} pkt/s; relayd CPU {v['relayd_cpu_percent']}%; "
+              f"to the slow path {v['slowpath_pps']} pkt/s; relayd CPU {v['relayd_cpu_percent']}%, owner "
+              f"{v['owner_cpu_percent']}%; "
               f"set-up median {during * 1000:.0f} ms ({v['setup_ratio']}x quiet); established call lost "
               f"{e['lost_to_owner']}/{e['rtp_to_owner']} RTP to the owner, {e['lost_to_client']}/{e['rtp_to_client']} "
               f"to the client")

@@ -166,6 +166,33 @@ def _flood(data: dict) -> str:
                      "established call lost"], rows, "llllll")
 
 
+@renderer("attacks", "Attacks through XDP: IP options and a spoofed live SSRC, before and after the refusals")
+def _attacks(data: dict) -> str:
+    rows = []
+    for when in ("before", "after"):
+        quiet = statistics.median(data[when]["setup_s_quiet"])
+        for v in data[when]["variants"]:
+            e = v["established"]
+            during = statistics.median(v["setup_s_during"])
+            rows.append([v["variant"], when, f"{v['injected_pps'] / 1e6:.2f} Mpps", f"{v['slowpath_pps']:,} packets/s",
+                         f"{v['relayd_cpu_percent']}%", f"{v['owner_cpu_percent']}%",
+                         f"{during * 1000:.0f} ms ({during / quiet:.1f}x quiet)",
+                         f"{e['lost_to_owner']}/{e['rtp_to_owner']}, {e['lost_to_client']}/{e['rtp_to_client']}"])
+    return md_table(["flood", "relay", "injected", "reached relayd", "relayd CPU", "owner CPU",
+                     "new-call set-up (median)", "established call lost (up, down)"], rows, "llllllll")
+
+
+@renderer("walks", "Kernel walks at scale: adopting and expiring flows")
+def _walks(data: dict) -> str:
+    a, x = data["adoption"], data["expiry"]
+    return md_table(["walk", "flows", "now", "before (same run)"], [
+        ["adopt at start: longest event-loop stall", f"{a['adopted']:,}", f"{a['longest_loop_stall_ms']:.0f} ms",
+         f"{a['baseline_loop_stall_ms']:.0f} ms"],
+        ["expire one idle flow", f"{data['flows']:,}", f"{x['expire_one_ms']:.0f} ms",
+         f"{x['baseline_expire_one_ms']:.0f} ms"],
+    ], "lrrr")
+
+
 # --- the page ----------------------------------------------------------------------------------
 
 def results(docs: Path = DOCS) -> dict[str, dict]:

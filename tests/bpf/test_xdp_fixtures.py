@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 from aioice import stun
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
@@ -163,6 +163,53 @@ def admission_cases() -> list[Case]:
             for desc, payload, verdict, stat in rows]
 
 
+def refusal_cases() -> list[Case]:
+    """IP options, fragments and IPv6 extension headers: dropped, each under
+    its own reason, when they are for the relay (a VIP, a flow source),
+    known tuple or not; the kernel's to handle otherwise."""
+    nop = b"\x01\x01\x01\x00"
+
+    def opts4(dport: int = VIP_PORT, sport: int = 40000):
+        return eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, options=nop) / UDP(sport=sport, dport=dport) / Raw(STUN)
+
+    def v6(*ext, dport: int = VIP_PORT, chksum: int | None = None):
+        udp = UDP(sport=40000, dport=dport) if chksum is None else UDP(sport=40000, dport=dport, chksum=chksum)
+        pkt = eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6)
+        for e in ext:
+            pkt = pkt / e
+        return pkt / udp / Raw(RTP)
+
+    first_frag = eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, flags="MF") / UDP(sport=41000, dport=VIP_PORT,
+                                                                                      len=3000) / Raw(STUN)
+    back_opts = eth("tx1", "int") / IP(src=TX1_4, dst=INT4, options=nop) / UDP(sport=OWNER_PORT, dport=FLOW4) / Raw(RTP)
+    return [
+        Case("IPv4 options, forged STUN from an unknown tuple → drop", "pub", b(opts4(sport=41000)), XDP_DROP, None,
+             "drop_ip_options"),
+        Case("IPv4 options on a known flow → drop", "pub", b(opts4()), XDP_DROP, None, "drop_ip_options"),
+        Case("IPv4 options, owner → flow port → drop", "int", b(back_opts), XDP_DROP, None, "drop_ip_options"),
+        Case("IPv4 options to another port → kernel", "pub", b(opts4(dport=9999)), XDP_PASS, None, "pass_not_relay"),
+        Case("IPv4 first fragment to the VIP → drop", "pub", b(first_frag), XDP_DROP, None, "drop_fragment"),
+        Case("IPv4 first fragment of a known flow → drop", "pub", b(c2r4(RTP, flags="MF")), XDP_DROP, None,
+             "drop_fragment"),
+        Case("IPv4 later fragment → kernel (its first one decides)", "pub",
+             b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, frag=10, proto=17) / Raw(RTP)), XDP_PASS, None,
+             "pass_fragment"),
+        Case("IPv6 hop-by-hop header to the VIP → drop", "pub", b(v6(IPv6ExtHdrHopByHop())), XDP_DROP, None,
+             "drop_ipv6_ext"),
+        Case("IPv6 fragment header (first) to the VIP → drop", "pub", b(v6(IPv6ExtHdrFragment(m=1))), XDP_DROP,
+             None, "drop_ipv6_ext"),
+        Case("IPv6 hop-by-hop, then destination options → drop", "pub",
+             b(v6(IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt())), XDP_DROP, None, "drop_ipv6_ext"),
+        Case("IPv6 later fragment → kernel", "pub",
+             b(eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrFragment(offset=10, nh=17) / Raw(RTP)),
+             XDP_PASS, None, "pass_ipv6_ext"),
+        Case("IPv6 hop-by-hop to another port → kernel", "pub", b(v6(IPv6ExtHdrHopByHop(), dport=9999)), XDP_PASS,
+             None, "pass_not_relay"),
+        Case("IPv6 zero UDP checksum to another port (VXLAN) → kernel", "pub", b(v6(dport=4789, chksum=0)), XDP_PASS,
+             None, "pass_not_relay"),
+    ]
+
+
 @dataclass
 class Case:
     desc: str
@@ -181,7 +228,6 @@ def cases() -> list[Case]:
     full4 = b(c2r4(RTP))
     full6 = b(c2r6(RTP))
     vlan_in = eth("client", "pub") / Dot1Q(vlan=42) / IP(src=CLIENT4, dst=VIP4) / UDP(sport=40000, dport=VIP_PORT) / Raw(RTP)
-    vlan_out = eth("int", "tx1") / Dot1Q(vlan=42) / IP(src=INT4, dst=TX1_4, ttl=63) / UDP(sport=FLOW4, dport=OWNER_PORT) / Raw(RTP)
     zero_in = c2r4(RTP)
     zero_in[UDP].chksum = 0
     return [
@@ -201,7 +247,8 @@ def cases() -> list[Case]:
              b(eth("pub", "client") / IPv6(src=VIP6, dst=CLIENT6, hlim=63) / UDP(sport=VIP_PORT, dport=40000) / Raw(RTP)),
              "fwd_out_rtp"),
         Case("v4 zero UDP checksum stays zero", "pub", b(zero_in), XDP_REDIRECT, b(r2o4(RTP, chksum=0)), "fwd_in_rtp"),
-        Case("802.1Q-tagged client→owner keeps its tag", "pub", b(vlan_in), XDP_REDIRECT, b(vlan_out), "fwd_in_rtp"),
+        Case("802.1Q-tagged client→owner → kernel, untouched (its VLAN device's)", "pub", b(vlan_in), XDP_PASS, None,
+             "pass_vlan"),
         *pool_cases(),
     # --- unknown tuples ----------------------------------------------------------
         Case("unknown client STUN → slow path", "pub", b(c2r4(STUN, sport=41000)), XDP_PASS, None, "pass_stun_unknown"),
@@ -229,22 +276,21 @@ def cases() -> list[Case]:
              "drop_no_owner"),
         Case("owner without neighbour entry → kernel", "pub", b(c2r4(RTP, sport=C4_NONEIGH[1])), XDP_PASS, None,
              "pass_no_neigh"),
-        # --- things the kernel handles ---------------------------------------------------
-        Case("TTL 1 → kernel", "pub", b(c2r4(RTP, ttl=1)), XDP_PASS, None, "pass_ttl_expired"),
-        Case("hop limit 1 → kernel", "pub", b(c2r6(RTP, hlim=1)), XDP_PASS, None, "pass_ttl_expired"),
-        Case("IPv4 options → kernel", "pub",
-             b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, options=b"\x01\x01\x01\x00") / UDP(sport=40000, dport=VIP_PORT) / Raw(RTP)),
-             XDP_PASS, None, "pass_ip_options"),
-        Case("IPv4 first fragment → kernel", "pub", b(c2r4(RTP, flags="MF")), XDP_PASS, None, "pass_fragment"),
-        Case("IPv4 later fragment → kernel", "pub",
-             b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, frag=10, proto=17) / Raw(RTP)), XDP_PASS, None,
-             "pass_fragment"),
-        Case("IPv6 hop-by-hop header → kernel", "pub",
-             b(eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrHopByHop() / UDP(sport=40000, dport=VIP_PORT) / Raw(RTP)),
-             XDP_PASS, None, "pass_ipv6_ext"),
-        Case("IPv6 fragment header → kernel", "pub",
-             b(eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrFragment() / UDP(sport=40000, dport=VIP_PORT) / Raw(RTP)),
-             XDP_PASS, None, "pass_ipv6_ext"),
+        # --- TTL: the relay sends one less, and drops 0 (RFC 8656 14) ---------------
+        Case("known flow, TTL 1 → owner with TTL 0", "pub", b(c2r4(RTP, ttl=1)), XDP_REDIRECT, b(r2o4(RTP, ttl=0)),
+             "fwd_in_rtp"),
+        Case("known flow, hop limit 1 → owner with hop limit 0", "pub", b(c2r6(RTP, hlim=1)), XDP_REDIRECT,
+             b(eth("int", "tx1") / IPv6(src=INT6, dst=TX1_6, hlim=0) / UDP(sport=FLOW6, dport=OWNER_PORT) / Raw(RTP)),
+             "fwd_in_rtp"),
+        Case("known flow, TTL 0 → drop", "pub", b(c2r4(RTP, ttl=0)), XDP_DROP, None, "drop_ttl_zero"),
+        Case("known flow, hop limit 0 → drop", "pub", b(c2r6(RTP, hlim=0)), XDP_DROP, None, "drop_ttl_zero"),
+        Case("owner → client, TTL 1 → client with TTL 0", "int",
+             b(eth("tx1", "int") / IP(src=TX1_4, dst=INT4, ttl=1) / UDP(sport=OWNER_PORT, dport=FLOW4) / Raw(RTP)),
+             XDP_REDIRECT,
+             b(eth("pub", "client") / IP(src=VIP4, dst=CLIENT4, ttl=0) / UDP(sport=VIP_PORT, dport=40000) / Raw(RTP)),
+             "fwd_out_rtp"),
+        # --- what the relay cannot take: dropped when it is the relay's ------------------
+        *refusal_cases(),
         Case("TCP to the VIP → kernel", "pub", b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / TCP(sport=40000, dport=VIP_PORT)),
              XDP_PASS, None, "pass_not_relay"),
         Case("ICMP → kernel", "pub", b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / ICMP()), XDP_PASS, None, "pass_not_relay"),
@@ -256,7 +302,7 @@ def cases() -> list[Case]:
              b(eth("tx1", "int") / IP(src=TX1_4, dst=INT4) / UDP(sport=OWNER_PORT, dport=8080) / Raw(RTP)), XDP_PASS, None,
              "pass_not_relay"),
         # --- malformed ---------------------------------------------------------------------
-        Case("v6 zero UDP checksum → drop", "pub",
+        Case("v6 zero UDP checksum to the VIP → drop", "pub",
              b(eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=40000, dport=VIP_PORT, chksum=0) / Raw(RTP)),
              XDP_DROP, None, "drop_malformed"),
         Case("UDP length beyond IP payload → drop", "pub",
@@ -268,7 +314,7 @@ def cases() -> list[Case]:
         # XDP one, so the Ethernet header is the first boundary.
         *[Case(f"v4 frame cut to {n} bytes → drop", "pub", full4[:n], XDP_DROP, None, "drop_malformed")
           for n in (14, 15, 33, 34, 35, 41, 42)],
-        Case("802.1Q tag cut short → drop", "pub", b(vlan_in)[:16], XDP_DROP, None, "drop_malformed"),
+        Case("802.1Q tag cut short → kernel", "pub", b(vlan_in)[:16], XDP_PASS, None, "pass_vlan"),
         *[Case(f"v6 frame cut to {n} bytes → drop", "pub", full6[:n], XDP_DROP, None, "drop_malformed")
           for n in (14, 15, 53, 54, 55, 61, 62)],
     ]
@@ -491,3 +537,98 @@ def test_every_map_lookup_is_inlined_or_direct(harness):
     calls = [i["disasm"] for i in json.loads(out) if "call" in i.get("disasm", "")]
     assert any("__htab_map_lookup_elem" in c for c in calls)  # the inlined form is there to see
     assert [c for c in calls if "bpf_map_lookup_elem" in c] == []
+
+
+def _rtp_with_ssrc(ssrc: int) -> bytes:
+    return bytes([0x80, 111]) + b"\x00\x01" + b"\x00" * 4 + ssrc.to_bytes(4, "big") + b"r" * 40
+
+
+def _rtp_from(harness, src: str, sport: int, ssrc: int) -> int:
+    frame = bytes(eth("client", "pub") / IP(src=src, dst=VIP4) / UDP(sport=sport, dport=VIP_PORT)
+                  / Raw(_rtp_with_ssrc(ssrc)))
+    return harness.run(frame, "pub")[0]
+
+
+def _moved(before: dict, after: dict) -> dict:
+    return {k: after[k][0] - before[k][0] for k in after if after[k] != before[k]}
+
+
+def test_rebind_candidates_have_a_bucket_per_ssrc(harness):
+    """Media from unknown tuples carrying one live SSRC, from any number of
+    sources: that SSRC's burst reaches the slow path, the rest is dropped
+    under its own counter (not STUN's); another SSRC has its own bucket."""
+    dp = harness.dp
+    live, other = 0x11223344, 0x55667788
+    dp.index_ssrc(live, (CLIENT4, 40000), (VIP4, VIP_PORT))
+    dp.index_ssrc(other, (CLIENT4, 40004), (VIP4, VIP_PORT))
+    try:
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0,
+                       admit_rebind_rate=0.001, admit_rebind_burst=4)
+        before = dp.counters()
+        verdicts = [_rtp_from(harness, f"10.10.1.{100 + i}", 34000 + i, live) for i in range(20)]
+        assert verdicts == [XDP_PASS] * 4 + [XDP_DROP] * 16
+        assert _rtp_from(harness, "10.10.1.130", 34100, other) == XDP_PASS  # another call is not held back
+        assert _moved(before, dp.counters()) == {"pass_rebind": 5, "drop_rebind_call_rate": 16}
+        # The source and global buckets count a candidate's drops apart from STUN's too.
+        _set_admission(harness, admit_source_rate=0.001, admit_source_burst=1, admit_budget=0, admit_call_rate=0,
+                       admit_rebind_rate=0)
+        before = dp.counters()
+        assert [_rtp_from(harness, "10.10.1.140", 34200 + i, live) for i in range(3)] == [XDP_PASS] + [XDP_DROP] * 2
+        assert _moved(before, dp.counters()) == {"pass_rebind": 1, "drop_rebind_rate": 2}
+    finally:
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0, admit_rebind_rate=0)
+        dp.maps.ssrcs.delete(ctypes.c_uint32(int.from_bytes(live.to_bytes(4, "big"), "little")))
+        dp.maps.ssrcs.delete(ctypes.c_uint32(int.from_bytes(other.to_bytes(4, "big"), "little")))
+
+
+def test_a_rate_limited_source_cannot_spend_a_calls_checks(harness):
+    """The source's bucket is charged before the call's: one source past its
+    rate, hammering a live call's ufrag, leaves the call's burst to others."""
+    try:
+        _set_admission(harness, admit_source_rate=0.001, admit_source_burst=1, admit_budget=0,
+                       admit_call_rate=0.001, admit_call_burst=3)
+        harness.dp.admit_ufrag(hx.LIVE_UFRAG)  # a fresh call bucket
+        before = harness.dp.counters()
+        assert [_stun_from(harness, "10.10.1.150", 35000 + i) for i in range(10)] == [XDP_PASS] + [XDP_DROP] * 9
+        # Two more sources still get the call's other two checks.
+        assert [_stun_from(harness, f"10.10.1.{151 + i}", 35100) for i in range(2)] == [XDP_PASS] * 2
+        assert _moved(before, harness.dp.counters()) == {"pass_stun_unknown": 3, "drop_stun_rate": 9}
+    finally:
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0)
+        harness.dp.admit_ufrag(hx.LIVE_UFRAG)
+
+
+def test_a_source_is_its_configured_prefix(harness):
+    """With limits.source_prefix_v4 = 24, every address of a /24 shares one
+    bucket; the next /24 has its own. IPv6 by /48 alike."""
+    from manager.relay.kernel import libbpf as lb
+    from manager.relay.kernel.datapath import admit_config
+
+    dp = harness.dp
+    cfg = dp.cfg.model_copy(update={"admit_source_rate": 0.001, "admit_source_burst": 2, "admit_budget": 0,
+                                    "admit_call_rate": 0})
+    try:
+        dp.maps.admit_cfg.update(ctypes.c_uint32(0), admit_config(cfg, lb.possible_cpus(), (24, 48)))
+        assert [_stun_from(harness, f"10.20.1.{i}", 36000) for i in range(1, 5)] == [XDP_PASS] * 2 + [XDP_DROP] * 2
+        assert _stun_from(harness, "10.20.2.1", 36000) == XDP_PASS
+        six = [bytes(eth("client", "pub") / IPv6(src=f"fd00:77:1:{i}::1", dst=VIP6)
+                     / UDP(sport=36001, dport=VIP_PORT) / Raw(STUN)) for i in range(4)]
+        assert [harness.run(f, "pub")[0] for f in six] == [XDP_PASS] * 2 + [XDP_DROP] * 2
+        # The default: /32 and /64, each address of the /24 its own source.
+        dp.maps.admit_cfg.update(ctypes.c_uint32(0), admit_config(cfg, lb.possible_cpus()))
+        assert [_stun_from(harness, f"10.20.3.{i}", 36000) for i in range(1, 5)] == [XDP_PASS] * 4
+    finally:
+        _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0)
+
+
+def test_the_owner_is_read_as_a_seqlock(harness):
+    """The owner entry is read between two reads of its slot's epoch, each
+    behind a full barrier (an atomic add, as BPF has no fence): the loaded
+    program, as the kernel rewrote it, holds those atomic operations, and a
+    flow's route is cached under the epoch it was read at."""
+    prog_id = libbpf.prog_info(harness.dp.prog_fd).id
+    out = subprocess.run(["bpftool", "-j", "prog", "dump", "xlated", "id", str(prog_id)],
+                         check=True, capture_output=True, text=True).stdout
+    atomics = [i["disasm"] for i in json.loads(out) if "atomic" in i.get("disasm", "") or "lock" in i.get("disasm", "")]
+    # Two per owner read (two tries), two per route cache write.
+    assert len(atomics) >= 4, atomics

@@ -310,3 +310,46 @@ def test_public_sockets_get_a_deep_receive_queue() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * slowpath.PUBLIC_RCVBUF
     finally:
         sock.close()
+
+
+@pytest.mark.netns
+def test_the_return_path_repairs_itself() -> None:
+    """An installed leg whose return entry the kernel lost (LRU), or whose
+    call moved to an owner it has none for: the owner's next packet reaches
+    the slow path (pass_return_unknown), which adds the entry back for the
+    current owner; a non-owner's packet repairs nothing."""
+    from manager.lab import xdp_harness as hx
+    from manager.lab.xdp_harness import XDP_PASS, XDP_REDIRECT
+    from manager.relay.slowpath import Leg
+    from tests.support.xdp_frames import RTP, o2r4
+
+    h = hx.build()
+    try:
+        registry = Registry()
+        registry.register_transceiver(1, "http://10.10.2.2:8700", 5)
+        conn = registry.allocate_conn_id()
+        tx1, tx2 = OwnerAddr(addr4=hx.TX1_4, port4=5000), OwnerAddr(addr4=hx.TX2_4, port4=5000)
+        registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag="srv1srv1")
+        registry.activate(conn, tx1)
+        sp = SlowPath(registry, h.dp, FlowSockets(h.dp.cfg), hint_key=KEY, vips=[(hx.VIP4, hx.VIP_PORT)])
+        client, vip = (hx.CLIENT4, 40000), (hx.VIP4, hx.VIP_PORT)
+        h.dp.set_owner(conn, tx1)
+        h.dp.add_flow(client, vip, conn, 20001, tx1)
+        leg = Leg(client=client, vip=vip, conn_id=conn, flow_port=20001, installed_at=1.0)
+        sp._add_leg(leg)
+        h.dp.remove_reverse((hx.TX1_4, 5000), 20001)  # evicted
+        assert h.run(bytes(o2r4(RTP)), "int")[0] == XDP_PASS
+        sp.on_owner_packet(leg, RTP, (hx.TX2_4, 5000))  # not the owner: nothing
+        assert sp.stats["returns_repaired"] == 0
+        sp.on_owner_packet(leg, RTP, (hx.TX1_4, 5000))
+        assert sp.stats["returns_repaired"] == 1
+        assert h.run(bytes(o2r4(RTP)), "int")[0] == XDP_REDIRECT
+        # The call moves without its return entry: the new owner's packet repairs it.
+        registry.set_owner(conn, 1, tx2)
+        h.dp.set_owner(conn, tx2)
+        assert h.run(bytes(o2r4(RTP, src=hx.TX2_4)), "int")[0] == XDP_PASS
+        sp.on_owner_packet(leg, RTP, (hx.TX2_4, 5000))
+        assert sp.stats["returns_repaired"] == 2
+        assert h.run(bytes(o2r4(RTP, src=hx.TX2_4)), "int")[0] == XDP_REDIRECT
+    finally:
+        hx.teardown(h)

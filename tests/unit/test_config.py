@@ -62,6 +62,14 @@ def test_yaml_file(tmp_path):
     ({"SPLITRELAY__HINT_KEY": "00ff"}, "hint_key: '00ff': must be at least 16 bytes (32 hex digits), got 2 bytes"),
     ({"SPLITRELAY__DATAPATH__PIN_DIR": "/tmp/x"},
      "datapath.pin_dir: '/tmp/x': must be a directory under /sys/fs/bpf (bpffs), got /tmp/x"),
+    ({"SPLITRELAY__DATAPATH__PIN_DIR": "/sys/fs/bpf/../../../tmp/x"},
+     "datapath.pin_dir: '/sys/fs/bpf/../../../tmp/x': must be a directory under /sys/fs/bpf (bpffs), "
+     "got /sys/fs/bpf/../../../tmp/x (resolves to /tmp/x)"),
+    ({"SPLITRELAY__DATAPATH__PIN_DIR": "/sys/fs/bpf/.."},
+     "datapath.pin_dir: '/sys/fs/bpf/..': must be a directory under /sys/fs/bpf (bpffs), got /sys/fs/bpf/.. "
+     "(resolves to /sys/fs)"),
+    ({"SPLITRELAY__LIMITS__SOURCE_PREFIX_V6": "129"},
+     "limits.source_prefix_v6: 129: Input should be less than or equal to 128"),
     ({"SPLITRELAY__DATAPATH__INTERNAL_ADDR4": "fd00::1"}, "datapath.internal_addr4: 'fd00::1': not an IPv4 address"),
     ({"SPLITRELAY__DATAPATH__FLOW_PORT_MIN": "3000", "SPLITRELAY__DATAPATH__FLOW_PORT_MAX": "4000"},
      "VIP port 3478 lies inside the flow-port range"),
@@ -137,3 +145,14 @@ def test_metrics_default_to_the_internal_address(tmp_path):
 def test_client_auth_needs_its_key_file(tmp_path):
     with pytest.raises(ConfigError, match="token_key_file: needed with mode = 'tokens'"):
         load_config(write(tmp_path, GOOD), environ={"SPLITRELAY__CLIENT_AUTH__MODE": "tokens"})
+
+
+def test_pin_dir_is_resolved_before_it_is_checked(tmp_path):
+    """A symlink under /sys/fs/bpf is followed: where it leads is what counts."""
+    from manager.relay.config import DatapathConfig
+
+    assert DatapathConfig(pin_dir="/sys/fs/bpf/a/../splitrelay").pin_dir == Path("/sys/fs/bpf/splitrelay")
+    link = tmp_path / "link"
+    link.symlink_to("/tmp")
+    with pytest.raises(ValueError, match="resolves to /tmp"):
+        DatapathConfig(pin_dir=f"/sys/fs/bpf/../../..{link}/x")

@@ -42,6 +42,8 @@ def lib() -> ctypes.CDLL:
         _lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p,
                                        ctypes.c_size_t, ctypes.c_void_p]
         _lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        _lib.bpf_link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        _lib.bpf_link_detach.argtypes = [ctypes.c_int]
     return _lib
 
 
@@ -152,9 +154,53 @@ def prog_load(prog_type: int, name: str, insns: bytes, *, expected_attach_type: 
     return rc
 
 
-def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
-    """Attach a program through a BPF link; the attachment lives as long as the returned fd."""
-    return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "create BPF link")
+class LinkCreateOpts(ctypes.Structure):
+    """The leading fields of struct bpf_link_create_opts (sz says how many)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class BpfLinkInfo(ctypes.Structure):
+    """Leading fields of struct bpf_link_info (uapi/linux/bpf.h), with the
+    XDP member of its union (8-byte aligned, at 16)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32),
+        ("xdp_ifindex", ctypes.c_uint32),
+        ("pad1", ctypes.c_uint32),
+    ]
+
+
+BPF_XDP = 37  # enum bpf_attach_type
+BPF_LINK_TYPE_XDP = 6  # enum bpf_link_type
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> int:
+    """Attach a program through a BPF link; the attachment lives as long as
+    the returned fd or a pin of it. For XDP, target_fd is the ifindex and
+    flags the mode; the kernel refuses (EBUSY) where a program is attached."""
+    opts = LinkCreateOpts(sz=ctypes.sizeof(LinkCreateOpts), flags=flags)
+    return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, ctypes.byref(opts)), "create BPF link")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the program behind a link in one step (no moment without one)."""
+    _check(lib().bpf_link_update(link_fd, prog_fd, None), "update BPF link")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach a link's program now, whoever else holds the link."""
+    _check(lib().bpf_link_detach(link_fd), "detach BPF link")
+
+
+def link_info(fd: int) -> BpfLinkInfo:
+    info = BpfLinkInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "link info")
+    return info
 
 
 def map_update_raw(map_fd: int, key: ctypes._SimpleCData, value: ctypes._SimpleCData) -> None:

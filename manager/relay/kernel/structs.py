@@ -159,6 +159,11 @@ class AdmitConfig(ctypes.Structure):
         ("cpu_burst_ns", ctypes.c_uint64),
         ("call_interval_ns", ctypes.c_uint64),
         ("call_burst_ns", ctypes.c_uint64),
+        ("rebind_interval_ns", ctypes.c_uint64),
+        ("rebind_burst_ns", ctypes.c_uint64),
+        ("source_mask4", ctypes.c_uint32),
+        ("source_mask6", ctypes.c_uint32 * 2),
+        ("pad0", ctypes.c_uint32),
     ]
 
 
@@ -172,7 +177,7 @@ class UfragKey(ctypes.Structure):
 
 
 class SourceKey(ctypes.Structure):
-    """A source address, IPv6 masked to /64 (admit_sources key)."""
+    """A source address under its prefix, IPv6 at most /64 (admit_sources key)."""
 
     _fields_ = [
         ("family", ctypes.c_uint32),
@@ -212,6 +217,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "admit_sources": (SourceKey, AdmitBucket),
     "admit_budget": (ctypes.c_uint32, AdmitBucket),
     "live_ufrags": (UfragKey, AdmitBucket),
+    "rebind_ssrcs": (ctypes.c_uint32, AdmitBucket),
     "layout": (ctypes.c_uint32, ctypes.c_uint64),
     "ssrcs": (ctypes.c_uint32, FlowKey),
     "stats": (ctypes.c_uint32, StatValue),
@@ -236,6 +242,7 @@ MAP_KINDS: dict[str, int] = {
     "admit_sources": BPF_MAP_TYPE_LRU_HASH,
     "admit_budget": BPF_MAP_TYPE_PERCPU_ARRAY,
     "live_ufrags": BPF_MAP_TYPE_LRU_HASH,
+    "rebind_ssrcs": BPF_MAP_TYPE_LRU_HASH,
     "layout": BPF_MAP_TYPE_ARRAY,
     "ssrcs": BPF_MAP_TYPE_LRU_HASH,
     "stats": BPF_MAP_TYPE_PERCPU_ARRAY,
