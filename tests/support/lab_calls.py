@@ -6,11 +6,28 @@ import asyncio
 
 from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor
+from tests.support.waiting import eventually_async
 
 
 def run_call(lab, **kw):
     with NetnsExecutor(lab.client_ns) as ex:
         return ex.call(asyncio.run, client_call(lab.signaling_url, **kw))
+
+
+async def rtp_received(pc) -> int:
+    """RTP packets the client's peer connection has received so far."""
+    stats = await pc.getStats()
+    return sum(s.packetsReceived for s in stats.values() if s.type == "inbound-rtp")
+
+
+async def audio_flowing(pc, packets: int = 25, timeout: float = 10.0) -> int:
+    """Until the client has received `packets` RTP packets (the agent's
+    echo: audio has made the round trip); returns how many it has."""
+    async def received() -> int:
+        n = await rtp_received(pc)
+        return n if n >= packets else 0
+
+    return await eventually_async(received, timeout, what=f"{packets} RTP packets back at the client")
 
 
 def assert_untouched(rep) -> None:
