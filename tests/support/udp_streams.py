@@ -57,7 +57,7 @@ def paced_send(sock: socket.socket, dst, seqs: range, rate: int, stop: threading
         due = start + i / rate
         delay = due - time.monotonic()
         if delay > 0:
-            time.sleep(delay)
+            time.sleep(delay)  # pacing
         sock.sendto(b"\x80\x6f\x00\x00" + struct.pack("!I", seq) + b"m" * 160, dst)
         sent += 1
     return sent
