@@ -49,6 +49,7 @@ from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import ensure_kernel_headers
 from manager.relay.kernel.structs import BPF_DIR
 from tests.bench.provenance import run_info
+from tests.support.waiting import eventually
 
 FLOOD_SOURCE = BPF_DIR / "testing" / "flood.bpf.c"
 CHUNK = 100_000  # runs per BPF_PROG_TEST_RUN call
@@ -145,7 +146,7 @@ def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
 
     async def hold(pc, rep):
         connected.set()
-        await asyncio.sleep(seconds + 3.0)
+        await asyncio.sleep(seconds + 3.0)  # the call's length: it spans the flood
 
     def established_call() -> None:
         with NetnsExecutor(lab.client_ns) as ex:
@@ -155,8 +156,8 @@ def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
     holder.start()
     if not connected.wait(20):
         raise RuntimeError("the established call did not connect")
-    time.sleep(1.0)
-    session = next(s for s in ctl.sessions()["sessions"] if s["state"] == "active")
+    session = eventually(lambda: next((s for s in ctl.sessions()["sessions"] if s["state"] == "active"), None),
+                         10, what="the established call active")
     frame, off = template(lab, f"{session['server_ufrag']}:flood")
     to_client = WireClock(lab.client_ns, lab.client.ifname, lambda d: d.src[1] == lab.port)
     to_owner = [WireClock(t.ns, t.ifname, lambda d: True) for t in lab.transceivers]
@@ -165,9 +166,9 @@ def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
         fp0, sp0 = snapshot(ctl)
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         with Flood(lab, frame, off, random_ufrag=name == "random ufrags") as flood:
-            time.sleep(1.0)
+            time.sleep(1.0)  # the flood at full rate before calls are placed into it
             during = setup_times(lab, calls)
-            time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+            time.sleep(max(0.0, seconds - (time.monotonic() - t0)))  # the rest of the measurement window
         t1 = time.monotonic()
         cpu1 = cpu_seconds(pid)
         fp1, sp1 = snapshot(ctl)

@@ -23,7 +23,7 @@ from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor, _ipr
 from manager.lab.routing import route_vip, set_relay_links, vip_route
 from manager.lab.services import running_lab
-from tests.support.lab_calls import assert_untouched, audio_flowing
+from tests.support.lab_calls import assert_untouched, audio_flowing, ssrc_published
 from tests.support.waiting import eventually_async
 
 # realtime: the checks count media against the wall clock.
@@ -65,31 +65,6 @@ def session(svc, relay: int, call_id: str) -> dict | None:
 
 def active_session(svc, relay: int) -> dict | None:
     return next((s for s in svc.control_of(relay).sessions()["sessions"] if s["state"] == "active"), None)
-
-
-def kernel_ssrc(svc, relay: int) -> int:
-    """The SSRC relay N's kernel saw on the (one) call's client leg; 0: none yet."""
-    return next((leg["kernel"]["ssrc"] for s in svc.control_of(relay).sessions()["sessions"]
-                 for leg in s["legs"] if leg["kernel"] and leg["kernel"]["ssrc"]), 0)
-
-
-def ssrc_indexed(svc, relay: int, ssrc: int) -> bool:
-    """Relay N's kernel indexes `ssrc` (learnt from the fleet: its media from
-    an unknown tuple reaches relay N's slow path)."""
-    dp = svc.open_datapath(relay)
-    try:
-        return dp.ssrc_flow(bytes(8) + ssrc.to_bytes(4, "big")) is not None
-    finally:
-        dp.close()
-
-
-async def ssrc_published(svc, to: int = 2) -> int:
-    """Until relay 1 has published the call's SSRC and relay `to` indexed it."""
-    ssrc = await eventually_async(lambda: asyncio.to_thread(kernel_ssrc, svc, 1), 10,
-                                  what="relay 1's kernel to see the call's SSRC")
-    await eventually_async(lambda: asyncio.to_thread(ssrc_indexed, svc, to, ssrc), 10,
-                           what=f"relay {to} to index SSRC {ssrc:#x} from the fleet")
-    return ssrc
 
 
 def test_first_stun_at_another_relay_than_the_offer(fleet):

@@ -18,7 +18,7 @@ from manager.protocol.addresses import OwnerAddr
 from manager.relay.config import RegistryConfig
 from manager.relay.fleet import FleetUnavailable, RedisFleet
 from manager.relay.registry import Registry
-from tests.support.waiting import eventually, eventually_async
+from tests.support.waiting import Hopeless, eventually, eventually_async
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -47,7 +47,8 @@ class RedisServer:
             argv += ["--requirepass", self.password]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         def answers() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
+            if self.proc is None or self.proc.poll() is not None:
+                raise Hopeless("redis-server exited")
             return redis.Redis(unix_socket_path=str(self.sock), password=self.password).ping()
 
         eventually(answers, 10, what="redis-server to answer")
