@@ -142,8 +142,8 @@ def test_live_migration_a_to_b_and_back(fast_consent: None) -> None:
                 r1 = await check_after_switch(client, m1, api_b, 42)
                 # Consent: the client checks every ~0.5 s here and would give up
                 # after ~3 s of unanswered checks; B answers them.
-                # A real-time span: 5 s after the switch, nothing has failed.
-                await asyncio.sleep(max(0.0, m1["t_switch"] + 5.0 - time.monotonic()))
+                # 5 s after the switch nothing has failed: a real-time span.
+                await asyncio.sleep(max(0.0, m1["t_switch"] + 5.0 - time.monotonic()))  # real time, see above
                 log.assert_untouched(client)
 
                 async def answered() -> dict:
@@ -209,7 +209,7 @@ def test_migration_across_the_sequence_wrap_both_ways(fast_consent: None, monkey
                 await client.wait_connected()
                 # The timeline: both streams wrap 2 s into the call; the first move
                 # comes before that, the next two after it.
-                await asyncio.sleep(0.8)
+                await asyncio.sleep(0.8)  # the timeline
                 log = StateLog(client)
                 owners = [(api_a, owner_addr(tx_a.owner)), (api_b, owner_addr(tx_b.owner))]
                 for i, wait in enumerate((2.5, 1.5, 1.5)):
