@@ -79,7 +79,7 @@ def test_sigkill_and_restart_lose_nothing(tmp_path):
                                                          on_connected=kill_and_restart))
             up.join()
             down.join()
-            settle({"up": [rx_t], "down": [rx_c]}, n)
+            landed = settle({"up": [rx_t], "down": [rx_c]}, n)
             rx_t.stop.set()
             rx_c.stop.set()
             rx_t.join()
@@ -103,7 +103,8 @@ def test_sigkill_and_restart_lose_nothing(tmp_path):
             print(f"\nrelayd down for {restart_info['down_s']:.2f} s; UDP stream {n} packets each way, "
                   f"lost {lost_up} up / {lost_down} down; call: RTP sent {call.rtp_packets_sent}, "
                   f"received {call.rtp_packets_received}, lost {call.rtp_packets_lost}, "
-                  f"data channel {call.dc_echoed}/{call.dc_sent}\n"
+                  f"data channel {call.dc_echoed}/{call.dc_sent}; the last packets landed "
+                  f"{landed * 1000:.0f} ms after the senders finished\n"
                   f"kernel: XDP counters other than forwards {xdp}; UDP {sockets}; links {links}")
             assert lost_up == 0 and lost_down == 0, (f"lost {when}; XDP counters other than forwards {xdp}; "
                                                      f"UDP {sockets}; links {links}")

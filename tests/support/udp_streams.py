@@ -67,10 +67,12 @@ def paced_send(sock: socket.socket, dst, seqs: range, rate: int, stop: threading
     return sent
 
 
-def settle(groups: dict[str, list[Receiver]], n: int, timeout: float = 2.0) -> None:
+def settle(groups: dict[str, list[Receiver]], n: int, timeout: float = 2.0) -> float:
     """Until each group of receivers holds the n sequence numbers sent to it
     (what was in flight has landed), or `timeout`: the caller then reports
-    what is missing, by number."""
+    what is missing, by number. Returns how long it waited."""
+    t0 = time.monotonic()
+
     def complete() -> bool:
         missing = {name: n - len({s for r in rs for s in r.seqs}) for name, rs in groups.items()}
         assert not any(missing.values()), f"missing {missing}"
@@ -78,6 +80,7 @@ def settle(groups: dict[str, list[Receiver]], n: int, timeout: float = 2.0) -> N
 
     with contextlib.suppress(NotYet):
         eventually(complete, timeout, what="every packet sent")
+    return time.monotonic() - t0
 
 
 def snmp_udp(lab, ns: str, family: int = socket.AF_INET) -> dict[str, int]:
