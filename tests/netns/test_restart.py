@@ -41,12 +41,12 @@ def test_sigkill_and_restart_lose_nothing(tmp_path):
     and the links' drop and XDP error counters (a veth ring full).
 
     A full-suite run once lost 1 of 6,000 owner → client packets, before the
-    test reported the layer. It did not recur in 35 runs: 10 alone, 12 with
-    busy loops on both cores (2 of them stopped earlier: the first relayd,
+    test reported the layer. It did not recur in 25 runs: 12 alone, 10 with
+    busy loops on both cores (2 more stopped earlier: the first relayd,
     compiling its program, was not up within 30 s), 3 with 0.1-0.55 s stalls
-    of the test process's GIL (the senders then burst to catch up), and the
-    suite's own runs. None moved an XDP pass or drop counter, a socket or a
-    link drop; the last packets landed within 6 ms of the senders' end. The
+    of the test process's GIL (the senders then burst to catch up). None
+    moved an XDP pass or drop counter, a socket or a link drop; the last
+    packets landed within 6 ms of the senders' end. The
     one weakness found was the harness's: it stopped the receivers a fixed
     0.3 s after the senders finished and counted whatever had not landed by
     then as lost; it now waits until every packet has (settle)."""
