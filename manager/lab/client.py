@@ -229,7 +229,10 @@ async def client_call(signaling_url: str, *, duration: float = 4.0, messages: in
                 dc.send(tag)
                 rep.dc_sent += 1
                 await asyncio.sleep(duration / max(1, messages))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the call's tail: audio goes on after the last ping
+            deadline = time.monotonic() + 3.0
+            while len(rtts) < rep.dc_sent and time.monotonic() < deadline:  # a late echo, on a loaded machine
+                await asyncio.sleep(0.02)
             if stream is not None:
                 stream.cancel()
                 deadline = time.monotonic() + 3.0

@@ -35,6 +35,8 @@ from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor
 from manager.lab.routing import route_vip, set_relay_links
 from manager.lab.services import running_lab
+from tests.support.lab_calls import audio_flowing, ssrc_published
+from tests.support.waiting import NotYet, eventually_async
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -52,18 +54,20 @@ class OwnerWatch(threading.Thread):
         self.svc, self.conn_id = svc, conn_id
         self.changes: dict[int, list[tuple[float, object]]] = {1: [], 2: []}
         self.stop = threading.Event()
+        self.ready = threading.Event()  # the first reading is taken
 
     def run(self) -> None:
         dps = {r: self.svc.open_datapath(r) for r in (1, 2)}
         try:
             last = {r: dp.get_owner(self.conn_id) for r, dp in dps.items()}
+            self.ready.set()
             while not self.stop.is_set():
                 for r, dp in dps.items():
                     owner = dp.get_owner(self.conn_id)
                     if owner != last[r]:
                         self.changes[r].append((time.monotonic(), owner))
                         last[r] = owner
-                time.sleep(0.0001)
+                time.sleep(0.0001)  # the sampling period of the measurement
         finally:
             for dp in dps.values():
                 dp.close()
@@ -73,27 +77,28 @@ def propagation(lab, svc, moves: int) -> dict:
     delays: list[float] = []
 
     async def move_many(pc, rep):
-        await asyncio.sleep(1.0)
-        s = next(x for x in (await asyncio.to_thread(svc.control_of(2).sessions))["sessions"]
-                 if x["state"] == "active")
+        await audio_flowing(pc)
+        s = await eventually_async(lambda: asyncio.to_thread(lambda: next(
+            (x for x in svc.control_of(2).sessions()["sessions"] if x["state"] == "active"), None)), 10,
+            what="relay 2 to know the active call")
         watch = OwnerWatch(svc, s["conn_id"])
         watch.start()
-        await asyncio.sleep(0.2)
+        await asyncio.to_thread(watch.ready.wait, 10)
         tx = s["transceiver"]
         for i in range(moves):
             tx = 2 if tx == 1 else 1
             n1, n2 = len(watch.changes[1]), len(watch.changes[2])
             res = await asyncio.to_thread(svc.control_of(2).request, "POST", f"/sessions/{s['call_id']}/migrate",
                                           {"to": tx})
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline and (len(watch.changes[1]) == n1 or len(watch.changes[2]) == n2):
-                await asyncio.sleep(0.001)
+            with contextlib.suppress(NotYet):  # a move not seen within 1 s is left out of the figures
+                await eventually_async(lambda n1=n1, n2=n2: len(watch.changes[1]) > n1 and len(watch.changes[2]) > n2, 1.0,
+                                       what="both kernels to change", interval=0.001)
             if len(watch.changes[1]) > n1 and len(watch.changes[2]) > n2:
                 d = (watch.changes[1][n1][0] - watch.changes[2][n2][0]) * 1000
                 delays.append(d)
                 print(f"  move {i + 1}/{moves} ({res['outcome']}): relay 1's kernel {d:.2f} ms after relay 2's",
                       file=sys.stderr)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # pacing between moves
         watch.stop.set()
         watch.join(2)
 
@@ -113,13 +118,13 @@ def failover(lab, svc) -> dict:
     to_client = WireClock(lab.client_ns, lab.client.ifname, lambda d: d.src[1] == lab.port and is_rtp(d))
 
     async def fail(pc, rep):
-        await asyncio.sleep(2.5)
+        await ssrc_published(svc)
         seen["t"] = time.monotonic()
         rep.mark("failover")
         await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGKILL)
         await asyncio.to_thread(set_relay_links, lab, 1, False)
         await asyncio.to_thread(route_vip, lab, 2)
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(2.0)  # the window the gaps are measured over
 
     route_vip(lab, 1)
     try:

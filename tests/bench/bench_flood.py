@@ -55,6 +55,7 @@ from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import ensure_kernel_headers
 from manager.relay.kernel.structs import BPF_DIR
 from tests.bench.provenance import run_info
+from tests.support.waiting import eventually
 
 FLOOD_SOURCE = BPF_DIR / "testing" / "flood.bpf.c"
 CHUNK = 100_000  # runs per BPF_PROG_TEST_RUN call
@@ -180,7 +181,7 @@ def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
 
     async def hold(pc, rep):
         connected.set()
-        await asyncio.sleep(seconds + 3.0)
+        await asyncio.sleep(seconds + 3.0)  # the call's length: it spans the flood
 
     def established_call() -> None:
         with NetnsExecutor(lab.client_ns) as ex:
@@ -190,11 +191,12 @@ def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
     holder.start()
     if not connected.wait(20):
         raise RuntimeError("the established call did not connect")
-    time.sleep(1.0)
-    session = next(s for s in ctl.sessions()["sessions"] if s["state"] == "active")
+    session = eventually(lambda: next((s for s in ctl.sessions()["sessions"] if s["state"] == "active"), None),
+                         10, what="the established call active")
     ip_hlen = 20
     if name == "live-SSRC spoof":
-        frame, off = rtp_template(lab, live_ssrc(svc, session["conn_id"])), 0
+        ssrc = eventually(lambda: live_ssrc(svc, session["conn_id"]), 10, what="the call's SSRC learned by XDP")
+        frame, off = rtp_template(lab, ssrc), 0
     elif name == "IP options":
         frame, off = template(lab, f"{session['server_ufrag']}:flood", NOP_OPTION)
         ip_hlen = 20 + len(NOP_OPTION)
@@ -208,9 +210,9 @@ def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
         fp0, sp0 = snapshot(ctl)
         cpu0, owner0, t0 = cpu_seconds(pid), cpu_seconds(owner_pid), time.monotonic()
         with Flood(lab, frame, off, random_ufrag=name == "random ufrags", ip_hlen=ip_hlen) as flood:
-            time.sleep(1.0)
+            time.sleep(1.0)  # the flood at full rate before calls are placed into it
             during = setup_times(lab, calls)
-            time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+            time.sleep(max(0.0, seconds - (time.monotonic() - t0)))  # the rest of the measurement window
         t1 = time.monotonic()
         cpu1, owner1 = cpu_seconds(pid), cpu_seconds(owner_pid)
         fp1, sp1 = snapshot(ctl)

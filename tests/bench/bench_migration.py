@@ -27,6 +27,7 @@ from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor
 from manager.lab.services import running_lab
 from manager.relay.control_client import ControlClient
+from tests.support.lab_calls import audio_flowing
 
 
 async def _lost(pc) -> int:
@@ -57,7 +58,7 @@ def run(count: int, interval: float) -> dict:
         marks: list[float] = []
 
         async def migrate_many(pc, rep):
-            await asyncio.sleep(1.0)
+            await audio_flowing(pc)
             call_id = rep.call_url.rsplit("/", 1)[1]
             for i in range(count):
                 call = await asyncio.to_thread(svc.call, call_id)
@@ -66,7 +67,7 @@ def run(count: int, interval: float) -> dict:
                 rep.mark(f"m{i}")
                 marks.append(rep.marks[f"m{i}"])
                 res = await asyncio.to_thread(ctl.request, "POST", f"/sessions/{call_id}/migrate", {"to": target})
-                await asyncio.sleep(interval)
+                await asyncio.sleep(interval)  # pacing: the bench's interval between migrations
                 res["lost"] = await _lost(pc) - before
                 rows.append(res)
                 print(f"  migration {i + 1}/{count}: {res['source']}→{res['target']} flip "

@@ -174,9 +174,9 @@ def measure_flat(b: Bench, row: pp.Row, plan: Plan) -> dict:
         stop = threading.Event()
         fut, _ = b.gs.start_max(stop, b.env.gen_cpu)
         try:
-            time.sleep(plan.warmup)
+            time.sleep(plan.warmup)  # the warm-up
             ta, ga, sa = time.perf_counter(), b.gs.generated(), b.gs.sink()
-            time.sleep(plan.max_seconds)
+            time.sleep(plan.max_seconds)  # the measurement window
             tb, gb, sb = time.perf_counter(), b.gs.generated(), b.gs.sink()
         finally:
             stop.set()

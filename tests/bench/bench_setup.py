@@ -117,7 +117,7 @@ def run_clients(ufrags_file: str, rate: float, first: int) -> None:
     for i, p in enumerate(packets):
         due = t0 + i / rate
         while (now := time.monotonic()) < due:
-            time.sleep(min(due - now, 0.001))
+            time.sleep(min(due - now, 0.001))  # pacing
         s.sendto(p, (VIP[0], 0))
     print(json.dumps({"sent": len(packets), "seconds": time.monotonic() - t0}), flush=True)
     sink.close()
@@ -235,7 +235,7 @@ async def _relay(ns: str, plan: list[tuple[float, int]], profile: cProfile.Profi
                 if done >= legs or (last is not None and clients.returncode is not None
                                     and time.monotonic() - last > 2.0):
                     break  # all installed, or the clients are done and nothing moved for 2 s
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.002)  # the measurement's sampling period
             cpu = time.thread_time() - cpu0
             out, _ = await clients.communicate()
             if profile:

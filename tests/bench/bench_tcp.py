@@ -83,7 +83,7 @@ async def _calls(lab, n: int, seconds: float, tcp: bool, marks: dict) -> list:
 def idle_cpu(pid: int, seconds: float) -> float:
     """A process's CPU with no call at all over `seconds` (housekeeping, probes)."""
     cpu0 = cpu_seconds(pid)
-    time.sleep(seconds)
+    time.sleep(seconds)  # the measurement window
     return cpu_seconds(pid) - cpu0
 
 

@@ -65,7 +65,7 @@ async def _adopt(sp: SlowPath) -> tuple[float, float]:
             last = now
 
     tick = asyncio.create_task(ticker())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # pacing: the ticker takes its first readings before the walk
     t0 = time.perf_counter()
     adopted = await sp.adopt_kernel_flows()
     took = time.perf_counter() - t0

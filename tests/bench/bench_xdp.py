@@ -651,7 +651,7 @@ def bench_live(b: Bench, packets: int) -> list[LiveResult]:
         _, _, ns = b.h.ex.call(libbpf.prog_test_run_xdp, b.progs[program], frame, ingress_ifindex=b.h.ifindex["pub"],
                                repeat=packets, flags=libbpf.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=64)
         wall = time.perf_counter() - t0
-        time.sleep(0.05)  # let the veth's NAPI drain what is still queued
+        time.sleep(0.05)  # let the veth's NAPI drain what is still queued (a count, whatever it reaches)
         delivered = table.sum(0).value - before_sink
         after = read_counters(b.dp.maps)
         moved = {k: after[k][0] - before[k][0] for k in after if after[k][0] != before[k][0]}

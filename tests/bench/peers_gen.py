@@ -21,6 +21,7 @@ Two ways to run the generator:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.structs import BPF_TESTING_DIR
+from tests.support.waiting import NotYet, eventually
 
 STAMP_SRC = BPF_TESTING_DIR / "stamp.bpf.c"
 SINK_SRC = BPF_TESTING_DIR / "sink.bpf.c"
@@ -255,16 +257,17 @@ class GenSink:
     def settle(self, timeout: float = 2.0, quiet: float = 0.1) -> SinkReading:
         """Wait until the sink stops counting (frames still in a peer's socket
         queue), at most `timeout`; returns the last reading."""
-        last, t_last = self.sink(), time.monotonic()
-        deadline = t_last + timeout
-        while time.monotonic() < deadline:
-            time.sleep(0.02)
+        seen = {"reading": self.sink(), "at": time.monotonic()}
+
+        def quiet_for_a_while() -> bool:
             cur = self.sink()
-            if cur.frames != last.frames:
-                last, t_last = cur, time.monotonic()
-            elif time.monotonic() - t_last >= quiet:
-                break
-        return last
+            if cur.frames != seen["reading"].frames:
+                seen.update(reading=cur, at=time.monotonic())
+            return time.monotonic() - seen["at"] >= quiet
+
+        with contextlib.suppress(NotYet):  # still counting: the last reading will do
+            eventually(quiet_for_a_while, timeout, what="the sink to stop counting")
+        return seen["reading"]
 
     # running
 
@@ -325,7 +328,7 @@ class GenSink:
                     if owed < burst:
                         wake = t0 + (sent + burst) / rate
                         if wake - now > 1e-3:
-                            time.sleep(wake - now - 1e-3)
+                            time.sleep(wake - now - 1e-3)  # pacing (the last ms spins)
                         while time.perf_counter() < wake:
                             pass
                         continue

@@ -38,7 +38,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from aioice import stun, turn
@@ -51,6 +50,7 @@ from manager.lab.netns import NetnsExecutor, ns_popen
 from manager.relay.kernel.datapath import OwnerAddr, read_counters
 from tests.bench import peers_gen as pg
 from tests.bench.peers_gen import STAMP_MAGIC
+from tests.support.waiting import Hopeless, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 OWNER = (hx.TX1_4, 5000)
@@ -153,13 +153,12 @@ def wait_udp(ex: NetnsExecutor, addr: str, port: int, timeout: float = 15.0, pro
     def bound() -> bool:
         return any(ln.split()[1] == want for ln in Path("/proc/thread-self/net/udp").read_text().splitlines()[1:])
 
-    deadline = time.monotonic() + timeout
-    while not ex.call(bound):
+    def listening() -> bool:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {addr}:{port}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not listening on {addr}:{port} after {timeout} s")
-        time.sleep(0.05)
+            raise Hopeless(f"{what} exited with {proc.returncode} before listening on {addr}:{port}")
+        return ex.call(bound)
+
+    eventually(listening, timeout, what=f"{what} listening on {addr}:{port}", interval=0.05)
 
 
 def stop_process(p: subprocess.Popen | None, timeout: float = 5.0) -> None:
@@ -579,12 +578,14 @@ class PythonSlowPath(Row):
                 s.bind((hx.CLIENT4, self.CLIENT_PORT))
                 s.sendto(bytes(msg), (hx.VIP4, self.PORT))
 
-        deadline = time.monotonic() + 10
-        while self.stats().get("legs_opened", 0) < 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the slow path opened no leg: {self.stats()}")
-            env.client.call(check)
-            time.sleep(0.2)
+        def opened() -> bool:
+            stats = self.stats()
+            if stats.get("legs_opened", 0) >= 1:
+                return True
+            env.client.call(check)  # (again: a check may be lost on a loaded machine)
+            raise AssertionError(f"the slow path opened no leg: {stats}")
+
+        eventually(opened, 10, what="the slow path to open a leg", interval=0.2)
 
     def stats(self) -> dict[str, int]:
         self.proc.stdin.write("stats\n")

@@ -13,7 +13,6 @@ import concurrent.futures
 import os
 import secrets
 import socket
-import time
 
 import pytest
 from aioice import stun
@@ -24,6 +23,7 @@ from manager.lab.services import Services, running_lab
 from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath
+from tests.support.waiting import eventually, eventually_async
 
 # realtime: the checks count media against the wall clock.
 pytestmark = [pytest.mark.netns, pytest.mark.realtime]
@@ -93,10 +93,7 @@ def test_call_media_on_the_fast_path(env):
     assert share_in >= 0.99 and share_out >= 0.99, (in_rtp, out_rtp, rep)
     assert after["fwd_in_dtls"] > before["fwd_in_dtls"], "DTLS handshake not on the fast path"
     # The call was hung up: its kernel entries are gone.
-    deadline = time.monotonic() + 5
-    while dp.flows() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert dp.flows() == []
+    eventually(lambda: dp.flows() == [], 5, what="the call's kernel flows removed after the hang-up")
 
 
 def test_two_concurrent_calls_share_the_port(env):
@@ -152,7 +149,7 @@ def test_bad_first_packets_install_nothing(env, kind):
     with lab.socket("client", socket.AF_INET, bind=(lab.client.addr4, 0)) as s:
         for _ in range(3):
             s.sendto(payload, lab.vip(socket.AF_INET))
-    time.sleep(0.5)
+    eventually(lambda: fast(dp)[expect_fast] - f0[expect_fast] >= 3, what=f"XDP to count 3 {expect_fast}")
     f1, s1 = fast(dp), slow(svc)
     assert f1[expect_fast] - f0[expect_fast] == 3
     if expect_slow:
@@ -174,16 +171,17 @@ def test_an_evicted_flow_is_reinstalled_on_the_clients_next_packet(env):
     lab, svc, dp = env
     seen: dict = {}
 
+    def with_ssrc() -> list:
+        return [f for f in dp.flows() if f.vip[0] == lab.vip4 and f.ssrc]
+
     async def evict(pc, rep) -> None:
-        await asyncio.sleep(1.0)
-        (flow,) = [f for f in dp.flows() if f.vip[0] == lab.vip4]
+        # Its SSRC indexed: the client's media brings it back.
+        (flow,) = await eventually_async(with_ssrc, 10, what="the call's kernel flow with its SSRC")
         seen["flow"] = flow
         dp.maps.flows.delete(flow_key(flow.client, flow.vip))
         assert not dp.has_flow(flow.client, flow.vip)
-        deadline = asyncio.get_running_loop().time() + 9.0
-        while not dp.has_flow(flow.client, flow.vip) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.1)
-        seen["back"] = dp.has_flow(flow.client, flow.vip)
+        seen["back"] = await eventually_async(lambda: dp.has_flow(flow.client, flow.vip), 9.0,
+                                              what="the evicted flow installed again")
 
     before = slow(svc)
     rep = call_in_client(lab, duration=11.0, messages=2, on_connected=evict)
@@ -201,9 +199,13 @@ def test_a_client_with_no_ipv4_calls_over_the_ipv6_vip(env):
     lab, svc, dp = env
     legs = {}
 
+    def both_ways() -> list:
+        flows = [(f.client, f.packets_in, f.packets_out) for f in dp.flows()]
+        return flows if flows and all(i > 20 and o > 20 for _, i, o in flows) else []
+
     async def look(pc, rep):
-        await asyncio.sleep(1.0)
-        legs["during"] = [(f.client, f.packets_in, f.packets_out) for f in await asyncio.to_thread(dp.flows)]
+        legs["during"] = await eventually_async(lambda: asyncio.to_thread(both_ways), 10,
+                                                what="XDP forwarding > 20 packets each way")
 
     with _ipr(lab.client_ns) as ipr:
         idx = ipr.link_lookup(ifname=lab.client.ifname)[0]

@@ -9,7 +9,6 @@ import concurrent.futures
 import json
 import secrets
 import signal
-import time
 
 import pytest
 
@@ -17,8 +16,10 @@ from manager.lab.services import Services, running_lab
 from manager.relay.control_client import ControlClient, ControlError
 from tests.support.lab_calls import (
     assert_untouched,
+    audio_flowing,
     run_call,
 )
+from tests.support.waiting import eventually_async
 
 # realtime: the checks count media against the wall clock.
 pytestmark = [pytest.mark.netns, pytest.mark.realtime]
@@ -49,7 +50,7 @@ def test_migrate_live_call(env):
     result = {}
 
     async def migrate(pc, rep):
-        await asyncio.sleep(1.5)
+        await audio_flowing(pc)
         call = await asyncio.to_thread(call_of, svc, rep)
         result["from"] = call["transceiver_id"]
         target = 2 if call["transceiver_id"] == 1 else 1
@@ -93,7 +94,7 @@ def test_data_channel_survives_three_round_trips(env):
     switches = []
 
     async def six_moves(pc, rep):
-        await asyncio.sleep(1.0)
+        await audio_flowing(pc)
         call_id = rep.call_url.rsplit("/", 1)[1]
         for i in range(6):
             call = await asyncio.to_thread(svc.call, call_id)
@@ -101,8 +102,14 @@ def test_data_channel_survives_three_round_trips(env):
             before = await _lost(pc)
             rep.mark(f"switch{i + 1}")
             res = await asyncio.to_thread(ctl.request, "POST", f"/sessions/{call_id}/migrate", {"to": target})
-            await asyncio.sleep(1.0)
-            moved = await asyncio.to_thread(transceiver_call, svc, target, call["conn_id"])
+            await asyncio.sleep(1.0)  # pacing: a switch a second, the window its audio loss is counted over
+
+            def carried(target=target, conn_id=call["conn_id"]) -> dict | None:
+                moved = transceiver_call(svc, target, conn_id)
+                return moved if moved["migration"]["data_channels"]["rx_records"] > 10 else None
+
+            moved = await eventually_async(lambda: asyncio.to_thread(carried), 10,
+                                           what=f"transceiver {target} to carry the data channels (> 10 records)")
             switches.append({"res": res, "lost": await _lost(pc) - before,
                              "data": moved["migration"]["data_channels"] if moved else None})
 
@@ -125,8 +132,12 @@ def test_drain_moves_every_call(env):
     lab, svc, ctl = env
     results = {}
 
+    def all_active() -> bool:
+        return sum(c["state"] == "active" for c in svc.calls()) >= 3
+
     async def drain_later(pc, rep):
-        await asyncio.sleep(2.0)
+        await audio_flowing(pc)
+        await eventually_async(lambda: asyncio.to_thread(all_active), 20, what="all three calls active")
         rep.mark("drain")
         if "res" not in results:
             results["res"] = "pending"
@@ -157,14 +168,20 @@ def test_drain_of_a_call_past_its_sequence_wrap(env, monkeypatch):
     seen = {}
 
     async def drain_after_wrap(pc, rep):
-        await asyncio.sleep(2.0)  # > 50 packets: wrapped
+        # 60 packets of the agent's echo back: the owner has had > 50 of ours, past the wrap.
+        await audio_flowing(pc, 60)
         call = await asyncio.to_thread(call_of, svc, rep)
         seen["before"] = await asyncio.to_thread(transceiver_call, svc, call["transceiver_id"], call["conn_id"])
         rep.mark("drain")
         seen["res"] = await asyncio.to_thread(ctl.request, "POST", f"/transceivers/{call['transceiver_id']}/drain", {})
-        await asyncio.sleep(1.5)
         seen["to"] = 2 if call["transceiver_id"] == 1 else 1
-        seen["after"] = await asyncio.to_thread(transceiver_call, svc, seen["to"], call["conn_id"])
+
+        def decrypting() -> dict | None:
+            after = transceiver_call(svc, seen["to"], call["conn_id"])
+            return after if after["migration"]["rx_decrypted"] > 40 else None
+
+        seen["after"] = await eventually_async(lambda: asyncio.to_thread(decrypting), 10,
+                                               what=f"transceiver {seen['to']} to decrypt > 40 of the client's packets")
         await asyncio.to_thread(ctl.request, "POST", f"/transceivers/{call['transceiver_id']}/undrain", {})
 
     rep = run_call(lab, duration=4.5, messages=3, on_connected=drain_after_wrap)
@@ -180,7 +197,7 @@ def test_old_owner_killed_after_switch(env):
     info = {}
 
     async def migrate_and_kill(pc, rep):
-        await asyncio.sleep(1.0)
+        await audio_flowing(pc)
         call = await asyncio.to_thread(call_of, svc, rep)
         old = call["transceiver_id"]
         target = 2 if old == 1 else 1
@@ -210,12 +227,9 @@ def test_migration_to_unhealthy_target_is_refused(env):
         proc = svc.procs[f"tx{target}"]
         proc.send_signal(signal.SIGSTOP)  # it stops heart-beating
         try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                ts = {t["id"]: t for t in (await asyncio.to_thread(svc.transceivers))}
-                if not ts[target]["healthy"]:
-                    break
-                await asyncio.sleep(0.2)
+            await eventually_async(
+                lambda: asyncio.to_thread(lambda: not {t["id"]: t for t in svc.transceivers()}[target]["healthy"]),
+                10, what=f"transceiver {target} (stopped) to be marked unhealthy")
             rep.mark("refused")
             try:
                 await asyncio.to_thread(ctl.request, "POST", f"/sessions/{call['call_id']}/migrate", {"to": target})
@@ -250,7 +264,7 @@ def test_relayctl_migrate_and_its_errors(env):
     out = {}
 
     async def via_cli(pc, rep):
-        await asyncio.sleep(1.0)
+        await audio_flowing(pc)
         call = await asyncio.to_thread(call_of, svc, rep)
         target = 2 if call["transceiver_id"] == 1 else 1
         rep.mark("switch")

@@ -22,7 +22,8 @@ from manager.lab.capture import WireClock, is_rtp, longest_gap
 from manager.lab.nat import clear_client_nat, set_client_nat
 from manager.lab.services import running_lab
 from manager.relay.control_client import ControlClient
-from tests.support.lab_calls import assert_untouched, run_call
+from tests.support.lab_calls import assert_untouched, audio_flowing, run_call
+from tests.support.waiting import eventually_async
 
 # realtime: the checks count media against the wall clock.
 pytestmark = [pytest.mark.netns, pytest.mark.realtime]
@@ -53,14 +54,19 @@ def test_media_resumes_both_ways_after_the_nat_rebinds(env, record_property):
         for clock in (to_client, *to_owner):
             clocks.enter_context(clock)
         async def rebind(pc, rep):
-            await asyncio.sleep(1.5)  # audio flowing through the kernel
+            await audio_flowing(pc)
             seen["before"] = [leg["client"] for leg in legs_of(ctl, rep)]
             seen["t"] = time.monotonic()
             rep.mark("rebind")
             await asyncio.to_thread(set_client_nat, lab, PORT_AFTER)
             seen["switched"] = time.monotonic()  # the old mapping is gone from here on
-            await asyncio.sleep(1.0)
-            seen["after"] = legs_of(ctl, rep)
+
+            def rebound() -> list[dict] | None:
+                legs = legs_of(ctl, rep)
+                return legs if any(leg["client"].endswith(f":{PORT_AFTER}") and leg["kernel"]
+                                   and leg["kernel"]["packets_in"] > 0 for leg in legs) else None
+
+            seen["after"] = await eventually_async(rebound, 10, what=f"XDP forwarding the client at port {PORT_AFTER}")
 
         try:
             rep = run_call(lab, on_connected=rebind, duration=3.0, messages=6)
@@ -104,21 +110,29 @@ def test_forged_media_with_the_calls_ssrc_moves_nothing(env):
     seen = {}
 
     async def forge(pc, rep):
-        await asyncio.sleep(1.0)
-        (leg,) = legs_of(ctl, rep)
+        def kernel_leg() -> dict:
+            (leg,) = legs_of(ctl, rep)
+            assert leg["kernel"] and leg["kernel"]["ssrc"], leg
+            return leg
+
+        leg = await eventually_async(kernel_leg, 10, what="the call's SSRC in its kernel flow")
         ssrc = leg["kernel"]["ssrc"]
-        assert ssrc, leg
         before = ctl.stats()["slowpath"]["events"]
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             for seq in range(3):
                 forged = bytes([0x80, 111]) + (60000 + seq).to_bytes(2, "big") + b"\x00" * 4
                 sock.sendto(forged + ssrc.to_bytes(4, "big") + secrets.token_bytes(80), (lab.vip4, lab.port))
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.5)
+                await asyncio.sleep(0.02)  # pacing: a stream's packets, not a burst
         finally:
             sock.close()
-        seen["before"], seen["after"] = before, ctl.stats()["slowpath"]["events"]
+
+        def refused() -> dict | None:
+            after = ctl.stats()["slowpath"]["events"]
+            return after if after.get("rebind_refused", 0) > before.get("rebind_refused", 0) else None
+
+        seen["before"], seen["after"] = before, await eventually_async(refused, 10,
+                                                                       what="the forged media's rebind refused")
         seen["legs"] = legs_of(ctl, rep)
         seen["client"] = leg["client"]
 

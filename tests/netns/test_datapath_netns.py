@@ -13,7 +13,6 @@ import json
 import socket
 import subprocess
 import threading
-import time
 import uuid
 
 import pytest
@@ -25,7 +24,10 @@ from manager.relay.kernel.datapath import Datapath, OwnerAddr, xdp_attachment
 from tests.support.udp_streams import (
     Receiver,
     paced_send,
+    settle,
+    snmp_udp,
 )
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.netns
 
@@ -71,24 +73,15 @@ def warm_neighbours(lab: Lab) -> None:
         for addr, fam in ((ep.addr4, socket.AF_INET), (ep.addr6, socket.AF_INET6)):
             with lab.socket("relay", fam) as s:
                 s.sendto(b"warm", (addr, 9))
-    deadline = time.monotonic() + 5
     want = {ep.addr4 for ep in peers} | {ep.addr6 for ep in peers}
-    while time.monotonic() < deadline:
+
+    def resolved() -> bool:
         out = subprocess.run(["ip", "-j", "-n", lab.relay_ns, "neigh"], capture_output=True, text=True).stdout
         ok = {n["dst"] for n in json.loads(out or "[]") if set(n.get("state", [])) & {"REACHABLE", "STALE", "DELAY"}}
-        if want <= ok:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"neighbours not resolved: {want - ok}")
+        assert want <= ok, f"unresolved: {want - ok}"
+        return True
 
-
-def snmp_udp(lab: Lab, ns: str, family: int) -> dict[str, int]:
-    path = "/proc/net/snmp" if family == socket.AF_INET else "/proc/net/snmp6"
-    text = lab.run(ns, ["cat", path]).stdout
-    if family == socket.AF_INET:
-        rows = [line.split() for line in text.splitlines() if line.startswith("Udp:")]
-        return dict(zip(rows[0][1:], map(int, rows[1][1:]), strict=False))
-    return {k[len("Udp6"):]: int(v) for k, v in (line.split() for line in text.splitlines()) if k.startswith("Udp6")}
+    eventually(resolved, 5, what="the relay's neighbours resolved", interval=0.05)
 
 
 
@@ -138,7 +131,7 @@ def test_stream_survives_ownership_move(relay, family):
         dp.remove_reverse(owner[1], flow_port)
         sent_tx2 = paced_send(t_sock[2], relay_side, range(half, n), RATE)
         up.join()
-        time.sleep(0.3)  # let the last packets land
+        settle({"up": [receivers[1], receivers[2]], "down": [receivers["client"]]}, n)
     finally:
         for r in receivers.values():
             r.stop.set()

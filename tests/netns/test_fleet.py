@@ -18,6 +18,7 @@ from manager.protocol.addresses import OwnerAddr
 from manager.relay.config import RegistryConfig
 from manager.relay.fleet import FleetUnavailable, RedisFleet
 from manager.relay.registry import Registry
+from tests.support.waiting import Hopeless, eventually, eventually_async
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -45,15 +46,12 @@ class RedisServer:
         if self.password:
             argv += ["--requirepass", self.password]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(unix_socket_path=str(self.sock), password=self.password).ping()
-                return
-            except redis.exceptions.RedisError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
+        def answers() -> bool:
+            if self.proc is None or self.proc.poll() is not None:
+                raise Hopeless("redis-server exited")
+            return redis.Redis(unix_socket_path=str(self.sock), password=self.password).ping()
+
+        eventually(answers, 10, what="redis-server to answer")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -85,11 +83,9 @@ def _cfg(server: RedisServer, tmp_path: Path, **kw) -> RegistryConfig:
 
 
 async def _until(pred, timeout: float = 3.0, what: str = "condition") -> float:
+    """eventually_async, and how long the wait took (propagation times)."""
     t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+    await eventually_async(pred, timeout, what=what, interval=0.005)
     return time.monotonic() - t0
 
 

@@ -12,6 +12,7 @@ their own pool address."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 
@@ -29,6 +30,7 @@ from manager.relay.config import DatapathConfig, RelaydConfig
 from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.registry import Registry
 from manager.relay.slowpath import FlowSources, SlowPath
+from tests.support.waiting import NotYet, eventually_async
 
 LEGS = 50_000
 RTP = bytes([0x80, 111]) + b"\x00\x01" + b"\x00" * 8 + b"r" * 40
@@ -103,7 +105,7 @@ async def _answer(owner: socket.socket, stop: asyncio.Event) -> int:
         try:
             data, addr = owner.recvfrom(2048)
         except BlockingIOError:
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)  # nothing queued: poll the socket again shortly
             continue
         req = stun.parse_message(data)
         ok = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
@@ -111,7 +113,7 @@ async def _answer(owner: socket.socket, stop: asyncio.Event) -> int:
         owner.sendto(bytes(ok), addr)
         answered += 1
         if answered % 256 == 0:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # let the filler run
     return answered
 
 
@@ -139,20 +141,20 @@ async def _fill(h: hx.Harness, fs: FlowSockets) -> tuple[list, dict]:
             client = (hx.CLIENT4, 1024 + n)
             sp.on_client_packet(vip, _check(ufrag, n), client)
             if n % 250 == 249:
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # pacing: bursts the local delivery backlog can hold
         # As ICE does: checks whose answer was lost on a loaded machine (the
         # local delivery backlog holds 1,000 packets) are sent again.
         for _ in range(10):
-            deadline = asyncio.get_running_loop().time() + 3
-            while sp.stats["flows_installed"] < LEGS and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
+            with contextlib.suppress(NotYet):  # then send the unanswered ones again
+                await eventually_async(lambda: sp.stats["flows_installed"] >= LEGS, 3,
+                                       what="every leg installed", interval=0.05)
             pending = [leg for leg in sp.legs.values() if leg.installed_at is None]
             if not pending:
                 break
             for i, leg in enumerate(pending):
                 sp.on_client_packet(vip, _check(ufrag, LEGS + i), leg.client)
                 if i % 250 == 249:
-                    await asyncio.sleep(0.005)
+                    await asyncio.sleep(0.005)  # pacing, as above
         return [leg for leg in sp.legs.values() if leg.installed_at is not None], dict(sp.stats)
     finally:
         stop.set()

@@ -11,7 +11,6 @@ import signal
 import socket
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from manager.lab import netns as labns
 from manager.lab.lifecycle import lab_down, lab_up
 from manager.lab.model import Lab
 from manager.lab.netns import LabError, NetnsExecutor
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.netns
 
@@ -253,10 +253,8 @@ def test_state_file_and_listing(lab: Lab) -> None:
 def wait_in_netns(pid: int, ns: str, timeout: float = 5.0) -> None:
     """Wait until `ip netns exec` has switched `pid` into `ns` (it starts in ours)."""
     target = os.stat(f"/run/netns/{ns}").st_ino
-    deadline = time.monotonic() + timeout
-    while os.stat(f"/proc/{pid}/ns/net").st_ino != target:
-        assert time.monotonic() < deadline, f"pid {pid} never entered {ns}"
-        time.sleep(0.01)
+    eventually(lambda: os.stat(f"/proc/{pid}/ns/net").st_ino == target, timeout, what=f"pid {pid} to enter {ns}",
+               interval=0.01)
 
 
 def test_lab_down_removes_only_its_own(lab: Lab) -> None:

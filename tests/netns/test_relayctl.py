@@ -42,6 +42,7 @@ from manager.relay.control_client import ControlClient, ControlError
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.structs import STAT_NAMES, flow_key
 from tests.support.paths import REPO
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.netns
 
@@ -128,17 +129,6 @@ def plant_idle_flow(dp: Datapath, conn_id: int, client: tuple[str, int], vip: tu
     dp.maps.flows.update(key, info)
 
 
-def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def held_call(lab, timeout: float = 20.0):
     """A real call from the client namespace, held open (connected) until the
@@ -199,8 +189,8 @@ def live(env):
     with held_call(lab) as rep:
         call_id = rep.call_url.rsplit("/", 1)[1]
         call = svc.call(call_id)
-        wait_for(lambda: any(f.conn_id == call["conn_id"] and f.packets_in > 5 and f.packets_out > 5
-                             for f in dp.flows()), timeout=10.0 + START_SLACK, what="media on the call's kernel flow")
+        eventually(lambda: any(f.conn_id == call["conn_id"] and f.packets_in > 5 and f.packets_out > 5
+                               for f in dp.flows()), timeout=10.0 + START_SLACK, what="media on the call's kernel flow")
         yield call_id, call["conn_id"], call["transceiver_id"]
 
 
@@ -432,7 +422,7 @@ def test_end_session_and_unknown_session(env):
     with held_call(lab) as rep:
         call_id = rep.call_url.rsplit("/", 1)[1]
         conn_id = svc.call(call_id)["conn_id"]
-        wait_for(lambda: any(f.conn_id == conn_id for f in dp.flows()), what="the call's kernel flow")
+        eventually(lambda: any(f.conn_id == conn_id for f in dp.flows()), 10, what="the call's kernel flow")
         data = ok_json(invoke(*cfg_args(svc), "end", call_id, "--json"))
         assert data["ended"]["call_id"] == call_id and data["ended"]["ended_reason"] == "operator"
         # Kernel entries go with the call; the signaling API forgets it.
@@ -512,7 +502,7 @@ def test_lab_up_survives_the_cli_then_down_leaves_nothing():
 
         # relayd down: map commands keep working, relayd commands fail cleanly.
         os.kill(info["services"]["relayd"], signal.SIGTERM)
-        wait_for(lambda: pid_gone(info["services"]["relayd"]), what="relayd to exit")
+        eventually(lambda: pid_gone(info["services"]["relayd"]), 10, what="relayd to exit")
         assert not Path(info["control_socket"]).exists()  # relayd removed its socket
         assert_one_line_error(relayctl("--config", info["config_path"], "status"), "relayd is not running")
         dp = Datapath(DatapathConfig(pin_dir=info["pin_dir"]))
@@ -542,8 +532,8 @@ def test_lab_up_survives_the_cli_then_down_leaves_nothing():
         assert not Path(f"/run/splitrelay/lab-{prefix}.json").exists()
         assert all(pid_gone(pid) for pid in info["services"].values())
         # The program is gone from the kernel (nothing attached or pinned holds it).
-        wait_for(lambda: subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)],
-                                        capture_output=True).returncode != 0, what="the XDP program to be freed")
+        eventually(lambda: subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)],
+                                          capture_output=True).returncode != 0, 10, what="the XDP program to be freed")
     finally:
         if dp is not None:
             dp.close()

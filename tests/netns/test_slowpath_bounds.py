@@ -23,6 +23,7 @@ from manager.relay.config import DatapathConfig
 from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.registry import Registry
 from manager.relay.slowpath import SlowPath
+from tests.support.waiting import eventually_async
 
 KEY = bytes(range(32))
 LO = "127.0.0.1"
@@ -75,11 +76,17 @@ async def scenario(*, clients: int, **bounds) -> tuple[SlowPath, list[socket.soc
         s.sendto(check(ufrag), sp.vips[0])
     # Until every check is accounted for (a loaded machine may take a while).
     seen = ("legs_opened", "drop_leg_cap", "drop_source_pending_cap")
-    deadline = time.monotonic() + 5.0
-    while sum(sp.stats[k] for k in seen) < clients and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.1)  # and their forwards to the owner
+    await eventually_async(lambda: sum(sp.stats[k] for k in seen) >= clients, 5, what="every check accounted for")
+    await eventually_async(lambda: sp.stats["forward_in"] >= sp.stats["legs_opened"], 5,
+                           what="the admitted checks forwarded to the owner")
     return sp, socks, owner, ufrag
+
+
+async def drained(sock: socket.socket, n: int) -> list[tuple[bytes, tuple]]:
+    """What reaches `sock`, once at least n packets have."""
+    got: list[tuple[bytes, tuple]] = []
+    await eventually_async(lambda: got.extend(drain(sock)) or len(got) >= n, what=f"{n} packet(s) received")
+    return got
 
 
 def run(coro):
@@ -138,7 +145,7 @@ def test_pending_legs_expire_quickly_and_free_their_slots() -> None:
             # The call's slots are free again.
             late = _udp()
             late.sendto(check(ufrag), sp.vips[0])
-            await asyncio.sleep(0.2)
+            await eventually_async(lambda: sp.legs, what="a leg for the late check")
             assert len(sp.legs) == 1
             late.close()
         finally:
@@ -161,14 +168,13 @@ def test_error_replies_to_unauthenticated_legs_are_not_reflected() -> None:
                                  transaction_id=request.transaction_id)
             error.attributes["ERROR-CODE"] = (401, "Unauthorized")
             owner.sendto(bytes(error), flow_addr)
-            await asyncio.sleep(0.2)
+            await eventually_async(lambda: sp.stats["drop_error_to_pending"] >= 1, what="the error reply dropped")
             assert drain(client) == [] and sp.stats["drop_error_to_pending"] == 1
             # The owner's success for the forwarded check goes through (and installs the leg).
             ok = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
                               transaction_id=request.transaction_id)
             owner.sendto(bytes(ok), flow_addr)
-            await asyncio.sleep(0.2)
-            assert len(drain(client)) == 1
+            assert len(await drained(client, 1)) == 1
             (leg,) = sp.legs.values()
             assert leg.installed_at is not None and sp.stats["flows_installed"] == 1
         finally:
@@ -189,12 +195,12 @@ def test_installed_legs_leave_the_pending_count(cap: int) -> None:
                 ok = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
                                   transaction_id=stun.parse_message(data).transaction_id)
                 owner.sendto(bytes(ok), flow_addr)
-            await asyncio.sleep(0.2)
+            await eventually_async(lambda: sp.stats["flows_installed"] >= cap, what=f"{cap} legs installed")
             assert all(leg.installed_at is not None for leg in sp.legs.values())
             # All confirmed: the same source may start another leg.
             extra = _udp()
             extra.sendto(check(ufrag), sp.vips[0])
-            await asyncio.sleep(0.2)
+            await eventually_async(lambda: sp.stats["legs_opened"] > cap, what="another leg from the same source")
             assert sp.stats["legs_opened"] == cap + 1
             extra.close()
         finally:
@@ -246,7 +252,7 @@ def test_the_owner_entry_of_an_unknown_call_goes_with_its_last_flow() -> None:
         registry.activate(known, owner)
         h.dp.set_owner(known, owner)
         h.dp.add_flow((hx.CLIENT4, 40001), (hx.VIP4, hx.VIP_PORT), known, 20002, owner)
-        time.sleep(0.2)
+        time.sleep(0.2)  # both flows older than the 0.05 s idle timeout
         sp.expire()
         assert h.dp.get_owner(99) is None and sp.stats["owners_removed_unknown"] == 1
         assert registry.get_call(known) is None  # a known call ends instead (its end removes the entry)

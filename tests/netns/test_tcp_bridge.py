@@ -23,6 +23,7 @@ from manager.lab.ice_tcp import TcpAdapter
 from manager.lab.netns import NetnsExecutor
 from manager.lab.services import LAB_TCP_PORT, running_lab
 from manager.relay.control_client import ControlClient
+from tests.support.lab_calls import audio_flowing
 from tests.support.tcp_calls import (
     BLOCK_UDP,
     restart_during_tcp_call,
@@ -97,7 +98,7 @@ def test_a_tcp_call_migrates(env):
     result = {}
 
     async def migrate(pc, rep):
-        await asyncio.sleep(1.0)
+        await audio_flowing(pc)
         call_id = rep.call_url.rsplit("/", 1)[1]
         call = await asyncio.to_thread(svc.call, call_id)
         target = 2 if call["transceiver_id"] == 1 else 1
@@ -173,7 +174,7 @@ def _probe(lab, payloads: list[bytes], *, hold: float = 0.0, connections: int = 
             socks.append(s)
         for p in payloads:
             socks[0].sendall(p)
-        time.sleep(hold)
+        time.sleep(hold)  # the window the relay has to close them (its timeouts are checked against it)
         readable, _, _ = select.select(socks, [], [], 0.3)  # all at once: a later one must not age meanwhile
         out = []
         for s in socks:

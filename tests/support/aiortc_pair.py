@@ -7,6 +7,8 @@ import inspect
 
 from aiortc import RTCPeerConnection
 
+from tests.support.waiting import eventually_async
+
 
 async def _established(inspect_them):
     """Two aiortc peers with an open data channel: `inspect_them(answerer's
@@ -21,8 +23,7 @@ async def _established(inspect_them):
         await b.setLocalDescription(await b.createAnswer())
         await a.setRemoteDescription(b.localDescription)
         theirs = await asyncio.wait_for(opened.get(), 10)
-        while channel.readyState != "open":
-            await asyncio.sleep(0.01)
+        await eventually_async(lambda: channel.readyState == "open", 10, what="the offerer's channel open")
         result = inspect_them(b.sctp, theirs)
         return await result if inspect.isawaitable(result) else result
     finally:

@@ -9,8 +9,8 @@ console and its own log under test-artifacts/<name>/."""
 from __future__ import annotations
 
 import array
-import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import math
@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import aiohttp
 
 from manager.lab.netns import ns_popen
 from tests.support.paths import ARTIFACTS
+from tests.support.waiting import NotYet, eventually_async
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -81,18 +81,13 @@ class Chromium:
     # -- DevTools (run these in the namespace: its loopback holds the port) -------------------
 
     async def _page_ws(self, http: aiohttp.ClientSession, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                async with http.get(f"http://127.0.0.1:{self.port}/json/list") as r:
-                    for target in await r.json():
-                        if target.get("type") == "page" and target.get("webSocketDebuggerUrl"):
-                            return target["webSocketDebuggerUrl"]
-            except (aiohttp.ClientError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Chromium's DevTools did not come up (log: {self.log})")
-            await asyncio.sleep(0.2)
+        async def page() -> str | None:
+            async with http.get(f"http://127.0.0.1:{self.port}/json/list") as r:
+                return next((t["webSocketDebuggerUrl"] for t in await r.json()
+                             if t.get("type") == "page" and t.get("webSocketDebuggerUrl")), None)
+
+        return await eventually_async(page, timeout, what=f"Chromium's DevTools page (log: {self.log})",
+                                      interval=0.2)
 
     async def _call(self, ws: aiohttp.ClientWebSocketResponse, method: str, **params: Any) -> dict:
         msg_id = next(self._ids)
@@ -121,15 +116,18 @@ class Chromium:
             async with http.ws_connect(url, max_msg_size=0) as ws:
                 await self._call(ws, "Runtime.enable")
                 report: dict = {}
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
+
+                async def reported() -> bool:
+                    nonlocal report
                     res = await self._call(ws, "Runtime.evaluate", expression="JSON.stringify(window.splitrelay || null)",
                                            returnByValue=True)
                     value = res.get("result", {}).get("value")
                     report = json.loads(value) if value else {}
-                    if report and until(report):
-                        break
-                    await asyncio.sleep(0.25)
+                    return bool(report) and until(report)
+
+                # A timeout is not a failure here: the caller judges the last report (and keeps the screenshot).
+                with contextlib.suppress(NotYet):
+                    await eventually_async(reported, timeout, what="the page's report", interval=0.25)
                 shot = (await self._call(ws, "Page.captureScreenshot", format="png")).get("data", "")
                 await self._call(ws, "Runtime.evaluate", expression="window.splitrelayHangup && splitrelayHangup()",
                                  awaitPromise=True)

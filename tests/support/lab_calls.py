@@ -6,11 +6,53 @@ import asyncio
 
 from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor
+from tests.support.waiting import eventually_async
 
 
 def run_call(lab, **kw):
     with NetnsExecutor(lab.client_ns) as ex:
         return ex.call(asyncio.run, client_call(lab.signaling_url, **kw))
+
+
+async def rtp_received(pc) -> int:
+    """RTP packets the client's peer connection has received so far."""
+    stats = await pc.getStats()
+    return sum(s.packetsReceived for s in stats.values() if s.type == "inbound-rtp")
+
+
+async def audio_flowing(pc, packets: int = 25, timeout: float = 10.0) -> int:
+    """Until the client has received `packets` RTP packets (the agent's
+    echo: audio has made the round trip); returns how many it has."""
+    async def received() -> int:
+        n = await rtp_received(pc)
+        return n if n >= packets else 0
+
+    return await eventually_async(received, timeout, what=f"{packets} RTP packets back at the client")
+
+
+def kernel_ssrc(svc, relay: int) -> int:
+    """The SSRC relay N's kernel saw on the (one) call's client leg; 0: none yet."""
+    return next((leg["kernel"]["ssrc"] for s in svc.control_of(relay).sessions()["sessions"]
+                 for leg in s["legs"] if leg["kernel"] and leg["kernel"]["ssrc"]), 0)
+
+
+def ssrc_indexed(svc, relay: int, ssrc: int) -> bool:
+    """Relay N's kernel indexes `ssrc` (learnt from the fleet: its media from
+    an unknown tuple reaches relay N's slow path)."""
+    dp = svc.open_datapath(relay)
+    try:
+        return dp.ssrc_flow(bytes(8) + ssrc.to_bytes(4, "big")) is not None
+    finally:
+        dp.close()
+
+
+async def ssrc_published(svc, to: int = 2) -> int:
+    """Until relay 1 has published the call's SSRC and relay `to` indexed it."""
+    ssrc = await eventually_async(lambda: asyncio.to_thread(kernel_ssrc, svc, 1), 10,
+                                  what="relay 1's kernel to see the call's SSRC")
+    await eventually_async(lambda: asyncio.to_thread(ssrc_indexed, svc, to, ssrc), 10,
+                           what=f"relay {to} to index SSRC {ssrc:#x} from the fleet")
+    return ssrc
 
 
 def assert_untouched(rep) -> None:

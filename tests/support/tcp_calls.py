@@ -9,6 +9,8 @@ from manager.lab.client import client_call
 from manager.lab.ice_tcp import TcpAdapter
 from manager.lab.netns import NetnsExecutor
 from manager.lab.services import LAB_TCP_PORT
+from tests.support.lab_calls import audio_flowing
+from tests.support.waiting import eventually_async
 
 BLOCK_UDP = """
 table inet splitrelay_test_block {{
@@ -21,23 +23,29 @@ table inet splitrelay_test_block {{
 """
 
 
-def restart_during_tcp_call(lab, svc, *, signaling_url=None, wait_after: float = 8.0):
+def restart_during_tcp_call(lab, svc, *, signaling_url=None, timeout: float = 20.0):
     """A TCP call during which relayd (relay 1) restarts; the client's
     adapter opens a new connection, check first, as a browser's active
-    candidate does. Returns (report, connections the relay closed)."""
+    candidate does, and the call goes on once that connection carries media
+    or the relay closes it too. Returns (report, connections the relay closed)."""
     info = {}
 
     async def restart(pc, rep):
-        await asyncio.sleep(1.0)
+        await audio_flowing(pc)
         rep.mark("restart")
         info["rc"] = await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGTERM)
         await asyncio.to_thread(svc.start_relayd)
         await asyncio.to_thread(svc.wait_signaling, 30)
         rep.mark("restarted")
-        await asyncio.sleep(wait_after)  # the client's next consent check (~5 s) opens the new connection
+        adapter, before = info["adapter"], info["adapter"].frames_in
+        # The client's next consent check (~5 s) opens the new connection; it
+        # carries the call on, or the relay closes it too (a second one lost).
+        await eventually_async(lambda: (adapter.connections_lost >= 1 and adapter.frames_in - before >= 100)
+                               or adapter.connections_lost >= 2, timeout,
+                               what="the client's new TCP connection to carry 100 frames or be closed")
 
     async def call():
-        adapter = await TcpAdapter.start((lab.vip4, LAB_TCP_PORT))
+        adapter = info["adapter"] = await TcpAdapter.start((lab.vip4, LAB_TCP_PORT))
         try:
             rep = await client_call(signaling_url or lab.signaling_url, rewrite_answer=adapter.rewrite_answer,
                                     duration=2.0, messages=4, on_connected=restart)

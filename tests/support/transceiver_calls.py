@@ -20,6 +20,7 @@ from aiortc.rtp import RtpPacket, is_rtcp
 from manager.lab.client import make_tone_track, tone_power
 from manager.protocol.sdp import rewrite_candidates, strip_candidates
 from manager.transceiver.transceiver import Transceiver
+from tests.support.waiting import eventually_async
 
 UFRAG_A = "AAAAbbbbCCCCddddEEEEffff"  # 24 chars, like the relay's hint-carrying ufrags
 
@@ -34,14 +35,6 @@ def run(coro: Any, timeout: float = 30.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def assert_dominant(samples: list[int], expected: float, others: list[float]) -> None:
     assert len(samples) >= RATE // 4, f"only {len(samples)} samples received"
     rms = math.sqrt(sum(x * x for x in samples) / len(samples))
@@ -50,6 +43,19 @@ def assert_dominant(samples: list[int], expected: float, others: list[float]) ->
     for f in others:
         q = tone_power(samples, f, RATE)
         assert p > 20 * q, f"{expected} Hz not dominant over {f} Hz: {p:.3g} vs {q:.3g}"
+
+
+async def hears(client: ClientCall, expected: float, others: list[float], since: float = 0.0,
+                timeout: float = 5.0) -> None:
+    """Until the last 0.5 s of audio the client received after `since`
+    (time.monotonic()) is `expected` Hz, dominant over `others`."""
+    def dominant() -> bool:
+        samples = [x for t, pcm in client.frames if t >= since for x in pcm][-(RATE // 2):]
+        assert len(samples) >= RATE // 2, f"only {len(samples)} samples since then"
+        assert_dominant(samples, expected, others)
+        return True
+
+    await eventually_async(dominant, timeout, what=f"{expected:g} Hz dominant in the client's last 0.5 s")
 
 
 class Forwarder(asyncio.DatagramProtocol):
@@ -167,7 +173,7 @@ class ClientCall:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=relayed, type="answer"))
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
-        await wait_for(
+        await eventually_async(
             lambda: self.pc.connectionState == "connected" and self.dc.readyState == "open",
             timeout,
             "client connected",

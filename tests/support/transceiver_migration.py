@@ -99,7 +99,7 @@ async def migrate(
     assert new_owner != src_owner
     # Ready but silent until the flip: anything it sent now would be dropped
     # by the relay and be a sequence gap at the client.
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # nothing must go out: a window for a stray send to show
     info = await dst.get(f"/calls/{conn_id}")
     assert info["imported"] and info["migration"]["tx_packets"] == 0
     assert fwd.not_owner[new_owner] == dropped_before.get(new_owner, 0)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import struct
 import threading
 import time
+
+from tests.support.waiting import NotYet, eventually
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # root may exceed rmem_max
 
@@ -57,7 +61,54 @@ def paced_send(sock: socket.socket, dst, seqs: range, rate: int, stop: threading
         due = start + i / rate
         delay = due - time.monotonic()
         if delay > 0:
-            time.sleep(delay)
+            time.sleep(delay)  # pacing
         sock.sendto(b"\x80\x6f\x00\x00" + struct.pack("!I", seq) + b"m" * 160, dst)
         sent += 1
     return sent
+
+
+def settle(groups: dict[str, list[Receiver]], n: int, timeout: float = 2.0) -> float:
+    """Until each group of receivers holds the n sequence numbers sent to it
+    (what was in flight has landed), or `timeout`: the caller then reports
+    what is missing, by number. Returns how long it waited."""
+    t0 = time.monotonic()
+
+    def complete() -> bool:
+        missing = {name: n - len({s for r in rs for s in r.seqs}) for name, rs in groups.items()}
+        assert not any(missing.values()), f"missing {missing}"
+        return True
+
+    with contextlib.suppress(NotYet):
+        eventually(complete, timeout, what="every packet sent")
+    return time.monotonic() - t0
+
+
+def snmp_udp(lab, ns: str, family: int = socket.AF_INET) -> dict[str, int]:
+    """The namespace's UDP counters (InErrors, RcvbufErrors, InCsumErrors...)."""
+    path = "/proc/net/snmp" if family == socket.AF_INET else "/proc/net/snmp6"
+    text = lab.run(ns, ["cat", path]).stdout
+    if family == socket.AF_INET:
+        rows = [line.split() for line in text.splitlines() if line.startswith("Udp:")]
+        return dict(zip(rows[0][1:], map(int, rows[1][1:]), strict=False))
+    return {k[len("Udp6"):]: int(v) for k, v in (line.split() for line in text.splitlines()) if k.startswith("Udp6")}
+
+
+def link_drops(lab, ns: str) -> dict[str, int]:
+    """Every drop and XDP error counter of the namespace's links ("dev/name":
+    value), from `ip -s link` and the veth driver's `ethtool -S`."""
+    out = {}
+    for link in json.loads(lab.run(ns, ["ip", "-s", "-j", "link"]).stdout or "[]"):
+        dev = link["ifname"]
+        for way in ("rx", "tx"):
+            stats = link.get("stats64", {}).get(way, {})
+            out.update({f"{dev}/{way}_{k}": v for k, v in stats.items() if "drop" in k or "error" in k})
+        if dev != "lo":
+            for line in lab.run(ns, ["ethtool", "-S", dev]).stdout.splitlines()[1:]:
+                name, _, value = line.strip().partition(": ")
+                if ("drop" in name or "err" in name) and value.strip().isdigit():
+                    out[f"{dev}/{name}"] = int(value)
+    return out
+
+
+def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}

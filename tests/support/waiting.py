@@ -21,17 +21,24 @@ class NotYet(AssertionError):
     """The awaited condition did not hold before the deadline."""
 
 
+class Hopeless(RuntimeError):
+    """Raised by a predicate when its condition can no longer hold (the
+    process it waits for exited): the wait ends at once with it."""
+
+
 def eventually(predicate: Callable[[], T], timeout: float = 5.0, what: str = "condition",
                interval: float = POLL_S) -> T:
     """Poll ``predicate`` until it returns a truthy value; return that value.
 
     An exception raised by the predicate counts as "not yet" and is shown if
-    the deadline passes."""
+    the deadline passes, except Hopeless, which ends the wait at once."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
         try:
             last = predicate()
+        except Hopeless:
+            raise
         except Exception as exc:
             last = exc
         else:
@@ -52,6 +59,8 @@ async def eventually_async(predicate: Callable[[], T | Awaitable[T]], timeout: f
             last = predicate()
             if asyncio.iscoroutine(last):
                 last = await last
+        except Hopeless:
+            raise
         except Exception as exc:
             last = exc
         else:

@@ -154,7 +154,7 @@ def test_imported_call_keeps_aiortcs_replay_window() -> None:
 
     async def scenario() -> tuple[int, int]:
         plan = ImportPlan.from_state(parse_call_state(exported()))
-        call = ImportedCall(plan, AgentSession(42), EchoAgent(), on_consent_expired=lambda c: asyncio.sleep(0))
+        call = ImportedCall(plan, AgentSession(42), EchoAgent(), on_consent_expired=lambda c: asyncio.sleep(0))  # a no-op coroutine
         client = pylibsrtp.Session(pylibsrtp.Policy(key=RX_KEY, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
                                                     srtp_profile=LIBSRTP_PROFILE))
         packets = {seq: _srtp_packet(client, seq) for seq in range(100, 401)}

@@ -13,6 +13,7 @@ from manager.protocol.client_auth import mint_token
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth
 from tests.support.signaling import SDP, _error, relay, run
+from tests.support.waiting import eventually_async
 
 TOKEN_KEY = bytes(range(32))
 
@@ -100,7 +101,7 @@ def test_pending_caps() -> None:
         async with relay(transceivers=1, timeout=3.0, limits=LimitsConfig(max_pending_per_source=1)) as env:
             env.fakes[0].mode = "slow"  # placements stay pending
             first = asyncio.ensure_future(create(env, SDP))
-            await asyncio.sleep(0.3)
+            await eventually_async(lambda: env.fakes[0].created, what="the first placement pending at the transceiver")
             resp = await create(env, SDP)
             assert await _error(resp, 429) == ("too many calls being set up from this address "
                                                "(at most 1 at once)")
@@ -108,7 +109,7 @@ def test_pending_caps() -> None:
         async with relay(transceivers=1, timeout=3.0, limits=LimitsConfig(max_pending=1)) as env:
             env.fakes[0].mode = "slow"
             first = asyncio.ensure_future(create(env, SDP))
-            await asyncio.sleep(0.3)
+            await eventually_async(lambda: env.fakes[0].created, what="the first placement pending at the transceiver")
             resp = await create(env, SDP)
             assert await _error(resp, 503) == "too many calls are being set up (1); retry shortly"
             await first

@@ -14,13 +14,7 @@ from manager.protocol import dtls_record as dr
 from manager.transceiver import aiortc_hooks as hooks
 from manager.transceiver.dtls_tap import DtlsTap
 from tests.support.aiortc_pair import _established
-
-
-async def _until(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+from tests.support.waiting import eventually_async
 
 
 def test_tap_reads_record_numbers_and_authenticates_with_keys_from_the_secrets() -> None:
@@ -29,7 +23,7 @@ def test_tap_reads_record_numbers_and_authenticates_with_keys_from_the_secrets()
         dtls = sctp.transport
         tap.install(dtls)
         channel.send("from b")  # our records go out through the tap
-        await _until(lambda: tap.tx_highest >= 1)
+        await eventually_async(lambda: tap.tx_highest >= 1, what="a record of ours through the tap")
         record, why = tap.export(include_secrets=True)
         assert why is None and record is not None
         assert record.epoch == 1 and record.tx_seq == tap.tx_highest + 1
@@ -47,7 +41,7 @@ def test_tap_window_moves_only_for_records_that_authenticate_and_freeze_drops() 
         tap = DtlsTap()
         tap.install(sctp.transport)
         channel.send("ping")  # the peer's SACK for it is a record the tap authenticates
-        await _until(lambda: tap.window.highest >= 1)
+        await eventually_async(lambda: tap.window.highest >= 1, what="the peer's SACK authenticated by the tap")
         highest = tap.window.highest
         assert tap.rx_unauthenticated == 0
         forged = dr.Record(dr.APPLICATION_DATA, 1, highest + 1000, bytes(40)).serialise()
@@ -55,8 +49,7 @@ def test_tap_window_moves_only_for_records_that_authenticate_and_freeze_drops() 
         assert tap.window.highest == highest and tap.rx_unauthenticated == 1
         tap.freeze()
         channel.send("while frozen")  # its DATA is dropped on the way out
-        await asyncio.sleep(0.2)
-        assert tap.frozen_dropped >= 1
+        await eventually_async(lambda: tap.frozen_dropped >= 1, what="the DATA dropped while frozen")
         tap.unfreeze()
 
     asyncio.run(_established(check))

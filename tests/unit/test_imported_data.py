@@ -14,6 +14,7 @@ from manager.protocol import dtls_record as dr
 from manager.protocol.callstate import DtlsRecordState, SctpState
 from manager.transceiver.imported_data import ImportedDataChannels
 from tests.support.callstate import CIPHER, association
+from tests.support.waiting import eventually_async
 
 MASTER, CLIENT_RANDOM, SERVER_RANDOM = os.urandom(48), os.urandom(32), os.urandom(32)
 SUITE = dr.suite(CIPHER)
@@ -92,14 +93,16 @@ def test_nothing_goes_out_before_activation_then_records_continue_the_sequence()
         sent: list[bytes] = []
         data = _data(sent, [])
         data.channels[0].send("held")  # queued in the association, flushed by a task
-        await asyncio.sleep(0.05)
-        assert sent == [] and data.stats.tx_held >= 1
+        await eventually_async(lambda: data.stats.tx_held >= 1, what="the message held before activation")
+        assert sent == []
         await data.activate()
-        await asyncio.sleep(0.05)
+
+        def opened() -> list[bytes]:
+            return [CLIENT_OPENS.open(r) for d in sent for r in dr.parse_records(d)]
+
+        await eventually_async(lambda: any(b"held" in p for p in opened()), what="the held message sent")
         records = [r for d in sent for r in dr.parse_records(d)]
         assert [r.seq for r in records] == list(range(77, 77 + len(records))) and records
-        plain = [CLIENT_OPENS.open(r) for r in records]
-        assert any(b"held" in p for p in plain)
         await data.close(quiet=True)
 
     asyncio.run(check())
@@ -110,10 +113,9 @@ def test_close_notify_from_the_client_ends_the_call_and_nothing_more_is_sent() -
         sent: list[bytes] = []
         closed: list[str] = []
         data = _data(sent, closed)
-        await data.activate()
-        await asyncio.sleep(0.02)
+        await data.activate()  # its sends are done when it returns
         assert data.datagram_received(_sealed(RX_HIGHEST + 1, bytes([1, 0]), rtype=dr.ALERT))
-        await asyncio.sleep(0.01)
+        await eventually_async(lambda: closed, what="the call closed by the client's close_notify")
         assert closed == ["client hung up"]
         count = len(sent)
         await data.close(quiet=False)  # no ABORT or close_notify after the client's own
@@ -126,8 +128,7 @@ def test_close_tells_the_client_with_abort_and_close_notify() -> None:
     async def check() -> None:
         sent: list[bytes] = []
         data = _data(sent, [])
-        await data.activate()
-        await asyncio.sleep(0.02)
+        await data.activate()  # its sends are done when it returns
         count = len(sent)
         await data.close(quiet=False)
         records = [r for d in sent[count:] for r in dr.parse_records(d)]

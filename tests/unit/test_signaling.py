@@ -21,6 +21,7 @@ from tests.support.signaling import (
     relay,
     run,
 )
+from tests.support.waiting import eventually_async
 
 
 class Clock:
@@ -266,10 +267,7 @@ def test_transceiver_failure_502(mode: str, message: str, cleaned_up: bool, capl
             assert env.ended == [(request["conn_id"], "placement-failed")]
             if cleaned_up:
                 # The transceiver did create the call: it is told to drop it.
-                for _ in range(100):
-                    if fake.deleted:
-                        break
-                    await asyncio.sleep(0.02)
+                await eventually_async(lambda: fake.deleted, 2, what="the transceiver told to drop the call")
                 assert fake.deleted == [request["conn_id"]]
                 assert fake.pcs == {}
 

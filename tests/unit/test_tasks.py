@@ -90,7 +90,7 @@ def test_cancel_spares_the_task_that_calls_it() -> None:
         async def ender() -> None:
             await asyncio.sleep(0)  # pacing: let `other` start first
             tasks.cancel()  # a call ending itself from one of its own tasks
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one loop turn: the cancellation reaches `other`
             seen.append("ender ran on")
 
         tasks.spawn(other())
@@ -105,7 +105,7 @@ def test_cancel_spares_the_task_that_calls_it() -> None:
 def test_a_cancelled_task_is_not_logged_as_a_failure(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         tasks = TaskSet("migrator")
-        tasks.spawn(asyncio.sleep(3600))
+        tasks.spawn(asyncio.sleep(3600))  # a task that only ends by cancellation
         await tasks.close()
 
     with caplog.at_level(logging.ERROR):

@@ -20,7 +20,6 @@ from tests.support.transceiver_calls import (
     UFRAG_A,
     ClientCall,
     run,
-    wait_for,
 )
 from tests.support.transceiver_migration import (
     StateLog,
@@ -29,6 +28,7 @@ from tests.support.transceiver_migration import (
     owner_addr,
     serve,
 )
+from tests.support.waiting import eventually_async
 
 # realtime: the checks count media against the wall clock.
 pytestmark = pytest.mark.realtime
@@ -49,7 +49,7 @@ class TickerAgent(EchoAgent):
                 while True:
                     await session.send_message(f"s:{self.next_tick}")
                     self.next_tick += 1
-                    await asyncio.sleep(TICK)
+                    await asyncio.sleep(TICK)  # pacing
             except CallEnded:
                 pass
 
@@ -93,7 +93,12 @@ class Numbered:
         while True:
             self.client.dc.send(f"c:{len(self.sent)}")
             self.sent.append(time.monotonic())
-            await asyncio.sleep(TICK)
+            await asyncio.sleep(TICK)  # pacing
+
+    async def flowing(self, n: int = 10) -> None:
+        """Until n echoes and n of the agent's ticks have arrived."""
+        await eventually_async(lambda: len(self.echoes) >= n and len(self.ticks) >= n, 5,
+                               what=f"{n} messages each way")
 
     def stop(self) -> None:
         if self._task is not None:
@@ -103,7 +108,7 @@ class Numbered:
         """Stop sending, wait for every echo; check both ways arrived exactly once, in order."""
         self.stop()
         sent = len(self.sent)
-        await wait_for(lambda: len(self.echoes) >= sent, 5, "every echo back")
+        await eventually_async(lambda: len(self.echoes) >= sent, 5, "every echo back")
         # Client → agent → client: every message exactly once, in order.
         assert [n for n, _ in self.echoes] == list(range(sent))
         # Agent → client, numbered across owners: no gap, no repeat, in order.
@@ -132,7 +137,7 @@ def test_data_channel_continues_across_three_round_trips() -> None:
                 await client.place(tx_a, 42, UFRAG_A)
                 await client.wait_connected()
                 numbered.start()
-                await asyncio.sleep(0.6)
+                await numbered.flowing()
                 log = StateLog(client)
                 owners = [(api_a, owner_addr(tx_a.owner)), (api_b, owner_addr(tx_b.owner))]
                 switches = []
@@ -142,19 +147,24 @@ def test_data_channel_continues_across_three_round_trips() -> None:
                     state = m["state"]
                     assert state["sctp"]["association"] is not None, state["sctp"]
                     assert state["dtls"]["record"]["epoch"] == 1
-                    await asyncio.sleep(0.8)
-                    info = (await dst.get("/calls/42"))["migration"]
-                    data = info["data_channels"]
-                    assert data["rx_unauthenticated"] == 0 and data["rx_records"] > 10, data
+
+                    async def carried(dst=dst, m=m) -> dict:
+                        data = (await dst.get("/calls/42"))["migration"]["data_channels"]
+                        audio = len(client.fwd.to_client) - m["switch_index"]
+                        return data if data["rx_records"] > 10 and audio >= 10 else {}
+
+                    data = await eventually_async(carried, 5, what="the new owner carrying the data channel "
+                                                  "(> 10 records) and 10 audio packets")
+                    assert data["rx_unauthenticated"] == 0, data
                     lost = await inbound_lost(client) - m["lost_before"]
                     assert lost <= 1, f"switch {i + 1}: the client lost {lost} audio packets"
                     switches.append({"switch": i + 1, "audio_lost": lost,
                                      "worst_echo_delay_s": round(numbered.worst_echo_delay(
                                          m["t_start"] - 0.1, m["t_switch"] + 0.1), 3)})
+                await eventually_async(lambda: len(numbered.ticks) > 150, 10, what="150 of the agent's messages")
                 sent = await numbered.finish()
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # a window for a late state change to show
                 log.assert_untouched(client)
-                assert len(numbered.ticks) > 150
                 print(f"\n{sent} messages each way over 6 switches; per switch: {switches}")
             finally:
                 numbered.stop()
@@ -179,16 +189,20 @@ def test_a_migration_given_up_loses_no_message() -> None:
                 await client.place(tx_a, 42, UFRAG_A)
                 await client.wait_connected()
                 numbered.start()
-                await asyncio.sleep(0.5)
+                await numbered.flowing()
                 status, _ = await api_a.post("/calls/42/export", {"freeze": True})
                 assert status == 200
                 frozen_at = time.monotonic()
-                await asyncio.sleep(0.4)  # ~20 messages each way meet the freeze
+                sent_at_freeze, ticks_at_freeze = len(numbered.sent), len(numbered.ticks)
+                await eventually_async(lambda: len(numbered.sent) - sent_at_freeze >= 20,
+                                       what="20 messages each way to meet the freeze")
                 status, _ = await api_a.post("/calls/42/unfreeze")
                 assert status == 204
                 info = (await api_a.get("/calls/42"))["migration"]
                 assert info["dtls_frozen_dropped"] > 0, info
-                await asyncio.sleep(0.5)
+                # The agent's ~20 from the freeze, then more: what it sent frozen came through.
+                await eventually_async(lambda: len(numbered.ticks) - ticks_at_freeze >= 25, 5,
+                                       what="the agent's messages from the freeze delivered")
                 sent = await numbered.finish()
                 delay = numbered.worst_echo_delay(frozen_at, frozen_at + 0.4)
                 print(f"\nfrozen 0.4 s and given up: {sent} messages each way, worst echo delay {delay:.3f} s")

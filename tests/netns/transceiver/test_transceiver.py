@@ -52,11 +52,11 @@ from tests.support.transceiver_calls import (
     FakeRelay,
     Forwarder,
     _serve,
-    assert_dominant,
     decrypt_rtp,
+    hears,
     run,
-    wait_for,
 )
+from tests.support.waiting import eventually_async
 
 # realtime: the checks count media against the wall clock.
 pytestmark = pytest.mark.realtime
@@ -111,7 +111,7 @@ def test_call_echoes_audio_and_messages_and_exports_real_keys() -> None:
             assert tx.calls() == [42]
 
             await client.wait_connected()
-            await wait_for(
+            await eventually_async(
                 lambda: tx.call_info(42)["connection_state"] == "connected", 5, "server connected"
             )
 
@@ -122,11 +122,9 @@ def test_call_echoes_audio_and_messages_and_exports_real_keys() -> None:
             assert await asyncio.wait_for(client.messages.get(), 3) == b"\x00\x01binary"
 
             # Audio: what comes back is what we send, and follows a change.
-            await asyncio.sleep(1.2)
-            assert_dominant(client.window(0.5), 440, [660, 880])
+            await hears(client, 440, [660, 880])
             client.track.freq = 660
-            await asyncio.sleep(1.0)
-            assert_dominant(client.window(0.5), 660, [440, 880])
+            await hears(client, 660, [440, 880], since=time.monotonic())
 
             # The transceiver knows the client only as the forwarder's leg (prflx).
             state = tx.export_call_state(42)
@@ -155,7 +153,10 @@ def test_call_echoes_audio_and_messages_and_exports_real_keys() -> None:
             material = bytes.fromhex(srtp["keying_material"])
             assert ssl.export_keying_material(b"EXTRACTOR-dtls_srtp", len(material)) == material
             # ...and they decrypt the packets that actually crossed the relay.
-            await asyncio.sleep(0.2)
+            await eventually_async(
+                lambda: len(decrypt_rtp(srtp["profile"], srtp["tx_key"], client.fwd.to_client)) > 50
+                and len(decrypt_rtp(srtp["profile"], srtp["rx_key"], client.fwd.to_owner)) > 50,
+                what="50 RTP packets each way through the forwarder")
             sent = decrypt_rtp(srtp["profile"], srtp["tx_key"], client.fwd.to_client)
             recv = decrypt_rtp(srtp["profile"], srtp["rx_key"], client.fwd.to_owner)
             assert len(sent) > 50 and len(recv) > 50
@@ -187,8 +188,8 @@ def test_call_echoes_audio_and_messages_and_exports_real_keys() -> None:
 
             # Client hang-up ends and reports the call.
             await client.close()
-            await wait_for(lambda: tx.calls() == [], 5, "call removed after hang-up")
-            await wait_for(lambda: ended, 2, "on_call_ended")
+            await eventually_async(lambda: tx.calls() == [], 5, "call removed after hang-up")
+            await eventually_async(lambda: ended, 2, "on_call_ended")
             assert ended == [(42, "client hung up")]
             with pytest.raises(UnknownCall):
                 tx.export_call_state(42)
@@ -204,15 +205,14 @@ def test_two_calls_share_one_port_and_close_call_ends_one() -> None:
             await b.place(tx, 2, UFRAG_B)
             assert a.owner == b.owner == tx.owner  # one UDP port for all calls
             await asyncio.gather(a.wait_connected(), b.wait_connected())
-            await asyncio.sleep(1.2)
             # Each client hears its own voice, not the other call's.
-            assert_dominant(a.window(0.5), 440, [880])
-            assert_dominant(b.window(0.5), 880, [440])
+            await hears(a, 440, [880])
+            await hears(b, 880, [440])
 
             await tx.close_call(1)
             assert tx.calls() == [2]
             # The transceiver's DTLS close_notify hangs the client up.
-            await wait_for(lambda: a.pc.connectionState == "closed", 5, "client A closed")
+            await eventually_async(lambda: a.pc.connectionState == "closed", 5, "client A closed")
             with pytest.raises(UnknownCall):
                 await tx.close_call(1)
             # B is unaffected.
@@ -222,7 +222,7 @@ def test_two_calls_share_one_port_and_close_call_ends_one() -> None:
             assert tx.health()["calls"] == 1
             await a.close()
             await b.close()
-            await wait_for(lambda: tx.calls() == [], 5, "call 2 removed")
+            await eventually_async(lambda: tx.calls() == [], 5, "call 2 removed")
 
     run(scenario())
 
@@ -243,8 +243,8 @@ def test_consent_failure_ends_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
             await client.wait_connected()
             assert client.fwd is not None
             client.fwd.blackhole = True  # the client vanishes without a goodbye
-            await wait_for(lambda: tx.calls() == [], 5, "call removed after consent failure")
-            await wait_for(lambda: ended, 2, "on_call_ended")
+            await eventually_async(lambda: tx.calls() == [], 5, "call removed after consent failure")
+            await eventually_async(lambda: ended, 2, "on_call_ended")
             assert ended == [(5, "ICE consent expired")]
             await client.close()
 
@@ -323,13 +323,13 @@ def test_shared_socket_ignores_unauthenticated_and_unknown_sources() -> None:
             )
             before = mux.stats["drop_unknown_source"]
             probe.sendto(b"\x17\xfe\xfd" + b"\x00" * 30, owner)  # DTLS-looking datagram
-            await wait_for(lambda: mux.stats["drop_unknown_source"] == before + 1, 2, "drop")
+            await eventually_async(lambda: mux.stats["drop_unknown_source"] == before + 1, 2, "drop")
             assert probe_addr not in tx._calls[9].ports[0].addrs
 
             # Unknown ufrag: dropped without an answer.
             probe.sendto(check("nosuchufrag:evil", "x" * 22), owner)
-            await wait_for(lambda: mux.stats["drop_unknown_ufrag"] == 1, 2, "unknown ufrag drop")
-            await asyncio.sleep(0.1)
+            await eventually_async(lambda: mux.stats["drop_unknown_ufrag"] == 1, 2, "unknown ufrag drop")
+            await asyncio.sleep(0.1)  # nothing must come back: a window for a wrong answer to arrive
             assert replies.empty()
 
             # Right password (what the relay forwards from a real client): claims the source.
@@ -380,7 +380,7 @@ def test_unconnected_call_times_out_and_bad_input_is_rejected() -> None:
             with pytest.raises(CapacityExceeded):
                 await tx.create_call(2, UFRAG_B, offer)
             # Nobody connects: the call is dropped and reported.
-            await wait_for(lambda: ended, 3, "timeout removal reported")
+            await eventually_async(lambda: ended, 3, "timeout removal reported")
             assert tx.calls() == []
             assert ended == [(1, "not connected within 0.5 s")]
             await client.close()
@@ -491,14 +491,22 @@ def test_registration_heartbeat_and_reregistration(caplog: pytest.LogCaptureFixt
             reg = Registrar(
                 tx, f"http://127.0.0.1:{port}", "http://127.0.0.1:9999", interval=0.1, timeout=0.5
             )
+            attempts = []
+            register = reg._register
+
+            async def counted() -> bool:
+                attempts.append(time.monotonic())
+                return await register()
+
+            reg._register = counted  # type: ignore[method-assign]
             await reg.start()
             # Relay down: keeps retrying, logs it once.
-            await asyncio.sleep(0.5)
+            await eventually_async(lambda: len(attempts) >= 4, 3, what="4 attempts to register")
             down = [r for r in caplog.records if "unreachable" in r.getMessage()]
             assert len(down) == 1 and not reg.registered
             runner, _ = await _serve(relay.app, port)
             try:
-                await wait_for(lambda: relay.of("heartbeat"), 3, "first heartbeat")
+                await eventually_async(lambda: relay.of("heartbeat"), 3, "first heartbeat")
                 assert relay.of("register")[0] == {
                     "id": 6,
                     "control_url": "http://127.0.0.1:9999",
@@ -514,10 +522,10 @@ def test_registration_heartbeat_and_reregistration(caplog: pytest.LogCaptureFixt
                 # A call shows up in heartbeats, and disappears at once when it ends.
                 client = ClientCall(440)
                 await tx.create_call(31, UFRAG_A, strip_candidates(await client.offer()))
-                await wait_for(lambda: relay.of("heartbeat")[-1]["calls"] == [31], 2, "call listed")
+                await eventually_async(lambda: relay.of("heartbeat")[-1]["calls"] == [31], 2, "call listed")
                 n = len(relay.requests)
                 await tx.close_call(31)
-                await wait_for(
+                await eventually_async(
                     lambda: len(relay.requests) > n, 0.09, "immediate heartbeat"
                 )  # < interval
                 assert relay.of("heartbeat")[-1]["calls"] == []
@@ -525,8 +533,8 @@ def test_registration_heartbeat_and_reregistration(caplog: pytest.LogCaptureFixt
 
                 # Relay forgets us (restart): 404 -> register again.
                 relay.known.clear()
-                await wait_for(lambda: len(relay.of("register")) == 2, 2, "re-registration")
-                await wait_for(
+                await eventually_async(lambda: len(relay.of("register")) == 2, 2, "re-registration")
+                await eventually_async(
                     lambda: relay.requests[-1][0] == "heartbeat", 2, "heartbeat after re-register"
                 )
                 assert relay.of("heartbeat")[-1] == {"healthy": True, "calls": []}
@@ -575,7 +583,7 @@ def test_cli_process_registers_and_stops_on_sigterm(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
         )
         try:
-            await wait_for(lambda: relay.of("heartbeat"), 15, "registration of the CLI process")
+            await eventually_async(lambda: relay.of("heartbeat"), 15, "registration of the CLI process")
             url = f"https://127.0.0.1:{api_port}"
             assert relay.of("register")[0]["control_url"] == url
             tls = {"ssl": pki.client_context(relayd), "server_hostname": pki.transceiver_name(7)}
@@ -685,7 +693,7 @@ def test_agent_track_is_paced_with_continuous_pts_and_echo_agent_echoes() -> Non
         channel = FakeChannel()
         session.attach_channel(channel)
         channel.handlers["message"]("ping")
-        await wait_for(lambda: sent == ["ping"], 1, "echoed message")
+        await eventually_async(lambda: sent == ["ping"], 1, "echoed message")
         session.close()
         await asyncio.wait_for(task, 1)
         with pytest.raises(CallEnded):
@@ -722,8 +730,9 @@ def test_replies_move_only_to_an_address_the_call_authenticated() -> None:
             HoldingForwarder.held = []
             await client.place(tx, 1, UFRAG_A, HoldingForwarder)
             await client.wait_connected()
-            await asyncio.sleep(0.5)
             fwd = client.fwd
+            await eventually_async(lambda: len(fwd.to_client) >= 10 and len(fwd.to_owner) >= 10,
+                                   what="media both ways")
             (old,) = fwd.leg_addrs  # the flow source the owner replies to now
             new_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             new_sock.bind(("127.0.0.1", 0))
@@ -733,16 +742,22 @@ def test_replies_move_only_to_an_address_the_call_authenticated() -> None:
                 with pytest.raises(InvalidRequest, match="has not authenticated"):
                     tx.repoint_call(1, old, new)  # nothing from `new` was ever authenticated
                 fwd.hold = True
-                await wait_for(lambda: len(fwd.held) >= 2, 3, "held media")
+                await eventually_async(lambda: len(fwd.held) >= 2, 3, "held media")
                 fwd.hold = False
                 client_packet = fwd.held[-1]
                 forged = client_packet[:12] + os.urandom(len(client_packet) - 12)
                 assert not await tx.check_media(1, forged, (old, new))
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # nothing must move: a window for replies to reach `new`
                 assert _drain(new_sock) == 0  # replies still go to the old source
                 assert await tx.check_media(1, client_packet, (old, new))
-                await asyncio.sleep(0.5)
-                assert _drain(new_sock) > 10  # the owner's media now goes to the new source
+                drained = [0]
+
+                def moved() -> bool:
+                    drained[0] += _drain(new_sock)
+                    return drained[0] > 10
+
+                # The owner's media now goes to the new source.
+                await eventually_async(moved, what="10 of the owner's packets at the new source")
                 assert tx._get(1).selected_remote() == new
             finally:
                 new_sock.close()

@@ -33,10 +33,9 @@ from tests.support.transceiver_calls import (
     ClientCall,
     FakeRelay,
     _serve,
-    assert_dominant,
     decrypt_rtp,
+    hears,
     run,
-    wait_for,
 )
 from tests.support.transceiver_migration import (
     Api,
@@ -46,6 +45,7 @@ from tests.support.transceiver_migration import (
     owner_addr,
     serve,
 )
+from tests.support.waiting import eventually_async
 
 # realtime: the checks count media against the wall clock.
 pytestmark = pytest.mark.realtime
@@ -125,30 +125,33 @@ def test_live_migration_a_to_b_and_back(fast_consent: None) -> None:
             try:
                 await client.place(tx_a, 42, UFRAG_A)
                 await client.wait_connected()
-                await asyncio.sleep(1.2)
-                assert_dominant(client.window(0.5), 440, [660])
-                await wait_for(lambda: relay.of("heartbeat")[-1]["calls"] == [42], 2, "listed")
+                await hears(client, 440, [660])
+                await eventually_async(lambda: relay.of("heartbeat")[-1]["calls"] == [42], 2, "listed")
                 log = StateLog(client)
 
                 # -- A -> B -------------------------------------------------------------
                 m1 = await migrate(client, 42, api_a, api_b, owner_addr(tx_a.owner))
                 assert tx_a.calls() == [] and tx_b.calls() == [42]
                 assert ended_a == [(42, "released after migration")]
-                await wait_for(lambda: relay.of("heartbeat")[-1]["calls"] == [], 1, "A omits 42")
-                await asyncio.sleep(1.0)
+                await eventually_async(lambda: relay.of("heartbeat")[-1]["calls"] == [], 1, "A omits 42")
                 # The tone still comes back, now through B...
-                assert_dominant(client.window(0.5), 440, [660])
+                await hears(client, 440, [660], since=m1["t_switch"])
                 # ...and B's agent echoes live input, not something replayed.
                 client.track.freq = 660
-                await asyncio.sleep(1.0)
-                assert_dominant(client.window(0.5), 660, [440])
+                await hears(client, 660, [440], since=time.monotonic())
                 r1 = await check_after_switch(client, m1, api_b, 42)
                 # Consent: the client checks every ~0.5 s here and would give up
                 # after ~3 s of unanswered checks; B answers them.
-                await asyncio.sleep(max(0.0, m1["t_switch"] + 5.0 - time.monotonic()))
+                # 5 s after the switch nothing has failed: a real-time span.
+                await asyncio.sleep(max(0.0, m1["t_switch"] + 5.0 - time.monotonic()))  # real time, see above
                 log.assert_untouched(client)
-                info = (await api_b.get("/calls/42"))["migration"]
-                assert info["stun_answered"] >= 5 and info["stun_rejected"] == 0
+
+                async def answered() -> dict:
+                    info = (await api_b.get("/calls/42"))["migration"]
+                    return info if info["stun_answered"] >= 5 else {}
+
+                info = await eventually_async(answered, 3, what="B to answer 5 of the client's checks")
+                assert info["stun_rejected"] == 0
                 # The data channel moved with the call: B's agent echoes on it.
                 while not client.messages.empty():
                     client.messages.get_nowait()
@@ -164,12 +167,10 @@ def test_live_migration_a_to_b_and_back(fast_consent: None) -> None:
                 assert m2["state"]["migrations"] == 1
                 assert tx_b.calls() == [] and tx_a.calls() == [42]
                 assert ended_b == [(42, "released after migration")]
-                await wait_for(lambda: relay.of("heartbeat")[-1]["calls"] == [42], 1, "A lists 42")
-                await asyncio.sleep(1.0)
-                assert_dominant(client.window(0.5), 660, [440])
+                await eventually_async(lambda: relay.of("heartbeat")[-1]["calls"] == [42], 1, "A lists 42")
+                await hears(client, 660, [440], since=m2["t_switch"])
                 client.track.freq = 440
-                await asyncio.sleep(1.0)
-                assert_dominant(client.window(0.5), 440, [660])
+                await hears(client, 440, [660], since=time.monotonic())
                 r2 = await check_after_switch(client, m2, api_a, 42)
                 log.assert_untouched(client)
                 print(f"\nmigration A->B: {r1}\nmigration B->A: {r2}")
@@ -206,7 +207,9 @@ def test_migration_across_the_sequence_wrap_both_ways(fast_consent: None, monkey
             try:
                 await client.place(tx_a, 42, UFRAG_A)
                 await client.wait_connected()
-                await asyncio.sleep(0.8)
+                # The timeline: both streams wrap 2 s into the call; the first move
+                # comes before that, the next two after it.
+                await asyncio.sleep(0.8)  # the timeline
                 log = StateLog(client)
                 owners = [(api_a, owner_addr(tx_a.owner)), (api_b, owner_addr(tx_b.owner))]
                 for i, wait in enumerate((2.5, 1.5, 1.5)):
@@ -216,11 +219,15 @@ def test_migration_across_the_sequence_wrap_both_ways(fast_consent: None, monkey
                     tx = m["state"]["rtp"]["tx"]
                     rocs.append(([s["roc"] for s in tx.values()], [s["roc"] for s in rx.values()]))
                     before = (await dst.get("/calls/42"))["migration"]["rx_decrypted"]
-                    await asyncio.sleep(wait)
-                    info = (await dst.get("/calls/42"))["migration"]
-                    assert info["rx_decrypted"] - before > 40, info  # the owner decrypts the client
+                    await asyncio.sleep(wait)  # the timeline above
+
+                    async def decrypting(dst=dst, before=before) -> dict:
+                        info = (await dst.get("/calls/42"))["migration"]
+                        return info if info["rx_decrypted"] - before > 40 else {}
+
+                    info = await eventually_async(decrypting, 3, what="the owner to decrypt > 40 client packets")
                     assert info["rx_undecryptable"] <= 1, info
-                    assert_dominant(client.window(0.5), 440, [660])  # the client decrypts the owner
+                    await hears(client, 440, [660], since=m["t_switch"])  # the client decrypts the owner
                     assert await inbound_lost(client) - m["lost_before"] <= 1
                 log.assert_untouched(client)
                 # Moved once before the wrap, then twice after it, both directions.
@@ -264,8 +271,7 @@ def test_failed_import_unfreeze_errors_and_imported_call_lifecycle() -> None:
 
                 await client.place(tx_a, 7, UFRAG_A)
                 await client.wait_connected()
-                await asyncio.sleep(1.2)
-                assert_dominant(client.window(0.5), 440, [660])
+                await hears(client, 440, [660])
                 fwd = client.fwd
                 assert fwd is not None
                 status, body = await api_a.post("/calls/7/activate")
@@ -296,16 +302,17 @@ def test_failed_import_unfreeze_errors_and_imported_call_lifecycle() -> None:
                 assert status == 503 and "capacity" in body["error"]
                 status, body = await api_full.post("/calls/import", {"conn_id": 7})
                 assert status == 400 and "state" in body["error"]
-                await asyncio.sleep(0.4)
+                await eventually_async(lambda: tx_a._calls[7].tap.frozen_dropped >= 15, 3,
+                                       what="A to hold back 15 packets while frozen")
                 n_unfreeze = len(fwd.to_client)
                 # (at most one packet still in flight from before the freeze)
                 assert n_unfreeze - n_frozen <= 1 and tx_a._calls[7].tap.frozen_dropped >= 15
 
                 # ...then unfreezes: the call goes on at A with no sequence gap.
+                t_unfreeze = time.monotonic()
                 status, _ = await api_a.post("/calls/7/unfreeze")
                 assert status == 204
-                await asyncio.sleep(1.0)
-                assert_dominant(client.window(0.5), 440, [660])
+                await hears(client, 440, [660], since=t_unfreeze)
                 ssrc = next(m["local_ssrc"] for m in state["media"] if m["kind"] == "audio")
                 final = state["rtp"]["tx"][str(ssrc)]["seq"]
                 resumed = decrypt_rtp(
@@ -347,8 +354,8 @@ def test_failed_import_unfreeze_errors_and_imported_call_lifecycle() -> None:
 
                 c_owner = owner_addr(tx_c.owner)
                 probe.sendto(check("x" * 22), c_owner)  # wrong password: no answer
-                await wait_for(lambda: tx_c._calls[7].stats.stun_rejected == 1, 2, "rejected")
-                await asyncio.sleep(0.1)
+                await eventually_async(lambda: tx_c._calls[7].stats.stun_rejected == 1, 2, "rejected")
+                await asyncio.sleep(0.1)  # nothing must come back: a window for a wrong answer to arrive
                 assert replies.empty() and tx_c._calls[7].stats.tx_packets == 0
                 probe.sendto(check(state["ice"]["local_pwd"]), c_owner)
                 reply = stun.parse_message(await asyncio.wait_for(replies.get(), 2))
@@ -361,7 +368,7 @@ def test_failed_import_unfreeze_errors_and_imported_call_lifecycle() -> None:
                 assert tx_c._calls[7].stats.activated_by == "stun"
                 probe.close()
                 # No more checks: consent expires (1 s here, 30 s by default).
-                await wait_for(lambda: ended_c, 3, "consent expiry")
+                await eventually_async(lambda: ended_c, 3, "consent expiry")
                 assert ended_c == [(7, "ICE consent expired")] and tx_c.calls() == []
 
                 # Roll-back of an import (DELETE) before the flip sends nothing.
@@ -375,7 +382,7 @@ def test_failed_import_unfreeze_errors_and_imported_call_lifecycle() -> None:
                 status, _ = await api_a.post("/calls/7/release")
                 assert status == 204
                 assert ended_a == [(7, "released after migration")] and tx_a.calls() == [8]
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # nothing must happen: a window for a close_notify to arrive
                 assert client.pc.connectionState == "connected"
             finally:
                 await client.close()
@@ -418,24 +425,24 @@ def test_a_freeze_expires_by_itself_when_no_release_comes() -> None:
             try:
                 await client.place(tx, 7, UFRAG_A)
                 await client.wait_connected()
-                await asyncio.sleep(1.0)
                 fwd = client.fwd
                 assert fwd is not None
+                await eventually_async(lambda: len(fwd.to_client) >= 25, what="media to the client")
                 tx.export_call(7, freeze=True)
                 assert tx.health()["migration"]["frozen"] == [7]
-                await asyncio.sleep(0.3)
+                tap = tx._calls[7].tap
+                await eventually_async(lambda: tap.frozen_dropped >= 1, what="the first packet held back")
                 frozen_count = len(fwd.to_client)
-                await asyncio.sleep(0.3)
+                await eventually_async(lambda: tap.frozen_dropped >= 15, what="15 packets held back")
                 assert len(fwd.to_client) - frozen_count <= 1  # silent while frozen
-                await wait_for(lambda: tx.health()["migration"]["frozen"] == [], 3, "the lease to expire")
+                await eventually_async(lambda: tx.health()["migration"]["frozen"] == [], 3, "the lease to expire")
                 assert tx.leases_expired == 1
                 resumed = len(fwd.to_client)
-                await asyncio.sleep(0.5)
-                assert len(fwd.to_client) - resumed > 10  # media flows again
+                await eventually_async(lambda: len(fwd.to_client) - resumed > 10, what="media flowing again")
                 # An unfreeze or a release stops the lease: nothing expires afterwards.
                 tx.export_call(7, freeze=True)
                 tx.unfreeze_call(7)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(1.0)  # longer than the 0.8 s lease: nothing must expire
                 assert tx.leases_expired == 1
             finally:
                 await client.close()
