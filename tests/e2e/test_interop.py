@@ -45,6 +45,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.realtime]
 LEVEL_DB = 1.0  # echo level against the sent level, over a second of readings
 PINGS_BEFORE = 3  # data-channel echoes before the migration
 PINGS_AFTER = 5  # and after it
+PAGE_PINGS = 1000  # the page pings every 200 ms until it has sent this many: for the whole call
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +123,11 @@ class Row:
 
 
 def _chromium(lab, url):
-    return BrowserClient(Chromium(lab.client_ns, f"{url}/", origin=url))
+    return BrowserClient(Chromium(lab.client_ns, f"{url}/?messages={PAGE_PINGS}", origin=url))
 
 
 def _firefox(lab, url):
-    return BrowserClient(Firefox(lab.client_ns, f"{url}/"))
+    return BrowserClient(Firefox(lab.client_ns, f"{url}/?messages={PAGE_PINGS}"))
 
 
 ROWS = [

@@ -25,6 +25,7 @@ from manager.lab.netns import ns_popen
 from tests.support.paths import ARTIFACTS
 
 FIREFOX = shutil.which("firefox-esr") or "/usr/bin/firefox-esr"
+PULSEAUDIO = shutil.which("pulseaudio") or "/usr/bin/pulseaudio"
 
 PREFS = {
     "media.navigator.streams.fake": True,  # the fake microphone: a tone
@@ -54,6 +55,7 @@ class Firefox:
         self.dir = Path(tempfile.mkdtemp(prefix="firefox-"))
         self.log = self.dir / "firefox.log"
         self.proc: subprocess.Popen | None = None
+        self.pulse: subprocess.Popen | None = None
         self._ids = itertools.count(1)
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -64,19 +66,35 @@ class Firefox:
         profile.mkdir()
         (profile / "user.js").write_text(
             "".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in PREFS.items()))
+        # Web Audio (the page's level meters) runs only with an audio output
+        # to clock it, and the machine has no sound card: a PulseAudio of its
+        # own with a null sink is one.
+        sock = self.dir / "pulse.sock"
+        self.pulse = subprocess.Popen(
+            [PULSEAUDIO, "--daemonize=no", "--exit-idle-time=-1", "--disable-shm", "--use-pid-file=no", "-n",
+             "--load=module-null-sink", f"--load=module-native-protocol-unix socket={sock} auth-anonymous=1"],
+            env={"HOME": str(self.dir), "XDG_RUNTIME_DIR": str(self.dir), "PATH": "/usr/bin:/bin"},
+            stdout=(self.dir / "pulse.log").open("wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if self.pulse.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PulseAudio did not start: {(self.dir / 'pulse.log').read_text()[-500:]}")
+            time.sleep(0.05)  # pacing: polling for the socket file
         argv = [FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
                 f"--remote-debugging-port={self.port}", self.url]
         self.proc = ns_popen(self.ns, argv, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-                             env={"HOME": str(self.dir), "PATH": "/usr/bin:/bin", "MOZ_HEADLESS": "1"})
+                             env={"HOME": str(self.dir), "PATH": "/usr/bin:/bin", "MOZ_HEADLESS": "1",
+                                  "PULSE_SERVER": f"unix:{sock}", "XDG_RUNTIME_DIR": str(self.dir)})
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        for proc in (self.proc, self.pulse):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         shutil.rmtree(self.dir / "profile", ignore_errors=True)
 
     # -- WebDriver BiDi (run these in the namespace: its loopback holds the port) ---------------
