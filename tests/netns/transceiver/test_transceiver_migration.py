@@ -46,6 +46,7 @@ from tests.support.transceiver_migration import (
     migrate,
     owner_addr,
     serve,
+    two_transceivers,
 )
 
 # realtime: the checks count media against the wall clock.
@@ -195,13 +196,7 @@ def test_migration_across_the_sequence_wrap_both_ways(fast_consent: None, monkey
     monkeypatch.setattr(aiortc.rtcrtpsender, "random_sequence_number", lambda: 0xFFFF - 100)
 
     async def scenario() -> None:
-        async with (
-            Transceiver(1, capacity=2) as tx_a,
-            Transceiver(2, capacity=2) as tx_b,
-            ClientSession() as http,
-        ):
-            run_a, api_a = await serve(tx_a, http)
-            run_b, api_b = await serve(tx_b, http)
+        async with two_transceivers() as (tx_a, api_a, tx_b, api_b):
             client = ClientCall(440)
             rocs = []
             try:
@@ -228,8 +223,6 @@ def test_migration_across_the_sequence_wrap_both_ways(fast_consent: None, monkey
                 assert rocs[0] == ([0], [0]) and rocs[1] == ([1], [1]) and rocs[2] == ([1], [1]), rocs
             finally:
                 await client.close()
-                await run_a.cleanup()
-                await run_b.cleanup()
 
     run(scenario(), timeout=45)
 
@@ -449,13 +442,7 @@ def test_a_session_with_an_rsa_certificate_peer_migrates(fast_consent: None) -> 
     an ECDHE-RSA suite; its call moves A → B with audio and the data channel."""
 
     async def scenario() -> None:
-        async with (
-            Transceiver(1, capacity=2) as tx_a,
-            Transceiver(2, capacity=2) as tx_b,
-            ClientSession() as http,
-        ):
-            run_a, api_a = await serve(tx_a, http)
-            run_b, api_b = await serve(tx_b, http)
+        async with two_transceivers() as (tx_a, api_a, tx_b, api_b):
             client = ClientCall(440)
             use_certificate(client.pc, rsa_certificate(2048))
             try:
@@ -480,7 +467,5 @@ def test_a_session_with_an_rsa_certificate_peer_migrates(fast_consent: None) -> 
                 log.assert_untouched(client)
             finally:
                 await client.close()
-                await run_a.cleanup()
-                await run_b.cleanup()
 
     run(scenario(), timeout=30)
