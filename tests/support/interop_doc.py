@@ -57,7 +57,7 @@ def write_artifact(rows: list[dict], versions: dict[str, str]) -> Path:
 
 
 def _db(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.1f} dB"
+    return "–" if value is None else f"{round(value, 1) + 0.0:+.1f} dB"  # + 0.0: no "-0.0"
 
 
 def render(data: dict) -> str:
@@ -77,12 +77,16 @@ def render(data: dict) -> str:
         "migration; a row fails beyond ±1 dB. Browsers use relayd's page with voice",
         "processing switched off; Chromium plays a 440 Hz file as its microphone, Firefox",
         "its fake device's tone. GStreamer is `webrtcbin` from Python (`tests/support/gst_client.py`),",
-        "with the RSA-2048 certificate it makes by default, and with an ECDSA P-256 one.",
+        "with the RSA-2048 certificate it makes by default, and with an ECDSA P-256 one",
+        "(put into its DTLS element, with the offer's fingerprint rewritten to match:",
+        "webrtcbin has no setting for it). \"ready\" is the time from starting the client",
+        "(a browser's start included) to its call connected, its tone echoed and three pings",
+        "answered.",
         "",
         f"Transceiver: {versions['transceiver']}. Regenerate: run the test, then",
         "`python -m tests.support.interop_doc test-artifacts/interop.json`.",
         "",
-        "| client | version | network | DTLS | cipher suite | SRTP profile | connected | "
+        "| client | version | network | DTLS | cipher suite | SRTP profile | ready | "
         "echo level (before / after migration) | data channel echoed | migration | result |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
