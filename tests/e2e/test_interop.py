@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from manager.lab.netns import _ipr
+from manager.lab.netns import NetnsExecutor, _ipr
 from manager.lab.services import LAB_TCP_PORT, running_lab
-from manager.lab.topology import NetnsExecutor
 from manager.relay.control_client import ControlClient
 from tests.support.chromium import Chromium
 from tests.support.firefox import Firefox
