@@ -17,7 +17,10 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       redis-server        # a fleet lab's shared registry (started per lab, on its own socket)
       coturn rtpengine-daemon python3-matplotlib  # make bench-peers: real peers (started per run), plots
       chromium fonts-liberation  # real browser calls in the tests (headless, fake audio device)
-      espeak-ng)          # speech for the agent tests (the Pipecat bot's VAD hears it)
+      espeak-ng           # speech for the agent tests (the Pipecat bot's VAD hears it)
+      firefox-esr python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
+      gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
+      pulseaudio)  # interop clients (Firefox: a null sink clocks its Web Audio)
 # `setup.sh --apt-packages`: the list alone (vagrant/build-box.sh puts them in the box).
 if [ "${1:-}" = "--apt-packages" ]; then
   printf '%s\n' "${pkgs[@]}"

@@ -13,6 +13,7 @@ hooks a live migration uses to carry the conversation state to a new owner.
 from __future__ import annotations
 
 import abc
+import array
 import asyncio
 import base64
 import fractions
@@ -50,8 +51,8 @@ class CallEnded(Exception):
 class AgentAudioTrack(MediaStreamTrack):
     """Outgoing audio track paced in real time.
 
-    Each :meth:`recv` returns one 20 ms frame (48 kHz, s16, mono) at its
-    wall-clock deadline: queued agent audio if at least one frame's worth is
+    Each :meth:`recv` returns one 20 ms frame (48 kHz, s16, the mono FIFO on
+    both stereo channels) at its wall-clock deadline: queued agent audio if at least one frame's worth is
     buffered, silence otherwise. Timestamps are continuous (``pts`` counts
     samples since the track started), whatever the agent pushes.
     """
@@ -101,6 +102,7 @@ class AgentAudioTrack(MediaStreamTrack):
         if frame is None:
             frame = silence_frame()
             self.silent_frames += 1
+        frame = to_stereo(frame)
         frame.pts = self._pts
         frame.sample_rate = SAMPLE_RATE
         frame.time_base = TIME_BASE
@@ -114,6 +116,19 @@ class AgentAudioTrack(MediaStreamTrack):
             "frames_sent": self.frames_sent,
             "buffered_samples": self._fifo.samples,
         }
+
+
+def to_stereo(mono: av.AudioFrame) -> av.AudioFrame:
+    """The same s16 samples on both channels. aiortc's Opus encoder takes
+    stereo and would upmix a mono frame with libswresample's -3 dB centre
+    gain, so the echo would come back 3 dB quieter than the client spoke."""
+    samples = array.array("h", bytes(mono.planes[0])[: mono.samples * 2])
+    both = array.array("h", bytes(4 * mono.samples))
+    both[0::2] = samples
+    both[1::2] = samples
+    frame = av.AudioFrame(format="s16", layout="stereo", samples=mono.samples)
+    frame.planes[0].update(both.tobytes())
+    return frame
 
 
 def silence_frame(samples: int = FRAME_SAMPLES) -> av.AudioFrame:

@@ -24,7 +24,7 @@ from aioice.candidate import Candidate
 from aioice.ice import CandidatePair, Connection, StunProtocol
 from aiortc import clock
 from aiortc.rtcdatachannel import RTCDataChannel, RTCDataChannelParameters
-from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
@@ -89,6 +89,8 @@ HOOKS: tuple[Hook, ...] = (
     Hook("tap_dtls", RTCDtlsTransport, "_handle_rtp_data", "async method", ("data", "arrival_time_ms")),
     Hook("tap_dtls", RTCDtlsTransport, "_handle_rtcp_data", "async method", ("data",)),
     Hook("dtls_ssl", RTCDtlsTransport, "_ssl", "instance attribute"),
+    Hook("dtls_cipher_policy", RTCDtlsTransport, "_RTCDtlsTransport__local_certificate", "instance attribute"),
+    Hook("dtls_cipher_policy", RTCCertificate, "_create_ssl_context", "method", ("srtp_profiles",)),
     Hook("dtls_srtp_ready", RTCDtlsTransport, "_rx_srtp", "instance attribute"),
     Hook("deliver_srtp", RTCDtlsTransport, "_rx_srtp", "instance attribute"),
     Hook("deliver_srtp", RTCDtlsTransport, "_handle_rtp_data", "async method", ("data", "arrival_time_ms")),
@@ -261,6 +263,22 @@ def tap_dtls(
     dtls._send_rtp = wrapped_send  # type: ignore[method-assign]
     dtls._handle_rtp_data = handle_rtp_data  # type: ignore[method-assign]
     dtls._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
+
+
+def dtls_cipher_policy(dtls: RTCDtlsTransport, configure: Callable[[Any], None]) -> None:
+    """Have `configure(ctx)` adjust the SSL context of this transport's
+    handshake. aiortc builds it in start() with its certificate's
+    `_create_ssl_context(srtp_profiles)` (`__local_certificate`, shared by a
+    peer connection's transports); a per-instance wrapper runs after it."""
+    certificate = dtls._RTCDtlsTransport__local_certificate  # type: ignore[attr-defined]
+    original = certificate._create_ssl_context
+
+    def create_ssl_context(srtp_profiles: list) -> Any:
+        ctx = original(srtp_profiles)
+        configure(ctx)
+        return ctx
+
+    certificate._create_ssl_context = create_ssl_context
 
 
 def dtls_ssl(dtls: RTCDtlsTransport) -> Any:

@@ -42,6 +42,7 @@ from manager.protocol.callstate import (
 )
 
 from . import aiortc_hooks as hooks
+from . import dtls_policy
 from .agent import Agent, AgentSession, run_agent
 from .call_handle import CallHandle
 from .dtls_tap import DtlsTap
@@ -160,6 +161,7 @@ class WebRtcCall(CallHandle):
         if len(dtls_transports) != 1:
             raise InvalidRequest("offer must bundle all media on one transport")
         dtls = dtls_transports.pop()
+        hooks.dtls_cipher_policy(dtls, dtls_policy.configure)  # RSA-certificate peers too
         ice = dtls.transport
         connection = hooks.ice_connection(ice.iceGatherer)
         # The caller checked the ufrag with aioice's own validate_username.

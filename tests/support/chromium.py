@@ -133,6 +133,25 @@ class Chromium:
                                  awaitPromise=True)
                 return report, shot
 
+    async def connect(self) -> None:
+        """Keep one DevTools connection to the page open for `evaluate`."""
+        self._http = aiohttp.ClientSession()
+        self._ws = await self._http.ws_connect(await self._page_ws(self._http), max_msg_size=0)
+        await self._call(self._ws, "Runtime.enable")
+
+    async def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        res = await self._call(self._ws, "Runtime.evaluate", expression=expression, returnByValue=True,
+                               awaitPromise=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"page script failed: {res['exceptionDetails'].get('text')}")
+        return res.get("result", {}).get("value")
+
+    async def close(self) -> None:
+        if getattr(self, "_ws", None) is not None:
+            await self._ws.close()
+            await self._http.close()
+
     def save_artifacts(self, name: str, report: dict, screenshot_b64: str) -> Path:
         out = ARTIFACTS / name
         out.mkdir(parents=True, exist_ok=True)

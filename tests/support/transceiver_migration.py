@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -39,6 +40,23 @@ class Api:
 async def serve(tx: Transceiver, http: ClientSession) -> tuple[web.AppRunner, Api]:
     runner, url = await _serve(create_app(tx))
     return runner, Api(http, url)
+
+
+@contextlib.asynccontextmanager
+async def two_transceivers():
+    """Transceivers 1 and 2 on loopback, each with its control API: (tx_a, api_a, tx_b, api_b)."""
+    async with (
+        Transceiver(1, capacity=2) as tx_a,
+        Transceiver(2, capacity=2) as tx_b,
+        ClientSession() as http,
+    ):
+        run_a, api_a = await serve(tx_a, http)
+        run_b, api_b = await serve(tx_b, http)
+        try:
+            yield tx_a, api_a, tx_b, api_b
+        finally:
+            await run_a.cleanup()
+            await run_b.cleanup()
 
 
 def owner_addr(owner: dict[str, Any]) -> Addr:

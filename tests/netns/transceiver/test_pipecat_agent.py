@@ -60,7 +60,7 @@ async def talk(session: AgentSession, speech: np.ndarray, listen_s: float) -> np
         end = loop.time() + listen_s
         while loop.time() < end:
             frame = await session.out_track.recv()
-            heard.append(frame.to_ndarray().reshape(-1))
+            heard.append(frame.to_ndarray().reshape(-1)[:: len(frame.layout.channels)])  # one channel
 
     listener = asyncio.create_task(listen())
     silence = np.zeros(48000, dtype=np.int16)

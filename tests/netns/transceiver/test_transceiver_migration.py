@@ -27,6 +27,7 @@ from manager.protocol.sdp import strip_candidates
 from manager.transceiver.registrar import Registrar
 from manager.transceiver.rtp_streams import WRAP_MARGIN, RtpStreamState, migration_blocker
 from manager.transceiver.transceiver import Transceiver
+from tests.support.dtls_peers import rsa_certificate, use_certificate
 from tests.support.transceiver_calls import (
     UFRAG_A,
     UFRAG_B,
@@ -44,6 +45,7 @@ from tests.support.transceiver_migration import (
     migrate,
     owner_addr,
     serve,
+    two_transceivers,
 )
 from tests.support.waiting import eventually_async
 
@@ -195,13 +197,7 @@ def test_migration_across_the_sequence_wrap_both_ways(fast_consent: None, monkey
     monkeypatch.setattr(aiortc.rtcrtpsender, "random_sequence_number", lambda: 0xFFFF - 100)
 
     async def scenario() -> None:
-        async with (
-            Transceiver(1, capacity=2) as tx_a,
-            Transceiver(2, capacity=2) as tx_b,
-            ClientSession() as http,
-        ):
-            run_a, api_a = await serve(tx_a, http)
-            run_b, api_b = await serve(tx_b, http)
+        async with two_transceivers() as (tx_a, api_a, tx_b, api_b):
             client = ClientCall(440)
             rocs = []
             try:
@@ -234,8 +230,6 @@ def test_migration_across_the_sequence_wrap_both_ways(fast_consent: None, monkey
                 assert rocs[0] == ([0], [0]) and rocs[1] == ([1], [1]) and rocs[2] == ([1], [1]), rocs
             finally:
                 await client.close()
-                await run_a.cleanup()
-                await run_b.cleanup()
 
     run(scenario(), timeout=45)
 
@@ -444,6 +438,40 @@ def test_a_freeze_expires_by_itself_when_no_release_comes() -> None:
                 tx.unfreeze_call(7)
                 await asyncio.sleep(1.0)  # longer than the 0.8 s lease: nothing must expire
                 assert tx.leases_expired == 1
+            finally:
+                await client.close()
+
+    run(scenario(), timeout=30)
+
+
+def test_a_session_with_an_rsa_certificate_peer_migrates(fast_consent: None) -> None:
+    """A client with an RSA-2048 certificate (GStreamer's default) negotiates
+    an ECDHE-RSA suite; its call moves A → B with audio and the data channel."""
+
+    async def scenario() -> None:
+        async with two_transceivers() as (tx_a, api_a, tx_b, api_b):
+            client = ClientCall(440)
+            use_certificate(client.pc, rsa_certificate(2048))
+            try:
+                await client.place(tx_a, 43, UFRAG_A)
+                await client.wait_connected()
+                await asyncio.sleep(1.0)  # a second of echo to listen to
+                assert_dominant(client.window(0.5), 440, [660])
+                dtls = (await api_a.get("/calls/43"))["export"]["dtls"]
+                assert (dtls["version"], dtls["cipher"]) == ("DTLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256")
+                log = StateLog(client)
+                m = await migrate(client, 43, api_a, api_b, owner_addr(tx_a.owner))
+                assert m["state"]["sctp"]["association"] is not None, m["state"]["sctp"]["not_carried"]
+                await asyncio.sleep(1.0)
+                client.track.freq = 660
+                await asyncio.sleep(1.0)
+                assert_dominant(client.window(0.5), 660, [440])
+                await check_after_switch(client, m, api_b, 43)
+                client.dc.send("after the switch")
+                assert await asyncio.wait_for(client.messages.get(), 3) == "after the switch"
+                data = (await api_b.get("/calls/43"))["migration"]["data_channels"]
+                assert data["rx_records"] >= 1 and data["rx_unauthenticated"] == 0
+                log.assert_untouched(client)
             finally:
                 await client.close()
 
