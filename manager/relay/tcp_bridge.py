@@ -10,13 +10,18 @@ with a flow source of its own, and the transceiver sees an ordinary UDP peer
 (it stays UDP-only and unaware of TCP). Until the owner answers a check with
 a success, only Binding requests go to it. Both directions stay in Python.
 
-Limits: connections at once (all sources, and per source address), a
-handshake timeout (the owner's success within `handshake_timeout` of the
-connect, the first frame included), an idle timeout (no frame either way),
+Limits: connections at once (all sources, and per source: an IPv4 address
+or an IPv6 /64, manager.protocol.sources.SourceKey), a handshake timeout
+(the owner's success within `handshake_timeout` of the connect, the first
+frame included), an idle timeout (no frame either way),
 the largest frame accepted, and the bytes queued to a slow client (frames to
 it are dropped beyond, as UDP would lose them). Either side's close tears
 the other down: the client's close frees the leg (and ends a call nothing
-else carries); the call's end closes the connection.
+else carries); the call's end closes the connection. When a limit is
+reached, the oldest connection the owner has not authenticated yet (of that
+source, or of all) is closed to make room: connections opened and left
+silent cannot keep a real client out, and an authenticated call is never
+closed for a newcomer.
 
 A kernel fast path for this later: sockmap/sk_msg can splice a TCP stream's
 messages to another socket without a trip through userspace, but the frames
@@ -33,10 +38,12 @@ import collections
 import logging
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from manager.protocol.addresses import family_of
 from manager.protocol.rfc4571 import FrameError, FrameParser, frame
+from manager.protocol.sources import SourceKey
 from manager.relay.config import TcpConfig
 from manager.relay.slowpath import Leg, SlowPath
 
@@ -45,12 +52,17 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class Connection:
     client: tuple[str, int]
+    source: str  # SourceKey of the client
     listener: tuple[str, int]
     transport: asyncio.Transport
     opened: float
     parser: FrameParser
     leg: Leg | None = None
     closed_by: str | None = None  # why the relay closed it
+
+    @property
+    def authenticated(self) -> bool:
+        return self.leg is not None and self.leg.installed_at is not None
 
 
 class _Stream(asyncio.Protocol):
@@ -80,13 +92,18 @@ class _Stream(asyncio.Protocol):
 class TcpBridge:
     """The ICE-TCP listeners and their connections (see the module docstring)."""
 
-    def __init__(self, slowpath: SlowPath, cfg: TcpConfig, hosts: list[str]) -> None:
+    def __init__(self, slowpath: SlowPath, cfg: TcpConfig, hosts: list[str], *,
+                 source_key: SourceKey | None = None) -> None:
         self.slowpath = slowpath
         self.cfg = cfg
         self.hosts = hosts
+        self.source_key = source_key or SourceKey()
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[Connection] = set()
-        self.per_source: collections.Counter[str] = collections.Counter()
+        # Connections by source, and every connection, in the order they
+        # opened: the oldest unauthenticated one is found from the front.
+        self.by_source: dict[str, OrderedDict[Connection, None]] = {}
+        self._opened: OrderedDict[Connection, None] = OrderedDict()
         self.stats: collections.Counter[str] = collections.Counter()
         self._housekeeper: asyncio.Task[None] | None = None
 
@@ -128,24 +145,45 @@ class TcpBridge:
     def _accepted(self, transport: asyncio.Transport) -> Connection | None:
         peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         client, listener = (peer[0], peer[1]), (local[0], local[1])
-        if len(self.connections) >= self.cfg.max_connections:
-            self.stats["refused_max_connections"] += 1
+        source = self.source_key(client[0])
+        mine = self.by_source.get(source, {})
+        if len(mine) >= self.cfg.max_per_source and not self._evict_oldest(mine, "per_source"):
+            self.stats["refused_per_source"] += 1
             transport.abort()
             return None
-        if self.per_source[client[0]] >= self.cfg.max_per_source:
-            self.stats["refused_per_source"] += 1
+        if len(self.connections) >= self.cfg.max_connections and not self._evict_oldest(self._opened,
+                                                                                          "max_connections"):
+            self.stats["refused_max_connections"] += 1
             transport.abort()
             return None
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # media: no Nagle delay
         transport.set_write_buffer_limits(high=self.cfg.write_buffer)
-        conn = Connection(client=client, listener=listener, transport=transport, opened=time.monotonic(),
-                          parser=FrameParser(self.cfg.max_frame))
+        conn = Connection(client=client, source=source, listener=listener, transport=transport,
+                          opened=time.monotonic(), parser=FrameParser(self.cfg.max_frame))
         self.connections.add(conn)
-        self.per_source[client[0]] += 1
+        self.by_source.setdefault(source, OrderedDict())[conn] = None
+        self._opened[conn] = None
         self.stats["accepted"] += 1
         return conn
+
+    def _evict_oldest(self, conns: OrderedDict[Connection, None], limit: str) -> bool:
+        """Close the oldest unauthenticated connection of `conns` to make
+        room; False if every one is authenticated (the newcomer is refused)."""
+        if conns is self._opened:
+            # Authenticated connections never become victims: they leave the
+            # line as they are met, so the search stays short under a flood.
+            while conns and next(iter(conns)).authenticated:
+                conns.popitem(last=False)
+            victim = next(iter(conns), None)
+        else:  # one source's: at most max_per_source
+            victim = next((c for c in conns if not c.authenticated), None)
+        if victim is None:
+            return False
+        self.stats[f"evicted_{limit}"] += 1
+        self._close(victim, f"closed for a newer connection (tcp.{limit} reached)")
+        return True
 
     def _received(self, conn: Connection, data: bytes) -> None:
         try:
@@ -210,11 +248,12 @@ class TcpBridge:
             return
         conn.closed_by = conn.closed_by or reason
         self.connections.discard(conn)
-        n = self.per_source[conn.client[0]] - 1
-        if n > 0:
-            self.per_source[conn.client[0]] = n
-        else:
-            self.per_source.pop(conn.client[0], None)
+        self._opened.pop(conn, None)
+        mine = self.by_source.get(conn.source)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self.by_source[conn.source]
         leg, conn.leg = conn.leg, None
         if leg is not None:
             leg.close_stream = None  # closing here: the slow path must not call back

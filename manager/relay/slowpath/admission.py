@@ -54,7 +54,7 @@ class Admission:
         if self._legs_per_call[call.conn_id] >= self.max_legs_per_call:
             self.stats["drop_leg_cap"] += 1
             return None
-        if self._pending_per_source[client[0]] >= self.max_pending_per_source:
+        if self._pending_per_source[self.source_key(client[0])] >= self.max_pending_per_source:
             self.stats["drop_source_pending_cap"] += 1
             return None
         return call, msg

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from manager.protocol.addresses import family_of
 from manager.protocol.rfc7983 import is_stun
+from manager.protocol.sources import SourceKey, Tally, TokenBuckets
 from manager.protocol.stun_header import CLASS_ERROR, CLASS_SUCCESS, METHOD_BINDING, parse_header
 from manager.protocol.tasks import TaskSet
 from manager.relay.kernel.datapath import Datapath, DatapathError
@@ -43,7 +44,7 @@ from manager.relay.slowpath.expiry import Expiry
 from manager.relay.slowpath.failover import Failover
 from manager.relay.slowpath.flow_sources import FlowSources
 from manager.relay.slowpath.legs import Addr, Leg, LegDirectory, MediaCheck, Repoint
-from manager.relay.slowpath.rebinding import Rebinding
+from manager.relay.slowpath.rebinding import Rebinding, SeenOnce
 from manager.relay.slowpath.stream_legs import StreamLegs
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
                  pending_timeout: float = 5.0, max_legs_per_call: int = 4, max_pending_per_source: int = 8,
                  on_flow_installed: Callable[[float], None] | None = None,
                  check_media: MediaCheck | None = None, on_rebound: Callable[[float], None] | None = None,
-                 fleet: LegDirectory | None = None, repoint: Repoint | None = None):
+                 fleet: LegDirectory | None = None, repoint: Repoint | None = None,
+                 source_key: SourceKey | None = None, source_rate: float = 50.0, source_burst: int = 100,
+                 budget_rate: float = 20000.0, budget_burst: int = 2000, rebind_call_rate: float = 5.0,
+                 rebind_call_burst: int = 8):
         self.registry = registry
         self.datapath = datapath
         self.flow_sockets = flow_sockets
@@ -76,8 +80,18 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
         # legs (flow ports, sockets) per call, and unconfirmed legs per source address.
         self.max_legs_per_call = max_legs_per_call
         self.max_pending_per_source = max_pending_per_source
-        self._legs_per_call: collections.Counter[int] = collections.Counter()
-        self._pending_per_source: collections.Counter[str] = collections.Counter()
+        self._legs_per_call = Tally()
+        # Keyed by SourceKey (an IPv6 /64 is one source), as every per-source limit.
+        self.source_key = source_key or SourceKey()
+        self._pending_per_source = Tally()
+        # The backstop behind XDP: what reaches the public socket from tuples
+        # with no leg, per source and in all.
+        self._source_buckets = TokenBuckets(source_rate, source_burst)
+        self._budget = TokenBuckets(budget_rate, budget_burst, max_keys=1)
+        # Owner media checks per call (NAT rebinding), and the new tuples seen
+        # once (a check waits for a tuple's second packet: see rebinding.py).
+        self._rebind_buckets = TokenBuckets(rebind_call_rate, rebind_call_burst)
+        self._rebind_seen = SeenOnce()
         self._pending: dict[int, Leg] = {}  # id → leg not yet authenticated by its owner (UDP and TCP)
         self.on_flow_installed = on_flow_installed
         self.check_media = check_media
@@ -93,6 +107,7 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
         self.public: dict[tuple[str, int], socket.socket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._housekeeper: asyncio.Task | None = None
+        self._expiry_lock = asyncio.Lock()  # one kernel expiry walk at a time (expiry.py)
         self.queue_bytes = 0  # bytes waiting in the public sockets, as of the last housekeeping
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -223,6 +238,16 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
             self._note_txid(leg, data)
             self._to_owner(leg, data)
             return
+        # Whatever XDP still passes up from tuples with no leg (set-up, and
+        # anything it cannot admit) is bounded here too: per source first, so
+        # that one source cannot spend the budget of all.
+        now = time.monotonic()
+        if not self._source_buckets.take(self.source_key(client[0]), now):
+            self.stats["drop_source_backstop"] += 1
+            return
+        if not self._budget.take(None, now):
+            self.stats["drop_budget_backstop"] += 1
+            return
         if not is_stun(data):
             if self._maybe_rebinding(vip, data, client):
                 return
@@ -246,9 +271,9 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
     def _add_leg(self, leg: Leg) -> None:
         self.legs[(leg.client, leg.vip)] = leg
         self._by_source[(leg.family, *leg.source)] = leg
-        self._legs_per_call[leg.conn_id] += 1
+        self._legs_per_call.add(leg.conn_id)
         if leg.installed_at is None:
-            self._pending_per_source[leg.client[0]] += 1
+            self._pending_per_source.add(self.source_key(leg.client[0]))
             self._pending[id(leg)] = leg
 
 
@@ -365,6 +390,7 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
                 log.error("cannot install flow %s for call %s: %s", leg.client, leg.conn_id, exc)
                 return
         if again:
+            leg.reinstalled_at = time.monotonic()
             self.stats["flows_reinstalled"] += 1
             return
         leg.installed_at = time.monotonic()
@@ -393,11 +419,7 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
 
     def _release_pending(self, leg: Leg) -> None:
         self._pending.pop(id(leg), None)
-        n = self._pending_per_source[leg.client[0]] - 1
-        if n > 0:
-            self._pending_per_source[leg.client[0]] = n
-        else:
-            self._pending_per_source.pop(leg.client[0], None)
+        self._pending_per_source.remove(self.source_key(leg.client[0]))
 
     def _close_leg(self, leg: Leg, *, remove_kernel: bool = True, reason: str = "closed") -> None:
         if leg.stream is not None:
@@ -425,11 +447,7 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
         self.sources[leg.family].give_back(leg.source)
         if leg.installed_at is None:
             self._release_pending(leg)
-        n = self._legs_per_call[leg.conn_id] - 1
-        if n > 0:
-            self._legs_per_call[leg.conn_id] = n
-        else:
-            self._legs_per_call.pop(leg.conn_id, None)
+        self._legs_per_call.remove(leg.conn_id)
 
     def _call_active(self, call: Call) -> None:
         """A call's checks may come: let its ufrag through XDP's admission."""

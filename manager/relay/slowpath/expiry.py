@@ -31,16 +31,44 @@ class Expiry:
                 self._pending.pop(id(leg), None)
                 self.stats["legs_expired_pending"] += 1
 
-    def after_kernel_expiry(self, expired: list) -> None:
-        """Close the legs of flows the kernel walk removed; end calls left without any."""
+    async def expire_kernel(self, idle_s: float | None = None) -> tuple[list, set]:
+        """One walk of the kernel's flows: those idle for `idle_s` (default
+        idle_timeout) go, with their legs. The walk runs in a thread, the
+        decisions about legs and calls here on the loop, and one walk at a
+        time (the housekeeper's and the control API's /expire share the
+        lock). Returns (the flows removed, the flows-map keys left in place)."""
+        idle = self.idle_timeout if idle_s is None else idle_s
+        async with self._expiry_lock:
+            started = time.monotonic()
+            kept: set = set()
+            expired = await asyncio.to_thread(self.datapath.expire_idle, idle, kept=kept)
+            return self.after_kernel_expiry(expired, walk_started=started), kept
+
+    def after_kernel_expiry(self, expired: list, *, walk_started: float | None = None) -> list:
+        """Close the legs of flows the kernel walk removed; end calls left
+        without any. Returns the flows that stay removed.
+
+        The walk judged each entry as it read it. If the loop put the tuple
+        back into the kernel since the walk began (an evicted flow's client
+        came back, a rebinding), the walk removed, or judged, a live flow:
+        it is installed again and its leg kept."""
         touched = set()
+        removed = []
         for flow in expired:
-            touched.add(flow.conn_id)
             leg = self.legs.get((flow.client, flow.vip))
+            if leg is not None and walk_started is not None and (
+                    leg.reinstalled_at >= walk_started or (leg.installed_at or 0.0) >= walk_started):
+                self.stats["expiry_raced_live_flow"] += 1
+                if self.datapath is not None and not self.datapath.has_flow(flow.client, flow.vip):
+                    self._install(leg, again=True)
+                continue
+            touched.add(flow.conn_id)
             if leg is not None:
                 self._close_leg(leg, remove_kernel=False)
             self.stats["flows_expired_idle"] += 1
+            removed.append(flow)
         self._settle(touched)
+        return removed
 
     def evicted(self, kept: set) -> set:
         """Installed tuples whose flows-map key is not among `kept` (what an
@@ -99,9 +127,7 @@ class Expiry:
                     if time.monotonic() - walked >= walk_every:
                         walked = time.monotonic()
                         # A thread walks the map; the loop keeps serving packets and APIs.
-                        kept: set = set()
-                        expired = await asyncio.to_thread(self.datapath.expire_idle, self.idle_timeout, kept=kept)
-                        self.after_kernel_expiry(expired)
+                        _, kept = await self.expire_kernel()
                         self.sweep_evicted(self.evicted(kept), time.monotonic())
                     self.publish_ssrcs()
                 fds = [s.fileno() for s in self.public.values()]

@@ -59,6 +59,9 @@ class Leg:
     stream: Callable[[bytes], None] | None = None
     close_stream: Callable[[str], None] | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    # When the slow path last put this tuple into the kernel again (evicted,
+    # rebound): an expiry walk begun before then judged an older entry.
+    reinstalled_at: float = 0.0
     # The flows-map key of (client, vip), kept until either changes (a rebinding).
     _key_for: tuple | None = field(default=None, repr=False, compare=False)
     _key_bytes: bytes = field(default=b"", repr=False, compare=False)

@@ -32,8 +32,8 @@ class StreamLegs:
                   stream=send, close_stream=close)
         self.stream_legs[(client, listener)] = leg
         self._by_source[(leg.family, *leg.source)] = leg
-        self._legs_per_call[leg.conn_id] += 1
-        self._pending_per_source[client[0]] += 1
+        self._legs_per_call.add(leg.conn_id)
+        self._pending_per_source.add(self.source_key(client[0]))
         self._pending[id(leg)] = leg
         self.stats["tcp_legs_opened"] += 1
         self._note_txid(leg, data, msg)
