@@ -273,7 +273,9 @@ class TcpConfig(BaseModel):
     enabled: bool = True
     port: int = Field(default=443, ge=1, le=65535, description="TCP port on every VIP address")
     max_connections: int = Field(default=10000, ge=1, description="bridged connections at once, all sources")
-    max_per_source: int = Field(default=8, ge=1, description="connections at once per source address")
+    max_per_source: int = Field(default=8, ge=1, description="connections at once per source (limits.source_prefix_*)")
+    accept_rate_per_source: float = Field(default=4.0, gt=0, description="new connections/s per source; beyond, reset")
+    accept_burst_per_source: int = Field(default=16, ge=1, description="new connections a source may open at once")
     handshake_timeout: float = Field(default=5.0, gt=0,
                                      description="seconds until the owner's STUN success (first frame included)")
     idle_timeout: float = Field(default=30.0, gt=0, description="seconds with no frame either way")

@@ -37,13 +37,14 @@ import asyncio
 import collections
 import logging
 import socket
+import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from manager.protocol.addresses import family_of
 from manager.protocol.rfc4571 import FrameError, FrameParser, frame
-from manager.protocol.sources import SourceKey
+from manager.protocol.sources import SourceKey, TokenBuckets
 from manager.relay.config import TcpConfig
 from manager.relay.slowpath import Leg, SlowPath
 
@@ -98,7 +99,12 @@ class TcpBridge:
         self.cfg = cfg
         self.hosts = hosts
         self.source_key = source_key or SourceKey()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list[socket.socket] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: set[asyncio.Task] = set()
+        # New connections per source and second: what a flood from one source
+        # (an IPv6 /64 of addresses) costs is a refused accept, not a bridge slot.
+        self._accepts = TokenBuckets(cfg.accept_rate_per_source, cfg.accept_burst_per_source)
         self.connections: set[Connection] = set()
         # Connections by source, and every connection, in the order they
         # opened: the oldest unauthenticated one is found from the front.
@@ -112,15 +118,15 @@ class TcpBridge:
         return [(h, self.cfg.port) for h in self.hosts]
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         for host in self.hosts:
             try:
-                server = await loop.create_server(lambda: _Stream(self), host, self.cfg.port,
-                                                  family=family_of(host), reuse_address=True, backlog=1024)
+                sock = _listen(host, self.cfg.port)
             except OSError as exc:
                 await self.stop()
                 raise OSError(exc.errno, f"tcp.port {self.cfg.port} on {host}: {exc.strerror}") from None
-            self.servers.append(server)
+            self.listeners.append(sock)
+            loop.add_reader(sock.fileno(), self._accept, sock)
         self._housekeeper = loop.create_task(self._housekeeping())
         log.info("ICE-TCP listening on %s", ", ".join(f"{h}:{self.cfg.port}" for h in self.hosts))
 
@@ -128,19 +134,50 @@ class TcpBridge:
         if self._housekeeper is not None:
             self._housekeeper.cancel()
             self._housekeeper = None
-        for server in self.servers:
-            server.close()
+        for sock in self.listeners:
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self.listeners.clear()
+        for task in list(self._opening):
+            task.cancel()
+        await asyncio.gather(*self._opening, return_exceptions=True)
         for conn in list(self.connections):
             self._close(conn, "relay stopping", settle=False)
-        for server in self.servers:
-            await server.wait_closed()
-        self.servers.clear()
 
     def summary(self) -> dict:
         return {"listening": [f"{h}:{p}" for h, p in self.listening], "connections": len(self.connections),
+                "sources": len(self.by_source),
+                "largest_source": max((len(c) for c in self.by_source.values()), default=0),
                 "events": dict(sorted(self.stats.items()))}
 
     # -- connections ------------------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept what is queued (a bounded batch per wake-up). A source over
+        its accept rate is reset at once: no transport, no slot, no eviction."""
+        for _ in range(64):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, or the peer already gone
+                self.stats["accept_error"] += 1
+                log.debug("ICE-TCP accept: %s", exc)
+                return
+            if not self._accepts.take(self.source_key(peer[0]), time.monotonic()):
+                self.stats["refused_accept_rate"] += 1
+                _reset(sock)
+                continue
+            sock.setblocking(False)
+            task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: _Stream(self), sock))
+            self._opening.add(task)
+            task.add_done_callback(self._opened_done)
+
+    def _opened_done(self, task: asyncio.Task) -> None:
+        self._opening.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats["accept_error"] += 1
 
     def _accepted(self, transport: asyncio.Transport) -> Connection | None:
         peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
@@ -261,3 +298,27 @@ class TcpBridge:
         if not conn.transport.is_closing():
             conn.transport.close()
         log.debug("ICE-TCP %s closed: %s", conn.client, reason)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset: no FIN exchange, no TIME_WAIT kept for a refused peer."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
