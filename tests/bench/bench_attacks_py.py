@@ -117,7 +117,7 @@ def tcp_flood(lab, svc, ctl, seconds: float) -> dict:
             peak["largest_source"] = max(peak["largest_source"], tcp.get("largest_source", tcp["connections"]))
 
     sampler = threading.Thread(target=sample, daemon=True)
-    flood = Flood(lab, addresses=2600).start()
+    flood = Flood(lab, addresses=2600, per_address=4).start()
     sampler.start()
     try:
         c0, t0 = cpu_seconds(pid), time.monotonic()
@@ -135,11 +135,12 @@ def tcp_flood(lab, svc, ctl, seconds: float) -> dict:
         sampler.join()
         unroute_flood_prefix(lab)
     return {
-        "addresses": 2600, "connections_opened": flood.opened,
-        "first_round_per_s": round(2600 / flood.first_round_s) if flood.first_round_s else None,
+        "addresses": 2600, "per_address": 4, "connections_opened": flood.opened,
+        "first_round_s": round(flood.first_round_s, 2) if flood.first_round_s else None,
         "opened_per_s": round(flood.opened / (time.monotonic() - t0)),
         "peak_connections_held": peak["connections"], "peak_held_by_the_64": peak["largest_source"],
         "relayd_cpu_pct": round(max(0.0, (c1 - c0) / (t1 - t0) - idle) * 100, 1),
+        "relayd_cpu_us_per_connection": round(max(0.0, c1 - c0 - idle * (t1 - t0)) / max(1, flood.opened) * 1e6, 1),
         "relayd_idle_cpu_pct": round(idle * 100, 1),
         "new_udp_call_connected_s": udp.connected_after_s if udp.connected else None,
         "new_tcp_call_connected_s": tcp.connected_after_s if tcp.connected else None,
