@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from manager.protocol.addresses import family_of
 from manager.protocol.rfc4571 import FrameError, FrameParser, frame
 from manager.protocol.sources import SourceKey, TokenBuckets
+from manager.protocol.tasks import TaskSet
 from manager.relay.config import TcpConfig
 from manager.relay.slowpath import Leg, SlowPath
 
@@ -101,7 +102,7 @@ class TcpBridge:
         self.source_key = source_key or SourceKey()
         self.listeners: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._opening: set[asyncio.Task] = set()
+        self._opening = TaskSet("ICE-TCP bridge", log)
         # New connections per source and second: what a flood from one source
         # (an IPv6 /64 of addresses) costs is a refused accept, not a bridge slot.
         self._accepts = TokenBuckets(cfg.accept_rate_per_source, cfg.accept_burst_per_source)
@@ -139,9 +140,7 @@ class TcpBridge:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self.listeners.clear()
-        for task in list(self._opening):
-            task.cancel()
-        await asyncio.gather(*self._opening, return_exceptions=True)
+        await self._opening.close()
         for conn in list(self.connections):
             self._close(conn, "relay stopping", settle=False)
 
@@ -170,14 +169,14 @@ class TcpBridge:
                 _reset(sock)
                 continue
             sock.setblocking(False)
-            task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: _Stream(self), sock))
-            self._opening.add(task)
-            task.add_done_callback(self._opened_done)
+            self._opening.spawn(self._open(sock))
 
-    def _opened_done(self, task: asyncio.Task) -> None:
-        self._opening.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+    async def _open(self, sock: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: _Stream(self), sock)
+        except OSError:  # the peer is gone already: counted, not logged (a peer can repeat it at will)
             self.stats["accept_error"] += 1
+            sock.close()
 
     def _accepted(self, transport: asyncio.Transport) -> Connection | None:
         peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")

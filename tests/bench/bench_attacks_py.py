@@ -34,6 +34,7 @@ from manager.lab.ice_tcp import TcpAdapter
 from manager.lab.services import LAB_TCP_PORT, running_lab
 from manager.lab.topology import NetnsExecutor
 from manager.relay.control_client import ControlClient
+from tests.bench.provenance import run_info
 from tests.support.tcp_calls import BLOCK_UDP
 from tests.support.tcp_flood import Flood, cpu_seconds, route_flood_prefix, unroute_flood_prefix
 
@@ -163,7 +164,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
-    out = run(args.seconds)
+    out = {"run": run_info("tests.bench.bench_attacks_py"), **run(args.seconds)}
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
