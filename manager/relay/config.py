@@ -258,7 +258,8 @@ class SlowPathConfig(BaseModel):
                                         description="unauthenticated client tuples per source address")
     # A backstop behind XDP's admission: whatever still reaches the public
     # socket (a packet XDP passes up) costs a token of its source's bucket.
-    source_rate: float = Field(default=50.0, gt=0, description="packets/s per source the public socket handles")
+    source_rate: float = Field(default=50.0, ge=0, description="packets/s per source the public socket handles "
+                                                              "(0: unlimited)")
     source_burst: int = Field(default=100, ge=1, description="packets a source may send at once")
     # NAT-rebinding checks (media from a new tuple, asked of the owner) per call.
     rebind_call_rate: float = Field(default=5.0, gt=0, description="owner media checks/s per call")

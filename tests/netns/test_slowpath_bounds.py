@@ -50,6 +50,17 @@ def check(ufrag: str) -> bytes:
     return bytes(msg)
 
 
+def _one_active_call() -> tuple[Registry, int, str]:
+    """A registry with one active call whose owner is a port on loopback: (registry, conn_id, server ufrag)."""
+    registry = Registry(heartbeat_timeout=3600.0)
+    registry.register_transceiver(1, "http://127.0.0.1:1", 10)
+    conn = registry.allocate_conn_id()
+    ufrag = encode_ufrag(KEY, 1, conn)
+    registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag=ufrag)
+    registry.activate(conn, OwnerAddr(addr4=LO, port4=5000))
+    return registry, conn, ufrag
+
+
 def drain(sock: socket.socket) -> list[tuple[bytes, tuple]]:
     out = []
     while True:
@@ -214,12 +225,7 @@ def test_the_slow_path_checks_the_hint_itself(kind: str, refusal: str) -> None:
     """Behind XDP's live-ufrag check, the slow path verifies the ufrag's MAC
     and its call on its own (a ufrag entry outliving its call, a datapath
     without XDP): each refusal opens nothing and sends nothing."""
-    registry = Registry(heartbeat_timeout=3600.0)
-    registry.register_transceiver(1, "http://127.0.0.1:1", 10)
-    conn = registry.allocate_conn_id()
-    live = encode_ufrag(KEY, 1, conn)
-    registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag=live)
-    registry.activate(conn, OwnerAddr(addr4=LO, port4=5000))
+    registry, conn, live = _one_active_call()
     sp = SlowPath(registry, None, FlowSockets(DatapathConfig(internal_addr4=LO)), hint_key=KEY, vips=[(LO, 3478)])
     ufrag = {"forged": live[:-4] + ("AAAA" if not live.endswith("AAAA") else "BBBB"),
              "unknown-call": encode_ufrag(KEY, 1, conn + 1 if conn < 0xFFFFFFFF else 1),
@@ -545,12 +551,7 @@ def test_unauthenticated_legs_are_capped_per_source_prefix() -> None:
     from manager.protocol.sources import SourceKey
 
     async def go() -> None:
-        registry = Registry(heartbeat_timeout=3600.0)
-        registry.register_transceiver(1, "http://127.0.0.1:1", 10)
-        conn = registry.allocate_conn_id()
-        ufrag = encode_ufrag(KEY, 1, conn)
-        registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag=ufrag)
-        registry.activate(conn, OwnerAddr(addr4=LO, port4=5000))
+        registry, _, ufrag = _one_active_call()
         sp = SlowPath(registry, None, FlowSockets(DatapathConfig(internal_addr4=LO)), hint_key=KEY,
                       vips=[(LO, 3478)], max_pending_per_source=2, source_key=SourceKey(prefix_v4=24))
         assert sp._admit(check(ufrag), ("10.1.2.3", 1000)) is not None

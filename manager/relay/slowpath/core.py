@@ -86,8 +86,9 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
         self._pending_per_source = Tally()
         # The backstop behind XDP: what reaches the public socket from tuples
         # with no leg, per source and in all.
-        self._source_buckets = TokenBuckets(source_rate, source_burst)
-        self._budget = TokenBuckets(budget_rate, budget_burst, max_keys=1)
+        # (A rate of 0: unlimited, as XDP's admission takes it.)
+        self._source_buckets = TokenBuckets(source_rate, source_burst) if source_rate else None
+        self._budget = TokenBuckets(budget_rate, budget_burst, max_keys=1) if budget_rate else None
         # Owner media checks per call (NAT rebinding), and the new tuples seen
         # once (a check waits for a tuple's second packet: see rebinding.py).
         self._rebind_buckets = TokenBuckets(rebind_call_rate, rebind_call_burst)
@@ -242,10 +243,10 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
         # anything it cannot admit) is bounded here too: per source first, so
         # that one source cannot spend the budget of all.
         now = time.monotonic()
-        if not self._source_buckets.take(self.source_key(client[0]), now):
+        if self._source_buckets is not None and not self._source_buckets.take(self.source_key(client[0]), now):
             self.stats["drop_source_backstop"] += 1
             return
-        if not self._budget.take(None, now):
+        if self._budget is not None and not self._budget.take(None, now):
             self.stats["drop_budget_backstop"] += 1
             return
         if not is_stun(data):
