@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from manager.lab.services import LAB_TCP_PORT
-from manager.lab.topology import NetnsExecutor
+from manager.lab.netns import NetnsExecutor
 
 FLOOD_PREFIX = "fd00:64:64:64"
 IP_FREEBIND = 15
