@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 
 from manager.lab.client import client_call
 from manager.lab.ice_tcp import TcpAdapter
-from manager.lab.services import LAB_TCP_PORT, running_lab
 from manager.lab.netns import NetnsExecutor
+from manager.lab.services import LAB_TCP_PORT, running_lab
 from manager.relay.control_client import ControlClient
 from tests.bench.provenance import run_info
 from tests.support.tcp_calls import BLOCK_UDP

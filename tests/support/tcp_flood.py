@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manager.lab.services import LAB_TCP_PORT
 from manager.lab.netns import NetnsExecutor
+from manager.lab.services import LAB_TCP_PORT
 
 FLOOD_PREFIX = "fd00:64:64:64"
 IP_FREEBIND = 15
