@@ -23,6 +23,7 @@ import datetime
 import ipaddress
 import os
 import re
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,13 +98,22 @@ def peer_identity(peercert: dict | None) -> Identity | None:
 def _write_private(path: Path, data: bytes) -> None:
     """Create `path` 0600 from the first byte (never readable by others, not even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A name nobody can guess, created here or not at all: a file or symlink
+    # planted at a predictable name would have the key written through it.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from manager.pki import read_secret_file
+from manager.protocol.sources import SourceKey
 
 
 class Endpoint(BaseModel):
@@ -156,6 +157,21 @@ class SignalingConfig(BaseModel):
     page: bool = Field(default=False, description="serve the 'talk to the agent' page at / (demos, not production)")
     transceiver_timeout: float = Field(default=10.0, gt=0, description="seconds to wait for a transceiver's answer")
     heartbeat_timeout: float = Field(default=3.0, gt=0, description="a silent transceiver is unhealthy after this")
+    # A reverse proxy in front (TLS): its X-Forwarded-For names the client.
+    # From any other peer the header is ignored (a client could name anyone).
+    trusted_proxies: list[str] = Field(default_factory=list,
+                                       description="prefixes of proxies whose X-Forwarded-For is believed")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_nets(cls, v: list[str]) -> list[str]:
+        out = []
+        for p in v:
+            try:
+                out.append(str(ipaddress.ip_network(p, strict=False)))
+            except ValueError:
+                raise ValueError(f"not an address or prefix: {p!r}") from None
+        return out
 
 
 class InternalConfig(BaseModel):
@@ -198,6 +214,8 @@ class ClientAuthConfig(BaseModel):
     mode: Literal["off", "api_keys", "tokens"] = "off"
     api_keys_file: Path | None = Field(default=None, description="mode api_keys: one key per line, file mode 0600")
     token_key_file: Path | None = Field(default=None, description="mode tokens: hex HMAC key (>= 32 bytes), 0600")
+    max_calls_per_subject: int = Field(default=4, ge=1,
+                                       description="mode tokens: live calls at once per token subject")
 
     @model_validator(mode="after")
     def _files(self) -> ClientAuthConfig:
@@ -225,6 +243,9 @@ class LimitsConfig(BaseModel):
     source_prefix_v6: int = Field(default=64, ge=16, le=128,
                                   description="IPv6 clients in one such prefix are one source (a site gets a /64)")
 
+    def source_key(self) -> SourceKey:
+        return SourceKey(self.source_prefix_v4, self.source_prefix_v6)
+
 
 class SlowPathConfig(BaseModel):
     """Userspace handling of call set-up on the public port."""
@@ -235,6 +256,14 @@ class SlowPathConfig(BaseModel):
     max_legs_per_call: int = Field(default=4, ge=1, description="client tuples (flow ports) one call may hold")
     max_pending_per_source: int = Field(default=8, ge=1,
                                         description="unauthenticated client tuples per source address")
+    # A backstop behind XDP's admission: whatever still reaches the public
+    # socket (a packet XDP passes up) costs a token of its source's bucket.
+    source_rate: float = Field(default=50.0, ge=0, description="packets/s per source the public socket handles "
+                                                              "(0: unlimited)")
+    source_burst: int = Field(default=100, ge=1, description="packets a source may send at once")
+    # NAT-rebinding checks (media from a new tuple, asked of the owner) per call.
+    rebind_call_rate: float = Field(default=5.0, gt=0, description="owner media checks/s per call")
+    rebind_call_burst: int = Field(default=8, ge=1, description="owner media checks of one call at once")
 
 
 class TcpConfig(BaseModel):
@@ -245,7 +274,9 @@ class TcpConfig(BaseModel):
     enabled: bool = True
     port: int = Field(default=443, ge=1, le=65535, description="TCP port on every VIP address")
     max_connections: int = Field(default=10000, ge=1, description="bridged connections at once, all sources")
-    max_per_source: int = Field(default=8, ge=1, description="connections at once per source address")
+    max_per_source: int = Field(default=8, ge=1, description="connections at once per source (limits.source_prefix_*)")
+    accept_rate_per_source: float = Field(default=4.0, gt=0, description="new connections/s per source; beyond, reset")
+    accept_burst_per_source: int = Field(default=16, ge=1, description="new connections a source may open at once")
     handshake_timeout: float = Field(default=5.0, gt=0,
                                      description="seconds until the owner's STUN success (first frame included)")
     idle_timeout: float = Field(default=30.0, gt=0, description="seconds with no frame either way")
@@ -341,6 +372,15 @@ class RelaydConfig(BaseModel):
         if self.hint_key_file is not None:
             self.hint_key = check_hint_key(read_secret_file(self.hint_key_file).decode("ascii", "replace").strip())
         return self
+
+    def start_warnings(self) -> list[str]:
+        """What relayd warns about as it starts (allowed, but unsafe in production)."""
+        out = []
+        public = [v.addr for v in self.datapath.vips if ipaddress.ip_address(v.addr).is_global]
+        if self.client_auth.mode == "off" and public:
+            out.append(f"client_auth.mode = 'off' on public VIP {public[0]}: anyone who reaches the signaling "
+                       "listener can create calls; set mode 'tokens' or 'api_keys' outside a lab")
+        return out
 
     @property
     def hint_key_bytes(self) -> bytes:

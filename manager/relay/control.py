@@ -266,9 +266,9 @@ async def post_expire(request: web.Request) -> web.Response:
     if idle_s is not None:  # an explicit idle time applies to pending legs too
         now += sp.pending_timeout - idle
     sp.expire_pending(now)
-    # The kernel walk runs off the loop; what it removed is what it returns.
-    expired = await asyncio.to_thread(deps.datapath.expire_idle, idle) if deps.datapath.maps is not None else []
-    sp.after_kernel_expiry(expired)
+    # The kernel walk runs off the loop, never beside the housekeeper's;
+    # what it removed is what it returns.
+    expired = (await sp.expire_kernel(idle))[0] if deps.datapath.maps is not None else []
     calls_after = {c.call_id for c in deps.registry.calls()}
     return web.json_response({
         "idle_s": idle,

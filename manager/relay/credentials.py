@@ -1,20 +1,43 @@
 """Who may use the public listener: the credential check for clients, per
 the configured mode (off, static API keys, or tokens minted by the operator's
-backend; manager.protocol.client_auth), with keys read from 0600 files."""
+backend; manager.protocol.client_auth), with keys read from 0600 files.
+
+A token creates one call: its `jti` is spent by the call it created (a
+replay is refused until the token expires), and one subject holds at most
+`max_calls_per_subject` live calls on this relay."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from manager.pki import read_secret_file
+from manager.protocol.api import ApiError
 from manager.protocol.client_auth import AuthError, bearer, check_api_key, verify_token
+from manager.protocol.sources import Tally
 from manager.relay.config import ClientAuthConfig
+
+MAX_SPENT = 1 << 20  # token ids remembered at once (each only until its token expires)
+
+
+@dataclass
+class CreateGrant:
+    """A creation under way: the credential, and for a token its id and subject."""
+
+    credential: str | None
+    token_id: str | None = None
+    subject: str | None = None
+    expires_at: float = 0.0
+    conn_id: int | None = None  # the call it created, once created
 
 
 class ClientAuth:
     """Checks `Authorization: Bearer ...` on the public listener."""
 
-    def __init__(self, mode: str, *, api_keys: list[str] | None = None, token_key: bytes | None = None) -> None:
+    def __init__(self, mode: str, *, api_keys: list[str] | None = None, token_key: bytes | None = None,
+                 max_calls_per_subject: int = 4, clock: Callable[[], float] = time.time) -> None:
         if mode not in ("off", "api_keys", "tokens"):
             raise ValueError(f"unknown client auth mode {mode!r}")
         if mode == "api_keys" and not api_keys:
@@ -24,6 +47,12 @@ class ClientAuth:
         self.mode = mode
         self._api_keys = list(api_keys or [])
         self._token_key = token_key
+        self.max_calls_per_subject = max_calls_per_subject
+        self._clock = clock
+        self._spent: dict[str, float] = {}  # token id -> its expiry (reserved or spent)
+        self._subject_calls = Tally()
+        self._subject_of: dict[int, str] = {}  # conn_id -> subject, for the token-created calls
+        self._next_sweep = 0.0
 
     @classmethod
     def from_config(cls, cfg: ClientAuthConfig) -> ClientAuth:
@@ -39,7 +68,7 @@ class ClientAuth:
                 key = bytes.fromhex(text)
             except ValueError:
                 raise ValueError(f"{cfg.token_key_file}: the token key must be hex") from None
-            return cls("tokens", token_key=key)
+            return cls("tokens", token_key=key, max_calls_per_subject=cfg.max_calls_per_subject)
         return cls("off")
 
     @property
@@ -58,3 +87,48 @@ class ClientAuth:
             assert self._token_key is not None
             verify_token(self._token_key, credential)
         return credential
+
+    def begin_create(self, authorization: str | None) -> CreateGrant:
+        """Check the credential of a call creation. A token's id is reserved
+        (AuthError if another creation spent or holds it), and its subject
+        must be under its cap (ApiError 429). end_create() always follows."""
+        if self.mode != "tokens":
+            return CreateGrant(self.check(authorization))
+        credential = bearer(authorization)
+        assert self._token_key is not None
+        claims = verify_token(self._token_key, credential)
+        self._forget_expired()
+        if claims.token_id in self._spent:
+            raise AuthError("token was already used to create a call (a token creates one call)")
+        if self._subject_calls[claims.subject] >= self.max_calls_per_subject:
+            raise ApiError(429, f"too many calls for this token's subject (at most {self.max_calls_per_subject} "
+                                "at once)")
+        self._spent[claims.token_id] = float(claims.expires_at)
+        return CreateGrant(credential, claims.token_id, claims.subject, float(claims.expires_at))
+
+    def created(self, grant: CreateGrant, conn_id: int) -> None:
+        """The creation succeeded: the token stays spent, the call counts for its subject."""
+        grant.conn_id = conn_id
+        if grant.subject is not None:
+            self._subject_calls.add(grant.subject)
+            self._subject_of[conn_id] = grant.subject
+
+    def end_create(self, grant: CreateGrant) -> None:
+        """A creation that made no call gives its token back (the client may retry with it)."""
+        if grant.conn_id is None and grant.token_id is not None:
+            self._spent.pop(grant.token_id, None)
+
+    def call_ended(self, conn_id: int) -> None:
+        subject = self._subject_of.pop(conn_id, None)
+        if subject is not None:
+            self._subject_calls.remove(subject)
+
+    def _forget_expired(self) -> None:
+        now = self._clock()
+        if now < self._next_sweep and len(self._spent) < MAX_SPENT:
+            return  # a sweep a second at most: its cost is the ids held
+        self._next_sweep = now + 1.0
+        for jti in [j for j, exp in self._spent.items() if exp <= now]:
+            del self._spent[jti]
+        if len(self._spent) >= MAX_SPENT:
+            raise ApiError(503, "too many unexpired tokens in use; retry shortly")

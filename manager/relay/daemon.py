@@ -21,7 +21,7 @@ from manager import pki
 from manager.relay.config import RelaydConfig
 from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
 from manager.relay.credentials import ClientAuth
-from manager.relay.fleet import RedisFleet
+from manager.relay.fleet import RedisFleet, redact_url
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.metrics import Metrics
@@ -60,7 +60,7 @@ class Relay:
         self.registry = Registry(heartbeat_timeout=cfg.signaling.heartbeat_timeout)
         # A fleet shares the registry through Redis; alone, it is in memory only.
         self.fleet = (RedisFleet(cfg.registry, self.registry, on_owner_moved=self._owner_moved,
-                                 on_remote_leg=self._remote_leg)
+                                 on_remote_leg=self._remote_leg, allows_owner=cfg.internal.allows)
                       if cfg.registry.backend == "redis" else None)
         self.metrics = Metrics(self.registry, self.datapath)
         self.runtime = Runtime()
@@ -75,6 +75,8 @@ class Relay:
 
     async def start(self) -> None:
         cfg = self.cfg
+        for warning in cfg.start_warnings():
+            log.warning("%s", warning)
         # Off the loop: bcc compiles for a second or two, and pyroute2's
         # synchronous netlink API refuses to run inside a running loop.
         self.runtime.adopted = await asyncio.to_thread(self.datapath.load)
@@ -87,7 +89,7 @@ class Relay:
             # The fleet's calls before the slow path starts: their ufrags are
             # admitted and their kernel flows adopted as known calls.
             synced = await self.fleet.start()
-            log.info("registry: Redis at %s as relay %s (%s)", cfg.registry.url, self.fleet.relay_id,
+            log.info("registry: Redis at %s as relay %s (%s)", redact_url(cfg.registry.url), self.fleet.relay_id,
                      f"{len(self.registry.calls())} calls, {len(self.registry.transceivers())} transceivers"
                      if synced else "not reachable yet")
         self.slowpath = SlowPath(
@@ -97,7 +99,9 @@ class Relay:
             max_pending_per_source=cfg.slowpath.max_pending_per_source,
             on_flow_installed=self.metrics.flow_setup.observe,
             check_media=self._check_media, on_rebound=self.metrics.rebind.observe,
-            fleet=self.fleet, repoint=self._repoint,
+            fleet=self.fleet, repoint=self._repoint, source_key=cfg.limits.source_key(),
+            source_rate=cfg.slowpath.source_rate, source_burst=cfg.slowpath.source_burst,
+            rebind_call_rate=cfg.slowpath.rebind_call_rate, rebind_call_burst=cfg.slowpath.rebind_call_burst,
         )
         self.metrics.watch_slowpath(self.slowpath)
         await self.slowpath.start()
@@ -109,7 +113,7 @@ class Relay:
                 log.warning("tcp.port %d on private address(es) %s: Chrome refuses remote candidates below "
                             "port 1024 at private addresses; ICE-TCP will work for it only on public ones",
                             cfg.tcp.port, ", ".join(private))
-            self.tcp = TcpBridge(self.slowpath, cfg.tcp, hosts)
+            self.tcp = TcpBridge(self.slowpath, cfg.tcp, hosts, source_key=cfg.limits.source_key())
             await self.tcp.start()
         tls = pki.paths(cfg.internal.pki_dir, pki.RELAYD)
         self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout, tls=pki.client_context(tls))
@@ -118,6 +122,7 @@ class Relay:
         public = make_app(self.registry, hint_key=cfg.hint_key_bytes, public_addrs=[v.as_tuple() for v in dp.vips],
                           transceiver_client=self._client, auth=ClientAuth.from_config(cfg.client_auth),
                           limits=cfg.limits, allowed_origins=cfg.signaling.allowed_origins,
+                          trusted_proxies=cfg.signaling.trusted_proxies,
                           allows_owner=cfg.internal.allows,
                           claim_conn_id=self.fleet.claim_conn_id if self.fleet is not None else None,
                           tcp_addrs=self.tcp.listening if self.tcp is not None else (),

@@ -40,15 +40,36 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from manager.protocol.addresses import OwnerAddr
+from manager.protocol.log_budget import LogBudget
 from manager.relay.config import RegistryConfig
-from manager.relay.registry import Call, Registry, StoreUnavailable
+from manager.relay.registry import Call, RefusedRecord, Registry, StoreUnavailable
 
 log = logging.getLogger(__name__)
+_refusals = LogBudget(log)
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password in it replaced by ***, for logs."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
+def redact_text(text: str, url: str | None) -> str:
+    """`text` (an error message) with the URL's password, if any, replaced."""
+    password = urlsplit(url).password if url else None
+    return text.replace(password, "***") if password else text
 
 MAX_QUEUED = 100_000  # changes held while Redis is away (then the oldest go; a resync repairs)
 RETRY_MIN, RETRY_MAX = 0.05, 0.25  # reconnect backoff: back within 1 s of Redis returning
@@ -96,9 +117,13 @@ class RedisFleet:
 
     def __init__(self, cfg: RegistryConfig, registry: Registry, *, relay_id: str | None = None,
                  on_owner_moved: Callable[[Call, OwnerAddr | None], None] | None = None,
-                 on_remote_leg: Callable[[RemoteLeg], None] | None = None) -> None:
+                 on_remote_leg: Callable[[RemoteLeg], None] | None = None,
+                 allows_owner: Callable[[str], bool] | None = None) -> None:
         self.cfg = cfg
         self.registry = registry
+        # Owner addresses from the store are checked as a transceiver's own
+        # report is (internal.allows): Redis is not trusted with where media goes.
+        self.allows_owner = allows_owner
         self.relay_id = relay_id or cfg.relay_id or default_relay_id()
         self.on_owner_moved = on_owner_moved
         self.on_remote_leg = on_remote_leg
@@ -162,7 +187,7 @@ class RedisFleet:
             await asyncio.wait_for(self.ever_synced.wait(), wait)
         except TimeoutError:
             log.warning("registry: Redis at %s not reachable yet (%s); retrying in the background",
-                        self.cfg.url, self.last_error)
+                        redact_url(self.cfg.url), self.last_error)
         return self.available
 
     async def stop(self) -> None:
@@ -204,7 +229,7 @@ class RedisFleet:
                 self.available = True
                 self.ever_synced.set()
                 if self.last_error is not None:
-                    log.info("registry: Redis at %s is back; resynced", self.cfg.url)
+                    log.info("registry: Redis at %s is back; resynced", redact_url(self.cfg.url))
                 self.last_error = None
                 delay = RETRY_MIN
                 tasks = [asyncio.create_task(c) for c in (self._read(pubsub), self._write(client),
@@ -214,10 +239,10 @@ class RedisFleet:
                     t.result()  # raises what ended it
                 raise RedisError("a fleet task stopped")
             except (RedisError, OSError, TimeoutError, ValueError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = redact_text(f"{type(exc).__name__}: {exc}", self.cfg.url)
                 if problem != self.last_error:
                     log.warning("registry: Redis at %s unavailable (%s); established calls keep flowing, "
-                                "new calls are refused until it is back", self.cfg.url, problem)
+                                "new calls are refused until it is back", redact_url(self.cfg.url), problem)
                 self.last_error = problem
                 self.stats["outages"] += 1 if self.available else 0
             finally:
@@ -405,9 +430,17 @@ class RedisFleet:
     def _apply_call(self, rec: dict) -> None:
         if "claim" in rec or self._was_ended(rec):
             return
-        applied = self.registry.apply_call(rec)
+        try:
+            applied = self.registry.apply_call(rec, allows=self.allows_owner)
+        except RefusedRecord as exc:
+            kind = "stale" if "older" in str(exc) else "outside"
+            self.stats[f"refused_records_{kind}"] += 1
+            _refusals.log(logging.WARNING, kind, "registry: refused a call record from the fleet: %s", exc)
+            return
         if applied is None:
-            self._waiting_calls[rec["conn_id"]] = rec
+            waiting = self._waiting_calls.get(rec["conn_id"])
+            if waiting is None or int(waiting.get("gen") or 0) <= int(rec.get("gen") or 0):
+                self._waiting_calls[rec["conn_id"]] = rec
             return
         call, previous = applied
         if previous is not None and call.owner is not None and previous != call.owner and self.on_owner_moved:

@@ -54,6 +54,11 @@ class StoreUnavailable(RegistryError):
     """The shared store behind a fleet's registry cannot be reached."""
 
 
+class RefusedRecord(RegistryError, ValueError):
+    """Another relay's record this relay does not take (stale, or naming an
+    owner outside the internal prefixes)."""
+
+
 def _check_int(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in {low}..{high}")
@@ -99,10 +104,15 @@ class Call:
     # SHA-256 of the client credential that created the call (never the
     # credential): ending or updating the call requires the same one.
     credential: bytes | None = field(default=None, repr=False)
+    # Raised by every change of owner or transceiver, wherever it is made: a
+    # replica refuses a record older than what it holds (a late message after
+    # a resync must not move the call back).
+    generation: int = 0
 
     def record(self) -> dict[str, object]:
         """Everything another relay needs to serve the call (a shared store's copy)."""
-        return {**self.to_dict(), "credential": self.credential.hex() if self.credential else None}
+        return {**self.to_dict(), "credential": self.credential.hex() if self.credential else None,
+                "gen": self.generation}
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -141,6 +151,9 @@ class Registry:
         self._clock = clock
         self._transceivers: dict[int, Transceiver] = {}
         self._calls: dict[int, Call] = {}  # conn_id -> live call
+        # transceiver id -> conn_ids of its live calls: a heartbeat reconciles
+        # only the calls of the transceiver that sent it.
+        self._calls_of: dict[int, set[int]] = {}
         self._by_call_id: dict[str, int] = {}
         self._reserved: set[int] = set()  # allocated conn ids not yet added
         self._listeners: list[CallEndedCallback] = []
@@ -193,10 +206,10 @@ class Registry:
         if calls is None:
             return []
         reported = set(calls)
-        for call in list(self._calls.values()):
+        for conn_id in list(self._calls_of.get(id, ())):
+            call = self._calls[conn_id]
             if (
-                call.transceiver_id == id
-                and call.state == "active"
+                call.state == "active"
                 and call.conn_id not in reported
                 and now - call.owned_since >= self.report_grace
             ):
@@ -306,6 +319,7 @@ class Registry:
         self._reserved.discard(conn_id)
         self._calls[conn_id] = call
         self._by_call_id[call_id] = conn_id
+        self._calls_of.setdefault(transceiver_id, set()).add(conn_id)
         t.calls += 1
         self._changed("call", call.record())
         if owner is not None:
@@ -318,6 +332,7 @@ class Registry:
         call.owner = owner
         call.state = "active"
         call.owned_since = self._clock()
+        call.generation += 1
         self._changed("call", call.record())
         self._activated(call)
         return call
@@ -327,14 +342,28 @@ class Registry:
         call = self._live(conn_id)
         new = self.get_transceiver(transceiver_id)
         if transceiver_id != call.transceiver_id:
-            self._transceivers[call.transceiver_id].calls -= 1
+            self._move(call, transceiver_id)
             new.calls += 1
-            call.transceiver_id = transceiver_id
         call.owner = owner
         call.state = "active"
         call.owned_since = self._clock()
+        call.generation += 1
         self._changed("call", call.record())
         return call
+
+    def _move(self, call: Call, transceiver_id: int) -> None:
+        """The call leaves its transceiver's count and index for another's index."""
+        self._transceivers[call.transceiver_id].calls -= 1
+        self._unindex(call)
+        call.transceiver_id = transceiver_id
+        self._calls_of.setdefault(transceiver_id, set()).add(call.conn_id)
+
+    def _unindex(self, call: Call) -> None:
+        mine = self._calls_of.get(call.transceiver_id)
+        if mine is not None:
+            mine.discard(call.conn_id)
+            if not mine:
+                del self._calls_of[call.transceiver_id]
 
     def _live(self, conn_id: int) -> Call:
         call = self._calls.get(conn_id)
@@ -362,6 +391,7 @@ class Registry:
         if call is None:
             return None
         del self._by_call_id[call.call_id]
+        self._unindex(call)
         t = self._transceivers.get(call.transceiver_id)
         if t is not None:
             t.calls -= 1
@@ -442,18 +472,30 @@ class Registry:
         t.draining = bool(record.get("draining", False))
         return t
 
-    def apply_call(self, record: dict) -> tuple[Call, OwnerAddr | None] | None:
+    def apply_call(self, record: dict, *, allows: Callable[[str], bool] | None = None
+                   ) -> tuple[Call, OwnerAddr | None] | None:
         """Another relay placed, answered or moved a call: take its record.
         Returns (call, previous owner), or None when the record names a
-        transceiver this relay does not know yet (the caller retries later)."""
+        transceiver this relay does not know yet (the caller retries later).
+        RefusedRecord: its owner lies outside `allows` (the internal
+        prefixes: the store is not trusted with where media goes), or it is
+        older than the call's generation here."""
         conn_id = record["conn_id"]
         tx_id = record["transceiver_id"]
+        owner = OwnerAddr(**record["owner"]) if record.get("owner") else None
+        if owner is not None and allows is not None:
+            outside = [a for a, _ in owner.endpoints() if not allows(a)]
+            if outside:
+                raise RefusedRecord(f"call {conn_id}: owner address {outside[0]} is not in the internal prefixes")
+        gen = record.get("gen")
+        gen = int(gen) if gen is not None else None
         if tx_id not in self._transceivers:
             return None
-        owner = OwnerAddr(**record["owner"]) if record.get("owner") else None
         call = self._calls.get(conn_id)
         if call is not None and call.call_id != record["call_id"]:
             return None  # another call holds this connection id here: ours wins until it ends
+        if call is not None and gen is not None and gen < call.generation:
+            raise RefusedRecord(f"call {conn_id}: record of generation {gen} is older than {call.generation}")
         previous = call.owner if call is not None else None
         if call is None:
             call = Call(call_id=record["call_id"], conn_id=conn_id, transceiver_id=tx_id,
@@ -464,11 +506,13 @@ class Registry:
             self._reserved.discard(conn_id)
             self._calls[conn_id] = call
             self._by_call_id[call.call_id] = conn_id
+            self._calls_of.setdefault(tx_id, set()).add(conn_id)
             self._transceivers[tx_id].calls += 1
         elif call.transceiver_id != tx_id:
-            self._transceivers[call.transceiver_id].calls -= 1
+            self._move(call, tx_id)
             self._transceivers[tx_id].calls += 1
-            call.transceiver_id = tx_id
+        if gen is not None:
+            call.generation = gen
         was_active = call.state == "active"
         call.owner = owner
         if owner is not None:

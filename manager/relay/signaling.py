@@ -12,7 +12,8 @@ With client auth on, every request carries `Authorization: Bearer <API key or
 token>`; a call can be ended or updated only with the credential that
 created it. With it off, the call's Location (128 random bits) is the only
 capability. Creation is bounded (manager.relay.limits; body size, media
-sections, SDP lines). Every refusal is a one-line text/plain reply that
+sections, SDP lines), per source: the peer's address, or behind a configured
+trusted proxy the client its X-Forwarded-For names. Every refusal is a one-line text/plain reply that
 names no internal address.
 
 Placing a call: validate the offer, pick a transceiver, mint the server ufrag
@@ -39,10 +40,11 @@ from manager.protocol.sdp import (
     strip_candidates,
     validate,
 )
+from manager.protocol.sources import TrustedProxies
 from manager.protocol.tasks import TaskSet
 from manager.protocol.ufrag import encode_ufrag
 from manager.relay.config import LimitsConfig
-from manager.relay.credentials import ClientAuth
+from manager.relay.credentials import ClientAuth, CreateGrant
 from manager.relay.limits import CreateLimits
 from manager.relay.page import PAGE_HTML
 from manager.relay.registry import Call, PlacementError, Registry, StoreUnavailable, Transceiver
@@ -78,7 +80,7 @@ class _Api:
     def __init__(self, registry: Registry, hint_key: bytes, public_addrs: list[tuple[str, int]],
                  client: TransceiverClient, *, auth: ClientAuth, limits: LimitsConfig,
                  allows_owner: Callable[[str], bool], claim_conn_id: ClaimConnId | None = None,
-                 tcp_addrs: Sequence[tuple[str, int]] = ()) -> None:
+                 tcp_addrs: Sequence[tuple[str, int]] = (), trusted_proxies: Sequence[str] = ()) -> None:
         self.registry = registry
         self.hint_key = hint_key
         self.public_addrs = public_addrs
@@ -88,32 +90,61 @@ class _Api:
         self.limits = limits
         self.create_limits = CreateLimits(rate=limits.create_rate, burst=limits.create_burst,
                                           max_pending=limits.max_pending,
-                                          max_pending_per_source=limits.max_pending_per_source)
+                                          max_pending_per_source=limits.max_pending_per_source,
+                                          source_key=limits.source_key())
+        self.proxies = TrustedProxies(trusted_proxies)
+        registry.on_call_ended(lambda call, reason: auth.call_ended(call.conn_id))
         self.allows_owner = allows_owner
         self.claim_conn_id = claim_conn_id
         self._background = TaskSet("signaling", log)
 
+    def client_of(self, request: web.Request) -> str:
+        """The address the per-source limits count: the peer, or the client a
+        trusted proxy names (an untrusted peer's X-Forwarded-For is ignored)."""
+        return self.proxies.client_of(request.remote or "?", request.headers.getall("X-Forwarded-For", []))
+
     async def create_call(self, request: web.Request) -> web.Response:
         try:
-            credential = self.auth.check(request.headers.get("Authorization"))
+            grant = self.auth.begin_create(request.headers.get("Authorization"))
         except AuthError as exc:
             return _unauthorized(str(exc))
+        except ApiError as exc:
+            return text_error(exc.status, str(exc), {"Retry-After": "1"})
+        try:
+            return await self._admitted(request, grant)
+        finally:
+            self.auth.end_create(grant)  # a token that created no call can be used again
+
+    async def _admitted(self, request: web.Request, grant: CreateGrant) -> web.Response:
         if request.content_type != "application/sdp":
             return text_error(415, "Content-Type must be application/sdp")
         if request.content_length is not None and request.content_length > self.limits.max_body:
             return text_error(413, f"offer too large: {request.content_length} bytes; at most {self.limits.max_body}")
-        source = request.remote or "?"
+        source = self.client_of(request)
         try:
             self.create_limits.admit(source)
         except ApiError as exc:
             return text_error(exc.status, str(exc), {"Retry-After": "1"})
         try:
-            return await self._create(request, credential)
+            return await self._create(request, grant)
         finally:
             self.create_limits.release(source)
 
-    async def _create(self, request: web.Request, credential: str | None) -> web.Response:
-        raw = await request.content.read(self.limits.max_body + 1)
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, up to max_body + 1 bytes: content.read(n) returns
+        what has arrived so far, and a body may come in several segments."""
+        limit = self.limits.max_body + 1
+        raw = bytearray()
+        while len(raw) < limit:
+            chunk = await request.content.read(limit - len(raw))
+            if not chunk:
+                break
+            raw += chunk
+        return bytes(raw)
+
+    async def _create(self, request: web.Request, grant: CreateGrant) -> web.Response:
+        credential = grant.credential
+        raw = await self._read_body(request)
         if len(raw) > self.limits.max_body:
             return text_error(413, f"offer too large: more than {self.limits.max_body} bytes")
         try:
@@ -193,6 +224,7 @@ class _Api:
             return text_error(502, f"transceiver {transceiver.id} failed to answer the offer")
 
         self.registry.activate(conn_id, owner)
+        self.auth.created(grant, conn_id)
         log.info(
             "call %s conn_id %d placed on transceiver %d", call.call_id, conn_id, transceiver.id
         )
@@ -318,6 +350,7 @@ def make_app(
     claim_conn_id: ClaimConnId | None = None,
     tcp_addrs: Sequence[tuple[str, int]] = (),
     page: bool = False,
+    trusted_proxies: Sequence[str] = (),
 ) -> web.Application:
     """Build the public signaling application. A client passed in stays the caller's to close.
     `tcp_addrs`: ICE-TCP listeners the answers offer as passive TCP candidates.
@@ -328,7 +361,8 @@ def make_app(
     limits = limits or LimitsConfig()
     tcp = [(addr, port) for addr, port, _ in check_public_addrs(tcp_addrs)] if tcp_addrs else []
     api = _Api(registry, hint_key, addrs, client, auth=auth or ClientAuth("off"), limits=limits,
-               allows_owner=allows_owner, claim_conn_id=claim_conn_id, tcp_addrs=tcp)
+               allows_owner=allows_owner, claim_conn_id=claim_conn_id, tcp_addrs=tcp,
+               trusted_proxies=trusted_proxies)
 
     # aiohttp's own body cap is a backstop (a chunked body has no length to check first).
     app = web.Application(client_max_size=limits.max_body + 1024, middlewares=[cors_middleware(allowed_origins)])

@@ -10,13 +10,18 @@ with a flow source of its own, and the transceiver sees an ordinary UDP peer
 (it stays UDP-only and unaware of TCP). Until the owner answers a check with
 a success, only Binding requests go to it. Both directions stay in Python.
 
-Limits: connections at once (all sources, and per source address), a
-handshake timeout (the owner's success within `handshake_timeout` of the
-connect, the first frame included), an idle timeout (no frame either way),
+Limits: connections at once (all sources, and per source: an IPv4 address
+or an IPv6 /64, manager.protocol.sources.SourceKey), a handshake timeout
+(the owner's success within `handshake_timeout` of the connect, the first
+frame included), an idle timeout (no frame either way),
 the largest frame accepted, and the bytes queued to a slow client (frames to
 it are dropped beyond, as UDP would lose them). Either side's close tears
 the other down: the client's close frees the leg (and ends a call nothing
-else carries); the call's end closes the connection.
+else carries); the call's end closes the connection. When a limit is
+reached, the oldest connection the owner has not authenticated yet (of that
+source, or of all) is closed to make room: connections opened and left
+silent cannot keep a real client out, and an authenticated call is never
+closed for a newcomer.
 
 A kernel fast path for this later: sockmap/sk_msg can splice a TCP stream's
 messages to another socket without a trip through userspace, but the frames
@@ -32,11 +37,15 @@ import asyncio
 import collections
 import logging
 import socket
+import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from manager.protocol.addresses import family_of
 from manager.protocol.rfc4571 import FrameError, FrameParser, frame
+from manager.protocol.sources import SourceKey, TokenBuckets
+from manager.protocol.tasks import TaskSet
 from manager.relay.config import TcpConfig
 from manager.relay.slowpath import Leg, SlowPath
 
@@ -45,12 +54,17 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class Connection:
     client: tuple[str, int]
+    source: str  # SourceKey of the client
     listener: tuple[str, int]
     transport: asyncio.Transport
     opened: float
     parser: FrameParser
     leg: Leg | None = None
     closed_by: str | None = None  # why the relay closed it
+
+    @property
+    def authenticated(self) -> bool:
+        return self.leg is not None and self.leg.installed_at is not None
 
 
 class _Stream(asyncio.Protocol):
@@ -80,13 +94,23 @@ class _Stream(asyncio.Protocol):
 class TcpBridge:
     """The ICE-TCP listeners and their connections (see the module docstring)."""
 
-    def __init__(self, slowpath: SlowPath, cfg: TcpConfig, hosts: list[str]) -> None:
+    def __init__(self, slowpath: SlowPath, cfg: TcpConfig, hosts: list[str], *,
+                 source_key: SourceKey | None = None) -> None:
         self.slowpath = slowpath
         self.cfg = cfg
         self.hosts = hosts
-        self.servers: list[asyncio.AbstractServer] = []
+        self.source_key = source_key or SourceKey()
+        self.listeners: list[socket.socket] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening = TaskSet("ICE-TCP bridge", log)
+        # New connections per source and second: what a flood from one source
+        # (an IPv6 /64 of addresses) costs is a refused accept, not a bridge slot.
+        self._accepts = TokenBuckets(cfg.accept_rate_per_source, cfg.accept_burst_per_source)
         self.connections: set[Connection] = set()
-        self.per_source: collections.Counter[str] = collections.Counter()
+        # Connections by source, and every connection, in the order they
+        # opened: the oldest unauthenticated one is found from the front.
+        self.by_source: dict[str, OrderedDict[Connection, None]] = {}
+        self._opened: OrderedDict[Connection, None] = OrderedDict()
         self.stats: collections.Counter[str] = collections.Counter()
         self._housekeeper: asyncio.Task[None] | None = None
 
@@ -95,15 +119,15 @@ class TcpBridge:
         return [(h, self.cfg.port) for h in self.hosts]
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         for host in self.hosts:
             try:
-                server = await loop.create_server(lambda: _Stream(self), host, self.cfg.port,
-                                                  family=family_of(host), reuse_address=True, backlog=1024)
+                sock = _listen(host, self.cfg.port)
             except OSError as exc:
                 await self.stop()
                 raise OSError(exc.errno, f"tcp.port {self.cfg.port} on {host}: {exc.strerror}") from None
-            self.servers.append(server)
+            self.listeners.append(sock)
+            loop.add_reader(sock.fileno(), self._accept, sock)
         self._housekeeper = loop.create_task(self._housekeeping())
         log.info("ICE-TCP listening on %s", ", ".join(f"{h}:{self.cfg.port}" for h in self.hosts))
 
@@ -111,41 +135,91 @@ class TcpBridge:
         if self._housekeeper is not None:
             self._housekeeper.cancel()
             self._housekeeper = None
-        for server in self.servers:
-            server.close()
+        for sock in self.listeners:
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self.listeners.clear()
+        await self._opening.close()
         for conn in list(self.connections):
             self._close(conn, "relay stopping", settle=False)
-        for server in self.servers:
-            await server.wait_closed()
-        self.servers.clear()
 
     def summary(self) -> dict:
         return {"listening": [f"{h}:{p}" for h, p in self.listening], "connections": len(self.connections),
+                "sources": len(self.by_source),
+                "largest_source": max((len(c) for c in self.by_source.values()), default=0),
                 "events": dict(sorted(self.stats.items()))}
 
     # -- connections ------------------------------------------------------------------------
 
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept what is queued (a bounded batch per wake-up). A source over
+        its accept rate is reset at once: no transport, no slot, no eviction."""
+        for _ in range(64):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, or the peer already gone
+                self.stats["accept_error"] += 1
+                log.debug("ICE-TCP accept: %s", exc)
+                return
+            if not self._accepts.take(self.source_key(peer[0]), time.monotonic()):
+                self.stats["refused_accept_rate"] += 1
+                _reset(sock)
+                continue
+            sock.setblocking(False)
+            self._opening.spawn(self._open(sock))
+
+    async def _open(self, sock: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: _Stream(self), sock)
+        except OSError:  # the peer is gone already: counted, not logged (a peer can repeat it at will)
+            self.stats["accept_error"] += 1
+            sock.close()
+
     def _accepted(self, transport: asyncio.Transport) -> Connection | None:
         peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         client, listener = (peer[0], peer[1]), (local[0], local[1])
-        if len(self.connections) >= self.cfg.max_connections:
-            self.stats["refused_max_connections"] += 1
+        source = self.source_key(client[0])
+        mine = self.by_source.get(source, {})
+        if len(mine) >= self.cfg.max_per_source and not self._evict_oldest(mine, "per_source"):
+            self.stats["refused_per_source"] += 1
             transport.abort()
             return None
-        if self.per_source[client[0]] >= self.cfg.max_per_source:
-            self.stats["refused_per_source"] += 1
+        if len(self.connections) >= self.cfg.max_connections and not self._evict_oldest(self._opened,
+                                                                                          "max_connections"):
+            self.stats["refused_max_connections"] += 1
             transport.abort()
             return None
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # media: no Nagle delay
         transport.set_write_buffer_limits(high=self.cfg.write_buffer)
-        conn = Connection(client=client, listener=listener, transport=transport, opened=time.monotonic(),
-                          parser=FrameParser(self.cfg.max_frame))
+        conn = Connection(client=client, source=source, listener=listener, transport=transport,
+                          opened=time.monotonic(), parser=FrameParser(self.cfg.max_frame))
         self.connections.add(conn)
-        self.per_source[client[0]] += 1
+        self.by_source.setdefault(source, OrderedDict())[conn] = None
+        self._opened[conn] = None
         self.stats["accepted"] += 1
         return conn
+
+    def _evict_oldest(self, conns: OrderedDict[Connection, None], limit: str) -> bool:
+        """Close the oldest unauthenticated connection of `conns` to make
+        room; False if every one is authenticated (the newcomer is refused)."""
+        if conns is self._opened:
+            # Authenticated connections never become victims: they leave the
+            # line as they are met, so the search stays short under a flood.
+            while conns and next(iter(conns)).authenticated:
+                conns.popitem(last=False)
+            victim = next(iter(conns), None)
+        else:  # one source's: at most max_per_source
+            victim = next((c for c in conns if not c.authenticated), None)
+        if victim is None:
+            return False
+        self.stats[f"evicted_{limit}"] += 1
+        self._close(victim, f"closed for a newer connection (tcp.{limit} reached)")
+        return True
 
     def _received(self, conn: Connection, data: bytes) -> None:
         try:
@@ -210,11 +284,12 @@ class TcpBridge:
             return
         conn.closed_by = conn.closed_by or reason
         self.connections.discard(conn)
-        n = self.per_source[conn.client[0]] - 1
-        if n > 0:
-            self.per_source[conn.client[0]] = n
-        else:
-            self.per_source.pop(conn.client[0], None)
+        self._opened.pop(conn, None)
+        mine = self.by_source.get(conn.source)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self.by_source[conn.source]
         leg, conn.leg = conn.leg, None
         if leg is not None:
             leg.close_stream = None  # closing here: the slow path must not call back
@@ -222,3 +297,27 @@ class TcpBridge:
         if not conn.transport.is_closing():
             conn.transport.close()
         log.debug("ICE-TCP %s closed: %s", conn.client, reason)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset: no FIN exchange, no TIME_WAIT kept for a refused peer."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()

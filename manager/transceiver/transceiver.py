@@ -26,6 +26,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCBundlePolicy
 
 from manager.protocol.callstate import parse_call_state
+from manager.protocol.log_budget import LogBudget
 from manager.protocol.ufrag import UfragError, decode_ufrag
 
 from .agent import AgentFactory, AgentSession, EchoAgent
@@ -38,6 +39,8 @@ from .rtp_streams import migration_blocker
 from .webrtc_call import WebRtcCall, strip_offer_candidates, validate_offer
 
 logger = logging.getLogger(__name__)
+# A refused media check is one line per spoofed packet a relay passes on.
+_refusal_log = LogBudget(logger)
 
 #: A call that is not connected (ICE + DTLS) this long after its answer is dropped:
 #: aioice keeps waiting for candidates forever, as end-of-candidates never comes.
@@ -118,6 +121,8 @@ class Transceiver:
         self.freeze_lease = freeze_lease
         self._leases: dict[int, asyncio.Task[None]] = {}
         self.leases_expired = 0
+        # Relays' media checks of packets from new client addresses, by outcome.
+        self.media_checks: Counter[str] = Counter()
         #: Called with (conn_id, reason) when a call ends, whatever the cause.
         self.on_call_ended: list[Callable[[int, str], None]] = []
         self._muxes: list[IceMux] = []
@@ -209,6 +214,7 @@ class Transceiver:
             "calls": len(self._calls),
             "owner": self.owner,
             "demux": dict(demux),
+            "media_checks": dict(self.media_checks),
             "migration": {
                 "frozen": sorted(c.conn_id for c in calls if c.frozen_at is not None),
                 "leases_expired": self.leases_expired,
@@ -441,8 +447,10 @@ class Transceiver:
         moves the call's replies to the new source."""
         call = self._get(conn_id)
         authentic = await call.deliver_srtp(packet)
+        self.media_checks["authentic" if authentic else "refused"] += 1
         if not authentic:
-            logger.info("call %d: a packet the relay held from a new client address did not authenticate", conn_id)
+            _refusal_log.log(logging.INFO, conn_id, "call %d: a packet the relay held from a new client address "
+                             "did not authenticate", conn_id)
         elif path is not None:
             call.repoint(*path)
         return authentic

@@ -53,7 +53,8 @@ async def serve(vip: tuple[str, int], owner: tuple[str, int], pool: str, ports: 
                                     flow_port_min=ports[0], flow_port_max=ports[1]))
     fs.open()
     # Legs stay pending (the owner is a counter that never answers): keep them for the run.
-    sp = SlowPath(registry, None, fs, hint_key=HINT_KEY, vips=[vip], pending_timeout=3600.0, idle_timeout=3600.0)
+    sp = SlowPath(registry, None, fs, hint_key=HINT_KEY, vips=[vip], pending_timeout=3600.0, idle_timeout=3600.0,
+                  source_rate=0, budget_rate=0)  # forwarding is measured here, not admission
     await sp.start()
     loop = asyncio.get_running_loop()
     done = loop.create_future()

@@ -193,6 +193,29 @@ def _walks(data: dict) -> str:
     ], "lrrr")
 
 
+@renderer("attacks-py", "Attacks on the Python side: a /64 of ICE-TCP connections, split offers")
+def _attacks_py(data: dict) -> str:
+    b, a = data["before"], data["after"]
+    fb, fa = b["tcp_flood_64"], a["tcp_flood_64"]
+
+    def offers(r: dict) -> str:
+        return f"{r['split_offer_status']['one_write']} / {r['split_offer_status']['two_writes_300ms']}"
+
+    rows = [
+        ["connections the /64 held at once (peak)", num(fb["peak_held_by_the_64"]), num(fa["peak_held_by_the_64"])],
+        ["connections opened by the flood per second", num(fb["opened_per_s"]), num(fa["opened_per_s"])],
+        ["relayd CPU during the flood, % of a core", num(fb["relayd_cpu_pct"], ".1f"), num(fa["relayd_cpu_pct"], ".1f")],
+        ["relayd CPU per connection, µs", num(fb["relayd_cpu_us_per_connection"], ".1f"),
+         num(fa["relayd_cpu_us_per_connection"], ".1f")],
+        ["a new UDP call connected after, s", num(fb["new_udp_call_connected_s"], ".3f"),
+         num(fa["new_udp_call_connected_s"], ".3f")],
+        ["a new ICE-TCP call connected after, s", num(fb["new_tcp_call_connected_s"], ".3f"),
+         num(fa["new_tcp_call_connected_s"], ".3f")],
+        ["an offer in one write / two writes 300 ms apart", offers(b), offers(a)],
+    ]
+    return md_table(["", data.get("before_label", "before"), data.get("after_label", "after")], rows, "lrr")
+
+
 # --- the page ----------------------------------------------------------------------------------
 
 def results(docs: Path = DOCS) -> dict[str, dict]:

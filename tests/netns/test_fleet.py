@@ -5,6 +5,7 @@ after a restart, a Redis outage and its return, refusals."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -92,13 +93,14 @@ async def _until(pred, timeout: float = 3.0, what: str = "condition") -> float:
 class Relay:
     """A relay's registry and fleet link (no kernel: what the slow path would be told is recorded)."""
 
-    def __init__(self, cfg: RegistryConfig, name: str) -> None:
+    def __init__(self, cfg: RegistryConfig, name: str, allows=None) -> None:
         self.registry = Registry()
         self.moves: list[tuple[int, OwnerAddr | None, OwnerAddr | None]] = []
         self.ended: list[tuple[int, str]] = []
         self.registry.on_call_ended(lambda c, r: self.ended.append((c.conn_id, r)))
         self.fleet = RedisFleet(cfg, self.registry, relay_id=name,
-                                on_owner_moved=lambda call, prev: self.moves.append((call.conn_id, prev, call.owner)))
+                                on_owner_moved=lambda call, prev: self.moves.append((call.conn_id, prev, call.owner)),
+                                allows_owner=allows)
 
     async def __aenter__(self) -> Relay:
         assert await self.fleet.start(wait=5.0), self.fleet.last_error
@@ -321,3 +323,40 @@ class socket_port:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+def test_records_from_the_store_are_checked_and_never_older_than_what_is_held(server, tmp_path):
+    """Redis is not trusted with where media goes: a call record naming an
+    owner outside the internal prefixes is refused. A record older than the
+    one applied (a message delivered late, after a resync) does not move the
+    call back."""
+    cfg = _cfg(server, tmp_path)
+
+    def internal(addr: str) -> bool:
+        return addr.startswith("10.10.")
+
+    async def go() -> None:
+        async with Relay(cfg, "a", allows=internal) as a, Relay(cfg, "b", allows=internal) as b:
+            a.registry.register_transceiver(1, "http://10.10.2.2:8700", 10)
+            a.registry.register_transceiver(2, "http://10.10.3.2:8700", 10)
+            call = _place(a.registry)
+            await _until(lambda: b.registry.get_call(call.conn_id) is not None, what="the call on b")
+            placed = call.record()
+            raw = server.raw()
+
+            def inject(rec: dict) -> None:
+                raw.publish(b.fleet.channel, json.dumps({"relay": "intruder", "kind": "call", "ts": time.time(),
+                                                         "rec": rec}))
+
+            inject({**placed, "owner": {"addr4": "203.0.113.5", "port4": 4000}, "gen": placed["gen"] + 5})
+            await _until(lambda: b.fleet.stats["refused_records_outside"] == 1, what="the refusal")
+            assert b.registry.get_call(call.conn_id).owner == OWNER_A and b.moves == []
+            a.registry.set_owner(call.conn_id, 2, OWNER_B)  # a migration on a
+            await _until(lambda: b.registry.get_call(call.conn_id).owner == OWNER_B, what="the move on b")
+            inject(placed)  # the record before the move, late
+            await _until(lambda: b.fleet.stats["refused_records_stale"] == 1, what="the stale refusal")
+            held = b.registry.get_call(call.conn_id)
+            assert held.owner == OWNER_B and held.transceiver_id == 2
+            assert [(c, new) for c, _, new in b.moves] == [(call.conn_id, OWNER_B)]
+
+    asyncio.run(go())

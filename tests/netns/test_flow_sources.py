@@ -130,7 +130,8 @@ async def _fill(h: hx.Harness, fs: FlowSockets) -> tuple[list, dict]:
     registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag=ufrag)
     registry.activate(conn, OwnerAddr(addr4="10.10.2.1", port4=5000))
     sp = SlowPath(registry, h.dp, fs, hint_key=hx.HINT_KEY, vips=[(hx.VIP4, hx.VIP_PORT)],
-                  max_legs_per_call=LEGS, max_pending_per_source=LEGS, idle_timeout=3600.0, pending_timeout=600.0)
+                  max_legs_per_call=LEGS, max_pending_per_source=LEGS, idle_timeout=3600.0, pending_timeout=600.0,
+                  source_rate=0, budget_rate=0)  # one client address, 50,000 tuples: no admission here
     await sp.start()
     stop = asyncio.Event()
     answering = asyncio.create_task(_answer(owner, stop))

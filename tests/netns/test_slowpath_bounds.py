@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import threading
 import time
 import uuid
 
@@ -47,6 +48,17 @@ def check(ufrag: str) -> bytes:
     msg.attributes["USERNAME"] = f"{ufrag}:cli1"
     msg.attributes["PRIORITY"] = 1
     return bytes(msg)
+
+
+def _one_active_call() -> tuple[Registry, int, str]:
+    """A registry with one active call whose owner is a port on loopback: (registry, conn_id, server ufrag)."""
+    registry = Registry(heartbeat_timeout=3600.0)
+    registry.register_transceiver(1, "http://127.0.0.1:1", 10)
+    conn = registry.allocate_conn_id()
+    ufrag = encode_ufrag(KEY, 1, conn)
+    registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag=ufrag)
+    registry.activate(conn, OwnerAddr(addr4=LO, port4=5000))
+    return registry, conn, ufrag
 
 
 def drain(sock: socket.socket) -> list[tuple[bytes, tuple]]:
@@ -218,12 +230,7 @@ def test_the_slow_path_checks_the_hint_itself(kind: str, refusal: str) -> None:
     """Behind XDP's live-ufrag check, the slow path verifies the ufrag's MAC
     and its call on its own (a ufrag entry outliving its call, a datapath
     without XDP): each refusal opens nothing and sends nothing."""
-    registry = Registry(heartbeat_timeout=3600.0)
-    registry.register_transceiver(1, "http://127.0.0.1:1", 10)
-    conn = registry.allocate_conn_id()
-    live = encode_ufrag(KEY, 1, conn)
-    registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag=live)
-    registry.activate(conn, OwnerAddr(addr4=LO, port4=5000))
+    registry, conn, live = _one_active_call()
     sp = SlowPath(registry, None, FlowSockets(DatapathConfig(internal_addr4=LO)), hint_key=KEY, vips=[(LO, 3478)])
     ufrag = {"forged": live[:-4] + ("AAAA" if not live.endswith("AAAA") else "BBBB"),
              "unknown-call": encode_ufrag(KEY, 1, conn + 1 if conn < 0xFFFFFFFF else 1),
@@ -359,3 +366,204 @@ def test_the_return_path_repairs_itself() -> None:
         assert h.run(bytes(o2r4(RTP, src=hx.TX2_4)), "int")[0] == XDP_REDIRECT
     finally:
         hx.teardown(h)
+
+
+def _installed_call(h, hx, sp_kw: dict):
+    """A call with one installed leg (kernel flow and slow-path leg) on the harness."""
+    from manager.relay.slowpath import Leg
+
+    registry = Registry(heartbeat_timeout=3600.0)
+    registry.register_transceiver(1, "http://10.10.2.2:8700", 5)
+    conn = registry.allocate_conn_id()
+    owner = OwnerAddr(addr4=hx.TX1_4, port4=5000)
+    registry.add_call(conn_id=conn, transceiver_id=1, client_ufrag="cli1", server_ufrag="srv1srv1")
+    registry.activate(conn, owner)
+    sp = SlowPath(registry, h.dp, FlowSockets(h.dp.cfg), hint_key=KEY, vips=[(hx.VIP4, hx.VIP_PORT)], **sp_kw)
+    client, vip = (hx.CLIENT4, 40000), (hx.VIP4, hx.VIP_PORT)
+    h.dp.set_owner(conn, owner)
+    h.dp.add_flow(client, vip, conn, 20001, owner)
+    leg = Leg(client=client, vip=vip, conn_id=conn, flow_port=20001, installed_at=time.monotonic())
+    sp._add_leg(leg)
+    return registry, sp, leg, conn
+
+
+@pytest.mark.netns
+def test_a_flow_put_back_while_the_expiry_walk_ran_is_kept() -> None:
+    """The housekeeper's walk (in a thread) found the flow idle and removed
+    it; before the loop looked at what the walk returned, the client's packet
+    reached the slow path and the flow was installed again. The leg is live:
+    it must stay, and its call with it. The hook runs the loop's re-install
+    between the walk and the loop's decisions, every time."""
+    from manager.lab import xdp_harness as hx
+
+    h = hx.build()
+    try:
+        async def go() -> None:
+            registry, sp, leg, conn = _installed_call(h, hx, {"idle_timeout": 0.05})
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(0.2)  # pacing: the flow's last packet is older than idle_timeout
+            real = h.dp.expire_idle
+
+            def walk_then_client_returns(*args, **kw):
+                expired = real(*args, **kw)
+                assert [f.client for f in expired] == [leg.client]  # the walk removed it...
+                done = threading.Event()
+                # ...and the client's next packet, reaching the slow path, puts it back.
+                loop.call_soon_threadsafe(lambda: (sp._install(leg, again=True), done.set()))
+                assert done.wait(10)
+                return expired
+
+            h.dp.expire_idle = walk_then_client_returns
+            removed, _ = await sp.expire_kernel()
+            assert removed == [] and sp.stats["expiry_raced_live_flow"] == 1
+            assert sp.legs == {(leg.client, leg.vip): leg} and h.dp.has_flow(leg.client, leg.vip)
+            assert registry.get_call(conn) is not None and h.dp.get_owner(conn) is not None
+
+        asyncio.run(go())
+    finally:
+        hx.teardown(h)
+
+
+@pytest.mark.netns
+def test_expiry_walks_never_overlap() -> None:
+    """The control API's /expire and the housekeeper share one lock: a second
+    walk starts only when the first is done."""
+    from manager.lab import xdp_harness as hx
+
+    h = hx.build()
+    try:
+        async def go() -> None:
+            _, sp, _, _ = _installed_call(h, hx, {"idle_timeout": 3600.0})
+            real, inside, most, release = h.dp.expire_idle, [0], [0], threading.Event()
+
+            def held_walk(*args, **kw):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                try:
+                    assert release.wait(10)
+                    return real(*args, **kw)
+                finally:
+                    inside[0] -= 1
+
+            h.dp.expire_idle = held_walk
+            first = asyncio.ensure_future(sp.expire_kernel())
+            second = asyncio.ensure_future(sp.expire_kernel(0.0))
+            await eventually_async(lambda: inside[0] >= 1, 10, what="the first walk under way")
+            await asyncio.sleep(0.3)  # pacing: time for a second walk to start, were it allowed to
+            assert most[0] == 1
+            release.set()
+            await asyncio.gather(first, second)
+            assert most[0] == 1
+
+        asyncio.run(go())
+    finally:
+        hx.teardown(h)
+
+
+def _rtp(ssrc: int, seq: int, tag: bytes = b"") -> bytes:
+    return bytes([0x80, 111]) + seq.to_bytes(2, "big") + bytes(4) + ssrc.to_bytes(4, "big") + tag + bytes(40)
+
+
+@pytest.mark.netns
+def test_a_real_rebinding_gets_through_a_spoof_flood_of_its_ssrc() -> None:
+    """The live-SSRC spoof: RTP with the call's SSRC from a new source each
+    packet, 280 for each packet of the real client that moved (14,000/s
+    against its 50/s). No spoof reaches the owner (a check waits for a
+    tuple's second packet), and the real client moves at its second packet."""
+    from manager.lab import xdp_harness as hx
+
+    h = hx.build()
+    try:
+        async def go() -> None:
+            checks: list[tuple[str, int]] = []
+            ssrc, moved = 0x1234ABCD, (hx.CLIENT4, 40999)
+
+            async def owner_check(conn_id: int, packet: bytes, path=None) -> bool:
+                checks.append(packet[12:16])
+                return packet[12:16] == b"REAL"  # the owner authenticates only the real client's media
+
+            _, sp, leg, _ = _installed_call(h, hx, {"check_media": owner_check})
+            h.dp.index_ssrc(ssrc, leg.client, leg.vip)  # the kernel learnt the leg's SSRC
+            for i in range(2 * 280):
+                spoof = (f"10.77.{i // 250}.{i % 250}", 1024 + i)
+                sp.on_client_packet(leg.vip, _rtp(ssrc, i, b"EVIL"), spoof)
+                if i % 280 == 279:
+                    sp.on_client_packet(leg.vip, _rtp(ssrc, i, b"REAL"), moved)
+                await asyncio.sleep(0)
+            await eventually_async(lambda: leg.client == moved, 5, what="the real client's rebinding")
+            assert checks == [b"REAL"], checks
+            assert sp.stats["rebind_first_packet"] == 2 * 280 + 1 and sp.stats["legs_rebound"] == 1
+            assert h.dp.has_flow(moved, leg.vip)
+
+        asyncio.run(go())
+    finally:
+        hx.teardown(h)
+
+
+@pytest.mark.netns
+def test_media_checks_of_one_call_have_a_budget() -> None:
+    """Spoofers that repeat their tuples pass the second-packet rule: the
+    call's own bucket bounds the checks its owner is asked for, and every
+    refusal is counted."""
+    from manager.lab import xdp_harness as hx
+
+    h = hx.build()
+    try:
+        async def go() -> None:
+            checks: list[bytes] = []
+
+            async def owner_check(conn_id: int, packet: bytes, path=None) -> bool:
+                checks.append(packet)
+                return False
+
+            _, sp, leg, _ = _installed_call(h, hx, {"check_media": owner_check, "rebind_call_rate": 0.001,
+                                                    "rebind_call_burst": 8})
+            h.dp.index_ssrc(0x55, leg.client, leg.vip)
+            for i in range(50):
+                for seq in range(2):
+                    sp.on_client_packet(leg.vip, _rtp(0x55, seq), (f"10.78.0.{i + 1}", 2000 + i))
+                    await asyncio.sleep(0)  # each check answered before the next packet
+            await eventually_async(lambda: sp.stats["rebind_refused"] == 8, 5, what="the refusals")
+            assert len(checks) == 8 and sp.stats["drop_rebind_call_budget"] == 42
+            assert leg.client == (hx.CLIENT4, 40000)
+
+        asyncio.run(go())
+    finally:
+        hx.teardown(h)
+
+
+def test_the_public_socket_has_a_backstop_per_source() -> None:
+    """Whatever the kernel still delivers from tuples with no leg is bounded
+    per source (then in all) in Python too, and counted. A source of its own
+    is unaffected by another's flood."""
+    async def go() -> None:
+        registry = Registry(heartbeat_timeout=3600.0)
+        sp = SlowPath(registry, None, FlowSockets(DatapathConfig(internal_addr4=LO)), hint_key=KEY,
+                      vips=[(LO, 3478)], source_rate=0.001, source_burst=5)
+        forged = check("A" * 24)
+        for port in range(1000, 1020):  # one source, many tuples
+            sp.on_client_packet((LO, 3478), forged, ("10.1.2.3", port))
+        assert sp.stats["drop_forged_hint"] == 5 and sp.stats["drop_source_backstop"] == 15
+        sp.on_client_packet((LO, 3478), forged, ("10.1.2.4", 1000))
+        assert sp.stats["drop_forged_hint"] == 6
+
+    asyncio.run(go())
+
+
+def test_unauthenticated_legs_are_capped_per_source_prefix() -> None:
+    """The pending cap counts a source as SourceKey says (here IPv4 /24): two
+    addresses of one /24 share it."""
+    from manager.protocol.sources import SourceKey
+
+    async def go() -> None:
+        registry, _, ufrag = _one_active_call()
+        sp = SlowPath(registry, None, FlowSockets(DatapathConfig(internal_addr4=LO)), hint_key=KEY,
+                      vips=[(LO, 3478)], max_pending_per_source=2, source_key=SourceKey(prefix_v4=24))
+        assert sp._admit(check(ufrag), ("10.1.2.3", 1000)) is not None
+        sp._pending_per_source.add(sp.source_key("10.1.2.3"))
+        sp._pending_per_source.add(sp.source_key("10.1.2.3"))
+        assert sp._admit(check(ufrag), ("10.1.2.200", 1000)) is None  # same /24: full
+        assert sp.stats["drop_source_pending_cap"] == 1
+        assert sp._admit(check(ufrag), ("10.1.3.1", 1000)) is not None
+
+    asyncio.run(go())

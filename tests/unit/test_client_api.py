@@ -169,3 +169,70 @@ def test_owner_outside_the_internal_prefixes_is_refused() -> None:
             assert env.registry.calls() == []
 
     run(scenario)
+
+
+def test_an_ipv6_64_is_one_source_and_forwarded_for_counts_only_from_trusted_proxies() -> None:
+    """Behind a trusted proxy (the test client on 127.0.0.1), X-Forwarded-For
+    names the source: two addresses of one /64 share its bucket, another /64
+    has its own. From an untrusted peer the header is ignored: the peer is
+    the source, whatever it claims."""
+    limits = LimitsConfig(create_rate=0.001, create_burst=1)
+
+    def via(addr: str) -> dict[str, str]:
+        return {**SDP, "X-Forwarded-For": addr}
+
+    async def scenario() -> None:
+        async with relay(transceivers=1, limits=limits, trusted_proxies=["127.0.0.0/8"]) as env:
+            assert (await create(env, via("2001:db8:1:2::1"))).status == 201
+            resp = await create(env, via("2001:db8:1:2::ffff"))  # same /64: its bucket is spent
+            assert await _error(resp, 429) == ("too many calls from this address (at most 0.001 per second, "
+                                               "bursts of 1)")
+            assert (await create(env, via("2001:db8:1:3::1"))).status == 201  # another /64
+            assert (await create(env, via("198.51.100.1"))).status == 201
+        async with relay(transceivers=1, limits=limits) as env:  # no trusted proxy
+            assert (await create(env, via("2001:db8:1:2::1"))).status == 201
+            resp = await create(env, via("2001:db8:9:9::1"))  # a made-up client: still 127.0.0.1's bucket
+            await _error(resp, 429)
+
+    run(scenario)
+
+
+def test_a_token_creates_one_call() -> None:
+    """A token's jti is spent by the call it created: replayed, it is refused
+    while it lives. A creation that failed gives it back."""
+    async def scenario() -> None:
+        async with relay(transceivers=1, auth=ClientAuth("tokens", token_key=TOKEN_KEY)) as env:
+            token = mint_token(TOKEN_KEY, ttl=60, subject="a")
+            env.fakes[0].mode = "error"
+            resp = await create(env, bearer(token))
+            assert resp.status == 502, await resp.text()
+            env.fakes[0].mode = "ok"
+            resp = await create(env, bearer(token))  # the failed creation did not spend it
+            assert resp.status == 201, await resp.text()
+            resp = await create(env, bearer(token))
+            assert await _error(resp, 401) == ("unauthorized: token was already used to create a call "
+                                               "(a token creates one call)")
+            assert len(env.registry.calls()) == 1
+
+    run(scenario)
+
+
+def test_live_calls_per_token_subject_are_capped() -> None:
+    async def scenario() -> None:
+        auth = ClientAuth("tokens", token_key=TOKEN_KEY, max_calls_per_subject=2)
+        async with relay(transceivers=1, auth=auth) as env:
+            locations = []
+            for _ in range(2):
+                token = mint_token(TOKEN_KEY, ttl=60, subject="sub")
+                resp = await create(env, bearer(token))
+                assert resp.status == 201
+                locations.append((resp.headers["Location"], token))
+            resp = await create(env, bearer(mint_token(TOKEN_KEY, ttl=60, subject="sub")))
+            assert await _error(resp, 429) == "too many calls for this token's subject (at most 2 at once)"
+            assert (await create(env, bearer(mint_token(TOKEN_KEY, ttl=60, subject="other")))).status == 201
+            location, token = locations[0]
+            assert (await env.http.delete(location, headers={"Authorization": f"Bearer {token}"})).status == 204
+            resp = await create(env, bearer(mint_token(TOKEN_KEY, ttl=60, subject="sub")))  # one ended: room again
+            assert resp.status == 201
+
+    run(scenario)

@@ -156,3 +156,32 @@ def test_pin_dir_is_resolved_before_it_is_checked(tmp_path):
     link.symlink_to("/tmp")
     with pytest.raises(ValueError, match="resolves to /tmp"):
         DatapathConfig(pin_dir=f"/sys/fs/bpf/../../..{link}/x")
+
+
+def test_source_prefixes_and_trusted_proxies(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), environ={})
+    assert (cfg.limits.source_prefix_v4, cfg.limits.source_prefix_v6) == (32, 64)
+    assert cfg.limits.source_key()("2001:db8:1:2::7") == "2001:db8:1:2::/64"
+    assert cfg.signaling.trusted_proxies == []
+    cfg = load_config(write(tmp_path, GOOD + '[limits]\nsource_prefix_v6 = 56\n'
+                                             '[signaling]\ntrusted_proxies = ["10.0.0.1", "fd00::/64"]\n'),
+                      environ={})
+    assert cfg.limits.source_key()("2001:db8:1:2::7") == "2001:db8:1::/56"
+    assert cfg.signaling.trusted_proxies == ["10.0.0.1/32", "fd00::/64"]
+    with pytest.raises(ConfigError, match=r"signaling.trusted_proxies: \['nope'\]: not an address or prefix: 'nope'"):
+        load_config(write(tmp_path, GOOD + '[signaling]\ntrusted_proxies = ["nope"]\n'), environ={})
+    with pytest.raises(ConfigError, match="limits.source_prefix_v6: 129"):
+        load_config(write(tmp_path, GOOD + '[limits]\nsource_prefix_v6 = 129\n'), environ={})
+
+
+def test_client_auth_off_on_a_public_vip_is_warned_about(tmp_path):
+    lab = load_config(write(tmp_path, GOOD), environ={})
+    assert lab.start_warnings() == []  # private VIPs: a lab
+    public = GOOD.replace('"10.10.1.1"', '"5.6.7.8"').replace('"pub0", "tx1"', '"eth0"')
+    (warning,) = load_config(write(tmp_path, public), environ={}).start_warnings()
+    assert warning.startswith("client_auth.mode = 'off' on public VIP 5.6.7.8: anyone who reaches")
+    key = tmp_path / "token.key"
+    key.write_text("00" * 32)
+    key.chmod(0o600)
+    guarded = public + f'[client_auth]\nmode = "tokens"\ntoken_key_file = "{key}"\n'
+    assert load_config(write(tmp_path, guarded), environ={}).start_warnings() == []

@@ -162,3 +162,23 @@ def test_relayctl_pki_and_token(tmp_path: Path) -> None:
     key.chmod(0o644)
     res = run(main, ["token", "--key-file", str(key)])
     assert res.exit_code == 1 and "mode 0644 lets others read a secret" in res.output
+
+
+def test_private_keys_are_never_written_through_a_planted_file(tmp_path: Path, monkeypatch) -> None:
+    """Someone who can write to the directory plants a symlink where the key's
+    temporary file would go: the key must not be written through it."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    key = tmp_path / "pki" / "relayd.key"
+    key.parent.mkdir()
+    (key.parent / ".relayd.key.tmp").symlink_to(victim)  # the old, predictable name
+    pki._write_private(key, b"KEY")
+    assert victim.read_text() == "precious"
+    assert key.read_bytes() == b"KEY" and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert sorted(p.name for p in key.parent.iterdir()) == [".relayd.key.tmp", "relayd.key"]
+    # Even a name guessed right is refused (O_EXCL|O_NOFOLLOW), not followed.
+    monkeypatch.setattr(pki.secrets, "token_hex", lambda n: "guessed")
+    (key.parent / ".relayd.key.guessed.tmp").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        pki._write_private(key, b"NEW")
+    assert victim.read_text() == "precious" and key.read_bytes() == b"KEY"

@@ -8,6 +8,7 @@ from manager.relay.registry import (
     Call,
     OwnerAddr,
     PlacementError,
+    RefusedRecord,
     Registry,
     UnknownCallError,
     UnknownTransceiverError,
@@ -391,3 +392,73 @@ def test_draining_transceiver_takes_no_new_calls() -> None:
         reg.place()
     reg.set_draining(1, False)
     assert reg.place().id == 1
+
+
+# -- replication: records from other relays ---------------------------------------
+
+
+def test_a_record_naming_an_owner_outside_the_internal_prefixes_is_refused(reg: Registry) -> None:
+    reg.register_transceiver(1, "http://10.0.0.2:8700", 10)
+    call = _call(reg, 1)
+    rec = {**call.record(), "owner": {"addr4": "203.0.113.66", "port4": 4000}, "gen": call.generation + 1}
+    with pytest.raises(RefusedRecord, match="owner address 203.0.113.66 is not in the internal prefixes"):
+        reg.apply_call(rec, allows=lambda addr: addr.startswith("10."))
+    assert reg.get_call(call.conn_id).owner == OWNER_A  # unchanged
+    other = {**rec, "conn_id": call.conn_id + 1, "call_id": "f" * 32}
+    with pytest.raises(RefusedRecord):
+        reg.apply_call(other, allows=lambda addr: addr.startswith("10."))
+    assert reg.get_call(call.conn_id + 1) is None  # not taken in either
+
+
+def test_an_older_record_does_not_move_a_call_back(reg: Registry) -> None:
+    """A migration elsewhere raised the generation; a late copy of the record
+    before it (a pub/sub message delivered after a resync) is refused."""
+    reg.register_transceiver(1, "http://10.0.0.2:8700", 10)
+    reg.register_transceiver(2, "http://10.0.0.3:8700", 10)
+    call = _call(reg, 1)
+    old = call.record()
+    moved = {**old, "transceiver_id": 2, "owner": OWNER_B.to_dict(), "gen": old["gen"] + 1}
+    assert reg.apply_call(moved) is not None
+    assert call.owner == OWNER_B and call.transceiver_id == 2
+    with pytest.raises(RefusedRecord, match=f"record of generation {old['gen']} is older than {old['gen'] + 1}"):
+        reg.apply_call(old)
+    assert call.owner == OWNER_B and call.transceiver_id == 2
+    assert [t.calls for t in reg.transceivers()] == [0, 1]
+    assert reg.apply_call(moved) is not None  # the same record again (a resync): taken
+    reg.set_owner(call.conn_id, 1, OWNER_A)  # a move here raises it too
+    assert call.record()["gen"] == old["gen"] + 2
+
+
+def test_a_heartbeat_reconciles_only_its_transceivers_calls(reg: Registry, clock: Clock) -> None:
+    """The registry indexes calls by transceiver: a heartbeat looks at the
+    sender's calls, not at every call (10,000 calls on 10 transceivers: a
+    heartbeat reads 1,000)."""
+    for t in range(1, 11):
+        reg.register_transceiver(t, f"http://10.0.0.{t}:8700", 2000)
+    calls = {t: [_call(reg, t).conn_id for _ in range(1000)] for t in range(1, 11)}
+    clock.now += 5.0
+    examined = [0]
+
+    class Counting(dict):  # counts the call records a heartbeat reads
+        def __getitem__(self, key):
+            examined[0] += 1
+            return super().__getitem__(key)
+
+        def get(self, key, default=None):
+            examined[0] += 1
+            return super().get(key, default)
+
+        def values(self):
+            examined[0] += len(self)
+            return super().values()
+
+    reg._calls = Counting(reg._calls)
+    assert reg.heartbeat(3, calls[3][1:]) == []
+    # Its own 1,000 calls, and the 999 it reported: not the 10,000.
+    assert examined[0] <= 2000, examined
+    assert reg.get_call(calls[3][0]) is None  # the dropped one ended
+    assert reg.heartbeat(4, calls[4] + calls[5][:1]) == [calls[5][0]]  # another's call: an orphan to it
+    reg.set_owner(calls[5][1], 4, OWNER_B)  # a move re-indexes it
+    clock.now += 5.0
+    assert reg.heartbeat(5, calls[5][2:]) == [] and reg.get_call(calls[5][1]) is not None
+    assert reg.heartbeat(4, calls[4]) == [] and reg.get_call(calls[5][1]) is None

@@ -453,3 +453,29 @@ def test_the_answer_offers_tcp_candidates_when_given() -> None:
             assert tcp and all(line.endswith("203.0.113.10 443 typ host tcptype passive") for line in tcp)
 
     run(scenario)
+
+
+# -- an offer in several TCP segments ----------------------------------------
+
+
+def test_an_offer_sent_in_two_writes_is_read_whole() -> None:
+    """A slow link or a proxy splits a body: the second half arrives 300 ms
+    after the first. The relay waits for the whole body (Content-Length)."""
+    async def scenario() -> None:
+        async with relay(transceivers=1) as env:
+            _, offer = await env.offer()
+            body = offer.encode()
+            reader, writer = await asyncio.open_connection(env.http.server.host, env.http.server.port)
+            writer.write(b"POST /v1/calls HTTP/1.1\r\nHost: relay\r\nContent-Type: application/sdp\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:len(body) // 2])
+            await writer.drain()
+            await asyncio.sleep(0.3)  # pacing: the second write must be a segment of its own, later
+            writer.write(body[len(body) // 2:])
+            await writer.drain()
+            reply = await reader.read()
+            writer.close()
+            status = reply.split(b"\r\n", 1)[0]
+            assert status == b"HTTP/1.1 201 Created", reply[:300]
+            assert len(env.registry.calls()) == 1
+
+    run(scenario)
