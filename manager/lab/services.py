@@ -99,7 +99,7 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
             "internal_addr6": internal6,
             "internal_addr_count": lab.internal_count,
             # The plan: 2 addresses x 20,000 ports x 2 families = 80,000 flows.
-            "flow_port_min": 20000, "flow_port_max": 39999,
+            "flow_port_min": 10000, "flow_port_max": 29999,  # outside the ephemeral range
             "max_flows": 81920, "max_flows6": 81920, "max_reverse": 81920, "max_owners": 16384,
         },
         # Both VIPs (clients with only IPv6 too); a fleet's relays listen on
