@@ -134,13 +134,17 @@ for cli in relayd relayctl splitrelay-transceiver; do
   ln -sf "/opt/splitrelay/bin/$cli" "$mnt/usr/local/bin/$cli"
 done
 # The transceiver's user (relayd runs as uid 0 with only the capabilities it is granted).
-chroot "$mnt" sh -c 'id splitrelay >/dev/null 2>&1 || useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin splitrelay'
+chroot "$mnt" sh -c 'id splitrelay >/dev/null 2>&1 || useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin splitrelay'
 chroot "$mnt" python3 -c 'import bcc' || die "bcc does not import in the image"
 buildah umount "$ctr" >/dev/null
 buildah config --label org.opencontainers.image.title=splitrelay \
   --label org.opencontainers.image.version="$version" \
   --env PATH=/opt/splitrelay/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   --env PYTHONUNBUFFERED=1 --workingdir / --cmd '' --entrypoint '[]' "$ctr"
+old="$(buildah images --noheading --format '{{.ID}}' "$image" 2>/dev/null || true)"
 buildah commit -q --rm "$ctr" "$image" >/dev/null
 trap - EXIT
+# The previous build, now untagged, unless a container still uses it.
+[ -z "$old" ] || [ "$old" = "$(buildah images --noheading --format '{{.ID}}' "$image")" ] \
+  || buildah rmi "$old" >/dev/null 2>&1 || true
 say "ready: $image ($(buildah inspect --format '{{.FromImageID}}' "$image" 2>/dev/null | cut -c1-12 || true))"
