@@ -39,7 +39,7 @@ def build_image() -> float:
 
 
 def _relayd_security() -> dict:
-    doc = yaml.safe_load((REPO / "deploy" / "relay-daemonset.yaml").read_text())
+    doc = yaml.safe_load((REPO / "deploy" / "base" / "relay-daemonset.yaml").read_text())
     (c,) = doc["spec"]["template"]["spec"]["containers"]
     return c["securityContext"]
 
