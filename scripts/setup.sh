@@ -18,8 +18,10 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       coturn rtpengine-daemon python3-matplotlib  # make bench-peers: real peers (started per run), plots
       chromium fonts-liberation  # real browser calls in the tests (headless, fake audio device)
       espeak-ng           # speech for the agent tests (the Pipecat bot's VAD hears it)
-      debootstrap buildah podman runc  # make image / image-test (runc: crun 1.8 refuses hybrid cgroups)
-      kubernetes-client)  # kubectl kustomize renders deploy/overlays in the manifest tests
+      debootstrap buildah podman runc)  # make image / image-test (runc: crun 1.8 refuses hybrid cgroups)
+# `kubectl kustomize` renders deploy/overlays in the manifest tests: Debian's
+# kubectl, unless one is installed already (another package's owns the path).
+command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
 # `setup.sh --apt-packages`: the list alone (vagrant/build-box.sh puts them in the box).
 if [ "${1:-}" = "--apt-packages" ]; then
   printf '%s\n' "${pkgs[@]}"
