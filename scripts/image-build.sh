@@ -129,6 +129,9 @@ chroot "$mnt" python3 -m venv --system-site-packages /opt/splitrelay
 chroot "$mnt" /opt/splitrelay/bin/pip install -q --disable-pip-version-check --no-index \
   --find-links /tmp/wheels splitrelay >"$cache/install.log" 2>&1 || die "installing the wheel failed ($cache/install.log)"
 rm -rf "$mnt/tmp/wheels" "$mnt/root/.cache"
+# debootstrap copied this host's resolver and name; the runtime provides its own.
+: >"$mnt/etc/resolv.conf"
+echo splitrelay >"$mnt/etc/hostname"
 for cli in relayd relayctl splitrelay-transceiver; do
   [ -x "$mnt/opt/splitrelay/bin/$cli" ] || die "the wheel installed no $cli"
   ln -sf "/opt/splitrelay/bin/$cli" "$mnt/usr/local/bin/$cli"
