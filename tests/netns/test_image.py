@@ -32,6 +32,8 @@ from tests.support.lab_calls import run_call
 
 pytestmark = pytest.mark.netns
 
+CAP_NUMBERS = {"NET_ADMIN": 12, "NET_RAW": 13, "SYS_ADMIN": 21, "PERFMON": 38, "BPF": 39}  # linux/capability.h
+
 
 @pytest.fixture(scope="module")
 def image() -> str:
@@ -74,6 +76,13 @@ def test_a_call_through_relayd_and_transceivers_in_containers(image: str, tmp_pa
                                      text=True, check=True).stdout
             for name in ("relayd", "tx1", "tx2"):
                 assert f"{prefix}-{name} {image}" in running, running
+            # What each process holds: relayd uid 0 with the four capabilities, a transceiver uid 10001 with none.
+            status = {name: dict(line.split(":\t", 1) for line in subprocess.run(
+                podman("exec", f"{prefix}-{name}", "cat", "/proc/1/status"), capture_output=True, text=True,
+                check=True).stdout.splitlines() if ":\t" in line) for name in ("relayd", "tx1")}
+            assert status["relayd"]["Uid"].split()[:2] == ["0", "0"]
+            assert int(status["relayd"]["CapEff"], 16) == sum(1 << CAP_NUMBERS[c] for c in daemonset_capabilities())
+            assert status["tx1"]["Uid"].split()[:2] == ["10001", "10001"] and int(status["tx1"]["CapEff"], 16) == 0
             rep = run_call(lab, duration=3.0, messages=10)
             assert rep.error is None, rep.error
             assert rep.connected and "failed" not in rep.connection_states
