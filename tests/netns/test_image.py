@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from manager.lab.lifecycle import lab as lab_ctx
 from manager.lab.services import Services, purge_pin_dir, to_toml, write_secret
-from manager.lab.topology import lab as lab_ctx
 from tests.support.image import (
     HEADERS_DIR,
     IMAGE,
