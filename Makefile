@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup lint test test-fast demo bench bench-peers bench-setup bench-density bench-report lab-up lab-down clean vm-test vm-box
+.PHONY: setup lint test test-fast demo bench bench-peers bench-setup bench-density bench-report lab-up lab-down clean vm-test vm-box \
+	image image-test
 
 setup:
 	@bash scripts/setup.sh
@@ -62,6 +63,17 @@ vm-test:
 
 vm-box:
 	@bash vagrant/build-box.sh
+
+# The OCI image deploy/ runs, localhost/splitrelay:<version>: buildah from a
+# debootstrapped Debian 12 rootfs (cached in /var/cache/splitrelay/image), no
+# registry. scripts/image-build.sh says what it holds.
+image: setup
+	@bash scripts/image-build.sh
+
+# The image under podman in a lab: relayd and the transceivers in containers,
+# a real call through them (tests/netns/test_image.py; it rebuilds the image).
+image-test: setup
+	$(PY) -m pytest -ra tests/netns/test_image.py $(PYTEST_ARGS)
 
 lab-up: setup
 	$(PY) -m cli.relayctl lab up

@@ -20,7 +20,11 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       espeak-ng           # speech for the agent tests (the Pipecat bot's VAD hears it)
       firefox-esr python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
       gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
-      pulseaudio)  # interop clients (Firefox: a null sink clocks its Web Audio)
+      pulseaudio          # interop clients (Firefox: a null sink clocks its Web Audio)
+      debootstrap buildah podman runc)  # make image / image-test (runc: crun 1.8 refuses hybrid cgroups)
+# `kubectl kustomize` renders deploy/overlays in the manifest tests: Debian's
+# kubectl, unless one is installed already (another package's owns the path).
+command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
 # `setup.sh --apt-packages`: the list alone (vagrant/build-box.sh puts them in the box).
 if [ "${1:-}" = "--apt-packages" ]; then
   printf '%s\n' "${pkgs[@]}"

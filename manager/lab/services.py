@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +99,7 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
             "internal_addr6": internal6,
             "internal_addr_count": lab.internal_count,
             # The plan: 2 addresses x 20,000 ports x 2 families = 80,000 flows.
-            "flow_port_min": 20000, "flow_port_max": 39999,
+            "flow_port_min": 10000, "flow_port_max": 29999,  # outside the ephemeral range
             "max_flows": 81920, "max_flows6": 81920, "max_reverse": 81920, "max_owners": 16384,
         },
         # Both VIPs (clients with only IPv6 too); a fleet's relays listen on
@@ -192,6 +192,10 @@ class Services:
     # Processes outlive the caller (relayctl lab up): own session, so no
     # terminal signal reaches them, and stdin closed.
     detached: bool = False
+    # How a component runs: None, this Python inside its namespace; else a
+    # function (name, namespace, module argv) -> a host command that runs it
+    # there (tests/netns/test_image.py: each component in a container).
+    launcher: Callable[[str, str, list[str]], list[str]] | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -262,9 +266,12 @@ class Services:
     def _spawn(self, name: str, ns: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(self.log_path(name), "ab") as log:  # the child keeps its own copy of the fd
-            proc = self.lab.popen(ns, [sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
-                                  start_new_session=self.detached)
+            io = {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": subprocess.STDOUT, "cwd": self.workdir,
+                  "env": env, "start_new_session": self.detached}
+            if self.launcher is None:
+                proc = self.lab.popen(ns, [sys.executable, *argv], **io)
+            else:
+                proc = subprocess.Popen(self.launcher(name, self.lab.ns(ns), argv), **io)
         self.procs[name] = proc
         return proc
 

@@ -55,8 +55,10 @@ class DatapathConfig(BaseModel):
     # of the pool adds a whole port range of concurrent flows.
     internal_addr_count: int = Field(default=1, ge=1, le=65535,
                                      description="consecutive internal addresses from internal_addr4/6, per family")
-    flow_port_min: int = Field(default=20000, ge=1024, le=65535)
-    flow_port_max: int = Field(default=59999, ge=1024, le=65535)
+    # Below Kubernetes' NodePorts (30000-32767) and Linux's ephemeral ports
+    # (32768-60999): relayd refuses a range the kernel may hand out (port_ranges).
+    flow_port_min: int = Field(default=10000, ge=1024, le=65535)
+    flow_port_max: int = Field(default=29999, ge=1024, le=65535)
     max_flows: int = Field(default=1 << 20, ge=16, le=1 << 26, description="IPv4 client tuples (the flows4 map)")
     max_flows6: int = Field(default=1 << 18, ge=16, le=1 << 26, description="IPv6 client tuples (the flows6 map)")
     max_reverse: int = Field(default=1 << 20, ge=16, le=1 << 26)

@@ -26,6 +26,7 @@ from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.metrics import Metrics
 from manager.relay.migration import Migrator
+from manager.relay.port_ranges import check_this_namespace
 from manager.relay.registration import make_internal_app
 from manager.relay.registry import Registry
 from manager.relay.signaling import make_app
@@ -77,6 +78,8 @@ class Relay:
         cfg = self.cfg
         for warning in cfg.start_warnings():
             log.warning("%s", warning)
+        # Flow ports the kernel may hand out as ephemeral ports would take the host's replies.
+        check_this_namespace((cfg.datapath.flow_port_min, cfg.datapath.flow_port_max))
         # Off the loop: bcc compiles for a second or two, and pyroute2's
         # synchronous netlink API refuses to run inside a running loop.
         self.runtime.adopted = await asyncio.to_thread(self.datapath.load)
