@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import tomllib
 from pathlib import Path
@@ -35,7 +36,7 @@ OVERLAYS = ("lab", "production")
 K8S_VERSION = latest_version()
 LINUX_EPHEMERAL = (32768, 60999)  # net.ipv4.ip_local_port_range's default
 NODE_PORTS = (30000, 32767)       # Kubernetes' default Service NodePort range
-CHECKOV = Path(os.environ.get("SPLITRELAY_VENV", REPO / ".venv")) / "bin" / "checkov"
+CHECKOV = Path(sys.executable).parent / "checkov"  # installed beside the interpreter running the tests
 
 
 def base_documents() -> list[tuple[str, dict]]:
