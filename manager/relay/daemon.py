@@ -22,11 +22,12 @@ from manager.relay.config import RelaydConfig
 from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
 from manager.relay.credentials import ClientAuth
 from manager.relay.fleet import RedisFleet, redact_url
-from manager.relay.kernel.datapath import Datapath
+from manager.relay.kernel.datapath import Datapath, xdp_attachment
 from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.metrics import Metrics
 from manager.relay.migration import Migrator
 from manager.relay.port_ranges import check_this_namespace
+from manager.relay.readiness import Readiness, started, transceivers_healthy, xdp_attached
 from manager.relay.registration import make_internal_app
 from manager.relay.registry import Registry
 from manager.relay.signaling import make_app
@@ -135,7 +136,7 @@ class Relay:
         self._internal_runner = await _serve(internal, cfg.internal.host, cfg.internal.port,
                                              ssl_context=pki.server_context(tls))
         if cfg.metrics.port:
-            self._metrics_runner = await _serve(self.metrics.app(ready=self._ready), cfg.metrics_host,
+            self._metrics_runner = await _serve(self.metrics.app(readiness=self.readiness()), cfg.metrics_host,
                                                 cfg.metrics.port)
         self.runtime.started_at = time.time()
         self._control = await start_control(ControlDeps(
@@ -146,12 +147,27 @@ class Relay:
                  cfg.signaling.host, cfg.signaling.port, cfg.internal.host, cfg.internal.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
 
-    def _ready(self) -> str | None:
-        """Why relayd is not ready to serve (None: ready). The fleet's Redis
-        is not part of it: a Redis blip must not get every relay restarted."""
-        if not self.runtime.started_at:
-            return "starting"
-        return None
+    def readiness(self) -> Readiness:
+        """/readyz's parts: started, XDP attached, maps open, registry reachable, a healthy transceiver.
+        Liveness (/livez) stays the event loop alone: a Redis blip makes relayd
+        not ready (it refuses new calls then), never restarted."""
+        dp = self.datapath
+
+        def maps() -> tuple[bool, str]:
+            return (dp.maps is not None, f"pinned under {dp.pin_dir}" if dp.maps is not None else "not open")
+
+        def registry() -> tuple[bool, str]:
+            if self.fleet is None:
+                return True, "memory"
+            return self.fleet.available, "redis reachable" if self.fleet.available else "redis unreachable"
+
+        return Readiness([
+            ("started", started(lambda: self.runtime.started_at)),
+            ("xdp", xdp_attached(list(self.cfg.datapath.interfaces), xdp_attachment, dp.program_id)),
+            ("maps", maps),
+            ("registry", registry),
+            ("transceivers", transceivers_healthy(lambda: sum(t.healthy for t in self.registry.transceivers()))),
+        ])
 
     def _owner_moved(self, call, previous) -> None:
         if self.slowpath is not None:

@@ -7,8 +7,6 @@ transceiver figures come from the running manager's objects.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,6 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.structs import stat_labels
+from manager.relay.readiness import Readiness
 from manager.relay.registry import Registry
 from manager.relay.slowpath import SlowPath
 
@@ -109,9 +108,10 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.prometheus)
 
-    def app(self, ready: Callable[[], str | None] = lambda: None) -> web.Application:
+    def app(self, readiness: Readiness | None = None) -> web.Application:
         """/metrics, and the probes an orchestrator uses: /livez (the event
-        loop answers) and /readyz (relayd serves; `ready` says why not)."""
+        loop answers) and /readyz (every part of `readiness` holds; the body
+        names each part, as JSON with ?format=json)."""
         async def handler(request: web.Request) -> web.Response:
             return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -119,8 +119,11 @@ class Metrics:
             return web.Response(text="ok\n")
 
         async def readyz(request: web.Request) -> web.Response:
-            problem = ready()
-            return web.Response(text="ok\n") if problem is None else web.Response(status=503, text=f"{problem}\n")
+            ready, parts = readiness.evaluate() if readiness is not None else (True, [])
+            status = 200 if ready else 503
+            if request.query.get("format") == "json":
+                return web.json_response({"ready": ready, "parts": [p.to_dict() for p in parts]}, status=status)
+            return web.Response(status=status, text=Readiness.render_text(parts) or "ok\n")
 
         app = web.Application()
         app.router.add_get("/metrics", handler)

@@ -167,6 +167,7 @@ def test_redis_outage_keeps_calls_refuses_new_ones_then_recovers(fleet):
     async def outage(pc, rep):
         await audio_flowing(pc)
         rep.mark("outage")
+        seen["probes_before"] = await asyncio.to_thread(_probes, lab, svc)
         await asyncio.to_thread(svc.stop_redis)
         await eventually_async(lambda: asyncio.to_thread(lambda: not any(s["available"] for s in registries())),
                                10, what="both relays to find Redis gone")
@@ -187,8 +188,15 @@ def test_redis_outage_keeps_calls_refuses_new_ones_then_recovers(fleet):
     assert status == 503 and "registry is unavailable" in body, seen["refused"]
     assert not any(s["available"] for s in seen["status"])
     assert seen["migrate"] == 503
-    # An orchestrator's probes stay green: a Redis blip must not restart relays.
-    assert seen["probes"] == {"/livez": 200, "/readyz": 200}, seen["probes"]
+    # Before: ready, every part named. During the outage the relay is alive
+    # (a Redis blip must not restart it) but not ready, and says why.
+    assert {p: st for p, (st, _) in seen["probes_before"].items()} == {"/livez": 200, "/readyz": 200}
+    ready_body = seen["probes_before"]["/readyz"][1]
+    for part in ("started: ok", "xdp: ok (attached on", "maps: ok", "registry: ok (redis reachable)",
+                 "transceivers: ok (2 healthy)"):
+        assert part in ready_body, ready_body
+    assert {p: st for p, (st, _) in seen["probes"].items()} == {"/livez": 200, "/readyz": 503}, seen["probes"]
+    assert "registry: NOT READY (redis unreachable)" in seen["probes"]["/readyz"][1]
     assert seen["back_after"] < 1.0, seen["back_after"]
     print(f"\nRedis outage: new calls refused with 503; both relays resynced {seen['back_after'] * 1000:.0f} ms "
           f"after Redis returned; the call lost {rep.rtp_packets_lost} packets")
@@ -220,17 +228,17 @@ def _post_offer(lab) -> tuple[int, str]:
         return ex.call(asyncio.run, post())
 
 
-def _probes(lab, svc) -> dict[str, int]:
-    """relayd 1's liveness and readiness, as a kubelet would ask (from its namespace)."""
+def _probes(lab, svc) -> dict[str, tuple[int, str]]:
+    """relayd 1's liveness and readiness, as a kubelet would ask (from its namespace): (status, body)."""
     cfg = svc.config_of(1)
     base = f"http://{cfg['internal']['host']}:{cfg['metrics']['port']}"
 
-    def get(path: str) -> int:
+    def get(path: str) -> tuple[int, str]:
         try:
             with urllib.request.urlopen(base + path, timeout=2) as r:
-                return r.status
+                return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code
+            return exc.code, exc.read().decode()
 
     with NetnsExecutor(lab.relay_ns) as ex:
         return {p: ex.call(get, p) for p in ("/livez", "/readyz")}

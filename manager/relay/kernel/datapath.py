@@ -135,6 +135,10 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
                            previous=self._previous_prog_id)
                 for ifname in (interfaces if interfaces is not None else self.cfg.interfaces)]
 
+    def program_id(self) -> int | None:
+        """Our program's id (the loaded one, else the pinned one), for the readiness probe."""
+        return self._prog_id()
+
     def _prog_id(self) -> int | None:
         """Our program's id: the loaded one, else the pinned one."""
         if self.prog_fd >= 0:
