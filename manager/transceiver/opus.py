@@ -24,8 +24,11 @@ FRAME_SAMPLES = 960  # 20 ms
 #: The longest Opus packet is 120 ms; a decode buffer this size takes any packet.
 MAX_SAMPLES = 5760
 MAX_PACKET = 1275  # RFC 6716: the largest single-frame packet
-DEFAULT_BITRATE = 32000
-DEFAULT_COMPLEXITY = 5
+#: Wideband SILK at 20 kb/s: speech up to 8 kHz, the band a speech model
+#: hears (16 kHz input), at about two thirds of the CPU of 32 kb/s hybrid
+#: (docs/media-engine.md, "Profile").
+DEFAULT_BITRATE = 20000
+DEFAULT_COMPLEXITY = 1
 
 OpusError = opuslib_next.OpusError
 _INT16_P = ctypes.POINTER(ctypes.c_int16)
@@ -62,7 +65,7 @@ class Decoder:
 
 
 class Encoder:
-    """One call's encoder: mono 48 kHz voice, in-band FEC on."""
+    """One call's encoder: mono 48 kHz voice (wideband), in-band FEC on."""
 
     def __init__(self, *, complexity: int = DEFAULT_COMPLEXITY, bitrate: int = DEFAULT_BITRATE,
                  expected_loss: int = 5) -> None:
@@ -71,6 +74,10 @@ class Encoder:
         self._state = opuslib_next.Encoder(RATE, 1, opuslib_next.APPLICATION_VOIP)
         self._state.complexity = complexity
         self._state.bitrate = bitrate
+        # Voice: SILK/hybrid, the modes that carry in-band FEC (left to
+        # itself, libopus picks CELT at complexity >= 7, which has none).
+        self._state.signal = opuslib_next.SIGNAL_VOICE
+        self._state.max_bandwidth = opuslib_next.BANDWIDTH_WIDEBAND
         # FEC data is only produced when the encoder expects losses.
         self._state.inband_fec = 1
         self._state.packet_loss_perc = expected_loss
