@@ -34,6 +34,7 @@ from manager.protocol import rtp_header
 from manager.transceiver.opus import Decoder, Encoder
 from tests.bench.bench_tcp import cpu_seconds
 from tests.bench.profile_transceiver import _transceiver, place_client, rss_mb
+from tests.bench.provenance import run_info
 
 TONE = 440.0
 SAMPLED = 3  # calls whose echo is decoded and checked for the tone
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     res = summary({p: run_path(p == "engine", args.calls, args.seconds) for p in args.paths})
+    res["run"] = run_info("tests.bench.loopback_density", argv)
     if args.json:
         print(json.dumps(res, indent=1))
     else:
