@@ -196,7 +196,9 @@ class AgentSession:
         """Next decoded audio frame from the client: 48 kHz s16, mono on a
         media-engine call (stereo on the aiortc path). On an engine call
         ``frame.opaque`` is ``"plc"`` for a concealed frame (lost, nothing to
-        decode), ``"fec"`` for one rebuilt from the next packet's FEC, else None."""
+        decode), ``"fec"`` for one rebuilt from the next packet's FEC, else None.
+        A call handed from aiortc to the engine switches from the one to the
+        other once, right after its handshake."""
         if self._closed and self._audio.empty():
             raise CallEnded
         frame = await self._audio.get()
