@@ -28,6 +28,7 @@ from aiortc.rtcconfiguration import RTCBundlePolicy
 
 from manager.protocol.callstate import parse_call_state
 from manager.protocol.log_budget import LogBudget
+from manager.protocol.tasks import TaskSet
 from manager.protocol.ufrag import UfragError, decode_ufrag
 
 from .agent import AgentFactory, AgentSession, EchoAgent
@@ -133,7 +134,7 @@ class Transceiver:
         self.freeze_lease = freeze_lease
         self._leases: dict[int, asyncio.Task[None]] = {}
         self.engine = MediaEngine(complexity=opus_complexity, handover=media_engine)
-        self._handovers: set[asyncio.Task[None]] = set()
+        self._handovers = TaskSet(f"transceiver {transceiver_id}: hand-over to the media engine")
         self.leases_expired = 0
         # Relays' media checks of packets from new client addresses, by outcome.
         self.media_checks: Counter[str] = Counter()
@@ -178,6 +179,7 @@ class Transceiver:
     async def stop(self) -> None:
         """End every call and close the ICE sockets."""
         self._stopping = True
+        await self._handovers.close()  # no call moves while they end
         await asyncio.gather(
             *(self._end_call(c, "transceiver stopping") for c in list(self._calls.values()))
         )
@@ -305,9 +307,7 @@ class Transceiver:
     # -- the media engine -------------------------------------------------------------
 
     def _start_handover(self, call: WebRtcCall) -> None:
-        task = asyncio.ensure_future(self._hand_over(call))
-        self._handovers.add(task)
-        task.add_done_callback(self._handovers.discard)
+        self._handovers.spawn(self._hand_over(call))
 
     async def _hand_over(self, call: WebRtcCall) -> None:
         """Move a call placed here onto the media engine once it is exportable,
