@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Any
 
+from manager.protocol.tasks import TaskSet
+
 from .call_media import PACKET_TIME, CallMedia
 from .opus import DEFAULT_COMPLEXITY
 
@@ -39,7 +41,8 @@ class MediaEngine:
         self.complexity = complexity
         self.handover = handover
         self._calls: dict[int, CallMedia] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._clock = TaskSet("media engine")
+        self._task: asyncio.Future | None = None
         self.ticks = 0
         self.late_ticks = 0  # the clock fell MAX_BEHIND behind and skipped ahead
         self.tick_errors = 0
@@ -49,20 +52,15 @@ class MediaEngine:
     def add(self, conn_id: int, media: CallMedia) -> None:
         self._calls[conn_id] = media
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = self._clock.spawn(self._run())
 
     def remove(self, conn_id: int, media: CallMedia) -> None:
         if self._calls.get(conn_id) is media:
             del self._calls[conn_id]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._clock.close()
+        self._task = None
 
     async def _run(self) -> None:
         next_at = time.monotonic()
