@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--media-engine",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="hand each call to the media engine after its handshake (docs/media-engine.md); "
              "--no-media-engine keeps placed calls on aiortc",
     )

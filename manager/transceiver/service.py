@@ -42,7 +42,7 @@ class TransceiverConfig:
     agent_factory: AgentFactory = EchoAgent
     pki_dir: Path | None = None  # ca.pem, transceiver-<id>.pem/.key: mutual TLS both ways
     hint_key: bytes | None = None  # the relay's routing-hint key: every call's ufrag is checked
-    media_engine: bool = True  # placed calls move to the media engine after their handshake
+    media_engine: bool = False  # placed calls move to the media engine after their handshake
     opus_complexity: int = DEFAULT_COMPLEXITY  # the engine's Opus encoder
 
 

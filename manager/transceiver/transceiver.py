@@ -95,7 +95,7 @@ class Transceiver:
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
         hint_key: bytes | None = None,
         freeze_lease: float = DEFAULT_FREEZE_LEASE,
-        media_engine: bool = True,
+        media_engine: bool = False,
         opus_complexity: int = DEFAULT_COMPLEXITY,
     ) -> None:
         if capacity < 0:

@@ -44,12 +44,6 @@ def bridged(ctl: ControlClient) -> int:
     return tcp.get("events", {}).get("frames_in", 0) + tcp.get("events", {}).get("frames_out", 0)
 
 
-def engine_ticks(lab, svc) -> int:
-    """Ticks of the transceivers' media engines: they move only while a call is on one."""
-    healths = [svc.transceiver_api(k, "/health") for k in range(1, len(lab.transceivers) + 1)]
-    return sum(h["media_engine"]["ticks"] for h in healths if h is not None)
-
-
 def _heard_everything(r: dict) -> bool:
     return bool(r.get("error")) or (
         r.get("state") == "connected" and r.get("dc_echoed", 0) >= MESSAGES and r.get("path") is not None
@@ -95,22 +89,20 @@ def only_family(lab, family: int):
 def test_chromium_calls_over_udp_ipv4(env):
     lab, svc, ctl = env
     with only_family(lab, socket.AF_INET):
-        before, ticks = fast_forwarded(ctl), engine_ticks(lab, svc)
+        before = fast_forwarded(ctl)
         report = browser_call(lab, "udp-ipv4", lab.signaling_url)
     assert report["path"].startswith("UDP IPv4 to 10.10.1.1:"), report
     assert fast_forwarded(ctl) - before > 100  # XDP carried it
-    assert engine_ticks(lab, svc) - ticks > 50  # the call ran on the media engine
     print(f"\nChromium over UDP/IPv4: connected in {report['connected_ms']} ms, {report}")
 
 
 def test_chromium_calls_over_udp_with_ipv6_only(env):
     lab, svc, ctl = env
     with only_family(lab, socket.AF_INET6):
-        before, ticks = fast_forwarded(ctl), engine_ticks(lab, svc)
+        before = fast_forwarded(ctl)
         report = browser_call(lab, "udp-ipv6", lab.signaling_url6)
     assert report["path"].startswith(f"UDP IPv6 to {lab.vip6}:"), report
     assert fast_forwarded(ctl) - before > 100
-    assert engine_ticks(lab, svc) - ticks > 50
     print(f"\nChromium over UDP/IPv6: connected in {report['connected_ms']} ms, {report}")
 
 
@@ -119,14 +111,13 @@ def test_chromium_falls_back_to_tcp_when_udp_is_blocked(env):
     lab.run(lab.client_ns, ["nft", "-f", "-"],
             input=BLOCK_UDP.format(vip4=lab.vip4, vip6=lab.vip6, port=lab.port), check=True)
     try:
-        before_fast, before_bridge, ticks = fast_forwarded(ctl), bridged(ctl), engine_ticks(lab, svc)
+        before_fast, before_bridge = fast_forwarded(ctl), bridged(ctl)
         report = browser_call(lab, "tcp", lab.signaling_url)
     finally:
         lab.run(lab.client_ns, ["nft", "delete", "table", "inet", "splitrelay_test_block"], check=True)
     assert report["path"].startswith("TCP IPv") and report["path"].endswith(f":{LAB_TCP_PORT}"), report
     assert bridged(ctl) - before_bridge > 100  # the bridge carried it (frames both ways)
     assert fast_forwarded(ctl) - before_fast < 10  # and XDP did not
-    assert engine_ticks(lab, svc) - ticks > 50
     print(f"\nChromium over ICE-TCP: connected in {report['connected_ms']} ms, {report}")
 
 
