@@ -31,9 +31,9 @@ from tests.support.transceiver_calls import (
     assert_dominant,
     decrypt_rtp,
     run,
-    wait_for,
 )
 from tests.support.transceiver_migration import StateLog, inbound_lost, migrate, owner_addr, serve
+from tests.support.waiting import eventually_async
 
 # realtime: the checks count media against the wall clock.
 pytestmark = pytest.mark.realtime
@@ -43,7 +43,8 @@ async def engine_call(tx: Transceiver, conn_id: int, ufrag: str, freq: float = 4
     client = ClientCall(freq)
     await client.place(tx, conn_id, ufrag)
     await client.wait_connected()
-    await wait_for(lambda: isinstance(tx._calls.get(conn_id), ImportedCall), 10, "the hand-over to the engine")
+    await eventually_async(lambda: isinstance(tx._calls.get(conn_id), ImportedCall), 10,
+                           what="the hand-over to the engine")
     call = tx._calls[conn_id]
     assert isinstance(call, ImportedCall) and call.handed_over
     return client, call
@@ -63,10 +64,10 @@ def test_placed_call_runs_on_the_engine_and_keeps_everything() -> None:
             client.dc.send("on the engine")
             assert await asyncio.wait_for(client.messages.get(), 3) == "on the engine"
             # The echo of the tone, following a change (live input, not a replay).
-            await asyncio.sleep(1.2)
+            await asyncio.sleep(1.2)  # pacing: a window of echoed tone to judge
             assert_dominant(client.window(0.5), 440, [660, 880])
             client.track.freq = 660
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # pacing: the new tone's echo fills the window
             assert_dominant(client.window(0.5), 660, [440, 880])
             # aiortc's packets and then the engine's: one SSRC, no sequence gap.
             fwd = client.fwd
@@ -84,7 +85,7 @@ def test_placed_call_runs_on_the_engine_and_keeps_everything() -> None:
             log.assert_untouched(client)
             # The client hangs up: its DTLS close_notify reaches the engine's call.
             await client.close()
-            await wait_for(lambda: ended, 5, "the call to end")
+            await eventually_async(lambda: ended, 5, what="the call to end")
             assert ended == [(42, "client hung up")] and tx.calls() == []
 
     run(scenario(), timeout=40)
@@ -102,11 +103,11 @@ def test_engine_call_migrates_out_and_back(fast_consent: None) -> None:
             client, _ = await engine_call(tx_a, 42, UFRAG_A)
             try:
                 log = StateLog(client)
-                await asyncio.sleep(0.8)
+                await asyncio.sleep(0.8)  # pacing: some media before the first move
                 for src, dst, src_tx, dst_tx in ((api_a, api_b, tx_a, tx_b), (api_b, api_a, tx_b, tx_a)):
                     m = await migrate(client, 42, src, dst, owner_addr(src_tx.owner))
                     assert src_tx.calls() == [] and dst_tx.calls() == [42]
-                    await asyncio.sleep(1.2)
+                    await asyncio.sleep(1.2)  # pacing: a window of echoed tone to judge
                     assert_dominant(client.window(0.5), 440, [660])
                     assert await inbound_lost(client) - m["lost_before"] <= 1
                     while not client.messages.empty():
@@ -128,7 +129,7 @@ def test_switch_off_keeps_placed_calls_on_aiortc() -> None:
             client = ClientCall(440)
             await client.place(tx, 42, UFRAG_A)
             await client.wait_connected()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # pacing: the call would have been handed over by now
             assert isinstance(tx._calls[42], WebRtcCall)
             assert tx.call_info(42)["media_engine"] == {"carried": False, "why": None}
             await client.close()
@@ -154,7 +155,7 @@ def test_bad_input_is_dropped_and_counted_never_a_crash_or_stall() -> None:
         async with Transceiver(1, capacity=4, media_engine=True) as tx:
             client, call = await engine_call(tx, 42, UFRAG_A)
             other, other_call = await engine_call(tx, 43, UFRAG_B, freq=660)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # pacing: both calls echo before the bad input
             fwd = client.fwd
             assert fwd is not None and fwd.legs
             leg = next(iter(fwd.legs.values()))  # the relay flow socket the call claimed
@@ -197,7 +198,7 @@ def test_bad_input_is_dropped_and_counted_never_a_crash_or_stall() -> None:
                 send(data)
                 if i % 6 == 0:
                     await asyncio.sleep(0.02)  # pacing: 300/s, under the call's rate limit (no flood yet)
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5)  # pacing: a window of echo after the bad input
             stats = call.media.stats
             assert stats.rx_undecryptable > before["rx_undecryptable"] + 300
             assert stats.rx_malformed > before["rx_malformed"]
@@ -210,7 +211,7 @@ def test_bad_input_is_dropped_and_counted_never_a_crash_or_stall() -> None:
                 for _ in range(100):
                     send(rng.choice(captured))
                 await asyncio.sleep(0.002)  # pacing: let the transceiver (same process) read them
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5)  # pacing: a window of echo after the bad input
             assert call.media.stats.rx_over_rate > 1000
             assert_dominant(client.window(0.5), 440, [660])
             assert_dominant(other.window(0.5), 660, [440])
