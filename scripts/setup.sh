@@ -16,6 +16,7 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
       nftables conntrack  # the lab client's NAT (NAT rebinding tests)
       redis-server        # a fleet lab's shared registry (started per lab, on its own socket)
       coturn rtpengine-daemon python3-matplotlib  # make bench-peers: real peers (started per run), plots
+      libopus0            # the media engine's codec (opuslib-next loads it)
       chromium fonts-liberation  # real browser calls in the tests (headless, fake audio device)
       espeak-ng           # speech for the agent tests (the Pipecat bot's VAD hears it)
       firefox-esr python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0

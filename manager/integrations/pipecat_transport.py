@@ -121,7 +121,14 @@ class SplitRelayInputTransport(BaseInputTransport):
         try:
             while True:
                 frame = await self._session.recv_audio()
-                for out in self._resampler.resample(frame):
+                try:
+                    outs = self._resampler.resample(frame)
+                except ValueError:
+                    # The format changed (stereo from aiortc, then mono once the
+                    # call is on the media engine): a resampler is fixed to its first.
+                    self._resampler = av.AudioResampler(format="s16", layout="mono", rate=self.sample_rate)
+                    outs = self._resampler.resample(frame)
+                for out in outs:
                     self.frames_in += 1
                     await self.push_audio_frame(InputAudioRawFrame(
                         audio=bytes(out.planes[0])[: out.samples * 2], sample_rate=out.sample_rate,

@@ -29,6 +29,16 @@ class TaskSet:
         task.add_done_callback(self._done)
         return task
 
+    def adopt(self, task: asyncio.Future) -> None:
+        """Keep a task another owner started (it moved here, see release)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def release(self, task: asyncio.Future) -> None:
+        """Stop keeping `task`: it moves to another owner, which adopts it."""
+        self._tasks.discard(task)
+        task.remove_done_callback(self._done)
+
     def _done(self, task: asyncio.Future) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:

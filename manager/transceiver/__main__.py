@@ -16,6 +16,7 @@ from manager.observability.logs import FORMATS
 from manager.observability.logs import configure as configure_logs
 
 from .agent_loader import AgentSpecError, load_agent_factory
+from .opus import DEFAULT_COMPLEXITY
 from .service import TransceiverConfig, run
 
 
@@ -114,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--agent", default=None, metavar="SPEC",
                    help="the agent for each call: MODULE:ATTR or FILE.py:ATTR (default: the echo agent)")
+    p.add_argument(
+        "--media-engine",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="hand each call to the media engine after its handshake (docs/media-engine.md); "
+             "--no-media-engine keeps placed calls on aiortc",
+    )
+    p.add_argument("--opus-complexity", type=int, choices=range(11), default=DEFAULT_COMPLEXITY, metavar="0-10",
+                   help=f"the media engine's Opus encoder complexity (default {DEFAULT_COMPLEXITY})")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default=os.environ.get("SPLITRELAY_LOG_FORMAT", "text"), choices=list(FORMATS),
                    help="text, or json: one object a line with call_id/conn_id where a line concerns a call")
@@ -148,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         control_url=args.control_url,
         pki_dir=args.pki_dir,
         hint_key=hint_key,
+        media_engine=args.media_engine,
+        opus_complexity=args.opus_complexity,
     )
     try:
         asyncio.run(run(config))

@@ -40,6 +40,7 @@ MAX_BUFFERED_SAMPLES = SAMPLE_RATE // 2
 #: oldest audio rather than memory.
 MAX_QUEUED_FRAMES = 100
 MAX_QUEUED_MESSAGES = 1000
+SILENCE = bytes(FRAME_SAMPLES * 2)
 
 Message = str | bytes
 
@@ -73,6 +74,12 @@ class AgentAudioTrack(MediaStreamTrack):
 
     def push(self, frame: av.AudioFrame) -> None:
         """Queue agent audio for sending (any format, any frame size)."""
+        if frame.format.name == "s16" and frame.layout.name == "mono" and frame.sample_rate == SAMPLE_RATE:
+            # Already the FIFO's format (an echo of the media engine's frames): no resampling.
+            frame.pts = None
+            self._fifo.write(frame)
+            self._trim()
+            return
         try:
             resampled = self._resampler.resample(frame)
         except ValueError:
@@ -83,6 +90,9 @@ class AgentAudioTrack(MediaStreamTrack):
         for out in resampled:
             out.pts = None  # the FIFO checks pts continuity; ours is assigned on read
             self._fifo.write(out)
+        self._trim()
+
+    def _trim(self) -> None:
         excess = self._fifo.samples - MAX_BUFFERED_SAMPLES
         if excess > 0:
             self._fifo.read(excess)
@@ -97,7 +107,10 @@ class AgentAudioTrack(MediaStreamTrack):
             wait = self._start + self._pts / SAMPLE_RATE - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+        return self.next_frame()
 
+    def next_frame(self) -> av.AudioFrame:
+        """The next 20 ms frame now, unpaced (the media engine paces all its calls)."""
         frame = self._fifo.read(FRAME_SAMPLES) if self._fifo.samples >= FRAME_SAMPLES else None
         if frame is None:
             frame = silence_frame()
@@ -109,6 +122,17 @@ class AgentAudioTrack(MediaStreamTrack):
         self._pts += FRAME_SAMPLES
         self.frames_sent += 1
         return frame
+
+    def next_pcm(self) -> bytes:
+        """As :meth:`next_frame`, as mono s16 bytes (what the media engine encodes)."""
+        if self._fifo.samples >= FRAME_SAMPLES:
+            pcm = bytes(self._fifo.read(FRAME_SAMPLES).planes[0])[:FRAME_SAMPLES * 2]
+        else:
+            pcm = SILENCE
+            self.silent_frames += 1
+        self._pts += FRAME_SAMPLES
+        self.frames_sent += 1
+        return pcm
 
     def export_state(self) -> dict[str, Any]:
         return {
@@ -169,7 +193,12 @@ class AgentSession:
     # -- agent-facing API ---------------------------------------------------
 
     async def recv_audio(self) -> av.AudioFrame:
-        """Next decoded audio frame from the client (48 kHz s16 stereo from Opus)."""
+        """Next decoded audio frame from the client: 48 kHz s16, mono on a
+        media-engine call (stereo on the aiortc path). On an engine call
+        ``frame.opaque`` is ``"plc"`` for a concealed frame (lost, nothing to
+        decode), ``"fec"`` for one rebuilt from the next packet's FEC, else None.
+        A call handed from aiortc to the engine switches from the one to the
+        other once, right after its handshake."""
         if self._closed and self._audio.empty():
             raise CallEnded
         frame = await self._audio.get()
@@ -258,6 +287,11 @@ class AgentSession:
             self._flush_pending()
 
         self._flush_pending()
+
+    def forget_channels(self) -> None:
+        """The endpoint that owned the channels handed the call over: its
+        channels are dead (the new endpoint attaches its own)."""
+        self._channels.clear()
 
     def _primary_channel(self) -> Any:
         for channel in self._channels:

@@ -8,6 +8,11 @@ responses, DTLS, SRTP) by the source address. A call claims a source address
 when it sends a STUN request or a success response to it: aioice sends those
 only after it verified MESSAGE-INTEGRITY with the call's password (or for its
 own checks), so an unauthenticated sender never claims one.
+
+The socket is read in batches: one wake-up of the event loop drains up to
+``READ_BATCH`` datagrams (``recvfrom`` until EAGAIN), instead of asyncio's
+one datagram per wake-up. Sends go straight to the socket; a datagram the
+kernel cannot take now (EAGAIN) is dropped and counted, as the network would.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from collections import Counter
 from typing import Any
 
@@ -27,6 +33,29 @@ from .errors import DuplicateCall
 logger = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
+#: Datagrams read per wake-up at most (then other work gets its turn).
+READ_BATCH = 256
+#: Socket buffers asked of the kernel (capped by net.core.[rw]mem_max).
+SOCKET_BUFFER = 4 << 20
+
+
+class MuxSocket:
+    """The shared socket's send side (what a CallPort sends through)."""
+
+    def __init__(self, sock: socket.socket, mux: IceMux) -> None:
+        self.sock = sock
+        self.mux = mux
+
+    def sendto(self, data: bytes, addr: Addr) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            self.mux.stats["tx_dropped_full"] += 1
+        except OSError:
+            self.mux.stats["socket_errors"] += 1
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class CallPort(asyncio.DatagramTransport):
@@ -76,33 +105,53 @@ class CallPort(asyncio.DatagramTransport):
         return default  # notably no "socket": the shared one is not the call's to tune
 
 
-class IceMux(asyncio.DatagramProtocol):
+class IceMux:
     """A UDP socket shared by all calls, demultiplexing to each call's aioice protocol."""
 
     def __init__(self, bind_addr: str) -> None:
         self.bind_addr = bind_addr
-        self.transport: asyncio.DatagramTransport | None = None
+        self.family = ipaddress.ip_address(bind_addr).version
+        self.transport: MuxSocket | None = None
         self.sockname: Addr = (bind_addr, 0)
         self._by_ufrag: dict[str, CallPort] = {}
         self._by_addr: dict[Addr, CallPort] = {}
         self.stats: Counter[str] = Counter()
 
-    @property
-    def family(self) -> int:
-        return ipaddress.ip_address(self.bind_addr).version
 
     async def open(self, port: int = 0) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.bind_addr, port))
-        assert self.transport is not None
-        sockname = self.transport.get_extra_info("sockname")
+        family = socket.AF_INET if self.family == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            sock.bind((self.bind_addr, port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        sockname = sock.getsockname()
         self.sockname = (sockname[0], sockname[1])
+        self.transport = MuxSocket(sock, self)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._read_ready, sock)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def _read_ready(self, sock: socket.socket) -> None:
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = sock.recvfrom(2048)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # an ICMP error for an earlier send
+                self.error_received(exc)
+                continue
+            self.datagram_received(data, addr)
+        self.stats["read_batches_full"] += 1
 
     def close(self) -> None:
         if self.transport is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.transport.sock.fileno())
+            except RuntimeError:
+                pass  # no loop any more: nothing to remove it from
             self.transport.close()
             self.transport = None
 

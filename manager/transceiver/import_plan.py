@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from aiortc.codecs import get_encoder
 from aiortc.rtcdtlstransport import SRTP_PROFILES
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
@@ -77,10 +76,8 @@ class ImportPlan:
         codecs = [RTCRtpCodecParameters(mimeType=c.mime_type, clockRate=c.clock_rate, channels=c.channels,
                                         payloadType=c.payload_type, parameters=dict(c.parameters))
                   for c in audio.codecs]
-        try:
-            get_encoder(codecs[0])
-        except ValueError:
-            raise ValueError(f"media[audio].codecs: no encoder for {codecs[0].mimeType}") from None
+        if codecs[0].mimeType.lower() != "audio/opus" or codecs[0].clockRate != 48000:
+            raise ValueError(f"media[audio].codecs: the media engine carries Opus, not {codecs[0].mimeType}")
         problem = migration_blocker(state.srtp, state.rtp)
         if problem is not None:
             raise ValueError(problem)

@@ -1,4 +1,5 @@
-"""Imported calls: the media endpoint of a call taken over in a live migration.
+"""Engine calls: the media endpoint of a call taken over in a live migration,
+or handed over by this transceiver's aiortc after its handshake.
 
 The old owner exports a connected call and stops sending (freeze); this
 transceiver imports the state (manager.protocol.callstate) and becomes a media
@@ -19,14 +20,16 @@ SDP. The client keeps its ICE, DTLS and SRTP state and notices nothing:
   length. A client stream within WRAP_MARGIN of its wrap may have wrapped
   before its first packet reaches us: a second session at the next counter
   takes that packet if the first cannot authenticate it.
-* **Media**: the client's packets are decoded with aiortc's codec classes and
-  fed to a new agent (``import_state`` from the export). The agent's paced
-  outbound track is encoded into RTP with the same SSRC and payload type,
-  sequence numbers continuing from the old owner's last packet, timestamps
-  continued by the time elapsed since the freeze. No media goes out before
-  :meth:`ImportedCall.activate` (the relay's flip, or the first authenticated
-  packet from the client): anything sent earlier would be dropped by the
-  relay and show up at the client as a sequence gap.
+* **Media**: the call's SRTP, jitter buffer and Opus run on the
+  transceiver's media engine (call_media.CallMedia, one 20 ms clock for all
+  calls in media_engine.MediaEngine), feeding the agent (``import_state``
+  from the export, or the very agent aiortc ran when this transceiver hands
+  a call it placed over to the engine). Outbound RTP keeps the SSRC and
+  payload type, sequence numbers continuing from the old owner's last
+  packet, timestamps continued by the time elapsed since the freeze. No
+  media goes out before :meth:`ImportedCall.activate` (the relay's flip, or
+  the first authenticated packet from the client): anything sent earlier
+  would be dropped by the relay and show up at the client as a sequence gap.
 * **DTLS / data channels**: the DTLS session and the SCTP association are
   continued from the exported state (imported_data.ImportedDataChannels):
   record keys from the master secret, sequence numbers and replay window
@@ -40,29 +43,17 @@ See docs/transceiver.md, section "Migration".
 from __future__ import annotations
 
 import asyncio
-import copy
 import ipaddress
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import av
-import pylibsrtp
+import aioice.ice
 from aioice import stun
 from aioice.candidate import candidate_foundation, candidate_priority
-from aiortc.codecs import get_decoder, get_encoder
-from aiortc.codecs.base import Decoder, Encoder
-from aiortc.jitterbuffer import JitterFrame
-from aiortc.mediastreams import MediaStreamError
-from aiortc.rtcrtpparameters import (
-    RTCRtpHeaderExtensionParameters,
-    RTCRtpParameters,
-)
-from aiortc.rtp import HeaderExtensionsMap, RtpPacket, compute_audio_level_dbov, is_rtcp
 
 from manager.protocol.api import OwnerBody
 from manager.protocol.callstate import (
@@ -78,23 +69,19 @@ from manager.protocol.callstate import (
 )
 from manager.protocol.rfc7983 import PacketClass, classify
 
-from . import aiortc_hooks as hooks
 from .agent import Agent, AgentSession, run_agent
 from .call_handle import CallHandle
+from .call_media import CallMedia, MediaPlan
+from .errors import CallStateConflict
 from .ice_mux import CallPort, IceMux
 from .import_plan import ImportPlan
 from .imported_data import ImportedDataChannels
-from .rtp_streams import WRAP_MARGIN, RtpStreamState
+from .media_engine import MediaEngine
 
 logger = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
-U32_MAX = 0xFFFFFFFF
 DEFAULT_CONSENT_TIMEOUT = 30.0  # RFC 7675: consent expires 30 s after the last check
-#: Cap on the freeze-to-first-packet time used to continue RTP timestamps
-#: (clocks of two machines that disagree wildly must not make a huge jump).
-MAX_ELAPSED = 60.0
-PACKET_TIME = 0.020  # outbound audio is paced in 20 ms frames (agent.py)
 
 
 class _PortProtocol(asyncio.DatagramProtocol):
@@ -124,20 +111,17 @@ class MigrationStats:
     first_sent_at: float | None = None
     import_to_first_sent_s: float | None = None
     activate_to_first_sent_s: float | None = None
-    rx_decrypted: int = 0  # SRTP + SRTCP packets unprotected OK
-    rx_undecryptable: int = 0  # failed unprotect (wrong key, replay, tampering)
-    rx_late: int = 0  # RTP older than what was already decoded (no jitter buffer)
-    rx_decode_errors: int = 0
     rx_dtls_dropped: int = 0  # DTLS that did not authenticate, or data channels not carried
     rx_other_dropped: int = 0
     stun_answered: int = 0
     stun_rejected: int = 0  # bad USERNAME / MESSAGE-INTEGRITY / method: not answered
     stun_ignored: int = 0  # responses and indications (e.g. to the old owner's checks)
-    tx_packets: int = 0
+    consent_checks_sent: int = 0
+    consent_checks_answered: int = 0
 
 
 class ImportedCall(CallHandle):
-    """A call imported from another transceiver: ICE responder, SRTP, codecs, agent."""
+    """A call on the media engine: ICE responder, DTLS records, agent; its media in CallMedia."""
 
     def __init__(
         self,
@@ -145,9 +129,11 @@ class ImportedCall(CallHandle):
         session: AgentSession,
         agent: Agent,
         *,
+        engine: MediaEngine,
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
         on_consent_expired: Callable[[ImportedCall], Awaitable[None]],
         on_closed_by_client: Callable[[ImportedCall, str], Awaitable[None]] | None = None,
+        handed_over: bool = False,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -155,6 +141,9 @@ class ImportedCall(CallHandle):
         self.ufrag = spec.ice.local_ufrag
         self.session = session
         self.agent = agent
+        self.engine = engine
+        #: Placed here and handed over by aiortc after its handshake (not migrated in).
+        self.handed_over = handed_over
         self.consent_timeout = consent_timeout
         self._on_consent_expired = on_consent_expired
         self.created_at: float = spec.state.created_at
@@ -168,30 +157,16 @@ class ImportedCall(CallHandle):
         self._frozen_at: float | None = None
         self.frozen_monotonic: float | None = None
         self._last_consent = time.monotonic()  # the import counts as the last check
-
+        self._remote_pwd = (spec.ice.remote_pwd or "").encode()
+        self._checks: dict[bytes, float] = {}  # our consent checks awaiting an answer
+        self._reply_addr: Addr | None = None
+        self._reply_port: CallPort | None = None
         self.codec = spec.codecs[0]
-        self.tx_stream = spec.tx or RtpStreamState(
-            ssrc=spec.local_ssrc, payload_type=self.codec.payloadType
-        )
-        tx = self.tx_stream
-        # Our first packet's counter: the next sequence number may wrap.
-        tx_roc = (tx.roc + (1 if tx.packets and tx.seq == 0xFFFF else 0)) & U32_MAX
-        rx_roc = {ssrc: st.roc for ssrc, st in spec.rx.items()}
-        near_wrap = {ssrc: (st.roc + 1) & U32_MAX for ssrc, st in spec.rx.items()
-                     if st.packets and 0xFFFF - st.seq < WRAP_MARGIN}
-        try:
-            self._rx = hooks.srtp_session(spec.rx_key, inbound=True, libsrtp_profile=spec.libsrtp_profile,
-                                          rollover=rx_roc)
-            self._rx_wrapped = (hooks.srtp_session(spec.rx_key, inbound=True, libsrtp_profile=spec.libsrtp_profile,
-                                                   rollover={**rx_roc, **near_wrap}) if near_wrap else None)
-            self._tx = hooks.srtp_session(spec.tx_key, inbound=False, libsrtp_profile=spec.libsrtp_profile,
-                                          rollover={spec.local_ssrc: tx_roc})
-        except pylibsrtp.Error as exc:
-            raise ValueError(f"SRTP session setup failed: {exc}") from None
-        self.rx_streams = {ssrc: copy.copy(st) for ssrc, st in spec.rx.items()}
-        self.rx_rtcp: Counter[str] = Counter(spec.state.rtcp.rx_packets)
-        self._encoder: Encoder = get_encoder(self.codec)
-        self._decoders: dict[int, Decoder | None] = {}
+        self.media = CallMedia(MediaPlan(
+            conn_id=self.conn_id, libsrtp_profile=spec.libsrtp_profile, tx_key=spec.tx_key, rx_key=spec.rx_key,
+            local_ssrc=spec.local_ssrc, payload_type=self.codec.payloadType, mid=spec.mid,
+            header_extensions=spec.header_extensions, tx=spec.tx, rx=spec.rx, frozen_at=spec.frozen_at,
+            rtcp_rx=dict(spec.state.rtcp.rx_packets)), session, self._send_media, complexity=engine.complexity)
         self._on_closed_by_client = on_closed_by_client
         state = spec.state
         self.data: ImportedDataChannels | None = None
@@ -201,15 +176,6 @@ class ImportedCall(CallHandle):
                 raise ValueError("dtls.record/role/cipher: missing (the SCTP association needs the DTLS session)")
             self.data = ImportedDataChannels(role=state.dtls.role, cipher=state.dtls.cipher, record=state.dtls.record,
                                              sctp=state.sctp, send=self._send_dtls, on_closed=self._closed_by_client)
-        self._ext_map = HeaderExtensionsMap()
-        self._ext_map.configure(
-            RTCRtpParameters(
-                headerExtensions=[
-                    RTCRtpHeaderExtensionParameters(id=x["id"], uri=x["uri"])
-                    for x in spec.header_extensions
-                ]
-            )
-        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -234,18 +200,27 @@ class ImportedCall(CallHandle):
                 # now, so the first packets after the relay's flip reach us.
                 mux.claim(self.remote_addr, port)
 
-    def start(self) -> None:
-        self._spawn(run_agent(self.agent, self.session, f"imported call {self.conn_id}"))
+    def start(self, agent_task: asyncio.Future | None = None) -> None:
+        """Run the agent (or adopt `agent_task`, the agent aiortc's call ran),
+        the consent watchdog, and the call's media on the engine's clock."""
+        if agent_task is None:
+            self._spawn(run_agent(self.agent, self.session, f"imported call {self.conn_id}"))
+        else:
+            self._tasks.adopt(agent_task)
         self._spawn(self._consent_watchdog())
+        self.engine.add(self.conn_id, self.media)
 
     def activate(self, by: str) -> None:
         """Start sending (the relay flipped ownership, or the client's packets arrive)."""
+        if self.handed_over and by == "api":
+            raise CallStateConflict(f"call {self.conn_id} was not imported (it is sending already)")
         if self.active or self.ending:
             return
         self.stats.activated_at = time.time()
         self.stats.activated_by = by
         self._activated_monotonic = time.monotonic()
-        self._spawn(self._send_loop())
+        self.media.start_sending()
+        self._spawn(self._consent_checks())
         if self.data is not None:
             self._spawn(self._activate_data(self.data))
         logger.info("imported call %d activated by %s", self.conn_id, by)
@@ -260,19 +235,23 @@ class ImportedCall(CallHandle):
     async def _activate_data(self, data: ImportedDataChannels) -> None:
         # The association first (SACK, retransmissions, what it had queued),
         # then the agent's channels, whose held messages are newer.
+        data.sctp.on("datachannel", self.session.attach_channel)  # channels the client opens later
         await data.activate()
         for channel in data.channels:
             self.session.attach_channel(channel)
+        self.session.unfreeze()  # a handed-over call's session was frozen for the handover
 
     def freeze(self) -> None:
         if self._frozen_at is None:
             self._frozen_at, self.frozen_monotonic = time.time(), time.monotonic()
+        self.media.frozen = True
         if self.data is not None:
             self.data.freeze()
         self.session.freeze()
 
     def unfreeze(self) -> None:
         self._frozen_at = self.frozen_monotonic = None
+        self.media.frozen = False
         if self.data is not None:
             self.data.unfreeze()
         self.session.unfreeze()
@@ -285,6 +264,7 @@ class ImportedCall(CallHandle):
         """End; unless `quiet`, the client gets an SCTP ABORT and a DTLS
         close_notify (nothing can be said without the data channels' DTLS)."""
         self.ending = True
+        self.engine.remove(self.conn_id, self.media)
         if self.data is not None:
             await self.data.close(quiet=quiet)
         self.session.close()
@@ -293,26 +273,56 @@ class ImportedCall(CallHandle):
             port.close()
 
 
+    def _consent_timeout(self) -> float:
+        # A call handed over by aiortc keeps aioice's consent timing (read at
+        # run time, as aioice does); a migrated call the transceiver's, which
+        # also covers the time before the relay's flip.
+        if self.handed_over:
+            return aioice.ice.CONSENT_INTERVAL * aioice.ice.CONSENT_FAILURES
+        return self.consent_timeout
+
     async def _consent_watchdog(self) -> None:
         while True:
-            remaining = self._last_consent + self.consent_timeout - time.monotonic()
+            remaining = self._last_consent + self._consent_timeout() - time.monotonic()
             if remaining <= 0:
                 break
             await asyncio.sleep(remaining)
-        logger.info(
-            "imported call %d: no consent check for %g s", self.conn_id, self.consent_timeout
-        )
+        logger.info("call %d: no consent for %g s", self.conn_id, self._consent_timeout())
         self.consent_expired = True
         await self._on_consent_expired(self)
+
+    async def _consent_checks(self) -> None:
+        """RFC 7675: ask the client for consent to keep sending, at aioice's
+        interval (randomised by +-20 %, as RFC 7675 asks); an answer, like a
+        check of the client's, refreshes consent."""
+        while True:
+            await asyncio.sleep(aioice.ice.CONSENT_INTERVAL * (0.8 + 0.4 * random.random()))  # pacing
+            port = self._port_for(self.remote_addr)
+            if port is None or self._frozen_at is not None:
+                continue
+            check = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+            check.attributes["USERNAME"] = f"{self.spec.ice.remote_ufrag}:{self.ufrag}"
+            check.attributes["PRIORITY"] = candidate_priority(1, "host")
+            check.attributes["ICE-CONTROLLED"] = self.spec.ice.tie_breaker
+            check.add_message_integrity(self._remote_pwd)
+            port.sendto(bytes(check), self.remote_addr)
+            self._checks[check.transaction_id] = time.monotonic()
+            while len(self._checks) > 8:  # unanswered ones are forgotten
+                del self._checks[next(iter(self._checks))]
+            self.stats.consent_checks_sent += 1
 
     # -- inbound -----------------------------------------------------------------------
 
     def datagram_received(self, port: CallPort, data: bytes, addr: Addr) -> None:
+        now = time.monotonic()
+        if not self.media.rate.allow(now):
+            self.media.stats.rx_over_rate += 1  # a flood: dropped before any crypto
+            return
         kind = classify(data)
         if kind is PacketClass.STUN:
             self._stun_received(port, data, addr)
         elif kind is PacketClass.RTP:
-            self._srtp_received(data)
+            self._srtp_received(data, now)
         elif kind is PacketClass.DTLS:
             if self.data is not None and self.data.datagram_received(data):
                 self.activate("dtls")
@@ -328,7 +338,12 @@ class ImportedCall(CallHandle):
             self.stats.stun_rejected += 1
             return
         if msg.message_class != stun.Class.REQUEST:
-            self.stats.stun_ignored += 1
+            if (msg.message_class == stun.Class.RESPONSE and self._checks.pop(msg.transaction_id, None) is not None
+                    and msg.check_message_integrity(self._remote_pwd)):
+                self._last_consent = time.monotonic()
+                self.stats.consent_checks_answered += 1
+            else:
+                self.stats.stun_ignored += 1
             return
         # What aioice's Connection.request_received checks (the client is
         # controlling and the pair is nominated: no role conflict to repair).
@@ -359,7 +374,7 @@ class ImportedCall(CallHandle):
         self.activate("stun")
 
     async def deliver_srtp(self, data: bytes) -> bool:
-        return self._srtp_received(data)
+        return self._srtp_received(data, time.monotonic())
 
     def replies_to(self) -> Addr | None:
         return self.remote_addr
@@ -375,120 +390,21 @@ class ImportedCall(CallHandle):
         logger.info("imported call %d: replies now go to %s (was %s)", self.conn_id, new, old)
         return True
 
-    def _srtp_received(self, data: bytes) -> bool:
-        """Unprotect and play one packet; False if it does not authenticate."""
-        rtcp = is_rtcp(data)
-        try:
-            plain = self._rx.unprotect_rtcp(data) if rtcp else self._rx.unprotect(data)
-            if not rtcp:
-                self._rx_wrapped = None  # a stream authenticated at its exported counter
-        except pylibsrtp.Error:
-            plain = None
-        if plain is None and self._rx_wrapped is not None and not rtcp:
-            try:  # the client's stream wrapped before its first packet reached us
-                plain = self._rx_wrapped.unprotect(data)
-                self._rx, self._rx_wrapped = self._rx_wrapped, None
-                logger.info("imported call %d: the client's stream had wrapped before the switch", self.conn_id)
-            except pylibsrtp.Error:
-                pass
-        if plain is None:
-            self.stats.rx_undecryptable += 1
+    def _srtp_received(self, data: bytes, now: float) -> bool:
+        """One SRTP/SRTCP packet; False if it does not authenticate."""
+        if not self.media.receive(data, now):
             return False
-        self.stats.rx_decrypted += 1
         self.activate("srtp")
-        if rtcp:
-            if len(plain) >= 8:
-                self.rx_rtcp[str(int.from_bytes(plain[4:8], "big"))] += 1
-            return True
-        try:
-            packet = RtpPacket.parse(plain)
-        except ValueError:
-            self.stats.rx_decode_errors += 1
-            return True
-        stream = self.rx_streams.get(packet.ssrc)
-        if stream is None:
-            stream = self.rx_streams[packet.ssrc] = RtpStreamState(
-                ssrc=packet.ssrc, payload_type=packet.payload_type
-            )
-        newer = stream.is_newer(packet.sequence_number)
-        stream.update(packet.sequence_number, packet.timestamp, packet.payload_type)
-        if not newer:
-            self.stats.rx_late += 1  # no jitter buffer: a late packet is skipped
-            return True
-        decoder = self._decoder(packet.payload_type)
-        if decoder is None or not packet.payload:
-            return True
-        try:
-            frames = decoder.decode(JitterFrame(packet.payload, packet.timestamp))
-        except (av.FFmpegError, ValueError):
-            self.stats.rx_decode_errors += 1
-            return True
-        for frame in frames:
-            self.session.deliver_audio(frame)  # type: ignore[arg-type]
         return True
 
-    def _decoder(self, payload_type: int) -> Decoder | None:
-        if payload_type not in self._decoders:
-            codec = next((c for c in self.spec.codecs if c.payloadType == payload_type), None)
-            try:
-                self._decoders[payload_type] = None if codec is None else get_decoder(codec)
-            except ValueError:
-                self._decoders[payload_type] = None
-        return self._decoders[payload_type]
-
-    # -- outbound ----------------------------------------------------------------------
-
-    def _first_timestamp(self) -> int:
-        """Continue the old owner's RTP clock: the frame after its last packet,
-        plus the time since the freeze (the client hears a pause, no loss)."""
-        if self.tx_stream.packets == 0:
-            return random.randint(0, U32_MAX)
-        elapsed = min(max(time.time() - self.spec.frozen_at, 0.0), MAX_ELAPSED)
-        clock = self.codec.clockRate
-        return (self.tx_stream.timestamp + round((PACKET_TIME + elapsed) * clock)) & U32_MAX
-
-    async def _send_loop(self) -> None:
-        if self.tx_stream.packets == 0:  # the old owner never sent: start like aiortc
-            self.tx_stream.seq = random.randint(0, 0xFFFF)
-        base = self._first_timestamp()
-        track = self.session.out_track
-        try:
-            while True:
-                frame = await track.recv()  # paced 20 ms frames, silence when idle
-                level = compute_audio_level_dbov(frame)
-                payloads, enc_ts = self._encoder.encode(frame)
-                # Encode even while frozen: the RTP clock keeps real time and the
-                # encoder state stays continuous for an unfreeze.
-                if not payloads or self._frozen_at is not None:
-                    continue
-                for i, payload in enumerate(payloads):
-                    self._send_rtp(
-                        payload, (base + enc_ts) & U32_MAX, i == len(payloads) - 1, level
-                    )
-        except MediaStreamError:
-            pass  # the call ended: the session stopped the track
-        except Exception:
-            logger.exception("imported call %d: sending stopped", self.conn_id)
-
-    def _send_rtp(self, payload: bytes, timestamp: int, marker: bool, level: int) -> None:
-        seq = (self.tx_stream.seq + 1) & 0xFFFF if self.tx_stream.packets else self.tx_stream.seq
-        packet = RtpPacket(
-            payload_type=self.codec.payloadType,
-            marker=int(marker),  # as aiortc's sender: the last packet of a frame
-            sequence_number=seq,
-            timestamp=timestamp,
-            ssrc=self.spec.local_ssrc,
-            payload=payload,
-        )
-        packet.extensions.mid = self.spec.mid
-        packet.extensions.audio_level = (False, -level)
-        data = self._tx.protect(packet.serialize(self._ext_map))
-        port = self._port_for(self.remote_addr)
+    def _send_media(self, data: bytes) -> None:
+        addr = self.remote_addr
+        if addr != self._reply_addr:  # looked up once per remote address, not per packet
+            self._reply_addr, self._reply_port = addr, self._port_for(addr)
+        port = self._reply_port
         if port is None:
             return
-        port.sendto(data, self.remote_addr)
-        self.tx_stream.update(seq, timestamp, self.codec.payloadType)
-        self.stats.tx_packets += 1
+        port.sendto(data, addr)
         if self.stats.first_sent_at is None:
             now = time.monotonic()
             self.stats.first_sent_at = time.time()
@@ -517,11 +433,13 @@ class ImportedCall(CallHandle):
             "created_at": self.created_at,
             "connected_at": self.connected_at,
             "migration": self.migration_info(),
+            "media_engine": {"carried": True, "handed_over": self.handed_over},
         }
 
     def migration_info(self) -> dict[str, Any]:
         stats = dict(vars(self.stats))
         del stats["imported_monotonic"]
+        stats.update(self.media.info())
         stats.update(
             active=self.active,
             frozen_at=self._frozen_at,
@@ -552,7 +470,8 @@ class ImportedCall(CallHandle):
         if include_secrets:
             srtp = SrtpState(profile=old.srtp.profile, keying_material=spec.keying_material.hex(),
                              tx_key=spec.tx_key.hex(), rx_key=spec.rx_key.hex())
-        tx = {str(self.tx_stream.ssrc): self.tx_stream.to_model()} if self.tx_stream.packets else {}
+        tx_stream = self.media.tx_stream
+        tx = {str(tx_stream.ssrc): tx_stream.to_model()} if tx_stream.packets else {}
         record, association, not_carried = None, None, self.data_not_carried
         if self.data is not None:
             record, association, not_carried = self.data.export(include_secrets=include_secrets)
@@ -570,12 +489,13 @@ class ImportedCall(CallHandle):
                                              "record": record}),
             srtp=srtp,
             media=[m.model_copy(deep=True) for m in old.media],
-            rtp=RtpState(tx=tx, rx={str(s): st.to_model() for s, st in self.rx_streams.items()}),
+            rtp=RtpState(tx=tx, rx={str(s): st.to_model() for s, st in self.media.rx_streams.items()}),
             # We send no RTCP: the SRTCP index stays where the old owner left it.
-            rtcp=RtcpState(tx_srtcp_index=dict(old.rtcp.tx_srtcp_index), rx_packets=dict(self.rx_rtcp)),
+            rtcp=RtcpState(tx_srtcp_index=dict(old.rtcp.tx_srtcp_index), rx_packets=dict(self.media.stats.rtcp)),
             sctp=None if old.sctp is None else old.sctp.model_copy(
                 update={"association": association, "not_carried": not_carried}),
             agent=AgentState(session=self.session.export_state(), state=self.agent.export_state()),
             frozen=None if self._frozen_at is None else Frozen(at=self._frozen_at, monotonic=self.frozen_monotonic),
-            migrations=old.migrations + 1,
+            # A hand-over from this transceiver's aiortc is not a migration.
+            migrations=old.migrations + (0 if self.handed_over else 1),
         )

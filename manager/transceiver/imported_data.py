@@ -157,8 +157,9 @@ class ImportedDataChannels:
                 continue
             self.window.mark(r.seq)
             authentic = True
-            if self.frozen:
-                continue  # the next owner's SCTP gets it again by retransmission
+            # Taken in while frozen too, as aiortc's call does: what SCTP answers
+            # is held until an unfreeze; after a migration the next owner gets
+            # the data again by retransmission (this association never acked it).
             if r.type == dr.ALERT:
                 self._alert(plain)
             elif self._inbox.qsize() >= MAX_INBOX:

@@ -17,6 +17,7 @@ from manager import pki
 from .agent import AgentFactory, EchoAgent
 from .control import create_app, relayd_only
 from .imported_call import DEFAULT_CONSENT_TIMEOUT
+from .opus import DEFAULT_COMPLEXITY
 from .registrar import Registrar
 from .transceiver import DEFAULT_CONNECT_TIMEOUT, Transceiver
 
@@ -41,6 +42,8 @@ class TransceiverConfig:
     agent_factory: AgentFactory = EchoAgent
     pki_dir: Path | None = None  # ca.pem, transceiver-<id>.pem/.key: mutual TLS both ways
     hint_key: bytes | None = None  # the relay's routing-hint key: every call's ufrag is checked
+    media_engine: bool = False  # placed calls move to the media engine after their handshake
+    opus_complexity: int = DEFAULT_COMPLEXITY  # the engine's Opus encoder
 
 
 async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> None:
@@ -54,6 +57,8 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
         connect_timeout=config.connect_timeout,
         consent_timeout=config.consent_timeout,
         hint_key=config.hint_key,
+        media_engine=config.media_engine,
+        opus_complexity=config.opus_complexity,
     )
     server_tls = client_tls = None
     if config.pki_dir is not None:

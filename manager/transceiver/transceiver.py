@@ -17,6 +17,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Self
@@ -27,6 +28,7 @@ from aiortc.rtcconfiguration import RTCBundlePolicy
 
 from manager.protocol.callstate import parse_call_state
 from manager.protocol.log_budget import LogBudget
+from manager.protocol.tasks import TaskSet
 from manager.protocol.ufrag import UfragError, decode_ufrag
 
 from .agent import AgentFactory, AgentSession, EchoAgent
@@ -35,6 +37,8 @@ from .errors import CallStateConflict, CapacityExceeded, DuplicateCall, InvalidR
 from .ice_mux import Addr, IceMux
 from .import_plan import ImportPlan
 from .imported_call import DEFAULT_CONSENT_TIMEOUT, ImportedCall
+from .media_engine import MediaEngine
+from .opus import DEFAULT_COMPLEXITY
 from .rtp_streams import migration_blocker
 from .webrtc_call import WebRtcCall, strip_offer_candidates, validate_offer
 
@@ -47,6 +51,9 @@ _refusal_log = LogBudget(logger)
 DEFAULT_CONNECT_TIMEOUT = 30.0
 #: A migration freeze lasts at most this long without a release or unfreeze.
 DEFAULT_FREEZE_LEASE = 5.0
+#: How long a connected call may take to become exportable (its SCTP
+#: association established, its data channels open) before it stays on aiortc.
+HANDOVER_TIMEOUT = 10.0
 U32_MAX = 0xFFFFFFFF
 
 
@@ -70,6 +77,10 @@ class Transceiver:
     :param connect_timeout: seconds a call may stay unconnected before it is dropped.
     :param consent_timeout: seconds an imported call lives without a consent
         check from the client (calls placed here use aioice's own consent logic).
+    :param media_engine: hand each call placed here to the media engine right
+        after its handshake (docs/media-engine.md); False keeps them on aiortc.
+        Imported calls always run on the engine.
+    :param opus_complexity: the engine's Opus encoder complexity (0-10).
     """
 
     def __init__(
@@ -84,6 +95,8 @@ class Transceiver:
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
         hint_key: bytes | None = None,
         freeze_lease: float = DEFAULT_FREEZE_LEASE,
+        media_engine: bool = False,
+        opus_complexity: int = DEFAULT_COMPLEXITY,
     ) -> None:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
@@ -120,6 +133,8 @@ class Transceiver:
         # must not leave it muted.
         self.freeze_lease = freeze_lease
         self._leases: dict[int, asyncio.Task[None]] = {}
+        self.engine = MediaEngine(complexity=opus_complexity, handover=media_engine)
+        self._handovers = TaskSet(f"transceiver {transceiver_id}: hand-over to the media engine")
         self.leases_expired = 0
         # Relays' media checks of packets from new client addresses, by outcome.
         self.media_checks: Counter[str] = Counter()
@@ -164,9 +179,11 @@ class Transceiver:
     async def stop(self) -> None:
         """End every call and close the ICE sockets."""
         self._stopping = True
+        await self._handovers.close()  # no call moves while they end
         await asyncio.gather(
             *(self._end_call(c, "transceiver stopping") for c in list(self._calls.values()))
         )
+        await self.engine.stop()
         for mux in self._muxes:
             mux.close()
         self._muxes.clear()
@@ -215,6 +232,7 @@ class Transceiver:
             "owner": self.owner,
             "demux": dict(demux),
             "media_checks": dict(self.media_checks),
+            "media_engine": self.engine.info(),
             "migration": {
                 "frozen": sorted(c.conn_id for c in calls if c.frozen_at is not None),
                 "leases_expired": self.leases_expired,
@@ -282,8 +300,66 @@ class Transceiver:
             raise
         self._reserved.discard(conn_id)
         self._calls[conn_id] = call
-        call.start(connect_timeout=self.connect_timeout, on_end=self._end_call)
+        call.start(connect_timeout=self.connect_timeout, on_end=self._end_call,
+                   on_connected=self._start_handover if self.engine.handover else None)
         return call.answer_sdp, self.owner
+
+    # -- the media engine -------------------------------------------------------------
+
+    def _start_handover(self, call: WebRtcCall) -> None:
+        self._handovers.spawn(self._hand_over(call))
+
+    async def _hand_over(self, call: WebRtcCall) -> None:
+        """Move a call placed here onto the media engine once it is exportable,
+        as a migration from this transceiver to itself: one established-call
+        path. A call that cannot move stays on aiortc and says why
+        (``media_engine.why`` in its info)."""
+        deadline = time.monotonic() + HANDOVER_TIMEOUT
+        while (blocker := call.handover_blocker()) is not None:
+            settling, why = blocker
+            if not settling or time.monotonic() > deadline or self._calls.get(call.conn_id) is not call:
+                call.engine_refused = why
+                logger.info("call %d stays on aiortc: %s", call.conn_id, why)
+                return
+            await asyncio.sleep(0.05)  # pacing: a poll until the SCTP association settles
+        # From the freeze to the new call's registration nothing awaits: no
+        # packet reaches either call in between.
+        call.freeze()
+        try:
+            plan = ImportPlan.from_state(call.export_state(self.id, self.owner, include_secrets=True))
+        except ValueError as exc:
+            call.unfreeze()
+            call.engine_refused = str(exc)
+            logger.info("call %d stays on aiortc: %s", call.conn_id, exc)
+            return
+        agent_task = call.hand_over()
+        try:
+            new = self._engine_call(plan, call.session, call.agent, handed_over=True)
+        except (ValueError, InvalidRequest) as exc:
+            logger.error("call %d: the media engine could not take it after the hand-over: %s", call.conn_id, exc)
+            call.session.close()
+            self._calls.pop(call.conn_id, None)
+            self._ufrags.discard(call.ufrag)
+            await call.close(quiet=False)
+            return
+        self._calls[call.conn_id] = new
+        new.start(agent_task=agent_task)
+        new.activate("handover")
+        logger.info("call %d handed over to the media engine", call.conn_id)
+        await call.close(quiet=True)
+
+    def _engine_call(self, plan: ImportPlan, session: AgentSession, agent: Any, *,
+                     handed_over: bool = False) -> ImportedCall:
+        """An engine call from `plan`, attached to the shared sockets (ValueError if it cannot be)."""
+
+        async def consent_expired(c: ImportedCall) -> None:
+            await self._end_call(c, "ICE consent expired")
+
+        call = ImportedCall(plan, session, agent, engine=self.engine, consent_timeout=self.consent_timeout,
+                            on_consent_expired=consent_expired,
+                            on_closed_by_client=lambda c, reason: self._end_call(c, reason), handed_over=handed_over)
+        call.attach(self._muxes)
+        return call
 
     def _check_hint(self, ufrag: str, conn_id: int, *, placed_here: bool) -> None:
         if self.hint_key is None:
@@ -422,14 +498,8 @@ class Transceiver:
             session.close()
             raise InvalidRequest(f"agent state rejected: {exc}") from None
 
-        async def consent_expired(c: ImportedCall) -> None:
-            await self._end_call(c, "ICE consent expired")
-
         try:
-            call = ImportedCall(plan, session, agent, consent_timeout=self.consent_timeout,
-                                on_consent_expired=consent_expired,
-                                on_closed_by_client=lambda c, reason: self._end_call(c, reason))
-            call.attach(self._muxes)
+            call = self._engine_call(plan, session, agent)
         except ValueError as exc:
             session.close()
             raise InvalidRequest(f"state rejected: {exc}") from None
@@ -464,9 +534,12 @@ class Transceiver:
         call = self._get(conn_id)
         if not any(new in port.addrs for port in call.ports):
             raise InvalidRequest(f"call {conn_id} has not authenticated a check from {new[0]}:{new[1]}")
+        if call.replies_to() == new:
+            # Already there: an engine call follows the client's authenticated checks itself.
+            return True
         if old is None:  # wherever it replies now (a relay's new ICE-TCP connection)
             old = call.replies_to()
-            if old is None or old == new:
+            if old is None:
                 return False
         return call.repoint(old, new)
 

@@ -119,6 +119,10 @@ class WebRtcCall(CallHandle):
         self.candidates_stripped = 0
         self.consent_expired = False
         self.ending = False
+        #: Why the call stays on aiortc instead of entering the media engine (None: it did not try).
+        self.engine_refused: str | None = None
+        self.handed_over = False
+        self._agent_task: asyncio.Future | None = None
 
     @property
     def connection(self):  # the aioice Connection
@@ -190,9 +194,11 @@ class WebRtcCall(CallHandle):
         return cls(conn_id=conn_id, ufrag=ufrag, pc=pc, session=session, agent=agent, ice=ice, dtls=dtls, tap=tap,
                    dtls_tap=dtls_tap, ports=ports, offer=offer)
 
-    def start(self, *, connect_timeout: float, on_end: Callable[[WebRtcCall, str], Awaitable[None]]) -> None:
+    def start(self, *, connect_timeout: float, on_end: Callable[[WebRtcCall, str], Awaitable[None]],
+              on_connected: Callable[[WebRtcCall], None] | None = None) -> None:
         """Run the agent, watch the connection, and end the call through
-        `on_end(call, reason)` when it fails, closes or never connects."""
+        `on_end(call, reason)` when it fails, closes or never connects;
+        `on_connected(call)` once ICE and DTLS are up."""
 
         def consent_expired() -> None:
             self.consent_expired = True
@@ -206,6 +212,8 @@ class WebRtcCall(CallHandle):
             if state == "connected" and self.connected_at is None:
                 self.connected_at = time.time()
                 logger.info("call %d connected via %s", self.conn_id, self.selected_remote())
+                if on_connected is not None:
+                    on_connected(self)
             elif state in ("failed", "closed"):
                 await on_end(self, self._end_reason(state))
 
@@ -214,8 +222,49 @@ class WebRtcCall(CallHandle):
             if self.connected_at is None:
                 await on_end(self, f"not connected within {connect_timeout:g} s")
 
-        self._spawn(run_agent(self.agent, self.session, f"call {self.conn_id}"))
+        self._agent_task = self._tasks.spawn(run_agent(self.agent, self.session, f"call {self.conn_id}"))
         self._spawn(watchdog())
+
+    # -- the media engine -------------------------------------------------------------------
+
+    def handover_blocker(self) -> tuple[bool, str] | None:
+        """Why the call cannot enter the media engine now, as (passes by
+        itself, reason); None when it can."""
+        if self.ending:
+            return False, "the call is ending"
+        if self.pc.connectionState != "connected" or self.tap.srtp is None:
+            return True, "not connected yet"
+        if self.tap.frozen_at is not None:
+            return True, "frozen for a migration"
+        sctp = self.pc.sctp
+        if sctp is None:
+            return None
+        record, why = self.dtls_tap.export(include_secrets=False)
+        if record is None:
+            settling = hooks.dtls_session_secrets(self.dtls) is None or self.dtls_tap.tx_epoch == 0
+            return settling, f"data channels: {why}"
+        try:
+            hooks.sctp_export(sctp)
+        except ValueError as exc:
+            return True, f"data channels: {exc}"  # not established yet, a channel opening
+        return None
+
+    def hand_over(self) -> asyncio.Future | None:
+        """The media engine takes the call (frozen and exported just before,
+        in the same step): stop all traffic of aiortc's, leave the session and
+        agent running; returns the agent's task for the new call to keep.
+        Then :meth:`close` (quiet) shuts aiortc down."""
+        self.ending = True  # its own end (aiortc closing) is not the call's
+        self.handed_over = True
+        for port in self.ports:
+            port.muted = True  # no close_notify, ABORT or consent check of aiortc's goes out
+            port.mux.detach(port)  # the engine's call registers the same ufrag and address
+        self.session.forget_channels()  # messages wait for the engine's channels (the session is frozen)
+        task, self._agent_task = self._agent_task, None
+        if task is not None:
+            self._tasks.release(task)
+        self._cancel_tasks()
+        return task
 
     def _end_reason(self, state: str) -> str:
         if self.consent_expired:
@@ -274,7 +323,8 @@ class WebRtcCall(CallHandle):
             # so no DTLS close_notify, SCTP ABORT or consent check may go out.
             for port in self.ports:
                 port.muted = True
-        self.session.close()
+        if not self.handed_over:
+            self.session.close()  # after a hand-over the session lives on in the engine
         self._cancel_tasks()
         try:
             await self.pc.close()
@@ -311,6 +361,7 @@ class WebRtcCall(CallHandle):
             "connected_at": self.connected_at,
             "migration": {"frozen_at": self.tap.frozen_at, "frozen_dropped": self.tap.frozen_dropped,
                           "dtls_frozen_dropped": self.dtls_tap.frozen_dropped},
+            "media_engine": {"carried": False, "why": self.engine_refused},
         }
 
     def export_state(self, transceiver_id: int, owner: dict[str, Any], *, include_secrets: bool) -> CallState:

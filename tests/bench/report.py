@@ -148,6 +148,20 @@ def _density(data: dict) -> str:
     ])
 
 
+@renderer("loopback-density", "Transceiver density on loopback: media engine against aiortc, one run")
+def _loopback_density(data: dict) -> str:
+    rows = [[path, s["calls"], s["connected"], num(s["ms_per_call_second"], ".1f"), num(s["calls_per_core"], ".1f"),
+             num(s["echo_ratio"], ".2f"), s["echo_lost"], s["tone_ok"], num(s["mb_per_call"], ".2f"),
+             "yes" if s["holds"] else "no"]
+            for path, steps in data["steps"].items() for s in steps]
+    best = ", ".join(f"{p} {num(v, '.0f')}" for p, v in data["calls_per_core"].items())
+    return "\n".join([
+        md_table(["path", "calls", "connected", "ms CPU per call-second", "calls/core", "voiced echoes", "echo lost",
+                  "tone", "MB per call", "holds"], rows, "lrrrrrrrrl"),
+        "", f"Calls per core at the highest step that holds: {best} (docs/media-engine.md).",
+    ])
+
+
 @renderer("flood", "Forged STUN flood against a live relay")
 def _flood(data: dict) -> str:
     quiet = statistics.median(data["setup_s_quiet"])  # as bench_flood takes it

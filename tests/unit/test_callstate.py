@@ -20,6 +20,7 @@ from manager.transceiver.agent import AgentSession, EchoAgent
 from manager.transceiver.errors import InvalidRequest
 from manager.transceiver.import_plan import ImportPlan
 from manager.transceiver.imported_call import ImportedCall
+from manager.transceiver.media_engine import MediaEngine
 from manager.transceiver.transceiver import Transceiver
 from tests.support.callstate import (
     CIPHER,
@@ -154,14 +155,15 @@ def test_imported_call_keeps_aiortcs_replay_window() -> None:
 
     async def scenario() -> tuple[int, int]:
         plan = ImportPlan.from_state(parse_call_state(exported()))
-        call = ImportedCall(plan, AgentSession(42), EchoAgent(), on_consent_expired=lambda c: asyncio.sleep(0))  # a no-op coroutine
+        call = ImportedCall(plan, AgentSession(42), EchoAgent(), engine=MediaEngine(),
+                            on_consent_expired=lambda c: asyncio.sleep(0))  # a no-op coroutine
         client = pylibsrtp.Session(pylibsrtp.Policy(key=RX_KEY, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
                                                     srtp_profile=LIBSRTP_PROFILE))
         packets = {seq: _srtp_packet(client, seq) for seq in range(100, 401)}
         try:
-            call._srtp_received(packets[400])
-            call._srtp_received(packets[200])  # 200 behind, never seen: inside aiortc's window
-            return call.stats.rx_decrypted, call.stats.rx_undecryptable
+            call.media.receive(packets[400], 0.0)
+            call.media.receive(packets[200], 0.0)  # 200 behind, never seen: inside aiortc's window
+            return call.media.stats.rx_decrypted, call.media.stats.rx_undecryptable
         finally:
             await call.close()
 

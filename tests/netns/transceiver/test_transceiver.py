@@ -92,9 +92,11 @@ def sdp_attr_values(sdp: str, name: str) -> list[str]:
 
 
 def test_call_echoes_audio_and_messages_and_exports_real_keys() -> None:
+    # aiortc's own path (its ICE state is read below); tests/netns/transceiver/
+    # test_media_engine.py checks the same on the media engine.
     async def scenario() -> None:
         ended: list[tuple[int, str]] = []
-        async with Transceiver(1, capacity=4) as tx:
+        async with Transceiver(1, capacity=4, media_engine=False) as tx:
             tx.on_call_ended.append(lambda c, r: ended.append((c, r)))
             client = ClientCall(440)
             await client.place(tx, 42, UFRAG_A)
@@ -758,7 +760,7 @@ def test_replies_move_only_to_an_address_the_call_authenticated() -> None:
 
                 # The owner's media now goes to the new source.
                 await eventually_async(moved, what="10 of the owner's packets at the new source")
-                assert tx._get(1).selected_remote() == new
+                assert tx._get(1).replies_to() == new
             finally:
                 new_sock.close()
             await client.close()

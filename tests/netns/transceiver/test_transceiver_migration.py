@@ -300,7 +300,7 @@ def test_failed_import_unfreeze_errors_and_imported_call_lifecycle() -> None:
                                        what="A to hold back 15 packets while frozen")
                 n_unfreeze = len(fwd.to_client)
                 # (at most one packet still in flight from before the freeze)
-                assert n_unfreeze - n_frozen <= 1 and tx_a._calls[7].tap.frozen_dropped >= 15
+                assert n_unfreeze - n_frozen <= 1 and tx_a.call_info(7)["migration"]["frozen_dropped"] >= 15
 
                 # ...then unfreezes: the call goes on at A with no sequence gap.
                 t_unfreeze = time.monotonic()
@@ -350,7 +350,7 @@ def test_failed_import_unfreeze_errors_and_imported_call_lifecycle() -> None:
                 probe.sendto(check("x" * 22), c_owner)  # wrong password: no answer
                 await eventually_async(lambda: tx_c._calls[7].stats.stun_rejected == 1, 2, "rejected")
                 await asyncio.sleep(0.1)  # nothing must come back: a window for a wrong answer to arrive
-                assert replies.empty() and tx_c._calls[7].stats.tx_packets == 0
+                assert replies.empty() and tx_c._calls[7].media.stats.tx_packets == 0
                 probe.sendto(check(state["ice"]["local_pwd"]), c_owner)
                 reply = stun.parse_message(await asyncio.wait_for(replies.get(), 2))
                 assert reply.message_class == stun.Class.RESPONSE

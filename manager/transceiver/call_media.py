@@ -1,0 +1,284 @@
+"""One engine call's media: SRTP both ways, the client's RTP through the jitter
+buffer and the Opus decoder to the agent, the agent's audio encoded out.
+
+Nothing here waits: :meth:`CallMedia.receive` runs per datagram,
+:meth:`CallMedia.tick` once per 20 ms for every call from the media engine's
+one clock (media_engine.py). The wire formats are read and written by
+manager.protocol.rtp_header; SRTP is libsrtp (pylibsrtp) with aiortc's
+policy, each continued SSRC's stream started at its exported rollover
+counter (aiortc_hooks.srtp_session).
+"""
+
+from __future__ import annotations
+
+import array
+import copy
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import av
+import pylibsrtp
+from aiortc.rtp import is_rtcp
+
+from manager.protocol import rtp_header
+
+from . import aiortc_hooks as hooks
+from .agent import FRAME_SAMPLES, SAMPLE_RATE, TIME_BASE, AgentSession
+from .jitter import SpeechJitterBuffer
+from .opus import DEFAULT_COMPLEXITY, Decoder, Encoder, OpusError
+from .rtp_streams import WRAP_MARGIN, RtpStreamState
+
+logger = logging.getLogger(__name__)
+
+U32_MAX = 0xFFFFFFFF
+MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
+AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+#: Cap on the freeze-to-first-packet time used to continue RTP timestamps
+#: (clocks of two machines that disagree wildly must not make a huge jump).
+MAX_ELAPSED = 60.0
+PACKET_TIME = FRAME_SAMPLES / SAMPLE_RATE
+#: Datagrams a call may send us per second, and in one burst: Opus at 50/s,
+#: RTCP, consent checks and data-channel records stay far below.
+RATE_LIMIT = 400.0
+RATE_BURST = 200.0
+
+
+@dataclass
+class MediaStats:
+    rx_decrypted: int = 0  # SRTP + SRTCP packets unprotected OK
+    rx_undecryptable: int = 0  # failed unprotect (wrong key, replay, tampering)
+    rx_malformed: int = 0  # authenticated, but an RTP header that does not fit the packet
+    rx_late: int = 0  # arrived after its slot was played (or concealed)
+    rx_duplicates: int = 0
+    rx_other_payload: int = 0  # an RTP payload type that is not the call's Opus
+    rx_decode_errors: int = 0
+    rx_over_rate: int = 0  # datagrams beyond the call's rate, dropped before any work
+    tx_packets: int = 0
+    frozen_dropped: int = 0  # frames encoded but not sent while frozen for a migration
+    frames_to_agent: int = 0
+    frames_concealed: int = 0  # of those, played by PLC (nothing to decode)
+    frames_fec: int = 0  # of those, rebuilt from the next packet's FEC
+    rtcp: Counter[str] = field(default_factory=Counter)  # SRTCP packets by sender SSRC
+
+
+class RateLimit:
+    """A token bucket: `rate` per second, at most `burst` at once."""
+
+    def __init__(self, rate: float = RATE_LIMIT, burst: float = RATE_BURST) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = burst
+        self._at = time.monotonic()
+
+    def allow(self, now: float) -> bool:
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def audio_level(pcm: bytes) -> int:
+    """RFC 6464 level (0 = loudest, 127 = silence) from every eighth sample."""
+    samples = array.array("h", pcm)[::8]
+    if not samples:
+        return 127
+    rms = math.sqrt(sum(x * x for x in samples) / len(samples))
+    if rms < 1:
+        return 127
+    return min(127, max(0, round(-20 * math.log10(rms / 32767))))
+
+
+@dataclass
+class MediaPlan:
+    """What a call's media continues from (an ImportPlan's media part)."""
+
+    conn_id: int
+    libsrtp_profile: int
+    tx_key: bytes
+    rx_key: bytes
+    local_ssrc: int
+    payload_type: int  # the call's Opus
+    mid: str | None
+    header_extensions: list[dict]
+    tx: RtpStreamState | None
+    rx: dict[int, RtpStreamState]
+    frozen_at: float  # wall clock of the old owner's freeze
+    rtcp_rx: dict[str, int]
+
+
+class CallMedia:
+    """SRTP, jitter buffer, Opus and RTP for one call (see the module docstring)."""
+
+    def __init__(self, plan: MediaPlan, session: AgentSession, send: Callable[[bytes], None], *,
+                 complexity: int = DEFAULT_COMPLEXITY) -> None:
+        self.plan = plan
+        self.session = session
+        self._send = send
+        self.stats = MediaStats(rtcp=Counter(plan.rtcp_rx))
+        self.tx_stream = plan.tx or RtpStreamState(ssrc=plan.local_ssrc, payload_type=plan.payload_type)
+        tx = self.tx_stream
+        # Our first packet's counter: the next sequence number may wrap.
+        tx_roc = (tx.roc + (1 if tx.packets and tx.seq == 0xFFFF else 0)) & U32_MAX
+        rx_roc = {ssrc: st.roc for ssrc, st in plan.rx.items()}
+        near_wrap = {ssrc: (st.roc + 1) & U32_MAX for ssrc, st in plan.rx.items()
+                     if st.packets and 0xFFFF - st.seq < WRAP_MARGIN}
+        profile = plan.libsrtp_profile
+        try:
+            self._rx = hooks.srtp_session(plan.rx_key, inbound=True, libsrtp_profile=profile, rollover=rx_roc)
+            self._rx_wrapped = (hooks.srtp_session(plan.rx_key, inbound=True, libsrtp_profile=profile,
+                                                   rollover={**rx_roc, **near_wrap}) if near_wrap else None)
+            self._tx = hooks.srtp_session(plan.tx_key, inbound=False, libsrtp_profile=profile,
+                                          rollover={plan.local_ssrc: tx_roc})
+        except pylibsrtp.Error as exc:
+            raise ValueError(f"SRTP session setup failed: {exc}") from None
+        self.rx_streams = {ssrc: copy.copy(st) for ssrc, st in plan.rx.items()}
+        self.jitter = SpeechJitterBuffer()
+        self._jitter_ssrc: int | None = None
+        self._decoder = Decoder()
+        self._encoder = Encoder(complexity=complexity)
+        ids = {x["uri"]: x["id"] for x in plan.header_extensions}
+        self._mid_ext = (ids[MID_URI], plan.mid.encode()) if MID_URI in ids and plan.mid else None
+        self._level_id = ids.get(AUDIO_LEVEL_URI)
+        self._rx_pts = 0
+        self._tx_base: int | None = None  # RTP timestamp of the first frame we send
+        self._tx_frames = 0
+        self.sending = False
+        self.frozen = False
+        self.rate = RateLimit()
+
+    # -- inbound -----------------------------------------------------------------------
+
+    def receive(self, data: bytes, now: float) -> bool:
+        """Unprotect one SRTP/SRTCP packet and take it in; False if it does not authenticate."""
+        rtcp = is_rtcp(data)
+        try:
+            plain = self._rx.unprotect_rtcp(data) if rtcp else self._rx.unprotect(data)
+            if not rtcp:
+                self._rx_wrapped = None  # a stream authenticated at its exported counter
+        except pylibsrtp.Error:
+            plain = None
+        if plain is None and self._rx_wrapped is not None and not rtcp:
+            try:  # the client's stream wrapped before its first packet reached us
+                plain = self._rx_wrapped.unprotect(data)
+                self._rx, self._rx_wrapped = self._rx_wrapped, None
+                logger.info("call %d: the client's stream had wrapped before the switch", self.plan.conn_id)
+            except pylibsrtp.Error:
+                pass
+        if plain is None:
+            self.stats.rx_undecryptable += 1
+            return False
+        self.stats.rx_decrypted += 1
+        if rtcp:
+            if len(plain) >= 8:
+                self.stats.rtcp[str(int.from_bytes(plain[4:8], "big"))] += 1
+            return True
+        header = rtp_header.parse(plain)
+        if header is None:
+            self.stats.rx_malformed += 1
+            return True
+        stream = self.rx_streams.get(header.ssrc)
+        if stream is None:
+            stream = self.rx_streams[header.ssrc] = RtpStreamState(ssrc=header.ssrc,
+                                                                   payload_type=header.payload_type)
+        stream.update(header.sequence, header.timestamp, header.payload_type)
+        if header.payload_type != self.plan.payload_type or not header.payload:
+            self.stats.rx_other_payload += 1
+            return True
+        if header.ssrc != self._jitter_ssrc:
+            if self._jitter_ssrc is not None:
+                logger.info("call %d: client audio SSRC %d -> %d", self.plan.conn_id, self._jitter_ssrc,
+                            header.ssrc)
+                self.jitter = SpeechJitterBuffer()
+            self._jitter_ssrc = header.ssrc
+        outcome = self.jitter.push(header.sequence, header.timestamp, header.payload, now)
+        if outcome == "late":
+            self.stats.rx_late += 1
+        elif outcome == "duplicate":
+            self.stats.rx_duplicates += 1
+        return True
+
+    # -- the 20 ms tick ----------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One frame each way: the client's to the agent, the agent's to the client."""
+        self._play()
+        if self.sending:
+            self._send_frame()
+
+    def _play(self) -> None:
+        out = self.jitter.pop()
+        if out is None:
+            return
+        mark: str | None = None
+        try:
+            if out.kind == "packet":
+                assert out.payload is not None
+                pcm = self._decoder.decode(out.payload)
+            elif out.kind == "fec":
+                assert out.payload is not None
+                pcm, mark = self._decoder.decode_fec(out.payload), "fec"
+            else:
+                pcm, mark = self._decoder.conceal(), "plc"
+        except OpusError:
+            self.stats.rx_decode_errors += 1  # an authenticated but broken payload: conceal it
+            pcm, mark = self._decoder.conceal(), "plc"
+        samples = len(pcm) // 2
+        frame = av.AudioFrame(format="s16", layout="mono", samples=samples)
+        plane = frame.planes[0]
+        plane.update(pcm if len(pcm) == plane.buffer_size else pcm.ljust(plane.buffer_size, b"\0"))
+        frame.sample_rate = SAMPLE_RATE
+        frame.time_base = TIME_BASE
+        frame.pts = self._rx_pts
+        frame.opaque = mark
+        self._rx_pts += samples
+        self.stats.frames_to_agent += 1
+        if mark == "plc":
+            self.stats.frames_concealed += 1
+        elif mark == "fec":
+            self.stats.frames_fec += 1
+        self.session.deliver_audio(frame)
+
+    def start_sending(self) -> None:
+        """Continue the old owner's RTP: sequence numbers from its last + 1, the
+        clock from its last timestamp + one frame + the time since its freeze
+        (the client hears a pause, no loss)."""
+        tx = self.tx_stream
+        if tx.packets == 0:  # the old owner never sent: start like aiortc
+            tx.seq = random.randint(0, 0xFFFF)
+            self._tx_base = random.randint(0, U32_MAX)
+        else:
+            elapsed = min(max(time.time() - self.plan.frozen_at, 0.0), MAX_ELAPSED)
+            self._tx_base = (tx.timestamp + round((PACKET_TIME + elapsed) * SAMPLE_RATE)) & U32_MAX
+        self.sending = True
+
+    def _send_frame(self) -> None:
+        pcm = self.session.out_track.next_pcm()
+        payload = self._encoder.encode(pcm)
+        assert self._tx_base is not None
+        timestamp = (self._tx_base + self._tx_frames * FRAME_SAMPLES) & U32_MAX
+        self._tx_frames += 1  # the clock keeps real time while frozen
+        if self.frozen:
+            self.stats.frozen_dropped += 1
+            return
+        tx = self.tx_stream
+        seq = (tx.seq + 1) & 0xFFFF if tx.packets else tx.seq
+        items = [self._mid_ext] if self._mid_ext else []
+        if self._level_id is not None:
+            items.append((self._level_id, bytes([audio_level(pcm)])))
+        ext = rtp_header.one_byte_extensions(items) if items else b""
+        # Marker on every packet, as aiortc's sender: each is the last of its frame.
+        packet = rtp_header.build(self.plan.payload_type, True, seq, timestamp, self.plan.local_ssrc, payload, ext)
+        self._send(self._tx.protect(packet))
+        tx.update(seq, timestamp, self.plan.payload_type)
+        self.stats.tx_packets += 1
+
+    def info(self) -> dict:
+        stats = dict(vars(self.stats))
+        stats["rtcp"] = dict(self.stats.rtcp)
+        return {**stats, "jitter": self.jitter.info()}

@@ -1,0 +1,226 @@
+"""Calls on the media engine (docs/media-engine.md): a call placed with
+``media_engine=True`` is handed from aiortc to the engine after its handshake,
+and everything keeps working on it: the echo of the tone, the data channel,
+the client's view (no renegotiation, no sequence gap), hang-up, migration out
+and back. Bad input at a live engine call is dropped and counted, never a
+crash or a stall (a fuzz of random and mutated packets, a flood).
+
+Loopback, through the userspace relay stand-in (tests/support/transceiver_calls.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pylibsrtp
+import pytest
+from aiohttp import ClientSession
+from aioice import stun
+from aiortc.rtcdtlstransport import SRTP_PROFILES
+from aiortc.rtp import is_rtcp
+
+from manager.protocol import rtp_header
+from manager.transceiver.imported_call import ImportedCall
+from manager.transceiver.transceiver import Transceiver
+from manager.transceiver.webrtc_call import WebRtcCall
+from tests.support.transceiver_calls import (
+    UFRAG_A,
+    UFRAG_B,
+    ClientCall,
+    assert_dominant,
+    decrypt_rtp,
+    run,
+)
+from tests.support.transceiver_migration import StateLog, inbound_lost, migrate, owner_addr, serve
+from tests.support.waiting import eventually_async
+
+# realtime: the checks count media against the wall clock.
+pytestmark = pytest.mark.realtime
+
+
+async def engine_call(tx: Transceiver, conn_id: int, ufrag: str, freq: float = 440) -> tuple[ClientCall, ImportedCall]:
+    client = ClientCall(freq)
+    await client.place(tx, conn_id, ufrag)
+    await client.wait_connected()
+    await eventually_async(lambda: isinstance(tx._calls.get(conn_id), ImportedCall), 10,
+                           what="the hand-over to the engine")
+    call = tx._calls[conn_id]
+    assert isinstance(call, ImportedCall) and call.handed_over
+    return client, call
+
+
+def test_placed_call_runs_on_the_engine_and_keeps_everything() -> None:
+    async def scenario() -> None:
+        ended: list[tuple[int, str]] = []
+        async with Transceiver(1, capacity=4, media_engine=True) as tx:
+            tx.on_call_ended.append(lambda c, r: ended.append((c, r)))
+            client, call = await engine_call(tx, 42, UFRAG_A)
+            log = StateLog(client)
+            info = tx.call_info(42)
+            assert info["media_engine"] == {"carried": True, "handed_over": True}
+            assert tx.calls() == [42] and tx.health()["media_engine"]["calls"] == 1
+            # The data channel moved with the call: the agent echoes on it, both ways.
+            client.dc.send("on the engine")
+            assert await asyncio.wait_for(client.messages.get(), 3) == "on the engine"
+            # The echo of the tone, following a change (live input, not a replay).
+            await asyncio.sleep(1.2)  # pacing: a window of echoed tone to judge
+            assert_dominant(client.window(0.5), 440, [660, 880])
+            client.track.freq = 660
+            await asyncio.sleep(1.0)  # pacing: the new tone's echo fills the window
+            assert_dominant(client.window(0.5), 660, [440, 880])
+            # aiortc's packets and then the engine's: one SSRC, no sequence gap.
+            fwd = client.fwd
+            assert fwd is not None
+            state = tx.export_call_state(42)
+            srtp, audio = state["srtp"], next(m for m in state["media"] if m["kind"] == "audio")
+            sent = decrypt_rtp(srtp["profile"], srtp["tx_key"], [p for p in fwd.to_client if not is_rtcp(p)])
+            assert {p.ssrc for p in sent} == {audio["local_ssrc"]}
+            seqs = [p.sequence_number for p in sent]
+            assert seqs == [(seqs[0] + i) & 0xFFFF for i in range(len(seqs))]
+            assert await inbound_lost(client) <= 1
+            m = tx.call_info(42)["migration"]
+            assert m["rx_undecryptable"] == 0 and m["frames_to_agent"] > 80 and m["tx_packets"] > 80
+            assert tx.engine.tick_errors == 0
+            log.assert_untouched(client)
+            # The client hangs up: its DTLS close_notify reaches the engine's call.
+            await client.close()
+            await eventually_async(lambda: ended, 5, what="the call to end")
+            assert ended == [(42, "client hung up")] and tx.calls() == []
+
+    run(scenario(), timeout=40)
+
+
+def test_engine_call_migrates_out_and_back(fast_consent: None) -> None:
+    async def scenario() -> None:
+        async with (
+            Transceiver(1, capacity=2, media_engine=True) as tx_a,
+            Transceiver(2, capacity=2, media_engine=True) as tx_b,
+            ClientSession() as http,
+        ):
+            run_a, api_a = await serve(tx_a, http)
+            run_b, api_b = await serve(tx_b, http)
+            client, _ = await engine_call(tx_a, 42, UFRAG_A)
+            try:
+                log = StateLog(client)
+                await asyncio.sleep(0.8)  # pacing: some media before the first move
+                for src, dst, src_tx, dst_tx in ((api_a, api_b, tx_a, tx_b), (api_b, api_a, tx_b, tx_a)):
+                    m = await migrate(client, 42, src, dst, owner_addr(src_tx.owner))
+                    assert src_tx.calls() == [] and dst_tx.calls() == [42]
+                    await asyncio.sleep(1.2)  # pacing: a window of echoed tone to judge
+                    assert_dominant(client.window(0.5), 440, [660])
+                    assert await inbound_lost(client) - m["lost_before"] <= 1
+                    while not client.messages.empty():
+                        client.messages.get_nowait()
+                    client.dc.send("moved")
+                    assert await asyncio.wait_for(client.messages.get(), 3) == "moved"
+                log.assert_untouched(client)
+            finally:
+                await client.close()
+                await run_a.cleanup()
+                await run_b.cleanup()
+
+    run(scenario(), timeout=45)
+
+
+def test_switch_off_keeps_placed_calls_on_aiortc() -> None:
+    async def scenario() -> None:
+        async with Transceiver(1, capacity=2, media_engine=False) as tx:
+            client = ClientCall(440)
+            await client.place(tx, 42, UFRAG_A)
+            await client.wait_connected()
+            await asyncio.sleep(0.5)  # pacing: the call would have been handed over by now
+            assert isinstance(tx._calls[42], WebRtcCall)
+            assert tx.call_info(42)["media_engine"] == {"carried": False, "why": None}
+            await client.close()
+
+    run(scenario(), timeout=20)
+
+
+def _client_srtp(state: dict) -> pylibsrtp.Session:
+    """An SRTP session with the client's key: authentic packets of a stream of our own."""
+    profile = next(p for p in SRTP_PROFILES if p.openssl_profile.decode() == state["srtp"]["profile"])
+    policy = pylibsrtp.Policy(key=bytes.fromhex(state["srtp"]["rx_key"]),
+                              ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND, srtp_profile=profile.libsrtp_profile)
+    return pylibsrtp.Session(policy)
+
+
+def test_bad_input_is_dropped_and_counted_never_a_crash_or_stall() -> None:
+    """Random and mutated packets from the client's own (claimed) address at a
+    live engine call, beside a second call that must not notice: undecryptable,
+    replayed, malformed after authentication (an RTP header lying about its
+    length), DTLS records failing their tag, then a flood far beyond the rate."""
+
+    async def scenario() -> None:
+        async with Transceiver(1, capacity=4, media_engine=True) as tx:
+            client, call = await engine_call(tx, 42, UFRAG_A)
+            other, other_call = await engine_call(tx, 43, UFRAG_B, freq=660)
+            await asyncio.sleep(1.0)  # pacing: both calls echo before the bad input
+            fwd = client.fwd
+            assert fwd is not None and fwd.legs
+            leg = next(iter(fwd.legs.values()))  # the relay flow socket the call claimed
+            owner = owner_addr(tx.owner)
+            state = tx.export_call_state(42)
+            rng = random.Random(25)
+            captured = [p for p in fwd.to_owner[-50:]]
+            dtls = [p for p in fwd.to_owner if 19 < p[0] < 64][-5:] or [bytes([23, 254, 253]) + bytes(40)]
+            fake = _client_srtp(state)
+            before = dict(call.media.stats.__dict__)
+
+            def send(data: bytes) -> None:
+                try:
+                    leg.sendto(data, owner)
+                except BlockingIOError:
+                    pass  # the leg's buffer is full: that packet is not sent
+
+            for i in range(1200):
+                choice = i % 6
+                if choice == 0:  # random bytes of any class
+                    data = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300)))
+                elif choice == 1:  # a captured SRTP packet with bits flipped: fails its tag
+                    data = bytearray(rng.choice(captured))
+                    data[rng.randrange(12, len(data))] ^= 1 << rng.randrange(8)
+                    data = bytes(data)
+                elif choice == 2:  # a replay of a captured packet
+                    data = rng.choice(captured)
+                elif choice == 3:  # authentic, but its padding count (encrypted) lies about the length
+                    plain = rtp_header.build(111, False, 1000 + i, i * 960, 0x5EED, b"\x00" * 8)
+                    data = fake.protect(bytes([plain[0] | 0x20]) + plain[1:] + bytes([200 if i % 2 else 0]))
+                elif choice == 4:  # a DTLS record failing its tag
+                    data = bytearray(rng.choice(dtls))
+                    data[-1] ^= 0xFF
+                    data = bytes(data)
+                else:  # a consent check to the call's ufrag that fails MESSAGE-INTEGRITY
+                    check = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+                    check.attributes["USERNAME"] = f"{UFRAG_A}:{state['ice']['remote_ufrag']}"
+                    check.add_message_integrity(rng.randbytes(16))
+                    data = bytes(check)
+                send(data)
+                if i % 6 == 0:
+                    await asyncio.sleep(0.02)  # pacing: 300/s, under the call's rate limit (no flood yet)
+            await asyncio.sleep(1.5)  # pacing: a window of echo after the bad input
+            stats = call.media.stats
+            assert stats.rx_undecryptable > before["rx_undecryptable"] + 300
+            assert stats.rx_malformed > before["rx_malformed"]
+            assert call.stats.rx_dtls_dropped > 0 and call.stats.stun_rejected > 0
+            # Both calls still echo: nothing stalled.
+            assert_dominant(client.window(0.5), 440, [660])
+            assert_dominant(other.window(0.5), 660, [440])
+            # A flood far beyond a call's rate: dropped before any work.
+            for _ in range(100):
+                for _ in range(100):
+                    send(rng.choice(captured))
+                await asyncio.sleep(0.002)  # pacing: let the transceiver (same process) read them
+            await asyncio.sleep(1.5)  # pacing: a window of echo after the bad input
+            assert call.media.stats.rx_over_rate > 1000
+            assert_dominant(client.window(0.5), 440, [660])
+            assert_dominant(other.window(0.5), 660, [440])
+            assert other_call.media.stats.rx_over_rate == 0
+            assert tx.engine.tick_errors == 0 and tx.calls() == [42, 43]
+            info = tx.call_info(42)["migration"]
+            for key in ("rx_undecryptable", "rx_malformed", "rx_over_rate", "rx_dtls_dropped", "stun_rejected"):
+                assert info[key] > 0, key
+            await client.close()
+            await other.close()
+
+    run(scenario(), timeout=60)
