@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -33,15 +34,20 @@ def lab() -> None:
 @click.option("--no-services", is_flag=True, help="Only the topology: no relayd, no transceivers.")
 @click.option("--client-auth", type=click.Choice(["off", "tokens"]), default="off", show_default=True,
               help="Client credentials on the public listener (tokens: --json reports one).")
+@click.option("--agent", default=None, metavar="SPEC",
+              help="Each call's agent on the transceivers: FILE.py:ATTR or MODULE:ATTR, e.g. "
+                   "examples/pipecat_bot.py:make_pipeline (default: the echo agent).")
 @json_option
 def lab_up_cmd(prefix: str | None, n_tx: int, n_relays: int, no_services: bool, client_auth: str,
-               as_json: bool) -> None:
+               agent: str | None, as_json: bool) -> None:
     """Create the lab and start relayd + transceivers in it (left running)."""
     from manager.lab.manage import start_lab
 
     need_root("lab up")
+    if agent:
+        agent = resolve_agent(agent)
     info = start_lab(prefix, n_tx, services=not no_services, client_auth=client_auth, relays=n_relays,
-                     say=progress(not as_json))
+                     agent=agent, say=progress(not as_json))
     services = info["services"]
     if as_json:
         emit_json(info)
@@ -165,3 +171,18 @@ def demo(duration: float, hold: bool | None, as_json: bool) -> None:
         click.echo(demo_summary(r))
     if not r["ok"] or r["left_behind"]:
         sys.exit(1)
+
+
+def resolve_agent(spec: str) -> str:
+    """SPEC checked here (one line for a mistake, before a lab is built) and its file made absolute,
+    since the transceivers run elsewhere."""
+    from manager.transceiver.agent_loader import AgentSpecError, load_agent_factory
+
+    try:
+        load_agent_factory(spec)
+    except AgentSpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target:
+        target = str(Path(target).resolve())
+    return f"{target}:{attr}"

@@ -68,7 +68,7 @@ def lab_info(lab_, workdir: Path | None, services: dict | None) -> dict:
 
 
 def start_lab(prefix: str | None, transceivers: int, *, services: bool = True, client_auth: str = "off",
-              relays: int = 1, say=lambda msg: None) -> dict:
+              relays: int = 1, agent: str | None = None, say=lambda msg: None) -> dict:
     """Create a lab and (unless `services` is false) start relayd and the
     transceivers in it, detached: they outlive this process. Returns lab_info()."""
     say(f"creating namespaces and veths ({transceivers} transceivers"
@@ -77,7 +77,7 @@ def start_lab(prefix: str | None, transceivers: int, *, services: bool = True, c
     workdir = lab_workdir(lab_.prefix)
     recorded: dict = {}
     if services:
-        svc = Services(lab_, workdir, detached=True, client_auth=client_auth)
+        svc = Services(lab_, workdir, detached=True, client_auth=client_auth, agent=agent)
         try:
             say(f"starting {'redis-server, ' if relays > 1 else ''}{relays} relayd and {transceivers} "
                 f"transceivers (logs in {workdir})")

@@ -189,6 +189,7 @@ class Services:
     capacity: int = 50
     idle_timeout: float = 30.0
     client_auth: str = "off"  # the lab's default; "tokens": relayd wants a client token
+    agent: str | None = None  # the transceivers' --agent SPEC (None: the echo agent)
     # Processes outlive the caller (relayctl lab up): own session, so no
     # terminal signal reaches them, and stdin closed.
     detached: bool = False
@@ -288,6 +289,7 @@ class Services:
             "--bind", ep.addr4, "--bind", ep.addr6,
             "--capacity", str(self.capacity), "--pki-dir", str(self.workdir / "pki"),
             "--hint-key-file", str(self.workdir / "hint.key"),
+            *(("--agent", self.agent) if self.agent else ()),
         ])
 
     def _check_alive(self) -> None:

@@ -91,3 +91,15 @@ def test_transceiver_cli_refuses_a_bad_agent_in_one_line():
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "transceiver: --agent nope_xyz:x: cannot import nope_xyz: No module named 'nope_xyz'"
+
+
+def test_relayctl_lab_resolves_an_agent_file_to_an_absolute_spec(agents_file, monkeypatch):
+    import click
+
+    from cli.relayctl.lab import resolve_agent
+
+    monkeypatch.chdir(agents_file.parent)
+    assert resolve_agent("my_agents.py:Quiet") == f"{agents_file}:Quiet"
+    assert resolve_agent("manager.transceiver.agent:EchoAgent") == "manager.transceiver.agent:EchoAgent"
+    with pytest.raises(click.ClickException, match="has no attribute nothing"):
+        resolve_agent("my_agents.py:nothing")
