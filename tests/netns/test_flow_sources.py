@@ -61,8 +61,10 @@ def test_reserved_sources_are_never_handed_out():
 
 
 def _relayd(**dp) -> dict:
+    # 40,000 flow ports a pool address (a range the host reserves), so the plans below are round.
     return {"hint_key": "ab" * 32, "datapath": {"vips": [{"addr": "10.10.1.1", "port": 3478}],
-                                                 "internal_addr4": "10.10.0.1", **dp}}
+                                                 "internal_addr4": "10.10.0.1", "flow_port_min": 20000,
+                                                 "flow_port_max": 59999, **dp}}
 
 
 def test_config_refuses_maps_smaller_than_the_plan():
