@@ -6,7 +6,7 @@
 #
 # Steps, each cached in $SPLITRELAY_IMAGE_CACHE (default /var/cache/splitrelay/image)
 # and skipped when its result is newer than its inputs:
-#   rootfs/    debootstrap of bookworm (minbase) with python3, python3-bpfcc,
+#   rootfs/    debootstrap of bookworm (minbase) with python3, python3-bpfcc, libopus0,
 #              libbpf1 and Debian's kernel headers merged for bcc (see below)
 #   wheels/    the project's wheel and every dependency, built/downloaded by the
 #              host's pip (same Debian 12, same Python 3.11 as the image)
@@ -48,7 +48,8 @@ done
 [ -x "$venv_py" ] || die "no project environment at $venv_py (make setup)"
 
 # The rootfs's packages; a change of this list rebuilds it.
-pkgs=(python3 python3-venv python3-bpfcc libbpf1 ca-certificates)
+pkgs=(python3 python3-venv python3-bpfcc libbpf1 ca-certificates
+      libopus0)  # the transceiver's Opus (opuslib-next loads it)
 rootfs="$cache/rootfs"
 stamp="$rootfs/.splitrelay-rootfs"
 want="$(printf '%s\n' "${pkgs[@]}" | sha256sum | cut -c1-16)"

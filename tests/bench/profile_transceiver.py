@@ -85,13 +85,19 @@ async def place_client(conn: Connection, conn_id: int, track, on_track=None) -> 
 
     from manager.protocol.sdp import strip_candidates
 
-    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]  # loopback only
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTrack(track)
     pc.createDataChannel("chat")
     if on_track is not None:
         pc.on("track", on_track)
-    await pc.setLocalDescription(await pc.createOffer())
+    # Loopback only, while this client gathers; restored after, since the
+    # process (a pytest run, say) may place other clients on real interfaces.
+    gather = aioice.ice.get_host_addresses
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+    finally:
+        aioice.ice.get_host_addresses = gather
     conn.send((conn_id, f"call{conn_id:04d}aaaabbbbccccdddd", strip_candidates(pc.localDescription.sdp)))
     reply = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
     if isinstance(reply, Exception):
