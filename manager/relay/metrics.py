@@ -7,6 +7,8 @@ transceiver figures come from the running manager's objects.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -119,7 +121,9 @@ class Metrics:
             return web.Response(text="ok\n")
 
         async def readyz(request: web.Request) -> web.Response:
-            ready, parts = readiness.evaluate() if readiness is not None else (True, [])
+            # In a thread: the XDP check reads netlink through pyroute2, whose
+            # synchronous API refuses to run inside a running event loop.
+            ready, parts = await asyncio.to_thread(readiness.evaluate) if readiness is not None else (True, [])
             status = 200 if ready else 503
             if request.query.get("format") == "json":
                 return web.json_response({"ready": ready, "parts": [p.to_dict() for p in parts]}, status=status)

@@ -190,7 +190,7 @@ def test_redis_outage_keeps_calls_refuses_new_ones_then_recovers(fleet):
     assert seen["migrate"] == 503
     # Before: ready, every part named. During the outage the relay is alive
     # (a Redis blip must not restart it) but not ready, and says why.
-    assert {p: st for p, (st, _) in seen["probes_before"].items()} == {"/livez": 200, "/readyz": 200}
+    assert {p: st for p, (st, _) in seen["probes_before"].items()} == {"/livez": 200, "/readyz": 200}, seen["probes_before"]
     ready_body = seen["probes_before"]["/readyz"][1]
     for part in ("started: ok", "xdp: ok (attached on", "maps: ok", "registry: ok (redis reachable)",
                  "transceivers: ok (2 healthy)"):
