@@ -105,7 +105,7 @@ def _udp_call(lab):
 def tcp_flood(lab, svc, ctl, seconds: float) -> dict:
     pid = svc.procs["relayd"].pid
     c0, t0 = cpu_seconds(pid), time.monotonic()
-    time.sleep(seconds)
+    time.sleep(seconds)  # the idle measurement window
     idle = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
     route_flood_prefix(lab)
     peak = {"connections": 0, "largest_source": 0}

@@ -489,7 +489,7 @@ def test_a_real_rebinding_gets_through_a_spoof_flood_of_its_ssrc() -> None:
                 sp.on_client_packet(leg.vip, _rtp(ssrc, i, b"EVIL"), spoof)
                 if i % 280 == 279:
                     sp.on_client_packet(leg.vip, _rtp(ssrc, i, b"REAL"), moved)
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # a yield: the checks the spoof asks for run between packets
             await eventually_async(lambda: leg.client == moved, 5, what="the real client's rebinding")
             assert checks == [b"REAL"], checks
             assert sp.stats["rebind_first_packet"] == 2 * 280 + 1 and sp.stats["legs_rebound"] == 1

@@ -110,7 +110,7 @@ class Firefox:
             except (aiohttp.ClientError, OSError):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Firefox's remote agent did not come up (log: {self.log})") from None
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # pacing the reconnect while Firefox starts
         await self._call("session.new", capabilities={})
         while self._context is None:
             tree = await self._call("browsingContext.getTree")
@@ -120,7 +120,7 @@ class Firefox:
             elif time.monotonic() > deadline:
                 raise TimeoutError(f"Firefox did not open {self.url}")
             else:
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # pacing the poll of the browsing contexts
 
     async def _call(self, method: str, **params: Any) -> dict:
         assert self._ws is not None

@@ -107,7 +107,7 @@ class BrowserClient:
         while not await self.browser.evaluate("!!(window.splitrelay && document.getElementById('talk'))"):
             if time.monotonic() > deadline:
                 raise TimeoutError("the page did not load")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # pacing the poll of the page's state
         await self.browser.evaluate(PROBE)
 
     async def status(self) -> Reading:
@@ -209,7 +209,7 @@ class AiortcClient:
 
         async def ping() -> None:
             while dc.readyState != "open":
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # pacing: the channel opens with the call (the call's timeout bounds it)
             while dc.readyState == "open":
                 tag = f"ping-{r.dc_sent}"
                 self.pending.add(tag)

@@ -22,6 +22,7 @@ from tests.support.dtls_peers import (
     transceiver_context,
     use_certificate,
 )
+from tests.support.waiting import eventually_async
 
 TLS13_SUITES = ("TLS_AES_", "TLS_CHACHA20_")  # set apart by OpenSSL (set_ciphersuites), not DTLS 1.2 suites
 DTLS1_VERSION = 0xFEFF
@@ -97,10 +98,8 @@ async def _call(tamper_fingerprint: bool) -> tuple[str, str | None]:
         await answerer.setLocalDescription(await answerer.createAnswer())
         await offerer.setRemoteDescription(answerer.localDescription)
         dtls = answerer.getTransceivers()[0].receiver.transport
-        for _ in range(500):
-            if dtls.state in ("connected", "failed"):
-                break
-            await asyncio.sleep(0.02)
+        await eventually_async(lambda: dtls.state in ("connected", "failed"), timeout=10,
+                               what="the DTLS handshake to finish")
         secrets = hooks.dtls_session_secrets(dtls)
         return dtls.state, secrets.cipher if secrets else None
     finally:
