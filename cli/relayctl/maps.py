@@ -63,13 +63,14 @@ def stats(t: Target, as_json: bool) -> None:
         fast = fastpath_view(dp.counters())
     finally:
         dp.close()
-    slow, relayd_error = None, None
+    slow, hops, relayd_error = None, None, None
     try:
-        slow = t.client().stats()["slowpath"]
+        answer = t.client().stats()
+        slow, hops = answer["slowpath"], answer.get("next_hops")
     except ControlError as exc:
         relayd_error = str(exc)
     if as_json:
-        emit_json({"pin_dir": str(t.pin_dir), "fastpath": fast, "slowpath": slow,
+        emit_json({"pin_dir": str(t.pin_dir), "fastpath": fast, "slowpath": slow, "next_hops": hops,
                    "relayd_running": relayd_error is None, "relayd_error": relayd_error})
         return
     click.echo(f"fast path ({t.pin_dir})")
@@ -88,6 +89,8 @@ def stats(t: Target, as_json: bool) -> None:
                f"/ {slow['legs']['pending']} pending, queue {slow['queue_bytes']} bytes{mean}")
     if slow["events"]:
         click.echo(table(["EVENT", "COUNT"], [[k, v] for k, v in sorted(slow["events"].items())]))
+    if hops:
+        click.echo("next hops kept resolved: " + ", ".join(f"{k} {v}" for k, v in hops.items()))
 
 
 @main.command()

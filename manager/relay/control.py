@@ -73,6 +73,7 @@ class ControlDeps:
     runtime: Runtime
     fleet: Any = None  # manager.relay.fleet.RedisFleet of a fleet; None: in-memory registry
     tcp: Any = None  # manager.relay.tcp_bridge.TcpBridge; None: ICE-TCP off
+    next_hops: Any = None  # manager.relay.kernel.next_hops.NextHops
 
 
 DEPS_KEY = web.AppKey("deps", ControlDeps)
@@ -243,7 +244,8 @@ async def get_transceivers(request: web.Request) -> web.Response:
 async def get_stats(request: web.Request) -> web.Response:
     deps = _deps(request)
     counters = await asyncio.to_thread(deps.datapath.counters) if deps.datapath.maps is not None else {}
-    return web.json_response({"fastpath": fastpath_view(counters), "slowpath": slowpath_view(deps)})
+    return web.json_response({"fastpath": fastpath_view(counters), "slowpath": slowpath_view(deps),
+                              "next_hops": dict(deps.next_hops.stats) if deps.next_hops is not None else None})
 
 
 async def post_expire(request: web.Request) -> web.Response:

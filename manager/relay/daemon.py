@@ -24,6 +24,7 @@ from manager.relay.credentials import ClientAuth
 from manager.relay.fleet import RedisFleet, redact_url
 from manager.relay.kernel.datapath import Datapath, xdp_attachment
 from manager.relay.kernel.flow_sockets import FlowSockets
+from manager.relay.kernel.next_hops import NextHops
 from manager.relay.metrics import Metrics
 from manager.relay.migration import Migrator
 from manager.relay.port_ranges import check_this_namespace
@@ -59,6 +60,7 @@ class Relay:
         self.datapath = Datapath(cfg.datapath,
                                  source_prefix=(cfg.limits.source_prefix_v4, cfg.limits.source_prefix_v6))
         self.flow_sockets = FlowSockets(cfg.datapath)
+        self.next_hops = NextHops()
         self.registry = Registry(heartbeat_timeout=cfg.signaling.heartbeat_timeout)
         # A fleet shares the registry through Redis; alone, it is in memory only.
         self.fleet = (RedisFleet(cfg.registry, self.registry, on_owner_moved=self._owner_moved,
@@ -85,6 +87,9 @@ class Relay:
         # synchronous netlink API refuses to run inside a running loop.
         self.runtime.adopted = await asyncio.to_thread(self.datapath.load)
         self.runtime.attach_results = await asyncio.to_thread(self.datapath.attach)
+        # Every next hop a flow forwards through stays resolved, also while relayd is down.
+        self.next_hops.start()
+        self.datapath.on_next_hop = self.next_hops.want
         for r in self.runtime.attach_results:
             log.info("XDP on %s: %s mode%s", r.interface, r.mode, " (adopted)" if r.adopted else "")
         dp = cfg.datapath
@@ -142,7 +147,7 @@ class Relay:
         self._control = await start_control(ControlDeps(
             config=cfg, registry=self.registry, datapath=self.datapath, slowpath=self.slowpath,
             migrator=self.migrator, transceivers=self._client, flow_setup=self.metrics.flow_setup,
-            runtime=self.runtime, fleet=self.fleet, tcp=self.tcp))
+            runtime=self.runtime, fleet=self.fleet, tcp=self.tcp, next_hops=self.next_hops))
         log.info("relayd ready: signaling on %s:%d, transceivers on %s:%d (mutual TLS), VIPs %s",
                  cfg.signaling.host, cfg.signaling.port, cfg.internal.host, cfg.internal.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
@@ -224,6 +229,8 @@ class Relay:
         if self.fleet is not None:
             await self.fleet.stop()
         self.flow_sockets.close()
+        self.datapath.on_next_hop = None
+        await asyncio.to_thread(self.next_hops.stop)
         if detach:
             removed = await asyncio.to_thread(self.datapath.detach, purge=True)
             log.info("fast path removed from %s", ", ".join(removed) or "no interface")

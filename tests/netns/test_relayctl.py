@@ -376,6 +376,8 @@ def test_stats_json_fast_and_slow(env, live):
     assert slow["events"]["flows_installed"] == scraped[("splitrelay_slowpath_events_total",
                                                          (("event", "flows_installed"),))] >= 1
     assert slow["flow_setup"]["count"] == scraped[("splitrelay_flow_setup_seconds_count", ())]
+    # The live call's next hops (client side and owner) are kept resolved.
+    assert data["next_hops"]["managed"] >= 1 and data["next_hops"]["failed"] == 0
 
 
 def test_tables_as_subprocess(env, live):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from manager.protocol.addresses import OwnerAddr
@@ -42,6 +43,9 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
         self.maps: Maps | None = None
         self.prog_fd: int = -1
         self._previous_prog_id: int | None = None  # the pinned program an upgrade replaced
+        # Told every address a flow forwards to (client, owner): relayd keeps
+        # their next hops resolved (next_hops.py). None: nobody listens.
+        self.on_next_hop: Callable[[str], None] | None = None
         self._init_flows()
         self._init_slots()
 

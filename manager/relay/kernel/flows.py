@@ -99,6 +99,8 @@ class FlowCrud:
         self._m().flows.update(flow_key(client, vip), FlowInfo(conn_id=conn_id, flow_port=htons(flow_port),
                                                                flow_addr=flow_addr, last_seen_ns=now,
                                                                created_ns=now, slot=self.slot_of(conn_id)))
+        if self.on_next_hop is not None:
+            self.on_next_hop(client[0])
 
     def remove_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> bool:
         """Remove a flow and every reverse entry that points at it (found in
@@ -176,6 +178,8 @@ class FlowCrud:
         m.flows.delete(old_key)
         if info.ssrc:
             m.ssrcs.update(ctypes.c_uint32(info.ssrc), new_key)
+        if self.on_next_hop is not None:
+            self.on_next_hop(new_client[0])
         return True
 
     def has_flow(self, client: tuple[str, int], vip: tuple[str, int]) -> bool:

@@ -142,6 +142,9 @@ class OwnerSlots:
             info.addr6 = pack_addr(owner.addr6)
             info.port6 = htons(owner.port6)
         self._write_owner(slot, info)
+        if self.on_next_hop is not None:
+            for addr, _ in owner.endpoints():
+                self.on_next_hop(addr)
         return gen
 
     def get_owner(self, conn_id: int) -> tuple[OwnerAddr, int] | None:
