@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from manager.observability.tracing import check_endpoint
 from manager.pki import read_secret_file
 from manager.protocol.sources import SourceKey
 
@@ -342,6 +343,19 @@ class RegistryConfig(BaseModel):
         return read_secret_file(self.password_file).decode("utf-8", "replace").strip()
 
 
+class TelemetryConfig(BaseModel):
+    """Traces (manager.observability.tracing): off unless an endpoint is given."""
+
+    model_config = ConfigDict(extra="forbid")
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP collector, e.g. http://collector:4318 "
+                                      "(spans go to its /v1/traces); unset: no traces")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else check_endpoint(v)
+
+
 class RelaydConfig(BaseModel):
     """Everything relayd needs; built from a file, the environment, or code."""
 
@@ -357,6 +371,7 @@ class RelaydConfig(BaseModel):
     slowpath: SlowPathConfig = Field(default_factory=SlowPathConfig)
     tcp: TcpConfig = Field(default_factory=TcpConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     control_socket: Path = Path("/run/splitrelay/relayd.sock")
     detach_on_exit: bool = Field(default=False, description="remove the fast path on stop (default: leave it running)")

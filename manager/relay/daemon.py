@@ -18,6 +18,7 @@ import time
 from aiohttp import web
 
 from manager import pki
+from manager.observability import tracing
 from manager.relay.config import RelaydConfig
 from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
 from manager.relay.credentials import ClientAuth
@@ -243,6 +244,7 @@ async def run(cfg: RelaydConfig, stop: asyncio.Event | None = None) -> None:
     """Run relayd until SIGTERM/SIGINT (or `stop` is set). A second signal
     stops at once without the graceful steps."""
     relay = Relay(cfg)
+    tracing.configure("relayd", cfg.telemetry.otlp_endpoint)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -264,3 +266,4 @@ async def run(cfg: RelaydConfig, stop: asyncio.Event | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await relay.stop()
+        await asyncio.to_thread(tracing.shutdown)  # what is still buffered goes out

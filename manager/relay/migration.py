@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Histogram
 
+from manager.observability import tracing
 from manager.protocol.addresses import OwnerAddr
 from manager.protocol.tasks import TaskSet
 from manager.relay.kernel.datapath import Datapath
@@ -141,12 +142,18 @@ class Migrator:
         t0 = time.monotonic()
         imported = False
         new_owner: OwnerAddr | None = None
+        trace = tracing.begin("call.migrate", call_id=call.call_id, conn_id=conn, source_transceiver=source.id,
+                              target_transceiver=target.id)
         try:
             try:
-                state = await self.client.call_op(source, "POST", f"/calls/{conn}/export", {"freeze": True})
+                with trace.phase("export"):  # the old owner freezes the call and exports it
+                    state = await self.client.call_op(source, "POST", f"/calls/{conn}/export", {"freeze": True})
                 res.steps["export"] = time.monotonic() - t0
-                reply = await self.client.call_op(target, "POST", "/calls/import", {"conn_id": conn, "state": state})
+                with trace.phase("import"):
+                    reply = await self.client.call_op(target, "POST", "/calls/import",
+                                                      {"conn_id": conn, "state": state})
                 imported = True
+                trace.phase("flip")  # staging the new owner's entries, then the owner entry
                 new_owner = OwnerAddr(**reply["owner"])
                 outside = [a for a, _ in new_owner.endpoints() if not self.allows_owner(a)]
                 if outside:
@@ -183,7 +190,8 @@ class Migrator:
             self.registry.set_owner(conn, target.id, new_owner)
             res.flip_s = time.monotonic() - t0
             try:
-                await self.client.call_op(target, "POST", f"/calls/{conn}/activate")
+                with trace.phase("resume"):  # until the first packet the kernel forwards from the new owner
+                    await self.client.call_op(target, "POST", f"/calls/{conn}/activate")
             except TransceiverError as exc:  # it also starts on the first inbound packet
                 log.warning("activate on transceiver %d: %s", target.id, exc)
             for ep, src in retired_reverse_entries(legs, old_owner, staged):
@@ -191,6 +199,8 @@ class Migrator:
             self._background.spawn(self._release(source, conn))
             res.switch_s = await self._first_packet(staged, t0)
             res.outcome = "moved"
+            trace.set(switch_ms=round(res.switch_s * 1000, 3) if res.switch_s is not None else None)
+            trace.end()
             if res.switch_s is not None:
                 self.switch.observe(res.switch_s)
             log.info("call %s moved from transceiver %d to %d (flip %.1f ms, first packet %s)", call.call_id,
@@ -199,8 +209,10 @@ class Migrator:
             return res
         except MigrationError as exc:
             res.error = str(exc)
+            trace.end(res.error)
             raise
         finally:
+            trace.end("interrupted")  # no-op if it ended above
             self.running.discard(conn)
             self.outcomes.labels(res.outcome).inc()
 

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
+from manager.observability import tracing
 from manager.protocol.api import ApiError
 from manager.protocol.client_auth import AuthError, credential_digest, same_credential
 from manager.protocol.http import text_error
@@ -94,6 +95,7 @@ class _Api:
                                           source_key=limits.source_key())
         self.proxies = TrustedProxies(trusted_proxies)
         registry.on_call_ended(lambda call, reason: auth.call_ended(call.conn_id))
+        registry.on_call_ended(lambda call, reason: tracing.drop("setup", call.conn_id, reason))
         self.allows_owner = allows_owner
         self.claim_conn_id = claim_conn_id
         self._background = TaskSet("signaling", log)
@@ -125,10 +127,17 @@ class _Api:
             self.create_limits.admit(source)
         except ApiError as exc:
             return text_error(exc.status, str(exc), {"Retry-After": "1"})
+        setup = tracing.begin("call.setup", "place")  # the offer is received
         try:
-            return await self._create(request, grant)
+            resp = await self._create(request, grant, setup)
+        except BaseException:
+            setup.end("interrupted")
+            raise
         finally:
             self.create_limits.release(source)
+        if resp.status != 201:
+            setup.end(f"refused: {resp.status} {resp.text.strip()}")
+        return resp
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, up to max_body + 1 bytes: content.read(n) returns
@@ -142,7 +151,7 @@ class _Api:
             raw += chunk
         return bytes(raw)
 
-    async def _create(self, request: web.Request, grant: CreateGrant) -> web.Response:
+    async def _create(self, request: web.Request, grant: CreateGrant, setup) -> web.Response:
         credential = grant.credential
         raw = await self._read_body(request)
         if len(raw) > self.limits.max_body:
@@ -195,10 +204,12 @@ class _Api:
             server_ufrag=server_ufrag,
             credential=credential_digest(credential) if credential is not None else None,
         )
+        setup.set(call_id=call.call_id, conn_id=conn_id, transceiver_id=transceiver.id)
         try:
-            answer, owner = await self.client.create_call(
-                transceiver, conn_id, server_ufrag, strip_candidates(offer)
-            )
+            with setup.phase("answer"):
+                answer, owner = await self.client.create_call(
+                    transceiver, conn_id, server_ufrag, strip_candidates(offer)
+                )
         except TransceiverError as exc:
             self.registry.end_call(conn_id, "placement-failed")
             # Logged in full; the client learns nothing of the inside.
@@ -225,6 +236,8 @@ class _Api:
 
         self.registry.activate(conn_id, owner)
         self.auth.created(grant, conn_id)
+        setup.phase("ice")  # until the client's first check reaches the relay (manager.relay.slowpath)
+        setup.keep("setup", conn_id)
         log.info(
             "call %s conn_id %d placed on transceiver %d", call.call_id, conn_id, transceiver.id
         )

@@ -11,6 +11,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from manager import pki
+from manager.observability import tracing
 from manager.protocol.addresses import OwnerAddr
 from manager.protocol.api import CreateCallReply, CreateCallRequest, one_line, validation_message
 from manager.relay.registry import Transceiver
@@ -57,6 +58,8 @@ class TransceiverClient:
             if not url.startswith("https://"):
                 raise TransceiverError(f"{method} {url}: transceiver {transceiver.id} must be reached over https")
             kwargs.update(ssl=self.tls, server_hostname=pki.transceiver_name(transceiver.id))
+        if tracing.enabled():  # the phase under way continues on the transceiver (W3C traceparent)
+            kwargs["headers"] = tracing.inject(dict(kwargs.get("headers") or {}))
         try:
             async with self._http().request(
                 method, url, timeout=aiohttp.ClientTimeout(total=self.timeout), **kwargs

@@ -14,6 +14,7 @@ from pathlib import Path
 from manager import pki
 from manager.observability.logs import FORMATS
 from manager.observability.logs import configure as configure_logs
+from manager.observability.tracing import check_endpoint
 
 from .agent_loader import AgentSpecError, load_agent_factory
 from .opus import DEFAULT_COMPLEXITY
@@ -54,6 +55,13 @@ def transceiver_id(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 0xFFFF:
         raise argparse.ArgumentTypeError(f"{value!r} is not a transceiver id in 1..65535")
     return int(value)
+
+
+def otlp_endpoint(value: str) -> str:
+    try:
+        return check_endpoint(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="control URL advertised to the relay (default: http://<listen>)",
     )
+    p.add_argument("--otlp-endpoint", type=otlp_endpoint, default=None, metavar="URL",
+                   help="send traces by OTLP/HTTP to URL, e.g. http://collector:4318 (default: no traces)")
     p.add_argument("--agent", default=None, metavar="SPEC",
                    help="the agent for each call: MODULE:ATTR or FILE.py:ATTR (default: the echo agent)")
     p.add_argument(
@@ -160,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint_key=hint_key,
         media_engine=args.media_engine,
         opus_complexity=args.opus_complexity,
+        otlp_endpoint=args.otlp_endpoint,
     )
     try:
         asyncio.run(run(config))

@@ -42,6 +42,7 @@ from typing import Any
 from aiohttp import web
 
 from manager import pki
+from manager.observability import tracing
 from manager.protocol.http import error_middleware, json_body, json_error
 
 from .errors import (
@@ -214,11 +215,32 @@ def _authorized(check: Callable[[web.Request], bool]):
     return authorized
 
 
+def _traced(transceiver_id: int):
+    """A request relayd sent within a traced phase continues its trace here
+    (``transceiver POST /calls/{conn_id}/export``...)."""
+
+    @web.middleware
+    async def traced(request: web.Request, handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        name = f"transceiver {request.method} {route.canonical if route is not None else request.path}"
+        conn_id = request.match_info.get("conn_id")
+        with tracing.server_span(name, request.headers, transceiver_id=transceiver_id,
+                                 conn_id=int(conn_id) if conn_id and conn_id.isdigit() else None) as span:
+            resp = await handler(request)
+            if span is not None:
+                span.set_attribute("http.response.status_code", resp.status)
+            return resp
+
+    return traced
+
+
 def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], bool] | None = None,
                ) -> web.Application:
     """The control API. Served with mutual TLS, `authorize=relayd_only` admits
     relayd alone; None (in-process tests over plain HTTP) admits anyone."""
     middlewares = [_call_errors] if authorize is None else [_authorized(authorize), _call_errors]
+    if tracing.enabled():  # off: not even a middleware
+        middlewares.insert(len(middlewares) - 1, _traced(transceiver.id))
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[TRANSCEIVER_KEY] = transceiver
     app.router.add_post("/calls", _post_call)

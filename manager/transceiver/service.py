@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from manager import pki
+from manager.observability import tracing
 
 from .agent import AgentFactory, EchoAgent
 from .control import create_app, relayd_only
@@ -44,6 +45,7 @@ class TransceiverConfig:
     hint_key: bytes | None = None  # the relay's routing-hint key: every call's ufrag is checked
     media_engine: bool = False  # placed calls move to the media engine after their handshake
     opus_complexity: int = DEFAULT_COMPLEXITY  # the engine's Opus encoder
+    otlp_endpoint: str | None = None  # traces by OTLP/HTTP (manager.observability.tracing); None: off
 
 
 async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> None:
@@ -64,6 +66,7 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
     if config.pki_dir is not None:
         paths = pki.paths(config.pki_dir, pki.transceiver_name(config.id).split(".")[0])
         server_tls, client_tls = pki.server_context(paths), pki.client_context(paths)
+    tracing.configure("splitrelay-transceiver", config.otlp_endpoint, instance=str(config.id))
     await tx.start()
     app = create_app(tx, authorize=relayd_only if server_tls is not None else None)
     runner = web.AppRunner(app, access_log=None)
@@ -111,3 +114,4 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
             await registrar.stop()
         await tx.stop()
         await runner.cleanup()
+        await asyncio.to_thread(tracing.shutdown)  # what is still buffered goes out

@@ -26,6 +26,7 @@ from aioice.ice import validate_username
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCBundlePolicy
 
+from manager.observability import tracing
 from manager.protocol.callstate import parse_call_state
 from manager.protocol.log_budget import LogBudget
 from manager.protocol.tasks import TaskSet
@@ -300,11 +301,16 @@ class Transceiver:
             raise
         self._reserved.discard(conn_id)
         self._calls[conn_id] = call
-        call.start(connect_timeout=self.connect_timeout, on_end=self._end_call,
-                   on_connected=self._start_handover if self.engine.handover else None)
+        call.start(connect_timeout=self.connect_timeout, on_end=self._end_call, on_connected=self._connected)
+        tracing.follow("transceiver.connect", "connect", conn_id, conn_id=conn_id, transceiver_id=self.id)
         return call.answer_sdp, self.owner
 
     # -- the media engine -------------------------------------------------------------
+
+    def _connected(self, call: WebRtcCall) -> None:
+        tracing.advance("connect", call.conn_id, None)
+        if self.engine.handover:
+            self._start_handover(call)
 
     def _start_handover(self, call: WebRtcCall) -> None:
         self._handovers.spawn(self._hand_over(call))
@@ -399,6 +405,7 @@ class Transceiver:
         self._ufrags.discard(call.ufrag)
         self._stop_lease(call.conn_id)
         await call.close(quiet=quiet)
+        tracing.drop("connect", call.conn_id, reason)  # never connected
         logger.info("call %d ended: %s", call.conn_id, reason)
         for callback in list(self.on_call_ended):
             try:
@@ -423,7 +430,8 @@ class Transceiver:
         if problem is not None:
             raise CallStateConflict(f"call {conn_id} cannot be migrated: {problem}")
         if freeze:
-            call.freeze()
+            with tracing.span("transceiver.freeze", conn_id=conn_id, transceiver_id=self.id):
+                call.freeze()
             self._start_lease(call)
             logger.info("call %d frozen for migration (lease %g s)", conn_id, self.freeze_lease)
         return self.export_call_state(conn_id)

@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from manager.observability import tracing
 from manager.protocol.addresses import family_of
 from manager.protocol.rfc7983 import is_stun
 from manager.protocol.sources import SourceKey, Tally, TokenBuckets
@@ -265,6 +266,7 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
         leg = Leg(client=client, vip=vip, conn_id=call.conn_id, flow_port=source[0], flow_addr=source[1])
         self._add_leg(leg)
         self.stats["legs_opened"] += 1
+        tracing.advance("setup", call.conn_id, "install")  # the call's first STUN check: no-op after
         self._note_txid(leg, data, msg)
         self._to_owner(leg, data)
 
@@ -376,6 +378,7 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
             # after a relay restart): the owner's replies still go to the old
             # flow source; it moves them here, as it answered this leg's check.
             self._spawn(self._repoint(leg, None))
+            tracing.advance("setup", leg.conn_id, None)
             if self.on_flow_installed:
                 self.on_flow_installed(leg.installed_at - leg.first_seen)
             return
@@ -405,6 +408,7 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
             self.fleet.replaced(leg.client, leg.vip, remote.relay)
             self._spawn(self._repoint(leg, remote.source))
         self._publish(leg)
+        tracing.advance("setup", leg.conn_id, None)  # installed: the relay's part of the set-up is done
         if self.on_flow_installed:
             self.on_flow_installed(leg.installed_at - leg.first_seen)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+from manager.observability import tracing
 from manager.protocol.addresses import family_of
 from manager.relay.kernel.datapath import DatapathError
 from manager.relay.registry import Call
@@ -114,8 +115,10 @@ class Failover:
 
     async def _take_over(self, leg: Leg, remote, data: bytes, t0: float) -> None:
         key = (leg.client, leg.vip)
+        trace = tracing.begin("call.failover", conn_id=leg.conn_id, from_relay=remote.relay)
         try:
-            authentic = await self.check_media(leg.conn_id, data, path=(remote.source, self._source_addr(leg)))
+            with trace.phase("check"):  # the owner authenticates the packet and re-points its replies
+                authentic = await self.check_media(leg.conn_id, data, path=(remote.source, self._source_addr(leg)))
         except Exception as exc:
             authentic = False
             log.warning("failover check for call %s from %s failed: %s", leg.conn_id, leg.client, exc)
@@ -124,14 +127,18 @@ class Failover:
         if not authentic:
             self.stats["failover_refused"] += 1
             self._close_leg(leg)
+            trace.end("the owner did not authenticate the packet")
             return
         if self.legs.get(key) is not leg:
+            trace.end("the leg was closed meanwhile")
             return
+        trace.phase("install")
         self.stats["forward_in"] += 1  # the owner took the packet as media
         self.bytes["forward_in"] += len(data)
         leg.ssrc = remote.ssrc
         self.fleet.replaced(leg.client, leg.vip, remote.relay)
         self._install(leg)
+        trace.end()
         self.stats["failovers"] += 1
         log.info("call %s: took over %s from relay %s in %.1f ms", leg.conn_id, leg.client, remote.relay,
                  (time.monotonic() - t0) * 1000)

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from manager.observability import tracing
 from manager.protocol.rfc7983 import is_stun
 from manager.relay.slowpath.legs import Addr, Leg
 
@@ -36,6 +37,7 @@ class StreamLegs:
         self._pending_per_source.add(self.source_key(client[0]))
         self._pending[id(leg)] = leg
         self.stats["tcp_legs_opened"] += 1
+        tracing.advance("setup", call.conn_id, "install")  # the call's first STUN check (over TCP)
         self._note_txid(leg, data, msg)
         self._to_owner(leg, data)
         return leg
