@@ -190,6 +190,7 @@ class Services:
     idle_timeout: float = 30.0
     client_auth: str = "off"  # the lab's default; "tokens": relayd wants a client token
     agent: str | None = None  # the transceivers' --agent SPEC (None: the echo agent)
+    otlp_endpoint: str | None = None  # traces of relayd and the transceivers go there (None: off)
     # Processes outlive the caller (relayctl lab up): own session, so no
     # terminal signal reaches them, and stdin closed.
     detached: bool = False
@@ -204,8 +205,11 @@ class Services:
         return self.config_of(1)
 
     def config_of(self, relay: int) -> dict:
-        return relayd_config(self.lab, self.workdir, idle_timeout=self.idle_timeout, client_auth=self.client_auth,
-                             relay=relay)
+        cfg = relayd_config(self.lab, self.workdir, idle_timeout=self.idle_timeout, client_auth=self.client_auth,
+                            relay=relay)
+        if self.otlp_endpoint:
+            cfg["telemetry"] = {"otlp_endpoint": self.otlp_endpoint}
+        return cfg
 
     @property
     def config_path(self) -> Path:
@@ -290,6 +294,7 @@ class Services:
             "--capacity", str(self.capacity), "--pki-dir", str(self.workdir / "pki"),
             "--hint-key-file", str(self.workdir / "hint.key"),
             *(("--agent", self.agent) if self.agent else ()),
+            *(("--otlp-endpoint", self.otlp_endpoint) if self.otlp_endpoint else ()),
         ])
 
     def _check_alive(self) -> None:

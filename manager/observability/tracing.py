@@ -180,14 +180,14 @@ class Phases:
             return
         self.done = True
         now = time.time_ns()
+        if error is None and self.phase_name is not None:
+            self.root.add_event(f"{self.phase_name} done", timestamp=now)
         for span in (self.phase_span, self.root):
             if span is None:
                 continue
             if error is not None:
                 span.set_status(Status(StatusCode.ERROR, error))
             span.end(end_time=now)
-        if error is None and self.phase_name is not None:
-            self.root.add_event(f"{self.phase_name} done", timestamp=now)
 
     def keep(self, kind: str, conn_id: int) -> None:
         """Hold this trace until a later milestone of the call ends a phase (`advance`)."""
@@ -244,7 +244,7 @@ def begin(name: str, first_phase: str | None = None, **attrs: Any) -> Phases | _
     return phases
 
 
-def advance(kind: str, conn_id: int, phase: str | None, **attrs: Any) -> None:
+def advance(kind: str, conn_id: int, phase: str | None, /, **attrs: Any) -> None:
     """A held trace of this call reached its next milestone: begin `phase`, or
     with None end the trace. Nothing if none is held (tracing off, or the
     milestone came again)."""
@@ -270,7 +270,7 @@ def drop(kind: str, conn_id: int, reason: str) -> None:
         phases.end(reason)
 
 
-def follow(name: str, kind: str, conn_id: int, **attrs: Any) -> None:
+def follow(name: str, kind: str, conn_id: int, /, **attrs: Any) -> None:
     """Begin a held span in the current trace (the transceiver's ``transceiver.connect``,
     inside the request that placed the call); `advance` or `drop` ends it."""
     if _tracer is None or not trace.get_current_span().get_span_context().is_valid:
