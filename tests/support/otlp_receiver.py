@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 @dataclass
 class ReceivedSpan:
     service: str
+    resource: dict
     name: str
     trace_id: str
     span_id: str
@@ -44,7 +45,7 @@ def decode(body: bytes) -> list[ReceivedSpan]:
         for ss in rs.scope_spans:
             for s in ss.spans:
                 out.append(ReceivedSpan(
-                    service=resource.get("service.name", ""), name=s.name, trace_id=s.trace_id.hex(),
+                    service=resource.get("service.name", ""), resource=resource, name=s.name, trace_id=s.trace_id.hex(),
                     span_id=s.span_id.hex(), parent_id=s.parent_span_id.hex(),
                     attributes={a.key: _value(a.value) for a in s.attributes}, events=[e.name for e in s.events],
                     status=s.status.code, start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano))
