@@ -244,7 +244,7 @@ async def run(cfg: RelaydConfig, stop: asyncio.Event | None = None) -> None:
     """Run relayd until SIGTERM/SIGINT (or `stop` is set). A second signal
     stops at once without the graceful steps."""
     relay = Relay(cfg)
-    tracing.configure("relayd", cfg.telemetry.otlp_endpoint)
+    tracing.configure("relayd", cfg.telemetry.otlp_endpoint, instance=cfg.registry.relay_id)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0

@@ -27,13 +27,18 @@ class Failover:
     async def _repoint(self, leg: Leg, old: Addr | None) -> None:
         if self.repoint is None:
             return
+        # A take-over by the client's checks (the media one is _take_over's).
+        trace = tracing.begin("call.failover", conn_id=leg.conn_id, via="stun")
         try:
-            ok = await self.repoint(leg.conn_id, old, self._source_addr(leg))
+            with trace.phase("repoint"):  # the owner sends the call's replies to this relay's flow source
+                ok = await self.repoint(leg.conn_id, old, self._source_addr(leg))
         except Exception as exc:  # the owner's next consent check from here retries
             self.stats["repoint_failed"] += 1
             log.warning("re-pointing call %s to %s failed: %s", leg.conn_id, self._source_addr(leg), exc)
+            trace.end(f"re-pointing failed: {exc}")
             return
         self.stats["repointed" if ok else "repoint_refused"] += 1
+        trace.end(None if ok else "the owner refused")
 
     def publish_ssrcs(self) -> None:
         """Tell the fleet each installed leg's SSRC once XDP has seen one, so
@@ -115,7 +120,7 @@ class Failover:
 
     async def _take_over(self, leg: Leg, remote, data: bytes, t0: float) -> None:
         key = (leg.client, leg.vip)
-        trace = tracing.begin("call.failover", conn_id=leg.conn_id, from_relay=remote.relay)
+        trace = tracing.begin("call.failover", conn_id=leg.conn_id, via="media", from_relay=remote.relay)
         try:
             with trace.phase("check"):  # the owner authenticates the packet and re-points its replies
                 authentic = await self.check_media(leg.conn_id, data, path=(remote.source, self._source_addr(leg)))
