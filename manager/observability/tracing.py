@@ -32,24 +32,24 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer
 
 log = logging.getLogger(__name__)
 
 #: Calls whose set-up is still traced; beyond, the oldest is ended as "abandoned".
 MAX_OPEN = 10_000
 
-_propagator = TraceContextTextMapPropagator()
+# The OpenTelemetry modules, imported when tracing is first switched on: a
+# process without an endpoint never loads them.
+_ot = SimpleNamespace()
 _provider: TracerProvider | None = None
-_tracer: trace.Tracer | None = None  # None: tracing is off
+_tracer: Tracer | None = None  # None: tracing is off
 # The phase whose requests to a transceiver carry its context (set only inside `with phase`).
 _current: contextvars.ContextVar[Span | None] = contextvars.ContextVar("splitrelay_trace_phase", default=None)
 # Traces that outlive the request that began them, by (kind, conn_id).
@@ -74,9 +74,11 @@ def configure(service: str, endpoint: str | None, *, instance: str | None = None
     or the full ``…/v1/traces`` URL); None leaves tracing off. Returns whether on."""
     if not endpoint:
         return False
-    # Imported here: the exporter pulls in requests and protobuf, which a
-    # process without an endpoint never needs.
+    # Imported here, as in _load: a process without an endpoint never needs them.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
 
     url = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
     attrs = {"service.name": service, **({"service.instance.id": instance} if instance else {})}
@@ -90,9 +92,20 @@ def configure(service: str, endpoint: str | None, *, instance: str | None = None
 def use_provider(provider: TracerProvider | None) -> None:
     """Trace through `provider` (tests: one with an in-memory exporter); None: off."""
     global _provider, _tracer
+    if provider is not None:
+        _load()
     _provider = provider
     _tracer = provider.get_tracer("splitrelay") if provider is not None else None
     _open.clear()
+
+
+def _load() -> None:
+    if hasattr(_ot, "trace"):
+        return
+    from opentelemetry import trace  # noqa: PLC0415
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator  # noqa: PLC0415
+
+    _ot.trace, _ot.propagator = trace, TraceContextTextMapPropagator()
 
 
 def shutdown() -> None:
@@ -114,7 +127,7 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
     """Add the current phase's ``traceparent`` to an internal API request's headers."""
     span = _current.get() if _tracer is not None else None
     if span is not None:
-        _propagator.inject(headers, context=trace.set_span_in_context(span))
+        _ot.propagator.inject(headers, context=_ot.trace.set_span_in_context(span))
     return headers
 
 
@@ -125,8 +138,8 @@ def server_span(name: str, headers: Mapping[str, str], **attrs: Any) -> Iterator
     if _tracer is None or "traceparent" not in headers:
         yield None
         return
-    parent = _propagator.extract(headers)
-    with _tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
+    parent = _ot.propagator.extract(headers)
+    with _tracer.start_as_current_span(name, context=parent, kind=_ot.trace.SpanKind.SERVER,
                                        attributes=_attrs(attrs)) as span:
         yield span
 
@@ -134,7 +147,7 @@ def server_span(name: str, headers: Mapping[str, str], **attrs: Any) -> Iterator
 @contextlib.contextmanager
 def span(name: str, **attrs: Any) -> Iterator[None]:
     """A child of the current span, if one is being traced (a step inside a request)."""
-    if _tracer is None or not trace.get_current_span().get_span_context().is_valid:
+    if _tracer is None or not _ot.trace.get_current_span().get_span_context().is_valid:
         yield
         return
     with _tracer.start_as_current_span(name, attributes=_attrs(attrs)):
@@ -151,8 +164,9 @@ def _attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
 class Phases:
     """A root span and its phases, one after another (see the module docstring)."""
 
-    def __init__(self, name: str, *, parent: trace.Context | None = None, **attrs: Any) -> None:
-        self.root = _tracer.start_span(name, context=parent, attributes=_attrs(attrs))
+    def __init__(self, name: str, **attrs: Any) -> None:
+        # A child of the current span if there is one (transceiver.connect), else a root.
+        self.root = _tracer.start_span(name, attributes=_attrs(attrs))
         self.phase_span: Span | None = None
         self.phase_name: str | None = None
         self.done = False
@@ -170,7 +184,7 @@ class Phases:
         if self.phase_name is not None:
             self.root.add_event(f"{self.phase_name} done", timestamp=now)
         self.phase_name = name
-        self.phase_span = _tracer.start_span(name, context=trace.set_span_in_context(self.root),
+        self.phase_span = _tracer.start_span(name, context=_ot.trace.set_span_in_context(self.root),
                                              attributes=_attrs(attrs), start_time=now)
         return _PhaseScope(self.phase_span)
 
@@ -186,7 +200,7 @@ class Phases:
             if span is None:
                 continue
             if error is not None:
-                span.set_status(Status(StatusCode.ERROR, error))
+                span.set_status(_ot.trace.Status(_ot.trace.StatusCode.ERROR, error))
             span.end(end_time=now)
 
     def keep(self, kind: str, conn_id: int) -> None:
@@ -273,7 +287,7 @@ def drop(kind: str, conn_id: int, reason: str) -> None:
 def follow(name: str, kind: str, conn_id: int, /, **attrs: Any) -> None:
     """Begin a held span in the current trace (the transceiver's ``transceiver.connect``,
     inside the request that placed the call); `advance` or `drop` ends it."""
-    if _tracer is None or not trace.get_current_span().get_span_context().is_valid:
+    if _tracer is None or not _ot.trace.get_current_span().get_span_context().is_valid:
         return
-    phases = Phases(name, parent=None, **attrs)
+    phases = Phases(name, **attrs)
     phases.keep(kind, conn_id)
