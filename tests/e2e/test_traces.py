@@ -20,7 +20,7 @@ from manager.lab.netns import NetnsExecutor
 from manager.lab.routing import route_vip, set_relay_links
 from manager.lab.services import Services
 from manager.relay.control_client import ControlClient
-from tests.support.lab_calls import assert_untouched, audio_flowing, run_call, ssrc_published
+from tests.support.lab_calls import assert_untouched, audio_flowing, migrate_away, run_call, ssrc_published
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan, start_receiver
 from tests.support.waiting import eventually, eventually_async
 
@@ -84,11 +84,8 @@ def test_set_up_and_migration_traces_join_relayd_and_transceivers(env):
 
     async def migrate(pc, rep):
         await audio_flowing(pc)
-        call_id = rep.call_url.rsplit("/", 1)[1]
-        call = await asyncio.to_thread(svc.call, call_id)
-        target = 2 if call["transceiver_id"] == 1 else 1
-        moved.update(call, target=target, res=await asyncio.to_thread(
-            ctl.request, "POST", f"/sessions/{call_id}/migrate", {"to": target}))
+        call, target, res = await migrate_away(svc, ctl, rep)
+        moved.update(call, target=target, res=res)
 
     rep = run_call(lab, duration=2.0, messages=2, on_connected=migrate)
     assert_untouched(rep)

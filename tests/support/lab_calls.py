@@ -30,6 +30,15 @@ async def audio_flowing(pc, packets: int = 25, timeout: float = 10.0) -> int:
     return await eventually_async(received, timeout, what=f"{packets} RTP packets back at the client")
 
 
+async def migrate_away(svc, ctl, rep) -> tuple[dict, int, dict]:
+    """Move the client's call to the other of two transceivers through relayd's
+    control socket: (the call before, the target, the migration's result)."""
+    call = await asyncio.to_thread(svc.call, rep.call_url.rsplit("/", 1)[1])
+    target = 2 if call["transceiver_id"] == 1 else 1
+    res = await asyncio.to_thread(ctl.request, "POST", f"/sessions/{call['call_id']}/migrate", {"to": target})
+    return call, target, res
+
+
 def kernel_ssrc(svc, relay: int) -> int:
     """The SSRC relay N's kernel saw on the (one) call's client leg; 0: none yet."""
     return next((leg["kernel"]["ssrc"] for s in svc.control_of(relay).sessions()["sessions"]
