@@ -109,7 +109,10 @@ def _load() -> None:
 
 
 def shutdown() -> None:
-    """Export what is buffered, then stop (the process is ending)."""
+    """Export what is buffered, then stop (the process is ending). Set-ups
+    still under way are ended first, marked so, to be sent too."""
+    for phases in list(_open.values()):
+        phases.end("process stopping")
     provider = _provider
     use_provider(None)
     if provider is not None:
@@ -245,9 +248,11 @@ class _Off:
 
 
 OFF = _Off()
+#: What `begin` hands out: a traced run of phases, or OFF.
+Trace = Phases | _Off
 
 
-def begin(name: str, first_phase: str | None = None, **attrs: Any) -> Phases | _Off:
+def begin(name: str, first_phase: str | None = None, **attrs: Any) -> Trace:
     """A new trace (``call.setup``, ``call.migrate``, ``call.failover``), in
     `first_phase` if given."""
     if _tracer is None:

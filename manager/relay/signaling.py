@@ -151,7 +151,7 @@ class _Api:
             raw += chunk
         return bytes(raw)
 
-    async def _create(self, request: web.Request, grant: CreateGrant, setup) -> web.Response:
+    async def _create(self, request: web.Request, grant: CreateGrant, setup: tracing.Trace) -> web.Response:
         credential = grant.credential
         raw = await self._read_body(request)
         if len(raw) > self.limits.max_body:
