@@ -6,6 +6,8 @@ tracing off costs not even a header."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 from aiohttp import web
@@ -238,3 +240,15 @@ def test_configure_exports_by_otlp_http() -> None:
         receiver.stop()
     assert not tracing.configure("relayd", None)
     assert not tracing.enabled()
+
+
+def test_off_never_loads_opentelemetry() -> None:
+    """The modules with tracing calls, and relayctl, import no OpenTelemetry
+    module until an endpoint switches tracing on. (relayd's daemon is left
+    out: redis-py's own redis.observability imports opentelemetry.)"""
+    modules = ["manager.relay.signaling", "manager.relay.migration", "manager.relay.slowpath",
+               "manager.relay.config", "manager.transceiver.service", "cli.relayctl"]
+    code = (f"import sys, {', '.join(modules)}; "
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
