@@ -8,10 +8,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from manager.observability.tracing import check_endpoint
 from manager.pki import read_secret_file
+from manager.protocol.keyring import KeyRing, parse_ring
 from manager.protocol.sources import SourceKey
 
 
@@ -216,7 +217,8 @@ class ClientAuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Literal["off", "api_keys", "tokens"] = "off"
     api_keys_file: Path | None = Field(default=None, description="mode api_keys: one key per line, file mode 0600")
-    token_key_file: Path | None = Field(default=None, description="mode tokens: hex HMAC key (>= 32 bytes), 0600")
+    token_key_file: Path | None = Field(default=None, description="mode tokens: hex HMAC key (>= 32 bytes) or its "
+                                        "key ring (relayctl keys), 0600")
     max_calls_per_subject: int = Field(default=4, ge=1,
                                        description="mode tokens: live calls at once per token subject")
 
@@ -362,7 +364,8 @@ class RelaydConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hint_key: str | None = Field(default=None, description="hex key shared with transceivers for routing hints "
                                  "(>= 16 bytes); prefer hint_key_file or SPLITRELAY__HINT_KEY")
-    hint_key_file: Path | None = Field(default=None, description="file (mode 0600) holding the hex hint key")
+    hint_key_file: Path | None = Field(default=None, description="file (mode 0600) holding the hex hint key, or "
+                                       "its key ring ('<id> <hex key> [sign]' a line; relayctl keys)")
     datapath: DatapathConfig
     signaling: SignalingConfig = Field(default_factory=SignalingConfig)
     internal: InternalConfig = Field(default_factory=InternalConfig)
@@ -375,6 +378,7 @@ class RelaydConfig(BaseModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     control_socket: Path = Path("/run/splitrelay/relayd.sock")
     detach_on_exit: bool = Field(default=False, description="remove the fast path on stop (default: leave it running)")
+    _hint_ring: KeyRing | None = PrivateAttr(default=None)
 
     @field_validator("hint_key")
     @classmethod
@@ -387,7 +391,15 @@ class RelaydConfig(BaseModel):
             raise ValueError("hint_key_file: give the routing-hint key as hint_key_file (or hint_key / "
                              "SPLITRELAY__HINT_KEY), exactly one of them")
         if self.hint_key_file is not None:
-            self.hint_key = check_hint_key(read_secret_file(self.hint_key_file).decode("ascii", "replace").strip())
+            text = read_secret_file(self.hint_key_file).decode("ascii", "replace")
+            ring = parse_ring(text, min_length=16, what=str(self.hint_key_file))
+            for kid in ring.ids:
+                check_hint_key(ring.get(kid).hex())  # type: ignore[union-attr]
+            self._hint_ring = ring
+            self.hint_key = ring.signing_key.hex()  # the key that signs, as a plain key shows it
+        else:
+            assert self.hint_key is not None
+            self._hint_ring = KeyRing.single(bytes.fromhex(self.hint_key))
         return self
 
     def start_warnings(self) -> list[str]:
@@ -401,8 +413,14 @@ class RelaydConfig(BaseModel):
 
     @property
     def hint_key_bytes(self) -> bytes:
-        assert self.hint_key is not None
-        return bytes.fromhex(self.hint_key)
+        """The signing key of the hint key ring."""
+        return self.hint_ring.signing_key
+
+    @property
+    def hint_ring(self) -> KeyRing:
+        """The routing-hint keys: the signing one and every one that verifies."""
+        assert self._hint_ring is not None
+        return self._hint_ring
 
     @property
     def metrics_host(self) -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from manager.pki import read_secret_file
 from manager.protocol.api import ApiError
-from manager.protocol.client_auth import AuthError, bearer, check_api_key, verify_token
+from manager.protocol.client_auth import MIN_KEY_LENGTH, AuthError, bearer, check_api_key, verify_token
+from manager.protocol.keyring import KeyRing, parse_ring
 from manager.protocol.sources import Tally
 from manager.relay.config import ClientAuthConfig
 
@@ -36,17 +37,18 @@ class CreateGrant:
 class ClientAuth:
     """Checks `Authorization: Bearer ...` on the public listener."""
 
-    def __init__(self, mode: str, *, api_keys: list[str] | None = None, token_key: bytes | None = None,
+    def __init__(self, mode: str, *, api_keys: list[str] | None = None, token_key: bytes | KeyRing | None = None,
                  max_calls_per_subject: int = 4, clock: Callable[[], float] = time.time) -> None:
         if mode not in ("off", "api_keys", "tokens"):
             raise ValueError(f"unknown client auth mode {mode!r}")
         if mode == "api_keys" and not api_keys:
             raise ValueError("client auth mode api_keys needs at least one key")
-        if mode == "tokens" and (token_key is None or len(token_key) < 32):
+        ring = KeyRing.single(token_key) if isinstance(token_key, bytes) else token_key
+        if mode == "tokens" and (ring is None or any(len(ring.get(k) or b"") < MIN_KEY_LENGTH for k in ring.ids)):
             raise ValueError("client auth mode tokens needs a key of at least 32 bytes")
         self.mode = mode
         self._api_keys = list(api_keys or [])
-        self._token_key = token_key
+        self._token_key = ring
         self.max_calls_per_subject = max_calls_per_subject
         self._clock = clock
         self._spent: dict[str, float] = {}  # token id -> its expiry (reserved or spent)
@@ -57,19 +59,37 @@ class ClientAuth:
     @classmethod
     def from_config(cls, cfg: ClientAuthConfig) -> ClientAuth:
         if cfg.mode == "api_keys":
-            assert cfg.api_keys_file is not None
-            keys = [line.strip() for line in read_secret_file(Path(cfg.api_keys_file)).decode().splitlines()
-                    if line.strip() and not line.startswith("#")]
-            return cls("api_keys", api_keys=keys)
+            return cls("api_keys", api_keys=read_api_keys(cfg))
         if cfg.mode == "tokens":
-            assert cfg.token_key_file is not None
-            text = read_secret_file(Path(cfg.token_key_file)).decode("ascii", "replace").strip()
-            try:
-                key = bytes.fromhex(text)
-            except ValueError:
-                raise ValueError(f"{cfg.token_key_file}: the token key must be hex") from None
-            return cls("tokens", token_key=key, max_calls_per_subject=cfg.max_calls_per_subject)
+            return cls("tokens", token_key=read_token_ring(cfg), max_calls_per_subject=cfg.max_calls_per_subject)
         return cls("off")
+
+    def reload(self, cfg: ClientAuthConfig) -> list[str]:
+        """Take new keys and caps from `cfg` (same mode: a mode change needs a
+        restart); tokens spent and calls counted stay. What changed, by name
+        (never a key). ValueError, nothing changed, if a key file is bad."""
+        if cfg.mode != self.mode:
+            raise ValueError(f"client_auth.mode: changing it ({self.mode} -> {cfg.mode}) needs a restart")
+        changed = []
+        if self.mode == "api_keys":
+            keys = read_api_keys(cfg)
+            if not keys:
+                raise ValueError(f"{cfg.api_keys_file}: no API key (mode api_keys needs at least one)")
+            added, removed = len(set(keys) - set(self._api_keys)), len(set(self._api_keys) - set(keys))
+            if added or removed:
+                changed.append(f"client_auth.api_keys: {added} added, {removed} removed")
+            self._api_keys = keys
+        elif self.mode == "tokens":
+            ring = read_token_ring(cfg)
+            assert self._token_key is not None
+            if ring != self._token_key:
+                changed.append(f"client_auth.token_keys: ids {self._token_key.summary()} -> {ring.summary()}")
+            self._token_key = ring
+            if cfg.max_calls_per_subject != self.max_calls_per_subject:
+                changed.append(f"client_auth.max_calls_per_subject: {self.max_calls_per_subject} -> "
+                               f"{cfg.max_calls_per_subject}")
+            self.max_calls_per_subject = cfg.max_calls_per_subject
+        return changed
 
     @property
     def required(self) -> bool:
@@ -132,3 +152,15 @@ class ClientAuth:
             del self._spent[jti]
         if len(self._spent) >= MAX_SPENT:
             raise ApiError(503, "too many unexpired tokens in use; retry shortly")
+
+
+def read_api_keys(cfg: ClientAuthConfig) -> list[str]:
+    assert cfg.api_keys_file is not None
+    return [line.strip() for line in read_secret_file(Path(cfg.api_keys_file)).decode().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def read_token_ring(cfg: ClientAuthConfig) -> KeyRing:
+    assert cfg.token_key_file is not None
+    text = read_secret_file(Path(cfg.token_key_file)).decode("ascii", "replace")
+    return parse_ring(text, min_length=MIN_KEY_LENGTH, what=str(cfg.token_key_file))

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from manager.protocol import client_auth as ca
+from manager.protocol.keyring import KeyRing
 
 KEY = bytes(range(32))
 NOW = 1_800_000_000.0
@@ -95,3 +96,29 @@ def test_credential_digest_binds_a_call_to_its_creator() -> None:
     assert ca.same_credential("token-a", d)
     assert not ca.same_credential("token-b", d)
     assert b"token-a" not in d
+
+
+def test_the_kid_picks_the_key_and_a_retired_key_is_refused() -> None:
+    ring = KeyRing({1: KEY, 2: bytes(range(1, 33))}, signing=2)
+    old = ca.mint_token(KeyRing({1: KEY}), ttl=60, now=NOW)
+    new = ca.mint_token(ring, ttl=60, now=NOW)
+    body = json.loads(base64.urlsafe_b64decode(new.split(".")[0] + "=="))
+    assert body["kid"] == 2  # the newest signs, and says so
+    assert ca.verify_token(ring, old, now=NOW).subject == ""  # every listed key verifies
+    assert ca.verify_token(ring, new, now=NOW).subject == ""
+    ring.replace(ring.retired(1))
+    with pytest.raises(ca.AuthError, match="token key id 1 is not accepted"):
+        ca.verify_token(ring, old, now=NOW)
+    # A token without kid is the legacy key 0's: what minters before key ids send.
+    legacy = ca.mint_token(KEY, ttl=60, now=NOW)
+    assert "kid" not in json.loads(base64.urlsafe_b64decode(legacy.split(".")[0] + "=="))
+    assert ca.verify_token(KeyRing({0: KEY}), legacy, now=NOW).expires_at == NOW + 60
+    with pytest.raises(ca.AuthError, match="token key id 0 is not accepted"):
+        ca.verify_token(ring, legacy, now=NOW)
+
+
+@pytest.mark.parametrize("kid", ["1", -1, 256, True, None, 1.5])
+def test_a_bad_kid_is_malformed(kid) -> None:
+    body = base64.urlsafe_b64encode(json.dumps({"v": 1, "kid": kid}).encode()).rstrip(b"=").decode()
+    with pytest.raises(ca.AuthError, match="malformed"):
+        ca.verify_token(KeyRing({1: KEY}), f"{body}.AAAA", now=NOW)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import re
 import string
 
 import pytest
 from aioice import stun
 
+from manager.protocol.keyring import KeyRing
 from manager.protocol.ufrag import (
     HINT_LENGTH,
     ICE_CHARS,
@@ -23,7 +25,7 @@ from manager.protocol.ufrag import (
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
-NONCE = b"\x01\x02\x03\x04"
+NONCE = b"\x02\x03\x04"
 
 # RFC 8445 section 5.3 / RFC 5234, written independently of the module:
 #   ice-char = ALPHA / DIGIT / "+" / "/" ; ufrag = 4*256ice-char
@@ -49,17 +51,18 @@ def test_round_trip(transceiver_id: int, conn_id: int) -> None:
 
 
 def test_layout_is_exact() -> None:
-    ufrag = encode_ufrag(KEY, 0x0102, 0x03040506, nonce=b"\xaa\xbb\xcc\xdd")
+    ufrag = encode_ufrag(KeyRing({5: KEY}), 0x0102, 0x03040506, nonce=b"\xbb\xcc\xdd")
     raw = base64.b64decode(ufrag, validate=True)
     assert len(ufrag) == UFRAG_LENGTH == 24
     assert len(raw) == HINT_LENGTH == 18
     assert "=" not in ufrag
-    assert raw[:11] == bytes.fromhex("01 0102 03040506 aabbccdd")
+    # version, transceiver id, connection id, key id, nonce
+    assert raw[:11] == bytes.fromhex("01 0102 03040506 05 bbccdd")
 
 
 def test_random_nonce_differs_and_decodes() -> None:
     ufrags = {encode_ufrag(KEY, 3, 99) for _ in range(64)}
-    # 32 bits of nonce: 64 equal ufrags would mean the nonce is not random.
+    # 24 bits of nonce: 64 distinct ufrags, or the nonce is not random.
     assert len(ufrags) == 64
     nonces = {decode_ufrag(KEY, u).nonce for u in ufrags}
     assert len(nonces) == 64
@@ -129,8 +132,8 @@ def test_encode_rejects_bad_ids(transceiver_id, conn_id, message: str) -> None:
 
 def test_encode_rejects_bad_nonce() -> None:
     with pytest.raises(ValueError) as exc:
-        encode_ufrag(KEY, 1, 1, nonce=b"\x00" * 3)
-    assert str(exc.value) == "nonce must be 4 bytes"
+        encode_ufrag(KEY, 1, 1, nonce=b"\x00" * 4)
+    assert str(exc.value) == "nonce must be 3 bytes"
 
 
 @pytest.mark.parametrize("key", [b"", b"x" * 15, "a string key of enough length"])
@@ -166,7 +169,7 @@ def _forge(body: bytes, mac: bytes = b"\x00" * 7) -> str:
         ("A" * 23 + "٣", "ufrag contains characters outside ice-chars"),  # non-ASCII digit
         (_forge(bytes([2]) + bytes(10)), "ufrag has unknown version"),
         (_forge(bytes([0]) + bytes(10)), "ufrag has unknown version"),
-        (_forge(bytes([1, 0, 1, 0, 0, 0, 1]) + NONCE), "ufrag MAC does not match"),
+        (_forge(bytes([1, 0, 1, 0, 0, 0, 1, 0]) + NONCE), "ufrag MAC does not match"),
     ],
 )
 def test_decode_rejections(ufrag: str, message: str) -> None:
@@ -266,3 +269,51 @@ def test_parse_stun_username_rejections(username: str, message: str) -> None:
 
 def test_parse_stun_username_accepts_max_length() -> None:
     assert parse_stun_username("a" * 256 + ":" + "b" * 4) == ("a" * 256, "bbbb")
+
+
+# -- key ids (rotation) -------------------------------------------------------
+
+
+def test_the_key_id_travels_and_picks_the_key() -> None:
+    old, new = KeyRing({1: KEY}), KeyRing({1: KEY, 2: OTHER_KEY}, signing=2)
+    minted_old, minted_new = encode_ufrag(old, 3, 9), encode_ufrag(new, 3, 10)
+    assert decode_ufrag(new, minted_old).key_id == 1  # every listed key verifies
+    assert decode_ufrag(new, minted_new).key_id == 2  # the newest signs
+    assert base64.b64decode(minted_new)[7] == 2
+    # The id is on the wire: the same key under another id does not verify it.
+    with pytest.raises(UfragError, match="key id 2 is not in the key ring"):
+        decode_ufrag(KeyRing({7: OTHER_KEY}), minted_new)
+
+
+def test_a_retired_key_is_refused() -> None:
+    ring = KeyRing({1: KEY, 2: OTHER_KEY}, signing=2)
+    minted = encode_ufrag(ring, 3, 9, nonce=NONCE)
+    ring.replace(ring.signing_with(1))
+    assert decode_ufrag(ring, minted).conn_id == 9
+    ring.replace(ring.retired(2))
+    with pytest.raises(UfragError, match="key id 2 is not in the key ring"):
+        decode_ufrag(ring, minted)
+
+
+def test_another_key_under_a_known_id_fails_the_mac() -> None:
+    minted = encode_ufrag(KeyRing({3: KEY}), 3, 9)
+    with pytest.raises(UfragError, match="MAC does not match"):
+        decode_ufrag(KeyRing({3: OTHER_KEY}), minted)
+
+
+def _legacy_ufrag(key: bytes, id_byte: int) -> str:
+    """A ufrag as minted before key ids: 4 random nonce bytes where the id now is."""
+    body = bytes([1, 0, 3, 0, 0, 0, 9, id_byte]) + NONCE
+    mac = hmac.new(key, b"splitrelay/ufrag/v1\x00" + body, "sha256").digest()[:7]
+    return _b64(body + mac)
+
+
+@pytest.mark.parametrize("id_byte", [0, 2, 77])
+def test_ufrags_from_before_key_ids_verify_with_the_legacy_key(id_byte: int) -> None:
+    ring = KeyRing({0: KEY, 2: OTHER_KEY}, signing=2)  # key 0: the plain key file's, before rotation
+    assert decode_ufrag(ring, _legacy_ufrag(KEY, id_byte)).key_id == 0
+    ring.replace(ring.retired(0))
+    with pytest.raises(UfragError):
+        decode_ufrag(ring, _legacy_ufrag(KEY, id_byte))
+    # A bare key is the ring {0: key}: what every caller before rings passed.
+    assert decode_ufrag(KEY, _legacy_ufrag(KEY, id_byte)).conn_id == 9
