@@ -24,7 +24,7 @@ from manager.relay.kernel.datapath import DatapathError
 @click.option("--log-format", default="text", envvar="SPLITRELAY_LOG_FORMAT", type=click.Choice(list(FORMATS)),
               help="text, or json: one object a line with call_id/conn_id where a line concerns a call.")
 def main(config_path: str | None, detach_on_exit: bool | None, log_level: str, log_format: str) -> None:
-    """Run the splitrelay relay manager until SIGTERM/SIGINT."""
+    """Run the splitrelay relay manager until SIGTERM/SIGINT; SIGHUP reloads the config file."""
     configure_logs("relayd", log_format, log_level)
     # The config is checked first: a mistake in it is named whoever runs this.
     try:
@@ -38,7 +38,7 @@ def main(config_path: str | None, detach_on_exit: bool | None, log_level: str, l
     from manager.relay.daemon import run
 
     try:
-        asyncio.run(run(cfg))
+        asyncio.run(run(cfg, config_path=config_path))
     except (DatapathError, PkiError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

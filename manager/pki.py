@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -32,6 +33,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from manager.protocol.keyring import KeyRing, parse_ring
+
+log = logging.getLogger(__name__)
 
 DOMAIN = "splitrelay.internal"
 RELAYD = "relayd"
@@ -161,21 +166,55 @@ def read_secret_file(path: Path) -> bytes:
         raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def read_hint_key(path: Path | None, environ: dict[str, str]) -> bytes:
-    """The routing-hint key (hex) from a 0600 file, or from SPLITRELAY_HINT_KEY."""
+def read_hint_key(path: Path | None, environ: dict[str, str]) -> KeyRing | KeyRingFile:
+    """The routing-hint keys: a key ring file (mode 0600, followed as it
+    changes: KeyRingFile), or one hex key from SPLITRELAY_HINT_KEY."""
     if path is not None:
-        text = read_secret_file(Path(path)).decode("ascii", "replace").strip()
-    elif environ.get("SPLITRELAY_HINT_KEY"):
-        text = environ["SPLITRELAY_HINT_KEY"].strip()
-    else:
+        return KeyRingFile(Path(path), min_length=16)
+    text = environ.get("SPLITRELAY_HINT_KEY", "").strip()
+    if not text:
         raise ValueError("no routing-hint key: give --hint-key-file (mode 0600) or SPLITRELAY_HINT_KEY")
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        raise ValueError("the routing-hint key must be hex") from None
-    if len(key) < 16:
-        raise ValueError("the routing-hint key must be at least 16 bytes (32 hex digits)")
-    return key
+    return parse_ring(text, min_length=16, what="the routing-hint key (SPLITRELAY_HINT_KEY)")
+
+
+class KeyRingFile:
+    """A key ring file that a process follows: current() reads it again when
+    it changed (a stat a call), so a transceiver takes a rotation without a
+    restart. A changed file that does not parse keeps the last good ring."""
+
+    def __init__(self, path: Path, *, min_length: int) -> None:
+        self.path = path
+        self.min_length = min_length
+        self._seen: tuple[int, int, int] | None = None
+        self._ring = self._read()  # the first read's errors are the caller's
+
+    def _read(self) -> KeyRing:
+        # Stat first: a change between the stat and the read is read again next time.
+        try:
+            st = self.path.stat()
+        except OSError:
+            st = None  # read_secret_file says why
+        ring = parse_ring(read_secret_file(self.path).decode("ascii", "replace"), min_length=self.min_length,
+                          what=str(self.path))
+        self._seen = None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
+        return ring
+
+    def __call__(self) -> KeyRing:
+        return self.current()
+
+    def current(self) -> KeyRing:
+        try:
+            st = self.path.stat()
+            seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            return self._ring
+        if seen != self._seen:
+            try:
+                self._ring = self._read()
+            except ValueError as exc:
+                log.warning("%s; keeping the keys read before", exc)
+                self._seen = seen  # warned once per change
+        return self._ring
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Commands that ask the running relayd (its control socket): status,
-sessions, end, migrate, drain, transceivers."""
+sessions, end, migrate, drain, transceivers, reload."""
 
 from __future__ import annotations
 
@@ -146,3 +146,18 @@ def transceivers(t: Target, as_json: bool) -> None:
     click.echo(table(["ID", "CONTROL_URL", "CALLS", "CAPACITY", "HEALTHY", "DRAINING", "HEARTBEAT_AGE_S"],
                      [[x["id"], x["control_url"], x["calls"], x["capacity"], yes(x["healthy"]), yes(x["draining"]),
                        x.get("heartbeat_age_s")] for x in data["transceivers"]]))
+
+
+@main.command()
+@json_option
+@pass_target
+def reload(t: Target, as_json: bool) -> None:
+    """Have relayd re-read its config file (as SIGHUP does) and say what changed.
+    A field that needs a restart, or a file that does not validate, is refused
+    and the running configuration stays."""
+    result = t.client().reload()  # a refusal: ControlError, one line and exit status 1
+    if as_json:
+        emit_json(result)
+        return
+    for line in result["changed"] or ["nothing changed"]:
+        click.echo(line)

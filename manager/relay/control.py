@@ -14,6 +14,7 @@ works while relayd is down.
     POST   /sessions/{call_id}/migrate      {"to": transceiver id} -> the migration's result
     POST   /transceivers/{id}/drain         stop placements, move every call away -> results
     POST   /transceivers/{id}/undrain       take new calls again
+    POST   /reload               re-read the config file -> what changed (409: refused, nothing changed)
 
 Errors are JSON `{"error": "one line"}` with a 4xx/5xx status.
 """
@@ -42,6 +43,7 @@ from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import Datapath, DatapathError, Flow, xdp_attachment
 from manager.relay.migration import MigrationError, Migrator
 from manager.relay.registry import Registry, UnknownTransceiverError
+from manager.relay.reload import post_reload
 from manager.relay.slowpath import SlowPath
 from manager.relay.transceiver_client import TransceiverClient, TransceiverError
 
@@ -74,6 +76,7 @@ class ControlDeps:
     fleet: Any = None  # manager.relay.fleet.RedisFleet of a fleet; None: in-memory registry
     tcp: Any = None  # manager.relay.tcp_bridge.TcpBridge; None: ICE-TCP off
     next_hops: Any = None  # manager.relay.kernel.next_hops.NextHops
+    reloader: Any = None  # manager.relay.reload.Reloader
 
 
 DEPS_KEY = web.AppKey("deps", ControlDeps)
@@ -354,6 +357,10 @@ async def post_undrain(request: web.Request) -> web.Response:
     return web.json_response(t.to_dict())
 
 
+async def post_reload_config(request: web.Request) -> web.Response:
+    return await post_reload(_deps(request).reloader)
+
+
 def make_control_app(deps: ControlDeps) -> web.Application:
     app = web.Application(middlewares=[error_middleware(json_error, _translate)], client_max_size=64 * 1024)
     app[DEPS_KEY] = deps
@@ -366,6 +373,7 @@ def make_control_app(deps: ControlDeps) -> web.Application:
     app.router.add_post("/sessions/{call_id}/migrate", post_migrate)
     app.router.add_post("/transceivers/{id}/drain", post_drain)
     app.router.add_post("/transceivers/{id}/undrain", post_undrain)
+    app.router.add_post("/reload", post_reload_config)
     return app
 
 

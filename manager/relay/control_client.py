@@ -92,6 +92,9 @@ class ControlClient:
     def expire(self, idle_s: float | None = None) -> dict:
         return self.request("POST", "/expire", {"idle_s": idle_s} if idle_s is not None else {})
 
+    def reload(self) -> dict:
+        return self.request("POST", "/reload")
+
     def end_session(self, call_id: str) -> dict:
         return self.request("DELETE", f"/sessions/{quote(call_id, safe='')}")
 

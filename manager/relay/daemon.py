@@ -32,6 +32,7 @@ from manager.relay.port_ranges import check_this_namespace
 from manager.relay.readiness import Readiness, started, transceivers_healthy, xdp_attached
 from manager.relay.registration import make_internal_app
 from manager.relay.registry import Registry
+from manager.relay.reload import Reloader, ReloadTargets
 from manager.relay.signaling import make_app
 from manager.relay.slowpath import SlowPath
 from manager.relay.tcp_bridge import TcpBridge
@@ -56,8 +57,11 @@ class Relay:
     """relayd's wiring: builds each component from an explicit RelaydConfig and
     hands every consumer the components it uses (nothing receives this object)."""
 
-    def __init__(self, cfg: RelaydConfig):
+    def __init__(self, cfg: RelaydConfig, config_path: str | None = None):
         self.cfg = cfg
+        self.config_path = config_path  # what a reload reads again
+        self.hint_keys = cfg.hint_ring  # changed in place by a reload
+        self.reloader: Reloader | None = None
         self.datapath = Datapath(cfg.datapath,
                                  source_prefix=(cfg.limits.source_prefix_v4, cfg.limits.source_prefix_v6))
         self.flow_sockets = FlowSockets(cfg.datapath)
@@ -103,7 +107,7 @@ class Relay:
                      f"{len(self.registry.calls())} calls, {len(self.registry.transceivers())} transceivers"
                      if synced else "not reachable yet")
         self.slowpath = SlowPath(
-            self.registry, self.datapath, self.flow_sockets, hint_key=cfg.hint_key_bytes,
+            self.registry, self.datapath, self.flow_sockets, hint_key=self.hint_keys,
             vips=[v.as_tuple() for v in dp.vips], idle_timeout=cfg.slowpath.idle_timeout,
             pending_timeout=cfg.slowpath.pending_timeout, max_legs_per_call=cfg.slowpath.max_legs_per_call,
             max_pending_per_source=cfg.slowpath.max_pending_per_source,
@@ -129,8 +133,9 @@ class Relay:
         self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout, tls=pki.client_context(tls))
         self.migrator = Migrator(self.registry, self.datapath, self.slowpath, self._client,
                                  metrics_registry=self.metrics.prometheus, allows_owner=cfg.internal.allows)
-        public = make_app(self.registry, hint_key=cfg.hint_key_bytes, public_addrs=[v.as_tuple() for v in dp.vips],
-                          transceiver_client=self._client, auth=ClientAuth.from_config(cfg.client_auth),
+        auth = ClientAuth.from_config(cfg.client_auth)
+        public = make_app(self.registry, hint_key=self.hint_keys, public_addrs=[v.as_tuple() for v in dp.vips],
+                          transceiver_client=self._client, auth=auth,
                           limits=cfg.limits, allowed_origins=cfg.signaling.allowed_origins,
                           trusted_proxies=cfg.signaling.trusted_proxies,
                           allows_owner=cfg.internal.allows,
@@ -145,10 +150,17 @@ class Relay:
             self._metrics_runner = await _serve(self.metrics.app(readiness=self.readiness()), cfg.metrics_host,
                                                 cfg.metrics.port)
         self.runtime.started_at = time.time()
-        self._control = await start_control(ControlDeps(
+        deps = ControlDeps(
             config=cfg, registry=self.registry, datapath=self.datapath, slowpath=self.slowpath,
             migrator=self.migrator, transceivers=self._client, flow_setup=self.metrics.flow_setup,
-            runtime=self.runtime, fleet=self.fleet, tcp=self.tcp, next_hops=self.next_hops))
+            runtime=self.runtime, fleet=self.fleet, tcp=self.tcp, next_hops=self.next_hops)
+
+        def applied(new: RelaydConfig) -> None:
+            self.cfg = deps.config = new
+
+        self.reloader = deps.reloader = Reloader(
+            self.config_path, cfg, ReloadTargets(public, auth, self.hint_keys, self.datapath), on_applied=applied)
+        self._control = await start_control(deps)
         log.info("relayd ready: signaling on %s:%d, transceivers on %s:%d (mutual TLS), VIPs %s",
                  cfg.signaling.host, cfg.signaling.port, cfg.internal.host, cfg.internal.port,
                  ", ".join(f"{v.addr}:{v.port}" for v in dp.vips))
@@ -240,10 +252,11 @@ class Relay:
         self.datapath.close()
 
 
-async def run(cfg: RelaydConfig, stop: asyncio.Event | None = None) -> None:
+async def run(cfg: RelaydConfig, stop: asyncio.Event | None = None, *, config_path: str | None = None) -> None:
     """Run relayd until SIGTERM/SIGINT (or `stop` is set). A second signal
-    stops at once without the graceful steps."""
-    relay = Relay(cfg)
+    stops at once without the graceful steps. SIGHUP reloads `config_path`
+    (manager.relay.reload)."""
+    relay = Relay(cfg, config_path)
     tracing.configure("relayd", cfg.telemetry.otlp_endpoint, instance=cfg.registry.relay_id)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -259,11 +272,13 @@ async def run(cfg: RelaydConfig, stop: asyncio.Event | None = None) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # Until relayd has started, a SIGHUP has nothing to reload: ignored.
+    loop.add_signal_handler(signal.SIGHUP, lambda: relay.reloader and relay.reloader.on_sighup())
     try:
         await relay.start()
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await relay.stop()
         await asyncio.to_thread(tracing.shutdown)  # what is still buffered goes out

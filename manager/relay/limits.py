@@ -29,6 +29,12 @@ class CreateLimits:
         self._pending = Tally()
         self.pending = 0
 
+    def retune(self, *, rate: float, burst: int, max_pending: int, max_pending_per_source: int) -> None:
+        """New bounds (a reload); the sources' buckets keep their tokens."""
+        self.rate, self.burst = rate, burst
+        self.max_pending, self.max_pending_per_source = max_pending, max_pending_per_source
+        self._buckets.rate, self._buckets.burst = rate, float(burst)
+
     def admit(self, addr: str) -> None:
         source = self.source_key(addr)
         if self.pending >= self.max_pending:

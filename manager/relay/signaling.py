@@ -43,7 +43,7 @@ from manager.protocol.sdp import (
 )
 from manager.protocol.sources import TrustedProxies
 from manager.protocol.tasks import TaskSet
-from manager.protocol.ufrag import encode_ufrag
+from manager.protocol.ufrag import HintKeys, encode_ufrag
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth, CreateGrant
 from manager.relay.limits import CreateLimits
@@ -78,7 +78,7 @@ ClaimConnId = Callable[[int], Awaitable[bool]]
 
 
 class _Api:
-    def __init__(self, registry: Registry, hint_key: bytes, public_addrs: list[tuple[str, int]],
+    def __init__(self, registry: Registry, hint_key: HintKeys, public_addrs: list[tuple[str, int]],
                  client: TransceiverClient, *, auth: ClientAuth, limits: LimitsConfig,
                  allows_owner: Callable[[str], bool], claim_conn_id: ClaimConnId | None = None,
                  tcp_addrs: Sequence[tuple[str, int]] = (), trusted_proxies: Sequence[str] = ()) -> None:
@@ -314,8 +314,9 @@ class _Api:
 
 def cors_middleware(allowed_origins: Sequence[str]):
     """CORS for the configured origins only (default none): preflights are
-    answered, and responses carry Access-Control-Allow-Origin for them."""
-    allowed = set(allowed_origins)
+    answered, and responses carry Access-Control-Allow-Origin for them.
+    The sequence is read at each request (a reload changes it in place)."""
+    allowed = allowed_origins
     allow_headers = "Authorization, Content-Type"
     expose = "Location, Link, ETag"
 
@@ -340,6 +341,21 @@ def cors_middleware(allowed_origins: Sequence[str]):
     return cors
 
 
+_RELOADABLE = web.AppKey("reloadable", tuple)
+
+
+def reconfigure(app: web.Application, *, limits: LimitsConfig, allowed_origins: Sequence[str],
+                trusted_proxies: Sequence[str]) -> None:
+    """Apply reloaded settings to a running public app (manager.relay.reload);
+    a placement under way finishes under the limits it was admitted by."""
+    api, origins = app[_RELOADABLE]
+    api.limits = limits
+    api.create_limits.retune(rate=limits.create_rate, burst=limits.create_burst, max_pending=limits.max_pending,
+                             max_pending_per_source=limits.max_pending_per_source)
+    api.proxies = TrustedProxies(trusted_proxies)
+    origins[:] = allowed_origins
+
+
 async def _talk_page(request: web.Request) -> web.Response:
     return web.Response(text=PAGE_HTML, content_type="text/html",
                         headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
@@ -353,7 +369,7 @@ async def _cors_refused(request: web.Request) -> web.Response:
 def make_app(
     registry: Registry,
     *,
-    hint_key: bytes,
+    hint_key: HintKeys,
     public_addrs: Sequence[tuple[str, int]],
     transceiver_client: TransceiverClient | None = None,
     auth: ClientAuth | None = None,
@@ -377,8 +393,10 @@ def make_app(
                allows_owner=allows_owner, claim_conn_id=claim_conn_id, tcp_addrs=tcp,
                trusted_proxies=trusted_proxies)
 
+    origins = list(allowed_origins)
     # aiohttp's own body cap is a backstop (a chunked body has no length to check first).
-    app = web.Application(client_max_size=limits.max_body + 1024, middlewares=[cors_middleware(allowed_origins)])
+    app = web.Application(client_max_size=limits.max_body + 1024, middlewares=[cors_middleware(origins)])
+    app[_RELOADABLE] = (api, origins)
     if page:
         app.router.add_get("/", _talk_page)
     app.router.add_post("/v1/calls", api.create_call)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from manager import pki
 from manager.observability import tracing
+from manager.protocol.keyring import KeyRing
 
 from .agent import AgentFactory, EchoAgent
 from .control import create_app, relayd_only
@@ -42,7 +43,7 @@ class TransceiverConfig:
     consent_timeout: float = DEFAULT_CONSENT_TIMEOUT  # imported calls (migration)
     agent_factory: AgentFactory = EchoAgent
     pki_dir: Path | None = None  # ca.pem, transceiver-<id>.pem/.key: mutual TLS both ways
-    hint_key: bytes | None = None  # the relay's routing-hint key: every call's ufrag is checked
+    hint_key: KeyRing | pki.KeyRingFile | None = None  # routing-hint keys (pki.read_hint_key): ufrags are checked
     media_engine: bool = False  # placed calls move to the media engine after their handshake
     opus_complexity: int = DEFAULT_COMPLEXITY  # the engine's Opus encoder
     otlp_endpoint: str | None = None  # traces by OTLP/HTTP (manager.observability.tracing); None: off

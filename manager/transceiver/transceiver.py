@@ -30,7 +30,7 @@ from manager.observability import tracing
 from manager.protocol.callstate import parse_call_state
 from manager.protocol.log_budget import LogBudget
 from manager.protocol.tasks import TaskSet
-from manager.protocol.ufrag import UfragError, decode_ufrag
+from manager.protocol.ufrag import HintKeys, UfragError, decode_ufrag
 
 from .agent import AgentFactory, AgentSession, EchoAgent
 from .call_handle import CallHandle
@@ -94,7 +94,7 @@ class Transceiver:
         ice_port: int = 0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
-        hint_key: bytes | None = None,
+        hint_key: HintKeys | Callable[[], HintKeys] | None = None,
         freeze_lease: float = DEFAULT_FREEZE_LEASE,
         media_engine: bool = False,
         opus_complexity: int = DEFAULT_COMPLEXITY,
@@ -370,8 +370,10 @@ class Transceiver:
     def _check_hint(self, ufrag: str, conn_id: int, *, placed_here: bool) -> None:
         if self.hint_key is None:
             return
+        # A key ring file is followed as it changes (a rotation: manager.pki.KeyRingFile).
+        keys = self.hint_key() if callable(self.hint_key) else self.hint_key
         try:
-            hint = decode_ufrag(self.hint_key, ufrag)
+            hint = decode_ufrag(keys, ufrag)
         except UfragError as exc:
             raise InvalidRequest(f"ufrag carries no valid routing hint: {exc}") from None
         if hint.conn_id != conn_id:

@@ -37,6 +37,7 @@ from manager.protocol.rfc7983 import is_stun
 from manager.protocol.sources import SourceKey, Tally, TokenBuckets
 from manager.protocol.stun_header import CLASS_ERROR, CLASS_SUCCESS, METHOD_BINDING, parse_header
 from manager.protocol.tasks import TaskSet
+from manager.protocol.ufrag import HintKeys
 from manager.relay.kernel.datapath import Datapath, DatapathError
 from manager.relay.kernel.flow_sockets import SO_RCVBUFFORCE, FlowSockets
 from manager.relay.registry import Call, Registry
@@ -57,7 +58,7 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
     """Slow path for a set of VIPs; see the module docstring."""
 
     def __init__(self, registry: Registry, datapath: Datapath | None, flow_sockets: FlowSockets, *,
-                 hint_key: bytes, vips: list[tuple[str, int]], idle_timeout: float = 30.0,
+                 hint_key: HintKeys, vips: list[tuple[str, int]], idle_timeout: float = 30.0,
                  pending_timeout: float = 5.0, max_legs_per_call: int = 4, max_pending_per_source: int = 8,
                  on_flow_installed: Callable[[float], None] | None = None,
                  check_media: MediaCheck | None = None, on_rebound: Callable[[float], None] | None = None,
