@@ -118,6 +118,11 @@ class KeyRing:
         """The ids, the signing one starred ('1,2*'): what a log line shows."""
         return ",".join(f"{k}{'*' if k == self._signing else ''}" for k in self._keys)
 
+    def change_from(self, old: KeyRing) -> str:
+        """What a log line says of a new ring: '0* -> 0,1*', and any id whose key was replaced."""
+        replaced = [k for k in self._keys if k in old._keys and old._keys[k] != self._keys[k]]
+        return f"{old.summary()} -> {self.summary()}" + "".join(f" (key {k} replaced)" for k in replaced)
+
     def describe(self) -> list[dict]:
         """Per key: id, whether it signs, and a fingerprint (never the key)."""
         return [{"id": kid, "signing": kid == self._signing, "legacy": kid == LEGACY_ID,

@@ -83,7 +83,7 @@ class ClientAuth:
             ring = read_token_ring(cfg)
             assert self._token_key is not None
             if ring != self._token_key:
-                changed.append(f"client_auth.token_keys: ids {self._token_key.summary()} -> {ring.summary()}")
+                changed.append(f"client_auth.token_keys: {ring.change_from(self._token_key)}")
             self._token_key = ring
             if cfg.max_calls_per_subject != self.max_calls_per_subject:
                 changed.append(f"client_auth.max_calls_per_subject: {self.max_calls_per_subject} -> "

@@ -68,7 +68,7 @@ def diff(old: RelaydConfig, new: RelaydConfig) -> tuple[list[str], list[str]]:
         line = f"{path}: {a.get(path)!r} -> {b.get(path)!r}"
         (live if _reloadable(path) else restart).append(line)
     if old.hint_ring != new.hint_ring:
-        live.append(f"hint keys: ids {old.hint_ring.summary()} -> {new.hint_ring.summary()}")
+        live.append(f"hint keys: {new.hint_ring.change_from(old.hint_ring)}")
     return live, restart
 
 
