@@ -32,6 +32,7 @@ from manager.lab.model import Lab
 from manager.lab.netns import NetnsExecutor
 from manager.protocol.addresses import OwnerAddr
 from manager.protocol.client_auth import mint_token
+from manager.protocol.keyring import parse_ring
 from manager.relay.config import DatapathConfig
 from manager.relay.control_client import ControlClient, ControlError
 from manager.relay.kernel.datapath import Datapath
@@ -85,6 +86,8 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
     auth: dict = {"mode": client_auth}
     if client_auth == "tokens":
         auth["token_key_file"] = str(workdir / "token.key")
+    elif client_auth == "api_keys":
+        auth["api_keys_file"] = str(workdir / "api.keys")
     internal4 = lab.relay_internal(relay, socket.AF_INET)
     internal6 = lab.relay_internal(relay, socket.AF_INET6)
     cfg = {
@@ -127,7 +130,8 @@ def lab_client_token(workdir: Path, ttl: float = 3600.0) -> str | None:
     path = workdir / "token.key"
     if not path.exists():
         return None
-    return mint_token(bytes.fromhex(pki.read_secret_file(path).decode().strip()), ttl=ttl, subject="lab")
+    ring = parse_ring(pki.read_secret_file(path).decode(), min_length=32, what=str(path))
+    return mint_token(ring, ttl=ttl, subject="lab")
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -188,7 +192,7 @@ class Services:
     hint_key: str = field(default_factory=lambda: secrets.token_hex(32))
     capacity: int = 50
     idle_timeout: float = 30.0
-    client_auth: str = "off"  # the lab's default; "tokens": relayd wants a client token
+    client_auth: str = "off"  # the lab's default; "tokens" / "api_keys": relayd wants a client credential
     agent: str | None = None  # the transceivers' --agent SPEC (None: the echo agent)
     otlp_endpoint: str | None = None  # traces of relayd and the transceivers go there (None: off)
     # Processes outlive the caller (relayctl lab up): own session, so no
@@ -256,6 +260,8 @@ class Services:
         prepare_secrets(self.lab, self.workdir, self.hint_key)
         if self.client_auth == "tokens" and not (self.workdir / "token.key").exists():
             write_secret(self.workdir / "token.key", secrets.token_hex(32) + "\n")
+        if self.client_auth == "api_keys" and not (self.workdir / "api.keys").exists():
+            write_secret(self.workdir / "api.keys", secrets.token_hex(16) + "\n")
         if self.lab.relays > 1:
             self.start_redis()
         for r in range(1, self.lab.relays + 1):
