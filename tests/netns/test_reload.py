@@ -18,8 +18,9 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import AudioStreamTrack
 
+from manager.lab.lifecycle import lab as lab_ctx
 from manager.lab.netns import NetnsExecutor
-from manager.lab.services import running_lab, to_toml, write_secret
+from manager.lab.services import Services, to_toml, write_secret
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.netns
@@ -29,9 +30,6 @@ ORIGIN = "https://app.example"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from manager.lab.lifecycle import lab as lab_ctx
-    from manager.lab.services import Services
-
     with lab_ctx(prefix=f"rl{secrets.token_hex(3)}", transceivers=1) as lab:
         svc = Services(lab, tmp_path_factory.mktemp("reload"), client_auth="api_keys")
         try:
@@ -69,10 +67,9 @@ def create(lab, key: str, forwarded_for: str | None = None) -> tuple[int, str]:
 
 def preflight(lab) -> int:
     async def go() -> int:
-        async with aiohttp.ClientSession() as http:
-            async with http.options(f"{lab.signaling_url}/v1/calls", headers={
-                    "Origin": ORIGIN, "Access-Control-Request-Method": "POST"}) as resp:
-                return resp.status
+        async with aiohttp.ClientSession() as http, http.options(f"{lab.signaling_url}/v1/calls", headers={
+                "Origin": ORIGIN, "Access-Control-Request-Method": "POST"}) as resp:
+            return resp.status
 
     with NetnsExecutor(lab.client_ns) as ex:
         return ex.call(asyncio.run, go())
