@@ -34,7 +34,7 @@ static __always_inline int b64_value(__u8 c)
 }
 
 /* USERNAME is "<server ufrag>:<client ufrag>" (RFC 8445 7.2.2); the server
- * ufrag is base64 of version(1) | transceiver id | conn id | nonce | MAC, so
+ * ufrag is base64 of version(1) | transceiver id | conn id | key id | nonce | MAC, so
  * it is UFRAG_LEN ice-chars whose first 8 bits decode to UFRAG_VERSION. */
 static __always_inline int ufrag_shape_ok(__u8 *v, void *data_end, __u16 len)
 {

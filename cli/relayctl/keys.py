@@ -170,15 +170,24 @@ def keys_add(t: Target, kind: str, ring_file: str | None, sign: bool, as_json: b
     """Add a new random key (32 bytes) under the next key id."""
     import secrets
 
+    def done(old, new) -> str:
+        added = next(k for k in new.ids if k not in old.ids)
+        return f"{kind} key {added} added" + (", signing" if sign else ", verifying only")
+
+    _step(t, kind, ring_file, as_json, lambda ring: ring.added(secrets.token_bytes(32), sign=sign), done)
+
+
+def _step(t: Target, kind: str, ring_file: str | None, as_json: bool, change, done) -> None:
+    """One rotation step on the ring file: read, change (ValueError: refused), write,
+    show; done(old ring, new ring) says what was done."""
     path = Path(ring_file) if ring_file else _ring_file(t, kind)
-    ring = _read_ring(path, kind)
+    old = _read_ring(path, kind)
     try:
-        new = ring.added(secrets.token_bytes(32), sign=sign)
+        new = change(old)
     except ValueError as exc:
         raise Fail(str(exc)) from None
     _write_ring(path, new)
-    added = next(k for k in new.ids if k not in ring.ids)
-    _show(kind, path, new, as_json, f"{kind} key {added} added" + (", signing" if sign else ", verifying only"))
+    _show(kind, path, new, as_json, done(old, new))
 
 
 @keys.command("sign")
@@ -189,13 +198,8 @@ def keys_add(t: Target, kind: str, ring_file: str | None, sign: bool, as_json: b
 @pass_target
 def keys_sign(t: Target, kind: str, key_id: int, ring_file: str | None, as_json: bool) -> None:
     """Make key KEY_ID the signing one (the others keep verifying)."""
-    path = Path(ring_file) if ring_file else _ring_file(t, kind)
-    try:
-        new = _read_ring(path, kind).signing_with(key_id)
-    except ValueError as exc:
-        raise Fail(str(exc)) from None
-    _write_ring(path, new)
-    _show(kind, path, new, as_json, f"{kind} key {key_id} signs")
+    _step(t, kind, ring_file, as_json, lambda ring: ring.signing_with(key_id),
+          lambda old, new: f"{kind} key {key_id} signs")
 
 
 @keys.command("retire")
@@ -206,10 +210,5 @@ def keys_sign(t: Target, kind: str, key_id: int, ring_file: str | None, as_json:
 @pass_target
 def keys_retire(t: Target, kind: str, key_id: int, ring_file: str | None, as_json: bool) -> None:
     """Remove key KEY_ID: what it signed is refused from the next reload on."""
-    path = Path(ring_file) if ring_file else _ring_file(t, kind)
-    try:
-        new = _read_ring(path, kind).retired(key_id)
-    except ValueError as exc:
-        raise Fail(str(exc)) from None
-    _write_ring(path, new)
-    _show(kind, path, new, as_json, f"{kind} key {key_id} retired")
+    _step(t, kind, ring_file, as_json, lambda ring: ring.retired(key_id),
+          lambda old, new: f"{kind} key {key_id} retired")

@@ -25,8 +25,7 @@ import pytest
 from aioice import stun
 
 from manager.lab.client import client_call
-from manager.lab.lifecycle import lab as lab_ctx
-from manager.lab.services import Services, lab_client_token
+from manager.lab.services import lab_client_token, running_lab
 from manager.relay.control_client import ControlClient
 from tests.support.lab_calls import assert_untouched, audio_flowing, rtp_received, run_call
 from tests.support.waiting import eventually_async
@@ -36,13 +35,8 @@ pytestmark = pytest.mark.netns
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    with lab_ctx(prefix=f"kr{secrets.token_hex(3)}", transceivers=2) as lab:
-        svc = Services(lab, tmp_path_factory.mktemp("keys"), client_auth="tokens")
-        try:
-            svc.start()
-            yield lab, svc, ControlClient(svc.config["control_socket"])
-        finally:
-            svc.stop()
+    with running_lab(f"kr{secrets.token_hex(3)}", tmp_path_factory.mktemp("keys"), client_auth="tokens") as (lab, svc):
+        yield lab, svc, ControlClient(svc.config["control_socket"])
 
 
 def server_ufrag(answer: str) -> str:

@@ -7,6 +7,7 @@ the running configuration stays."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import secrets
 import signal
@@ -18,9 +19,8 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import AudioStreamTrack
 
-from manager.lab.lifecycle import lab as lab_ctx
 from manager.lab.netns import NetnsExecutor
-from manager.lab.services import Services, to_toml, write_secret
+from manager.lab.services import running_lab, to_toml, write_secret
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.netns
@@ -30,13 +30,9 @@ ORIGIN = "https://app.example"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    with lab_ctx(prefix=f"rl{secrets.token_hex(3)}", transceivers=1) as lab:
-        svc = Services(lab, tmp_path_factory.mktemp("reload"), client_auth="api_keys")
-        try:
-            svc.start()
-            yield lab, svc
-        finally:
-            svc.stop()
+    with running_lab(f"rl{secrets.token_hex(3)}", tmp_path_factory.mktemp("reload"), transceivers=1,
+                     client_auth="api_keys") as (lab, svc):
+        yield lab, svc
 
 
 def create(lab, key: str, forwarded_for: str | None = None) -> tuple[int, str]:
@@ -96,8 +92,18 @@ def log_has(svc, text: str) -> bool:
     return text in svc.log_path("relayd").read_text(errors="replace")
 
 
+def admit_source_interval_ns(svc) -> int:
+    """XDP's per-source admission interval, read from the pinned admit_cfg map."""
+    dp = svc.open_datapath(1)
+    try:
+        return dp.maps.admit_cfg.lookup(ctypes.c_uint32(0)).source_interval_ns
+    finally:
+        dp.close()
+
+
 def test_sighup_applies_a_new_key_rate_origin_and_proxy(env):
     lab, svc = env
+    assert admit_source_interval_ns(svc) == 10**9 // 20  # admit_source_rate's default: 20 checks/s
     old = (svc.workdir / "api.keys").read_text().strip()
     new = secrets.token_hex(16)
     assert create(lab, old)[0] == 201
@@ -105,11 +111,12 @@ def test_sighup_applies_a_new_key_rate_origin_and_proxy(env):
     assert preflight(lab) == 403
 
     write_secret(svc.workdir / "api.keys", new + "\n")
-    write_config(svc, limits={"create_rate": 0.001, "create_burst": 1},
+    write_config(svc, limits={"create_rate": 0.001, "create_burst": 1}, datapath={"admit_source_rate": 5.0},
                  signaling={"allowed_origins": [ORIGIN], "trusted_proxies": [f"{lab.client.addr4}/32"]})
     sighup(svc)
     eventually(lambda: log_has(svc, "reloaded: "), 10, what="relayd to log the reload")
     assert preflight(lab) == 204  # the origin
+    assert admit_source_interval_ns(svc) == 10**9 // 5  # XDP's admission rate, in its map
     assert create(lab, old) == (401, "unauthorized: API key is not valid")  # the old key is gone ...
     assert create(lab, new, "192.0.2.1")[0] == 201  # ... the new one works
     # One call per source from now on; behind the trusted proxy, the source is the one it names.
