@@ -89,3 +89,26 @@ def test_relayctl_keys_refuses_a_readable_file_and_names_a_missing_one(tmp_path:
     assert code == 1 and "lets others read a secret; chmod 600 it" in out, out
     code, out = keys("keys", "list", "hint")
     assert code == 1 and "no hint key file: give --file, or a config (-c) whose hint_key_file is set" in out
+
+
+def test_a_transceiver_follows_its_key_file(tmp_path: Path, caplog) -> None:
+    """What a transceiver reads (pki.read_hint_key): the file again once it
+    changed, and the last good ring while a changed file is broken."""
+    from manager import pki
+
+    f = tmp_path / "hint.key"
+    f.write_text(A.hex() + "\n")
+    f.chmod(0o600)
+    keys_file = pki.read_hint_key(f, {})
+    assert keys_file() == KeyRing({0: A})
+    replacement = tmp_path / "new"  # a rename, as relayctl keys and a Kubernetes secret update do
+    replacement.write_text(KeyRing({0: A, 1: B}, signing=1).to_text())
+    replacement.chmod(0o600)
+    replacement.rename(f)
+    assert keys_file().signing_id == 1
+    f.write_text("1 nothex sign\n")
+    assert keys_file().ids == [0, 1]  # kept
+    assert "hint.key: line 1: expected '<id> <hex key> [sign]'; keeping the keys read before" in caplog.text
+    with pytest.raises(ValueError, match="no routing-hint key"):
+        pki.read_hint_key(None, {})
+    assert pki.read_hint_key(None, {"SPLITRELAY_HINT_KEY": A.hex()}) == KeyRing({0: A})
