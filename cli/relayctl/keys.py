@@ -190,12 +190,16 @@ def _step(t: Target, kind: str, ring_file: str | None, as_json: bool, change, do
     _show(kind, path, new, as_json, done(old, new))
 
 
+def _on_key(f):
+    """The arguments of a step on one key: KIND KEY_ID [--file] [--json]."""
+    for deco in (pass_target, json_option, file_option, click.argument("key_id", type=click.IntRange(0, 255)),
+                 kind_argument):
+        f = deco(f)
+    return f
+
+
 @keys.command("sign")
-@kind_argument
-@click.argument("key_id", type=click.IntRange(0, 255))
-@file_option
-@json_option
-@pass_target
+@_on_key
 def keys_sign(t: Target, kind: str, key_id: int, ring_file: str | None, as_json: bool) -> None:
     """Make key KEY_ID the signing one (the others keep verifying)."""
     _step(t, kind, ring_file, as_json, lambda ring: ring.signing_with(key_id),
@@ -203,11 +207,7 @@ def keys_sign(t: Target, kind: str, key_id: int, ring_file: str | None, as_json:
 
 
 @keys.command("retire")
-@kind_argument
-@click.argument("key_id", type=click.IntRange(0, 255))
-@file_option
-@json_option
-@pass_target
+@_on_key
 def keys_retire(t: Target, kind: str, key_id: int, ring_file: str | None, as_json: bool) -> None:
     """Remove key KEY_ID: what it signed is refused from the next reload on."""
     _step(t, kind, ring_file, as_json, lambda ring: ring.retired(key_id),
