@@ -22,6 +22,7 @@ from aiohttp import web
 from manager.protocol.keyring import KeyRing
 from manager.relay.config import ConfigError, RelaydConfig, load_config
 from manager.relay.credentials import ClientAuth
+from manager.relay.fleet import redact_url
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.signaling import reconfigure
 
@@ -65,7 +66,8 @@ def diff(old: RelaydConfig, new: RelaydConfig) -> tuple[list[str], list[str]]:
     for path in sorted(set(a) | set(b)):
         if path in KEPT or path == "hint_key" or a.get(path) == b.get(path):
             continue
-        line = f"{path}: {a.get(path)!r} -> {b.get(path)!r}"
+        show = redact_url if path == "registry.url" else (lambda v: v)  # a password may be in it
+        line = f"{path}: {show(a.get(path))!r} -> {show(b.get(path))!r}"
         (live if _reloadable(path) else restart).append(line)
     if old.hint_ring != new.hint_ring:
         live.append(f"hint keys: {new.hint_ring.change_from(old.hint_ring)}")

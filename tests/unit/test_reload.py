@@ -187,3 +187,13 @@ def test_diff_names_fields_and_never_keys(tmp_path: Path) -> None:
     assert restart == []
     assert live == ["hint_key_file: '" + str(tmp_path / "hint.key") + "' -> None", "hint keys: 0* -> 0* (key 0 replaced)"]
     assert not any(HINT in line or "cd" * 32 in line for line in live)
+
+
+def test_a_refusal_shows_no_password(tmp_path: Path) -> None:
+    path = setup(tmp_path)
+    a = load_config(path, environ={})
+    b = load_config(path, environ={"SPLITRELAY__REGISTRY__BACKEND": "redis",
+                                   "SPLITRELAY__REGISTRY__URL": "redis://u:s3cret@10.0.0.9:6379/0"})
+    live, restart = diff(a, b)
+    assert "registry.url: None -> 'redis://u:***@10.0.0.9:6379/0'" in restart
+    assert not any("s3cret" in line for line in live + restart)
