@@ -94,6 +94,7 @@ class Reloader:
         self.targets = targets
         self.on_applied = on_applied
         self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None  # the SIGHUP reload under way (held: the loop keeps tasks weakly)
 
     async def reload(self) -> dict[str, Any]:
         """{"changed": [...]} once applied; ReloadError (nothing changed) if refused."""
