@@ -39,6 +39,7 @@ from manager.lab.xdp_harness import (
     XDP_PASS,
     XDP_REDIRECT,
 )
+from manager.protocol.keyring import KeyRing
 from manager.protocol.ufrag import encode_ufrag
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import OwnerAddr
@@ -451,6 +452,21 @@ def test_admission_rate_per_source_and_global_budget(harness):
     finally:
         _set_admission(harness, admit_source_rate=0, admit_budget=0, admit_call_rate=0)
         harness.dp.admit_ufrag(hx.LIVE_UFRAG)
+
+
+def test_a_ufrag_of_a_rotated_key_passes_like_any_other(harness):
+    """XDP checks a hint's shape (length, ice-chars, version) and that its call
+    is live, never its key: a ufrag minted by a rotated key (its id in byte 7)
+    passes, and once its call ends it is dropped like any other."""
+    rotated = encode_ufrag(KeyRing({0: hx.HINT_KEY, 200: bytes(range(7, 39))}, signing=200), 1, 11)
+    check = bytes(eth("client", "pub") / IP(src="10.10.1.98", dst=VIP4) / UDP(sport=33200, dport=VIP_PORT)
+                  / Raw(hx.binding_request(rotated + ":cli3")))
+    harness.dp.admit_ufrag(rotated)
+    try:
+        assert harness.run(check, "pub")[0] == XDP_PASS
+    finally:
+        harness.dp.forget_ufrag(rotated)
+    assert harness.run(check, "pub")[0] == XDP_DROP
 
 
 def test_a_flows_route_is_cached_and_follows_its_owner(harness):
