@@ -74,9 +74,11 @@ BPF_TABLE_PINNED("lru_hash", __u32, struct admit_bucket, rebind_ssrcs, MAX_REBIN
 /* admit_budget: the global budget's share of each CPU (no cross-CPU atomics). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct admit_bucket, admit_budget, 1, PIN_DIR "/admit_budget");
 
-/* layout: a hash of every map's layout, written by userspace at load; a
- * relayd refuses pinned maps whose hash is not its own (structs.py). */
-BPF_TABLE_PINNED("array", __u32, __u64, layout, 1, PIN_DIR "/layout");
+/* layout: [0] a hash of every map's layout, [1] a digest of the program's
+ * source and build flags, written by userspace at load. A relayd adopts
+ * pinned state of its own layout and program; it takes over from another
+ * known layout (manager/relay/kernel/upgrade.py) and refuses an unknown one. */
+BPF_TABLE_PINNED("array", __u32, __u64, layout, 2, PIN_DIR "/layout");
 
 /* clock: per CPU, the coarse clock as of the last jiffy seen (coarse_now);
  * not pinned: a cache any program version rebuilds within a tick. */

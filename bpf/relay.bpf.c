@@ -484,11 +484,55 @@ static __always_inline void learn_ssrc(struct pkt *p, struct flow_info *flow, co
     }
 }
 
+/* One RTP packet in its direction's media accounting (struct rtp_stats):
+ * RTCP (RFC 5761 payload types 72..95 after the marker bit, i.e. packet
+ * types 200..223) and packets of another SSRC are left out. Plain stores,
+ * as the counters: a flow's packets arrive on one CPU. */
+static __always_inline void rtp_account(struct pkt *p, struct rtp_stats *s, __u64 now)
+{
+    if (p->class != CLASS_RTP)
+        return;
+    __u8 *pl = p->payload;
+    if ((void *)(pl + 12) > p->data_end)
+        return;
+    if (pl[1] >= 192 && pl[1] <= 223)
+        return;
+    __u32 ssrc, ts_be;
+    __builtin_memcpy(&ssrc, pl + 8, sizeof(ssrc));
+    __builtin_memcpy(&ts_be, pl + 4, sizeof(ts_be));
+    __u32 seq = ((__u32)pl[2] << 8) | pl[3];
+    /* now in 48 kHz ticks: (ns >> 10) * 48000 * 1024 / 1e9, as a multiply and a shift. */
+    __u32 transit = (__u32)(((now >> 10) * 206158) >> 22) - bpf_ntohl(ts_be);
+    if (s->ssrc != ssrc) {
+        if (s->ssrc)
+            return;
+        s->ssrc = ssrc;
+        s->base_seq = seq;
+        s->max_seq = seq;
+        s->received = 1;
+        s->transit = transit;
+        return;
+    }
+    __u32 max = s->max_seq;
+    __s16 ahead = (__s16)(seq - (max & 0xffff));
+    if (ahead > 0)
+        s->max_seq = max + ahead;  /* carries into the wrap count */
+    else if (ahead < 0)
+        s->reordered += 1;
+    s->received += 1;
+    __s32 d = (__s32)(transit - s->transit);
+    s->transit = transit;
+    if (d < 0)
+        d = -d;
+    s->jitter += d - ((s->jitter + 8) >> 4);
+}
+
 /* A forwarded client packet's counts in its flow. */
 static __always_inline int client_forwarded(struct pkt *p, struct flow_info *flow, __u64 now)
 {
     /* Plain adds: a flow's packets arrive on one CPU (RSS hashes its tuple);
      * a rare race loses a count, never a packet. */
+    rtp_account(p, &flow->rtp, now);
     flow->packets += 1;
     flow->bytes += p->len;
     flow->last_seen_ns = now;
@@ -607,6 +651,7 @@ static __always_inline int from_owner(struct xdp_md *ctx, struct pkt *p, __u32 *
     rewrite(p, &rev->nh, rev->client.relay_addr, rev->client.client_addr,
             rev->client.relay_port, rev->client.client_port);
     *egress = rev->nh.ifindex;
+    rtp_account(p, &rev->rtp, now);
     rev->packets += 1;
     rev->bytes += p->len;
     rev->last_seen_ns = now;

@@ -49,6 +49,23 @@ struct nexthop {
     __u16 pad0;
 };
 
+/* Media accounting of one direction of a flow, for the RTP stream of its
+ * first SSRC (RTCP and other SSRCs are not counted). Expected packets are
+ * max_seq - base_seq + 1; lost = expected - received. Arrival times are
+ * taken from the coarse clock (coarse_now) in 48 kHz ticks: the jitter is
+ * RFC 3550's estimate (A.8, held as 16 J) against a 48 kHz media clock (Opus),
+ * good to about a tick of the coarse clock. */
+struct rtp_stats {
+    __u32 ssrc;           /* the stream counted (as in the packet); 0: none yet */
+    __u32 base_seq;       /* extended sequence of its first packet */
+    __u32 max_seq;        /* extended highest sequence: wraps << 16 | seq */
+    __u32 received;       /* RTP packets of the stream */
+    __u32 reordered;      /* arrived behind the highest sequence */
+    __u32 jitter;         /* 16 J, in 48 kHz ticks */
+    __u32 transit;        /* last arrival - RTP timestamp, 48 kHz ticks */
+    __u32 pad0;
+};
+
 /* One established flow: which call it belongs to and its counters. */
 struct flow_info {
     __u32 conn_id;        /* connection id (owners map key) */
@@ -61,6 +78,7 @@ struct flow_info {
     __u32 ssrc;           /* first RTP SSRC the client sent (as in the packet); 0: none yet */
     __u32 slot;           /* the call's owners entry (index), held by conn_id */
     struct nexthop nh;    /* towards the owner */
+    struct rtp_stats rtp; /* client → owner media */
 };
 
 /* Current owner of a connection id: the connection-id map value, in the
@@ -96,6 +114,7 @@ struct reverse_info {
     __u64 bytes;
     __u64 last_seen_ns;     /* last packet from the owner */
     struct nexthop nh;      /* towards the client */
+    struct rtp_stats rtp;   /* owner → client media */
 };
 
 /* A public relay address:port served by the fast path: key of the vips map. */

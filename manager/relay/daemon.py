@@ -91,6 +91,8 @@ class Relay:
         # Off the loop: bcc compiles for a second or two, and pyroute2's
         # synchronous netlink API refuses to run inside a running loop.
         self.runtime.adopted = await asyncio.to_thread(self.datapath.load)
+        if self.datapath.takeover is not None:
+            log.info("%s", self.datapath.takeover.summary())
         self.runtime.attach_results = await asyncio.to_thread(self.datapath.attach)
         # Every next hop a flow forwards through stays resolved, also while relayd is down.
         self.next_hops.start()

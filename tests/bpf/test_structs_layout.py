@@ -133,9 +133,10 @@ def test_adoption_refuses_pinned_maps_of_another_layout():
         first.maps.layout.update(_ct.c_uint32(0), _ct.c_uint64(LAYOUT_HASH ^ 1))  # as another version wrote it
         first.close()
         prog_before = _os.stat(f"{pin}/prog").st_ino
-        with pytest.raises(DatapathError, match=r"have map layout [0-9a-f]{16}, this relayd [0-9a-f]{16}\. Restore"):
+        with pytest.raises(DatapathError, match=r"have map layout [0-9a-f]{16}, which this relayd cannot convert"):
             Datapath(DatapathConfig(**base)).load(upgrade=True)
         assert _os.stat(f"{pin}/prog").st_ino == prog_before
+        assert not _os.path.exists(f"{pin}_next")  # nothing was loaded beside it
         # Pins from before the layout map existed are refused too.
         _os.unlink(f"{pin}/layout")
         with pytest.raises(DatapathError, match="carry no layout hash"):

@@ -4,6 +4,7 @@ headers it needs found or prepared."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 
 from manager.relay.config import DatapathConfig
@@ -45,6 +46,17 @@ def cflags(cfg: DatapathConfig) -> list[str]:
         f"-DMAX_REVERSE={cfg.max_reverse}",
         f"-DMAX_OWNERS={cfg.max_owners}",
     ]
+
+
+def source_digest(cfg: DatapathConfig) -> int:
+    """A digest of what the program is built from (its C sources and build
+    flags, not where its maps are pinned), kept in layout[1]: a restarted
+    relayd adopts the pinned program only if it was built from the same."""
+    h = hashlib.sha256()
+    for path in sorted([*BPF_DIR.glob("*.h"), PROG_SOURCE]):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    h.update(repr([f for f in cflags(cfg) if not f.startswith("-DPIN_DIR=")]).encode())
+    return int.from_bytes(h.digest()[:8], "little") or 1
 
 
 def compile_and_load(cfg: DatapathConfig) -> int:

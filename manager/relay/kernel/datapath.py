@@ -20,12 +20,22 @@ from manager.relay.config import DatapathConfig
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.admission import DEFAULT_SOURCE_PREFIX, admit_config
 from manager.relay.kernel.attach import AttachResult, attach_one, detach_one, xdp_attachment
-from manager.relay.kernel.build import PROG_NAME, PROG_SOURCE, cflags, compile_and_load, ensure_kernel_headers
+from manager.relay.kernel.build import (
+    PROG_NAME,
+    PROG_SOURCE,
+    cflags,
+    compile_and_load,
+    ensure_kernel_headers,
+    source_digest,
+)
 from manager.relay.kernel.errors import DatapathError
 from manager.relay.kernel.flows import FlowCrud
-from manager.relay.kernel.pins import MAX_IFINDEX, PROG_PIN, Maps, check_pinned_maps, unpin_all
+from manager.relay.kernel.layouts import CURRENT
+from manager.relay.kernel.media import MediaReader
+from manager.relay.kernel.pins import MAX_IFINDEX, PROG_PIN, Maps, check_pinned_maps, pinned_layout, unpin_all
 from manager.relay.kernel.slots import OwnerSlots
 from manager.relay.kernel.structs import LAYOUT_HASH, ROLE_INTERNAL, ROLE_PUBLIC, RelayConfig, pack_addr, vip_key
+from manager.relay.kernel.takeover import Takeover, staging_dir, take_over
 from manager.relay.kernel.walks import Flow, Walks, read_counters
 
 # The names other modules import from here.
@@ -33,7 +43,7 @@ __all__ = ["PROG_NAME", "PROG_SOURCE", "AttachResult", "Datapath", "DatapathErro
            "admit_config", "ensure_kernel_headers", "read_counters", "xdp_attachment"]
 
 
-class Datapath(OwnerSlots, FlowCrud, Walks):
+class Datapath(OwnerSlots, FlowCrud, Walks, MediaReader):
     """Owns the relay's XDP program and maps for one pin directory."""
 
     def __init__(self, cfg: DatapathConfig, *, source_prefix: tuple[int, int] = DEFAULT_SOURCE_PREFIX):
@@ -46,6 +56,7 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
         # Told every address a flow forwards to (client, owner): relayd keeps
         # their next hops resolved (next_hops.py). None: nobody listens.
         self.on_next_hop: Callable[[str], None] | None = None
+        self.takeover: Takeover | None = None  # what load() took over from another layout
         self._init_flows()
         self._init_slots()
 
@@ -63,13 +74,22 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
         check_pinned_maps(self.cfg)
 
     def load(self, *, upgrade: bool = False) -> bool:
-        """Make the program and maps available. Adopts a pinned program unless
-        `upgrade` asks to load the current source. Returns True if adopted.
-        Pinned maps that do not fit are refused first (check_pinned_maps)."""
+        """Make the program and maps available. Adopts the pinned program when
+        it was built from this source (layout[1]), unless `upgrade` asks to
+        load the current source; a program built from other source replaces
+        it in place, keeping the maps. Pinned maps of another known layout are
+        taken over (takeover.py), of an unknown one refused, the running
+        relay left as it is. Returns True if adopted. Pinned maps that do
+        not fit are refused first (check_pinned_maps)."""
+        found, digest = pinned_layout(self.pin_dir)
+        if found not in (None, 0, LAYOUT_HASH):
+            done = take_over(self.cfg, found, CURRENT, source_digest(self.cfg))
+            self.prog_fd, self.takeover = done.prog_fd, done
+            return self._open_and_configure(False)
         self.check_pinned_maps()
         pinned = self.pin_dir / PROG_PIN
         adopted = False
-        if pinned.exists() and not upgrade:
+        if pinned.exists() and not upgrade and digest in (0, source_digest(self.cfg)):
             self.prog_fd = libbpf.obj_get(str(pinned))
             adopted = True
         else:
@@ -87,6 +107,9 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
             if not adopted:
                 libbpf.obj_pin(new_fd, str(pinned))
             self.prog_fd = new_fd
+        return self._open_and_configure(adopted)
+
+    def _open_and_configure(self, adopted: bool) -> bool:
         self.maps = Maps.open(self.pin_dir)
         self.configure()
         self.rebuild_reverse_index()
@@ -110,6 +133,7 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
                 rc.internal_addr = pack_addr(addr)
             self.maps.relay_cfg.update(ctypes.c_uint32(idx), rc)
         self.maps.layout.update(ctypes.c_uint32(0), ctypes.c_uint64(LAYOUT_HASH))
+        self.maps.layout.update(ctypes.c_uint32(1), ctypes.c_uint64(source_digest(self.cfg)))
         self.maps.admit_cfg.update(ctypes.c_uint32(0),
                                    admit_config(self.cfg, libbpf.possible_cpus(), self.source_prefix))
         if self.cfg.public_interfaces:
@@ -163,6 +187,7 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
         removed = [ifname for ifname in self.cfg.interfaces if detach_one(ifname, self.pin_dir, prog_id)]
         if purge:
             unpin_all(self.pin_dir)
+            unpin_all(staging_dir(self.pin_dir))
         return removed
 
     def open_maps(self) -> Maps:

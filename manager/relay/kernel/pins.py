@@ -76,7 +76,7 @@ def expected_max_entries(cfg: DatapathConfig) -> dict[str, int]:
     return {"flows4": cfg.max_flows, "flows6": cfg.max_flows6, "owners": cfg.max_owners,
             "epochs": cfg.max_owners, "reverse": cfg.max_reverse,
             "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_IFINDEX,
-            "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 1,
+            "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 2,
             "live_ufrags": cfg.max_owners, "rebind_ssrcs": MAX_REBIND_SSRCS,
             "ssrcs": cfg.max_flows,
             "stats": len(STAT_NAMES)}
@@ -114,26 +114,36 @@ def check_pinned_maps(cfg: DatapathConfig) -> None:
 
 
 def check_layout(pin_dir: Path) -> None:
-    """Pinned maps must carry this relayd's layout hash (structs.LAYOUT_HASH):
-    same sizes can still mean other fields (a pad that became a field)."""
+    """Pinned maps must carry a layout hash (structs.LAYOUT_HASH): same
+    sizes can still mean other fields (a pad that became a field). Another
+    relayd's layout is not for adoption: load() takes over from it
+    (takeover.py) or refuses it."""
     pinned = [name for name in MAP_TYPES if (pin_dir / name).exists()]
-    if not pinned:
-        return
-    fix = (f"Restore the relayd that made them, or remove {pin_dir} (this drops the established flows)")
-    if "layout" not in pinned:
-        raise DatapathError(f"pinned maps in {pin_dir} carry no layout hash (made by an older relayd). {fix}")
-    with libbpf.PinnedMap(str(pin_dir / "layout"), ctypes.c_uint32, ctypes.c_uint64) as m:
-        found = m.lookup(ctypes.c_uint32(0))
-    value = found.value if found is not None else 0
-    # 0: created by a load that stopped before configure() wrote the hash.
-    if value not in (0, LAYOUT_HASH):
-        raise DatapathError(f"pinned maps in {pin_dir} have map layout {value:016x}, this relayd "
-                            f"{LAYOUT_HASH:016x}. {fix}")
+    if pinned and "layout" not in pinned:
+        raise DatapathError(f"pinned maps in {pin_dir} carry no layout hash (made by an older relayd). Restore "
+                            f"the relayd that made them, or remove {pin_dir} (this drops the established flows)")
+    found, _ = pinned_layout(pin_dir)
+    if found not in (None, 0, LAYOUT_HASH):
+        raise DatapathError(f"pinned maps in {pin_dir} have map layout {found:016x}, this relayd "
+                            f"{LAYOUT_HASH:016x}")
+
+
+def pinned_layout(pin_dir: Path) -> tuple[int | None, int]:
+    """(layout hash, program source digest) the pinned maps carry; None: no
+    layout map pinned. 0: not written (a load that stopped before configure(),
+    or a layout map of one entry: no digest)."""
+    path = pin_dir / "layout"
+    if not path.exists():
+        return None, 0
+    with libbpf.PinnedMap(str(path), ctypes.c_uint32, ctypes.c_uint64) as m:
+        values = [m.lookup(ctypes.c_uint32(i)) if i < m.max_entries else None for i in (0, 1)]
+    return tuple(v.value if v is not None else 0 for v in values)  # type: ignore[return-value]
 
 
 def unpin_all(pin_dir: Path) -> None:
     """Remove the program, maps and links pinned in pin_dir, and the directory."""
-    names = [PROG_PIN, *MAP_TYPES, *(p.name for p in pin_dir.glob("link_*"))] if pin_dir.is_dir() else []
+    names = ([PROG_PIN, f"{PROG_PIN}_new", *MAP_TYPES, *(p.name for p in pin_dir.glob("link_*"))]
+             if pin_dir.is_dir() else [])
     for name in names:
         try:
             (pin_dir / name).unlink()

@@ -70,6 +70,21 @@ class NextHop(ctypes.Structure):
     ]
 
 
+class RtpStats(ctypes.Structure):
+    """Media accounting of one direction of a flow (struct rtp_stats)."""
+
+    _fields_ = [
+        ("ssrc", ctypes.c_uint32),
+        ("base_seq", ctypes.c_uint32),
+        ("max_seq", ctypes.c_uint32),
+        ("received", ctypes.c_uint32),
+        ("reordered", ctypes.c_uint32),
+        ("jitter", ctypes.c_uint32),
+        ("transit", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32),
+    ]
+
+
 class FlowInfo(ctypes.Structure):
     """One established flow (flows map value)."""
 
@@ -84,6 +99,7 @@ class FlowInfo(ctypes.Structure):
         ("ssrc", ctypes.c_uint32),
         ("slot", ctypes.c_uint32),
         ("nh", NextHop),
+        ("rtp", RtpStats),
     ]
 
 
@@ -124,6 +140,7 @@ class ReverseInfo(ctypes.Structure):
         ("bytes", ctypes.c_uint64),
         ("last_seen_ns", ctypes.c_uint64),
         ("nh", NextHop),
+        ("rtp", RtpStats),
     ]
 
 
@@ -258,14 +275,20 @@ def _shape(t: type) -> list:
     return [ctypes.sizeof(t)]
 
 
-def _layout_hash() -> int:
+def type_shape(t: type) -> list:
+    """A ctypes type's layout as layout_hash sees it (two types of one shape
+    hold the same bytes with the same meaning)."""
+    return _shape(t)
+
+
+def layout_hash(map_types: dict[str, tuple[type, type]], map_kinds: dict[str, int]) -> int:
     """What the layout map holds: any change to a map's kind, key or value
     layout (a renamed field too: its meaning changed) gives another value."""
-    shape = [(name, MAP_KINDS[name], _shape(k), _shape(v)) for name, (k, v) in sorted(MAP_TYPES.items())]
+    shape = [(name, map_kinds[name], _shape(k), _shape(v)) for name, (k, v) in sorted(map_types.items())]
     return int.from_bytes(hashlib.sha256(repr(shape).encode()).digest()[:8], "little") or 1
 
 
-LAYOUT_HASH: int = _layout_hash()
+LAYOUT_HASH: int = layout_hash(MAP_TYPES, MAP_KINDS)
 
 
 def _read_stat_names() -> list[str]:

@@ -1,0 +1,88 @@
+"""Every map layout a relayd has shipped, by the hash its maps carry
+(layout[0]), so a newer relayd can read pinned maps of an older one.
+
+A layout is the table of map types (name → key and value ctypes) and map
+kinds; its hash is structs.layout_hash of them. A past layout's types are
+frozen here: tests/unit/test_upgrade_conversions.py holds each hash to the
+value its relayd wrote, so a change to a shared struct cannot silently
+change what an old layout means. The conversions between layouts are in
+upgrade.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from manager.relay.kernel.structs import (
+    MAP_KINDS,
+    MAP_TYPES,
+    PERCPU_MAPS,
+    FlowKey,
+    NextHop,
+    layout_hash,
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One shipped set of map layouts."""
+
+    name: str
+    map_types: dict[str, tuple[type, type]]
+    map_kinds: dict[str, int]
+
+    @property
+    def hash(self) -> int:
+        return layout_hash(self.map_types, self.map_kinds)
+
+    def percpu(self, name: str) -> bool:
+        return name in PERCPU_MAPS
+
+
+# --- v1: before per-flow media accounting -------------------------------------------
+
+class FlowInfoV1(ctypes.Structure):
+    """struct flow_info without its rtp_stats."""
+
+    _fields_ = [
+        ("conn_id", ctypes.c_uint32),
+        ("flow_port", ctypes.c_uint16),
+        ("flow_addr", ctypes.c_uint16),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("last_seen_ns", ctypes.c_uint64),
+        ("created_ns", ctypes.c_uint64),
+        ("ssrc", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
+        ("nh", NextHop),
+    ]
+
+
+class ReverseInfoV1(ctypes.Structure):
+    """struct reverse_info without its rtp_stats."""
+
+    _fields_ = [
+        ("client", FlowKey),
+        ("conn_id", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("last_seen_ns", ctypes.c_uint64),
+        ("nh", NextHop),
+    ]
+
+
+V1 = Layout("v1", {**MAP_TYPES,
+                   "flows4": (MAP_TYPES["flows4"][0], FlowInfoV1),
+                   "flows6": (MAP_TYPES["flows6"][0], FlowInfoV1),
+                   "reverse": (MAP_TYPES["reverse"][0], ReverseInfoV1)}, MAP_KINDS)
+
+# --- v2: per-flow media accounting (struct rtp_stats in flow_info and reverse_info) --
+
+V2 = Layout("v2", MAP_TYPES, MAP_KINDS)
+
+CURRENT = V2
+# The layout hash each shipped relayd wrote (tests hold the frozen types to them).
+SHIPPED: dict[str, int] = {"v1": 0xF5FBEEA00128C7CE}
+LAYOUTS: dict[int, Layout] = {layout.hash: layout for layout in (V1, V2)}
