@@ -119,7 +119,8 @@ def _counter_span(value_type: type, name: str) -> tuple[int, int] | None:
 def take_over(cfg: DatapathConfig, pinned_hash: int, target: Layout, source_digest: int) -> Takeover:
     """Steps 1-5 of the module's docstring; returns the new program's fd."""
     pin_dir = Path(cfg.pin_dir)
-    steps: list[Conversion] = path_from(pinned_hash, target, f" in {pin_dir}")  # refused here, before anything is loaded
+    # An unknown layout is refused here, before anything is loaded.
+    steps: list[Conversion] = path_from(pinned_hash, target, f" in {pin_dir}")
     source = steps[0].source
     stage = staging_dir(pin_dir)
     unpin_all(stage)  # a takeover that stopped half-way
