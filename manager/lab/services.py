@@ -203,6 +203,8 @@ class Services:
     # there (tests/netns/test_image.py: each component in a container).
     launcher: Callable[[str, str, list[str]], list[str]] | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Extra environment of relayd (tests/netns/test_upgrade.py: a previous release's code).
+    relayd_env: dict[str, str] | None = None
 
     @property
     def config(self) -> dict:
@@ -288,7 +290,8 @@ class Services:
 
     def start_relayd(self, *extra_args: str, relay: int = 1) -> subprocess.Popen:
         return self._spawn(relay_name(relay), self.lab.relay_namespace(relay),
-                           ["-m", "cli.relayd", "-c", str(self.config_path_of(relay)), *extra_args])
+                           ["-m", "cli.relayd", "-c", str(self.config_path_of(relay)), *extra_args],
+                           env=self.relayd_env)
 
     def start_transceiver(self, k: int) -> subprocess.Popen:
         ep = self.lab.transceivers[k - 1]

@@ -58,5 +58,8 @@ def install(tree: Path, datapath: dict, flows: list[dict], ufrags: list[str] = (
     spec = json.dumps({"datapath": datapath, "flows": flows, "ufrags": list(ufrags)}, default=str)
     argv = [sys.executable, "-c", _INSTALL, spec]
     if ns is not None:
-        argv = ["ip", "netns", "exec", ns, *argv]
-    subprocess.run(argv, check=True, env=env(tree), cwd=tree, capture_output=True, text=True)
+        # nsenter, not `ip netns exec`: that remounts /sys, hiding bpffs.
+        argv = ["nsenter", f"--net=/run/netns/{ns}", *argv]
+    done = subprocess.run(argv, env=env(tree), cwd=tree, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the release's datapath install failed: {done.stderr.strip()[-2000:]}")

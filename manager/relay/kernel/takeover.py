@@ -36,10 +36,12 @@ from manager.relay.kernel.pins import PROG_PIN, unpin_all
 
 log = logging.getLogger("splitrelay.relay")
 
-# Written by the new relayd's configure() from its config: not copied.
-CONFIG_MAPS = frozenset({"vips", "relay_cfg", "admit_cfg", "layout"})
+# Written for the new layout before the switch: not copied. The other
+# config maps are (the new program must forward from its first packet);
+# configure() rewrites them from the new relayd's config right after.
+CONFIG_MAPS = frozenset({"layout"})
 # Written by userspace only (the old relayd is stopped): no catch-up.
-ARRAY_MAPS = frozenset({"owners", "epochs", "if_roles", "admit_budget", "stats"})
+ARRAY_MAPS = frozenset({"owners", "epochs", "if_roles", "admit_budget", "stats", "relay_cfg", "admit_cfg", "vips"})
 COUNTERS = ("packets", "bytes")
 
 
