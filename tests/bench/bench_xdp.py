@@ -224,10 +224,10 @@ def filler_ssrc(i: int) -> bytes:
 
 _FLOW_KEY = struct.Struct("!BxHH2x4s12x4s12x")  # struct flow_key, IPv4 (return entries, the SSRC index)
 _FLOW_KEY4 = struct.Struct("!4s4sHH")            # struct flow_key4 (the flows4 map)
-_FLOW_INFO = struct.Struct("<I2sHQQQQ4sI40s")   # struct flow_info
+_FLOW_INFO = struct.Struct("<I2sHQQQQ4sI40s32x") # struct flow_info (rtp: 0)
 _OWNER_INFO = struct.Struct("<4s2s2x16xII")     # struct owner_info, IPv4 only
 _REV_KEY = struct.Struct("<Bx2s2sH4s12x")       # struct reverse_key, IPv4
-_REV_INFO = struct.Struct("<40sIIQQQ40x")       # struct reverse_info (nh: 0)
+_REV_INFO = struct.Struct("<40sIIQQQ40x32x")    # struct reverse_info (nh, rtp: 0)
 assert _FLOW_KEY.size == ctypes.sizeof(FlowKey) and _FLOW_INFO.size == ctypes.sizeof(FlowInfo)
 assert _FLOW_KEY4.size == ctypes.sizeof(FlowKey4)
 assert _OWNER_INFO.size == ctypes.sizeof(OwnerInfo)
