@@ -124,6 +124,22 @@ def _peers(data: dict) -> str:
     ])
 
 
+@renderer("accounting", "Per-flow media accounting: the hit path before and after, one run")
+def _accounting(data: dict) -> str:
+    rows = [[case, num(d["before"], ".1f"), num(d["after"], ".1f"), num(d["ratio"], ".3f")]
+            for case, d in data["xdp_ns"].items()]
+    p = data["peers_mpps"]
+    rows.append(["bench_peers splitrelay (Mpps)", num(p["before"], ".2f"), num(p["after"], ".2f"),
+                 num(p["ratio"], ".3f")])
+    return "\n".join([
+        md_table(["case (bench_xdp ns/packet at {:,} flows)".format(data["flows"]), "before", "after",
+                  "after / before"], rows),
+        "", f"Before: release `{data['release_before'][:10]}`, its own program and benches; after: this one. "
+        f"{data['rounds']} rounds alternating which side runs first; medians over rounds (ratios taken within "
+        "each round). The machine was shared with other work: read the ratios, not the absolute figures.",
+    ])
+
+
 @renderer("setup", "Set-up rate: legs per second from a client's check to a kernel flow")
 def _setup(data: dict) -> str:
     rows = [[num(s["offered_rate"]), num(s["legs"]), num(s["installed"]), num(s["legs_per_s"]),

@@ -6,7 +6,16 @@ kinds; its hash is structs.layout_hash of them. A past layout's types are
 frozen here: tests/unit/test_upgrade_conversions.py holds each hash to the
 value its relayd wrote, so a change to a shared struct cannot silently
 change what an old layout means. The conversions between layouts are in
-upgrade.py.
+conversions.py.
+
+Changing a map's layout (a field, a struct, a map added or dropped):
+  1. freeze the shipped layout's changed types here as the next past
+     version, and its hash (what `LAYOUT_HASH` printed before the change)
+     into SHIPPED;
+  2. add its Conversion to conversions.CONVERSIONS (a map added needs none:
+     it starts empty), and a test of it;
+  3. name a commit that shipped it in tests/support/previous_release.py,
+     so tests/netns/test_upgrade.py takes over from that release.
 """
 
 from __future__ import annotations
