@@ -12,7 +12,6 @@ import ctypes
 import secrets
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.layouts import V1
 from tests.support import previous_release
 from tests.support.lab_calls import audio_flowing
-from tests.support.udp_streams import Receiver, link_drops, moved, paced_send, settle, snmp_udp
+from tests.support.udp_streams import TwoWayStream
 from tests.support.waiting import eventually
 
 # realtime: the checks count media against the wall clock.
@@ -70,12 +69,9 @@ def test_upgrade_across_a_layout_change_mid_call_loses_nothing(tmp_path):
             old_prog = _xdp_prog_id(lab, "pub0")
             c_sock = lab.socket("client", socket.AF_INET, bind=client)
             t_sock = lab.socket(tx2.ns, socket.AF_INET, bind=owner)
-            rx_t, rx_c = Receiver(t_sock), Receiver(c_sock)
-            rx_t.start()
-            rx_c.start()
             n = int(RATE * SECONDS)
-            up = threading.Thread(target=paced_send, args=(c_sock, lab.vip(), range(n), RATE))
-            down = threading.Thread(target=paced_send, args=(t_sock, (lab.internal4, flow_port), range(n), RATE))
+            stream = TwoWayStream(lab, (lab.client_ns, tx2.ns, lab.relay_ns), c_sock, t_sock, lab.vip(),
+                                  (lab.internal4, flow_port), n, RATE)
             info: dict = {}
 
             async def upgrade(pc, rep):
@@ -96,31 +92,18 @@ def test_upgrade_across_a_layout_change_mid_call_loses_nothing(tmp_path):
                 await asyncio.to_thread(svc.wait_signaling, 60)
                 info["down_s"] = time.monotonic() - info["t"]
 
-            namespaces = (lab.client_ns, tx2.ns, lab.relay_ns)
-            socket_before = {ns: snmp_udp(lab, ns) for ns in namespaces}
-            links_before = {ns: link_drops(lab, ns) for ns in namespaces}
-            up.start()
-            down.start()
+            stream.start()
             with NetnsExecutor(lab.client_ns) as ex:
                 call = ex.call(asyncio.run, client_call(lab.signaling_url, duration=8.0, messages=10,
                                                          on_connected=upgrade))
-            up.join()
-            down.join()
-            settle({"up": [rx_t], "down": [rx_c]}, n)
-            rx_t.stop.set()
-            rx_c.stop.set()
-            rx_t.join()
-            rx_c.join()
+            lost_up, lost_down = stream.finish()
+            sockets, links = stream.drops()
 
             assert info.get("rc_old") == 0
             assert info["rc_refused"] not in (0, None)
             assert "which this relayd cannot convert" in info["refusal_log"]
             assert "Traceback" not in info["refusal_log"]
             assert info["prog_after_refusal"] == old_prog  # the old relay kept forwarding
-            lost_up, lost_down = n - len(set(rx_t.seqs)), n - len(set(rx_c.seqs))
-            sockets = {ns: {k: v for k, v in moved(socket_before[ns], snmp_udp(lab, ns)).items() if "Errors" in k}
-                       for ns in namespaces}
-            links = {ns: moved(links_before[ns], link_drops(lab, ns)) for ns in namespaces}
             print(f"\nold relayd stopped to new relayd serving: {info['down_s']:.2f} s; UDP stream {n} packets each "
                   f"way, lost {lost_up} up / {lost_down} down; call: RTP sent {call.rtp_packets_sent}, received "
                   f"{call.rtp_packets_received}, lost {call.rtp_packets_lost}, data channel "

@@ -112,3 +112,39 @@ def link_drops(lab, ns: str) -> dict[str, int]:
 
 def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+class TwoWayStream:
+    """n paced packets each way on one kernel flow: client → VIP (up, to
+    the owner's socket) and owner → flow source (down, to the client's), with
+    the namespaces' socket and link drop counters around it, so a loss is
+    reported with the layer that lost it."""
+
+    def __init__(self, lab, namespaces, client_sock: socket.socket, owner_sock: socket.socket, vip,
+                 flow_dst, n: int, rate: int):
+        self.lab, self.namespaces, self.n = lab, namespaces, n
+        self.rx_up, self.rx_down = Receiver(owner_sock), Receiver(client_sock)
+        self.senders = [threading.Thread(target=paced_send, args=(client_sock, vip, range(n), rate)),
+                        threading.Thread(target=paced_send, args=(owner_sock, flow_dst, range(n), rate))]
+
+    def start(self) -> None:
+        self.sockets_before = {ns: snmp_udp(self.lab, ns) for ns in self.namespaces}
+        self.links_before = {ns: link_drops(self.lab, ns) for ns in self.namespaces}
+        for t in (self.rx_up, self.rx_down, *self.senders):
+            t.start()
+
+    def finish(self) -> tuple[int, int]:
+        """Wait for the senders and what is in flight; (lost up, lost down)."""
+        for t in self.senders:
+            t.join()
+        settle({"up": [self.rx_up], "down": [self.rx_down]}, self.n)
+        for rx in (self.rx_up, self.rx_down):
+            rx.stop.set()
+            rx.join()
+        return self.n - len(set(self.rx_up.seqs)), self.n - len(set(self.rx_down.seqs))
+
+    def drops(self) -> tuple[dict, dict]:
+        """(UDP error counters, link drop counters) that moved, by namespace."""
+        sockets = {ns: {k: v for k, v in moved(self.sockets_before[ns], snmp_udp(self.lab, ns)).items()
+                        if "Errors" in k} for ns in self.namespaces}
+        return sockets, {ns: moved(self.links_before[ns], link_drops(self.lab, ns)) for ns in self.namespaces}

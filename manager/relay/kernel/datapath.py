@@ -32,7 +32,15 @@ from manager.relay.kernel.errors import DatapathError
 from manager.relay.kernel.flows import FlowCrud
 from manager.relay.kernel.layouts import CURRENT
 from manager.relay.kernel.media import MediaReader
-from manager.relay.kernel.pins import MAX_IFINDEX, PROG_PIN, Maps, check_pinned_maps, pinned_layout, unpin_all
+from manager.relay.kernel.pins import (
+    MAX_IFINDEX,
+    PROG_PIN,
+    Maps,
+    check_pinned_maps,
+    pinned_layout,
+    pinned_prog_id,
+    unpin_all,
+)
 from manager.relay.kernel.slots import OwnerSlots
 from manager.relay.kernel.structs import LAYOUT_HASH, ROLE_INTERNAL, ROLE_PUBLIC, RelayConfig, pack_addr, vip_key
 from manager.relay.kernel.takeover import Takeover, staging_dir, take_over
@@ -171,14 +179,7 @@ class Datapath(OwnerSlots, FlowCrud, Walks, MediaReader):
         """Our program's id: the loaded one, else the pinned one."""
         if self.prog_fd >= 0:
             return libbpf.prog_info(self.prog_fd).id
-        try:
-            fd = libbpf.obj_get(str(self.pin_dir / PROG_PIN))
-        except OSError:
-            return None
-        try:
-            return libbpf.prog_info(fd).id
-        finally:
-            os.close(fd)
+        return pinned_prog_id(self.pin_dir)
 
     def detach(self, *, purge: bool = False) -> list[str]:
         """Remove the program from the configured interfaces; with purge, also

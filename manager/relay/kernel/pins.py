@@ -140,6 +140,18 @@ def pinned_layout(pin_dir: Path) -> tuple[int | None, int]:
     return tuple(v.value if v is not None else 0 for v in values)  # type: ignore[return-value]
 
 
+def pinned_prog_id(pin_dir: Path) -> int | None:
+    """The id of the program pinned in pin_dir, if any."""
+    try:
+        fd = libbpf.obj_get(str(pin_dir / PROG_PIN))
+    except OSError:
+        return None
+    try:
+        return libbpf.prog_info(fd).id
+    finally:
+        os.close(fd)
+
+
 def unpin_all(pin_dir: Path) -> None:
     """Remove the program, maps and links pinned in pin_dir, and the directory."""
     names = ([PROG_PIN, f"{PROG_PIN}_new", *MAP_TYPES, *(p.name for p in pin_dir.glob("link_*"))]

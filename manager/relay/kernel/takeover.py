@@ -32,7 +32,7 @@ from manager.relay.kernel.attach import attach_one
 from manager.relay.kernel.build import compile_and_load
 from manager.relay.kernel.conversions import Conversion, convert_entry, path_from
 from manager.relay.kernel.layouts import Layout
-from manager.relay.kernel.pins import PROG_PIN, unpin_all
+from manager.relay.kernel.pins import PROG_PIN, pinned_prog_id, unpin_all
 
 log = logging.getLogger("splitrelay.relay")
 
@@ -144,7 +144,7 @@ def take_over(cfg: DatapathConfig, pinned_hash: int, target: Layout, source_dige
                 if converted[0] is not None:
                     new[name].write(converted[0][0], [v for _, v in converted])
             result.copied[name] = len(entries)
-        previous = _pinned_prog_id(pin_dir)
+        previous = pinned_prog_id(pin_dir)
         # The switch: each link now runs the new program, on the copied maps.
         for ifname in cfg.interfaces:
             attach_one(prog_fd, ifname, pin_dir, cfg.xdp_mode, replace=cfg.xdp_replace, previous=previous)
@@ -192,17 +192,6 @@ def _catch_up(steps, source: Layout, target: Layout, old, new, seen) -> int:
             new[name].write(converted[0], [bytes(out)])
             n += 1
     return n
-
-
-def _pinned_prog_id(pin_dir: Path) -> int | None:
-    try:
-        fd = libbpf.obj_get(str(pin_dir / PROG_PIN))
-    except OSError:
-        return None
-    try:
-        return libbpf.prog_info(fd).id
-    finally:
-        os.close(fd)
 
 
 def _move_pins(pin_dir: Path, stage: Path, old_names: list[str], target: Layout, prog_fd: int) -> None:
