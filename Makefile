@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup lint test test-fast demo bench bench-peers bench-setup bench-density bench-report lab-up lab-down clean vm-test vm-box \
+.PHONY: history setup lint test test-fast demo bench bench-peers bench-setup bench-density bench-report lab-up lab-down clean vm-test vm-box \
 	image image-test
 
 setup:
@@ -17,8 +17,16 @@ lint: setup
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 
 # The whole suite, as root: nothing may be skipped (tests/conftest.py).
-test: setup lint
+test: setup lint history
 	SPLITRELAY_FORBID_SKIPS=1 $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# The upgrade tests run a previous release taken from git history: a shallow
+# clone fetches the rest (or says why it cannot).
+history:
+	@if [ "$$(git rev-parse --is-shallow-repository 2>/dev/null)" = true ]; then \
+		echo "history: shallow clone; fetching the history the upgrade tests need"; \
+		git fetch --quiet --unshallow || echo "history: cannot fetch it; tests/netns/test_upgrade.py and tests/bpf/test_takeover.py will fail"; \
+	fi
 
 # The unit layer (tests/unit) as any user, once `make setup` has run as root:
 # no root, no network, under a minute. For editing; `make test` before a push.

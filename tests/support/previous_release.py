@@ -21,6 +21,11 @@ def extract(release: str, dest: Path) -> Path:
     package looks for them, so this checkout's editable install (which maps
     manager.relay.kernel.bpf onto the current bpf/) is not consulted."""
     dest.mkdir(parents=True, exist_ok=True)
+    commit = RELEASES[release]
+    if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
+                      capture_output=True).returncode:
+        raise RuntimeError(f"release {release} ({commit[:12]}) is not in this clone's history: "
+                           "a shallow clone needs `git fetch --unshallow` (make test does it)")
     archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", RELEASES[release]],
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
