@@ -282,6 +282,12 @@ class TcpConfig(BaseModel):
     max_per_source: int = Field(default=8, ge=1, description="connections at once per source (limits.source_prefix_*)")
     accept_rate_per_source: float = Field(default=4.0, gt=0, description="new connections/s per source; beyond, reset")
     accept_burst_per_source: int = Field(default=16, ge=1, description="new connections a source may open at once")
+    # In XDP, before the kernel answers: SYNs beyond are dropped unanswered.
+    # Above the accept rate, so a client's retransmitted SYN rarely meets it
+    # and the accept rate (a reset) stays the refusal a client sees.
+    syn_rate_per_source: float = Field(default=8.0, ge=0, description="TCP SYNs/s per source to the ICE-TCP port, "
+                                                                      "enforced in XDP (0: unlimited)")
+    syn_burst_per_source: int = Field(default=32, ge=1, description="SYNs a source may send at once")
     handshake_timeout: float = Field(default=5.0, gt=0,
                                      description="seconds until the owner's STUN success (first frame included)")
     idle_timeout: float = Field(default=30.0, gt=0, description="seconds with no frame either way")

@@ -25,6 +25,7 @@ MAX_VIPS = 64  # bpf/consts.h defaults (the loader does not override them)
 MAX_IFINDEX = 4096  # if_roles is an array indexed by ifindex (bpf/consts.h)
 MAX_SOURCES = 65536
 MAX_REBIND_SSRCS = 65536
+MAX_SYN_SOURCES = 65536
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Maps:
     admit_budget: libbpf.PinnedMap
     live_ufrags: libbpf.PinnedMap
     rebind_ssrcs: libbpf.PinnedMap
+    tcp_listeners: libbpf.PinnedMap
+    syn_sources: libbpf.PinnedMap
     layout: libbpf.PinnedMap
     ssrcs: libbpf.PinnedMap
     stats: libbpf.PinnedMap
@@ -78,6 +81,7 @@ def expected_max_entries(cfg: DatapathConfig) -> dict[str, int]:
             "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_IFINDEX,
             "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 1,
             "live_ufrags": cfg.max_owners, "rebind_ssrcs": MAX_REBIND_SSRCS,
+            "tcp_listeners": MAX_VIPS, "syn_sources": MAX_SYN_SOURCES,
             "ssrcs": cfg.max_flows,
             "stats": len(STAT_NAMES)}
 

@@ -177,7 +177,7 @@ class UfragKey(ctypes.Structure):
 
 
 class SourceKey(ctypes.Structure):
-    """A source address under its prefix, IPv6 at most /64 (admit_sources key)."""
+    """A source address under its prefix, IPv6 at most /64 (admit_sources and syn_sources key)."""
 
     _fields_ = [
         ("family", ctypes.c_uint32),
@@ -189,6 +189,12 @@ class AdmitBucket(ctypes.Structure):
     """One admission bucket (admit_sources / admit_budget value)."""
 
     _fields_ = [("tat_ns", ctypes.c_uint64)]
+
+
+class SynLimit(ctypes.Structure):
+    """The SYN rate of one source at an ICE-TCP listener (tcp_listeners value; GCRA in ns)."""
+
+    _fields_ = [("interval_ns", ctypes.c_uint64), ("burst_ns", ctypes.c_uint64)]
 
 
 class ClockCopy(ctypes.Structure):
@@ -218,6 +224,8 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "admit_budget": (ctypes.c_uint32, AdmitBucket),
     "live_ufrags": (UfragKey, AdmitBucket),
     "rebind_ssrcs": (ctypes.c_uint32, AdmitBucket),
+    "tcp_listeners": (VipKey, SynLimit),
+    "syn_sources": (SourceKey, AdmitBucket),
     "layout": (ctypes.c_uint32, ctypes.c_uint64),
     "ssrcs": (ctypes.c_uint32, FlowKey),
     "stats": (ctypes.c_uint32, StatValue),
@@ -243,6 +251,8 @@ MAP_KINDS: dict[str, int] = {
     "admit_budget": BPF_MAP_TYPE_PERCPU_ARRAY,
     "live_ufrags": BPF_MAP_TYPE_LRU_HASH,
     "rebind_ssrcs": BPF_MAP_TYPE_LRU_HASH,
+    "tcp_listeners": BPF_MAP_TYPE_HASH,
+    "syn_sources": BPF_MAP_TYPE_LRU_HASH,
     "layout": BPF_MAP_TYPE_ARRAY,
     "ssrcs": BPF_MAP_TYPE_LRU_HASH,
     "stats": BPF_MAP_TYPE_PERCPU_ARRAY,
