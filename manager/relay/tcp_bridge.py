@@ -10,6 +10,10 @@ with a flow source of its own, and the transceiver sees an ordinary UDP peer
 (it stays UDP-only and unaware of TCP). Until the owner answers a check with
 a success, only Binding requests go to it. Both directions stay in Python.
 
+Before any of this, XDP drops a source's SYNs to the ICE-TCP port beyond its
+SYN rate (bpf/relay.bpf.c syn_admit, tcp.syn_rate_per_source): a flood of
+connections costs relayd only what that bucket admits.
+
 Limits: connections at once (all sources, and per source: an IPv4 address
 or an IPv6 /64, manager.protocol.sources.SourceKey), a handshake timeout
 (the owner's success within `handshake_timeout` of the connect, the first
