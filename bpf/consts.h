@@ -34,6 +34,10 @@
 #ifndef MAX_SYN_SOURCES
 #define MAX_SYN_SOURCES 65536
 #endif
+/* Trusted proxies' prefixes whose SYNs the SYN limit spares. */
+#ifndef MAX_TRUSTED_PROXIES
+#define MAX_TRUSTED_PROXIES 64
+#endif
 /* Where maps are pinned (bpffs); the loader passes the configured one. */
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/splitrelay"

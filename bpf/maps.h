@@ -83,6 +83,12 @@ BPF_TABLE_PINNED("hash", struct vip_key, struct syn_limit, tcp_listeners, MAX_VI
 BPF_TABLE_PINNED("lru_hash", struct source_key, struct admit_bucket, syn_sources, MAX_SYN_SOURCES,
                  PIN_DIR "/syn_sources");
 
+/* syn_trusted: tcp.trusted_proxies, whose connections carry many clients
+ * (a PROXY protocol header names each): their SYNs beyond the bucket still
+ * pass. Looked up only for a SYN over its bucket. */
+BPF_TABLE_PINNED("lpm_trie", struct proxy_prefix, __u32, syn_trusted, MAX_TRUSTED_PROXIES, PIN_DIR "/syn_trusted",
+                 BPF_F_NO_PREALLOC);
+
 /* admit_budget: the global budget's share of each CPU (no cross-CPU atomics). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct admit_bucket, admit_budget, 1, PIN_DIR "/admit_budget");
 

@@ -378,7 +378,9 @@ static __always_inline int admit(struct pkt *p, __be32 src0, __be32 src1, int st
  * prefix is admit_cfg's, as for every per-source limit) decides before the
  * kernel answers it and relayd accepts: a connection flood from one /64
  * costs a drop here, not an accept in Python. relayd's own per-source
- * accept rate stays behind it. Any other SYN is the kernel's. */
+ * accept rate stays behind it. A trusted proxy (syn_trusted) is spared:
+ * its connections are many clients', each counted by relayd once its PROXY
+ * header names them. Any other SYN is the kernel's. */
 static __always_inline int syn_admit(struct pkt *p)
 {
     __be32 saddr[4], daddr[4];
@@ -402,7 +404,15 @@ static __always_inline int syn_admit(struct pkt *p)
         struct admit_bucket fresh = { .tat_ns = now + lim->interval_ns };
         syn_sources.update(&k, &fresh);
     } else if (!bucket_admits(b, now, lim->interval_ns, lim->burst_ns)) {
-        return STAT_DROP_TCP_SYN_RATE;
+        struct proxy_prefix pk = { .prefixlen = 128 };
+        if (p->family == SR_AF_INET) {
+            pk.addr[2] = bpf_htonl(0xffff);
+            pk.addr[3] = saddr[0];
+        } else {
+            copy_addr(pk.addr, saddr);
+        }
+        if (!syn_trusted.lookup(&pk))
+            return STAT_DROP_TCP_SYN_RATE;
     }
     return STAT_PASS_TCP_SYN;
 }

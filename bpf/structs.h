@@ -156,6 +156,14 @@ struct syn_limit {
     __u64 burst_ns;
 };
 
+/* syn_trusted key: a prefix of trusted proxies' addresses, as an LPM trie
+ * takes it (prefixlen first, in bits of addr); IPv4 as ::ffff:a.b.c.d, so
+ * one trie holds both families. */
+struct proxy_prefix {
+    __u32 prefixlen;
+    __be32 addr[4];
+};
+
 /* One admission bucket: the theoretical arrival time of the next packet. */
 struct admit_bucket {
     __u64 tat_ns;

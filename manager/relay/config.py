@@ -169,13 +169,18 @@ class SignalingConfig(BaseModel):
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_nets(cls, v: list[str]) -> list[str]:
-        out = []
-        for p in v:
-            try:
-                out.append(str(ipaddress.ip_network(p, strict=False)))
-            except ValueError:
-                raise ValueError(f"not an address or prefix: {p!r}") from None
-        return out
+        return proxy_prefixes(v)
+
+
+def proxy_prefixes(v: list[str]) -> list[str]:
+    """Trusted proxies' addresses or prefixes, normalised; a clear error for anything else."""
+    out = []
+    for p in v:
+        try:
+            out.append(str(ipaddress.ip_network(p, strict=False)))
+        except ValueError:
+            raise ValueError(f"not an address or prefix: {p!r}") from None
+    return out
 
 
 class InternalConfig(BaseModel):
@@ -288,6 +293,16 @@ class TcpConfig(BaseModel):
     syn_rate_per_source: float = Field(default=8.0, ge=0, description="TCP SYNs/s per source to the ICE-TCP port, "
                                                                       "enforced in XDP (0: unlimited)")
     syn_burst_per_source: int = Field(default=32, ge=1, description="SYNs a source may send at once")
+    # A TCP proxy in front: its connections start with a PROXY protocol header
+    # (v1 or v2) naming the client, whom the per-source limits then count. Only
+    # from these; from them the header is required.
+    trusted_proxies: list[str] = Field(default_factory=list,
+                                       description="prefixes of proxies whose PROXY protocol header is believed")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_nets(cls, v: list[str]) -> list[str]:
+        return proxy_prefixes(v)
     handshake_timeout: float = Field(default=5.0, gt=0,
                                      description="seconds until the owner's STUN success (first frame included)")
     idle_timeout: float = Field(default=30.0, gt=0, description="seconds with no frame either way")

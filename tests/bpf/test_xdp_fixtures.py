@@ -507,7 +507,7 @@ def test_tcp_syn_rate_per_source(harness):
     own bucket; the relay's other ports and established segments are not
     counted."""
     from manager.relay.config import TcpConfig
-    from manager.relay.kernel.admission import tcp_listeners
+    from manager.relay.kernel.admission import syn_trusted, tcp_listeners
 
     def set_limit(rate: float, burst: int) -> None:
         for key, limit in tcp_listeners(harness.dp.cfg, TcpConfig(port=TCP_PORT, syn_rate_per_source=rate,
@@ -534,8 +534,18 @@ def test_tcp_syn_rate_per_source(harness):
         after = harness.dp.counters()
         assert after["drop_tcp_syn_rate"][0] - before["drop_tcp_syn_rate"][0] == 7
         assert after["pass_tcp_syn"][0] - before["pass_tcp_syn"][0] == 3 + 1 + 3 + 1
+        # A trusted proxy (tcp.trusted_proxies) is spared once over its bucket;
+        # its neighbours are not.
+        trusted = syn_trusted(TcpConfig(trusted_proxies=["10.10.1.70/32", "fd00:64:64:64::/64"]))
+        for key in trusted.values():
+            harness.dp.maps.syn_trusted.update(key, ctypes.c_uint32(1))
+        assert syn("10.10.1.70", 51300) == XDP_PASS
+        assert syn("fd00:64:64:64::99", 51301) == XDP_PASS
+        assert [syn("10.10.1.71", 51400 + i) for i in range(3)][-1] == XDP_DROP
     finally:
         set_limit(0, 1)
+        for key in syn_trusted(TcpConfig(trusted_proxies=["10.10.1.70/32", "fd00:64:64:64::/64"])).values():
+            harness.dp.maps.syn_trusted.delete(key)
 
 
 def test_a_flows_route_is_cached_and_follows_its_owner(harness):

@@ -21,7 +21,8 @@ from aioice import stun
 from manager.lab.client import client_call
 from manager.lab.ice_tcp import TcpAdapter
 from manager.lab.netns import NetnsExecutor
-from manager.lab.services import LAB_TCP_PORT, running_lab
+from manager.lab.services import LAB_TCP_PORT, LAB_TCP_PROXY, running_lab
+from manager.protocol.proxy_protocol import v1_header, v2_header
 from manager.relay.control_client import ControlClient
 from tests.support.lab_calls import audio_flowing
 from tests.support.tcp_calls import (
@@ -279,6 +280,94 @@ def test_one_ipv6_64_holds_at_most_max_per_source_connections(env, record_proper
           f"round), {dropped} SYNs dropped in XDP, {seen} reached relayd, largest source held "
           f"{during['largest_source']}; relayd {cpu * 100:.1f}% of a core; a new call connected after "
           f"{rep.connected_after_s:.2f} s")
+
+
+def _open_with(lab, firsts: list[bytes], *, bind: str | None = None, hold: float = 0.3) -> list[str]:
+    """One connection to the IPv6 VIP per entry of `firsts` (from `bind`, an
+    address the client namespace holds), that entry sent first; how each
+    ended: "closed" (EOF/reset) or "open"."""
+
+    def go() -> list[str]:
+        socks = []
+        for first in firsts:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s.settimeout(5)
+            if bind is not None:
+                s.bind((bind, 0))
+            s.connect((lab.vip6, LAB_TCP_PORT))
+            s.sendall(first)
+            socks.append(s)
+        time.sleep(hold)  # the window the relay has to close them
+        readable, _, _ = select.select(socks, [], [], 0.3)
+        out = []
+        for s in socks:
+            state = "open"
+            if s in readable:
+                try:
+                    state = "closed" if s.recv(1) == b"" else "open"
+                except ConnectionResetError:
+                    state = "closed"
+            out.append(state)
+            s.close()
+        return out
+
+    with NetnsExecutor(lab.client_ns) as ex:
+        return ex.call(go)
+
+
+@pytest.fixture
+def proxy_routed(env):
+    """The lab's trusted proxy address, held by the client namespace."""
+    lab = env[0]
+    lab.run(lab.client_ns, ["ip", "-6", "addr", "add", f"{LAB_TCP_PROXY}/128", "dev", "lo"], check=True)
+    lab.run(lab.relay_ns, ["ip", "-6", "route", "replace", f"{LAB_TCP_PROXY}/128", "via", lab.client.addr6],
+            check=True)
+    yield LAB_TCP_PROXY
+    lab.run(lab.relay_ns, ["ip", "-6", "route", "del", f"{LAB_TCP_PROXY}/128"])
+    lab.run(lab.client_ns, ["ip", "-6", "addr", "del", f"{LAB_TCP_PROXY}/128", "dev", "lo"])
+
+
+def test_a_trusted_proxys_header_names_the_client_the_limits_count(env, proxy_routed):
+    """From the lab's trusted proxy, each connection's PROXY header (v2, v1)
+    names the client: five connections for five clients all stay (the proxy
+    is not one source), five for one /64 give up its oldest (the client's
+    /64 is)."""
+    lab, svc, ctl = env
+    server = (lab.vip6, LAB_TCP_PORT)
+    _, before = tcp_stats(ctl)
+    many = [v2_header((f"2001:db8:{i}::7", 50000 + i), server) for i in range(4)]
+    many.append(v1_header(("2001:db8:9::7", 50009), server))
+    assert _open_with(lab, many, bind=proxy_routed) == ["open"] * 5
+    one = [v2_header((f"2001:db8:77::{i + 1}", 50000 + i), server) for i in range(5)]
+    assert _open_with(lab, one, bind=proxy_routed) == ["closed", "open", "open", "open", "open"]
+    _, after = tcp_stats(ctl)
+    assert after.get("proxied", 0) - before.get("proxied", 0) == 10
+    assert after.get("evicted_per_source", 0) - before.get("evicted_per_source", 0) == 1
+
+
+def test_a_proxy_header_from_anyone_else_is_not_believed(env):
+    """The lab's client is no trusted proxy: its PROXY header is read as the
+    RFC 4571 frame it is not (the connection is closed), and names no one."""
+    lab, svc, ctl = env
+    _, before = tcp_stats(ctl)
+    header = v1_header(("2001:db8:5::7", 50000), (lab.vip6, LAB_TCP_PORT))
+    assert _open_with(lab, [header, v2_header(("2001:db8:6::7", 50000), (lab.vip6, LAB_TCP_PORT))]) == [
+        "closed", "open"]  # v2's signature reads as the length of a frame still to come
+    _, after = tcp_stats(ctl)
+    assert after.get("proxied", 0) == before.get("proxied", 0)
+    assert after.get("closed_bad_frame", 0) == before.get("closed_bad_frame", 0) + 1
+
+
+@pytest.mark.parametrize("header", [b"PROXY TCP4 bogus\r\n", b"PROXY TCP4 2001:db8::1 ::1 1 2\r\n",
+                                    b"\r\n\r\n\x00\r\nQUIT\n\x21\x12\x00\x0c" + bytes(12), b"\x00\x14hello"],
+                         ids=["v1 garbage", "v1 wrong family", "v2 UDP", "no header"])
+def test_a_malformed_proxy_header_closes_the_connection_and_is_counted(env, proxy_routed, header):
+    lab, svc, ctl = env
+    _, before = tcp_stats(ctl)
+    assert _open_with(lab, [header], bind=proxy_routed) == ["closed"]
+    _, after = tcp_stats(ctl)
+    assert after.get("closed_bad_proxy_header", 0) == before.get("closed_bad_proxy_header", 0) + 1
+    assert "Traceback" not in svc.log_path("relayd").read_text(errors="replace")
 
 
 def test_frames_round_trip_and_refusals_name_the_reason():

@@ -5,9 +5,10 @@ SYN rate per source at the ICE-TCP listeners (tcp_listeners)."""
 from __future__ import annotations
 
 import ipaddress
+import struct
 
 from manager.relay.config import DatapathConfig, TcpConfig
-from manager.relay.kernel.structs import AdmitConfig, SynLimit, VipKey, vip_key
+from manager.relay.kernel.structs import AdmitConfig, ProxyPrefix, SynLimit, VipKey, vip_key
 
 DEFAULT_SOURCE_PREFIX = (32, 64)  # limits.source_prefix_v4 / _v6 defaults
 
@@ -60,3 +61,17 @@ def tcp_listeners(cfg: DatapathConfig, tcp: TcpConfig | None) -> dict[bytes, tup
     interval, burst = _gcra(tcp.syn_rate_per_source, tcp.syn_burst_per_source)
     keys = (vip_key((addr, tcp.port)) for addr in dict.fromkeys(v.addr for v in cfg.vips))
     return {bytes(k): (k, SynLimit(interval_ns=interval, burst_ns=burst)) for k in keys}
+
+
+def syn_trusted(tcp: TcpConfig | None) -> dict[bytes, ProxyPrefix]:
+    """The syn_trusted entries: tcp.trusted_proxies as LPM keys (IPv4 as
+    ::ffff:a.b.c.d/96+n), by key bytes."""
+    out = {}
+    for prefix in tcp.trusted_proxies if tcp is not None else ():
+        net = ipaddress.ip_network(prefix, strict=False)
+        if net.version == 4:
+            net = ipaddress.ip_network(f"::ffff:{net.network_address}/{96 + net.prefixlen}")
+        key = ProxyPrefix(prefixlen=net.prefixlen)
+        key.addr[:] = list(struct.unpack("<4I", net.network_address.packed))
+        out[bytes(key)] = key
+    return out

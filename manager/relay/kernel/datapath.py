@@ -18,7 +18,7 @@ from pathlib import Path
 from manager.protocol.addresses import OwnerAddr
 from manager.relay.config import DatapathConfig, TcpConfig
 from manager.relay.kernel import libbpf
-from manager.relay.kernel.admission import DEFAULT_SOURCE_PREFIX, admit_config, tcp_listeners
+from manager.relay.kernel.admission import DEFAULT_SOURCE_PREFIX, admit_config, syn_trusted, tcp_listeners
 from manager.relay.kernel.attach import AttachResult, attach_one, detach_one, xdp_attachment
 from manager.relay.kernel.build import PROG_NAME, PROG_SOURCE, cflags, compile_and_load, ensure_kernel_headers
 from manager.relay.kernel.errors import DatapathError
@@ -110,6 +110,12 @@ class Datapath(OwnerSlots, FlowCrud, Walks):
                 self.maps.tcp_listeners.delete(k)
         for key, limit in listeners.values():
             self.maps.tcp_listeners.update(key, limit)
+        trusted = syn_trusted(self.tcp)
+        for k in list(self.maps.syn_trusted.keys()):
+            if bytes(k) not in trusted:
+                self.maps.syn_trusted.delete(k)
+        for key in trusted.values():
+            self.maps.syn_trusted.update(key, ctypes.c_uint32(1))
         for v in self.cfg.vips:
             self.maps.vips.update(vip_key(v.as_tuple()), ctypes.c_uint32(1))
         for idx, addr in ((0, self.cfg.internal_addr4), (1, self.cfg.internal_addr6)):

@@ -26,6 +26,7 @@ MAX_IFINDEX = 4096  # if_roles is an array indexed by ifindex (bpf/consts.h)
 MAX_SOURCES = 65536
 MAX_REBIND_SSRCS = 65536
 MAX_SYN_SOURCES = 65536
+MAX_TRUSTED_PROXIES = 64
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Maps:
     rebind_ssrcs: libbpf.PinnedMap
     tcp_listeners: libbpf.PinnedMap
     syn_sources: libbpf.PinnedMap
+    syn_trusted: libbpf.PinnedMap
     layout: libbpf.PinnedMap
     ssrcs: libbpf.PinnedMap
     stats: libbpf.PinnedMap
@@ -82,6 +84,7 @@ def expected_max_entries(cfg: DatapathConfig) -> dict[str, int]:
             "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 1,
             "live_ufrags": cfg.max_owners, "rebind_ssrcs": MAX_REBIND_SSRCS,
             "tcp_listeners": MAX_VIPS, "syn_sources": MAX_SYN_SOURCES,
+            "syn_trusted": MAX_TRUSTED_PROXIES,
             "ssrcs": cfg.max_flows,
             "stats": len(STAT_NAMES)}
 
