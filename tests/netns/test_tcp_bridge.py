@@ -166,32 +166,10 @@ def _binding(username: str) -> bytes:
 
 
 def _probe(lab, payloads: list[bytes], *, hold: float = 0.0, connections: int = 1) -> list[str]:
-    """Open connections from the client namespace, send the payloads on the
-    first, and report how each connection ended: "closed" (EOF/reset) or "open"."""
-
-    def go() -> list[str]:
-        socks = []
-        for _ in range(connections):
-            s = socket.create_connection((lab.vip4, LAB_TCP_PORT), timeout=5)
-            socks.append(s)
-        for p in payloads:
-            socks[0].sendall(p)
-        time.sleep(hold)  # the window the relay has to close them (its timeouts are checked against it)
-        readable, _, _ = select.select(socks, [], [], 0.3)  # all at once: a later one must not age meanwhile
-        out = []
-        for s in socks:
-            state = "open"
-            if s in readable:
-                try:
-                    state = "closed" if s.recv(1) == b"" else "open"
-                except ConnectionResetError:
-                    state = "closed"
-            out.append(state)
-            s.close()
-        return out
-
-    with NetnsExecutor(lab.client_ns) as ex:
-        return ex.call(go)
+    """Open connections from the client namespace to the IPv4 VIP, send the
+    payloads on the first, and report how each connection ended: "closed"
+    (EOF/reset) or "open"."""
+    return _open_with(lab, [b"".join(payloads)] + [b""] * (connections - 1), hold=hold, family=socket.AF_INET)
 
 
 # (description, frames sent, counter that rises in slowpath or bridge events)
@@ -282,23 +260,26 @@ def test_one_ipv6_64_holds_at_most_max_per_source_connections(env, record_proper
           f"{rep.connected_after_s:.2f} s")
 
 
-def _open_with(lab, firsts: list[bytes], *, bind: str | None = None, hold: float = 0.3) -> list[str]:
-    """One connection to the IPv6 VIP per entry of `firsts` (from `bind`, an
-    address the client namespace holds), that entry sent first; how each
-    ended: "closed" (EOF/reset) or "open"."""
+def _open_with(lab, firsts: list[bytes], *, bind: str | None = None, hold: float = 0.3,
+               family: int = socket.AF_INET6) -> list[str]:
+    """One connection to the VIP of `family` per entry of `firsts` (from
+    `bind`, an address the client namespace holds), opened one after the
+    other, each entry sent once all are open; how each ended: "closed"
+    (EOF/reset) or "open"."""
 
     def go() -> list[str]:
         socks = []
-        for first in firsts:
-            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        for _ in firsts:
+            s = socket.socket(family, socket.SOCK_STREAM)
             s.settimeout(5)
             if bind is not None:
                 s.bind((bind, 0))
-            s.connect((lab.vip6, LAB_TCP_PORT))
-            s.sendall(first)
+            s.connect((lab.vip6 if family == socket.AF_INET6 else lab.vip4, LAB_TCP_PORT))
             socks.append(s)
-        time.sleep(hold)  # the window the relay has to close them
-        readable, _, _ = select.select(socks, [], [], 0.3)
+        for s, first in zip(socks, firsts, strict=True):
+            s.sendall(first)
+        time.sleep(hold)  # the window the relay has to close them (its timeouts are checked against it)
+        readable, _, _ = select.select(socks, [], [], 0.3)  # all at once: a later one must not age meanwhile
         out = []
         for s in socks:
             state = "open"
