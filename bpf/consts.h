@@ -30,6 +30,14 @@
 #ifndef MAX_REBIND_SSRCS
 #define MAX_REBIND_SSRCS 65536
 #endif
+/* Source prefixes with a TCP SYN bucket at the ICE-TCP listeners (LRU). */
+#ifndef MAX_SYN_SOURCES
+#define MAX_SYN_SOURCES 65536
+#endif
+/* Trusted proxies' prefixes whose SYNs the SYN limit spares. */
+#ifndef MAX_TRUSTED_PROXIES
+#define MAX_TRUSTED_PROXIES 64
+#endif
 /* Where maps are pinned (bpffs); the loader passes the configured one. */
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/splitrelay"
@@ -70,6 +78,7 @@ enum stat_id {
     STAT_PASS_RETURN_UNKNOWN,     /* to a flow port with no reverse entry: slow path */
     STAT_PASS_REBIND,             /* RTP from an unknown tuple with a known flow's SSRC: slow path checks it */
     STAT_PASS_OWNER_RACE,         /* the call's owner entry changed while read: the slow path forwards this one */
+    STAT_PASS_TCP_SYN,            /* TCP SYN to an ICE-TCP listener, within its source's rate: the kernel's */
     STAT_DROP_MALFORMED,          /* truncated, bad lengths, bad version, zero IPv6 UDP checksum to the relay */
     STAT_DROP_IP_OPTIONS,         /* IPv4 with options to a VIP or a flow port */
     STAT_DROP_FRAGMENT,           /* IPv4 first fragment to a VIP or a flow port */
@@ -92,6 +101,7 @@ enum stat_id {
     STAT_DROP_REBIND_CALL_RATE,   /* rebind candidate: that SSRC's candidates are over their rate */
     STAT_DROP_REBIND_RATE,        /* rebind candidate: its source is over its slow-path rate */
     STAT_DROP_REBIND_BUDGET,      /* rebind candidate: the global slow-path budget is spent */
+    STAT_DROP_TCP_SYN_RATE,       /* TCP SYN to an ICE-TCP listener: its source is over its SYN rate */
     STAT_FWD_IN_STUN,             /* client → owner, forwarded in XDP */
     STAT_FWD_IN_DTLS,
     STAT_FWD_IN_RTP,
@@ -109,7 +119,7 @@ _Static_assert(STAT_FWD_IN_STUN + CLASS_RTP == STAT_FWD_IN_RTP, "inbound RTP cou
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_DTLS == STAT_FWD_OUT_DTLS, "outbound DTLS counter follows the class enum");
 _Static_assert(STAT_FWD_OUT_STUN + CLASS_RTP == STAT_FWD_OUT_RTP, "outbound RTP counter follows the class enum");
 /* Drops are the range [STAT_DROP_MALFORMED, STAT_FWD_IN_STUN) (relay.bpf.c). */
-_Static_assert(STAT_DROP_REBIND_BUDGET + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
+_Static_assert(STAT_DROP_TCP_SYN_RATE + 1 == STAT_FWD_IN_STUN, "drop counters end where forwards begin");
 
 /* Interface roles (if_roles values, by ifindex); 0: unchecked. */
 #define ROLE_PUBLIC 1

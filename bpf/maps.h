@@ -71,6 +71,24 @@ BPF_TABLE_PINNED("lru_hash", struct ufrag_key, struct admit_bucket, live_ufrags,
 BPF_TABLE_PINNED("lru_hash", __u32, struct admit_bucket, rebind_ssrcs, MAX_REBIND_SSRCS,
                  PIN_DIR "/rebind_ssrcs");
 
+/* tcp_listeners: relayd's ICE-TCP listeners (address:port; a VIP address
+ * and tcp.port) → the SYN rate of one source there. A SYN to any other
+ * address or port is the kernel's, unlimited. */
+BPF_TABLE_PINNED("hash", struct vip_key, struct syn_limit, tcp_listeners, MAX_VIPS, PIN_DIR "/tcp_listeners");
+
+/* syn_sources: per source prefix, the bucket of its SYNs to the ICE-TCP
+ * listeners: a connection flood from one /64 is dropped here instead of
+ * costing relayd an accept each. LRU: a flood of prefixes forgets the
+ * oldest (a forgotten prefix starts with a full burst again). */
+BPF_TABLE_PINNED("lru_hash", struct source_key, struct admit_bucket, syn_sources, MAX_SYN_SOURCES,
+                 PIN_DIR "/syn_sources");
+
+/* syn_trusted: tcp.trusted_proxies, whose connections carry many clients
+ * (a PROXY protocol header names each): their SYNs beyond the bucket still
+ * pass. Looked up only for a SYN over its bucket. */
+BPF_TABLE_PINNED("lpm_trie", struct proxy_prefix, __u32, syn_trusted, MAX_TRUSTED_PROXIES, PIN_DIR "/syn_trusted",
+                 BPF_F_NO_PREALLOC);
+
 /* admit_budget: the global budget's share of each CPU (no cross-CPU atomics). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct admit_bucket, admit_budget, 1, PIN_DIR "/admit_budget");
 

@@ -6,6 +6,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/udp.h>
+#include <linux/tcp.h>
 #include <linux/in.h>
 #include "consts.h"
 
@@ -38,6 +39,7 @@ struct pkt {
     struct iphdr *ip4;     /* exactly one of ip4/ip6 is set for IP frames */
     struct ipv6hdr *ip6;
     struct udphdr *udp;
+    struct tcphdr *tcp;    /* set instead of udp for a TCP SYN (PARSE_TCP_SYN) */
     __u8 *payload;
     __u32 ufrag_off;       /* offset of the server ufrag in the payload, once stun_admit passed it */
     __u32 len;             /* whole frame length, for byte counters */
@@ -60,8 +62,13 @@ static __always_inline __u32 load_be16_len(__be16 field)
     return v & 0xffff;
 }
 
-/* Parse outcome: either keep going (PARSE_OK) or a stat_id to account. */
+/* Parse outcome: either keep going (PARSE_OK) or a stat_id to account.
+ * PARSE_TCP: ipv6_udp found TCP, not UDP, at *l4. PARSE_TCP_SYN: a TCP SYN
+ * without ACK (a connection's first segment), p->tcp set, for the SYN limit
+ * of the ICE-TCP listeners (relay.bpf.c syn_admit). */
 #define PARSE_OK (-1)
+#define PARSE_TCP (-2)
+#define PARSE_TCP_SYN (-3)
 
 /* RFC 7983 demultiplexing on the first payload byte. */
 static __always_inline __u8 classify_payload(__u8 *payload, void *data_end)
@@ -113,6 +120,10 @@ static __always_inline int ipv6_udp(struct ipv6hdr *ip6, void *data_end, void **
             break;
         }
     }
+    if (next == IPPROTO_TCP) {
+        *l4 = at;  /* extension headers or not: a SYN's source is in the fixed header */
+        return PARSE_TCP;
+    }
     if (next != IPPROTO_UDP)
         return len ? STAT_PASS_IPV6_EXT : STAT_PASS_NOT_RELAY;
     *l4 = at;
@@ -120,9 +131,22 @@ static __always_inline int ipv6_udp(struct ipv6hdr *ip6, void *data_end, void **
     return PARSE_OK;
 }
 
+/* A TCP segment after its IP header: PARSE_TCP_SYN for a SYN without ACK,
+ * else it is the kernel's (the relay's TCP traffic is the kernel's once
+ * connected; a truncated header is the kernel's to drop). */
+static __always_inline int tcp_syn(struct pkt *p, struct tcphdr *tcp, void *data_end)
+{
+    if ((void *)(tcp + 1) > data_end)
+        return STAT_PASS_NOT_RELAY;
+    if (!tcp->syn || tcp->ack)
+        return STAT_PASS_NOT_RELAY;
+    p->tcp = tcp;
+    return PARSE_TCP_SYN;
+}
+
 /* Parse Ethernet, IPv4 or IPv6, and UDP. Returns PARSE_OK with p filled for
  * a UDP packet (p->refuse says if it carries what the relay cannot take),
- * else the stat_id saying why it is not ours (pass) or broken (drop).
+ * PARSE_TCP_SYN for a TCP SYN (tcp_syn), else the stat_id saying why it is not ours (pass) or broken (drop).
  * 802.1Q-tagged frames pass untouched: the stack strips the tag and its VLAN
  * device owns the addresses, and a redirect from here would leave on the
  * physical device with the tag of the ingress (attach XDP where frames
@@ -154,8 +178,14 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
             return STAT_DROP_MALFORMED;
         if (ip->frag_off & bpf_htons(IP_OFFSET))
             return STAT_PASS_FRAGMENT;
-        if (ip->protocol != IPPROTO_UDP)
-            return STAT_PASS_NOT_RELAY;
+        if (ip->protocol != IPPROTO_UDP) {
+            if (ip->protocol != IPPROTO_TCP)
+                return STAT_PASS_NOT_RELAY;
+            /* Options or a first fragment do not spare a SYN its limit. */
+            p->ip4 = ip;
+            p->family = SR_AF_INET;
+            return tcp_syn(p, (void *)ip + ip->ihl * 4, data_end);
+        }
         __u32 hlen = ip->ihl * 4;
         __u32 tot = load_be16_len(ip->tot_len);
         if (tot < hlen + sizeof(*udp) || (void *)ip + tot > data_end)
@@ -179,6 +209,11 @@ static __always_inline int parse_frame(struct xdp_md *ctx, struct pkt *p)
         void *l4 = NULL;
         __u32 ext_len = 0;
         int rc = ipv6_udp(ip6, data_end, &l4, &ext_len);
+        if (rc == PARSE_TCP) {
+            p->ip6 = ip6;
+            p->family = SR_AF_INET6;
+            return tcp_syn(p, l4, data_end);
+        }
         if (rc != PARSE_OK)
             return rc;
         __u32 plen = load_be16_len(ip6->payload_len);

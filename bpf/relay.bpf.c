@@ -8,8 +8,9 @@
  * shape goes to the slow path (XDP_PASS, stun.h), the rest is dropped.
  * What the relay cannot take (IP options, fragments, IPv6 extension headers)
  * is dropped when it is for the relay, never handed to the kernel to
- * deliver to relayd. Everything else passes untouched. Every verdict is
- * counted. */
+ * deliver to relayd. A TCP SYN to an ICE-TCP listener spends its source's
+ * SYN bucket (syn_admit). Everything else passes untouched. Every verdict
+ * is counted. */
 #include "consts.h"
 #include "structs.h"
 #include "maps.h"
@@ -372,6 +373,50 @@ static __always_inline int admit(struct pkt *p, __be32 src0, __be32 src1, int st
     return stat;
 }
 
+/* A TCP SYN without ACK (parse_frame's PARSE_TCP_SYN). To an ICE-TCP
+ * listener (tcp_listeners), its source prefix's bucket (syn_sources; the
+ * prefix is admit_cfg's, as for every per-source limit) decides before the
+ * kernel answers it and relayd accepts: a connection flood from one /64
+ * costs a drop here, not an accept in Python. relayd's own per-source
+ * accept rate stays behind it. A trusted proxy (syn_trusted) is spared:
+ * its connections are many clients', each counted by relayd once its PROXY
+ * header names them. Any other SYN is the kernel's. */
+static __always_inline int syn_admit(struct pkt *p)
+{
+    __be32 saddr[4], daddr[4];
+    pkt_addrs(p, saddr, daddr);
+    struct vip_key vk = {};
+    vk.family = p->family;
+    vk.port = p->tcp->dest;
+    copy_addr(vk.addr, daddr);
+    struct syn_limit *lim = tcp_listeners.lookup(&vk);
+    if (!lim)
+        return STAT_PASS_NOT_RELAY;
+    __u32 zero = 0;
+    struct admit_config *cfg = admit_cfg.lookup(&zero);
+    if (!lim->interval_ns || !cfg)
+        return STAT_PASS_TCP_SYN;
+    struct source_key k;
+    source_of(cfg, p->family, saddr[0], saddr[1], &k);
+    __u64 now = bpf_ktime_get_ns();
+    struct admit_bucket *b = syn_sources.lookup(&k);
+    if (!b) {
+        struct admit_bucket fresh = { .tat_ns = now + lim->interval_ns };
+        syn_sources.update(&k, &fresh);
+    } else if (!bucket_admits(b, now, lim->interval_ns, lim->burst_ns)) {
+        struct proxy_prefix pk = { .prefixlen = 128 };
+        if (p->family == SR_AF_INET) {
+            pk.addr[2] = bpf_htonl(0xffff);
+            pk.addr[3] = saddr[0];
+        } else {
+            copy_addr(pk.addr, saddr);
+        }
+        if (!syn_trusted.lookup(&pk))
+            return STAT_DROP_TCP_SYN_RATE;
+    }
+    return STAT_PASS_TCP_SYN;
+}
+
 /* SSRC of an RTP packet (RTCP has none here: RFC 5761 types), as in the
  * packet; 0 if none. */
 static __always_inline __u32 rtp_ssrc(struct pkt *p)
@@ -675,8 +720,11 @@ int xdp_relay(struct xdp_md *ctx)
 {
     struct pkt p = {};
     int stat = parse_frame(ctx, &p);
-    if (stat != PARSE_OK)
+    if (stat != PARSE_OK) {
+        if (stat == PARSE_TCP_SYN)
+            stat = syn_admit(&p);
         return account(stat, p.len, verdict_of(stat));
+    }
 
     __be32 saddr[4], daddr[4];
     pkt_addrs(&p, saddr, daddr);

@@ -160,10 +160,27 @@ struct ufrag_key {
     __u8 ufrag[UFRAG_LEN];
 };
 
-/* admit_sources key: a source address under its prefix (IPv6: of its first 64 bits). */
+/* admit_sources / syn_sources key: a source address under its prefix (IPv6: of its first 64 bits). */
 struct source_key {
     __u32 family;
     __be32 addr[2];
+};
+
+/* tcp_listeners value: the SYN rate of one source (its prefix under
+ * admit_cfg's masks) at one ICE-TCP listener, as a GCRA interval and burst
+ * tolerance; interval 0: unlimited. Keyed by the listener's address:port
+ * (struct vip_key, the TCP port). */
+struct syn_limit {
+    __u64 interval_ns;
+    __u64 burst_ns;
+};
+
+/* syn_trusted key: a prefix of trusted proxies' addresses, as an LPM trie
+ * takes it (prefixlen first, in bits of addr); IPv4 as ::ffff:a.b.c.d, so
+ * one trie holds both families. */
+struct proxy_prefix {
+    __u32 prefixlen;
+    __be32 addr[4];
 };
 
 /* One admission bucket: the theoretical arrival time of the next packet. */

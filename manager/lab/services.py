@@ -77,6 +77,9 @@ LAB_PREFIXES = ["10.10.0.0/16", "fd00:10::/32"]  # every lab address (manager.la
 # Not 443: Chrome refuses a remote candidate on a port below 1024 at a private
 # address (libwebrtc's VerifyCandidate), and the lab's VIPs are private.
 LAB_TCP_PORT = 4443
+# A TCP proxy in front of ICE-TCP, trusted for its PROXY protocol header: an
+# address the client namespace holds when a test routes it (tests/netns).
+LAB_TCP_PROXY = "fd00:64:64:99::1"
 
 
 def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_timeout: float = 30.0,
@@ -115,7 +118,8 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
         "slowpath": {"idle_timeout": idle_timeout},
         # ICE-TCP on both VIPs; the lab's client is one source, so the per-source
         # cap is small enough for a test to reach, the handshake short to wait for.
-        "tcp": {"port": LAB_TCP_PORT, "max_per_source": 4, "handshake_timeout": 2.0},
+        "tcp": {"port": LAB_TCP_PORT, "max_per_source": 4, "handshake_timeout": 2.0,
+                "trusted_proxies": [LAB_TCP_PROXY]},
         "metrics": {"port": metrics_port},  # on the internal address
         "client_auth": auth,
     }

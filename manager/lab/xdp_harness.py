@@ -15,7 +15,7 @@ from aioice import stun
 
 from manager.lab.netns import NetnsExecutor
 from manager.protocol.ufrag import encode_ufrag
-from manager.relay.config import DatapathConfig, Endpoint
+from manager.relay.config import DatapathConfig, Endpoint, TcpConfig
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.structs import ROLE_INTERNAL, ROLE_PUBLIC
@@ -29,6 +29,7 @@ MAC = {
     "int": "02:00:00:00:02:01", "tx1": "02:00:00:00:02:02", "tx2": "02:00:00:00:02:03",
 }
 VIP4, VIP6, VIP_PORT = "10.10.1.1", "fd00:10:1::1", 3478
+TCP_PORT = 443  # the ICE-TCP listener on the VIP addresses (its SYN limit: tcp_listeners)
 CLIENT4, CLIENT6 = "10.10.1.2", "fd00:10:1::2"
 INT4, INT6 = "10.10.0.1", "fd00:10::1"
 # The pool of internal addresses flow sources come from: INT4/INT6 and the next two.
@@ -107,7 +108,8 @@ def build(*, max_flows: int = 1024, pin_dir: str | None = None,
             # misses by the thousand (tests of the limits set their own).
             admit_source_rate=0, admit_budget=0, admit_call_rate=0, admit_rebind_rate=0,
         )
-        dp = Datapath(cfg)
+        # ICE-TCP's listeners with unlimited SYNs (the test of the limit sets its own).
+        dp = Datapath(cfg, tcp=TcpConfig(port=TCP_PORT, syn_rate_per_source=0))
         try:
             dp.load(upgrade=True)
         except BaseException:

@@ -6,9 +6,18 @@ import ipaddress
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from manager.observability.tracing import check_endpoint
 from manager.pki import read_secret_file
@@ -148,6 +157,21 @@ EXAMPLE_HINT_KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccdd
 PRIVATE_PREFIXES = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
 
 
+def proxy_prefixes(v: list[str]) -> list[str]:
+    """Trusted proxies' addresses or prefixes, normalised; a clear error for anything else."""
+    out = []
+    for p in v:
+        try:
+            out.append(str(ipaddress.ip_network(p, strict=False)))
+        except ValueError:
+            raise ValueError(f"not an address or prefix: {p!r}") from None
+    return out
+
+
+# Trusted proxies' prefixes, as a config field (signaling.trusted_proxies, tcp.trusted_proxies).
+ProxyPrefixes = Annotated[list[str], AfterValidator(proxy_prefixes)]
+
+
 class SignalingConfig(BaseModel):
     """The public listener: clients' SDP offers (create, end, update their own call)."""
 
@@ -163,19 +187,8 @@ class SignalingConfig(BaseModel):
     heartbeat_timeout: float = Field(default=3.0, gt=0, description="a silent transceiver is unhealthy after this")
     # A reverse proxy in front (TLS): its X-Forwarded-For names the client.
     # From any other peer the header is ignored (a client could name anyone).
-    trusted_proxies: list[str] = Field(default_factory=list,
-                                       description="prefixes of proxies whose X-Forwarded-For is believed")
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _proxy_nets(cls, v: list[str]) -> list[str]:
-        out = []
-        for p in v:
-            try:
-                out.append(str(ipaddress.ip_network(p, strict=False)))
-            except ValueError:
-                raise ValueError(f"not an address or prefix: {p!r}") from None
-        return out
+    trusted_proxies: ProxyPrefixes = Field(default_factory=list,
+                                           description="prefixes of proxies whose X-Forwarded-For is believed")
 
 
 class InternalConfig(BaseModel):
@@ -282,6 +295,17 @@ class TcpConfig(BaseModel):
     max_per_source: int = Field(default=8, ge=1, description="connections at once per source (limits.source_prefix_*)")
     accept_rate_per_source: float = Field(default=4.0, gt=0, description="new connections/s per source; beyond, reset")
     accept_burst_per_source: int = Field(default=16, ge=1, description="new connections a source may open at once")
+    # In XDP, before the kernel answers: SYNs beyond are dropped unanswered.
+    # Above the accept rate, so a client's retransmitted SYN rarely meets it
+    # and the accept rate (a reset) stays the refusal a client sees.
+    syn_rate_per_source: float = Field(default=8.0, ge=0, description="TCP SYNs/s per source to the ICE-TCP port, "
+                                                                      "enforced in XDP (0: unlimited)")
+    syn_burst_per_source: int = Field(default=32, ge=1, description="SYNs a source may send at once")
+    # A TCP proxy in front: its connections start with a PROXY protocol header
+    # (v1 or v2) naming the client, whom the per-source limits then count. Only
+    # from these; from them the header is required.
+    trusted_proxies: ProxyPrefixes = Field(default_factory=list,
+                                           description="prefixes of proxies whose PROXY protocol header is believed")
     handshake_timeout: float = Field(default=5.0, gt=0,
                                      description="seconds until the owner's STUN success (first frame included)")
     idle_timeout: float = Field(default=30.0, gt=0, description="seconds with no frame either way")

@@ -63,7 +63,8 @@ class Relay:
         self.hint_keys = cfg.hint_ring  # changed in place by a reload
         self.reloader: Reloader | None = None
         self.datapath = Datapath(cfg.datapath,
-                                 source_prefix=(cfg.limits.source_prefix_v4, cfg.limits.source_prefix_v6))
+                                 source_prefix=(cfg.limits.source_prefix_v4, cfg.limits.source_prefix_v6),
+                                 tcp=cfg.tcp if cfg.tcp.enabled else None)
         self.flow_sockets = FlowSockets(cfg.datapath)
         self.next_hops = NextHops()
         self.registry = Registry(heartbeat_timeout=cfg.signaling.heartbeat_timeout)

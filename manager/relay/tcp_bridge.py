@@ -10,6 +10,14 @@ with a flow source of its own, and the transceiver sees an ordinary UDP peer
 (it stays UDP-only and unaware of TCP). Until the owner answers a check with
 a success, only Binding requests go to it. Both directions stay in Python.
 
+Before any of this, XDP drops a source's SYNs to the ICE-TCP port beyond its
+SYN rate (bpf/relay.bpf.c syn_admit, tcp.syn_rate_per_source): a flood of
+connections costs relayd only what that bucket admits.
+
+A proxy in `trusted_proxies` starts each connection with a PROXY protocol
+header (manager.protocol.proxy_protocol) naming the client, whom the
+per-source limits then count; from anyone else no header is read.
+
 Limits: connections at once (all sources, and per source: an IPv4 address
 or an IPv6 /64, manager.protocol.sources.SourceKey), a handshake timeout
 (the owner's success within `handshake_timeout` of the connect, the first
@@ -43,8 +51,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from manager.protocol.addresses import family_of
+from manager.protocol.proxy_protocol import ProxyHeaderError, ProxyHeaderParser
 from manager.protocol.rfc4571 import FrameError, FrameParser, frame
-from manager.protocol.sources import SourceKey, TokenBuckets
+from manager.protocol.sources import SourceKey, TokenBuckets, TrustedProxies
 from manager.protocol.tasks import TaskSet
 from manager.relay.config import TcpConfig
 from manager.relay.slowpath import Leg, SlowPath
@@ -60,6 +69,9 @@ class Connection:
     opened: float
     parser: FrameParser
     leg: Leg | None = None
+    # From a trusted proxy, until its PROXY header has named the client:
+    # client and source are the proxy's meanwhile, and count nowhere.
+    proxy_header: ProxyHeaderParser | None = None
     closed_by: str | None = None  # why the relay closed it
 
     @property
@@ -100,6 +112,7 @@ class TcpBridge:
         self.cfg = cfg
         self.hosts = hosts
         self.source_key = source_key or SourceKey()
+        self.proxies = TrustedProxies(cfg.trusted_proxies)  # their PROXY header names the client
         self.listeners: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening = TaskSet("ICE-TCP bridge", log)
@@ -164,7 +177,9 @@ class TcpBridge:
                 self.stats["accept_error"] += 1
                 log.debug("ICE-TCP accept: %s", exc)
                 return
-            if not self._accepts.take(self.source_key(peer[0]), time.monotonic()):
+            # A trusted proxy's connections are many clients': their accept
+            # rate is charged once the PROXY header names the client.
+            if not self.proxies.trusts(peer[0]) and not self._accepts.take(self.source_key(peer[0]), time.monotonic()):
                 self.stats["refused_accept_rate"] += 1
                 _reset(sock)
                 continue
@@ -181,10 +196,9 @@ class TcpBridge:
     def _accepted(self, transport: asyncio.Transport) -> Connection | None:
         peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         client, listener = (peer[0], peer[1]), (local[0], local[1])
+        proxied = self.proxies.trusts(client[0])
         source = self.source_key(client[0])
-        mine = self.by_source.get(source, {})
-        if len(mine) >= self.cfg.max_per_source and not self._evict_oldest(mine, "per_source"):
-            self.stats["refused_per_source"] += 1
+        if not proxied and not self._room_in_source(source):
             transport.abort()
             return None
         if len(self.connections) >= self.cfg.max_connections and not self._evict_oldest(self._opened,
@@ -197,12 +211,51 @@ class TcpBridge:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # media: no Nagle delay
         transport.set_write_buffer_limits(high=self.cfg.write_buffer)
         conn = Connection(client=client, source=source, listener=listener, transport=transport,
-                          opened=time.monotonic(), parser=FrameParser(self.cfg.max_frame))
+                          opened=time.monotonic(), parser=FrameParser(self.cfg.max_frame),
+                          proxy_header=ProxyHeaderParser() if proxied else None)
         self.connections.add(conn)
-        self.by_source.setdefault(source, OrderedDict())[conn] = None
+        if not proxied:
+            self.by_source.setdefault(source, OrderedDict())[conn] = None
         self._opened[conn] = None
         self.stats["accepted"] += 1
         return conn
+
+    def _room_in_source(self, source: str) -> bool:
+        """Whether `source` may hold one more connection (its oldest
+        unauthenticated one closed for it if need be); counted if not."""
+        mine = self.by_source.get(source, {})
+        if len(mine) >= self.cfg.max_per_source and not self._evict_oldest(mine, "per_source"):
+            self.stats["refused_per_source"] += 1
+            return False
+        return True
+
+    def _proxied(self, conn: Connection, data: bytes) -> bytes | None:
+        """A trusted proxy's connection, until its PROXY header is complete:
+        then the client it names is the connection's, under that client's
+        accept rate and per-source limit, and the bytes after the header are
+        returned. None: more header to come, or the connection closed."""
+        try:
+            got = conn.proxy_header.feed(data)
+        except ProxyHeaderError as exc:
+            self.stats["closed_bad_proxy_header"] += 1
+            self._close(conn, f"PROXY header: {exc}")
+            return None
+        if got is None:
+            return None
+        client, rest = got
+        conn.proxy_header = None
+        if client is not None:  # else the proxy's own connection (a health check): it stays the source
+            conn.client, conn.source = client, self.source_key(client[0])
+        if not self._accepts.take(conn.source, time.monotonic()):
+            self.stats["refused_accept_rate"] += 1
+            self._close(conn, "over its source's accept rate")
+            return None
+        if not self._room_in_source(conn.source):
+            self._close(conn, "its source is full")
+            return None
+        self.by_source.setdefault(conn.source, OrderedDict())[conn] = None
+        self.stats["proxied"] += 1
+        return rest
 
     def _evict_oldest(self, conns: OrderedDict[Connection, None], limit: str) -> bool:
         """Close the oldest unauthenticated connection of `conns` to make
@@ -222,6 +275,10 @@ class TcpBridge:
         return True
 
     def _received(self, conn: Connection, data: bytes) -> None:
+        if conn.proxy_header is not None:
+            data = self._proxied(conn, data)
+            if not data:
+                return
         try:
             packets = conn.parser.feed(data)
         except FrameError as exc:

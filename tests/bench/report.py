@@ -229,11 +229,14 @@ def _attacks_py(data: dict) -> str:
     fb, fa = b["tcp_flood_64"], a["tcp_flood_64"]
 
     def offers(r: dict) -> str:
-        return f"{r['split_offer_status']['one_write']} / {r['split_offer_status']['two_writes_300ms']}"
+        status = data.get("split_offer_status") or r["split_offer_status"]  # once per run, or per side
+        return f"{status['one_write']} / {status['two_writes_300ms']}"
 
     rows = [
         ["connections the /64 held at once (peak)", num(fb["peak_held_by_the_64"]), num(fa["peak_held_by_the_64"])],
         ["connections opened by the flood per second", num(fb["opened_per_s"]), num(fa["opened_per_s"])],
+        ["SYNs dropped in XDP (drop_tcp_syn_rate)", num(fb.get("syns_dropped_in_xdp", 0)),
+         num(fa.get("syns_dropped_in_xdp", 0))],
         ["relayd CPU during the flood, % of a core", num(fb["relayd_cpu_pct"], ".1f"), num(fa["relayd_cpu_pct"], ".1f")],
         ["relayd CPU per connection, µs", num(fb["relayd_cpu_us_per_connection"], ".1f"),
          num(fa["relayd_cpu_us_per_connection"], ".1f")],

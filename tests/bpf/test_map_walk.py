@@ -85,3 +85,51 @@ def test_expire_walk_removes_only_idle_flows_and_reports_the_rest(h):
         assert (dp.maps.flows.lookup(flow_key(_client(i), vip)) is None) == (i in idle)
     for i in range(n):
         dp.remove_flow(_client(i), vip)
+
+
+def test_the_expiry_walk_reads_a_flow_again_before_deleting_it(h):
+    """Between the walk's read and its delete, one idle flow sees a packet
+    (its last-seen refreshed, as XDP writes it) and another is re-installed
+    by the event loop (a new flow entry): both stay, reported as kept; only
+    the flow still idle goes."""
+    dp = h.dp
+    owner = OwnerAddr(addr4=hx.TX1_4, port4=5000)
+    dp.set_owner(779, owner)
+    vip = (hx.VIP4, hx.VIP_PORT)
+    clients = [("100.65.0.1", 41000), ("100.65.0.2", 41000), ("100.65.0.3", 41000)]
+    refreshed, reinstalled, idle = clients
+    for i, c in enumerate(clients):
+        dp.add_flow(c, vip, 779, 22000 + i, owner)
+    now = time.monotonic_ns()
+    for c in clients:
+        key = flow_key(c, vip)
+        info = dp.maps.flows.lookup(key)
+        info.last_seen_ns = max(1, now - 3600 * 10**9)
+        dp.maps.flows.update(key, info)
+
+    walk_read = dp._entries_of
+
+    def meanwhile(clients_wanted):
+        # The walk has read the maps and picked its idle flows: now they change.
+        del dp._entries_of
+        key = flow_key(refreshed, vip)
+        info = dp.maps.flows.lookup(key)
+        info.last_seen_ns = time.monotonic_ns()
+        dp.maps.flows.update(key, info)
+        dp.remove_flow(reinstalled, vip)
+        dp.add_flow(reinstalled, vip, 779, 22001, owner)
+        return walk_read(clients_wanted)
+
+    dp._entries_of = meanwhile
+    try:
+        kept: set = set()
+        expired = dp.expire_idle(60.0, now_ns=now, kept=kept)
+        assert [f.client for f in expired] == [idle]
+        assert {bytes(flow_key(c, vip)) for c in (refreshed, reinstalled)} <= kept
+        assert dp.maps.flows.lookup(flow_key(refreshed, vip)) is not None
+        assert dp.maps.flows.lookup(flow_key(reinstalled, vip)) is not None
+        assert dp.maps.flows.lookup(flow_key(idle, vip)) is None
+    finally:
+        dp.__dict__.pop("_entries_of", None)
+        for c in clients:
+            dp.remove_flow(c, vip)

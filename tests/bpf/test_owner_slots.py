@@ -12,6 +12,7 @@ from scapy.packet import Raw
 from manager.lab import xdp_harness as hx
 from manager.lab.xdp_harness import CLIENT4, INT4, MAC, TX1_4, TX2_4, VIP4, VIP_PORT, XDP_DROP, XDP_REDIRECT
 from manager.protocol.addresses import OwnerAddr
+from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import Datapath, DatapathError
 
 pytestmark = pytest.mark.netns
@@ -122,3 +123,56 @@ def test_connection_ids_out_of_range_are_refused(h):
     for bad in (0, -1, 1 << 32):
         with pytest.raises(DatapathError, match=rf"connection id {bad} is out of range"):
             h.dp.set_owner(bad, TX1)
+
+
+def test_frames_go_to_one_whole_owner_while_the_owner_flips(h):
+    """The owner read as a seqlock, as behaviour: one thread flips a call
+    between two owners (entry, then epoch) as fast as it can, while frames
+    of the call's flow run through the program on another CPU. Every frame
+    forwarded goes to one owner whole (its address, port and next hop's
+    MAC together), never a mix of the two, and both owners are seen. (On
+    x86, whose stores are seen in order, a mix is not expected even
+    without the re-check; weakly ordered CPUs are what the re-check is for.)"""
+    import os
+    import threading
+
+    dp = h.dp
+    tx2 = OwnerAddr(addr4=TX2_4, port4=6000)
+    whole = {(TX1_4, 5000, MAC["tx1"]), (TX2_4, 6000, MAC["tx2"])}
+    dp.set_owner(41, TX1)
+    dp.add_flow((CLIENT4, 40041), VIP, 41, 20041)
+    frame = from_client(40041)
+    stop = threading.Event()
+    flips = 0
+
+    def flip() -> None:
+        nonlocal flips
+        while not stop.is_set():
+            dp.set_owner(41, tx2 if flips % 2 == 0 else TX1)
+            flips += 1
+
+    def run_frames() -> list[tuple[str, int, str]]:
+        # On a CPU of its own, if the machine has two: the flipper runs beside it.
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) > 1:
+            os.sched_setaffinity(0, {cpus[-1]})
+        seen = []
+        for _ in range(5000):
+            verdict, out, _ = libbpf.prog_test_run_xdp(dp.prog_fd, frame, ingress_ifindex=h.ifindex["pub"])
+            assert verdict == XDP_REDIRECT, hx.VERDICTS[verdict]
+            pkt = Ether(out)
+            seen.append((pkt[IP].dst, pkt[UDP].dport, pkt.dst))
+        return seen
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    try:
+        seen = h.ex.call(run_frames)
+    finally:
+        stop.set()
+        flipper.join()
+        dp.remove_flow((CLIENT4, 40041), VIP)
+        dp.remove_owner(41)
+    mixed = [s for s in seen if s not in whole]
+    assert not mixed, mixed[:5]
+    assert {s[0] for s in seen} == {TX1_4, TX2_4}, f"both owners were not seen in {flips} flips"

@@ -29,6 +29,7 @@ from manager.lab.xdp_harness import (
     MAC,
     POOL4,
     POOL6,
+    TCP_PORT,
     TX1_4,
     TX1_6,
     TX2_4,
@@ -211,6 +212,35 @@ def refusal_cases() -> list[Case]:
     ]
 
 
+def tcp_cases() -> list[Case]:
+    """TCP: a connection's first SYN to an ICE-TCP listener spends its
+    source's SYN bucket (unlimited here: test_tcp_syn_rate_per_source sets
+    one), whatever IP options or IPv6 extension headers it carries; any
+    other TCP segment is the kernel's."""
+    def syn4(flags: str = "S", dport: int = TCP_PORT, **ip):
+        return b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4, **ip) / TCP(sport=40000, dport=dport, flags=flags))
+
+    def syn6(*ext, flags: str = "S"):
+        pkt = eth("client", "pub") / IPv6(src=CLIENT6, dst=VIP6)
+        for e in ext:
+            pkt = pkt / e
+        return b(pkt / TCP(sport=40000, dport=TCP_PORT, flags=flags))
+
+    return [
+        Case("TCP SYN to the ICE-TCP listener → kernel, counted", "pub", syn4(), XDP_PASS, None, "pass_tcp_syn"),
+        Case("TCP SYN with IP options to the listener → counted as a SYN", "pub", syn4(options=b"\x01\x01\x01\x00"),
+             XDP_PASS, None, "pass_tcp_syn"),
+        Case("v6 TCP SYN to the listener → kernel, counted", "pub", syn6(), XDP_PASS, None, "pass_tcp_syn"),
+        Case("v6 TCP SYN after a hop-by-hop header → counted as a SYN", "pub", syn6(IPv6ExtHdrHopByHop()), XDP_PASS,
+             None, "pass_tcp_syn"),
+        Case("TCP SYN-ACK to the listener → kernel", "pub", syn4("SA"), XDP_PASS, None, "pass_not_relay"),
+        Case("TCP ACK to the listener → kernel", "pub", syn4("A"), XDP_PASS, None, "pass_not_relay"),
+        Case("v6 TCP ACK to the listener → kernel", "pub", syn6(flags="A"), XDP_PASS, None, "pass_not_relay"),
+        Case("TCP SYN to another port → kernel", "pub", syn4(dport=22), XDP_PASS, None, "pass_not_relay"),
+        Case("TCP SYN cut short → kernel", "pub", syn4()[:14 + 20 + 12], XDP_PASS, None, "pass_not_relay"),
+    ]
+
+
 @dataclass
 class Case:
     desc: str
@@ -292,6 +322,7 @@ def cases() -> list[Case]:
              "fwd_out_rtp"),
         # --- what the relay cannot take: dropped when it is the relay's ------------------
         *refusal_cases(),
+        *tcp_cases(),
         Case("TCP to the VIP → kernel", "pub", b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / TCP(sport=40000, dport=VIP_PORT)),
              XDP_PASS, None, "pass_not_relay"),
         Case("ICMP → kernel", "pub", b(eth("client", "pub") / IP(src=CLIENT4, dst=VIP4) / ICMP()), XDP_PASS, None, "pass_not_relay"),
@@ -467,6 +498,54 @@ def test_a_ufrag_of_a_rotated_key_passes_like_any_other(harness):
     finally:
         harness.dp.forget_ufrag(rotated)
     assert harness.run(check, "pub")[0] == XDP_DROP
+
+
+def test_tcp_syn_rate_per_source(harness):
+    """SYNs to the ICE-TCP listener: a source (an IPv4 address, an IPv6 /64)
+    gets its burst, then its rate; beyond, dropped and counted in XDP, never
+    answered by the kernel nor accepted by relayd. Another source has its
+    own bucket; the relay's other ports and established segments are not
+    counted."""
+    from manager.relay.config import TcpConfig
+    from manager.relay.kernel.admission import syn_trusted, tcp_listeners
+
+    def set_limit(rate: float, burst: int) -> None:
+        for key, limit in tcp_listeners(harness.dp.cfg, TcpConfig(port=TCP_PORT, syn_rate_per_source=rate,
+                                                                   syn_burst_per_source=burst)).values():
+            harness.dp.maps.tcp_listeners.update(key, limit)
+
+    def syn(src: str, sport: int, flags: str = "S", dport: int = TCP_PORT) -> int:
+        ip = IPv6(src=src, dst=VIP6) if ":" in src else IP(src=src, dst=VIP4)
+        return harness.run(b(eth("client", "pub") / ip / TCP(sport=sport, dport=dport, flags=flags)), "pub")[0]
+
+    set_limit(0.001, 3)
+    try:
+        before = harness.dp.counters()
+        # 2,600 addresses of one /64 are one source.
+        v6 = [syn(f"fd00:64:64:64::{i + 1:x}", 50000 + i) for i in range(8)]
+        assert v6 == [XDP_PASS] * 3 + [XDP_DROP] * 5, v6
+        assert syn("fd00:64:64:65::1", 50100) == XDP_PASS  # the next /64: its own bucket
+        v4 = [syn("10.10.1.70", 51000 + i) for i in range(5)]
+        assert v4 == [XDP_PASS] * 3 + [XDP_DROP] * 2, v4
+        assert syn("10.10.1.71", 51100) == XDP_PASS  # another IPv4 address: its own bucket
+        # The spent source's established segments and SYNs elsewhere still pass.
+        assert syn("10.10.1.70", 51000, flags="A") == XDP_PASS
+        assert syn("10.10.1.70", 51200, dport=22) == XDP_PASS
+        after = harness.dp.counters()
+        assert after["drop_tcp_syn_rate"][0] - before["drop_tcp_syn_rate"][0] == 7
+        assert after["pass_tcp_syn"][0] - before["pass_tcp_syn"][0] == 3 + 1 + 3 + 1
+        # A trusted proxy (tcp.trusted_proxies) is spared once over its bucket;
+        # its neighbours are not.
+        trusted = syn_trusted(TcpConfig(trusted_proxies=["10.10.1.70/32", "fd00:64:64:64::/64"]))
+        for key in trusted.values():
+            harness.dp.maps.syn_trusted.update(key, ctypes.c_uint32(1))
+        assert syn("10.10.1.70", 51300) == XDP_PASS
+        assert syn("fd00:64:64:64::99", 51301) == XDP_PASS
+        assert [syn("10.10.1.71", 51400 + i) for i in range(3)][-1] == XDP_DROP
+    finally:
+        set_limit(0, 1)
+        for key in syn_trusted(TcpConfig(trusted_proxies=["10.10.1.70/32", "fd00:64:64:64::/64"])).values():
+            harness.dp.maps.syn_trusted.delete(key)
 
 
 def test_a_flows_route_is_cached_and_follows_its_owner(harness):

@@ -1,12 +1,14 @@
 """What the relay's XDP admission enforces (the admit_cfg entry): the rates
-of set-up traffic reaching the slow path, and what one source is."""
+of set-up traffic reaching the slow path, and what one source is; and the
+SYN rate per source at the ICE-TCP listeners (tcp_listeners)."""
 
 from __future__ import annotations
 
 import ipaddress
+import struct
 
-from manager.relay.config import DatapathConfig
-from manager.relay.kernel.structs import AdmitConfig
+from manager.relay.config import DatapathConfig, TcpConfig
+from manager.relay.kernel.structs import AdmitConfig, ProxyPrefix, SynLimit, VipKey, vip_key
 
 DEFAULT_SOURCE_PREFIX = (32, 64)  # limits.source_prefix_v4 / _v6 defaults
 
@@ -48,3 +50,28 @@ def admit_config(cfg: DatapathConfig, cpus: int, source_prefix: tuple[int, int] 
                      source_mask4=_mask_words(v4, 32)[0])
     ac.source_mask6[:] = _mask_words(v6, 128)[:2]
     return ac
+
+
+def tcp_listeners(cfg: DatapathConfig, tcp: TcpConfig | None) -> dict[bytes, tuple[VipKey, SynLimit]]:
+    """The tcp_listeners entries: each VIP address at tcp.port (relayd's
+    ICE-TCP listeners) with the SYN rate of one source there, by key bytes.
+    None (ICE-TCP off): no listener, no SYN limited."""
+    if tcp is None:
+        return {}
+    interval, burst = _gcra(tcp.syn_rate_per_source, tcp.syn_burst_per_source)
+    keys = (vip_key((addr, tcp.port)) for addr in dict.fromkeys(v.addr for v in cfg.vips))
+    return {bytes(k): (k, SynLimit(interval_ns=interval, burst_ns=burst)) for k in keys}
+
+
+def syn_trusted(tcp: TcpConfig | None) -> dict[bytes, ProxyPrefix]:
+    """The syn_trusted entries: tcp.trusted_proxies as LPM keys (IPv4 as
+    ::ffff:a.b.c.d/96+n), by key bytes."""
+    out = {}
+    for prefix in tcp.trusted_proxies if tcp is not None else ():
+        net = ipaddress.ip_network(prefix, strict=False)
+        if net.version == 4:
+            net = ipaddress.ip_network(f"::ffff:{net.network_address}/{96 + net.prefixlen}")
+        key = ProxyPrefix(prefixlen=net.prefixlen)
+        key.addr[:] = list(struct.unpack("<4I", net.network_address.packed))
+        out[bytes(key)] = key
+    return out

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from manager.protocol.addresses import OwnerAddr
-from manager.relay.config import DatapathConfig
+from manager.relay.config import DatapathConfig, TcpConfig
 from manager.relay.kernel import libbpf
-from manager.relay.kernel.admission import DEFAULT_SOURCE_PREFIX, admit_config
+from manager.relay.kernel.admission import DEFAULT_SOURCE_PREFIX, admit_config, syn_trusted, tcp_listeners
 from manager.relay.kernel.attach import AttachResult, attach_one, detach_one, xdp_attachment
 from manager.relay.kernel.build import (
     PROG_NAME,
@@ -54,10 +54,12 @@ __all__ = ["PROG_NAME", "PROG_SOURCE", "AttachResult", "Datapath", "DatapathErro
 class Datapath(OwnerSlots, FlowCrud, Walks, MediaReader):
     """Owns the relay's XDP program and maps for one pin directory."""
 
-    def __init__(self, cfg: DatapathConfig, *, source_prefix: tuple[int, int] = DEFAULT_SOURCE_PREFIX):
+    def __init__(self, cfg: DatapathConfig, *, source_prefix: tuple[int, int] = DEFAULT_SOURCE_PREFIX,
+                 tcp: TcpConfig | None = None):
         self.cfg = cfg
         self.pin_dir = Path(cfg.pin_dir)
         self.source_prefix = source_prefix  # limits.source_prefix_v4 / _v6
+        self.tcp = tcp  # ICE-TCP's listeners get a SYN limit per source in XDP; None: ICE-TCP off
         self.maps: Maps | None = None
         self.prog_fd: int = -1
         self._previous_prog_id: int | None = None  # the pinned program an upgrade replaced
@@ -126,12 +128,25 @@ class Datapath(OwnerSlots, FlowCrud, Walks, MediaReader):
         return adopted
 
     def configure(self) -> None:
-        """Write VIPs, per-family internal addressing and admission into the maps."""
+        """Write VIPs, per-family internal addressing, admission and the
+        ICE-TCP listeners' SYN limit into the maps."""
         assert self.maps is not None
         wanted = {bytes(vip_key(v.as_tuple())) for v in self.cfg.vips}
         for k in list(self.maps.vips.keys()):
             if bytes(k) not in wanted:
                 self.maps.vips.delete(k)
+        listeners = tcp_listeners(self.cfg, self.tcp)
+        for k in list(self.maps.tcp_listeners.keys()):
+            if bytes(k) not in listeners:
+                self.maps.tcp_listeners.delete(k)
+        for key, limit in listeners.values():
+            self.maps.tcp_listeners.update(key, limit)
+        trusted = syn_trusted(self.tcp)
+        for k in list(self.maps.syn_trusted.keys()):
+            if bytes(k) not in trusted:
+                self.maps.syn_trusted.delete(k)
+        for key in trusted.values():
+            self.maps.syn_trusted.update(key, ctypes.c_uint32(1))
         for v in self.cfg.vips:
             self.maps.vips.update(vip_key(v.as_tuple()), ctypes.c_uint32(1))
         for idx, addr in ((0, self.cfg.internal_addr4), (1, self.cfg.internal_addr6)):

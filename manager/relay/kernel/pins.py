@@ -25,6 +25,8 @@ MAX_VIPS = 64  # bpf/consts.h defaults (the loader does not override them)
 MAX_IFINDEX = 4096  # if_roles is an array indexed by ifindex (bpf/consts.h)
 MAX_SOURCES = 65536
 MAX_REBIND_SSRCS = 65536
+MAX_SYN_SOURCES = 65536
+MAX_TRUSTED_PROXIES = 64
 
 
 @dataclass
@@ -44,6 +46,9 @@ class Maps:
     admit_budget: libbpf.PinnedMap
     live_ufrags: libbpf.PinnedMap
     rebind_ssrcs: libbpf.PinnedMap
+    tcp_listeners: libbpf.PinnedMap
+    syn_sources: libbpf.PinnedMap
+    syn_trusted: libbpf.PinnedMap
     layout: libbpf.PinnedMap
     ssrcs: libbpf.PinnedMap
     stats: libbpf.PinnedMap
@@ -78,6 +83,8 @@ def expected_max_entries(cfg: DatapathConfig) -> dict[str, int]:
             "vips": MAX_VIPS, "relay_cfg": 2, "if_roles": MAX_IFINDEX,
             "admit_cfg": 1, "admit_sources": MAX_SOURCES, "admit_budget": 1, "layout": 2,
             "live_ufrags": cfg.max_owners, "rebind_ssrcs": MAX_REBIND_SSRCS,
+            "tcp_listeners": MAX_VIPS, "syn_sources": MAX_SYN_SOURCES,
+            "syn_trusted": MAX_TRUSTED_PROXIES,
             "ssrcs": cfg.max_flows,
             "stats": len(STAT_NAMES)}
 

@@ -194,7 +194,7 @@ class UfragKey(ctypes.Structure):
 
 
 class SourceKey(ctypes.Structure):
-    """A source address under its prefix, IPv6 at most /64 (admit_sources key)."""
+    """A source address under its prefix, IPv6 at most /64 (admit_sources and syn_sources key)."""
 
     _fields_ = [
         ("family", ctypes.c_uint32),
@@ -206,6 +206,18 @@ class AdmitBucket(ctypes.Structure):
     """One admission bucket (admit_sources / admit_budget value)."""
 
     _fields_ = [("tat_ns", ctypes.c_uint64)]
+
+
+class SynLimit(ctypes.Structure):
+    """The SYN rate of one source at an ICE-TCP listener (tcp_listeners value; GCRA in ns)."""
+
+    _fields_ = [("interval_ns", ctypes.c_uint64), ("burst_ns", ctypes.c_uint64)]
+
+
+class ProxyPrefix(ctypes.Structure):
+    """A trusted proxy prefix (syn_trusted LPM key); IPv4 as ::ffff:a.b.c.d, prefixlen in bits of addr."""
+
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", Addr4)]
 
 
 class ClockCopy(ctypes.Structure):
@@ -235,6 +247,9 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "admit_budget": (ctypes.c_uint32, AdmitBucket),
     "live_ufrags": (UfragKey, AdmitBucket),
     "rebind_ssrcs": (ctypes.c_uint32, AdmitBucket),
+    "tcp_listeners": (VipKey, SynLimit),
+    "syn_sources": (SourceKey, AdmitBucket),
+    "syn_trusted": (ProxyPrefix, ctypes.c_uint32),
     "layout": (ctypes.c_uint32, ctypes.c_uint64),
     "ssrcs": (ctypes.c_uint32, FlowKey),
     "stats": (ctypes.c_uint32, StatValue),
@@ -246,6 +261,7 @@ PERCPU_MAPS = frozenset({"admit_budget", "stats", "clock"})
 ROLE_PUBLIC, ROLE_INTERNAL = 1, 2  # bpf/consts.h
 # BPF map types (uapi/linux/bpf.h enum bpf_map_type) as bpf/maps.h declares them.
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_HASH = 1, 2, 6, 9
+BPF_MAP_TYPE_LPM_TRIE = 11
 MAP_KINDS: dict[str, int] = {
     "flows4": BPF_MAP_TYPE_LRU_HASH,
     "flows6": BPF_MAP_TYPE_LRU_HASH,
@@ -260,6 +276,9 @@ MAP_KINDS: dict[str, int] = {
     "admit_budget": BPF_MAP_TYPE_PERCPU_ARRAY,
     "live_ufrags": BPF_MAP_TYPE_LRU_HASH,
     "rebind_ssrcs": BPF_MAP_TYPE_LRU_HASH,
+    "tcp_listeners": BPF_MAP_TYPE_HASH,
+    "syn_sources": BPF_MAP_TYPE_LRU_HASH,
+    "syn_trusted": BPF_MAP_TYPE_LPM_TRIE,
     "layout": BPF_MAP_TYPE_ARRAY,
     "ssrcs": BPF_MAP_TYPE_LRU_HASH,
     "stats": BPF_MAP_TYPE_PERCPU_ARRAY,

@@ -132,7 +132,9 @@ class Walks:
         if given, receives the flows-map key (bytes(FlowKey)) of every flow
         left in place: the same walk tells the caller which tuples the kernel
         still holds. The maps are read in raw batches and only the last-seen
-        fields are decoded, save for the flows that expire."""
+        fields are decoded, save for the flows that look idle: each is read
+        again right before its delete, and kept if it has been refreshed or
+        re-installed since the walk."""
         now = now_ns if now_ns is not None else time.monotonic_ns()
         limit = int(idle_s * 1e9)
         m = self._m()
@@ -161,7 +163,20 @@ class Walks:
         if idle:
             index = self._entries_of({bytes(key) for key, _ in idle})
             for key, info in idle:
-                expired.append(self._flow(key, info, index))
+                kb = bytes(key)
+                # Read again right before the delete: since the walk read it,
+                # XDP may have seen a packet, or the event loop re-installed
+                # the flow (a new created_ns), or removed it.
+                fresh = m.flows.lookup(key)
+                if fresh is None:
+                    continue
+                entries = self._entries_of({kb}) if self._writer else index
+                seen = max([fresh.last_seen_ns, *(rv.last_seen_ns for _, rv in entries.get(kb, ()))])
+                if fresh.created_ns != info.created_ns or now - seen <= limit:
+                    if kept is not None:
+                        kept.add(kb)
+                    continue
+                expired.append(self._flow(key, fresh, entries))
                 self._remove(key)
         return expired
 
