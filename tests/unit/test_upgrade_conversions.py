@@ -12,7 +12,7 @@ import pytest
 from manager.relay.kernel.conversions import CONVERSIONS, Conversion, by_field, convert_entry, path_from
 from manager.relay.kernel.errors import DatapathError
 from manager.relay.kernel.layouts import CURRENT, LAYOUTS, SHIPPED, V1, V2, FlowInfoV1, Layout, ReverseInfoV1
-from manager.relay.kernel.structs import LAYOUT_HASH, FlowInfo, ReverseInfo, flow_key
+from manager.relay.kernel.structs import LAYOUT_HASH, STAT_INDEX, STAT_NAMES, FlowInfo, ReverseInfo, flow_key
 
 
 def test_past_layouts_are_frozen_at_what_their_relayd_wrote():
@@ -63,7 +63,7 @@ def test_unchanged_maps_pass_as_they_are_and_a_dropped_map_is_left_behind():
 
 def test_an_added_map_needs_no_conversion():
     bigger = Layout("test", {**V2.map_types, "syn_limit": (ctypes.c_uint32, ctypes.c_uint64)},
-                    {**V2.map_kinds, "syn_limit": 1})
+                    {**V2.map_kinds, "syn_limit": 1}, V2.stat_names)
     assert Conversion(V2, bigger).changed_maps() == []
 
 
@@ -84,3 +84,20 @@ def test_an_unknown_layout_is_refused_in_one_line():
         path_from(0xDEADBEEF, CURRENT, " in /x")
     assert "\n" not in str(exc.value)
     assert path_from(CURRENT.hash, CURRENT) == []
+
+
+def test_v1_counters_keep_their_names_across_the_counters_v2_added():
+    steps = path_from(V1.hash, V2)
+    assert V2.stat_names == tuple(STAT_NAMES) and set(V1.stat_names) < set(V2.stat_names)
+    for i, name in enumerate(V1.stat_names):
+        value = (i + 1).to_bytes(16, "little")
+        key, out = convert_entry(steps, "stats", i.to_bytes(4, "little"), value)
+        assert int.from_bytes(key, "little") == STAT_INDEX[name] and out == value, name
+    # Past the v1 counters: nothing to carry.
+    assert convert_entry(steps, "stats", len(V1.stat_names).to_bytes(4, "little"), bytes(16)) is None
+
+
+def test_other_counters_at_the_same_indexes_need_a_conversion():
+    renamed = Layout("test", V2.map_types, V2.map_kinds, tuple(reversed(V2.stat_names)))
+    assert Conversion(V2, renamed).changed_maps() == ["stats"]
+    assert Conversion(V2, V2).changed_maps() == []

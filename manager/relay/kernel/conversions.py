@@ -44,6 +44,18 @@ def by_field(src: type, dst: type) -> Convert:
     return convert
 
 
+def by_stat_name(src: Layout, dst: Layout) -> Convert:
+    """The stats map's entries follow their counter's name to its index in
+    dst; a counter dst no longer has is left behind."""
+    moves = {i: dst.stat_names.index(name) for i, name in enumerate(src.stat_names) if name in dst.stat_names}
+
+    def convert(key: bytes, value: bytes) -> tuple[bytes, bytes] | None:
+        to = moves.get(int.from_bytes(key, "little"))
+        return None if to is None else (to.to_bytes(len(key), "little"), value)
+
+    return convert
+
+
 @dataclass(frozen=True)
 class Conversion:
     source: Layout
@@ -52,9 +64,12 @@ class Conversion:
 
     def changed_maps(self) -> list[str]:
         """Maps in both layouts whose key or value shape differs: each needs a function."""
-        return [name for name, (k, v) in self.source.map_types.items()
-                if name in self.target.map_types
-                and (type_shape(k), type_shape(v)) != tuple(map(type_shape, self.target.map_types[name]))]
+        changed = [name for name, (k, v) in self.source.map_types.items()
+                   if name in self.target.map_types
+                   and (type_shape(k), type_shape(v)) != tuple(map(type_shape, self.target.map_types[name]))]
+        if self.source.stat_names != self.target.stat_names and "stats" not in changed:
+            changed.append("stats")  # same types, other counters at its indexes
+        return changed
 
 
 # From each layout to the next, keyed by the source layout's hash.
@@ -64,6 +79,8 @@ CONVERSIONS: dict[int, Conversion] = {
         "flows4": by_field(FlowInfoV1, FlowInfo),
         "flows6": by_field(FlowInfoV1, FlowInfo),
         "reverse": by_field(ReverseInfoV1, ReverseInfo),
+        # Two counters added in the middle of enum stat_id.
+        "stats": by_stat_name(V1, V2),
     }),
 }
 
@@ -87,11 +104,14 @@ def path_from(pinned: int, target: Layout, where: str = "") -> list[Conversion]:
 
 
 def convert_entry(steps: list[Conversion], name: str, key: bytes, value: bytes) -> tuple[bytes, bytes] | None:
-    """One entry of map `name` through every step; None if a step drops the map."""
+    """One entry of map `name` through every step; None if a step drops the map or the entry."""
     for step in steps:
         if name not in step.target.map_types:
             return None
         fn = step.maps.get(name)
         if fn is not None:
-            key, value = fn(key, value)
+            out = fn(key, value)
+            if out is None:  # the step drops this entry
+                return None
+            key, value = out
     return key, value

@@ -27,6 +27,7 @@ from manager.relay.kernel.structs import (
     MAP_KINDS,
     MAP_TYPES,
     PERCPU_MAPS,
+    STAT_NAMES,
     FlowKey,
     NextHop,
     layout_hash,
@@ -40,6 +41,9 @@ class Layout:
     name: str
     map_types: dict[str, tuple[type, type]]
     map_kinds: dict[str, int]
+    # The stats map's counters in enum stat_id order: its index is a name
+    # the hash does not see, so a layout names them (conversions remap).
+    stat_names: tuple[str, ...] = ()
 
     @property
     def hash(self) -> int:
@@ -82,14 +86,29 @@ class ReverseInfoV1(ctypes.Structure):
     ]
 
 
-V1 = Layout("v1", {**MAP_TYPES,
+# Maps v2 added (the ICE-TCP SYN limit): v1 had none of them.
+_ADDED_IN_V2 = ("tcp_listeners", "syn_sources", "syn_trusted")
+
+V1_STAT_NAMES = (
+    "pass_not_relay", "pass_fragment", "pass_ipv6_ext", "pass_vlan", "pass_no_neigh", "pass_fib_fail",
+    "pass_stun_unknown", "pass_return_unknown", "pass_rebind", "pass_owner_race", "drop_malformed",
+    "drop_ip_options", "drop_fragment", "drop_ipv6_ext", "drop_ttl_zero", "drop_unknown_not_stun", "drop_not_owner",
+    "drop_no_owner", "drop_bad_class", "drop_no_internal_addr", "drop_stun_malformed", "drop_stun_not_binding",
+    "drop_stun_no_username", "drop_stun_bad_ufrag", "drop_wrong_side", "drop_stun_unknown_ufrag",
+    "drop_stun_call_rate", "drop_stun_rate", "drop_stun_budget", "drop_rebind_call_rate", "drop_rebind_rate",
+    "drop_rebind_budget", "fwd_in_stun", "fwd_in_dtls", "fwd_in_rtp", "fwd_out_stun", "fwd_out_dtls", "fwd_out_rtp",
+)
+
+V1 = Layout("v1", {**{n: t for n, t in MAP_TYPES.items() if n not in _ADDED_IN_V2},
                    "flows4": (MAP_TYPES["flows4"][0], FlowInfoV1),
                    "flows6": (MAP_TYPES["flows6"][0], FlowInfoV1),
-                   "reverse": (MAP_TYPES["reverse"][0], ReverseInfoV1)}, MAP_KINDS)
+                   "reverse": (MAP_TYPES["reverse"][0], ReverseInfoV1)},
+            {n: k for n, k in MAP_KINDS.items() if n not in _ADDED_IN_V2}, V1_STAT_NAMES)
 
-# --- v2: per-flow media accounting (struct rtp_stats in flow_info and reverse_info) --
+# --- v2: per-flow media accounting (struct rtp_stats in flow_info and reverse_info),
+# the ICE-TCP SYN limit's maps, and its two counters (pass_tcp_syn, drop_tcp_syn_rate) --
 
-V2 = Layout("v2", MAP_TYPES, MAP_KINDS)
+V2 = Layout("v2", MAP_TYPES, MAP_KINDS, tuple(STAT_NAMES))
 
 CURRENT = V2
 # The layout hash each shipped relayd wrote (tests hold the frozen types to them).
