@@ -207,8 +207,10 @@ class Services:
     # there (tests/netns/test_image.py: each component in a container).
     launcher: Callable[[str, str, list[str]], list[str]] | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    # Extra environment of relayd (tests/netns/test_upgrade.py: a previous release's code).
+    # Extra environment of relayd (tests/netns/test_upgrade.py: a previous release's code),
+    # and what its config file is trimmed to (that release's keys).
     relayd_env: dict[str, str] | None = None
+    relayd_config: Callable[[dict], dict] | None = None
 
     @property
     def config(self) -> dict:
@@ -219,7 +221,7 @@ class Services:
                             relay=relay)
         if self.otlp_endpoint:
             cfg["telemetry"] = {"otlp_endpoint": self.otlp_endpoint}
-        return cfg
+        return self.relayd_config(cfg) if self.relayd_config is not None else cfg
 
     @property
     def config_path(self) -> Path:

@@ -54,7 +54,8 @@ def _set_layout(pin_dir: Path, value: int) -> None:
 def test_upgrade_across_a_layout_change_mid_call_loses_nothing(tmp_path):
     tree = previous_release.extract("v1", tmp_path / "release")
     with lab_ctx(prefix=f"up{secrets.token_hex(3)}") as lab:
-        svc = Services(lab, workdir=tmp_path, relayd_env=previous_release.env(tree))
+        svc = Services(lab, workdir=tmp_path, relayd_env=previous_release.env(tree),
+                       relayd_config=previous_release.config_for(tree))
         dp = None
         try:
             svc.start()  # the previous release's relayd, this checkout's transceivers

@@ -68,3 +68,34 @@ def install(tree: Path, datapath: dict, flows: list[dict], ufrags: list[str] = (
     done = subprocess.run(argv, env=env(tree), cwd=tree, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the release's datapath install failed: {done.stderr.strip()[-2000:]}")
+
+
+# Run by the release's Python: the tree of config keys its relayd accepts
+# (nested sections as dicts, leaves as null).
+_CONFIG_KEYS = """
+import json
+from pydantic import BaseModel
+from manager.relay.config import RelaydConfig
+def keys(model):
+    out = {}
+    for name, f in model.model_fields.items():
+        a = f.annotation
+        out[name] = keys(a) if isinstance(a, type) and issubclass(a, BaseModel) else None
+    return out
+print(json.dumps(keys(RelaydConfig)))
+"""
+
+
+def config_for(tree: Path):
+    """A function that trims a relayd config (as the lab writes it) to the
+    keys the release's relayd knows: its config refuses unknown keys, and
+    settings added since have their defaults in this checkout's relayd."""
+    done = subprocess.run([sys.executable, "-c", _CONFIG_KEYS], env=env(tree), cwd=tree, capture_output=True,
+                          text=True, check=True)
+    known = json.loads(done.stdout)
+
+    def trim(cfg: dict, keys: dict = known) -> dict:
+        return {k: trim(v, keys[k]) if isinstance(v, dict) and isinstance(keys[k], dict) else v
+                for k, v in cfg.items() if k in keys}
+
+    return trim
