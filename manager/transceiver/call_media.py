@@ -208,7 +208,15 @@ class CallMedia:
 
     def tick(self) -> None:
         """One frame each way: the client's to the agent, the agent's to the client."""
+        self.play()
+        self.send()
+
+    def play(self) -> None:
+        """The tick's first half: the client's next frame to the agent."""
         self._play()
+
+    def send(self) -> None:
+        """The tick's second half: the agent's next 20 ms to the client."""
         if self.sending:
             self._send_frame()
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import pylibsrtp
 from aioice.ice import CandidatePair, Connection
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
-from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
