@@ -301,23 +301,29 @@ def run_path(engine: bool, counts: list[int], seconds: float) -> list[dict]:
     return steps
 
 
-def run_loss(engine: bool, losses: list[float], seconds: float) -> list[dict]:
+def run_loss(engine: bool, losses: list[float], seconds: float, calls: int = LOSS_CALLS) -> list[dict]:
     out = []
     for loss in losses:
-        print(f"  {'engine' if engine else 'aiortc'}: {LOSS_CALLS} calls at {loss:.0%} uplink loss...",
-              file=sys.stderr)
-        out.append(_with_transceiver(engine, lambda conn, pid, rss, loss=loss: _loss_step(conn, LOSS_CALLS, seconds,
-                                                                                             loss), METERED))
+        print(f"  {'engine' if engine else 'aiortc'}: {calls} calls at {loss:.0%} uplink loss...", file=sys.stderr)
+        out.append(_with_transceiver(engine, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss),
+                                     METERED))
     return out
+
+
+#: An echo later than this through the transceiver is a degraded one.
+MAX_ADDED_LATENCY_MS = 100.0
 
 
 def holds(step: dict) -> bool:
     """Every call connected and echoed (at least 95 % of its tone frames back
-    voiced, at most 1 % of its echoes missing), the sampled tones intact."""
+    voiced, at most 1 % of its echoes missing, the added latency's p99 at
+    most MAX_ADDED_LATENCY_MS), the sampled tones intact."""
     n = min(SAMPLED, step["connected"])
     frames = step["connected"] * step.get("frames_per_call", 0)
+    p99 = step["added_latency_ms"]["p99"]
     return (step["connected"] == step["calls"] and step["echo_ratio"] >= 0.95 and step["ended_early"] == 0
-            and step["echo_lost"] <= 0.01 * frames and step["tone_ok"] == f"{n}/{n}")
+            and step["echo_lost"] <= 0.01 * frames and step["tone_ok"] == f"{n}/{n}"
+            and p99 is not None and p99 <= MAX_ADDED_LATENCY_MS)
 
 
 def summary(steps: dict[str, list[dict]]) -> dict:
