@@ -310,8 +310,8 @@ def run_loss(engine: bool, losses: list[float], seconds: float, calls: int = LOS
     return out
 
 
-#: An echo later than this through the transceiver is a degraded one.
-MAX_ADDED_LATENCY_MS = 100.0
+#: An echo later than this through the transceiver is a degraded one (a broken turn).
+MAX_ADDED_LATENCY_MS = 200.0
 
 
 def holds(step: dict) -> bool:
