@@ -29,6 +29,6 @@ def test_the_loss_run_counts_what_the_agent_heard():
     (engine,) = ld.run_loss(True, [0.05], 3.0, calls=3)
     (aiortc,) = ld.run_loss(False, [0.05], 3.0, calls=3)
     for r in (engine, aiortc):
-        assert r["connected"] == 3 and r["frames_dropped"] > 0 and r["frames_real"] > 0.8
+        assert r["connected"] == 3 and r["frames_dropped"] > 0 and 0 < r["frames_real"] < 1
     assert engine["frames_concealed"] + engine["frames_fec"] > 0
     assert aiortc["frames_concealed"] == aiortc["frames_fec"] == 0  # aiortc conceals nothing
