@@ -55,7 +55,7 @@ bench-setup:
 
 bench-density:
 	@bash scripts/setup.sh >&2
-	@$(PY) -m tests.bench.bench_density $(ARGS)
+	@$(PY) -m tests.bench.loopback_density $(ARGS)
 
 # The "current figures" of docs/benchmarks.md from docs/bench-*.json (no root,
 # nothing run): after committing a benchmark's new result, run this and commit both.

@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--media-engine",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="hand each call to the media engine after its handshake (docs/media-engine.md); "
+        default=True,
+        help="hand each call to the media engine after its handshake (the default; docs/media-engine.md); "
              "--no-media-engine keeps placed calls on aiortc",
     )
     p.add_argument("--opus-complexity", type=int, choices=range(11), default=DEFAULT_COMPLEXITY, metavar="0-10",

@@ -246,6 +246,11 @@ class AgentSession:
             return
         self._pump = asyncio.ensure_future(self._pump_audio(track))
 
+    def detach_track(self) -> None:
+        """Stop pumping the client's track (the media engine delivers from now on)."""
+        if self._pump is not None:
+            self._pump.cancel()
+
     async def _pump_audio(self, track: MediaStreamTrack) -> None:
         # Reading the remote track continuously also keeps aiortc's own
         # per-track queue from growing when the agent is slow.

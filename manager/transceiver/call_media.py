@@ -63,6 +63,7 @@ class MediaStats:
     frames_to_agent: int = 0
     frames_concealed: int = 0  # of those, played by PLC (nothing to decode)
     frames_fec: int = 0  # of those, rebuilt from the next packet's FEC
+    frames_held: int = 0  # of those, what aiortc held at the hand-over (played at once)
     rtcp: Counter[str] = field(default_factory=Counter)  # SRTCP packets by sender SSRC
 
 
@@ -207,27 +208,46 @@ class CallMedia:
 
     def tick(self) -> None:
         """One frame each way: the client's to the agent, the agent's to the client."""
+        self.play()
+        self.send()
+
+    def play(self) -> None:
+        """The tick's first half: the client's next frame to the agent."""
         self._play()
+
+    def send(self) -> None:
+        """The tick's second half: the agent's next 20 ms to the client."""
         if self.sending:
             self._send_frame()
 
+    def play_held(self, payloads: list[bytes]) -> None:
+        """Decode and deliver at once the client's frames the previous owner
+        (aiortc, at a hand-over) received and had not played, oldest first;
+        the decoder goes on from them to the engine's first packet."""
+        for payload in payloads:
+            self._deliver(*self._decode("packet", payload))
+            self.stats.frames_held += 1
+
     def _play(self) -> None:
         out = self.jitter.pop()
-        if out is None:
-            return
-        mark: str | None = None
+        if out is not None:
+            self._deliver(*self._decode(out.kind, out.payload))
+
+    def _decode(self, kind: str, payload: bytes | None) -> tuple[bytes, str | None]:
+        """PCM for one playout decision and its mark ("fec", "plc" or None)."""
         try:
-            if out.kind == "packet":
-                assert out.payload is not None
-                pcm = self._decoder.decode(out.payload)
-            elif out.kind == "fec":
-                assert out.payload is not None
-                pcm, mark = self._decoder.decode_fec(out.payload), "fec"
-            else:
-                pcm, mark = self._decoder.conceal(), "plc"
+            if kind == "packet":
+                assert payload is not None
+                return self._decoder.decode(payload), None
+            if kind == "fec":
+                assert payload is not None
+                return self._decoder.decode_fec(payload), "fec"
+            return self._decoder.conceal(), "plc"
         except OpusError:
             self.stats.rx_decode_errors += 1  # an authenticated but broken payload: conceal it
-            pcm, mark = self._decoder.conceal(), "plc"
+            return self._decoder.conceal(), "plc"
+
+    def _deliver(self, pcm: bytes, mark: str | None) -> None:
         samples = len(pcm) // 2
         frame = av.AudioFrame(format="s16", layout="mono", samples=samples)
         plane = frame.planes[0]

@@ -20,7 +20,8 @@ expansion above. The target depth (frames) follows the RFC 3550
 interarrival jitter estimate (``1 + floor(3 J / frame)``) and the loss
 history (two frames while losses were seen recently, so the next packet's
 FEC is there when a frame is missing). When every tick for half a second
-found more than the target buffered, one frame is dropped to shrink back.
+found more than the target buffered, one frame is dropped to shrink back
+(sooner the further over the target it is: each tick counts its excess).
 
 A gap in sequence numbers is declared lost once the buffer holds a frame
 beyond it and is ``target`` frames deep; until then the hole is concealed as an expansion (the
@@ -276,8 +277,12 @@ class SpeechJitterBuffer:
     def _maybe_shrink(self) -> None:
         # Every tick of the last SHRINK_TICKS found more than the target
         # buffered: the delay can lose a frame without risking the next one.
-        if self.depth > self.target:
-            self._over_ticks += 1
+        # Each tick counts its excess, so a delay far over the target (a
+        # stall of the process, a burst after a network freeze) drains in
+        # proportion: 5 frames over lose one every 5 ticks, not every 25.
+        excess = self.depth - self.target
+        if excess > 0:
+            self._over_ticks += excess
             if self._over_ticks >= SHRINK_TICKS:
                 self._over_ticks = 0
                 assert self._next is not None

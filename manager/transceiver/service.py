@@ -44,7 +44,7 @@ class TransceiverConfig:
     agent_factory: AgentFactory = EchoAgent
     pki_dir: Path | None = None  # ca.pem, transceiver-<id>.pem/.key: mutual TLS both ways
     hint_key: KeyRing | pki.KeyRingFile | None = None  # routing-hint keys (pki.read_hint_key): ufrags are checked
-    media_engine: bool = False  # placed calls move to the media engine after their handshake
+    media_engine: bool = True  # placed calls move to the media engine after their handshake
     opus_complexity: int = DEFAULT_COMPLEXITY  # the engine's Opus encoder
     otlp_endpoint: str | None = None  # traces by OTLP/HTTP (manager.observability.tracing); None: off
 

@@ -96,7 +96,7 @@ class Transceiver:
         consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
         hint_key: HintKeys | Callable[[], HintKeys] | None = None,
         freeze_lease: float = DEFAULT_FREEZE_LEASE,
-        media_engine: bool = False,
+        media_engine: bool = True,
         opus_complexity: int = DEFAULT_COMPLEXITY,
     ) -> None:
         if capacity < 0:
@@ -338,9 +338,10 @@ class Transceiver:
             call.engine_refused = str(exc)
             logger.info("call %d stays on aiortc: %s", call.conn_id, exc)
             return
-        agent_task = call.hand_over()
+        agent_task, held = call.hand_over()
         try:
             new = self._engine_call(plan, call.session, call.agent, handed_over=True)
+            new.media.play_held(held)
         except (ValueError, InvalidRequest) as exc:
             logger.error("call %d: the media engine could not take it after the hand-over: %s", call.conn_id, exc)
             call.session.close()

@@ -249,22 +249,34 @@ class WebRtcCall(CallHandle):
             return True, f"data channels: {exc}"  # not established yet, a channel opening
         return None
 
-    def hand_over(self) -> asyncio.Future | None:
+    def hand_over(self) -> tuple[asyncio.Future | None, list[bytes]]:
         """The media engine takes the call (frozen and exported just before,
         in the same step): stop all traffic of aiortc's, leave the session and
-        agent running; returns the agent's task for the new call to keep.
-        Then :meth:`close` (quiet) shuts aiortc down."""
+        agent running. Returns the agent's task for the new call to keep and
+        the client's Opus payloads aiortc held undecoded (its jitter buffer
+        keeps 80 ms), for the engine to play first: the agent hears every
+        frame the client sent. Then :meth:`close` (quiet) shuts aiortc down."""
         self.ending = True  # its own end (aiortc closing) is not the call's
         self.handed_over = True
         for port in self.ports:
             port.muted = True  # no close_notify, ABORT or consent check of aiortc's goes out
             port.mux.detach(port)  # the engine's call registers the same ufrag and address
         self.session.forget_channels()  # messages wait for the engine's channels (the session is frozen)
+        # The session stops reading aiortc's track; what aiortc decoded and
+        # queued there reaches the agent now, before the engine's frames.
+        self.session.detach_track()
+        payloads: list[bytes] = []
+        for t in self.pc.getTransceivers():
+            if t.kind == "audio":
+                held = hooks.take_held_audio(t.receiver)
+                for frame in held.frames:
+                    self.session.deliver_audio(frame)
+                payloads.extend(held.payloads)
         task, self._agent_task = self._agent_task, None
         if task is not None:
             self._tasks.release(task)
         self._cancel_tasks()
-        return task
+        return task, payloads
 
     def _end_reason(self, state: str) -> str:
         if self.consent_expired:

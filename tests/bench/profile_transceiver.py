@@ -53,13 +53,20 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 IDLE = ("EpollSelector.select", "Condition.wait", "_worker (concurrent/futures/thread.py:81)")
 
 
-def _transceiver(conn: Connection, engine: bool, complexity: int) -> None:
-    """Child: a transceiver on 127.0.0.1 answering offers sent over `conn`."""
+def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | None = None) -> None:
+    """Child: a transceiver on 127.0.0.1 answering offers sent over `conn`.
+    `agents` names a module whose ``Agent`` class is every call's agent and
+    whose ``report()`` answers a ``"report"`` request (default: the echo agent)."""
+    import importlib
+
+    from manager.transceiver.agent import EchoAgent
     from manager.transceiver.transceiver import Transceiver
+
+    module = importlib.import_module(agents) if agents else None
 
     async def main() -> None:
         tx = Transceiver(1, capacity=2000, bind_addrs=["127.0.0.1"], media_engine=engine,
-                         opus_complexity=complexity)
+                         opus_complexity=complexity, agent_factory=module.Agent if module else EchoAgent)
         await tx.start()
         conn.send("ready")
         loop = asyncio.get_running_loop()
@@ -67,6 +74,9 @@ def _transceiver(conn: Connection, engine: bool, complexity: int) -> None:
             req = await loop.run_in_executor(None, conn.recv)
             if req is None:
                 break
+            if req == "report":
+                conn.send(module.report() if module else None)
+                continue
             try:
                 conn.send(await tx.create_call(*req))
             except Exception as exc:  # the parent reports it

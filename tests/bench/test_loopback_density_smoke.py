@@ -19,4 +19,16 @@ def test_both_paths_hold_a_small_step():
         assert s["holds"], s
         assert s["echo_lost"] == 0 and s["transceiver_cpu_s"] > 0
         assert res["calls_per_core"][path] == pytest.approx(s["calls_per_core"])
+        assert s["added_latency_ms"]["bursts"] >= 3 and s["generator_ms_per_call_second"] > 0
     assert res["highest_step_that_holds"] == {"engine": 3, "aiortc": 3}
+
+
+def test_the_loss_run_counts_what_the_agent_heard():
+    """Packets dropped at the sender; the agent heard the rest, and on the
+    engine some frames were concealed or rebuilt from FEC."""
+    (engine,) = ld.run_loss(True, [0.05], 3.0, calls=3)
+    (aiortc,) = ld.run_loss(False, [0.05], 3.0, calls=3)
+    for r in (engine, aiortc):
+        assert r["connected"] == 3 and r["frames_dropped"] > 0 and 0 < r["frames_real"] < 1
+    assert engine["frames_concealed"] + engine["frames_fec"] > 0
+    assert aiortc["frames_concealed"] == aiortc["frames_fec"] == 0  # aiortc conceals nothing

@@ -191,6 +191,7 @@ async def call_row(client, svc, ctl, known: set[str], result: dict) -> None:
         known.add(call["call_id"])
         state = await asyncio.to_thread(svc.transceiver_api, call["transceiver_id"], f"/calls/{call['conn_id']}")
         dtls = state["export"]["dtls"]
+        result["media_engine"] = state["media_engine"]  # the established call's carrier, before the move
         result.update(dtls_version=dtls["version"], cipher=dtls["cipher"], srtp_profile=dtls["srtp_profile"],
                       data_channels_movable=state["export"]["sctp"]["association"] is not None
                       if state["export"].get("sctp") else False)
@@ -235,6 +236,7 @@ def test_interop(env, matrix, row: Row):
     for key in ("level_db_before", "level_db_after"):
         assert abs(result[key]) <= LEVEL_DB, f"echo level {result[key]:+.2f} dB from the sent level: {result}"
     assert result["dtls_version"] == "DTLSv1.2" and result["data_channels_movable"], result
+    assert result["media_engine"] == {"carried": True, "handed_over": True}, result  # aiortc only shook hands
     if row.network == "tcp":
         assert result["path"].startswith("TCP IPv") and result["path"].endswith(f":{LAB_TCP_PORT}"), result
         assert bridge > 100 and fast < 10, (bridge, fast)  # the bridge carried it, XDP did not

@@ -15,9 +15,11 @@ from pathlib import Path
 import pylibsrtp
 import pytest
 from aiortc import RTCPeerConnection
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
+from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
 from aiortc.rtcsctptransport import RTCSctpTransport
@@ -43,6 +45,8 @@ def _live_objects() -> dict[type, object]:
             gatherer = dtls.transport.iceGatherer
             return {
                 RTCRtpTransceiver: t, RTCRtpSender: t.sender, RTCDtlsTransport: dtls,
+                RTCRtpReceiver: t.receiver, RemoteStreamTrack: RemoteStreamTrack("audio"),
+                JitterBuffer: JitterBuffer(capacity=16, prefetch=4),
                 RTCIceTransport: dtls.transport, RTCIceGatherer: gatherer,
                 hooks.Connection: hooks.ice_connection(gatherer),
                 hooks.CandidatePair: hooks.CandidatePair(None, _candidate("10.0.0.1", 1000)),
@@ -125,7 +129,7 @@ def test_every_hook_function_has_its_targets_listed() -> None:
                  if (inspect.isfunction(f) or inspect.isclass(f)) and f.__module__.startswith(hooks.__name__ + ".")
                  and not name.startswith("_")}
     listed = {h.name for h in hooks.HOOKS}
-    helpers = {"check_method", "srtp_session", "Hook", "DtlsSecrets"}
+    helpers = {"check_method", "srtp_session", "Hook", "DtlsSecrets", "HeldAudio"}
     assert listed <= functions, f"HOOKS names functions that do not exist: {listed - functions}"
     assert functions - helpers <= listed, f"hook functions without a HOOKS entry: {functions - helpers - listed}"
 

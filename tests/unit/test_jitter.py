@@ -216,6 +216,27 @@ def test_depth_grows_with_jitter_and_shrinks_back():
     assert buf.stats.shrunk >= 1
 
 
+def test_a_stall_drains_in_proportion_to_the_delay_it_left():
+    """The playout stalls 200 ms (a starved process) while packets keep
+    coming: 10 frames over the target drain within a second, not in 5 s at
+    one frame per 0.5 s."""
+    buf = SpeechJitterBuffer()
+    for i in range(50):
+        buf.push(i, i * TS, pkt(i), i * FRAME)
+        buf.pop()
+    for i in range(50, 60):  # ten packets arrive while no tick runs
+        buf.push(i, i * TS, pkt(i), i * FRAME)
+    assert buf.depth >= 10
+    drained_at = None
+    for tick, i in enumerate(range(60, 160)):
+        buf.push(i, i * TS, pkt(i), i * FRAME)
+        buf.pop()
+        if drained_at is None and buf.depth <= buf.target + 1:
+            drained_at = tick
+    assert drained_at is not None and drained_at <= 50, drained_at
+    assert buf.stats.plc == 0 and buf.stats.lost == 0
+
+
 def test_memory_is_bounded_by_capacity():
     buf = SpeechJitterBuffer(capacity=50)
     buf.push(0, 0, pkt(0), 0.0)

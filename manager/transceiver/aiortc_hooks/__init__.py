@@ -43,6 +43,7 @@ from .ice import (
     transport_connection,
 )
 from .registry import HOOKS, SCTP_ATTRIBUTES, SRTP_ALLOW_REPEAT_TX, SRTP_WINDOW_SIZE, Hook, check_method
+from .rtp import HeldAudio, take_held_audio
 from .sctp import sctp_abort, sctp_export, sctp_receive, sctp_restore, sctp_resume
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "DtlsSecrets",
     "DtlsStandIn",
     "HOOKS",
+    "HeldAudio",
     "Hook",
     "SCTP_ATTRIBUTES",
     "SRTP_ALLOW_REPEAT_TX",
@@ -79,6 +81,7 @@ __all__ = [
     "srtp_session",
     "stream_roc",
     "tap_dtls",
+    "take_held_audio",
     "tap_dtls_datagrams",
     "tie_breaker",
     "transceiver_codecs",

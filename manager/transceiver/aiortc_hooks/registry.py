@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import pylibsrtp
 from aioice.ice import CandidatePair, Connection
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
+from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
 from aiortc.rtcsctptransport import RTCSctpTransport
@@ -105,6 +107,12 @@ HOOKS: tuple[Hook, ...] = (
     Hook("sctp_resume", RTCSctpTransport, "_data_channel_flush", "async method"),
     Hook("sctp_receive", RTCSctpTransport, "_handle_data", "async method", ("data",)),
     Hook("sctp_abort", RTCSctpTransport, "_abort", "async method"),
+    Hook("take_held_audio", RTCRtpReceiver, "_track", "instance attribute"),
+    Hook("take_held_audio", RemoteStreamTrack, "_queue", "instance attribute"),
+    Hook("take_held_audio", RTCRtpReceiver, "_RTCRtpReceiver__decoder_queue", "instance attribute"),
+    Hook("take_held_audio", RTCRtpReceiver, "_RTCRtpReceiver__jitter_buffer", "instance attribute"),
+    Hook("take_held_audio", JitterBuffer, "_origin", "instance attribute"),
+    Hook("take_held_audio", JitterBuffer, "_packets", "instance attribute"),
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import numpy as np
 import pylibsrtp
 import pytest
 from aiohttp import ClientSession
@@ -21,9 +22,11 @@ from aiortc.rtcdtlstransport import SRTP_PROFILES
 from aiortc.rtp import is_rtcp
 
 from manager.protocol import rtp_header
+from manager.transceiver.agent import Agent, AgentSession, CallEnded
 from manager.transceiver.imported_call import ImportedCall
 from manager.transceiver.transceiver import Transceiver
 from manager.transceiver.webrtc_call import WebRtcCall
+from tests.support.speech import FRAME, RATE, SpeechTrack
 from tests.support.transceiver_calls import (
     UFRAG_A,
     UFRAG_B,
@@ -89,6 +92,57 @@ def test_placed_call_runs_on_the_engine_and_keeps_everything() -> None:
             assert ended == [(42, "client hung up")] and tx.calls() == []
 
     run(scenario(), timeout=40)
+
+
+class Listener(Agent):
+    """Records the RMS and the concealment mark of every frame it hears."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[float, str | None]] = []
+
+    async def run(self, session: AgentSession) -> None:
+        try:
+            while True:
+                frame = await session.recv_audio()
+                mono = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype(np.float64)
+                self.heard.append((float(np.sqrt((mono**2).mean())), frame.opaque))
+        except CallEnded:
+            pass
+
+
+def test_the_hand_over_loses_none_of_the_clients_first_frames() -> None:
+    """The client speaks from its first frame: aiortc holds its last 80 ms
+    undecoded at the hand-over (its jitter buffer's prefetch); the engine
+    plays them first, so the agent hears every frame of the tone, once."""
+    tone_frames = 100
+    t = np.arange(tone_frames * FRAME) / RATE
+    tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+
+    async def scenario() -> tuple[list[tuple[float, str | None]], dict]:
+        listener = Listener()
+        async with Transceiver(1, capacity=2, media_engine=True, agent_factory=lambda: listener) as tx:
+            track = SpeechTrack()
+            track.say(tone)  # queued before the call exists: the first frame sent is the tone's first
+            client = ClientCall(0, track=track)
+            try:
+                await client.place(tx, 42, UFRAG_A)
+                await client.wait_connected()
+                await eventually_async(lambda: isinstance(tx._calls.get(42), ImportedCall), 10,
+                                       what="the hand-over to the engine")
+                await eventually_async(lambda: not track.speaking, 10, what="the tone sent")
+                # The tone's tail reaches the agent, then silence.
+                await eventually_async(lambda: len(listener.heard) > 10 and listener.heard[-1][0] < 100, 5,
+                                       what="silence after the tone")
+                return listener.heard, tx.call_info(42)["migration"]
+            finally:
+                await client.close()
+
+    heard, media = run(scenario(), timeout=40)
+    loud = [mark for rms, mark in heard if rms > 2000]
+    assert None in loud and "plc" not in loud and "fec" not in loud  # no loss on loopback
+    # Opus's onset and release can each smear one frame over the threshold or under it.
+    assert tone_frames - 1 <= len(loud) <= tone_frames + 1, f"{len(loud)} loud frames heard"
+    assert media["frames_held"] > 0  # aiortc held some: the hand-over came while the tone played
 
 
 def test_engine_call_migrates_out_and_back(fast_consent: None) -> None:

@@ -296,7 +296,7 @@ def test_failed_import_unfreeze_errors_and_imported_call_lifecycle() -> None:
                 assert status == 503 and "capacity" in body["error"]
                 status, body = await api_full.post("/calls/import", {"conn_id": 7})
                 assert status == 400 and "state" in body["error"]
-                await eventually_async(lambda: tx_a._calls[7].tap.frozen_dropped >= 15, 3,
+                await eventually_async(lambda: tx_a.call_info(7)["migration"]["frozen_dropped"] >= 15, 3,
                                        what="A to hold back 15 packets while frozen")
                 n_unfreeze = len(fwd.to_client)
                 # (at most one packet still in flight from before the freeze)
@@ -424,10 +424,13 @@ def test_a_freeze_expires_by_itself_when_no_release_comes() -> None:
                 await eventually_async(lambda: len(fwd.to_client) >= 25, what="media to the client")
                 tx.export_call(7, freeze=True)
                 assert tx.health()["migration"]["frozen"] == [7]
-                tap = tx._calls[7].tap
-                await eventually_async(lambda: tap.frozen_dropped >= 1, what="the first packet held back")
+
+                def held() -> int:
+                    return tx.call_info(7)["migration"]["frozen_dropped"]
+
+                await eventually_async(lambda: held() >= 1, what="the first packet held back")
                 frozen_count = len(fwd.to_client)
-                await eventually_async(lambda: tap.frozen_dropped >= 15, what="15 packets held back")
+                await eventually_async(lambda: held() >= 15, what="15 packets held back")
                 assert len(fwd.to_client) - frozen_count <= 1  # silent while frozen
                 await eventually_async(lambda: tx.health()["migration"]["frozen"] == [], 3, "the lease to expire")
                 assert tx.leases_expired == 1
