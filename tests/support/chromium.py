@@ -45,8 +45,9 @@ def tone_wav(path: Path, freq: float = 440.0, seconds: float = 10.0, rate: int =
 class Chromium:
     """One headless Chromium in network namespace `ns` (see the module docstring)."""
 
-    def __init__(self, ns: str, url: str, *, origin: str, port: int = 9222) -> None:
-        self.ns, self.url, self.origin, self.port = ns, url, origin, port
+    def __init__(self, ns: str, url: str, *, origin: str, port: int = 9222, mic: Path | None = None) -> None:
+        """`mic`: the WAV the fake microphone loops (None: a 440 Hz tone)."""
+        self.ns, self.url, self.origin, self.port, self.mic = ns, url, origin, port, mic
         self.dir = Path(tempfile.mkdtemp(prefix="chromium-"))
         self.log = self.dir / "chromium.log"
         self.proc: subprocess.Popen | None = None
@@ -54,7 +55,7 @@ class Chromium:
         self._ids = itertools.count(1)
 
     def start(self) -> None:
-        wav = tone_wav(self.dir / "mic.wav")
+        wav = self.mic or tone_wav(self.dir / "mic.wav")
         argv = [
             CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
