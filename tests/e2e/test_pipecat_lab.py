@@ -12,8 +12,9 @@ data channel (its turn count and LLM context's messages).
 
 "Answered" means: a turn completed after the mark, and the browser heard the
 reply, voiced audio 1.5x higher than the sentence (spectral centroid ratio).
-"Context intact" means: after the move, the bot's turn count goes on from
-before it and its context's messages begin with those it had."""
+"Context intact" means: the bot's turn count, as it answered over the
+whole call, never went back, and after the move its context's messages
+begin with those it had before."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ async def answered(page: BotPage, said: np.ndarray, after_turns: int) -> dict:
     context = bot["context"]
     # The context is the bot's whole conversation: two messages a turn, from turn 1.
     assert len(context) == 2 * bot["turns"] and context[0]["content"].startswith("turn 1:"), bot
-    return {"turns": bot["turns"], "context": context, "path": report["path"],
+    return {"turns": bot["turns"], "context": context, "path": report["path"], "counted": report["turns"],
             "ratio": round(spectral_centroid(reply) / spectral_centroid(voiced(said)), 2),
             "reply_s": round(len(reply) / RATE, 2)}
 
@@ -98,6 +99,8 @@ async def answered(page: BotPage, said: np.ndarray, after_turns: int) -> dict:
 def assert_goes_on(before: dict, after: dict) -> None:
     """The bot answered again, with its turn count and context carried on."""
     assert after["turns"] > before["turns"], (before["turns"], after["turns"])
+    # Every answer of the call, in order: the count never went back (a new bot would count from 0 again).
+    assert after["counted"] == sorted(after["counted"]), after["counted"]
     assert after["context"][: len(before["context"])] == before["context"], (before["context"], after["context"])
     for phase in (before, after):
         assert PITCH[0] < phase["ratio"] < PITCH[1], f"pitch ratio {phase['ratio']}"

@@ -8,8 +8,10 @@ the browser's own APIs:
   processing, so the bot hears the file's speech;
 - the remote audio track, recorded as 48 kHz s16 chunks stamped with
   ``performance.now()`` (Web Audio, as the page's own meter listens);
-- the data channel: a ``{"type": "state"}`` message every 300 ms, and the
-  bot's last answer (its turn count and conversation) kept.
+- the data channel: a ``{"type": "state"}`` message every 300 ms; the
+  bot's last answer (its turn count and conversation) is kept, and the turn
+  counts it answered, in order (a bot that lost its state would count again
+  from 0).
 
 Run every method on a NetnsExecutor thread of the lab's client namespace.
 """
@@ -26,7 +28,7 @@ from tests.support.chromium import Chromium
 from tests.support.waiting import eventually_async
 
 PROBE = """(() => {
-  const bot = window.bot = {replies: 0, last: null, chunks: []};
+  const bot = window.bot = {replies: 0, last: null, turns: [], chunks: []};
   const md = navigator.mediaDevices, original = md.getUserMedia.bind(md);
   md.getUserMedia = () => original({audio: {echoCancellation: false, noiseSuppression: false,
                                             autoGainControl: false}});
@@ -40,7 +42,11 @@ PROBE = """(() => {
       dc.addEventListener("message", (e) => {
         let m = null;
         try { m = JSON.parse(e.data); } catch (_) { return; }
-        if (m && m.turns !== undefined) { bot.last = m; bot.replies += 1; }
+        if (m && m.turns !== undefined) {
+          bot.last = m;
+          bot.replies += 1;
+          if (bot.turns[bot.turns.length - 1] !== m.turns) bot.turns.push(m.turns);
+        }
       });
       dc.addEventListener("open", () => {
         const ask = setInterval(() => {
@@ -98,8 +104,10 @@ class BotPage:
         return await self.browser.evaluate("performance.now()")
 
     async def state(self) -> dict:
-        """The page's report (window.splitrelay) and the bot's last answer under "bot"."""
-        raw = await self.browser.evaluate("JSON.stringify({...window.splitrelay, bot: window.bot.last})")
+        """The page's report (window.splitrelay), the bot's last answer under "bot"
+        and the turn counts answered so far under "turns"."""
+        raw = await self.browser.evaluate(
+            "JSON.stringify({...window.splitrelay, bot: window.bot.last, turns: window.bot.turns})")
         self.report = json.loads(raw)
         if self.report.get("error"):
             raise AssertionError(f"the page failed: {self.report['error']}")
