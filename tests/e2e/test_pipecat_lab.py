@@ -10,8 +10,10 @@ each loop; the page is relayd's own, probed by tests/support/bot_page.py,
 which records what the browser hears and asks the bot its state over the
 data channel (its turn count and LLM context's messages).
 
-"Answered" means: a turn completed after the mark, and the browser heard the
-reply, voiced audio 1.5x higher than the sentence (spectral centroid ratio).
+"Answered" means: the bot completed a turn after a moment of the call (the
+start, the migration's reply, the failover's take-over), and the browser
+heard that turn's reply: voiced audio 1.5x higher than the sentence
+(spectral centroid ratio).
 "Context intact" means: the bot's turn count, as it answered over the
 whole call, never went back, and after the move its context's messages
 begin with those it had before."""
@@ -40,14 +42,21 @@ from tests.support.waiting import eventually_async
 pytestmark = [pytest.mark.netns, pytest.mark.realtime, pytest.mark.browser]
 
 BOT = f"{REPO / 'examples' / 'pipecat_bot.py'}:make_pipeline"
+SENTENCE = "hello there how are you today"  # no comma: one utterance (one turn) a loop, for the VAD
 PITCH = (1.25, 1.75)  # the reply's spectral centroid against the sentence's (the bot plays it 1.5x higher)
 PAUSE_S = 2.5  # silence after the sentence in each loop of the microphone: the VAD's stop, then the reply
 TURN_TIMEOUT = 25.0  # a turn is one loop (~5 s); the first also waits for the call to connect
+# A turn's reply, as the browser hears it: the bot answers the data channel after it has
+# pushed the reply's audio (paced to real time), so the page sees the turn about when the
+# reply ends. The window: from well before that to after it; the replies before and after
+# it are more than 3 s away (one a loop).
+REPLY_LEAD_S = 2.0
+REPLY_WINDOW_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def said(tmp_path_factory) -> np.ndarray:
-    return wav_samples(speech_wav("hello there, how are you today", tmp_path_factory.mktemp("speech") / "s.wav"))
+    return wav_samples(speech_wav(SENTENCE, tmp_path_factory.mktemp("speech") / "s.wav"))
 
 
 @pytest.fixture(scope="module")
@@ -71,39 +80,72 @@ def fleet(env):
     route_vip(lab, 1)
 
 
-async def answered(page: BotPage, said: np.ndarray, after_turns: int) -> dict:
-    """Until the bot has completed a turn past `after_turns` and the browser
-    heard a reply since now; the bot's state and the reply's figures."""
-    mark = await page.now()
+async def reply_heard(page: BotPage, at_ms: float, expected_s: float) -> tuple[np.ndarray] | None:
+    """(the voiced audio the browser heard around the turn the page saw at
+    `at_ms`,) once that reply's window is recorded, None before that; the
+    audio is empty if less than 60% of the expected reply was heard."""
+    heard = await page.heard(at_ms - REPLY_LEAD_S * 1000)
+    if len(heard) < REPLY_WINDOW_S * RATE:
+        return None
+    window = heard[: int(REPLY_WINDOW_S * RATE)]
+    reply = voiced(window)
+    if len(reply) / RATE < 0.6 * expected_s:
+        # Where the window was loud (100 ms blocks, seconds from the turn), to say what was heard.
+        blocks = window[: len(window) // 4800 * 4800].reshape(-1, 4800).astype(np.float64)
+        loud = [round(i / 10 - REPLY_LEAD_S, 1) for i, b in enumerate(blocks) if np.sqrt((b**2).mean()) > 500]
+        print(f"turn at {at_ms:.0f} ms: {len(reply) / RATE:.2f} s voiced of {expected_s:.2f} s expected; "
+              f"loud at {loud}")
+        return (reply[:0],)
+    return (reply,)
+
+
+async def answered(page: BotPage, said: np.ndarray, since_ms: float) -> dict:
+    """The first turn the bot completed after the page's time `since_ms`
+    whose reply the browser heard; the bot's state and the reply's figures.
+    A turn whose reply was not heard is skipped once (a migration may cut the
+    reply of a turn made just before it); a second one fails."""
     expected_s = len(voiced(said)) / RATE / 1.5  # the sentence's voice, 1.5x faster
+    skipped: list[int] = []
+    while True:
+        async def new_turn():
+            report = await page.state()
+            turns = [int(t) for t, at in report["turn_at"].items()
+                     if int(t) > 0 and at >= since_ms and int(t) not in skipped]
+            return (report, min(turns)) if turns and report["state"] == "connected" else None
 
-    async def done():
-        report = await page.state()
-        bot = report.get("bot")
-        if report["state"] != "connected" or not bot or bot["turns"] <= after_turns:
-            return None
-        reply = voiced(await page.heard(mark))
-        return (report, reply) if len(reply) / RATE >= 0.6 * expected_s else None
-
-    report, reply = await eventually_async(done, TURN_TIMEOUT, what=f"the bot's turn {after_turns + 1} heard",
-                                           interval=0.3)
+        report, turn = await eventually_async(new_turn, TURN_TIMEOUT, what="a turn of the bot", interval=0.3)
+        at = report["turn_at"][str(turn)]
+        (reply,) = await eventually_async(lambda at=at: reply_heard(page, at, expected_s), REPLY_WINDOW_S + 5,
+                                          what=f"turn {turn}'s reply recorded", interval=0.3)
+        if len(reply):
+            break
+        assert not skipped, f"the browser heard no reply to turns {skipped} and {turn}"
+        skipped.append(turn)
+    report = await page.state()
     bot = report["bot"]
     context = bot["context"]
     # The context is the bot's whole conversation: two messages a turn, from turn 1.
     assert len(context) == 2 * bot["turns"] and context[0]["content"].startswith("turn 1:"), bot
-    return {"turns": bot["turns"], "context": context, "path": report["path"], "counted": report["turns"],
+    return {"turn": turn, "turns": bot["turns"], "context": context, "path": report["path"],
+            "counted": report["turns"], "skipped": skipped,
             "ratio": round(spectral_centroid(reply) / spectral_centroid(voiced(said)), 2),
             "reply_s": round(len(reply) / RATE, 2)}
 
 
 def assert_goes_on(before: dict, after: dict) -> None:
     """The bot answered again, with its turn count and context carried on."""
-    assert after["turns"] > before["turns"], (before["turns"], after["turns"])
+    assert after["turn"] > before["turn"], (before["turn"], after["turn"])
     # Every answer of the call, in order: the count never went back (a new bot would count from 0 again).
     assert after["counted"] == sorted(after["counted"]), after["counted"]
     assert after["context"][: len(before["context"])] == before["context"], (before["context"], after["context"])
     for phase in (before, after):
         assert PITCH[0] < phase["ratio"] < PITCH[1], f"pitch ratio {phase['ratio']}"
+
+
+def summary(before: dict, after: dict) -> str:
+    return "; ".join(f"{when}: turn {p['turn']} heard, pitch x{p['ratio']}, reply {p['reply_s']} s"
+                     + (f" (turns {p['skipped']} unheard)" if p["skipped"] else "")
+                     for when, p in (("before", before), ("after", after))) + f"; turns answered {after['counted']}"
 
 
 def in_browser(lab, mic, scenario, name: str) -> dict:
@@ -132,22 +174,20 @@ def test_bot_answers_chromium_and_keeps_its_conversation_across_a_migration(flee
     out: dict = {}
 
     async def scenario(page: BotPage) -> dict:
-        out["before"] = before = await answered(page, said, 0)
+        out["before"] = await answered(page, said, 0)
         (call,) = [c for c in await asyncio.to_thread(svc.calls) if c["call_id"] not in known]
         target = 2 if call["transceiver_id"] == 1 else 1
         res = await asyncio.to_thread(svc.control.request, "POST", f"/sessions/{call['call_id']}/migrate",
                                       {"to": target})
         assert res["outcome"] == "moved", res
-        out["after"] = await answered(page, said, before["turns"])
+        out["after"] = await answered(page, said, await page.now())
         out["moved"] = await asyncio.to_thread(svc.transceiver_api, target, f"/calls/{call['conn_id']}")
         return out
 
     with udp_blocked(lab) if network == "tcp" else contextlib.nullcontext():
         in_browser(lab, mic, scenario, f"pipecat-{network}")
     before, after = out["before"], out["after"]
-    print(f"\npipecat bot over {network}: before the migration turn {before['turns']}, pitch x{before['ratio']}, "
-          f"reply {before['reply_s']} s; after it turn {after['turns']}, pitch x{after['ratio']}, "
-          f"reply {after['reply_s']} s; path {after['path']}")
+    print(f"\npipecat bot over {network}, live migration: {summary(before, after)}; path {after['path']}")
     assert out["moved"] is not None and out["moved"]["imported"], out["moved"]
     assert_goes_on(before, after)
     if network == "tcp":
@@ -167,7 +207,7 @@ def test_bot_answers_after_a_relay_failover(fleet, said, mic):
         return svc.control_of(relay).stats()["slowpath"]["events"]
 
     async def scenario(page: BotPage) -> dict:
-        out["before"] = before = await answered(page, said, 0)
+        out["before"] = await answered(page, said, 0)
         await ssrc_published(svc)
         seen = await asyncio.to_thread(events, 2)
         await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGKILL)
@@ -180,7 +220,7 @@ def test_bot_answers_after_a_relay_failover(fleet, said, mic):
 
         await eventually_async(lambda: asyncio.to_thread(taken_over), 10,
                                what="relay 2 to take the call over (failovers or repointed)")
-        out["after"] = await answered(page, said, before["turns"])
+        out["after"] = await answered(page, said, await page.now())
         return out
 
     try:
@@ -191,6 +231,5 @@ def test_bot_answers_after_a_relay_failover(fleet, said, mic):
         svc.start_relayd()
         svc.wait_signaling(30.0)
     before, after = out["before"], out["after"]
-    print(f"\npipecat bot, relay failover: before it turn {before['turns']}, pitch x{before['ratio']}; "
-          f"after it turn {after['turns']}, pitch x{after['ratio']}, reply {after['reply_s']} s")
+    print(f"\npipecat bot, relay failover: {summary(before, after)}")
     assert_goes_on(before, after)

@@ -11,7 +11,7 @@ the browser's own APIs:
 - the data channel: a ``{"type": "state"}`` message every 300 ms; the
   bot's last answer (its turn count and conversation) is kept, and the turn
   counts it answered, in order (a bot that lost its state would count again
-  from 0).
+  from 0), each with the page's time it was first answered.
 
 Run every method on a NetnsExecutor thread of the lab's client namespace.
 """
@@ -28,7 +28,7 @@ from tests.support.chromium import Chromium
 from tests.support.waiting import eventually_async
 
 PROBE = """(() => {
-  const bot = window.bot = {replies: 0, last: null, turns: [], chunks: []};
+  const bot = window.bot = {replies: 0, last: null, turns: [], turn_at: {}, chunks: []};
   const md = navigator.mediaDevices, original = md.getUserMedia.bind(md);
   md.getUserMedia = () => original({audio: {echoCancellation: false, noiseSuppression: false,
                                             autoGainControl: false}});
@@ -45,7 +45,10 @@ PROBE = """(() => {
         if (m && m.turns !== undefined) {
           bot.last = m;
           bot.replies += 1;
-          if (bot.turns[bot.turns.length - 1] !== m.turns) bot.turns.push(m.turns);
+          if (bot.turns[bot.turns.length - 1] !== m.turns) {
+            bot.turns.push(m.turns);
+            bot.turn_at[m.turns] = performance.now();
+          }
         }
       });
       dc.addEventListener("open", () => {
@@ -104,10 +107,11 @@ class BotPage:
         return await self.browser.evaluate("performance.now()")
 
     async def state(self) -> dict:
-        """The page's report (window.splitrelay), the bot's last answer under "bot"
-        and the turn counts answered so far under "turns"."""
-        raw = await self.browser.evaluate(
-            "JSON.stringify({...window.splitrelay, bot: window.bot.last, turns: window.bot.turns})")
+        """The page's report (window.splitrelay), the bot's last answer under "bot",
+        the turn counts answered so far under "turns", and when each was first
+        answered under "turn_at" ({turn: page time in ms})."""
+        raw = await self.browser.evaluate("JSON.stringify({...window.splitrelay, bot: window.bot.last, "
+                                          "turns: window.bot.turns, turn_at: window.bot.turn_at})")
         self.report = json.loads(raw)
         if self.report.get("error"):
             raise AssertionError(f"the page failed: {self.report['error']}")
