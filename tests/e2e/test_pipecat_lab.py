@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 
 from manager.lab.netns import NetnsExecutor
-from manager.lab.routing import route_vip, set_relay_links, vip_route
+from manager.lab.routing import route_vip, set_relay_links
 from manager.lab.services import LAB_TCP_PORT, running_lab
 from tests.support.bot_page import BotPage
-from tests.support.lab_calls import ssrc_published
+from tests.support.lab_calls import ssrc_published, vip_at_relay_1
 from tests.support.paths import REPO
 from tests.support.speech import RATE, mic_wav, spectral_centroid, speech_wav, voiced, wav_samples
 from tests.support.tcp_calls import udp_blocked
@@ -73,11 +73,8 @@ def env(tmp_path_factory):
 
 @pytest.fixture
 def fleet(env):
-    lab, svc = env
-    route_vip(lab, 1)
-    assert vip_route(lab) == 1
-    yield lab, svc
-    route_vip(lab, 1)
+    with vip_at_relay_1(env[0]):
+        yield env
 
 
 async def reply_heard(page: BotPage, at_ms: float) -> tuple[np.ndarray] | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.support.chromium import Chromium
-from tests.support.waiting import eventually_async
+from tests.support.interop_clients import BrowserClient
 
 PROBE = """(() => {
   const bot = window.bot = {replies: 0, last: null, turns: [], turn_at: {}, chunks: []};
@@ -88,19 +88,14 @@ PROBE = """(() => {
 })()"""
 
 
-class BotPage:
+class BotPage(BrowserClient):
     """One Chromium call to the bot (see the module docstring)."""
 
-    def __init__(self, ns: str, url: str, mic: Path) -> None:
-        self.browser = Chromium(ns, f"{url}/", origin=url, mic=mic)
-        self.report: dict = {}
+    probe = PROBE
 
-    async def start(self) -> None:
-        self.browser.start()
-        await self.browser.connect()
-        await eventually_async(lambda: self.browser.evaluate("!!(window.splitrelay && document.getElementById('talk'))"),
-                               20, what="the page to load", interval=0.2)
-        await self.browser.evaluate(PROBE)
+    def __init__(self, ns: str, url: str, mic: Path) -> None:
+        super().__init__(Chromium(ns, f"{url}/", origin=url, mic=mic))
+        self.report: dict = {}
 
     async def now(self) -> float:
         """The page's clock (ms), to mark a moment of the call."""
@@ -121,14 +116,6 @@ class BotPage:
         """What the browser heard of the bot since the page's time ``since_ms`` (48 kHz s16)."""
         b64 = await self.browser.evaluate(f"window.bot.heard({since_ms})")
         return np.frombuffer(base64.b64decode(b64), dtype=np.int16)
-
-    async def stop(self) -> None:
-        try:
-            await self.browser.evaluate("window.splitrelayHangup && splitrelayHangup()")
-            await self.browser.close()
-        except Exception:  # the browser may be gone already; stop() below ends it either way
-            pass
-        self.browser.stop()
 
     def save_artifacts(self, name: str) -> Path:
         return self.browser.save_artifacts(name, self.report, "")

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import aiohttp
 
 from manager.lab.netns import ns_popen
 from tests.support.paths import ARTIFACTS
+from tests.support.speech import write_wav
 from tests.support.waiting import NotYet, eventually_async
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -34,12 +34,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 def tone_wav(path: Path, freq: float = 440.0, seconds: float = 10.0, rate: int = 48000) -> Path:
     """A mono 16-bit WAV of a sine tone (Chromium loops it as the microphone)."""
     samples = array.array("h", (int(12000 * math.sin(2 * math.pi * freq * i / rate)) for i in range(int(rate * seconds))))
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples.tobytes())
-    return path
+    return write_wav(path, samples.tobytes(), rate)
 
 
 class Chromium:
