@@ -134,7 +134,8 @@ def assert_goes_on(before: dict, after: dict) -> None:
 def summary(before: dict, after: dict) -> str:
     return "; ".join(f"{when}: turn {p['turn']} heard, pitch x{p['ratio']}, reply {p['reply_s']} s"
                      + (f" (before it, short replies (turn, s): {p['short']})" if p["short"] else "")
-                     for when, p in (("before", before), ("after", after))) + f"; turns answered {after['counted']}"
+                     for when, p in (("before", before), ("after", after))) + f"; turns answered {after['counted']}; " \
+        + "utterances the bot heard: " + ", ".join(m["content"].split(": ")[1] for m in after["context"][::2])
 
 
 def in_browser(lab, mic, scenario, name: str) -> dict:
