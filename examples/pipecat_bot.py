@@ -3,9 +3,11 @@
 Silero VAD (the model Pipecat ships, loaded from the package) finds where
 each utterance starts and ends; ``RepeatHigher`` keeps the utterance's audio
 and, when it ends, plays it back 1.5x higher (the same samples played at 1.5
-times the rate). Data-channel messages are answered with the turn count.
-The conversation lives in an ``LLMContext`` (one user and one assistant
-message a turn) and a turn counter, both carried by a live migration.
+times the rate). Data-channel messages are answered with the turn count and
+the conversation so far (the context's messages), so a client sees it go on
+across a migration. The conversation lives in an ``LLMContext`` (one user and
+one assistant message a turn) and a turn counter, both carried by a live
+migration.
 
 Run it as a call's agent::
 
@@ -73,7 +75,8 @@ class RepeatHigher(FrameProcessor):
             self._speaking = False
             await self._repeat()
         elif isinstance(frame, InputTransportMessageFrame):
-            await self.push_frame(OutputTransportMessageFrame(message={"echo": frame.message, "turns": self.turns}))
+            await self.push_frame(OutputTransportMessageFrame(message={
+                "echo": frame.message, "turns": self.turns, "context": list(self.context.get_messages())}))
             return
         await self.push_frame(frame, direction)
 

@@ -451,12 +451,13 @@ def _redis_answers(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def running_lab(prefix: str, workdir: Path, transceivers: int = 2, relays: int = 1, client_auth: str = "off"
-                ) -> Iterator[tuple[Lab, Services]]:
+def running_lab(prefix: str, workdir: Path, transceivers: int = 2, relays: int = 1, client_auth: str = "off",
+                agent: str | None = None) -> Iterator[tuple[Lab, Services]]:
     """A lab with relayd(s) and the transceivers running (and Redis for a
-    fleet); all of it is torn down on exit, pinned state included."""
+    fleet); all of it is torn down on exit, pinned state included.
+    `agent`: the transceivers' --agent SPEC (None: the echo agent)."""
     with lab_ctx(prefix=prefix, transceivers=transceivers, relays=relays) as lab:
-        svc = Services(lab, workdir=workdir, client_auth=client_auth)
+        svc = Services(lab, workdir=workdir, client_auth=client_auth, agent=agent)
         try:
             svc.start()
             yield lab, svc

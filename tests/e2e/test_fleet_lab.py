@@ -21,9 +21,9 @@ import pytest
 from manager.lab.capture import WireClock, is_rtp, longest_gap
 from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor, _ipr
-from manager.lab.routing import route_vip, set_relay_links, vip_route
+from manager.lab.routing import route_vip, set_relay_links
 from manager.lab.services import running_lab
-from tests.support.lab_calls import assert_untouched, audio_flowing, ssrc_published
+from tests.support.lab_calls import assert_untouched, audio_flowing, ssrc_published, vip_at_relay_1
 from tests.support.waiting import eventually_async
 
 # realtime: the checks count media against the wall clock.
@@ -38,11 +38,8 @@ def env(tmp_path_factory):
 
 @pytest.fixture
 def fleet(env):
-    lab, svc = env
-    route_vip(lab, 1)
-    assert vip_route(lab) == 1
-    yield lab, svc
-    route_vip(lab, 1)
+    with vip_at_relay_1(env[0]):
+        yield env
 
 
 def call(lab, url=None, **kw):

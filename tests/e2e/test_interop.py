@@ -36,7 +36,7 @@ from tests.support.chromium import Chromium
 from tests.support.firefox import Firefox
 from tests.support.interop_clients import AiortcClient, BrowserClient, GstClient, Reading
 from tests.support.interop_doc import client_versions, write_artifact
-from tests.support.tcp_calls import BLOCK_UDP
+from tests.support.tcp_calls import udp_blocked
 
 # realtime: the checks count media against the wall clock.
 pytestmark = [pytest.mark.netns, pytest.mark.realtime]
@@ -89,16 +89,6 @@ def only_family(lab, family: int):
             ipr.addr("add", index=idx, address=addr, prefixlen=plen, flags=0x02 if other == socket.AF_INET6 else 0)
             ipr.route("replace", dst="::/0" if other == socket.AF_INET6 else "0.0.0.0/0", gateway=gw, oif=idx,
                       family=other)
-
-
-@contextlib.contextmanager
-def udp_blocked(lab):
-    lab.run(lab.client_ns, ["nft", "-f", "-"],
-            input=BLOCK_UDP.format(vip4=lab.vip4, vip6=lab.vip6, port=lab.port), check=True)
-    try:
-        yield
-    finally:
-        lab.run(lab.client_ns, ["nft", "delete", "table", "inet", "splitrelay_test_block"], check=True)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import aiohttp
 
 from manager.lab.netns import ns_popen
 from tests.support.paths import ARTIFACTS
+from tests.support.speech import write_wav
 from tests.support.waiting import NotYet, eventually_async
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -34,19 +34,15 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 def tone_wav(path: Path, freq: float = 440.0, seconds: float = 10.0, rate: int = 48000) -> Path:
     """A mono 16-bit WAV of a sine tone (Chromium loops it as the microphone)."""
     samples = array.array("h", (int(12000 * math.sin(2 * math.pi * freq * i / rate)) for i in range(int(rate * seconds))))
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples.tobytes())
-    return path
+    return write_wav(path, samples.tobytes(), rate)
 
 
 class Chromium:
     """One headless Chromium in network namespace `ns` (see the module docstring)."""
 
-    def __init__(self, ns: str, url: str, *, origin: str, port: int = 9222) -> None:
-        self.ns, self.url, self.origin, self.port = ns, url, origin, port
+    def __init__(self, ns: str, url: str, *, origin: str, port: int = 9222, mic: Path | None = None) -> None:
+        """`mic`: the WAV the fake microphone loops (None: a 440 Hz tone)."""
+        self.ns, self.url, self.origin, self.port, self.mic = ns, url, origin, port, mic
         self.dir = Path(tempfile.mkdtemp(prefix="chromium-"))
         self.log = self.dir / "chromium.log"
         self.proc: subprocess.Popen | None = None
@@ -54,7 +50,7 @@ class Chromium:
         self._ids = itertools.count(1)
 
     def start(self) -> None:
-        wav = tone_wav(self.dir / "mic.wav")
+        wav = self.mic or tone_wav(self.dir / "mic.wav")
         argv = [
             CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -96,6 +96,8 @@ PROBE = """(() => {
 class BrowserClient:
     """Chromium or Firefox on relayd's "talk to the agent" page."""
 
+    probe = PROBE  # evaluated once the page has loaded: it starts the call
+
     def __init__(self, browser: Chromium | Firefox) -> None:
         self.browser = browser
         self.last: dict = {}
@@ -108,7 +110,7 @@ class BrowserClient:
             if time.monotonic() > deadline:
                 raise TimeoutError("the page did not load")
             await asyncio.sleep(0.2)  # pacing the poll of the page's state
-        await self.browser.evaluate(PROBE)
+        await self.browser.evaluate(self.probe)
 
     async def status(self) -> Reading:
         raw = await self.browser.evaluate("JSON.stringify(window.splitrelay || null)")

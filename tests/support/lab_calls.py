@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor
+from manager.lab.routing import route_vip, vip_route
 from tests.support.waiting import eventually_async
 
 
@@ -71,3 +73,14 @@ def assert_untouched(rep) -> None:
     first_done = min(i for i, s in enumerate(rep.ice_states) if s in ("completed", "connected"))
     assert all(s in ("completed", "connected") for s in rep.ice_states[first_done:-1]), rep.ice_states
     assert rep.signaling_states == ["have-local-offer", "stable", "closed"], rep.signaling_states
+
+
+@contextlib.contextmanager
+def vip_at_relay_1(lab):
+    """A fleet lab's test starts, and leaves, with the VIP routed to relay 1."""
+    route_vip(lab, 1)
+    assert vip_route(lab) == 1
+    try:
+        yield
+    finally:
+        route_vip(lab, 1)

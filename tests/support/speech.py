@@ -6,6 +6,7 @@ import asyncio
 import fractions
 import subprocess
 import time
+import wave
 from pathlib import Path
 
 import av
@@ -30,6 +31,23 @@ def wav_samples(path: Path, rate: int = RATE) -> np.ndarray:
             out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
         out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
     return np.concatenate(out).astype(np.int16)
+
+
+def write_wav(path: Path, pcm: bytes, rate: int = RATE) -> Path:
+    """A mono s16 WAV of ``pcm``."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return path
+
+
+def mic_wav(samples: np.ndarray, path: Path, silence_s: float, rate: int = RATE) -> Path:
+    """A mono s16 WAV of ``samples`` then ``silence_s`` of silence: one turn of a
+    conversation each time a browser's fake microphone loops it."""
+    pcm = np.concatenate([samples.astype(np.int16), np.zeros(int(silence_s * rate), dtype=np.int16)])
+    return write_wav(path, pcm.tobytes(), rate)
 
 
 def call_frames(samples: np.ndarray) -> list[av.AudioFrame]:

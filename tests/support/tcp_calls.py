@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 from manager.lab.client import client_call
@@ -21,6 +22,17 @@ table inet splitrelay_test_block {{
   }}
 }}
 """
+
+
+@contextlib.contextmanager
+def udp_blocked(lab):
+    """The client namespace sends no UDP to the VIPs' port: its calls take ICE-TCP."""
+    lab.run(lab.client_ns, ["nft", "-f", "-"],
+            input=BLOCK_UDP.format(vip4=lab.vip4, vip6=lab.vip6, port=lab.port), check=True)
+    try:
+        yield
+    finally:
+        lab.run(lab.client_ns, ["nft", "delete", "table", "inet", "splitrelay_test_block"], check=True)
 
 
 def restart_during_tcp_call(lab, svc, *, signaling_url=None, timeout: float = 20.0):

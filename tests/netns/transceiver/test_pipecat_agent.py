@@ -102,7 +102,9 @@ def test_bot_repeats_an_utterance_higher_and_answers_messages(speech):
     ratio = spectral_centroid(reply) / spectral_centroid(said)
     print(f"reply/said length {len(reply) / len(said):.2f}, pitch ratio {ratio:.2f}")
     assert 1.25 < ratio < 1.75, f"pitch ratio {ratio:.2f}"
-    assert json.loads(sent[0]) == {"echo": {"type": "ping"}, "turns": 1}
+    answer = json.loads(sent[0])
+    assert answer["echo"] == {"type": "ping"} and answer["turns"] == 1
+    assert answer["context"] == state["context"]  # the conversation, as the client sees it
     assert state["state"] == {"turns": 1}
     assert [m["role"] for m in state["context"]] == ["user", "assistant"]
 
