@@ -72,12 +72,14 @@ class TransceiverClient:
             raise TransceiverError(f"{method} {url} failed: {reason}") from None
 
     async def create_call(
-        self, transceiver: Transceiver, conn_id: int, ufrag: str, offer: str
+        self, transceiver: Transceiver, conn_id: int, ufrag: str, offer: str, *, session: dict | None = None
     ) -> tuple[str, OwnerAddr]:
-        """Have the transceiver answer `offer` as `ufrag`; return (answer, owner)."""
+        """Have the transceiver answer `offer` as `ufrag`; return (answer, owner).
+        `session`: the Realtime session JSON for the call's agent (sent only when given)."""
         url = f"{transceiver.control_url}/calls"
-        request = CreateCallRequest(conn_id=conn_id, ufrag=ufrag, offer=offer)
-        status, body = await self._request(transceiver, "POST", url, json=request.model_dump())
+        request = CreateCallRequest(conn_id=conn_id, ufrag=ufrag, offer=offer, session=session)
+        status, body = await self._request(transceiver, "POST", url,
+                                           json=request.model_dump(exclude_none=True))
         if status != 201:
             detail = one_line(body.decode("utf-8", "replace"))
             raise TransceiverError(f"POST {url} returned {status}: {detail}")

@@ -171,8 +171,12 @@ class AgentSession:
     that way), so an agent loop ends naturally with the call.
     """
 
-    def __init__(self, conn_id: int) -> None:
+    def __init__(self, conn_id: int, *, config: dict[str, Any] | None = None) -> None:
         self.conn_id = conn_id
+        #: What the client configured for this call: the `session` JSON of a
+        #: Realtime-style call (instructions, voice, ...), {} otherwise. It
+        #: moves with the call on a migration.
+        self.config: dict[str, Any] = dict(config or {})
         self.out_track = AgentAudioTrack()
         self._audio: asyncio.Queue[av.AudioFrame | None] = asyncio.Queue()
         self._messages: asyncio.Queue[Message | None] = asyncio.Queue()
@@ -330,6 +334,10 @@ class AgentSession:
         while the call was frozen (sent once a channel is open here)."""
         for key in ("audio_frames_in", "audio_frames_dropped", "messages_in", "messages_out"):
             setattr(self, key, int(state.get(key, 0)))
+        config = state.get("config", {})
+        if not isinstance(config, dict):
+            raise ValueError("agent.session.config must be a JSON object")
+        self.config = config
         for item in state.get("unread", []):
             self._messages.put_nowait(_decode_message(item))
         self._pending_out.extend(_decode_message(item) for item in state.get("pending_out", []))
@@ -337,6 +345,7 @@ class AgentSession:
     def export_state(self) -> dict[str, Any]:
         return {
             "conn_id": self.conn_id,
+            "config": self.config,
             "out_track": self.out_track.export_state(),
             "audio_frames_in": self.audio_frames_in,
             "audio_frames_dropped": self.audio_frames_dropped,

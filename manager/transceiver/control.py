@@ -2,7 +2,8 @@
 
 Routes (JSON bodies, errors as ``{"error": "..."}``):
 
-* ``POST /calls`` ``{"conn_id", "ufrag", "offer"}`` -> 201 ``{"answer", "owner"}``;
+* ``POST /calls`` ``{"conn_id", "ufrag", "offer", "session"?}`` -> 201 ``{"answer", "owner"}``
+  (``session``: a Realtime-style session object, the agent's ``AgentSession.config``);
   400 bad input, 409 duplicate conn_id/ufrag, 503 at capacity or stopping.
 * ``DELETE /calls/{conn_id}`` -> 204, 404 unknown.
 * ``GET /calls/{conn_id}`` -> call state and export summary, no secrets.
@@ -81,7 +82,10 @@ async def _post_call(request: web.Request) -> web.Response:
     missing = [k for k in ("conn_id", "ufrag", "offer") if k not in body]
     if missing:
         return json_error(400, f"missing field(s): {', '.join(missing)}")
-    answer, owner = await tx.create_call(body["conn_id"], body["ufrag"], body["offer"])
+    session = body.get("session")
+    if session is not None and not isinstance(session, dict):
+        return json_error(400, "session must be a JSON object")
+    answer, owner = await tx.create_call(body["conn_id"], body["ufrag"], body["offer"], session=session)
     return web.json_response({"answer": answer, "owner": owner}, status=201)
 
 
