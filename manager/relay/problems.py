@@ -62,12 +62,15 @@ async def problem_middleware(request: web.Request, handler) -> web.StreamRespons
         if exc.status < 400:
             raise
         detail = exc.text.strip() if exc.text and exc.content_type == "text/plain" else exc.reason
-        if exc.status == 404 and detail == "404: Not Found":
-            detail = f"no such resource: {request.path}"
-        elif exc.status == 405:
+        status = exc.status
+        if status == 405 and exc.headers.get("Allow", "").strip() == "OPTIONS":
+            status = 404  # only the CORS preflight's catch-all route matched: there is nothing here
+        if status == 404:
+            return problem(404, f"no such resource: {request.path}")
+        if status == 405:
             detail = f"{request.method} is not allowed on {request.path}"
-        elif exc.status == 413:
+        elif status == 413:
             detail = "request body too large"
         kept = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return problem(exc.status, detail, kept)
+        return problem(status, detail, kept)
     return _as_problem(resp)

@@ -39,7 +39,7 @@ def parse_session(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BadForm("session: not valid UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise BadForm(f"session: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise BadForm(f"session: not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})") from None
     if not isinstance(value, dict):
         raise BadForm(f"session: must be a JSON object, not {type(value).__name__}")
     for key in ("instructions", "model", "voice"):

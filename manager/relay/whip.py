@@ -49,9 +49,10 @@ class Trickle:
     def __init__(self, desk: CallDesk) -> None:
         self.desk = desk
 
-    def _refuse(self, reason: str, status: int, detail: str, **kw) -> web.Response:
+    def _refuse(self, reason: str, status: int, detail: str, headers: dict[str, str] | None = None,
+                kind: str | None = None) -> web.Response:
         self.desk.counters.refused(reason)
-        return problem(status, detail, **kw)
+        return problem(status, detail, headers, kind=kind)
 
     async def patch(self, request: web.Request) -> web.Response:
         call = self.desk.own_call(request)
