@@ -47,7 +47,7 @@ from manager.protocol.sdp import (
 from manager.protocol.sources import TrustedProxies
 from manager.protocol.tasks import TaskSet
 from manager.protocol.ufrag import HintKeys, encode_ufrag
-from manager.relay import pipecat_offer, realtime_api, whip
+from manager.relay import pipecat_offer, realtime_api, sideband, whip
 from manager.relay.call_desk import Create, Placed, SignalingCounters
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth, CreateGrant
@@ -419,6 +419,7 @@ def make_app(
     app.router.add_patch("/v1/calls/{call_id}", whip.Trickle(api).patch)
     realtime_api.add_routes(app, api)
     pipecat_offer.add_routes(app, api)
+    sideband.add_routes(app, api)
     app.router.add_route("OPTIONS", "/{tail:.*}", _cors_refused)
     app.on_cleanup.append(api.cleanup)
     if transceiver_client is None:

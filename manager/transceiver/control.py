@@ -8,6 +8,8 @@ Routes (JSON bodies, errors as ``{"error": "..."}``):
 * ``DELETE /calls/{conn_id}`` -> 204, 404 unknown.
 * ``GET /calls/{conn_id}`` -> call state and export summary, no secrets.
 * ``GET /calls`` -> ``{"calls": [conn_id, ...]}``.
+* ``GET /calls/{conn_id}/sideband`` -> websocket: the call's sideband events
+  (manager.transceiver.sideband); 404 unknown.
 * ``GET /health`` -> ``{"id", "healthy", "capacity", "calls", ...}``.
 
 Live migration (docs/transceiver.md, "Migration"):
@@ -54,6 +56,7 @@ from .errors import (
     TransceiverError,
     UnknownCall,
 )
+from .sideband import serve_sideband
 from .transceiver import Transceiver
 
 MIN_SRTP, MAX_SRTP = 12, 2048  # an RTP header at least; a datagram the relay would hold
@@ -176,6 +179,12 @@ async def _import_call(request: web.Request) -> web.Response:
     return web.json_response({"owner": owner}, status=201)
 
 
+async def _sideband(request: web.Request) -> web.StreamResponse:
+    """A call's sideband events (manager.transceiver.sideband); 404 unknown call."""
+    session = request.app[TRANSCEIVER_KEY].agent_session(_conn_id_from_path(request))
+    return await serve_sideband(request, session)
+
+
 async def _list_calls(request: web.Request) -> web.Response:
     return web.json_response({"calls": request.app[TRANSCEIVER_KEY].calls()})
 
@@ -257,6 +266,7 @@ def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], b
     app.router.add_post("/calls/{conn_id}/path", _repoint_call)
     app.router.add_get("/calls", _list_calls)
     app.router.add_get("/calls/{conn_id}", _get_call)
+    app.router.add_get("/calls/{conn_id}/sideband", _sideband)
     app.router.add_delete("/calls/{conn_id}", _delete_call)
     app.router.add_get("/health", _health)
     return app

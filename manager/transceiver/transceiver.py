@@ -249,6 +249,10 @@ class Transceiver:
             raise UnknownCall(f"no call with conn_id {conn_id}")
         return call
 
+    def agent_session(self, conn_id: int) -> AgentSession:
+        """The call's agent session (its sideband events go through it)."""
+        return self._get(conn_id).session
+
     def call_info(self, conn_id: int) -> dict[str, Any]:
         """Live state of a call, without secrets."""
         call = self._get(conn_id)
