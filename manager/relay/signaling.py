@@ -106,6 +106,7 @@ class _Api:
         self.claim_conn_id = claim_conn_id
         self._background = TaskSet("signaling", log)
         self.counters = counters or SignalingCounters()
+        self.ended = whip.EndedCalls(registry)
 
     def client_of(self, request: web.Request) -> str:
         """The address the per-source limits count: the peer, or the client a
@@ -306,6 +307,9 @@ class _Api:
     async def delete_call(self, request: web.Request) -> web.Response:
         call = self.own_call(request)
         if isinstance(call, web.Response):
+            if call.status == 404 and self.ended.ended(request.match_info["call_id"],
+                                                       self.auth.check(request.headers.get("Authorization"))):
+                return web.Response(status=204)  # it ended moments ago (the client's close_notify came first)
             return call
         await self.end_call(call)
         return web.Response(status=204)

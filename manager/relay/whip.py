@@ -19,16 +19,22 @@ address is the answer's only candidate), so there is no ice-server to name.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import time
+from collections.abc import Callable
 
 from aiohttp import web
 
+from manager.protocol.client_auth import same_credential
 from manager.protocol.sdpfrag import FragmentError, parse_fragment
 from manager.relay.call_desk import CallDesk
 from manager.relay.problems import problem
-from manager.relay.registry import Call
+from manager.relay.registry import Call, Registry
 
 TRICKLE = "application/trickle-ice-sdpfrag"
+ENDED_TTL = 60.0  # seconds a DELETE of an ended call is still answered 204
+MAX_ENDED = 4096
 
 
 def etag(call: Call) -> str:
@@ -41,6 +47,32 @@ def _matches(if_match: str, tag: str) -> bool:
     """RFC 9110 If-Match: "*" or a list of entity tags (strong comparison)."""
     tags = [t.strip() for t in if_match.split(",")]
     return "*" in tags or tag in tags
+
+
+class EndedCalls:
+    """Calls that ended in the last ENDED_TTL seconds. A client that closes
+    its peer connection before its DELETE (as whip-whep does) has the call
+    ended by the transceiver first; its DELETE, with the credential that
+    created the call, is answered 204 all the same, as the session is gone."""
+
+    def __init__(self, registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._ended: collections.OrderedDict[str, tuple[bytes | None, float]] = collections.OrderedDict()
+        registry.on_call_ended(self._on_ended)
+
+    def _on_ended(self, call: Call, reason: str) -> None:
+        if reason in ("client-hangup", "placement-failed"):
+            return  # ended by a DELETE (a second one finds nothing), or never the client's
+        self._ended[call.call_id] = (call.credential, self._clock())
+        while len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)
+
+    def ended(self, call_id: str, credential: str | None) -> bool:
+        entry = self._ended.get(call_id)
+        if entry is None or self._clock() - entry[1] > ENDED_TTL:
+            return False
+        digest = entry[0]
+        return digest is None or (credential is not None and same_credential(credential, digest))
 
 
 class Trickle:

@@ -123,3 +123,21 @@ def test_every_error_of_the_public_listener_is_a_problem() -> None:
             assert (await problem(resp, 400))["detail"].startswith("bad offer: ")
 
     run(scenario)
+
+
+def test_a_delete_after_the_transceiver_ended_the_call_is_204_for_its_creator_only() -> None:
+    async def scenario() -> None:
+        auth = ClientAuth("tokens", token_key=TOKEN_KEY)
+        async with relay(auth=auth) as env:
+            alice, mallory = mint_token(TOKEN_KEY, ttl=60, subject="a"), mint_token(TOKEN_KEY, ttl=60, subject="m")
+            _, offer = await env.offer()
+            resp = await env.http.post("/v1/calls", data=offer, headers={**SDP, "Authorization": f"Bearer {alice}"})
+            location = resp.headers["Location"]
+            # The client closed its peer connection: the transceiver ended the call before the DELETE.
+            env.registry.end_call(env.registry.calls()[0].conn_id, "transceiver-closed")
+            resp = await env.http.delete(location, headers={"Authorization": f"Bearer {mallory}"})
+            assert (await problem(resp, 404))["detail"] == "unknown call"
+            resp = await env.http.delete(location, headers={"Authorization": f"Bearer {alice}"})
+            assert resp.status == 204
+
+    run(scenario)
