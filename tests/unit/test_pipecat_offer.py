@@ -59,3 +59,29 @@ def test_bad_pipecat_bodies_are_problems() -> None:
             assert env.fakes[0].created and len(env.registry.calls()) == 1
 
     run(scenario)
+
+
+def test_the_runner_flow_start_then_a_session_offer() -> None:
+    async def scenario() -> None:
+        async with relay(transceivers=1) as env:
+            resp = await env.http.post("/start", json={"transport": "webrtc", "enableDefaultIceServers": True,
+                                                       "body": {"instructions": "hi"}})
+            assert resp.status == 200, await resp.text()
+            started = await resp.json()
+            assert set(started) == {"sessionId"}
+            _, offer = await env.offer()
+            resp = await env.http.post(f"/sessions/{started['sessionId']}/api/offer",
+                                       json={"sdp": offer, "type": "offer", "pc_id": None, "restart_pc": False})
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+            assert env.fakes[0].created[-1]["session"] == {"instructions": "hi"}
+            resp = await env.http.patch(f"/sessions/{started['sessionId']}/api/offer",
+                                        json={"pc_id": body["pc_id"], "candidates": [{"candidate": CANDIDATE}]})
+            assert resp.status == 200, await resp.text()
+            got = await problem(await env.http.post("/sessions/nope/api/offer", json={"sdp": offer, "type": "offer"}),
+                                404)
+            assert got["detail"] == "unknown or expired session: POST /start first"
+            got = await problem(await env.http.post("/start", json={"transport": "daily"}), 400)
+            assert got["detail"] == "transport 'daily' is not served here: the relay speaks WebRTC only"
+
+    run(scenario)
