@@ -23,22 +23,17 @@ import json
 import logging
 import time
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
+from manager.protocol.sideband import CLOSED, MAX_FRAME, error_event, events
 from manager.relay.call_desk import CallDesk
 from manager.relay.problems import problem
 from manager.relay.transceiver_client import TransceiverError
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME = 64 * 1024  # as the transceiver's (manager.transceiver.sideband)
 MAX_QUEUED = 1000  # events from the application not yet taken by an owner
 OWNER_WAIT = 10.0  # seconds to wait for a call's new owner once its socket closed
-CLOSED = "sideband.closed"
-
-
-def _error(message: str) -> str:
-    return json.dumps({"type": "error", "error": {"message": message}})
 
 
 class Sideband:
@@ -70,15 +65,9 @@ class Sideband:
     async def _read_client(self, client: web.WebSocketResponse, inbox: asyncio.Queue[dict | None]) -> None:
         """The application's frames into `inbox` (None once it is gone)."""
         try:
-            async for msg in client:
-                if msg.type != WSMsgType.TEXT:
-                    continue
-                try:
-                    event = json.loads(msg.data)
-                except ValueError:
-                    event = None
-                if not isinstance(event, dict):
-                    await client.send_str(_error("an event must be a JSON object"))
+            async for _, event in events(client):
+                if event is None:
+                    await client.send_json(error_event("an event must be a JSON object"))
                     continue
                 if inbox.qsize() >= MAX_QUEUED:
                     await client.close(code=1008, message=b"too many events queued for the agent")
@@ -127,19 +116,13 @@ class Sideband:
         in_flight: list[dict] = []
 
         async def down() -> None:
-            async for msg in upstream:
-                if msg.type != WSMsgType.TEXT:
-                    continue
-                try:
-                    event = json.loads(msg.data)
-                except ValueError:
-                    continue
-                if isinstance(event, dict) and event.get("type") == CLOSED:
+            async for raw, event in events(upstream):
+                if event is not None and event.get("type") == CLOSED:
                     undelivered = event.get("undelivered")
                     if isinstance(undelivered, list):
                         pending.extendleft(reversed([e for e in undelivered if isinstance(e, dict)]))
                     return
-                await client.send_str(msg.data)
+                await client.send_str(raw)
 
         async def up() -> bool:
             while True:

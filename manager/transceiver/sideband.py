@@ -16,21 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
+
+from manager.protocol.sideband import CLOSED, MAX_FRAME, error_event, events
 
 from .agent import AgentSession, CallEnded
-
-logger = logging.getLogger(__name__)
-
-MAX_FRAME = 64 * 1024  # one event; a Realtime session.update is a few KiB
-CLOSED = "sideband.closed"
-
-
-def _error(message: str) -> dict:
-    return {"type": "error", "error": {"message": message}}
 
 
 async def serve_sideband(request: web.Request, session: AgentSession) -> web.StreamResponse:
@@ -49,16 +40,9 @@ async def serve_sideband(request: web.Request, session: AgentSession) -> web.Str
 
     pump = asyncio.ensure_future(outbound())
     try:
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                continue
-            try:
-                event = json.loads(msg.data)
-            except ValueError:
-                await ws.send_json(_error("an event must be a JSON object; this frame is not JSON"))
-                continue
-            if not isinstance(event, dict):
-                await ws.send_json(_error("an event must be a JSON object"))
+        async for _, event in events(ws):
+            if event is None:
+                await ws.send_json(error_event("an event must be a JSON object"))
                 continue
             session.deliver_event(event)
     finally:
