@@ -10,6 +10,7 @@ import re
 import aiohttp
 
 from manager.relay.call_desk import SignalingCounters
+from manager.transceiver.agent import AgentSession
 from tests.support.signaling import SDP, problem, relay, run
 
 SESSION = {"type": "realtime", "model": "echo", "instructions": "Speak like a pirate."}
@@ -76,8 +77,6 @@ def test_a_bad_session_or_form_is_a_400_naming_the_field_and_places_nothing() ->
 
 
 def test_the_session_config_moves_with_the_agent_session() -> None:
-    from manager.transceiver.agent import AgentSession
-
     async def scenario() -> None:
         old = AgentSession(7, config=SESSION)
         state = json.loads(json.dumps(old.export_state()))  # as a migration carries it
