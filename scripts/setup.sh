@@ -126,21 +126,6 @@ if [ ! -f "$whip_dir/whip.js" ]; then
   tar xzf "$tmp/whip-whep-1.2.0.tgz" -C "$whip_dir" --strip-components=1 || die "unpacking whip-whep failed"
   rm -rf "$tmp"
 fi
-# tests/e2e/test_pipecat_prebuilt.py loads Pipecat's prebuilt browser client,
-# unmodified: the static files of its wheel (its Python side, a FastAPI mount, is not used).
-prebuilt_dir="$here/.cache/pypi/pipecat-ai-small-webrtc-prebuilt-2.5.0"
-if [ ! -f "$prebuilt_dir/client/dist/index.html" ]; then
-  say "fetching Pipecat's prebuilt client from PyPI"
-  tmp="$(mktemp -d)"
-  "$venv/bin/pip" download -q --no-deps --disable-pip-version-check -d "$tmp" pipecat-ai-small-webrtc-prebuilt==2.5.0 \
-    || die "pip download pipecat-ai-small-webrtc-prebuilt failed"
-  "$venv/bin/python" -m zipfile -e "$tmp"/pipecat_ai_small_webrtc_prebuilt-2.5.0-py3-none-any.whl "$tmp/x" \
-    || die "unpacking pipecat-ai-small-webrtc-prebuilt failed"
-  mkdir -p "$(dirname "$prebuilt_dir")"
-  rm -rf "$prebuilt_dir"
-  mv "$tmp/x/pipecat_ai_small_webrtc_prebuilt" "$prebuilt_dir"
-  rm -rf "$tmp"
-fi
 
 # --- final check: bcc compiles and the kernel accepts an XDP program -------------
 [ -z "$kernel_source" ] || export BCC_KERNEL_SOURCE="$kernel_source"
