@@ -148,7 +148,7 @@ class _Api:
             raise
         finally:
             self.create_limits.release(source)
-        if resp.status != 201:
+        if resp.status >= 300:  # 201, or 200 for Pipecat's offer
             setup.end(f"refused: {resp.status} {resp.text.strip()}")
         return resp
 
