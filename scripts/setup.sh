@@ -26,6 +26,9 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
 # `kubectl kustomize` renders deploy/overlays in the manifest tests: Debian's
 # kubectl, unless one is installed already (another package's owns the path).
 command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
+# npm fetches a browser-side WHIP client for the conformance test (below);
+# Debian's, unless a Node.js with its own npm is installed.
+command -v npm >/dev/null || pkgs+=(npm)
 # `setup.sh --apt-packages`: the list alone (vagrant/build-box.sh puts them in the box).
 if [ "${1:-}" = "--apt-packages" ]; then
   printf '%s\n' "${pkgs[@]}"
@@ -109,6 +112,19 @@ if [ ! -x "$venv/bin/python" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
   [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[test,pipecat]" || die "pip install failed"
   touch "$stamp"
+fi
+
+# --- browser-side test clients from npm ----------------------------------------
+# tests/e2e/test_whip_client.py drives whip-whep (the WHIP RFC's author's
+# browser client, unmodified) in Chromium.
+whip_dir="$here/.cache/npm/whip-whep-1.2.0"
+if [ ! -f "$whip_dir/whip.js" ]; then
+  say "fetching the whip-whep client from npm"
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent whip-whep@1.2.0 >/dev/null) || die "npm pack whip-whep@1.2.0 failed"
+  mkdir -p "$whip_dir"
+  tar xzf "$tmp/whip-whep-1.2.0.tgz" -C "$whip_dir" --strip-components=1 || die "unpacking whip-whep failed"
+  rm -rf "$tmp"
 fi
 
 # --- final check: bcc compiles and the kernel accepts an XDP program -------------

@@ -97,6 +97,7 @@ class CreateCallRequest(BaseModel):
     conn_id: int
     ufrag: str
     offer: str
+    session: dict[str, Any] | None = None  # a Realtime-style session JSON, for the call's agent
 
 
 class CreateCallReply(BaseModel):

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from manager import pki
 from manager.observability import tracing
+from manager.relay.call_desk import SignalingCounters
 from manager.relay.config import RelaydConfig
 from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
 from manager.relay.credentials import ClientAuth
@@ -144,6 +145,7 @@ class Relay:
                           allows_owner=cfg.internal.allows,
                           claim_conn_id=self.fleet.claim_conn_id if self.fleet is not None else None,
                           tcp_addrs=self.tcp.listening if self.tcp is not None else (),
+                          counters=SignalingCounters(self.metrics.prometheus),
                           page=cfg.signaling.page)
         self._runner = await _serve(public, [cfg.signaling.host, *cfg.signaling.extra_hosts], cfg.signaling.port)
         internal = make_internal_app(self.registry, allows=cfg.internal.allows)

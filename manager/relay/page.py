@@ -99,7 +99,11 @@ async function talk() {
     Object.assign(headers, auth);
     const resp = await fetch("/v1/calls", { method: "POST", headers, body: pc.localDescription.sdp });
     const body = await resp.text();
-    if (resp.status !== 201) throw new Error(`signaling answered ${resp.status}: ${body.trim()}`);
+    if (resp.status !== 201) {
+      let detail = body.trim();
+      try { detail = JSON.parse(body).detail || detail; } catch (e) { /* not a problem document */ }
+      throw new Error(`signaling answered ${resp.status}: ${detail}`);
+    }
     callUrl = new URL(resp.headers.get("Location"), location.href).href;
     await pc.setRemoteDescription({ type: "answer", sdp: body });
     $("hangup").disabled = false;

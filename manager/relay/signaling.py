@@ -1,20 +1,23 @@
-"""The public listener: clients' SDP exchange, WHIP-style (RFC 9725), and
+"""The public listener: clients' SDP exchange, WHIP (RFC 9725), and
 nothing else (no listing, no transceiver routes; those are on the internal
 listener, manager.relay.registration).
 
-    POST    /v1/calls              application/sdp offer -> 201 answer, Location
+    POST    /v1/calls              application/sdp offer -> 201 answer, Location, ETag
     DELETE  /v1/calls/{call_id}    -> 204 (the credential that created the call)
-    PATCH   /v1/calls/{call_id}    trickle-ice-sdpfrag -> 204 (candidates are not needed:
-                                   the relay's address is the call's only one)
+    PATCH   /v1/calls/{call_id}    trickle-ice-sdpfrag (manager.relay.whip)
     OPTIONS any                    CORS preflight (configured origins only)
+
+The same placement serves the Realtime-style calls endpoint
+(manager.relay.realtime_api) and Pipecat's offer API
+(manager.relay.pipecat_offer); docs/http-api.md describes them all.
 
 With client auth on, every request carries `Authorization: Bearer <API key or
 token>`; a call can be ended or updated only with the credential that
 created it. With it off, the call's Location (128 random bits) is the only
 capability. Creation is bounded (manager.relay.limits; body size, media
 sections, SDP lines), per source: the peer's address, or behind a configured
-trusted proxy the client its X-Forwarded-For names. Every refusal is a one-line text/plain reply that
-names no internal address.
+trusted proxy the client its X-Forwarded-For names. Every refusal is an RFC 9457
+problem (manager.relay.problems) whose one-line detail names no internal address.
 
 Placing a call: validate the offer, pick a transceiver, mint the server ufrag
 carrying the routing hint, have the transceiver answer the offer (with the
@@ -44,16 +47,18 @@ from manager.protocol.sdp import (
 from manager.protocol.sources import TrustedProxies
 from manager.protocol.tasks import TaskSet
 from manager.protocol.ufrag import HintKeys, encode_ufrag
+from manager.relay import pipecat_offer, realtime_api, sideband, whip
+from manager.relay.call_desk import Create, Placed, SignalingCounters
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth, CreateGrant
 from manager.relay.limits import CreateLimits
 from manager.relay.page import PAGE_HTML
+from manager.relay.problems import problem_middleware
 from manager.relay.registry import Call, PlacementError, Registry, StoreUnavailable, Transceiver
 from manager.relay.transceiver_client import TransceiverClient, TransceiverError
 
 log = logging.getLogger(__name__)
 
-TRICKLE = "application/trickle-ice-sdpfrag"
 CORS_MAX_AGE = 600
 
 
@@ -81,7 +86,8 @@ class _Api:
     def __init__(self, registry: Registry, hint_key: HintKeys, public_addrs: list[tuple[str, int]],
                  client: TransceiverClient, *, auth: ClientAuth, limits: LimitsConfig,
                  allows_owner: Callable[[str], bool], claim_conn_id: ClaimConnId | None = None,
-                 tcp_addrs: Sequence[tuple[str, int]] = (), trusted_proxies: Sequence[str] = ()) -> None:
+                 tcp_addrs: Sequence[tuple[str, int]] = (), trusted_proxies: Sequence[str] = (),
+                 counters: SignalingCounters | None = None) -> None:
         self.registry = registry
         self.hint_key = hint_key
         self.public_addrs = public_addrs
@@ -99,6 +105,8 @@ class _Api:
         self.allows_owner = allows_owner
         self.claim_conn_id = claim_conn_id
         self._background = TaskSet("signaling", log)
+        self.counters = counters or SignalingCounters()
+        self.ended = whip.EndedCalls(registry)
 
     def client_of(self, request: web.Request) -> str:
         """The address the per-source limits count: the peer, or the client a
@@ -106,6 +114,11 @@ class _Api:
         return self.proxies.client_of(request.remote or "?", request.headers.getall("X-Forwarded-For", []))
 
     async def create_call(self, request: web.Request) -> web.Response:
+        return await self.admit(request, self._create, ("application/sdp",))
+
+    async def admit(self, request: web.Request, create: Create, content_types: Sequence[str]) -> web.Response:
+        """Run `create` within the creation bounds: the credential, the body's
+        type and size, the per-source rate and the placements under way."""
         try:
             grant = self.auth.begin_create(request.headers.get("Authorization"))
         except AuthError as exc:
@@ -113,13 +126,13 @@ class _Api:
         except ApiError as exc:
             return text_error(exc.status, str(exc), {"Retry-After": "1"})
         try:
-            return await self._admitted(request, grant)
+            if request.content_type not in content_types:
+                return text_error(415, f"Content-Type must be {' or '.join(content_types)}")
+            return await self._admitted(request, grant, create)
         finally:
             self.auth.end_create(grant)  # a token that created no call can be used again
 
-    async def _admitted(self, request: web.Request, grant: CreateGrant) -> web.Response:
-        if request.content_type != "application/sdp":
-            return text_error(415, "Content-Type must be application/sdp")
+    async def _admitted(self, request: web.Request, grant: CreateGrant, create: Create) -> web.Response:
         if request.content_length is not None and request.content_length > self.limits.max_body:
             return text_error(413, f"offer too large: {request.content_length} bytes; at most {self.limits.max_body}")
         source = self.client_of(request)
@@ -129,17 +142,17 @@ class _Api:
             return text_error(exc.status, str(exc), {"Retry-After": "1"})
         setup = tracing.begin("call.setup", "place")  # the offer is received
         try:
-            resp = await self._create(request, grant, setup)
+            resp = await create(request, grant, setup)
         except BaseException:
             setup.end("interrupted")
             raise
         finally:
             self.create_limits.release(source)
-        if resp.status != 201:
+        if resp.status >= 300:  # 201, or 200 for Pipecat's offer
             setup.end(f"refused: {resp.status} {resp.text.strip()}")
         return resp
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request) -> bytes:
         """The whole body, up to max_body + 1 bytes: content.read(n) returns
         what has arrived so far, and a body may come in several segments."""
         limit = self.limits.max_body + 1
@@ -152,14 +165,24 @@ class _Api:
         return bytes(raw)
 
     async def _create(self, request: web.Request, grant: CreateGrant, setup: tracing.Trace) -> web.Response:
-        credential = grant.credential
-        raw = await self._read_body(request)
+        raw = await self.read_body(request)
         if len(raw) > self.limits.max_body:
             return text_error(413, f"offer too large: more than {self.limits.max_body} bytes")
         try:
             offer = raw.decode("utf-8")
         except UnicodeDecodeError:
             return text_error(400, "bad offer: SDP is not valid UTF-8")
+        placed = await self.place(offer, grant, setup)
+        if isinstance(placed, web.Response):
+            return placed
+        return web.Response(status=201, text=placed.answer, content_type="application/sdp",
+                            headers={"Location": f"/v1/calls/{placed.call.call_id}", "ETag": whip.etag(placed.call)})
+
+    async def place(self, offer: str, grant: CreateGrant, setup: tracing.Trace,
+                    session: dict | None = None) -> Placed | web.Response:
+        """Place a call for this offer: the answer as the client gets it, or the refusal.
+        `session`: the Realtime session JSON, handed to the call's agent."""
+        credential = grant.credential
         problem = check_offer_size(offer, self.limits)
         if problem is not None:
             return text_error(400, f"bad offer: {problem}")
@@ -208,7 +231,7 @@ class _Api:
         try:
             with setup.phase("answer"):
                 answer, owner = await self.client.create_call(
-                    transceiver, conn_id, server_ufrag, strip_candidates(offer)
+                    transceiver, conn_id, server_ufrag, strip_candidates(offer), session=session
                 )
         except TransceiverError as exc:
             self.registry.end_call(conn_id, "placement-failed")
@@ -241,12 +264,7 @@ class _Api:
         log.info(
             "call %s conn_id %d placed on transceiver %d", call.call_id, conn_id, transceiver.id
         )
-        return web.Response(
-            status=201,
-            text=rewrite_candidates(answer, self.public_addrs, self.tcp_addrs),
-            content_type="application/sdp",
-            headers={"Location": f"/v1/calls/{call.call_id}"},
-        )
+        return Placed(call, rewrite_candidates(answer, self.public_addrs, self.tcp_addrs))
 
     @staticmethod
     def _check_answer(answer: str, server_ufrag: str) -> str | None:
@@ -271,23 +289,33 @@ class _Api:
 
         self._background.spawn(delete())
 
-    def _own_call(self, request: web.Request) -> Call | web.Response:
-        """The call at this URL, if the request carries the credential that created it."""
+    def own_call(self, request: web.Request, call_id: str | None = None) -> Call | web.Response:
+        """The call at this URL (or `call_id`), if the request carries the credential that created it."""
         try:
             credential = self.auth.check(request.headers.get("Authorization"))
         except AuthError as exc:
+            self.counters.refused("unauthorized")
             return _unauthorized(str(exc))
-        call = self.registry.get_call_by_id(request.match_info["call_id"])
+        call = self.registry.get_call_by_id(call_id if call_id is not None else request.match_info["call_id"])
         if call is None:
             return text_error(404, "unknown call")
         if call.credential is not None and (credential is None or not same_credential(credential, call.credential)):
+            self.counters.refused("other-credential")
             return _unauthorized("this call was created with another credential")
         return call
 
     async def delete_call(self, request: web.Request) -> web.Response:
-        call = self._own_call(request)
+        call = self.own_call(request)
         if isinstance(call, web.Response):
+            if call.status == 404 and self.ended.ended(request.match_info["call_id"],
+                                                       self.auth.check(request.headers.get("Authorization"))):
+                return web.Response(status=204)  # it ended moments ago (the client's close_notify came first)
             return call
+        await self.end_call(call)
+        return web.Response(status=204)
+
+    async def end_call(self, call: Call) -> None:
+        """The client hung up: end the call here and on its transceiver."""
         transceiver_id = call.transceiver_id
         # Ended first: the relay stops forwarding even if the transceiver is unreachable.
         self.registry.end_call(call.conn_id, "client-hangup")
@@ -296,17 +324,6 @@ class _Api:
             await self.client.delete_call(transceiver, call.conn_id)
         except (TransceiverError, LookupError) as exc:
             log.warning("ending conn_id %d on %d: %s", call.conn_id, transceiver_id, exc)
-        return web.Response(status=204)
-
-    async def update_call(self, request: web.Request) -> web.Response:
-        call = self._own_call(request)
-        if isinstance(call, web.Response):
-            return call
-        if request.content_type != TRICKLE:
-            return text_error(415, f"Content-Type must be {TRICKLE}")
-        await request.content.read(self.limits.max_body)
-        # The client's candidates are never used: the relay is the only path.
-        return web.Response(status=204)
 
     async def cleanup(self, app: web.Application) -> None:
         await self._background.close()
@@ -317,8 +334,8 @@ def cors_middleware(allowed_origins: Sequence[str]):
     answered, and responses carry Access-Control-Allow-Origin for them.
     The sequence is read at each request (a reload changes it in place)."""
     allowed = allowed_origins
-    allow_headers = "Authorization, Content-Type"
-    expose = "Location, Link, ETag"
+    allow_headers = "Authorization, Content-Type, If-Match"
+    expose = "Location, ETag"
 
     @web.middleware
     async def cors(request: web.Request, handler) -> web.StreamResponse:
@@ -380,6 +397,7 @@ def make_app(
     tcp_addrs: Sequence[tuple[str, int]] = (),
     page: bool = False,
     trusted_proxies: Sequence[str] = (),
+    counters: SignalingCounters | None = None,
 ) -> web.Application:
     """Build the public signaling application. A client passed in stays the caller's to close.
     `tcp_addrs`: ICE-TCP listeners the answers offer as passive TCP candidates.
@@ -391,17 +409,21 @@ def make_app(
     tcp = [(addr, port) for addr, port, _ in check_public_addrs(tcp_addrs)] if tcp_addrs else []
     api = _Api(registry, hint_key, addrs, client, auth=auth or ClientAuth("off"), limits=limits,
                allows_owner=allows_owner, claim_conn_id=claim_conn_id, tcp_addrs=tcp,
-               trusted_proxies=trusted_proxies)
+               trusted_proxies=trusted_proxies, counters=counters)
 
     origins = list(allowed_origins)
     # aiohttp's own body cap is a backstop (a chunked body has no length to check first).
-    app = web.Application(client_max_size=limits.max_body + 1024, middlewares=[cors_middleware(origins)])
+    app = web.Application(client_max_size=limits.max_body + 1024,
+                          middlewares=[cors_middleware(origins), problem_middleware])
     app[_RELOADABLE] = (api, origins)
     if page:
         app.router.add_get("/", _talk_page)
     app.router.add_post("/v1/calls", api.create_call)
     app.router.add_delete("/v1/calls/{call_id}", api.delete_call)
-    app.router.add_patch("/v1/calls/{call_id}", api.update_call)
+    app.router.add_patch("/v1/calls/{call_id}", whip.Trickle(api).patch)
+    realtime_api.add_routes(app, api)
+    pipecat_offer.add_routes(app, api)
+    sideband.add_routes(app, api)
     app.router.add_route("OPTIONS", "/{tail:.*}", _cors_refused)
     app.on_cleanup.append(api.cleanup)
     if transceiver_client is None:

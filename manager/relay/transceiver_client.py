@@ -72,12 +72,14 @@ class TransceiverClient:
             raise TransceiverError(f"{method} {url} failed: {reason}") from None
 
     async def create_call(
-        self, transceiver: Transceiver, conn_id: int, ufrag: str, offer: str
+        self, transceiver: Transceiver, conn_id: int, ufrag: str, offer: str, *, session: dict | None = None
     ) -> tuple[str, OwnerAddr]:
-        """Have the transceiver answer `offer` as `ufrag`; return (answer, owner)."""
+        """Have the transceiver answer `offer` as `ufrag`; return (answer, owner).
+        `session`: the Realtime session JSON for the call's agent (sent only when given)."""
         url = f"{transceiver.control_url}/calls"
-        request = CreateCallRequest(conn_id=conn_id, ufrag=ufrag, offer=offer)
-        status, body = await self._request(transceiver, "POST", url, json=request.model_dump())
+        request = CreateCallRequest(conn_id=conn_id, ufrag=ufrag, offer=offer, session=session)
+        status, body = await self._request(transceiver, "POST", url,
+                                           json=request.model_dump(exclude_none=True))
         if status != 201:
             detail = one_line(body.decode("utf-8", "replace"))
             raise TransceiverError(f"POST {url} returned {status}: {detail}")
@@ -109,6 +111,23 @@ class TransceiverClient:
         if not isinstance(data, dict):
             raise TransceiverError(f"{method} {url} reply is not a JSON object")
         return data
+
+    async def sideband(self, transceiver: Transceiver, conn_id: int) -> aiohttp.ClientWebSocketResponse:
+        """A websocket to the call's sideband on its transceiver (manager.transceiver.sideband)."""
+        url = f"{transceiver.control_url}/calls/{conn_id}/sideband"
+        kwargs: dict = {}
+        if self.tls is not None:
+            if not url.startswith("https://"):
+                raise TransceiverError(f"GET {url}: transceiver {transceiver.id} must be reached over https")
+            kwargs.update(ssl=self.tls, server_hostname=pki.transceiver_name(transceiver.id))
+        try:
+            return await self._http().ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                                                 heartbeat=15.0, **kwargs)
+        except aiohttp.WSServerHandshakeError as exc:
+            raise TransceiverError(f"GET {url} returned {exc.status}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = one_line(str(exc)) or type(exc).__name__
+            raise TransceiverError(f"GET {url} failed: {reason}") from None
 
     async def delete_call(self, transceiver: Transceiver, conn_id: int) -> None:
         url = f"{transceiver.control_url}/calls/{conn_id}"

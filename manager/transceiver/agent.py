@@ -40,6 +40,9 @@ MAX_BUFFERED_SAMPLES = SAMPLE_RATE // 2
 #: oldest audio rather than memory.
 MAX_QUEUED_FRAMES = 100
 MAX_QUEUED_MESSAGES = 1000
+#: Sideband events (JSON objects from and to the application's server) held
+#: at once each way; beyond it the oldest are dropped and counted.
+MAX_QUEUED_EVENTS = 1000
 SILENCE = bytes(FRAME_SAMPLES * 2)
 
 Message = str | bytes
@@ -171,14 +174,27 @@ class AgentSession:
     that way), so an agent loop ends naturally with the call.
     """
 
-    def __init__(self, conn_id: int) -> None:
+    def __init__(self, conn_id: int, *, config: dict[str, Any] | None = None) -> None:
         self.conn_id = conn_id
+        #: What the client configured for this call: the `session` JSON of a
+        #: Realtime-style call (instructions, voice, ...), {} otherwise. It
+        #: moves with the call on a migration.
+        self.config: dict[str, Any] = dict(config or {})
         self.out_track = AgentAudioTrack()
         self._audio: asyncio.Queue[av.AudioFrame | None] = asyncio.Queue()
         self._messages: asyncio.Queue[Message | None] = asyncio.Queue()
         self._channels: list[Any] = []  # aiortc RTCDataChannel, first opened is primary
         self._pending_out: list[Message] = []
         self._frozen = False  # a migration froze the call: messages wait in _pending_out
+        # Sideband events (manager.relay.realtime_api): in from the application's
+        # server, out to it. Out waits while frozen (the queue moves with the call);
+        # events that come in while frozen are held apart, handed back to relayd
+        # if the call moves (it re-sends them to the new owner), or queued if not.
+        self._events_in: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._events_out: list[dict[str, Any]] = []
+        self._events_out_ready = asyncio.Event()
+        self._events_late: list[dict[str, Any]] = []
+        self.events_dropped = 0
         self._closed = False
         self._pump: asyncio.Task[None] | None = None
         self.audio_frames_in = 0
@@ -238,7 +254,60 @@ class AgentSession:
         channel.send(msg)
         self.messages_out += 1
 
+    async def recv_event(self) -> dict[str, Any]:
+        """Next sideband event from the application's server (a JSON object)."""
+        if self._closed and self._events_in.empty():
+            raise CallEnded
+        event = await self._events_in.get()
+        if event is None:
+            self._events_in.put_nowait(None)
+            raise CallEnded
+        return event
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        """Send a JSON object to the application's server on the call's sideband
+        (queued while none is connected, or while a migration holds the call)."""
+        if self._closed:
+            raise CallEnded
+        if not isinstance(event, dict):
+            raise TypeError(f"a sideband event must be a dict, not {type(event).__name__}")
+        if len(self._events_out) >= MAX_QUEUED_EVENTS:
+            self._events_out.pop(0)
+            self.events_dropped += 1
+        self._events_out.append(event)
+        self._wake_events_out()
+
     # -- endpoint-facing plumbing -----------------------------------------------
+
+    def deliver_event(self, event: dict[str, Any]) -> None:
+        """An event from the application's server (the transceiver's sideband socket)."""
+        if self._closed:
+            return
+        if self._frozen:
+            self._events_late.append(event)
+            return
+        if self._events_in.qsize() >= MAX_QUEUED_EVENTS:
+            self._events_in.get_nowait()
+            self.events_dropped += 1
+        self._events_in.put_nowait(event)
+
+    async def next_event_out(self) -> dict[str, Any]:
+        """The next event for the application's server, once the call is not frozen."""
+        while True:
+            if self._closed:
+                raise CallEnded
+            if self._events_out and not self._frozen:
+                return self._events_out.pop(0)
+            self._events_out_ready.clear()
+            await self._events_out_ready.wait()
+
+    def take_late_events(self) -> list[dict[str, Any]]:
+        """Events that came while frozen and reached no agent (the call moved on)."""
+        late, self._events_late = self._events_late, []
+        return late
+
+    def _wake_events_out(self) -> None:
+        self._events_out_ready.set()
 
     def attach_track(self, track: MediaStreamTrack) -> None:
         """Start pumping the client's audio track into the session's queue."""
@@ -311,6 +380,9 @@ class AgentSession:
     def unfreeze(self) -> None:
         self._frozen = False
         self._flush_pending()
+        for event in self.take_late_events():  # the migration was given up: they are this agent's
+            self.deliver_event(event)
+        self._wake_events_out()
 
     def _flush_pending(self) -> None:
         channel = None if self._frozen else self._primary_channel()
@@ -327,6 +399,8 @@ class AgentSession:
             self._pump.cancel()
         self._audio.put_nowait(None)
         self._messages.put_nowait(None)
+        self._events_in.put_nowait(None)
+        self._wake_events_out()
         self.out_track.stop()
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -335,13 +409,25 @@ class AgentSession:
         while the call was frozen (sent once a channel is open here)."""
         for key in ("audio_frames_in", "audio_frames_dropped", "messages_in", "messages_out"):
             setattr(self, key, int(state.get(key, 0)))
+        config = state.get("config", {})
+        if not isinstance(config, dict):
+            raise ValueError("agent.session.config must be a JSON object")
+        self.config = config
         for item in state.get("unread", []):
             self._messages.put_nowait(_decode_message(item))
         self._pending_out.extend(_decode_message(item) for item in state.get("pending_out", []))
+        events_in, events_out = state.get("events_in", []), state.get("events_out", [])
+        if not (isinstance(events_in, list) and isinstance(events_out, list)
+                and all(isinstance(e, dict) for e in [*events_in, *events_out])):
+            raise ValueError("agent.session.events_in/events_out must be lists of JSON objects")
+        for event in events_in:
+            self._events_in.put_nowait(event)
+        self._events_out.extend(events_out)
 
     def export_state(self) -> dict[str, Any]:
         return {
             "conn_id": self.conn_id,
+            "config": self.config,
             "out_track": self.out_track.export_state(),
             "audio_frames_in": self.audio_frames_in,
             "audio_frames_dropped": self.audio_frames_dropped,
@@ -349,15 +435,22 @@ class AgentSession:
             "messages_out": self.messages_out,
             "unread": [_encode_message(m) for m in self._peek_messages()],
             "pending_out": [_encode_message(m) for m in self._pending_out],
+            "events_in": [e for e in _peek(self._events_in) if e is not None],
+            "events_out": list(self._events_out),
         }
 
     def _peek_messages(self) -> list[Message]:
-        items = []
-        while not self._messages.empty():
-            items.append(self._messages.get_nowait())
-        for item in items:
-            self._messages.put_nowait(item)
-        return [m for m in items if m is not None]
+        return [m for m in _peek(self._messages) if m is not None]
+
+
+def _peek(queue: asyncio.Queue) -> list[Any]:
+    """A queue's items, left in place."""
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    for item in items:
+        queue.put_nowait(item)
+    return items
 
 
 def _encode_message(msg: Message) -> dict[str, str]:

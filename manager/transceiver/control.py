@@ -2,11 +2,14 @@
 
 Routes (JSON bodies, errors as ``{"error": "..."}``):
 
-* ``POST /calls`` ``{"conn_id", "ufrag", "offer"}`` -> 201 ``{"answer", "owner"}``;
+* ``POST /calls`` ``{"conn_id", "ufrag", "offer", "session"?}`` -> 201 ``{"answer", "owner"}``
+  (``session``: a Realtime-style session object, the agent's ``AgentSession.config``);
   400 bad input, 409 duplicate conn_id/ufrag, 503 at capacity or stopping.
 * ``DELETE /calls/{conn_id}`` -> 204, 404 unknown.
 * ``GET /calls/{conn_id}`` -> call state and export summary, no secrets.
 * ``GET /calls`` -> ``{"calls": [conn_id, ...]}``.
+* ``GET /calls/{conn_id}/sideband`` -> websocket: the call's sideband events
+  (manager.transceiver.sideband); 404 unknown.
 * ``GET /health`` -> ``{"id", "healthy", "capacity", "calls", ...}``.
 
 Live migration (docs/transceiver.md, "Migration"):
@@ -53,6 +56,7 @@ from .errors import (
     TransceiverError,
     UnknownCall,
 )
+from .sideband import serve_sideband
 from .transceiver import Transceiver
 
 MIN_SRTP, MAX_SRTP = 12, 2048  # an RTP header at least; a datagram the relay would hold
@@ -81,7 +85,10 @@ async def _post_call(request: web.Request) -> web.Response:
     missing = [k for k in ("conn_id", "ufrag", "offer") if k not in body]
     if missing:
         return json_error(400, f"missing field(s): {', '.join(missing)}")
-    answer, owner = await tx.create_call(body["conn_id"], body["ufrag"], body["offer"])
+    session = body.get("session")
+    if session is not None and not isinstance(session, dict):
+        return json_error(400, "session must be a JSON object")
+    answer, owner = await tx.create_call(body["conn_id"], body["ufrag"], body["offer"], session=session)
     return web.json_response({"answer": answer, "owner": owner}, status=201)
 
 
@@ -172,6 +179,12 @@ async def _import_call(request: web.Request) -> web.Response:
     return web.json_response({"owner": owner}, status=201)
 
 
+async def _sideband(request: web.Request) -> web.StreamResponse:
+    """A call's sideband events (manager.transceiver.sideband); 404 unknown call."""
+    session = request.app[TRANSCEIVER_KEY].agent_session(_conn_id_from_path(request))
+    return await serve_sideband(request, session)
+
+
 async def _list_calls(request: web.Request) -> web.Response:
     return web.json_response({"calls": request.app[TRANSCEIVER_KEY].calls()})
 
@@ -253,6 +266,7 @@ def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], b
     app.router.add_post("/calls/{conn_id}/path", _repoint_call)
     app.router.add_get("/calls", _list_calls)
     app.router.add_get("/calls/{conn_id}", _get_call)
+    app.router.add_get("/calls/{conn_id}/sideband", _sideband)
     app.router.add_delete("/calls/{conn_id}", _delete_call)
     app.router.add_get("/health", _health)
     return app

@@ -249,6 +249,10 @@ class Transceiver:
             raise UnknownCall(f"no call with conn_id {conn_id}")
         return call
 
+    def agent_session(self, conn_id: int) -> AgentSession:
+        """The call's agent session (its sideband events go through it)."""
+        return self._get(conn_id).session
+
     def call_info(self, conn_id: int) -> dict[str, Any]:
         """Live state of a call, without secrets."""
         call = self._get(conn_id)
@@ -256,8 +260,10 @@ class Transceiver:
 
     # -- calls ------------------------------------------------------------------------
 
-    async def create_call(self, conn_id: int, ufrag: str, offer_sdp: str) -> tuple[str, dict[str, Any]]:
-        """Answer ``offer_sdp`` as call ``conn_id`` with local ICE ufrag ``ufrag``.
+    async def create_call(self, conn_id: int, ufrag: str, offer_sdp: str, *,
+                          session: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        """Answer ``offer_sdp`` as call ``conn_id`` with local ICE ufrag ``ufrag``;
+        ``session`` (the client's session JSON) becomes the agent's ``AgentSession.config``.
 
         Returns ``(answer_sdp, owner)``; raises :class:`InvalidRequest`,
         :class:`DuplicateCall` or :class:`CapacityExceeded`.
@@ -280,10 +286,10 @@ class Transceiver:
         self._reserved.add(conn_id)
         self._ufrags.add(ufrag)
         pc: RTCPeerConnection | None = None
-        session: AgentSession | None = None
+        session_config, session = session, None
         try:
             await self.start()
-            session = AgentSession(conn_id)
+            session = AgentSession(conn_id, config=session_config)
             # No STUN/TURN server: the only useful candidate is the host one on
             # the shared socket, the relay advertises its public address.
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))

@@ -172,8 +172,22 @@ async def relay(
 
 
 async def _error(resp, status: int) -> str:
+    """The one-line reason of a refusal: a problem's detail on the public
+    listener (RFC 9457), the text/plain line on the internal one."""
+    if resp.content_type == "application/problem+json":
+        return (await problem(resp, status))["detail"]
     text = await resp.text()
     assert resp.status == status, text
     assert resp.content_type == "text/plain"
     assert text.endswith("\n") and text.count("\n") == 1, repr(text)
     return text.strip()
+
+
+async def problem(resp, status: int) -> dict:
+    """An RFC 9457 problem: its members checked, returned whole."""
+    body = await resp.json(content_type=None)
+    assert resp.status == status, body
+    assert resp.content_type == "application/problem+json", resp.content_type
+    assert body["status"] == status and body["type"] == "about:blank" and body["title"], body
+    assert "\n" not in body["detail"] and body["detail"], body
+    return body

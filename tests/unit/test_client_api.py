@@ -56,7 +56,8 @@ def test_tokens_guard_creation_and_bind_a_call_to_its_creator() -> None:
                                             headers={**headers, "Content-Type": "application/trickle-ice-sdpfrag"})
                 assert resp.status == 401
             assert len(env.registry.calls()) == 1
-            resp = await env.http.patch(location, data="a=ice-ufrag:x\r\n", headers={
+            frag = f"a=ice-ufrag:{env.registry.calls()[0].client_ufrag}\r\n"
+            resp = await env.http.patch(location, data=frag, headers={
                 "Authorization": f"Bearer {alice}", "Content-Type": "application/trickle-ice-sdpfrag"})
             assert resp.status == 204
             resp = await env.http.delete(location, headers={"Authorization": f"Bearer {alice}"})
