@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from cli.relayctl.app import Fail, Target, json_option, main, pass_target
+from cli.relayctl.drain_wait import wait_for_drain
 from cli.relayctl.render import emit_json, leg_cells, migration_line, registry_line, table, yes
 from manager.protocol.addresses import fmt_ep
 from manager.relay.control_client import ControlError
@@ -33,7 +34,8 @@ def status(t: Target, as_json: bool) -> None:
         ["internal", ", ".join(a for a in (st["internal_addr4"], st["internal_addr6"]) if a)],
         ["calls", f"{c['calls']}" + (f" ({by_state})" if by_state else "")],
         ["flows", f"{c['flows']} in the kernel, {c['legs_pending']} pending in the slow path"],
-        ["transceivers", f"{c['transceivers']} ({c['transceivers_healthy']} healthy)"],
+        ["transceivers", f"{c['transceivers']} ({c['transceivers_healthy']} healthy"
+                         + (f", {c['transceivers_draining']} draining)" if c.get("transceivers_draining") else ")")],
         ["registry", registry_line(st.get("registry") or {"backend": "memory"})],
     ]))
     click.echo()
@@ -107,10 +109,17 @@ def migrate(t: Target, call_id: str, target: int, as_json: bool) -> None:
 @main.command()
 @click.argument("transceiver_id", type=click.IntRange(1, 65535))
 @click.option("--undo", is_flag=True, help="Take new calls on this transceiver again.")
+@click.option("--wait", is_flag=True, help="Keep moving until none is left or the deadline, showing progress; "
+              "the calls left at the deadline end (reason drain-deadline).")
+@click.option("--deadline", type=click.FloatRange(0, 3600, min_open=True), default=25.0, show_default=True,
+              help="Seconds a --wait drain may take.")
 @json_option
 @pass_target
-def drain(t: Target, transceiver_id: int, undo: bool, as_json: bool) -> None:
+def drain(t: Target, transceiver_id: int, undo: bool, wait: bool, deadline: float, as_json: bool) -> None:
     """Stop new placements on a transceiver and move every call away from it."""
+    if wait and not undo:
+        wait_for_drain(t, transceiver_id, deadline, as_json)
+        return
     if undo:
         res = t.client().request("POST", f"/transceivers/{transceiver_id}/undrain", {})
         if as_json:

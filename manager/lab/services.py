@@ -199,6 +199,7 @@ class Services:
     client_auth: str = "off"  # the lab's default; "tokens" / "api_keys": relayd wants a client credential
     agent: str | None = None  # the transceivers' --agent SPEC (None: the echo agent)
     otlp_endpoint: str | None = None  # traces of relayd and the transceivers go there (None: off)
+    drain_deadline: float | None = None  # the transceivers' --drain-deadline (None: their default)
     # Processes outlive the caller (relayctl lab up): own session, so no
     # terminal signal reaches them, and stdin closed.
     detached: bool = False
@@ -310,6 +311,7 @@ class Services:
             "--hint-key-file", str(self.workdir / "hint.key"),
             *(("--agent", self.agent) if self.agent else ()),
             *(("--otlp-endpoint", self.otlp_endpoint) if self.otlp_endpoint else ()),
+            *(("--drain-deadline", str(self.drain_deadline)) if self.drain_deadline is not None else ()),
         ])
 
     def _check_alive(self) -> None:

@@ -185,6 +185,8 @@ class SignalingConfig(BaseModel):
     page: bool = Field(default=False, description="serve the 'talk to the agent' page at / (demos, not production)")
     transceiver_timeout: float = Field(default=10.0, gt=0, description="seconds to wait for a transceiver's answer")
     heartbeat_timeout: float = Field(default=3.0, gt=0, description="a silent transceiver is unhealthy after this")
+    stop_deadline: float = Field(default=10.0, ge=0, description="on SIGTERM, seconds to finish the placements "
+                                 "in flight (their calls' first kernel flows) before exiting")
     # A reverse proxy in front (TLS): its X-Forwarded-For names the client.
     # From any other peer the header is ignored (a client could name anyone).
     trusted_proxies: ProxyPrefixes = Field(default_factory=list,

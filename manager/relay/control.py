@@ -15,6 +15,7 @@ works while relayd is down.
     POST   /transceivers/{id}/drain         stop placements, move every call away -> results
     POST   /transceivers/{id}/undrain       take new calls again
     POST   /reload               re-read the config file -> what changed (409: refused, nothing changed)
+    POST   /drains, GET /drains/{id}        a drain with a deadline, and its progress (manager.relay.drain)
 
 Errors are JSON `{"error": "one line"}` with a 4xx/5xx status.
 """
@@ -77,6 +78,7 @@ class ControlDeps:
     tcp: Any = None  # manager.relay.tcp_bridge.TcpBridge; None: ICE-TCP off
     next_hops: Any = None  # manager.relay.kernel.next_hops.NextHops
     reloader: Any = None  # manager.relay.reload.Reloader
+    drains: Any = None  # manager.relay.drain.Drains: drains with a deadline
 
 
 DEPS_KEY = web.AppKey("deps", ControlDeps)
@@ -160,6 +162,7 @@ def status_view(deps: ControlDeps, interfaces: list[dict[str, Any]], n_flows: in
             "legs_pending": (len(sp.legs) - installed) if sp else 0,
             "transceivers": len(ts),
             "transceivers_healthy": sum(1 for t in ts if t.healthy),
+            "transceivers_draining": sum(1 for t in ts if t.draining),
         },
     }
 
@@ -374,6 +377,8 @@ def make_control_app(deps: ControlDeps) -> web.Application:
     app.router.add_post("/transceivers/{id}/drain", post_drain)
     app.router.add_post("/transceivers/{id}/undrain", post_undrain)
     app.router.add_post("/reload", post_reload_config)
+    if deps.drains is not None:
+        deps.drains.add_control_routes(app)
     return app
 
 

@@ -23,7 +23,9 @@ from manager.relay.call_desk import SignalingCounters
 from manager.relay.config import RelaydConfig
 from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
 from manager.relay.credentials import ClientAuth
+from manager.relay.drain import Drains
 from manager.relay.fleet import RedisFleet, redact_url
+from manager.relay.graceful import finish_placements
 from manager.relay.kernel.datapath import Datapath, xdp_attachment
 from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.kernel.next_hops import NextHops
@@ -78,6 +80,7 @@ class Relay:
         self.slowpath: SlowPath | None = None
         self.tcp: TcpBridge | None = None
         self.migrator: Migrator | None = None
+        self.drains: Drains | None = None
         self._runner: web.AppRunner | None = None
         self._client: TransceiverClient | None = None
         self._internal_runner: web.AppRunner | None = None
@@ -137,6 +140,8 @@ class Relay:
         self._client = TransceiverClient(timeout=cfg.signaling.transceiver_timeout, tls=pki.client_context(tls))
         self.migrator = Migrator(self.registry, self.datapath, self.slowpath, self._client,
                                  metrics_registry=self.metrics.prometheus, allows_owner=cfg.internal.allows)
+        self.drains = Drains(self.registry, self.migrator, self._client, metrics_registry=self.metrics.prometheus,
+                             can_move=self._fleet_problem)
         auth = ClientAuth.from_config(cfg.client_auth)
         public = make_app(self.registry, hint_key=self.hint_keys, public_addrs=[v.as_tuple() for v in dp.vips],
                           transceiver_client=self._client, auth=auth,
@@ -149,6 +154,7 @@ class Relay:
                           page=cfg.signaling.page)
         self._runner = await _serve(public, [cfg.signaling.host, *cfg.signaling.extra_hosts], cfg.signaling.port)
         internal = make_internal_app(self.registry, allows=cfg.internal.allows)
+        self.drains.add_internal_routes(internal)
         self._internal_runner = await _serve(internal, cfg.internal.host, cfg.internal.port,
                                              ssl_context=pki.server_context(tls))
         if cfg.metrics.port:
@@ -158,7 +164,8 @@ class Relay:
         deps = ControlDeps(
             config=cfg, registry=self.registry, datapath=self.datapath, slowpath=self.slowpath,
             migrator=self.migrator, transceivers=self._client, flow_setup=self.metrics.flow_setup,
-            runtime=self.runtime, fleet=self.fleet, tcp=self.tcp, next_hops=self.next_hops)
+            runtime=self.runtime, fleet=self.fleet, tcp=self.tcp, next_hops=self.next_hops,
+            drains=self.drains)
 
         def applied(new: RelaydConfig) -> None:
             self.cfg = deps.config = new
@@ -226,8 +233,21 @@ class Relay:
                                            {"old": None if old is None else list(old), "new": list(new)})
         return reply.get("repointed") is True
 
+    def _fleet_problem(self) -> str | None:
+        if self.fleet is not None and not self.fleet.available:
+            return f"the fleet registry (Redis) is unavailable ({self.fleet.last_error or 'connecting'})"
+        return None
+
+    async def finish_placements(self) -> None:
+        """SIGTERM's first step: accept nothing new, let the placements in
+        flight reach the kernel (bounded; manager.relay.graceful)."""
+        await finish_placements(self._runner, self.tcp, self.registry, self.slowpath,
+                                self.cfg.signaling.stop_deadline, self.cfg.slowpath.pending_timeout)
+
     async def stop(self, *, detach: bool | None = None) -> None:
         detach = self.cfg.detach_on_exit if detach is None else detach
+        if self.drains is not None:
+            await self.drains.close()
         await stop_control(self._control)
         self._control = None
         for runner in (self._runner, self._internal_runner, self._metrics_runner):
@@ -258,8 +278,9 @@ class Relay:
 
 
 async def run(cfg: RelaydConfig, stop: asyncio.Event | None = None, *, config_path: str | None = None) -> None:
-    """Run relayd until SIGTERM/SIGINT (or `stop` is set). A second signal
-    stops at once without the graceful steps. SIGHUP reloads `config_path`
+    """Run relayd until SIGTERM/SIGINT (or `stop` is set), then stop
+    gracefully (Relay.finish_placements). A second signal stops at once
+    without the graceful steps. SIGHUP reloads `config_path`
     (manager.relay.reload)."""
     relay = Relay(cfg, config_path)
     tracing.configure("relayd", cfg.telemetry.otlp_endpoint, instance=cfg.registry.relay_id)
@@ -282,6 +303,7 @@ async def run(cfg: RelaydConfig, stop: asyncio.Event | None = None, *, config_pa
     try:
         await relay.start()
         await stop.wait()
+        await relay.finish_placements()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -177,6 +177,12 @@ class Migrator:
                 await self._roll_back(source, target, conn, imported, new_owner)
                 raise MigrationError(f"migration of call {call.call_id} failed, call left on transceiver "
                                      f"{source.id}: {exc}", 502) from None
+            except asyncio.CancelledError:
+                # A drain's deadline: before the flip the call is still the old
+                # owner's, so it is handed back unfrozen (shielded: the roll-back
+                # itself must not be cut short).
+                await asyncio.shield(self._roll_back(source, target, conn, imported, new_owner))
+                raise
             if self.registry.get_call(conn) is not call or call.state != "active":
                 # The call ended while it was exported and imported (a hang-up,
                 # an expiry): flipping now would give a dead call an owner entry.
@@ -189,16 +195,16 @@ class Migrator:
             res.generation = self.datapath.set_owner(conn, new_owner)
             self.registry.set_owner(conn, target.id, new_owner)
             res.flip_s = time.monotonic() - t0
+            res.outcome = "moved"  # from here on, whatever happens to this request
+            for ep, src in retired_reverse_entries(legs, old_owner, staged):
+                self.datapath.remove_reverse(ep, *src)
+            self._background.spawn(self._release(source, conn))
             try:
                 with trace.phase("resume"):  # until the first packet the kernel forwards from the new owner
                     await self.client.call_op(target, "POST", f"/calls/{conn}/activate")
             except TransceiverError as exc:  # it also starts on the first inbound packet
                 log.warning("activate on transceiver %d: %s", target.id, exc)
-            for ep, src in retired_reverse_entries(legs, old_owner, staged):
-                self.datapath.remove_reverse(ep, *src)
-            self._background.spawn(self._release(source, conn))
             res.switch_s = await self._first_packet(staged, t0)
-            res.outcome = "moved"
             trace.set(switch_ms=round(res.switch_s * 1000, 3) if res.switch_s is not None else None)
             trace.end()
             if res.switch_s is not None:

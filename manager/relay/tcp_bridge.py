@@ -144,15 +144,19 @@ class TcpBridge:
         self._housekeeper = loop.create_task(self._housekeeping())
         log.info("ICE-TCP listening on %s", ", ".join(f"{h}:{self.cfg.port}" for h in self.hosts))
 
-    async def stop(self) -> None:
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
-            self._housekeeper = None
+    def stop_accepting(self) -> None:
+        """Close the listening sockets (a new connection is refused); open ones go on."""
         for sock in self.listeners:
             if self._loop is not None:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self.listeners.clear()
+
+    async def stop(self) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            self._housekeeper = None
+        self.stop_accepting()
         await self._opening.close()
         for conn in list(self.connections):
             self._close(conn, "relay stopping", settle=False)

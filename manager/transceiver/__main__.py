@@ -50,6 +50,16 @@ def positive_int(value: str) -> int:
     return int(value)
 
 
+def seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        s = -1.0
+    if not 0 <= s <= 3600:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds in 0..3600")
+    return s
+
+
 def transceiver_id(value: str) -> int:
     # The routing hint in the ufrag carries the id in 16 bits.
     if not value.isdigit() or not 1 <= int(value) <= 0xFFFF:
@@ -134,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--opus-complexity", type=int, choices=range(11), default=DEFAULT_COMPLEXITY, metavar="0-10",
                    help=f"the media engine's Opus encoder complexity (default {DEFAULT_COMPLEXITY})")
+    p.add_argument("--drain-deadline", type=seconds, default=25.0, metavar="SECONDS",
+                   help="on SIGTERM, time for the relay to move every call to another transceiver before the "
+                        "rest end with reason drain-deadline (default 25; 0: end them at once)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default=os.environ.get("SPLITRELAY_LOG_FORMAT", "text"), choices=list(FORMATS),
                    help="text, or json: one object a line with call_id/conn_id where a line concerns a call")
@@ -171,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         media_engine=args.media_engine,
         opus_complexity=args.opus_complexity,
         otlp_endpoint=args.otlp_endpoint,
+        drain_deadline=args.drain_deadline,
     )
     try:
         asyncio.run(run(config))

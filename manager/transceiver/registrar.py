@@ -76,6 +76,18 @@ class Registrar:
             await self._session.close()
             self._session = None
 
+    async def request_drain(self, deadline_s: float) -> str | None:
+        """Ask this relay to move our calls elsewhere within `deadline_s`
+        (manager.relay.drain); None if it took the request, else why not."""
+        if self._session is None:
+            return "not started"
+        url = f"{self.relay_url}/v1/transceivers/{self.tx.id}/drain"
+        try:
+            async with self._session.post(url, json={"deadline_s": deadline_s}, **self._tls_args) as resp:
+                return None if resp.status == 202 else f"HTTP {resp.status} {(await resp.text()).strip()[:200]}"
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return f"unreachable ({type(exc).__name__}: {exc})"
+
     async def _register(self) -> bool:
         assert self._session is not None
         body = {"id": self.tx.id, "control_url": self.control_url, "capacity": self.tx.capacity}

@@ -18,6 +18,7 @@ from manager.protocol.keyring import KeyRing
 
 from .agent import AgentFactory, EchoAgent
 from .control import create_app, relayd_only
+from .drain import drain
 from .imported_call import DEFAULT_CONSENT_TIMEOUT
 from .opus import DEFAULT_COMPLEXITY
 from .registrar import Registrar
@@ -47,10 +48,12 @@ class TransceiverConfig:
     media_engine: bool = True  # placed calls move to the media engine after their handshake
     opus_complexity: int = DEFAULT_COMPLEXITY  # the engine's Opus encoder
     otlp_endpoint: str | None = None  # traces by OTLP/HTTP (manager.observability.tracing); None: off
+    drain_deadline: float = 25.0  # SIGTERM: seconds for the relay to move the calls away (0: end them at once)
 
 
 async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> None:
-    """Run a transceiver until SIGTERM/SIGINT (or ``stop`` is set), then stop gracefully."""
+    """Run a transceiver until SIGTERM/SIGINT (or ``stop`` is set), then drain
+    (manager.transceiver.drain) and stop. A second signal ends the drain."""
     tx = Transceiver(
         config.id,
         capacity=config.capacity,
@@ -90,9 +93,17 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    draining: list[asyncio.Future] = []
+
+    def on_signal() -> None:
+        if stop.is_set() and draining:
+            logger.warning("second signal: ending the drain now")
+            draining[0].cancel()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread: rely on `stop`
 
@@ -104,6 +115,9 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
         await registrar.start()
     try:
         await stop.wait()
+        if config.drain_deadline > 0:
+            draining.append(asyncio.ensure_future(drain(tx, registrars, config.drain_deadline)))
+            await asyncio.gather(draining[0], return_exceptions=True)  # cancelled by a second signal
         logger.info("transceiver %d stopping", config.id)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -147,6 +147,7 @@ class Transceiver:
         self._ufrags: set[str] = set()
         self._started = False
         self._stopping = False
+        self.draining = False  # leaving: takes no new call (manager.transceiver.drain)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -228,6 +229,7 @@ class Transceiver:
         return {
             "id": self.id,
             "healthy": self.healthy,
+            "draining": self.draining,
             "capacity": self.capacity,
             "calls": len(self._calls),
             "owner": self.owner,
@@ -389,8 +391,8 @@ class Transceiver:
             raise InvalidRequest(f"ufrag routes to transceiver {hint.transceiver_id}, not {self.id}")
 
     def _check_room(self, conn_id: int, ufrag: str) -> None:
-        if self._stopping:
-            raise CapacityExceeded("transceiver is stopping")
+        if self._stopping or self.draining:
+            raise CapacityExceeded(f"transceiver is {'stopping' if self._stopping else 'draining'}")
         if conn_id in self._calls or conn_id in self._reserved:
             raise DuplicateCall(f"conn_id {conn_id} already has a call")
         if ufrag in self._ufrags:
@@ -486,8 +488,8 @@ class Transceiver:
         (bad state), :class:`DuplicateCall` or :class:`CapacityExceeded`.
         """
         _check_conn_id(conn_id)
-        if self._stopping:
-            raise CapacityExceeded("transceiver is stopping")
+        if self._stopping or self.draining:
+            raise CapacityExceeded(f"transceiver is {'stopping' if self._stopping else 'draining'}")
         await self.start()
         if conn_id in self._calls or conn_id in self._reserved:
             raise DuplicateCall(f"conn_id {conn_id} already has a call")

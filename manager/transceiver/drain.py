@@ -1,0 +1,71 @@
+"""A transceiver leaving without dropping its calls (SIGTERM).
+
+1. It takes no new call: placements and imports are refused (draining).
+2. It asks a relay to drain it (manager.relay.drain, over the internal
+   listener with its own certificate): relayd places nothing more here and
+   moves each call to another healthy transceiver by live migration.
+3. It returns when it holds no call, or at the deadline plus GRACE (the
+   relay ends what could not move at the deadline itself and tells us);
+   whatever it still holds then ends here with reason `drain-deadline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from .errors import UnknownCall
+from .registrar import Registrar
+from .transceiver import Transceiver
+
+logger = logging.getLogger(__name__)
+
+DEADLINE_REASON = "drain-deadline"
+GRACE = 2.0  # after the deadline: the relay's own ending of the calls that could not move reaches us
+
+
+async def drain(tx: Transceiver, registrars: Sequence[Registrar], deadline_s: float, grace: float = GRACE) -> int:
+    """Drain `tx` through the first relay that takes the request; returns
+    how many calls ended at the deadline."""
+    t0 = time.monotonic()
+    tx.draining = True
+    if not tx.calls() or not registrars:
+        return 0
+    logger.info("transceiver %d draining: asking the relay to move its %d calls within %g s", tx.id,
+                len(tx.calls()), deadline_s)
+    taken = False
+    for registrar in registrars:  # one relay moves them: a fleet shares the registry
+        problem = await registrar.request_drain(deadline_s)
+        if problem is None:
+            taken = True
+            break
+        logger.warning("relay %s did not take the drain request: %s", registrar.relay_url, problem)
+    if not taken:
+        logger.warning("transceiver %d: no relay took the drain request; its calls end at the deadline", tx.id)
+    changed = asyncio.Event()
+
+    def ended(conn_id: int, reason: str) -> None:
+        changed.set()
+
+    tx.on_call_ended.append(ended)
+    try:
+        end = t0 + deadline_s + (grace if taken else 0.0)
+        while tx.calls() and (left := end - time.monotonic()) > 0:
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+    finally:
+        tx.on_call_ended.remove(ended)
+    remaining = tx.calls()
+    if not remaining:
+        logger.info("transceiver %d drained in %.1f s: every call moved", tx.id, time.monotonic() - t0)
+        return 0
+    logger.warning("transceiver %d: drain deadline (%g s) reached with %d calls that could not move: ending them "
+                   "(reason %s)", tx.id, deadline_s, len(remaining), DEADLINE_REASON)
+    for conn_id in remaining:
+        with contextlib.suppress(UnknownCall):  # ended meanwhile
+            await tx.close_call(conn_id, DEADLINE_REASON)
+    return len(remaining)
