@@ -153,7 +153,7 @@ class Relay:
                           counters=SignalingCounters(self.metrics.prometheus),
                           page=cfg.signaling.page)
         self._runner = await _serve(public, [cfg.signaling.host, *cfg.signaling.extra_hosts], cfg.signaling.port)
-        internal = make_internal_app(self.registry, allows=cfg.internal.allows)
+        internal = make_internal_app(self.registry, allows=cfg.internal.allows, on_register=self.drains.registered)
         self.drains.add_internal_routes(internal)
         self._internal_runner = await _serve(internal, cfg.internal.host, cfg.internal.port,
                                              ssl_context=pki.server_context(tls))

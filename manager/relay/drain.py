@@ -96,6 +96,7 @@ class Drains:
         self.client = client
         self.can_move = can_move  # why calls cannot be moved now (a fleet without its Redis), or None
         self.jobs: dict[int, Drain] = {}
+        self._left: set[int] = set()  # transceivers whose own drain (SIGTERM) finished: they have exited
         self._tasks: set[asyncio.Task] = set()
         self.deadline_ends = Counter("splitrelay_drain_deadline_calls",
                                      "Calls ended at a transceiver drain's deadline (they could not move in time)",
@@ -105,6 +106,13 @@ class Drains:
         draining = Gauge("splitrelay_transceivers_draining", "Transceivers taking no new calls (draining)",
                          registry=metrics_registry)
         draining.set_function(lambda: sum(t.draining for t in registry.transceivers()))
+
+    def registered(self, transceiver_id: int) -> None:
+        """A transceiver registered: after its own drain, that is its next
+        process (a restarted pod), which takes calls again."""
+        if transceiver_id in self._left:
+            self._left.discard(transceiver_id)
+            self.registry.set_draining(transceiver_id, False)
 
     def calls_on(self, transceiver_id: int) -> list[Call]:
         return [c for c in self.registry.calls() if c.transceiver_id == transceiver_id]
@@ -149,6 +157,8 @@ class Drains:
             mover.cancel()
             raise
         await self._end_remaining(job)
+        if job.requested_by == f"transceiver {job.transceiver_id}":
+            self._left.add(job.transceiver_id)
         job.done.set()
         self.finished.labels(job.state).inc()
 

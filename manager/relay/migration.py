@@ -140,7 +140,7 @@ class Migrator:
         res = MigrationResult(call.call_id, conn, source.id, target.id, "failed")
         self.running.add(conn)
         t0 = time.monotonic()
-        imported = False
+        imported = asked = False
         new_owner: OwnerAddr | None = None
         trace = tracing.begin("call.migrate", call_id=call.call_id, conn_id=conn, source_transceiver=source.id,
                               target_transceiver=target.id)
@@ -149,6 +149,7 @@ class Migrator:
                 with trace.phase("export"):  # the old owner freezes the call and exports it
                     state = await self.client.call_op(source, "POST", f"/calls/{conn}/export", {"freeze": True})
                 res.steps["export"] = time.monotonic() - t0
+                asked = True
                 with trace.phase("import"):
                     reply = await self.client.call_op(target, "POST", "/calls/import",
                                                       {"conn_id": conn, "state": state})
@@ -179,9 +180,9 @@ class Migrator:
                                      f"{source.id}: {exc}", 502) from None
             except asyncio.CancelledError:
                 # A drain's deadline: before the flip the call is still the old
-                # owner's, so it is handed back unfrozen (shielded: the roll-back
-                # itself must not be cut short).
-                await asyncio.shield(self._roll_back(source, target, conn, imported, new_owner))
+                # owner's. It is handed back (unfrozen, any import dropped) in the
+                # background: the deadline is now, and a stuck target must not hold it.
+                self._background.spawn(self._roll_back(source, target, conn, imported or asked, new_owner))
                 raise
             if self.registry.get_call(conn) is not call or call.state != "active":
                 # The call ended while it was exported and imported (a hang-up,
@@ -241,7 +242,8 @@ class Migrator:
         if not unfreeze:
             return
         try:
-            await self.client.call_op(source, "POST", f"/calls/{conn}/unfreeze")
+            # 404: the call ended meanwhile (e.g. at a drain's deadline): nothing to unfreeze.
+            await self.client.call_op(source, "POST", f"/calls/{conn}/unfreeze", expect=(200, 204, 404))
         except TransceiverError as exc:
             log.error("roll-back: unfreezing call %d on transceiver %d: %s", conn, source.id, exc)
 

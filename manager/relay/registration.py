@@ -34,8 +34,10 @@ def peer_identity(request: web.Request) -> pki.Identity | None:
 
 class _Internal:
     def __init__(self, registry: Registry, allows: Callable[[str], bool],
-                 identify: Callable[[web.Request], pki.Identity | None]) -> None:
+                 identify: Callable[[web.Request], pki.Identity | None],
+                 on_register: Callable[[int], None] = lambda transceiver_id: None) -> None:
         self.registry = registry
+        self.on_register = on_register
         self.allows = allows
         self.identify = identify
 
@@ -59,6 +61,7 @@ class _Internal:
         except ValueError as exc:
             raise ApiError(400, f"invalid registration: {exc}") from None
         log.info("transceiver %d registered at %s (capacity %d)", t.id, t.control_url, t.capacity)
+        self.on_register(t.id)
         return web.json_response(t.to_dict(), status=201, headers={"Location": f"/v1/transceivers/{t.id}"})
 
     async def heartbeat(self, request: web.Request) -> web.Response:
@@ -77,10 +80,11 @@ class _Internal:
 
 
 def make_internal_app(registry: Registry, *, allows: Callable[[str], bool],
-                      identify: Callable[[web.Request], pki.Identity | None] = peer_identity) -> web.Application:
+                      identify: Callable[[web.Request], pki.Identity | None] = peer_identity,
+                      on_register: Callable[[int], None] = lambda transceiver_id: None) -> web.Application:
     """The transceivers' API. Serve it only with pki.server_context (the
     handshake verifies the chain; `identify` reads who the certificate names)."""
-    api = _Internal(registry, allows, identify)
+    api = _Internal(registry, allows, identify, on_register)
     app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware(text_error, refusals=log)])
     app.router.add_post("/v1/transceivers", api.register_transceiver)
     app.router.add_put(r"/v1/transceivers/{id:\d{1,5}}/heartbeat", api.heartbeat)

@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 from .errors import UnknownCall
 from .registrar import Registrar
-from .transceiver import Transceiver
+from .transceiver import RELEASED, Transceiver
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,10 @@ async def drain(tx: Transceiver, registrars: Sequence[Registrar], deadline_s: fl
     if not taken:
         logger.warning("transceiver %d: no relay took the drain request; its calls end at the deadline", tx.id)
     changed = asyncio.Event()
+    reasons: Counter[str] = Counter()
 
     def ended(conn_id: int, reason: str) -> None:
+        reasons[reason] += 1
         changed.set()
 
     tx.on_call_ended.append(ended)
@@ -61,7 +64,9 @@ async def drain(tx: Transceiver, registrars: Sequence[Registrar], deadline_s: fl
         tx.on_call_ended.remove(ended)
     remaining = tx.calls()
     if not remaining:
-        logger.info("transceiver %d drained in %.1f s: every call moved", tx.id, time.monotonic() - t0)
+        # "ended": hung up meanwhile, or ended by the relay at its deadline.
+        logger.info("transceiver %d drained in %.1f s: %d calls moved, %d ended", tx.id, time.monotonic() - t0,
+                    reasons[RELEASED], sum(reasons.values()) - reasons[RELEASED])
         return 0
     logger.warning("transceiver %d: drain deadline (%g s) reached with %d calls that could not move: ending them "
                    "(reason %s)", tx.id, deadline_s, len(remaining), DEADLINE_REASON)

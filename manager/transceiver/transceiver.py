@@ -44,6 +44,7 @@ from .rtp_streams import migration_blocker
 from .webrtc_call import WebRtcCall, strip_offer_candidates, validate_offer
 
 logger = logging.getLogger(__name__)
+RELEASED = "released after migration"  # the reason a call that moved away ends with here
 # A refused media check is one line per spoofed packet a relay passes on.
 _refusal_log = LogBudget(logger)
 
@@ -477,7 +478,7 @@ class Transceiver:
 
     async def release_call(self, conn_id: int) -> None:
         """Drop a call that now belongs to another transceiver, sending nothing to the client."""
-        await self._end_call(self._get(conn_id), "released after migration", quiet=True)
+        await self._end_call(self._get(conn_id), RELEASED, quiet=True)
 
     async def import_call(self, conn_id: int, state: Any) -> dict[str, Any]:
         """Take over a call exported by another transceiver; returns the owner address.
