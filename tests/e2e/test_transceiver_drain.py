@@ -54,6 +54,7 @@ def restart_transceiver(svc, k: int, drain_deadline: float | None = None) -> Non
     svc.stop_one(f"tx{k}", signal.SIGKILL)
     svc.drain_deadline = drain_deadline
     svc.start_transceiver(k)
+    eventually(lambda: svc.transceiver_api(k, "/health"), 20, what=f"transceiver {k}'s new process answering")
     eventually(lambda: {t["id"]: t for t in svc.transceivers()}.get(k, {}).get("healthy")
                and not {t["id"]: t for t in svc.transceivers()}[k]["draining"], 20,
                what=f"transceiver {k} registered again, taking calls")
@@ -203,7 +204,8 @@ def test_no_other_transceiver_calls_end_at_the_deadline(env):
             out["rc"] = await asyncio.to_thread(tx1.wait, 20)
             out["after"] = await asyncio.to_thread(metric, svc, "splitrelay_drain_deadline_calls_total")
 
-        run_call(lab, duration=1.0, messages=1, hang_up=False, on_connected=sigterm)
+        rep = run_call(lab, duration=1.0, messages=1, hang_up=False, on_connected=sigterm)
+        assert "rc" in out, rep.error
     finally:
         svc.drain_deadline = None
         svc.start_transceiver(2)
