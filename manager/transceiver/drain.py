@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEADLINE_REASON = "drain-deadline"
 GRACE = 2.0  # after the deadline: the relay's own ending of the calls that could not move reaches us
+RETRY = 1.0  # no relay took the request (one restarting?): ask again after this
 
 
 async def drain(tx: Transceiver, registrars: Sequence[Registrar], deadline_s: float, grace: float = GRACE) -> int:
@@ -37,15 +38,6 @@ async def drain(tx: Transceiver, registrars: Sequence[Registrar], deadline_s: fl
         return 0
     logger.info("transceiver %d draining: asking the relay to move its %d calls within %g s", tx.id,
                 len(tx.calls()), deadline_s)
-    taken = False
-    for registrar in registrars:  # one relay moves them: a fleet shares the registry
-        problem = await registrar.request_drain(deadline_s)
-        if problem is None:
-            taken = True
-            break
-        logger.warning("relay %s did not take the drain request: %s", registrar.relay_url, problem)
-    if not taken:
-        logger.warning("transceiver %d: no relay took the drain request; its calls end at the deadline", tx.id)
     changed = asyncio.Event()
     reasons: Counter[str] = Counter()
 
@@ -55,6 +47,7 @@ async def drain(tx: Transceiver, registrars: Sequence[Registrar], deadline_s: fl
 
     tx.on_call_ended.append(ended)
     try:
+        taken = await _ask(tx, registrars, t0 + deadline_s, deadline_s)
         end = t0 + deadline_s + (grace if taken else 0.0)
         while tx.calls() and (left := end - time.monotonic()) > 0:
             changed.clear()
@@ -74,3 +67,25 @@ async def drain(tx: Transceiver, registrars: Sequence[Registrar], deadline_s: fl
         with contextlib.suppress(UnknownCall):  # ended meanwhile
             await tx.close_call(conn_id, DEADLINE_REASON)
     return len(remaining)
+
+
+async def _ask(tx: Transceiver, registrars: Sequence[Registrar], end: float, deadline_s: float) -> bool:
+    """Ask the relays in turn (one moves the calls: a fleet shares the
+    registry) until one takes the request, no call is left, or `end`."""
+    told = False
+    while tx.calls():
+        for registrar in registrars:
+            problem = await registrar.request_drain(max(0.001, end - time.monotonic()))
+            if problem is None:
+                return True
+            if not told:
+                logger.warning("relay %s did not take the drain request: %s", registrar.relay_url, problem)
+        if not told:
+            logger.warning("transceiver %d: no relay took the drain request; asking again until the deadline "
+                           "(%g s), when its calls end", tx.id, deadline_s)
+            told = True
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        await asyncio.sleep(min(RETRY, left))  # pacing: a relay restarting comes back within seconds
+    return False
