@@ -65,6 +65,8 @@ def test_sigterm_finishes_the_placement_in_flight_and_leaves_the_call_to_xdp(tmp
                                what="relayd to stop accepting")
                     with NetnsExecutor(lab.client_ns) as ex:
                         info["new_post"] = ex.call(post_offer, lab.signaling_url)
+                except Exception as exc:  # reported by the test below
+                    info["error"] = f"{type(exc).__name__}: {exc}"
                 finally:
                     tx1.send_signal(signal.SIGCONT)  # the answer comes: the placement completes
                 info["rc"] = relayd.wait(30)
@@ -88,6 +90,7 @@ def test_sigterm_finishes_the_placement_in_flight_and_leaves_the_call_to_xdp(tmp
         finally:
             svc.stop()
     log = svc.log_path("relayd").read_text()
+    assert "error" not in info, (info, log[-2000:])
     assert rep.status == 201 and info["rc"] == 0, (rep.status, rep.error, log[-2000:])
     assert info["new_post"].startswith("refused") or info["new_post"] == "HTTP 503", info
     assert "placements in flight finished" in log and "fast path left running" in log
