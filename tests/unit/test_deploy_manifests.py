@@ -25,7 +25,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from manager.relay.config import RelaydConfig
+from manager.relay.config import RelaydConfig, SignalingConfig
 from manager.relay.port_ranges import check_flow_ports
 from tests.support.image import IMAGE
 from tests.support.paths import REPO
@@ -260,6 +260,38 @@ def test_the_transceiver_runs_as_the_images_user_with_no_privilege() -> None:
         assert "add" not in c["securityContext"]["capabilities"]
     (c,) = spec["containers"]
     assert c["command"] == ["splitrelay-transceiver"]
+
+
+def _pre_stop_delay(container: dict) -> float:
+    """Seconds a preStop hook holds the SIGTERM back: a `sleep N`, or none."""
+    hook = container.get("lifecycle", {}).get("preStop")
+    if hook is None:
+        return 0.0
+    command = hook.get("exec", {}).get("command", [])
+    assert len(command) == 2 and command[0] == "sleep", f"a preStop of unknown length: {hook}"
+    return float(command[1])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_periods_hold_the_drains(overlay: str) -> None:
+    """Kubernetes kills at the grace period, counted from the preStop hook:
+    the transceiver's SIGTERM drain (its deadline, then relayd's hang-ups of
+    what could not move) and relayd's graceful stop must both fit."""
+    from manager.transceiver.drain import GRACE
+    from manager.transceiver.service import TransceiverConfig
+
+    docs = rendered(overlay)
+    tx = find(docs, "Deployment", "splitrelay-transceiver")["spec"]["template"]["spec"]
+    (c,) = tx["containers"]
+    given = [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--drain-deadline=")]
+    deadline = float(given[-1]) if given else TransceiverConfig(id=1).drain_deadline
+    needed = _pre_stop_delay(c) + deadline + GRACE
+    assert tx["terminationGracePeriodSeconds"] > needed, (tx["terminationGracePeriodSeconds"], needed)
+    relay = find(docs, "DaemonSet", "splitrelay-relay")["spec"]["template"]["spec"]
+    toml = find(docs, "ConfigMap", "splitrelay-relayd")["data"]["relayd.toml"]
+    stop = SignalingConfig.model_validate(tomllib.loads(toml).get("signaling", {})).stop_deadline
+    (r,) = relay["containers"]
+    assert relay["terminationGracePeriodSeconds"] > _pre_stop_delay(r) + stop, (relay, stop)
 
 
 def test_the_configmaps_relayd_toml_is_accepted_by_relayd(tmp_path: Path) -> None:
