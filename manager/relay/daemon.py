@@ -25,7 +25,7 @@ from manager.relay.control import ControlDeps, Runtime, start_control, stop_cont
 from manager.relay.credentials import ClientAuth
 from manager.relay.drain import Drains
 from manager.relay.fleet import RedisFleet, redact_url
-from manager.relay.graceful import finish_placements
+from manager.relay.graceful import Placements, finish_placements
 from manager.relay.kernel.datapath import Datapath, xdp_attachment
 from manager.relay.kernel.flow_sockets import FlowSockets
 from manager.relay.kernel.next_hops import NextHops
@@ -76,6 +76,7 @@ class Relay:
                                  on_remote_leg=self._remote_leg, allows_owner=cfg.internal.allows)
                       if cfg.registry.backend == "redis" else None)
         self.metrics = Metrics(self.registry, self.datapath)
+        self.placements = Placements(self.registry)  # for a graceful stop
         self.runtime = Runtime()
         self.slowpath: SlowPath | None = None
         self.tcp: TcpBridge | None = None
@@ -241,7 +242,7 @@ class Relay:
     async def finish_placements(self) -> None:
         """SIGTERM's first step: accept nothing new, let the placements in
         flight reach the kernel (bounded; manager.relay.graceful)."""
-        await finish_placements(self._runner, self.tcp, self.registry, self.slowpath,
+        await finish_placements(self._runner, self.tcp, self.registry, self.slowpath, self.placements,
                                 self.cfg.signaling.stop_deadline, self.cfg.slowpath.pending_timeout)
 
     async def stop(self, *, detach: bool | None = None) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 
 from aiohttp import web
 
@@ -40,32 +41,56 @@ async def stop_accepting(runner: web.AppRunner | None, tcp) -> None:
         tcp.stop_accepting()
 
 
-def in_flight(registry: Registry, slowpath: SlowPath | None, since: float) -> list[Call]:
-    """Calls placed but not yet forwarded by this relay's kernel: still
-    placing, or answered (since `since`, wall clock) with no installed flow."""
-    def forwarded(call: Call) -> bool:
+class Placements:
+    """The calls this relay placed itself (not another relay of its fleet),
+    for the last WINDOW seconds: its own registry changes, seen placing."""
+
+    WINDOW = 60.0
+
+    def __init__(self, registry: Registry) -> None:
+        self.placed: OrderedDict[int, float] = OrderedDict()  # conn_id -> monotonic time, oldest first
+        registry.on_change(self._changed)
+
+    def _changed(self, kind: str, record: dict) -> None:
+        if kind != "call" or record.get("state") != "placing":
+            return
+        now = time.monotonic()
+        self.placed[record["conn_id"]] = now
+        self.placed.move_to_end(record["conn_id"])
+        while self.placed and next(iter(self.placed.values())) < now - self.WINDOW:
+            self.placed.popitem(last=False)
+
+
+def in_flight(registry: Registry, slowpath: SlowPath | None, placements: Placements, recent_s: float) -> list[Call]:
+    """This relay's placements not yet forwarded by its kernel: still placing,
+    or answered less than `recent_s` ago (the slow path's pending timeout:
+    its client's first check may yet come) with no installed flow."""
+    def forwarded(conn_id: int) -> bool:
         if slowpath is None:
             return True
-        return (any(leg.installed_at is not None for leg in slowpath.legs_of(call.conn_id))
-                or bool(slowpath.stream_legs_of(call.conn_id)))
+        return (any(leg.installed_at is not None for leg in slowpath.legs_of(conn_id))
+                or bool(slowpath.stream_legs_of(conn_id)))
 
-    return [c for c in registry.calls()
-            if c.state == "placing" or (c.state == "active" and c.created >= since and not forwarded(c))]
+    now = time.monotonic()
+    out = []
+    for conn_id, placed_at in list(placements.placed.items()):
+        call = registry.get_call(conn_id)
+        if call is not None and (call.state == "placing"
+                                 or (now - placed_at < recent_s and not forwarded(conn_id))):
+            out.append(call)
+    return out
 
 
 async def finish_placements(runner: web.AppRunner | None, tcp, registry: Registry, slowpath: SlowPath | None,
-                            deadline_s: float, recent_s: float) -> list[Call]:
-    """Steps 1 and 2 above; returns the calls still unsettled at the deadline.
-    `recent_s`: an answered call younger than this may still see its client's
-    first check (the slow path's pending timeout)."""
+                            placements: Placements, deadline_s: float, recent_s: float) -> list[Call]:
+    """Steps 1 and 2 above; returns the calls still unsettled at the deadline."""
     t_end = time.monotonic() + deadline_s
-    since = time.time() - recent_s
     await stop_accepting(runner, tcp)
     log.info("stopping: no new calls; finishing the placements in flight (at most %g s)", deadline_s)
     if runner is not None and runner.server is not None:
         # The requests under way get their answers (cancelled at the deadline).
         await runner.server.shutdown(max(0.0, t_end - time.monotonic()))
-    while (left := in_flight(registry, slowpath, since)) and time.monotonic() < t_end:
+    while (left := in_flight(registry, slowpath, placements, recent_s)) and time.monotonic() < t_end:
         await asyncio.sleep(POLL)
     if left:
         log.warning("stop deadline (%g s): %d placements did not reach the kernel (%s)", deadline_s, len(left),
