@@ -215,3 +215,28 @@ def test_no_other_transceiver_calls_end_at_the_deadline(env):
     assert "Traceback" not in relayd and "Traceback" not in tx1
     assert "could not move (no other transceiver can take calls: no healthy transceiver" in relayd, relayd[-2000:]
     assert "0 calls moved, 1 ended" in tx1, tx1[-2000:]
+
+
+def test_relayctl_drain_wait_shows_progress(env):
+    lab, svc, ctl = env
+    out = {}
+
+    async def drain(pc, rep):
+        await audio_flowing(pc)
+        (call,) = await asyncio.to_thread(svc.calls)
+        out["k"] = k = call["transceiver_id"]
+        rep.mark("moved")
+        out["cli"] = await asyncio.to_thread(relayctl, svc, "drain", str(k), "--wait", "--deadline", "20")
+        out["status"] = await asyncio.to_thread(relayctl, svc, "status")
+        await asyncio.to_thread(ctl.request, "POST", f"/transceivers/{k}/undrain", {})
+
+    rep = run_call(lab, duration=2.0, messages=2, on_connected=drain)
+    cli = out["cli"]
+    assert cli.returncode == 0, cli.stderr
+    lines = cli.stdout.splitlines()
+    assert lines[0].split(":", 1)[1].strip().startswith("0 moved, 1 left"), lines  # the first progress line
+    assert f"moved from transceiver {out['k']}" in cli.stdout
+    assert lines[-1].startswith(f"transceiver {out['k']} drained in") and lines[-1].endswith("1 calls moved"), lines
+    assert "1 draining" in out["status"].stdout, out["status"].stdout
+    assert_untouched(rep)
+    assert rep.rtp_packets_lost <= 1 and rep.tone_ratio_after["moved"] > 50
