@@ -40,16 +40,20 @@ async def drain(tx: Transceiver, registrars: Sequence[Registrar], deadline_s: fl
                 len(tx.calls()), deadline_s)
     changed = asyncio.Event()
     reasons: Counter[str] = Counter()
+    # A call leaves the table before its close is done and reported: the
+    # drain waits for the reports (of the calls it started with; no new one comes).
+    unreported = set(tx.calls())
 
     def ended(conn_id: int, reason: str) -> None:
         reasons[reason] += 1
+        unreported.discard(conn_id)
         changed.set()
 
     tx.on_call_ended.append(ended)
     try:
         taken = await _ask(tx, registrars, t0 + deadline_s, deadline_s)
         end = t0 + deadline_s + (grace if taken else 0.0)
-        while tx.calls() and (left := end - time.monotonic()) > 0:
+        while (unreported or tx.calls()) and (left := end - time.monotonic()) > 0:
             changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), left)
