@@ -200,6 +200,7 @@ class Services:
     agent: str | None = None  # the transceivers' --agent SPEC (None: the echo agent)
     otlp_endpoint: str | None = None  # traces of relayd and the transceivers go there (None: off)
     drain_deadline: float | None = None  # the transceivers' --drain-deadline (None: their default)
+    transceiver_args: tuple[str, ...] = ()  # more options for every transceiver
     # Processes outlive the caller (relayctl lab up): own session, so no
     # terminal signal reaches them, and stdin closed.
     detached: bool = False
@@ -312,6 +313,7 @@ class Services:
             *(("--agent", self.agent) if self.agent else ()),
             *(("--otlp-endpoint", self.otlp_endpoint) if self.otlp_endpoint else ()),
             *(("--drain-deadline", str(self.drain_deadline)) if self.drain_deadline is not None else ()),
+            *self.transceiver_args,
         ])
 
     def _check_alive(self) -> None:
@@ -454,12 +456,12 @@ def _redis_answers(path: Path) -> bool:
 
 @contextlib.contextmanager
 def running_lab(prefix: str, workdir: Path, transceivers: int = 2, relays: int = 1, client_auth: str = "off",
-                agent: str | None = None) -> Iterator[tuple[Lab, Services]]:
+                agent: str | None = None, transceiver_args: tuple[str, ...] = ()) -> Iterator[tuple[Lab, Services]]:
     """A lab with relayd(s) and the transceivers running (and Redis for a
     fleet); all of it is torn down on exit, pinned state included.
     `agent`: the transceivers' --agent SPEC (None: the echo agent)."""
     with lab_ctx(prefix=prefix, transceivers=transceivers, relays=relays) as lab:
-        svc = Services(lab, workdir=workdir, client_auth=client_auth, agent=agent)
+        svc = Services(lab, workdir=workdir, client_auth=client_auth, agent=agent, transceiver_args=transceiver_args)
         try:
             svc.start()
             yield lab, svc

@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="hand each call to the media engine after its handshake (the default; docs/media-engine.md); "
              "--no-media-engine keeps placed calls on aiortc",
     )
+    p.add_argument(
+        "--aiortc-audio-buffer",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="calls on aiortc: keep its audio jitter buffer (holds 4 frames, 80 ms, before the agent hears "
+             "them); default: each frame goes to the agent as it arrives",
+    )
     p.add_argument("--opus-complexity", type=int, choices=range(11), default=DEFAULT_COMPLEXITY, metavar="0-10",
                    help=f"the media engine's Opus encoder complexity (default {DEFAULT_COMPLEXITY})")
     p.add_argument("--drain-deadline", type=seconds, default=25.0, metavar="SECONDS",
@@ -182,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pki_dir=args.pki_dir,
         hint_key=hint_key,
         media_engine=args.media_engine,
+        aiortc_audio_buffer=args.aiortc_audio_buffer,
         opus_complexity=args.opus_complexity,
         otlp_endpoint=args.otlp_endpoint,
         drain_deadline=args.drain_deadline,

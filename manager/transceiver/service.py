@@ -47,6 +47,7 @@ class TransceiverConfig:
     hint_key: KeyRing | pki.KeyRingFile | None = None  # routing-hint keys (pki.read_hint_key): ufrags are checked
     media_engine: bool = True  # placed calls move to the media engine after their handshake
     opus_complexity: int = DEFAULT_COMPLEXITY  # the engine's Opus encoder
+    aiortc_audio_buffer: bool = False  # calls on aiortc keep its 80 ms audio jitter buffer
     otlp_endpoint: str | None = None  # traces by OTLP/HTTP (manager.observability.tracing); None: off
     drain_deadline: float = 25.0  # SIGTERM: seconds for the relay to move the calls away (0: end them at once)
 
@@ -65,6 +66,7 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
         hint_key=config.hint_key,
         media_engine=config.media_engine,
         opus_complexity=config.opus_complexity,
+        aiortc_audio_buffer=config.aiortc_audio_buffer,
     )
     server_tls = client_tls = None
     if config.pki_dir is not None:

@@ -83,6 +83,9 @@ class Transceiver:
         after its handshake (docs/media-engine.md); False keeps them on aiortc.
         Imported calls always run on the engine.
     :param opus_complexity: the engine's Opus encoder complexity (0-10).
+    :param aiortc_audio_buffer: calls on aiortc keep aiortc's audio jitter
+        buffer (4 frames held, 80 ms); False hands each frame to the agent
+        as it arrives.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class Transceiver:
         freeze_lease: float = DEFAULT_FREEZE_LEASE,
         media_engine: bool = True,
         opus_complexity: int = DEFAULT_COMPLEXITY,
+        aiortc_audio_buffer: bool = False,
     ) -> None:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
@@ -134,6 +138,7 @@ class Transceiver:
         # released (it moved) or unfrozen: a relayd that died mid-migration
         # must not leave it muted.
         self.freeze_lease = freeze_lease
+        self.aiortc_audio_buffer = aiortc_audio_buffer
         self._leases: dict[int, asyncio.Task[None]] = {}
         self.engine = MediaEngine(complexity=opus_complexity, handover=media_engine)
         self._handovers = TaskSet(f"transceiver {transceiver_id}: hand-over to the media engine")
@@ -298,7 +303,7 @@ class Transceiver:
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
             call = await WebRtcCall.negotiate(conn_id=conn_id, ufrag=ufrag, offer_sdp=offer_sdp, offer=offer,
                                               pc=pc, session=session, agent=self.agent_factory(),
-                                              muxes=self._muxes)
+                                              muxes=self._muxes, audio_on_arrival=not self.aiortc_audio_buffer)
             call.candidates_stripped = stripped
         except BaseException:
             self._reserved.discard(conn_id)

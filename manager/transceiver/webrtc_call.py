@@ -133,8 +133,10 @@ class WebRtcCall(CallHandle):
     @classmethod
     async def negotiate(cls, *, conn_id: int, ufrag: str, offer_sdp: str, offer: aiortc_sdp.SessionDescription,
                         pc: RTCPeerConnection, session: AgentSession, agent: Agent,
-                        muxes: Sequence[IceMux]) -> WebRtcCall:
-        """Answer the offer as `ufrag`, host candidates on the shared sockets."""
+                        muxes: Sequence[IceMux], audio_on_arrival: bool = True) -> WebRtcCall:
+        """Answer the offer as `ufrag`, host candidates on the shared sockets;
+        `audio_on_arrival`: the agent gets each audio frame as it arrives
+        (hooks.play_audio_on_arrival), not after aiortc's 80 ms buffer."""
 
         @pc.on("track")
         def on_track(track: Any) -> None:
@@ -155,6 +157,8 @@ class WebRtcCall(CallHandle):
         for t in pc.getTransceivers():
             if t.kind == "audio" and not audio_done:
                 pc.addTrack(session.out_track)
+                if audio_on_arrival:
+                    hooks.play_audio_on_arrival(t.receiver)
                 audio_done = True
             else:
                 t.direction = "inactive"

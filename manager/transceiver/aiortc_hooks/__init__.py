@@ -43,7 +43,7 @@ from .ice import (
     transport_connection,
 )
 from .registry import HOOKS, SCTP_ATTRIBUTES, SRTP_ALLOW_REPEAT_TX, SRTP_WINDOW_SIZE, Hook, check_method
-from .rtp import HeldAudio, take_held_audio
+from .rtp import HeldAudio, play_audio_on_arrival, take_held_audio
 from .sctp import sctp_abort, sctp_export, sctp_receive, sctp_restore, sctp_resume
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "ice_connection",
     "nominated_pair",
     "on_consent_expired",
+    "play_audio_on_arrival",
     "repoint_pair",
     "sctp_abort",
     "sctp_export",

@@ -84,6 +84,7 @@ HOOKS: tuple[Hook, ...] = (
     Hook("dtls_role", RTCDtlsTransport, "_role", "instance attribute"),
     Hook("stream_roc", pylibsrtp.Session, "_srtp", "instance attribute"),
     Hook("set_stream_roc", pylibsrtp.Session, "_srtp", "instance attribute"),
+    Hook("play_audio_on_arrival", RTCRtpReceiver, "_RTCRtpReceiver__jitter_buffer", "instance attribute"),
     Hook("sender_ssrcs", RTCRtpSender, "_ssrc", "instance attribute"),
     Hook("sender_ssrcs", RTCRtpSender, "_rtx_ssrc", "instance attribute"),
     Hook("transceiver_codecs", RTCRtpTransceiver, "_codecs", "instance attribute"),

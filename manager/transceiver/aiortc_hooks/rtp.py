@@ -1,4 +1,5 @@
-"""aiortc's RTP receiver: the client's audio it holds at a hand-over to the media engine."""
+"""aiortc's RTP receiver: the client's audio it holds at a hand-over to the
+media engine, and audio handed to the agent as it arrives."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import queue
 from dataclasses import dataclass, field
 
 import av
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
+from aiortc.utils import uint16_gt
 
 
 @dataclass
@@ -47,3 +50,29 @@ def take_held_audio(receiver: RTCRtpReceiver) -> HeldAudio:
                 held.payloads.append(packet.payload)
         jitter.remove(jitter.capacity)
     return held
+
+
+class _OnArrival:
+    """Stands in for aiortc's audio JitterBuffer (same `add`): every Opus
+    packet is a whole 20 ms frame, so each goes to the decoder as it arrives;
+    one older than the last handed on is dropped (its slot has been played)."""
+
+    _origin = None  # holds nothing: take_held_audio finds it empty
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+
+    def add(self, packet) -> tuple[bool, JitterFrame | None]:
+        if self._last is not None and not uint16_gt(packet.sequence_number, self._last):
+            return False, None
+        self._last = packet.sequence_number
+        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
+
+
+def play_audio_on_arrival(receiver: RTCRtpReceiver) -> None:
+    """Decode a call's audio as it arrives. aiortc's audio receiver holds each
+    frame until four more are buffered (JitterBuffer(prefetch=4), kept in
+    `__jitter_buffer`): 80 ms before the agent hears the client's first word,
+    and as much in every echo. The agent's own pipeline paces what it plays,
+    and a call handed to the media engine gets its real jitter buffer there."""
+    receiver._RTCRtpReceiver__jitter_buffer = _OnArrival()  # type: ignore[attr-defined]
