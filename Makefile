@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: history setup lint test test-fast demo bench bench-peers bench-setup bench-density bench-report lab-up lab-down clean vm-test vm-box \
+.PHONY: history setup lint test test-fast demo bench bench-peers bench-setup bench-density bench-ttfa bench-report lab-up lab-down clean vm-test vm-box \
 	image image-test
 
 setup:
@@ -56,6 +56,12 @@ bench-setup:
 bench-density:
 	@bash scripts/setup.sh >&2
 	@$(PY) -m tests.bench.loopback_density $(ARGS)
+
+# Time to first audio (offer POST to the first echoed frame), aiortc and
+# Chromium, by phase; ARGS=--save docs/bench-ttfa.json for the committed result.
+bench-ttfa:
+	@bash scripts/setup.sh >&2
+	@$(PY) -m tests.bench.bench_ttfa $(ARGS)
 
 # The "current figures" of docs/benchmarks.md from docs/bench-*.json (no root,
 # nothing run): after committing a benchmark's new result, run this and commit both.

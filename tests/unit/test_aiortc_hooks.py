@@ -162,3 +162,34 @@ def test_no_private_access_outside_the_hooks() -> None:
                     and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
                 found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "private attributes reached outside manager/transceiver/aiortc_hooks/:\n" + "\n".join(found)
+
+
+def test_audio_on_arrival_hands_each_packet_on_and_drops_a_late_one() -> None:
+    from aiortc.rtp import RtpPacket
+
+    receiver = _live_objects_receiver()
+    hooks.play_audio_on_arrival(receiver)
+    buffer = vars(receiver)["_RTCRtpReceiver__jitter_buffer"]
+
+    def packet(seq: int) -> RtpPacket:
+        p = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960)
+        p._data = bytes([seq % 256])
+        return p
+
+    for seq in (65534, 65535, 0):  # across the wrap: each one out at once, none held
+        pli, frame = buffer.add(packet(seq))
+        assert not pli and frame.data == bytes([seq % 256]) and frame.timestamp == seq * 960
+    assert buffer.add(packet(65535)) == (False, None)  # older than the last handed on: its slot was played
+    assert buffer.add(packet(0)) == (False, None)  # a duplicate
+    assert buffer.add(packet(1))[1].timestamp == 960
+
+
+def _live_objects_receiver() -> RTCRtpReceiver:
+    async def build() -> RTCRtpReceiver:
+        pc = RTCPeerConnection()
+        try:
+            return pc.addTransceiver("audio").receiver
+        finally:
+            await pc.close()
+
+    return asyncio.run(build())
