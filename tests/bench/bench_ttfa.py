@@ -42,6 +42,9 @@ from pathlib import Path
 
 PHASES = ("answer", "ice", "dtls", "audio")
 SOUND = 200  # peak |sample| above which a decoded frame carries the echo (the tone's is 8000; silence 0)
+# Calls start this far apart: relayd admits 2 calls/s from one address
+# (limits.create_rate), the rest would be refused with 429.
+PACE_S = 0.55
 OPUS_SILENCE_BYTES = 12  # an encoded frame above this carries sound (libopus codes 20 ms of silence in a few)
 
 
@@ -157,8 +160,19 @@ async def aiortc_call(url: str, timeout: float = 10.0) -> dict:
     return res
 
 
+async def paced(n: int, one) -> list[dict]:
+    """`n` calls of `one()`, in a row, started PACE_S apart."""
+    out: list[dict] = []
+    start = time.monotonic()
+    for _ in range(n):
+        await asyncio.sleep(max(0.0, start - time.monotonic()))  # pacing: relayd's creation rate
+        start = time.monotonic() + PACE_S
+        out.append(await one())
+    return out
+
+
 async def aiortc_calls(url: str, n: int) -> list[dict]:
-    return [await aiortc_call(url) for _ in range(n)]
+    return await paced(n, lambda: aiortc_call(url))
 
 
 # --- Chromium -----------------------------------------------------------------------------------
@@ -221,9 +235,12 @@ async def chromium_calls(ns: str, url: str, n: int, timeout: float = 10.0) -> li
 
         await eventually_async(loaded, 20, what="relayd's page loaded in Chromium")
         js = CHROMIUM_CALL % {"silence": OPUS_SILENCE_BYTES, "timeout_ms": int(timeout * 1000)}
-        for _ in range(n):
+
+        async def one() -> dict:
             r = await browser.evaluate(js)
-            out.append({"error": r["error"]} if r.get("error") else {"error": None, **phases(r["marks"])})
+            return {"error": r["error"]} if r.get("error") else {"error": None, **phases(r["marks"])}
+
+        out = await paced(n, one)
     finally:
         await browser.close()
         browser.stop()
