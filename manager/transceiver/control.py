@@ -7,6 +7,8 @@ Routes (JSON bodies, errors as ``{"error": "..."}``):
   400 bad input, 409 duplicate conn_id/ufrag, 503 at capacity or stopping.
 * ``DELETE /calls/{conn_id}`` -> 204, 404 unknown.
 * ``GET /calls/{conn_id}`` -> call state and export summary, no secrets.
+* ``GET /calls/{conn_id}/quality`` -> its RTCP figures per direction, RTT and
+  MOS (rtcp_stats), live or of a call that ended here lately (``"ended": true``).
 * ``GET /calls`` -> ``{"calls": [conn_id, ...]}``.
 * ``GET /calls/{conn_id}/sideband`` -> websocket: the call's sideband events
   (manager.transceiver.sideband); 404 unknown.
@@ -101,6 +103,10 @@ async def _delete_call(request: web.Request) -> web.Response:
 async def _get_call(request: web.Request) -> web.Response:
     tx = request.app[TRANSCEIVER_KEY]
     return web.json_response(tx.call_info(_conn_id_from_path(request)))
+
+
+async def _call_quality(request: web.Request) -> web.Response:
+    return web.json_response(request.app[TRANSCEIVER_KEY].call_quality(_conn_id_from_path(request)))
 
 
 async def _export_call(request: web.Request) -> web.Response:
@@ -267,6 +273,7 @@ def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], b
     app.router.add_get("/calls", _list_calls)
     app.router.add_get("/calls/{conn_id}", _get_call)
     app.router.add_get("/calls/{conn_id}/sideband", _sideband)
+    app.router.add_get("/calls/{conn_id}/quality", _call_quality)
     app.router.add_delete("/calls/{conn_id}", _delete_call)
     app.router.add_get("/health", _health)
     return app

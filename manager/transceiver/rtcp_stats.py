@@ -51,6 +51,7 @@ class DirectionFigures:
     first_seq: int | None = None  # extended highest sequence of the first report (for "expected")
     jitter_ms: float | None = None
     loss_sum: float = 0.0
+    expected: int | None = None  # where counted here (the media engine's own estimate)
 
     def update(self, fraction: float, cumulative: int, highest: int, jitter_ms: float) -> None:
         self.reports += 1
@@ -62,13 +63,17 @@ class DirectionFigures:
 
     @property
     def loss_fraction(self) -> float | None:
-        """Over the call: the mean of the reports' interval losses (each interval is about as long)."""
+        """Over the call: lost / expected where counted here, else the mean of the
+        reports' interval losses (each interval is about as long)."""
+        if self.expected:
+            return round(max(self.cumulative_lost or 0, 0) / self.expected, 5)
         if self.reports == 0:
             return None
         return round(self.loss_sum / self.reports, 5)
 
     def to_dict(self) -> dict[str, Any]:
         return {"reports": self.reports, "fraction_lost": self.fraction_lost, "loss_fraction": self.loss_fraction,
+                "expected": self.expected,
                 "cumulative_lost": self.cumulative_lost, "highest_seq": self.highest_seq,
                 "jitter_ms": None if self.jitter_ms is None else round(self.jitter_ms, 3)}
 
@@ -141,6 +146,7 @@ class CallQuality:
         self.first_rtp_received_at: float | None = None
         self.local_ssrcs: set[int] = set()
         self._estimator: ReceiverEstimator | None = None
+        self._base_lost = self._base_expected = 0
         self._last_sample = 0.0
 
     # -- what the hooks feed ------------------------------------------------------------
@@ -184,8 +190,14 @@ class CallQuality:
                     self.rtt_ms = round(rtt, 3)
         if seen:
             if self._estimator is not None:
-                self.uplink.update(*self._estimator.interval())
+                self._estimated(*self._estimator.interval())
             self._sample()
+
+    def _estimated(self, fraction: float, lost: int, highest: int, jitter_ms: float) -> None:
+        est = self._estimator
+        assert est is not None
+        self.uplink.update(fraction, self._base_lost + lost, highest, jitter_ms)
+        self.uplink.expected = self._base_expected + est.expected
 
     def rtp_received(self, ssrc: int, seq: int, timestamp: int, arrival: float) -> None:
         """The media engine's decrypted RTP from the client (it makes no reports of its own)."""
@@ -193,6 +205,10 @@ class CallQuality:
             self.first_rtp_received_at = self.clock()
         est = self._estimator
         if est is None or est.ssrc != ssrc:
+            # Counted on from what was measured before (aiortc's reports, or another SSRC).
+            # aiortc's reports say no "expected": the engine counts from the hand-over then.
+            self._base_expected = self.uplink.expected or 0
+            self._base_lost = max(self.uplink.cumulative_lost or 0, 0) if self._base_expected else 0
             est = self._estimator = ReceiverEstimator(ssrc)
         est.rtp(seq, timestamp, arrival)
 
@@ -222,6 +238,10 @@ class CallQuality:
     # -- what relayd reads ------------------------------------------------------------
 
     def figures(self) -> dict[str, Any]:
+        est = self._estimator
+        if est is not None and est.expected:  # the engine's count is live between reports
+            self.uplink.cumulative_lost = self._base_lost + est.lost
+            self.uplink.expected = self._base_expected + est.expected
         return {"uplink": self.uplink.to_dict(), "downlink": self.downlink.to_dict(), "rtt_ms": self.rtt_ms,
                 "mos": {**self.mos.summary(), "samples": self.mos.samples}, "rtcp_malformed": self.malformed,
                 "first_rtp_sent_at": self.first_rtp_sent_at, "first_rtp_received_at": self.first_rtp_received_at}

@@ -40,6 +40,7 @@ from .import_plan import ImportPlan
 from .imported_call import DEFAULT_CONSENT_TIMEOUT, ImportedCall
 from .media_engine import MediaEngine
 from .opus import DEFAULT_COMPLEXITY
+from .rtcp_stats import EndedFigures
 from .rtp_streams import migration_blocker
 from .webrtc_call import WebRtcCall, strip_offer_candidates, validate_offer
 
@@ -64,6 +65,10 @@ def _check_conn_id(conn_id: object) -> int:
         raise InvalidRequest(f"conn_id must be an integer in 1..{U32_MAX}")
     return conn_id
 
+
+
+def _figures(call: CallHandle) -> dict[str, Any]:
+    return {**call.quality.figures(), "created_at": call.created_at, "connected_at": call.connected_at}
 
 class Transceiver:
     """Programmatic transceiver: one aiortc RTCPeerConnection per call, one shared ICE port.
@@ -139,6 +144,7 @@ class Transceiver:
         self.leases_expired = 0
         # Relays' media checks of packets from new client addresses, by outcome.
         self.media_checks: Counter[str] = Counter()
+        self.ended_figures = EndedFigures()  # RTCP figures of calls that ended here, for relayd
         #: Called with (conn_id, reason) when a call ends, whatever the cause.
         self.on_call_ended: list[Callable[[int, str], None]] = []
         self._muxes: list[IceMux] = []
@@ -252,6 +258,15 @@ class Transceiver:
     def agent_session(self, conn_id: int) -> AgentSession:
         """The call's agent session (its sideband events go through it)."""
         return self._get(conn_id).session
+    def call_quality(self, conn_id: int) -> dict[str, Any]:
+        """A call's RTCP figures (rtcp_stats), live or of a call that ended here lately."""
+        call = self._calls.get(conn_id)
+        if call is not None:
+            return {**_figures(call), "ended": False}
+        ended = self.ended_figures.get(conn_id)
+        if ended is None:
+            raise UnknownCall(f"no call with conn_id {conn_id}, live or ended lately")
+        return ended
 
     def call_info(self, conn_id: int) -> dict[str, Any]:
         """Live state of a call, without secrets."""
@@ -356,6 +371,7 @@ class Transceiver:
             await call.close(quiet=False)
             return
         self._calls[call.conn_id] = new
+        new.media.quality.carry_on(call.quality)
         new.start(agent_task=agent_task)
         new.activate("handover")
         logger.info("call %d handed over to the media engine", call.conn_id)
@@ -415,6 +431,7 @@ class Transceiver:
         self._stop_lease(call.conn_id)
         await call.close(quiet=quiet)
         tracing.drop("connect", call.conn_id, reason)  # never connected
+        self.ended_figures.add(call.conn_id, _figures(call), reason)  # relayd reads them after the end
         logger.info("call %d ended: %s", call.conn_id, reason)
         for callback in list(self.on_call_ended):
             try:
