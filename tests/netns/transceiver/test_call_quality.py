@@ -9,7 +9,6 @@ which drops a seeded fraction of the client's RTP on its way to the transceiver.
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
