@@ -93,6 +93,7 @@ class Migrator:
         self.client = client
         self.allows_owner = allows_owner  # owner addresses must lie in the internal prefixes
         self.running: set[int] = set()
+        self.on_moved: Callable[[MigrationResult], None] | None = None  # the call records (call_journal)
         self._background = TaskSet("migrator", log)
         # registry=None: metrics kept but not exported (no relay to serve them).
         self.outcomes = Counter("splitrelay_migrations", "Call migrations by outcome", ["outcome"],
@@ -203,6 +204,8 @@ class Migrator:
             trace.end()
             if res.switch_s is not None:
                 self.switch.observe(res.switch_s)
+            if self.on_moved is not None:
+                self.on_moved(res)
             log.info("call %s moved from transceiver %d to %d (flip %.1f ms, first packet %s)", call.call_id,
                      source.id, target.id, res.flip_s * 1000,
                      f"{res.switch_s * 1000:.1f} ms" if res.switch_s is not None else "not seen")
