@@ -306,8 +306,14 @@ class CallJournal:
         if self.observe is not None:
             self.observe(record)
 
-    def live(self, conn_id: int) -> Account | None:
-        return self.accounts.get(conn_id)
+    async def live_record(self, call) -> CallRecord:
+        """What the record of a live call would say now (``relayctl calls show``)."""
+        acc = self.accounts.get(call.conn_id) or self._account(call)
+        self._sample_one(acc)
+        figures = await self.quality(call.transceiver_id, call.conn_id)
+        if figures is not None:
+            acc.figures[str(call.transceiver_id)] = figures
+        return build_record(acc, "live", time.time(), anonymise=self.anonymise)
 
     # -- adapters for the relay's components ------------------------------------------------
 

@@ -164,7 +164,8 @@ class Relay:
         deps = ControlDeps(
             config=cfg, registry=self.registry, datapath=self.datapath, slowpath=self.slowpath,
             migrator=self.migrator, transceivers=self._client, flow_setup=self.metrics.flow_setup,
-            runtime=self.runtime, fleet=self.fleet, tcp=self.tcp, next_hops=self.next_hops)
+            runtime=self.runtime, fleet=self.fleet, tcp=self.tcp, next_hops=self.next_hops,
+            journal=self.journal)
 
         def applied(new: RelaydConfig) -> None:
             self.cfg = deps.config = new

@@ -91,6 +91,8 @@ class RelayCollector:
 CALL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 MOS_BUCKETS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 3.8, 4.0, 4.2, 4.3, 4.4, 4.5)
 LOSS_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
+HOPS = ("client_relay", "relay_transceiver", "path")
+COMMON_END_REASONS = ("client-hangup", "transceiver-closed", "idle-timeout", "operator", "placement-failed")
 
 
 class CallMetrics:
@@ -109,6 +111,14 @@ class CallMetrics:
         self.loss = Histogram("splitrelay_call_loss_ratio", "A call's packet loss over its life, per hop and "
                               "direction", ["hop", "direction"], buckets=LOSS_BUCKETS, registry=registry)
         self.ended = Counter("splitrelay_calls_ended", "Calls ended, by reason", ["reason"], registry=registry)
+        # Series exist from the start (a dashboard's query finds them, at zero, before the first end).
+        for kind in ("migration", "failover"):
+            self.gap.labels(kind)
+        for hop in HOPS:
+            for direction in ("uplink", "downlink"):
+                self.loss.labels(hop, direction)
+        for reason in COMMON_END_REASONS:
+            self.ended.labels(reason)
 
     def observe(self, record: CallRecord) -> None:
         self.ended.labels(record.end_reason).inc()
@@ -121,7 +131,7 @@ class CallMetrics:
         for move in record.moves:
             if move.gap_ms is not None:
                 self.gap.labels(move.kind).observe(move.gap_ms / 1000)
-        for hop in ("client_relay", "relay_transceiver", "path"):
+        for hop in HOPS:
             figures = getattr(record, hop)
             for direction in ("uplink", "downlink"):
                 loss = getattr(figures, direction).loss_fraction
