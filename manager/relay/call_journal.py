@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from manager.observability.logs import call_context
 from manager.protocol.addresses import family_of
 from manager.protocol.call_record import CallRecord
 from manager.protocol.tasks import TaskSet
@@ -275,6 +276,10 @@ class CallJournal:
 
     async def close(self, acc: Account, reason: str, ended_at: float) -> CallRecord | None:
         """Fetch what is missing, build the record, write it."""
+        with call_context(call_id=acc.call_id, conn_id=acc.conn_id):
+            return await self._close(acc, reason, ended_at)
+
+    async def _close(self, acc: Account, reason: str, ended_at: float) -> CallRecord | None:
         if self.redis is not None:
             try:
                 raw = await self.redis.getdel(self._key(acc.conn_id))
@@ -336,7 +341,8 @@ def for_relay(cfg, registry, slowpath, datapath, client, fleet, observe) -> Call
             tx = registry.get_transceiver(transceiver_id)
             return await client.call_op(tx, "GET", f"/calls/{conn_id}/quality")
         except (LookupError, TransceiverError) as exc:
-            log.info("call records: no figures of conn_id %d from transceiver %d: %s", conn_id, transceiver_id, exc)
+            log.info("call records: no figures from transceiver %d: %s", transceiver_id, exc,
+                     extra={"conn_id": conn_id})
             return None
 
     def legs_of(conn_id: int) -> list:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Histogram
 
 from manager.observability import tracing
+from manager.observability.logs import call_context
 from manager.protocol.addresses import OwnerAddr
 from manager.protocol.tasks import TaskSet
 from manager.relay.kernel.datapath import Datapath
@@ -135,6 +136,10 @@ class Migrator:
 
     async def migrate(self, ref: str | int, target_id: int) -> MigrationResult:
         call, target = self.check(ref, target_id)
+        with call_context(call_id=call.call_id, conn_id=call.conn_id):  # its lines (and its tasks') name it
+            return await self._migrate(call, target)
+
+    async def _migrate(self, call: Call, target) -> MigrationResult:
         conn = call.conn_id
         source = self.registry.get_transceiver(call.transceiver_id)
         old_owner = call.owner

@@ -48,6 +48,7 @@ from aiohttp import web
 
 from manager import pki
 from manager.observability import tracing
+from manager.observability.logs import bind_call
 from manager.protocol.http import error_middleware, json_body, json_error
 
 from .errors import (
@@ -214,6 +215,15 @@ def _call_error(request: web.Request, exc: Exception) -> tuple[int, str] | None:
 _call_errors = error_middleware(json_error, _call_error)
 
 
+@web.middleware
+async def _name_the_call(request: web.Request, handler) -> web.StreamResponse:
+    """A request about one call: its log lines (and its tasks') carry the call's conn_id."""
+    raw = request.match_info.get("conn_id", "")
+    if raw.isdigit() and len(raw) < 11:
+        bind_call(conn_id=int(raw))
+    return await handler(request)
+
+
 def relayd_only(request: web.Request) -> bool:
     """Whether the TLS client certificate of this connection names relayd
     (the handshake already verified it against the CA)."""
@@ -260,6 +270,7 @@ def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], b
     middlewares = [_call_errors] if authorize is None else [_authorized(authorize), _call_errors]
     if tracing.enabled():  # off: not even a middleware
         middlewares.insert(len(middlewares) - 1, _traced(transceiver.id))
+    middlewares.append(_name_the_call)
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[TRANSCEIVER_KEY] = transceiver
     app.router.add_post("/calls", _post_call)

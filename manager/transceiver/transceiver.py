@@ -27,6 +27,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCBundlePolicy
 
 from manager.observability import tracing
+from manager.observability.logs import bind_call
 from manager.protocol.callstate import parse_call_state
 from manager.protocol.log_budget import LogBudget
 from manager.protocol.tasks import TaskSet
@@ -284,6 +285,7 @@ class Transceiver:
         :class:`DuplicateCall` or :class:`CapacityExceeded`.
         """
         _check_conn_id(conn_id)
+        bind_call(conn_id=conn_id)  # the call's tasks, started below, carry it too
         if not isinstance(ufrag, str):
             raise InvalidRequest("ufrag must be a string")
         try:
@@ -341,6 +343,7 @@ class Transceiver:
         as a migration from this transceiver to itself: one established-call
         path. A call that cannot move stays on aiortc and says why
         (``media_engine.why`` in its info)."""
+        bind_call(conn_id=call.conn_id)
         deadline = time.monotonic() + HANDOVER_TIMEOUT
         while (blocker := call.handover_blocker()) is not None:
             settling, why = blocker
@@ -432,7 +435,7 @@ class Transceiver:
         await call.close(quiet=quiet)
         tracing.drop("connect", call.conn_id, reason)  # never connected
         self.ended_figures.add(call.conn_id, _figures(call), reason)  # relayd reads them after the end
-        logger.info("call %d ended: %s", call.conn_id, reason)
+        logger.info("call %d ended: %s", call.conn_id, reason, extra={"conn_id": call.conn_id})
         for callback in list(self.on_call_ended):
             try:
                 callback(call.conn_id, reason)
@@ -503,6 +506,7 @@ class Transceiver:
         (bad state), :class:`DuplicateCall` or :class:`CapacityExceeded`.
         """
         _check_conn_id(conn_id)
+        bind_call(conn_id=conn_id)
         if self._stopping:
             raise CapacityExceeded("transceiver is stopping")
         await self.start()

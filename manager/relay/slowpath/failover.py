@@ -152,5 +152,5 @@ class Failover:
         if self.on_failover is not None:
             self.on_failover(leg.conn_id, remote.relay, time.monotonic() - t0)
         log.info("call %s: took over %s from relay %s in %.1f ms", leg.conn_id, leg.client, remote.relay,
-                 (time.monotonic() - t0) * 1000)
+                 (time.monotonic() - t0) * 1000, extra={"conn_id": leg.conn_id})
 
