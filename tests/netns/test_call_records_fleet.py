@@ -6,7 +6,6 @@ the move and its gap, both transceivers and both relays."""
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -17,31 +16,12 @@ from manager.relay.call_records import RecordStream
 from manager.relay.config import RegistryConfig
 from manager.relay.fleet import RedisFleet
 from manager.relay.registry import Registry
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, registry_config
 from tests.support.waiting import eventually_async
 
 OWNER_A = OwnerAddr(addr4="10.10.2.2", port4=40000)
 OWNER_B = OwnerAddr(addr4="10.10.3.2", port4=40001)
 STREAM = "splitrelay:records"
-
-
-@pytest.fixture
-def server(tmp_path: Path):
-    s = RedisServer(tmp_path, password="records-test-password")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-def _cfg(server: RedisServer, tmp_path: Path) -> RegistryConfig:
-    pw = tmp_path / "redis.password"
-    if not pw.exists():
-        fd = os.open(pw, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.write(fd, f"{server.password}\n".encode())
-        os.close(fd)
-    return RegistryConfig(backend="redis", url=server.url, password_file=pw, ttl=10, timeout=0.5)
 
 
 class Relay:
@@ -72,7 +52,7 @@ class Relay:
 
 
 def test_a_call_moved_restarted_and_ended_elsewhere_has_one_record(server: RedisServer, tmp_path: Path) -> None:
-    cfg = _cfg(server, tmp_path)
+    cfg = registry_config(server, tmp_path)
 
     async def go() -> None:
         async with Relay(cfg, "r2") as b:

@@ -18,29 +18,11 @@ from manager.relay.config import RegistryConfig
 from manager.relay.fleet import FleetUnavailable, RedisFleet
 from manager.relay.registry import Registry
 from tests.support.redis_server import REDIS, RedisServer
+from tests.support.redis_server import registry_config as _cfg
 from tests.support.waiting import eventually_async
 
 OWNER_A = OwnerAddr(addr4="10.10.2.2", port4=40000)
 OWNER_B = OwnerAddr(addr4="10.10.3.2", port4=40001)
-
-
-@pytest.fixture
-def server(tmp_path: Path):
-    s = RedisServer(tmp_path, password="fleet-test-password")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-def _cfg(server: RedisServer, tmp_path: Path, **kw) -> RegistryConfig:
-    pw = tmp_path / "redis.password"
-    if not pw.exists():
-        fd = os.open(pw, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.write(fd, f"{server.password}\n".encode())
-        os.close(fd)
-    return RegistryConfig(backend="redis", url=server.url, password_file=pw, ttl=10, timeout=0.5, **kw)
 
 
 async def _until(pred, timeout: float = 3.0, what: str = "condition") -> float:

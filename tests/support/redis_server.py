@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import redis
 
+from manager.relay.config import RegistryConfig
 from tests.support.waiting import Hopeless, eventually
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -48,3 +50,23 @@ class RedisServer:
 
     def raw(self) -> redis.Redis:
         return redis.Redis(unix_socket_path=str(self.sock), password=self.password, decode_responses=True)
+
+
+def password_server(tmp_path: Path):
+    """A password-protected redis-server for one test (the netns layer's `server` fixture)."""
+    s = RedisServer(tmp_path, password="fleet-test-password")
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def registry_config(server: RedisServer, tmp_path: Path, **kw) -> RegistryConfig:
+    """A fleet registry config for `server`, its password in a 0600 file."""
+    pw = tmp_path / "redis.password"
+    if not pw.exists():
+        fd = os.open(pw, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, f"{server.password}\n".encode())
+        os.close(fd)
+    return RegistryConfig(backend="redis", url=server.url, password_file=pw, ttl=10, timeout=0.5, **kw)
