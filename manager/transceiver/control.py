@@ -79,6 +79,7 @@ def _conn_id_from_path(request: web.Request) -> int:
         raise web.HTTPBadRequest(
             text='{"error": "conn_id must be an integer"}', content_type="application/json"
         ) from None
+    bind_call(conn_id=conn_id)  # the request's log lines (and its tasks') name the call
     return conn_id
 
 
@@ -215,15 +216,6 @@ def _call_error(request: web.Request, exc: Exception) -> tuple[int, str] | None:
 _call_errors = error_middleware(json_error, _call_error)
 
 
-@web.middleware
-async def _name_the_call(request: web.Request, handler) -> web.StreamResponse:
-    """A request about one call: its log lines (and its tasks') carry the call's conn_id."""
-    raw = request.match_info.get("conn_id", "")
-    if raw.isdigit() and len(raw) < 11:
-        bind_call(conn_id=int(raw))
-    return await handler(request)
-
-
 def relayd_only(request: web.Request) -> bool:
     """Whether the TLS client certificate of this connection names relayd
     (the handshake already verified it against the CA)."""
@@ -270,7 +262,6 @@ def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], b
     middlewares = [_call_errors] if authorize is None else [_authorized(authorize), _call_errors]
     if tracing.enabled():  # off: not even a middleware
         middlewares.insert(len(middlewares) - 1, _traced(transceiver.id))
-    middlewares.append(_name_the_call)
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[TRANSCEIVER_KEY] = transceiver
     app.router.add_post("/calls", _post_call)
