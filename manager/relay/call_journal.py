@@ -174,15 +174,20 @@ class CallJournal:
         self.carried.discard(call.conn_id)
         if call.transceiver_id not in acc.transceivers:
             acc.transceivers.append(call.transceiver_id)
+        return acc
+
+    def _here(self, acc: Account) -> None:
+        """This relay served the call (placed or moved it, or carries a leg of it)."""
         if self.relay_id not in acc.relays:
             acc.relays.append(self.relay_id)
-        return acc
 
     def _changed(self, kind: str, record: dict) -> None:
         if kind == "call":
             call = self.registry.get_call(record["conn_id"])
             if call is not None:
-                self._save(self._account(call))
+                acc = self._account(call)
+                self._here(acc)
+                self._save(acc)
         elif kind == "end":  # this relay ended it (not sent for another relay's end)
             self._ending[record["conn_id"]] = record["reason"]
             acc = self.accounts.get(record["conn_id"])
@@ -196,6 +201,7 @@ class CallJournal:
         if acc is None or acc.call_id != call.call_id:
             acc = Account(call.call_id, call.conn_id, call.created, transceivers=[call.transceiver_id],
                           relays=[self.relay_id])
+        self._here(acc)  # it ended the call
         self._tasks.spawn(self.close(acc, reason, time.time()))
 
     def moved(self, conn_id: int, kind: str, *, from_transceiver: int | None = None,
@@ -239,6 +245,7 @@ class CallJournal:
 
     def _sample_one(self, acc: Account) -> None:
         for leg in self.legs_of(acc.conn_id):
+            self._here(acc)
             counts = self.flow_counts(leg)
             if not acc.client:
                 acc.client = {"family": "ipv6" if family_of(leg.client[0]) == 6 else "ipv4",
