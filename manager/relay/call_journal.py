@@ -63,7 +63,9 @@ class Account:
     relays: list[str] = field(default_factory=list)
     moves: list[dict] = field(default_factory=list)
     client: dict = field(default_factory=dict)  # family, transport, address (as seen; anonymised when written)
-    flows: dict[str, list[int]] = field(default_factory=dict)  # "client|vip" -> [pk in, bytes in, pk out, bytes out]
+    # "client|vip" -> the kernel's counters (record_build.kernel_stream): packets and bytes
+    # each way, then where the kernel accounts RTP sequence numbers expected, lost, jitter each way.
+    flows: dict[str, list[int]] = field(default_factory=dict)
     figures: dict[str, dict] = field(default_factory=dict)  # transceiver id -> its RTCP figures of the call
 
     def to_dict(self) -> dict:
@@ -97,7 +99,7 @@ class CallJournal:
     """Accounts of the calls this relay knows, closed into records (see the module docstring)."""
 
     def __init__(self, registry, *, relay_id: str, quality: QualityFetch, legs_of: Callable[[int], list],
-                 flow_counts: Callable[[Any], tuple[int, int, int, int] | None],
+                 flow_counts: Callable[[Any], tuple[int, ...] | None],
                  file: RecordFile | None = None, stream: RecordStream | None = None, redis=None,
                  key_prefix: str = "splitrelay", state_path: Path | None = None, anonymise: str = "full",
                  observe: Callable[[CallRecord], None] | None = None) -> None:
@@ -355,9 +357,19 @@ def for_relay(cfg, registry, slowpath, datapath, client, fleet, observe) -> Call
     def legs_of(conn_id: int) -> list:
         return [*slowpath.legs_of(conn_id), *slowpath.stream_legs_of(conn_id)]
 
-    def flow_counts(leg) -> tuple[int, int, int, int] | None:
+    # The XDP per-flow media accounting (Datapath.flow_media), where this datapath has it.
+    flow_media = getattr(datapath, "flow_media", None)
+
+    def flow_counts(leg) -> tuple[int, ...] | None:
         if leg.stream is not None or leg.installed_at is None or datapath.maps is None:
             return None  # ICE-TCP: the bridge carries it, not the kernel
+        if flow_media is not None:
+            media = flow_media(leg.client, leg.vip)
+            if media is None:
+                return None
+            up, down = media.up, media.down
+            return (up.packets, up.bytes, down.packets, down.bytes, up.expected, up.lost,
+                    round(up.jitter_ms * 1000), down.expected, down.lost, round(down.jitter_ms * 1000))
         flow = datapath.get_flow(leg.client, leg.vip)
         return None if flow is None else (flow.packets_in, flow.bytes_in, flow.packets_out, flow.bytes_out)
 

@@ -7,11 +7,12 @@
   weighted by their reports; jitter is the worst seen.
 - ``client_relay``: the kernel's packets and bytes of the call's flows, each
   way (uplink: from the client; downlink: to it). Where a flow's counters
-  carry RTP sequence accounting (``expected`` and ``lost``, the XDP per-flow
-  accounting, :func:`kernel_stream`), the client's uplink loss is located on
-  this hop, and the rest of the path's loss on ``relay_transceiver``:
-  ``1 - (1 - path) / (1 - client_relay)`` (losses on two hops in a row
-  compound).
+  carry RTP sequence accounting (``expected``, ``lost`` and jitter each way,
+  the XDP per-flow accounting, :func:`kernel_stream`), the relay measures the
+  hop before it each way: client → relay (uplink, on ``client_relay``) and
+  transceiver → relay (downlink, on ``relay_transceiver``); the rest of the
+  path's loss that way is on the other hop: ``1 - (1 - path) / (1 - measured)``
+  (losses on two hops in a row compound).
 - MOS: the lowest of any transceiver's samples and when, the average over
   all samples.
 """
@@ -31,18 +32,17 @@ from manager.protocol.call_record import (
 from manager.protocol.call_record import anonymise as anonymise_address
 
 
-def kernel_stream(counts: list[int], direction: str) -> StreamFigures:
-    """One direction of one flow's kernel counters: [packets in, bytes in,
-    packets out, bytes out, then, where the kernel accounts RTP sequence
-    numbers, expected in, lost in, jitter in (µs)]."""
-    if direction == "uplink":
-        fig = StreamFigures(packets=counts[0], bytes=counts[1])
-        if len(counts) >= 6:
-            fig.expected, fig.lost = counts[4], counts[5]
-        if len(counts) >= 7:
-            fig.jitter_ms = counts[6] / 1000
-        return fig
-    return StreamFigures(packets=counts[2], bytes=counts[3])
+def kernel_stream(counts: list[int], direction: str) -> tuple[StreamFigures, StreamFigures | None]:
+    """One direction of one flow's kernel counters (call_journal): [packets in,
+    bytes in, packets out, bytes out, then, where the kernel accounts RTP
+    sequence numbers, expected, lost and jitter (µs) in, the same out].
+    Returns (packets and bytes, the sequence accounting or None)."""
+    up = direction == "uplink"
+    fig = StreamFigures(packets=counts[0 if up else 2], bytes=counts[1 if up else 3])
+    at = 4 if up else 7
+    if len(counts) < at + 3 or not counts[at]:
+        return fig, None
+    return fig, StreamFigures(expected=counts[at], lost=counts[at + 1], jitter_ms=counts[at + 2] / 1000)
 
 
 def _add(total: StreamFigures, part: StreamFigures) -> None:
@@ -111,18 +111,23 @@ def build_record(acc: Any, reason: str, ended_at: float, *, anonymise: str = "fu
     client = acc.client or {}
     record.client = ClientInfo(family=client.get("family"), transport=client.get("transport"),
                                address=anonymise_address(client.get("address"), anonymise))
-    hop = HopFigures()
+    hop, after = HopFigures(), HopFigures()  # client ⇄ relay, relay ⇄ transceiver
     for counts in acc.flows.values():
-        _add(hop.uplink, kernel_stream(counts, "uplink"))
-        _add(hop.downlink, kernel_stream(counts, "downlink"))
-    if hop.uplink.expected:
-        hop.uplink.loss_fraction = round(max(hop.uplink.lost or 0, 0) / hop.uplink.expected, 5)
-    record.client_relay = hop
+        for direction, measured_hop in (("uplink", hop), ("downlink", after)):
+            total, seq = kernel_stream(counts, direction)
+            _add(getattr(hop, direction), total)
+            if seq is not None:
+                _add(getattr(measured_hop, direction), seq)
+    for stream in (hop.uplink, after.downlink):
+        if stream.expected:
+            stream.loss_fraction = round(max(stream.lost or 0, 0) / stream.expected, 5)
+    record.client_relay, record.relay_transceiver = hop, after
     path = HopFigures(uplink=_path_direction(figures, "uplink"), downlink=_path_direction(figures, "downlink"))
     rtts = [f["rtt_ms"] for f in figures if f.get("rtt_ms") is not None]
     path.rtt_ms = rtts[-1] if rtts else None
     record.path = path
-    record.relay_transceiver.uplink.loss_fraction = _remaining(path.uplink.loss_fraction, hop.uplink.loss_fraction)
+    after.uplink.loss_fraction = _remaining(path.uplink.loss_fraction, hop.uplink.loss_fraction)
+    hop.downlink.loss_fraction = _remaining(path.downlink.loss_fraction, after.downlink.loss_fraction)
     record.mos = _mos(figures)
     record.connected_at = _first(figures, "connected_at")
     if record.connected_at is not None:

@@ -53,16 +53,20 @@ def test_the_path_joins_every_transceiver_and_the_client_hop_is_the_kernels():
     assert r.transceivers == [1, 2] and r.end_reason == "client-hangup"
 
 
-def test_kernel_sequence_accounting_locates_the_uplink_loss_per_hop():
+def test_kernel_sequence_accounting_locates_loss_per_hop_both_ways():
     acc = account()
-    acc.figures = {"1": figures(up_loss=0.04, down_loss=0.0, reports=10, mos_min=4, mos_avg=4, at=1)}
+    acc.figures = {"1": figures(up_loss=0.04, down_loss=0.03, reports=10, mos_min=4, mos_avg=4, at=1)}
     acc.transceivers = [1]
-    acc.flows = {"a": [970, 97000, 1000, 100000, 1000, 30, 2500]}  # 3 % lost before the relay
+    # 3 % of the client's RTP lost before the relay; 1 % of the transceiver's before the relay.
+    acc.flows = {"a": [970, 97000, 990, 100000, 1000, 30, 2500, 1000, 10, 1200]}
     r = build_record(acc, "client-hangup", 200.0)
     assert r.client_relay.uplink.loss_fraction == pytest.approx(0.03)
-    assert r.client_relay.uplink.jitter_ms == 2.5
-    # 4 % on the whole path, 3 % of it before the relay: ~1 % after it.
+    assert r.client_relay.uplink.jitter_ms == 2.5 and r.client_relay.uplink.packets == 970
+    assert r.relay_transceiver.downlink.loss_fraction == pytest.approx(0.01)
+    assert r.relay_transceiver.downlink.jitter_ms == 1.2 and r.client_relay.downlink.packets == 990
+    # The path's loss each way, less the part measured at the relay, is the other hop's.
     assert r.relay_transceiver.uplink.loss_fraction == pytest.approx(1 - 0.96 / 0.97, abs=1e-4)
+    assert r.client_relay.downlink.loss_fraction == pytest.approx(1 - 0.97 / 0.99, abs=1e-4)
 
 
 def test_anonymise_none_leaves_the_address_out():
