@@ -28,7 +28,7 @@ from manager.lab.lifecycle import lab as lab_ctx
 from manager.lab.netns import NetnsExecutor
 from manager.lab.services import Services
 from manager.relay.call_records import read_file
-from tests.support.lab_calls import audio_flowing
+from tests.support.lab_calls import audio_flowing, migrate_away
 from tests.support.waiting import eventually
 
 # realtime: the call runs against the wall clock.
@@ -67,11 +67,8 @@ def test_uplink_loss_and_a_migration_are_in_the_record(tmp_path: Path) -> None:
 
             async def migrate_mid_call(pc, rep) -> None:
                 await audio_flowing(pc)
-                call_id = rep.call_url.rsplit("/", 1)[1]
-                src = (await asyncio.to_thread(svc.call, call_id))["transceiver_id"]
-                dst = 2 if src == 1 else 1
-                moved.update(await asyncio.to_thread(svc.control().request, "POST",
-                                                     f"/sessions/{call_id}/migrate", {"to": dst}))
+                _, _, result = await migrate_away(svc, svc.control, rep)
+                moved.update(result)
 
             with NetnsExecutor(lab.client_ns) as ex:
                 call = ex.call(asyncio.run, client_call(lab.signaling_url, duration=20.0, messages=3,
