@@ -39,11 +39,12 @@ LOSS_TABLE = "splitrelay_test_loss"
 
 
 def drop_client_rtp(lab, per_mille: int) -> None:
-    """Drop that share of the client's RTP (Opus, payload type 111) towards the relay."""
+    """Drop that share of the client's RTP (version 2, a dynamic payload type: its
+    Opus; RTCP's types are 200-207) towards the relay."""
     ruleset = f"""table inet {LOSS_TABLE} {{
   chain output {{
     type filter hook output priority 0; policy accept;
-    udp dport {lab.port} @th,73,7 111 numgen random mod 1000 < {per_mille} counter drop
+    udp dport {lab.port} @th,64,2 2 @th,73,7 96-127 numgen random mod 1000 < {per_mille} counter drop
   }}
 }}
 """
