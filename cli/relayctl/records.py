@@ -10,15 +10,12 @@ import time
 from datetime import datetime
 
 import click
-from redis.exceptions import RedisError
 
 from cli.relayctl.app import Fail, Target, json_option, main, pass_target
 from cli.relayctl.render import emit_json, record_lines, record_row, table
 from manager.protocol.call_record import CallRecord
 from manager.relay.call_records import RecordStream, read_file
 from manager.relay.control_client import ControlError
-from manager.relay.fleet import RedisFleet, redact_text, redact_url
-from manager.relay.registry import Registry
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -64,7 +61,23 @@ def show(t: Target, call: str, as_json: bool) -> None:
         click.echo("  " + line)
 
 
-async def _read_stream(cfg, since: float) -> list[CallRecord]:
+def _read_stream(cfg, since: float) -> list[CallRecord]:
+    """The fleet's stream; Redis (and what redis-py imports) loaded only here."""
+    from redis.exceptions import RedisError
+
+    from manager.relay.fleet import redact_text, redact_url
+
+    try:
+        return asyncio.run(_read(cfg, since))
+    except RedisError as exc:
+        raise Fail(f"cannot read the records stream from Redis at {redact_url(cfg.registry.url)}: "
+                   f"{redact_text(str(exc), cfg.registry.url)}") from None
+
+
+async def _read(cfg, since: float) -> list[CallRecord]:
+    from manager.relay.fleet import RedisFleet
+    from manager.relay.registry import Registry
+
     fleet = RedisFleet(cfg.registry, Registry())
     client = fleet.new_client()
     try:
@@ -91,11 +104,7 @@ def records(t: Target, since_text: str, path: str | None, as_json: bool) -> None
     if path is not None:
         found = read_file(path, since, skipped)
     elif cfg is not None and cfg.registry.backend == "redis" and cfg.records.stream:
-        try:
-            found = asyncio.run(_read_stream(cfg, since))
-        except RedisError as exc:
-            raise Fail(f"cannot read the records stream from Redis at {redact_url(cfg.registry.url)}: "
-                       f"{redact_text(str(exc), cfg.registry.url)}") from None
+        found = _read_stream(cfg, since)
     elif cfg is not None and cfg.records.path is not None:
         found = read_file(cfg.records.path, since, skipped)
     else:
