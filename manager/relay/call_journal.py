@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_EVERY = 5.0  # s between samples of the kernel's flow counters
 SAMPLE_BATCH = 500  # accounts sampled per round (the rest next round)
+STOP_WAIT = 5.0  # s relayd's stop waits for records being written
 ACCOUNT_TTL = 7 * 86400  # an account in Redis outlives a lost end this long
 
 # (transceiver id, conn_id) -> the transceiver's figures of the call, or None.
@@ -152,6 +153,9 @@ class CallJournal:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sampler
         self.sample(len(self.accounts))
+        # Records being closed finish (their fetches are bounded by the client's timeout), within reason.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._tasks.wait(), STOP_WAIT)
         await self._tasks.close()
         if self.state_path is not None and self.accounts:
             tmp = self.state_path.with_suffix(".tmp")
