@@ -361,21 +361,16 @@ def for_relay(cfg, registry, slowpath, datapath, client, fleet, observe) -> Call
     def legs_of(conn_id: int) -> list:
         return [*slowpath.legs_of(conn_id), *slowpath.stream_legs_of(conn_id)]
 
-    # The XDP per-flow media accounting (Datapath.flow_media), where this datapath has it.
-    flow_media = getattr(datapath, "flow_media", None)
-
     def flow_counts(leg) -> tuple[int, ...] | None:
+        """The XDP per-flow media accounting of a leg (Datapath.flow_media)."""
         if leg.stream is not None or leg.installed_at is None or datapath.maps is None:
             return None  # ICE-TCP: the bridge carries it, not the kernel
-        if flow_media is not None:
-            media = flow_media(leg.client, leg.vip)
-            if media is None:
-                return None
-            up, down = media.up, media.down
-            return (up.packets, up.bytes, down.packets, down.bytes, up.expected, up.lost,
-                    round(up.jitter_ms * 1000), down.expected, down.lost, round(down.jitter_ms * 1000))
-        flow = datapath.get_flow(leg.client, leg.vip)
-        return None if flow is None else (flow.packets_in, flow.bytes_in, flow.packets_out, flow.bytes_out)
+        media = datapath.flow_media(leg.client, leg.vip)
+        if media is None:
+            return None
+        up, down = media.up, media.down
+        return (up.packets, up.bytes, down.packets, down.bytes, up.expected, up.lost,
+                round(up.jitter_ms * 1000), down.expected, down.lost, round(down.jitter_ms * 1000))
 
     redis = fleet.new_client() if fleet is not None else None
     stream = (RecordStream(fleet.new_client(), f"{cfg.registry.key_prefix}:records", rec.stream_cap)

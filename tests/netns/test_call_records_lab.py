@@ -1,8 +1,10 @@
 """Call records from real calls in a lab (relayd alone, two transceivers):
 
 - 3 % of the client's RTP dropped on its uplink (nftables in the client's
-  namespace) and a migration mid-call: the record counts what was dropped,
-  within 1 percentage point of the packets sent, and has the move with its gap;
+  namespace) and a migration mid-call: the record counts what was dropped on
+  the client ⇄ relay hop (the kernel's sequence accounting) and on the whole
+  path (the transceivers' RTCP), within 1 percentage point of the packets
+  sent, none on the relay ⇄ transceiver hop, and has the move with its gap;
 - a call that spans a relayd restart gets one record: relayd (its registry
   in memory) is stopped with SIGTERM mid-call and started again; the call
   rides through on the fast path, hangs up, its adopted flows idle out, and
@@ -91,6 +93,13 @@ def test_uplink_loss_and_a_migration_are_in_the_record(tmp_path: Path) -> None:
             assert abs(rec.path.uplink.lost - lost) <= 0.01 * sent, (rec.path.uplink, lost, sent)
             assert abs(rec.path.uplink.loss_fraction - lost / sent) <= 0.01, (rec.path.uplink, lost, sent)
             assert rec.path.downlink.loss_fraction is not None and rec.path.downlink.loss_fraction < 0.01
+            # The kernel saw the gaps in the client's sequence numbers: the loss is on the client's hop.
+            print(f"client-relay uplink {rec.client_relay.uplink}; relay-transceiver uplink {rec.relay_transceiver.uplink}")
+            assert abs(rec.client_relay.uplink.loss_fraction - lost / sent) <= 0.01, rec.client_relay.uplink
+            assert rec.relay_transceiver.uplink.loss_fraction is not None
+            assert rec.relay_transceiver.uplink.loss_fraction <= 0.01, rec.relay_transceiver.uplink
+            assert rec.relay_transceiver.downlink.loss_fraction is not None
+            assert rec.relay_transceiver.downlink.loss_fraction <= 0.01
             assert rec.mos.min is not None and rec.mos.min < 4.4  # the loss costs quality
         finally:
             svc.stop()
