@@ -259,6 +259,7 @@ class Transceiver:
     def agent_session(self, conn_id: int) -> AgentSession:
         """The call's agent session (its sideband events go through it)."""
         return self._get(conn_id).session
+
     def call_quality(self, conn_id: int) -> dict[str, Any]:
         """A call's RTCP figures (rtcp_stats), live or of a call that ended here lately."""
         call = self._calls.get(conn_id)
