@@ -24,16 +24,19 @@ def json_lines(service: str) -> Iterator[list[dict]]:
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
     handler.setFormatter(JsonFormatter(service))
-    root = logging.getLogger()
-    old_level = root.level
+    # Our loggers and aiohttp's access log at INFO; no others (the root's level stays).
+    root, ours = logging.getLogger(), [logging.getLogger(n) for n in ("manager", "aiohttp.access")]
+    old_levels = [lg.level for lg in ours]
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    for lg in ours:
+        lg.setLevel(logging.INFO)
     lines: list[dict] = []
     try:
         yield lines
     finally:
         root.removeHandler(handler)
-        root.setLevel(old_level)
+        for lg, level in zip(ours, old_levels, strict=True):
+            lg.setLevel(level)
         lines.extend(json.loads(line) for line in buf.getvalue().splitlines())
 
 
