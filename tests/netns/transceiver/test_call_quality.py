@@ -74,7 +74,9 @@ def test_uplink_loss_is_measured_and_mos_falls_with_it(engine: bool) -> None:
                     assert up["loss_fraction"] == pytest.approx(fwd.dropped / sent, abs=0.025), (loss, up)
                 assert fig["downlink"]["fraction_lost"] == 0.0
                 assert fig["mos"]["samples"] >= 1
-            mos = [fig["mos"]["min"] for fig in figures]
+            # The average over the samples: one short interval's loss can make a call's minimum lower
+            # at 3 % than at 10 %.
+            mos = [fig["mos"]["avg"] for fig in figures]
             assert mos[0] > mos[1] > mos[2], mos
             if not engine:
                 assert figures[0]["rtt_ms"] is not None and figures[0]["rtt_ms"] < 100  # aiortc sends SRs
