@@ -93,3 +93,50 @@ def host_line(h: dict) -> str:
         return f"page NOT reachable at {h.get('url')}: {h.get('error')}"
     return (f"page at {h['url']}; a call from this machine through it "
             + ("connected and echoed" if h.get("call") else f"FAILED ({h.get('call_error')})"))
+
+
+def _pct(v: float | None) -> str | None:
+    return None if v is None else f"{v * 100:.2f}"
+
+
+def record_row(r) -> list[Any]:
+    """One call record (manager.protocol.call_record.CallRecord) as a table row."""
+    from datetime import datetime
+
+    return [datetime.fromtimestamp(r.ended_at).isoformat(timespec="seconds"), r.call_id, r.end_reason,
+            f"{r.ended_at - r.created_at:.1f}", ",".join(map(str, r.transceivers)) or None, len(r.moves) or None,
+            r.mos.min, _pct(r.path.uplink.loss_fraction), _pct(r.path.downlink.loss_fraction), ms(r.path.rtt_ms),
+            ms(r.connect_ms)]
+
+
+def _stream(s) -> str:
+    parts = [f"{s.packets} pkts", f"{s.bytes} B"]
+    if s.loss_fraction is not None:
+        parts.append(f"loss {s.loss_fraction * 100:.2f} %")
+    if s.lost is not None:
+        parts.append(f"lost {s.lost}")
+    if s.jitter_ms is not None:
+        parts.append(f"jitter {s.jitter_ms:.1f} ms")
+    return ", ".join(parts)
+
+
+def _or_dash(v: Any) -> Any:
+    return "-" if v is None else v
+
+
+def record_lines(r) -> list[str]:
+    """A call record as a few labelled lines (`relayctl calls show`)."""
+    c = r.client
+    lines = [f"client: {c.family or '-'} {c.transport or '-'} {c.address or '-'}",
+             f"transceivers: {', '.join(map(str, r.transceivers)) or '-'}; relays: {', '.join(r.relays) or '-'}",
+             f"connect: {ms(r.connect_ms) or '-'} ms, first audio: {ms(r.first_audio_ms) or '-'} ms",
+             f"MOS: min {_or_dash(r.mos.min)}, avg {_or_dash(r.mos.avg)}"]
+    for name, hop in (("client-relay", r.client_relay), ("relay-transceiver", r.relay_transceiver),
+                      ("path", r.path)):
+        rtt = f", RTT {hop.rtt_ms:.1f} ms" if hop.rtt_ms is not None else ""
+        lines.append(f"{name}: up {_stream(hop.uplink)}; down {_stream(hop.downlink)}{rtt}")
+    for m in r.moves:
+        src = m.from_transceiver if m.from_transceiver is not None else m.from_relay
+        dst = m.to_transceiver if m.to_transceiver is not None else m.to_relay
+        lines.append(f"{m.kind}: {src} -> {dst}, gap {ms(m.gap_ms) or '-'} ms")
+    return lines

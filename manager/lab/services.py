@@ -121,6 +121,7 @@ def relayd_config(lab: Lab, workdir: Path, *, metrics_port: int = 9100, idle_tim
         "tcp": {"port": LAB_TCP_PORT, "max_per_source": 4, "handshake_timeout": 2.0,
                 "trusted_proxies": [LAB_TCP_PROXY]},
         "metrics": {"port": metrics_port},  # on the internal address
+        "records": {"path": str(workdir / f"records-{relay_name(relay)}.jsonl")},
         "client_auth": auth,
     }
     if lab.relays > 1:

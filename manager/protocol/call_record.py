@@ -1,9 +1,11 @@
 """The record a call leaves when it ends: one JSON object, versioned.
 
 It joins what each side saw: the relay's kernel counts per flow (client ⇄
-relay), the transceiver's RTCP figures (relay ⇄ transceiver and, through the
-client's receiver reports, relay → client), the moves between transceivers
-and the call's timeline. ``schema`` is bumped on an incompatible change;
+relay), the transceivers' RTCP figures of the whole path (``path``: what the
+transceiver measured of the client's RTP, and what the client's receiver
+reports say of ours, with the round trip), the moves between transceivers and
+the call's timeline. A hop's loss is the part of the path's loss the relay
+locates there (manager.relay.record_build). ``schema`` is bumped on an incompatible change;
 readers skip records of a schema they do not know.
 """
 
@@ -80,6 +82,7 @@ class CallRecord(_Model):
     moves: list[Move] = Field(default_factory=list)
     client_relay: HopFigures = Field(default_factory=HopFigures)
     relay_transceiver: HopFigures = Field(default_factory=HopFigures)
+    path: HopFigures = Field(default_factory=HopFigures)  # client ⇄ transceiver, as the transceivers' RTCP says
     mos: MosFigures = Field(default_factory=MosFigures)
     connect_ms: float | None = None
     first_audio_ms: float | None = None

@@ -384,6 +384,27 @@ class TelemetryConfig(BaseModel):
         return None if v is None else check_endpoint(v)
 
 
+class RecordsConfig(BaseModel):
+    """Call records (docs/call-records.md): one JSON line per ended call in a
+    rotated file, and in a fleet also a capped Redis stream."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path | None = Field(default=None, description="JSON-lines file of call records (None: no file)")
+    max_bytes: int = Field(default=64 << 20, ge=4096, description="size at which the file is rotated")
+    backups: int = Field(default=5, ge=0, le=1000, description="rotated files kept (path.1 ... path.N)")
+    state_path: Path | None = Field(default=None, description="open calls' accounts kept over a restart "
+                                    "(default: path + '.open.json'; a fleet keeps them in Redis)")
+    anonymise: Literal["full", "prefix", "none"] = Field(
+        default="full", description="client address in records: whole, its /24 or /48, or left out")
+    stream: bool = Field(default=True, description="in a fleet, also XADD each record to {key_prefix}:records")
+    stream_cap: int = Field(default=100_000, ge=100, description="records the stream keeps (MAXLEN ~)")
+
+    def open_state(self) -> Path | None:
+        if self.state_path is not None:
+            return self.state_path
+        return None if self.path is None else self.path.with_name(self.path.name + ".open.json")
+
+
 class RelaydConfig(BaseModel):
     """Everything relayd needs; built from a file, the environment, or code."""
 
@@ -402,6 +423,7 @@ class RelaydConfig(BaseModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    records: RecordsConfig = Field(default_factory=RecordsConfig)
     control_socket: Path = Path("/run/splitrelay/relayd.sock")
     detach_on_exit: bool = Field(default=False, description="remove the fast path on stop (default: leave it running)")
     _hint_ring: KeyRing | None = PrivateAttr(default=None)

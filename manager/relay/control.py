@@ -9,6 +9,7 @@ works while relayd is down.
     GET    /sessions             calls with their client tuples and flows
     GET    /transceivers         registered transceivers
     GET    /stats                fast-path counters + slow-path counters
+    GET    /calls/{call}         a live call's figures, as its record would say them now (call id or conn id)
     POST   /expire               {"idle_s": float} optional -> what was removed
     DELETE /sessions/{call_id}   end a call (404 when unknown)
     POST   /sessions/{call_id}/migrate      {"to": transceiver id} -> the migration's result
@@ -79,6 +80,7 @@ class ControlDeps:
     next_hops: Any = None  # manager.relay.kernel.next_hops.NextHops
     reloader: Any = None  # manager.relay.reload.Reloader
     drains: Any = None  # manager.relay.drain.Drains: drains with a deadline
+    journal: Any = None  # manager.relay.call_journal.CallJournal: call records
 
 
 DEPS_KEY = web.AppKey("deps", ControlDeps)
@@ -362,6 +364,18 @@ async def post_undrain(request: web.Request) -> web.Response:
 
 async def post_reload_config(request: web.Request) -> web.Response:
     return await post_reload(_deps(request).reloader)
+async def get_call_figures(request: web.Request) -> web.Response:
+    deps = _deps(request)
+    ref = request.match_info["call"]
+    call = deps.registry.get_call_by_id(ref)
+    if call is None and ref.isdigit() and len(ref) < 11:
+        call = deps.registry.get_call(int(ref))
+    if call is None:
+        return json_error(404, f"unknown call {ref}: not live on this relay")
+    if deps.journal is None:
+        return json_error(503, "call records are not running")
+    record = await deps.journal.live_record(call)
+    return web.json_response({"state": call.state, "record": record.model_dump(by_alias=True)})
 
 
 def make_control_app(deps: ControlDeps) -> web.Application:
@@ -371,6 +385,7 @@ def make_control_app(deps: ControlDeps) -> web.Application:
     app.router.add_get("/sessions", get_sessions)
     app.router.add_get("/transceivers", get_transceivers)
     app.router.add_get("/stats", get_stats)
+    app.router.add_get("/calls/{call}", get_call_figures)
     app.router.add_post("/expire", post_expire)
     app.router.add_delete("/sessions/{call_id}", delete_session)
     app.router.add_post("/sessions/{call_id}/migrate", post_migrate)

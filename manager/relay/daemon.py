@@ -19,6 +19,7 @@ from aiohttp import web
 
 from manager import pki
 from manager.observability import tracing
+from manager.relay import call_journal
 from manager.relay.call_desk import SignalingCounters
 from manager.relay.config import RelaydConfig
 from manager.relay.control import ControlDeps, Runtime, start_control, stop_control
@@ -82,6 +83,7 @@ class Relay:
         self.tcp: TcpBridge | None = None
         self.migrator: Migrator | None = None
         self.drains: Drains | None = None
+        self.journal: call_journal.CallJournal | None = None
         self._runner: web.AppRunner | None = None
         self._client: TransceiverClient | None = None
         self._internal_runner: web.AppRunner | None = None
@@ -143,6 +145,10 @@ class Relay:
                                  metrics_registry=self.metrics.prometheus, allows_owner=cfg.internal.allows)
         self.drains = Drains(self.registry, self.migrator, self._client, metrics_registry=self.metrics.prometheus,
                              can_move=self._fleet_problem)
+        self.journal = call_journal.for_relay(cfg, self.registry, self.slowpath, self.datapath, self._client,
+                                              self.fleet, self.metrics.calls.observe)
+        await self.journal.start()
+        self.migrator.on_moved, self.slowpath.on_failover = self.journal.migrated, self.journal.failed_over
         auth = ClientAuth.from_config(cfg.client_auth)
         public = make_app(self.registry, hint_key=self.hint_keys, public_addrs=[v.as_tuple() for v in dp.vips],
                           transceiver_client=self._client, auth=auth,
@@ -166,7 +172,7 @@ class Relay:
             config=cfg, registry=self.registry, datapath=self.datapath, slowpath=self.slowpath,
             migrator=self.migrator, transceivers=self._client, flow_setup=self.metrics.flow_setup,
             runtime=self.runtime, fleet=self.fleet, tcp=self.tcp, next_hops=self.next_hops,
-            drains=self.drains)
+            drains=self.drains, journal=self.journal)
 
         def applied(new: RelaydConfig) -> None:
             self.cfg = deps.config = new
@@ -257,6 +263,9 @@ class Relay:
         self._runner = self._internal_runner = self._metrics_runner = None
         if self.migrator is not None:
             await self.migrator.close()
+        if self.journal is not None:
+            await self.journal.stop()  # before the client: its last fetches use it
+            self.journal = None
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -179,6 +179,10 @@ class RedisFleet:
                       ssl_keyfile=str(cfg.tls_key_file) if cfg.tls_key_file else None)
         return aioredis.from_url(cfg.url, **kw)
 
+    def new_client(self) -> aioredis.Redis:
+        """Another connection to the fleet's Redis, configured as this one (call records)."""
+        return self._connect()
+
     async def start(self, wait: float = 2.0) -> bool:
         """Connect and load the fleet's state; waits up to `wait` s for the
         first sync (relayd serves without it: new calls get 503 until then)."""

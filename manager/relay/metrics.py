@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from manager.protocol.call_record import CallRecord
 from manager.relay.kernel.datapath import Datapath
 from manager.relay.kernel.structs import stat_labels
 from manager.relay.readiness import Readiness
@@ -87,6 +88,57 @@ class RelayCollector:
         yield tx
 
 
+CALL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+MOS_BUCKETS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 3.8, 4.0, 4.2, 4.3, 4.4, 4.5)
+LOSS_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
+HOPS = ("client_relay", "relay_transceiver", "path")
+COMMON_END_REASONS = ("client-hangup", "transceiver-closed", "idle-timeout", "operator", "placement-failed")
+
+
+class CallMetrics:
+    """What each call record says, observed once as it is written (call_journal)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connect = Histogram("splitrelay_call_connect_seconds", "Offer received to ICE and DTLS connected",
+                                 buckets=CALL_BUCKETS, registry=registry)
+        self.first_audio = Histogram("splitrelay_call_first_audio_seconds",
+                                     "Offer received to the first RTP packet sent to the client",
+                                     buckets=CALL_BUCKETS, registry=registry)
+        self.mos = Histogram("splitrelay_call_mos", "Lowest E-model MOS estimate of a call, at its end",
+                             buckets=MOS_BUCKETS, registry=registry)
+        self.gap = Histogram("splitrelay_call_move_gap_seconds", "Media gap of a migration or failover",
+                             ["kind"], buckets=SWITCH_BUCKETS, registry=registry)
+        self.loss = Histogram("splitrelay_call_loss_ratio", "A call's packet loss over its life, per hop and "
+                              "direction", ["hop", "direction"], buckets=LOSS_BUCKETS, registry=registry)
+        self.ended = Counter("splitrelay_calls_ended", "Calls ended, by reason", ["reason"], registry=registry)
+        # Series exist from the start (a dashboard's query finds them, at zero, before the first end).
+        for kind in ("migration", "failover"):
+            self.gap.labels(kind)
+        for hop in HOPS:
+            for direction in ("uplink", "downlink"):
+                self.loss.labels(hop, direction)
+        for reason in COMMON_END_REASONS:
+            self.ended.labels(reason)
+
+    def observe(self, record: CallRecord) -> None:
+        self.ended.labels(record.end_reason).inc()
+        if record.connect_ms is not None:
+            self.connect.observe(record.connect_ms / 1000)
+        if record.first_audio_ms is not None:
+            self.first_audio.observe(record.first_audio_ms / 1000)
+        if record.mos.min is not None:
+            self.mos.observe(record.mos.min)
+        for move in record.moves:
+            if move.gap_ms is not None:
+                self.gap.labels(move.kind).observe(move.gap_ms / 1000)
+        for hop in HOPS:
+            figures = getattr(record, hop)
+            for direction in ("uplink", "downlink"):
+                loss = getattr(figures, direction).loss_fraction
+                if loss is not None:
+                    self.loss.labels(hop, direction).observe(loss)
+
+
 class Metrics:
     """relayd's Prometheus registry: the collector above plus the histograms
     the components observe into (the migrator registers its own here)."""
@@ -101,6 +153,7 @@ class Metrics:
         self.rebind = Histogram("splitrelay_rebind_seconds",
                                 "A client's first packet from a new address to its flow moved there",
                                 buckets=SETUP_BUCKETS, registry=self.prometheus)
+        self.calls = CallMetrics(self.prometheus)
 
     def watch_slowpath(self, slowpath: SlowPath) -> None:
         """Report this slow path's counters (it is built after the metrics,

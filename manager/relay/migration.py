@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Histogram
 
 from manager.observability import tracing
+from manager.observability.logs import call_context
 from manager.protocol.addresses import OwnerAddr
 from manager.protocol.tasks import TaskSet
 from manager.relay.kernel.datapath import Datapath
@@ -93,6 +94,7 @@ class Migrator:
         self.client = client
         self.allows_owner = allows_owner  # owner addresses must lie in the internal prefixes
         self.running: set[int] = set()
+        self.on_moved: Callable[[MigrationResult], None] | None = None  # the call records (call_journal)
         self._background = TaskSet("migrator", log)
         # registry=None: metrics kept but not exported (no relay to serve them).
         self.outcomes = Counter("splitrelay_migrations", "Call migrations by outcome", ["outcome"],
@@ -134,6 +136,10 @@ class Migrator:
 
     async def migrate(self, ref: str | int, target_id: int) -> MigrationResult:
         call, target = self.check(ref, target_id)
+        with call_context(call_id=call.call_id, conn_id=call.conn_id):  # its lines (and its tasks') name it
+            return await self._migrate(call, target)
+
+    async def _migrate(self, call: Call, target) -> MigrationResult:
         conn = call.conn_id
         source = self.registry.get_transceiver(call.transceiver_id)
         old_owner = call.owner
@@ -210,6 +216,8 @@ class Migrator:
             trace.end()
             if res.switch_s is not None:
                 self.switch.observe(res.switch_s)
+            if self.on_moved is not None:
+                self.on_moved(res)
             log.info("call %s moved from transceiver %d to %d (flip %.1f ms, first packet %s)", call.call_id,
                      source.id, target.id, res.flip_s * 1000,
                      f"{res.switch_s * 1000:.1f} ms" if res.switch_s is not None else "not seen")

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from manager.observability import tracing
+from manager.observability.logs import bind_call
 from manager.protocol.api import ApiError
 from manager.protocol.client_auth import AuthError, credential_digest, same_credential
 from manager.protocol.http import text_error
@@ -228,6 +229,7 @@ class _Api:
             credential=credential_digest(credential) if credential is not None else None,
         )
         setup.set(call_id=call.call_id, conn_id=conn_id, transceiver_id=transceiver.id)
+        bind_call(call_id=call.call_id, conn_id=conn_id)  # this request's log lines name the call
         try:
             with setup.phase("answer"):
                 answer, owner = await self.client.create_call(
@@ -299,6 +301,7 @@ class _Api:
         call = self.registry.get_call_by_id(call_id if call_id is not None else request.match_info["call_id"])
         if call is None:
             return text_error(404, "unknown call")
+        bind_call(call_id=call.call_id, conn_id=call.conn_id)
         if call.credential is not None and (credential is None or not same_credential(credential, call.credential)):
             self.counters.refused("other-credential")
             return _unauthorized("this call was created with another credential")

@@ -23,6 +23,7 @@ class CallHandle(abc.ABC):
     ufrag: str
     created_at: float
     connected_at: float | None
+    quality: Any  # rtcp_stats.CallQuality: the call's RTCP figures
     ending: bool = False
 
     def __init__(self) -> None:

@@ -31,6 +31,7 @@ from . import aiortc_hooks as hooks
 from .agent import FRAME_SAMPLES, SAMPLE_RATE, TIME_BASE, AgentSession
 from .jitter import SpeechJitterBuffer
 from .opus import DEFAULT_COMPLEXITY, Decoder, Encoder, OpusError
+from .rtcp_stats import CallQuality
 from .rtp_streams import WRAP_MARGIN, RtpStreamState
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ class CallMedia:
         self.sending = False
         self.frozen = False
         self.rate = RateLimit()
+        self.quality = CallQuality(plan.conn_id)  # RTCP figures (rtcp_stats); fed below
+        self.quality.local_ssrcs.add(plan.local_ssrc)
 
     # -- inbound -----------------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class CallMedia:
         if rtcp:
             if len(plain) >= 8:
                 self.stats.rtcp[str(int.from_bytes(plain[4:8], "big"))] += 1
+            self.quality.rtcp_received(plain)
             return True
         header = rtp_header.parse(plain)
         if header is None:
@@ -188,6 +192,7 @@ class CallMedia:
             stream = self.rx_streams[header.ssrc] = RtpStreamState(ssrc=header.ssrc,
                                                                    payload_type=header.payload_type)
         stream.update(header.sequence, header.timestamp, header.payload_type)
+        self.quality.rtp_received(header.ssrc, header.sequence, header.timestamp, now)
         if header.payload_type != self.plan.payload_type or not header.payload:
             self.stats.rx_other_payload += 1
             return True
@@ -297,6 +302,8 @@ class CallMedia:
         self._send(self._tx.protect(packet))
         tx.update(seq, timestamp, self.plan.payload_type)
         self.stats.tx_packets += 1
+        if self.quality.first_rtp_sent_at is None:
+            self.quality.rtp_sent(self.plan.local_ssrc)
 
     def info(self) -> dict:
         stats = dict(vars(self.stats))

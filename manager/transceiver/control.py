@@ -7,6 +7,8 @@ Routes (JSON bodies, errors as ``{"error": "..."}``):
   400 bad input, 409 duplicate conn_id/ufrag, 503 at capacity or stopping.
 * ``DELETE /calls/{conn_id}`` -> 204, 404 unknown.
 * ``GET /calls/{conn_id}`` -> call state and export summary, no secrets.
+* ``GET /calls/{conn_id}/quality`` -> its RTCP figures per direction, RTT and
+  MOS (rtcp_stats), live or of a call that ended here lately (``"ended": true``).
 * ``GET /calls`` -> ``{"calls": [conn_id, ...]}``.
 * ``GET /calls/{conn_id}/sideband`` -> websocket: the call's sideband events
   (manager.transceiver.sideband); 404 unknown.
@@ -46,6 +48,7 @@ from aiohttp import web
 
 from manager import pki
 from manager.observability import tracing
+from manager.observability.logs import bind_call
 from manager.protocol.http import error_middleware, json_body, json_error
 
 from .errors import (
@@ -76,6 +79,7 @@ def _conn_id_from_path(request: web.Request) -> int:
         raise web.HTTPBadRequest(
             text='{"error": "conn_id must be an integer"}', content_type="application/json"
         ) from None
+    bind_call(conn_id=conn_id)  # the request's log lines (and its tasks') name the call
     return conn_id
 
 
@@ -101,6 +105,10 @@ async def _delete_call(request: web.Request) -> web.Response:
 async def _get_call(request: web.Request) -> web.Response:
     tx = request.app[TRANSCEIVER_KEY]
     return web.json_response(tx.call_info(_conn_id_from_path(request)))
+
+
+async def _call_quality(request: web.Request) -> web.Response:
+    return web.json_response(request.app[TRANSCEIVER_KEY].call_quality(_conn_id_from_path(request)))
 
 
 async def _export_call(request: web.Request) -> web.Response:
@@ -267,6 +275,7 @@ def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], b
     app.router.add_get("/calls", _list_calls)
     app.router.add_get("/calls/{conn_id}", _get_call)
     app.router.add_get("/calls/{conn_id}/sideband", _sideband)
+    app.router.add_get("/calls/{conn_id}/quality", _call_quality)
     app.router.add_delete("/calls/{conn_id}", _delete_call)
     app.router.add_get("/health", _health)
     return app

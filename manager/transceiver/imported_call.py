@@ -180,6 +180,10 @@ class ImportedCall(CallHandle):
     # -- lifecycle ---------------------------------------------------------------------
 
     @property
+    def quality(self):  # its RTCP figures live with its media
+        return self.media.quality
+
+    @property
     def remote_addr(self) -> Addr:
         return (self.remote_candidate.host, self.remote_candidate.port)
 

@@ -27,6 +27,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCBundlePolicy
 
 from manager.observability import tracing
+from manager.observability.logs import bind_call
 from manager.protocol.callstate import parse_call_state
 from manager.protocol.log_budget import LogBudget
 from manager.protocol.tasks import TaskSet
@@ -40,6 +41,7 @@ from .import_plan import ImportPlan
 from .imported_call import DEFAULT_CONSENT_TIMEOUT, ImportedCall
 from .media_engine import MediaEngine
 from .opus import DEFAULT_COMPLEXITY
+from .rtcp_stats import EndedFigures
 from .rtp_streams import migration_blocker
 from .webrtc_call import WebRtcCall, strip_offer_candidates, validate_offer
 
@@ -65,6 +67,10 @@ def _check_conn_id(conn_id: object) -> int:
         raise InvalidRequest(f"conn_id must be an integer in 1..{U32_MAX}")
     return conn_id
 
+
+
+def _figures(call: CallHandle) -> dict[str, Any]:
+    return {**call.quality.figures(), "created_at": call.created_at, "connected_at": call.connected_at}
 
 class Transceiver:
     """Programmatic transceiver: one aiortc RTCPeerConnection per call, one shared ICE port.
@@ -145,6 +151,7 @@ class Transceiver:
         self.leases_expired = 0
         # Relays' media checks of packets from new client addresses, by outcome.
         self.media_checks: Counter[str] = Counter()
+        self.ended_figures = EndedFigures()  # RTCP figures of calls that ended here, for relayd
         #: Called with (conn_id, reason) when a call ends, whatever the cause.
         self.on_call_ended: list[Callable[[int, str], None]] = []
         self._muxes: list[IceMux] = []
@@ -261,6 +268,16 @@ class Transceiver:
         """The call's agent session (its sideband events go through it)."""
         return self._get(conn_id).session
 
+    def call_quality(self, conn_id: int) -> dict[str, Any]:
+        """A call's RTCP figures (rtcp_stats), live or of a call that ended here lately."""
+        call = self._calls.get(conn_id)
+        if call is not None:
+            return {**_figures(call), "ended": False}
+        ended = self.ended_figures.get(conn_id)
+        if ended is None:
+            raise UnknownCall(f"no call with conn_id {conn_id}, live or ended lately")
+        return ended
+
     def call_info(self, conn_id: int) -> dict[str, Any]:
         """Live state of a call, without secrets."""
         call = self._get(conn_id)
@@ -277,6 +294,7 @@ class Transceiver:
         :class:`DuplicateCall` or :class:`CapacityExceeded`.
         """
         _check_conn_id(conn_id)
+        bind_call(conn_id=conn_id)  # the call's tasks, started below, carry it too
         if not isinstance(ufrag, str):
             raise InvalidRequest("ufrag must be a string")
         try:
@@ -334,6 +352,7 @@ class Transceiver:
         as a migration from this transceiver to itself: one established-call
         path. A call that cannot move stays on aiortc and says why
         (``media_engine.why`` in its info)."""
+        bind_call(conn_id=call.conn_id)
         deadline = time.monotonic() + HANDOVER_TIMEOUT
         while (blocker := call.handover_blocker()) is not None:
             settling, why = blocker
@@ -364,6 +383,7 @@ class Transceiver:
             await call.close(quiet=False)
             return
         self._calls[call.conn_id] = new
+        new.media.quality.carry_on(call.quality)
         new.start(agent_task=agent_task)
         new.activate("handover")
         logger.info("call %d handed over to the media engine", call.conn_id)
@@ -423,7 +443,8 @@ class Transceiver:
         self._stop_lease(call.conn_id)
         await call.close(quiet=quiet)
         tracing.drop("connect", call.conn_id, reason)  # never connected
-        logger.info("call %d ended: %s", call.conn_id, reason)
+        self.ended_figures.add(call.conn_id, _figures(call), reason)  # relayd reads them after the end
+        logger.info("call %d ended: %s", call.conn_id, reason, extra={"conn_id": call.conn_id})
         for callback in list(self.on_call_ended):
             try:
                 callback(call.conn_id, reason)
@@ -494,6 +515,7 @@ class Transceiver:
         (bad state), :class:`DuplicateCall` or :class:`CapacityExceeded`.
         """
         _check_conn_id(conn_id)
+        bind_call(conn_id=conn_id)
         if self._stopping or self.draining:
             raise CapacityExceeded(f"transceiver is {'stopping' if self._stopping else 'draining'}")
         await self.start()

@@ -49,6 +49,7 @@ from .dtls_tap import DtlsTap
 from .errors import CallStateConflict, InvalidRequest
 from .ice_mux import CallPort, IceMux
 from .media_tap import MediaTap
+from .rtcp_stats import CallQuality
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,9 @@ class WebRtcCall(CallHandle):
 
     def __init__(self, *, conn_id: int, ufrag: str, pc: RTCPeerConnection, session: AgentSession, agent: Agent,
                  ice: RTCIceTransport, dtls: RTCDtlsTransport, tap: MediaTap, dtls_tap: DtlsTap,
-                 ports: list[CallPort], offer: aiortc_sdp.SessionDescription) -> None:
+                 ports: list[CallPort], offer: aiortc_sdp.SessionDescription, quality: CallQuality) -> None:
         super().__init__()
+        self.quality = quality
         self.conn_id = conn_id
         self.ufrag = ufrag
         self.pc = pc
@@ -189,6 +191,9 @@ class WebRtcCall(CallHandle):
             return out
 
         hooks.share_host_candidates(connection, shared)
+        quality = CallQuality(conn_id)
+        # Before the tap: what its migration freeze holds back is not counted as sent.
+        hooks.tap_rtcp(dtls, sent=quality.sent, received=quality.rtcp_received)
         tap = MediaTap()
         tap.install(dtls)
         dtls_tap = DtlsTap()
@@ -196,7 +201,7 @@ class WebRtcCall(CallHandle):
         # The offer was accepted above; a failure from here on is ours, not the client's.
         await pc.setLocalDescription(await pc.createAnswer())
         return cls(conn_id=conn_id, ufrag=ufrag, pc=pc, session=session, agent=agent, ice=ice, dtls=dtls, tap=tap,
-                   dtls_tap=dtls_tap, ports=ports, offer=offer)
+                   dtls_tap=dtls_tap, ports=ports, offer=offer, quality=quality)
 
     def start(self, *, connect_timeout: float, on_end: Callable[[WebRtcCall, str], Awaitable[None]],
               on_connected: Callable[[WebRtcCall], None] | None = None) -> None:

@@ -7,80 +7,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from manager.protocol.addresses import OwnerAddr
 from manager.relay.config import RegistryConfig
 from manager.relay.fleet import FleetUnavailable, RedisFleet
 from manager.relay.registry import Registry
-from tests.support.waiting import Hopeless, eventually, eventually_async
-
-REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+from tests.support.redis_server import REDIS, RedisServer
+from tests.support.redis_server import registry_config as _cfg
+from tests.support.waiting import eventually_async
 
 OWNER_A = OwnerAddr(addr4="10.10.2.2", port4=40000)
 OWNER_B = OwnerAddr(addr4="10.10.3.2", port4=40001)
-
-
-class RedisServer:
-    """redis-server on a unix socket in a test directory (no TCP port)."""
-
-    def __init__(self, root: Path, password: str | None = None) -> None:
-        self.root = root
-        self.sock = root / "redis.sock"
-        self.password = password
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.sock}"
-
-    def start(self) -> None:
-        (self.root / "data").mkdir(exist_ok=True)
-        argv = [REDIS, "--port", "0", "--unixsocket", str(self.sock), "--unixsocketperm", "700",
-                "--dir", str(self.root / "data"), "--save", "", "--appendonly", "no"]
-        if self.password:
-            argv += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        def answers() -> bool:
-            if self.proc is None or self.proc.poll() is not None:
-                raise Hopeless("redis-server exited")
-            return redis.Redis(unix_socket_path=str(self.sock), password=self.password).ping()
-
-        eventually(answers, 10, what="redis-server to answer")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # an outage, not a clean shutdown
-            self.proc.wait()
-        self.proc = None
-
-    def raw(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.sock), password=self.password, decode_responses=True)
-
-
-@pytest.fixture
-def server(tmp_path: Path):
-    s = RedisServer(tmp_path, password="fleet-test-password")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-def _cfg(server: RedisServer, tmp_path: Path, **kw) -> RegistryConfig:
-    pw = tmp_path / "redis.password"
-    if not pw.exists():
-        fd = os.open(pw, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.write(fd, f"{server.password}\n".encode())
-        os.close(fd)
-    return RegistryConfig(backend="redis", url=server.url, password_file=pw, ttl=10, timeout=0.5, **kw)
 
 
 async def _until(pred, timeout: float = 3.0, what: str = "condition") -> float:

@@ -425,6 +425,24 @@ def test_expire_through_relayd_removes_only_idle_flows(env, live):
         dp.remove_owner(ghost)
 
 
+def test_calls_show_a_live_calls_figures(env, live):
+    lab, svc, dp = env
+    call_id, conn_id, tx = live
+    shown = ok_json(invoke(*cfg_args(svc), "calls", "show", call_id, "--json"))
+    rec = shown["record"]
+    assert shown["state"] == "active" and rec["call_id"] == call_id and rec["transceivers"] == [tx]
+    flow = next(f for f in dp.flows() if f.conn_id == conn_id)  # the kernel's own count, read after
+    assert 5 < rec["client_relay"]["uplink"]["packets"] <= flow.packets_in
+    assert 5 < rec["client_relay"]["downlink"]["packets"] <= flow.packets_out
+    assert rec["client"]["family"] in ("ipv4", "ipv6") and rec["client"]["transport"] == "udp"
+    assert 0 < rec["connect_ms"] < 10_000 and 0 < rec["first_audio_ms"] < 10_000
+    res = relayctl(*cfg_args(svc), "calls", "show", str(conn_id))  # by connection id, as text
+    assert res.returncode == 0 and "client-relay: up" in res.stdout and call_id in res.stdout, res
+    assert_one_line_error(relayctl(*cfg_args(svc), "calls", "show", "nosuchcall"), "unknown call", "nosuchcall")
+    assert_one_line_error(relayctl(*cfg_args(svc), "calls", "records", "--since", "ten minutes"),
+                          "--since 'ten minutes'", "10m")
+
+
 def test_end_session_and_unknown_session(env):
     lab, svc, dp = env
     CALL_STARTED[:] = [time.monotonic()]
@@ -440,6 +458,16 @@ def test_end_session_and_unknown_session(env):
         assert call_id not in {c["call_id"] for c in svc.calls()}
         res = relayctl(*cfg_args(svc), "end", call_id)
         assert_one_line_error(res, "unknown session", call_id)
+    # Its record: written once, with the operator's end and the kernel's counts of its flow.
+
+    def recorded() -> list[dict]:
+        found = ok_json(invoke(*cfg_args(svc), "calls", "records", "--since", "10m", "--json"))
+        return [r for r in found if r["call_id"] == call_id]
+
+    eventually(recorded, 10, what="the call's record")
+    (rec,) = recorded()
+    assert rec["end_reason"] == "operator" and rec["conn_id"] == conn_id
+    assert rec["client_relay"]["uplink"]["packets"] > 0 and rec["ended_at"] >= rec["created_at"]
 
 
 # --- errors ------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from manager.observability import tracing
 from manager.protocol.addresses import family_of
@@ -16,6 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class Failover:
+    # (conn_id, relay taken over from, seconds from its media here to the flow installed): call records.
+    on_failover: Callable[[int, str, float], None] | None = None
+
     def _source_addr(self, leg: Leg) -> Addr:
         return (self.flow_sockets.address(leg.family, leg.flow_addr), leg.flow_port)
 
@@ -145,6 +149,8 @@ class Failover:
         self._install(leg)
         trace.end()
         self.stats["failovers"] += 1
+        if self.on_failover is not None:
+            self.on_failover(leg.conn_id, remote.relay, time.monotonic() - t0)
         log.info("call %s: took over %s from relay %s in %.1f ms", leg.conn_id, leg.client, remote.relay,
-                 (time.monotonic() - t0) * 1000)
+                 (time.monotonic() - t0) * 1000, extra={"conn_id": leg.conn_id})
 

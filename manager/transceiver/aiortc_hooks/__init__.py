@@ -29,6 +29,7 @@ from .dtls import (
     stream_roc,
     tap_dtls,
     tap_dtls_datagrams,
+    tap_rtcp,
     transceiver_codecs,
     transceiver_header_extensions,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "tap_dtls",
     "take_held_audio",
     "tap_dtls_datagrams",
+    "tap_rtcp",
     "tie_breaker",
     "transceiver_codecs",
     "transceiver_header_extensions",

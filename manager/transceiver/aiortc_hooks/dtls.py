@@ -4,6 +4,7 @@ senders, and the record layer a migration continues."""
 from __future__ import annotations
 
 import ctypes
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from aiortc.rtcrtptransceiver import RTCRtpTransceiver
 from aiortc.rtp import is_rtcp
 
 from .registry import SRTP_ALLOW_REPEAT_TX, SRTP_WINDOW_SIZE
+
+logger = logging.getLogger(__name__)
 
 # -- DTLS / SRTP (aiortc RTCDtlsTransport) -----------------------------------------------------
 
@@ -57,6 +60,35 @@ def tap_dtls(
     dtls._setup_srtp = setup_srtp  # type: ignore[method-assign]
     dtls._send_rtp = wrapped_send  # type: ignore[method-assign]
     dtls._handle_rtp_data = handle_rtp_data  # type: ignore[method-assign]
+    dtls._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
+
+
+def tap_rtcp(dtls: RTCDtlsTransport, *, sent: Callable[[bytes], None], received: Callable[[bytes], None]) -> None:
+    """Read a call's RTCP both ways (rtcp_stats): ``sent(plain)`` for each
+    packet aiortc protects and sends (`_send_rtp`: its RTP, and the RTCP of
+    its sender and receiver),
+    ``received(plain)`` for each one unprotected (`_handle_rtcp_data`). Per
+    instance, like tap_dtls; installed before it, so that what the migration
+    freeze holds back is not counted as sent. An observer's failure never
+    reaches aiortc."""
+    orig_send = dtls._send_rtp
+    orig_rtcp = dtls._handle_rtcp_data
+
+    def observe(callback: Callable[[bytes], None], data: bytes) -> None:
+        try:
+            callback(data)
+        except Exception:  # figures are not worth a call
+            logger.exception("RTCP observer failed")
+
+    async def send_rtp(data: bytes) -> None:
+        await orig_send(data)
+        observe(sent, data)
+
+    async def handle_rtcp_data(data: bytes) -> None:
+        observe(received, data)
+        await orig_rtcp(data)
+
+    dtls._send_rtp = send_rtp  # type: ignore[method-assign]
     dtls._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
 
 

@@ -74,6 +74,8 @@ HOOKS: tuple[Hook, ...] = (
     Hook("tap_dtls", RTCDtlsTransport, "_send_rtp", "async method", ("data",)),
     Hook("tap_dtls", RTCDtlsTransport, "_handle_rtp_data", "async method", ("data", "arrival_time_ms")),
     Hook("tap_dtls", RTCDtlsTransport, "_handle_rtcp_data", "async method", ("data",)),
+    Hook("tap_rtcp", RTCDtlsTransport, "_send_rtp", "async method", ("data",)),
+    Hook("tap_rtcp", RTCDtlsTransport, "_handle_rtcp_data", "async method", ("data",)),
     Hook("dtls_ssl", RTCDtlsTransport, "_ssl", "instance attribute"),
     Hook("dtls_cipher_policy", RTCDtlsTransport, "_RTCDtlsTransport__local_certificate", "instance attribute"),
     Hook("dtls_cipher_policy", RTCCertificate, "_create_ssl_context", "method", ("srtp_profiles",)),

@@ -1,0 +1,281 @@
+"""A call's RTCP figures per direction, and its MOS over time.
+
+Two directions, named as on the whole path between the client and here:
+
+- ``uplink`` (the client's audio to the agent): what this transceiver
+  measured of the client's RTP. On aiortc's path aiortc's own receiver
+  measures it and says it in the receiver reports it sends (read as they go
+  out, aiortc_hooks.tap_rtcp); on the media engine, which sends no RTCP, a
+  :class:`ReceiverEstimator` (RFC 3550 appendix A.3 and A.8) measures it from
+  the RTP the engine decrypts.
+- ``downlink`` (the agent's audio to the client): what the client says in its
+  receiver reports about our SSRC, and the round-trip time from each report
+  block's LSR and DLSR (RFC 3550 section 6.4.1; our sender reports are
+  aiortc's, the engine sends none, so a call on the engine has no RTT).
+
+Each report updates a direction's figures and takes a MOS sample
+(manager.protocol.quality, G.107 E-model) of the worse direction, at most one
+a second. The figures outlive the call for a while (:class:`EndedFigures`),
+so relayd can read them after the call has ended.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc.rtp import is_rtcp
+
+from manager.protocol import quality, rtcp
+
+logger = logging.getLogger(__name__)
+
+CLOCK_RATE = 48000  # Opus
+NTP_EPOCH_OFFSET = 2208988800
+MOS_INTERVAL = 1.0  # s between MOS samples
+ENDED_KEEP = 1024  # ended calls whose figures are kept for relayd
+ENDED_TTL = 600.0
+
+
+@dataclass
+class DirectionFigures:
+    """One direction's figures, as the latest report says them and averaged over the call."""
+
+    reports: int = 0
+    fraction_lost: float | None = None  # the last report's interval
+    cumulative_lost: int | None = None
+    highest_seq: int | None = None
+    first_seq: int | None = None  # extended highest sequence of the first report (for "expected")
+    jitter_ms: float | None = None
+    loss_sum: float = 0.0
+    expected: int | None = None  # where counted here (the media engine's own estimate)
+
+    def update(self, fraction: float, cumulative: int, highest: int, jitter_ms: float) -> None:
+        self.reports += 1
+        self.fraction_lost, self.cumulative_lost, self.jitter_ms = fraction, cumulative, jitter_ms
+        if self.first_seq is None:
+            self.first_seq = highest
+        self.highest_seq = highest
+        self.loss_sum += fraction
+
+    @property
+    def loss_fraction(self) -> float | None:
+        """Over the call: lost / expected where counted here, else the mean of the
+        reports' interval losses (each interval is about as long)."""
+        if self.expected:
+            return round(max(self.cumulative_lost or 0, 0) / self.expected, 5)
+        if self.reports == 0:
+            return None
+        return round(self.loss_sum / self.reports, 5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reports": self.reports, "fraction_lost": self.fraction_lost, "loss_fraction": self.loss_fraction,
+                "expected": self.expected,
+                "cumulative_lost": self.cumulative_lost, "highest_seq": self.highest_seq,
+                "jitter_ms": None if self.jitter_ms is None else round(self.jitter_ms, 3)}
+
+
+class ReceiverEstimator:
+    """RFC 3550 A.1, A.3 and A.8 for one received SSRC: expected, lost, interval loss, jitter."""
+
+    def __init__(self, ssrc: int, clock_rate: int = CLOCK_RATE) -> None:
+        self.ssrc, self.clock_rate = ssrc, clock_rate
+        self.base_seq: int | None = None
+        self.max_seq = 0
+        self.cycles = 0
+        self.received = 0
+        self.expected_prior = 0
+        self.received_prior = 0
+        self.transit: float | None = None
+        self.jitter = 0.0  # in RTP timestamp units, as a report carries it
+
+    def rtp(self, seq: int, timestamp: int, arrival: float) -> None:
+        if self.base_seq is None:
+            self.base_seq = self.max_seq = seq
+        else:
+            delta = (seq - self.max_seq) & 0xFFFF
+            if 0 < delta < 0x8000:  # in order (a jump forward is still in order)
+                if seq < self.max_seq:
+                    self.cycles += 1 << 16
+                self.max_seq = seq
+        self.received += 1
+        transit = arrival * self.clock_rate - timestamp
+        if self.transit is not None:
+            d = abs(transit - self.transit)
+            if d < self.clock_rate * 10:  # a timestamp jump (new talk spurt source) is no jitter
+                self.jitter += (d - self.jitter) / 16
+        self.transit = transit
+
+    @property
+    def extended_max(self) -> int:
+        return self.cycles + self.max_seq
+
+    @property
+    def expected(self) -> int:
+        return 0 if self.base_seq is None else self.extended_max - self.base_seq + 1
+
+    @property
+    def lost(self) -> int:
+        return self.expected - self.received
+
+    def interval(self) -> tuple[float, int, int, float]:
+        """(fraction lost since the last call, cumulative lost, extended highest, jitter in ms)."""
+        expected, received = self.expected, self.received
+        exp_i, rec_i = expected - self.expected_prior, received - self.received_prior
+        self.expected_prior, self.received_prior = expected, received
+        lost_i = exp_i - rec_i
+        fraction = lost_i / exp_i if exp_i > 0 and lost_i > 0 else 0.0
+        return fraction, self.lost, self.extended_max, self.jitter / self.clock_rate * 1000
+
+
+class CallQuality:
+    """The RTCP figures of one call (see the module docstring)."""
+
+    def __init__(self, conn_id: int, clock=time.time) -> None:
+        self.conn_id = conn_id
+        self.clock = clock
+        self.uplink = DirectionFigures()
+        self.downlink = DirectionFigures()
+        self.rtt_ms: float | None = None
+        self.mos = quality.MosTrack()
+        self.malformed = 0  # RTCP compounds that did not parse
+        self.first_rtp_sent_at: float | None = None
+        self.first_rtp_received_at: float | None = None
+        self.local_ssrcs: set[int] = set()
+        self._estimator: ReceiverEstimator | None = None
+        self._base_lost = self._base_expected = 0
+        self._last_sample = 0.0
+
+    # -- what the hooks feed ------------------------------------------------------------
+
+    def sent(self, plain: bytes) -> None:
+        """A packet aiortc sends: RTP (the first one is the call's first audio) or RTCP."""
+        if is_rtcp(plain):
+            self.rtcp_sent(plain)
+        elif len(plain) >= 12 and self.first_rtp_sent_at is None:
+            self.rtp_sent(int.from_bytes(plain[8:12], "big"))
+
+    def rtcp_sent(self, plain: bytes) -> None:
+        """A compound aiortc sends: its report blocks are our reception of the client (uplink)."""
+        compound = self._parse(plain)
+        if compound is None:
+            return
+        for report in compound.reports:
+            self.local_ssrcs.add(report.ssrc)
+            for block in report.blocks:
+                self.uplink.update(block.fraction_lost / 256, block.cumulative_lost, block.highest_seq,
+                                   block.jitter / CLOCK_RATE * 1000)
+        if compound.reports:
+            self._sample()
+
+    def rtcp_received(self, plain: bytes) -> None:
+        """A compound from the client: blocks about our stream are the downlink, and give the RTT."""
+        arrival = quality.ntp_middle32(self.clock() + NTP_EPOCH_OFFSET)
+        compound = self._parse(plain)
+        if compound is None:
+            return
+        seen = False
+        for report in compound.reports:
+            for block in report.blocks:
+                if self.local_ssrcs and block.ssrc not in self.local_ssrcs:
+                    continue  # a block about another stream (e.g. our RTX)
+                seen = True
+                self.downlink.update(block.fraction_lost / 256, block.cumulative_lost, block.highest_seq,
+                                     block.jitter / CLOCK_RATE * 1000)
+                rtt = quality.rtt_ms(arrival, block.lsr, block.dlsr)
+                if rtt is not None:
+                    self.rtt_ms = round(rtt, 3)
+        if seen:
+            if self._estimator is not None:
+                self._estimated(*self._estimator.interval())
+            self._sample()
+
+    def _estimated(self, fraction: float, lost: int, highest: int, jitter_ms: float) -> None:
+        est = self._estimator
+        assert est is not None
+        self.uplink.update(fraction, self._base_lost + lost, highest, jitter_ms)
+        self.uplink.expected = self._base_expected + est.expected
+
+    def rtp_received(self, ssrc: int, seq: int, timestamp: int, arrival: float) -> None:
+        """The media engine's decrypted RTP from the client (it makes no reports of its own)."""
+        if self.first_rtp_received_at is None:
+            self.first_rtp_received_at = self.clock()
+        est = self._estimator
+        if est is None or est.ssrc != ssrc:
+            # Counted on from what was measured before (aiortc's reports, or another SSRC).
+            # aiortc's reports say no "expected": the engine counts from the hand-over then.
+            self._base_expected = self.uplink.expected or 0
+            self._base_lost = max(self.uplink.cumulative_lost or 0, 0) if self._base_expected else 0
+            est = self._estimator = ReceiverEstimator(ssrc)
+        est.rtp(seq, timestamp, arrival)
+
+    def rtp_sent(self, ssrc: int) -> None:
+        self.local_ssrcs.add(ssrc)
+        if self.first_rtp_sent_at is None:
+            self.first_rtp_sent_at = self.clock()
+
+    def _parse(self, plain: bytes) -> rtcp.Compound | None:
+        try:
+            return rtcp.parse(plain)
+        except rtcp.RtcpError as exc:
+            self.malformed += 1
+            logger.debug("call %d: RTCP dropped: %s", self.conn_id, exc)
+            return None
+
+    def _sample(self) -> None:
+        now = self.clock()
+        if now - self._last_sample < MOS_INTERVAL:
+            return
+        values = [quality.mos(self.rtt_ms, d.jitter_ms or 0.0, d.fraction_lost or 0.0)
+                  for d in (self.uplink, self.downlink) if d.reports]
+        if values:
+            self._last_sample = now
+            self.mos.add(min(values), now)
+
+    # -- what relayd reads ------------------------------------------------------------
+
+    def figures(self) -> dict[str, Any]:
+        est = self._estimator
+        if est is not None and est.expected:  # the engine's count is live between reports
+            self.uplink.cumulative_lost = self._base_lost + est.lost
+            self.uplink.expected = self._base_expected + est.expected
+        return {"uplink": self.uplink.to_dict(), "downlink": self.downlink.to_dict(), "rtt_ms": self.rtt_ms,
+                "mos": {**self.mos.summary(), "samples": self.mos.samples}, "rtcp_malformed": self.malformed,
+                "first_rtp_sent_at": self.first_rtp_sent_at, "first_rtp_received_at": self.first_rtp_received_at}
+
+    def carry_on(self, previous: CallQuality) -> None:
+        """The same call moved from aiortc to the media engine here: keep its history."""
+        self.uplink, self.downlink, self.rtt_ms, self.mos = (previous.uplink, previous.downlink, previous.rtt_ms,
+                                                             previous.mos)
+        self.first_rtp_sent_at = previous.first_rtp_sent_at
+        self.first_rtp_received_at = previous.first_rtp_received_at
+        self.local_ssrcs |= previous.local_ssrcs
+
+
+@dataclass
+class EndedFigures:
+    """The figures of calls that ended here, kept ``ttl`` seconds (at most ``keep`` calls)."""
+
+    keep: int = ENDED_KEEP
+    ttl: float = ENDED_TTL
+    _calls: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+
+    def add(self, conn_id: int, figures: dict[str, Any], reason: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._calls[conn_id] = (now, {**figures, "ended": True, "end_reason": reason})
+        self._calls.move_to_end(conn_id)
+        while len(self._calls) > self.keep:
+            self._calls.popitem(last=False)
+
+    def get(self, conn_id: int, now: float | None = None) -> dict[str, Any] | None:
+        now = time.monotonic() if now is None else now
+        while self._calls:
+            first = next(iter(self._calls.values()))
+            if now - first[0] <= self.ttl:
+                break
+            self._calls.popitem(last=False)
+        entry = self._calls.get(conn_id)
+        return None if entry is None else entry[1]

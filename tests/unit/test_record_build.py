@@ -1,0 +1,144 @@
+"""A call's record from its account: the path's figures from every transceiver
+it lived on, the kernel's counters on the client hop, loss located per hop,
+MOS, connect time and first audio; and a call whose relay restarted (alone)
+gets one record, from the accounts relayd kept in its state file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from manager.protocol.addresses import OwnerAddr
+from manager.relay.call_journal import Account, CallJournal
+from manager.relay.call_records import RecordFile, read_file
+from manager.relay.record_build import build_record
+from manager.relay.registry import Registry
+from manager.relay.slowpath.legs import Leg
+
+
+def figures(*, up_loss: float, down_loss: float, reports: int, mos_min: float, mos_avg: float, at: float,
+            created: float = 100.0) -> dict:
+    return {"uplink": {"reports": reports, "loss_fraction": up_loss, "cumulative_lost": 5, "jitter_ms": 3.0},
+            "downlink": {"reports": reports, "loss_fraction": down_loss, "cumulative_lost": 1, "jitter_ms": 1.0},
+            "rtt_ms": 42.0, "mos": {"min": mos_min, "min_at": at, "avg": mos_avg, "samples": reports},
+            "created_at": created, "connected_at": created + 0.4, "first_rtp_sent_at": created + 0.6}
+
+
+def account() -> Account:
+    return Account("c" * 32, 7, 100.0, transceivers=[1, 2], relays=["r1"],
+                   moves=[{"kind": "migration", "at": 150.0, "from_transceiver": 1, "to_transceiver": 2,
+                           "gap_ms": 12.5}],
+                   client={"family": "ipv4", "transport": "udp", "address": "198.51.100.23"},
+                   figures={"1": figures(up_loss=0.02, down_loss=0.0, reports=10, mos_min=4.1, mos_avg=4.3, at=120),
+                            "2": figures(up_loss=0.05, down_loss=0.01, reports=30, mos_min=3.6, mos_avg=4.0, at=170)})
+
+
+def test_the_path_joins_every_transceiver_and_the_client_hop_is_the_kernels():
+    acc = account()
+    acc.flows = {"a": [1000, 120000, 990, 110000], "b": [10, 1200, 0, 0]}
+    r = build_record(acc, "client-hangup", 200.0, anonymise="prefix")
+    assert r.path.uplink.loss_fraction == pytest.approx((0.02 * 10 + 0.05 * 30) / 40)
+    assert r.path.downlink.loss_fraction == pytest.approx(0.0075) and r.path.rtt_ms == 42.0
+    assert r.path.uplink.jitter_ms == 3.0 and r.path.uplink.lost == 10
+    assert (r.client_relay.uplink.packets, r.client_relay.uplink.bytes) == (1010, 121200)
+    assert (r.client_relay.downlink.packets, r.client_relay.downlink.bytes) == (990, 110000)
+    assert r.client_relay.uplink.loss_fraction is None  # no sequence accounting in these counters
+    assert r.relay_transceiver.uplink.loss_fraction is None
+    assert (r.mos.min, r.mos.min_at, r.mos.avg) == (3.6, 170, pytest.approx((4.3 * 10 + 4.0 * 30) / 40, abs=0.01))
+    assert r.connect_ms == pytest.approx(400.0) and r.first_audio_ms == pytest.approx(600.0)
+    assert r.client.address == "198.51.100.0/24" and r.moves[0].gap_ms == 12.5
+    assert r.transceivers == [1, 2] and r.end_reason == "client-hangup"
+
+
+def test_kernel_sequence_accounting_locates_loss_per_hop_both_ways():
+    acc = account()
+    acc.figures = {"1": figures(up_loss=0.04, down_loss=0.03, reports=10, mos_min=4, mos_avg=4, at=1)}
+    acc.transceivers = [1]
+    # 3 % of the client's RTP lost before the relay; 1 % of the transceiver's before the relay.
+    acc.flows = {"a": [970, 97000, 990, 100000, 1000, 30, 2500, 1000, 10, 1200]}
+    r = build_record(acc, "client-hangup", 200.0)
+    assert r.client_relay.uplink.loss_fraction == pytest.approx(0.03)
+    assert r.client_relay.uplink.jitter_ms == 2.5 and r.client_relay.uplink.packets == 970
+    assert r.relay_transceiver.downlink.loss_fraction == pytest.approx(0.01)
+    assert r.relay_transceiver.downlink.jitter_ms == 1.2 and r.client_relay.downlink.packets == 990
+    # The path's loss each way, less the part measured at the relay, is the other hop's.
+    assert r.relay_transceiver.uplink.loss_fraction == pytest.approx(1 - 0.96 / 0.97, abs=1e-4)
+    assert r.client_relay.downlink.loss_fraction == pytest.approx(1 - 0.97 / 0.99, abs=1e-4)
+
+
+def test_anonymise_none_leaves_the_address_out():
+    assert build_record(account(), "x", 200.0, anonymise="none").client.address is None
+    assert build_record(account(), "x", 200.0, anonymise="full").client.address == "198.51.100.23"
+
+
+def _journal(registry: Registry, path: Path, legs: dict[int, list], written: list) -> CallJournal:
+    async def quality(tx: int, conn_id: int) -> dict | None:
+        return figures(up_loss=0.0, down_loss=0.0, reports=5, mos_min=4.4, mos_avg=4.4, at=1.0)
+
+    return CallJournal(registry, relay_id="local", quality=quality, legs_of=lambda c: legs.get(c, []),
+                       flow_counts=lambda leg: None, file=RecordFile(path), state_path=path.with_suffix(".open"),
+                       observe=written.append)
+
+
+def test_a_call_spanning_a_restart_alone_gets_one_record(tmp_path: Path):
+    path = tmp_path / "records.jsonl"
+
+    async def go() -> None:
+        reg = Registry()
+        reg.register_transceiver(1, "https://10.0.0.2:8443", 10)
+        legs: dict[int, list] = {}
+        first: list = []
+        j1 = _journal(reg, path, legs, first)
+        await j1.start()
+        call = reg.add_call(conn_id=5, transceiver_id=1, client_ufrag="abcd", server_ufrag="efgh",
+                            owner=OwnerAddr(addr4="10.0.0.2", port4=4000))
+        j1.moved(5, "migration", from_transceiver=1, to_transceiver=1, gap_s=0.02)
+        await j1.stop()  # relayd stops; the call goes on in the kernel
+        assert first == [] and json.loads(path.with_suffix(".open").read_text())["accounts"][0]["conn_id"] == 5
+
+        reg2 = Registry()  # alone, a restarted relayd knows no calls
+        legs2: dict[int, list] = {5: [Leg(client=("198.51.100.23", 5000), vip=("203.0.113.1", 3478), conn_id=5,
+                                          flow_port=40000)]}
+        second: list = []
+        j2 = _journal(reg2, path, legs2, second)
+        await j2.start()
+        assert not path.with_suffix(".open").exists() and j2.carried == {5}
+        j2.sample()
+        assert second == []  # its flows still run
+        legs2.clear()  # they idled out
+        j2.sample()
+        await j2._tasks.wait()
+        j2.sample()
+        await j2.stop()
+        (rec,) = second
+        assert rec.call_id == call.call_id and rec.end_reason == "idle-timeout" and rec.created_at == call.created
+        assert [m.gap_ms for m in rec.moves] == [20.0] and rec.mos.min == 4.4
+        assert rec.client.family == "ipv4" and rec.client.transport == "udp" and rec.client.address == "198.51.100.23"
+        assert [r.call_id for r in read_file(path)] == [call.call_id]
+
+    asyncio.run(go())
+
+
+def test_a_call_ended_here_is_written_once_with_its_end_reason(tmp_path: Path):
+    path = tmp_path / "records.jsonl"
+
+    async def go() -> None:
+        reg = Registry()
+        reg.register_transceiver(1, "https://10.0.0.2:8443", 10)
+        written: list = []
+        j = _journal(reg, path, {}, written)
+        await j.start()
+        call = reg.add_call(conn_id=9, transceiver_id=1, client_ufrag="abcd", server_ufrag="efgh",
+                            owner=OwnerAddr(addr4="10.0.0.2", port4=4000))
+        reg.end_call(9, "client-hangup")
+        reg.end_call(9, "client-hangup")  # idempotent end: still one record
+        await j._tasks.wait()
+        await j.stop()
+        assert [(r.call_id, r.end_reason) for r in written] == [(call.call_id, "client-hangup")]
+        assert written[0].connect_ms == pytest.approx((100.4 - call.created) * 1000)  # the figures' clock
+        assert not path.with_suffix(".open").exists()  # nothing open to keep
+
+    asyncio.run(go())
