@@ -36,7 +36,8 @@ def env(tmp_path_factory):
 
 
 def create(lab, key: str, forwarded_for: str | None = None) -> tuple[int, str]:
-    """POST an offer from the client's namespace: (status, body); a created call is ended again."""
+    """POST an offer from the client's namespace: (status, the answer or a
+    refusal's detail); a created call is ended again."""
     async def go() -> tuple[int, str]:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTrack(AudioStreamTrack())
@@ -48,7 +49,10 @@ def create(lab, key: str, forwarded_for: str | None = None) -> tuple[int, str]:
             async with aiohttp.ClientSession() as http:
                 async with http.post(f"{lab.signaling_url}/v1/calls", data=pc.localDescription.sdp,
                                      headers=headers) as resp:
-                    status, text = resp.status, await resp.text()
+                    status = resp.status
+                    # A refusal is an RFC 9457 problem: its one-line detail.
+                    text = ((await resp.json(content_type=None))["detail"]
+                            if resp.content_type == "application/problem+json" else await resp.text())
                     location = resp.headers.get("Location")
                 if status == 201:
                     async with http.delete(f"{lab.signaling_url}{location}", headers=headers) as resp:
