@@ -69,7 +69,7 @@ class FakeTransceiver:
         if self.mode == "error":
             return web.Response(status=500, text="agent\ncrashed")
         if self.mode == "slow":
-            await asyncio.wait_for(self.release.wait(), 5)
+            await self.release.wait()  # set by the test, or by close()
         if self.mode == "garbage":
             return web.Response(status=201, text="<html>not json</html>")
         pc = RTCPeerConnection()
