@@ -92,7 +92,7 @@ def test_loss_on_each_hop_is_located_in_the_record(tmp_path: Path) -> None:
         records = Path(svc.config["records"]["path"])
         tx_ns = lab.transceivers[0].ns
         drop_rtp(lab, lab.client_ns, "output", f"udp dport {lab.port}", CLIENT_DROP)
-        drop_rtp(lab, tx_ns, "input", "udp", RELAY_DROP)
+        drop_rtp(lab, tx_ns, "input", "meta l4proto udp", RELAY_DROP)
         with NetnsExecutor(lab.client_ns) as ex:
             page = ex.call(asyncio.run, chromium_call(lab, lab.signaling_url, tx_ns))
         (rec,) = eventually(lambda: list(read_file(records)), 20, what="the call's record")
