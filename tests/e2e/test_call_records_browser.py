@@ -4,9 +4,12 @@ Chromium (relayd's page, a looped tone as its microphone) calls the echo
 agent through the lab (relayd with XDP, one transceiver) while nftables drops
 the client's RTP at random on both hops of the uplink:
 
-- 3 % in the client's namespace, on its way to the VIP (client → relay);
-- 1 % in the transceiver's namespace, as it arrives from the relay
-  (relay → transceiver: past XDP, which forwards it without netfilter).
+- 3 % in the client's namespace, as it leaves its interface for the VIP
+  (client → relay; the netdev egress hook: a drop in the output hook fails
+  the send with EPERM, and Chromium sends the packet again, so the relay saw
+  no gap where nftables counted a drop);
+- 1 % in the transceiver's namespace, as it enters its interface from the
+  relay (relay → transceiver: XDP forwards it past the relay's netfilter).
 
 Each rule counts what it saw and what it dropped. The record has the
 client → relay loss from the kernel's per-flow sequence accounting, the whole
@@ -16,7 +19,7 @@ hop's loss in the record is held to within 1 percentage point of what its
 rule dropped of what it saw.
 
 nftables' ``numgen random`` is the same random drop as iptables' ``statistic``
-match (nftables is installed for the NAT tests; iptables is not).
+match (nftables is installed for the NAT tests; iptables has no egress hook).
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ RTP = "@th,64,2 2 @th,73,7 96-127"
 
 
 def drop_rtp(lab, ns: str, hook: str, match: str, per_mille: int) -> None:
-    """Count the RTP `match` selects at `hook` in namespace `ns`, and drop that share of it."""
-    ruleset = f"""table inet {LOSS_TABLE} {{
+    """Count the RTP `match` selects at the `hook` ("ingress" or "egress") of
+    namespace `ns`'s eth0, and drop that share of it."""
+    ruleset = f"""table netdev {LOSS_TABLE} {{
   chain {hook} {{
-    type filter hook {hook} priority 0; policy accept;
+    type filter hook {hook} device "eth0" priority 0; policy accept;
     {match} {RTP} counter
     {match} {RTP} numgen random mod 1000 < {per_mille} counter drop
   }}
@@ -63,13 +67,13 @@ def drop_rtp(lab, ns: str, hook: str, match: str, per_mille: int) -> None:
 
 def counted(lab, ns: str) -> tuple[int, int]:
     """(packets seen, packets dropped) by the rules of `drop_rtp` in `ns`."""
-    out = json.loads(lab.run(ns, ["nft", "-j", "list", "table", "inet", LOSS_TABLE]).stdout)
+    out = json.loads(lab.run(ns, ["nft", "-j", "list", "table", "netdev", LOSS_TABLE]).stdout)
     seen, dropped = (next(e["counter"]["packets"] for e in x["rule"]["expr"] if "counter" in e)
                      for x in out["nftables"] if "rule" in x)
     return seen, dropped
 
 
-async def chromium_call(lab, url: str, tx_ns: str) -> dict:
+async def chromium_call(lab, url: str, tx_ns: str) -> None:
     """A Chromium call (run on the client namespace's thread) that lasts until the
     transceiver's rule has seen PACKETS of its RTP, then hangs up."""
     client = BrowserClient(Chromium(lab.client_ns, f"{url}/?messages=3", origin=url))
@@ -82,7 +86,6 @@ async def chromium_call(lab, url: str, tx_ns: str) -> dict:
         await eventually_async(connected, 30, what="Chromium connected with its pings echoed")
         await eventually_async(lambda: counted(lab, tx_ns)[0] >= PACKETS, 40,
                                what=f"{PACKETS} RTP packets at the transceiver")
-        return client.last
     finally:
         await client.stop()  # the page hangs up: DELETE of the call, the record is written
 
@@ -91,10 +94,11 @@ def test_loss_on_each_hop_is_located_in_the_record(tmp_path: Path) -> None:
     with running_lab(f"cb{secrets.token_hex(3)}", tmp_path, transceivers=1) as (lab, svc):
         records = Path(svc.config["records"]["path"])
         tx_ns = lab.transceivers[0].ns
-        drop_rtp(lab, lab.client_ns, "output", f"udp dport {lab.port}", CLIENT_DROP)
-        drop_rtp(lab, tx_ns, "input", "meta l4proto udp", RELAY_DROP)
+        assert lab.client.ifname == lab.transceivers[0].ifname == "eth0"
+        drop_rtp(lab, lab.client_ns, "egress", f"udp dport {lab.port}", CLIENT_DROP)
+        drop_rtp(lab, tx_ns, "ingress", "meta l4proto udp", RELAY_DROP)
         with NetnsExecutor(lab.client_ns) as ex:
-            page = ex.call(asyncio.run, chromium_call(lab, lab.signaling_url, tx_ns))
+            ex.call(asyncio.run, chromium_call(lab, lab.signaling_url, tx_ns))
         (rec,) = eventually(lambda: list(read_file(records)), 20, what="the call's record")
         sent, lost_client = counted(lab, lab.client_ns)
         arrived, lost_relay = counted(lab, tx_ns)
@@ -102,14 +106,14 @@ def test_loss_on_each_hop_is_located_in_the_record(tmp_path: Path) -> None:
         path = 1 - (1 - client_hop) * (1 - relay_hop)
         print(f"\nclient → relay: RTP {sent}, dropped {lost_client} ({client_hop:.2%}); "
               f"relay → transceiver: RTP {arrived}, dropped {lost_relay} ({relay_hop:.2%}); "
-              f"path {path:.2%}; the page: {page.get('path')}\n"
+              f"path {path:.2%}\n"
               f"record: client_relay uplink {rec.client_relay.uplink}\n"
               f"        relay_transceiver uplink {rec.relay_transceiver.uplink}\n"
               f"        path uplink {rec.path.uplink}; MOS {rec.mos}")
         assert rec.end_reason == "client-hangup"
         # Nothing else lost them (a few may be in flight, or sent after the flow was removed, at the hang-up).
         assert 0 <= sent - lost_client - arrived <= 10, (sent, lost_client, arrived)
-        assert 0.015 < client_hop < 0.05 and 0.002 < relay_hop < 0.025  # what nftables did
+        assert 0.01 < client_hop < 0.06 and 0 < relay_hop < 0.03  # what nftables did
         assert abs(rec.client_relay.uplink.loss_fraction - client_hop) <= 0.01, rec.client_relay.uplink
         assert abs(rec.relay_transceiver.uplink.loss_fraction - relay_hop) <= 0.01, rec.relay_transceiver.uplink
         assert abs(rec.path.uplink.loss_fraction - path) <= 0.01, rec.path.uplink
