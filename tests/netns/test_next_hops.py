@@ -66,6 +66,14 @@ def lab():
         hx.teardown(h)
 
 
+@pytest.fixture
+def keeper(lab):
+    k = NextHops(netns=lab.ns)
+    k.start()
+    yield k
+    k.stop()
+
+
 def frame() -> bytes:
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
@@ -80,56 +88,41 @@ def verdict(h: hx.Harness) -> str:
     return hx.VERDICTS[rc]
 
 
-def test_an_owner_nobody_talked_to_is_forwarded_once_its_next_hop_is_managed(lab):
+def test_an_owner_nobody_talked_to_is_forwarded_once_its_next_hop_is_managed(lab, keeper):
     h = lab
-    keeper = NextHops(netns=h.ns)
-    keeper.start()
-    try:
-        h.dp.set_owner(20, OwnerAddr(addr4=OWNER_A, port4=OWNER_PORT))
-        h.dp.add_flow(CLIENT, VIP, 20, 20020)
-        # Without the keeper the kernel never resolves the owner: XDP hands
-        # every packet to the stack, where a stopped relayd would lose it.
-        assert verdict(h) == "PASS" and neighbour(h.ns, OWNER_A) is None
-        assert h.dp.counters().get("pass_no_neigh", (0, 0))[0] >= 1
-        # Wired as relayd wires it: a new owner's address reaches the keeper.
-        h.dp.on_next_hop = keeper.want
-        h.dp.set_owner(20, OwnerAddr(addr4=OWNER_B, port4=OWNER_PORT))
-        eventually(lambda: resolved(h.ns, OWNER_B), 10, what="the owner's neighbour to be managed and resolved")
-        eventually(lambda: verdict(h) == "REDIRECT", 10, what="XDP to forward to the owner")
-        assert neighbour(h.ns, OWNER_A) is None  # only what a flow uses
-        assert keeper.stats["managed"] >= 1
-    finally:
-        keeper.stop()
+    h.dp.set_owner(20, OwnerAddr(addr4=OWNER_A, port4=OWNER_PORT))
+    h.dp.add_flow(CLIENT, VIP, 20, 20020)
+    # Without the keeper the kernel never resolves the owner: XDP hands
+    # every packet to the stack, where a stopped relayd would lose it.
+    assert verdict(h) == "PASS" and neighbour(h.ns, OWNER_A) is None
+    assert h.dp.counters().get("pass_no_neigh", (0, 0))[0] >= 1
+    # Wired as relayd wires it: a new owner's address reaches the keeper.
+    h.dp.on_next_hop = keeper.want
+    h.dp.set_owner(20, OwnerAddr(addr4=OWNER_B, port4=OWNER_PORT))
+    eventually(lambda: resolved(h.ns, OWNER_B), 10, what="the owner's neighbour to be managed and resolved")
+    eventually(lambda: verdict(h) == "REDIRECT", 10, what="XDP to forward to the owner")
+    assert neighbour(h.ns, OWNER_A) is None  # only what a flow uses
+    assert keeper.stats["managed"] >= 1
 
 
-def test_a_client_behind_a_gateway_keeps_the_gateway_resolved(lab):
+def test_a_client_behind_a_gateway_keeps_the_gateway_resolved(lab, keeper):
     h = lab
-    keeper = NextHops(netns=h.ns)
-    keeper.start()
-    try:
-        keeper.want(BEHIND)
-        keeper.want("10.77.5.5")  # the same gateway: one entry
-        assert keeper.wait_idle(10)
-        eventually(lambda: resolved(h.ns, GATEWAY), 10, what="the gateway to be managed and resolved")
-        assert neighbour(h.ns, BEHIND) is None
-        assert keeper.stats["managed"] == 1
-    finally:
-        keeper.stop()
+    keeper.want(BEHIND)
+    keeper.want("10.77.5.5")  # the same gateway: one entry
+    assert keeper.wait_idle(10)
+    eventually(lambda: resolved(h.ns, GATEWAY), 10, what="the gateway to be managed and resolved")
+    assert neighbour(h.ns, BEHIND) is None
+    assert keeper.stats["managed"] == 1
 
 
-def test_configured_entries_and_local_addresses_are_left_alone(lab):
+def test_configured_entries_and_local_addresses_are_left_alone(lab, keeper):
     h = lab
-    keeper = NextHops(netns=h.ns)
-    keeper.start()
-    try:
-        before = neighbour(h.ns, hx.TX1_4)
-        assert "PERMANENT" in before["state"]
-        keeper.want(hx.TX1_4)  # the harness's static neighbour
-        keeper.want(hx.VIP4)  # a local address: no next hop
-        keeper.want("127.0.0.1")
-        keeper.want("192.0.2.200")  # no route in the namespace
-        assert keeper.wait_idle(10)
-        assert neighbour(h.ns, hx.TX1_4) == before
-        assert keeper.stats == {"managed": 0, "kept": 1, "skipped": 3, "failed": 0, "over_cap": 0}
-    finally:
-        keeper.stop()
+    before = neighbour(h.ns, hx.TX1_4)
+    assert "PERMANENT" in before["state"]
+    keeper.want(hx.TX1_4)  # the harness's static neighbour
+    keeper.want(hx.VIP4)  # a local address: no next hop
+    keeper.want("127.0.0.1")
+    keeper.want("192.0.2.200")  # no route in the namespace
+    assert keeper.wait_idle(10)
+    assert neighbour(h.ns, hx.TX1_4) == before
+    assert keeper.stats == {"managed": 0, "kept": 1, "skipped": 3, "failed": 0, "over_cap": 0}
