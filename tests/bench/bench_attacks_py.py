@@ -44,9 +44,9 @@ from tests.support.tcp_flood import Flood, cpu_seconds, route_flood_prefix, unro
 
 
 async def _offer() -> str:
-    from aiortc import RTCPeerConnection
+    from aiortc import RTCConfiguration, RTCPeerConnection
 
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver("audio")
     pc.createDataChannel("x")
     await pc.setLocalDescription(await pc.createOffer())

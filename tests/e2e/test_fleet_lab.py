@@ -205,9 +205,9 @@ def test_redis_outage_keeps_calls_refuses_new_ones_then_recovers(fleet):
 def _post_offer(lab) -> tuple[int, str]:
     """A real offer (aiortc) POSTed from the client namespace; (status, body)."""
     async def post() -> tuple[int, str]:
-        from aiortc import RTCPeerConnection
+        from aiortc import RTCConfiguration, RTCPeerConnection
 
-        pc = RTCPeerConnection()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         try:
             pc.createDataChannel("x")
             await pc.setLocalDescription(await pc.createOffer())

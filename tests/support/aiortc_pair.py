@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 
-from aiortc import RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 from tests.support.waiting import eventually_async
 
@@ -13,7 +13,7 @@ from tests.support.waiting import eventually_async
 async def _established(inspect_them):
     """Two aiortc peers with an open data channel: `inspect_them(answerer's
     RTCSctpTransport, its channel)` runs while they are connected."""
-    a, b = RTCPeerConnection(), RTCPeerConnection()
+    a, b = RTCPeerConnection(RTCConfiguration(iceServers=[])), RTCPeerConnection(RTCConfiguration(iceServers=[]))
     opened: asyncio.Queue = asyncio.Queue()
     b.on("datachannel", opened.put_nowait)
     try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
 
 from manager import pki
@@ -72,7 +72,7 @@ class FakeTransceiver:
             await self.release.wait()  # set by the test, or by close()
         if self.mode == "garbage":
             return web.Response(status=201, text="<html>not json</html>")
-        pc = RTCPeerConnection()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.pcs[body["conn_id"]] = pc
         pc.addTrack(AudioStreamTrack())
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body["offer"], type="offer"))
@@ -115,7 +115,7 @@ class Env:
     pcs: list[RTCPeerConnection] = field(default_factory=list)
 
     async def offer(self) -> tuple[RTCPeerConnection, str]:
-        pc = RTCPeerConnection()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.pcs.append(pc)
         pc.addTrack(AudioStreamTrack())
         pc.createDataChannel("chat")

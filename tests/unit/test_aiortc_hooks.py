@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pylibsrtp
 import pytest
-from aiortc import RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.rtcdtlstransport import RTCDtlsTransport
@@ -37,7 +37,7 @@ def _live_objects() -> dict[type, object]:
     (a peer connection with an audio transceiver, offer set locally)."""
 
     async def build() -> dict[type, object]:
-        pc = RTCPeerConnection()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         try:
             t = pc.addTransceiver("audio")
             await pc.setLocalDescription(await pc.createOffer())
@@ -186,7 +186,7 @@ def test_audio_on_arrival_hands_each_packet_on_and_drops_a_late_one() -> None:
 
 def _live_objects_receiver() -> RTCRtpReceiver:
     async def build() -> RTCRtpReceiver:
-        pc = RTCPeerConnection()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         try:
             return pc.addTransceiver("audio").receiver
         finally:

@@ -13,7 +13,7 @@ from manager.protocol.client_auth import mint_token
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth
 from tests.support.signaling import SDP, _error, relay, run
-from tests.support.waiting import eventually_async
+from tests.support.waiting import Hopeless, eventually_async
 
 TOKEN_KEY = bytes(range(32))
 
@@ -108,8 +108,13 @@ def test_pending_caps() -> None:
             async with relay(transceivers=1, timeout=30.0, limits=limits) as env:
                 env.fakes[0].mode = "slow"  # placements stay pending
                 first = asyncio.ensure_future(create(env, SDP))
-                await eventually_async(lambda env=env: env.fakes[0].created,
-                                       what="the first placement pending at the transceiver")
+
+                def pending(env=env, first=first) -> bool:
+                    if first.done():
+                        raise Hopeless(f"the first placement ended: {first.result().status}")
+                    return bool(env.fakes[0].created)
+
+                await eventually_async(pending, timeout=20, what="the first placement pending at the transceiver")
                 resp = await create(env, SDP)
                 assert await _error(resp, status) == reason
                 env.fakes[0].release.set()

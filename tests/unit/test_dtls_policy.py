@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from OpenSSL import SSL
 
 from manager.protocol import dtls_record
@@ -84,7 +84,7 @@ async def _call(tamper_fingerprint: bool) -> tuple[str, str | None]:
     """An aiortc peer with an RSA certificate offers; an answerer with the
     transceiver's policy answers (and so is the DTLS client). Returns the
     answerer's DTLS state and negotiated suite."""
-    offerer, answerer = RTCPeerConnection(), RTCPeerConnection()
+    offerer, answerer = RTCPeerConnection(RTCConfiguration(iceServers=[])), RTCPeerConnection(RTCConfiguration(iceServers=[]))
     use_certificate(offerer, rsa_certificate(2048))
     try:
         offerer.addTransceiver("audio")

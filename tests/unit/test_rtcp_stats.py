@@ -7,7 +7,7 @@ import asyncio
 import random
 
 import pytest
-from aiortc import RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import AudioStreamTrack
 
 from manager.protocol import rtcp
@@ -113,7 +113,7 @@ def test_tap_rtcp_reads_a_real_aiortc_calls_reports_both_ways():
     sender reports and echoes LSR/DLSR)."""
 
     async def run() -> CallQuality:
-        a, b = RTCPeerConnection(), RTCPeerConnection()
+        a, b = RTCPeerConnection(RTCConfiguration(iceServers=[])), RTCPeerConnection(RTCConfiguration(iceServers=[]))
         try:
             a.addTrack(AudioStreamTrack())
             b.addTrack(AudioStreamTrack())

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
 from aiortc.sdp import SessionDescription
 
@@ -30,7 +30,7 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
 
 
 async def _offerer() -> RTCPeerConnection:
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTrack(AudioStreamTrack())
     pc.createDataChannel("chat")
     await pc.setLocalDescription(await pc.createOffer())
@@ -38,7 +38,7 @@ async def _offerer() -> RTCPeerConnection:
 
 
 async def _answer_for(offer: str) -> str:
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
         await pc.setLocalDescription(await pc.createAnswer())
@@ -48,7 +48,7 @@ async def _answer_for(offer: str) -> str:
 
 
 async def _accepts_offer(offer: str) -> bool:
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
         return True
