@@ -18,9 +18,10 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
+from .call_migration import RELEASED
 from .errors import UnknownCall
 from .registrar import Registrar
-from .transceiver import RELEASED, Transceiver
+from .transceiver import Transceiver
 
 logger = logging.getLogger(__name__)
 
