@@ -15,8 +15,9 @@ fleet, the Redis stream.
 
 A call that spans a relayd restart gets one record: in a fleet the account
 lives in Redis (``{prefix}:account:{conn_id}``, written on every change); alone,
-relayd writes its accounts to ``[records] state_path`` when it stops and
-takes them back when it starts. A call taken back that the registry does not
+relayd keeps its accounts in ``[records] state_path`` (written when it stops,
+and at most ``CHECKPOINT_GAP`` after a change while it runs, so a relayd
+that is killed loses at most that much) and takes them back when it starts. A call taken back that the registry does not
 know (alone, relayd forgets its calls) is closed once its adopted flows are
 gone ("idle-timeout").
 """
@@ -28,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,9 @@ SAMPLE_EVERY = 5.0  # s between samples of the kernel's flow counters
 SAMPLE_BATCH = 500  # accounts sampled per round (the rest next round)
 STOP_WAIT = 5.0  # s relayd's stop waits for records being written
 ACCOUNT_TTL = 7 * 86400  # an account in Redis outlives a lost end this long
+# s between writes of the state file while relayd runs: a call ended since the
+# last one could be taken back (and recorded again) by a relayd killed now.
+CHECKPOINT_GAP = 1.0
 
 # (transceiver id, conn_id) -> the transceiver's figures of the call, or None.
 QualityFetch = Callable[[int, int], Awaitable[dict | None]]
@@ -120,6 +125,9 @@ class CallJournal:
         self.write_errors = 0
         self._tasks = TaskSet("call journal", log)
         self._sampler: asyncio.Task | None = None
+        self._checkpointer: asyncio.Task | None = None
+        self._dirty = asyncio.Event()  # the accounts changed since the state file was written
+        self._state_lock = threading.Lock()  # a checkpoint's thread and stop's last write
         self._ending: dict[int, str] = {}  # ended by this relay, between its "end" change and listeners
         unsubscribe = [registry.on_change(self._changed), registry.on_call_active(self._account),
                        registry.on_call_ended(self._ended)]
@@ -140,28 +148,28 @@ class CallJournal:
                 log.info("call records: %d open calls taken back from %s", len(self.carried), self.state_path)
             except (OSError, ValueError, TypeError) as exc:
                 log.warning("call records: cannot read %s: %s", self.state_path, exc)
-            self.state_path.unlink(missing_ok=True)  # taken: a second start must not take them again
+            self._dirty.set()  # the file now says what this run holds (none: it goes)
         for call in self.registry.calls():
             self._account(call)
         self._sampler = asyncio.create_task(self._sample_forever())
+        if self.state_path is not None:
+            self._checkpointer = asyncio.create_task(self._checkpoint_forever())
 
     async def stop(self) -> None:
         """Keep what the running calls' records need for the next run."""
         self._unsubscribe()
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+        for task in (self._sampler, self._checkpointer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.sample(len(self.accounts))
         # Records being closed finish (their fetches are bounded by the client's timeout), within reason.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._tasks.wait(), STOP_WAIT)
         await self._tasks.close()
-        if self.state_path is not None and self.accounts:
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"accounts": [a.to_dict() for a in self.accounts.values()]}), "utf-8")
-            os.replace(tmp, self.state_path)
+        if self.state_path is not None:
+            self._write_state(self._state_text())
         for r in {self.redis, self.stream.client if self.stream is not None else None} - {None}:
             await r.aclose()
         if self.file is not None:
@@ -177,6 +185,7 @@ class CallJournal:
         acc = self.accounts.get(call.conn_id)
         if acc is None or acc.call_id != call.call_id:
             acc = self.accounts[call.conn_id] = Account(call.call_id, call.conn_id, call.created)
+            self._dirty.set()
         self.carried.discard(call.conn_id)
         if call.transceiver_id not in acc.transceivers:
             acc.transceivers.append(call.transceiver_id)
@@ -202,6 +211,7 @@ class CallJournal:
 
     def _ended(self, call, reason: str) -> None:
         acc = self.accounts.pop(call.conn_id, None)
+        self._dirty.set()
         if self._ending.pop(call.conn_id, None) is None:
             return  # another relay ended it and writes its record
         if acc is None or acc.call_id != call.call_id:
@@ -226,6 +236,7 @@ class CallJournal:
         if to_relay is not None and to_relay not in acc.relays:
             acc.relays.append(to_relay)
         self._save(acc)
+        self._dirty.set()
         if from_transceiver is not None:
             self._tasks.spawn(self._fetch_into(acc, from_transceiver))
 
@@ -269,12 +280,14 @@ class CallJournal:
         self._cursor = start + len(batch)
         for acc in batch:
             self._sample_one(acc)
+        self._dirty.set()
         for conn_id in list(self.carried):
             acc = self.accounts.get(conn_id)
             if acc is not None and self.registry.get_call(conn_id) is None and not self.legs_of(conn_id):
                 # Taken back after a restart, never known again, its flows gone: it ended.
                 self.carried.discard(conn_id)
                 del self.accounts[conn_id]
+                self._dirty.set()
                 self._tasks.spawn(self.close(acc, "idle-timeout", time.time()))
 
     async def _sample_forever(self) -> None:
@@ -284,6 +297,36 @@ class CallJournal:
                 self.sample()
             except Exception:
                 log.exception("call records: sampling the flows failed")
+
+    # -- the state file (one relay alone) -------------------------------------------------
+
+    def _state_text(self) -> str | None:
+        if not self.accounts:
+            return None
+        return json.dumps({"accounts": [a.to_dict() for a in self.accounts.values()]})
+
+    def _write_state(self, text: str | None) -> None:
+        """Replace the state file at once (a reader never sees half of it); none without open calls."""
+        assert self.state_path is not None
+        with self._state_lock:
+            if text is None:
+                self.state_path.unlink(missing_ok=True)
+                return
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, "utf-8")
+            os.replace(tmp, self.state_path)
+
+    async def _checkpoint_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                # Serialised here, between the loop's other work; written off the loop.
+                await asyncio.to_thread(self._write_state, self._state_text())
+            except OSError as exc:
+                log.warning("call records: cannot write %s: %s", self.state_path, exc)
+            await asyncio.sleep(CHECKPOINT_GAP)  # pacing: at most one write a CHECKPOINT_GAP
 
     # -- the end --------------------------------------------------------------------------
 

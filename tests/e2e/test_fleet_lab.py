@@ -24,7 +24,7 @@ from manager.lab.netns import NetnsExecutor, _ipr
 from manager.lab.routing import route_vip, set_relay_links
 from manager.lab.services import running_lab
 from tests.support.lab_calls import assert_untouched, audio_flowing, ssrc_published, vip_at_relay_1
-from tests.support.waiting import eventually_async
+from tests.support.waiting import NotYet, eventually_async
 
 # realtime: the checks count media against the wall clock.
 pytestmark = [pytest.mark.netns, pytest.mark.realtime]
@@ -132,12 +132,21 @@ def test_a_restarted_relay_knows_the_calls_made_before(fleet):
         seen["moved"] = await asyncio.to_thread(svc.control_of(1).request, "POST",
                                                 f"/sessions/{s['call_id']}/migrate", {"to": target})
 
+        if seen["moved"].get("outcome") != "moved":
+            raise AssertionError(f"migration asked of the restarted relay: {seen['moved']}")
+        views: list = []
+
         def at_target() -> bool:
             moved = session(svc, 2, s["call_id"])
+            views[:] = [moved]
             return moved is not None and moved["transceiver"] == target and moved["state"] == "active"
 
-        await eventually_async(lambda: asyncio.to_thread(at_target), 10,
-                               what=f"relay 2 to see the call active at transceiver {target}")
+        try:
+            await eventually_async(lambda: asyncio.to_thread(at_target), 10,
+                                   what=f"relay 2 to see the call active at transceiver {target}")
+        except NotYet as exc:
+            raise AssertionError(f"{exc}; relay 2 sees {views}, relay 1 sees "
+                                 f"{session(svc, 1, s['call_id'])}; migration: {seen['moved']}") from None
         # Drain, asked of relay 2: the call (placed before relay 1's restart) moves back.
         seen["drained"] = await asyncio.to_thread(svc.control_of(2).request, "POST",
                                                   f"/transceivers/{target}/drain")

@@ -6,7 +6,7 @@
   path (the transceivers' RTCP), within 1 percentage point of the packets
   sent, none on the relay ⇄ transceiver hop, and has the move with its gap;
 - a call that spans a relayd restart gets one record: relayd (its registry
-  in memory) is stopped with SIGTERM mid-call and started again; the call
+  in memory) is stopped with SIGTERM, or killed, mid-call and started again; the call
   rides through on the fast path, hangs up, its adopted flows idle out, and
   the record written then is the call's only one, from its first creation.
 
@@ -105,7 +105,8 @@ def test_uplink_loss_and_a_migration_are_in_the_record(tmp_path: Path) -> None:
             svc.stop()
 
 
-def test_a_call_spanning_a_restart_has_one_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_call_spanning_a_restart_has_one_record(tmp_path: Path, sig: signal.Signals) -> None:
     with lab_ctx(prefix=f"cr{secrets.token_hex(3)}") as lab:
         svc = Services(lab, workdir=tmp_path, idle_timeout=3.0)
         try:
@@ -115,16 +116,20 @@ def test_a_call_spanning_a_restart_has_one_record(tmp_path: Path) -> None:
 
             async def restart_relayd(pc, rep) -> None:
                 await audio_flowing(pc)
+                state = records.with_name(records.name + ".open.json")
+                if sig == signal.SIGKILL:  # killed: what it wrote while it ran is all there is
+                    await asyncio.to_thread(eventually, lambda: state.exists() and "accounts" in state.read_text(),
+                                            10, what="the open call in relayd's state file")
                 restart["at"] = time.time()
-                restart["rc"] = await asyncio.to_thread(svc.stop_one, "relayd", signal.SIGTERM)
-                restart["kept"] = records.with_name(records.name + ".open.json").exists()
+                restart["rc"] = await asyncio.to_thread(svc.stop_one, "relayd", sig)
+                restart["kept"] = state.exists()
                 await asyncio.to_thread(svc.start_relayd)
                 await asyncio.to_thread(svc.wait_signaling, 30)
 
             with NetnsExecutor(lab.client_ns) as ex:
                 call = ex.call(asyncio.run, client_call(lab.signaling_url, duration=4.0, messages=3,
                                                          on_connected=restart_relayd))
-            assert restart["rc"] == 0 and restart["kept"], restart
+            assert restart["rc"] == (0 if sig == signal.SIGTERM else -signal.SIGKILL) and restart["kept"], restart
             assert call.error is None and call.dc_echoed == call.dc_sent == 3
             call_id = call.call_url.rsplit("/", 1)[1]
             found = eventually(lambda: [r for r in read_file(records) if r.call_id == call_id], 40,

@@ -17,6 +17,7 @@ from manager.relay.call_records import RecordFile, read_file
 from manager.relay.record_build import build_record
 from manager.relay.registry import Registry
 from manager.relay.slowpath.legs import Leg
+from tests.support.waiting import eventually_async
 
 
 def figures(*, up_loss: float, down_loss: float, reports: int, mos_min: float, mos_avg: float, at: float,
@@ -105,7 +106,7 @@ def test_a_call_spanning_a_restart_alone_gets_one_record(tmp_path: Path):
         second: list = []
         j2 = _journal(reg2, path, legs2, second)
         await j2.start()
-        assert not path.with_suffix(".open").exists() and j2.carried == {5}
+        assert j2.carried == {5}
         j2.sample()
         assert second == []  # its flows still run
         legs2.clear()  # they idled out
@@ -118,6 +119,41 @@ def test_a_call_spanning_a_restart_alone_gets_one_record(tmp_path: Path):
         assert [m.gap_ms for m in rec.moves] == [20.0] and rec.mos.min == 4.4
         assert rec.client.family == "ipv4" and rec.client.transport == "udp" and rec.client.address == "198.51.100.23"
         assert [r.call_id for r in read_file(path)] == [call.call_id]
+
+    asyncio.run(go())
+
+
+def test_a_killed_relay_left_its_open_calls_in_the_state_file(tmp_path: Path):
+    """No stop: the file written while it ran is what the next run takes back,
+    and it goes when the last open call has ended."""
+    path = tmp_path / "records.jsonl"
+    state = path.with_suffix(".open")
+
+    def held() -> list[int]:
+        return [a["conn_id"] for a in json.loads(state.read_text())["accounts"]] if state.exists() else []
+
+    async def go() -> None:
+        reg = Registry()
+        reg.register_transceiver(1, "https://10.0.0.2:8443", 10)
+        j1 = _journal(reg, path, {}, [])
+        await j1.start()
+        for conn_id in (5, 6):
+            reg.add_call(conn_id=conn_id, transceiver_id=1, client_ufrag="abcd", server_ufrag=f"efg{conn_id}",
+                         owner=OwnerAddr(addr4="10.0.0.2", port4=4000))
+        await eventually_async(lambda: held() == [5, 6], what="both open calls in the state file")
+        reg.end_call(6, "client-hangup")
+        await eventually_async(lambda: held() == [5], what="the ended call out of the state file")
+        j1._checkpointer.cancel()  # killed: nothing more is written
+        j1._sampler.cancel()
+
+        j2 = _journal(Registry(), path, {}, [])
+        await j2.start()
+        assert j2.carried == {5}
+        j2.sample()  # its flows are gone: it ends, and the file with it
+        await j2._tasks.wait()
+        await eventually_async(lambda: not state.exists(), what="the state file gone with the last open call")
+        await j2.stop()
+        assert [r.end_reason for r in read_file(path)] == ["client-hangup", "idle-timeout"]
 
     asyncio.run(go())
 

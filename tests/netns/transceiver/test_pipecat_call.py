@@ -48,8 +48,10 @@ async def utterance(client: ClientCall, track: SpeechTrack, speech: np.ndarray) 
 
     def reply_done():
         reply = voiced(heard_since(client, said_at))
-        # the whole reply played (and 0.3 s of silence after it)
-        return len(reply) / 48000 >= 0.5 * expected_s and not len(voiced(heard_since(client, time.monotonic() - 0.3)))
+        # The reply started and has ended: 0.5 s of silence after it. The VAD
+        # keeps less of the utterance when the machine is loaded (0.46 of
+        # 0.95 s seen), so the length only shows a reply, not a blip.
+        return len(reply) / 48000 >= 0.3 * expected_s and not len(voiced(heard_since(client, time.monotonic() - 0.5)))
 
     await eventually_async(reply_done, timeout=10, what="the bot's whole reply")
     return voiced(heard_since(client, said_at))
@@ -94,7 +96,7 @@ def test_bot_answers_a_call_and_keeps_its_conversation_across_a_migration(speech
     said = voiced(speech)
     for reply in (out["first"], out["second"]):
         ratio = spectral_centroid(reply) / spectral_centroid(said)
-        assert 1.25 < ratio < 1.75, f"pitch ratio {ratio:.2f}"
+        assert 1.15 < ratio < 1.85, f"pitch ratio {ratio:.2f}"  # 1.5 as played; 1.0 if not shifted
     assert out["echo"]["echo"] == {"type": "ping"} and out["echo"]["turns"] == 1
     assert [m["role"] for m in out["echo"]["context"]] == ["user", "assistant"]
     # The migration carried the bot's turn count and its LLM context: B's bot goes on from turn 1.
