@@ -405,15 +405,20 @@ def for_relay(cfg, registry, slowpath, datapath, client, fleet, observe) -> Call
         return [*slowpath.legs_of(conn_id), *slowpath.stream_legs_of(conn_id)]
 
     def flow_counts(leg) -> tuple[int, ...] | None:
-        """The XDP per-flow media accounting of a leg (Datapath.flow_media)."""
-        if leg.stream is not None or leg.installed_at is None or datapath.maps is None:
-            return None  # ICE-TCP: the bridge carries it, not the kernel
+        """The XDP per-flow media accounting of a leg (Datapath.flow_media); an
+        ICE-TCP leg's from the bridge, which carries it (slowpath/stream_media.py)."""
+        seen = round(time.time() - (time.monotonic() - leg.first_seen), 3)  # orders the call's flows
+        if leg.media is not None:
+            return (*leg.media.counts(), seen)
+        if leg.installed_at is None or datapath.maps is None:
+            return None
         media = datapath.flow_media(leg.client, leg.vip)
         if media is None:
             return None
         up, down = media.up, media.down
         return (up.packets, up.bytes, down.packets, down.bytes, up.expected, up.lost,
-                round(up.jitter_ms * 1000), down.expected, down.lost, round(down.jitter_ms * 1000))
+                round(up.jitter_ms * 1000), down.expected, down.lost, round(down.jitter_ms * 1000),
+                up.ssrc, up.highest_seq, up.received, down.ssrc, down.highest_seq, down.received, seen)
 
     redis = fleet.new_client() if fleet is not None else None
     stream = (RecordStream(fleet.new_client(), f"{cfg.registry.key_prefix}:records", rec.stream_cap)

@@ -364,6 +364,8 @@ async def post_undrain(request: web.Request) -> web.Response:
 
 async def post_reload_config(request: web.Request) -> web.Response:
     return await post_reload(_deps(request).reloader)
+
+
 async def get_call_figures(request: web.Request) -> web.Response:
     deps = _deps(request)
     ref = request.match_info["call"]

@@ -31,11 +31,15 @@ from manager.protocol.call_record import (
 )
 from manager.protocol.call_record import anonymise as anonymise_address
 
+SEQ_SPAN = 1 << 16
+
 
 def kernel_stream(counts: list[int], direction: str) -> tuple[StreamFigures, StreamFigures | None]:
     """One direction of one flow's kernel counters (call_journal): [packets in,
     bytes in, packets out, bytes out, then, where the kernel accounts RTP
-    sequence numbers, expected, lost and jitter (µs) in, the same out].
+    sequence numbers, expected, lost and jitter (µs) in, the same out, then
+    (:func:`sequence_part`) the stream's SSRC, highest extended sequence and
+    packets received in, the same out, and when the flow was first seen].
     Returns (packets and bytes, the sequence accounting or None)."""
     up = direction == "uplink"
     fig = StreamFigures(packets=counts[0 if up else 2], bytes=counts[1 if up else 3])
@@ -43,6 +47,42 @@ def kernel_stream(counts: list[int], direction: str) -> tuple[StreamFigures, Str
     if len(counts) < at + 3 or not counts[at]:
         return fig, None
     return fig, StreamFigures(expected=counts[at], lost=counts[at + 1], jitter_ms=counts[at + 2] / 1000)
+
+
+def sequence_part(counts: list[int], direction: str) -> tuple[float, int, int, int, float] | None:
+    """(first seen, SSRC, first and highest extended sequence, received, jitter
+    ms) of one direction of one flow; None where the counters do not say."""
+    if len(counts) < 17:
+        return None
+    up = direction == "uplink"
+    at, ex = (10, 4) if up else (13, 7)
+    ssrc, highest, received = counts[at:at + 3]
+    if not ssrc or not counts[ex]:
+        return None
+    return counts[16], ssrc, highest - counts[ex] + 1, highest, received, counts[ex + 2] / 1000
+
+
+def merge_parts(parts: list[tuple]) -> StreamFigures:
+    """One RTP stream carried by several flows of a call (a client that moved
+    between its pairs, a NAT rebinding): the flows' sequence ranges put on one
+    axis (each flow's first sequence unwrapped next to the previous flow's
+    highest, in the order they were first seen), expected over the whole range,
+    received summed. Per flow, the packets that went by another flow would
+    count as lost."""
+    lo = hi = None
+    received = 0
+    jitter = 0.0
+    for _, _, first, highest, got, jit in sorted(parts):
+        if hi is None:
+            shift = 0
+        else:  # the wrap count that puts this flow's start nearest the stream so far
+            shift = round((hi - first) / SEQ_SPAN) * SEQ_SPAN
+        lo = first + shift if lo is None else min(lo, first + shift)
+        hi = highest + shift if hi is None else max(hi, highest + shift)
+        received += got
+        jitter = max(jitter, jit)
+    expected = hi - lo + 1
+    return StreamFigures(expected=expected, lost=expected - received, jitter_ms=jitter)
 
 
 def _add(total: StreamFigures, part: StreamFigures) -> None:
@@ -112,12 +152,19 @@ def build_record(acc: Any, reason: str, ended_at: float, *, anonymise: str = "fu
     record.client = ClientInfo(family=client.get("family"), transport=client.get("transport"),
                                address=anonymise_address(client.get("address"), anonymise))
     hop, after = HopFigures(), HopFigures()  # client ⇄ relay, relay ⇄ transceiver
+    measured = {"uplink": hop, "downlink": after}
+    streams: dict[tuple[str, int], list[tuple]] = {}
     for counts in acc.flows.values():
-        for direction, measured_hop in (("uplink", hop), ("downlink", after)):
+        for direction, measured_hop in measured.items():
             total, seq = kernel_stream(counts, direction)
             _add(getattr(hop, direction), total)
-            if seq is not None:
+            part = sequence_part(counts, direction)
+            if part is not None:
+                streams.setdefault((direction, part[1]), []).append(part)
+            elif seq is not None:
                 _add(getattr(measured_hop, direction), seq)
+    for (direction, _), parts in streams.items():
+        _add(getattr(measured[direction], direction), merge_parts(parts))
     for stream in (hop.uplink, after.downlink):
         if stream.expected:
             stream.loss_fraction = round(max(stream.lost or 0, 0) / stream.expected, 5)

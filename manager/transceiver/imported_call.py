@@ -82,6 +82,11 @@ logger = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
 DEFAULT_CONSENT_TIMEOUT = 30.0  # RFC 7675: consent expires 30 s after the last check
+# A check from another address moves the call's replies there when it nominates
+# that pair (USE-CANDIDATE) or nothing authentic came from the current one this
+# long: a client keeps checking its other pairs (Chromium's ICE-TCP connections
+# of both families), and those checks must not take the media along.
+PATH_SILENT = 1.0
 
 
 class _PortProtocol(asyncio.DatagramProtocol):
@@ -118,6 +123,7 @@ class MigrationStats:
     stun_ignored: int = 0  # responses and indications (e.g. to the old owner's checks)
     consent_checks_sent: int = 0
     consent_checks_answered: int = 0
+    checks_elsewhere: int = 0  # answered from another address, the media kept on its path
 
 
 class ImportedCall(CallHandle):
@@ -157,6 +163,9 @@ class ImportedCall(CallHandle):
         self._frozen_at: float | None = None
         self.frozen_monotonic: float | None = None
         self._last_consent = time.monotonic()  # the import counts as the last check
+        # The last authentic packet from remote_addr; the path the state names
+        # (the old owner's, or aiortc's selected pair) counts as heard at import.
+        self._heard_at = time.monotonic()
         self._remote_pwd = (spec.ice.remote_pwd or "").encode()
         self._checks: dict[bytes, float] = {}  # our consent checks awaiting an answer
         self._reply_addr: Addr | None = None
@@ -326,7 +335,8 @@ class ImportedCall(CallHandle):
         if kind is PacketClass.STUN:
             self._stun_received(port, data, addr)
         elif kind is PacketClass.RTP:
-            self._srtp_received(data, now)
+            if self._srtp_received(data, now) and addr == self.remote_addr:
+                self._heard_at = now
         elif kind is PacketClass.DTLS:
             if self.data is not None and self.data.datagram_received(data):
                 self.activate("dtls")
@@ -367,14 +377,18 @@ class ImportedCall(CallHandle):
         response.add_message_integrity(self._local_pwd)  # adds FINGERPRINT too
         port.sendto(bytes(response), addr)  # a success response claims addr in the mux
         self.stats.stun_answered += 1
-        self._last_consent = time.monotonic()
+        now = self._last_consent = time.monotonic()
         if addr != self.remote_addr:
-            # The relay rebuilt its flow (new flow port): the latest authenticated
-            # source wins, as for the shared socket's address claims.
+            if "USE-CANDIDATE" not in msg.attributes and now - self._heard_at < PATH_SILENT:
+                self.stats.checks_elsewhere += 1  # another pair's check: the media stays (PATH_SILENT)
+                return
+            # Nominated there, or the current path went silent (the relay
+            # rebuilt its flow: a new flow port): the replies follow.
             logger.info(
                 "imported call %d: remote moved %s -> %s", self.conn_id, self.remote_addr, addr
             )
             self.remote_candidate = self.remote_candidate.model_copy(update={"host": addr[0], "port": addr[1]})
+        self._heard_at = now
         self.activate("stun")
 
     async def deliver_srtp(self, data: bytes) -> bool:

@@ -196,6 +196,10 @@ async def call_row(client, svc, ctl, known: set[str], result: dict) -> None:
         result["level_db_after"] = round(level_db(after), 2)
         last = after[-1]
         result["dc"] = f"{last.dc_echoed}/{last.dc_sent}"
+        if result["network"] == "tcp":  # the bridge's counts of the ICE-TCP leg, as the record has them
+            live = await asyncio.to_thread(ctl.request, "GET", f"/calls/{call['call_id']}")
+            result["client_relay"] = live["record"]["client_relay"]
+            result["relay_transceiver"] = live["record"]["relay_transceiver"]
         moved = await asyncio.to_thread(svc.transceiver_api, target, f"/calls/{call['conn_id']}")
         assert moved is not None and moved["imported"], moved
         data = moved["migration"]["data_channels"]
@@ -230,6 +234,13 @@ def test_interop(env, matrix, row: Row):
     if row.network == "tcp":
         assert result["path"].startswith("TCP IPv") and result["path"].endswith(f":{LAB_TCP_PORT}"), result
         assert bridge > 100 and fast < 10, (bridge, fast)  # the bridge carried it, XDP did not
+        # The bridge counted the leg as XDP counts a flow: every packet both ways on
+        # the client's hop, the client's RTP (its loss, 0 on TCP) and the agent's
+        # as it reached the relay (the relay ⇄ transceiver hop's loss).
+        hop, inner = result["client_relay"], result["relay_transceiver"]
+        assert hop["uplink"]["packets"] > 100 and hop["downlink"]["packets"] > 100, hop
+        for seq in (hop["uplink"], inner["downlink"]):
+            assert (seq["expected"] or 0) > 100 and seq["lost"] <= 0 and seq["loss_fraction"] == 0, (hop, inner)
     elif row.network in ("ipv4", "ipv6"):
         vip = lab.vip4 if row.network == "ipv4" else lab.vip6
         assert result["path"].startswith(f"UDP IPv{row.network[-1]} to {vip}:"), result

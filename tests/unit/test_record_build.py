@@ -178,3 +178,42 @@ def test_a_call_ended_here_is_written_once_with_its_end_reason(tmp_path: Path):
         assert not path.with_suffix(".open").exists()  # nothing open to keep
 
     asyncio.run(go())
+
+
+def _flow(seen: float, up: tuple[int, int, int], down: tuple[int, int, int] = (0, 0, 0)) -> list:
+    """A flow's counts with sequence parts: (ssrc, first, highest) each way, every packet received."""
+    def way(ssrc: int, first: int, highest: int) -> tuple[int, int, int]:
+        expected = highest - first + 1 if ssrc else 0
+        return expected, ssrc, highest
+    ue, us, uh = way(*up)
+    de, ds, dh = way(*down)
+    return [ue, ue * 100, de, de * 100, ue, 0, 500, de, 0, 0, us, uh, ue, ds, dh, de, seen]
+
+
+def test_a_stream_split_over_two_flows_is_one_stream():
+    """A client that sends over one pair, then another, and back: per flow,
+    the packets that went by the other would count as lost; together none is."""
+    acc = account()
+    acc.flows = {"v6": _flow(1.0, (7, 100, 349)),  # 100-199 and 250-349 here...
+                 "v4": _flow(2.0, (7, 200, 249))}  # ...200-249 there
+    acc.flows["v6"][12] = 200  # received: the v6 flow saw 200 of its 250
+    acc.flows["v6"][4], acc.flows["v6"][5] = 250, 50  # its own view: 50 lost
+    r = build_record(acc, "x", 200.0)
+    assert (r.client_relay.uplink.expected, r.client_relay.uplink.lost) == (250, 0)
+    assert r.client_relay.uplink.loss_fraction == 0
+
+
+def test_flows_across_a_sequence_wrap_and_other_ssrcs():
+    acc = account()
+    # The first flow ends at 65536 + 9 (wrapped once); the second starts at 10 in its own count.
+    acc.flows = {"a": _flow(1.0, (7, 65000, 65545)), "b": _flow(2.0, (7, 10, 60)),
+                 "c": _flow(3.0, (9, 5, 14))}  # another stream: its own range
+    r = build_record(acc, "x", 200.0)
+    assert r.client_relay.uplink.expected == 546 + 51 + 10 and r.client_relay.uplink.lost == 0
+
+
+def test_old_accounts_without_sequence_parts_still_add_up():
+    acc = account()
+    acc.flows = {"a": [100, 10000, 100, 10000, 100, 3, 1000, 100, 1, 500]}
+    r = build_record(acc, "x", 200.0)
+    assert (r.client_relay.uplink.expected, r.client_relay.uplink.lost) == (100, 3)

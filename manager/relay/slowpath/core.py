@@ -347,7 +347,9 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
             install = (h is not None and h.method == METHOD_BINDING and h.message_class == CLASS_SUCCESS
                        and h.transaction_id in leg.txids)
         if leg.stream is not None:
-            leg.last_seen = time.monotonic()
+            leg.last_seen = now = time.monotonic()
+            if leg.installed_at is not None and leg.media is not None:
+                leg.media.down.count(data, now)
             leg.stream(data)
             self.stats["tcp_out"] += 1
         else:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from manager.protocol.addresses import family_of
 from manager.relay.kernel.structs import flow_key
+from manager.relay.slowpath.stream_media import StreamMedia
 
 MAX_PENDING_TXIDS = 32
 # Packets of one leg's client held for the owner to authenticate at once (a
@@ -58,6 +59,8 @@ class Leg:
     # the slow path closes the connection (call ended, never authenticated).
     stream: Callable[[bytes], None] | None = None
     close_stream: Callable[[str], None] | None = None
+    # A stream leg's media counts (the bridge carries it, not XDP).
+    media: StreamMedia | None = None
     last_seen: float = field(default_factory=time.monotonic)
     # When the slow path last put this tuple into the kernel again (evicted,
     # rebound): an expiry walk begun before then judged an older entry.

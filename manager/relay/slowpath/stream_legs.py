@@ -9,6 +9,7 @@ from collections.abc import Callable
 from manager.observability import tracing
 from manager.protocol.rfc7983 import is_stun
 from manager.relay.slowpath.legs import Addr, Leg
+from manager.relay.slowpath.stream_media import StreamMedia
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class StreamLegs:
         if source is None:
             return None
         leg = Leg(client=client, vip=listener, conn_id=call.conn_id, flow_port=source[0], flow_addr=source[1],
-                  stream=send, close_stream=close)
+                  stream=send, close_stream=close, media=StreamMedia())
         self.stream_legs[(client, listener)] = leg
         self._by_source[(leg.family, *leg.source)] = leg
         self._legs_per_call.add(leg.conn_id)
@@ -45,12 +46,14 @@ class StreamLegs:
     def stream_packet(self, leg: Leg, data: bytes) -> None:
         """A later frame of a stream leg: to the call's current owner. Until the
         owner's success only Binding requests pass (on UDP, XDP drops the rest)."""
-        leg.last_seen = time.monotonic()
+        leg.last_seen = now = time.monotonic()
         if leg.installed_at is None:
             if not is_stun(data):
                 self.stats["tcp_drop_before_success"] += 1
                 return
             self._note_txid(leg, data)
+        elif leg.media is not None:  # counted from the install on, as XDP counts a flow
+            leg.media.up.count(data, now)
         self.stats["tcp_in"] += 1
         self._to_owner(leg, data)
 
