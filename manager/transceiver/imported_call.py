@@ -163,9 +163,10 @@ class ImportedCall(CallHandle):
         self._frozen_at: float | None = None
         self.frozen_monotonic: float | None = None
         self._last_consent = time.monotonic()  # the import counts as the last check
-        # The last authentic packet from remote_addr; the path the state names
-        # (the old owner's, or aiortc's selected pair) counts as heard at import.
-        self._heard_at = time.monotonic()
+        # The last authentic packet from remote_addr. aiortc's selected pair (a
+        # hand-over) is live; a migrated call has heard nothing here yet, so the
+        # first authenticated check (the relay's flow after the flip) takes it.
+        self._heard_at = time.monotonic() if handed_over else float("-inf")
         self._remote_pwd = (spec.ice.remote_pwd or "").encode()
         self._checks: dict[bytes, float] = {}  # our consent checks awaiting an answer
         self._reply_addr: Addr | None = None
