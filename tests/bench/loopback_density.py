@@ -32,26 +32,20 @@ import json
 import math
 import multiprocessing
 import os
-import random
-import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiortc.mediastreams import MediaStreamTrack
-
 from manager.lab.client import tone_power
-from manager.protocol import rtp_header
 from manager.transceiver.opus import Decoder, Encoder
+from tests.bench import loopback_netns
 from tests.bench.bench_tcp import cpu_seconds
-from tests.bench.profile_transceiver import _transceiver, place_client, rss_mb
+from tests.bench.loopback_calls import BURST, CheapCall, place_calls
+from tests.bench.profile_transceiver import _transceiver, rss_mb
 from tests.bench.provenance import run_info
 
 TONE = 440.0
 SAMPLED = 3  # calls whose echo is decoded and checked for the tone
-VOICED_BYTES = 15
-BURST = 25  # frames of tone, then as many of silence
 LOSS_CALLS = 20
 METERED = "tests.bench.metered_agent"
 
@@ -69,121 +63,6 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-class _Silent(MediaStreamTrack):
-    """A track with no frame ever: aiortc's sender waits on it and sends nothing."""
-
-    kind = "audio"
-
-    async def recv(self):
-        await asyncio.Future()
-
-
-@dataclass
-class CheapCall:
-    """One connected aiortc client whose media this process drives by hand."""
-
-    pc: object
-    payload_type: int
-    extensions: bytes
-    ssrc: int = 0
-    seq: int = 0
-    ts_base: int = 0
-    sent: int = 0
-    echoes: int = 0
-    voiced: int = 0  # echoes carrying sound: an Opus packet of more than silence's few bytes
-    lost: int = 0
-    last_seq: int | None = None
-    payloads: list[bytes] = field(default_factory=list)
-    keep_payloads: bool = False
-    ended: bool = False
-    loss: float = 0.0
-    dropped: int = 0
-    tone_sent: int = 0
-    onset_at: float | None = None  # send time of the current burst's first packet, until its echo
-    was_voiced: bool = False
-    latencies: list[float] = field(default_factory=list)
-
-    async def take_over(self) -> bool:
-        """False if the call is no longer connected."""
-        # aiortc internals of the *client* (a load generator, not the transceiver).
-        t = self.pc.getTransceivers()[0]
-        dtls = t.sender.transport
-        pair = dtls.transport._connection._nominated.get(1)
-        if pair is None:
-            return False
-        # aiortc's sender never sent (its track has no frame) and stays (its
-        # stop() would send RTCP BYE, and aiortc's transceiver would end the
-        # call's incoming track): its SSRC's stream starts here.
-        self.ssrc = t.sender._ssrc
-        self.seq, self.ts_base = random.randint(0, 0xFFFF), random.randint(0, 0xFFFFFFFF)
-        self._tx = dtls._tx_srtp
-        transport, addr = pair.protocol.transport, pair.remote_addr
-
-        def send(data: bytes) -> None:
-            if transport.is_closing():  # the call ended (an overloaded transceiver let consent expire)
-                self.ended = True
-            else:
-                transport.sendto(data, addr)
-
-        self._send = send
-        dtls._handle_rtp_data = self._on_rtp  # the echo, unprotected: counted, not decoded
-        return True
-
-    async def _on_rtp(self, data: bytes, arrival_time_ms: int) -> None:
-        header = rtp_header.parse(data)
-        if header is None:
-            return
-        if self.last_seq is not None:
-            gap = (header.sequence - self.last_seq) & 0xFFFF
-            if 1 < gap < 0x8000:
-                self.lost += gap - 1
-        self.last_seq = header.sequence
-        self.echoes += 1
-        voiced = len(header.payload) > VOICED_BYTES
-        if voiced:
-            self.voiced += 1
-            if not self.was_voiced and self.onset_at is not None:
-                self.latencies.append(time.monotonic() - self.onset_at)
-                self.onset_at = None
-        self.was_voiced = voiced
-        if self.keep_payloads:
-            self.payloads.append(header.payload)
-
-    def send(self, payload: bytes, k: int, now: float) -> None:
-        """Frame `k` of the signal (see tone_packets); lost on the way with probability `loss`."""
-        phase = k % (2 * BURST)
-        if phase < BURST:
-            self.tone_sent += 1
-            if phase == 0:
-                self.onset_at = now
-        packet = rtp_header.build(self.payload_type, False, self.seq, self.ts_base + self.sent * 960, self.ssrc,
-                                  payload, self.extensions)
-        protected = self._tx.protect(packet)  # protected even when lost: the SRTP index moves on
-        if self.loss and random.random() < self.loss:
-            self.dropped += 1
-        else:
-            self._send(protected)
-        self.seq = (self.seq + 1) & 0xFFFF
-        self.sent += 1
-
-
-async def _place(conn, n: int, loss: float = 0.0) -> list[CheapCall]:
-    calls = []
-    for i in range(n):
-        pc, answer = await place_client(conn, i + 1, _Silent())  # no frame: the media comes from CheapCall.send
-        pt = int(re.search(r"a=rtpmap:(\d+) opus/48000", answer, re.I).group(1))
-        mid = re.search(r"a=mid:(\S+)", answer).group(1)
-        ext = re.search(r"a=extmap:(\d+) urn:ietf:params:rtp-hdrext:sdes:mid", answer)
-        extensions = rtp_header.one_byte_extensions([(int(ext.group(1)), mid.encode())]) if ext else b""
-        calls.append(CheapCall(pc, pt, extensions, keep_payloads=i < SAMPLED, loss=loss))
-    deadline = time.monotonic() + 30 + n * 0.2
-    while any(c.pc.connectionState != "connected" for c in calls) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)  # pacing: a poll of the clients' state
-    connected = [c for c in calls if c.pc.connectionState == "connected"]
-    await asyncio.sleep(1.0)  # pacing: the hand-overs to the engine settle
-    return [c for c in connected if await c.take_over()]
 
 
 async def _media(calls: list[CheapCall], seconds: float) -> dict:
@@ -206,7 +85,7 @@ def _own_cpu() -> float:
 
 
 async def _step(conn, pid: int, n: int, seconds: float) -> dict:
-    calls = await _place(conn, n)
+    calls, setup = await place_calls(conn, n, sampled=SAMPLED)
     rss0 = rss_mb(pid)
     cpu0 = cpu_seconds(pid)
     media = await _media(calls, seconds)
@@ -240,7 +119,7 @@ async def _step(conn, pid: int, n: int, seconds: float) -> dict:
         "ended_early": sum(c.ended for c in calls),
         "generator_ms_per_call_second": round(media["own_cpu"] / call_seconds * 1000, 2) if call_seconds else None,
         "generator_lag_ms_max": round(media["lag"] * 1000, 1),
-        "rss_mb": round(rss0, 1),
+        "rss_mb": round(rss0, 1), **setup,
     }
 
 
@@ -248,33 +127,46 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(v, 2)
 
 
-async def _loss_step(conn, n: int, seconds: float, loss: float) -> dict:
+async def _loss_step(conn, n: int, seconds: float, loss: float, host: str, kernel: bool) -> dict:
     loop = asyncio.get_running_loop()
-    calls = await _place(conn, n, loss)
+    calls, _ = await place_calls(conn, n, loss=0.0 if kernel else loss, host=host)
     conn.send("report")  # what the agents heard so far (the set-up) is reset
     await loop.run_in_executor(None, conn.recv)
+    if kernel:
+        loopback_netns.drop(loss)
     await _media(calls, seconds)
+    dropped = loopback_netns.dropped() if kernel else sum(c.dropped for c in calls)
+    if kernel:
+        loopback_netns.clear()
     conn.send("report")
     heard = await loop.run_in_executor(None, conn.recv)
     for c in calls:
         await c.pc.close()
     sent = sum(c.sent for c in calls)
+
+    def share(x: int) -> float | None:
+        return round(x / sent, 4) if sent else None
+
     return {
-        "loss": loss, "calls": n, "connected": len(calls), "frames_sent": sent,
-        "frames_dropped": sum(c.dropped for c in calls),
-        # Real or concealed; above 1 when the jitter buffer expanded for a late packet.
-        "frames_delivered": round(heard["frames"] / sent, 4) if sent else None,
-        "frames_real": round(heard["real"] / sent, 4) if sent else None,  # decoded from their own packet
+        "loss": loss, "mode": "kernel" if kernel else "sender", "calls": n, "connected": len(calls),
+        "frames_sent": sent, "frames_dropped": dropped,
+        # Each sent frame the agent heard in its time slot: from its own
+        # packet, rebuilt from FEC, or concealed because it was lost.
+        "frames_delivered": share(heard["delivered"]),
+        "frames_real": share(heard["real"]),
         "frames_concealed": heard["concealed"], "frames_fec": heard["fec"],
+        # Concealment played while a late frame was awaited (added delay, not a frame sent).
+        "frames_expanded": heard["expanded"],
         "longest_gap_ms": heard["longest_gap_ms"],
     }
 
 
-def _with_transceiver(engine: bool, body, agents: str | None = None):
+def _with_transceiver(engine: bool, body, agents: str | None = None, host: str = "127.0.0.1",
+                      netns: str | None = None):
     """Run `body(conn, pid, idle_rss)` against a fresh transceiver child."""
     parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("spawn").Process(target=_transceiver, args=(child, engine, 1, agents),
-                                                        daemon=True)
+    proc = multiprocessing.get_context("spawn").Process(target=_transceiver,
+                                                        args=(child, engine, 1, agents, host, netns), daemon=True)
     proc.start()
     assert parent.recv() == "ready"
     try:
@@ -301,12 +193,24 @@ def run_path(engine: bool, counts: list[int], seconds: float) -> list[dict]:
     return steps
 
 
-def run_loss(engine: bool, losses: list[float], seconds: float, calls: int = LOSS_CALLS) -> list[dict]:
+def run_loss(engine: bool, losses: list[float], seconds: float, calls: int = LOSS_CALLS,
+             kernel: bool | None = None) -> list[dict]:
+    """The loss run: by the kernel on a veth into the transceiver's namespace
+    when root (`kernel` None: if possible), else by the sender."""
+    kernel = loopback_netns.kernel_loss_available() if kernel is None else kernel
     out = []
     for loss in losses:
-        print(f"  {'engine' if engine else 'aiortc'}: {calls} calls at {loss:.0%} uplink loss...", file=sys.stderr)
-        out.append(_with_transceiver(engine, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss),
-                                     METERED))
+        print(f"  {'engine' if engine else 'aiortc'}: {calls} calls at {loss:.0%} uplink loss "
+              f"({'kernel' if kernel else 'sender'})...", file=sys.stderr)
+        if kernel:
+            with loopback_netns.link() as (gen, tx):
+                out.append(_with_transceiver(
+                    engine, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss, gen, True),
+                    METERED, tx, loopback_netns.NETNS))
+        else:
+            out.append(_with_transceiver(
+                engine, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss, "127.0.0.1", False),
+                METERED))
     return out
 
 
