@@ -1,24 +1,28 @@
-"""`make bench-density`: transceiver density with cheap clients, both paths in one run.
+"""`make bench-density`: transceiver density with cheap clients, the paths in one run.
 
 Each call's ICE and DTLS handshake is real (an aiortc client per call,
 straight to the transceiver's shared socket on 127.0.0.1, no relay: it
-forwards packets unchanged). The client's own track never yields a frame;
-once connected, one loop in this process drives every call's SRTP with that
-call's keys: a pre-encoded Opus tone in bursts (0.5 s of tone, 0.5 s of
-silence), one packet per 20 ms. The echoes are counted by sequence number
-(gaps are losses) and by payload size (voiced or not); the time from a
-burst's first packet sent to its echo's first voiced packet is the latency
-the transceiver adds (the loopback network's share is a few µs); a few
-calls' echoes are decoded and checked for the tone. The transceiver runs in
-a child process (tests/bench/profile_transceiver.py); its CPU time over the
-media window gives CPU per call-second and calls per core, its RSS growth
-the MB per call. This process's own CPU per call-second shows the load
-generator is the cheap side.
+forwards packets unchanged); the clients are placed in batches and skip
+aiortc's media path (tests/bench/loopback_calls.py). Once connected, one loop
+in this process drives every call's SRTP with that call's keys: a
+pre-encoded Opus tone in bursts (0.5 s of tone, 0.5 s of silence), one
+packet per 20 ms. The echoes are counted by sequence number (gaps are
+losses) and by payload size (voiced or not); the time from a burst's first
+packet sent to its echo's first voiced packet is the latency the transceiver
+adds (the loopback network's share is a few µs); a few calls' echoes are
+decoded and checked for the tone. The transceiver runs in a child process
+(tests/bench/profile_transceiver.py); its CPU time over the media window
+gives CPU per call-second and calls per core, its RSS growth the MB per
+call. This process's own CPU per call-second shows the load generator is
+the cheap side. The paths: ``engine`` (the media engine, sends batched with
+sendmmsg), ``engine-sendto`` (one sendto per datagram) and ``aiortc``; each
+step runs every path in turn, so their ratios are read under the same load.
 
-The loss run (``--loss``): the sender drops each packet with the given
-probability (random uplink loss); the transceiver's agent
-(tests/bench/metered_agent.py) counts the frames it got, concealed and
-rebuilt, and the longest gap it heard.
+The loss run (``--loss``): random uplink loss, applied by the kernel on a
+veth into the transceiver's network namespace when run as root
+(tests/bench/loopback_netns.py), else by the sender (each result says which
+``mode``); the transceiver's agent (tests/bench/metered_agent.py) counts the
+frames it got, concealed and rebuilt, and the longest gap it heard.
 
     .venv/bin/python -m tests.bench.loopback_density [--calls 50 100 200] [--seconds 10] [--json]
 """
@@ -88,8 +92,12 @@ async def _step(conn, pid: int, n: int, seconds: float) -> dict:
     calls, setup = await place_calls(conn, n, sampled=SAMPLED)
     rss0 = rss_mb(pid)
     cpu0 = cpu_seconds(pid)
+    udp0 = _udp_rcvbuf_errors()
     media = await _media(calls, seconds)
     cpu, wall = cpu_seconds(pid) - cpu0, media["wall"]
+    udp_errors = _udp_rcvbuf_errors() - udp0
+    conn.send("calls")
+    health = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
     tone_ok = 0
     for c in calls[:SAMPLED]:
         dec = Decoder()
@@ -120,7 +128,15 @@ async def _step(conn, pid: int, n: int, seconds: float) -> dict:
         "generator_ms_per_call_second": round(media["own_cpu"] / call_seconds * 1000, 2) if call_seconds else None,
         "generator_lag_ms_max": round(media["lag"] * 1000, 1),
         "rss_mb": round(rss0, 1), **setup,
+        "udp_rcvbuf_errors": udp_errors,  # the whole machine's (other sessions' too)
+        "engine": {k: health["engine"][k] for k in ("calls", "late_ticks", "max_tick_ms")},
+        "demux_rx": health["demux"].get("rx", 0),
     }
+
+
+def _udp_rcvbuf_errors() -> int:
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
 def _ms(v: float | None) -> float | None:
@@ -161,12 +177,17 @@ async def _loss_step(conn, n: int, seconds: float, loss: float, host: str, kerne
     }
 
 
-def _with_transceiver(engine: bool, body, agents: str | None = None, host: str = "127.0.0.1",
+#: The paths a run compares: (calls on the media engine, sends batched with sendmmsg).
+PATHS = {"engine": (True, True), "engine-sendto": (True, False), "aiortc": (False, True)}
+
+
+def _with_transceiver(path: str, body, agents: str | None = None, host: str = "127.0.0.1",
                       netns: str | None = None):
-    """Run `body(conn, pid, idle_rss)` against a fresh transceiver child."""
+    """Run `body(conn, pid, idle_rss)` against a fresh transceiver child carrying calls on `path`."""
+    engine, batched = PATHS[path]
     parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("spawn").Process(target=_transceiver,
-                                                        args=(child, engine, 1, agents, host, netns), daemon=True)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_transceiver, args=(child, engine, 1, agents, host, netns, batched), daemon=True)
     proc.start()
     assert parent.recv() == "ready"
     try:
@@ -176,40 +197,53 @@ def _with_transceiver(engine: bool, body, agents: str | None = None, host: str =
         proc.join(15)
 
 
-def run_path(engine: bool, counts: list[int], seconds: float) -> list[dict]:
-    steps = []
+def _run_step(path: str, n: int, seconds: float) -> dict:
+    print(f"  {path}: {n} calls for {seconds:g} s...", file=sys.stderr)
+
+    async def body(conn, pid, idle_rss):
+        step = await _step(conn, pid, n, seconds)
+        step["mb_per_call"] = round((step.pop("rss_mb") - idle_rss) / max(step["connected"], 1), 2)
+        return step
+
+    return _with_transceiver(path, body)
+
+
+def run_steps(paths: list[str], counts: list[int], seconds: float,
+              keep_going: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """Each step of `counts` calls on every path in turn (their ratios are read
+    under the same load); a path stops at its first step that degrades, unless
+    it is in `keep_going`."""
+    steps: dict[str, list[dict]] = {p: [] for p in paths}
     for n in counts:
-        print(f"  {'engine' if engine else 'aiortc'}: {n} calls for {seconds:g} s...", file=sys.stderr)
-
-        async def body(conn, pid, idle_rss, n=n):
-            step = await _step(conn, pid, n, seconds)
-            step["mb_per_call"] = round((step.pop("rss_mb") - idle_rss) / max(step["connected"], 1), 2)
-            return step
-
-        step = _with_transceiver(engine, body)
-        steps.append(step)
-        if not holds(step):
-            break  # degraded: the next step up would only be worse
+        for path in paths:
+            done = steps[path]
+            if done and not holds(done[-1]) and path not in keep_going:
+                continue  # degraded: the next step up would only be worse
+            done.append(_run_step(path, n, seconds))
     return steps
 
 
-def run_loss(engine: bool, losses: list[float], seconds: float, calls: int = LOSS_CALLS,
+def run_path(path: str, counts: list[int], seconds: float) -> list[dict]:
+    return run_steps([path], counts, seconds)[path]
+
+
+def run_loss(path: str, losses: list[float], seconds: float, calls: int = LOSS_CALLS,
              kernel: bool | None = None) -> list[dict]:
     """The loss run: by the kernel on a veth into the transceiver's namespace
     when root (`kernel` None: if possible), else by the sender."""
     kernel = loopback_netns.kernel_loss_available() if kernel is None else kernel
     out = []
     for loss in losses:
-        print(f"  {'engine' if engine else 'aiortc'}: {calls} calls at {loss:.0%} uplink loss "
+        print(f"  {path}: {calls} calls at {loss:.0%} uplink loss "
               f"({'kernel' if kernel else 'sender'})...", file=sys.stderr)
         if kernel:
             with loopback_netns.link() as (gen, tx):
                 out.append(_with_transceiver(
-                    engine, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss, gen, True),
+                    path, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss, gen, True),
                     METERED, tx, loopback_netns.NETNS))
         else:
             out.append(_with_transceiver(
-                engine, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss, "127.0.0.1", False),
+                path, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss, "127.0.0.1", False),
                 METERED))
     return out
 
@@ -276,16 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, nargs="+", default=[50, 100, 150, 200, 300],
                     help="steps of N concurrent calls (each path stops at its first step that degrades)")
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--paths", nargs="+", default=["engine", "aiortc"], choices=["engine", "aiortc"])
+    ap.add_argument("--paths", nargs="+", default=["engine", "engine-sendto", "aiortc"], choices=list(PATHS),
+                    help="engine-sendto: the engine with one sendto per datagram (no sendmmsg)")
+    ap.add_argument("--keep-going", nargs="*", default=[], choices=list(PATHS),
+                    help="paths that run every step, degraded or not (the load generator's 300 calls)")
+    ap.add_argument("--loss-paths", nargs="+", default=["engine", "aiortc"], choices=list(PATHS))
     ap.add_argument("--loss", type=float, nargs="*", default=[0.01, 0.02, 0.05],
                     help=f"uplink loss rates for the loss run ({LOSS_CALLS} calls each; none: skip it)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", type=Path, help="also write the JSON here (docs/bench-loopback-density.json)")
     ap.add_argument("--plot", type=Path, help="write the plot here (docs/bench-loopback-density.png)")
     args = ap.parse_args(argv)
-    res = summary({p: run_path(p == "engine", args.calls, args.seconds) for p in args.paths})
-    res["loss"] = {p: {f"{x:g}": run_loss(p == "engine", [x], args.seconds)[0] for x in args.loss}
-                   for p in args.paths} if args.loss else {}
+    res = summary(run_steps(args.paths, args.calls, args.seconds, tuple(args.keep_going)))
+    res["loss"] = {p: {f"{x:g}": run_loss(p, [x], args.seconds)[0] for x in args.loss}
+                   for p in args.loss_paths} if args.loss else {}
     res["run"] = run_info("tests.bench.loopback_density", argv)
     if args.save:
         args.save.write_text(json.dumps(res, indent=1) + "\n")
@@ -298,15 +336,17 @@ def main(argv: list[str] | None = None) -> int:
         for path, steps in res["steps"].items():
             for s in steps:
                 lat = s["added_latency_ms"]
-                print(f"{path:>7} {s['calls']:>4} calls: {s['ms_per_call_second']} ms/call-s, "
+                print(f"{path:>13} {s['calls']:>4} calls: {s['ms_per_call_second']} ms/call-s, "
                       f"{s['calls_per_core']} calls/core, echo {s['echo_ratio']}, lost {s['echo_lost']}, "
                       f"latency p50 {lat['p50']} p99 {lat['p99']} ms, tone {s['tone_ok']}, "
                       f"ended early {s['ended_early']}, {s['mb_per_call']} MB/call, generator "
-                      f"{s['generator_ms_per_call_second']} ms/call-s{'' if s['holds'] else ' (degraded)'}")
+                      f"{s['generator_ms_per_call_second']} ms/call-s, set-up {s['setup_s']} s, failed {s['failed']}"
+                      f"{'' if s['holds'] else ' (degraded)'}")
         for path, runs in res["loss"].items():
             for x, r in runs.items():
-                print(f"{path:>7} loss {x}: delivered {r['frames_delivered']}, real {r['frames_real']}, concealed {r['frames_concealed']}, "
-                      f"fec {r['frames_fec']}, longest gap {r['longest_gap_ms']} ms")
+                print(f"{path:>13} loss {x} ({r['mode']}): delivered {r['frames_delivered']}, real {r['frames_real']}, "
+                      f"concealed {r['frames_concealed']}, fec {r['frames_fec']}, expanded {r['frames_expanded']}, "
+                      f"longest gap {r['longest_gap_ms']} ms")
     return 0
 
 

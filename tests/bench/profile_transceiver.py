@@ -54,14 +54,19 @@ IDLE = ("EpollSelector.select", "Condition.wait", "_worker (concurrent/futures/t
 
 
 def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | None = None,
-                 host: str = "127.0.0.1", netns: str | None = None) -> None:
+                 host: str = "127.0.0.1", netns: str | None = None, batched: bool = True) -> None:
     """Child: a transceiver on `host` answering offers sent over `conn`.
     `agents` names a module whose ``Agent`` class is every call's agent and
     whose ``report(tx)`` answers a ``"report"`` request (default: the echo
     agent). ``"calls"`` answers how many calls settled: on the media engine
     (engine path) or placed (aiortc path). `netns` names a network namespace
-    (``ip netns``) the child enters first."""
+    (``ip netns``) the child enters first; `batched` False sends one datagram
+    per syscall (ice_mux.BATCHED_SENDS)."""
     import importlib
+
+    from manager.transceiver import ice_mux
+
+    ice_mux.BATCHED_SENDS = batched
 
     if netns is not None:
         _enter_netns(netns)
@@ -85,7 +90,9 @@ def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | 
                 conn.send(module.report(tx) if module else None)
                 continue
             if req == "calls":
-                conn.send({"settled": tx.health()["media_engine"]["calls"] if engine else len(tx.calls())})
+                health = tx.health()
+                conn.send({"settled": health["media_engine"]["calls"] if engine else len(tx.calls()),
+                           "engine": health["media_engine"], "demux": health["demux"]})
                 continue
             try:
                 conn.send(await tx.create_call(*req))
