@@ -248,6 +248,9 @@ def run_loss(path: str, losses: list[float], seconds: float, calls: int = LOSS_C
     return out
 
 
+NOTE = ("the machine's 2 cores are shared with other sessions' test runs and with the load generator, "
+        "so absolute figures move between runs; the paths run each step in turn: compare them within this run")
+
 #: An echo later than this through the transceiver is a degraded one (a broken turn).
 MAX_ADDED_LATENCY_MS = 200.0
 
@@ -317,14 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss-paths", nargs="+", default=["engine", "aiortc"], choices=list(PATHS))
     ap.add_argument("--loss", type=float, nargs="*", default=[0.01, 0.02, 0.05],
                     help=f"uplink loss rates for the loss run ({LOSS_CALLS} calls each; none: skip it)")
+    ap.add_argument("--note", default=NOTE, help="the provenance note kept with the figures (what disturbed them)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", type=Path, help="also write the JSON here (docs/bench-loopback-density.json)")
     ap.add_argument("--plot", type=Path, help="write the plot here (docs/bench-loopback-density.png)")
     args = ap.parse_args(argv)
+    load0 = os.getloadavg()[0]
     res = summary(run_steps(args.paths, args.calls, args.seconds, tuple(args.keep_going)))
     res["loss"] = {p: {f"{x:g}": run_loss(p, [x], args.seconds)[0] for x in args.loss}
                    for p in args.loss_paths} if args.loss else {}
     res["run"] = run_info("tests.bench.loopback_density", argv)
+    load = f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    res["run"]["note"] = f"note: {args.note}; {load}"
     if args.save:
         args.save.write_text(json.dumps(res, indent=1) + "\n")
     if args.plot:
