@@ -36,8 +36,13 @@ BATCH = 25
 #: Seconds a batch may take to connect (a loaded 2-core machine), and the hand-overs.
 BATCH_TIMEOUT = 30.0
 HANDOVER_TIMEOUT = 30.0
-#: Echo payloads longer than this carry sound (Opus silence is a few bytes).
-VOICED_BYTES = 15
+#: Packets of the transceiver's audio a call receives before its media starts.
+SETTLED_RTP = 10
+#: Echo payloads longer than this carry sound, by the transceiver's encoder:
+#: the engine's (20 kb/s mono) codes silence in under 15 bytes and the tone
+#: in 20-75; aiortc's (96 kb/s stereo) silence after a tone in up to 90
+#: bytes, the tone in 180-410.
+VOICED_BYTES = {"engine": 15, "aiortc": 150}
 #: Frames of tone in a burst, then as many of silence.
 BURST = 25
 
@@ -63,6 +68,7 @@ class CheapCall:
     payload_type: int
     extensions: bytes
     keep_payloads: bool = False
+    voiced_bytes: int = VOICED_BYTES["engine"]
     loss: float = 0.0  # the sender's own drop probability (when the kernel does not drop)
     ssrc: int = 0
     seq: int = 0
@@ -79,6 +85,7 @@ class CheapCall:
     onset_at: float | None = None  # send time of the current burst's first packet, until its echo
     was_voiced: bool = False
     latencies: list[float] = field(default_factory=list)
+    early_rtp: int = 0  # RTP packets from the transceiver before the take-over
     _rx: object = None  # the call's SRTP receive session, once taken over
 
     @classmethod
@@ -100,11 +107,15 @@ class CheapCall:
 
             def datagram_received(data: bytes, addr, original=original) -> None:
                 if 127 < data[0] < 192:  # SRTP or SRTCP (RFC 7983): ours, never aiortc's
-                    if self._rx is not None and not _is_rtcp(data):
-                        try:
-                            self.on_rtp(self._rx.unprotect(data))
-                        except pylibsrtp.Error:
-                            pass
+                    if _is_rtcp(data):
+                        return
+                    if self._rx is None:
+                        self.early_rtp += 1  # the transceiver's audio (silence) before the media
+                        return
+                    try:
+                        self.on_rtp(self._rx.unprotect(data))
+                    except pylibsrtp.Error:
+                        pass
                     return
                 original(data, addr)
 
@@ -138,7 +149,7 @@ class CheapCall:
                 self.lost += gap - 1
         self.last_seq = header.sequence
         self.echoes += 1
-        voiced = len(header.payload) > VOICED_BYTES
+        voiced = len(header.payload) > self.voiced_bytes
         if voiced:
             self.voiced += 1
             if not self.was_voiced and self.onset_at is not None:
@@ -173,7 +184,8 @@ def _connecting(calls: list[CheapCall]) -> int:
 
 
 async def place_calls(conn: Connection, n: int, *, loss: float = 0.0, host: str = "127.0.0.1",
-                      sampled: int = 0, batch: int = BATCH) -> tuple[list[CheapCall], dict]:
+                      sampled: int = 0, batch: int = BATCH,
+                      voiced_bytes: int = VOICED_BYTES["engine"]) -> tuple[list[CheapCall], dict]:
     """Place `n` calls in batches, wait for the transceiver's hand-overs, take
     the connected ones over: (those calls, how the set-up went)."""
     calls: list[CheapCall] = []
@@ -182,7 +194,8 @@ async def place_calls(conn: Connection, n: int, *, loss: float = 0.0, host: str 
         group = []
         for i in range(start, min(n, start + batch)):
             pc, answer = await place_client(conn, i + 1, Silent(), host=host)
-            group.append(CheapCall.placed(pc, answer, keep_payloads=i < sampled, loss=loss))
+            group.append(CheapCall.placed(pc, answer, keep_payloads=i < sampled, loss=loss,
+                                          voiced_bytes=voiced_bytes))
         try:
             await eventually_async(lambda group=group: _connecting(group) == 0, BATCH_TIMEOUT,
                                    what="a batch of calls to connect", interval=0.05)
@@ -201,6 +214,16 @@ async def place_calls(conn: Connection, n: int, *, loss: float = 0.0, host: str 
         await eventually_async(handed_over, HANDOVER_TIMEOUT, what="the hand-overs to the engine", interval=0.2)
     except NotYet:
         pass  # the calls not handed over yet stay on aiortc: measured as they are
+    # The transceiver's audio (silence) reaches every call from its final
+    # owner: its output runs (on the aiortc path an echo pushed before
+    # aiortc's sender started would wait in the agent's queue).
+    for c in connected:
+        c.early_rtp = 0
+    try:
+        await eventually_async(lambda: all(c.early_rtp >= SETTLED_RTP for c in connected), HANDOVER_TIMEOUT,
+                               what="the transceiver's audio to every call", interval=0.05)
+    except NotYet:
+        pass
     taken = [c for c in connected if c.take_over()]
     setup = {"setup_s": round(time.monotonic() - t0, 1), "failed": sum(c.pc.connectionState != "connected"
                                                                      for c in calls)}

@@ -44,7 +44,7 @@ from manager.lab.client import tone_power
 from manager.transceiver.opus import Decoder, Encoder
 from tests.bench import loopback_netns
 from tests.bench.bench_tcp import cpu_seconds
-from tests.bench.loopback_calls import BURST, CheapCall, place_calls
+from tests.bench.loopback_calls import BURST, VOICED_BYTES, CheapCall, place_calls
 from tests.bench.profile_transceiver import _transceiver, rss_mb
 from tests.bench.provenance import run_info
 
@@ -88,8 +88,8 @@ def _own_cpu() -> float:
     return t.user + t.system
 
 
-async def _step(conn, pid: int, n: int, seconds: float) -> dict:
-    calls, setup = await place_calls(conn, n, sampled=SAMPLED)
+async def _step(conn, pid: int, n: int, seconds: float, engine: bool = True) -> dict:
+    calls, setup = await place_calls(conn, n, sampled=SAMPLED, voiced_bytes=VOICED_BYTES["engine" if engine else "aiortc"])
     rss0 = rss_mb(pid)
     cpu0 = cpu_seconds(pid)
     udp0 = _udp_rcvbuf_errors()
@@ -201,7 +201,7 @@ def _run_step(path: str, n: int, seconds: float) -> dict:
     print(f"  {path}: {n} calls for {seconds:g} s...", file=sys.stderr)
 
     async def body(conn, pid, idle_rss):
-        step = await _step(conn, pid, n, seconds)
+        step = await _step(conn, pid, n, seconds, PATHS[path][0])
         step["mb_per_call"] = round((step.pop("rss_mb") - idle_rss) / max(step["connected"], 1), 2)
         return step
 
@@ -310,15 +310,15 @@ def plot(res: dict, path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.loopback_density", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calls", type=int, nargs="+", default=[50, 100, 150, 200, 300],
+    ap.add_argument("--calls", type=int, nargs="+", default=[10, 25, 50, 100, 150, 200, 300],
                     help="steps of N concurrent calls (each path stops at its first step that degrades)")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--paths", nargs="+", default=["engine", "engine-sendto", "aiortc"], choices=list(PATHS),
                     help="engine-sendto: the engine with one sendto per datagram (no sendmmsg)")
-    ap.add_argument("--keep-going", nargs="*", default=[], choices=list(PATHS),
+    ap.add_argument("--keep-going", nargs="*", default=["engine"], choices=list(PATHS),
                     help="paths that run every step, degraded or not (the load generator's 300 calls)")
     ap.add_argument("--loss-paths", nargs="+", default=["engine", "aiortc"], choices=list(PATHS))
-    ap.add_argument("--loss", type=float, nargs="*", default=[0.01, 0.02, 0.05],
+    ap.add_argument("--loss", type=float, nargs="*", default=[0.0, 0.01, 0.02, 0.05],
                     help=f"uplink loss rates for the loss run ({LOSS_CALLS} calls each; none: skip it)")
     ap.add_argument("--note", default=NOTE, help="the provenance note kept with the figures (what disturbed them)")
     ap.add_argument("--json", action="store_true")
