@@ -147,7 +147,15 @@ class BatchSender:
 
     def _send_chunk(self, chunk: list[tuple[bytes, Addr | None]]) -> bool:
         """sendmmsg `chunk`; False (and ``_last_sent`` set) if the buffer filled up."""
-        names = [None if addr is None else self._name(addr) for _, addr in chunk]
+        names: list[bytes | None] = []
+        for data, addr in list(chunk):
+            try:
+                names.append(None if addr is None else self._name(addr))
+            except (OSError, ValueError, TypeError) as exc:  # not a numeric address of this family
+                self.on_error(OSError(str(exc)))
+                chunk.remove((data, addr))
+        if not chunk:
+            return True
         blob = b"".join(data for data, _ in chunk)
         namebuf = b"".join(n for n in names if n is not None)
         # c_char_p points into the bytes objects themselves (kept alive below).

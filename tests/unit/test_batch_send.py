@@ -109,11 +109,13 @@ def test_a_refused_datagram_is_counted_and_skipped(use_sendmmsg):
     counts = Counts()
     sender = counts.sender(tx, use_sendmmsg=use_sendmmsg)
     dest = rx.getsockname()
-    # Broadcast without SO_BROADCAST: the kernel refuses it (EACCES).
-    items = [(b"one", dest), (b"refused", ("255.255.255.255", 9)), (b"two", dest)]
+    # Broadcast without SO_BROADCAST: the kernel refuses it (EACCES); an
+    # IPv6 address on an IPv4 socket has no sockaddr here.
+    items = [(b"one", dest), (b"refused", ("255.255.255.255", 9)), (b"two", dest), (b"no address", ("::1", 9)),
+             (b"three", dest)]
     asyncio.run(_one_pass(sender, items))
-    assert [d for d, _ in _drain(rx)] == [b"one", b"two"]
-    assert len(counts.errors) == 1 and counts.dropped == 0 and sender.sent == 2
+    assert [d for d, _ in _drain(rx)] == [b"one", b"two", b"three"]
+    assert len(counts.errors) == 2 and counts.dropped == 0 and sender.sent == 3
     tx.close()
     rx.close()
 
