@@ -37,6 +37,15 @@ from .rtp_streams import WRAP_MARGIN, RtpStreamState
 logger = logging.getLogger(__name__)
 
 U32_MAX = 0xFFFFFFFF
+
+
+class FrameMark(str):
+    """A frame's mark ("plc", "fec"), one object per frame: PyAV keeps
+    ``frame.opaque`` in a table keyed by the object's id and drops the entry
+    when any frame holding it is freed, so frames sharing the interned "plc"
+    lost their mark (read None, as real audio) once another frame was freed."""
+
+    __slots__ = ()
 MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 AUDIO_LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
 #: Cap on the freeze-to-first-packet time used to continue RTP timestamps
@@ -260,7 +269,7 @@ class CallMedia:
         frame.sample_rate = SAMPLE_RATE
         frame.time_base = TIME_BASE
         frame.pts = self._rx_pts
-        frame.opaque = mark
+        frame.opaque = None if mark is None else FrameMark(mark)
         self._rx_pts += samples
         self.stats.frames_to_agent += 1
         if mark == "plc":

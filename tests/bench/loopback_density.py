@@ -1,24 +1,28 @@
-"""`make bench-density`: transceiver density with cheap clients, both paths in one run.
+"""`make bench-density`: transceiver density with cheap clients, the paths in one run.
 
 Each call's ICE and DTLS handshake is real (an aiortc client per call,
 straight to the transceiver's shared socket on 127.0.0.1, no relay: it
-forwards packets unchanged). The client's own track never yields a frame;
-once connected, one loop in this process drives every call's SRTP with that
-call's keys: a pre-encoded Opus tone in bursts (0.5 s of tone, 0.5 s of
-silence), one packet per 20 ms. The echoes are counted by sequence number
-(gaps are losses) and by payload size (voiced or not); the time from a
-burst's first packet sent to its echo's first voiced packet is the latency
-the transceiver adds (the loopback network's share is a few µs); a few
-calls' echoes are decoded and checked for the tone. The transceiver runs in
-a child process (tests/bench/profile_transceiver.py); its CPU time over the
-media window gives CPU per call-second and calls per core, its RSS growth
-the MB per call. This process's own CPU per call-second shows the load
-generator is the cheap side.
+forwards packets unchanged); the clients are placed in batches and skip
+aiortc's media path (tests/bench/loopback_calls.py). Once connected, one loop
+in this process drives every call's SRTP with that call's keys: a
+pre-encoded Opus tone in bursts (0.5 s of tone, 0.5 s of silence), one
+packet per 20 ms. The echoes are counted by sequence number (gaps are
+losses) and by payload size (voiced or not); the time from a burst's first
+packet sent to its echo's first voiced packet is the latency the transceiver
+adds (the loopback network's share is a few µs); a few calls' echoes are
+decoded and checked for the tone. The transceiver runs in a child process
+(tests/bench/profile_transceiver.py); its CPU time over the media window
+gives CPU per call-second and calls per core, its RSS growth the MB per
+call. This process's own CPU per call-second shows the load generator is
+the cheap side. The paths: ``engine`` (the media engine, sends batched with
+sendmmsg), ``engine-sendto`` (one sendto per datagram) and ``aiortc``; each
+step runs every path in turn, so their ratios are read under the same load.
 
-The loss run (``--loss``): the sender drops each packet with the given
-probability (random uplink loss); the transceiver's agent
-(tests/bench/metered_agent.py) counts the frames it got, concealed and
-rebuilt, and the longest gap it heard.
+The loss run (``--loss``): random uplink loss, applied by the kernel on a
+veth into the transceiver's network namespace when run as root
+(tests/bench/loopback_netns.py), else by the sender (each result says which
+``mode``); the transceiver's agent (tests/bench/metered_agent.py) counts the
+frames it got, concealed and rebuilt, and the longest gap it heard.
 
     .venv/bin/python -m tests.bench.loopback_density [--calls 50 100 200] [--seconds 10] [--json]
 """
@@ -32,26 +36,20 @@ import json
 import math
 import multiprocessing
 import os
-import random
-import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiortc.mediastreams import MediaStreamTrack
-
 from manager.lab.client import tone_power
-from manager.protocol import rtp_header
 from manager.transceiver.opus import Decoder, Encoder
+from tests.bench import loopback_netns
 from tests.bench.bench_tcp import cpu_seconds
-from tests.bench.profile_transceiver import _transceiver, place_client, rss_mb
+from tests.bench.loopback_calls import BURST, VOICED_BYTES, CheapCall, place_calls
+from tests.bench.profile_transceiver import _transceiver, rss_mb
 from tests.bench.provenance import run_info
 
 TONE = 440.0
 SAMPLED = 3  # calls whose echo is decoded and checked for the tone
-VOICED_BYTES = 15
-BURST = 25  # frames of tone, then as many of silence
 LOSS_CALLS = 20
 METERED = "tests.bench.metered_agent"
 
@@ -69,121 +67,6 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-class _Silent(MediaStreamTrack):
-    """A track with no frame ever: aiortc's sender waits on it and sends nothing."""
-
-    kind = "audio"
-
-    async def recv(self):
-        await asyncio.Future()
-
-
-@dataclass
-class CheapCall:
-    """One connected aiortc client whose media this process drives by hand."""
-
-    pc: object
-    payload_type: int
-    extensions: bytes
-    ssrc: int = 0
-    seq: int = 0
-    ts_base: int = 0
-    sent: int = 0
-    echoes: int = 0
-    voiced: int = 0  # echoes carrying sound: an Opus packet of more than silence's few bytes
-    lost: int = 0
-    last_seq: int | None = None
-    payloads: list[bytes] = field(default_factory=list)
-    keep_payloads: bool = False
-    ended: bool = False
-    loss: float = 0.0
-    dropped: int = 0
-    tone_sent: int = 0
-    onset_at: float | None = None  # send time of the current burst's first packet, until its echo
-    was_voiced: bool = False
-    latencies: list[float] = field(default_factory=list)
-
-    async def take_over(self) -> bool:
-        """False if the call is no longer connected."""
-        # aiortc internals of the *client* (a load generator, not the transceiver).
-        t = self.pc.getTransceivers()[0]
-        dtls = t.sender.transport
-        pair = dtls.transport._connection._nominated.get(1)
-        if pair is None:
-            return False
-        # aiortc's sender never sent (its track has no frame) and stays (its
-        # stop() would send RTCP BYE, and aiortc's transceiver would end the
-        # call's incoming track): its SSRC's stream starts here.
-        self.ssrc = t.sender._ssrc
-        self.seq, self.ts_base = random.randint(0, 0xFFFF), random.randint(0, 0xFFFFFFFF)
-        self._tx = dtls._tx_srtp
-        transport, addr = pair.protocol.transport, pair.remote_addr
-
-        def send(data: bytes) -> None:
-            if transport.is_closing():  # the call ended (an overloaded transceiver let consent expire)
-                self.ended = True
-            else:
-                transport.sendto(data, addr)
-
-        self._send = send
-        dtls._handle_rtp_data = self._on_rtp  # the echo, unprotected: counted, not decoded
-        return True
-
-    async def _on_rtp(self, data: bytes, arrival_time_ms: int) -> None:
-        header = rtp_header.parse(data)
-        if header is None:
-            return
-        if self.last_seq is not None:
-            gap = (header.sequence - self.last_seq) & 0xFFFF
-            if 1 < gap < 0x8000:
-                self.lost += gap - 1
-        self.last_seq = header.sequence
-        self.echoes += 1
-        voiced = len(header.payload) > VOICED_BYTES
-        if voiced:
-            self.voiced += 1
-            if not self.was_voiced and self.onset_at is not None:
-                self.latencies.append(time.monotonic() - self.onset_at)
-                self.onset_at = None
-        self.was_voiced = voiced
-        if self.keep_payloads:
-            self.payloads.append(header.payload)
-
-    def send(self, payload: bytes, k: int, now: float) -> None:
-        """Frame `k` of the signal (see tone_packets); lost on the way with probability `loss`."""
-        phase = k % (2 * BURST)
-        if phase < BURST:
-            self.tone_sent += 1
-            if phase == 0:
-                self.onset_at = now
-        packet = rtp_header.build(self.payload_type, False, self.seq, self.ts_base + self.sent * 960, self.ssrc,
-                                  payload, self.extensions)
-        protected = self._tx.protect(packet)  # protected even when lost: the SRTP index moves on
-        if self.loss and random.random() < self.loss:
-            self.dropped += 1
-        else:
-            self._send(protected)
-        self.seq = (self.seq + 1) & 0xFFFF
-        self.sent += 1
-
-
-async def _place(conn, n: int, loss: float = 0.0) -> list[CheapCall]:
-    calls = []
-    for i in range(n):
-        pc, answer = await place_client(conn, i + 1, _Silent())  # no frame: the media comes from CheapCall.send
-        pt = int(re.search(r"a=rtpmap:(\d+) opus/48000", answer, re.I).group(1))
-        mid = re.search(r"a=mid:(\S+)", answer).group(1)
-        ext = re.search(r"a=extmap:(\d+) urn:ietf:params:rtp-hdrext:sdes:mid", answer)
-        extensions = rtp_header.one_byte_extensions([(int(ext.group(1)), mid.encode())]) if ext else b""
-        calls.append(CheapCall(pc, pt, extensions, keep_payloads=i < SAMPLED, loss=loss))
-    deadline = time.monotonic() + 30 + n * 0.2
-    while any(c.pc.connectionState != "connected" for c in calls) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)  # pacing: a poll of the clients' state
-    connected = [c for c in calls if c.pc.connectionState == "connected"]
-    await asyncio.sleep(1.0)  # pacing: the hand-overs to the engine settle
-    return [c for c in connected if await c.take_over()]
 
 
 async def _media(calls: list[CheapCall], seconds: float) -> dict:
@@ -205,12 +88,16 @@ def _own_cpu() -> float:
     return t.user + t.system
 
 
-async def _step(conn, pid: int, n: int, seconds: float) -> dict:
-    calls = await _place(conn, n)
+async def _step(conn, pid: int, n: int, seconds: float, engine: bool = True) -> dict:
+    calls, setup = await place_calls(conn, n, sampled=SAMPLED, voiced_bytes=VOICED_BYTES["engine" if engine else "aiortc"])
     rss0 = rss_mb(pid)
     cpu0 = cpu_seconds(pid)
+    udp0 = _udp_rcvbuf_errors()
     media = await _media(calls, seconds)
     cpu, wall = cpu_seconds(pid) - cpu0, media["wall"]
+    udp_errors = _udp_rcvbuf_errors() - udp0
+    conn.send("calls")
+    health = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
     tone_ok = 0
     for c in calls[:SAMPLED]:
         dec = Decoder()
@@ -240,41 +127,67 @@ async def _step(conn, pid: int, n: int, seconds: float) -> dict:
         "ended_early": sum(c.ended for c in calls),
         "generator_ms_per_call_second": round(media["own_cpu"] / call_seconds * 1000, 2) if call_seconds else None,
         "generator_lag_ms_max": round(media["lag"] * 1000, 1),
-        "rss_mb": round(rss0, 1),
+        "rss_mb": round(rss0, 1), **setup,
+        "udp_rcvbuf_errors": udp_errors,  # the whole machine's (other sessions' too)
+        "engine": {k: health["engine"][k] for k in ("calls", "late_ticks", "max_tick_ms")},
+        "demux_rx": health["demux"].get("rx", 0),
     }
+
+
+def _udp_rcvbuf_errors() -> int:
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
 def _ms(v: float | None) -> float | None:
     return None if v is None else round(v, 2)
 
 
-async def _loss_step(conn, n: int, seconds: float, loss: float) -> dict:
+async def _loss_step(conn, n: int, seconds: float, loss: float, host: str, kernel: bool) -> dict:
     loop = asyncio.get_running_loop()
-    calls = await _place(conn, n, loss)
+    calls, _ = await place_calls(conn, n, loss=0.0 if kernel else loss, host=host)
     conn.send("report")  # what the agents heard so far (the set-up) is reset
     await loop.run_in_executor(None, conn.recv)
+    if kernel:
+        loopback_netns.drop(loss)
     await _media(calls, seconds)
+    dropped = loopback_netns.dropped() if kernel else sum(c.dropped for c in calls)
+    if kernel:
+        loopback_netns.clear()
     conn.send("report")
     heard = await loop.run_in_executor(None, conn.recv)
     for c in calls:
         await c.pc.close()
     sent = sum(c.sent for c in calls)
+
+    def share(x: int) -> float | None:
+        return round(x / sent, 4) if sent else None
+
     return {
-        "loss": loss, "calls": n, "connected": len(calls), "frames_sent": sent,
-        "frames_dropped": sum(c.dropped for c in calls),
-        # Real or concealed; above 1 when the jitter buffer expanded for a late packet.
-        "frames_delivered": round(heard["frames"] / sent, 4) if sent else None,
-        "frames_real": round(heard["real"] / sent, 4) if sent else None,  # decoded from their own packet
+        "loss": loss, "mode": "kernel" if kernel else "sender", "calls": n, "connected": len(calls),
+        "frames_sent": sent, "frames_dropped": dropped,
+        # Each sent frame the agent heard in its time slot: from its own
+        # packet, rebuilt from FEC, or concealed because it was lost.
+        "frames_delivered": share(heard["delivered"]),
+        "frames_real": share(heard["real"]),
         "frames_concealed": heard["concealed"], "frames_fec": heard["fec"],
+        # Concealment played while a late frame was awaited (added delay, not a frame sent).
+        "frames_expanded": heard["expanded"],
         "longest_gap_ms": heard["longest_gap_ms"],
     }
 
 
-def _with_transceiver(engine: bool, body, agents: str | None = None):
-    """Run `body(conn, pid, idle_rss)` against a fresh transceiver child."""
+#: The paths a run compares: (calls on the media engine, sends batched with sendmmsg).
+PATHS = {"engine": (True, True), "engine-sendto": (True, False), "aiortc": (False, True)}
+
+
+def _with_transceiver(path: str, body, agents: str | None = None, host: str = "127.0.0.1",
+                      netns: str | None = None):
+    """Run `body(conn, pid, idle_rss)` against a fresh transceiver child carrying calls on `path`."""
+    engine, batched = PATHS[path]
     parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("spawn").Process(target=_transceiver, args=(child, engine, 1, agents),
-                                                        daemon=True)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_transceiver, args=(child, engine, 1, agents, host, netns, batched), daemon=True)
     proc.start()
     assert parent.recv() == "ready"
     try:
@@ -284,31 +197,59 @@ def _with_transceiver(engine: bool, body, agents: str | None = None):
         proc.join(15)
 
 
-def run_path(engine: bool, counts: list[int], seconds: float) -> list[dict]:
-    steps = []
+def _run_step(path: str, n: int, seconds: float) -> dict:
+    print(f"  {path}: {n} calls for {seconds:g} s...", file=sys.stderr)
+
+    async def body(conn, pid, idle_rss):
+        step = await _step(conn, pid, n, seconds, PATHS[path][0])
+        step["mb_per_call"] = round((step.pop("rss_mb") - idle_rss) / max(step["connected"], 1), 2)
+        return step
+
+    return _with_transceiver(path, body)
+
+
+def run_steps(paths: list[str], counts: list[int], seconds: float,
+              keep_going: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """Each step of `counts` calls on every path in turn (their ratios are read
+    under the same load); a path stops at its first step that degrades, unless
+    it is in `keep_going`."""
+    steps: dict[str, list[dict]] = {p: [] for p in paths}
     for n in counts:
-        print(f"  {'engine' if engine else 'aiortc'}: {n} calls for {seconds:g} s...", file=sys.stderr)
-
-        async def body(conn, pid, idle_rss, n=n):
-            step = await _step(conn, pid, n, seconds)
-            step["mb_per_call"] = round((step.pop("rss_mb") - idle_rss) / max(step["connected"], 1), 2)
-            return step
-
-        step = _with_transceiver(engine, body)
-        steps.append(step)
-        if not holds(step):
-            break  # degraded: the next step up would only be worse
+        for path in paths:
+            done = steps[path]
+            if done and not holds(done[-1]) and path not in keep_going:
+                continue  # degraded: the next step up would only be worse
+            done.append(_run_step(path, n, seconds))
     return steps
 
 
-def run_loss(engine: bool, losses: list[float], seconds: float, calls: int = LOSS_CALLS) -> list[dict]:
+def run_path(path: str, counts: list[int], seconds: float) -> list[dict]:
+    return run_steps([path], counts, seconds)[path]
+
+
+def run_loss(path: str, losses: list[float], seconds: float, calls: int = LOSS_CALLS,
+             kernel: bool | None = None) -> list[dict]:
+    """The loss run: by the kernel on a veth into the transceiver's namespace
+    when root (`kernel` None: if possible), else by the sender."""
+    kernel = loopback_netns.kernel_loss_available() if kernel is None else kernel
     out = []
     for loss in losses:
-        print(f"  {'engine' if engine else 'aiortc'}: {calls} calls at {loss:.0%} uplink loss...", file=sys.stderr)
-        out.append(_with_transceiver(engine, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss),
-                                     METERED))
+        print(f"  {path}: {calls} calls at {loss:.0%} uplink loss "
+              f"({'kernel' if kernel else 'sender'})...", file=sys.stderr)
+        if kernel:
+            with loopback_netns.link() as (gen, tx):
+                out.append(_with_transceiver(
+                    path, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss, gen, True),
+                    METERED, tx, loopback_netns.NETNS))
+        else:
+            out.append(_with_transceiver(
+                path, lambda conn, pid, rss, loss=loss: _loss_step(conn, calls, seconds, loss, "127.0.0.1", False),
+                METERED))
     return out
 
+
+NOTE = ("the machine's 2 cores are shared with other sessions' test runs and with the load generator, "
+        "so absolute figures move between runs; the paths run each step in turn: compare them within this run")
 
 #: An echo later than this through the transceiver is a degraded one (a broken turn).
 MAX_ADDED_LATENCY_MS = 200.0
@@ -369,20 +310,28 @@ def plot(res: dict, path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.loopback_density", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calls", type=int, nargs="+", default=[50, 100, 150, 200, 300],
+    ap.add_argument("--calls", type=int, nargs="+", default=[10, 25, 50, 100, 150, 200, 300],
                     help="steps of N concurrent calls (each path stops at its first step that degrades)")
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--paths", nargs="+", default=["engine", "aiortc"], choices=["engine", "aiortc"])
-    ap.add_argument("--loss", type=float, nargs="*", default=[0.01, 0.02, 0.05],
+    ap.add_argument("--paths", nargs="+", default=["engine", "engine-sendto", "aiortc"], choices=list(PATHS),
+                    help="engine-sendto: the engine with one sendto per datagram (no sendmmsg)")
+    ap.add_argument("--keep-going", nargs="*", default=["engine"], choices=list(PATHS),
+                    help="paths that run every step, degraded or not (the load generator's 300 calls)")
+    ap.add_argument("--loss-paths", nargs="+", default=["engine", "aiortc"], choices=list(PATHS))
+    ap.add_argument("--loss", type=float, nargs="*", default=[0.0, 0.01, 0.02, 0.05],
                     help=f"uplink loss rates for the loss run ({LOSS_CALLS} calls each; none: skip it)")
+    ap.add_argument("--note", default=NOTE, help="the provenance note kept with the figures (what disturbed them)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", type=Path, help="also write the JSON here (docs/bench-loopback-density.json)")
     ap.add_argument("--plot", type=Path, help="write the plot here (docs/bench-loopback-density.png)")
     args = ap.parse_args(argv)
-    res = summary({p: run_path(p == "engine", args.calls, args.seconds) for p in args.paths})
-    res["loss"] = {p: {f"{x:g}": run_loss(p == "engine", [x], args.seconds)[0] for x in args.loss}
-                   for p in args.paths} if args.loss else {}
+    load0 = os.getloadavg()[0]
+    res = summary(run_steps(args.paths, args.calls, args.seconds, tuple(args.keep_going)))
+    res["loss"] = {p: {f"{x:g}": run_loss(p, [x], args.seconds)[0] for x in args.loss}
+                   for p in args.loss_paths} if args.loss else {}
     res["run"] = run_info("tests.bench.loopback_density", argv)
+    load = f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    res["run"]["note"] = f"note: {args.note}; {load}"
     if args.save:
         args.save.write_text(json.dumps(res, indent=1) + "\n")
     if args.plot:
@@ -394,15 +343,17 @@ def main(argv: list[str] | None = None) -> int:
         for path, steps in res["steps"].items():
             for s in steps:
                 lat = s["added_latency_ms"]
-                print(f"{path:>7} {s['calls']:>4} calls: {s['ms_per_call_second']} ms/call-s, "
+                print(f"{path:>13} {s['calls']:>4} calls: {s['ms_per_call_second']} ms/call-s, "
                       f"{s['calls_per_core']} calls/core, echo {s['echo_ratio']}, lost {s['echo_lost']}, "
                       f"latency p50 {lat['p50']} p99 {lat['p99']} ms, tone {s['tone_ok']}, "
                       f"ended early {s['ended_early']}, {s['mb_per_call']} MB/call, generator "
-                      f"{s['generator_ms_per_call_second']} ms/call-s{'' if s['holds'] else ' (degraded)'}")
+                      f"{s['generator_ms_per_call_second']} ms/call-s, set-up {s['setup_s']} s, failed {s['failed']}"
+                      f"{'' if s['holds'] else ' (degraded)'}")
         for path, runs in res["loss"].items():
             for x, r in runs.items():
-                print(f"{path:>7} loss {x}: delivered {r['frames_delivered']}, real {r['frames_real']}, concealed {r['frames_concealed']}, "
-                      f"fec {r['frames_fec']}, longest gap {r['longest_gap_ms']} ms")
+                print(f"{path:>13} loss {x} ({r['mode']}): delivered {r['frames_delivered']}, real {r['frames_real']}, "
+                      f"concealed {r['frames_concealed']}, fec {r['frames_fec']}, expanded {r['frames_expanded']}, "
+                      f"longest gap {r['longest_gap_ms']} ms")
     return 0
 
 

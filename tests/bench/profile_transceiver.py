@@ -53,11 +53,23 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 IDLE = ("EpollSelector.select", "Condition.wait", "_worker (concurrent/futures/thread.py:81)")
 
 
-def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | None = None) -> None:
-    """Child: a transceiver on 127.0.0.1 answering offers sent over `conn`.
+def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | None = None,
+                 host: str = "127.0.0.1", netns: str | None = None, batched: bool = True) -> None:
+    """Child: a transceiver on `host` answering offers sent over `conn`.
     `agents` names a module whose ``Agent`` class is every call's agent and
-    whose ``report()`` answers a ``"report"`` request (default: the echo agent)."""
+    whose ``report(tx)`` answers a ``"report"`` request (default: the echo
+    agent). ``"calls"`` answers how many calls settled: on the media engine
+    (engine path) or placed (aiortc path). `netns` names a network namespace
+    (``ip netns``) the child enters first; `batched` False sends one datagram
+    per syscall (ice_mux.BATCHED_SENDS)."""
     import importlib
+
+    from manager.transceiver import ice_mux
+
+    ice_mux.BATCHED_SENDS = batched
+
+    if netns is not None:
+        _enter_netns(netns)
 
     from manager.transceiver.agent import EchoAgent
     from manager.transceiver.transceiver import Transceiver
@@ -65,7 +77,7 @@ def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | 
     module = importlib.import_module(agents) if agents else None
 
     async def main() -> None:
-        tx = Transceiver(1, capacity=2000, bind_addrs=["127.0.0.1"], media_engine=engine,
+        tx = Transceiver(1, capacity=2000, bind_addrs=[host], media_engine=engine,
                          opus_complexity=complexity, agent_factory=module.Agent if module else EchoAgent)
         await tx.start()
         conn.send("ready")
@@ -75,7 +87,12 @@ def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | 
             if req is None:
                 break
             if req == "report":
-                conn.send(module.report() if module else None)
+                conn.send(module.report(tx) if module else None)
+                continue
+            if req == "calls":
+                health = tx.health()
+                conn.send({"settled": health["media_engine"]["calls"] if engine else len(tx.calls()),
+                           "engine": health["media_engine"], "demux": health["demux"]})
                 continue
             try:
                 conn.send(await tx.create_call(*req))
@@ -86,10 +103,25 @@ def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | 
     asyncio.run(main())
 
 
-async def place_client(conn: Connection, conn_id: int, track, on_track=None) -> tuple[object, str]:
+def _enter_netns(name: str) -> None:
+    """Move this process into network namespace `name` (Python 3.11 has no os.setns)."""
+    import ctypes
+
+    clone_newnet = 0x40000000
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, clone_newnet) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name}")
+    finally:
+        os.close(fd)
+
+
+async def place_client(conn: Connection, conn_id: int, track, on_track=None,
+                       host: str = "127.0.0.1") -> tuple[object, str]:
     """An aiortc client (`track` and a data channel; `on_track` gets the
-    echo's track) whose call the child transceiver answers over `conn`:
-    (the peer connection, the answer)."""
+    echo's track) gathering on `host` only, whose call the child transceiver
+    answers over `conn`: (the peer connection, the answer)."""
     import aioice.ice
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
@@ -100,10 +132,10 @@ async def place_client(conn: Connection, conn_id: int, track, on_track=None) -> 
     pc.createDataChannel("chat")
     if on_track is not None:
         pc.on("track", on_track)
-    # Loopback only, while this client gathers; restored after, since the
+    # `host` only, while this client gathers; restored after, since the
     # process (a pytest run, say) may place other clients on real interfaces.
     gather = aioice.ice.get_host_addresses
-    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [host]
     try:
         await pc.setLocalDescription(await pc.createOffer())
     finally:

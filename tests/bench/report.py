@@ -166,22 +166,28 @@ def _density(data: dict) -> str:
 
 @renderer("loopback-density", "Transceiver density and loss: media engine against aiortc, one run (make bench-density)")
 def _loopback_density(data: dict) -> str:
-    rows = [[path, s["calls"], s["connected"], num(s["ms_per_call_second"], ".1f"), num(s["calls_per_core"], ".1f"),
-             num(s["echo_ratio"], ".2f"), s["echo_lost"], num(s["added_latency_ms"]["p50"], ".1f"),
-             num(s["added_latency_ms"]["p99"], ".1f"), s["tone_ok"], num(s["mb_per_call"], ".2f"),
-             num(s["generator_ms_per_call_second"], ".1f"), "yes" if s["holds"] else "no"]
+    rows = [[path, s["calls"], s["connected"], num(s.get("setup_s"), ".0f"), num(s["ms_per_call_second"], ".1f"),
+             num(s["calls_per_core"], ".1f"), num(s["echo_ratio"], ".2f"), s["echo_lost"],
+             num(s["added_latency_ms"]["p50"], ".1f"), num(s["added_latency_ms"]["p99"], ".1f"), s["tone_ok"],
+             num(s["mb_per_call"], ".2f"), num(s["generator_ms_per_call_second"], ".1f"), "yes" if s["holds"] else "no"]
             for path, steps in data["steps"].items() for s in steps]
     best = ", ".join(f"{p} {num(v, '.0f')}" for p, v in data["calls_per_core"].items())
-    loss = [[path, f"{float(x):.0%}", r["connected"], num(r["frames_delivered"], ".4f"), num(r["frames_real"], ".4f"),
-             r["frames_fec"], r["frames_concealed"], num(r["longest_gap_ms"], ".0f")]
+    loss = [[path, f"{float(x):.0%}", r.get("mode", "sender"), r["connected"], num(r["frames_delivered"], ".4f"),
+             num(r["frames_real"], ".4f"), r["frames_fec"], r["frames_concealed"], r.get("frames_expanded", "-"),
+             num(r["longest_gap_ms"], ".0f")]
             for path, runs in data.get("loss", {}).items() for x, r in runs.items()]
+    by_calls = {p: {s["calls"]: s for s in steps} for p, steps in data["steps"].items()}
+    batched = [f"{n} calls {num(s['ms_per_call_second'], '.1f')} against {num(by_calls['engine-sendto'][n]['ms_per_call_second'], '.1f')}"
+               for n, s in by_calls.get("engine", {}).items() if n in by_calls.get("engine-sendto", {})]
     return "\n".join([
-        md_table(["path", "calls", "connected", "ms CPU per call-second", "calls/core", "voiced echoes", "echo lost",
-                  "+p50 ms", "+p99 ms", "tone", "MB per call", "generator ms per call-second", "holds"], rows,
-                 "lrrrrrrrrrrrl"),
+        md_table(["path", "calls", "connected", "set-up s", "ms CPU per call-second", "calls/core", "voiced echoes",
+                  "echo lost", "+p50 ms", "+p99 ms", "tone", "MB per call", "generator ms per call-second", "holds"],
+                 rows, "lrrrrrrrrrrrrl"),
         "", f"Calls per core at the highest step that holds: {best} (docs/media-engine.md).",
-        "", md_table(["path", "uplink loss", "calls", "frames delivered", "own packet", "from FEC", "concealed",
-                      "longest gap ms"], loss, "lrrrrrrr"),
+        *(["", "Engine ms CPU per call-second with sendmmsg against one sendto per datagram (engine-sendto): "
+           + "; ".join(batched) + "."] if batched else []),
+        "", md_table(["path", "uplink loss", "dropped by", "calls", "frames delivered", "own packet", "from FEC",
+                      "concealed", "expanded", "longest gap ms"], loss, "lrlrrrrrrr"),
         "", "![calls per core and CPU per call-second against N](bench-loopback-density.png)",
     ])
 
