@@ -130,5 +130,6 @@ class MediaEngine:
 
     def info(self) -> dict[str, Any]:
         return {"handover": self.handover, "complexity": self.complexity, "calls": len(self._calls),
-                "ticks": self.ticks, "answer_passes": self.answer_passes, "late_ticks": self.late_ticks, "tick_errors": self.tick_errors,
+                "ticks": self.ticks, "answer_passes": self.answer_passes, "late_ticks": self.late_ticks,
+                "tick_errors": self.tick_errors,
                 "busy_s": round(self.busy_s, 3), "max_tick_ms": round(self.max_tick_s * 1000, 2)}
