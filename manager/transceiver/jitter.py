@@ -19,7 +19,9 @@ first tick after it arrives. A late packet grows the delay by the
 expansion above. The target depth (frames) follows the RFC 3550
 interarrival jitter estimate (``1 + floor(3 J / frame)``) and the loss
 history (two frames while losses were seen recently, so the next packet's
-FEC is there when a frame is missing). When every tick for half a second
+FEC is there when a frame is missing; a frame given up as lost that then
+arrives was late, not lost, and takes its loss back from that history: its
+lateness is in the jitter estimate). When every tick for half a second
 found more than the target buffered, one frame is dropped to shrink back
 (sooner the further over the target it is: each tick counts its excess).
 
@@ -116,6 +118,7 @@ class SpeechJitterBuffer:
         self._ticks_since_loss = LOSS_MEMORY_TICKS
         self._paused = True
         self._served = False  # the next tick's pop was done early (pop_ready)
+        self._loss_undo: tuple[int, int] | None = None  # (ext seq of the last loss, ticks since the one before)
 
     # -- state ---------------------------------------------------------------------
 
@@ -179,6 +182,10 @@ class SpeechJitterBuffer:
             return "duplicate"
         if ext < self._next:
             self.stats.late += 1
+            if self._loss_undo is not None and self._loss_undo[0] == ext:
+                # It was given up, and came: late, not lost (the loss memory it started goes).
+                self._ticks_since_loss += self._loss_undo[1]
+                self._loss_undo = None
             return "late"
         if ext - self._next >= self.capacity:
             self.stats.overflow += 1
@@ -241,6 +248,7 @@ class SpeechJitterBuffer:
             if beyond >= self.target - 1:
                 return self._lose(seq)  # enough has arrived past it: stop waiting
             self._ticks_since_loss = 0  # a hole is waiting: hold frames for FEC
+            self._loss_undo = None
             return self._expand(seq)
         # Nothing after it: late or lost, or the stream paused.
         self._idle += 1
@@ -262,6 +270,7 @@ class SpeechJitterBuffer:
 
     def _lose(self, seq: int) -> Playout:
         self.stats.lost += 1
+        self._loss_undo = (seq, self._ticks_since_loss)
         self._ticks_since_loss = 0
         successor = self._frames.get(seq + 1)
         if successor is not None:

@@ -334,8 +334,7 @@ def test_a_late_frame_after_its_concealment_is_not_played_twice():
     assert buf.pop().kind == "plc" and buf.pop().kind == "plc"
     assert buf.push(3, 3 * TS, pkt(3), 0.1) == "late" and buf.pop_ready() is None
     buf.push(4, 4 * TS, pkt(4), 0.101)
-    assert buf.pop_ready() is None  # a loss was seen: two frames deep now, 4 waits for its tick
-    assert buf.pop().seq == 4
+    assert buf.pop_ready().seq == 4  # 3 was late, not lost: still one frame deep
     assert buf.stats.played == 4 and buf.stats.late == 1
     # After a mere expansion the late frame plays, once: on arrival, and its tick skips.
     buf = SpeechJitterBuffer()
@@ -364,3 +363,23 @@ def test_with_jitter_measured_or_losses_seen_frames_wait_for_the_tick():
     after = [(at, p) for at, p in played if p.seq > 8]
     assert buf.target == 2 and all(abs((at - 0.015) / FRAME - round((at - 0.015) / FRAME)) < 1e-6
                                    for at, _ in after)
+
+
+def test_a_frame_given_up_that_comes_late_takes_its_loss_back():
+    """A packet 45 ms late is given up (concealed, then lost) and played from
+    its successor's FEC; when it comes after all, it was late, not lost: the
+    buffer goes back to one frame deep, and once the frame of delay the
+    expansion added is shrunk away, frames play on arrival again (a real
+    loss would have held two frames for 30 s)."""
+    arr = steady(80)
+    arr[10] += 0.045
+    buf, played = run_on_arrival(arr, 80)
+    assert buf.stats.lost == 1 and buf.stats.late == 1 and buf.stats.shrunk == 1
+    assert buf.target == 1
+    after = [(at, p) for at, p in played if p.seq >= 40]
+    assert len(after) == 40 and all(at == pytest.approx(p.seq * FRAME + 0.001) for at, p in after)
+    # A real loss (the frame never comes) keeps the buffer two frames deep for FEC.
+    arr = steady(80)
+    del arr[10]
+    buf, _ = run_on_arrival(arr, 80)
+    assert buf.stats.lost == 1 and buf.stats.late == 0 and buf.target == 2
