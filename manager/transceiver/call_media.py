@@ -8,10 +8,11 @@ manager.protocol.rtp_header; SRTP is libsrtp (pylibsrtp) with aiortc's
 policy, each continued SSRC's stream started at its exported rollover
 counter (aiortc_hooks.srtp_session).
 
-On arrival: a packet that is the next tick's frame, while the jitter buffer
+On arrival: a packet that is a coming tick's frame, while the jitter buffer
 is one frame deep (SpeechJitterBuffer.pop_ready), is decoded and delivered
 at once, and the engine sends the agent's answer as soon as the agent ran
-(:meth:`CallMedia.answer`); the tick then skips what was served early.
+(:meth:`CallMedia.answer`, at most MAX_AHEAD frames ahead of the ticks, as
+on the way in); the tick then skips what was served early.
 Concealment, and frames held for measured jitter or for FEC, stay the
 tick's. RTCP (rtcp_sender): a compound SR + SDES at RFC 3550's interval,
 checked at each tick.
@@ -37,7 +38,7 @@ from manager.protocol import rtp_header
 
 from . import aiortc_hooks as hooks
 from .agent import FRAME_SAMPLES, SAMPLE_RATE, TIME_BASE, AgentSession
-from .jitter import SpeechJitterBuffer
+from .jitter import MAX_AHEAD, SpeechJitterBuffer
 from .opus import DEFAULT_COMPLEXITY, Decoder, Encoder, OpusError
 from .rtcp_sender import RtcpSender, cname_for, skip_srtcp_indices
 from .rtcp_stats import CallQuality
@@ -168,7 +169,7 @@ class CallMedia:
         self._tx_frames = 0
         self._tx_octets = 0  # payload octets we sent (an SR's octet count)
         self._tx_last: tuple[int, float] | None = None  # (RTP timestamp, monotonic time) of our last packet
-        self._tx_served = False  # the next tick's frame went out early (answer)
+        self._tx_ahead = 0  # coming ticks whose frame went out early (answer)
         #: Set by the engine: asks for :meth:`answer` once this call's agent had
         #: a chance to answer a frame delivered on arrival.
         self.answer_soon: Callable[[CallMedia], None] | None = None
@@ -260,8 +261,8 @@ class CallMedia:
         it went out early), and an RTCP report when one is due."""
         if not self.sending:
             return
-        if self._tx_served:
-            self._tx_served = False
+        if self._tx_ahead:
+            self._tx_ahead -= 1
         else:
             self._send_frame()
         if not self.frozen:
@@ -270,12 +271,13 @@ class CallMedia:
                 self._send_rtcp(now)
 
     def answer(self) -> None:
-        """The agent's next frame now, if it has one whole (it answered a frame
-        delivered on arrival) and the next tick's frame has not gone yet."""
-        if (self.sending and not self.frozen and not self._tx_served
-                and self.session.out_track.buffered_samples >= FRAME_SAMPLES):
+        """The agent's queued whole frames now (it answered frames delivered on
+        arrival), as far as MAX_AHEAD frames ahead of the ticks they stand for."""
+        if not self.sending or self.frozen:
+            return
+        while self._tx_ahead < MAX_AHEAD and self.session.out_track.buffered_samples >= FRAME_SAMPLES:
             self._send_frame()
-            self._tx_served = True
+            self._tx_ahead += 1
             self.stats.tx_early += 1
 
     def play_held(self, payloads: list[bytes]) -> None:

@@ -31,13 +31,16 @@ frame may still come). After ``MAX_EXPAND`` expansions in a row with nothing
 buffered the stream is taken as paused (DTX, mute, a sender that stopped):
 ``pop`` returns None until the next packet, and concealment stops.
 
-On arrival: :meth:`SpeechJitterBuffer.pop_ready` is the next tick's
+On arrival: :meth:`SpeechJitterBuffer.pop_ready` is a coming tick's
 ``pop`` done at once, when that pop would play a packet that is here and the
-target depth is one frame (no jitter measured, no recent loss); the next
-``pop`` then returns None (its slot was served). At most one frame is served
-ahead of the clock, and every decision the tick makes (concealment, loss,
-FEC, shrinking) is made as before, by the tick or by the pop done early in
-its place; a buffer that holds frames for jitter or FEC waits for the tick.
+target depth is one frame (no jitter measured, no recent loss); that tick's
+``pop`` then returns None (its slot was served). At most ``MAX_AHEAD``
+frames are served ahead of the clock: two, so a stream whose packets arrive
+close to the tick, a little before or after it, plays each on arrival, and
+so does one whose delay grew by an expansion. Every decision the tick makes
+(concealment, loss, FEC, shrinking) is made as before, by the tick or by the
+pop done early in its place; a buffer that holds frames for jitter or FEC
+waits for the tick.
 
 Sequence numbers are extended past their 16-bit wrap (RFC 3550 A.1). A jump
 of more than ``RESYNC_FRAMES`` either way (a sender restart, a new stream)
@@ -69,6 +72,8 @@ SHRINK_TICKS = 25
 MAX_TRANSIT_STEP = 1.0
 #: Played frames remembered for duplicate detection.
 PLAYED_MEMORY = 64
+#: Frames pop_ready may serve ahead of the ticks they stand for.
+MAX_AHEAD = 2
 
 Kind = Literal["packet", "fec", "plc"]
 
@@ -117,7 +122,7 @@ class SpeechJitterBuffer:
         self._over_ticks = 0
         self._ticks_since_loss = LOSS_MEMORY_TICKS
         self._paused = True
-        self._served = False  # the next tick's pop was done early (pop_ready)
+        self._ahead = 0  # coming ticks whose pop was done early (pop_ready)
         self._loss_undo: tuple[int, int] | None = None  # (ext seq of the last loss, ticks since the one before)
 
     # -- state ---------------------------------------------------------------------
@@ -218,19 +223,19 @@ class SpeechJitterBuffer:
     # -- output --------------------------------------------------------------------
 
     def pop_ready(self) -> Playout | None:
-        """The next tick's pop now, if the buffer is one frame deep and that
+        """A coming tick's pop now, if the buffer is one frame deep and that
         frame is here (see the module docstring); else None."""
-        if (self._served or self._paused or self._next is None or self._next not in self._frames
+        if (self._ahead >= MAX_AHEAD or self._paused or self._next is None or self._next not in self._frames
                 or self.target != 1):
             return None
-        self._served = True
+        self._ahead += 1
         return self._pop()
 
     def pop(self) -> Playout | None:
         """What to play for this 20 ms tick; None while the stream is paused,
         or when :meth:`pop_ready` played this tick's frame already."""
-        if self._served:
-            self._served = False
+        if self._ahead:
+            self._ahead -= 1
             return None
         return self._pop()
 

@@ -173,12 +173,20 @@ def test_a_frame_in_order_reaches_the_agent_on_arrival_and_the_answer_goes_out_a
         s.out_track.push(frame)  # an echo
         m.answer()
         assert len(sent) == 1 and m.stats.tx_early == 1
-        m.answer()  # one frame ahead of the clock at most
         m.tick()  # the tick this frame stood for: nothing played, nothing sent
         assert len(sent) == 1 and drain(s) == []
         m.tick()
         assert len(sent) == 2 and m.stats.tx_packets == 2  # the next tick sends (silence)
         assert drain(s)[0].opaque == "plc"  # and conceals the frame that did not come
+        for _ in range(3):  # an agent ahead of the clock: at most two frames go out early
+            s.out_track.push(frame)
+        m.answer()
+        assert len(sent) == 4 and m.stats.tx_early == 3
+        m.tick()
+        m.tick()
+        assert len(sent) == 4
+        m.tick()
+        assert len(sent) == 5
 
     asyncio.run(scenario())
 

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from manager.transceiver.jitter import (
+    MAX_AHEAD,
     MAX_EXPAND,
     RESYNC_FRAMES,
     Playout,
@@ -301,11 +302,11 @@ def test_a_frame_in_order_is_served_on_arrival_and_its_tick_skips():
     first = buf.pop_ready()
     assert first is not None and (first.kind, first.seq, first.payload) == ("packet", 0, pkt(0))
     assert buf.pop() is None  # the tick this frame stood for: served already
-    buf.push(1, TS, pkt(1), 0.021)
-    buf.push(2, 2 * TS, pkt(2), 0.022)  # a second one before the next tick: at most one ahead
-    assert buf.pop_ready().seq == 1 and buf.pop_ready() is None
-    assert buf.pop() is None
-    assert buf.pop().seq == 2  # the tick plays the held one
+    for i in (1, 2, 3):  # three before the next tick: at most MAX_AHEAD served ahead
+        buf.push(i, i * TS, pkt(i), 0.020 + i * 0.001)
+    assert buf.pop_ready().seq == 1 and buf.pop_ready().seq == 2 and buf.pop_ready() is None
+    assert MAX_AHEAD == 2 and buf.pop() is None and buf.pop() is None
+    assert buf.pop().seq == 3  # the tick plays the held one
     # A steady stream: every frame played on arrival, none concealed, no tick plays.
     buf, played = run_on_arrival(steady(100), 100)
     assert [p.seq for _, p in played] == list(range(100))
