@@ -32,9 +32,10 @@ buffered the stream is taken as paused (DTX, mute, a sender that stopped):
 ``pop`` returns None until the next packet, and concealment stops.
 
 On arrival: :meth:`SpeechJitterBuffer.pop_ready` is a coming tick's
-``pop`` done at once, when that pop would play a packet that is here and the
-target depth is one frame (no jitter measured, no recent loss); that tick's
-``pop`` then returns None (its slot was served). At most ``MAX_AHEAD``
+``pop`` done at once, when that pop would decode a packet that is here (the
+frame's own, or its successor's FEC: one frame deep, a hole with a frame
+after it is lost) and the target depth is one frame (no jitter measured, no
+recent loss); that tick's ``pop`` then returns None (its slot was served). At most ``MAX_AHEAD``
 frames are served ahead of the clock: two, so a stream whose packets arrive
 close to the tick, a little before or after it, plays each on arrival, and
 so does one whose delay grew by an expansion. Every decision the tick makes
@@ -225,9 +226,10 @@ class SpeechJitterBuffer:
     def pop_ready(self) -> Playout | None:
         """A coming tick's pop now, if the buffer is one frame deep and that
         frame is here (see the module docstring); else None."""
-        if (self._ahead >= MAX_AHEAD or self._paused or self._next is None or self._next not in self._frames
-                or self.target != 1):
+        if self._ahead >= MAX_AHEAD or self._paused or self._next is None or self.target != 1:
             return None
+        if self._next not in self._frames and self._next + 1 not in self._frames:
+            return None  # the tick's pop would conceal: that stays the tick's
         self._ahead += 1
         return self._pop()
 

@@ -319,9 +319,11 @@ def test_on_arrival_the_tick_still_conceals_a_frame_that_did_not_come():
     del arr[10]
     buf, played = run_on_arrival(arr, 62)
     by_seq = [(p.seq, p.kind) for _, p in played]
-    # 10 is concealed by the tick (an expansion, then lost: FEC from 11 once it is here);
+    # 10 is concealed by the tick (an expansion), then lost: FEC from 11 once it is here;
     # 11 and on go on being played, each once.
     assert (10, "plc") in by_seq and (10, "fec") in by_seq
+    # The FEC is decoded as soon as 11 (which carries it) arrives, not at the next tick.
+    assert next(at for at, p in played if p.kind == "fec") == pytest.approx(11 * FRAME + 0.001)
     assert [s for s, k in by_seq if k == "packet"] == [i for i in range(60) if i != 10]
     assert buf.stats.longest_plc_run == 1
 
