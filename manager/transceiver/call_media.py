@@ -168,7 +168,6 @@ class CallMedia:
         self._tx_base: int | None = None  # RTP timestamp of the first frame we send
         self._tx_frames = 0
         self._tx_octets = 0  # payload octets we sent (an SR's octet count)
-        self._tx_last: tuple[int, float] | None = None  # (RTP timestamp, monotonic time) of our last packet
         self._tx_ahead = 0  # coming ticks whose frame went out early (answer)
         #: Set by the engine: asks for :meth:`answer` once this call's agent had
         #: a chance to answer a frame delivered on arrival.
@@ -356,18 +355,16 @@ class CallMedia:
         packet = rtp_header.build(self.plan.payload_type, True, seq, timestamp, self.plan.local_ssrc, payload, ext)
         self._send(self._tx.protect(packet))
         tx.update(seq, timestamp, self.plan.payload_type)
-        self._tx_last = (timestamp, time.monotonic())
         self._tx_octets += len(payload)
         self.stats.tx_packets += 1
         if self.quality.first_rtp_sent_at is None:
             self.quality.rtp_sent(self.plan.local_ssrc)
 
     def _rtp_clock(self, now: float) -> int:
-        """Our stream's RTP timestamp at monotonic `now`: the last packet's, on by the time since."""
-        if self._tx_last is None:
-            return self._tx_base or 0
-        timestamp, at = self._tx_last
-        return (timestamp + round((now - at) * SAMPLE_RATE)) & U32_MAX
+        """Our stream's RTP timestamp now, at a tick: its frame's (the frames
+        sent ahead of their ticks are not yet due; those skipped while frozen
+        kept the clock running)."""
+        return ((self._tx_base or 0) + (self._tx_frames - self._tx_ahead - 1) * FRAME_SAMPLES) & U32_MAX
 
     def _send_rtcp(self, now: float) -> None:
         plain = self.rtcp.report(now, rtp_timestamp=self._rtp_clock, packets=self.tx_stream.packets,

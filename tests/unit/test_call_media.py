@@ -13,9 +13,10 @@ import os
 import time
 
 import pylibsrtp
+from aiortc.rtp import is_rtcp
 
 from manager.lab.client import tone_power
-from manager.protocol import rtp_header
+from manager.protocol import rtcp, rtp_header
 from manager.transceiver.agent import AgentSession, EchoAgent
 from manager.transceiver.call_media import AUDIO_LEVEL_URI, MID_URI, CallMedia, MediaPlan, RateLimit, audio_level
 from manager.transceiver.media_engine import MediaEngine
@@ -220,5 +221,31 @@ def test_the_engine_echoes_a_frame_between_its_ticks() -> None:
             s.close()
             agent_task.cancel()
             await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_sender_reports_keep_the_streams_clock_and_counts() -> None:
+    """The SR's RTP timestamp is the tick's frame's, whether frames went out
+    early or not; its packet count goes on from the old owner's."""
+
+    async def scenario() -> None:
+        sent: list[bytes] = []
+        old = RtpStreamState(ssrc=777, payload_type=111, seq=100, timestamp=5000, roc=0, packets=500)
+        m, s = media(sent, tx=old)
+        m.start_sending()
+        m.rtcp.next_at = 0.0  # a report is due at the first tick
+        s.out_track.push(_frame(tone(1)[0]))
+        s.out_track.push(_frame(tone(1)[0]))
+        m.answer()  # two frames out ahead of their ticks
+        m.tick()
+        rx = pylibsrtp.Session(pylibsrtp.Policy(key=OUR_KEY, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
+                                                srtp_profile=PROFILE))
+        rtp = [rtp_header.parse(rx.unprotect(p)) for p in sent if not is_rtcp(p)]
+        (sr,) = [rtcp.parse(rx.unprotect_rtcp(p)).reports[0] for p in sent if is_rtcp(p)]
+        assert [h.timestamp - rtp[0].timestamp for h in rtp] == [0, 960]
+        assert sr.sender.rtp_timestamp == rtp[0].timestamp  # the first tick's frame: the first sent
+        assert sr.sender.packets == 502 and sr.sender.octets == sum(len(h.payload) for h in rtp)
+        assert m.stats.tx_rtcp == 1 and m.rtcp.srtcp_used == 1
 
     asyncio.run(scenario())
