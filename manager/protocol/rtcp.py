@@ -1,9 +1,12 @@
-"""RTCP sender and receiver reports (RFC 3550 section 6.4), read and written.
+"""RTCP sender and receiver reports (RFC 3550 section 6.4) and source
+descriptions (section 6.5), read and written.
 
-Only what call quality needs is decoded: a sender report's sender info and
-the report blocks of sender and receiver reports (loss fraction, cumulative
-loss, extended highest sequence, interarrival jitter, LSR, DLSR). Every other
-packet of a compound (SDES, BYE, APP, feedback, XR) is skipped by its length.
+Only what call quality and our own reports need is decoded: a sender
+report's sender info, the report blocks of sender and receiver reports (loss
+fraction, cumulative loss, extended highest sequence, interarrival jitter,
+LSR, DLSR) and the CNAME items of SDES chunks. Every other packet of a
+compound (BYE, APP, feedback, XR) is skipped by its length. :func:`serialize`
+writes a compound from the same classes :func:`parse` returns.
 :func:`parse` checks each length a header claims against the datagram and
 raises :class:`RtcpError` for one that does not fit: a malformed compound is
 dropped whole (the caller counts it), never read past.
@@ -14,12 +17,16 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-SR, RR = 200, 201
+SR, RR, SDES = 200, 201, 202
+SDES_END, SDES_CNAME = 0, 1  # item types (RFC 3550 6.5)
 _HEADER = struct.Struct("!BBH")
 _SENDER_INFO = struct.Struct("!IIIII")  # NTP msw, NTP lsw, RTP timestamp, packets, octets
 _BLOCK = struct.Struct("!IIIIII")  # SSRC, fraction|cumulative, highest seq, jitter, LSR, DLSR
 BLOCK_LEN = _BLOCK.size
 MAX_BLOCKS = 31  # the 5-bit report count
+_SSRC = struct.Struct("!I")
+_ITEM = struct.Struct("!BB")  # SDES item: type, length
+MAX_ITEM = 255
 
 
 class RtcpError(ValueError):
@@ -80,7 +87,7 @@ class Report:
     def pack(self) -> bytes:
         if len(self.blocks) > MAX_BLOCKS:
             raise RtcpError(f"{len(self.blocks)} report blocks; at most {MAX_BLOCKS} fit one report")
-        body = struct.pack("!I", self.ssrc)
+        body = _SSRC.pack(self.ssrc)
         if self.sender is not None:
             s = self.sender
             body += _SENDER_INFO.pack(s.ntp >> 32, s.ntp & 0xFFFFFFFF, s.rtp_timestamp & 0xFFFFFFFF,
@@ -89,12 +96,43 @@ class Report:
         return _HEADER.pack(0x80 | len(self.blocks), self.packet_type, len(body) // 4) + body
 
 
+@dataclass(frozen=True)
+class Sdes:
+    """A source description: each chunk's SSRC and CNAME (None: a chunk without one)."""
+
+    cnames: tuple[tuple[int, str | None], ...]
+
+    def pack(self) -> bytes:
+        if len(self.cnames) > MAX_BLOCKS:
+            raise RtcpError(f"{len(self.cnames)} SDES chunks; at most {MAX_BLOCKS} fit one packet")
+        body = b""
+        for ssrc, cname in self.cnames:
+            chunk = _SSRC.pack(ssrc)
+            if cname is not None:
+                item = cname.encode()
+                if len(item) > MAX_ITEM:
+                    raise RtcpError(f"CNAME of {len(item)} bytes; at most {MAX_ITEM}")
+                chunk += _ITEM.pack(SDES_CNAME, len(item)) + item
+            # The item list ends with a null octet, and the chunk is padded
+            # with more to the next 32-bit boundary.
+            chunk += bytes(4 - len(chunk) % 4)
+            body += chunk
+        return _HEADER.pack(0x80 | len(self.cnames), SDES, len(body) // 4) + body
+
+
 @dataclass
 class Compound:
-    """The reports of one compound packet, and how many other packets it held."""
+    """The reports and source descriptions of one compound packet, and how
+    many other packets it held."""
 
     reports: list[Report] = field(default_factory=list)
+    sdes: list[Sdes] = field(default_factory=list)
     others: int = 0
+
+
+def serialize(packets: list[Report | Sdes]) -> bytes:
+    """A compound packet (RFC 3550 6.1: a report first, then an SDES with a CNAME)."""
+    return b"".join(p.pack() for p in packets)
 
 
 def parse(data: bytes) -> Compound:
@@ -114,6 +152,8 @@ def parse(data: bytes) -> Compound:
             raise RtcpError(f"packet at byte {offset} claims {4 * (words + 1)} bytes; {len(data) - offset} left")
         if pt in (SR, RR):
             out.reports.append(_report(data, offset + 4, end, pt, b0 & 0x1F))
+        elif pt == SDES:
+            out.sdes.append(_sdes(data, offset + 4, end, b0 & 0x1F))
         else:
             out.others += 1
         offset = end
@@ -124,7 +164,7 @@ def _report(data: bytes, start: int, end: int, pt: int, count: int) -> Report:
     need = 4 + (_SENDER_INFO.size if pt == SR else 0) + count * BLOCK_LEN
     if end - start < need:  # (profile-specific extensions may follow the blocks)
         raise RtcpError(f"{'SR' if pt == SR else 'RR'} with {count} blocks needs {need} bytes, has {end - start}")
-    (ssrc,) = struct.unpack_from("!I", data, start)
+    (ssrc,) = _SSRC.unpack_from(data, start)
     at = start + 4
     sender = None
     if pt == SR:
@@ -133,6 +173,32 @@ def _report(data: bytes, start: int, end: int, pt: int, count: int) -> Report:
         at += _SENDER_INFO.size
     blocks = tuple(ReportBlock.unpack(data, at + i * BLOCK_LEN) for i in range(count))
     return Report(ssrc, blocks, sender)
+
+
+def _sdes(data: bytes, start: int, end: int, count: int) -> Sdes:
+    cnames: list[tuple[int, str | None]] = []
+    at = start
+    for _ in range(count):
+        if end - at < 4:
+            raise RtcpError(f"SDES chunk {len(cnames) + 1} of {count} starts past the packet's end")
+        (ssrc,) = _SSRC.unpack_from(data, at)
+        at += 4
+        cname = None
+        while True:
+            if at >= end:
+                raise RtcpError(f"SDES chunk for SSRC {ssrc} has no end item")
+            kind = data[at]
+            if kind == SDES_END:
+                at = (at + 4) & ~3  # the null octet and the padding to the boundary
+                break
+            if end - at < 2 or end - at - 2 < data[at + 1]:
+                raise RtcpError(f"SDES item at byte {at} runs past the packet's end")
+            length = data[at + 1]
+            if kind == SDES_CNAME:
+                cname = data[at + 2:at + 2 + length].decode("utf-8", "replace")
+            at += 2 + length
+        cnames.append((ssrc, cname))
+    return Sdes(tuple(cnames))
 
 
 def ntp_timestamp(unix_seconds: float) -> int:

@@ -95,6 +95,11 @@ class AgentAudioTrack(MediaStreamTrack):
             self._fifo.write(out)
         self._trim()
 
+    @property
+    def buffered_samples(self) -> int:
+        """Agent audio queued and not yet sent (the media engine sends a whole frame early)."""
+        return self._fifo.samples
+
     def _trim(self) -> None:
         excess = self._fifo.samples - MAX_BUFFERED_SAMPLES
         if excess > 0:

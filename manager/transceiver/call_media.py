@@ -7,6 +7,15 @@ one clock (media_engine.py). The wire formats are read and written by
 manager.protocol.rtp_header; SRTP is libsrtp (pylibsrtp) with aiortc's
 policy, each continued SSRC's stream started at its exported rollover
 counter (aiortc_hooks.srtp_session).
+
+On arrival: a packet that is a coming tick's frame, while the jitter buffer
+is one frame deep (SpeechJitterBuffer.pop_ready), is decoded and delivered
+at once, and the engine sends the agent's answer as soon as the agent ran
+(:meth:`CallMedia.answer`, at most MAX_AHEAD frames ahead of the ticks, as
+on the way in); the tick then skips what was served early.
+Concealment, and frames held for measured jitter or for FEC, stay the
+tick's. RTCP (rtcp_sender): a compound SR + SDES at RFC 3550's interval,
+checked at each tick.
 """
 
 from __future__ import annotations
@@ -29,8 +38,9 @@ from manager.protocol import rtp_header
 
 from . import aiortc_hooks as hooks
 from .agent import FRAME_SAMPLES, SAMPLE_RATE, TIME_BASE, AgentSession
-from .jitter import SpeechJitterBuffer
+from .jitter import MAX_AHEAD, SpeechJitterBuffer
 from .opus import DEFAULT_COMPLEXITY, Decoder, Encoder, OpusError
+from .rtcp_sender import RtcpSender, cname_for, skip_srtcp_indices
 from .rtcp_stats import CallQuality
 from .rtp_streams import WRAP_MARGIN, RtpStreamState
 
@@ -69,8 +79,11 @@ class MediaStats:
     rx_decode_errors: int = 0
     rx_over_rate: int = 0  # datagrams beyond the call's rate, dropped before any work
     tx_packets: int = 0
+    tx_early: int = 0  # of those, the agent's answer sent at once (not at the tick)
+    tx_rtcp: int = 0  # SRTCP compounds sent
     frozen_dropped: int = 0  # frames encoded but not sent while frozen for a migration
     frames_to_agent: int = 0
+    frames_early: int = 0  # of those, delivered on arrival (not at the tick)
     frames_concealed: int = 0  # of those, played by PLC (nothing to decode)
     frames_fec: int = 0  # of those, rebuilt from the next packet's FEC
     frames_held: int = 0  # of those, what aiortc held at the hand-over (played at once)
@@ -121,6 +134,9 @@ class MediaPlan:
     rx: dict[int, RtpStreamState]
     frozen_at: float  # wall clock of the old owner's freeze
     rtcp_rx: dict[str, int]
+    #: SRTCP packets the call's previous owners sent on local_ssrc (its index goes on from there).
+    srtcp_used: int = 0
+    cname: str | None = None  # the SDES CNAME of our reports (default: from tx_key)
 
 
 class CallMedia:
@@ -146,6 +162,7 @@ class CallMedia:
                                                    rollover={**rx_roc, **near_wrap}) if near_wrap else None)
             self._tx = hooks.srtp_session(plan.tx_key, inbound=False, libsrtp_profile=profile,
                                           rollover={plan.local_ssrc: tx_roc})
+            skip_srtcp_indices(self._tx, plan.local_ssrc, plan.srtcp_used)
         except pylibsrtp.Error as exc:
             raise ValueError(f"SRTP session setup failed: {exc}") from None
         self.rx_streams = {ssrc: copy.copy(st) for ssrc, st in plan.rx.items()}
@@ -159,11 +176,18 @@ class CallMedia:
         self._rx_pts = 0
         self._tx_base: int | None = None  # RTP timestamp of the first frame we send
         self._tx_frames = 0
+        self._tx_octets = 0  # payload octets we sent (an SR's octet count)
+        self._tx_ahead = 0  # coming ticks whose frame went out early (answer)
+        #: Set by the engine: asks for :meth:`answer` once this call's agent had
+        #: a chance to answer a frame delivered on arrival.
+        self.answer_soon: Callable[[CallMedia], None] | None = None
         self.sending = False
         self.frozen = False
         self.rate = RateLimit()
         self.quality = CallQuality(plan.conn_id)  # RTCP figures (rtcp_stats); fed below
         self.quality.local_ssrcs.add(plan.local_ssrc)
+        self.rtcp = RtcpSender(plan.local_ssrc, plan.cname or cname_for(plan.tx_key, plan.local_ssrc),
+                               self.quality, sent_before=plan.srtcp_used)
 
     # -- inbound -----------------------------------------------------------------------
 
@@ -201,7 +225,7 @@ class CallMedia:
             stream = self.rx_streams[header.ssrc] = RtpStreamState(ssrc=header.ssrc,
                                                                    payload_type=header.payload_type)
         stream.update(header.sequence, header.timestamp, header.payload_type)
-        self.quality.rtp_received(header.ssrc, header.sequence, header.timestamp, now)
+        self.quality.rtp_received(header.ssrc, header.sequence, header.timestamp, now, stream.roc)
         if header.payload_type != self.plan.payload_type or not header.payload:
             self.stats.rx_other_payload += 1
             return True
@@ -216,7 +240,18 @@ class CallMedia:
             self.stats.rx_late += 1
         elif outcome == "duplicate":
             self.stats.rx_duplicates += 1
+        else:
+            self._play_on_arrival()
         return True
+
+    def _play_on_arrival(self) -> None:
+        out = self.jitter.pop_ready()
+        if out is None:
+            return
+        self._deliver(*self._decode(out.kind, out.payload))
+        self.stats.frames_early += 1
+        if self.answer_soon is not None and self.sending:
+            self.answer_soon(self)
 
     # -- the 20 ms tick ----------------------------------------------------------------
 
@@ -230,9 +265,28 @@ class CallMedia:
         self._play()
 
     def send(self) -> None:
-        """The tick's second half: the agent's next 20 ms to the client."""
-        if self.sending:
+        """The tick's second half: the agent's next 20 ms to the client (unless
+        it went out early), and an RTCP report when one is due."""
+        if not self.sending:
+            return
+        if self._tx_ahead:
+            self._tx_ahead -= 1
+        else:
             self._send_frame()
+        if not self.frozen:
+            now = time.monotonic()
+            if self.rtcp.due(now):
+                self._send_rtcp(now)
+
+    def answer(self) -> None:
+        """The agent's queued whole frames now (it answered frames delivered on
+        arrival), as far as MAX_AHEAD frames ahead of the ticks they stand for."""
+        if not self.sending or self.frozen:
+            return
+        while self._tx_ahead < MAX_AHEAD and self.session.out_track.buffered_samples >= FRAME_SAMPLES:
+            self._send_frame()
+            self._tx_ahead += 1
+            self.stats.tx_early += 1
 
     def play_held(self, payloads: list[bytes]) -> None:
         """Decode and deliver at once the client's frames the previous owner
@@ -310,9 +364,22 @@ class CallMedia:
         packet = rtp_header.build(self.plan.payload_type, True, seq, timestamp, self.plan.local_ssrc, payload, ext)
         self._send(self._tx.protect(packet))
         tx.update(seq, timestamp, self.plan.payload_type)
+        self._tx_octets += len(payload)
         self.stats.tx_packets += 1
         if self.quality.first_rtp_sent_at is None:
             self.quality.rtp_sent(self.plan.local_ssrc)
+
+    def _rtp_clock(self, now: float) -> int:
+        """Our stream's RTP timestamp now, at a tick: its frame's (the frames
+        sent ahead of their ticks are not yet due; those skipped while frozen
+        kept the clock running)."""
+        return ((self._tx_base or 0) + (self._tx_frames - self._tx_ahead - 1) * FRAME_SAMPLES) & U32_MAX
+
+    def _send_rtcp(self, now: float) -> None:
+        plain = self.rtcp.report(now, rtp_timestamp=self._rtp_clock, packets=self.tx_stream.packets,
+                                 octets=self._tx_octets)
+        self._send(self._tx.protect_rtcp(plain))
+        self.stats.tx_rtcp += 1
 
     def info(self) -> dict:
         stats = dict(vars(self.stats))

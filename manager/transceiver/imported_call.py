@@ -30,6 +30,10 @@ SDP. The client keeps its ICE, DTLS and SRTP state and notices nothing:
   media goes out before :meth:`ImportedCall.activate` (the relay's flip, or
   the first authenticated packet from the client): anything sent earlier
   would be dropped by the relay and show up at the client as a sequence gap.
+* **RTCP**: the engine sends the call's sender reports (rtcp_sender) on the
+  same SSRC, its SRTCP index going on past the ones the previous owners
+  used (``rtcp.tx_srtcp_index`` of the export, and of ours); the client's
+  reports feed the call's figures and RTT (rtcp_stats).
 * **DTLS / data channels**: the DTLS session and the SCTP association are
   continued from the exported state (imported_data.ImportedDataChannels):
   record keys from the master secret, sequence numbers and replay window
@@ -77,6 +81,7 @@ from .ice_mux import CallPort, IceMux
 from .import_plan import ImportPlan
 from .imported_data import ImportedDataChannels
 from .media_engine import MediaEngine
+from .rtcp_sender import cname_for
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +181,10 @@ class ImportedCall(CallHandle):
             conn_id=self.conn_id, libsrtp_profile=spec.libsrtp_profile, tx_key=spec.tx_key, rx_key=spec.rx_key,
             local_ssrc=spec.local_ssrc, payload_type=self.codec.payloadType, mid=spec.mid,
             header_extensions=spec.header_extensions, tx=spec.tx, rx=spec.rx, frozen_at=spec.frozen_at,
-            rtcp_rx=dict(spec.state.rtcp.rx_packets)), session, self._send_media, complexity=engine.complexity)
+            rtcp_rx=dict(spec.state.rtcp.rx_packets),
+            srtcp_used=spec.state.rtcp.tx_srtcp_index.get(str(spec.local_ssrc), 0),
+            cname=cname_for(spec.keying_material, spec.local_ssrc)), session, self._send_media,
+            complexity=engine.complexity)
         self._on_closed_by_client = on_closed_by_client
         state = spec.state
         self.data: ImportedDataChannels | None = None
@@ -509,8 +517,10 @@ class ImportedCall(CallHandle):
             srtp=srtp,
             media=[m.model_copy(deep=True) for m in old.media],
             rtp=RtpState(tx=tx, rx={str(s): st.to_model() for s, st in self.media.rx_streams.items()}),
-            # We send no RTCP: the SRTCP index stays where the old owner left it.
-            rtcp=RtcpState(tx_srtcp_index=dict(old.rtcp.tx_srtcp_index), rx_packets=dict(self.media.stats.rtcp)),
+            # Our SRTCP index goes on from the previous owners' (rtcp_sender): the next owner's too.
+            rtcp=RtcpState(tx_srtcp_index={**old.rtcp.tx_srtcp_index,
+                                           str(self.spec.local_ssrc): self.media.rtcp.srtcp_used},
+                           rx_packets=dict(self.media.stats.rtcp)),
             sctp=None if old.sctp is None else old.sctp.model_copy(
                 update={"association": association, "not_carried": not_carried}),
             agent=AgentState(session=self.session.export_state(), state=self.agent.export_state()),

@@ -19,7 +19,9 @@ first tick after it arrives. A late packet grows the delay by the
 expansion above. The target depth (frames) follows the RFC 3550
 interarrival jitter estimate (``1 + floor(3 J / frame)``) and the loss
 history (two frames while losses were seen recently, so the next packet's
-FEC is there when a frame is missing). When every tick for half a second
+FEC is there when a frame is missing; a frame given up as lost that then
+arrives was late, not lost, and takes its loss back from that history: its
+lateness is in the jitter estimate). When every tick for half a second
 found more than the target buffered, one frame is dropped to shrink back
 (sooner the further over the target it is: each tick counts its excess).
 
@@ -28,6 +30,18 @@ beyond it and is ``target`` frames deep; until then the hole is concealed as an 
 frame may still come). After ``MAX_EXPAND`` expansions in a row with nothing
 buffered the stream is taken as paused (DTX, mute, a sender that stopped):
 ``pop`` returns None until the next packet, and concealment stops.
+
+On arrival: :meth:`SpeechJitterBuffer.pop_ready` is a coming tick's
+``pop`` done at once, when that pop would decode a packet that is here (the
+frame's own, or its successor's FEC: one frame deep, a hole with a frame
+after it is lost) and the target depth is one frame (no jitter measured, no
+recent loss); that tick's ``pop`` then returns None (its slot was served). At most ``MAX_AHEAD``
+frames are served ahead of the clock: two, so a stream whose packets arrive
+close to the tick, a little before or after it, plays each on arrival, and
+so does one whose delay grew by an expansion. Every decision the tick makes
+(concealment, loss, FEC, shrinking) is made as before, by the tick or by the
+pop done early in its place; a buffer that holds frames for jitter or FEC
+waits for the tick.
 
 Sequence numbers are extended past their 16-bit wrap (RFC 3550 A.1). A jump
 of more than ``RESYNC_FRAMES`` either way (a sender restart, a new stream)
@@ -59,6 +73,8 @@ SHRINK_TICKS = 25
 MAX_TRANSIT_STEP = 1.0
 #: Played frames remembered for duplicate detection.
 PLAYED_MEMORY = 64
+#: Frames pop_ready may serve ahead of the ticks they stand for.
+MAX_AHEAD = 2
 
 Kind = Literal["packet", "fec", "plc"]
 
@@ -107,6 +123,8 @@ class SpeechJitterBuffer:
         self._over_ticks = 0
         self._ticks_since_loss = LOSS_MEMORY_TICKS
         self._paused = True
+        self._ahead = 0  # coming ticks whose pop was done early (pop_ready)
+        self._loss_undo: tuple[int, int] | None = None  # (ext seq of the last loss, ticks since the one before)
 
     # -- state ---------------------------------------------------------------------
 
@@ -170,6 +188,10 @@ class SpeechJitterBuffer:
             return "duplicate"
         if ext < self._next:
             self.stats.late += 1
+            if self._loss_undo is not None and self._loss_undo[0] == ext:
+                # It was given up, and came: late, not lost (the loss memory it started goes).
+                self._ticks_since_loss += self._loss_undo[1]
+                self._loss_undo = None
             return "late"
         if ext - self._next >= self.capacity:
             self.stats.overflow += 1
@@ -201,8 +223,25 @@ class SpeechJitterBuffer:
 
     # -- output --------------------------------------------------------------------
 
+    def pop_ready(self) -> Playout | None:
+        """A coming tick's pop now, if the buffer is one frame deep and that
+        frame is here (see the module docstring); else None."""
+        if self._ahead >= MAX_AHEAD or self._paused or self._next is None or self.target != 1:
+            return None
+        if self._next not in self._frames and self._next + 1 not in self._frames:
+            return None  # the tick's pop would conceal: that stays the tick's
+        self._ahead += 1
+        return self._pop()
+
     def pop(self) -> Playout | None:
-        """What to play for this 20 ms tick; None while the stream is paused."""
+        """What to play for this 20 ms tick; None while the stream is paused,
+        or when :meth:`pop_ready` played this tick's frame already."""
+        if self._ahead:
+            self._ahead -= 1
+            return None
+        return self._pop()
+
+    def _pop(self) -> Playout | None:
         if self._paused or self._next is None:
             return None
         self._ticks_since_loss += 1
@@ -216,6 +255,7 @@ class SpeechJitterBuffer:
             if beyond >= self.target - 1:
                 return self._lose(seq)  # enough has arrived past it: stop waiting
             self._ticks_since_loss = 0  # a hole is waiting: hold frames for FEC
+            self._loss_undo = None
             return self._expand(seq)
         # Nothing after it: late or lost, or the stream paused.
         self._idle += 1
@@ -237,6 +277,7 @@ class SpeechJitterBuffer:
 
     def _lose(self, seq: int) -> Playout:
         self.stats.lost += 1
+        self._loss_undo = (seq, self._ticks_since_loss)
         self._ticks_since_loss = 0
         successor = self._frames.get(seq + 1)
         if successor is not None:

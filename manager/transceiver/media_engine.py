@@ -6,6 +6,14 @@ its handshake, transceiver.py) has a :class:`~.call_media.CallMedia`. Each
 tick plays one frame of every call out of its jitter buffer to its agent,
 lets the agents run, then sends one frame of every agent's audio: no task,
 timer or thread per call, per frame. See docs/media-engine.md.
+
+Between ticks, a frame a call delivers on arrival (call_media) is answered
+without waiting for the tick: the engine collects the calls that delivered
+one and, once their agents have run, sends each agent's frame if it has one
+(:meth:`CallMedia.answer`). That is two loop callbacks per event-loop pass
+that delivered any frame, whatever the number of calls: the first runs in
+the pass after the deliveries, among the agents they woke, and schedules
+the second, which therefore runs after all of them.
 """
 
 from __future__ import annotations
@@ -43,20 +51,25 @@ class MediaEngine:
         self._calls: dict[int, CallMedia] = {}
         self._clock = TaskSet("media engine")
         self._task: asyncio.Future | None = None
+        self._fresh: list[CallMedia] = []  # delivered a frame on arrival since the collection was armed
+        self._armed = False
         self.ticks = 0
         self.late_ticks = 0  # the clock fell MAX_BEHIND behind and skipped ahead
         self.tick_errors = 0
-        self.busy_s = 0.0  # time spent in ticks
+        self.busy_s = 0.0  # time spent in ticks and answer passes
+        self.answer_passes = 0
         self.max_tick_s = 0.0
 
     def add(self, conn_id: int, media: CallMedia) -> None:
         self._calls[conn_id] = media
+        media.answer_soon = self._answer_soon
         if self._task is None or self._task.done():
             self._task = self._clock.spawn(self._run())
 
     def remove(self, conn_id: int, media: CallMedia) -> None:
         if self._calls.get(conn_id) is media:
             del self._calls[conn_id]
+        media.answer_soon = None
 
     async def stop(self) -> None:
         await self._clock.close()
@@ -87,6 +100,26 @@ class MediaEngine:
             self.max_tick_s = max(self.max_tick_s, spent)
             self.ticks += 1
 
+    # -- answers between ticks ---------------------------------------------------------
+
+    def _answer_soon(self, media: CallMedia) -> None:
+        self._fresh.append(media)
+        if not self._armed:
+            self._armed = True
+            asyncio.get_running_loop().call_soon(self._collect)
+
+    def _collect(self) -> None:
+        # Every agent woken by the deliveries in `batch` was scheduled before
+        # this callback ran, so the one scheduled now runs after them all.
+        batch, self._fresh, self._armed = self._fresh, [], False
+        asyncio.get_running_loop().call_soon(self._answer, batch)
+
+    def _answer(self, batch: list[CallMedia]) -> None:
+        started = time.monotonic()
+        self._each([(m.plan.conn_id, m) for m in batch if m.answer_soon is not None], CallMedia.answer)
+        self.busy_s += time.monotonic() - started
+        self.answer_passes += 1
+
     def _each(self, calls: list[tuple[int, CallMedia]], step) -> None:
         for conn_id, media in calls:
             try:
@@ -97,5 +130,6 @@ class MediaEngine:
 
     def info(self) -> dict[str, Any]:
         return {"handover": self.handover, "complexity": self.complexity, "calls": len(self._calls),
-                "ticks": self.ticks, "late_ticks": self.late_ticks, "tick_errors": self.tick_errors,
+                "ticks": self.ticks, "answer_passes": self.answer_passes, "late_ticks": self.late_ticks,
+                "tick_errors": self.tick_errors,
                 "busy_s": round(self.busy_s, 3), "max_tick_ms": round(self.max_tick_s * 1000, 2)}

@@ -5,13 +5,15 @@ Two directions, named as on the whole path between the client and here:
 - ``uplink`` (the client's audio to the agent): what this transceiver
   measured of the client's RTP. On aiortc's path aiortc's own receiver
   measures it and says it in the receiver reports it sends (read as they go
-  out, aiortc_hooks.tap_rtcp); on the media engine, which sends no RTCP, a
+  out, aiortc_hooks.tap_rtcp); on the media engine a
   :class:`ReceiverEstimator` (RFC 3550 appendix A.3 and A.8) measures it from
-  the RTP the engine decrypts.
+  the RTP the engine decrypts (the figures taken at each of the client's
+  reports), and :meth:`CallQuality.reception_block` says it in the engine's
+  own reports (rtcp_sender), each over the interval since the last one.
 - ``downlink`` (the agent's audio to the client): what the client says in its
   receiver reports about our SSRC, and the round-trip time from each report
-  block's LSR and DLSR (RFC 3550 section 6.4.1; our sender reports are
-  aiortc's, the engine sends none, so a call on the engine has no RTT).
+  block's LSR and DLSR (RFC 3550 section 6.4.1), the LSR being one of our
+  sender reports (aiortc's, or the engine's).
 
 Each report updates a direction's figures and takes a MOS sample
 (manager.protocol.quality, G.107 E-model) of the worse direction, at most one
@@ -81,20 +83,22 @@ class DirectionFigures:
 class ReceiverEstimator:
     """RFC 3550 A.1, A.3 and A.8 for one received SSRC: expected, lost, interval loss, jitter."""
 
-    def __init__(self, ssrc: int, clock_rate: int = CLOCK_RATE) -> None:
+    def __init__(self, ssrc: int, clock_rate: int = CLOCK_RATE, cycles: int = 0) -> None:
         self.ssrc, self.clock_rate = ssrc, clock_rate
-        self.base_seq: int | None = None
+        self.base_seq: int | None = None  # extended
         self.max_seq = 0
-        self.cycles = 0
+        self.cycles = cycles << 16  # a stream continued from another owner: its rollover counter
         self.received = 0
-        self.expected_prior = 0
-        self.received_prior = 0
+        #: (expected, received) at the last interval, per reader: the call's
+        #: figures and our reports each take their own intervals.
+        self._prior: dict[str, tuple[int, int]] = {}
         self.transit: float | None = None
         self.jitter = 0.0  # in RTP timestamp units, as a report carries it
 
     def rtp(self, seq: int, timestamp: int, arrival: float) -> None:
         if self.base_seq is None:
-            self.base_seq = self.max_seq = seq
+            self.max_seq = seq
+            self.base_seq = self.cycles + seq
         else:
             delta = (seq - self.max_seq) & 0xFFFF
             if 0 < delta < 0x8000:  # in order (a jump forward is still in order)
@@ -121,11 +125,12 @@ class ReceiverEstimator:
     def lost(self) -> int:
         return self.expected - self.received
 
-    def interval(self) -> tuple[float, int, int, float]:
-        """(fraction lost since the last call, cumulative lost, extended highest, jitter in ms)."""
+    def interval(self, reader: str = "figures") -> tuple[float, int, int, float]:
+        """(fraction lost since `reader`'s last call, cumulative lost, extended highest, jitter in ms)."""
         expected, received = self.expected, self.received
-        exp_i, rec_i = expected - self.expected_prior, received - self.received_prior
-        self.expected_prior, self.received_prior = expected, received
+        expected_prior, received_prior = self._prior.get(reader, (0, 0))
+        exp_i, rec_i = expected - expected_prior, received - received_prior
+        self._prior[reader] = (expected, received)
         lost_i = exp_i - rec_i
         fraction = lost_i / exp_i if exp_i > 0 and lost_i > 0 else 0.0
         return fraction, self.lost, self.extended_max, self.jitter / self.clock_rate * 1000
@@ -145,6 +150,8 @@ class CallQuality:
         self.first_rtp_sent_at: float | None = None
         self.first_rtp_received_at: float | None = None
         self.local_ssrcs: set[int] = set()
+        #: The client's last sender report per SSRC: (its NTP middle 32 bits, our clock at arrival).
+        self.remote_sr: dict[int, tuple[int, float]] = {}
         self._estimator: ReceiverEstimator | None = None
         self._base_lost = self._base_expected = 0
         self._last_sample = 0.0
@@ -172,13 +179,17 @@ class CallQuality:
             self._sample()
 
     def rtcp_received(self, plain: bytes) -> None:
-        """A compound from the client: blocks about our stream are the downlink, and give the RTT."""
-        arrival = quality.ntp_middle32(self.clock() + NTP_EPOCH_OFFSET)
+        """A compound from the client: blocks about our stream are the downlink,
+        and give the RTT; its sender reports are what our next report's LSR cites."""
+        now = self.clock()
+        arrival = quality.ntp_middle32(now + NTP_EPOCH_OFFSET)
         compound = self._parse(plain)
         if compound is None:
             return
         seen = False
         for report in compound.reports:
+            if report.sender is not None and report.ssrc not in self.local_ssrcs:
+                self.remote_sr[report.ssrc] = (report.sender.middle32, now)
             for block in report.blocks:
                 if self.local_ssrcs and block.ssrc not in self.local_ssrcs:
                     continue  # a block about another stream (e.g. our RTX)
@@ -199,8 +210,27 @@ class CallQuality:
         self.uplink.update(fraction, self._base_lost + lost, highest, jitter_ms)
         self.uplink.expected = self._base_expected + est.expected
 
-    def rtp_received(self, ssrc: int, seq: int, timestamp: int, arrival: float) -> None:
-        """The media engine's decrypted RTP from the client (it makes no reports of its own)."""
+    def reception_block(self) -> rtcp.ReportBlock | None:
+        """The media engine's report block about the client's stream, for the
+        report it sends now (rtcp_sender): loss over the interval since its
+        last report, and LSR and DLSR citing the client's last sender report.
+        None before the client's first RTP."""
+        est = self._estimator
+        if est is None or est.base_seq is None:
+            return None
+        fraction, lost, highest, _ = est.interval("report")
+        cumulative = self._base_lost + lost
+        lsr = dlsr = 0
+        if est.ssrc in self.remote_sr:
+            lsr, at = self.remote_sr[est.ssrc]
+            dlsr = min(max(round((self.clock() - at) * quality.NTP_UNITS), 0), 0xFFFFFFFF)
+        return rtcp.ReportBlock(ssrc=est.ssrc, fraction_lost=min(int(fraction * 256), 255),
+                                cumulative_lost=min(max(cumulative, -(1 << 23)), (1 << 23) - 1),
+                                highest_seq=highest & 0xFFFFFFFF, jitter=int(est.jitter), lsr=lsr, dlsr=dlsr)
+
+    def rtp_received(self, ssrc: int, seq: int, timestamp: int, arrival: float, roc: int = 0) -> None:
+        """The media engine's decrypted RTP from the client (``roc``: its stream's
+        rollover counter, so a continued stream's extended sequence numbers go on)."""
         if self.first_rtp_received_at is None:
             self.first_rtp_received_at = self.clock()
         est = self._estimator
@@ -209,7 +239,7 @@ class CallQuality:
             # aiortc's reports say no "expected": the engine counts from the hand-over then.
             self._base_expected = self.uplink.expected or 0
             self._base_lost = max(self.uplink.cumulative_lost or 0, 0) if self._base_expected else 0
-            est = self._estimator = ReceiverEstimator(ssrc)
+            est = self._estimator = ReceiverEstimator(ssrc, cycles=roc)
         est.rtp(seq, timestamp, arrival)
 
     def rtp_sent(self, ssrc: int) -> None:
@@ -253,6 +283,7 @@ class CallQuality:
         self.first_rtp_sent_at = previous.first_rtp_sent_at
         self.first_rtp_received_at = previous.first_rtp_received_at
         self.local_ssrcs |= previous.local_ssrcs
+        self.remote_sr.update(previous.remote_sr)
 
 
 @dataclass

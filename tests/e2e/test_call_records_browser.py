@@ -16,7 +16,8 @@ client → relay loss from the kernel's per-flow sequence accounting, the whole
 path's from the transceiver's RTCP figures, and puts the rest of the path's
 loss on the relay → transceiver hop (manager/relay/record_build.py): each
 hop's loss in the record is held to within 1 percentage point of what its
-rule dropped of what it saw.
+rule dropped of what it saw. The record has the path's round-trip time, from
+Chromium's receiver reports citing the media engine's sender reports.
 
 nftables' ``numgen random`` is the same random drop as iptables' ``statistic``
 match (nftables is installed for the NAT tests; iptables has no egress hook).
@@ -109,7 +110,7 @@ def test_loss_on_each_hop_is_located_in_the_record(tmp_path: Path) -> None:
               f"path {path:.2%}\n"
               f"record: client_relay uplink {rec.client_relay.uplink}\n"
               f"        relay_transceiver uplink {rec.relay_transceiver.uplink}\n"
-              f"        path uplink {rec.path.uplink}; MOS {rec.mos}")
+              f"        path uplink {rec.path.uplink}; RTT {rec.path.rtt_ms} ms; MOS {rec.mos}")
         assert rec.end_reason == "client-hangup"
         # Nothing else lost them (a few may be in flight, or sent after the flow was removed, at the hang-up).
         assert 0 <= sent - lost_client - arrived <= 10, (sent, lost_client, arrived)
@@ -117,3 +118,5 @@ def test_loss_on_each_hop_is_located_in_the_record(tmp_path: Path) -> None:
         assert abs(rec.client_relay.uplink.loss_fraction - client_hop) <= 0.01, rec.client_relay.uplink
         assert abs(rec.relay_transceiver.uplink.loss_fraction - relay_hop) <= 0.01, rec.relay_transceiver.uplink
         assert abs(rec.path.uplink.loss_fraction - path) <= 0.01, rec.path.uplink
+        # The call ran on the media engine: Chromium's reports cite its sender reports.
+        assert rec.path.rtt_ms is not None and 0 < rec.path.rtt_ms < 500, rec.path

@@ -1,7 +1,7 @@
 """One engine call's media (manager/transceiver/call_media.py) without a
 network: the client's SRTP in, frames to the agent per tick (marked when
-concealed), the agent's audio out as SRTP that continues the old owner's
-numbering; bad packets counted."""
+concealed) or on arrival, the agent's audio out as SRTP that continues the
+old owner's numbering, answered at once on the engine; bad packets counted."""
 
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ import os
 import time
 
 import pylibsrtp
+from aiortc.rtp import is_rtcp
 
 from manager.lab.client import tone_power
-from manager.protocol import rtp_header
-from manager.transceiver.agent import AgentSession
+from manager.protocol import rtcp, rtp_header
+from manager.transceiver.agent import AgentSession, EchoAgent
 from manager.transceiver.call_media import AUDIO_LEVEL_URI, MID_URI, CallMedia, MediaPlan, RateLimit, audio_level
+from manager.transceiver.media_engine import MediaEngine
 from manager.transceiver.opus import Encoder
 from manager.transceiver.rtp_streams import RtpStreamState
+from tests.support.waiting import eventually_async
 
 PROFILE = pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80
 CLIENT_KEY = os.urandom(30)  # what the client protects with: our rx key
@@ -153,3 +156,96 @@ def test_rate_limit_and_audio_level() -> None:
     assert audio_level(bytes(1920)) == 127
     assert audio_level(array.array("h", [32767, -32767] * 480).tobytes()) == 0
     assert 14 <= audio_level(tone(1)[0]) <= 16  # peak 8000: -12.2 dBFS, rms -15.2 dBov
+
+
+def test_a_frame_in_order_reaches_the_agent_on_arrival_and_the_answer_goes_out_at_once() -> None:
+    async def scenario() -> None:
+        sent: list[bytes] = []
+        m, s = media(sent)
+        asked: list[CallMedia] = []
+        m.answer_soon = asked.append  # what the engine sets
+        m.start_sending()
+        packets = client_packets(3)
+        assert m.receive(packets[0], 0.0)
+        (frame,) = drain(s)  # before any tick
+        assert frame.opaque is None and m.stats.frames_early == 1 and asked == [m]
+        m.answer()  # the agent has nothing yet: nothing goes out early
+        assert sent == []
+        s.out_track.push(frame)  # an echo
+        m.answer()
+        assert len(sent) == 1 and m.stats.tx_early == 1
+        m.tick()  # the tick this frame stood for: nothing played, nothing sent
+        assert len(sent) == 1 and drain(s) == []
+        m.tick()
+        assert len(sent) == 2 and m.stats.tx_packets == 2  # the next tick sends (silence)
+        assert drain(s)[0].opaque == "plc"  # and conceals the frame that did not come
+        for _ in range(3):  # an agent ahead of the clock: at most two frames go out early
+            s.out_track.push(frame)
+        m.answer()
+        assert len(sent) == 4 and m.stats.tx_early == 3
+        m.tick()
+        m.tick()
+        assert len(sent) == 4
+        m.tick()
+        assert len(sent) == 5
+
+    asyncio.run(scenario())
+
+
+def test_the_engine_echoes_a_frame_between_its_ticks() -> None:
+    """A real MediaEngine and the echo agent: each client frame is heard and
+    answered by the engine's answer pass (two loop callbacks), not by a tick.
+    The engine's own clock is held still, and its tick is played by the test
+    between frames, so no timing decides the outcome."""
+
+    async def scenario() -> None:
+        sent: list[bytes] = []
+        engine = MediaEngine()
+        engine._run = lambda: asyncio.sleep(3600)  # the clock held still: the test ticks
+        m, s = media(sent)
+        agent_task = asyncio.ensure_future(EchoAgent().run(s))
+        engine.add(1, m)
+        m.start_sending()
+        try:
+            for i, p in enumerate(client_packets(20)):
+                before = len(sent)
+                assert m.receive(p, time.monotonic())
+                await eventually_async(lambda before=before: len(sent) > before, 1, what=f"the echo of {i}")
+                assert m.stats.tx_early == i + 1 and m.stats.frames_early == i + 1
+                m.play()  # the tick this frame stood for: nothing to play, nothing to send
+                m.send()
+                assert len(sent) == before + 1 and m.stats.frames_to_agent == i + 1
+            assert engine.answer_passes >= 20 and engine.tick_errors == 0 and m.stats.frames_concealed == 0
+        finally:
+            engine.remove(1, m)
+            s.close()
+            agent_task.cancel()
+            await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_sender_reports_keep_the_streams_clock_and_counts() -> None:
+    """The SR's RTP timestamp is the tick's frame's, whether frames went out
+    early or not; its packet count goes on from the old owner's."""
+
+    async def scenario() -> None:
+        sent: list[bytes] = []
+        old = RtpStreamState(ssrc=777, payload_type=111, seq=100, timestamp=5000, roc=0, packets=500)
+        m, s = media(sent, tx=old)
+        m.start_sending()
+        m.rtcp.next_at = 0.0  # a report is due at the first tick
+        s.out_track.push(_frame(tone(1)[0]))
+        s.out_track.push(_frame(tone(1)[0]))
+        m.answer()  # two frames out ahead of their ticks
+        m.tick()
+        rx = pylibsrtp.Session(pylibsrtp.Policy(key=OUR_KEY, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
+                                                srtp_profile=PROFILE))
+        rtp = [rtp_header.parse(rx.unprotect(p)) for p in sent if not is_rtcp(p)]
+        (sr,) = [rtcp.parse(rx.unprotect_rtcp(p)).reports[0] for p in sent if is_rtcp(p)]
+        assert [h.timestamp - rtp[0].timestamp for h in rtp] == [0, 960]
+        assert sr.sender.rtp_timestamp == rtp[0].timestamp  # the first tick's frame: the first sent
+        assert sr.sender.packets == 502 and sr.sender.octets == sum(len(h.payload) for h in rtp)
+        assert m.stats.tx_rtcp == 1 and m.rtcp.srtcp_used == 1
+
+    asyncio.run(scenario())

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from manager.transceiver.jitter import (
+    MAX_AHEAD,
     MAX_EXPAND,
     RESYNC_FRAMES,
     Playout,
@@ -264,3 +267,122 @@ def test_two_percent_random_loss_longest_gap_is_two_frames():
     assert s.longest_plc_run * 20 <= 40
     assert delivered >= 0.99 * 50_000
     assert s.fec >= 0.8 * s.lost  # most single losses come back through FEC
+
+
+# -- on arrival (pop_ready) --------------------------------------------------------
+
+
+def run_on_arrival(arrivals: dict[int, float], ticks: int, *, tick_phase: float = 0.015,
+                   buf: SpeechJitterBuffer | None = None) -> tuple[SpeechJitterBuffer, list[tuple[float, Playout]]]:
+    """As run(), the media engine's way: each packet is offered to pop_ready
+    as it arrives, the tick pops what is still due. Returns what was played
+    and when (the arrival time for a frame served on arrival)."""
+    buf = buf or SpeechJitterBuffer()
+    events = sorted((t, i) for i, t in arrivals.items())
+    played: list[tuple[float, Playout]] = []
+    k = 0
+    for tick in range(ticks):
+        now = tick_phase + tick * FRAME
+        while k < len(events) and events[k][0] <= now:
+            t, i = events[k]
+            if buf.push(i & 0xFFFF, (i * TS) & 0xFFFFFFFF, pkt(i), t) not in ("late", "duplicate"):
+                early = buf.pop_ready()
+                if early is not None:
+                    played.append((t, early))
+            k += 1
+        out = buf.pop()
+        if out is not None:
+            played.append((now, out))
+    return buf, played
+
+
+def test_a_frame_in_order_is_served_on_arrival_and_its_tick_skips():
+    buf = SpeechJitterBuffer()
+    assert buf.push(0, 0, pkt(0), 0.001) == "stored"
+    first = buf.pop_ready()
+    assert first is not None and (first.kind, first.seq, first.payload) == ("packet", 0, pkt(0))
+    assert buf.pop() is None  # the tick this frame stood for: served already
+    for i in (1, 2, 3):  # three before the next tick: at most MAX_AHEAD served ahead
+        buf.push(i, i * TS, pkt(i), 0.020 + i * 0.001)
+    assert buf.pop_ready().seq == 1 and buf.pop_ready().seq == 2 and buf.pop_ready() is None
+    assert MAX_AHEAD == 2 and buf.pop() is None and buf.pop() is None
+    assert buf.pop().seq == 3  # the tick plays the held one
+    # A steady stream: every frame played on arrival, none concealed, no tick plays.
+    buf, played = run_on_arrival(steady(100), 100)
+    assert [p.seq for _, p in played] == list(range(100))
+    assert all(at == pytest.approx(p.seq * FRAME + 0.001) for at, p in played)
+    assert buf.stats.plc == 0 and buf.stats.played == 100
+
+
+def test_on_arrival_the_tick_still_conceals_a_frame_that_did_not_come():
+    arr = steady(60)
+    del arr[10]
+    buf, played = run_on_arrival(arr, 62)
+    by_seq = [(p.seq, p.kind) for _, p in played]
+    # 10 is concealed by the tick (an expansion), then lost: FEC from 11 once it is here;
+    # 11 and on go on being played, each once.
+    assert (10, "plc") in by_seq and (10, "fec") in by_seq
+    # The FEC is decoded as soon as 11 (which carries it) arrives, not at the next tick.
+    assert next(at for at, p in played if p.kind == "fec") == pytest.approx(11 * FRAME + 0.001)
+    assert [s for s, k in by_seq if k == "packet"] == [i for i in range(60) if i != 10]
+    assert buf.stats.longest_plc_run == 1
+
+
+def test_a_late_frame_after_its_concealment_is_not_played_twice():
+    buf = SpeechJitterBuffer()
+    for i in range(3):
+        buf.push(i, i * TS, pkt(i), i * FRAME)
+        assert buf.pop_ready().seq == i and buf.pop() is None
+    # 3 does not come: the tick conceals it twice (an expansion, then lost).
+    assert buf.pop().kind == "plc" and buf.pop().kind == "plc"
+    assert buf.push(3, 3 * TS, pkt(3), 0.1) == "late" and buf.pop_ready() is None
+    buf.push(4, 4 * TS, pkt(4), 0.101)
+    assert buf.pop_ready().seq == 4  # 3 was late, not lost: still one frame deep
+    assert buf.stats.played == 4 and buf.stats.late == 1
+    # After a mere expansion the late frame plays, once: on arrival, and its tick skips.
+    buf = SpeechJitterBuffer()
+    buf.push(0, 0, pkt(0), 0.0)
+    buf.pop_ready()
+    buf.pop()
+    assert buf.pop().kind == "plc"  # 1 is not here at its tick: an expansion
+    buf.push(1, TS, pkt(1), 0.045)
+    assert buf.pop_ready().seq == 1 and buf.pop() is None and buf.pop_ready() is None
+    assert buf.stats.played == 2
+
+
+def test_with_jitter_measured_or_losses_seen_frames_wait_for_the_tick():
+    rng = random.Random(3)
+    arr = {i: i * FRAME + rng.uniform(0, 0.060) for i in range(200)}
+    buf, played = run_on_arrival(arr, 205)
+    assert buf.target >= 2
+    late_half = [(at, p) for at, p in played if p.seq >= 100]
+    # Held for the jitter: played at ticks (on the 20 ms grid), not as they came.
+    assert all(abs((at - 0.015) / FRAME - round((at - 0.015) / FRAME)) < 1e-6 for at, _ in late_half)
+    # After a loss the buffer holds two frames (FEC needs the next packet): no early play.
+    buf = SpeechJitterBuffer()
+    arr = steady(40)
+    del arr[5]
+    buf, played = run_on_arrival(arr, 42, buf=buf)
+    after = [(at, p) for at, p in played if p.seq > 8]
+    assert buf.target == 2 and all(abs((at - 0.015) / FRAME - round((at - 0.015) / FRAME)) < 1e-6
+                                   for at, _ in after)
+
+
+def test_a_frame_given_up_that_comes_late_takes_its_loss_back():
+    """A packet 45 ms late is given up (concealed, then lost) and played from
+    its successor's FEC; when it comes after all, it was late, not lost: the
+    buffer goes back to one frame deep, and once the frame of delay the
+    expansion added is shrunk away, frames play on arrival again (a real
+    loss would have held two frames for 30 s)."""
+    arr = steady(80)
+    arr[10] += 0.045
+    buf, played = run_on_arrival(arr, 80)
+    assert buf.stats.lost == 1 and buf.stats.late == 1 and buf.stats.shrunk == 1
+    assert buf.target == 1
+    after = [(at, p) for at, p in played if p.seq >= 40]
+    assert len(after) == 40 and all(at == pytest.approx(p.seq * FRAME + 0.001) for at, p in after)
+    # A real loss (the frame never comes) keeps the buffer two frames deep for FEC.
+    arr = steady(80)
+    del arr[10]
+    buf, _ = run_on_arrival(arr, 80)
+    assert buf.stats.lost == 1 and buf.stats.late == 0 and buf.target == 2

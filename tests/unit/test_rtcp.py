@@ -1,8 +1,10 @@
-"""RTCP sender and receiver reports: written and read back, malformed compounds refused."""
+"""RTCP sender and receiver reports and SDES: written and read back (by aiortc's parser too),
+malformed compounds refused."""
 
 from __future__ import annotations
 
 import pytest
+from aiortc.rtp import RtcpPacket, RtcpSdesPacket, RtcpSenderInfo, RtcpSourceInfo, RtcpSrPacket
 
 from manager.protocol import rtcp
 from manager.protocol.quality import ntp_middle32, rtt_ms
@@ -29,11 +31,55 @@ def test_sender_report_round_trips_with_its_ntp_time():
 
 
 def test_compound_skips_other_packets_by_their_length():
-    sdes = bytes([0x81, 202, 0, 2]) + bytes(8)  # one chunk, padded
+    sdes = bytes([0x81, 202, 0, 2]) + bytes(8)  # one chunk (SSRC 0) without items, padded
     bye = bytes([0x81, 203, 0, 1]) + bytes(4)
+    app = bytes([0x80, 204, 0, 2]) + bytes(8)
     rr = rtcp.Report(ssrc=5, blocks=(block(),)).pack()
-    parsed = rtcp.parse(rr + sdes + bye)
+    parsed = rtcp.parse(rr + sdes + bye + app)
     assert [r.ssrc for r in parsed.reports] == [5] and parsed.others == 2
+    assert parsed.sdes == [rtcp.Sdes(((0, None),))]
+
+
+@pytest.mark.parametrize("cname", ["", "a", "abcd", "0123456789abcdef01234567", "x" * 255])
+def test_compound_sr_and_sdes_round_trip_ours_and_aiortcs_parser(cname):
+    """What the media engine sends (rtcp_sender): SR with one block, then SDES
+    with the CNAME; read back by our parser and by aiortc's, as its peer does."""
+    sr = rtcp.Report(ssrc=0xCAFE, blocks=(block(ssrc=0xBEEF, lost=-5),),
+                     sender=rtcp.SenderInfo(ntp=rtcp.ntp_timestamp(1_700_000_000.5), rtp_timestamp=123456,
+                                            packets=250, octets=20000))
+    sdes = rtcp.Sdes(((0xCAFE, cname),))
+    data = rtcp.serialize([sr, sdes])
+    assert len(data) % 4 == 0
+    back = rtcp.parse(data)
+    assert back.reports == [sr] and back.sdes == [sdes] and back.others == 0
+    theirs_sr, theirs_sdes = RtcpPacket.parse(data)
+    assert isinstance(theirs_sr, RtcpSrPacket) and isinstance(theirs_sdes, RtcpSdesPacket)
+    assert theirs_sr.ssrc == 0xCAFE and theirs_sr.sender_info.ntp_timestamp == sr.sender.ntp
+    assert (theirs_sr.sender_info.rtp_timestamp, theirs_sr.sender_info.packet_count,
+            theirs_sr.sender_info.octet_count) == (123456, 250, 20000)
+    (theirs_block,) = theirs_sr.reports
+    assert (theirs_block.ssrc, theirs_block.fraction_lost, theirs_block.packets_lost, theirs_block.highest_sequence,
+            theirs_block.jitter, theirs_block.lsr, theirs_block.dlsr) == (0xBEEF, 26, -5, (2 << 16) | 100, 480,
+                                                                         0x12345678, 0x8000)
+    assert theirs_sdes.chunks[0].ssrc == 0xCAFE and theirs_sdes.chunks[0].items == [(1, cname.encode())]
+
+
+def test_aiortcs_compound_reads_back_with_ours():
+    theirs = RtcpSrPacket(ssrc=9, sender_info=RtcpSenderInfo(ntp_timestamp=(5 << 32) | 7, rtp_timestamp=11,
+                                                               packet_count=12, octet_count=13))
+    data = bytes(theirs) + bytes(RtcpSdesPacket(chunks=[RtcpSourceInfo(ssrc=9, items=[(1, b"peer")])]))
+    back = rtcp.parse(data)
+    assert back.reports[0].sender == rtcp.SenderInfo(ntp=(5 << 32) | 7, rtp_timestamp=11, packets=12, octets=13)
+    assert back.sdes == [rtcp.Sdes(((9, "peer"),))]
+
+
+def test_sdes_with_several_chunks_and_items_round_trips():
+    sdes = rtcp.Sdes(((1, "one"), (2, None), (3, "three")))
+    assert rtcp.parse(sdes.pack()).sdes == [sdes]
+    # a NAME item (type 2) before the CNAME is skipped by its length
+    chunk = (7).to_bytes(4, "big") + bytes([2, 3]) + b"bob" + bytes([1, 2]) + b"me" + bytes(3)  # end + pad
+    data = bytes([0x81, 202, 0, len(chunk) // 4]) + chunk
+    assert rtcp.parse(data).sdes == [rtcp.Sdes(((7, "me"),))]
 
 
 @pytest.mark.parametrize("data, why", [
@@ -42,6 +88,9 @@ def test_compound_skips_other_packets_by_their_length():
     (bytes([0x81, 201, 0, 9]) + bytes(8), "claims 40 bytes"),
     (bytes([0x82, 201, 0, 1]) + bytes(4), "needs 52 bytes"),
     (rtcp.Report(ssrc=5).pack() + b"\x80", "trailing"),
+    (bytes([0x82, 202, 0, 2]) + bytes(8), "chunk 2 of 2 starts past"),
+    (bytes([0x81, 202, 0, 1]) + bytes(4), "has no end item"),
+    (bytes([0x81, 202, 0, 2]) + bytes(4) + bytes([1, 9, 0, 0]), "runs past"),
 ])
 def test_malformed_compounds_are_refused_with_a_reason(data, why):
     with pytest.raises(rtcp.RtcpError, match=why):
@@ -51,6 +100,8 @@ def test_malformed_compounds_are_refused_with_a_reason(data, why):
 def test_too_many_blocks_for_one_report_is_refused():
     with pytest.raises(rtcp.RtcpError, match="at most 31"):
         rtcp.Report(ssrc=1, blocks=(block(),) * 32).pack()
+    with pytest.raises(rtcp.RtcpError, match="at most 255"):
+        rtcp.Sdes(((1, "x" * 256),)).pack()
 
 
 def test_rtt_from_a_block_echoing_our_sender_report():

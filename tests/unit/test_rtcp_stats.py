@@ -77,18 +77,41 @@ def test_our_own_reports_are_the_uplink_and_garbage_is_counted():
     assert q.malformed == 1
 
 
-def test_engine_calls_measure_the_uplink_themselves_at_each_client_report():
+def test_engine_calls_measure_the_uplink_themselves_and_report_it():
     now = [1000.0]
     q = CallQuality(1, clock=lambda: now[0])
     q.rtp_sent(1234)
+    assert q.reception_block() is None  # nothing received yet: an SR without a block
     dropped = 0
     for i in range(500):
         if i % 20 == 7:
             dropped += 1
             continue
         q.rtp_received(42, i, 960 * i, i * 0.02)
-    q.rtcp_received(client_rr(1234, 0.0))
+    q.rtcp_received(client_rr(1234, 0.0))  # the figures are taken at each client report
     assert q.uplink.fraction_lost == pytest.approx(0.05, abs=0.002) and q.uplink.cumulative_lost == dropped
+    block = q.reception_block()  # our report has its own interval
+    assert block.ssrc == 42 and block.cumulative_lost == dropped and block.highest_seq == 499
+    assert block.fraction_lost == int(q.uplink.fraction_lost * 256) and (block.lsr, block.dlsr) == (0, 0)
+    assert block.jitter == 0
+    assert q.reception_block().fraction_lost == 0  # the next interval saw nothing new
+
+
+def test_reception_block_cites_the_clients_last_sender_report():
+    now = [1_700_000_000.0]
+    q = CallQuality(1, clock=lambda: now[0])
+    q.rtp_sent(1234)
+    q.rtp_received(42, 10, 0, 0.0, roc=3)  # a stream continued after 3 wraps
+    ntp = rtcp.ntp_timestamp(now[0] - 2.0)
+    q.rtcp_received(rtcp.Report(ssrc=42, sender=rtcp.SenderInfo(ntp=ntp, rtp_timestamp=0, packets=1, octets=9)).pack())
+    now[0] += 0.25  # we hold it 250 ms before our report
+    block = q.reception_block()
+    assert block.lsr == (ntp >> 16) & 0xFFFFFFFF and block.dlsr == int(0.25 * 65536)
+    assert block.highest_seq == (3 << 16) | 10
+    # our own SR (should the client echo it) is not taken for the client's
+    q.rtcp_received(rtcp.Report(ssrc=1234, sender=rtcp.SenderInfo(ntp=ntp + 99, rtp_timestamp=0, packets=1,
+                                                                   octets=9)).pack())
+    assert q.remote_sr[42][0] == (ntp >> 16) & 0xFFFFFFFF and 1234 not in q.remote_sr
 
 
 def test_hand_over_keeps_the_history():

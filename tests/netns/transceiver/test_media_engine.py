@@ -159,13 +159,29 @@ def test_engine_call_migrates_out_and_back(fast_consent: None) -> None:
         ):
             run_a, api_a = await serve(tx_a, http)
             run_b, api_b = await serve(tx_b, http)
-            client, _ = await engine_call(tx_a, 42, UFRAG_A)
+            client, first = await engine_call(tx_a, 42, UFRAG_A)
+            srtcp = ClientSrtcp.install(client)
             try:
                 log = StateLog(client)
-                await asyncio.sleep(0.8)  # pacing: some media before the first move
+                # Some media, and a sender report: the client's SRTCP replay window has seen our index.
+                await eventually_async(lambda: first.media.stats.tx_rtcp >= 1, 10, what="the first owner's SR")
                 for src, dst, src_tx, dst_tx in ((api_a, api_b, tx_a, tx_b), (api_b, api_a, tx_b, tx_a)):
                     m = await migrate(client, 42, src, dst, owner_addr(src_tx.owner))
                     assert src_tx.calls() == [] and dst_tx.calls() == [42]
+                    # The new owner's SRTCP index goes on past the old one's: the client takes
+                    # its SRs (same SSRC, packet count going on), and cites them (an RTT here).
+                    took = (await sender_report_seen(client))["packets"]
+                    moved = dst_tx._calls[42]
+                    assert isinstance(moved, ImportedCall)
+                    await eventually_async(lambda moved=moved: moved.quality.rtt_ms is not None, 15,
+                                           what="an RTT on the new owner")
+
+                    async def newer_sr(took: int = took) -> bool:
+                        return (await sender_report_seen(client))["packets"] > took
+
+                    await eventually_async(newer_sr, 15, what="the client took the new owner's SR")
+                    seen = await sender_report_seen(client)
+                    assert seen["ssrc"] == moved.media.plan.local_ssrc and seen["packets"] <= moved.media.tx_stream.packets
                     await asyncio.sleep(1.2)  # pacing: a window of echoed tone to judge
                     assert_dominant(client.window(0.5), 440, [660])
                     assert await inbound_lost(client) - m["lost_before"] <= 1
@@ -173,13 +189,47 @@ def test_engine_call_migrates_out_and_back(fast_consent: None) -> None:
                         client.messages.get_nowait()
                     client.dc.send("moved")
                     assert await asyncio.wait_for(client.messages.get(), 3) == "moved"
+                assert srtcp.refused == 0 and srtcp.taken >= 3  # not one SR of the three owners refused
                 log.assert_untouched(client)
             finally:
                 await client.close()
                 await run_a.cleanup()
                 await run_b.cleanup()
 
-    run(scenario(), timeout=45)
+    run(scenario(), timeout=75)
+
+
+class ClientSrtcp:
+    """Counts the SRTCP packets the client's libsrtp takes and refuses (aiortc only logs a refusal)."""
+
+    def __init__(self, session: pylibsrtp.Session) -> None:
+        self.session = session
+        self.taken = self.refused = 0
+
+    @classmethod
+    def install(cls, client: ClientCall) -> ClientSrtcp:
+        dtls = client.pc.getTransceivers()[0].receiver.transport
+        counter = dtls._rx_srtp = cls(dtls._rx_srtp)
+        return counter
+
+    def unprotect(self, data: bytes) -> bytes:
+        return self.session.unprotect(data)
+
+    def unprotect_rtcp(self, data: bytes) -> bytes:
+        try:
+            plain = self.session.unprotect_rtcp(data)
+        except pylibsrtp.Error:
+            self.refused += 1
+            raise
+        self.taken += 1
+        return plain
+
+
+async def sender_report_seen(client: ClientCall) -> dict:
+    """The client's view of our last sender report (aiortc's receiver records each one it takes)."""
+    report = await client.pc.getStats()
+    return next(({"packets": s.packetsSent, "ssrc": s.ssrc} for s in report.values()
+                 if s.type == "remote-outbound-rtp"), {"packets": -1, "ssrc": None})
 
 
 def test_switch_off_keeps_placed_calls_on_aiortc() -> None:
