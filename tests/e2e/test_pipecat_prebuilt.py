@@ -1,0 +1,92 @@
+"""Pipecat's prebuilt browser client (PyPI `pipecat-ai-small-webrtc-prebuilt`,
+as installed) places a call through the relay to the Pipecat bot
+(examples/pipecat_bot.py), and the browser hears the bot answer.
+
+The page is served by tests/support/pipecat_prebuilt.py's PrebuiltFront on
+its own origin in the lab's client namespace, its signaling paths passed on
+to relayd as they are (`POST /start`, `POST` and `PATCH
+/sessions/{sessionId}/api/offer`). The call is placed by the page's bundled
+`SmallWebRTCTransport` with the microphone of the `WavMediaManager` it also
+ships: the page's default device manager loads Daily's call-machine bundle
+from Daily's CDN, which no lab reaches (docs/pipecat.md).
+
+Checked: the bodies the client sent have Pipecat's shapes and the relay
+answered each with 200; the bot completed a turn and the browser heard its
+reply, 1.5x higher than the sentence."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import numpy as np
+import pytest
+
+from manager.lab.netns import NetnsExecutor
+from manager.lab.services import running_lab
+from tests.support.bot_page import BOT, PAUSE_S, PITCH, SENTENCE, answered
+from tests.support.pipecat_prebuilt import START_BODY, PrebuiltFront, PrebuiltPage, prebuilt_dist
+from tests.support.speech import mic_wav, speech_wav, wav_samples
+
+# realtime: the bot's turn and reply are heard against the wall clock.
+pytestmark = [pytest.mark.netns, pytest.mark.realtime, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def said(tmp_path_factory) -> np.ndarray:
+    return wav_samples(speech_wav(SENTENCE, tmp_path_factory.mktemp("speech") / "s.wav"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    with running_lab(f"pb{secrets.token_hex(3)}", tmp_path_factory.mktemp("prebuilt"), transceivers=1,
+                     agent=BOT) as (lab, svc):
+        yield lab, svc
+
+
+def test_prebuilt_client_calls_the_bot_through_the_relay(env, said, tmp_path):
+    lab, svc = env
+    mic = mic_wav(said, tmp_path / "mic.wav", PAUSE_S)
+    front = PrebuiltFront(lab.signaling_url, prebuilt_dist())
+    page = PrebuiltPage(lab.client_ns, front, mic)
+
+    async def run() -> dict:
+        await front.start()
+        try:
+            await page.start()
+            try:
+                heard = await asyncio.wait_for(answered(page, said, 0), 90)
+                heard["calls"] = {c["call_id"] for c in await asyncio.to_thread(svc.calls)}
+                return heard
+            finally:
+                await page.stop()
+        finally:
+            await front.stop()
+
+    try:
+        with NetnsExecutor(lab.client_ns) as ex:
+            heard = ex.call(asyncio.run, run())
+    except BaseException as exc:
+        raise AssertionError(f"{exc}; relayed: {front.exchanges}; the page's report and logs in "
+                             f"{page.save_artifacts('pipecat-prebuilt')}") from exc
+
+    print(f"\nprebuilt client: turn {heard['turn']} heard, pitch x{heard['ratio']}, reply {heard['reply_s']} s; "
+          f"relayed: {[(x['method'], x['path'].split('/')[-1] or x['path'], x['status']) for x in front.exchanges]}")
+    assert PITCH[0] < heard["ratio"] < PITCH[1], f"pitch ratio {heard['ratio']}"
+
+    start, offer, *patches = front.exchanges
+    assert (start["method"], start["path"], start["status"]) == ("POST", "/start", 200), start
+    assert start["request"] == START_BODY and set(start["response"]) == {"sessionId"}, start
+    session = start["response"]["sessionId"]
+    assert (offer["method"], offer["path"], offer["status"]) == ("POST", f"/sessions/{session}/api/offer", 200)
+    assert set(offer["request"]) >= {"sdp", "type", "pc_id", "restart_pc"}, offer["request"].keys()
+    assert offer["request"]["type"] == "offer" and offer["request"]["restart_pc"] is False, offer["request"]
+    call_id = offer["response"]["pc_id"]
+    assert offer["response"]["type"] == "answer" and call_id in heard["calls"], (call_id, heard["calls"])
+    # Trickle: the candidates gathered after the offer, by PATCH on the same URL, naming the call.
+    assert patches, "the client trickled no candidate"
+    for patch in patches:
+        assert (patch["method"], patch["path"], patch["status"]) == ("PATCH", offer["path"], 200), patch
+        assert set(patch["request"]) == {"pc_id", "candidates"} and patch["request"]["pc_id"] == call_id, patch
+        for cand in patch["request"]["candidates"]:
+            assert set(cand) == {"candidate", "sdp_mid", "sdp_mline_index"}, cand
