@@ -25,7 +25,7 @@ import pytest
 from manager.lab.netns import NetnsExecutor
 from manager.lab.services import running_lab
 from tests.support.bot_page import BOT, PAUSE_S, PITCH, SENTENCE, answered
-from tests.support.pipecat_prebuilt import START_BODY, PrebuiltFront, PrebuiltPage, prebuilt_dist
+from tests.support.pipecat_prebuilt import PrebuiltFront, PrebuiltPage, prebuilt_dist
 from tests.support.speech import mic_wav, speech_wav, wav_samples
 
 # realtime: the bot's turn and reply are heard against the wall clock.
@@ -75,8 +75,10 @@ def test_prebuilt_client_calls_the_bot_through_the_relay(env, said, tmp_path):
     assert PITCH[0] < heard["ratio"] < PITCH[1], f"pitch ratio {heard['ratio']}"
 
     start, offer, *patches = front.exchanges
-    assert (start["method"], start["path"], start["status"]) == ("POST", "/start", 200), start
-    assert start["request"] == START_BODY and set(start["response"]) == {"sessionId"}, start
+    assert page.config["transportType"] == "smallwebrtc", page.config
+    params = page.config["startBotParams"]
+    assert (start["method"], start["path"], start["status"]) == ("POST", params["endpoint"], 200), start
+    assert start["request"] == params["requestData"] and set(start["response"]) == {"sessionId"}, start
     session = start["response"]["sessionId"]
     assert (offer["method"], offer["path"], offer["status"]) == ("POST", f"/sessions/{session}/api/offer", 200)
     assert set(offer["request"]) >= {"sdp", "type", "pc_id", "restart_pc"}, offer["request"].keys()

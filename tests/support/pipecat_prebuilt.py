@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,6 @@ from tests.support.bot_page import RECORDER, BotPage
 from tests.support.waiting import eventually_async
 
 PACKAGE = "pipecat_ai_small_webrtc_prebuilt"
-# The prebuilt page's startBotParams (its index bundle's last lines): /start, this body.
-START_BODY = {"createDailyRoom": False, "enableDefaultIceServers": True, "transport": "webrtc"}
 RELAYED = ("/start", "/api/offer", "/sessions/{session_id}/api/offer")
 
 
@@ -52,6 +51,18 @@ def transport_module(dist: Path) -> str:
         if "as SmallWebRTCTransport" in path.read_text(errors="replace"):
             return f"./assets/{path.name}"
     raise RuntimeError(f"no SmallWebRTCTransport bundle under {dist / 'assets'}")
+
+
+def page_config(dist: Path) -> dict[str, Any]:
+    """The props the page's app is rendered with (its index bundle's last line):
+    {"startBotParams": {"endpoint", "requestData"}, "transportType", "transportOptions"}."""
+    for path in sorted((dist / "assets").glob("index-*.js")):
+        found = re.search(r'\(\w+,(\{startBotParams:.*?\})\)\}\)\}\)', path.read_text(errors="replace"))
+        if found:
+            # A minified object literal of names, strings and booleans (!0, !1): as JSON.
+            literal = re.sub(r'([{,])(\w+):', r'\1"\2":', found.group(1))
+            return json.loads(literal.replace("!0", "true").replace("!1", "false"))
+    raise RuntimeError(f"no startBotParams in {dist / 'assets'}")
 
 
 class PrebuiltFront:
@@ -104,15 +115,17 @@ def _json(raw: bytes) -> Any:
         return raw[:200].decode(errors="replace")
 
 
-# The prebuilt page's start, with the transport its bundle ships: PipecatClient.startBot
-# (POST the start body, keep the startBotParams), then transport.connect with its answer,
-# then the RTVI client-ready, as PipecatClient.connect does. `window.pipecat` reports.
+# The prebuilt page's start, with the transport its bundle ships and the page's own
+# transportOptions and startBotParams: PipecatClient.startBot (POST the start body, keep
+# the startBotParams), then transport.connect with its answer, then the RTVI client-ready,
+# as PipecatClient.connect does. `window.pipecat` reports.
 DRIVER = """(async () => {
   const report = window.pipecat = {state: "loading", error: null, rtvi: []};
   try {
     const {SmallWebRTCTransport, WavMediaManager} = await import(%(module)s);
+    const page = %(page)s;
     const transport = report.transport = new SmallWebRTCTransport({
-      mediaManager: new WavMediaManager(), waitForICEGathering: true});
+      ...page.transportOptions, mediaManager: new WavMediaManager()});
     // The bot's audio plays in an <audio> element, as the page's PipecatClientAudio plays it
     // (Chromium hands Web Audio a remote track's samples only while a media element plays it).
     const play = (track) => {
@@ -124,7 +137,7 @@ DRIVER = """(async () => {
     };
     transport.initialize({enableMic: true, enableCam: false, callbacks: {onTrackStarted: play}},
                          (m) => report.rtvi.push(m.type));
-    const params = {endpoint: "/start", requestData: %(body)s};
+    const params = page.startBotParams;
     transport.startBotParams = params;
     await transport.initDevices();
     const res = await fetch(params.endpoint, {method: "POST", headers: {"Content-Type": "application/json"},
@@ -144,8 +157,9 @@ class PrebuiltPage(BotPage):
 
     def __init__(self, ns: str, front: PrebuiltFront, mic: Path) -> None:
         super().__init__(ns, front.url, mic)
+        self.config = page_config(front.dist)
         self.probe = RECORDER + DRIVER % {"module": json.dumps(transport_module(front.dist)),
-                                          "body": json.dumps(START_BODY)}
+                                          "page": json.dumps(self.config)}
 
     async def start(self) -> None:
         self.browser.start()
