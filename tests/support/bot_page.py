@@ -13,6 +13,10 @@ the browser's own APIs:
   counts it answered, in order (a bot that lost its state would count again
   from 0), each with the page's time it was first answered.
 
+`RECORDER` (the probe less its start of the call) works on any page whose
+call is an RTCPeerConnection (tests/support/pipecat_prebuilt.py uses it);
+`answered` waits for the bot's next turn whose reply the browser heard.
+
 Run every method on a NetnsExecutor thread of the lab's client namespace.
 """
 
