@@ -9,7 +9,6 @@ with Silero VAD.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import time
 
@@ -18,7 +17,7 @@ import pytest
 from aiohttp import ClientSession
 
 from manager.transceiver.transceiver import Transceiver
-from tests.support.paths import REPO
+from tests.support.pipecat_bot import load_bot
 from tests.support.speech import SpeechTrack, spectral_centroid, speech_wav, voiced, wav_samples
 from tests.support.transceiver_calls import UFRAG_A, ClientCall, run
 from tests.support.transceiver_migration import migrate, owner_addr, serve
@@ -26,12 +25,6 @@ from tests.support.waiting import eventually_async
 
 pytestmark = pytest.mark.realtime
 
-
-def load_bot():
-    spec = importlib.util.spec_from_file_location("pipecat_bot_call", REPO / "examples" / "pipecat_bot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def heard_since(client: ClientCall, since: float) -> np.ndarray:
