@@ -27,8 +27,8 @@ from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
     InputTransportMessageFrame,
-    OutputAudioRawFrame,
     OutputTransportMessageFrame,
+    SpeechOutputAudioRawFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -104,7 +104,9 @@ class RepeatHigher(FrameProcessor):
         rate = int(self._rate * self.pitch)  # the same samples, played faster: higher and shorter
         step = int(rate * FRAME_S) * 2
         for i in range(0, len(audio), step):
-            await self.push_frame(OutputAudioRawFrame(audio=audio[i:i + step], sample_rate=rate, num_channels=1))
+            # Speech, not any audio: the output transport reports the bot speaking (RTVI's bot-*-speaking).
+            await self.push_frame(SpeechOutputAudioRawFrame(audio=audio[i:i + step], sample_rate=rate,
+                                                            num_channels=1))
 
 
 @pipecat_bot
