@@ -49,6 +49,9 @@ PITCH = 1.5
 PRE_ROLL_S = 0.3  # audio kept from before the VAD's start decision (it needs start_secs of speech)
 MAX_UTTERANCE_S = 15.0
 FRAME_S = 0.02
+# Silence that ends a reply: a speech stream's end is its silence, and Pipecat's output
+# transport reports the bot stopped speaking after 0.35 s of it.
+TAIL_S = 0.5
 
 
 class RepeatHigher(FrameProcessor):
@@ -103,6 +106,7 @@ class RepeatHigher(FrameProcessor):
         await self.push_frame(RTVIServerMessageFrame(data={"turns": self.turns}))  # RTVI clients only
         rate = int(self._rate * self.pitch)  # the same samples, played faster: higher and shorter
         step = int(rate * FRAME_S) * 2
+        audio += bytes(int(rate * TAIL_S) * 2)
         for i in range(0, len(audio), step):
             # Speech, not any audio: the output transport reports the bot speaking (RTVI's bot-*-speaking).
             await self.push_frame(SpeechOutputAudioRawFrame(audio=audio[i:i + step], sample_rate=rate,

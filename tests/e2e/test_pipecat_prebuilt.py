@@ -5,14 +5,18 @@ as installed) places a call through the relay to the Pipecat bot
 The page is served by tests/support/pipecat_prebuilt.py's PrebuiltFront on
 its own origin in the lab's client namespace, its signaling paths passed on
 to relayd as they are (`POST /start`, `POST` and `PATCH
-/sessions/{sessionId}/api/offer`). The call is placed by the page's bundled
+/sessions/{sessionId}/api/offer`). The call is placed by the page's own
+`PipecatClient` class, through its connect flow, over the page's bundled
 `SmallWebRTCTransport` with the microphone of the `WavMediaManager` it also
 ships: the page's default device manager loads Daily's call-machine bundle
 from Daily's CDN, which no lab reaches (docs/pipecat.md).
 
 Checked: the bodies the client sent have Pipecat's shapes and the relay
-answered each with 200; the bot completed a turn and the browser heard its
-reply, 1.5x higher than the sentence."""
+answered each with 200; the client's connect() resolved with the bot's
+RTVI bot-ready; the bot completed a turn and the browser heard its reply,
+1.5x higher than the sentence; the bot's RTVI events reached the client
+(bot-started/stopped-speaking, its server-message for the turn) and a client
+request was answered with the bot's state."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from manager.lab.services import running_lab
 from tests.support.bot_page import BOT, PAUSE_S, PITCH, SENTENCE, answered
 from tests.support.pipecat_prebuilt import PrebuiltFront, PrebuiltPage, prebuilt_dist
 from tests.support.speech import mic_wav, speech_wav, wav_samples
+from tests.support.waiting import eventually_async
 
 # realtime: the bot's turn and reply are heard against the wall clock.
 pytestmark = [pytest.mark.netns, pytest.mark.realtime, pytest.mark.browser]
@@ -55,8 +60,18 @@ def test_prebuilt_client_calls_the_bot_through_the_relay(env, said, tmp_path):
         try:
             await page.start()
             try:
+                ready = await eventually_async(page.ready, 30, what="the client's connect() (bot-ready)",
+                                               interval=0.2)
                 heard = await asyncio.wait_for(answered(page, said, 0), 90)
                 heard["calls"] = {c["call_id"] for c in await asyncio.to_thread(svc.calls)}
+                heard["answer"] = await page.request("state")
+
+                async def spoke() -> dict | None:  # the bot's stop follows its reply's last audio
+                    report = await page.state()
+                    return report if "bot-stopped-speaking" in report["rtvi"] else None
+
+                heard["ready"], heard["report"] = ready, await eventually_async(
+                    spoke, 10, what="the bot's bot-stopped-speaking", interval=0.2)
                 return heard
             finally:
                 await page.stop()
@@ -73,6 +88,17 @@ def test_prebuilt_client_calls_the_bot_through_the_relay(env, said, tmp_path):
     print(f"\nprebuilt client: turn {heard['turn']} heard, pitch x{heard['ratio']}, reply {heard['reply_s']} s; "
           f"relayed: {[(x['method'], x['path'].split('/')[-1] or x['path'], x['status']) for x in front.exchanges]}")
     assert PITCH[0] < heard["ratio"] < PITCH[1], f"pitch ratio {heard['ratio']}"
+
+    # RTVI: connect() resolved with bot-ready, the protocol version the client speaks (1.x) echoed.
+    ready, report = heard["ready"], heard["report"]
+    assert ready["version"].startswith("1.") and ready["about"]["library"] == "pipecat-ai", ready
+    assert report["states"][-1] == "ready" and "connected" in report["states"], report["states"]
+    # The bot's events: it spoke (Pipecat's bot-*-speaking), and its server-message a turn.
+    assert {"bot-started-speaking", "bot-stopped-speaking"} <= set(report["rtvi"]), report["rtvi"]
+    assert {"turns": heard["turn"]} in report["messages"], report["messages"]
+    assert not [e for e in report["rtvi"] if e.startswith(("error", "message-error"))], report["rtvi"]
+    # A client request (RTVI client-message) answered with the bot's state, as its data channel says.
+    assert heard["answer"]["turns"] >= heard["turn"] and heard["answer"]["context"][:2] == heard["context"][:2]
 
     start, offer, *patches = front.exchanges
     assert page.config["transportType"] == "smallwebrtc", page.config

@@ -115,38 +115,63 @@ def _json(raw: bytes) -> Any:
         return raw[:200].decode(errors="replace")
 
 
-# The prebuilt page's start, with the transport its bundle ships and the page's own
-# transportOptions and startBotParams: PipecatClient.startBot (POST the start body, keep
-# the startBotParams), then transport.connect with its answer, then the RTVI client-ready,
-# as PipecatClient.connect does. `window.pipecat` reports.
+# The prebuilt page's connect flow, with the page's own PipecatClient class (taken from the
+# client the page's React tree holds: the bundle does not export it) over the transport its
+# bundle ships (SmallWebRTCTransport with WavMediaManager) and the page's own transportOptions
+# and startBotParams, step for step as the page's connect handler runs it: initDevices (on
+# mount), startBot (POST the start body), the answer's iceConfig to the transport, then
+# connect(), which sends RTVI's client-ready and resolves on the bot's bot-ready.
+# `window.pipecat` reports: the transport's states, the RTVI events the client's callbacks saw,
+# bot-ready's data (`ready`), the bot's server-messages and its answer to a client request.
 DRIVER = """(async () => {
-  const report = window.pipecat = {state: "loading", error: null, rtvi: []};
+  const report = window.pipecat = {error: null, states: [], rtvi: [], ready: null, messages: [], answer: null};
   try {
     const {SmallWebRTCTransport, WavMediaManager} = await import(%(module)s);
     const page = %(page)s;
+    const PipecatClient = (await pageClient()).constructor;
     const transport = report.transport = new SmallWebRTCTransport({
       ...page.transportOptions, mediaManager: new WavMediaManager()});
-    // The bot's audio plays in an <audio> element, as the page's PipecatClientAudio plays it
-    // (Chromium hands Web Audio a remote track's samples only while a media element plays it).
-    const play = (track) => {
-      if (track.kind !== "audio") return;
-      const audio = document.createElement("audio");
-      audio.autoplay = true;
-      audio.srcObject = new MediaStream([track]);
-      document.body.appendChild(audio);
-    };
-    transport.initialize({enableMic: true, enableCam: false, callbacks: {onTrackStarted: play}},
-                         (m) => report.rtvi.push(m.type));
-    const params = page.startBotParams;
-    transport.startBotParams = params;
-    await transport.initDevices();
-    const res = await fetch(params.endpoint, {method: "POST", headers: {"Content-Type": "application/json"},
-                                              body: JSON.stringify(params.requestData)});
-    if (!res.ok) throw new Error(`/start answered ${res.status}: ${await res.text()}`);
-    await transport.connect(await res.json());
-    transport.sendReadyMessage();
+    const seen = (name) => () => report.rtvi.push(name);
+    const client = report.client = new PipecatClient({enableMic: true, enableCam: false, transport, callbacks: {
+      onTrackStarted: play, onTransportStateChanged: (s) => report.states.push(s),
+      onBotStartedSpeaking: seen("bot-started-speaking"), onBotStoppedSpeaking: seen("bot-stopped-speaking"),
+      onServerMessage: (data) => report.messages.push(data),
+      onMessageError: (m) => report.rtvi.push(`message-error ${JSON.stringify(m.data)}`),
+      onError: (m) => report.rtvi.push(`error ${JSON.stringify(m.data)}`)}});
+    await client.initDevices();
+    const started = await client.startBot({requestData: {}, ...page.startBotParams});
+    if (started && typeof started === "object" && "iceConfig" in started)
+      transport.iceServers = started.iceConfig.iceServers;
+    report.ready = await client.connect(started);
   } catch (e) {
     report.error = String(e && e.stack || e);
+  }
+
+  // The PipecatClient the page made (its provider's `client` prop), found on its React tree.
+  async function pageClient() {
+    for (let tries = 0; tries < 200; tries++) {
+      const root = document.getElementById("root");
+      const key = Object.keys(root).find((k) => k.startsWith("__reactContainer$"));
+      const stack = key ? [root[key]] : [];
+      while (stack.length) {
+        const fiber = stack.pop();
+        if (!fiber) continue;
+        const client = fiber.memoizedProps && fiber.memoizedProps.client;
+        if (client && typeof client.startBotAndConnect === "function") return client;
+        stack.push(fiber.child, fiber.sibling);
+      }
+      await new Promise((r) => setTimeout(r, 100));  // pacing: the page makes its client on mount
+    }
+    throw new Error("no PipecatClient on the prebuilt page's React tree");
+  }
+  // The bot's audio plays in an <audio> element, as the page's PipecatClientAudio plays it
+  // (Chromium hands Web Audio a remote track's samples only while a media element plays it).
+  function play(track) {
+    if (track.kind !== "audio") return;
+    const audio = document.createElement("audio");
+    audio.autoplay = true;
+    audio.srcObject = new MediaStream([track]);
+    document.body.appendChild(audio);
   }
 })();
 true"""
@@ -177,16 +202,26 @@ class PrebuiltPage(BotPage):
         raw = await self.browser.evaluate(
             "JSON.stringify({state: window.bot.pc ? window.bot.pc.connectionState : 'new', "
             "transport: window.pipecat.transport && window.pipecat.transport.state, "
-            "error: window.pipecat.error, rtvi: window.pipecat.rtvi, "
+            "error: window.pipecat.error, rtvi: window.pipecat.rtvi, ready: window.pipecat.ready, "
+            "states: window.pipecat.states, messages: window.pipecat.messages, "
             "bot: window.bot.last, turns: window.bot.turns, turn_at: window.bot.turn_at})")
         self.report = json.loads(raw)
         if self.report.get("error"):
             raise AssertionError(f"the page failed: {self.report['error']}")
         return self.report
 
+    async def ready(self) -> dict | None:
+        """bot-ready's data once the client's connect() has resolved with it; None before."""
+        return (await self.state())["ready"]
+
+    async def request(self, type_: str, data=None) -> dict:
+        """The bot's answer to an RTVI client request (PipecatClient.sendClientRequest)."""
+        return await self.browser.evaluate(
+            f"window.pipecat.client.sendClientRequest({json.dumps(type_)}, {json.dumps(data)})")
+
     async def stop(self) -> None:
         try:
-            await self.browser.evaluate("window.pipecat.transport && window.pipecat.transport.disconnect()")
+            await self.browser.evaluate("window.pipecat.client && window.pipecat.client.disconnect()")
         except Exception:  # the page may be gone already; BotPage.stop ends the browser either way
             pass
         await super().stop()
