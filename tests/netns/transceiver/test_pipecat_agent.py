@@ -43,6 +43,15 @@ class Channel:
         self.handlers["message"](msg)
 
 
+def start(bot, conn_id: int) -> tuple[AgentSession, Channel, PipecatAgent, asyncio.Task]:
+    """The bot running as the agent of a session with a data channel (in the running loop)."""
+    session = AgentSession(conn_id)
+    channel = Channel()
+    session.attach_channel(channel)
+    agent = PipecatAgent(bot.make_pipeline)
+    return session, channel, agent, asyncio.create_task(agent.run(session))
+
+
 async def talk(session: AgentSession, speech: np.ndarray, listen_s: float) -> np.ndarray:
     """Say ``speech`` (then silence) into the call in real time; return what the agent played."""
     heard: list[np.ndarray] = []
@@ -72,11 +81,7 @@ def test_bot_repeats_an_utterance_higher_and_answers_messages(speech):
     bot = load_bot()
 
     async def scenario():
-        session = AgentSession(1)
-        channel = Channel()
-        session.attach_channel(channel)
-        agent = PipecatAgent(bot.make_pipeline)
-        runner = asyncio.create_task(agent.run(session))
+        session, channel, agent, runner = start(bot, 1)
         heard = await talk(session, speech, listen_s=len(speech) / 48000 + 3.5)
         channel.receive(json.dumps({"type": "ping"}))
         await eventually_async(lambda: channel.sent, timeout=5, what="the bot's answer on the data channel")
@@ -134,11 +139,7 @@ def test_rtvi_client_ready_gets_bot_ready_and_other_messages_still_reach_the_bot
     bot = load_bot()
 
     async def scenario():
-        session = AgentSession(3)
-        channel = Channel()
-        session.attach_channel(channel)
-        agent = PipecatAgent(bot.make_pipeline)
-        runner = asyncio.create_task(agent.run(session))
+        session, channel, agent, runner = start(bot, 3)
         channel.receive("ping: 1")  # the SmallWebRTC client's keep-alive: text, not RTVI
         channel.receive(rtvi("client-ready", "ready-1", {"version": "1.2.0", "about": {"library": "test"}}))
         channel.receive(rtvi("client-message", "ask-1", {"t": "state", "d": None}))

@@ -16,13 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aiohttp import ClientSession
 
-from manager.transceiver.transceiver import Transceiver
 from tests.support.pipecat_bot import load_bot, rtvi
 from tests.support.speech import SpeechTrack, speech_wav, wav_samples
 from tests.support.transceiver_calls import UFRAG_A, ClientCall, run
-from tests.support.transceiver_migration import migrate, owner_addr, serve
+from tests.support.transceiver_migration import migrate, owner_addr, two_transceivers
 
 pytestmark = pytest.mark.realtime
 
@@ -56,13 +54,7 @@ def test_rtvi_handshake_and_events_survive_a_migration(speech, fast_consent) -> 
     bot = load_bot("pipecat_bot_rtvi")
 
     async def scenario() -> dict[str, Any]:
-        async with (
-            Transceiver(1, capacity=2, agent_factory=bot.make_pipeline.agent_factory) as tx_a,
-            Transceiver(2, capacity=2, agent_factory=bot.make_pipeline.agent_factory) as tx_b,
-            ClientSession() as http,
-        ):
-            _, api_a = await serve(tx_a, http)
-            _, api_b = await serve(tx_b, http)
+        async with two_transceivers(agent_factory=bot.make_pipeline.agent_factory) as (tx_a, api_a, _, api_b):
             track = SpeechTrack()
             client = ClientCall(0, track=track)
             before: list[dict[str, Any]] = []
