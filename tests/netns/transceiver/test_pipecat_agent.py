@@ -140,7 +140,7 @@ def test_rtvi_client_ready_gets_bot_ready_and_other_messages_still_reach_the_bot
 
     async def scenario():
         session, channel, agent, runner = start(bot, 3)
-        channel.receive("ping: 1")  # the SmallWebRTC client's keep-alive: text, not RTVI
+        channel.receive("hello")  # text: never RTVI
         channel.receive(rtvi("client-ready", "ready-1", {"version": "1.2.0", "about": {"library": "test"}}))
         channel.receive(rtvi("client-message", "ask-1", {"t": "state", "d": None}))
         channel.receive(json.dumps({"type": "ping"}))
@@ -158,7 +158,7 @@ def test_rtvi_client_ready_gets_bot_ready_and_other_messages_still_reach_the_bot
     assert response["id"] == "ask-1" and response["data"] == {"t": "state", "d": {"turns": 0, "context": []}}
     # The non-RTVI messages still reach the bot as transport messages; RTVI's do not get an echo.
     echoes = [m["echo"] for m in sent if "echo" in m]
-    assert echoes == ["ping: 1", {"type": "ping"}], sent
+    assert echoes == ["hello", {"type": "ping"}], sent
     assert len(sent) == 4, sent
     assert state["rtvi"] == {"client_ready": True, "bot_ready": True, "client_version": [1, 2, 0],
                              "client_ready_id": "ready-1"}
