@@ -16,7 +16,10 @@ answered each with 200; the client's connect() resolved with the bot's
 RTVI bot-ready; the bot completed a turn and the browser heard its reply,
 1.5x higher than the sentence; the bot's RTVI events reached the client
 (bot-started/stopped-speaking, its server-message for the turn) and a client
-request was answered with the bot's state."""
+request was answered with the bot's state. Then the call migrates live to the
+other transceiver: the browser hears the reply to a later turn, and that
+bot's server-message for it reaches the client with no RTVI from the client
+since (the RTVI handshake moved with the call), no second bot-ready."""
 
 from __future__ import annotations
 
@@ -44,9 +47,14 @@ def said(tmp_path_factory) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    with running_lab(f"pb{secrets.token_hex(3)}", tmp_path_factory.mktemp("prebuilt"), transceivers=1,
+    with running_lab(f"pb{secrets.token_hex(3)}", tmp_path_factory.mktemp("prebuilt"), transceivers=2,
                      agent=BOT) as (lab, svc):
         yield lab, svc
+
+
+async def moved_turn_reported(page: PrebuiltPage, turn: int) -> dict | None:
+    report = await page.state()
+    return report if {"turns": turn} in report["messages"] else None
 
 
 def test_prebuilt_client_calls_the_bot_through_the_relay(env, said, tmp_path):
@@ -72,6 +80,17 @@ def test_prebuilt_client_calls_the_bot_through_the_relay(env, said, tmp_path):
 
                 heard["ready"], heard["report"] = ready, await eventually_async(
                     spoke, 10, what="the bot's bot-stopped-speaking", interval=0.2)
+
+                # A live migration: the client sends no RTVI of its own after it.
+                (call,) = await asyncio.to_thread(svc.calls)
+                target = 2 if call["transceiver_id"] == 1 else 1
+                res = await asyncio.to_thread(svc.control.request, "POST", f"/sessions/{call['call_id']}/migrate",
+                                              {"to": target})
+                assert res["outcome"] == "moved", res
+                heard["moved"] = await asyncio.wait_for(answered(page, said, await page.now()), 60)
+                heard["moved"]["report"] = await eventually_async(
+                    lambda: moved_turn_reported(page, heard["moved"]["turn"]), 10,
+                    what="the moved bot's server-message", interval=0.2)
                 return heard
             finally:
                 await page.stop()
@@ -86,6 +105,7 @@ def test_prebuilt_client_calls_the_bot_through_the_relay(env, said, tmp_path):
                              f"{page.save_artifacts('pipecat-prebuilt')}") from exc
 
     print(f"\nprebuilt client: turn {heard['turn']} heard, pitch x{heard['ratio']}, reply {heard['reply_s']} s; "
+          f"after the move turn {heard['moved']['turn']}, pitch x{heard['moved']['ratio']}; "
           f"relayed: {[(x['method'], x['path'].split('/')[-1] or x['path'], x['status']) for x in front.exchanges]}")
     assert PITCH[0] < heard["ratio"] < PITCH[1], f"pitch ratio {heard['ratio']}"
 
@@ -99,6 +119,16 @@ def test_prebuilt_client_calls_the_bot_through_the_relay(env, said, tmp_path):
     assert not [e for e in report["rtvi"] if e.startswith(("error", "message-error"))], report["rtvi"]
     # A client request (RTVI client-message) answered with the bot's state, as its data channel says.
     assert heard["answer"]["turns"] >= heard["turn"] and heard["answer"]["context"][:2] == heard["context"][:2]
+
+    # After a live migration the new bot's RTVI knows the client (its handshake moved with
+    # the call): its server-message for a turn after the move reaches the client, which got
+    # no second bot-ready, saw no RTVI error and stayed ready; the conversation went on.
+    moved = heard["moved"]
+    assert moved["turn"] > heard["turn"] and PITCH[0] < moved["ratio"] < PITCH[1], moved
+    after = moved["report"]
+    assert after["rtvi"].count("bot-ready") == 1 and after["transport"] == "ready", after["rtvi"]
+    assert not [e for e in after["rtvi"] if e.startswith(("error", "message-error"))], after["rtvi"]
+    assert after["bot"]["context"][: len(heard["context"])] == heard["context"], after["bot"]
 
     start, offer, *patches = front.exchanges
     assert page.config["transportType"] == "smallwebrtc", page.config

@@ -133,7 +133,7 @@ DRIVER = """(async () => {
       ...page.transportOptions, mediaManager: new WavMediaManager()});
     const seen = (name) => () => report.rtvi.push(name);
     const client = report.client = new PipecatClient({enableMic: true, enableCam: false, transport, callbacks: {
-      onTrackStarted: play, onTransportStateChanged: (s) => report.states.push(s),
+      onTrackStarted: play, onTransportStateChanged: (s) => report.states.push(s), onBotReady: seen("bot-ready"),
       onBotStartedSpeaking: seen("bot-started-speaking"), onBotStoppedSpeaking: seen("bot-stopped-speaking"),
       onServerMessage: (data) => report.messages.push(data),
       onMessageError: (m) => report.rtvi.push(`message-error ${JSON.stringify(m.data)}`),
