@@ -9,6 +9,11 @@ carries:
 - ``state``: any object with ``export_state() -> dict`` and
   ``import_state(dict)`` (turn counters, a processor's memory, ...).
 
+The worker runs Pipecat's RTVI (processor and observer) as
+:class:`CallRTVIProcessor`: a client that speaks RTVI gets ``bot-ready`` and
+Pipecat's events, one that does not gets only the bot's messages, and the
+RTVI handshake moves with the call.
+
 :class:`PipecatAgent` is the :class:`Agent` the transceiver runs: it builds
 the pipeline when the call starts, applies the imported state before the
 first frame, and runs the pipeline in a ``PipelineWorker`` on a
@@ -31,6 +36,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from manager.transceiver.agent import Agent, AgentSession
 
+from .pipecat_rtvi import CallRTVIProcessor
 from .pipecat_transport import SplitRelayTransport
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,7 @@ class PipecatAgent(Agent):
         self.make_pipeline = make_pipeline
         self.call: PipecatCall | None = None
         self.transport: SplitRelayTransport | None = None
+        self.rtvi: CallRTVIProcessor | None = None
         self._imported: dict[str, Any] | None = None
         self._exported: dict[str, Any] = {}
 
@@ -70,10 +77,14 @@ class PipecatAgent(Agent):
         self.transport = SplitRelayTransport(session)
         built = self.make_pipeline(self.transport)
         self.call = built if isinstance(built, PipecatCall) else PipecatCall(pipeline=built)
+        self.rtvi = CallRTVIProcessor()
         if self._imported is not None:
             self._apply(self._imported)
+        # The worker prepends the processor, adds its observer and answers client-ready with
+        # bot-ready (a bot that places its own RTVIProcessor and observer keeps them instead).
         worker = PipelineWorker(self.call.pipeline, params=self.call.params or PipelineParams(),
-                                idle_timeout_secs=None, enable_rtvi=False, check_dangling_tasks=False)
+                                idle_timeout_secs=None, enable_rtvi=True, rtvi_processor=self.rtvi,
+                                check_dangling_tasks=False)
         runner = WorkerRunner(handle_sigint=False, handle_sigterm=False, check_dangling_tasks=False)
         await runner.add_workers(worker)
         try:
@@ -90,6 +101,8 @@ class PipecatAgent(Agent):
             state["context"] = [dict(m) if isinstance(m, dict) else m for m in self.call.context.get_messages()]
         if self.call.state is not None:
             state["state"] = self.call.state.export_state()
+        if self.rtvi is not None and (rtvi := self.rtvi.export_state()):
+            state["rtvi"] = rtvi
         return state
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -104,6 +117,8 @@ class PipecatAgent(Agent):
             self.call.context.set_messages(list(state["context"]))
         if self.call.state is not None and "state" in state:
             self.call.state.import_state(state["state"])
+        if self.rtvi is not None and "rtvi" in state:
+            self.rtvi.import_state(state["rtvi"])
 
 
 class PipecatBot:

@@ -31,27 +31,15 @@ import pytest
 from manager.lab.netns import NetnsExecutor
 from manager.lab.routing import route_vip, set_relay_links
 from manager.lab.services import LAB_TCP_PORT, running_lab
-from tests.support.bot_page import BotPage
+from tests.support.bot_page import BOT, PAUSE_S, PITCH, SENTENCE, BotPage, answered
 from tests.support.lab_calls import ssrc_published, vip_at_relay_1
-from tests.support.paths import REPO
-from tests.support.speech import RATE, mic_wav, spectral_centroid, speech_wav, voiced, wav_samples
+from tests.support.speech import mic_wav, speech_wav, wav_samples
 from tests.support.tcp_calls import udp_blocked
 from tests.support.waiting import eventually_async
 
 # realtime: the bot's turns and replies are heard against the wall clock.
 pytestmark = [pytest.mark.netns, pytest.mark.realtime, pytest.mark.browser]
 
-BOT = f"{REPO / 'examples' / 'pipecat_bot.py'}:make_pipeline"
-SENTENCE = "hello there how are you today"  # no comma: one utterance (one turn) a loop, for the VAD
-PITCH = (1.25, 1.75)  # the reply's spectral centroid against the sentence's (the bot plays it 1.5x higher)
-PAUSE_S = 2.5  # silence after the sentence in each loop of the microphone: the VAD's stop, then the reply
-TURN_TIMEOUT = 25.0  # a turn is one loop (~5 s); the first also waits for the call to connect
-# A turn's reply, as the browser hears it: the bot answers the data channel after it has
-# pushed the reply's audio (paced to real time), so the page sees the turn about when the
-# reply ends. The window: from well before that to after it; the replies before and after
-# it are more than 3 s away (one a loop).
-REPLY_LEAD_S = 2.0
-REPLY_WINDOW_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -75,50 +63,6 @@ def env(tmp_path_factory):
 def fleet(env):
     with vip_at_relay_1(env[0]):
         yield env
-
-
-async def reply_heard(page: BotPage, at_ms: float) -> tuple[np.ndarray] | None:
-    """(the voiced audio the browser heard around the turn the page saw at
-    `at_ms`,) once that reply's window is recorded; None before that."""
-    heard = await page.heard(at_ms - REPLY_LEAD_S * 1000)
-    if len(heard) < REPLY_WINDOW_S * RATE:
-        return None
-    return (voiced(heard[: int(REPLY_WINDOW_S * RATE)]),)
-
-
-async def answered(page: BotPage, said: np.ndarray, since_ms: float) -> dict:
-    """The first turn the bot completed after the page's time `since_ms`
-    whose reply the browser heard (60% of the sentence's voice, 1.5x faster);
-    the bot's state and the reply's figures. One turn with a shorter reply is
-    skipped: the bot heard part of an utterance (the first loop of the
-    microphone starts before the call connects; a move may cut one)."""
-    expected_s = len(voiced(said)) / RATE / 1.5
-    short: list[tuple[int, float]] = []
-    while True:
-        async def new_turn():
-            report = await page.state()
-            done = {t for t, _ in short}
-            turns = [int(t) for t, at in report["turn_at"].items()
-                     if int(t) > 0 and at >= since_ms and int(t) not in done]
-            return (report, min(turns)) if turns and report["state"] == "connected" else None
-
-        report, turn = await eventually_async(new_turn, TURN_TIMEOUT, what="a turn of the bot", interval=0.3)
-        at = report["turn_at"][str(turn)]
-        (reply,) = await eventually_async(lambda at=at: reply_heard(page, at), REPLY_WINDOW_S + 5,
-                                          what=f"turn {turn}'s reply recorded", interval=0.3)
-        if len(reply) / RATE >= 0.6 * expected_s:
-            break
-        short.append((turn, round(len(reply) / RATE, 2)))
-        assert len(short) < 2, f"replies shorter than {0.6 * expected_s:.2f} s (turn, seconds heard): {short}"
-    report = await page.state()
-    bot = report["bot"]
-    context = bot["context"]
-    # The context is the bot's whole conversation: two messages a turn, from turn 1.
-    assert len(context) == 2 * bot["turns"] and context[0]["content"].startswith("turn 1:"), bot
-    return {"turn": turn, "turns": bot["turns"], "context": context, "path": report["path"],
-            "counted": report["turns"], "short": short,
-            "ratio": round(spectral_centroid(reply) / spectral_centroid(voiced(said)), 2),
-            "reply_s": round(len(reply) / RATE, 2)}
 
 
 def assert_goes_on(before: dict, after: dict) -> None:

@@ -43,11 +43,12 @@ async def serve(tx: Transceiver, http: ClientSession) -> tuple[web.AppRunner, Ap
 
 
 @contextlib.asynccontextmanager
-async def two_transceivers():
-    """Transceivers 1 and 2 on loopback, each with its control API: (tx_a, api_a, tx_b, api_b)."""
+async def two_transceivers(**options: Any):
+    """Transceivers 1 and 2 on loopback, each with its control API: (tx_a, api_a, tx_b, api_b).
+    ``options`` go to both Transceivers (an ``agent_factory``, ...)."""
     async with (
-        Transceiver(1, capacity=2) as tx_a,
-        Transceiver(2, capacity=2) as tx_b,
+        Transceiver(1, capacity=2, **options) as tx_a,
+        Transceiver(2, capacity=2, **options) as tx_b,
         ClientSession() as http,
     ):
         run_a, api_a = await serve(tx_a, http)

@@ -8,7 +8,6 @@ the bot are the real ones (examples/pipecat_bot.py).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 
 import numpy as np
@@ -16,18 +15,11 @@ import pytest
 
 from manager.integrations.pipecat_agent import PipecatAgent
 from manager.transceiver.agent import AgentSession
-from tests.support.paths import REPO
+from tests.support.pipecat_bot import load_bot, rtvi
 from tests.support.speech import call_frames, spectral_centroid, speech_wav, voiced, wav_samples
 from tests.support.waiting import eventually_async
 
 pytestmark = pytest.mark.realtime
-
-
-def load_bot():
-    spec = importlib.util.spec_from_file_location("pipecat_bot", REPO / "examples" / "pipecat_bot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Channel:
@@ -49,6 +41,15 @@ class Channel:
 
     def receive(self, msg) -> None:
         self.handlers["message"](msg)
+
+
+def start(bot, conn_id: int) -> tuple[AgentSession, Channel, PipecatAgent, asyncio.Task]:
+    """The bot running as the agent of a session with a data channel (in the running loop)."""
+    session = AgentSession(conn_id)
+    channel = Channel()
+    session.attach_channel(channel)
+    agent = PipecatAgent(bot.make_pipeline)
+    return session, channel, agent, asyncio.create_task(agent.run(session))
 
 
 async def talk(session: AgentSession, speech: np.ndarray, listen_s: float) -> np.ndarray:
@@ -80,11 +81,7 @@ def test_bot_repeats_an_utterance_higher_and_answers_messages(speech):
     bot = load_bot()
 
     async def scenario():
-        session = AgentSession(1)
-        channel = Channel()
-        session.attach_channel(channel)
-        agent = PipecatAgent(bot.make_pipeline)
-        runner = asyncio.create_task(agent.run(session))
+        session, channel, agent, runner = start(bot, 1)
         heard = await talk(session, speech, listen_s=len(speech) / 48000 + 3.5)
         channel.receive(json.dumps({"type": "ping"}))
         await eventually_async(lambda: channel.sent, timeout=5, what="the bot's answer on the data channel")
@@ -102,6 +99,8 @@ def test_bot_repeats_an_utterance_higher_and_answers_messages(speech):
     ratio = spectral_centroid(reply) / spectral_centroid(said)
     print(f"reply/said length {len(reply) / len(said):.2f}, pitch ratio {ratio:.2f}")
     assert 1.25 < ratio < 1.75, f"pitch ratio {ratio:.2f}"
+    # A client that never spoke RTVI hears none of it (the bot's speaking, its server-message).
+    assert [json.loads(m).get("label") for m in sent] == [None], sent
     answer = json.loads(sent[0])
     assert answer["echo"] == {"type": "ping"} and answer["turns"] == 1
     assert answer["context"] == state["context"]  # the conversation, as the client sees it
@@ -134,3 +133,32 @@ def test_imported_state_continues_the_conversation(speech):
 def test_unknown_state_version_is_refused():
     with pytest.raises(ValueError, match="state version 9"):
         PipecatAgent(lambda t: None).import_state({"version": 9})
+
+
+def test_rtvi_client_ready_gets_bot_ready_and_other_messages_still_reach_the_bot():
+    bot = load_bot()
+
+    async def scenario():
+        session, channel, agent, runner = start(bot, 3)
+        channel.receive("hello")  # text: never RTVI
+        channel.receive(rtvi("client-ready", "ready-1", {"version": "1.2.0", "about": {"library": "test"}}))
+        channel.receive(rtvi("client-message", "ask-1", {"t": "state", "d": None}))
+        channel.receive(json.dumps({"type": "ping"}))
+        await eventually_async(lambda: len(channel.sent) >= 4, timeout=5, what="four answers")
+        state = agent.export_state()
+        session.close()
+        await asyncio.wait_for(runner, 10)
+        return [json.loads(m) for m in channel.sent], state
+
+    sent, state = asyncio.run(scenario())
+    ready = next(m for m in sent if m.get("type") == "bot-ready")
+    assert ready["label"] == "rtvi-ai" and ready["id"] == "ready-1", ready
+    assert ready["data"]["version"] == "1.2.0", ready  # a 1.x client gets its own version back
+    response = next(m for m in sent if m.get("type") == "server-response")
+    assert response["id"] == "ask-1" and response["data"] == {"t": "state", "d": {"turns": 0, "context": []}}
+    # The non-RTVI messages still reach the bot as transport messages; RTVI's do not get an echo.
+    echoes = [m["echo"] for m in sent if "echo" in m]
+    assert echoes == ["hello", {"type": "ping"}], sent
+    assert len(sent) == 4, sent
+    assert state["rtvi"] == {"client_ready": True, "bot_ready": True, "client_version": [1, 2, 0],
+                             "client_ready_id": "ready-1"}

@@ -9,29 +9,20 @@ with Silero VAD.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import time
 
 import numpy as np
 import pytest
-from aiohttp import ClientSession
 
-from manager.transceiver.transceiver import Transceiver
-from tests.support.paths import REPO
+from tests.support.pipecat_bot import load_bot
 from tests.support.speech import SpeechTrack, spectral_centroid, speech_wav, voiced, wav_samples
 from tests.support.transceiver_calls import UFRAG_A, ClientCall, run
-from tests.support.transceiver_migration import migrate, owner_addr, serve
+from tests.support.transceiver_migration import migrate, owner_addr, two_transceivers
 from tests.support.waiting import eventually_async
 
 pytestmark = pytest.mark.realtime
 
-
-def load_bot():
-    spec = importlib.util.spec_from_file_location("pipecat_bot_call", REPO / "examples" / "pipecat_bot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def heard_since(client: ClientCall, since: float) -> np.ndarray:
@@ -66,13 +57,7 @@ def test_bot_answers_a_call_and_keeps_its_conversation_across_a_migration(speech
     bot = load_bot()
 
     async def scenario() -> dict:
-        async with (
-            Transceiver(1, capacity=2, agent_factory=bot.make_pipeline.agent_factory) as tx_a,
-            Transceiver(2, capacity=2, agent_factory=bot.make_pipeline.agent_factory) as tx_b,
-            ClientSession() as http,
-        ):
-            _, api_a = await serve(tx_a, http)
-            _, api_b = await serve(tx_b, http)
+        async with two_transceivers(agent_factory=bot.make_pipeline.agent_factory) as (tx_a, api_a, _, api_b):
             track = SpeechTrack()
             client = ClientCall(0, track=track)
             try:
