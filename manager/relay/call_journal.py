@@ -73,6 +73,7 @@ class Account:
     # each way, then where the kernel accounts RTP sequence numbers expected, lost, jitter each way.
     flows: dict[str, list[int]] = field(default_factory=dict)
     figures: dict[str, dict] = field(default_factory=dict)  # transceiver id -> its RTCP figures of the call
+    owner_rtt_ms: float | None = None  # relay ⇄ transceiver, timed on the last leg's installing check
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +100,8 @@ class Account:
             self.flows.setdefault(k, v)
         for k, v in other.figures.items():
             self.figures.setdefault(k, v)
+        if self.owner_rtt_ms is None:
+            self.owner_rtt_ms = other.owner_rtt_ms
 
 
 class CallJournal:
@@ -264,6 +267,8 @@ class CallJournal:
         for leg in self.legs_of(acc.conn_id):
             self._here(acc)
             counts = self.flow_counts(leg)
+            if leg.owner_rtt_ms is not None:
+                acc.owner_rtt_ms = leg.owner_rtt_ms
             if not acc.client:
                 acc.client = {"family": "ipv6" if family_of(leg.client[0]) == 6 else "ipv4",
                               "transport": leg.transport, "address": leg.client[0]}

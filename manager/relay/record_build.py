@@ -172,6 +172,11 @@ def build_record(acc: Any, reason: str, ended_at: float, *, anonymise: str = "fu
     path = HopFigures(uplink=_path_direction(figures, "uplink"), downlink=_path_direction(figures, "downlink"))
     rtts = [f["rtt_ms"] for f in figures if f.get("rtt_ms") is not None]
     path.rtt_ms = rtts[-1] if rtts else None
+    # The relay timed its hop to the transceiver on an ICE check it forwarded;
+    # the client's hop is the rest of the path's (RTTs of hops in a row add).
+    after.rtt_ms = getattr(acc, "owner_rtt_ms", None)
+    if path.rtt_ms is not None and after.rtt_ms is not None:
+        hop.rtt_ms = round(max(path.rtt_ms - after.rtt_ms, 0.0), 3)
     record.path = path
     after.uplink.loss_fraction = _remaining(path.uplink.loss_fraction, hop.uplink.loss_fraction)
     hop.downlink.loss_fraction = _remaining(path.downlink.loss_fraction, after.downlink.loss_fraction)

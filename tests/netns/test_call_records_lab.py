@@ -100,6 +100,9 @@ def test_uplink_loss_and_a_migration_are_in_the_record(tmp_path: Path) -> None:
             assert rec.relay_transceiver.uplink.loss_fraction <= 0.01, rec.relay_transceiver.uplink
             assert rec.relay_transceiver.downlink.loss_fraction is not None
             assert rec.relay_transceiver.downlink.loss_fraction <= 0.01
+            # Per hop RTT: the relay timed its hop on the installing check; the client's is the path's rest.
+            assert rec.relay_transceiver.rtt_ms is not None and 0 < rec.relay_transceiver.rtt_ms < 500
+            assert rec.path.rtt_ms is not None and rec.client_relay.rtt_ms is not None
             assert rec.mos.min is not None and rec.mos.min < 4.4  # the loss costs quality
         finally:
             svc.stop()

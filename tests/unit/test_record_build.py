@@ -217,3 +217,13 @@ def test_old_accounts_without_sequence_parts_still_add_up():
     acc.flows = {"a": [100, 10000, 100, 10000, 100, 3, 1000, 100, 1, 500]}
     r = build_record(acc, "x", 200.0)
     assert (r.client_relay.uplink.expected, r.client_relay.uplink.lost) == (100, 3)
+
+
+def test_rtt_per_hop_from_the_relays_check_timing_and_the_paths_rtcp():
+    acc = account()
+    assert build_record(acc, "x", 200.0).relay_transceiver.rtt_ms is None  # not timed: not guessed
+    acc.owner_rtt_ms = 2.5
+    r = build_record(acc, "x", 200.0)
+    assert r.relay_transceiver.rtt_ms == 2.5 and r.path.rtt_ms == 42.0 and r.client_relay.rtt_ms == 39.5
+    # An account saved before it had the field still reads.
+    assert Account.from_dict({k: v for k, v in account().to_dict().items() if k != "owner_rtt_ms"}).owner_rtt_ms is None

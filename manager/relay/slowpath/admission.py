@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from aioice import stun
 
@@ -81,7 +82,7 @@ class Admission:
                 return
             request, txid = h.method == METHOD_BINDING and h.message_class == CLASS_REQUEST, h.transaction_id
         if request:
-            leg.txids[txid] = True
+            leg.txids[txid] = time.monotonic()  # sent to the owner: its answer times the hop
             while len(leg.txids) > MAX_PENDING_TXIDS:
                 leg.txids.popitem(last=False)
 

@@ -346,6 +346,8 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
                 return
             install = (h is not None and h.method == METHOD_BINDING and h.message_class == CLASS_SUCCESS
                        and h.transaction_id in leg.txids)
+            if install:  # the relay ⇄ transceiver round trip of the check (and the owner's answer)
+                leg.owner_rtt_ms = round((time.monotonic() - leg.txids[h.transaction_id]) * 1000, 3)
         if leg.stream is not None:
             leg.last_seen = now = time.monotonic()
             if leg.installed_at is not None and leg.media is not None:

@@ -59,6 +59,8 @@ class Leg:
     # the slow path closes the connection (call ended, never authenticated).
     stream: Callable[[bytes], None] | None = None
     close_stream: Callable[[str], None] | None = None
+    # The relay ⇄ transceiver round trip of the check that installed the leg.
+    owner_rtt_ms: float | None = None
     # A stream leg's media counts (the bridge carries it, not XDP).
     media: StreamMedia | None = None
     last_seen: float = field(default_factory=time.monotonic)
