@@ -81,11 +81,11 @@ def test_an_aiortc_call_restarts_ice_through_the_relay(env, fast_client_consent:
         conn_id, tx = session["conn_id"], session["transceiver"]
         seen["info_before"] = await asyncio.to_thread(svc.transceiver_api, tx, f"/calls/{conn_id}")
         old_ufrag = session["server_ufrag"]
-        async with aiohttp.ClientSession() as http:
-            async with http.patch(rep.call_url, data=f"a=ice-ufrag:{CLIENT_UFRAG}\r\na=ice-pwd:{CLIENT_PWD}\r\n",
-                                  headers={"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"}) as resp:
-                assert resp.status == 200, await resp.text()
-                frag = parse_fragment(await resp.text())
+        fragment = f"a=ice-ufrag:{CLIENT_UFRAG}\r\na=ice-pwd:{CLIENT_PWD}\r\n"
+        headers = {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"}
+        async with aiohttp.ClientSession() as http, http.patch(rep.call_url, data=fragment, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            frag = parse_fragment(await resp.text())
         assert frag.ufrag != old_ufrag and frag.pwd and frag.candidates
         seen["frag"] = frag
         vip = (lab.vip4, lab.port)
