@@ -6,7 +6,9 @@ aiortc cannot restart ICE itself: the client's side is its aioice connection
 given the new credentials (what a browser's ICE agent does with the
 answer), and bare STUN checks from fresh sockets of the client namespace
 play the client at a new address. The call goes on: same call, same agent
-session, media and data channel both ways."""
+session, media and data channel both ways. In a fleet the new ufrag reaches
+the other relay through the shared registry (Redis): its XDP admits the new
+ufrag and no longer the old one."""
 
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import aioice.ice
 import pytest
 from aioice import stun
 
+from manager.lab.routing import route_vip
 from manager.lab.services import running_lab
 from manager.protocol.sdpfrag import parse_fragment
-from tests.support.lab_calls import assert_untouched, audio_flowing, run_call
+from tests.support.lab_calls import assert_untouched, audio_flowing, run_call, vip_at_relay_1
 from tests.support.waiting import eventually_async
 
 # realtime: consent and media are judged against the wall clock.
@@ -34,6 +37,28 @@ CLIENT_UFRAG, CLIENT_PWD = "cli2", "clientpasswordclientpwd2"
 def env(tmp_path_factory):
     with running_lab(f"ir{secrets.token_hex(3)}", tmp_path_factory.mktemp("services"), transceivers=1) as (lab, svc):
         yield lab, svc
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    with running_lab(f"irf{secrets.token_hex(2)}", tmp_path_factory.mktemp("fleet"), transceivers=1,
+                     relays=2) as (lab, svc), vip_at_relay_1(lab):
+        yield lab, svc
+
+
+async def patch_restart(call_url: str):
+    fragment = f"a=ice-ufrag:{CLIENT_UFRAG}\r\na=ice-pwd:{CLIENT_PWD}\r\n"
+    headers = {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"}
+    async with aiohttp.ClientSession() as http, http.patch(call_url, data=fragment, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        return parse_fragment(await resp.text())
+
+
+def take_new_credentials(pc, frag) -> None:
+    """The client's ICE agent takes its new credentials and the answer's."""
+    conn = pc.getTransceivers()[0].sender.transport.transport.iceGatherer._connection
+    conn._local_username, conn._local_password = CLIENT_UFRAG, CLIENT_PWD
+    conn.remote_username, conn.remote_password = frag.ufrag, frag.pwd
 
 
 @pytest.fixture
@@ -81,11 +106,7 @@ def test_an_aiortc_call_restarts_ice_through_the_relay(env, fast_client_consent:
         conn_id, tx = session["conn_id"], session["transceiver"]
         seen["info_before"] = await asyncio.to_thread(svc.transceiver_api, tx, f"/calls/{conn_id}")
         old_ufrag = session["server_ufrag"]
-        fragment = f"a=ice-ufrag:{CLIENT_UFRAG}\r\na=ice-pwd:{CLIENT_PWD}\r\n"
-        headers = {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"}
-        async with aiohttp.ClientSession() as http, http.patch(rep.call_url, data=fragment, headers=headers) as resp:
-            assert resp.status == 200, await resp.text()
-            frag = parse_fragment(await resp.text())
+        frag = await patch_restart(rep.call_url)
         assert frag.ufrag != old_ufrag and frag.pwd and frag.candidates
         seen["frag"] = frag
         vip = (lab.vip4, lab.port)
@@ -96,9 +117,7 @@ def test_an_aiortc_call_restarts_ice_through_the_relay(env, fast_client_consent:
         assert reply.check_message_integrity(frag.pwd.encode())
         seen["old_answered"] = await ask(vip, check(f"{old_ufrag}:{CLIENT_UFRAG}", "x" * 22))
         # The client's ICE agent takes the new credentials; its next check completes the restart.
-        conn = pc.getTransceivers()[0].sender.transport.transport.iceGatherer._connection
-        conn._local_username, conn._local_password = CLIENT_UFRAG, CLIENT_PWD
-        conn.remote_username, conn.remote_password = frag.ufrag, frag.pwd
+        take_new_credentials(pc, frag)
 
         async def completed() -> dict | None:
             info = await asyncio.to_thread(svc.transceiver_api, tx, f"/calls/{conn_id}")
@@ -120,5 +139,40 @@ def test_an_aiortc_call_restarts_ice_through_the_relay(env, fast_client_consent:
     assert (now["call_id"], now["conn_id"], now["server_ufrag"]) == (
         seen["session"]["call_id"], seen["session"]["conn_id"], seen["frag"].ufrag)
     # Media and the data channel went on both ways after the restart.
+    assert rep.frames_after["restarted"] > 50 and rep.tone_ratio_after["restarted"] > 0.5, rep
+    assert rep.dc_echoed == rep.dc_sent == 6
+
+
+def test_the_other_relay_of_a_fleet_admits_the_new_ufrag(fleet, fast_client_consent: None) -> None:
+    lab, svc = fleet
+    seen: dict = {}
+
+    async def restart(pc, rep) -> None:
+        await audio_flowing(pc)
+        call_id = rep.call_url.rsplit("/", 1)[1]
+        frag = await patch_restart(rep.call_url)  # at relay 1, where the VIP routes
+        seen["frag"] = frag
+
+        def relay2_knows() -> dict | None:
+            s = next((s for s in svc.control_of(2).sessions()["sessions"] if s["call_id"] == call_id), None)
+            return s if s is not None and s["server_ufrag"] == frag.ufrag else None
+
+        await eventually_async(lambda: asyncio.to_thread(relay2_knows), 5, what="relay 2 learning the new ufrag")
+        take_new_credentials(pc, frag)
+        await asyncio.to_thread(route_vip, lab, 2)  # the client's next network reaches relay 2
+        try:
+            vip = (lab.vip4, lab.port)
+            reply = await ask(vip, check(f"{frag.ufrag}:{CLIENT_UFRAG}", frag.pwd))
+            assert reply is not None and reply.message_class == stun.Class.RESPONSE
+            assert reply.check_message_integrity(frag.pwd.encode())
+            seen["relay2"] = next(s for s in svc.control_of(2).sessions()["sessions"] if s["call_id"] == call_id)
+        finally:
+            await asyncio.to_thread(route_vip, lab, 1)
+        rep.mark("restarted")
+
+    rep = run_call(lab, on_connected=restart, duration=3.0, messages=6)
+    assert_untouched(rep)
+    # Relay 2 took the client at its new address by the new ufrag's hint.
+    assert seen["relay2"]["server_ufrag"] == seen["frag"].ufrag and seen["relay2"]["legs"], seen["relay2"]
     assert rep.frames_after["restarted"] > 50 and rep.tone_ratio_after["restarted"] > 0.5, rep
     assert rep.dc_echoed == rep.dc_sent == 6
