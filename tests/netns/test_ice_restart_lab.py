@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
 
 import aiohttp
 import aioice.ice
@@ -25,6 +24,7 @@ from manager.lab.routing import route_vip
 from manager.lab.services import running_lab
 from manager.protocol.sdpfrag import parse_fragment
 from tests.support.lab_calls import assert_untouched, audio_flowing, run_call, vip_at_relay_1
+from tests.support.stun_checks import ask, binding_check
 from tests.support.waiting import eventually_async
 
 # realtime: consent and media are judged against the wall clock.
@@ -69,33 +69,6 @@ def fast_client_consent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.5)
 
 
-def check(username: str, pwd: str) -> stun.Message:
-    msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-    msg.attributes["USERNAME"] = username
-    msg.attributes["PRIORITY"] = 1
-    msg.attributes["ICE-CONTROLLING"] = 1
-    msg.add_message_integrity(pwd.encode())
-    return msg
-
-
-async def ask(vip: tuple[str, int], msg: stun.Message, timeout: float = 1.0) -> stun.Message | None:
-    """One check from a new client address (a fresh socket); its answer, or None."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("0.0.0.0", 0))
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    try:
-        for _ in range(3):  # a check lost on the way is retransmitted, as ICE does
-            await loop.sock_sendto(sock, bytes(msg), vip)
-            try:
-                return stun.parse_message(await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout / 3))
-            except TimeoutError:
-                continue
-        return None
-    finally:
-        sock.close()
-
-
 def test_an_aiortc_call_restarts_ice_through_the_relay(env, fast_client_consent: None) -> None:
     lab, svc = env
     seen: dict = {}
@@ -112,10 +85,10 @@ def test_an_aiortc_call_restarts_ice_through_the_relay(env, fast_client_consent:
         vip = (lab.vip4, lab.port)
         # A client at a new address: the new ufrag passes XDP's admission and the
         # owner answers with its new password; the old ufrag routes nothing now.
-        reply = await ask(vip, check(f"{frag.ufrag}:{CLIENT_UFRAG}", frag.pwd))
+        reply, _ = await ask(vip, binding_check(f"{frag.ufrag}:{CLIENT_UFRAG}", frag.pwd), tries=3)
         assert reply is not None and reply.message_class == stun.Class.RESPONSE
         assert reply.check_message_integrity(frag.pwd.encode())
-        seen["old_answered"] = await ask(vip, check(f"{old_ufrag}:{CLIENT_UFRAG}", "x" * 22))
+        seen["old_answered"], _ = await ask(vip, binding_check(f"{old_ufrag}:{CLIENT_UFRAG}", "x" * 22), tries=3)
         # The client's ICE agent takes the new credentials; its next check completes the restart.
         take_new_credentials(pc, frag)
 
@@ -162,7 +135,7 @@ def test_the_other_relay_of_a_fleet_admits_the_new_ufrag(fleet, fast_client_cons
         await asyncio.to_thread(route_vip, lab, 2)  # the client's next network reaches relay 2
         try:
             vip = (lab.vip4, lab.port)
-            reply = await ask(vip, check(f"{frag.ufrag}:{CLIENT_UFRAG}", frag.pwd))
+            reply, _ = await ask(vip, binding_check(f"{frag.ufrag}:{CLIENT_UFRAG}", frag.pwd), tries=3)
             assert reply is not None and reply.message_class == stun.Class.RESPONSE
             assert reply.check_message_integrity(frag.pwd.encode())
             seen["relay2"] = next(s for s in svc.control_of(2).sessions()["sessions"] if s["call_id"] == call_id)

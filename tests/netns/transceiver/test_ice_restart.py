@@ -10,7 +10,6 @@ a new address."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 from aiohttp import ClientSession
@@ -19,6 +18,7 @@ from aioice import stun
 from manager.protocol.ufrag import encode_ufrag
 from manager.transceiver.imported_call import ImportedCall
 from manager.transceiver.transceiver import Transceiver
+from tests.support.stun_checks import ask, binding_check
 from tests.support.transceiver_calls import ClientCall, assert_dominant, run
 from tests.support.transceiver_migration import StateLog, migrate, owner_addr, serve
 from tests.support.waiting import eventually_async
@@ -45,31 +45,6 @@ def client_restarts(client: ClientCall, server_ufrag: str, server_pwd: str) -> N
     conn = client.pc.getTransceivers()[0].sender.transport.transport.iceGatherer._connection
     conn._local_username, conn._local_password = CLIENT_UFRAG, CLIENT_PWD
     conn.remote_username, conn.remote_password = server_ufrag, server_pwd
-
-
-def check(username: str, pwd: str) -> stun.Message:
-    msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-    msg.attributes["USERNAME"] = username
-    msg.attributes["PRIORITY"] = 1
-    msg.attributes["ICE-CONTROLLING"] = 1
-    msg.add_message_integrity(pwd.encode())
-    return msg
-
-
-async def ask(owner: tuple[str, int], msg: stun.Message, timeout: float = 1.0) -> stun.Message | None:
-    """One check from a new address (a fresh socket); its answer, or None."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    try:
-        await loop.sock_sendto(sock, bytes(msg), owner)
-        data = await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout)
-        return stun.parse_message(data)
-    except TimeoutError:
-        return None
-    finally:
-        sock.close()
 
 
 def test_a_restart_keeps_the_call_and_retires_the_old_credentials(fast_consent: None) -> None:
@@ -105,12 +80,12 @@ def test_a_restart_keeps_the_call_and_retires_the_old_credentials(fast_consent: 
                 assert tx_a.call_info(CONN)["ice"] == {"ufrag": new, "restarts": 1, "restart_pending": False}
                 # The old credentials are retired: a check with them reaches no call.
                 dropped = tx_a.health()["demux"].get("drop_unknown_ufrag", 0)
-                assert await ask(owner, check(f"{first}:{CLIENT_UFRAG}", old_pwd), 0.5) is None
+                assert (await ask(owner, binding_check(f"{first}:{CLIENT_UFRAG}", old_pwd), timeout=0.5, bind="127.0.0.1"))[0] is None
                 assert tx_a.health()["demux"]["drop_unknown_ufrag"] == dropped + 1
                 # A client at a new address is answered with the new password; the
                 # media stays on the live path (the check nominates nothing).
                 home = call.remote_addr
-                reply = await ask(owner, check(f"{new}:{CLIENT_UFRAG}", creds["pwd"]))
+                reply, _ = await ask(owner, binding_check(f"{new}:{CLIENT_UFRAG}", creds["pwd"]), bind="127.0.0.1")
                 assert reply is not None and reply.message_class == stun.Class.RESPONSE
                 assert reply.check_message_integrity(creds["pwd"].encode())
                 assert call.remote_addr == home
@@ -130,6 +105,16 @@ def test_a_restart_keeps_the_call_and_retires_the_old_credentials(fast_consent: 
                 assert tx_b.call_info(CONN)["ice"]["ufrag"] == new
                 assert_dominant(client.window(0.5), 440, [660])
                 log.assert_untouched(client)
+                # On the new owner too a check with the restart's credentials that
+                # nominates another pair takes the replies at once; the client's
+                # checks bring them back once that path has fallen silent.
+                home = tx_b._calls[CONN].remote_addr
+                reply, moved_to = await ask(owner_addr(tx_b.owner), binding_check(
+                    f"{new}:{CLIENT_UFRAG}", creds["pwd"], nominate=True), bind="127.0.0.1")
+                assert reply is not None and reply.message_class == stun.Class.RESPONSE
+                assert tx_b._calls[CONN].remote_addr == moved_to
+                await eventually_async(lambda: tx_b._calls[CONN].remote_addr == home, 5,
+                                       what="the client's checks taking the replies back")
             finally:
                 await client.close()
                 await run_a.cleanup()
