@@ -108,6 +108,26 @@ def _connection_line(addr: str, version: int) -> str:
 TCP_PASSIVE_DIRECTION_PREF = 4
 
 
+def relay_candidates(public: Sequence[tuple[str, int]], tcp: Sequence[tuple[str, int]] = ()) -> list[str]:
+    """The relay's candidate lines, as every answer (and an ICE restart's
+    answer fragment) carries them: one UDP host candidate per public
+    address, one RFC 6544 passive TCP one per `tcp` address (lower
+    priority), then a=end-of-candidates."""
+    addrs = check_public_addrs(public)
+    tcp_addrs = check_public_addrs(tcp) if tcp else []
+    return [
+        # component 1 only: WebRTC requires rtcp-mux.
+        f"a=candidate:{candidate_foundation('host', 'udp', addr)} 1 udp "
+        f"{candidate_priority(1, 'host', local_pref=65535 - i)} {addr} {port} typ host"
+        for i, (addr, port, _) in enumerate(addrs)
+    ] + [
+        f"a=candidate:{candidate_foundation('host', 'tcp', addr)} 1 tcp "
+        f"{candidate_priority(1, 'host', local_pref=(TCP_PASSIVE_DIRECTION_PREF << 13) + 8191 - i)} "
+        f"{addr} {port} typ host tcptype passive"
+        for i, (addr, port, _) in enumerate(tcp_addrs)
+    ] + ["a=end-of-candidates"]
+
+
 def rewrite_candidates(sdp: str, public: Sequence[tuple[str, int]],
                        tcp: Sequence[tuple[str, int]] = ()) -> str:
     """Make the relay's public address(es) the only candidates of every media section.
@@ -119,19 +139,8 @@ def rewrite_candidates(sdp: str, public: Sequence[tuple[str, int]],
     sections (port 0) stay rejected.
     """
     addrs = check_public_addrs(public)
-    tcp_addrs = check_public_addrs(tcp) if tcp else []
     first_addr, first_port, first_version = addrs[0]
-    candidates = [
-        # component 1 only: WebRTC requires rtcp-mux.
-        f"a=candidate:{candidate_foundation('host', 'udp', addr)} 1 udp "
-        f"{candidate_priority(1, 'host', local_pref=65535 - i)} {addr} {port} typ host"
-        for i, (addr, port, _) in enumerate(addrs)
-    ] + [
-        f"a=candidate:{candidate_foundation('host', 'tcp', addr)} 1 tcp "
-        f"{candidate_priority(1, 'host', local_pref=(TCP_PASSIVE_DIRECTION_PREF << 13) + 8191 - i)} "
-        f"{addr} {port} typ host tcptype passive"
-        for i, (addr, port, _) in enumerate(tcp_addrs)
-    ] + ["a=end-of-candidates"]
+    candidates = relay_candidates(public, tcp)
     conn = _connection_line(first_addr, first_version)
 
     session, media = _sections(_lines(sdp))

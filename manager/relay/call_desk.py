@@ -60,7 +60,8 @@ class CallDesk(Protocol):
 
 class SignalingCounters:
     """Refusals of requests about calls, by reason (`splitrelay_signaling_refusals_total`),
-    and the trickled candidates taken (`splitrelay_trickle_candidates_total`).
+    the trickled candidates taken (`splitrelay_trickle_candidates_total`) and
+    the ICE restarts made (`splitrelay_ice_restarts_total`).
     Registered in relayd's Prometheus registry when one is given."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -69,6 +70,13 @@ class SignalingCounters:
                                  ["reason"], registry=self.prometheus)
         self._candidates = Counter("splitrelay_trickle_candidates", "Candidates received by trickle ICE PATCH",
                                    registry=self.prometheus)
+        self._restarts = Counter("splitrelay_ice_restarts", "ICE restarts made by PATCH", registry=self.prometheus)
+
+    def restarted(self) -> None:
+        self._restarts.inc()
+
+    def restarts(self) -> float:
+        return self.prometheus.get_sample_value("splitrelay_ice_restarts_total") or 0.0
 
     def refused(self, reason: str) -> None:
         self._refusals.labels(reason).inc()

@@ -258,6 +258,8 @@ class LimitsConfig(BaseModel):
     max_body: int = Field(default=64 * 1024, ge=1024, le=1 << 20, description="bytes of an SDP offer")
     max_media_sections: int = Field(default=8, ge=1, le=64)
     max_sdp_lines: int = Field(default=400, ge=20, le=10000)
+    max_ice_restarts_per_minute: int = Field(default=10, ge=1, le=600,
+                                             description="ICE restarts by PATCH per call in any 60 s (a storm: 429)")
     # What one source is, for every per-source limit (create, pending, slow
     # path, ICE-TCP; XDP's per-source buckets read the same two fields).
     source_prefix_v4: int = Field(default=32, ge=8, le=32, description="IPv4 clients in one such prefix are one source")

@@ -158,6 +158,7 @@ class Registry:
         self._reserved: set[int] = set()  # allocated conn ids not yet added
         self._listeners: list[CallEndedCallback] = []
         self._active_listeners: list[Callable[[Call], None]] = []
+        self._restart_listeners: list[Callable[[Call, str], None]] = []
         self._change_listeners: list[ChangeCallback] = []
         self._applying = False  # applying another relay's change: not ours to replicate
 
@@ -425,6 +426,30 @@ class Registry:
             except Exception:
                 log.exception("call-active listener failed for conn_id %d", call.conn_id)
 
+    def restart_ice(self, conn_id: int, client_ufrag: str, server_ufrag: str) -> Call:
+        """An ICE restart: the call's ufrags are the new ones from now on (the
+        old server ufrag routes nothing any more)."""
+        call = self._live(conn_id)
+        old = call.server_ufrag
+        call.client_ufrag, call.server_ufrag = client_ufrag, server_ufrag
+        call.generation += 1
+        self._changed("call", call.record())
+        self._restarted(call, old)
+        return call
+
+    def on_ice_restart(self, callback: Callable[[Call, str], None]) -> Callable[[], None]:
+        """Call `callback(call, old server ufrag)` when a call's ICE restarts
+        (here or on another relay of the fleet); returns an unsubscribe."""
+        self._restart_listeners.append(callback)
+        return lambda: self._restart_listeners.remove(callback) if callback in self._restart_listeners else None
+
+    def _restarted(self, call: Call, old_server_ufrag: str) -> None:
+        for callback in list(self._restart_listeners):
+            try:
+                callback(call, old_server_ufrag)
+            except Exception:
+                log.exception("ICE-restart listener failed for conn_id %d", call.conn_id)
+
     def on_call_ended(self, callback: CallEndedCallback) -> Callable[[], None]:
         """Call `callback(call, reason)` whenever a call ends; returns an unsubscribe."""
         self._listeners.append(callback)
@@ -513,6 +538,10 @@ class Registry:
             self._transceivers[tx_id].calls += 1
         if gen is not None:
             call.generation = gen
+        restarted_from = None
+        if call.server_ufrag != record["server_ufrag"]:  # an ICE restart on another relay
+            restarted_from = call.server_ufrag
+            call.client_ufrag, call.server_ufrag = record["client_ufrag"], record["server_ufrag"]
         was_active = call.state == "active"
         call.owner = owner
         if owner is not None:
@@ -521,6 +550,8 @@ class Registry:
                 call.owned_since = self._clock()
         if owner is not None and not was_active:
             self._activated(call)
+        if restarted_from is not None:
+            self._restarted(call, restarted_from)
         return call, previous
 
     def apply_end(self, conn_id: int, call_id: str, reason: str) -> Call | None:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # Dotted field paths (or a prefix ending in ".") a reload may change.
 RELOADABLE = (
     "limits.create_rate", "limits.create_burst", "limits.max_pending", "limits.max_pending_per_source",
-    "limits.max_media_sections", "limits.max_sdp_lines",
+    "limits.max_media_sections", "limits.max_sdp_lines", "limits.max_ice_restarts_per_minute",
     "signaling.allowed_origins", "signaling.trusted_proxies",
     "client_auth.api_keys_file", "client_auth.token_key_file", "client_auth.max_calls_per_subject",
     "hint_key", "hint_key_file",

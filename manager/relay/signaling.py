@@ -52,6 +52,7 @@ from manager.relay import pipecat_offer, realtime_api, sideband, whip
 from manager.relay.call_desk import Create, Placed, SignalingCounters
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth, CreateGrant
+from manager.relay.ice_restart import IceRestarts
 from manager.relay.limits import CreateLimits
 from manager.relay.page import PAGE_HTML
 from manager.relay.problems import problem_middleware
@@ -423,7 +424,8 @@ def make_app(
         app.router.add_get("/", _talk_page)
     app.router.add_post("/v1/calls", api.create_call)
     app.router.add_delete("/v1/calls/{call_id}", api.delete_call)
-    app.router.add_patch("/v1/calls/{call_id}", whip.Trickle(api).patch)
+    restarts = IceRestarts(api, hint_key, addrs, tcp)
+    app.router.add_patch("/v1/calls/{call_id}", whip.Trickle(api, restarts.restart).patch)
     realtime_api.add_routes(app, api)
     pipecat_offer.add_routes(app, api)
     sideband.add_routes(app, api)

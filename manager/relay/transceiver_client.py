@@ -23,6 +23,26 @@ class TransceiverError(Exception):
     """A transceiver's control API failed, timed out or answered nonsense."""
 
 
+class TransceiverRefused(TransceiverError):
+    """The transceiver refused the request (a 4xx): `status`, and `reason` its one-line error."""
+
+    def __init__(self, message: str, status: int, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+def _reason(body: bytes) -> str:
+    """The control API's `{"error": ...}` line, or the body as one line."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return one_line(data["error"])
+    return one_line(body.decode("utf-8", "replace"))
+
+
 class TransceiverClient:
     """Talks to transceivers' control APIs (`{control_url}/calls`)."""
 
@@ -101,6 +121,8 @@ class TransceiverClient:
         status, reply = await self._request(transceiver, method, url, json=body if body is not None else {})
         if status not in expect:
             detail = one_line(reply.decode("utf-8", "replace"))
+            if 400 <= status < 500:
+                raise TransceiverRefused(f"{method} {url} returned {status}: {detail}", status, _reason(reply))
             raise TransceiverError(f"{method} {url} returned {status}: {detail}")
         if not reply.strip():
             return {}

@@ -4,9 +4,9 @@
         the call's ICE ufrag      -> 204: trickled candidates taken (counted; the
                                      relay learns the client's address from its STUN,
                                      the candidates route nothing)
-        another ufrag, If-Match:* -> 422 code ice-restart-unsupported (an ICE restart;
-                                     the relay keeps calls through a network change by
-                                     NAT rebinding, docs/security.md)
+        another ufrag, If-Match:* -> an ICE restart (manager.relay.ice_restart): 200 with
+                                     the answer fragment and a new ETag
+        another ufrag, no If-Match:* -> 422 wrong-ufrag
         If-Match not the ETag     -> 412 code stale-etag
         no a=ice-ufrag            -> 400 code no-ufrag
 
@@ -22,12 +22,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from manager.protocol.client_auth import same_credential
-from manager.protocol.sdpfrag import FragmentError, parse_fragment
+from manager.protocol.sdpfrag import Fragment, FragmentError, parse_fragment
 from manager.relay.call_desk import CallDesk
 from manager.relay.problems import problem
 from manager.relay.registry import Call, Registry
@@ -75,11 +75,16 @@ class EndedCalls:
         return digest is None or (credential is not None and same_credential(credential, digest))
 
 
+# An ICE restart, given the call and its fragment (manager.relay.ice_restart).
+Restart = Callable[[Call, Fragment], Awaitable[web.Response]]
+
+
 class Trickle:
     """PATCH on a WHIP session resource."""
 
-    def __init__(self, desk: CallDesk) -> None:
+    def __init__(self, desk: CallDesk, restart: Restart) -> None:
         self.desk = desk
+        self.restart = restart
 
     def _refuse(self, reason: str, status: int, detail: str, headers: dict[str, str] | None = None,
                 kind: str | None = None) -> web.Response:
@@ -110,9 +115,8 @@ class Trickle:
             return self._refuse("no-ufrag", 400, "bad fragment: no a=ice-ufrag (RFC 8840 requires the ICE "
                                 "credentials the candidates belong to)", kind="no-ufrag")
         if frag.ufrag != call.client_ufrag:
-            if if_match is not None and "*" in if_match:
-                return self._refuse("ice-restart", 422, "ICE restart is not supported: the relay follows a "
-                                    "client to a new address without one", kind="ice-restart-unsupported")
+            if if_match is not None and "*" in [t.strip() for t in if_match.split(",")]:
+                return await self.restart(call, frag)  # RFC 9725: a restart carries If-Match: "*"
             return self._refuse("wrong-ufrag", 422, "the fragment's ice-ufrag is not this call's")
         # The candidates are checked and counted, never used: the relay is the only path.
         self.desk.counters.candidates(len(frag.candidates))

@@ -12,6 +12,8 @@ from typing import Any
 from manager.protocol.callstate import CallState
 from manager.protocol.tasks import TaskSet
 
+from .errors import Unsupported
+
 
 class CallHandle(abc.ABC):
     #: The call's views of the shared ICE sockets (ice_mux.CallPort), one per bind address.
@@ -85,6 +87,18 @@ class CallHandle(abc.ABC):
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:
         """Live state for the control API, without secrets."""
+
+    def restart_ice(self, ufrag: str, remote_ufrag: str, remote_pwd: str) -> str:
+        """New local credentials (`ufrag` from the relay, a new password, returned)
+        and the client's new ones, for an ICE restart; CallStateConflict if the
+        call cannot restart now, Unsupported if it never can."""
+        # aioice (a call kept on aiortc, e.g. --no-media-engine) has no ICE restart.
+        raise Unsupported(f"call {self.conn_id} runs on aiortc, whose ICE agent (aioice) cannot restart ICE; "
+                                "only calls on the media engine can")
+
+    def all_ufrags(self) -> set[str]:
+        """Every local ufrag the call has had (freed when it ends)."""
+        return {self.ufrag}
 
     def migration_info(self) -> dict[str, Any] | None:
         """What /health shows of an imported call's migration, None for others."""

@@ -25,6 +25,13 @@ Live migration (docs/transceiver.md, "Migration"):
 * ``POST /calls/{conn_id}/activate`` -> 204 (an imported call starts sending);
   409 for a call that was not imported.
 
+ICE restart (docs/http-api.md, "ICE restart"):
+
+* ``POST /calls/{conn_id}/ice-restart`` ``{"ufrag", "remote_ufrag", "remote_pwd"}`` -> 200
+  ``{"ufrag", "pwd"}``: the call's new local credentials (``ufrag`` minted by
+  relayd); 400 bad credentials, 404 unknown, 409 frozen for a migration or
+  a ufrag in use, 422 a call that cannot restart at all (kept on aiortc).
+
 NAT rebinding (docs/security.md):
 
 * ``POST /calls/{conn_id}/path`` ``{"old": [addr, port] | null, "new": [addr, port]}`` -> 200
@@ -58,6 +65,7 @@ from .errors import (
     InvalidRequest,
     TransceiverError,
     UnknownCall,
+    Unsupported,
 )
 from .sideband import serve_sideband
 from .transceiver import Transceiver
@@ -151,6 +159,17 @@ async def _check_media(request: web.Request) -> web.Response:
     return web.json_response({"authentic": authentic})
 
 
+async def _restart_ice(request: web.Request) -> web.Response:
+    conn_id = _conn_id_from_path(request)
+    body = await json_body(request)
+    missing = [k for k in ("ufrag", "remote_ufrag", "remote_pwd") if k not in body]
+    if missing:
+        return json_error(400, f"missing field(s): {', '.join(missing)}")
+    creds = request.app[TRANSCEIVER_KEY].restart_ice(conn_id, body["ufrag"], body["remote_ufrag"],
+                                                     body["remote_pwd"])
+    return web.json_response(creds)
+
+
 def _addr(value: Any, name: str) -> tuple[str, int]:
     try:
         host, port = value
@@ -204,6 +223,7 @@ async def _health(request: web.Request) -> web.Response:
 # Each call-level error has one HTTP status, whichever request raised it.
 ERROR_STATUS: dict[type[TransceiverError], int] = {
     InvalidRequest: 400, UnknownCall: 404, DuplicateCall: 409, CallStateConflict: 409, CapacityExceeded: 503,
+    Unsupported: 422,
 }
 
 
@@ -272,6 +292,7 @@ def create_app(transceiver: Transceiver, *, authorize: Callable[[web.Request], b
     app.router.add_post("/calls/{conn_id}/activate", _activate_call)
     app.router.add_post("/calls/{conn_id}/media-check", _check_media)
     app.router.add_post("/calls/{conn_id}/path", _repoint_call)
+    app.router.add_post("/calls/{conn_id}/ice-restart", _restart_ice)
     app.router.add_get("/calls", _list_calls)
     app.router.add_get("/calls/{conn_id}", _get_call)
     app.router.add_get("/calls/{conn_id}/sideband", _sideband)

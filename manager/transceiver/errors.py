@@ -26,3 +26,8 @@ class UnknownCall(TransceiverError):
 class CallStateConflict(TransceiverError):
     """The call's state does not allow this operation now (HTTP 409), e.g. an
     export of a call that is not connected or cannot be migrated."""
+
+
+class Unsupported(TransceiverError):
+    """The call cannot do this at all (HTTP 422), e.g. an ICE restart of a call
+    kept on aiortc, whose ICE agent has no restart."""

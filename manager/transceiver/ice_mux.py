@@ -83,6 +83,9 @@ class CallPort(asyncio.DatagramTransport):
         super().__init__()
         self.mux = mux
         self.ufrag = ufrag
+        #: Every local ufrag routed here: the call's, and during an ICE restart
+        #: the new one too (RFC 8445 section 9: both are valid until it completes).
+        self.ufrags: set[str] = {ufrag}
         self.protocol = protocol
         self.addrs: set[Addr] = set()
         self._closing = False
@@ -181,9 +184,24 @@ class IceMux:
         protocol.connection_made(port)
         return port
 
+    def add_ufrag(self, ufrag: str, port: CallPort) -> None:
+        """Route checks for `ufrag` to `port` as well (an ICE restart's new credentials)."""
+        owner = self._by_ufrag.get(ufrag)
+        if owner is not None and owner is not port:
+            raise DuplicateCall(f"ufrag {ufrag!r} is already in use")
+        self._by_ufrag[ufrag] = port
+        port.ufrags.add(ufrag)
+
+    def remove_ufrag(self, ufrag: str, port: CallPort) -> None:
+        """Stop routing `ufrag` to `port` (credentials an ICE restart retired)."""
+        if self._by_ufrag.get(ufrag) is port:
+            del self._by_ufrag[ufrag]
+        port.ufrags.discard(ufrag)
+
     def detach(self, port: CallPort) -> None:
-        if self._by_ufrag.get(port.ufrag) is port:
-            del self._by_ufrag[port.ufrag]
+        for ufrag in port.ufrags:
+            if self._by_ufrag.get(ufrag) is port:
+                del self._by_ufrag[ufrag]
         for addr in port.addrs:
             if self._by_addr.get(addr) is port:
                 del self._by_addr[addr]

@@ -12,8 +12,11 @@ SDP. The client keeps its ICE, DTLS and SRTP state and notices nothing:
   relay's packets for this call reach us as soon as it flips ownership. We
   answer the client's binding requests (RFC 7675 consent freshness) like the
   old owner's aioice did: MESSAGE-INTEGRITY with the exported local password,
-  FINGERPRINT, XOR-MAPPED-ADDRESS. We send no checks of our own; consent
-  expires when the client's checks stop for ``consent_timeout`` seconds.
+  FINGERPRINT, XOR-MAPPED-ADDRESS. Once sending, we also ask the client
+  for consent with checks of our own; consent expires when neither its
+  checks nor its answers come for ``consent_timeout`` seconds. An ICE
+  restart (:meth:`ImportedCall.restart_ice`) gives the call new credentials
+  beside the old ones until the first check with them (ice_credentials).
 * **SRTP**: fresh libsrtp sessions from the exported master keys, with
   aiortc's policy (aiortc_hooks.srtp_session), each exported SSRC's stream
   started at its exported rollover counter, so calls move whatever their
@@ -76,7 +79,8 @@ from manager.protocol.rfc7983 import PacketClass, classify
 from .agent import Agent, AgentSession, run_agent
 from .call_handle import CallHandle
 from .call_media import CallMedia, MediaPlan
-from .errors import CallStateConflict
+from .errors import CallStateConflict, DuplicateCall
+from .ice_credentials import Credentials, IceCredentials, new_password
 from .ice_mux import CallPort, IceMux
 from .import_plan import ImportPlan
 from .imported_data import ImportedDataChannels
@@ -129,6 +133,7 @@ class MigrationStats:
     consent_checks_sent: int = 0
     consent_checks_answered: int = 0
     checks_elsewhere: int = 0  # answered from another address, the media kept on its path
+    ice_restarts_asked: int = 0  # by the relay; completed ones: IceCredentials.restarts
 
 
 class ImportedCall(CallHandle):
@@ -162,7 +167,10 @@ class ImportedCall(CallHandle):
         self.ports: list[CallPort] = []
         self.remote_candidate = spec.remote_candidate.model_copy()
         self.stats = MigrationStats()
-        self._local_pwd = (spec.ice.local_pwd or "").encode()
+        self.ice = IceCredentials(Credentials(local_ufrag=spec.ice.local_ufrag, local_pwd=spec.ice.local_pwd or "",
+                                              remote_ufrag=spec.ice.remote_ufrag or "",
+                                              remote_pwd=spec.ice.remote_pwd or ""))
+        self._ufrags_used = {self.ufrag}  # every local ufrag the call had: the transceiver frees them at the end
         self.ending = False
         self.consent_expired = False
         self._frozen_at: float | None = None
@@ -172,8 +180,7 @@ class ImportedCall(CallHandle):
         # hand-over) is live; a migrated call has heard nothing here yet, so the
         # first authenticated check (the relay's flow after the flip) takes it.
         self._heard_at = time.monotonic() if handed_over else float("-inf")
-        self._remote_pwd = (spec.ice.remote_pwd or "").encode()
-        self._checks: dict[bytes, float] = {}  # our consent checks awaiting an answer
+        self._checks: dict[bytes, bytes] = {}  # our consent checks awaiting an answer -> the password to verify it
         self._reply_addr: Addr | None = None
         self._reply_port: CallPort | None = None
         self.codec = spec.codecs[0]
@@ -322,13 +329,14 @@ class ImportedCall(CallHandle):
             port = self._port_for(self.remote_addr)
             if port is None or self._frozen_at is not None:
                 continue
+            creds = self.ice.current  # the client's new credentials once a restart completed
             check = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-            check.attributes["USERNAME"] = f"{self.spec.ice.remote_ufrag}:{self.ufrag}"
+            check.attributes["USERNAME"] = creds.outbound_username
             check.attributes["PRIORITY"] = candidate_priority(1, "host")
             check.attributes["ICE-CONTROLLED"] = self.spec.ice.tie_breaker
-            check.add_message_integrity(self._remote_pwd)
+            check.add_message_integrity(creds.remote_pwd.encode())
             port.sendto(bytes(check), self.remote_addr)
-            self._checks[check.transaction_id] = time.monotonic()
+            self._checks[check.transaction_id] = creds.remote_pwd.encode()
             while len(self._checks) > 8:  # unanswered ones are forgotten
                 del self._checks[next(iter(self._checks))]
             self.stats.consent_checks_sent += 1
@@ -361,8 +369,8 @@ class ImportedCall(CallHandle):
             self.stats.stun_rejected += 1
             return
         if msg.message_class != stun.Class.REQUEST:
-            if (msg.message_class == stun.Class.RESPONSE and self._checks.pop(msg.transaction_id, None) is not None
-                    and msg.check_message_integrity(self._remote_pwd)):
+            pwd = self._checks.pop(msg.transaction_id, None) if msg.message_class == stun.Class.RESPONSE else None
+            if pwd is not None and msg.check_message_integrity(pwd):
                 self._last_consent = time.monotonic()
                 self.stats.consent_checks_answered += 1
             else:
@@ -370,10 +378,12 @@ class ImportedCall(CallHandle):
             return
         # What aioice's Connection.request_received checks (the client is
         # controlling and the pair is nominated: no role conflict to repair).
+        # During an ICE restart the USERNAME names the old or the new credentials.
+        creds = self.ice.for_request(msg.attributes.get("USERNAME"))
         if (
             msg.message_method != stun.Method.BINDING
-            or msg.attributes.get("USERNAME") != f"{self.ufrag}:{self.spec.ice.remote_ufrag}"
-            or not msg.check_message_integrity(self._local_pwd)
+            or creds is None
+            or not msg.check_message_integrity(creds.local_pwd.encode())
         ):
             self.stats.stun_rejected += 1
             return
@@ -383,9 +393,11 @@ class ImportedCall(CallHandle):
             transaction_id=msg.transaction_id,
         )
         response.attributes["XOR-MAPPED-ADDRESS"] = addr
-        response.add_message_integrity(self._local_pwd)  # adds FINGERPRINT too
+        response.add_message_integrity(creds.local_pwd.encode())  # adds FINGERPRINT too
         port.sendto(bytes(response), addr)  # a success response claims addr in the mux
         self.stats.stun_answered += 1
+        if creds is self.ice.pending:
+            self._restart_completed()
         now = self._last_consent = time.monotonic()
         if addr != self.remote_addr:
             if "USE-CANDIDATE" not in msg.attributes and now - self._heard_at < PATH_SILENT:
@@ -399,6 +411,49 @@ class ImportedCall(CallHandle):
             self.remote_candidate = self.remote_candidate.model_copy(update={"host": addr[0], "port": addr[1]})
         self._heard_at = now
         self.activate("stun")
+
+    # -- ICE restart -----------------------------------------------------------------
+
+    def restart_ice(self, ufrag: str, remote_ufrag: str, remote_pwd: str) -> str:
+        """New credentials beside the current ones: checks for `ufrag` (minted
+        by the relay) now reach the call; returns the new local password.
+        The media, DTLS and SRTP sessions and the agent go on untouched."""
+        if self._frozen_at is not None:
+            raise CallStateConflict(f"call {self.conn_id} is frozen for a migration; restart ICE after it")
+        if ufrag in self._ufrags_used:
+            raise DuplicateCall(f"ufrag {ufrag!r} was this call's already")
+        new = Credentials(local_ufrag=ufrag, local_pwd=new_password(), remote_ufrag=remote_ufrag,
+                          remote_pwd=remote_pwd)
+        added: list[CallPort] = []
+        try:
+            for port in self.ports:
+                port.mux.add_ufrag(ufrag, port)
+                added.append(port)
+        except DuplicateCall:
+            for port in added:
+                port.mux.remove_ufrag(ufrag, port)
+            raise
+        replaced = self.ice.begin(new)
+        if replaced is not None:  # a restart that never completed: its ufrag routes nowhere now
+            self._unroute(replaced.local_ufrag)
+        self._ufrags_used.add(ufrag)
+        self.stats.ice_restarts_asked += 1
+        logger.info("call %d: ICE restart asked (ufrag %s)", self.conn_id, ufrag)
+        return new.local_pwd
+
+    def _restart_completed(self) -> None:
+        retired = self.ice.complete()
+        self._unroute(retired.local_ufrag)
+        self.ufrag = self.ice.current.local_ufrag
+        self._checks.clear()  # answers to checks with the old credentials no longer count
+        logger.info("call %d: ICE restart completed (ufrag %s)", self.conn_id, self.ufrag)
+
+    def _unroute(self, ufrag: str) -> None:
+        for port in self.ports:
+            port.mux.remove_ufrag(ufrag, port)
+
+    def all_ufrags(self) -> set[str]:
+        return set(self._ufrags_used)
 
     async def deliver_srtp(self, data: bytes) -> bool:
         return self._srtp_received(data, time.monotonic())
@@ -461,6 +516,10 @@ class ImportedCall(CallHandle):
             "connected_at": self.connected_at,
             "migration": self.migration_info(),
             "media_engine": {"carried": True, "handed_over": self.handed_over},
+            # The agent's session object: the same one across ICE restarts and a hand-over.
+            "agent_session": f"{id(self.session):x}",
+            "ice": {"ufrag": self.ufrag, "restarts": self.ice.restarts,
+                    "restart_pending": self.ice.pending is not None},
         }
 
     def migration_info(self) -> dict[str, Any]:
@@ -481,16 +540,17 @@ class ImportedCall(CallHandle):
         """The same schema as a placed call's export, so the call can move again."""
         spec = self.spec
         old = spec.state
+        creds = self.ice.latest  # after a restart's answer the client holds these (and a new owner needs them)
         port = self._port_for(self.remote_addr)
         host, lport = port.mux.sockname if port is not None else ("0.0.0.0", 0)
         local = Candidate(host=host, port=lport, type="host", priority=candidate_priority(1, "host"),
                           foundation=candidate_foundation("host", "udp", host), component=1, transport="udp")
         ice = IceState(
-            local_ufrag=spec.ice.local_ufrag, remote_ufrag=spec.ice.remote_ufrag, role="controlled",
+            local_ufrag=creds.local_ufrag, remote_ufrag=creds.remote_ufrag, role="controlled",
             tie_breaker=spec.ice.tie_breaker, state="completed",
             selected_pair=SelectedPair(local=local, remote=self.remote_candidate),
-            local_pwd=spec.ice.local_pwd if include_secrets else None,
-            remote_pwd=spec.ice.remote_pwd if include_secrets else None,
+            local_pwd=creds.local_pwd if include_secrets else None,
+            remote_pwd=creds.remote_pwd if include_secrets else None,
         )
         assert old.srtp is not None
         srtp = SrtpState(profile=old.srtp.profile)

@@ -30,7 +30,7 @@ from manager.observability import tracing
 from manager.observability.logs import bind_call
 from manager.protocol.log_budget import LogBudget
 from manager.protocol.tasks import TaskSet
-from manager.protocol.ufrag import HintKeys, UfragError, decode_ufrag
+from manager.protocol.ufrag import HintKeys, UfragError, decode_ufrag, is_ice_ufrag
 
 from .agent import AgentFactory, AgentSession, EchoAgent
 from .call_handle import CallHandle
@@ -429,7 +429,7 @@ class Transceiver(CallMigration):
         call.ending = True
         # Forget it first, so the heartbeat stops listing it right away.
         self._calls.pop(call.conn_id, None)
-        self._ufrags.discard(call.ufrag)
+        self._ufrags.difference_update(call.all_ufrags())
         self._stop_lease(call.conn_id)
         await call.close(quiet=quiet)
         tracing.drop("connect", call.conn_id, reason)  # never connected
@@ -440,6 +440,27 @@ class Transceiver(CallMigration):
                 callback(call.conn_id, reason)
             except Exception:
                 logger.exception("on_call_ended callback failed")
+
+    def restart_ice(self, conn_id: int, ufrag: str, remote_ufrag: str, remote_pwd: str) -> dict[str, str]:
+        """An ICE restart the relay asks for: `ufrag` is the new local ufrag it
+        minted (its routing hint names this call), `remote_*` the client's new
+        credentials. Returns the call's new local credentials for the answer.
+        Raises InvalidRequest, UnknownCall, DuplicateCall or CallStateConflict
+        (a call that cannot restart: on aiortc, or frozen)."""
+        call = self._get(conn_id)
+        bind_call(conn_id=conn_id)
+        for name, value in (("ufrag", ufrag), ("remote_ufrag", remote_ufrag)):
+            if not isinstance(value, str) or not is_ice_ufrag(value):
+                raise InvalidRequest(f"{name} must be 4 to 256 ICE characters [A-Za-z0-9+/]")
+        if not isinstance(remote_pwd, str) or not 22 <= len(remote_pwd) <= 256 or not is_ice_ufrag(remote_pwd):
+            raise InvalidRequest("remote_pwd must be 22 to 256 ICE characters [A-Za-z0-9+/] (RFC 8445)")
+        # The hint's transceiver id names the call's first owner, which a migration may have left.
+        self._check_hint(ufrag, conn_id, placed_here=False)
+        if ufrag in self._ufrags:
+            raise DuplicateCall(f"ufrag {ufrag!r} is already in use")
+        pwd = call.restart_ice(ufrag, remote_ufrag, remote_pwd)
+        self._ufrags.add(ufrag)
+        return {"ufrag": ufrag, "pwd": pwd}
 
     async def check_media(self, conn_id: int, packet: bytes, path: tuple[Addr, Addr] | None = None) -> bool:
         """The relay holds this SRTP packet from a client address it does not

@@ -4,8 +4,16 @@ in the lab's Chromium, against relayd with XDP and a real transceiver.
 
 It publishes the microphone (a fake device playing a tone) by POST, trickles
 its candidates by PATCH with If-Match set to the ETag of the 201, hears the
-echo agent, asks for an ICE restart (refused 422, counted, the call goes on),
-and ends the call by DELETE."""
+echo agent, asks for an ICE restart (200 with the answer fragment), and ends
+the call by DELETE.
+
+whip-whep 1.2.0 (the latest) joins the answer fragment's candidates with
+commas when it rewrites the remote description, so Chromium refuses an
+answer with more than one candidate (the relay gives all of its own, as the
+201's answer did). The call goes on all the same: the transceiver keeps the
+old credentials until a check with the new ones comes (RFC 8445 section 9).
+tests/e2e/test_ice_handover.py restarts ICE through the RFC 9725 flow driven
+from the page."""
 
 from __future__ import annotations
 
@@ -79,7 +87,9 @@ async def drive(browser: Chromium, source: str) -> dict:
 
 
 async def _drive(browser: Chromium, source: str) -> dict:
-    await eventually_async(lambda: browser.evaluate("document.readyState === 'complete'"), 20,
+    # The relay's page, not the about:blank before it (no microphone there).
+    await eventually_async(lambda: browser.evaluate(f"location.origin === {json.dumps(browser.origin)} && "
+                                                    "document.readyState === 'complete'"), 20,
                            what="the relay's page loaded", interval=0.2)
     assert await browser.evaluate(PUBLISH % json.dumps(source)) is True
 
@@ -106,7 +116,7 @@ async def _if(value, predicate):
 def test_whip_whep_client_publishes_trickles_and_ends_a_call(env, tmp_path: Path):
     lab, svc = env
     assert WHIP_JS.is_file(), f"{WHIP_JS} is missing: run scripts/setup.sh (it fetches whip-whep from npm)"
-    refused_before = relay_sample(svc, "splitrelay_signaling_refusals_total", reason="ice-restart")
+    restarts_before = relay_sample(svc, "splitrelay_ice_restarts_total")
     browser = Chromium(lab.client_ns, f"{lab.signaling_url}/", origin=lab.signaling_url)
     browser.start()
     try:
@@ -123,12 +133,14 @@ def test_whip_whep_client_publishes_trickles_and_ends_a_call(env, tmp_path: Path
     assert trickles and all(e["status"] == 204 and ("a=candidate:" in e["body"] or "a=end-of-candidates" in e["body"])
                             for e in trickles), trickles
     restarts = [e for e in patches if e["if_match"] == "*"]
-    assert [e["status"] for e in restarts] == [422], restarts
-    assert out["restart"] == "Request rejected with status 422"
+    assert [e["status"] for e in restarts] == [200], restarts
+    assert restarts[0]["etag"] not in (None, post["etag"]), restarts  # a new ICE session, a new ETag
+    # whip-whep's own rewrite of the answer (see the module docstring), or its success.
+    assert out["restart"] == "ok" or "Invalid SDP line" in out["restart"] and ",a=candidate:" in out["restart"], out
     assert out["after"]["state"] == "connected"
     delete = next(e for e in log if e["method"] == "DELETE")
     assert delete["status"] == 204 and delete["url"].endswith(post["location"]), delete
-    assert relay_sample(svc, "splitrelay_signaling_refusals_total", reason="ice-restart") == refused_before + 1
+    assert relay_sample(svc, "splitrelay_ice_restarts_total") == restarts_before + 1
     assert relay_sample(svc, "splitrelay_trickle_candidates_total") >= 1
-    print(f"\nwhip-whep: POST 201, {len(trickles)} trickle PATCH(es) 204, restart 422, "
+    print(f"\nwhip-whep: POST 201, {len(trickles)} trickle PATCH(es) 204, restart 200 ({out['restart'][:60]}), "
           f"{out['after']['received']} packets echoed, DELETE 204")

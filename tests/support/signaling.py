@@ -43,11 +43,13 @@ class FakeTransceiver:
         self.mode = "ok"
         self.created: list[dict] = []
         self.deleted: list[int] = []
+        self.restarts: list[tuple[int, dict]] = []
         self.pcs: dict[int, RTCPeerConnection] = {}
         self.release = asyncio.Event()
         app = web.Application()
         app.router.add_post("/calls", self._create)
         app.router.add_delete("/calls/{conn_id}", self._delete)
+        app.router.add_post("/calls/{conn_id}/ice-restart", self._restart_ice)
         self.server = TestServer(app, host="127.0.0.1")
 
     @property
@@ -90,6 +92,19 @@ class FakeTransceiver:
         if self.mode == "outside-owner":  # a public host: the relay would send media anywhere
             owner = {"addr4": "8.8.8.8", "port4": 3478, "addr6": None, "port6": 0}
         return web.json_response({"answer": answer, "owner": owner}, status=201)
+
+    async def _restart_ice(self, request: web.Request) -> web.Response:
+        """The engine call's answer to an ICE restart (a new password for the
+        relay's ufrag); mode "aiortc": the refusal of a call kept on aiortc."""
+        conn_id = int(request.match_info["conn_id"])
+        body = await request.json()
+        self.restarts.append((conn_id, body))
+        if self.mode == "aiortc":
+            return web.json_response({"error": f"call {conn_id} runs on aiortc, whose ICE agent (aioice) cannot "
+                                      "restart ICE; only calls on the media engine can"}, status=422)
+        if self.mode == "error":
+            return web.Response(status=500, text="agent\ncrashed")
+        return web.json_response({"ufrag": body["ufrag"], "pwd": f"pwd{len(self.restarts):021d}"})
 
     async def _delete(self, request: web.Request) -> web.Response:
         conn_id = int(request.match_info["conn_id"])

@@ -126,10 +126,12 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
             self._loop.add_reader(sock.fileno(), self._read_flows, fam)
         unsubscribe_ended = self.registry.on_call_ended(self._call_ended)
         unsubscribe_active = self.registry.on_call_active(self._call_active)
+        unsubscribe_restart = self.registry.on_ice_restart(self._ice_restarted)
 
         def unsubscribe() -> None:
             unsubscribe_ended()
             unsubscribe_active()
+            unsubscribe_restart()
 
         self._unsubscribe = unsubscribe
         for call in self.registry.calls():  # active before we listened
@@ -468,6 +470,19 @@ class SlowPath(Admission, StreamLegs, Failover, Rebinding, Expiry):
         except (DatapathError, OSError) as exc:
             self.stats["ufrag_admit_failed"] += 1
             log.error("cannot admit the ufrag of call %s: %s", call.conn_id, exc)
+
+    def _ice_restarted(self, call: Call, old_server_ufrag: str) -> None:
+        """The call's checks carry its new server ufrag from now on: XDP lets
+        those through (a client at a new address) and no longer the old one."""
+        if call.state != "active":
+            return  # admitted when it becomes active
+        self._call_active(call)
+        if self.datapath is not None:
+            try:
+                self.datapath.forget_ufrag(old_server_ufrag)
+            except (DatapathError, OSError) as exc:
+                log.warning("cannot forget the old ufrag of call %s: %s", call.conn_id, exc)
+        self.stats["ice_restarts"] += 1
 
     def _call_ended(self, call: Call, reason: str) -> None:
         for leg in self.legs_of(call.conn_id):
