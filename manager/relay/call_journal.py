@@ -17,9 +17,9 @@ A call that spans a relayd restart gets one record: in a fleet the account
 lives in Redis (``{prefix}:account:{conn_id}``, written on every change); alone,
 relayd keeps its accounts in ``[records] state_path`` (written when it stops,
 and at most ``CHECKPOINT_GAP`` after a change while it runs, so a relayd
-that is killed loses at most that much) and takes them back when it starts. A call taken back that the registry does not
-know (alone, relayd forgets its calls) is closed once its adopted flows are
-gone ("idle-timeout").
+that is killed loses at most that much) and takes them back when it starts.
+A call taken back that the registry does not know (alone, relayd forgets its
+calls) is closed once its adopted flows are gone ("idle-timeout").
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from manager.protocol.addresses import family_of
 from manager.protocol.call_record import CallRecord
 from manager.protocol.tasks import TaskSet
 from manager.relay.call_records import RecordFile, RecordStream
-from manager.relay.record_build import build_record
+from manager.relay.record_build import build_record, pack_counts
 from manager.relay.transceiver_client import TransceiverError
 
 log = logging.getLogger(__name__)
@@ -413,17 +413,14 @@ def for_relay(cfg, registry, slowpath, datapath, client, fleet, observe) -> Call
         """The XDP per-flow media accounting of a leg (Datapath.flow_media); an
         ICE-TCP leg's from the bridge, which carries it (slowpath/stream_media.py)."""
         seen = round(time.time() - (time.monotonic() - leg.first_seen), 3)  # orders the call's flows
-        if leg.media is not None:
-            return (*leg.media.counts(), seen)
-        if leg.installed_at is None or datapath.maps is None:
-            return None
-        media = datapath.flow_media(leg.client, leg.vip)
+        media = leg.media
         if media is None:
-            return None
-        up, down = media.up, media.down
-        return (up.packets, up.bytes, down.packets, down.bytes, up.expected, up.lost,
-                round(up.jitter_ms * 1000), down.expected, down.lost, round(down.jitter_ms * 1000),
-                up.ssrc, up.highest_seq, up.received, down.ssrc, down.highest_seq, down.received, seen)
+            if leg.installed_at is None or datapath.maps is None:
+                return None
+            media = datapath.flow_media(leg.client, leg.vip)
+            if media is None:
+                return None
+        return pack_counts(media.up, media.down, seen)
 
     redis = fleet.new_client() if fleet is not None else None
     stream = (RecordStream(fleet.new_client(), f"{cfg.registry.key_prefix}:records", rec.stream_cap)

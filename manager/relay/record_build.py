@@ -49,7 +49,17 @@ def kernel_stream(counts: list[int], direction: str) -> tuple[StreamFigures, Str
     return fig, StreamFigures(expected=counts[at], lost=counts[at + 1], jitter_ms=counts[at + 2] / 1000)
 
 
-def sequence_part(counts: list[int], direction: str) -> tuple[float, int, int, int, float] | None:
+def pack_counts(up: Any, down: Any, seen: float) -> tuple:
+    """A flow's counts in the layout :func:`kernel_stream` and :func:`sequence_part`
+    read, from its two directions (kernel/media.py DirectionMedia, or an ICE-TCP
+    leg's slowpath/stream_media.py RtpCount: packets, bytes, expected, lost,
+    jitter_ms, ssrc, highest_seq, received) and when it was first seen."""
+    return (up.packets, up.bytes, down.packets, down.bytes, up.expected, up.lost,
+            round(up.jitter_ms * 1000), down.expected, down.lost, round(down.jitter_ms * 1000),
+            up.ssrc, up.highest_seq, up.received, down.ssrc, down.highest_seq, down.received, seen)
+
+
+def sequence_part(counts: list[int], direction: str) -> tuple[float, int, int, int, int, float] | None:
     """(first seen, SSRC, first and highest extended sequence, received, jitter
     ms) of one direction of one flow; None where the counters do not say."""
     if len(counts) < 17:
@@ -174,7 +184,7 @@ def build_record(acc: Any, reason: str, ended_at: float, *, anonymise: str = "fu
     path.rtt_ms = rtts[-1] if rtts else None
     # The relay timed its hop to the transceiver on an ICE check it forwarded;
     # the client's hop is the rest of the path's (RTTs of hops in a row add).
-    after.rtt_ms = getattr(acc, "owner_rtt_ms", None)
+    after.rtt_ms = acc.owner_rtt_ms
     if path.rtt_ms is not None and after.rtt_ms is not None:
         hop.rtt_ms = round(max(path.rtt_ms - after.rtt_ms, 0.0), 3)
     record.path = path

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from manager.relay.record_build import pack_counts
 from manager.relay.slowpath.stream_media import RtpCount, StreamMedia
 
 SSRC = 0x11223344
@@ -74,4 +75,4 @@ def test_counts_are_in_the_order_of_a_udp_flows():
     for seq in (1, 2, 4):
         m.up.count(rtp(seq), seq * FRAME_S)
     m.down.count(rtp(7, ssrc=5), 0.0)
-    assert m.counts() == (3, 240, 1, 80, 4, 1, 0, 1, 0, 0, SSRC, 4, 3, 5, 7, 1)
+    assert pack_counts(m.up, m.down, 9.5) == (3, 240, 1, 80, 4, 1, 0, 1, 0, 0, SSRC, 4, 3, 5, 7, 1, 9.5)

@@ -76,6 +76,10 @@ class RtpCount:
         self.jitter = (self.jitter + d - ((self.jitter + 8) >> 4)) & U32
 
     @property
+    def highest_seq(self) -> int:
+        return self.max_seq
+
+    @property
     def expected(self) -> int:
         return ((self.max_seq - self.base_seq) & U32) + 1 if self.ssrc else 0
 
@@ -90,17 +94,8 @@ class RtpCount:
 
 @dataclass
 class StreamMedia:
-    """Both directions of one ICE-TCP leg: up is client → owner, down owner → client."""
+    """Both directions of one ICE-TCP leg: up is client → owner, down owner →
+    client (read as a UDP flow's kernel/media.py FlowMedia is: record_build.pack_counts)."""
 
     up: RtpCount = field(default_factory=RtpCount)
     down: RtpCount = field(default_factory=RtpCount)
-
-    def counts(self) -> tuple[int, ...]:
-        """The call journal's flow counts, in the order of a UDP flow's
-        (call_journal.for_relay, record_build.kernel_stream: packets, bytes
-        both ways; expected, lost and jitter in µs per direction; SSRC,
-        highest extended sequence and received per direction)."""
-        up, down = self.up, self.down
-        return (up.packets, up.bytes, down.packets, down.bytes, up.expected, up.lost,
-                round(up.jitter_ms * 1000), down.expected, down.lost, round(down.jitter_ms * 1000),
-                up.ssrc, up.max_seq, up.received, down.ssrc, down.max_seq, down.received)
