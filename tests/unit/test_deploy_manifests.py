@@ -244,6 +244,17 @@ def test_the_relay_daemonset_has_what_relayd_needs() -> None:
     assert volumes["redis"]["projected"]["defaultMode"] == 0o400
 
 
+
+def test_the_systemd_unit_grants_relayd_what_the_daemonset_grants() -> None:
+    """One set of capabilities for relayd wherever it runs: the unit's
+    bounding and ambient sets name the DaemonSet's, and nothing more."""
+    (c,) = by_kind("DaemonSet", "splitrelay-relay")["spec"]["template"]["spec"]["containers"]
+    granted = {f"CAP_{cap}" for cap in c["securityContext"]["capabilities"]["add"]}
+    unit = (REPO / "docs" / "splitrelay-relayd.service").read_text().splitlines()
+    for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
+        (line,) = [ln for ln in unit if ln.startswith(key + "=")]
+        assert set(line.split("=", 1)[1].split()) == granted, key
+
 def test_images_are_what_make_image_tags() -> None:
     for where, spec in pod_specs([d for _, d in base_documents()]):
         for c in containers(spec):
