@@ -9,7 +9,6 @@ then it is forwarded, with nobody else talking to it.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import uuid
 
@@ -18,6 +17,7 @@ import pytest
 from manager.lab import xdp_harness as hx
 from manager.protocol.addresses import OwnerAddr
 from manager.relay.kernel.next_hops import NextHops
+from tests.support.neighbours import neighbour, resolved
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.netns
@@ -34,19 +34,6 @@ RTP = bytes([0x80, 0x6F, 0, 1]) + bytes(8) + bytes(40)
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def neighbour(ns: str, addr: str) -> dict | None:
-    out = subprocess.run(["ip", "-j", "-n", ns, "neigh", "show", addr], check=True, capture_output=True,
-                         text=True).stdout
-    rows = json.loads(out or "[]")
-    return rows[0] if rows else None
-
-
-def resolved(ns: str, addr: str) -> bool:
-    n = neighbour(ns, addr)
-    # iproute2's JSON marks a managed entry with a "managed" key.
-    return n is not None and "lladdr" in n and "managed" in n
 
 
 @pytest.fixture

@@ -21,8 +21,11 @@ from manager.lab.services import Services
 from manager.protocol.addresses import OwnerAddr
 from manager.relay.config import DatapathConfig
 from manager.relay.kernel.datapath import Datapath
+from manager.relay.kernel.next_hops import NextHops
 from tests.support.lab_calls import audio_flowing
+from tests.support.neighbours import resolved
 from tests.support.udp_streams import Receiver, link_drops, moved, paced_send, settle, snmp_udp
+from tests.support.waiting import eventually
 
 # realtime: the checks count media against the wall clock.
 pytestmark = [pytest.mark.netns, pytest.mark.realtime]
@@ -63,8 +66,22 @@ def test_sigkill_and_restart_lose_nothing(tmp_path):
             client = (lab.client.addr4, 41000)
             owner = (tx2.addr4, 7000)
             flow_port = 29999
-            dp.set_owner(0x51, OwnerAddr(addr4=owner[0], port4=owner[1]))
-            dp.add_flow(client, lab.vip(), 0x51, flow_port)
+            # relayd keeps every installed flow's next hops resolved (managed
+            # neighbours, kernel/next_hops.py); this flow is installed by hand,
+            # so the test wires the same keeper. Without it the stream's first
+            # packet can find no neighbour entry for the client and go to
+            # relayd, which knows no leg for it (pass_no_neigh, drop_no_leg).
+            hops = NextHops(netns=lab.relay_ns)
+            hops.start()
+            dp.on_next_hop = hops.want
+            try:
+                dp.set_owner(0x51, OwnerAddr(addr4=owner[0], port4=owner[1]))
+                dp.add_flow(client, lab.vip(), 0x51, flow_port)
+                eventually(lambda: resolved(lab.relay_ns, client[0]) and resolved(lab.relay_ns, owner[0]), 10,
+                           what="the hand-installed flow's next hops to be managed and resolved")
+            finally:
+                dp.on_next_hop = None
+                hops.stop()
             c_sock = lab.socket("client", socket.AF_INET, bind=client)
             t_sock = lab.socket(tx2.ns, socket.AF_INET, bind=owner)
             rx_t, rx_c = Receiver(t_sock), Receiver(c_sock)
