@@ -12,6 +12,8 @@ transports do (``input()`` and ``output()`` processors):
   ``OutputTransportMessageFrame`` (JSON objects parsed and written as JSON,
   so RTVI clients work through Pipecat's RTVI processor; other text stays
   text);
+- the keep-alives and transport signalling of Pipecat's SmallWebRTC client
+  are consumed here, as Pipecat's own server does (smallwebrtc_control.py);
 - the end of the call arrives as an ``EndFrame`` pushed into the pipeline,
   a failing session as an ``ErrorFrame``.
 
@@ -45,6 +47,7 @@ from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
+from manager.integrations.smallwebrtc_control import SmallWebRTCControl
 from manager.transceiver.agent import AgentSession, CallEnded
 
 #: How far ahead of real time the output may run: enough to ride out the
@@ -88,6 +91,7 @@ class SplitRelayInputTransport(BaseInputTransport):
         self._resampler: av.AudioResampler | None = None
         self._tasks: list[asyncio.Task] = []
         self.frames_in = 0
+        self.client_transport = SmallWebRTCControl()
 
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
@@ -141,8 +145,10 @@ class SplitRelayInputTransport(BaseInputTransport):
     async def _receive_messages(self) -> None:
         try:
             while True:
-                message = await self._session.recv_message()
-                await self.broadcast_frame(InputTransportMessageFrame, message=decode_message(message))
+                message = decode_message(await self._session.recv_message())
+                if self.client_transport.consume(message):
+                    continue
+                await self.broadcast_frame(InputTransportMessageFrame, message=message)
         except CallEnded:
             pass
 

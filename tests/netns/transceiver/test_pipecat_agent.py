@@ -141,6 +141,11 @@ def test_rtvi_client_ready_gets_bot_ready_and_other_messages_still_reach_the_bot
     async def scenario():
         session, channel, agent, runner = start(bot, 3)
         channel.receive("hello")  # text: never RTVI
+        # The SmallWebRTC client's keep-alive and transport signalling are its
+        # transport's, consumed before the pipeline as Pipecat's server does.
+        channel.receive("ping: 1733472000000")
+        channel.receive(json.dumps({"type": "signalling",
+                                    "message": {"type": "trackStatus", "receiver_index": 0, "enabled": False}}))
         channel.receive(rtvi("client-ready", "ready-1", {"version": "1.2.0", "about": {"library": "test"}}))
         channel.receive(rtvi("client-message", "ask-1", {"t": "state", "d": None}))
         channel.receive(json.dumps({"type": "ping"}))
