@@ -63,9 +63,12 @@ def exported(**over) -> dict:
                    "codecs": [{"mime_type": "audio/opus", "clock_rate": 48000, "channels": 2, "payload_type": 111,
                                "parameters": {}}],
                    "remote_ssrcs": [3333], "header_extensions": [{"id": 1, "uri": "urn:ietf:params:rtp-hdrext:sdes:mid"}]}],
-        "rtp": {"tx": {"1111": {"ssrc": 1111, "payload_type": 111, "seq": 10, "timestamp": 960, "roc": 0, "packets": 10}},
-                "rx": {"3333": {"ssrc": 3333, "payload_type": 111, "seq": 5, "timestamp": 480, "roc": 0, "packets": 5}}},
-        "rtcp": {"tx_srtcp_index": {"1111": 2}, "rx_packets": {"3333": 1}},
+        "rtp": {"tx": {"1111": {"ssrc": 1111, "payload_type": 111, "seq": 10, "timestamp": 960, "roc": 0, "packets": 10,
+                                "octets": 800}},
+                "rx": {"3333": {"ssrc": 3333, "payload_type": 111, "seq": 5, "timestamp": 480, "roc": 0, "packets": 5,
+                                "octets": 400}}},
+        "rtcp": {"tx_srtcp_index": {"1111": 2}, "rx_packets": {"3333": 1},
+                 "rx_last_sr": {"3333": {"ntp_middle32": 0x12345678, "age": 0.75}}},
         "sctp": {"mid": "1", "state": "connected", "port": 5000, "association": association(), "not_carried": None},
         "agent": {"session": {"messages_in": 3}, "state": {"frames_echoed": 7}},
         "frozen": {"at": 1.0e9 + 60, "monotonic": 5.0},
@@ -105,6 +108,12 @@ def test_without_secrets_leaves_them_out() -> None:
     (lambda s: s.update(conn_id=0), "conn_id: Input should be greater than or equal to 1"),
     (lambda s: s.update(surprise=1), "surprise: Extra inputs are not permitted"),
     (lambda s: s.update(version=2), "version: must be 1, got 2"),
+    (lambda s: s["rtp"]["tx"]["1111"].update(octets=-1), "rtp.tx.1111.octets: Input should be greater than or equal"),
+    (lambda s: s["rtcp"]["rx_last_sr"]["3333"].update(age=-0.1),
+     "rtcp.rx_last_sr.3333.age: Input should be greater than or equal"),
+    (lambda s: s["rtcp"]["rx_last_sr"]["3333"].update(age=float("inf")), "rtcp.rx_last_sr.3333.age: Input should"),
+    (lambda s: s["rtcp"]["rx_last_sr"]["3333"].update(ntp_middle32=2**32),
+     "rtcp.rx_last_sr.3333.ntp_middle32: Input should be less than or equal"),
     (lambda s: s["dtls"]["record"].update(tx_seq=1 << 48), "dtls.record.tx_seq: Input should be less than or equal"),
     (lambda s: s["dtls"]["record"].update(master_secret="XY"), "dtls.record.master_secret: Value error, must be"),
     (lambda s: s["sctp"]["association"]["sent"][0].update(user_data="!!"),
@@ -142,6 +151,19 @@ def test_import_refusals(change, message: str) -> None:
 
 def test_version_is_the_schema_version() -> None:
     assert CallState.model_fields["version"].default == STATE_VERSION == 1
+
+
+def test_an_older_export_without_the_later_fields_still_imports() -> None:
+    """Fields added to version 1 since (octets sent, the client's last SR) have
+    defaults: an export from an owner that did not write them imports, and
+    its counts start at 0 as they did there."""
+    data = exported()
+    for stream in (*data["rtp"]["tx"].values(), *data["rtp"]["rx"].values()):
+        del stream["octets"]
+    del data["rtcp"]["rx_last_sr"]
+    plan = ImportPlan.from_state(parse_call_state(data))
+    assert plan.tx is not None and (plan.tx.packets, plan.tx.octets) == (10, 0)
+    assert plan.state.rtcp.rx_last_sr == {}
 
 
 def _srtp_packet(session: pylibsrtp.Session, seq: int) -> bytes:
