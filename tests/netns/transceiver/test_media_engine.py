@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 
 import numpy as np
@@ -24,6 +25,7 @@ from aiortc.rtcdtlstransport import SRTP_PROFILES
 from aiortc.rtp import is_rtcp
 
 from manager.protocol import rtcp, rtp_header
+from manager.protocol.sdp import strip_candidates
 from manager.transceiver.agent import Agent, AgentSession, CallEnded
 from manager.transceiver.imported_call import ImportedCall
 from manager.transceiver.transceiver import Transceiver
@@ -263,6 +265,30 @@ def engine_compounds(client: ClientCall, state: dict, since: int) -> list[rtcp.C
             with contextlib.suppress(pylibsrtp.Error):  # aiortc's, before the hand-over
                 out.append(rtcp.parse(session.unprotect_rtcp(p)))
     return out
+
+
+def test_the_answer_negotiates_no_feedback_for_audio() -> None:
+    """The engine neither asks for nor answers NACKs (docs/media-engine.md, "No
+    NACK"): an offer asking for them for Opus (and transport-cc, as
+    Chromium's and Firefox's do) is answered without any feedback for audio,
+    so no client sends one for our stream or expects one answered."""
+
+    async def scenario() -> None:
+        async with Transceiver(1, capacity=2, media_engine=True) as tx:
+            client = ClientCall(440)
+            offer = await client.offer()
+            match = re.search(r"a=rtpmap:(\d+) opus/48000/2\r\n", offer)
+            assert match is not None
+            pt = match.group(1)
+            asked = offer.replace(match.group(0), f"{match.group(0)}a=rtcp-fb:{pt} nack\r\n"
+                                                  f"a=rtcp-fb:{pt} transport-cc\r\n")
+            answer, _ = await tx.create_call(42, UFRAG_A, strip_candidates(asked))
+            audio = answer.split("m=audio", 1)[1].split("\r\nm=", 1)[0]
+            assert f"a=rtpmap:{pt} opus/48000/2" in audio and "a=rtcp-fb" not in audio
+            await tx.close_call(42)
+            await client.pc.close()
+
+    run(scenario(), timeout=20)
 
 
 def test_switch_off_keeps_placed_calls_on_aiortc() -> None:
