@@ -166,7 +166,8 @@ def test_engine_call_sends_sender_reports_and_measures_its_rtt() -> None:
 
             def after_hang_up() -> list[rtcp.Compound]:
                 assert client.fwd is not None
-                return [rtcp.parse(session.unprotect_rtcp(p)) for p in client.fwd.to_client[seen_before:]
+                fresh = srtp_session(srtp["profile"], srtp["tx_key"])  # (a session refuses a replay)
+                return [rtcp.parse(fresh.unprotect_rtcp(p)) for p in client.fwd.to_client[seen_before:]
                         if is_rtcp(p)]
 
             await eventually_async(after_hang_up, 5, what="the call's last SRTCP at the client")

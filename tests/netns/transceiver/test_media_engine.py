@@ -148,9 +148,17 @@ def test_the_hand_over_loses_none_of_the_clients_first_frames(aiortc_audio_buffe
 
     heard, media = run(scenario(), timeout=40)
     loud = [mark for rms, mark in heard if rms > 2000]
-    assert None in loud and "plc" not in loud and "fec" not in loud  # no loss on loopback
-    # Opus's onset and release can each smear one frame over the threshold or under it.
-    assert tone_frames - 1 <= len(loud) <= tone_frames + 1, f"{len(loud)} loud frames heard"
+    jitter = media["jitter"]  # the engine's buffer, after the hand-over
+    # No loss on loopback: no frame rebuilt from FEC, none given up that did not come after all.
+    assert "fec" not in loud and jitter["lost"] == jitter["late"], jitter
+    # A packet that comes after its tick (the client, aiortc and the engine share one event
+    # loop: a busy machine delays it) is waited for with a concealed frame, an expansion,
+    # and then played: the concealment is the machine's scheduling, no frame of the tone is missing.
+    assert loud.count("plc") <= jitter["expanded"] + jitter["lost"], jitter
+    # Every frame of the tone reached the agent decoded from its packet, once (or came too
+    # late to play). Opus's onset and release can each smear one frame over the threshold or under it.
+    decoded = loud.count(None) + jitter["late"]
+    assert tone_frames - 1 <= decoded <= tone_frames + 1, f"{loud.count(None)} loud frames decoded, {jitter}"
     if aiortc_audio_buffer:
         assert media["frames_held"] > 0  # aiortc held some: the hand-over came while the tone played
 
