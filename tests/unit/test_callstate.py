@@ -193,6 +193,54 @@ def test_imported_call_keeps_aiortcs_replay_window() -> None:
     assert (decrypted, undecryptable) == (2, 0)
 
 
+def _imported(sent: list[bytes]) -> ImportedCall:
+    plan = ImportPlan.from_state(parse_call_state(exported()))
+    call = ImportedCall(plan, AgentSession(42), EchoAgent(), engine=MediaEngine(),
+                        on_consent_expired=lambda c: asyncio.sleep(0))  # a no-op coroutine
+    call.media._send = sent.append  # what would go to the client
+    return call
+
+
+def test_an_imported_call_goes_on_with_the_rtcp_state_and_exports_it_again() -> None:
+    """The SR's counts go on from the exported stream's; the client's last SR
+    is held as if it had arrived here, its age grown by the time since the
+    freeze (a minute ago here, the most that is counted); the export carries both on."""
+
+    async def scenario() -> None:
+        call = _imported([])
+        try:
+            assert (call.media.tx_stream.packets, call.media.tx_stream.octets) == (10, 800)
+            lsr, _ = call.quality.remote_sr[3333]
+            assert lsr == 0x12345678
+            again = call.export_state(1, {"addr4": "10.10.2.2", "port4": 40000, "addr6": None, "port6": 0},
+                                      include_secrets=False)
+            assert again.rtp.tx["1111"].octets == 800
+            assert again.rtcp.rx_last_sr["3333"].ntp_middle32 == 0x12345678
+            assert 60.75 <= again.rtcp.rx_last_sr["3333"].age < 62
+        finally:
+            await call.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_says_bye_only_when_it_ends_here() -> None:
+    """An engine call's goodbye (RFC 3550 6.6): on a hang-up, not on a
+    migration's release (quiet: the SSRC goes on elsewhere), not after consent
+    expired (RFC 7675: stop sending)."""
+
+    async def ended(quiet: bool, consent_expired: bool = False) -> int:
+        sent: list[bytes] = []
+        call = _imported(sent)
+        call.activate("api")
+        call.consent_expired = consent_expired
+        await call.close(quiet=quiet)
+        return call.media.stats.tx_bye
+
+    assert asyncio.run(ended(quiet=False)) == 1
+    assert asyncio.run(ended(quiet=True)) == 0
+    assert asyncio.run(ended(quiet=False, consent_expired=True)) == 0
+
+
 def test_srtp_session_replays_are_still_refused() -> None:
     tx = hooks.srtp_session(RX_KEY, inbound=False, libsrtp_profile=LIBSRTP_PROFILE)
     rx = hooks.srtp_session(RX_KEY, inbound=True, libsrtp_profile=LIBSRTP_PROFILE)
