@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from manager.protocol.api import OwnerBody
 
+#: Fields added since carry defaults, so an older export still imports (a
+#: missing field reads as its default, e.g. 0 octets sent) and the version
+#: stays; an older owner refuses a newer export by its unknown fields.
 STATE_VERSION = 1
 U32_MAX = 0xFFFFFFFF
 _ICE_CHARS = re.compile(r"^[A-Za-z0-9+/]{4,256}$")  # RFC 8445 ice-chars, aioice's length rule
@@ -164,6 +167,9 @@ class RtpStream(_Model):
     timestamp: int = Field(default=0, ge=0, le=U32_MAX)  # RTP timestamp of that packet
     roc: int = Field(default=0, ge=0, le=U32_MAX)  # SRTP rollover counter (RFC 3711 3.3.1)
     packets: int = Field(default=0, ge=0)
+    # Payload octets; a sent stream's go on at the new owner (RFC 3550 6.4.1: an
+    # SR's counts run from the SSRC's start). Absent (an older export): 0.
+    octets: int = Field(default=0, ge=0)
 
 
 class RtpState(_Model):
@@ -171,9 +177,19 @@ class RtpState(_Model):
     rx: dict[str, RtpStream] = Field(default_factory=dict)
 
 
+class LastSenderReport(_Model):
+    """The client's last sender report, for the LSR and DLSR of the new owner's reports."""
+
+    ntp_middle32: int = Field(ge=0, le=U32_MAX)  # what a report block cites as LSR
+    # Seconds between its arrival and the export (an age, not a clock of the
+    # old owner's process): the new owner adds the time since the freeze.
+    age: float = Field(ge=0, allow_inf_nan=False)
+
+
 class RtcpState(_Model):
     tx_srtcp_index: dict[str, int] = Field(default_factory=dict)  # per sender SSRC: next SRTCP index
     rx_packets: dict[str, int] = Field(default_factory=dict)
+    rx_last_sr: dict[str, LastSenderReport] = Field(default_factory=dict)  # per client SSRC; absent: none
 
 
 def _b64(value: str) -> str:

@@ -1,12 +1,13 @@
 """RTCP sender and receiver reports (RFC 3550 section 6.4) and source
-descriptions (section 6.5), read and written.
+descriptions (section 6.5) and goodbyes (BYE, section 6.6), read and written.
 
 Only what call quality and our own reports need is decoded: a sender
 report's sender info, the report blocks of sender and receiver reports (loss
 fraction, cumulative loss, extended highest sequence, interarrival jitter,
-LSR, DLSR) and the CNAME items of SDES chunks. Every other packet of a
-compound (BYE, APP, feedback, XR) is skipped by its length. :func:`serialize`
-writes a compound from the same classes :func:`parse` returns.
+LSR, DLSR), the CNAME items of SDES chunks and a BYE's sources and reason.
+Every other packet of a compound (APP, feedback, XR) is skipped by its
+length. :func:`serialize` writes a compound from the same classes
+:func:`parse` returns.
 :func:`parse` checks each length a header claims against the datagram and
 raises :class:`RtcpError` for one that does not fit: a malformed compound is
 dropped whole (the caller counts it), never read past.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-SR, RR, SDES = 200, 201, 202
+SR, RR, SDES, BYE = 200, 201, 202, 203
 SDES_END, SDES_CNAME = 0, 1  # item types (RFC 3550 6.5)
 _HEADER = struct.Struct("!BBH")
 _SENDER_INFO = struct.Struct("!IIIII")  # NTP msw, NTP lsw, RTP timestamp, packets, octets
@@ -120,18 +121,40 @@ class Sdes:
         return _HEADER.pack(0x80 | len(self.cnames), SDES, len(body) // 4) + body
 
 
+@dataclass(frozen=True)
+class Bye:
+    """A goodbye (RFC 3550 6.6): these sources leave the session, and why (optional)."""
+
+    ssrcs: tuple[int, ...]
+    reason: str | None = None
+
+    def pack(self) -> bytes:
+        if len(self.ssrcs) > MAX_BLOCKS:
+            raise RtcpError(f"{len(self.ssrcs)} BYE sources; at most {MAX_BLOCKS} fit one packet")
+        body = b"".join(_SSRC.pack(s) for s in self.ssrcs)
+        if self.reason is not None:
+            text = self.reason.encode()
+            if len(text) > MAX_ITEM:
+                raise RtcpError(f"BYE reason of {len(text)} bytes; at most {MAX_ITEM}")
+            body += bytes([len(text)]) + text
+            body += bytes(-len(body) % 4)  # padded with null octets to the 32-bit boundary
+        return _HEADER.pack(0x80 | len(self.ssrcs), BYE, len(body) // 4) + body
+
+
 @dataclass
 class Compound:
-    """The reports and source descriptions of one compound packet, and how
-    many other packets it held."""
+    """The reports, source descriptions and goodbyes of one compound packet,
+    and how many other packets it held."""
 
     reports: list[Report] = field(default_factory=list)
     sdes: list[Sdes] = field(default_factory=list)
+    byes: list[Bye] = field(default_factory=list)
     others: int = 0
 
 
-def serialize(packets: list[Report | Sdes]) -> bytes:
-    """A compound packet (RFC 3550 6.1: a report first, then an SDES with a CNAME)."""
+def serialize(packets: list[Report | Sdes | Bye]) -> bytes:
+    """A compound packet (RFC 3550 6.1: a report first, then an SDES with a
+    CNAME; a BYE, when one is sent, last)."""
     return b"".join(p.pack() for p in packets)
 
 
@@ -154,6 +177,8 @@ def parse(data: bytes) -> Compound:
             out.reports.append(_report(data, offset + 4, end, pt, b0 & 0x1F))
         elif pt == SDES:
             out.sdes.append(_sdes(data, offset + 4, end, b0 & 0x1F))
+        elif pt == BYE:
+            out.byes.append(_bye(data, offset + 4, end, b0 & 0x1F))
         else:
             out.others += 1
         offset = end
@@ -199,6 +224,21 @@ def _sdes(data: bytes, start: int, end: int, count: int) -> Sdes:
             at += 2 + length
         cnames.append((ssrc, cname))
     return Sdes(tuple(cnames))
+
+
+def _bye(data: bytes, start: int, end: int, count: int) -> Bye:
+    at = start + 4 * count
+    if at > end:
+        raise RtcpError(f"BYE with {count} sources needs {4 * count} bytes, has {end - start}")
+    ssrcs = tuple(_SSRC.unpack_from(data, start + 4 * i)[0] for i in range(count))
+    reason = None
+    if at < end:  # padding alone is no reason: a reason's length octet is not 0
+        length = data[at]
+        if length:
+            if end - at - 1 < length:
+                raise RtcpError(f"BYE reason at byte {at} runs past the packet's end")
+            reason = data[at + 1:at + 1 + length].decode("utf-8", "replace")
+    return Bye(ssrcs, reason)
 
 
 def ntp_timestamp(unix_seconds: float) -> int:

@@ -15,7 +15,7 @@ at once, and the engine sends the agent's answer as soon as the agent ran
 on the way in); the tick then skips what was served early.
 Concealment, and frames held for measured jitter or for FEC, stay the
 tick's. RTCP (rtcp_sender): a compound SR + SDES at RFC 3550's interval,
-checked at each tick.
+checked at each tick, and SR + SDES + BYE when the call ends here.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ RATE_LIMIT = 400.0
 RATE_BURST = 200.0
 
 
+def since_freeze(frozen_at: float) -> float:
+    """Seconds since the old owner's freeze (its wall clock), within 0..MAX_ELAPSED."""
+    return min(max(time.time() - frozen_at, 0.0), MAX_ELAPSED)
+
+
 @dataclass
 class MediaStats:
     rx_decrypted: int = 0  # SRTP + SRTCP packets unprotected OK
@@ -81,6 +86,7 @@ class MediaStats:
     tx_packets: int = 0
     tx_early: int = 0  # of those, the agent's answer sent at once (not at the tick)
     tx_rtcp: int = 0  # SRTCP compounds sent
+    tx_bye: int = 0  # of those, the call's goodbye (it ended here)
     frozen_dropped: int = 0  # frames encoded but not sent while frozen for a migration
     frames_to_agent: int = 0
     frames_early: int = 0  # of those, delivered on arrival (not at the tick)
@@ -176,7 +182,6 @@ class CallMedia:
         self._rx_pts = 0
         self._tx_base: int | None = None  # RTP timestamp of the first frame we send
         self._tx_frames = 0
-        self._tx_octets = 0  # payload octets we sent (an SR's octet count)
         self._tx_ahead = 0  # coming ticks whose frame went out early (answer)
         #: Set by the engine: asks for :meth:`answer` once this call's agent had
         #: a chance to answer a frame delivered on arrival.
@@ -224,7 +229,7 @@ class CallMedia:
         if stream is None:
             stream = self.rx_streams[header.ssrc] = RtpStreamState(ssrc=header.ssrc,
                                                                    payload_type=header.payload_type)
-        stream.update(header.sequence, header.timestamp, header.payload_type)
+        stream.update(header.sequence, header.timestamp, header.payload_type, len(header.payload))
         self.quality.rtp_received(header.ssrc, header.sequence, header.timestamp, now, stream.roc)
         if header.payload_type != self.plan.payload_type or not header.payload:
             self.stats.rx_other_payload += 1
@@ -341,7 +346,7 @@ class CallMedia:
             tx.seq = random.randint(0, 0xFFFF)
             self._tx_base = random.randint(0, U32_MAX)
         else:
-            elapsed = min(max(time.time() - self.plan.frozen_at, 0.0), MAX_ELAPSED)
+            elapsed = since_freeze(self.plan.frozen_at)
             self._tx_base = (tx.timestamp + round((PACKET_TIME + elapsed) * SAMPLE_RATE)) & U32_MAX
         self.sending = True
 
@@ -363,8 +368,7 @@ class CallMedia:
         # Marker on every packet, as aiortc's sender: each is the last of its frame.
         packet = rtp_header.build(self.plan.payload_type, True, seq, timestamp, self.plan.local_ssrc, payload, ext)
         self._send(self._tx.protect(packet))
-        tx.update(seq, timestamp, self.plan.payload_type)
-        self._tx_octets += len(payload)
+        tx.update(seq, timestamp, self.plan.payload_type, len(payload))
         self.stats.tx_packets += 1
         if self.quality.first_rtp_sent_at is None:
             self.quality.rtp_sent(self.plan.local_ssrc)
@@ -377,9 +381,21 @@ class CallMedia:
 
     def _send_rtcp(self, now: float) -> None:
         plain = self.rtcp.report(now, rtp_timestamp=self._rtp_clock, packets=self.tx_stream.packets,
-                                 octets=self._tx_octets)
+                                 octets=self.tx_stream.octets)
         self._send(self._tx.protect_rtcp(plain))
         self.stats.tx_rtcp += 1
+
+    def send_bye(self) -> None:
+        """The call ends here: a last report with a BYE for our SSRC (RFC 3550
+        6.6). Not while frozen (the SSRC goes on at the call's new owner) or
+        before sending (a new owner not yet active)."""
+        if not self.sending or self.frozen:
+            return
+        plain = self.rtcp.bye(time.monotonic(), rtp_timestamp=self._rtp_clock, packets=self.tx_stream.packets,
+                              octets=self.tx_stream.octets)
+        self._send(self._tx.protect_rtcp(plain))
+        self.stats.tx_rtcp += 1
+        self.stats.tx_bye += 1
 
     def info(self) -> dict:
         stats = dict(vars(self.stats))

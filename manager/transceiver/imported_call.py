@@ -35,8 +35,12 @@ SDP. The client keeps its ICE, DTLS and SRTP state and notices nothing:
   would be dropped by the relay and show up at the client as a sequence gap.
 * **RTCP**: the engine sends the call's sender reports (rtcp_sender) on the
   same SSRC, its SRTCP index going on past the ones the previous owners
-  used (``rtcp.tx_srtcp_index`` of the export, and of ours); the client's
-  reports feed the call's figures and RTT (rtcp_stats).
+  used (``rtcp.tx_srtcp_index`` of the export, and of ours), its packet and
+  octet counts going on from the exported stream's (``rtp.tx``), its first
+  report block citing the client's last sender report received by the old
+  owner (``rtcp.rx_last_sr``); the client's reports feed the call's
+  figures and RTT (rtcp_stats). A call that ends here says BYE; one that
+  moves on does not.
 * **DTLS / data channels**: the DTLS session and the SCTP association are
   continued from the exported state (imported_data.ImportedDataChannels):
   record keys from the master secret, sequence numbers and replay window
@@ -78,7 +82,7 @@ from manager.protocol.rfc7983 import PacketClass, classify
 
 from .agent import Agent, AgentSession, run_agent
 from .call_handle import CallHandle
-from .call_media import CallMedia, MediaPlan
+from .call_media import CallMedia, MediaPlan, since_freeze
 from .errors import CallStateConflict, DuplicateCall
 from .ice_credentials import Credentials, IceCredentials, new_password
 from .ice_mux import CallPort, IceMux
@@ -192,6 +196,8 @@ class ImportedCall(CallHandle):
             srtcp_used=spec.state.rtcp.tx_srtcp_index.get(str(spec.local_ssrc), 0),
             cname=cname_for(spec.keying_material, spec.local_ssrc)), session, self._send_media,
             complexity=engine.complexity)
+        # The client's last SR, as old as it was at the freeze and since: our first report cites it.
+        self.media.quality.continue_last_sr(spec.state.rtcp.rx_last_sr, since_freeze(spec.frozen_at))
         self._on_closed_by_client = on_closed_by_client
         state = spec.state
         self.data: ImportedDataChannels | None = None
@@ -290,9 +296,12 @@ class ImportedCall(CallHandle):
             await self._on_closed_by_client(self, reason)
 
     async def close(self, *, quiet: bool = True) -> None:
-        """End; unless `quiet`, the client gets an SCTP ABORT and a DTLS
-        close_notify (nothing can be said without the data channels' DTLS)."""
+        """End; unless `quiet`, the client gets an RTCP BYE, an SCTP ABORT and
+        a DTLS close_notify (the last two need the data channels' DTLS). After
+        consent expired nothing is sent (RFC 7675)."""
         self.ending = True
+        if not quiet and not self.consent_expired:
+            self.media.send_bye()
         self.engine.remove(self.conn_id, self.media)
         if self.data is not None:
             await self.data.close(quiet=quiet)
@@ -580,7 +589,7 @@ class ImportedCall(CallHandle):
             # Our SRTCP index goes on from the previous owners' (rtcp_sender): the next owner's too.
             rtcp=RtcpState(tx_srtcp_index={**old.rtcp.tx_srtcp_index,
                                            str(self.spec.local_ssrc): self.media.rtcp.srtcp_used},
-                           rx_packets=dict(self.media.stats.rtcp)),
+                           rx_packets=dict(self.media.stats.rtcp), rx_last_sr=self.quality.last_sr_state()),
             sctp=None if old.sctp is None else old.sctp.model_copy(
                 update={"association": association, "not_carried": not_carried}),
             agent=AgentState(session=self.session.export_state(), state=self.agent.export_state()),

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from aiortc.rtcdtlstransport import SRTP_PROFILES, RTCDtlsTransport
 from aiortc.rtp import is_rtcp
 
-from manager.protocol.callstate import RtcpState, RtpState, SrtpState
+from manager.protocol import rtp_header
+from manager.protocol.callstate import LastSenderReport, RtcpState, RtpState, SrtpState
 
 from . import aiortc_hooks as hooks
 from .rtp_streams import RtpStreamState
@@ -40,7 +41,7 @@ class MediaTap:
       with aiortc's own profile table and role rule, so the keys are exactly
       the ones the sessions hold.
     * ``_send_rtp``: plaintext RTP/RTCP right before protection: tx SSRC,
-      sequence, timestamp, ROC, SRTCP index.
+      sequence, timestamp, ROC, packets and payload octets, SRTCP index.
     * ``_handle_rtp_data`` / ``_handle_rtcp_data``: plaintext after
       unprotection: the same for rx.
 
@@ -138,12 +139,14 @@ class MediaTap:
         if is_rtcp(data):
             rtcp[int.from_bytes(data[4:8], "big")] += 1
             return
-        ssrc = int.from_bytes(data[8:12], "big")
-        pt = data[1] & 0x7F
-        stream = streams.get(ssrc)
+        header = rtp_header.parse(data)
+        if header is None:
+            return
+        stream = streams.get(header.ssrc)
         if stream is None:
-            stream = streams[ssrc] = RtpStreamState(ssrc=ssrc, payload_type=pt)
-        stream.update(int.from_bytes(data[2:4], "big"), int.from_bytes(data[4:8], "big"), pt)
+            stream = streams[header.ssrc] = RtpStreamState(ssrc=header.ssrc, payload_type=header.payload_type)
+        # The payload octets too: an SR counts them (a new owner's go on from these).
+        stream.update(header.sequence, header.timestamp, header.payload_type, len(header.payload))
 
     def srtp_state(self, include_secrets: bool) -> SrtpState | None:
         if self.srtp is None:
@@ -157,6 +160,7 @@ class MediaTap:
         return RtpState(tx={str(s): st.to_model() for s, st in self.tx.items()},
                         rx={str(s): st.to_model() for s, st in self.rx.items()})
 
-    def rtcp_state(self) -> RtcpState:
+    def rtcp_state(self, last_sr: dict[str, LastSenderReport]) -> RtcpState:
+        """The SRTCP counts, and `last_sr`: the client's last sender reports (the call's CallQuality)."""
         return RtcpState(tx_srtcp_index={str(s): n for s, n in self.tx_rtcp.items()},
-                         rx_packets={str(s): n for s, n in self.rx_rtcp.items()})
+                         rx_packets={str(s): n for s, n in self.rx_rtcp.items()}, rx_last_sr=last_sr)

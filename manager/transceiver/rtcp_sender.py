@@ -1,4 +1,5 @@
-"""The RTCP a media-engine call sends: a compound SR + SDES at RFC 3550's interval.
+"""The RTCP a media-engine call sends: a compound SR + SDES at RFC 3550's
+interval, and SR + SDES + BYE when the call ends here.
 
 Each report is one compound packet (RFC 3550 6.1): a sender report with our
 sender info (NTP time now, the RTP timestamp of that instant on our stream's
@@ -7,6 +8,9 @@ about the client's stream (rtcp_stats.CallQuality.reception_block: loss,
 highest sequence, jitter, LSR/DLSR of the client's last SR), then an SDES
 with our CNAME. The client's receiver reports cite the SR, and
 :class:`~.rtcp_stats.CallQuality` turns their LSR/DLSR into the call's RTT.
+When the call ends here (hung up, ended by the relay, a drain's deadline)
+the last compound adds a BYE (RFC 3550 6.6); a call that moves to another
+owner sends none: its SSRC goes on there.
 
 When: RFC 3550 6.2 and 6.3 with the 5 s minimum for a two-party call (the
 bandwidth share of one Opus stream always gives less): the first report after
@@ -91,10 +95,20 @@ class RtcpSender:
         """The compound to send at monotonic `now` (plain: the caller protects
         it); `rtp_timestamp(now)` is our stream's RTP clock at that instant."""
         self.next_at = now + self.interval()
+        return self._compound(now, rtp_timestamp, packets, octets, [])
+
+    def bye(self, now: float, *, rtp_timestamp: Callable[[float], int], packets: int, octets: int,
+            reason: str | None = None) -> bytes:
+        """The call's last compound (RFC 3550 6.6): the report, then a BYE for
+        our SSRC, so the client's stats end here rather than time out."""
+        return self._compound(now, rtp_timestamp, packets, octets, [rtcp.Bye((self.ssrc,), reason)])
+
+    def _compound(self, now: float, rtp_timestamp: Callable[[float], int], packets: int, octets: int,
+                  tail: list[rtcp.Bye]) -> bytes:
         self.sent += 1
         ntp = rtcp.ntp_timestamp(self.quality.clock())
         block = self.quality.reception_block()
         sr = rtcp.Report(ssrc=self.ssrc, blocks=() if block is None else (block,),
                          sender=rtcp.SenderInfo(ntp=ntp, rtp_timestamp=rtp_timestamp(now) & 0xFFFFFFFF,
                                                 packets=packets & 0xFFFFFFFF, octets=octets & 0xFFFFFFFF))
-        return rtcp.serialize([sr, rtcp.Sdes(((self.ssrc, self.cname),))])
+        return rtcp.serialize([sr, rtcp.Sdes(((self.ssrc, self.cname),)), *tail])

@@ -32,6 +32,7 @@ from typing import Any
 from aiortc.rtp import is_rtcp
 
 from manager.protocol import quality, rtcp
+from manager.protocol.callstate import LastSenderReport
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ NTP_EPOCH_OFFSET = 2208988800
 MOS_INTERVAL = 1.0  # s between MOS samples
 ENDED_KEEP = 1024  # ended calls whose figures are kept for relayd
 ENDED_TTL = 600.0
+REMOTE_SRS = 8  # client SSRCs whose last sender report is kept (a call has one or two)
 
 
 @dataclass
@@ -189,7 +191,7 @@ class CallQuality:
         seen = False
         for report in compound.reports:
             if report.sender is not None and report.ssrc not in self.local_ssrcs:
-                self.remote_sr[report.ssrc] = (report.sender.middle32, now)
+                self._remember_sr(report.ssrc, report.sender.middle32, now)
             for block in report.blocks:
                 if self.local_ssrcs and block.ssrc not in self.local_ssrcs:
                     continue  # a block about another stream (e.g. our RTX)
@@ -203,6 +205,26 @@ class CallQuality:
             if self._estimator is not None:
                 self._estimated(*self._estimator.interval())
             self._sample()
+
+    def _remember_sr(self, ssrc: int, lsr: int, at: float) -> None:
+        self.remote_sr.pop(ssrc, None)  # newest last
+        self.remote_sr[ssrc] = (lsr, at)
+        while len(self.remote_sr) > REMOTE_SRS:
+            del self.remote_sr[next(iter(self.remote_sr))]
+
+    def last_sr_state(self) -> dict[str, LastSenderReport]:
+        """The client's last sender reports for an export: each one's LSR and its age now."""
+        now = self.clock()
+        return {str(ssrc): LastSenderReport(ntp_middle32=lsr, age=max(now - at, 0.0))
+                for ssrc, (lsr, at) in self.remote_sr.items()}
+
+    def continue_last_sr(self, exported: dict[str, LastSenderReport], since_export: float) -> None:
+        """An imported call's: the old owner's last SRs, as if they had arrived
+        here (their age at the export plus `since_export`), so our first report
+        cites one (LSR/DLSR) and the client gets an RTT from it."""
+        now = self.clock()
+        for ssrc, sr in exported.items():
+            self._remember_sr(int(ssrc), sr.ntp_middle32, now - sr.age - since_export)
 
     def _estimated(self, fraction: float, lost: int, highest: int, jitter_ms: float) -> None:
         est = self._estimator

@@ -23,12 +23,13 @@ class RtpStreamState:
     timestamp: int = 0  # RTP timestamp of that packet
     roc: int = 0  # SRTP rollover counter (RFC 3711 3.3.1), counts seq wraps
     packets: int = 0
+    octets: int = 0  # payload octets (a sent stream's: the sender octet count of our SRs)
 
     def is_newer(self, seq: int) -> bool:
         """Whether ``seq`` is after the highest one seen (modulo 2^16)."""
         return self.packets == 0 or 0 < ((seq - self.seq) & 0xFFFF) < 0x8000
 
-    def update(self, seq: int, timestamp: int, payload_type: int) -> None:
+    def update(self, seq: int, timestamp: int, payload_type: int, octets: int = 0) -> None:
         if self.packets == 0:
             self.seq, self.timestamp = seq, timestamp
         elif self.is_newer(seq):  # else duplicate/reordered
@@ -37,15 +38,16 @@ class RtpStreamState:
             self.seq, self.timestamp = seq, timestamp
         self.payload_type = payload_type
         self.packets += 1
+        self.octets += octets
 
     def to_model(self) -> RtpStream:
         return RtpStream(ssrc=self.ssrc, payload_type=self.payload_type, seq=self.seq,
-                         timestamp=self.timestamp, roc=self.roc, packets=self.packets)
+                         timestamp=self.timestamp, roc=self.roc, packets=self.packets, octets=self.octets)
 
     @classmethod
     def from_model(cls, m: RtpStream) -> RtpStreamState:
         return cls(ssrc=m.ssrc, payload_type=m.payload_type, seq=m.seq, timestamp=m.timestamp,
-                   roc=m.roc, packets=m.packets)
+                   roc=m.roc, packets=m.packets, octets=m.octets)
 
 
 def migration_blocker(srtp: SrtpState | None, rtp: RtpState) -> str | None:

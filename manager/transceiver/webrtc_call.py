@@ -440,7 +440,7 @@ class WebRtcCall(CallHandle):
             srtp=srtp,
             media=media,
             rtp=self.tap.rtp_state(),
-            rtcp=self.tap.rtcp_state(),
+            rtcp=self.tap.rtcp_state(last_sr=self.quality.last_sr_state()),
             sctp=None if sctp is None else SctpState(
                 mid=sctp.mid, state=sctp.state, port=sctp.port, association=association,
                 not_carried=None if association is not None else not_carried),

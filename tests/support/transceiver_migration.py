@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import ClientSession, web
@@ -96,9 +97,12 @@ class StateLog:
 
 
 async def migrate(
-    client: ClientCall, conn_id: int, src: Api, dst: Api, src_owner: Addr
+    client: ClientCall, conn_id: int, src: Api, dst: Api, src_owner: Addr,
+    before_flip: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Export+freeze on src, import on dst, flip the forwarder, activate, release.
+    `before_flip(state)` runs between the import and the flip (nothing of the
+    call has reached the new owner yet).
 
     Returns the exported state and measurements; asserts each step's status.
     """
@@ -122,6 +126,8 @@ async def migrate(
     info = await dst.get(f"/calls/{conn_id}")
     assert info["imported"] and info["migration"]["tx_packets"] == 0
     assert fwd.not_owner[new_owner] == dropped_before.get(new_owner, 0)
+    if before_flip is not None:
+        before_flip(state)
     lost_before = await inbound_lost(client)
     switch_index = len(fwd.to_client)
     t_switch = time.monotonic()

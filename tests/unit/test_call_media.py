@@ -227,11 +227,11 @@ def test_the_engine_echoes_a_frame_between_its_ticks() -> None:
 
 def test_sender_reports_keep_the_streams_clock_and_counts() -> None:
     """The SR's RTP timestamp is the tick's frame's, whether frames went out
-    early or not; its packet count goes on from the old owner's."""
+    early or not; its packet and octet counts go on from the old owner's."""
 
     async def scenario() -> None:
         sent: list[bytes] = []
-        old = RtpStreamState(ssrc=777, payload_type=111, seq=100, timestamp=5000, roc=0, packets=500)
+        old = RtpStreamState(ssrc=777, payload_type=111, seq=100, timestamp=5000, roc=0, packets=500, octets=40000)
         m, s = media(sent, tx=old)
         m.start_sending()
         m.rtcp.next_at = 0.0  # a report is due at the first tick
@@ -245,7 +245,36 @@ def test_sender_reports_keep_the_streams_clock_and_counts() -> None:
         (sr,) = [rtcp.parse(rx.unprotect_rtcp(p)).reports[0] for p in sent if is_rtcp(p)]
         assert [h.timestamp - rtp[0].timestamp for h in rtp] == [0, 960]
         assert sr.sender.rtp_timestamp == rtp[0].timestamp  # the first tick's frame: the first sent
-        assert sr.sender.packets == 502 and sr.sender.octets == sum(len(h.payload) for h in rtp)
+        assert sr.sender.packets == 502 and sr.sender.octets == 40000 + sum(len(h.payload) for h in rtp)
         assert m.stats.tx_rtcp == 1 and m.rtcp.srtcp_used == 1
+        assert m.tx_stream.to_model().octets == sr.sender.octets  # what the export carries on
+
+    asyncio.run(scenario())
+
+
+def test_a_call_that_ends_here_says_bye_one_that_moves_on_does_not() -> None:
+    """RFC 3550 6.6: the last compound of a call that ends is SR + SDES +
+    BYE for our SSRC. Frozen for a migration (the SSRC goes on at the new
+    owner) or never sending (a new owner not activated), nothing goes out."""
+
+    async def scenario() -> None:
+        sent: list[bytes] = []
+        m, s = media(sent)
+        m.send_bye()
+        assert sent == []  # not sending yet
+        m.start_sending()
+        s.out_track.push(_frame(tone(1)[0]))
+        m.tick()
+        m.frozen = True
+        m.send_bye()
+        assert not any(is_rtcp(p) for p in sent)
+        m.frozen = False
+        m.send_bye()
+        rx = session(OUR_KEY, inbound=True)
+        rtp = [rtp_header.parse(rx.unprotect(p)) for p in sent if not is_rtcp(p)]
+        (last,) = [rtcp.parse(rx.unprotect_rtcp(p)) for p in sent if is_rtcp(p)]
+        assert [r.ssrc for r in last.reports] == [777] and last.reports[0].sender.packets == len(rtp) == 1
+        assert last.sdes[0].cnames[0][0] == 777 and last.byes == [rtcp.Bye((777,))]
+        assert m.stats.tx_bye == 1 and m.rtcp.srtcp_used == 1
 
     asyncio.run(scenario())

@@ -63,9 +63,12 @@ def exported(**over) -> dict:
                    "codecs": [{"mime_type": "audio/opus", "clock_rate": 48000, "channels": 2, "payload_type": 111,
                                "parameters": {}}],
                    "remote_ssrcs": [3333], "header_extensions": [{"id": 1, "uri": "urn:ietf:params:rtp-hdrext:sdes:mid"}]}],
-        "rtp": {"tx": {"1111": {"ssrc": 1111, "payload_type": 111, "seq": 10, "timestamp": 960, "roc": 0, "packets": 10}},
-                "rx": {"3333": {"ssrc": 3333, "payload_type": 111, "seq": 5, "timestamp": 480, "roc": 0, "packets": 5}}},
-        "rtcp": {"tx_srtcp_index": {"1111": 2}, "rx_packets": {"3333": 1}},
+        "rtp": {"tx": {"1111": {"ssrc": 1111, "payload_type": 111, "seq": 10, "timestamp": 960, "roc": 0, "packets": 10,
+                                "octets": 800}},
+                "rx": {"3333": {"ssrc": 3333, "payload_type": 111, "seq": 5, "timestamp": 480, "roc": 0, "packets": 5,
+                                "octets": 400}}},
+        "rtcp": {"tx_srtcp_index": {"1111": 2}, "rx_packets": {"3333": 1},
+                 "rx_last_sr": {"3333": {"ntp_middle32": 0x12345678, "age": 0.75}}},
         "sctp": {"mid": "1", "state": "connected", "port": 5000, "association": association(), "not_carried": None},
         "agent": {"session": {"messages_in": 3}, "state": {"frames_echoed": 7}},
         "frozen": {"at": 1.0e9 + 60, "monotonic": 5.0},
@@ -105,6 +108,12 @@ def test_without_secrets_leaves_them_out() -> None:
     (lambda s: s.update(conn_id=0), "conn_id: Input should be greater than or equal to 1"),
     (lambda s: s.update(surprise=1), "surprise: Extra inputs are not permitted"),
     (lambda s: s.update(version=2), "version: must be 1, got 2"),
+    (lambda s: s["rtp"]["tx"]["1111"].update(octets=-1), "rtp.tx.1111.octets: Input should be greater than or equal"),
+    (lambda s: s["rtcp"]["rx_last_sr"]["3333"].update(age=-0.1),
+     "rtcp.rx_last_sr.3333.age: Input should be greater than or equal"),
+    (lambda s: s["rtcp"]["rx_last_sr"]["3333"].update(age=float("inf")), "rtcp.rx_last_sr.3333.age: Input should"),
+    (lambda s: s["rtcp"]["rx_last_sr"]["3333"].update(ntp_middle32=2**32),
+     "rtcp.rx_last_sr.3333.ntp_middle32: Input should be less than or equal"),
     (lambda s: s["dtls"]["record"].update(tx_seq=1 << 48), "dtls.record.tx_seq: Input should be less than or equal"),
     (lambda s: s["dtls"]["record"].update(master_secret="XY"), "dtls.record.master_secret: Value error, must be"),
     (lambda s: s["sctp"]["association"]["sent"][0].update(user_data="!!"),
@@ -144,6 +153,19 @@ def test_version_is_the_schema_version() -> None:
     assert CallState.model_fields["version"].default == STATE_VERSION == 1
 
 
+def test_an_older_export_without_the_later_fields_still_imports() -> None:
+    """Fields added to version 1 since (octets sent, the client's last SR) have
+    defaults: an export from an owner that did not write them imports, and
+    its counts start at 0 as they did there."""
+    data = exported()
+    for stream in (*data["rtp"]["tx"].values(), *data["rtp"]["rx"].values()):
+        del stream["octets"]
+    del data["rtcp"]["rx_last_sr"]
+    plan = ImportPlan.from_state(parse_call_state(data))
+    assert plan.tx is not None and (plan.tx.packets, plan.tx.octets) == (10, 0)
+    assert plan.state.rtcp.rx_last_sr == {}
+
+
 def _srtp_packet(session: pylibsrtp.Session, seq: int) -> bytes:
     packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960, ssrc=3333, payload=b"\xf8\xff\xfe")
     return session.protect(packet.serialize())
@@ -169,6 +191,54 @@ def test_imported_call_keeps_aiortcs_replay_window() -> None:
 
     decrypted, undecryptable = asyncio.run(scenario())
     assert (decrypted, undecryptable) == (2, 0)
+
+
+def _imported(sent: list[bytes]) -> ImportedCall:
+    plan = ImportPlan.from_state(parse_call_state(exported()))
+    call = ImportedCall(plan, AgentSession(42), EchoAgent(), engine=MediaEngine(),
+                        on_consent_expired=lambda c: asyncio.sleep(0))  # a no-op coroutine
+    call.media._send = sent.append  # what would go to the client
+    return call
+
+
+def test_an_imported_call_goes_on_with_the_rtcp_state_and_exports_it_again() -> None:
+    """The SR's counts go on from the exported stream's; the client's last SR
+    is held as if it had arrived here, its age grown by the time since the
+    freeze (a minute ago here, the most that is counted); the export carries both on."""
+
+    async def scenario() -> None:
+        call = _imported([])
+        try:
+            assert (call.media.tx_stream.packets, call.media.tx_stream.octets) == (10, 800)
+            lsr, _ = call.quality.remote_sr[3333]
+            assert lsr == 0x12345678
+            again = call.export_state(1, {"addr4": "10.10.2.2", "port4": 40000, "addr6": None, "port6": 0},
+                                      include_secrets=False)
+            assert again.rtp.tx["1111"].octets == 800
+            assert again.rtcp.rx_last_sr["3333"].ntp_middle32 == 0x12345678
+            assert 60.75 <= again.rtcp.rx_last_sr["3333"].age < 62
+        finally:
+            await call.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_says_bye_only_when_it_ends_here() -> None:
+    """An engine call's goodbye (RFC 3550 6.6): on a hang-up, not on a
+    migration's release (quiet: the SSRC goes on elsewhere), not after consent
+    expired (RFC 7675: stop sending)."""
+
+    async def ended(quiet: bool, consent_expired: bool = False) -> int:
+        sent: list[bytes] = []
+        call = _imported(sent)
+        call.activate("api")
+        call.consent_expired = consent_expired
+        await call.close(quiet=quiet)
+        return call.media.stats.tx_bye
+
+    assert asyncio.run(ended(quiet=False)) == 1
+    assert asyncio.run(ended(quiet=True)) == 0
+    assert asyncio.run(ended(quiet=False, consent_expired=True)) == 0
 
 
 def test_srtp_session_replays_are_still_refused() -> None:

@@ -1,10 +1,10 @@
-"""RTCP sender and receiver reports and SDES: written and read back (by aiortc's parser too),
+"""RTCP sender and receiver reports, SDES and BYE: written and read back (by aiortc's parser too),
 malformed compounds refused."""
 
 from __future__ import annotations
 
 import pytest
-from aiortc.rtp import RtcpPacket, RtcpSdesPacket, RtcpSenderInfo, RtcpSourceInfo, RtcpSrPacket
+from aiortc.rtp import RtcpByePacket, RtcpPacket, RtcpSdesPacket, RtcpSenderInfo, RtcpSourceInfo, RtcpSrPacket
 
 from manager.protocol import rtcp
 from manager.protocol.quality import ntp_middle32, rtt_ms
@@ -34,10 +34,11 @@ def test_compound_skips_other_packets_by_their_length():
     sdes = bytes([0x81, 202, 0, 2]) + bytes(8)  # one chunk (SSRC 0) without items, padded
     bye = bytes([0x81, 203, 0, 1]) + bytes(4)
     app = bytes([0x80, 204, 0, 2]) + bytes(8)
+    nack = bytes([0x81, 205, 0, 3]) + bytes(12)
     rr = rtcp.Report(ssrc=5, blocks=(block(),)).pack()
-    parsed = rtcp.parse(rr + sdes + bye + app)
+    parsed = rtcp.parse(rr + sdes + bye + app + nack)
     assert [r.ssrc for r in parsed.reports] == [5] and parsed.others == 2
-    assert parsed.sdes == [rtcp.Sdes(((0, None),))]
+    assert parsed.sdes == [rtcp.Sdes(((0, None),))] and parsed.byes == [rtcp.Bye((0,))]
 
 
 @pytest.mark.parametrize("cname", ["", "a", "abcd", "0123456789abcdef01234567", "x" * 255])
@@ -82,6 +83,24 @@ def test_sdes_with_several_chunks_and_items_round_trips():
     assert rtcp.parse(data).sdes == [rtcp.Sdes(((7, "me"),))]
 
 
+@pytest.mark.parametrize("reason", [None, "", "a", "abc", "call ended", "x" * 255])
+def test_bye_round_trips_ours_and_aiortcs_parser(reason):
+    """What an engine call sends when it ends (rtcp_sender.RtcpSender.bye):
+    SR, SDES, then BYE with a reason; read back by ours and by aiortc's."""
+    sr = rtcp.Report(ssrc=0xCAFE, sender=rtcp.SenderInfo(ntp=rtcp.ntp_timestamp(1_700_000_000.5),
+                                                         rtp_timestamp=1, packets=2, octets=3))
+    bye = rtcp.Bye((0xCAFE,), reason)
+    data = rtcp.serialize([sr, rtcp.Sdes(((0xCAFE, "me"),)), bye])
+    assert len(data) % 4 == 0
+    back = rtcp.parse(data)
+    # An empty reason is as good as none (a length octet of 0 is padding).
+    assert back.byes == [rtcp.Bye((0xCAFE,), reason or None)] and back.others == 0
+    *_, theirs = RtcpPacket.parse(data)
+    assert isinstance(theirs, RtcpByePacket) and theirs.sources == [0xCAFE]
+    # aiortc's BYE (no reason), with several sources, reads back with ours
+    assert rtcp.parse(bytes(RtcpByePacket(sources=[1, 2, 3]))).byes == [rtcp.Bye((1, 2, 3))]
+
+
 @pytest.mark.parametrize("data, why", [
     (b"\x80\xc9", "shorter than an RTCP header"),
     (bytes([0x40, 201, 0, 1]) + bytes(4), "version 1"),
@@ -91,6 +110,8 @@ def test_sdes_with_several_chunks_and_items_round_trips():
     (bytes([0x82, 202, 0, 2]) + bytes(8), "chunk 2 of 2 starts past"),
     (bytes([0x81, 202, 0, 1]) + bytes(4), "has no end item"),
     (bytes([0x81, 202, 0, 2]) + bytes(4) + bytes([1, 9, 0, 0]), "runs past"),
+    (bytes([0x82, 203, 0, 1]) + bytes(4), "BYE with 2 sources needs 8 bytes"),
+    (bytes([0x81, 203, 0, 2]) + bytes(4) + bytes([9, 0, 0, 0]), "BYE reason at byte 8 runs past"),
 ])
 def test_malformed_compounds_are_refused_with_a_reason(data, why):
     with pytest.raises(rtcp.RtcpError, match=why):
@@ -102,6 +123,10 @@ def test_too_many_blocks_for_one_report_is_refused():
         rtcp.Report(ssrc=1, blocks=(block(),) * 32).pack()
     with pytest.raises(rtcp.RtcpError, match="at most 255"):
         rtcp.Sdes(((1, "x" * 256),)).pack()
+    with pytest.raises(rtcp.RtcpError, match="at most 255"):
+        rtcp.Bye((1,), "x" * 256).pack()
+    with pytest.raises(rtcp.RtcpError, match="at most 31"):
+        rtcp.Bye(tuple(range(32))).pack()
 
 
 def test_rtt_from_a_block_echoing_our_sender_report():

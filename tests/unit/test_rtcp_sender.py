@@ -9,7 +9,7 @@ import random
 
 import pylibsrtp
 import pytest
-from aiortc.rtp import RtcpPacket, RtcpSdesPacket, RtcpSrPacket
+from aiortc.rtp import RtcpByePacket, RtcpPacket, RtcpSdesPacket, RtcpSrPacket
 
 from manager.protocol import rtcp
 from manager.protocol.quality import ntp_middle32
@@ -89,3 +89,12 @@ def test_a_new_owners_srtcp_goes_on_past_the_old_owners_indices(skip):
     else:
         with pytest.raises(pylibsrtp.Error, match="replay"):
             client.unprotect_rtcp(new.protect_rtcp(sr))
+
+
+def test_bye_is_the_last_report_with_a_goodbye():
+    sender = RtcpSender(777, "me", CallQuality(1))
+    data = sender.bye(5.0, rtp_timestamp=lambda t: 960, packets=3, octets=240, reason="done")
+    back = rtcp.parse(data)
+    assert back.reports[0].sender.packets == 3 and back.sdes == [rtcp.Sdes(((777, "me"),))]
+    assert back.byes == [rtcp.Bye((777,), "done")] and sender.srtcp_used == 1
+    assert isinstance(RtcpPacket.parse(data)[-1], RtcpByePacket)  # as the client reads it

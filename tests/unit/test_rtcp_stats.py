@@ -13,7 +13,7 @@ from aiortc.mediastreams import AudioStreamTrack
 from manager.protocol import rtcp
 from manager.protocol.quality import ntp_middle32
 from manager.transceiver import aiortc_hooks as hooks
-from manager.transceiver.rtcp_stats import CallQuality, EndedFigures, ReceiverEstimator
+from manager.transceiver.rtcp_stats import REMOTE_SRS, CallQuality, EndedFigures, ReceiverEstimator
 from tests.support.waiting import eventually_async
 
 
@@ -112,6 +112,34 @@ def test_reception_block_cites_the_clients_last_sender_report():
     q.rtcp_received(rtcp.Report(ssrc=1234, sender=rtcp.SenderInfo(ntp=ntp + 99, rtp_timestamp=0, packets=1,
                                                                    octets=9)).pack())
     assert q.remote_sr[42][0] == (ntp >> 16) & 0xFFFFFFFF and 1234 not in q.remote_sr
+
+
+def test_the_clients_last_sender_report_moves_with_the_call_by_its_age():
+    """The old owner exports the client's last SR with its age; the new owner
+    (another process, another monotonic clock) adds the time since the freeze,
+    and its first report block's DLSR counts the SR's whole time held."""
+    old_now, new_now = [1_700_000_000.0], [5.0]
+    old, new = CallQuality(1, clock=lambda: old_now[0]), CallQuality(1, clock=lambda: new_now[0])
+    ntp = rtcp.ntp_timestamp(1_699_999_999.0)
+    old.rtcp_received(rtcp.Report(ssrc=42, sender=rtcp.SenderInfo(ntp=ntp, rtp_timestamp=0, packets=1,
+                                                                   octets=9)).pack())
+    old_now[0] += 0.5  # held 500 ms before the export
+    (state,) = old.last_sr_state().values()
+    assert state.ntp_middle32 == (ntp >> 16) & 0xFFFFFFFF and state.age == pytest.approx(0.5)
+    new.continue_last_sr(old.last_sr_state(), since_export=0.25)  # imported 250 ms after the freeze
+    new.rtp_received(42, 10, 0, 0.0)
+    new_now[0] += 0.1
+    block = new.reception_block()
+    assert block.lsr == state.ntp_middle32 and block.dlsr == pytest.approx(0.85 * 65536, abs=2)
+    assert new.last_sr_state()["42"].age == pytest.approx(0.85)  # and so on to the next owner
+
+
+def test_the_last_sender_reports_kept_are_bounded():
+    q = CallQuality(1)
+    for ssrc in range(100):
+        q.rtcp_received(rtcp.Report(ssrc=ssrc, sender=rtcp.SenderInfo(ntp=ssrc, rtp_timestamp=0, packets=1,
+                                                                       octets=9)).pack())
+    assert list(q.remote_sr) == list(range(100 - REMOTE_SRS, 100))
 
 
 def test_hand_over_keeps_the_history():

@@ -3,7 +3,7 @@ its paths (aiortc, and the media engine after the hand-over), the client's
 uplink loss counted as the relay stand-in dropped it, MOS lower the more is
 lost, and the figures still readable after the call ended. The engine's own
 RTCP (rtcp_sender): the client gets our sender reports and cites them, so an
-engine call measures its RTT.
+engine call measures its RTT; a hang-up sends the call's BYE.
 
 Loopback, through the userspace relay stand-in (tests/support/transceiver_calls.py),
 which drops a seeded fraction of the client's RTP on its way to the transceiver.
@@ -156,9 +156,24 @@ def test_engine_call_sends_sender_reports_and_measures_its_rtt() -> None:
                 (sr,) = compound.reports
                 assert sr.ssrc == media.plan.local_ssrc and sr.sender is not None
                 assert [b.ssrc for b in sr.blocks] == [client_ssrc] and sr.blocks[0].fraction_lost == 0
+                assert compound.byes == []  # the call goes on
             # The export carries the SRTCP packets sent on our SSRC, for the next owner.
             assert state["rtcp"]["tx_srtcp_index"][str(media.plan.local_ssrc)] == media.rtcp.srtcp_used
             assert media.rtcp.srtcp_used >= media.stats.tx_rtcp  # and aiortc's before the hand-over, if any
+            # The relay hangs up: the call's last SRTCP is SR + SDES + BYE for our SSRC (RFC 3550 6.6).
+            seen_before = len(client.fwd.to_client)
+            await tx.close_call(10)
+
+            def after_hang_up() -> list[rtcp.Compound]:
+                assert client.fwd is not None
+                fresh = srtp_session(srtp["profile"], srtp["tx_key"])  # (a session refuses a replay)
+                return [rtcp.parse(fresh.unprotect_rtcp(p)) for p in client.fwd.to_client[seen_before:]
+                        if is_rtcp(p)]
+
+            await eventually_async(after_hang_up, 5, what="the call's last SRTCP at the client")
+            last = after_hang_up()
+            assert [c.byes for c in last] == [[rtcp.Bye((media.plan.local_ssrc,))]]
+            assert last[0].reports[0].sender.packets == media.tx_stream.packets and media.stats.tx_bye == 1
             await client.close()
 
     run(scenario(), timeout=60)
