@@ -12,8 +12,9 @@ every 700 net allocations, and a full collection walks every object the
 process holds, a pause of tens of milliseconds with many calls, which is
 exactly the tail the added latency's p99 sees. So, once the transceiver has
 started, everything alive (modules, aiortc's tables) is moved out of the
-collector's sight (``gc.freeze``) and the thresholds are raised: the young
-generation is collected about ten times less often, the old ones rarely.
+collector's sight (``gc.freeze``), so a full collection walks only what the
+calls hold, and the young generation is collected ten times less often
+(the older ones keep their ratios to it).
 Reference counting frees almost all of the per-frame objects anyway; the
 collector is only for cycles. :class:`GcPauses` measures what is left.
 """
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 #: gc.set_threshold after start (CPython's defaults: 700, 10, 10).
-GC_THRESHOLDS = (7000, 20, 100)
+GC_THRESHOLDS = (7000, 10, 10)
 
 try:
     import uvloop
