@@ -36,7 +36,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
                           "call_soon_threadsafe", "Semaphore", "_WorkItem", "run_in_executor", "_chain_future",
                           "_copy_future_state", "concurrent/futures")),
     ("agent audio (resample, FIFO, pacing)", ("AgentAudioTrack", "agent.py", "silence_frame")),
-    ("socket send/receive and demux", ("sendto", "_read_ready", "recvfrom", "ice_mux.py")),
+    ("socket send/receive and demux", ("sendto", "_read_ready", "recvfrom", "ice_mux.py", "batch_send.py")),
     ("srtp (libsrtp)", ("Session.protect", "Session.unprotect", "Session.__process", "protect_rtcp")),
     ("audio level", ("compute_audio_level_dbov",)),
     ("jitter buffer", ("jitterbuffer.py", "jitter.py")),
@@ -50,7 +50,10 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 
 
 #: Innermost frames of a thread that waits (py-spy samples every thread).
-IDLE = ("EpollSelector.select", "Condition.wait", "_worker (concurrent/futures/thread.py:81)")
+#: Under uvloop the loop is C: a stack that ends at the runner is the loop
+#: waiting in epoll (or in its own C code, which py-spy cannot tell apart).
+IDLE = ("EpollSelector.select", "Condition.wait", "_worker (concurrent/futures/thread.py:81)",
+        "Runner.run (asyncio/runners.py")
 
 
 def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | None = None,
