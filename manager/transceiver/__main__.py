@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import logging
 import os
@@ -16,6 +15,7 @@ from manager.observability.logs import FORMATS
 from manager.observability.logs import configure as configure_logs
 from manager.observability.tracing import check_endpoint
 
+from . import runtime
 from .agent_loader import AgentSpecError, load_agent_factory
 from .opus import DEFAULT_COMPLEXITY
 from .service import TransceiverConfig, run
@@ -193,9 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         opus_complexity=args.opus_complexity,
         otlp_endpoint=args.otlp_endpoint,
         drain_deadline=args.drain_deadline,
+        tune_gc=True,
     )
     try:
-        asyncio.run(run(config))
+        runtime.run(run(config))
     except (OSError, ValueError, pki.PkiError) as exc:
         print(f"transceiver: {exc}", file=sys.stderr)
         return 1

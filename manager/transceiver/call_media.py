@@ -20,10 +20,10 @@ checked at each tick, and SR + SDES + BYE when the call ends here.
 
 from __future__ import annotations
 
-import array
 import copy
 import logging
 import math
+import operator
 import random
 import time
 from collections import Counter
@@ -115,10 +115,11 @@ class RateLimit:
 
 def audio_level(pcm: bytes) -> int:
     """RFC 6464 level (0 = loudest, 127 = silence) from every eighth sample."""
-    samples = array.array("h", pcm)[::8]
+    samples = memoryview(pcm[:len(pcm) & ~1]).cast("h")[::8]
     if not samples:
         return 127
-    rms = math.sqrt(sum(x * x for x in samples) / len(samples))
+    # map(mul) runs the products in C: a third of a generator's time.
+    rms = math.sqrt(sum(map(operator.mul, samples, samples)) / len(samples))
     if rms < 1:
         return 127
     return min(127, max(0, round(-20 * math.log10(rms / 32767))))
@@ -179,6 +180,7 @@ class CallMedia:
         ids = {x["uri"]: x["id"] for x in plan.header_extensions}
         self._mid_ext = (ids[MID_URI], plan.mid.encode()) if MID_URI in ids and plan.mid else None
         self._level_id = ids.get(AUDIO_LEVEL_URI)
+        self._ext_by_level: dict[int, bytes] = {}  # at most 128 (RFC 6464 levels)
         self._rx_pts = 0
         self._tx_base: int | None = None  # RTP timestamp of the first frame we send
         self._tx_frames = 0
@@ -361,10 +363,7 @@ class CallMedia:
             return
         tx = self.tx_stream
         seq = (tx.seq + 1) & 0xFFFF if tx.packets else tx.seq
-        items = [self._mid_ext] if self._mid_ext else []
-        if self._level_id is not None:
-            items.append((self._level_id, bytes([audio_level(pcm)])))
-        ext = rtp_header.one_byte_extensions(items) if items else b""
+        ext = self._extensions(audio_level(pcm) if self._level_id is not None else 0)
         # Marker on every packet, as aiortc's sender: each is the last of its frame.
         packet = rtp_header.build(self.plan.payload_type, True, seq, timestamp, self.plan.local_ssrc, payload, ext)
         self._send(self._tx.protect(packet))
@@ -372,6 +371,16 @@ class CallMedia:
         self.stats.tx_packets += 1
         if self.quality.first_rtp_sent_at is None:
             self.quality.rtp_sent(self.plan.local_ssrc)
+
+    def _extensions(self, level: int) -> bytes:
+        """The header extension block for a packet at audio `level` (built once per level)."""
+        ext = self._ext_by_level.get(level)
+        if ext is None:
+            items = [self._mid_ext] if self._mid_ext else []
+            if self._level_id is not None:
+                items.append((self._level_id, bytes([level])))
+            ext = self._ext_by_level[level] = rtp_header.one_byte_extensions(items) if items else b""
+        return ext
 
     def _rtp_clock(self, now: float) -> int:
         """Our stream's RTP timestamp now, at a tick: its frame's (the frames

@@ -215,8 +215,14 @@ class ImportedCall(CallHandle):
         return self.media.quality
 
     @property
-    def remote_addr(self) -> Addr:
-        return (self.remote_candidate.host, self.remote_candidate.port)
+    def remote_candidate(self) -> Candidate:
+        return self._remote_candidate
+
+    @remote_candidate.setter
+    def remote_candidate(self, candidate: Candidate) -> None:
+        self._remote_candidate = candidate
+        # Read per packet both ways: a tuple, not two model attribute reads.
+        self.remote_addr: Addr = (candidate.host, candidate.port)
 
     @property
     def active(self) -> bool:
@@ -485,7 +491,8 @@ class ImportedCall(CallHandle):
         """One SRTP/SRTCP packet; False if it does not authenticate."""
         if not self.media.receive(data, now):
             return False
-        self.activate("srtp")
+        if self.stats.activated_at is None:
+            self.activate("srtp")
         return True
 
     def _send_media(self, data: bytes) -> None:

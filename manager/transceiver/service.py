@@ -16,6 +16,7 @@ from manager import pki
 from manager.observability import tracing
 from manager.protocol.keyring import KeyRing
 
+from . import runtime
 from .agent import AgentFactory, EchoAgent
 from .control import create_app, relayd_only
 from .drain import drain
@@ -50,6 +51,7 @@ class TransceiverConfig:
     aiortc_audio_buffer: bool = False  # calls on aiortc keep its 80 ms audio jitter buffer
     otlp_endpoint: str | None = None  # traces by OTLP/HTTP (manager.observability.tracing); None: off
     drain_deadline: float = 25.0  # SIGTERM: seconds for the relay to move the calls away (0: end them at once)
+    tune_gc: bool = False  # the process is the transceiver's own: runtime.tune_gc once started
 
 
 async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> None:
@@ -74,6 +76,8 @@ async def run(config: TransceiverConfig, stop: asyncio.Event | None = None) -> N
         server_tls, client_tls = pki.server_context(paths), pki.client_context(paths)
     tracing.configure("splitrelay-transceiver", config.otlp_endpoint, instance=str(config.id))
     await tx.start()
+    if config.tune_gc:
+        runtime.tune_gc()
     app = create_app(tx, authorize=relayd_only if server_tls is not None else None)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

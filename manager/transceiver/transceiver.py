@@ -32,6 +32,7 @@ from manager.protocol.log_budget import LogBudget
 from manager.protocol.tasks import TaskSet
 from manager.protocol.ufrag import HintKeys, UfragError, decode_ufrag, is_ice_ufrag
 
+from . import runtime
 from .agent import AgentFactory, AgentSession, EchoAgent
 from .call_handle import CallHandle
 from .call_migration import CallMigration, check_conn_id
@@ -239,6 +240,7 @@ class Transceiver(CallMigration):
             "demux": dict(demux),
             "media_checks": dict(self.media_checks),
             "media_engine": self.engine.info(),
+            "runtime": runtime.info(),
             "migration": {
                 "frozen": sorted(c.conn_id for c in calls if c.frozen_at is not None),
                 "leases_expired": self.leases_expired,

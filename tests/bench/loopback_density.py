@@ -140,6 +140,7 @@ async def _step(conn, pid: int, n: int, seconds: float, engine: bool = True) -> 
         "udp_rcvbuf_errors": udp_errors,  # the whole machine's (other sessions' too)
         "engine": {k: health["engine"][k] for k in ("calls", "late_ticks", "max_tick_ms")},
         "demux_rx": health["demux"].get("rx", 0),
+        "runtime": {k: health["runtime"][k] for k in ("loop", "gc")} if "runtime" in health else None,
     }
 
 

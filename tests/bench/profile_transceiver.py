@@ -36,7 +36,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
                           "call_soon_threadsafe", "Semaphore", "_WorkItem", "run_in_executor", "_chain_future",
                           "_copy_future_state", "concurrent/futures")),
     ("agent audio (resample, FIFO, pacing)", ("AgentAudioTrack", "agent.py", "silence_frame")),
-    ("socket send/receive and demux", ("sendto", "_read_ready", "recvfrom", "ice_mux.py")),
+    ("socket send/receive and demux", ("sendto", "_read_ready", "recvfrom", "ice_mux.py", "batch_send.py")),
     ("srtp (libsrtp)", ("Session.protect", "Session.unprotect", "Session.__process", "protect_rtcp")),
     ("audio level", ("compute_audio_level_dbov",)),
     ("jitter buffer", ("jitterbuffer.py", "jitter.py")),
@@ -50,21 +50,26 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 
 
 #: Innermost frames of a thread that waits (py-spy samples every thread).
-IDLE = ("EpollSelector.select", "Condition.wait", "_worker (concurrent/futures/thread.py:81)")
+#: Under uvloop the loop is C: a stack that ends at the runner is the loop
+#: waiting in epoll (or in its own C code, which py-spy cannot tell apart).
+IDLE = ("EpollSelector.select", "Condition.wait", "_worker (concurrent/futures/thread.py:81)",
+        "Runner.run (asyncio/runners.py")
 
 
 def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | None = None,
-                 host: str = "127.0.0.1", netns: str | None = None, batched: bool = True) -> None:
+                 host: str = "127.0.0.1", netns: str | None = None, batched: bool = True,
+                 uvloop: bool = True, gc_tuned: bool = True) -> None:
     """Child: a transceiver on `host` answering offers sent over `conn`.
     `agents` names a module whose ``Agent`` class is every call's agent and
     whose ``report(tx)`` answers a ``"report"`` request (default: the echo
     agent). ``"calls"`` answers how many calls settled: on the media engine
     (engine path) or placed (aiortc path). `netns` names a network namespace
     (``ip netns``) the child enters first; `batched` False sends one datagram
-    per syscall (ice_mux.BATCHED_SENDS)."""
+    per syscall (ice_mux.BATCHED_SENDS); `uvloop` and `gc_tuned` as the
+    transceiver's own process runs (manager/transceiver/runtime.py)."""
     import importlib
 
-    from manager.transceiver import ice_mux
+    from manager.transceiver import ice_mux, runtime
 
     ice_mux.BATCHED_SENDS = batched
 
@@ -80,6 +85,8 @@ def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | 
         tx = Transceiver(1, capacity=2000, bind_addrs=[host], media_engine=engine,
                          opus_complexity=complexity, agent_factory=module.Agent if module else EchoAgent)
         await tx.start()
+        if gc_tuned:
+            runtime.tune_gc()
         conn.send("ready")
         loop = asyncio.get_running_loop()
         while True:
@@ -92,7 +99,8 @@ def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | 
             if req == "calls":
                 health = tx.health()
                 conn.send({"settled": health["media_engine"]["calls"] if engine else len(tx.calls()),
-                           "engine": health["media_engine"], "demux": health["demux"]})
+                           "engine": health["media_engine"], "demux": health["demux"],
+                           "runtime": health.get("runtime")})
                 continue
             try:
                 conn.send(await tx.create_call(*req))
@@ -100,7 +108,7 @@ def _transceiver(conn: Connection, engine: bool, complexity: int, agents: str | 
                 conn.send(exc)
         await tx.stop()
 
-    asyncio.run(main())
+    runtime.run(main(), use_uvloop=uvloop)
 
 
 def _enter_netns(name: str) -> None:
@@ -204,6 +212,53 @@ def categorize(raw: Path) -> tuple[Counter[str], int]:
     return totals, samples
 
 
+def _record(pid: int, seconds: float, raw: Path) -> None:
+    subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                    "--rate", "200", "--duration", str(int(seconds)), "--format", "raw",
+                    "--nonblocking", "-o", str(raw)], check=True, capture_output=True)
+
+
+def _print_shares(totals: Counter[str], samples: int) -> None:
+    busy = samples - totals["idle"]
+    print(f"{'share of busy samples':<28} %")
+    for name, n in totals.most_common():
+        if name != "idle":
+            print(f"  {name:<26} {100 * n / max(busy, 1):5.1f}")
+
+
+def _profile_generator(args: argparse.Namespace) -> int:
+    """The engine under the density run's load generator, sampled while its media runs."""
+    import threading
+
+    from tests.bench import loopback_density as density
+
+    raw = args.raw or Path(tempfile.mkstemp(suffix=".raw")[1])
+    figures: dict = {}
+
+    async def body(conn, pid, idle_rss):
+        calls, _ = await density.place_calls(conn, args.calls, voiced_bytes=density.VOICED_BYTES["engine"])
+        cpu0 = cpu_seconds(pid)
+        spy = threading.Thread(target=_record, args=(pid, args.seconds, raw))
+        spy.start()
+        media = await density._media(calls, args.seconds + 1)
+        spy.join()
+        figures["ms"] = (cpu_seconds(pid) - cpu0) / (len(calls) * media["wall"]) * 1000
+        lat = sorted(x * 1000 for c in calls for x in c.latencies)
+        figures["p50"], figures["p99"] = density.percentile(lat, 0.5), density.percentile(lat, 0.99)
+        figures["lost"] = sum(c.lost for c in calls)
+        for c in calls:
+            await c.pc.close()
+
+    density._with_transceiver("engine", body)
+    totals, samples = categorize(raw)
+    print(f"{args.calls} engine calls: transceiver {figures['ms']:.2f} ms CPU per call-second, added latency "
+          f"p50 {figures['p50']:.1f} p99 {figures['p99']:.1f} ms, echoes lost {figures['lost']}")
+    _print_shares(totals, samples)
+    if args.raw is None:
+        os.unlink(raw)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.profile_transceiver",
                                  description=__doc__.split("\n\n")[0])
@@ -212,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", action="store_true", help="carry the calls on the media engine")
     ap.add_argument("--complexity", type=int, default=DEFAULT_COMPLEXITY, help="the engine's Opus complexity")
     ap.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
+    ap.add_argument("--generator", action="store_true",
+                    help="the density run's cheap clients (tests/bench/loopback_calls.py) instead of whole "
+                         "aiortc clients: 50-100 calls on this machine (implies --engine)")
     args = ap.parse_args(argv)
+    if args.generator:
+        return _profile_generator(args)
     parent, child = multiprocessing.Pipe()
     proc = multiprocessing.get_context("spawn").Process(target=_transceiver, args=(child, args.engine, args.complexity), daemon=True)
     proc.start()
@@ -224,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_media() -> None:
         figures["rss_calls_mb"] = rss_mb(proc.pid)
         cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
-        subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid),
-                        "--rate", "200", "--duration", str(int(args.seconds)), "--format", "raw",
-                        "--nonblocking", "-o", str(raw)], check=True, capture_output=True)
+        _record(proc.pid, args.seconds, raw)
         figures["cpu_s"] = cpu_seconds(proc.pid) - cpu0
         figures["wall_s"] = time.monotonic() - t0
 
@@ -234,15 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     parent.send(None)
     proc.join(10)
     totals, samples = categorize(raw)
-    busy = samples - totals["idle"]
     ms = figures["cpu_s"] / (args.calls * figures["wall_s"]) * 1000
     print(f"{args.calls} calls, {figures['wall_s']:.1f} s: transceiver CPU {figures['cpu_s']:.2f} s "
           f"= {ms:.1f} ms per call-second; echo frames at the clients: min {min(received)}; "
           f"memory {(figures['rss_calls_mb'] - figures['rss_idle_mb']) / args.calls:.2f} MB per call (RSS)")
-    print(f"{'share of busy samples':<28} %")
-    for name, n in totals.most_common():
-        if name != "idle":
-            print(f"  {name:<26} {100 * n / max(busy, 1):5.1f}")
+    _print_shares(totals, samples)
     if args.raw is None:
         os.unlink(raw)
     return 0

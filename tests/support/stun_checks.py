@@ -34,7 +34,9 @@ async def ask(dest: Addr, msg: stun.Message, *, timeout: float = 1.0, bind: str 
     loop = asyncio.get_running_loop()
     try:
         for _ in range(tries):
-            await loop.sock_sendto(sock, bytes(msg), dest)
+            # A plain send: a UDP datagram does not block, and uvloop (the
+            # transceiver's loop, runtime.py) has no loop.sock_sendto.
+            sock.sendto(bytes(msg), dest)
             try:
                 data = await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout / tries)
             except TimeoutError:

@@ -19,6 +19,7 @@ from aiortc.rtp import RtpPacket, is_rtcp
 
 from manager.lab.client import make_tone_track, tone_power
 from manager.protocol.sdp import rewrite_candidates, strip_candidates
+from manager.transceiver import runtime
 from manager.transceiver.transceiver import Transceiver
 from tests.support.waiting import eventually_async
 
@@ -32,7 +33,8 @@ RATE = 48000
 
 
 def run(coro: Any, timeout: float = 30.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    """On the loop the transceiver's process runs (uvloop, manager/transceiver/runtime.py)."""
+    return runtime.run(asyncio.wait_for(coro, timeout))
 
 
 def assert_dominant(samples: list[int], expected: float, others: list[float]) -> None:

@@ -592,6 +592,8 @@ def test_cli_process_registers_and_stops_on_sigterm(tmp_path: Path) -> None:
             async with ClientSession() as http, http.get(f"{url}/health", **tls) as r:
                 health = await r.json()
             assert health["id"] == 7 and health["healthy"] and health["capacity"] == 2
+            # The process's runtime: uvloop, the collector frozen after start.
+            assert health["runtime"]["loop"] == "uvloop" and health["runtime"]["gc_frozen"] > 0
             # Without relayd's certificate the control API does not answer.
             plain = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
             with pytest.raises(aiohttp.ClientError):
