@@ -83,8 +83,9 @@ from manager.protocol.rfc7983 import PacketClass, classify
 from .agent import Agent, AgentSession, run_agent
 from .call_handle import CallHandle
 from .call_media import CallMedia, MediaPlan, since_freeze
-from .errors import CallStateConflict, DuplicateCall
-from .ice_credentials import Credentials, IceCredentials, new_password
+from .engine_ice_restart import EngineIceRestart
+from .errors import CallStateConflict
+from .ice_credentials import Credentials, IceCredentials
 from .ice_mux import CallPort, IceMux
 from .import_plan import ImportPlan
 from .imported_data import ImportedDataChannels
@@ -140,7 +141,7 @@ class MigrationStats:
     ice_restarts_asked: int = 0  # by the relay; completed ones: IceCredentials.restarts
 
 
-class ImportedCall(CallHandle):
+class ImportedCall(EngineIceRestart, CallHandle):
     """A call on the media engine: ICE responder, DTLS records, agent; its media in CallMedia."""
 
     def __init__(
@@ -426,49 +427,6 @@ class ImportedCall(CallHandle):
             self.remote_candidate = self.remote_candidate.model_copy(update={"host": addr[0], "port": addr[1]})
         self._heard_at = now
         self.activate("stun")
-
-    # -- ICE restart -----------------------------------------------------------------
-
-    def restart_ice(self, ufrag: str, remote_ufrag: str, remote_pwd: str) -> str:
-        """New credentials beside the current ones: checks for `ufrag` (minted
-        by the relay) now reach the call; returns the new local password.
-        The media, DTLS and SRTP sessions and the agent go on untouched."""
-        if self._frozen_at is not None:
-            raise CallStateConflict(f"call {self.conn_id} is frozen for a migration; restart ICE after it")
-        if ufrag in self._ufrags_used:
-            raise DuplicateCall(f"ufrag {ufrag!r} was this call's already")
-        new = Credentials(local_ufrag=ufrag, local_pwd=new_password(), remote_ufrag=remote_ufrag,
-                          remote_pwd=remote_pwd)
-        added: list[CallPort] = []
-        try:
-            for port in self.ports:
-                port.mux.add_ufrag(ufrag, port)
-                added.append(port)
-        except DuplicateCall:
-            for port in added:
-                port.mux.remove_ufrag(ufrag, port)
-            raise
-        replaced = self.ice.begin(new)
-        if replaced is not None:  # a restart that never completed: its ufrag routes nowhere now
-            self._unroute(replaced.local_ufrag)
-        self._ufrags_used.add(ufrag)
-        self.stats.ice_restarts_asked += 1
-        logger.info("call %d: ICE restart asked (ufrag %s)", self.conn_id, ufrag)
-        return new.local_pwd
-
-    def _restart_completed(self) -> None:
-        retired = self.ice.complete()
-        self._unroute(retired.local_ufrag)
-        self.ufrag = self.ice.current.local_ufrag
-        self._checks.clear()  # answers to checks with the old credentials no longer count
-        logger.info("call %d: ICE restart completed (ufrag %s)", self.conn_id, self.ufrag)
-
-    def _unroute(self, ufrag: str) -> None:
-        for port in self.ports:
-            port.mux.remove_ufrag(ufrag, port)
-
-    def all_ufrags(self) -> set[str]:
-        return set(self._ufrags_used)
 
     async def deliver_srtp(self, data: bytes) -> bool:
         return self._srtp_received(data, time.monotonic())
