@@ -186,10 +186,24 @@ class LastSenderReport(_Model):
     age: float = Field(ge=0, allow_inf_nan=False)
 
 
+class Reception(_Model):
+    """RFC 3550 A.3's counts of a client's stream at the export, so the new
+    owner's report blocks go on from them: the client sees one cumulative
+    loss and one jitter estimate for the whole call, not one per owner."""
+
+    base_seq: int = Field(ge=0)  # extended: the first sequence number counted
+    received: int = Field(ge=0)
+    jitter: float = Field(ge=0, allow_inf_nan=False)  # RTP timestamp units, as a report carries it
+    # What the call counted before this stream's first owner (aiortc's figures at the hand-over).
+    lost_before: int = Field(default=0, ge=0)
+    expected_before: int = Field(default=0, ge=0)
+
+
 class RtcpState(_Model):
     tx_srtcp_index: dict[str, int] = Field(default_factory=dict)  # per sender SSRC: next SRTCP index
     rx_packets: dict[str, int] = Field(default_factory=dict)
     rx_last_sr: dict[str, LastSenderReport] = Field(default_factory=dict)  # per client SSRC; absent: none
+    rx_reception: dict[str, Reception] = Field(default_factory=dict)  # per client SSRC; absent: counted anew
 
 
 def _b64(value: str) -> str:

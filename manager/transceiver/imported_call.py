@@ -199,6 +199,9 @@ class ImportedCall(EngineIceRestart, CallHandle):
             complexity=engine.complexity)
         # The client's last SR, as old as it was at the freeze and since: our first report cites it.
         self.media.quality.continue_last_sr(spec.state.rtcp.rx_last_sr, since_freeze(spec.frozen_at))
+        # The client's stream's loss and jitter counts go on: its reports see one call.
+        self.media.quality.continue_reception(spec.state.rtcp.rx_reception,
+                                              {str(s): (st.seq, st.roc) for s, st in spec.rx.items()})
         self._on_closed_by_client = on_closed_by_client
         state = spec.state
         self.data: ImportedDataChannels | None = None
@@ -554,7 +557,8 @@ class ImportedCall(EngineIceRestart, CallHandle):
             # Our SRTCP index goes on from the previous owners' (rtcp_sender): the next owner's too.
             rtcp=RtcpState(tx_srtcp_index={**old.rtcp.tx_srtcp_index,
                                            str(self.spec.local_ssrc): self.media.rtcp.srtcp_used},
-                           rx_packets=dict(self.media.stats.rtcp), rx_last_sr=self.quality.last_sr_state()),
+                           rx_packets=dict(self.media.stats.rtcp), rx_last_sr=self.quality.last_sr_state(),
+                           rx_reception=self.quality.reception_state()),
             sctp=None if old.sctp is None else old.sctp.model_copy(
                 update={"association": association, "not_carried": not_carried}),
             agent=AgentState(session=self.session.export_state(), state=self.agent.export_state()),

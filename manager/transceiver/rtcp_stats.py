@@ -32,7 +32,7 @@ from typing import Any
 from aiortc.rtp import is_rtcp
 
 from manager.protocol import quality, rtcp
-from manager.protocol.callstate import LastSenderReport
+from manager.protocol.callstate import LastSenderReport, Reception
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,10 @@ class ReceiverEstimator:
     @property
     def lost(self) -> int:
         return self.expected - self.received
+
+    def restart_intervals(self) -> None:
+        """Every reader's next interval starts now (a stream continued from another owner)."""
+        self._prior = {reader: (self.expected, self.received) for reader in ("figures", "report")}
 
     def interval(self, reader: str = "figures") -> tuple[float, int, int, float]:
         """(fraction lost since `reader`'s last call, cumulative lost, extended highest, jitter in ms)."""
@@ -225,6 +229,30 @@ class CallQuality:
         now = self.clock()
         for ssrc, sr in exported.items():
             self._remember_sr(int(ssrc), sr.ntp_middle32, now - sr.age - since_export)
+
+    def reception_state(self) -> dict[str, Reception]:
+        """The client stream's RFC 3550 counts for an export (none before its first RTP)."""
+        est = self._estimator
+        if est is None or est.base_seq is None:
+            return {}
+        return {str(est.ssrc): Reception(base_seq=est.base_seq, received=est.received, jitter=est.jitter,
+                                         lost_before=self._base_lost, expected_before=self._base_expected)}
+
+    def continue_reception(self, exported: dict[str, Reception], highest: dict[str, tuple[int, int]]) -> None:
+        """An imported call's: the old owner's counts of the client's stream go
+        on here. `highest` is each received stream's (highest sequence number,
+        rollover counter) from the export's RTP state."""
+        for ssrc, counts in exported.items():
+            if ssrc not in highest:
+                continue  # counts without the stream's position: counted anew
+            seq, roc = highest[ssrc]
+            est = ReceiverEstimator(int(ssrc), cycles=roc)
+            est.base_seq, est.max_seq, est.received, est.jitter = counts.base_seq, seq, counts.received, counts.jitter
+            if est.expected < 0:
+                continue  # inconsistent with the stream's position: counted anew
+            est.restart_intervals()  # each reader's next interval starts at the import
+            self._estimator = est
+            self._base_lost, self._base_expected = counts.lost_before, counts.expected_before
 
     def _estimated(self, fraction: float, lost: int, highest: int, jitter_ms: float) -> None:
         est = self._estimator

@@ -68,7 +68,9 @@ def exported(**over) -> dict:
                 "rx": {"3333": {"ssrc": 3333, "payload_type": 111, "seq": 5, "timestamp": 480, "roc": 0, "packets": 5,
                                 "octets": 400}}},
         "rtcp": {"tx_srtcp_index": {"1111": 2}, "rx_packets": {"3333": 1},
-                 "rx_last_sr": {"3333": {"ntp_middle32": 0x12345678, "age": 0.75}}},
+                 "rx_last_sr": {"3333": {"ntp_middle32": 0x12345678, "age": 0.75}},
+                 "rx_reception": {"3333": {"base_seq": 1, "received": 4, "jitter": 12.5,
+                                           "lost_before": 1, "expected_before": 40}}},
         "sctp": {"mid": "1", "state": "connected", "port": 5000, "association": association(), "not_carried": None},
         "agent": {"session": {"messages_in": 3}, "state": {"frames_echoed": 7}},
         "frozen": {"at": 1.0e9 + 60, "monotonic": 5.0},
@@ -112,6 +114,10 @@ def test_without_secrets_leaves_them_out() -> None:
     (lambda s: s["rtcp"]["rx_last_sr"]["3333"].update(age=-0.1),
      "rtcp.rx_last_sr.3333.age: Input should be greater than or equal"),
     (lambda s: s["rtcp"]["rx_last_sr"]["3333"].update(age=float("inf")), "rtcp.rx_last_sr.3333.age: Input should"),
+    (lambda s: s["rtcp"]["rx_reception"]["3333"].update(received=-1),
+     "rtcp.rx_reception.3333.received: Input should be greater than or equal"),
+    (lambda s: s["rtcp"]["rx_reception"]["3333"].update(jitter=float("nan")),
+     "rtcp.rx_reception.3333.jitter: Input should"),
     (lambda s: s["rtcp"]["rx_last_sr"]["3333"].update(ntp_middle32=2**32),
      "rtcp.rx_last_sr.3333.ntp_middle32: Input should be less than or equal"),
     (lambda s: s["dtls"]["record"].update(tx_seq=1 << 48), "dtls.record.tx_seq: Input should be less than or equal"),
@@ -161,9 +167,10 @@ def test_an_older_export_without_the_later_fields_still_imports() -> None:
     for stream in (*data["rtp"]["tx"].values(), *data["rtp"]["rx"].values()):
         del stream["octets"]
     del data["rtcp"]["rx_last_sr"]
+    del data["rtcp"]["rx_reception"]
     plan = ImportPlan.from_state(parse_call_state(data))
     assert plan.tx is not None and (plan.tx.packets, plan.tx.octets) == (10, 0)
-    assert plan.state.rtcp.rx_last_sr == {}
+    assert plan.state.rtcp.rx_last_sr == {} and plan.state.rtcp.rx_reception == {}
 
 
 def _srtp_packet(session: pylibsrtp.Session, seq: int) -> bytes:
@@ -204,7 +211,8 @@ def _imported(sent: list[bytes]) -> ImportedCall:
 def test_an_imported_call_goes_on_with_the_rtcp_state_and_exports_it_again() -> None:
     """The SR's counts go on from the exported stream's; the client's last SR
     is held as if it had arrived here, its age grown by the time since the
-    freeze (a minute ago here, the most that is counted); the export carries both on."""
+    freeze (a minute ago here, the most that is counted); the client's
+    stream's loss and jitter counts go on; the export carries all on."""
 
     async def scenario() -> None:
         call = _imported([])
@@ -217,6 +225,10 @@ def test_an_imported_call_goes_on_with_the_rtcp_state_and_exports_it_again() -> 
             assert again.rtp.tx["1111"].octets == 800
             assert again.rtcp.rx_last_sr["3333"].ntp_middle32 == 0x12345678
             assert 60.75 <= again.rtcp.rx_last_sr["3333"].age < 62
+            # The client's stream's counts go on: sequence numbers 1-5, 4 received, 1 lost before the engine.
+            block = call.quality.reception_block()
+            assert (block.ssrc, block.highest_seq, block.cumulative_lost, block.jitter) == (3333, 5, 2, 12)
+            assert again.rtcp.rx_reception == call.spec.state.rtcp.rx_reception
         finally:
             await call.close()
 

@@ -11,6 +11,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import AudioStreamTrack
 
 from manager.protocol import rtcp
+from manager.protocol.callstate import Reception
 from manager.protocol.quality import ntp_middle32
 from manager.transceiver import aiortc_hooks as hooks
 from manager.transceiver.rtcp_stats import REMOTE_SRS, CallQuality, EndedFigures, ReceiverEstimator
@@ -133,6 +134,53 @@ def test_the_clients_last_sender_report_moves_with_the_call_by_its_age():
     assert block.lsr == state.ntp_middle32 and block.dlsr == pytest.approx(0.85 * 65536, abs=2)
     assert new.last_sr_state()["42"].age == pytest.approx(0.85)  # and so on to the next owner
 
+
+
+def test_the_clients_stream_counts_move_with_the_call():
+    """The new owner's report blocks go on from the old owner's counts: one
+    cumulative loss and one highest sequence number for the whole call, and
+    its first interval starts at the import."""
+    old, new = CallQuality(1), CallQuality(1)
+    for q in (old, new):
+        q.rtp_sent(1234)
+    lost_old = 0
+    for i in range(300):  # across a wrap (65400 + 300), every 10th lost
+        if i % 10 == 3:
+            lost_old += 1
+            continue
+        old.rtp_received(42, (65400 + i) & 0xFFFF, 960 * i, i * 0.02, roc=2)
+    assert old.reception_block().cumulative_lost == lost_old
+    counts = old.reception_state()
+    highest = {"42": ((65400 + 299) & 0xFFFF, 3)}  # the export's RTP state: wrapped once more
+    new.continue_reception(counts, highest)
+    lost_new = 0
+    for i in range(300, 400):  # every 5th lost here
+        if i % 5 == 0:
+            lost_new += 1
+            continue
+        new.rtp_received(42, (65400 + i) & 0xFFFF, 960 * i, i * 0.02, roc=3)
+    block = new.reception_block()
+    assert block.cumulative_lost == lost_old + lost_new
+    assert block.highest_seq == (3 << 16) + ((65400 + 399) & 0xFFFF)
+    assert block.fraction_lost == int(lost_new / 100 * 256)  # the interval since the import only
+    assert block.jitter == int(counts["42"].jitter)  # steady arrivals: the estimate carried on
+    # Without the counts the new owner would count from its first packet.
+    fresh = CallQuality(1)
+    fresh.rtp_sent(1234)
+    for i in range(300, 400):
+        if i % 5:
+            fresh.rtp_received(42, (65400 + i) & 0xFFFF, 960 * i, i * 0.02, roc=3)
+    assert fresh.reception_block().cumulative_lost == lost_new - 1  # its first packet is its base
+
+
+def test_reception_counts_that_do_not_fit_the_stream_are_not_taken():
+    q = CallQuality(1)
+    bad = {"42": Reception(base_seq=(5 << 16) + 10, received=3, jitter=0.0)}
+    q.continue_reception(bad, {"42": (9, 0)})  # base beyond the highest: counted anew
+    q.continue_reception(bad, {})  # no position for the stream: counted anew
+    q.rtp_sent(1)
+    q.rtp_received(42, 7, 0, 0.0)
+    assert q.reception_block().cumulative_lost == 0 and q.reception_block().highest_seq == 7
 
 def test_the_last_sender_reports_kept_are_bounded():
     q = CallQuality(1)
