@@ -53,7 +53,7 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def run(n: int) -> dict:
+def run(n: int, trace: bool = False) -> dict:
     from manager.lab.services import running_lab
     from tests.support.handover import run_handover
     from tests.support.waiting import eventually
@@ -65,8 +65,9 @@ def run(n: int) -> dict:
         for i in range(n):
             new = addresses(i)
             try:
-                h = run_handover(lab, svc, old, new)
-                runs.append({"figures": h.figures, "checks": h.checks,
+                h = run_handover(lab, svc, old, new, trace=trace)
+                runs.append({"figures": h.figures, "checks": h.checks, "applied_ms": round(h.restart["applied_ms"], 1),
+                             "gathered": h.restart["gathered"], **({"pings": h.restart["pings"]} if trace else {}),
                              "counters": h.stats_delta})
             except Exception as exc:  # one failed run is a figure too; the others go on
                 runs.append({"error": f"{type(exc).__name__}: {str(exc)[:120]}"})
@@ -85,7 +86,8 @@ def _line(i: int, r: dict) -> str:
     return (f"run {i + 1}: gap to client {f['restart_gap_to_client_ms']} ms, to owner {f['restart_gap_to_owner_ms']} "
             f"ms, PATCH {f['patch_ms']} ms; first check sent {c['first_sent_ms']} ms, at relay "
             f"{c['first_at_relay_ms']}, at owner {c['first_at_owner_ms']}, answered {c['first_answered_ms']} "
-            f"({c['sent_before_owner']} sent before one reached the owner) {r['counters']}")
+            f"({c['sent_before_owner']} sent before one reached the owner); answer applied {r['applied_ms']} ms, "
+            f"gathered {r['gathered'][:4]} {r['counters']}")
 
 
 def table(res: dict) -> str:
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.bench_handover", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=10, help="handovers (default 10)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    ap.add_argument("--trace", action="store_true", help="record the candidate pairs Chromium pings after each "
+                    "restart (getStats every 10 ms: disturbs the figures a little)")
     ap.add_argument("--save", type=Path, help="also write the JSON here (docs/bench-handover.json: make bench-report)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.runs <= 200:
         print("bench_handover: --runs must be 1 to 200", file=sys.stderr)
         return 2
-    res = run(args.runs)
+    res = run(args.runs, args.trace)
     res["run"] = run_info("tests.bench.bench_handover", argv)
     if args.save:
         args.save.write_text(json.dumps(res, indent=2) + "\n")

@@ -63,7 +63,10 @@ NOTICED = """(async () => {
 # RFC 9725 section 4.3.2, as a browser that changed networks does it.
 RESTART = """(async () => {
   const {pc} = window.call;
-  const t0 = performance.now();
+  const t0 = performance.now(), gathered = window.call.gathered = [];
+  // When Chromium gathers the restart's candidates (the checks need them).
+  pc.onicecandidate = e => gathered.push([Math.round(performance.now() - t0),
+                                          e.candidate ? `${e.candidate.protocol} ${e.candidate.address}` : "end"]);
   pc.restartIce();
   const offer = await pc.createOffer({iceRestart: true});
   await pc.setLocalDescription(offer);
@@ -81,6 +84,25 @@ RESTART = """(async () => {
     .replace(/a=ice-ufrag:.*\\r\\n/g, `a=ice-ufrag:${newUfrag}\\r\\n`)
     .replace(/a=ice-pwd:.*\\r\\n/g, `a=ice-pwd:${newPwd}\\r\\n${candidates}`);
   await pc.setRemoteDescription({type: "answer", sdp});
+  if (window.call.trace) {  // which candidate pairs Chromium pings, and when (getStats every 10 ms)
+    const pings = window.call.pings = [], sent = {};
+    let first = true;  // the first look is the baseline: the pairs known then, their requests so far
+    (async () => {
+      while (performance.now() - t0 < 700) {
+        const stats = await pc.getStats(), at = Math.round(performance.now() - t0);
+        stats.forEach(p => {
+          if (p.type !== "candidate-pair" || (sent[p.id] || 0) === p.requestsSent) return;
+          const l = stats.get(p.localCandidateId), r = stats.get(p.remoteCandidateId);
+          if (!first || !p.requestsSent)
+            pings.push([at, `${l.protocol} ${l.address}>${r.address}`, p.requestsSent - (sent[p.id] || 0), p.state]);
+          else pings.push([at, `baseline ${l.protocol} ${l.address}>${r.address}`, p.requestsSent, p.state]);
+          sent[p.id] = p.requestsSent;
+        });
+        first = false;
+        await new Promise(done => setTimeout(done, 10));  // pacing: the next look at the pairs
+      }
+    })();
+  }
   const before = window.call.etag;
   window.call.etag = etag;
   return JSON.stringify({status: 200, etag, before, patch_ms: t1 - t0, applied_ms: performance.now() - t0,
@@ -175,10 +197,12 @@ async def _if(value, predicate):
     return got if predicate(got) else None
 
 
-def run_handover(lab, svc, old: tuple[str, str], new: tuple[str, str]) -> Handover:
+def run_handover(lab, svc, old: tuple[str, str], new: tuple[str, str], *, trace: bool = False) -> Handover:
     """Place a call from the client's addresses `old`, move them to `new`
     mid-call, restart ICE and wait for the echo on the new path; the call is
-    left up (the caller ends it). Chromium runs for this handover only."""
+    left up (the caller ends it). Chromium runs for this handover only.
+    `trace`: record which candidate pairs Chromium pings after the restart
+    (restart["pings"]: ms, pair, new requests, state; it polls getStats)."""
     browser = Chromium(lab.client_ns, f"{lab.signaling_url}/", origin=lab.signaling_url)
     to_client = WireClock(lab.client_ns, lab.client.ifname, lambda d: d.src[1] == lab.port and is_rtp(d))
     client_stun = WireClock(lab.client_ns, lab.client.ifname, is_stun, outgoing=True)
@@ -209,6 +233,8 @@ def run_handover(lab, svc, old: tuple[str, str], new: tuple[str, str]) -> Handov
             await asyncio.to_thread(move_client, lab, *new, *old)
             seen["noticed_ms"] = await browser.evaluate(NOTICED % json.dumps(list(new)))
             assert seen["noticed_ms"] >= 0, "Chromium never gathered on its new addresses"
+            if trace:
+                await browser.evaluate("window.call.trace = true")
             seen["t_restart"] = time.monotonic()
             seen["restart"] = json.loads(await browser.evaluate(RESTART))
             assert seen["restart"]["status"] == 200, seen["restart"]
@@ -226,6 +252,8 @@ def run_handover(lab, svc, old: tuple[str, str], new: tuple[str, str]) -> Handov
             # pacing: the rest of the window on the new path, for the gap's figures
             await asyncio.sleep(max(0.0, seen["t_restart"] + WINDOW_S - time.monotonic()))
             seen["stats_after"] = flat_numbers(svc.control.stats())
+            seen["restart"]["gathered"] = await browser.evaluate("window.call.gathered")
+            seen["restart"]["pings"] = await browser.evaluate("window.call.pings || null")
         finally:
             await browser.close()
 
