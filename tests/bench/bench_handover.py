@@ -68,7 +68,8 @@ def run(n: int, trace: bool = False) -> dict:
                 h = run_handover(lab, svc, old, new, trace=trace)
                 runs.append({"figures": h.figures, "checks": h.checks, "applied_ms": round(h.restart["applied_ms"], 1),
                              "gathered": h.restart["gathered"], **({"pings": h.restart["pings"]} if trace else {}),
-                             "counters": h.stats_delta})
+                             "counters": {k: v for k, v in h.stats_delta.items() if any(
+                                 w in k for w in ("drop", "pass", "fail", "refus", "counters"))}})
             except Exception as exc:  # one failed run is a figure too; the others go on
                 runs.append({"error": f"{type(exc).__name__}: {str(exc)[:120]}"})
             old = new

@@ -170,6 +170,10 @@ def flat_numbers(tree: object, prefix: str = "") -> dict[str, float]:
         for k, v in tree.items():
             out.update(flat_numbers(v, f"{prefix}{k}."))
         return out
+    if isinstance(tree, list):  # the fast path's counters: rows named by their counter
+        return {k: v for row in tree if isinstance(row, dict) and "name" in row
+                for k, v in flat_numbers({x: y for x, y in row.items() if x != "name"},
+                                         f"{prefix}{row['name']}.").items()}
     if isinstance(tree, int | float) and not isinstance(tree, bool):
         return {prefix[:-1]: tree}
     return {}
