@@ -305,8 +305,9 @@ def _handover(data: dict) -> str:
             f"address: median {num(gap['median'], '.1f')} ms, max {num(gap['max'], '.1f')} ms; "
             f"{s['over_goal']} run(s) over the goal of {s['goal_ms']} ms. The checks' times are from "
             "`restartIce()`, on the wire (the client's own check with the new credentials, and its arrival at the "
-            "owner). The gap from the move includes Chromium noticing its new network (it re-reads the "
-            "interfaces every 2 s).",
+            "owner). A long gap follows a late first check, which Chromium sends late and the relay hands to the "
+            "owner within 1 ms (docs/http-api.md, ICE restart). The gap from the move includes Chromium noticing "
+            "its new network (it re-reads the interfaces every 2 s).",
     ])
 
 

@@ -80,6 +80,9 @@ def test_restarts_spread_over_relays_meet_one_count(server, tmp_path) -> None:
             for i in range(LIMIT):
                 resp = await https[i % 2].patch(location, data=fragment(f"client{i}new"), headers=RESTART)
                 assert resp.status == 200, await resp.text()
+            # The last restart reached the other relay through Redis too: one ufrag fleet-wide.
+            await eventually_async(lambda: len({r.calls()[0].server_ufrag for r in registries}) == 1, 5,
+                                   what="both relays holding the last restart's ufrag", interval=0.02)
             before = registries[1].calls()[0].server_ufrag
             resp = await https[LIMIT % 2].patch(location, data=fragment("client9new"), headers=RESTART)
             body = await problem(resp, 429)
