@@ -21,10 +21,13 @@ PACKET_OUTGOING = 4
 
 class WireClock:
     """Records when matching UDP datagrams arrive on one interface (an
-    AF_PACKET socket made in the namespace, read on a thread)."""
+    AF_PACKET socket made in the namespace, read on a thread); with
+    `outgoing`, the ones it sends as well (`sent` says which)."""
 
-    def __init__(self, ns: str, ifname: str, match: Callable[[Datagram], bool]):
+    def __init__(self, ns: str, ifname: str, match: Callable[[Datagram], bool], *, outgoing: bool = False):
         self.match = match
+        self.outgoing = outgoing
+        self.sent: set[int] = set()  # indexes into arrivals of the datagrams sent (with `outgoing`)
         self.arrivals: list[tuple[float, Datagram]] = []
         self._stop = threading.Event()
         with NetnsExecutor(ns) as ex:
@@ -49,7 +52,8 @@ class WireClock:
             except OSError:
                 return
             now = time.monotonic()
-            if addr[2] == PACKET_OUTGOING or len(frame) <= ETH_HLEN:
+            out = addr[2] == PACKET_OUTGOING
+            if (out and not self.outgoing) or len(frame) <= ETH_HLEN:
                 continue
             if int.from_bytes(frame[12:14], "big") not in ETHERTYPES:
                 continue
@@ -58,6 +62,8 @@ class WireClock:
             except DatagramError:
                 continue
             if self.match(d):
+                if out:
+                    self.sent.add(len(self.arrivals))
                 self.arrivals.append((now, d))
 
     @property

@@ -156,6 +156,7 @@ class Relay:
                           trusted_proxies=cfg.signaling.trusted_proxies,
                           allows_owner=cfg.internal.allows,
                           claim_conn_id=self.fleet.claim_conn_id if self.fleet is not None else None,
+                          shared_restarts=self.fleet.take_restart if self.fleet is not None else None,
                           tcp_addrs=self.tcp.listening if self.tcp is not None else (),
                           counters=SignalingCounters(self.metrics.prometheus),
                           page=cfg.signaling.page)

@@ -26,6 +26,7 @@ refresh, so a dead relay's or transceiver's entries age out:
     P:call:<conn_id>         call record (JSON): owner, ufrags, credential digest
     P:legs:<conn_id>         hash "<relay>|<client>|<vip>" -> leg record (JSON)
     P:relay:<relay_id>       presence of a relay
+    P:restarts:<call_id>     sorted set: the call's ICE restarts of the last minute (the storm limit)
     P:events                 the channel (JSON messages)
 """
 
@@ -35,6 +36,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import secrets
 import socket
 import time
@@ -163,6 +165,9 @@ class RedisFleet:
 
     def k_relay(self, relay: str) -> str:
         return f"{self._p}:relay:{relay}"
+
+    def k_restarts(self, call_id: str) -> str:
+        return f"{self._p}:restarts:{call_id}"
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -377,6 +382,32 @@ class RedisFleet:
         except (RedisError, OSError, TimeoutError) as exc:
             raise FleetUnavailable(f"the fleet registry (Redis) is unavailable: {exc}") from None
         return bool(ok)
+
+    async def take_restart(self, call_id: str, limit: int, window: float) -> float | None:
+        """Count an ICE restart of `call_id` fleet-wide, whichever relay the
+        client PATCHes: None if the call's restarts in the last `window` s
+        (this one included) are within `limit`, else the seconds until the
+        oldest falls out, this one not counted. A sorted set of wall-clock
+        times, trimmed and read in one transaction; it expires a window after
+        the last restart. FleetUnavailable when Redis is away."""
+        client = self._client
+        if client is None or not self.available:
+            raise FleetUnavailable(f"the fleet registry (Redis) is unavailable: {self.last_error or 'connecting'}")
+        key, now, member = self.k_restarts(call_id), time.time(), f"{self.relay_id}:{secrets.token_hex(6)}"
+        try:
+            pipe = client.pipeline(transaction=True)
+            pipe.zremrangebyscore(key, "-inf", now - window)
+            pipe.zadd(key, {member: now})
+            pipe.zrange(key, 0, 0, withscores=True)
+            pipe.zcard(key)
+            pipe.expire(key, math.ceil(window))
+            _, _, oldest, count, _ = await pipe.execute()
+            if count <= limit:
+                return None
+            await client.zrem(key, member)  # refused: not a restart (two racing relays may both refuse)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise FleetUnavailable(f"the fleet registry (Redis) is unavailable: {exc}") from None
+        return max(0.0, window - (now - oldest[0][1]))
 
     def ensure_available(self) -> None:
         if not self.available:

@@ -4,7 +4,9 @@ A client that changed networks (a browser's restartIce()) PATCHes its new ICE
 credentials with `If-Match: "*"`. The relay
 
 1. bounds it: at most `limits.max_ice_restarts_per_minute` restarts per call
-   in any 60 s (a storm is 429, code restart-storm), one at a time per call;
+   in any 60 s (a storm is 429, code restart-storm), one at a time per call.
+   In a fleet the count is the fleet's (RedisFleet.take_restart), so a client
+   cannot spread a storm over relays; while Redis is away, each relay's own;
 2. mints a new server ufrag: the same routing hint (first owner, connection
    id) with a new nonce and MAC, so the client's first check from its new
    address routes like the call's first check did;
@@ -27,7 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -36,7 +38,7 @@ from manager.protocol.sdpfrag import Fragment
 from manager.protocol.ufrag import HintKeys, UfragError, decode_ufrag, encode_ufrag, is_ice_ufrag
 from manager.relay.call_desk import CallDesk
 from manager.relay.problems import problem
-from manager.relay.registry import Call, UnknownCallError
+from manager.relay.registry import Call, StoreUnavailable, UnknownCallError
 from manager.relay.transceiver_client import TransceiverError, TransceiverRefused
 from manager.relay.whip import TRICKLE, etag
 
@@ -44,6 +46,11 @@ log = logging.getLogger(__name__)
 
 WINDOW = 60.0  # seconds: the storm limit counts restarts per minute
 PWD_MIN, PWD_MAX = 22, 256  # RFC 8445 section 5.3: ice-pwd = 22*256ice-char
+
+# The fleet's count of a call's restarts: (call_id, limit, window) -> None if
+# within the limit (counted), else the seconds to wait; StoreUnavailable when
+# the shared store is away.
+SharedCount = Callable[[str, int, float], Awaitable[float | None]]
 
 
 class RestartWindow:
@@ -78,8 +85,10 @@ class IceRestarts:
     """The restart half of PATCH (manager.relay.whip hands it a parsed fragment)."""
 
     def __init__(self, desk: CallDesk, hint_key: HintKeys, public_addrs: Sequence[tuple[str, int]],
-                 tcp_addrs: Sequence[tuple[str, int]] = (), clock: Callable[[], float] = time.monotonic) -> None:
+                 tcp_addrs: Sequence[tuple[str, int]] = (), clock: Callable[[], float] = time.monotonic,
+                 shared: SharedCount | None = None) -> None:
         self.desk = desk
+        self.shared = shared
         self.hint_key = hint_key
         self.candidates = relay_candidates(public_addrs, tcp_addrs)
         self.window = RestartWindow(clock)
@@ -104,16 +113,24 @@ class IceRestarts:
         if call.conn_id in self._busy:
             return self._refuse("restart-busy", 409, "an ICE restart of this call is under way; retry after it",
                                 {"Retry-After": "1"})
-        limit = self.desk.limits.max_ice_restarts_per_minute
-        wait = self.window.take(call.conn_id, limit)
-        if wait is not None:
-            return self._refuse("restart-storm", 429, f"too many ICE restarts: at most {limit} a minute per call",
-                                {"Retry-After": str(max(1, round(wait)))}, kind="restart-storm")
-        self._busy.add(call.conn_id)
+        self._busy.add(call.conn_id)  # before the (shared) count is awaited: one at a time
         try:
+            limit = self.desk.limits.max_ice_restarts_per_minute
+            wait = await self._take(call, limit)
+            if wait is not None:
+                return self._refuse("restart-storm", 429, f"too many ICE restarts: at most {limit} a minute per "
+                                    "call", {"Retry-After": str(max(1, round(wait)))}, kind="restart-storm")
             return await self._restart(call, frag.ufrag, frag.pwd)
         finally:
             self._busy.discard(call.conn_id)
+
+    async def _take(self, call: Call, limit: int) -> float | None:
+        if self.shared is not None:
+            try:
+                return await self.shared(call.call_id, limit, WINDOW)
+            except StoreUnavailable as exc:  # a restart keeps a call alive: bound it here meanwhile
+                log.warning("ICE restart of conn_id %d counted on this relay only: %s", call.conn_id, exc)
+        return self.window.take(call.conn_id, limit)
 
     def _mint(self, call: Call) -> str:
         # The same routing fields as the call's ufrag: its first owner names

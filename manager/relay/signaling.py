@@ -52,7 +52,7 @@ from manager.relay import pipecat_offer, realtime_api, sideband, whip
 from manager.relay.call_desk import Create, Placed, SignalingCounters
 from manager.relay.config import LimitsConfig
 from manager.relay.credentials import ClientAuth, CreateGrant
-from manager.relay.ice_restart import IceRestarts
+from manager.relay.ice_restart import IceRestarts, SharedCount
 from manager.relay.limits import CreateLimits
 from manager.relay.page import PAGE_HTML
 from manager.relay.problems import problem_middleware
@@ -402,10 +402,12 @@ def make_app(
     page: bool = False,
     trusted_proxies: Sequence[str] = (),
     counters: SignalingCounters | None = None,
+    shared_restarts: SharedCount | None = None,
 ) -> web.Application:
     """Build the public signaling application. A client passed in stays the caller's to close.
     `tcp_addrs`: ICE-TCP listeners the answers offer as passive TCP candidates.
-    `page`: serve the "talk to the agent" page at / (manager.relay.page)."""
+    `page`: serve the "talk to the agent" page at / (manager.relay.page).
+    `shared_restarts`: a fleet's count of ICE restarts (manager.relay.ice_restart)."""
     encode_ufrag(hint_key, 1, 1)  # fail now, not on the first call, if the key is unusable
     addrs = [(addr, port) for addr, port, _ in check_public_addrs(public_addrs)]
     client = transceiver_client if transceiver_client is not None else TransceiverClient()
@@ -424,7 +426,7 @@ def make_app(
         app.router.add_get("/", _talk_page)
     app.router.add_post("/v1/calls", api.create_call)
     app.router.add_delete("/v1/calls/{call_id}", api.delete_call)
-    restarts = IceRestarts(api, hint_key, addrs, tcp)
+    restarts = IceRestarts(api, hint_key, addrs, tcp, shared=shared_restarts)
     app.router.add_patch("/v1/calls/{call_id}", whip.Trickle(api, restarts.restart).patch)
     realtime_api.add_routes(app, api)
     pipecat_offer.add_routes(app, api)

@@ -7,11 +7,13 @@ its candidates by PATCH with If-Match set to the ETag of the 201, hears the
 echo agent, asks for an ICE restart (200 with the answer fragment), and ends
 the call by DELETE.
 
-whip-whep 1.2.0 (the latest) joins the answer fragment's candidates with
-commas when it rewrites the remote description, so Chromium refuses an
-answer with more than one candidate (the relay gives all of its own, as the
-201's answer did). The call goes on all the same: the transceiver keeps the
-old credentials until a check with the new ones comes (RFC 8445 section 9).
+whip-whep 1.2.0 (the latest) inserts the answer fragment's candidates into
+the remote description as `candidates.join()` (whip.js line 368), which
+joins them with commas, so Chromium refuses an answer with more than one
+candidate; the relay gives all of its own, as the 201's answer did
+(docs/http-api.md says why not one). The call goes on all the same: the
+transceiver keeps the old credentials until a check with the new ones comes
+(RFC 8445 section 9).
 tests/e2e/test_ice_handover.py restarts ICE through the RFC 9725 flow driven
 from the page."""
 
