@@ -3,10 +3,14 @@ connection flood from 2,600 addresses of one IPv6 /64, and an offer split
 across two TCP writes 300 ms apart.
 
 For the flood: the most connections the /64 held at once (sampled from the
-control API), relayd's CPU while it ran (less what it spends idle), the
-SYNs XDP dropped, and the time a new aiortc call (UDP, then ICE-TCP with
-UDP blocked) took to connect during it. The flood runs twice on the same
-relayd, one after the other: first with the ICE-TCP listeners' XDP SYN
+control API); relayd's and the owning transceiver's CPU while it ran, beside
+the same window just before it (one call held, nothing else); the SYNs XDP
+dropped; what a call held across the flood lost (RTP sequence gaps on the
+wire, both ways); and the time new calls took to connect during it: aiortc
+over UDP, then Chromium (relayd's page, loaded ahead: the offer's POST to
+`connected`, and whether the agent's echo came back), then, with UDP blocked
+at the client, aiortc and Chromium over ICE-TCP. The flood runs twice on the
+same relayd, one after the other: first with the ICE-TCP listeners' XDP SYN
 limit lifted (its tcp_listeners entries made unlimited: relayd's own
 per-source accept rate alone, the baseline), then with it. For split
 offers: the status of the same offer sent in one write and in two.
@@ -39,8 +43,10 @@ from manager.relay.control_client import ControlClient
 from manager.relay.kernel import libbpf
 from manager.relay.kernel.structs import SynLimit, VipKey
 from tests.bench.provenance import run_info
+from tests.support.browser_call import BrowserCaller
+from tests.support.held_call import HeldCall
 from tests.support.tcp_calls import BLOCK_UDP
-from tests.support.tcp_flood import Flood, cpu_seconds, route_flood_prefix, unroute_flood_prefix
+from tests.support.tcp_flood import Flood, cpu_window, route_flood_prefix, unroute_flood_prefix
 
 
 async def _offer() -> str:
@@ -126,45 +132,50 @@ def _syn_counts(ctl) -> dict[str, int]:
     return {r["name"]: r["packets"] for r in rows if r["name"] in ("pass_tcp_syn", "drop_tcp_syn_rate")}
 
 
-def tcp_flood(lab, svc, ctl, seconds: float) -> dict:
-    pid = svc.procs["relayd"].pid
-    c0, t0 = cpu_seconds(pid), time.monotonic()
-    time.sleep(seconds)  # the idle measurement window
-    idle = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
-    route_flood_prefix(lab)
-    peak = {"connections": 0, "largest_source": 0}
-    stop = threading.Event()
+def tcp_flood(lab, svc, ctl, browser: BrowserCaller, seconds: float) -> dict:
+    with HeldCall(lab, ctl) as held:
+        pids = {"relayd": svc.procs["relayd"].pid, "owner": svc.procs[f"tx{held.session['transceiver']}"].pid}
+        idle = cpu_window(pids, seconds)  # the held call alone
+        route_flood_prefix(lab)
+        peak = {"connections": 0, "largest_source": 0}
+        stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.wait(0.2):
-            tcp = ctl.request("GET", "/stats")["slowpath"]["tcp"]
-            peak["connections"] = max(peak["connections"], tcp["connections"])
-            peak["largest_source"] = max(peak["largest_source"], tcp.get("largest_source", tcp["connections"]))
+        def sample() -> None:
+            while not stop.wait(0.2):
+                tcp = ctl.request("GET", "/stats")["slowpath"]["tcp"]
+                peak["connections"] = max(peak["connections"], tcp["connections"])
+                peak["largest_source"] = max(peak["largest_source"], tcp.get("largest_source", tcp["connections"]))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    syn0, events0 = _syn_counts(ctl), ctl.request("GET", "/stats")["slowpath"]["tcp"]["events"]
-    # SYNs left unanswered are given up after 10 ms (the lab answers within
-    # one when it answers): the flooder's pace is its own, XDP drops or not.
-    flood = Flood(lab, addresses=2600, per_address=4, settle_s=0.01).start()
-    sampler.start()
-    try:
-        c0, t0 = cpu_seconds(pid), time.monotonic()
-        flood.wait_first_round()
-        time.sleep(seconds)  # the flood goes on, round after round
-        c1, t1 = cpu_seconds(pid), time.monotonic()
-        udp = _udp_call(lab)
-        lab.run(lab.client_ns, ["nft", "-f", "-"], check=True,
-                input=BLOCK_UDP.format(vip4=lab.vip4, vip6=lab.vip6, port=lab.port))
-        tcp = _tcp_call(lab)
-        events = ctl.request("GET", "/stats")["slowpath"]["tcp"]["events"]
-        syn1 = _syn_counts(ctl)
-    finally:
-        flood.stop()
-        stop.set()
-        sampler.join()
-        unroute_flood_prefix(lab)
-        # UDP again, for the next run (BLOCK_UDP's table).
-        lab.run(lab.client_ns, ["nft", "delete", "table", "inet", "splitrelay_test_block"])
+        sampler = threading.Thread(target=sample, daemon=True)
+        syn0, events0 = _syn_counts(ctl), ctl.request("GET", "/stats")["slowpath"]["tcp"]["events"]
+        # SYNs left unanswered are given up after 10 ms (the lab answers within
+        # one when it answers): the flooder's pace is its own, XDP drops or not.
+        flood = Flood(lab, addresses=2600, per_address=4, settle_s=0.01).start()
+        sampler.start()
+        blocked = False
+        try:
+            t0 = time.monotonic()
+            flood.wait_first_round()
+            o0 = flood.opened
+            cpu = cpu_window(pids, seconds)  # the flood goes on, round after round
+            in_window = flood.opened - o0
+            udp = _udp_call(lab)
+            browser_udp = browser.call()
+            t1 = time.monotonic()  # the held call's window ends here: UDP is blocked next
+            lab.run(lab.client_ns, ["nft", "-f", "-"], check=True,
+                    input=BLOCK_UDP.format(vip4=lab.vip4, vip6=lab.vip6, port=lab.port))
+            blocked = True
+            tcp = _tcp_call(lab)
+            browser_tcp = browser.call()
+            events = ctl.request("GET", "/stats")["slowpath"]["tcp"]["events"]
+            syn1 = _syn_counts(ctl)
+        finally:
+            flood.stop()
+            stop.set()
+            sampler.join()
+            unroute_flood_prefix(lab)
+            if blocked:  # UDP again, for the held call's hang-up and the next run
+                lab.run(lab.client_ns, ["nft", "delete", "table", "inet", "splitrelay_test_block"])
     return {
         "addresses": 2600, "per_address": 4, "connections_opened": flood.opened,
         "connections_unanswered": flood.unanswered,
@@ -173,11 +184,16 @@ def tcp_flood(lab, svc, ctl, seconds: float) -> dict:
         "first_round_s": round(flood.first_round_s, 2) if flood.first_round_s else None,
         "opened_per_s": round(flood.opened / (time.monotonic() - t0)),
         "peak_connections_held": peak["connections"], "peak_held_by_the_64": peak["largest_source"],
-        "relayd_cpu_pct": round(max(0.0, (c1 - c0) / (t1 - t0) - idle) * 100, 1),
-        "relayd_cpu_us_per_connection": round(max(0.0, c1 - c0 - idle * (t1 - t0)) / max(1, flood.opened) * 1e6, 1),
-        "relayd_idle_cpu_pct": round(idle * 100, 1),
+        "relayd_cpu_pct": round(max(0.0, cpu["relayd"] - idle["relayd"]), 1),
+        "relayd_cpu_total_pct": cpu["relayd"],
+        "relayd_cpu_us_per_connection": round(max(0.0, cpu["relayd"] - idle["relayd"]) / 100 * seconds
+                                              / max(1, in_window) * 1e6, 1),
+        "relayd_idle_cpu_pct": idle["relayd"],
+        "owner_cpu_pct": cpu["owner"], "owner_idle_cpu_pct": idle["owner"],
+        "established": held.loss(t0, t1),
         "new_udp_call_connected_s": udp.connected_after_s if udp.connected else None,
         "new_tcp_call_connected_s": tcp.connected_after_s if tcp.connected else None,
+        "browser_call_udp": browser_udp, "browser_call_tcp": browser_tcp,
         "bridge_events": {k: v - events0.get(k, 0) for k, v in events.items()
                           if k.startswith(("refused", "evicted", "accepted")) and v > events0.get(k, 0)},
     }
@@ -186,15 +202,23 @@ def tcp_flood(lab, svc, ctl, seconds: float) -> dict:
 def run(seconds: float) -> dict:
     with running_lab(f"ba{secrets.token_hex(3)}", Path(tempfile.mkdtemp(prefix="bench-attacks-"))) as (lab, svc):
         ctl = ControlClient(svc.config["control_socket"])
-        print("  split offers...", file=sys.stderr)
-        offers = split_offers(lab)
-        print(f"  /64 ICE-TCP flood for {seconds:g} s after its first round, XDP SYN limit lifted...",
-              file=sys.stderr)
-        with xdp_syn_limit_lifted(svc):
-            before = tcp_flood(lab, svc, ctl, seconds)
-        print(f"  /64 ICE-TCP flood for {seconds:g} s after its first round, XDP SYN limit on...", file=sys.stderr)
-        after = tcp_flood(lab, svc, ctl, seconds)
-    return {"split_offer_status": offers, "before_label": "accept rate only", "after_label": "+ XDP SYN limit",
+        browser = BrowserCaller(lab)
+        try:
+            browser.start()  # the page loaded ahead: a browser's start-up is not a call's set-up
+            quiet = browser.call()
+            print("  split offers...", file=sys.stderr)
+            offers = split_offers(lab)
+            print(f"  /64 ICE-TCP flood for {seconds:g} s after its first round, XDP SYN limit lifted...",
+                  file=sys.stderr)
+            with xdp_syn_limit_lifted(svc):
+                before = tcp_flood(lab, svc, ctl, browser, seconds)
+            print(f"  /64 ICE-TCP flood for {seconds:g} s after its first round, XDP SYN limit on...",
+                  file=sys.stderr)
+            after = tcp_flood(lab, svc, ctl, browser, seconds)
+        finally:
+            browser.stop()
+    return {"split_offer_status": offers, "browser_call_quiet": quiet,
+            "before_label": "accept rate only", "after_label": "+ XDP SYN limit",
             "before": {"tcp_flood_64": before}, "after": {"tcp_flood_64": after}}
 
 

@@ -17,11 +17,15 @@ the relay's pub0, where the relay's own XDP program meets it. Two variants:
   random tuple, each a NAT-rebinding candidate (XDP passes at most that
   SSRC's bucket: pass_rebind, the rest drop_rebind_call_rate).
 
-Reported per variant: injected packets/s, what XDP did with them, the
-slow-path packets/s that reached Python, relayd's and the owning
-transceiver's CPU, set-up time of new
-aiortc calls during the flood against without it, and RTP packets the
-established call lost (sequence gaps on the wire, both directions).
+Each variant holds one call across the flood. Reported per variant:
+injected packets/s, what XDP did with them, the slow-path packets/s that
+reached Python; relayd's and the owning transceiver's CPU over the flood's
+window before new calls are placed (and over the held call alone just
+before the flood, the owner's share for that call's media); the set-up time
+of new aiortc calls during the flood against without it; a new Chromium call
+(relayd's page, loaded ahead) from the offer's POST to `connected`, and
+whether the agent's echo came back; and RTP packets the held call lost
+(sequence gaps on the wire, both directions, its own streams only).
 
     .venv/bin/python -m tests.bench.bench_flood [--seconds 8] [--variants ...] [--json out.json]
 """
@@ -31,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import socket
 import statistics
@@ -46,7 +49,6 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from manager.lab.capture import WireClock, is_rtp
 from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor
 from manager.lab.services import running_lab
@@ -55,10 +57,14 @@ from manager.relay.kernel import libbpf
 from manager.relay.kernel.datapath import ensure_kernel_headers
 from manager.relay.kernel.structs import BPF_DIR
 from tests.bench.provenance import run_info
+from tests.support.browser_call import BrowserCaller
+from tests.support.held_call import HeldCall
+from tests.support.tcp_flood import cpu_window
 from tests.support.waiting import eventually
 
 FLOOD_SOURCE = BPF_DIR / "testing" / "flood.bpf.c"
 CHUNK = 100_000  # runs per BPF_PROG_TEST_RUN call
+QUIET_S = 3.0  # the held call alone, before each flood: the CPU it costs by itself
 
 
 def log(msg: str) -> None:
@@ -140,11 +146,6 @@ class Flood:
         self._bpf.cleanup()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def setup_times(lab, n: int) -> list[float]:
     out = []
     with NetnsExecutor(lab.client_ns) as ex:
@@ -152,17 +153,6 @@ def setup_times(lab, n: int) -> list[float]:
             rep = ex.call(asyncio.run, client_call(lab.signaling_url, duration=0.2, messages=0))
             out.append(rep.connected_after_s if rep.connected_after_s is not None else float("nan"))
     return out
-
-
-def rtp_lost(clock: WireClock, start: float, end: float) -> tuple[int, int]:
-    """(packets, lost) of each RTP stream seen in [start, end], by sequence numbers."""
-    seqs: dict[bytes, set[int]] = {}
-    for t, d in clock.arrivals:
-        if start <= t <= end and is_rtp(d) and len(d.payload) >= 12 and not 192 <= d.payload[1] <= 223:
-            seqs.setdefault(d.payload[8:12], set()).add(int.from_bytes(d.payload[2:4], "big"))
-    packets = sum(len(s) for s in seqs.values())
-    lost = sum(max(s) - min(s) + 1 - len(s) for s in seqs.values() if s)
-    return packets, lost
 
 
 def snapshot(ctl: ControlClient) -> tuple[dict, dict]:
@@ -174,67 +164,43 @@ def delta(a: dict, b: dict) -> dict:
     return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if b.get(k, 0) - a.get(k, 0)}
 
 
-def run_variant(lab, svc, ctl, name: str, seconds: float, calls: int) -> dict:
+def run_variant(lab, svc, ctl, browser: BrowserCaller, name: str, seconds: float, calls: int) -> dict:
     log(f"bench_flood: {name}: establishing a call")
-    established: dict = {}
-    connected = threading.Event()
-
-    async def hold(pc, rep):
-        connected.set()
-        await asyncio.sleep(seconds + 3.0)  # the call's length: it spans the flood
-
-    def established_call() -> None:
-        with NetnsExecutor(lab.client_ns) as ex:
-            established["rep"] = ex.call(asyncio.run, client_call(lab.signaling_url, on_connected=hold, messages=0))
-
-    holder = threading.Thread(target=established_call)
-    holder.start()
-    if not connected.wait(20):
-        raise RuntimeError("the established call did not connect")
-    session = eventually(lambda: next((s for s in ctl.sessions()["sessions"] if s["state"] == "active"), None),
-                         10, what="the established call active")
-    ip_hlen = 20
-    if name == "live-SSRC spoof":
-        ssrc = eventually(lambda: live_ssrc(svc, session["conn_id"]), 10, what="the call's SSRC learned by XDP")
-        frame, off = rtp_template(lab, ssrc), 0
-    elif name == "IP options":
-        frame, off = template(lab, f"{session['server_ufrag']}:flood", NOP_OPTION)
-        ip_hlen = 20 + len(NOP_OPTION)
-    else:
-        frame, off = template(lab, f"{session['server_ufrag']}:flood")
-    owner_pid = svc.procs[f"tx{session['transceiver']}"].pid
-    to_client = WireClock(lab.client_ns, lab.client.ifname, lambda d: d.src[1] == lab.port)
-    to_owner = [WireClock(t.ns, t.ifname, lambda d: True) for t in lab.transceivers]
-    pid = svc.procs["relayd"].pid
-    with to_client, to_owner[0], to_owner[1]:
+    with HeldCall(lab, ctl) as held:
+        session = held.session
+        ip_hlen = 20
+        if name == "live-SSRC spoof":
+            ssrc = eventually(lambda: live_ssrc(svc, session["conn_id"]), 10, what="the call's SSRC learned by XDP")
+            frame, off = rtp_template(lab, ssrc), 0
+        elif name == "IP options":
+            frame, off = template(lab, f"{session['server_ufrag']}:flood", NOP_OPTION)
+            ip_hlen = 20 + len(NOP_OPTION)
+        else:
+            frame, off = template(lab, f"{session['server_ufrag']}:flood")
+        pids = {"relayd": svc.procs["relayd"].pid, "owner": svc.procs[f"tx{session['transceiver']}"].pid}
+        quiet = cpu_window(pids, QUIET_S)  # the held call alone: what the owner spends on its media
         fp0, sp0 = snapshot(ctl)
-        cpu0, owner0, t0 = cpu_seconds(pid), cpu_seconds(owner_pid), time.monotonic()
+        t0 = time.monotonic()
         with Flood(lab, frame, off, random_ufrag=name == "random ufrags", ip_hlen=ip_hlen) as flood:
-            time.sleep(1.0)  # the flood at full rate before calls are placed into it
+            time.sleep(1.0)  # the flood at full rate before anything is measured
+            cpu = cpu_window(pids, seconds)  # the flood alone (with the held call), before new calls load both
             during = setup_times(lab, calls)
-            time.sleep(max(0.0, seconds - (time.monotonic() - t0)))  # the rest of the measurement window
+            log(f"bench_flood: {name}: a Chromium call")
+            browser_call = browser.call()
         t1 = time.monotonic()
-        cpu1, owner1 = cpu_seconds(pid), cpu_seconds(owner_pid)
         fp1, sp1 = snapshot(ctl)
-        holder.join(30)
-        window = (t0, t1)
-        p_in, lost_in = map(sum, zip(*(rtp_lost(c, *window) for c in to_owner), strict=True))
-        p_out, lost_out = rtp_lost(to_client, *window)
     fp, sp = delta(fp0, fp1), delta(sp0, sp1)
     wall = t1 - t0
     # What XDP handed the kernel for relayd's sockets (pass_ip_options: a relay without the refusals).
     slow = sum(fp.get(k, 0) for k in ("pass_stun_unknown", "pass_rebind", "pass_ip_options"))
-    rep = established.get("rep")
     return {
-        "variant": name, "seconds": round(wall, 2),
+        "variant": name, "seconds": round(wall, 2), "cpu_window_s": seconds,
         "injected": flood.injected, "injected_pps": round(flood.injected / flood.seconds),
         "xdp": dict(sorted(fp.items())), "slowpath_events": dict(sorted(sp.items())),
-        "slowpath_pps": round(slow / wall), "relayd_cpu_percent": round((cpu1 - cpu0) / wall * 100, 1),
-        "owner_cpu_percent": round((owner1 - owner0) / wall * 100, 1),
-        "setup_s_during": during,
-        "established": {"connected": bool(rep and rep.connected), "error": rep.error if rep else "no report",
-                        "rtp_to_owner": p_in, "lost_to_owner": lost_in, "rtp_to_client": p_out,
-                        "lost_to_client": lost_out},
+        "slowpath_pps": round(slow / wall), "relayd_cpu_percent": cpu["relayd"], "owner_cpu_percent": cpu["owner"],
+        "relayd_cpu_percent_quiet": quiet["relayd"], "owner_cpu_percent_quiet": quiet["owner"],
+        "setup_s_during": during, "browser_call": browser_call,
+        "established": held.loss(t0, t1),
     }
 
 
@@ -248,12 +214,19 @@ def main() -> int:
     results: dict = {}
     with running_lab(f"fl{secrets.token_hex(2)}", Path(tempfile.mkdtemp(prefix="bench-flood-"))) as (lab, svc):
         ctl = ControlClient(svc.config["control_socket"])
-        log("bench_flood: set-up without a flood")
-        results["setup_s_quiet"] = setup_times(lab, args.calls)
-        results["variants"] = [run_variant(lab, svc, ctl, name, args.seconds, args.calls)
-                               for name in args.variants]
+        browser = BrowserCaller(lab)
+        try:
+            browser.start()  # the page loaded ahead: a browser's start-up is not a call's set-up
+            log("bench_flood: set-up without a flood")
+            results["setup_s_quiet"] = setup_times(lab, args.calls)
+            results["browser_call_quiet"] = browser.call()
+            results["variants"] = [run_variant(lab, svc, ctl, browser, name, args.seconds, args.calls)
+                                   for name in args.variants]
+        finally:
+            browser.stop()
     quiet = statistics.median(results["setup_s_quiet"])
-    print(f"set-up without flood: median {quiet * 1000:.0f} ms {results['setup_s_quiet']}")
+    print(f"set-up without flood: median {quiet * 1000:.0f} ms {results['setup_s_quiet']}; "
+          f"Chromium {results['browser_call_quiet']}")
     for v in results["variants"]:
         during = statistics.median(v["setup_s_during"])
         v["setup_ratio"] = round(during / quiet, 2)
@@ -264,6 +237,8 @@ def main() -> int:
               f"set-up median {during * 1000:.0f} ms ({v['setup_ratio']}x quiet); established call lost "
               f"{e['lost_to_owner']}/{e['rtp_to_owner']} RTP to the owner, {e['lost_to_client']}/{e['rtp_to_client']} "
               f"to the client")
+        print(f"  quiet (held call alone): relayd {v['relayd_cpu_percent_quiet']}%, owner {v['owner_cpu_percent_quiet']}%")
+        print(f"  Chromium: {v['browser_call']}")
         print(f"  XDP: {v['xdp']}")
         print(f"  slow path: {v['slowpath_events']}")
     results["run"] = run_info("tests.bench.bench_flood")

@@ -28,6 +28,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_window(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Each named process's CPU over the next `seconds`, % of a core."""
+    c0, t0 = {k: cpu_seconds(p) for k, p in pids.items()}, time.monotonic()
+    time.sleep(seconds)  # the measurement window
+    wall = time.monotonic() - t0
+    return {k: round((cpu_seconds(p) - c0[k]) / wall * 100, 1) for k, p in pids.items()}
+
+
 def route_flood_prefix(lab) -> None:
     """The /64 lives in the client namespace; the relay reaches it through the client."""
     lab.run(lab.client_ns, ["ip", "-6", "route", "replace", "local", f"{FLOOD_PREFIX}::/64", "dev", "lo"], check=True)
