@@ -87,11 +87,27 @@ def _post(url: str, body: bytes, pause: float | None) -> int:
     return status
 
 
-def split_offers(lab) -> dict:
+def split_offers(lab, browser: BrowserCaller) -> dict:
+    """The same offer in one write and in two; then split offers one after
+    another while a Chromium call is placed."""
     with NetnsExecutor(lab.client_ns) as ex:
         body = ex.call(asyncio.run, _offer()).encode()
-        return {"one_write": ex.call(_post, lab.signaling_url, body, None),
-                "two_writes_300ms": ex.call(_post, lab.signaling_url, body, 0.3)}
+        out = {"one_write": ex.call(_post, lab.signaling_url, body, None),
+               "two_writes_300ms": ex.call(_post, lab.signaling_url, body, 0.3)}
+        stop, statuses = threading.Event(), []
+
+        def keep_splitting() -> None:
+            while not stop.is_set():
+                statuses.append(_post(lab.signaling_url, body, 0.3))
+
+        splitting = ex.submit(keep_splitting)
+        try:
+            out["browser_call_during"] = browser.call()
+        finally:
+            stop.set()
+            splitting.result()
+        out["during_sent"], out["during_answered_201"] = len(statuses), statuses.count(201)
+    return out
 
 
 def _tcp_call(lab):
@@ -207,7 +223,7 @@ def run(seconds: float) -> dict:
             browser.start()  # the page loaded ahead: a browser's start-up is not a call's set-up
             quiet = browser.call()
             print("  split offers...", file=sys.stderr)
-            offers = split_offers(lab)
+            offers = split_offers(lab, browser)
             print(f"  /64 ICE-TCP flood for {seconds:g} s after its first round, XDP SYN limit lifted...",
                   file=sys.stderr)
             with xdp_syn_limit_lifted(svc):

@@ -210,20 +210,43 @@ def _flood(data: dict) -> str:
                      "established call lost"], rows, "llllll")
 
 
+def browser_call(b: dict | None) -> str:
+    """A Chromium call placed into a flood (tests/support/browser_call.py): POST → connected, echo."""
+    if not b:
+        return "–"
+    if b["post_to_connected_s"] is None:
+        return f"not connected: {b['error']}"
+    proto = (b.get("path") or "").split(" ", 1)[0]
+    heard = "echo heard" if b["echo_ok"] else f"echo NOT heard: {b['error']}"
+    return f"{b['post_to_connected_s'] * 1000:.0f} ms{' ' + proto if proto else ''}, {heard}"
+
+
+def held_call_lost(e: dict) -> str:
+    return f"{e['lost_to_owner']}/{e['rtp_to_owner']}, {e['lost_to_client']}/{e['rtp_to_client']}"
+
+
+def cpu_beside(during: float, alone: float | None) -> str:
+    return f"{during}%" + (f" ({alone}%)" if alone is not None else "")
+
+
 @renderer("attacks", "Attacks through XDP: IP options and a spoofed live SSRC, before and after the refusals")
 def _attacks(data: dict) -> str:
     rows = []
     for when in ("before", "after"):
         quiet = statistics.median(data[when]["setup_s_quiet"])
         for v in data[when]["variants"]:
-            e = v["established"]
             during = statistics.median(v["setup_s_during"])
             rows.append([v["variant"], when, f"{v['injected_pps'] / 1e6:.2f} Mpps", f"{v['slowpath_pps']:,} packets/s",
-                         f"{v['relayd_cpu_percent']}%", f"{v['owner_cpu_percent']}%",
-                         f"{during * 1000:.0f} ms ({during / quiet:.1f}x quiet)",
-                         f"{e['lost_to_owner']}/{e['rtp_to_owner']}, {e['lost_to_client']}/{e['rtp_to_client']}"])
-    return md_table(["flood", "relay", "injected", "reached relayd", "relayd CPU", "owner CPU",
-                     "new-call set-up (median)", "established call lost (up, down)"], rows, "llllllll")
+                         cpu_beside(v["relayd_cpu_percent"], v.get("relayd_cpu_percent_quiet")),
+                         cpu_beside(v["owner_cpu_percent"], v.get("owner_cpu_percent_quiet")),
+                         held_call_lost(v["established"]),
+                         f"{during * 1000:.0f} ms ({during / quiet:.1f}x quiet)", browser_call(v.get("browser_call"))])
+    out = [md_table(["flood", "relay", "injected", "reached relayd", "relayd CPU (held call alone)",
+                     "owner CPU (held call alone)", "held call lost (up, down)", "new aiortc call set-up (median)",
+                     "new Chromium call: POST → connected"], rows, "lllllllll")]
+    if data["after"].get("browser_call_quiet"):
+        out += ["", f"Without a flood, a Chromium call connected {browser_call(data['after']['browser_call_quiet'])}."]
+    return "\n".join(out)
 
 
 @renderer("walks", "Kernel walks at scale: adopting and expiring flows")
@@ -246,21 +269,35 @@ def _attacks_py(data: dict) -> str:
         status = data.get("split_offer_status") or r["split_offer_status"]  # once per run, or per side
         return f"{status['one_write']} / {status['two_writes_300ms']}"
 
+    def both(f: Callable[[dict], object]) -> list[object]:
+        return [f(fb), f(fa)]
+
     rows = [
-        ["connections the /64 held at once (peak)", num(fb["peak_held_by_the_64"]), num(fa["peak_held_by_the_64"])],
-        ["connections opened by the flood per second", num(fb["opened_per_s"]), num(fa["opened_per_s"])],
-        ["SYNs dropped in XDP (drop_tcp_syn_rate)", num(fb.get("syns_dropped_in_xdp", 0)),
-         num(fa.get("syns_dropped_in_xdp", 0))],
-        ["relayd CPU during the flood, % of a core", num(fb["relayd_cpu_pct"], ".1f"), num(fa["relayd_cpu_pct"], ".1f")],
-        ["relayd CPU per connection, µs", num(fb["relayd_cpu_us_per_connection"], ".1f"),
-         num(fa["relayd_cpu_us_per_connection"], ".1f")],
-        ["a new UDP call connected after, s", num(fb["new_udp_call_connected_s"], ".3f"),
-         num(fa["new_udp_call_connected_s"], ".3f")],
-        ["a new ICE-TCP call connected after, s", num(fb["new_tcp_call_connected_s"], ".3f"),
-         num(fa["new_tcp_call_connected_s"], ".3f")],
+        ["connections the /64 held at once (peak)", *both(lambda f: num(f["peak_held_by_the_64"]))],
+        ["connections opened by the flood per second", *both(lambda f: num(f["opened_per_s"]))],
+        ["SYNs dropped in XDP (drop_tcp_syn_rate)", *both(lambda f: num(f.get("syns_dropped_in_xdp", 0)))],
+        ["relayd CPU during the flood, % of a core (held call alone)",
+         *both(lambda f: cpu_beside(f["relayd_cpu_total_pct"], f["relayd_idle_cpu_pct"]) if "relayd_cpu_total_pct" in f
+               else num(f["relayd_cpu_pct"], ".1f") + " over idle")],
+        ["relayd CPU per connection, µs", *both(lambda f: num(f["relayd_cpu_us_per_connection"], ".1f"))],
+        ["owner CPU during the flood, % of a core (held call alone)",
+         *both(lambda f: cpu_beside(f["owner_cpu_pct"], f["owner_idle_cpu_pct"]) if "owner_cpu_pct" in f else None)],
+        ["held call lost (up, down)", *both(lambda f: held_call_lost(f["established"]) if "established" in f else None)],
+        ["a new aiortc UDP call connected after, s", *both(lambda f: num(f["new_udp_call_connected_s"], ".3f"))],
+        ["a new aiortc ICE-TCP call connected after, s", *both(lambda f: num(f["new_tcp_call_connected_s"], ".3f"))],
+        ["a new Chromium call, UDP: POST → connected", *both(lambda f: browser_call(f.get("browser_call_udp")))],
+        ["a new Chromium call, UDP blocked: POST → connected",
+         *both(lambda f: browser_call(f.get("browser_call_tcp")))],
         ["an offer in one write / two writes 300 ms apart", offers(b), offers(a)],
     ]
-    return md_table(["", data.get("before_label", "before"), data.get("after_label", "after")], rows, "lrr")
+    out = [md_table(["", data.get("before_label", "before"), data.get("after_label", "after")], rows, "lrr")]
+    status = data.get("split_offer_status") or {}
+    if "browser_call_during" in status:
+        out += ["", f"While split offers arrived one after another ({status['during_answered_201']} of "
+                    f"{status['during_sent']} answered 201), a Chromium call connected "
+                    f"{browser_call(status['browser_call_during'])}; without them, "
+                    f"{browser_call(data.get('browser_call_quiet'))}."]
+    return "\n".join(out)
 
 
 @renderer("ttfa", "Time to first audio: the offer's POST to the first echoed audio frame at the client")
