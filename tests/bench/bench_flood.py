@@ -36,34 +36,23 @@ import argparse
 import asyncio
 import json
 import secrets
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-from aioice import stun
-from scapy.layers.inet import IP, UDP
-from scapy.layers.l2 import Ether
-from scapy.packet import Raw
 
 from manager.lab.client import client_call
 from manager.lab.netns import NetnsExecutor
 from manager.lab.services import running_lab
 from manager.relay.control_client import ControlClient
-from manager.relay.kernel import libbpf
-from manager.relay.kernel.datapath import ensure_kernel_headers
-from manager.relay.kernel.structs import BPF_DIR
 from tests.bench.provenance import run_info
 from tests.support.browser_call import BrowserCaller
 from tests.support.held_call import HeldCall
 from tests.support.tcp_flood import cpu_window
 from tests.support.waiting import eventually
+from tests.support.xdp_flood import NOP_OPTION, Flood, live_ssrc, rtp_template, template
 
-FLOOD_SOURCE = BPF_DIR / "testing" / "flood.bpf.c"
-CHUNK = 100_000  # runs per BPF_PROG_TEST_RUN call
 QUIET_S = 3.0  # the held call alone, before each flood: the CPU it costs by itself
 
 
@@ -72,78 +61,6 @@ def log(msg: str) -> None:
 
 
 VARIANTS = ("random ufrags", "one valid ufrag replayed", "IP options", "live-SSRC spoof")
-NOP_OPTION = b"\x01\x01\x01\x00"
-
-
-def template(lab, username: str, options: bytes = b"") -> tuple[bytes, int]:
-    msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-    msg.attributes["USERNAME"] = username
-    msg.attributes["PRIORITY"] = 1853824767
-    frame = bytes(Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff")
-                  / IP(src=lab.client.addr4, dst=lab.vip4, options=options) / UDP(sport=40000, dport=lab.port)
-                  / Raw(bytes(msg)))
-    return frame, frame.index(username.split(":")[0].encode())
-
-
-def rtp_template(lab, ssrc: int) -> bytes:
-    """An Opus-sized SRTP packet of the established call's stream (SSRC as on the wire)."""
-    rtp = bytes([0x80, 111]) + b"\x00\x01" + b"\x00" * 4 + ssrc.to_bytes(4, "big") + b"r" * 120
-    return bytes(Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff")
-                 / IP(src=lab.client.addr4, dst=lab.vip4) / UDP(sport=40000, dport=lab.port) / Raw(rtp))
-
-
-def live_ssrc(svc, conn_id: int) -> int:
-    """The SSRC XDP learned on the established call's flow."""
-    from manager.relay.config import DatapathConfig
-    from manager.relay.kernel.datapath import Datapath
-
-    dp = Datapath(DatapathConfig(pin_dir=svc.config["datapath"]["pin_dir"]))
-    try:
-        dp.open_maps()
-        found = [f.ssrc for f in dp.flows() if f.ssrc and f.conn_id == conn_id]
-    finally:
-        dp.close()
-    if not found:
-        raise RuntimeError("the established call's flow has no SSRC yet")
-    return found[0]
-
-
-class Flood:
-    """Injects the template at full speed from a thread in the client namespace."""
-
-    def __init__(self, lab, frame: bytes, ufrag_off: int, random_ufrag: bool, ip_hlen: int = 20):
-        from bcc import BPF
-
-        ensure_kernel_headers()
-        self._bpf = BPF(src_file=str(FLOOD_SOURCE).encode(),
-                        cflags=[f"-DUFRAG_OFF={ufrag_off}", f"-DRANDOM_UFRAG={int(random_ufrag)}",
-                                f"-DIP_HLEN={ip_hlen}"])
-        self.fd = self._bpf.load_func(b"xdp_flood", BPF.XDP).fd
-        self.lab, self.frame = lab, frame
-        self.injected = 0
-        self.seconds = 0.0
-        self._stop = threading.Event()
-        self._ex = NetnsExecutor(lab.client_ns)
-        self._ifindex = self._ex.call(socket.if_nametoindex, lab.client.ifname)  # in the namespace
-        self._future = None
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        while not self._stop.is_set():
-            libbpf.prog_test_run_xdp(self.fd, self.frame, ingress_ifindex=self._ifindex, repeat=CHUNK,
-                                     flags=libbpf.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=64)
-            self.injected += CHUNK
-        self.seconds = time.monotonic() - t0
-
-    def __enter__(self) -> Flood:
-        self._future = self._ex.submit(self._run)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._future.result()
-        self._ex.shutdown()
-        self._bpf.cleanup()
 
 
 def setup_times(lab, n: int) -> list[float]:
