@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from manager.lab.client import client_call
-from manager.lab.netns import NetnsExecutor
+from manager.lab.netns import NetnsExecutor, ns_run
 from manager.lab.services import running_lab
 from manager.relay.control_client import ControlClient
 from tests.bench.provenance import run_info
@@ -72,6 +72,24 @@ def setup_times(lab, n: int) -> list[float]:
     return out
 
 
+def link_drops(lab) -> dict[str, int]:
+    """The drop and error counters of the lab's veths, both ends: where a packet
+    the held call lost was dropped, if a link dropped it (a veth whose peer
+    runs XDP queues frames in a 256-slot ring, full while a flood outruns the
+    peer's XDP)."""
+    out: dict[str, int] = {}
+    for ep in lab.endpoints:
+        for ns, ifname, side in ((ep.ns, ep.ifname, ep.name), (lab.relay_ns, ep.relay_ifname, "relay")):
+            for line in ns_run(ns, ["ethtool", "-S", ifname], check=False).stdout.splitlines():
+                name, _, value = line.strip().partition(":")
+                if ("drop" in name or "err" in name) and value.strip().isdigit():
+                    out[f"{side}/{ifname}/{name.strip()}"] = int(value)
+            link = json.loads(ns_run(ns, ["ip", "-s", "-j", "link", "show", "dev", ifname]).stdout)[0]["stats64"]
+            for way in ("rx", "tx"):
+                out[f"{side}/{ifname}/{way}_dropped"] = link[way]["dropped"]
+    return out
+
+
 def snapshot(ctl: ControlClient) -> tuple[dict, dict]:
     st = ctl.stats()
     return {c["name"]: c["packets"] for c in st["fastpath"]["counters"]}, dict(st["slowpath"]["events"])
@@ -97,6 +115,7 @@ def run_variant(lab, svc, ctl, browser: BrowserCaller, name: str, seconds: float
         pids = {"relayd": svc.procs["relayd"].pid, "owner": svc.procs[f"tx{session['transceiver']}"].pid}
         quiet = cpu_window(pids, QUIET_S)  # the held call alone: what the owner spends on its media
         fp0, sp0 = snapshot(ctl)
+        drops0 = link_drops(lab)
         t0 = time.monotonic()
         with Flood(lab, frame, off, random_ufrag=name == "random ufrags", ip_hlen=ip_hlen) as flood:
             time.sleep(1.0)  # the flood at full rate before anything is measured
@@ -106,6 +125,7 @@ def run_variant(lab, svc, ctl, browser: BrowserCaller, name: str, seconds: float
             browser_call = browser.call()
         t1 = time.monotonic()
         fp1, sp1 = snapshot(ctl)
+        drops = delta(drops0, link_drops(lab))
     fp, sp = delta(fp0, fp1), delta(sp0, sp1)
     wall = t1 - t0
     # What XDP handed the kernel for relayd's sockets (pass_ip_options: a relay without the refusals).
@@ -116,7 +136,7 @@ def run_variant(lab, svc, ctl, browser: BrowserCaller, name: str, seconds: float
         "xdp": dict(sorted(fp.items())), "slowpath_events": dict(sorted(sp.items())),
         "slowpath_pps": round(slow / wall), "relayd_cpu_percent": cpu["relayd"], "owner_cpu_percent": cpu["owner"],
         "relayd_cpu_percent_quiet": quiet["relayd"], "owner_cpu_percent_quiet": quiet["owner"],
-        "setup_s_during": during, "browser_call": browser_call,
+        "setup_s_during": during, "browser_call": browser_call, "link_drops": dict(sorted(drops.items())),
         "established": held.loss(t0, t1),
     }
 
@@ -158,6 +178,7 @@ def main() -> int:
         print(f"  Chromium: {v['browser_call']}")
         print(f"  XDP: {v['xdp']}")
         print(f"  slow path: {v['slowpath_events']}")
+        print(f"  links dropped: {v['link_drops']}")
     results["run"] = run_info("tests.bench.bench_flood")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

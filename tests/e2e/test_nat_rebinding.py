@@ -22,8 +22,9 @@ from manager.lab.capture import WireClock, is_rtp, longest_gap
 from manager.lab.nat import clear_client_nat, set_client_nat
 from manager.lab.services import running_lab
 from manager.relay.control_client import ControlClient
-from tests.support.lab_calls import assert_untouched, audio_flowing, run_call
+from tests.support.lab_calls import assert_untouched, audio_flowing, rtp_received, run_call
 from tests.support.waiting import eventually_async
+from tests.support.xdp_flood import Flood, rtp_template
 
 # realtime: the checks count media against the wall clock.
 pytestmark = [pytest.mark.netns, pytest.mark.realtime]
@@ -143,3 +144,55 @@ def test_forged_media_with_the_calls_ssrc_moves_nothing(env):
     assert after.get("legs_rebound", 0) == before.get("legs_rebound", 0)
     assert [leg["client"] for leg in seen["legs"]] == [seen["client"]]  # the flow did not move
     assert rep.tone_ratio > 0.5
+
+
+def test_the_nat_rebinding_gets_through_a_spoof_flood_of_its_ssrc(env):
+    """The live-SSRC spoof at the full rate this machine injects (live frames,
+    RTP with the call's SSRC from a random source each packet) runs while the
+    NAT moves the client: the call is still moved and its audio resumes."""
+    lab, svc, ctl = env
+    seen = {}
+    set_client_nat(lab, PORT_BEFORE)
+
+    async def rebind_under_flood(pc, rep):
+        await audio_flowing(pc)
+        (leg,) = await eventually_async(lambda: [x for x in legs_of(ctl, rep) if x["kernel"] and x["kernel"]["ssrc"]],
+                                        10, what="the call's SSRC in its kernel flow")
+        flood = await asyncio.to_thread(Flood, lab, rtp_template(lab, leg["kernel"]["ssrc"]), 0, False)
+        with flood:
+            before = ctl.stats()["fastpath"]["counters"]
+            refused = xdp_counter(ctl, "drop_rebind_call_rate", before) + 10_000
+            await eventually_async(lambda: xdp_counter(ctl, "drop_rebind_call_rate") > refused, 10,
+                                   what="the flood refused in XDP")
+            rep.mark("rebind")
+            t = time.monotonic()
+            await asyncio.to_thread(set_client_nat, lab, PORT_AFTER)
+
+            def rebound() -> list[dict] | None:
+                legs = legs_of(ctl, rep)
+                return legs if any(x["client"].endswith(f":{PORT_AFTER}") and x["kernel"]
+                                   and x["kernel"]["packets_in"] > 0 for x in legs) else None
+
+            seen["after"] = await eventually_async(rebound, 30, what=f"XDP forwarding the client at port {PORT_AFTER}")
+            seen["rebound_s"] = time.monotonic() - t
+            await audio_flowing(pc, packets=await rtp_received(pc) + 50)  # audio back at the client
+            seen["injected"] = flood.injected
+
+    try:
+        rep = run_call(lab, on_connected=rebind_under_flood, duration=2.0, messages=4)
+    finally:
+        clear_client_nat(lab)
+    assert_untouched(rep)
+    assert seen["injected"] > 100_000, seen
+    after = [x["client"] for x in seen["after"]]
+    assert any(c.endswith(f":{PORT_AFTER}") for c in after) and not any(c.endswith(f":{PORT_BEFORE}") for c in after)
+    assert rep.frames_after["rebind"] > 50 and rep.tone_ratio_after["rebind"] > 0.5, rep
+    events = ctl.stats()["slowpath"]["events"]
+    print(f"\nNAT rebinding under a live-SSRC spoof flood ({seen['injected']:,} packets injected): the client "
+          f"moved {seen['rebound_s']:.2f} s after the NAT did; legs rebound {events.get('legs_rebound', 0)}, "
+          f"media checks {events.get('rebind_checks', 0)}, refused {events.get('rebind_refused', 0)}")
+
+
+def xdp_counter(ctl: ControlClient, name: str, rows: list[dict] | None = None) -> int:
+    rows = rows if rows is not None else ctl.stats()["fastpath"]["counters"]
+    return next((r["packets"] for r in rows if r["name"] == name), 0)
