@@ -27,6 +27,7 @@ from manager.relay.kernel.structs import BPF_DIR
 
 FLOOD_SOURCE = BPF_DIR / "testing" / "flood.bpf.c"
 CHUNK = 100_000  # runs per BPF_PROG_TEST_RUN call
+PACED_CHUNK = 256  # runs per call at a set rate
 NOP_OPTION = b"\x01\x01\x01\x00"
 
 
@@ -64,9 +65,12 @@ def live_ssrc(svc, conn_id: int) -> int:
 
 
 class Flood:
-    """Injects the template at full speed from a thread in the client namespace."""
+    """Injects the template from a thread in the client namespace: at full
+    speed, or at `pps` on average (runs of PACED_CHUNK, each started on
+    schedule: a run of 256 at full speed fits the relay veth's 256-frame ring)."""
 
-    def __init__(self, lab, frame: bytes, ufrag_off: int, random_ufrag: bool, ip_hlen: int = 20):
+    def __init__(self, lab, frame: bytes, ufrag_off: int, random_ufrag: bool, ip_hlen: int = 20,
+                 pps: float | None = None):
         from bcc import BPF
 
         ensure_kernel_headers()
@@ -74,7 +78,7 @@ class Flood:
                         cflags=[f"-DUFRAG_OFF={ufrag_off}", f"-DRANDOM_UFRAG={int(random_ufrag)}",
                                 f"-DIP_HLEN={ip_hlen}"])
         self.fd = self._bpf.load_func(b"xdp_flood", BPF.XDP).fd
-        self.lab, self.frame = lab, frame
+        self.lab, self.frame, self.pps = lab, frame, pps
         self.injected = 0
         self.seconds = 0.0
         self._stop = threading.Event()
@@ -84,10 +88,15 @@ class Flood:
 
     def _run(self) -> None:
         t0 = time.monotonic()
+        chunk = PACED_CHUNK if self.pps else CHUNK
         while not self._stop.is_set():
-            libbpf.prog_test_run_xdp(self.fd, self.frame, ingress_ifindex=self._ifindex, repeat=CHUNK,
+            if self.pps:
+                due = t0 + self.injected / self.pps
+                if (wait := due - time.monotonic()) > 0:
+                    time.sleep(wait)  # pacing: the next run on schedule
+            libbpf.prog_test_run_xdp(self.fd, self.frame, ingress_ifindex=self._ifindex, repeat=chunk,
                                      flags=libbpf.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=64)
-            self.injected += CHUNK
+            self.injected += chunk
         self.seconds = time.monotonic() - t0
 
     def __enter__(self) -> Flood:
