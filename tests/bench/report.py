@@ -229,21 +229,35 @@ def cpu_beside(during: float, alone: float | None) -> str:
     return f"{during}%" + (f" ({alone}%)" if alone is not None else "")
 
 
+def own_packets_the_link_dropped(v: dict) -> str:
+    """What the client's veth dropped of its own stack's packets (its tx drops
+    beyond the injector's frames the relay's full ring refused)."""
+    d = v.get("link_drops")
+    if d is None:
+        return "–"
+    return str(d.get("client/eth0/tx_dropped", 0) - d.get("client/eth0/tx_queue_0_xdp_xmit_errors", 0))
+
+
+ATTACK_RUNS = (("before", "before"), ("after", "after, full speed"), ("after_attack_rate", "after, attack's rate"))
+
+
 @renderer("attacks", "Attacks through XDP: IP options and a spoofed live SSRC, before and after the refusals")
 def _attacks(data: dict) -> str:
     rows = []
-    for when in ("before", "after"):
+    for when, label in ATTACK_RUNS:
+        if when not in data:
+            continue
         quiet = statistics.median(data[when]["setup_s_quiet"])
         for v in data[when]["variants"]:
             during = statistics.median(v["setup_s_during"])
-            rows.append([v["variant"], when, f"{v['injected_pps'] / 1e6:.2f} Mpps", f"{v['slowpath_pps']:,} packets/s",
+            rows.append([v["variant"], label, f"{v['injected_pps'] / 1e6:.2f} Mpps", f"{v['slowpath_pps']:,} packets/s",
                          cpu_beside(v["relayd_cpu_percent"], v.get("relayd_cpu_percent_quiet")),
                          cpu_beside(v["owner_cpu_percent"], v.get("owner_cpu_percent_quiet")),
-                         held_call_lost(v["established"]),
+                         held_call_lost(v["established"]), own_packets_the_link_dropped(v),
                          f"{during * 1000:.0f} ms ({during / quiet:.1f}x quiet)", browser_call(v.get("browser_call"))])
     out = [md_table(["flood", "relay", "injected", "reached relayd", "relayd CPU (held call alone)",
-                     "owner CPU (held call alone)", "held call lost (up, down)", "new aiortc call set-up (median)",
-                     "new Chromium call: POST → connected"], rows, "lllllllll")]
+                     "owner CPU (held call alone)", "held call lost (up, down)", "client's packets the link dropped",
+                     "new aiortc call set-up (median)", "new Chromium call: POST → connected"], rows, "llllllllll")]
     if data["after"].get("browser_call_quiet"):
         out += ["", f"Without a flood, a Chromium call connected {browser_call(data['after']['browser_call_quiet'])}."]
     return "\n".join(out)
