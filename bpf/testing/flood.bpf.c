@@ -8,7 +8,9 @@
  * of the interface it came from (XDP_TX) towards the relay.
  * UFRAG_OFF: offset of the ufrag in the frame (-D); IP_HLEN: the IPv4
  * header's length, options included (-D, default 20). Any UDP payload
- * serves (RTP too, with RANDOM_UFRAG=0). */
+ * serves (RTP too, with RANDOM_UFRAG=0). PACE_NS (-D, default 0: every
+ * run sends): one frame per PACE_NS at most; the runs in between send
+ * nothing (XDP_DROP), so the rate is even instead of bursts at full speed. */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -22,6 +24,9 @@
 #endif
 #ifndef IP_HLEN
 #define IP_HLEN 20
+#endif
+#ifndef PACE_NS
+#define PACE_NS 0
 #endif
 #define RANDOM_CHARS 16   /* the ufrag's last 16 characters (its first ones carry the version) */
 
@@ -49,8 +54,26 @@ static __always_inline __u8 b64_char(__u32 v)
     return v == 62 ? '+' : '/';
 }
 
+#if PACE_NS
+/* [0]: when the next frame is due (ns); [1]: frames sent. */
+BPF_ARRAY(pace, __u64, 2);
+#endif
+
 int xdp_flood(struct xdp_md *ctx)
 {
+#if PACE_NS
+    int due_key = 0, sent_key = 1;
+    __u64 *due = pace.lookup(&due_key);
+    __u64 *sent = pace.lookup(&sent_key);
+    if (!due || !sent)
+        return XDP_ABORTED;
+    __u64 now = bpf_ktime_get_ns();
+    if (now < *due)
+        return XDP_DROP;
+    /* More than 1 ms behind (between two test runs): from now, no catching up in a burst. */
+    *due = now - *due > 1000000 ? now + PACE_NS : *due + PACE_NS;
+    *sent += 1;
+#endif
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;

@@ -11,6 +11,7 @@ the relay's own XDP program meets it.
 
 from __future__ import annotations
 
+import ctypes
 import socket
 import threading
 import time
@@ -27,7 +28,7 @@ from manager.relay.kernel.structs import BPF_DIR
 
 FLOOD_SOURCE = BPF_DIR / "testing" / "flood.bpf.c"
 CHUNK = 100_000  # runs per BPF_PROG_TEST_RUN call
-PACED_CHUNK = 256  # runs per call at a set rate
+PACED_CHUNK = 5_000_000  # runs per call at a set rate (most send nothing): about a second
 NOP_OPTION = b"\x01\x01\x01\x00"
 
 
@@ -66,8 +67,9 @@ def live_ssrc(svc, conn_id: int) -> int:
 
 class Flood:
     """Injects the template from a thread in the client namespace: at full
-    speed, or at `pps` on average (runs of PACED_CHUNK, each started on
-    schedule: a run of 256 at full speed fits the relay veth's 256-frame ring)."""
+    speed (in bursts: a test run sends several Mpps, then sets up the next
+    for tens of ms), or evenly at `pps` (the program sends one frame per
+    1/pps of its runs' time and drops the rest: flood.bpf.c's PACE_NS)."""
 
     def __init__(self, lab, frame: bytes, ufrag_off: int, random_ufrag: bool, ip_hlen: int = 20,
                  pps: float | None = None):
@@ -76,7 +78,7 @@ class Flood:
         ensure_kernel_headers()
         self._bpf = BPF(src_file=str(FLOOD_SOURCE).encode(),
                         cflags=[f"-DUFRAG_OFF={ufrag_off}", f"-DRANDOM_UFRAG={int(random_ufrag)}",
-                                f"-DIP_HLEN={ip_hlen}"])
+                                f"-DIP_HLEN={ip_hlen}", f"-DPACE_NS={round(1e9 / pps) if pps else 0}"])
         self.fd = self._bpf.load_func(b"xdp_flood", BPF.XDP).fd
         self.lab, self.frame, self.pps = lab, frame, pps
         self.injected = 0
@@ -90,13 +92,9 @@ class Flood:
         t0 = time.monotonic()
         chunk = PACED_CHUNK if self.pps else CHUNK
         while not self._stop.is_set():
-            if self.pps:
-                due = t0 + self.injected / self.pps
-                if (wait := due - time.monotonic()) > 0:
-                    time.sleep(wait)  # pacing: the next run on schedule
             libbpf.prog_test_run_xdp(self.fd, self.frame, ingress_ifindex=self._ifindex, repeat=chunk,
                                      flags=libbpf.BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=64)
-            self.injected += chunk
+            self.injected = self._bpf["pace"][ctypes.c_int(1)].value if self.pps else self.injected + chunk
         self.seconds = time.monotonic() - t0
 
     def __enter__(self) -> Flood:
