@@ -329,7 +329,9 @@ class Services:
         return self.control_of(1)
 
     def control_of(self, relay: int) -> ControlClient:
-        return ControlClient(self.config_of(relay)["control_socket"], timeout=2.0)
+        # relayctl's own timeout: a migration asked of a relay on a loaded
+        # machine (export, import, the kernel's flip) can take seconds.
+        return ControlClient(self.config_of(relay)["control_socket"])
 
     def open_datapath(self, relay: int) -> Datapath:
         """Relay N's pinned maps, opened without relayd (close it after use)."""
