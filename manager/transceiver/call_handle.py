@@ -6,6 +6,7 @@ which kind it has."""
 from __future__ import annotations
 
 import abc
+import weakref
 from collections.abc import Awaitable
 from typing import Any
 
@@ -29,7 +30,10 @@ class CallHandle(abc.ABC):
     ending: bool = False
 
     def __init__(self) -> None:
-        self._tasks = TaskSet(lambda: f"call {self.conn_id}")
+        # A weak reference: a closure over self would make every call a
+        # reference cycle, left for the cyclic collector when it ends.
+        me = weakref.ref(self)
+        self._tasks = TaskSet(lambda: f"call {getattr(me(), 'conn_id', '?')}")
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         """Run `coro` for this call, kept until done."""

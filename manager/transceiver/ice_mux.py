@@ -86,7 +86,7 @@ class CallPort(asyncio.DatagramTransport):
         #: Every local ufrag routed here: the call's, and during an ICE restart
         #: the new one too (RFC 8445 section 9: both are valid until it completes).
         self.ufrags: set[str] = {ufrag}
-        self.protocol = protocol
+        self.protocol: StunProtocol | None = protocol
         self.addrs: set[Addr] = set()
         self._closing = False
         #: Drop everything this call sends (it was released after a migration:
@@ -112,7 +112,14 @@ class CallPort(asyncio.DatagramTransport):
         self._closing = True
         self.mux.detach(self)
         # StunProtocol.close() waits for connection_lost, as for a real socket.
-        asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+        asyncio.get_running_loop().call_soon(self._lost)
+
+    def _lost(self) -> None:
+        # Then the port lets go of its protocol, which holds the port as its
+        # transport: a cycle only the collector would free.
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.connection_lost(None)
 
     def is_closing(self) -> bool:
         return self._closing
@@ -241,7 +248,8 @@ class IceMux:
         if port is None:
             return
         self.stats["rx"] += 1
-        port.protocol.datagram_received(data, addr)
+        if port.protocol is not None:
+            port.protocol.datagram_received(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         self.stats["socket_errors"] += 1

@@ -353,6 +353,11 @@ class WebRtcCall(CallHandle):
             logger.exception("closing call %d", self.conn_id)
         for port in self.ports:  # normally done by aioice's Connection.close()
             port.close()
+        if self.handed_over:
+            # aiortc's objects form cycles only the collector would free, a
+            # pause that grows with the calls (docs/media-engine.md, "The
+            # collector"); the engine's call holds nothing of theirs.
+            await hooks.release_peer_connection(self.pc)
 
     async def deliver_srtp(self, data: bytes) -> bool:
         return await hooks.deliver_srtp(self.dtls, data)

@@ -44,6 +44,7 @@ from .ice import (
     transport_connection,
 )
 from .registry import HOOKS, SCTP_ATTRIBUTES, SRTP_ALLOW_REPEAT_TX, SRTP_WINDOW_SIZE, Hook, check_method
+from .release import PER_CALL, per_call_objects, release_peer_connection
 from .rtp import HeldAudio, play_audio_on_arrival, take_held_audio
 from .sctp import sctp_abort, sctp_export, sctp_receive, sctp_restore, sctp_resume
 
@@ -55,6 +56,7 @@ __all__ = [
     "DtlsStandIn",
     "HOOKS",
     "HeldAudio",
+    "PER_CALL",
     "Hook",
     "SCTP_ATTRIBUTES",
     "SRTP_ALLOW_REPEAT_TX",
@@ -69,7 +71,9 @@ __all__ = [
     "ice_connection",
     "nominated_pair",
     "on_consent_expired",
+    "per_call_objects",
     "play_audio_on_arrival",
+    "release_peer_connection",
     "repoint_pair",
     "sctp_abort",
     "sctp_export",

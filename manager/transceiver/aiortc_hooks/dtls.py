@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -98,10 +99,13 @@ def dtls_cipher_policy(dtls: RTCDtlsTransport, configure: Callable[[Any], None])
     `_create_ssl_context(srtp_profiles)` (`__local_certificate`, shared by a
     peer connection's transports); a per-instance wrapper runs after it."""
     certificate = dtls._RTCDtlsTransport__local_certificate  # type: ignore[attr-defined]
-    original = certificate._create_ssl_context
+    original = type(certificate)._create_ssl_context
+    # The certificate weakly: the wrapper is its own attribute, and a strong
+    # reference would make it a cycle only the collector frees.
+    owner = weakref.ref(certificate)
 
     def create_ssl_context(srtp_profiles: list) -> Any:
-        ctx = original(srtp_profiles)
+        ctx = original(owner(), srtp_profiles)
         configure(ctx)
         return ctx
 
