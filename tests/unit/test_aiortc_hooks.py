@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import inspect
 import os
 import struct
+import weakref
 from pathlib import Path
 
 import pylibsrtp
@@ -23,6 +25,7 @@ from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
 from aiortc.rtcsctptransport import RTCSctpTransport
+from OpenSSL import SSL
 
 from manager.transceiver import aiortc_hooks as hooks
 from tests.support.aiortc_pair import (
@@ -56,6 +59,7 @@ def _live_objects() -> dict[type, object]:
             await pc.close()
 
     objects = asyncio.run(build())
+    objects[SSL.Connection] = SSL.Connection(SSL.Context(SSL.DTLS_METHOD))
     objects.update(asyncio.run(_established(lambda sctp, channel: {RTCSctpTransport: sctp, RTCDataChannel: channel})))
     return objects
 
@@ -129,7 +133,7 @@ def test_every_hook_function_has_its_targets_listed() -> None:
                  if (inspect.isfunction(f) or inspect.isclass(f)) and f.__module__.startswith(hooks.__name__ + ".")
                  and not name.startswith("_")}
     listed = {h.name for h in hooks.HOOKS}
-    helpers = {"check_method", "srtp_session", "Hook", "DtlsSecrets", "HeldAudio"}
+    helpers = {"check_method", "srtp_session", "Hook", "DtlsSecrets", "HeldAudio", "per_call_objects"}
     assert listed <= functions, f"HOOKS names functions that do not exist: {listed - functions}"
     assert functions - helpers <= listed, f"hook functions without a HOOKS entry: {functions - helpers - listed}"
 
@@ -193,3 +197,75 @@ def _live_objects_receiver() -> RTCRtpReceiver:
             await pc.close()
 
     return asyncio.run(build())
+
+
+async def _connected_pair() -> tuple[RTCPeerConnection, RTCPeerConnection]:
+    """Two aiortc peers with audio and an open data channel, DTLS done."""
+    a, b = RTCPeerConnection(RTCConfiguration(iceServers=[])), RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    opened: asyncio.Queue = asyncio.Queue()
+    b.on("datachannel", opened.put_nowait)
+    a.addTransceiver("audio")
+    a.createDataChannel("chat")
+    await a.setLocalDescription(await a.createOffer())
+    await b.setRemoteDescription(a.localDescription)
+    await b.setLocalDescription(await b.createAnswer())
+    await a.setRemoteDescription(b.localDescription)
+    await asyncio.wait_for(opened.get(), 10)
+    return a, b
+
+
+def _parts(pc: RTCPeerConnection) -> dict[str, weakref.ref]:
+    """Weak references to a connection's main parts (the ones that form cycles)."""
+    dtls = pc.getTransceivers()[0].receiver.transport
+    return {"pc": weakref.ref(pc), "transceiver": weakref.ref(pc.getTransceivers()[0]),
+            "receiver": weakref.ref(pc.getTransceivers()[0].receiver), "dtls": weakref.ref(dtls),
+            "ice": weakref.ref(dtls.transport), "connection": weakref.ref(hooks.transport_connection(dtls.transport)),
+            "sctp": weakref.ref(pc.sctp), "verify_helper": weakref.ref(hooks.dtls_ssl(dtls)._verify_helper)}
+
+
+@pytest.mark.parametrize("released", [True, False], ids=["released", "not-released"])
+def test_release_frees_a_closed_peer_connection_by_reference_counting(released: bool) -> None:
+    """With the collector off, a released connection's parts are gone as soon
+    as the last reference goes; without the release they stay (the cycles
+    this hook is for: if aiortc ever stops forming them, the second case
+    says so and the hook can go)."""
+
+    async def scenario() -> dict[str, bool]:
+        a, b = await _connected_pair()
+        parts = _parts(b)
+        gc.disable()
+        try:
+            await a.close()
+            await b.close()
+            emptied = await hooks.release_peer_connection(b) if released else 0
+            del a, b
+            return {name: ref() is not None for name, ref in parts.items()} | {"emptied": emptied > 10}
+        finally:
+            gc.enable()
+
+    alive = asyncio.run(scenario())
+    emptied = alive.pop("emptied")
+    if released:
+        assert emptied and not any(alive.values()), f"left for the collector: {[k for k, v in alive.items() if v]}"
+    else:
+        assert all(alive.values()), f"freed without the release: {[k for k, v in alive.items() if not v]}"
+
+
+def test_per_call_objects_belong_to_one_connection_only() -> None:
+    """What the release empties is the connection's own: two connections
+    share none of it (a shared object emptied would break every other call)."""
+
+    async def scenario() -> tuple[set[int], set[int], set[type]]:
+        a, b = await _connected_pair()
+        try:
+            mine, _ = hooks.per_call_objects(b)
+            theirs, _ = hooks.per_call_objects(a)
+            return {id(o) for o in mine}, {id(o) for o in theirs}, {type(o) for o in mine}
+        finally:
+            await a.close()
+            await b.close()
+
+    mine, theirs, kinds = asyncio.run(scenario())
+    assert not mine & theirs
+    assert {RTCPeerConnection, RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver, RTCSctpTransport,
+            hooks.Connection} <= kinds

@@ -24,6 +24,7 @@ from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
 from aiortc.rtcsctptransport import RTCSctpTransport
+from OpenSSL import SSL
 
 # aiortc's SRTP policy (RTCDtlsTransport._setup_srtp): a 1024-packet replay
 # window and repeated transmissions allowed. Sessions we build ourselves (an
@@ -116,6 +117,8 @@ HOOKS: tuple[Hook, ...] = (
     Hook("take_held_audio", RTCRtpReceiver, "_RTCRtpReceiver__jitter_buffer", "instance attribute"),
     Hook("take_held_audio", JitterBuffer, "_origin", "instance attribute"),
     Hook("take_held_audio", JitterBuffer, "_packets", "instance attribute"),
+    Hook("release_peer_connection", RTCDtlsTransport, "_ssl", "instance attribute"),
+    Hook("release_peer_connection", SSL.Connection, "_verify_helper", "instance attribute"),
 )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import types
 
 from aioice.ice import Connection, StunProtocol
@@ -49,8 +50,6 @@ def per_call_objects(pc: RTCPeerConnection) -> tuple[list[object], list[asyncio.
     attributes, containers, bound methods and closures, and the tasks and
     futures they hold. Nothing else is entered: not our own objects (the
     shared socket, the agent), not modules or classes."""
-    import gc
-
     found: dict[int, object] = {}
     futures: dict[int, asyncio.Future] = {}
     seen: set[int] = set()

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import re
 import time
+import weakref
 
 import numpy as np
 import pylibsrtp
@@ -95,6 +97,41 @@ def test_placed_call_runs_on_the_engine_and_keeps_everything() -> None:
             await client.close()
             await eventually_async(lambda: ended, 5, what="the call to end")
             assert ended == [(42, "client hung up")] and tx.calls() == []
+
+    run(scenario(), timeout=40)
+
+
+def test_a_handed_over_call_leaves_nothing_for_the_cyclic_collector() -> None:
+    """aiortc's objects of a handed-over call (its peer connection, transports,
+    ICE connection, association) and the WebRtcCall itself go by reference
+    counting, with the collector off: none waits for a collection, whose
+    pause every call's next packet would wait through (docs/media-engine.md)."""
+
+    async def scenario() -> None:
+        async with Transceiver(1, capacity=4, media_engine=True) as tx:
+            client = ClientCall(440)
+            await client.place(tx, 42, UFRAG_A)
+            placed = tx._calls[42]
+            assert isinstance(placed, WebRtcCall)
+            dtls = placed.dtls
+            parts = {"call": weakref.ref(placed), "pc": weakref.ref(placed.pc), "dtls": weakref.ref(dtls),
+                     "ice": weakref.ref(dtls.transport), "connection": weakref.ref(placed.connection),
+                     "sctp": weakref.ref(placed.pc.sctp), "port": weakref.ref(placed.ports[0])}
+            del placed, dtls
+            gc.collect()
+            gc.disable()
+            try:
+                await client.wait_connected()
+                await eventually_async(lambda: isinstance(tx._calls.get(42), ImportedCall), 10,
+                                       what="the hand-over to the engine")
+                await eventually_async(lambda: all(ref() is None for ref in parts.values()), 10,
+                                       what="aiortc's objects of the call freed without the collector")
+            finally:
+                gc.enable()
+            # And the engine call carries on: the data channel still echoes.
+            client.dc.send("after the release")
+            assert await asyncio.wait_for(client.messages.get(), 3) == "after the release"
+            await client.close()
 
     run(scenario(), timeout=40)
 
