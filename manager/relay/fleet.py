@@ -85,6 +85,10 @@ class FleetUnavailable(StoreUnavailable):
     """The shared registry cannot be reached: refuse what needs it."""
 
 
+def _unavailable(why: object) -> FleetUnavailable:
+    return FleetUnavailable(f"the fleet registry (Redis) is unavailable: {why}")
+
+
 @dataclass
 class RemoteLeg:
     """A client tuple another relay installed."""
@@ -373,14 +377,12 @@ class RedisFleet:
     async def claim_conn_id(self, conn_id: int) -> bool:
         """Reserve a connection id fleet-wide before a call takes it: False if
         another relay's call has it. FleetUnavailable when Redis is away."""
-        client = self._client
-        if client is None or not self.available:
-            raise FleetUnavailable(f"the fleet registry (Redis) is unavailable: {self.last_error or 'connecting'}")
+        client = self._usable_client()
         try:
             ok = await client.set(self.k_call(conn_id), json.dumps({"claim": self.relay_id}), nx=True,
                                   ex=int(self.cfg.ttl))
         except (RedisError, OSError, TimeoutError) as exc:
-            raise FleetUnavailable(f"the fleet registry (Redis) is unavailable: {exc}") from None
+            raise _unavailable(exc) from None
         return bool(ok)
 
     async def take_restart(self, call_id: str, limit: int, window: float) -> float | None:
@@ -390,9 +392,7 @@ class RedisFleet:
         oldest falls out, this one not counted. A sorted set of wall-clock
         times, trimmed and read in one transaction; it expires a window after
         the last restart. FleetUnavailable when Redis is away."""
-        client = self._client
-        if client is None or not self.available:
-            raise FleetUnavailable(f"the fleet registry (Redis) is unavailable: {self.last_error or 'connecting'}")
+        client = self._usable_client()
         key, now, member = self.k_restarts(call_id), time.time(), f"{self.relay_id}:{secrets.token_hex(6)}"
         try:
             pipe = client.pipeline(transaction=True)
@@ -406,12 +406,19 @@ class RedisFleet:
                 return None
             await client.zrem(key, member)  # refused: not a restart (two racing relays may both refuse)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise FleetUnavailable(f"the fleet registry (Redis) is unavailable: {exc}") from None
+            raise _unavailable(exc) from None
         return max(0.0, window - (now - oldest[0][1]))
 
     def ensure_available(self) -> None:
         if not self.available:
-            raise FleetUnavailable(f"the fleet registry (Redis) is unavailable: {self.last_error or 'connecting'}")
+            raise _unavailable(self.last_error or "connecting")
+
+    def _usable_client(self) -> aioredis.Redis:
+        """The Redis client while the fleet registry is available; FleetUnavailable otherwise."""
+        client = self._client
+        if client is None or not self.available:
+            raise _unavailable(self.last_error or "connecting")
+        return client
 
     # --- other relays' changes → this relay ------------------------------------------------
 

@@ -94,6 +94,7 @@ class ReceiverEstimator:
         #: (expected, received) at the last interval, per reader: the call's
         #: figures and our reports each take their own intervals.
         self._prior: dict[str, tuple[int, int]] = {}
+        self._start = (0, 0)  # (expected, received) where a reader's first interval starts
         self.transit: float | None = None
         self.jitter = 0.0  # in RTP timestamp units, as a report carries it
 
@@ -129,12 +130,13 @@ class ReceiverEstimator:
 
     def restart_intervals(self) -> None:
         """Every reader's next interval starts now (a stream continued from another owner)."""
-        self._prior = {reader: (self.expected, self.received) for reader in ("figures", "report")}
+        self._start = (self.expected, self.received)
+        self._prior.clear()
 
     def interval(self, reader: str = "figures") -> tuple[float, int, int, float]:
         """(fraction lost since `reader`'s last call, cumulative lost, extended highest, jitter in ms)."""
         expected, received = self.expected, self.received
-        expected_prior, received_prior = self._prior.get(reader, (0, 0))
+        expected_prior, received_prior = self._prior.get(reader, self._start)
         exp_i, rec_i = expected - expected_prior, received - received_prior
         self._prior[reader] = (expected, received)
         lost_i = exp_i - rec_i

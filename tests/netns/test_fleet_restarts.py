@@ -18,16 +18,14 @@ from manager.relay.registry import Registry
 from manager.relay.signaling import make_app
 from manager.relay.transceiver_client import TransceiverClient
 from tests.support.redis_server import registry_config
-from tests.support.signaling import KEY, PUBLIC, SDP, FakeTransceiver, problem, run
+from tests.support.signaling import KEY, PUBLIC, RESTART, RESTART_PWD, SDP, FakeTransceiver, problem, run, sdpfrag
 from tests.support.waiting import eventually_async
 
 LIMIT = 3
-RESTART = {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"}
-PWD = "newpasswordnewpassword24"
 
 
 def fragment(ufrag: str) -> str:
-    return f"a=ice-ufrag:{ufrag}\r\na=ice-pwd:{PWD}\r\n"
+    return sdpfrag(ufrag, RESTART_PWD, media=False)
 
 
 @asynccontextmanager

@@ -26,6 +26,16 @@ PUBLIC = [("203.0.113.7", 3478), ("2001:db8::7", 3478)]
 
 
 SDP = {"Content-Type": "application/sdp"}
+TRICKLE = {"Content-Type": "application/trickle-ice-sdpfrag"}
+RESTART = {**TRICKLE, "If-Match": "*"}  # RFC 9725: a PATCH that restarts ICE
+RESTART_PWD = "newpasswordnewpassword24"
+
+
+def sdpfrag(ufrag: str | None, pwd: str | None = None, *, media: bool = True, candidates: str = "") -> str:
+    """A trickle-ice-sdpfrag body (RFC 8840) as clients PATCH it: their ICE
+    credentials (each left out when None), the media section, candidates."""
+    head = (f"a=ice-ufrag:{ufrag}\r\n" if ufrag is not None else "") + (f"a=ice-pwd:{pwd}\r\n" if pwd is not None else "")
+    return head + ("m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n" if media else "") + candidates
 
 
 def run(factory: Callable[[], Awaitable[None]]) -> None:

@@ -10,16 +10,12 @@ from manager.protocol.ufrag import decode_ufrag
 from manager.relay.call_desk import SignalingCounters
 from manager.relay.config import LimitsConfig
 from manager.relay.ice_restart import RestartWindow, answer_fragment
-from tests.support.signaling import KEY, PUBLIC, problem, relay, run
-
-TRICKLE = {"Content-Type": "application/trickle-ice-sdpfrag"}
-RESTART = {**TRICKLE, "If-Match": "*"}
-PWD = "newpasswordnewpassword24"
+from tests.support.signaling import KEY, PUBLIC, RESTART, RESTART_PWD, TRICKLE, problem, relay, run, sdpfrag
 
 
-def fragment(ufrag: str, pwd: str | None = PWD) -> str:
+def fragment(ufrag: str, pwd: str | None = RESTART_PWD) -> str:
     """What a browser's restart PATCHes (whip-whep's shape): credentials, then its media sections."""
-    return f"a=ice-ufrag:{ufrag}\r\n" + (f"a=ice-pwd:{pwd}\r\n" if pwd else "") + "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n"
+    return sdpfrag(ufrag, pwd)
 
 
 def test_a_restart_answers_new_credentials_with_the_calls_routing_hint() -> None:
@@ -43,7 +39,7 @@ def test_a_restart_answers_new_credentials_with_the_calls_routing_hint() -> None
             # The owner was asked with the client's new credentials; its password is the answer's.
             fake = env.fakes[call.transceiver_id - 1]
             assert fake.restarts == [(conn_id, {"ufrag": frag.ufrag, "remote_ufrag": "clientnew1",
-                                                "remote_pwd": PWD})]
+                                                "remote_pwd": RESTART_PWD})]
             assert frag.pwd == "pwd000000000000000000001"
             # The relay's candidates, as the answer had them, CRLF lines.
             assert [f"{c.host} {c.port}" for c in frag.candidates if c.transport == "udp"] == [

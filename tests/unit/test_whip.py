@@ -7,17 +7,15 @@ from __future__ import annotations
 from manager.protocol.client_auth import mint_token
 from manager.relay.call_desk import SignalingCounters
 from manager.relay.credentials import ClientAuth
-from tests.support.signaling import SDP, problem, relay, run
+from tests.support.signaling import SDP, TRICKLE, problem, relay, run, sdpfrag
 
-TRICKLE = {"Content-Type": "application/trickle-ice-sdpfrag"}
 TOKEN_KEY = b"t" * 32
 CANDIDATES = ("a=candidate:1 1 udp 2130706431 192.0.2.10 50000 typ host\r\n"
               "a=candidate:2 1 udp 1694498815 198.51.100.3 61000 typ srflx raddr 0.0.0.0 rport 0\r\n")
 
 
 def fragment(ufrag: str | None, candidates: str = CANDIDATES, pwd: str = "pwdpwdpwdpwdpwdpwdpwdpwd") -> str:
-    head = f"a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\n" if ufrag is not None else ""
-    return head + "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n" + candidates
+    return sdpfrag(ufrag, pwd if ufrag is not None else None, candidates=candidates)
 
 
 def trickled(counters: SignalingCounters) -> float:
