@@ -12,7 +12,7 @@ from manager.transceiver import runtime
 
 def test_run_uses_uvloop_and_returns_the_result():
     async def main():
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one real await: the loop runs the coroutine, not a shortcut
         return runtime.loop_name()
 
     assert runtime.run(main()) == "uvloop"
